@@ -1,0 +1,3 @@
+from threatgate.cli import main
+
+main()

@@ -1,0 +1,112 @@
+"""Helpers shared by every config loader: typed attribute/text readers that fail with file:line.
+
+Each helper takes the :class:`~threatgate.config.xml.Node` it reads from, so the error it raises
+points at that element.  Loaders stay declarative: read, convert, build a frozen model.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import pydantic
+
+from threatgate.config.xml import Node
+from threatgate.errors import ConfigError
+
+T = TypeVar("T", bound=pydantic.BaseModel)
+
+_TRUE = {"true", "1", "yes", "on"}
+_FALSE = {"false", "0", "no", "off"}
+
+
+@dataclass(frozen=True, slots=True)
+class Address:
+    """A ``host:port`` listen or connect address (IPv6 hosts in brackets: ``[::1]:9999``)."""
+
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def parse_address(node: Node, text: str | None = None) -> Address:
+    """Parse ``host:port`` from ``text`` (default: the node's text).  Ports are 1-65535."""
+    raw = (node.value if text is None else text).strip()
+    if raw.startswith("["):
+        host, sep, port_s = raw[1:].partition("]:")
+    else:
+        host, sep, port_s = raw.rpartition(":")
+    if not sep or not host:
+        raise node.error(f"expected <host>:<port>, got {raw!r}")
+    if raw.startswith("["):
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise node.error(f"{host!r} is not an IPv6 address") from None
+    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
+        raise node.error(f"bad port {port_s!r} in {raw!r}: expected 1-65535")
+    return Address(host, int(port_s))
+
+
+def parse_bool(node: Node, name: str, default: bool) -> bool:
+    """An optional boolean attribute (true/false, 1/0, yes/no, on/off)."""
+    raw = node.attrs.get(name)
+    if raw is None:
+        return default
+    low = raw.strip().lower()
+    if low in _TRUE:
+        return True
+    if low in _FALSE:
+        return False
+    raise node.error(f"attribute {name}={raw!r}: expected true or false")
+
+
+def parse_int(node: Node, raw: str | None, what: str, lo: int, hi: int, default: int | None = None) -> int:
+    """An integer in ``[lo, hi]``; ``raw`` None means absent, which needs a default."""
+    if raw is None or not raw.strip():
+        if default is None:
+            raise node.error(f"{what} is mandatory")
+        return default
+    text = raw.strip()
+    try:
+        value = int(text)
+    except ValueError:
+        raise node.error(f"{what}={text!r}: expected an integer") from None
+    if not lo <= value <= hi:
+        raise node.error(f"{what}={value}: expected {lo}-{hi}")
+    return value
+
+
+def compile_regex(node: Node, pattern: str, what: str, flags: int = 0) -> re.Pattern[str]:
+    """Compile a user regex; a bad one is a ConfigError with the compiler's own words."""
+    try:
+        return re.compile(pattern, flags)
+    except (re.error, OverflowError, RecursionError) as exc:
+        raise node.error(f"{what} {pattern!r} does not compile: {exc}") from None
+
+
+def resolve_path(node: Node, raw: str) -> str:
+    """A path from the config, relative to the config file's directory."""
+    if not raw.strip():
+        raise node.error("empty path")
+    return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(node.path)), raw.strip()))
+
+
+def build(node: Node, model: type[T], data: Mapping[str, Any], lines: Mapping[str, Node] | None = None) -> T:
+    """Validate ``data`` into the frozen pydantic ``model``, reporting the first error at its element.
+
+    ``lines`` maps field names to the child element they came from, so the error points there.
+    """
+    try:
+        return model.model_validate(dict(data))
+    except pydantic.ValidationError as exc:
+        first = exc.errors()[0]
+        field = str(first["loc"][0]) if first["loc"] else ""
+        where = (lines or {}).get(field, node)
+        raise ConfigError(where.path, where.line, where.tag, f"{field}: {first['msg']}") from None

@@ -1,0 +1,415 @@
+"""The node configuration: a kl_feed_service.conf-style XML file, loaded into frozen models.
+
+Element names follow the documented CyberTrace layout (see docs/configuration.md); extensions are
+optional elements in the same style.  :func:`load_node_config` is the only entry point: it raises
+:class:`~threatgate.errors.ConfigError` with ``file:line: <Element>: problem`` and never exits.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+import re
+from typing import Literal
+
+import pydantic
+
+from threatgate.config.common import (
+    Address,
+    build,
+    compile_regex,
+    parse_address,
+    parse_bool,
+    parse_int,
+    resolve_path,
+)
+from threatgate.config.xml import Node, read_xml
+
+DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+"""1 MiB, as the issue asks; syslog relays commonly cap messages at 64 KiB (rsyslog maxMessageSize),
+so a longer "event" is almost always a client that never sends a newline."""
+
+MAX_SCANNERS = 20
+"""CyberTrace documents ScannersCount as 1-20, default 9 (one TCP connection per scanner)."""
+
+RESERVED_NAMES = frozenset(
+    {
+        "SourceId",
+        "MatchedIndicator",
+        "RecordContext",
+        "Category",
+        "ActionableFields",
+        "Confidence",
+        "IndicatorInfo",
+        "Date",
+        "Alert",
+        "ParamName",
+        "ParamValue",
+    }
+)
+"""Pattern names a rule may not take (CyberTrace reserves the first seven; the rest are ours)."""
+
+_RULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,63}\Z")
+PATTERN_RE = re.compile(r"%([A-Za-z_][A-Za-z0-9_]*)%")
+"""How a ``%Name%`` pattern looks inside a format string."""
+
+
+class RuleType(enum.Enum):
+    """What a regex rule extracts; CONTEXT values are rendered, never looked up."""
+
+    URL = "URL"
+    DOMAIN = "DOMAIN"
+    IP = "IP"
+    MD5 = "MD5"
+    SHA1 = "SHA1"
+    SHA256 = "SHA256"
+    HASH = "HASH"
+    CONTEXT = "CONTEXT"
+
+
+class _Frozen(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
+
+class Rule(_Frozen):
+    """One typed extraction rule: ``<NAME type="URL" extract="all">regex</NAME>``."""
+
+    name: str
+    type: RuleType
+    extract_all: bool
+    pattern: re.Pattern[str]
+    line: int
+
+
+class ReplaceRule(_Frozen):
+    """A normalizing replace rule: every match of ``pattern`` becomes ``output`` (``\\n`` splits the event)."""
+
+    pattern: re.Pattern[str]
+    output: str
+
+
+class Source(_Frozen):
+    """An event source: rules picked by sender IP or syslog host name, else ``default``."""
+
+    id: str
+    ips: frozenset[str] = frozenset()
+    hostnames: frozenset[str] = frozenset()
+    replace: tuple[ReplaceRule, ...] = ()
+    ignore: tuple[re.Pattern[str], ...] = ()
+    rules: tuple[Rule, ...] = ()
+
+
+class InputSettings(_Frozen):
+    listen: Address
+    event_delimiter: re.Pattern[str] | None = None
+    max_event_size: int = pydantic.Field(default=DEFAULT_MAX_EVENT_SIZE, ge=64, le=64 * 1024 * 1024)
+    sources: tuple[Source, ...]
+
+
+class OutputSettings(_Frozen):
+    destination: Address
+    event_format: str
+    record_field_format: str
+    actionable_field_format: str
+    finished_format: str = "%REQ% LookupFinished"
+    finished_enabled: bool = False
+    alert_format: str | None = None
+    alert_destination: Address | None = None
+    retries_count: int = pydantic.Field(default=3, ge=0, le=10)
+    retries_timeout: float = pydantic.Field(default=10.0, ge=0, le=60)
+
+
+FeedFormat = Literal["json", "csv"]
+Supplier = Literal["feed", "FalsePositive", "InternalTI"]
+
+
+class FeedSettings(_Frozen):
+    """One ``<Feed>``: a file of indicator records with the category and confidence they detect as."""
+
+    path: str
+    name: str
+    enabled: bool = True
+    confidence: int = pydantic.Field(default=100, ge=0, le=100)
+    category: str
+    format: FeedFormat
+    supplier: Supplier = "feed"
+    actionable_fields: tuple[str, ...] = ()
+    delimiter: str = ","
+    line: int = 0
+
+
+class FeedsSettings(_Frozen):
+    update_frequency: int = pydantic.Field(default=30, ge=0, le=1440)
+    per_scan_detect_limit: int = pydantic.Field(default=0, ge=0)
+    feeds: tuple[FeedSettings, ...] = ()
+
+
+class ServiceSettings(_Frozen):
+    scanners_count: int = pydantic.Field(default=9, ge=1, le=MAX_SCANNERS)
+    metrics: Address | None = None
+    handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+
+
+class NodeConfig(_Frozen):
+    """Everything a node needs, validated: produced only by :func:`load_node_config`."""
+
+    path: str
+    input: InputSettings
+    output: OutputSettings
+    feeds: FeedsSettings
+    service: ServiceSettings
+
+    @property
+    def rule_names(self) -> frozenset[str]:
+        return frozenset(rule.name for source in self.input.sources for rule in source.rules)
+
+    def summary(self) -> str:
+        """The one line ``threatgate validate`` prints for a valid file."""
+        n_rules = sum(len(s.rules) for s in self.input.sources)
+        enabled = sum(1 for f in self.feeds.feeds if f.enabled)
+        return (
+            f"{self.path}: node config OK: events on {self.input.listen}, {len(self.input.sources)} source(s), "
+            f"{n_rules} rule(s), {enabled}/{len(self.feeds.feeds)} feed(s) enabled, "
+            f"ScannersCount {self.service.scanners_count}"
+        )
+
+
+def _read_rule(node: Node) -> Rule:
+    if not _RULE_NAME.match(node.tag):
+        raise node.error(f"rule name {node.tag!r} must be a letter or _ followed by letters, digits or _")
+    if node.tag in RESERVED_NAMES:
+        raise node.error(f"rule name {node.tag!r} is reserved for an output pattern")
+    raw_type = node.attrs.get("type", "CONTEXT").strip().upper()
+    try:
+        rule_type = RuleType(raw_type)
+    except ValueError:
+        known = ", ".join(t.value for t in RuleType)
+        raise node.error(f"unknown rule type {raw_type!r}; expected one of {known}") from None
+    extract = node.attrs.get("extract", "first").strip().lower()
+    if extract not in ("all", "first"):
+        raise node.error(f"extract={extract!r}: expected all or first")
+    pattern = compile_regex(node, node.value, "regex")
+    return Rule(name=node.tag, type=rule_type, extract_all=extract == "all", pattern=pattern, line=node.line)
+
+
+def _read_normalizing(node: Node) -> tuple[tuple[ReplaceRule, ...], tuple[re.Pattern[str], ...]]:
+    replace: list[ReplaceRule] = []
+    ignore: list[re.Pattern[str]] = []
+    for child in node.children:
+        if child.tag == "Replace":
+            if "input" not in child.attrs:
+                raise child.error("missing attribute input (the regex to replace)")
+            pattern = compile_regex(child, child.attrs["input"], "input regex")
+            output = child.attrs.get("output", "").replace("\\n", "\n")
+            try:
+                pattern.sub(output.replace("\\", "\\\\"), "")
+            except re.error as exc:
+                raise child.error(f"output {output!r}: {exc}") from None
+            replace.append(ReplaceRule(pattern=pattern, output=output))
+        elif child.tag == "Ignore":
+            raw = child.attrs.get("input", child.value)
+            if not raw:
+                raise child.error("empty ignore regex")
+            ignore.append(compile_regex(child, raw, "ignore regex"))
+        else:
+            raise child.error("unknown element: expected <Replace input=... output=.../> or <Ignore>regex</Ignore>")
+    return tuple(replace), tuple(ignore)
+
+
+def _read_source(node: Node) -> Source:
+    source_id = node.attrs.get("id", "").strip()
+    if not source_id:
+        raise node.error("missing attribute id")
+    ips = frozenset(x.strip() for x in node.attrs.get("ip", "").split(",") if x.strip())
+    hostnames = frozenset(x.strip().lower() for x in node.attrs.get("hostname", "").split(",") if x.strip())
+    replace: tuple[ReplaceRule, ...] = ()
+    ignore: tuple[re.Pattern[str], ...] = ()
+    rules: list[Rule] = []
+    seen: dict[str, int] = {}
+    for child in node.children:
+        if child.tag == "NormalizingRules":
+            replace, ignore = _read_normalizing(child)
+            continue
+        rule = _read_rule(child)
+        if rule.name in seen:
+            raise child.error(f"rule {rule.name} defined twice in source {source_id!r} (first at line {seen[rule.name]})")
+        seen[rule.name] = child.line
+        rules.append(rule)
+    return Source(id=source_id, ips=ips, hostnames=hostnames, replace=replace, ignore=ignore, rules=tuple(rules))
+
+
+def _read_input(node: Node) -> InputSettings:
+    listen = parse_address(node.require("ConnectionString"))
+    delimiter = None
+    delim_node = node.only("EventDelimiter")
+    if delim_node is not None and delim_node.text:
+        delimiter = compile_regex(delim_node, delim_node.text, "EventDelimiter")
+        if delimiter.search("") is not None:
+            raise delim_node.error("EventDelimiter matches the empty string, which would split between every byte")
+    size_node = node.only("MaxEventSize")
+    max_size = DEFAULT_MAX_EVENT_SIZE
+    if size_node is not None:
+        max_size = parse_int(size_node, size_node.value, "MaxEventSize", 64, 64 * 1024 * 1024)
+    regexps = node.require("RegExps")
+    sources: list[Source] = []
+    seen: dict[str, int] = {}
+    for child in regexps.children:
+        if child.tag != "Source":
+            raise child.error("unknown element: expected <Source>")
+        source = _read_source(child)
+        if source.id in seen:
+            raise child.error(f"source id {source.id!r} defined twice (first at line {seen[source.id]})")
+        seen[source.id] = child.line
+        sources.append(source)
+    if "default" not in seen:
+        raise regexps.error('a <Source id="default"> is mandatory')
+    return InputSettings(listen=listen, event_delimiter=delimiter, max_event_size=max_size, sources=tuple(sources))
+
+
+def _check_patterns(node: Node, fmt: str, allowed: frozenset[str]) -> None:
+    for name in PATTERN_RE.findall(fmt):
+        if name not in allowed:
+            raise node.error(f"unknown pattern %{name}% in {fmt!r}; known: {', '.join(sorted(allowed))}")
+
+
+EVENT_PATTERNS = frozenset(
+    {"Date", "Category", "MatchedIndicator", "SourceId", "Confidence", "RecordContext", "ActionableFields"}
+)
+FIELD_PATTERNS = frozenset({"ParamName", "ParamValue"})
+
+
+def _read_output(node: Node, rule_names: frozenset[str]) -> OutputSettings:
+    destination = parse_address(node.require("ConnectionString"))
+    data: dict[str, object] = {"destination": destination}
+    lines: dict[str, Node] = {}
+    for tag, key, allowed in (
+        ("EventFormat", "event_format", EVENT_PATTERNS | rule_names),
+        ("RecordFieldContextFormat", "record_field_format", FIELD_PATTERNS),
+        ("ActionableFieldContextFormat", "actionable_field_format", FIELD_PATTERNS),
+    ):
+        child = node.require(tag)
+        if not child.text.strip():
+            raise child.error("must not be empty")
+        _check_patterns(child, child.text, allowed)
+        data[key] = child.text
+        lines[key] = child
+    finished = node.only("FinishedEventFormat")
+    if finished is not None:
+        _check_patterns(finished, finished.text, frozenset({"Date", "SourceId", "RecordContext"}) | rule_names)
+        if finished.text.strip():
+            data["finished_format"] = finished.text
+        data["finished_enabled"] = parse_bool(finished, "enabled", False)
+    alert = node.only("AlertFormat")
+    if alert is not None and alert.text.strip():
+        _check_patterns(alert, alert.text, frozenset({"Date", "Alert", "RecordContext"}))
+        data["alert_format"] = alert.text
+    alert_to = node.only("AlertConnectionString")
+    if alert_to is not None and parse_bool(alert_to, "enabled", False):
+        data["alert_destination"] = parse_address(alert_to)
+    retries = node.only("EventSendingRetriesCount")
+    if retries is not None:
+        data["retries_count"] = parse_int(retries, retries.value, "EventSendingRetriesCount", 0, 10)
+    retry_timeout = node.only("EventSendingRetriesTimeout")
+    if retry_timeout is not None:
+        data["retries_timeout"] = parse_int(retry_timeout, retry_timeout.value, "EventSendingRetriesTimeout", 0, 60)
+    return build(node, OutputSettings, data, lines)
+
+
+def _read_feed(node: Node) -> FeedSettings:
+    raw_name = node.attrs.get("filename")
+    if raw_name is None:
+        raise node.error("missing attribute filename")
+    path = resolve_path(node, raw_name)
+    enabled = parse_bool(node, "enabled", True)
+    if enabled and not os.path.isfile(path):
+        raise node.error(f"feed file {path} does not exist")
+    fmt = node.attrs.get("format", "").strip().lower() or ("csv" if path.lower().endswith(".csv") else "json")
+    if fmt not in ("json", "csv"):
+        raise node.error(f"format={fmt!r}: expected json or csv")
+    supplier = node.attrs.get("supplier", "feed").strip()
+    if supplier not in ("feed", "FalsePositive", "InternalTI"):
+        raise node.error(f"supplier={supplier!r}: expected FalsePositive or InternalTI (or leave it out)")
+    category = node.attrs.get("category", "").strip()
+    if not category:
+        category = {"FalsePositive": "FalsePositive", "InternalTI": "InternalTI"}.get(supplier, "")
+    if not category:
+        raise node.error("missing attribute category")
+    delimiter = node.attrs.get("delimiter", ",")
+    if delimiter == "\\t":
+        delimiter = "\t"
+    if len(delimiter) != 1 or delimiter in "\"\r\n":
+        raise node.error(f"delimiter={delimiter!r}: expected one character (not a quote or newline)")
+    data = {
+        "path": path,
+        "name": os.path.basename(path),
+        "enabled": enabled,
+        "confidence": parse_int(node, node.attrs.get("confidence"), "confidence", 0, 100, 100),
+        "category": category,
+        "format": fmt,
+        "supplier": supplier,
+        "actionable_fields": tuple(x.strip() for x in node.attrs.get("actionable_fields", "").split(",") if x.strip()),
+        "delimiter": delimiter,
+        "line": node.line,
+    }
+    return build(node, FeedSettings, data)
+
+
+def _read_feeds(node: Node | None) -> FeedsSettings:
+    if node is None:
+        return FeedsSettings()
+    feeds = []
+    for child in node.children:
+        if child.tag != "Feed":
+            raise child.error("unknown element: expected <Feed>")
+        feeds.append(_read_feed(child))
+    return FeedsSettings(
+        update_frequency=parse_int(node, node.attrs.get("update_frequency"), "update_frequency", 0, 1440, 30),
+        per_scan_detect_limit=parse_int(
+            node, node.attrs.get("per_scan_detect_limit"), "per_scan_detect_limit", 0, 1_000_000, 0
+        ),
+        feeds=tuple(feeds),
+    )
+
+
+def _read_service(node: Node | None) -> ServiceSettings:
+    if node is None:
+        return ServiceSettings()
+    data: dict[str, object] = {}
+    scanners = node.only("ScannersCount")
+    if scanners is not None:
+        data["scanners_count"] = parse_int(scanners, scanners.value, "ScannersCount", 1, MAX_SCANNERS)
+    metrics = node.only("MetricsConnectionString")
+    if metrics is not None and parse_bool(metrics, "enabled", True):
+        data["metrics"] = parse_address(metrics)
+    handshake = node.only("HandshakeTimeout")
+    if handshake is not None:
+        data["handshake_timeout"] = parse_int(handshake, handshake.value, "HandshakeTimeout", 1, 3600)
+    return build(node, ServiceSettings, data)
+
+
+def node_config_from_xml(root: Node) -> NodeConfig:
+    """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``."""
+    if root.tag != "Configuration":
+        raise root.error("root element must be <Configuration> for a node config")
+    known = {"InputSettings", "OutputSettings", "Feeds", "ServiceSettings", "HTTPServer", "IoCExports"}
+    for child in root.children:
+        if child.tag not in known:
+            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
+    input_settings = _read_input(root.require("InputSettings"))
+    rule_names = frozenset(r.name for s in input_settings.sources for r in s.rules)
+    return NodeConfig(
+        path=root.path,
+        input=input_settings,
+        output=_read_output(root.require("OutputSettings"), rule_names),
+        feeds=_read_feeds(root.only("Feeds")),
+        service=_read_service(root.only("ServiceSettings")),
+    )
+
+
+def load_node_config(path: str) -> NodeConfig:
+    """Read and validate a node configuration file.
+
+    Raises:
+        ConfigError: with file:line, the element and what is wrong.
+    """
+    return node_config_from_xml(read_xml(path))

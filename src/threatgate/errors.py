@@ -1,0 +1,63 @@
+"""The whole threatgate exception tree (see docs/exceptions.md).
+
+Rules:
+1. Every error threatgate raises on purpose derives from :class:`ThreatgateError`.
+2. Errors say whose fault it was: ``Local*`` means we (or the operator's config) got it wrong,
+   ``Remote*`` means a peer misbehaved.  Only ``net/`` converts foreign exceptions.
+3. Errors carry what an operator needs to fix the problem: file, line, element, address.
+"""
+
+from __future__ import annotations
+
+
+class ThreatgateError(Exception):
+    """Root of every error threatgate raises on purpose."""
+
+
+class ConfigError(ThreatgateError):
+    """A configuration file is unreadable or invalid.
+
+    The message always reads ``<file>:<line>: <Element>: <what is wrong>`` so that an editor can jump
+    to the spot; ``line`` is 0 when the problem is the file as a whole.
+    """
+
+    def __init__(self, path: str, line: int, element: str, problem: str) -> None:
+        self.path = path
+        self.line = line
+        self.element = element
+        self.problem = problem
+        where = f"{path}:{line}" if line else path
+        super().__init__(f"{where}: <{element}>: {problem}" if element else f"{where}: {problem}")
+
+
+class FeedError(ThreatgateError):
+    """A feed file cannot be loaded at all (a malformed *record* is skipped, never raised)."""
+
+
+class ProtocolError(ThreatgateError):
+    """A violation of the event wire protocol.  Abstract: raise a subclass."""
+
+    def __new__(cls, *args: object, **kwargs: object) -> ProtocolError:
+        if cls is ProtocolError:
+            raise TypeError("raise LocalProtocolError or RemoteProtocolError, not ProtocolError")
+        return super().__new__(cls, *args)
+
+
+class LocalProtocolError(ProtocolError):
+    """We tried to do something the protocol does not allow (a bug in threatgate)."""
+
+
+class RemoteProtocolError(ProtocolError):
+    """The peer sent something the protocol does not allow."""
+
+
+class NetworkError(ThreatgateError):
+    """A socket operation failed."""
+
+
+class ConnectError(NetworkError):
+    """Could not connect to a peer."""
+
+
+class WriteError(NetworkError):
+    """Could not write to a peer."""

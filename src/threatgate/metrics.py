@@ -1,0 +1,76 @@
+"""Metrics: plain integer counters on the hot path, exported through prometheus-client at scrape time.
+
+Incrementing a prometheus-client ``Counter`` takes a lock and a label lookup; per event that would
+cost more than the matching itself.  Components therefore bump attributes of a :class:`NodeStats`
+and a custom collector turns them into metric families when ``/metrics`` is scraped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+
+@dataclass(slots=True)
+class NodeStats:
+    """Every counter a node exports (names in docs/metrics.md)."""
+
+    events: int = 0
+    detections: int = 0
+    suppressed: int = 0
+    ignored: int = 0
+    finished_lines: int = 0
+    bad_input: dict[str, int] = field(default_factory=dict)  # reason -> count
+    connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
+    per_category: dict[str, int] = field(default_factory=dict)
+    feed_records: dict[str, int] = field(default_factory=dict)  # feed -> records in the live store
+    feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
+    feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
+    reloads: int = 0
+    alerts: dict[str, int] = field(default_factory=dict)
+
+    def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+class StatsCollector(Collector):
+    """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
+
+    def __init__(self, stats: NodeStats, gauges: dict[str, tuple[str, Callable[[], float]]]) -> None:
+        self._stats = stats
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        for name, doc, value in (
+            ("threatgate_events", "Events matched", s.events),
+            ("threatgate_detections", "Detection lines produced", s.detections),
+            ("threatgate_suppressed_detections", "Detections suppressed by the FalsePositive supplier", s.suppressed),
+            ("threatgate_ignored_events", "Events dropped by ignore rules", s.ignored),
+            ("threatgate_feed_reloads", "Feed reload cycles", s.reloads),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, label, table in (
+            ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
+            ("threatgate_connections", "Event connections, by outcome", "outcome", s.connections),
+            ("threatgate_category_detections", "Detections by category", "category", s.per_category),
+            ("threatgate_feed_load_failures", "Feed loads that failed (previous version kept)", "feed", s.feed_failures),
+            ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(table.items()):
+                family.add_metric([key], value)
+            yield family
+        for name, doc, table in (
+            ("threatgate_feed_records", "Records of each feed in the live store", s.feed_records),
+            ("threatgate_feed_malformed_records", "Malformed records skipped in the last load", s.feed_malformed),
+        ):
+            gauge = GaugeMetricFamily(name, doc, labels=["feed"])
+            for key, value in sorted(table.items()):
+                gauge.add_metric([key], value)
+            yield gauge
+        for name, (doc, getter) in self._gauges.items():
+            yield GaugeMetricFamily(name, doc, value=getter())

@@ -1,0 +1,489 @@
+"""Feed files: parse JSON and CSV feeds into compact indicator keys plus record locations.
+
+Rules:
+1. A feed is never held in memory as Python objects.  Loading yields, per record, the *key* of its
+   normalised indicator (see :mod:`threatgate.node.store`) and the byte range of the record in the
+   file; the record's context is read back with ``pread`` only when it detects something.
+2. A malformed record (not an object, no indicator, a value that is not a valid indicator) is
+   skipped and counted with its position; it is never fatal.  A file that cannot be a feed at all
+   (unreadable, not a JSON array, truncated, no CSV header) raises :class:`FeedError`, so the caller
+   keeps the previous version.
+3. The open file descriptor is kept: if the file is replaced by ``mv`` (the atomic way), records are
+   still read from the version that was loaded.  A file rewritten in place is detected when a record
+   read back no longer holds the indicator that was indexed (the record is then ignored).
+
+Record fields: the indicator is in ``indicator``, or in one of ``mask``/``url``/``domain``/``ip``/
+``md5``/``sha1``/``sha256`` (first present wins); every other scalar field is record context.
+A domain record covers sub-domains when written ``*.example.com`` or when a field
+``include_subdomains`` (or ``subdomains``) is true.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import re
+import weakref
+from array import array
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from threatgate.config.node import FeedSettings
+from threatgate.errors import FeedError
+from threatgate.node import normalize
+
+INDICATOR_FIELDS = ("indicator", "mask", "url", "domain", "ip", "md5", "sha1", "sha256")
+_SUBDOMAIN_FIELDS = ("include_subdomains", "subdomains")
+_TRUTHY = frozenset({"true", "1", "yes", "on"})
+MAX_BAD_EXAMPLES = 5
+"""How many malformed records a load report quotes (the rest are only counted)."""
+
+_JSON_GAP = re.compile(r"[\s,]*")
+_HEX = re.compile(r"[0-9A-Fa-f]+\Z")
+
+
+class Kind:
+    """Indicator kinds, one lookup namespace each (ints: they are packed into store keys)."""
+
+    URL = 0
+    DOMAIN = 1
+    DOMAIN_SUFFIX = 2
+    IP = 3
+    CIDR = 4
+    HASH = 5
+    MASK = 6
+    NAMES = ("url", "domain", "domain_suffix", "ip", "cidr", "hash", "mask")
+
+
+SALTS = (
+    0x1F3A_5C7E_9B2D_4F61,
+    0x2B4D_6F81_A3C5_E709,
+    0x3C5E_7092_B4D6_F81A,
+    0x4D6F_81A3_C5E7_092B,
+    0x5E70_92B4_D6F8_1A3C,
+    0x6F81_A3C5_E709_2B4D,
+    0x7092_B4D6_F81A_3C5E,
+)
+"""Per-kind constants xor-ed into ``hash(value)``, so ``evil.com`` as a URL and as a domain differ."""
+
+
+def key_of(kind: int, value: str) -> int:
+    """The 64-bit store key of a normalised value of ``kind`` (valid within this process only)."""
+    return hash(value) ^ SALTS[kind]
+
+
+@dataclass(frozen=True, slots=True)
+class Indicator:
+    """A classified, normalised indicator.  ``value`` is what the store indexes."""
+
+    kind: int
+    value: str
+    raw: str
+    cidr: tuple[int, int, int] | None = None  # (ip version, prefix length, network >> host bits)
+
+
+def classify(raw: str, field_name: str, subdomains: bool = False) -> Indicator | None:
+    """Decide what a feed value is and normalise it; None when it is not a valid indicator.
+
+    The field name narrows the choice (``md5`` must be a hash, ``ip`` an address or CIDR...);
+    ``indicator`` and ``mask`` are classified by shape.
+    """
+    text = raw.strip()
+    if not text:
+        return None
+    if field_name in ("md5", "sha1", "sha256"):
+        value = normalize.normalize_hash(text)
+        return Indicator(Kind.HASH, value, raw) if value else None
+    if field_name == "ip" or (field_name == "indicator" and _looks_like_ip(text)):
+        return _classify_ip(text, raw)
+    if field_name == "domain":
+        return _classify_domain(text, raw, subdomains)
+    if field_name == "indicator" and len(text) in (32, 40, 64) and _HEX.match(text):
+        return Indicator(Kind.HASH, text.lower(), raw)
+    if "*" in text:
+        value = normalize.normalize_url(text, allow_wildcard=True)
+        if value is None:
+            return None
+        if value.startswith("*.") and "/" not in value and "*" not in value[2:]:
+            return Indicator(Kind.DOMAIN_SUFFIX, value[2:], raw)
+        return Indicator(Kind.MASK, value, raw)
+    if field_name in ("url", "mask") or "/" in text or "?" in text:
+        value = normalize.normalize_url(text)
+        if value is None:
+            return None
+        if "/" not in value and "?" not in value:
+            # A URL with nothing after the host is the host: match it like a domain record.
+            return _classify_domain(value, raw, subdomains)
+        return Indicator(Kind.URL, value, raw)
+    return _classify_domain(text, raw, subdomains)
+
+
+def _looks_like_ip(text: str) -> bool:
+    head = text.split("/", 1)[0]
+    return ":" in head or (head.count(".") == 3 and head.replace(".", "").isdigit())
+
+
+def _classify_ip(text: str, raw: str) -> Indicator | None:
+    if "/" in text:
+        addr, _, plen_s = text.partition("/")
+        parsed = normalize.parse_ip(addr.strip())
+        if parsed is None or not plen_s.strip().isdigit():
+            return None
+        version, number = parsed
+        bits = 32 if version == 4 else 128
+        plen = int(plen_s)
+        if not 0 <= plen <= bits:
+            return None
+        if plen == bits:
+            value = normalize.normalize_ip(addr.strip())
+            return Indicator(Kind.IP, value, raw) if value else None
+        net = number >> (bits - plen)
+        return Indicator(Kind.CIDR, f"{version}/{plen}/{net}", raw, (version, plen, net))
+    value = normalize.normalize_ip(text)
+    return Indicator(Kind.IP, value, raw) if value else None
+
+
+def _classify_domain(text: str, raw: str, subdomains: bool) -> Indicator | None:
+    if text.startswith("*."):
+        text, subdomains = text[2:], True
+    value = normalize.normalize_domain(text)
+    if value is None:
+        return None
+    return Indicator(Kind.DOMAIN_SUFFIX if subdomains else Kind.DOMAIN, value, raw)
+
+
+def indicator_of(record: dict[str, Any]) -> Indicator | None:
+    """The indicator a parsed record carries (first indicator field present), or None."""
+    for name in INDICATOR_FIELDS:
+        value = record.get(name)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return None
+        flag = False
+        for sub in _SUBDOMAIN_FIELDS:
+            marker = record.get(sub)
+            if marker is not None:
+                flag = marker is True or str(marker).strip().lower() in _TRUTHY
+        return classify(value, name, flag)
+    return None
+
+
+def record_context(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The record's context fields in file order: every scalar field except the indicator itself."""
+    out: list[tuple[str, str]] = []
+    skipped = False
+    for name, value in record.items():
+        if not skipped and name in INDICATOR_FIELDS:
+            skipped = True
+            continue
+        if value is None or isinstance(value, dict | list):
+            continue
+        if value is True or value is False:
+            out.append((name, "true" if value else "false"))
+        else:
+            out.append((name, str(value)))
+    return out
+
+
+@dataclass(slots=True)
+class LoadReport:
+    """What a load saw: accepted records per kind, malformed ones with a few examples."""
+
+    records: int = 0
+    malformed: int = 0
+    examples: list[str] = field(default_factory=list)
+    per_kind: dict[str, int] = field(default_factory=dict)
+
+    def bad(self, where: str, why: str) -> None:
+        self.malformed += 1
+        if len(self.examples) < MAX_BAD_EXAMPLES:
+            self.examples.append(f"{where}: {why}")
+
+
+@dataclass(slots=True)
+class Mask:
+    """A URL mask, indexed by its literal host (see ``mask_from``).
+
+    ``*`` is any run of characters.  A mask host ``*.example.com`` covers the domain and every
+    sub-domain (the Kaspersky ScanEngine mask grammar); its path part is then matched on its own, so
+    a star in the host never reaches into the path.  ``parts`` is the rest of the mask split at its
+    stars: the whole mask when the host itself holds a star (indexed under "").
+    """
+
+    parts: tuple[str, ...]
+    record_no: int
+    subdomains: bool = False
+
+    def matches(self, text: str) -> bool:
+        """Glob-match ``text`` (the URL after the host, or the whole URL for host-glob masks)."""
+        parts = self.parts
+        first = parts[0]
+        if not text.startswith(first):
+            return False
+        last = len(parts) - 1
+        if last == 0:
+            return len(text) == len(first)
+        pos = len(first)
+        for i in range(1, last):
+            found = text.find(parts[i], pos)
+            if found < 0:
+                return False
+            pos = found + len(parts[i])
+        tail = parts[last]
+        return len(text) - pos >= len(tail) and text.endswith(tail)
+
+
+def mask_from(value: str, record_no: int) -> tuple[str, Mask]:
+    """Index key (literal host, or "" when the host has a star) and the mask of a normalised mask value."""
+    cut = len(value)
+    for sep in ("/", "?"):
+        pos = value.find(sep)
+        if 0 <= pos < cut:
+            cut = pos
+    host, rest = value[:cut], value[cut:]
+    subdomains = host.startswith("*.")
+    if subdomains:
+        host = host[2:]
+    if "*" in host:
+        return "", Mask(tuple(value.split("*")), record_no)
+    return host, Mask(tuple((rest or "/").split("*")), record_no, subdomains)
+
+
+class FeedSnapshot:
+    """One loaded version of one feed file: record locations and the indicators it indexes.
+
+    ``entries`` holds, per accepted record, ``kind`` and the normalised value; the store turns
+    them into keys.  ``read_record`` parses a record back from the file descriptor kept open.
+    """
+
+    def __init__(self, settings: FeedSettings) -> None:
+        self.settings = settings
+        self.kinds = array("b")  # per record; -1 for masks, which live in ``masks`` instead
+        self.keys = array("q")  # per record: key_of(kind, value)
+        self.offsets = array("q")
+        self.lengths = array("i")
+        self.masks: list[tuple[str, Mask]] = []  # (host key, mask)
+        self.cidrs: set[tuple[int, int]] = set()  # (version, prefix length) present
+        self.header: list[str] = []  # CSV: column names, the indicator column under its canonical name
+        self.report = LoadReport()
+        self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
+        self._fd = -1
+
+    def __repr__(self) -> str:
+        return f"<FeedSnapshot {self.settings.name} records={len(self.offsets)} malformed={self.report.malformed}>"
+
+    @property
+    def name(self) -> str:
+        return self.settings.name
+
+    def adopt_fd(self, fd: int) -> None:
+        self._fd = fd
+        weakref.finalize(self, os.close, fd)
+
+    def add(self, indicator: Indicator, offset: int, length: int) -> None:
+        record_no = len(self.offsets)
+        self.offsets.append(offset)
+        self.lengths.append(length)
+        kind = indicator.kind
+        per_kind = self.report.per_kind
+        name = Kind.NAMES[kind]
+        per_kind[name] = per_kind.get(name, 0) + 1
+        self.report.records += 1
+        if kind == Kind.MASK:
+            self.masks.append(mask_from(indicator.value, record_no))
+            self.kinds.append(-1)
+            self.keys.append(0)
+            return
+        if indicator.cidr is not None:
+            self.cidrs.add(indicator.cidr[:2])
+        self.kinds.append(kind)
+        self.keys.append(hash(indicator.value) ^ SALTS[kind])
+
+    def read_record(self, record_no: int) -> dict[str, Any] | None:
+        """The record as a dict (CSV rows keyed by header), or None if it cannot be read back."""
+        try:
+            data = os.pread(self._fd, self.lengths[record_no], self.offsets[record_no])
+            text = data.decode("utf-8")
+        except (OSError, UnicodeDecodeError, IndexError):
+            return None
+        if self.settings.format == "json":
+            try:
+                obj = json.loads(text)
+            except ValueError:
+                return None
+            return obj if isinstance(obj, dict) else None
+        row = _csv_row(text, self.settings.delimiter)
+        return dict(zip(self.header, row, strict=False))
+
+
+def _csv_row(line: str, delimiter: str) -> list[str]:
+    if '"' not in line:
+        return line.split(delimiter)
+    return next(csv.reader([line], delimiter=delimiter), [])
+
+
+def load_feed(settings: FeedSettings) -> FeedSnapshot:
+    """Parse the feed file named by ``settings``.
+
+    Raises:
+        FeedError: the file cannot be read or is not a feed at all (keep the previous version).
+    """
+    try:
+        fd = os.open(settings.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    except OSError as exc:
+        raise FeedError(f"{settings.path}: cannot open: {exc.strerror or exc}") from None
+    snapshot = FeedSnapshot(settings)
+    snapshot.adopt_fd(fd)
+    try:
+        st = os.fstat(fd)
+        snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        with os.fdopen(os.dup(fd), "rb") as fh:
+            data = fh.read()
+    except OSError as exc:
+        raise FeedError(f"{settings.path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeedError(f"{settings.path}: not UTF-8 (byte {exc.start})") from None
+    del data
+    byte_offsets = _ByteOffsets(text)
+    if settings.format == "json":
+        _load_json(snapshot, text, byte_offsets)
+    else:
+        _load_csv(snapshot, text, byte_offsets)
+    return snapshot
+
+
+class _ByteOffsets:
+    """Maps character offsets in the decoded text to byte offsets in the file (identity for ASCII)."""
+
+    def __init__(self, text: str) -> None:
+        self._text = text
+        self._ascii = text.isascii()
+        self._char = 0
+        self._byte = 0
+
+    def __call__(self, char_offset: int) -> int:
+        if self._ascii:
+            return char_offset
+        if char_offset < self._char:  # never happens in a forward scan; stay correct anyway
+            self._char = self._byte = 0
+        self._byte += len(self._text[self._char : char_offset].encode("utf-8"))
+        self._char = char_offset
+        return self._byte
+
+
+def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
+    path = snapshot.settings.path
+    start = _JSON_GAP.match(text, 0)
+    pos = start.end() if start else 0
+    if not text.startswith("[", pos):
+        raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos:pos + 20]!r}")
+    end_of_array = text.rstrip().rfind("]")
+    if end_of_array <= pos:
+        raise FeedError(f"{path}: truncated JSON feed: no closing ']'")
+    pos += 1
+    decoder = json.JSONDecoder()
+    raw_decode = decoder.raw_decode
+    gap = _JSON_GAP.match
+    add = snapshot.add
+    report = snapshot.report
+    n = 0
+    while True:
+        m = gap(text, pos)
+        pos = m.end() if m else pos
+        if pos >= end_of_array:
+            break
+        n += 1
+        try:
+            obj, end = raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            report.bad(f"record {n} (line {exc.lineno})", f"invalid JSON: {exc.msg}")
+            nxt = text.find("\n", exc.pos)
+            pos = end_of_array if nxt < 0 else nxt
+            continue
+        if not isinstance(obj, dict):
+            report.bad(f"record {n}", f"expected an object, got {type(obj).__name__}")
+            pos = end
+            continue
+        indicator = indicator_of(obj)
+        if indicator is None:
+            report.bad(f"record {n}", _why_no_indicator(obj))
+        else:
+            b_start = to_byte(pos)
+            add(indicator, b_start, to_byte(end) - b_start)
+        pos = end
+
+
+def _why_no_indicator(record: dict[str, Any]) -> str:
+    for name in INDICATOR_FIELDS:
+        if name in record:
+            return f"{name}={str(record[name])[:80]!r} is not a valid indicator"
+    return f"no indicator field (one of {', '.join(INDICATOR_FIELDS)})"
+
+
+def _lines(text: str) -> Iterator[tuple[int, int, str]]:
+    """(start offset, line number, logical line) with quoted newlines kept inside one CSV row."""
+    pos = 0
+    lineno = 0
+    size = len(text)
+    while pos < size:
+        end = text.find("\n", pos)
+        if end < 0:
+            end = size
+        line_start = pos
+        lineno += 1
+        first = lineno
+        while text.count('"', line_start, end) % 2 and end < size:  # a quoted field spans lines
+            nxt = text.find("\n", end + 1)
+            end = size if nxt < 0 else nxt
+            lineno += 1
+        yield line_start, first, text[line_start:end]
+        pos = end + 1
+
+
+def _load_csv(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
+    settings = snapshot.settings
+    delimiter = settings.delimiter
+    lines = _lines(text)
+    header: list[str] | None = None
+    for _start, _lineno, line in lines:
+        stripped = line.strip()
+        if stripped:
+            header = [h.strip().lstrip("#").strip() for h in _csv_row(stripped, delimiter)]
+            break
+    if not header:
+        raise FeedError(f"{settings.path}: empty CSV feed (no header row)")
+    lowered = [h.lower() for h in header]
+    column = next(((lowered.index(f), f) for f in INDICATOR_FIELDS if f in lowered), None)
+    if column is None:
+        raise FeedError(
+            f"{settings.path}: CSV header {header!r} has no indicator column (one of {', '.join(INDICATOR_FIELDS)})"
+        )
+    col, field_name = column
+    sub_col = next((lowered.index(f) for f in _SUBDOMAIN_FIELDS if f in lowered), -1)
+    snapshot.header = list(header)
+    snapshot.header[col] = field_name
+    if sub_col >= 0:
+        snapshot.header[sub_col] = lowered[sub_col]
+    width = len(header)
+    add = snapshot.add
+    report = snapshot.report
+    for start, lineno, line in lines:
+        row_text = line.rstrip("\r")
+        if not row_text.strip() or row_text.startswith("#"):
+            continue
+        row = _csv_row(row_text, delimiter)
+        if len(row) != width:
+            report.bad(f"line {lineno}", f"{len(row)} fields, header has {width}")
+            continue
+        flag = sub_col >= 0 and row[sub_col].strip().lower() in _TRUTHY
+        indicator = classify(row[col], field_name, flag)
+        if indicator is None:
+            report.bad(f"line {lineno}", f"{field_name}={row[col][:80]!r} is not a valid indicator")
+            continue
+        b_start = to_byte(start)
+        add(indicator, b_start, to_byte(start + len(row_text)) - b_start)

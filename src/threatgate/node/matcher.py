@@ -1,0 +1,398 @@
+"""Event matching: framed events in, detection and finished lines out.
+
+Rules (CyberTrace semantics, docs/matching.md):
+1. Source: by the sender's IP, then by the syslog host name in the event, else ``default``.
+2. The source's replace rules run first (an output containing LF splits the event), then its ignore
+   rules (a matching part is dropped).
+3. Typed rules run in order: the source's own rules, then ``default`` rules; a default rule whose
+   name the source also defines runs only when the source's rule found nothing.  CONTEXT values are
+   never looked up; every rule's first value is available as ``%RuleName%``.
+4. Each extracted value is normalised and looked up.  One detection per (value, matching record),
+   at most ``per_scan_detect_limit`` per value.  A value listed by the FalsePositive supplier
+   detects nothing, except through InternalTI records.
+5. With SendFinishedEvent, exactly one finished line follows each event's detections, even for an
+   event that was ignored, oversized or matched nothing.
+Pure: no I/O except reading detected records back through the store's snapshots; no clock.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from threatgate.config.node import NodeConfig, Rule, RuleType, Source
+from threatgate.node import normalize
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, record_context
+from threatgate.node.render import FieldFormat, Template
+from threatgate.node.store import Candidate, IndicatorStore
+from threatgate.wire.framing import FramedEvent, Oversized
+
+_SYSLOG_HOST = re.compile(
+    r"(?:<\d{1,3}>)?(?:"
+    r"\d \S+ (?P<h5424>\S+)"  # RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME
+    r"|[A-Z][a-z]{2} [ \d]?\d \d\d:\d\d:\d\d (?P<h3164>\S+)"  # RFC 3164: Mmm dd hh:mm:ss HOSTNAME
+    r")"
+)
+_URL_CACHE_MAX = 65536
+"""Normalised URLs remembered per matcher; proxies log the same URLs over and over."""
+_RECORD_CACHE_MAX = 16384
+
+
+@dataclass(slots=True)
+class MatchStats:
+    """Counters for one batch (the service adds them to its metrics)."""
+
+    events: int = 0
+    detections: int = 0
+    suppressed: int = 0
+    ignored: int = 0
+    oversized: int = 0
+    per_category: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(frozen=True, slots=True)
+class Hit:
+    """A confirmed match of one value against one record."""
+
+    snapshot: FeedSnapshot
+    indicator: Indicator
+    context: tuple[tuple[str, str], ...]
+    actionable: tuple[tuple[str, str], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class _Step:
+    rule: Rule
+    fallback: Rule | None  # the default rule of the same name, run only when ``rule`` finds nothing
+
+
+def _values(rule: Rule, text: str) -> list[str]:
+    pattern = rule.pattern
+    if pattern.groups <= 1:
+        if rule.extract_all:
+            return [v for v in pattern.findall(text) if v]
+        m = pattern.search(text)
+        if m is None:
+            return []
+        v = m.group(pattern.groups)
+        return [v] if v else []
+    out = []
+    for m in pattern.finditer(text) if rule.extract_all else filter(None, [pattern.search(text)]):
+        v = next((g for g in m.groups() if g), "")
+        if v:
+            out.append(v)
+            if not rule.extract_all:
+                break
+    return out
+
+
+class Matcher:
+    """Matches events against an :class:`IndicatorStore` with one node configuration.
+
+    Swap the store with :meth:`use_store`; a matcher is otherwise immutable configuration plus caches.
+    """
+
+    def __init__(self, config: NodeConfig, store: IndicatorStore) -> None:
+        self.config = config
+        self.store = store
+        out = config.output
+        self._event = Template(out.event_format)
+        self._finished = Template(out.finished_format)
+        self._record_field = FieldFormat(out.record_field_format)
+        self._actionable_field = FieldFormat(out.actionable_field_format)
+        self._limit = config.feeds.per_scan_detect_limit
+        sources = {s.id: s for s in config.input.sources}
+        self._default = sources["default"]
+        self._plans: dict[str, tuple[Source, tuple[_Step, ...]]] = {
+            sid: (s, self._plan(s)) for sid, s in sources.items()
+        }
+        self._by_ip = {ip: s.id for s in config.input.sources for ip in s.ips}
+        self._by_host = {h: s.id for s in config.input.sources for h in s.hostnames}
+        self._url_cache: dict[str, str | None] = {}
+        self._record_cache: dict[tuple[int, int], tuple[Indicator, dict[str, object]] | None] = {}
+        self._lookups: dict[RuleType, Callable[[str, list[Candidate]], bool]] = {
+            RuleType.URL: self._lookup_url,
+            RuleType.DOMAIN: self._lookup_domain,
+            RuleType.IP: self._lookup_ip,
+            RuleType.MD5: self._lookup_hash_of(32),
+            RuleType.SHA1: self._lookup_hash_of(40),
+            RuleType.SHA256: self._lookup_hash_of(64),
+            RuleType.HASH: self._lookup_hash_of(0),
+        }
+
+    def __repr__(self) -> str:
+        return f"<Matcher sources={len(self._plans)} store={self.store!r}>"
+
+    def use_store(self, store: IndicatorStore) -> None:
+        """Swap in a newly built store (one reference assignment; caches of records are dropped)."""
+        self.store = store
+        self._record_cache = {}
+
+    def _plan(self, source: Source) -> tuple[_Step, ...]:
+        default_rules = {r.name: r for r in self._default.rules}
+        if source.id == "default":
+            return tuple(_Step(r, None) for r in source.rules)
+        own = {r.name for r in source.rules}
+        steps = [_Step(r, default_rules.get(r.name)) for r in source.rules]
+        steps += [_Step(r, None) for r in self._default.rules if r.name not in own]
+        return tuple(steps)
+
+    def source_for_peer(self, peer_ip: str) -> str | None:
+        """The source id picked by the sender's IP, or None (then host name, then ``default``)."""
+        return self._by_ip.get(peer_ip)
+
+    # -- lookups ------------------------------------------------------------------------------
+
+    def _lookup_url(self, raw: str, out: list[Candidate]) -> bool:
+        cache = self._url_cache
+        value = cache.get(raw, "")
+        if value == "":
+            value = normalize.normalize_url(raw)
+            if len(cache) >= _URL_CACHE_MAX:
+                cache.clear()
+            cache[raw] = value
+        if value is None:
+            return False
+        self.store.lookup_url(value, out)
+        return True
+
+    def _lookup_domain(self, raw: str, out: list[Candidate]) -> bool:
+        value = normalize.normalize_domain(raw)
+        if value is None:
+            return False
+        self.store.lookup_domain(value, out)
+        return True
+
+    def _lookup_ip(self, raw: str, out: list[Candidate]) -> bool:
+        value = normalize.normalize_ip(raw)
+        if value is None:
+            return False
+        self.store.lookup_ip(value, out)
+        return True
+
+    def _lookup_hash_of(self, length: int) -> Callable[[str, list[Candidate]], bool]:
+        def lookup(raw: str, out: list[Candidate]) -> bool:
+            value = normalize.normalize_hash(raw)
+            if value is None or (length and len(value) != length):
+                return False
+            self.store.lookup_hash(value, out)
+            return True
+
+        return lookup
+
+    def lookup(self, rule_type: RuleType, raw: str) -> list[Hit]:
+        """Confirmed hits for one value (FalsePositive already applied), e.g. for REST lookups."""
+        candidates: list[Candidate] = []
+        lookup = self._lookups.get(rule_type)
+        if lookup is None or not lookup(raw, candidates):
+            return []
+        return self._confirm(candidates)[0]
+
+    def _confirm(self, candidates: list[Candidate]) -> tuple[list[Hit], int]:
+        """Hits confirmed by reading records back, and how many the FalsePositive supplier suppressed."""
+        hits: list[Hit] = []
+        false_positive = False
+        seen: set[tuple[int, int]] = set()
+        for cand in candidates:
+            ref = (cand.slot, cand.record_no)
+            if ref in seen:
+                continue
+            seen.add(ref)
+            snap = self.store.snapshots.get(cand.slot)
+            if snap is None:
+                continue
+            parsed = self._record(snap, cand)
+            if parsed is None:
+                continue
+            indicator, record = parsed
+            supplier = snap.settings.supplier
+            if supplier == "FalsePositive":
+                false_positive = True
+                continue
+            context = tuple(record_context(record))
+            wanted = snap.settings.actionable_fields
+            actionable = tuple((n, v) for n, v in context if n in wanted) if wanted else ()
+            hits.append(Hit(snap, indicator, context, actionable))
+        if not false_positive:
+            return hits, 0
+        kept = [h for h in hits if h.snapshot.settings.supplier == "InternalTI"]
+        return kept, len(hits) - len(kept)
+
+    def _record(self, snap: FeedSnapshot, cand: Candidate) -> tuple[Indicator, dict[str, object]] | None:
+        key = (cand.slot, cand.record_no)
+        cache = self._record_cache
+        if key in cache:
+            return cache[key]
+        record = snap.read_record(cand.record_no)
+        result: tuple[Indicator, dict[str, object]] | None = None
+        if record is not None:
+            indicator = indicator_of(record)
+            if indicator is not None and (
+                indicator.value == cand.probe
+                or (cand.kind == Kind.MASK and indicator.kind == Kind.MASK)
+                or (indicator.kind == Kind.CIDR and cand.kind == Kind.CIDR and indicator.value == cand.probe)
+            ):
+                result = (indicator, record)
+        if len(cache) >= _RECORD_CACHE_MAX:
+            cache.clear()
+        cache[key] = result
+        return result
+
+    # -- events -------------------------------------------------------------------------------
+
+    def match(
+        self,
+        events: list[FramedEvent],
+        *,
+        date: str,
+        peer_ip: str = "",
+        finished: bool = False,
+        stats: MatchStats | None = None,
+    ) -> list[str]:
+        """Match a batch of events; returns the output lines (each ending in LF) in event order.
+
+        Args:
+            events: framed events (``Oversized`` markers included).
+            date: the text of ``%Date%`` for this batch.
+            peer_ip: the sender's address, for source selection.
+            finished: emit one FinishedEventFormat line after each event.
+            stats: counters to add to.
+        """
+        st = stats if stats is not None else MatchStats()
+        out: list[str] = []
+        by_host = self._by_host
+        peer_source = self._by_ip.get(peer_ip)
+        for event in events:
+            st.events += 1
+            if event.__class__ is Oversized:
+                st.oversized += 1
+                if finished:
+                    text = event.prefix  # type: ignore[union-attr]
+                    source_id = peer_source or self._host_source(text, by_host) or "default"
+                    fields = self._context_only(text, source_id)
+                    out.append(self._finished_line(fields, 0, {}, date))
+                continue
+            text = event  # type: ignore[assignment]
+            source_id = peer_source or (by_host and self._host_source(text, by_host)) or "default"
+            source, steps = self._plans[source_id]
+            parts: list[str]
+            if source.replace:
+                for rule in source.replace:
+                    text = rule.pattern.sub(rule.output, text)
+                parts = [p for p in text.split("\n") if p] if "\n" in text else [text]
+            else:
+                parts = [text]
+            if source.ignore:
+                kept = [p for p in parts if not any(i.search(p) for i in source.ignore)]
+                if len(kept) < len(parts):
+                    st.ignored += len(parts) - len(kept)
+                if not kept:
+                    if finished:
+                        out.append(self._finished_line(self._context_only(parts[0], source_id), 0, {}, date))
+                    continue
+                parts = kept
+            totals: dict[str, int] = {}
+            sent = 0
+            first_fields: dict[str, str] | None = None
+            for part in parts:
+                fields, found = self._extract(part, steps, source_id)
+                if first_fields is None:
+                    first_fields = fields
+                if found:
+                    sent += self._detect(found, fields, date, out, totals, st)
+            if finished:
+                out.append(self._finished_line(first_fields or {}, sent, totals, date))
+        return out
+
+    @staticmethod
+    def _host_source(text: str, by_host: dict[str, str]) -> str | None:
+        m = _SYSLOG_HOST.match(text)
+        if m is None:
+            return None
+        host = (m.group("h5424") or m.group("h3164") or "").lower()
+        return by_host.get(host)
+
+    def _context_only(self, text: str, source_id: str) -> dict[str, str]:
+        fields = {"SourceId": source_id}
+        for step in self._plans[source_id][1]:
+            if step.rule.type is RuleType.CONTEXT:
+                values = _values(step.rule, text)
+                if values:
+                    fields[step.rule.name] = values[0]
+        return fields
+
+    def _extract(
+        self, text: str, steps: tuple[_Step, ...], source_id: str
+    ) -> tuple[dict[str, str], list[tuple[Rule, str]]]:
+        fields = {"SourceId": source_id}
+        found: list[tuple[Rule, str]] = []
+        for step in steps:
+            rule = step.rule
+            values = _values(rule, text)
+            if not values and step.fallback is not None:
+                rule = step.fallback
+                values = _values(rule, text)
+            if not values:
+                continue
+            fields[rule.name] = values[0]
+            if rule.type is not RuleType.CONTEXT:
+                for value in values:
+                    found.append((rule, value))
+        return fields, found
+
+    def _detect(
+        self,
+        found: list[tuple[Rule, str]],
+        fields: dict[str, str],
+        date: str,
+        out: list[str],
+        totals: dict[str, int],
+        st: MatchStats,
+    ) -> int:
+        sent = 0
+        limit = self._limit
+        lookups = self._lookups
+        done: set[tuple[str, int, int]] = set()
+        for rule, value in found:
+            candidates: list[Candidate] = []
+            if not lookups[rule.type](value, candidates) or not candidates:
+                continue
+            hits, suppressed = self._confirm(candidates)
+            st.suppressed += suppressed
+            if not hits:
+                continue
+            emitted = 0
+            for hit in hits:
+                ref = (value, id(hit.snapshot), hash(hit.indicator.raw))
+                if ref in done:
+                    continue
+                done.add(ref)
+                if limit and emitted >= limit:
+                    break
+                emitted += 1
+                settings = hit.snapshot.settings
+                category = settings.category
+                line_fields = dict(fields)
+                line_fields[rule.name] = value
+                line_fields["Date"] = date
+                line_fields["Category"] = category
+                line_fields["MatchedIndicator"] = hit.indicator.raw
+                line_fields["Confidence"] = str(settings.confidence)
+                line_fields["RecordContext"] = self._record_field.join(hit.context, " ")
+                line_fields["ActionableFields"] = self._actionable_field.join(hit.actionable, "")
+                out.append(self._event.render(line_fields) + "\n")
+                totals[category] = totals.get(category, 0) + 1
+                st.per_category[category] = st.per_category.get(category, 0) + 1
+                st.detections += 1
+                sent += 1
+        return sent
+
+    def _finished_line(self, fields: dict[str, str], sent: int, totals: dict[str, int], date: str = "") -> str:
+        line_fields = dict(fields)
+        line_fields["Date"] = date
+        total = "".join(f"{category}:{count};" for category, count in totals.items())
+        line_fields["RecordContext"] = self._record_field.join(
+            (("event_type", "LookupFinished"), ("sent_events", str(sent)), ("total", total)), " "
+        )
+        return self._finished.render(line_fields) + "\n"
