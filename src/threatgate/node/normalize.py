@@ -107,6 +107,8 @@ _UNICODE_DOTS: Final = str.maketrans({"\u3002": ".", "\uff0e": ".", "\uff61": ".
 # converts, which is what makes ``parse_ip`` about 4x faster than ``ipaddress``.
 _OCTET: Final[dict[str, int]] = {s: i for i in range(256) for s in {str(i), f"{i:02d}", f"{i:03d}"}}
 
+_CANONICAL_OCTETS: Final = frozenset(str(i) for i in range(256))
+
 _HASH_KINDS: Final = {32: "MD5", 40: "SHA1", 64: "SHA256"}
 
 
@@ -206,9 +208,10 @@ def _hostname(host: str, wildcard: bool) -> str | None:
     if "%" in host:
         host = _PCT_RUN.sub(_decode_run, host).lower()
     if not host.isascii():
-        host = _idna_encode(host.translate(_UNICODE_DOTS))
-        if host is None:
+        encoded = _idna_encode(host.translate(_UNICODE_DOTS))
+        if encoded is None:
             return None
+        host = encoded
     # Dot clean-up runs after IDNA because UTS #46 mapping can itself produce dots or a "www." prefix.
     if ".." in host:
         host = _DOTS.sub(".", host)
@@ -369,6 +372,16 @@ def normalize_ip(value: str) -> str | None:
     ``10.1.2.3``, the way log formats pad them), and IPv6 with optional brackets; a zone (``%eth0``) is
     dropped.  The numeric shortcuts of URL hosts (octal, hex, ``3232235521``) are not IP indicators.
     """
+    parts = value.split(".")
+    canonical = _CANONICAL_OCTETS
+    if (
+        len(parts) == 4
+        and parts[0] in canonical
+        and parts[1] in canonical
+        and parts[2] in canonical
+        and parts[3] in canonical
+    ):
+        return value  # already canonical: the common case, no integer round trip
     parsed = parse_ip(value)
     if parsed is None:
         return None

@@ -116,12 +116,16 @@ class EventConnection(asyncio.Protocol):
         self.peer = str(peer[0]) if peer else ""
         node = self.node
         if len(node.handshaking) >= MAX_PENDING_HANDSHAKES:
-            node.stats.bump(node.stats.connections, "rejected_flood")
-            node.warn_flood("too many connections still in handshake (%d); closing %s", MAX_PENDING_HANDSHAKES, self.peer)
-            transport.abort()
-            self.state = ConnState.CLOSED
-            return
-        node.handshaking.add(self)
+            # Evict the oldest silent connection, not the newcomer: a flood of idle sockets must not
+            # lock out a real client, which sends its flags at once and leaves this set quickly.
+            oldest = next(iter(node.handshaking))
+            node.handshaking.pop(oldest)
+            node.stats.bump(node.stats.connections, "evicted_handshake")
+            node.warn_flood(
+                "more than %d connections in handshake; closing the oldest (%s)", MAX_PENDING_HANDSHAKES, oldest.peer
+            )
+            oldest.abort()
+        node.handshaking[self] = None
         transport.set_write_buffer_limits(high=HIGH_WATER)
         self._timer = asyncio.get_running_loop().call_later(
             node.config.service.handshake_timeout, self._handshake_expired
@@ -144,9 +148,16 @@ class EventConnection(asyncio.Protocol):
             self._process()
         return False  # close our side once the replies are written
 
+    def abort(self) -> None:
+        self.state = ConnState.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        if self._transport is not None:
+            self._transport.abort()
+
     def connection_lost(self, exc: Exception | None) -> None:
         node = self.node
-        node.handshaking.discard(self)
+        node.handshaking.pop(self, None)
         if self.state is ConnState.ACTIVE:
             node.active.discard(self)
             if self._framer.buffered:
@@ -184,7 +195,7 @@ class EventConnection(asyncio.Protocol):
         assert not isinstance(result, type(NEED_DATA))
         flags, consumed = result
         node = self.node
-        node.handshaking.discard(self)
+        node.handshaking.pop(self, None)
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
@@ -273,7 +284,7 @@ class NodeService:
             retries=config.output.retries_count,
             retry_timeout=config.output.retries_timeout,
         )
-        self.handshaking: set[EventConnection] = set()
+        self.handshaking: dict[EventConnection, None] = {}  # insertion-ordered: oldest first
         self.active: set[EventConnection] = set()
         self.warn_flood = RateLimitedLog(log)
         self.warn_scanners = RateLimitedLog(log)
@@ -445,7 +456,7 @@ class NodeService:
         log.info("node stopping")
         if self._server is not None:
             self._server.close()
-        for conn in list(self.active | self.handshaking):
+        for conn in [*self.active, *self.handshaking]:
             if conn._transport is not None:
                 conn._transport.close()
         self.alerts.raise_alert("KL_ALERT_ServiceStopped")
