@@ -29,7 +29,10 @@ def example_config(tmp: Path, *, port: int, extra_service: str = "", input_extra
     """Copy the example config and feeds into ``tmp`` with ``port`` and optional extra elements."""
     shutil.copytree(EXAMPLES / "feeds", tmp / "feeds", dirs_exist_ok=True)
     text = (EXAMPLES / "node.conf").read_text()
-    text = text.replace("<ConnectionString>127.0.0.1:9999</ConnectionString>", f"<ConnectionString>127.0.0.1:{port}</ConnectionString>" + input_extra)
+    text = text.replace(
+        "<ConnectionString>127.0.0.1:9999</ConnectionString>",
+        f"<ConnectionString>127.0.0.1:{port}</ConnectionString>" + input_extra,
+    )
     text = text.replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount>" + extra_service)
     if output:
         text = re.sub(r"<ConnectionString>127\.0\.0\.1:9998</ConnectionString>", output, text)

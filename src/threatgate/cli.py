@@ -71,7 +71,9 @@ def feeds() -> None:
 @click.option("--out", "out_dir", required=True, type=click.Path(file_okay=False), help="Directory to write into.")
 @click.option("--indicators", default=10_000, show_default=True, type=click.IntRange(1, 100_000_000))
 @click.option("--events", default=10_000, show_default=True, type=click.IntRange(0, 100_000_000))
-@click.option("--hit-rate", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Share of events that detect.")
+@click.option(
+    "--hit-rate", default=0.05, show_default=True, type=click.FloatRange(0, 1), help="Share of events that detect."
+)
 @click.option("--seed", default=1, show_default=True, type=int)
 @click.option("--port", default=9999, show_default=True, type=click.IntRange(1, 65535), help="Event port in node.conf.")
 def feeds_generate(out_dir: str, indicators: int, events: int, hit_rate: float, seed: int, port: int) -> None:

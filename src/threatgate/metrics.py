@@ -57,7 +57,12 @@ class StatsCollector(Collector):
             ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
             ("threatgate_connections", "Event connections, by outcome", "outcome", s.connections),
             ("threatgate_category_detections", "Detections by category", "category", s.per_category),
-            ("threatgate_feed_load_failures", "Feed loads that failed (previous version kept)", "feed", s.feed_failures),
+            (
+                "threatgate_feed_load_failures",
+                "Feed loads that failed (previous version kept)",
+                "feed",
+                s.feed_failures,
+            ),
             ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])

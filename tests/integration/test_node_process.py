@@ -84,7 +84,9 @@ def test_node_answers_flags_and_events_with_socat(node: NodeProcess) -> None:
 def test_node_ping_is_answered_even_when_every_scanner_is_busy(tmp_path: Path) -> None:
     port = free_port()
     config = example_config(tmp_path, port=port)
-    config.write_text(config.read_text().replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>1</ScannersCount>"))
+    config.write_text(
+        config.read_text().replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>1</ScannersCount>")
+    )
     with running_node(config, port) as proc:
         busy = socket.create_connection(("127.0.0.1", port), timeout=10)
         busy.sendall(FLAGS + b"1 hello\n")
@@ -105,7 +107,9 @@ def test_node_survives_hostile_input_and_keeps_serving(node: NodeProcess) -> Non
     out = exchange(port, FLAGS + b"1 url=http://fakess123.nu \xff\xfe\n2 src=192.0.2.0 \x00x\n").decode()
     assert "1 category=Malicious_URL" in out and "2 category=IP_Reputation" in out
     # An over-long line (MaxEventSize 4096 here) is not matched but still gets its finished line.
-    out = exchange(port, FLAGS + b"3 url=http://fakess123.nu " + b"A" * 10000 + b"\n4 url=http://fakess123.nu\n").decode()
+    out = exchange(
+        port, FLAGS + b"3 url=http://fakess123.nu " + b"A" * 10000 + b"\n4 url=http://fakess123.nu\n"
+    ).decode()
     assert out.splitlines()[0] == "3 LookupFinished"
     assert "4 category=Malicious_URL" in out
     # A client that never sends a newline only costs MaxEventSize of memory, then is discarded.
@@ -216,7 +220,10 @@ def test_node_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
     config = example_config(tmp_path, port=port)
     config.write_text(config.read_text().replace("url=(\\S+)", "url=(\\S+"))
     result = subprocess.run(
-        [sys.executable, "-m", "threatgate", "node", "--config", str(config)], capture_output=True, text=True, timeout=30
+        [sys.executable, "-m", "threatgate", "node", "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=30,
     )
     assert result.returncode == 2
     assert f"{config}:10: <RE_URL>: regex" in result.stderr

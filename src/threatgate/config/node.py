@@ -232,7 +232,9 @@ def _read_source(node: Node) -> Source:
             continue
         rule = _read_rule(child)
         if rule.name in seen:
-            raise child.error(f"rule {rule.name} defined twice in source {source_id!r} (first at line {seen[rule.name]})")
+            raise child.error(
+                f"rule {rule.name} defined twice in source {source_id!r} (first at line {seen[rule.name]})"
+            )
         seen[rule.name] = child.line
         rules.append(rule)
     return Source(id=source_id, ips=ips, hostnames=hostnames, replace=replace, ignore=ignore, rules=tuple(rules))
@@ -337,7 +339,7 @@ def _read_feed(node: Node) -> FeedSettings:
     delimiter = node.attrs.get("delimiter", ",")
     if delimiter == "\\t":
         delimiter = "\t"
-    if len(delimiter) != 1 or delimiter in "\"\r\n":
+    if len(delimiter) != 1 or delimiter in '"\r\n':
         raise node.error(f"delimiter={delimiter!r}: expected one character (not a quote or newline)")
     data = {
         "path": path,

@@ -137,7 +137,7 @@ class LineSender:
                     await writer.drain()
                     delivered = True
                     break
-                except (OSError, asyncio.TimeoutError) as exc:
+                except (TimeoutError, OSError) as exc:
                     self.failures += 1
                     await self._disconnect()
                     if attempts >= self.retries or self._closing:

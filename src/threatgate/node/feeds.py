@@ -381,7 +381,7 @@ def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None
     start = _JSON_GAP.match(text, 0)
     pos = start.end() if start else 0
     if not text.startswith("[", pos):
-        raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos:pos + 20]!r}")
+        raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos : pos + 20]!r}")
     end_of_array = text.rstrip().rfind("]")
     if end_of_array <= pos:
         raise FeedError(f"{path}: truncated JSON feed: no closing ']'")

@@ -265,15 +265,15 @@ class Matcher:
         peer_source = self._by_ip.get(peer_ip)
         for event in events:
             st.events += 1
-            if event.__class__ is Oversized:
+            if isinstance(event, Oversized):
                 st.oversized += 1
                 if finished:
-                    text = event.prefix  # type: ignore[union-attr]
+                    text = event.prefix
                     source_id = peer_source or self._host_source(text, by_host) or "default"
                     fields = self._context_only(text, source_id)
                     out.append(self._finished_line(fields, 0, {}, date))
                 continue
-            text = event  # type: ignore[assignment]
+            text = event
             source_id = peer_source or (by_host and self._host_source(text, by_host)) or "default"
             source, steps = self._plans[source_id]
             parts: list[str]

@@ -32,7 +32,7 @@ from threatgate.node.feeds import FeedSnapshot, load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
-from threatgate.wire.flags import NEED_DATA, PONG, SessionFlags, parse_flags
+from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
 from threatgate.wire.framing import LineFramer
 
 log = logging.getLogger("threatgate.node")
@@ -190,9 +190,8 @@ class EventConnection(asyncio.Protocol):
         if len(self._handshake) > MAX_HANDSHAKE_BYTES:
             eof = True  # cannot be flags any more; decide with what we have
         result = parse_flags(bytes(self._handshake), eof=eof)
-        if result is NEED_DATA:
+        if isinstance(result, NeedData):
             return
-        assert not isinstance(result, type(NEED_DATA))
         flags, consumed = result
         node = self.node
         node.handshaking.pop(self, None)
