@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from threatgate.config.node import NodeConfig, Rule, RuleType, Source
 from threatgate.node import normalize
 from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, record_context
-from threatgate.node.render import FieldFormat, Template
+from threatgate.node.render import FieldFormat, Fields, Template
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.wire.framing import FramedEvent, Oversized
 
@@ -61,10 +61,32 @@ class Hit:
     actionable: tuple[tuple[str, str], ...]
 
 
+_FINDALL, _SEARCH, _GENERIC = 0, 1, 2
+
+
 @dataclass(frozen=True, slots=True)
 class _Step:
+    """One rule ready to run: how to extract (findall / search / generic) and its lookup, or None."""
+
     rule: Rule
-    fallback: Rule | None  # the default rule of the same name, run only when ``rule`` finds nothing
+    mode: int
+    lookup: Callable[[str, list[Candidate]], bool] | None
+    fallback: _Step | None  # the default rule of the same name, run only when ``rule`` finds nothing
+
+
+def _run(step: _Step, text: str) -> list[str]:
+    """The values ``step``'s rule extracts from ``text`` (empty matches dropped)."""
+    mode = step.mode
+    if mode == _FINDALL:
+        values: list[str] = step.rule.pattern.findall(text)
+        return values if all(values) else [v for v in values if v]
+    if mode == _SEARCH:
+        m = step.rule.pattern.search(text)
+        if m is None:
+            return []
+        v = m.group(step.rule.pattern.groups)
+        return [v] if v else []
+    return _values(step.rule, text)
 
 
 def _values(rule: Rule, text: str) -> list[str]:
@@ -104,13 +126,11 @@ class Matcher:
         self._limit = config.feeds.per_scan_detect_limit
         sources = {s.id: s for s in config.input.sources}
         self._default = sources["default"]
-        self._plans: dict[str, tuple[Source, tuple[_Step, ...]]] = {
-            sid: (s, self._plan(s)) for sid, s in sources.items()
-        }
         self._by_ip = {ip: s.id for s in config.input.sources for ip in s.ips}
         self._by_host = {h: s.id for s in config.input.sources for h in s.hostnames}
         self._url_cache: dict[str, str | None] = {}
         self._record_cache: dict[tuple[int, int], tuple[Indicator, dict[str, object]] | None] = {}
+        self._finished_needs_context = bool(self._finished.names & {"RecordContext", "Date"})
         self._lookups: dict[RuleType, Callable[[str, list[Candidate]], bool]] = {
             RuleType.URL: self._lookup_url,
             RuleType.DOMAIN: self._lookup_domain,
@@ -119,6 +139,9 @@ class Matcher:
             RuleType.SHA1: self._lookup_hash_of(40),
             RuleType.SHA256: self._lookup_hash_of(64),
             RuleType.HASH: self._lookup_hash_of(0),
+        }
+        self._plans: dict[str, tuple[Source, tuple[_Step, ...]]] = {
+            sid: (s, self._plan(s)) for sid, s in sources.items()
         }
 
     def __repr__(self) -> str:
@@ -129,13 +152,25 @@ class Matcher:
         self.store = store
         self._record_cache = {}
 
+    def _step(self, rule: Rule, fallback: Rule | None = None) -> _Step:
+        if rule.pattern.groups > 1:
+            mode = _GENERIC
+        else:
+            mode = _FINDALL if rule.extract_all else _SEARCH
+        return _Step(
+            rule,
+            mode,
+            self._lookups.get(rule.type),
+            self._step(fallback) if fallback is not None else None,
+        )
+
     def _plan(self, source: Source) -> tuple[_Step, ...]:
         default_rules = {r.name: r for r in self._default.rules}
         if source.id == "default":
-            return tuple(_Step(r, None) for r in source.rules)
+            return tuple(self._step(r) for r in source.rules)
         own = {r.name for r in source.rules}
-        steps = [_Step(r, default_rules.get(r.name)) for r in source.rules]
-        steps += [_Step(r, None) for r in self._default.rules if r.name not in own]
+        steps = [self._step(r, default_rules.get(r.name)) for r in source.rules]
+        steps += [self._step(r) for r in self._default.rules if r.name not in own]
         return tuple(steps)
 
     def source_for_peer(self, peer_ip: str) -> str | None:
@@ -294,7 +329,7 @@ class Matcher:
                 parts = kept
             totals: dict[str, int] = {}
             sent = 0
-            first_fields: dict[str, str] | None = None
+            first_fields: Fields | None = None
             for part in parts:
                 fields, found = self._extract(part, steps, source_id)
                 if first_fields is None:
@@ -302,7 +337,7 @@ class Matcher:
                 if found:
                     sent += self._detect(found, fields, date, out, totals, st)
             if finished:
-                out.append(self._finished_line(first_fields or {}, sent, totals, date))
+                out.append(self._finished_line(first_fields or Fields(), sent, totals, date))
         return out
 
     @staticmethod
@@ -313,38 +348,35 @@ class Matcher:
         host = (m.group("h5424") or m.group("h3164") or "").lower()
         return by_host.get(host)
 
-    def _context_only(self, text: str, source_id: str) -> dict[str, str]:
-        fields = {"SourceId": source_id}
+    def _context_only(self, text: str, source_id: str) -> Fields:
+        fields = Fields(SourceId=source_id)
         for step in self._plans[source_id][1]:
-            if step.rule.type is RuleType.CONTEXT:
-                values = _values(step.rule, text)
+            if step.lookup is None:
+                values = _run(step, text)
                 if values:
                     fields[step.rule.name] = values[0]
         return fields
 
-    def _extract(
-        self, text: str, steps: tuple[_Step, ...], source_id: str
-    ) -> tuple[dict[str, str], list[tuple[Rule, str]]]:
-        fields = {"SourceId": source_id}
-        found: list[tuple[Rule, str]] = []
+    def _extract(self, text: str, steps: tuple[_Step, ...], source_id: str) -> tuple[Fields, list[tuple[_Step, str]]]:
+        fields = Fields(SourceId=source_id)
+        found: list[tuple[_Step, str]] = []
         for step in steps:
-            rule = step.rule
-            values = _values(rule, text)
+            values = _run(step, text)
             if not values and step.fallback is not None:
-                rule = step.fallback
-                values = _values(rule, text)
+                step = step.fallback
+                values = _run(step, text)
             if not values:
                 continue
-            fields[rule.name] = values[0]
-            if rule.type is not RuleType.CONTEXT:
+            fields[step.rule.name] = values[0]
+            if step.lookup is not None:
                 for value in values:
-                    found.append((rule, value))
+                    found.append((step, value))
         return fields, found
 
     def _detect(
         self,
-        found: list[tuple[Rule, str]],
-        fields: dict[str, str],
+        found: list[tuple[_Step, str]],
+        fields: Fields,
         date: str,
         out: list[str],
         totals: dict[str, int],
@@ -352,12 +384,13 @@ class Matcher:
     ) -> int:
         sent = 0
         limit = self._limit
-        lookups = self._lookups
         done: set[tuple[str, int, int]] = set()
-        for rule, value in found:
+        for step, value in found:
             candidates: list[Candidate] = []
-            if not lookups[rule.type](value, candidates) or not candidates:
+            assert step.lookup is not None
+            if not step.lookup(value, candidates) or not candidates:
                 continue
+            rule = step.rule
             hits, suppressed = self._confirm(candidates)
             st.suppressed += suppressed
             if not hits:
@@ -373,7 +406,7 @@ class Matcher:
                 emitted += 1
                 settings = hit.snapshot.settings
                 category = settings.category
-                line_fields = dict(fields)
+                line_fields = Fields(fields)
                 line_fields[rule.name] = value
                 line_fields["Date"] = date
                 line_fields["Category"] = category
@@ -388,8 +421,10 @@ class Matcher:
                 sent += 1
         return sent
 
-    def _finished_line(self, fields: dict[str, str], sent: int, totals: dict[str, int], date: str = "") -> str:
-        line_fields = dict(fields)
+    def _finished_line(self, fields: Fields, sent: int, totals: dict[str, int], date: str = "") -> str:
+        if not self._finished_needs_context:
+            return self._finished.render(fields) + "\n"  # the HA format "%REQ% LookupFinished"
+        line_fields = Fields(fields)
         line_fields["Date"] = date
         total = "".join(f"{category}:{count};" for category, count in totals.items())
         line_fields["RecordContext"] = self._record_field.join(

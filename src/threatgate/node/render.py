@@ -19,7 +19,9 @@ from collections.abc import Iterable
 from threatgate.config.node import PATTERN_RE
 
 
-class _Fields(dict[str, str]):
+class Fields(dict[str, str]):
+    """Pattern values for one line; an absent pattern renders as ""."""
+
     def __missing__(self, key: str) -> str:
         return ""
 
@@ -27,7 +29,7 @@ class _Fields(dict[str, str]):
 class Template:
     """A compiled output format."""
 
-    __slots__ = ("source", "names", "_fmt", "_constant")
+    __slots__ = ("source", "names", "_fmt", "_constant", "_spaced")
 
     def __init__(self, source: str) -> None:
         self.source = source
@@ -46,6 +48,7 @@ class Template:
             pos = m.end()
         pieces.append(source[pos:].replace("{", "{{").replace("}", "}}"))
         self._fmt = "".join(pieces)
+        self._spaced = "_SpacedRecordContext" in self._fmt
         self.names = frozenset(names)
         self._constant = source if not names else None
 
@@ -56,10 +59,10 @@ class Template:
         """The format with every ``%Name%`` replaced by ``fields[Name]`` ("" when absent)."""
         if self._constant is not None:
             return self._constant
-        mapping = _Fields(fields)
-        context = mapping.get("RecordContext")
-        if context:
-            mapping["_SpacedRecordContext"] = " " + context
+        mapping = fields if isinstance(fields, Fields) else Fields(fields)
+        if self._spaced:
+            context = mapping.get("RecordContext")
+            mapping["_SpacedRecordContext"] = " " + context if context else ""
         return self._fmt.format_map(mapping)
 
 
