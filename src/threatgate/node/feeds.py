@@ -114,7 +114,9 @@ def classify(raw: str, field_name: str, subdomains: bool = False) -> Indicator |
         if value is None:
             return None
         if "/" not in value and "?" not in value:
-            # A URL with nothing after the host is the host: match it like a domain record.
+            # A URL with nothing after the host is the host: match it like a domain (or IP) record.
+            if value.startswith("[") or _looks_like_ip(value):
+                return _classify_ip(value.strip("[]"), raw)
             return _classify_domain(value, raw, subdomains)
         return Indicator(Kind.URL, value, raw)
     return _classify_domain(text, raw, subdomains)

@@ -335,8 +335,8 @@ def normalize_ipv4_host(value: str) -> str | None:
     """Dotted-decimal form of an IPv4 address written the way ``inet_aton`` / browsers accept in URL hosts.
 
     One to four parts, each decimal, octal (leading ``0``) or hexadecimal (``0x``); the last part fills all
-    remaining bytes: ``0300.0250.0.1``, ``0xC0A80001``, ``3232235521`` and ``192.168.1`` are all
-    ``192.168.0.1`` / ``192.168.0.1`` / ``192.168.0.1`` / ``192.168.0.1``.  Returns None otherwise.
+    remaining bytes: ``0300.0250.0.1``, ``0xC0A80001``, ``3232235521`` and ``192.168.1`` all give
+    ``192.168.0.1``.  Returns None otherwise (including out-of-range parts, which a URL host keeps as a name).
     """
     parts = value.lower().split(".")
     if len(parts) > 4:
