@@ -87,6 +87,11 @@ class ReplaceRule(_Frozen):
     pattern: re.Pattern[str]
     output: str
 
+    @property
+    def template(self) -> str:
+        """``output`` as an ``re.sub`` template: taken literally (no group references)."""
+        return self.output.replace("\\", "\\\\")
+
 
 class Source(_Frozen):
     """An event source: rules picked by sender IP or syslog host name, else ``default``."""

@@ -123,8 +123,7 @@ def classify(raw: str, field_name: str, subdomains: bool = False) -> Indicator |
 
 
 def _looks_like_ip(text: str) -> bool:
-    head = text.split("/", 1)[0]
-    return ":" in head or (head.count(".") == 3 and head.replace(".", "").isdigit())
+    return normalize.parse_ip(text.split("/", 1)[0].strip()) is not None
 
 
 def _classify_ip(text: str, raw: str) -> Indicator | None:
@@ -240,18 +239,35 @@ class Mask:
 
 def mask_from(value: str, record_no: int) -> tuple[str, Mask]:
     """Index key (literal host, or "" when the host has a star) and the mask of a normalised mask value."""
-    cut = len(value)
-    for sep in ("/", "?"):
-        pos = value.find(sep)
-        if 0 <= pos < cut:
-            cut = pos
-    host, rest = value[:cut], value[cut:]
+    host = url_host(value)
+    rest = value[len(host) :]
     subdomains = host.startswith("*.")
     if subdomains:
         host = host[2:]
     if "*" in host:
         return "", Mask(tuple(value.split("*")), record_no)
     return host, Mask(tuple((rest or "/").split("*")), record_no, subdomains)
+
+
+def url_host(url: str) -> str:
+    """The host part of a normalised URL (everything before the first ``/`` or ``?``)."""
+    cut = len(url)
+    for sep in ("/", "?"):
+        pos = url.find(sep)
+        if 0 <= pos < cut:
+            cut = pos
+    return url[:cut]
+
+
+def mask_matches(value: str, url: str) -> bool:
+    """Whether the normalised mask ``value`` covers the normalised ``url`` (used to confirm a hit)."""
+    key, mask = mask_from(value, 0)
+    if not key:
+        return mask.matches(url)
+    host = url_host(url)
+    if host != key and not (mask.subdomains and host.endswith("." + key)):
+        return False
+    return mask.matches(url[len(host) :] or "/")
 
 
 class FeedSnapshot:
@@ -384,9 +400,9 @@ def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None
     pos = start.end() if start else 0
     if not text.startswith("[", pos):
         raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos : pos + 20]!r}")
-    end_of_array = text.rstrip().rfind("]")
-    if end_of_array <= pos:
-        raise FeedError(f"{path}: truncated JSON feed: no closing ']'")
+    end_of_array = len(text.rstrip()) - 1
+    if end_of_array <= pos or text[end_of_array] != "]":
+        raise FeedError(f"{path}: truncated JSON feed: it does not end with ']'")
     pos += 1
     decoder = json.JSONDecoder()
     raw_decode = decoder.raw_decode

@@ -23,13 +23,13 @@ from dataclasses import dataclass, field
 
 from threatgate.config.node import NodeConfig, Rule, RuleType, Source
 from threatgate.node import normalize
-from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, record_context
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, mask_matches, record_context
 from threatgate.node.render import FieldFormat, Fields, Template
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.wire.framing import FramedEvent, Oversized
 
 _SYSLOG_HOST = re.compile(
-    r"(?:<\d{1,3}>)?(?:"
+    r"(?:\d+\s)?(?:<\d{1,3}>)?(?:"  # an optional balancer request id first
     r"\d \S+ (?P<h5424>\S+)"  # RFC 5424: <PRI>VERSION TIMESTAMP HOSTNAME
     r"|[A-Z][a-z]{2} [ \d]?\d \d\d:\d\d:\d\d (?P<h3164>\S+)"  # RFC 3164: Mmm dd hh:mm:ss HOSTNAME
     r")"
@@ -265,8 +265,9 @@ class Matcher:
             indicator = indicator_of(record)
             if indicator is not None and (
                 indicator.value == cand.probe
-                or (cand.kind == Kind.MASK and indicator.kind == Kind.MASK)
-                or (indicator.kind == Kind.CIDR and cand.kind == Kind.CIDR and indicator.value == cand.probe)
+                or (
+                    cand.kind == Kind.MASK and indicator.kind == Kind.MASK and mask_matches(indicator.value, cand.probe)
+                )
             ):
                 result = (indicator, record)
         if len(cache) >= _RECORD_CACHE_MAX:
@@ -314,7 +315,7 @@ class Matcher:
             parts: list[str]
             if source.replace:
                 for rule in source.replace:
-                    text = rule.pattern.sub(rule.output, text)
+                    text = rule.pattern.sub(rule.template, text)
                 parts = [p for p in text.split("\n") if p] if "\n" in text else [text]
             else:
                 parts = [text]

@@ -93,8 +93,8 @@ def parse_flags(data: bytes, eof: bool = False) -> tuple[SessionFlags, int] | Ne
         else:
             if not eof and rest and any(token.startswith(rest) for token in _TOKENS):
                 return NEED_DATA
-            if not eof and not rest and pos == 0:
-                return NEED_DATA
+            if not eof and not rest:
+                return NEED_DATA  # another token (or the first event) may follow
             return SessionFlags(reply_back, send_finished, save_statistic, ping), pos
         if ping:
             return SessionFlags(reply_back, send_finished, save_statistic, ping), pos

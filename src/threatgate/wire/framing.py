@@ -96,12 +96,17 @@ class LineFramer:
             self._discarding = False
             data = data[cut + 1 :]
         self._buffer += data
-        if len(self._buffer) > self.max_event_size + 64 and self._buffer.rfind(b"\n") < 0:
+        buf = self._buffer
+        if (
+            len(buf) > self.max_event_size + 64
+            and buf.rfind(b"\n") < 0
+            and len(buf) - buf.count(b"\r") > self.max_event_size
+        ):
             # A partial line already over the limit: remember its head, stop buffering the rest.
             self._start_discard()
 
     def _start_discard(self) -> None:
-        head = bytes(self._buffer[:_PREFIX_BYTES])
+        head = bytes(self._buffer[: _PREFIX_BYTES * 2]).replace(b"\r", b"")[:_PREFIX_BYTES]
         self._discarded = len(self._buffer.replace(b"\r", b""))
         self._buffer.clear()
         self._discarding = True
@@ -113,7 +118,10 @@ class LineFramer:
         out = self._ready
         self._ready = []
         self._complete_events(out)
-        if len(self._buffer) > self.max_event_size:
+        if self._eof and self._buffer:
+            self._complete_events(out)  # the unterminated last event
+        buf = self._buffer
+        if len(buf) > self.max_event_size and len(buf) - buf.count(b"\r") > self.max_event_size:
             self._start_discard()  # the partial line after the last LF is already too long
             out.extend(self._ready)
             self._ready = []
@@ -141,16 +149,15 @@ class LineFramer:
                     self.stats.oversized += 1
                     out.append(Oversized(self._decode_line(line[:_PREFIX_BYTES]), len(line)))
                 else:
-                    out.extend(self._split(self._decode_line(line)))
+                    events = self._split(self._clean_nul(self._decode_line(line)))
+                    self.stats.events += len(events)
+                    out.extend(events)
             return
         try:
             text = chunk.decode("utf-8")
         except UnicodeDecodeError:
             text = "\n".join(self._decode_line(line) for line in lines)
-        if "\0" in text:
-            self.stats.nul += sum(1 for line in text.split("\n") if "\0" in line)
-            text = text.replace("\0", "\ufffd")
-        events = self._split(text)
+        events = self._split(self._clean_nul(text))
         self.stats.events += len(events)
         out.extend(events)
         return
@@ -169,6 +176,12 @@ class LineFramer:
         except UnicodeDecodeError:
             self.stats.invalid_utf8 += 1
             return line.decode("utf-8", "replace")
+
+    def _clean_nul(self, text: str) -> str:
+        if "\0" not in text:
+            return text
+        self.stats.nul += sum(1 for line in text.split("\n") if "\0" in line)
+        return text.replace("\0", "\ufffd")
 
     def _split(self, text: str) -> list[FramedEvent]:
         if self.delimiter is not None:

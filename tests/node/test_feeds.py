@@ -1,0 +1,439 @@
+"""Tests for threatgate.node.feeds: JSON and CSV feed files into FeedSnapshot, and indicator classification."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from threatgate.config.node import FeedSettings
+from threatgate.errors import FeedError
+from threatgate.node.feeds import (
+    MAX_BAD_EXAMPLES,
+    FeedSnapshot,
+    Indicator,
+    Kind,
+    Mask,
+    classify,
+    indicator_of,
+    key_of,
+    load_feed,
+    mask_from,
+    record_context,
+)
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+
+
+def settings_for(path: Path, fmt: str, **kwargs: Any) -> FeedSettings:
+    return FeedSettings(path=str(path), name=path.name, category="Test", format=fmt, **kwargs)  # type: ignore[arg-type]
+
+
+def load_text(tmp_path: Path, name: str, text: str, **kwargs: Any) -> FeedSnapshot:
+    path = tmp_path / name
+    path.write_bytes(text.encode("utf-8"))
+    fmt = "csv" if name.endswith(".csv") else "json"
+    return load_feed(settings_for(path, fmt, **kwargs))
+
+
+def records(snap: FeedSnapshot) -> list[dict[str, Any] | None]:
+    return [snap.read_record(i) for i in range(len(snap.offsets))]
+
+
+# -- JSON -----------------------------------------------------------------------------------------
+
+
+def test_FeedSnapshot_json_loads_records_and_reads_them_back(tmp_path: Path) -> None:
+    feed = [
+        {"url": "http://evil.example/a", "threat": "Phishing"},
+        {"ip": "192.0.2.1", "threat": "Botnet", "score": 7},
+        {"md5": "44D88612FEA8A8F36DE82E1278ABB02F", "detection": "EICAR"},
+    ]
+    snap = load_text(tmp_path, "f.json", json.dumps(feed, indent=2))
+    assert snap.report.records == 3
+    assert snap.report.malformed == 0
+    assert snap.report.per_kind == {"url": 1, "ip": 1, "hash": 1}
+    assert records(snap) == feed
+    assert list(snap.kinds) == [Kind.URL, Kind.IP, Kind.HASH]
+    assert list(snap.keys) == [
+        key_of(Kind.URL, "evil.example/a"),
+        key_of(Kind.IP, "192.0.2.1"),
+        key_of(Kind.HASH, "44d88612fea8a8f36de82e1278abb02f"),
+    ]
+    assert snap.name == "f.json"
+    assert "records=3" in repr(snap)
+
+
+def test_FeedSnapshot_json_offsets_cover_exactly_each_record(tmp_path: Path) -> None:
+    text = '  [ {"ip": "10.0.0.1"} ,\n\n{"ip": "10.0.0.2", "x": [1, 2]}  ]  \n'
+    snap = load_text(tmp_path, "f.json", text)
+    raw = text.encode()
+    spans = [raw[o : o + n] for o, n in zip(snap.offsets, snap.lengths, strict=True)]
+    assert spans == [b'{"ip": "10.0.0.1"}', b'{"ip": "10.0.0.2", "x": [1, 2]}']
+
+
+def test_FeedSnapshot_json_empty_array(tmp_path: Path) -> None:
+    snap = load_text(tmp_path, "f.json", "[]")
+    assert snap.report.records == 0
+    assert len(snap.offsets) == 0
+
+
+def test_FeedSnapshot_json_malformed_records_counted_with_examples(tmp_path: Path) -> None:
+    text = (
+        '[{"url": "http://ok.example/a"}, 5, "str", {"threat": "no indicator"}, {"ip": "999.1.1.1"},\n'
+        "{broken json},\n"
+        '{"md5": "44d88612fea8a8f36de82e1278abb02f"}]'
+    )
+    snap = load_text(tmp_path, "f.json", text)
+    assert snap.report.records == 2
+    assert snap.report.malformed == 5
+    examples = snap.report.examples
+    assert len(examples) == 5
+    assert examples[0] == "record 2: expected an object, got int"
+    assert examples[1] == "record 3: expected an object, got str"
+    assert examples[2].startswith("record 4: no indicator field")
+    assert examples[3] == "record 5: ip='999.1.1.1' is not a valid indicator"
+    assert examples[4].startswith("record 6 (line 2): invalid JSON")
+    # The record after the broken one is still loaded, and reads back correctly.
+    assert records(snap)[-1] == {"md5": "44d88612fea8a8f36de82e1278abb02f"}
+
+
+def test_FeedSnapshot_json_examples_capped_but_all_counted(tmp_path: Path) -> None:
+    feed = [{"threat": f"bad {i}"} for i in range(MAX_BAD_EXAMPLES + 7)]
+    snap = load_text(tmp_path, "f.json", json.dumps(feed))
+    assert snap.report.malformed == MAX_BAD_EXAMPLES + 7
+    assert len(snap.report.examples) == MAX_BAD_EXAMPLES
+
+
+def test_FeedSnapshot_json_indicator_value_not_a_string_is_malformed(tmp_path: Path) -> None:
+    snap = load_text(tmp_path, "f.json", '[{"ip": 3232235521}, {"ip": "10.0.0.1"}]')
+    assert snap.report.records == 1
+    assert snap.report.malformed == 1
+
+
+def test_FeedSnapshot_json_truncated_without_bracket_is_feed_error(tmp_path: Path) -> None:
+    with pytest.raises(FeedError, match="truncated"):
+        load_text(tmp_path, "f.json", '[{"url": "http://a.example/x"},\n{"url": "http://b.exa')
+
+
+def test_FeedSnapshot_json_truncated_after_record_with_nested_array_is_feed_error(tmp_path: Path) -> None:
+    # A "]" inside an earlier record is not the closing bracket of the feed.
+    text = '[{"url": "http://a.example/x", "tags": ["t1", "t2"]},\n{"url": "http://b.exa'
+    with pytest.raises(FeedError, match="truncated"):
+        load_text(tmp_path, "f.json", text)
+
+
+def test_FeedSnapshot_json_truncated_after_bracket_in_string_is_feed_error(tmp_path: Path) -> None:
+    text = '[{"url": "http://a.example/x", "note": "see [1]"},\n{"url": "http://b.example/'
+    with pytest.raises(FeedError, match="truncated"):
+        load_text(tmp_path, "f.json", text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    ['{"url": "http://a.example/x"}', '"just a string"', "42", "null", "", "   \n", "url,threat\n"],
+)
+def test_FeedSnapshot_json_not_an_array_is_feed_error(tmp_path: Path, text: str) -> None:
+    with pytest.raises(FeedError, match="must be an array"):
+        load_text(tmp_path, "f.json", text)
+
+
+def test_FeedSnapshot_json_not_utf8_is_feed_error(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_bytes(b'[{"url": "http://a.example/\xff"}]')
+    with pytest.raises(FeedError, match="not UTF-8"):
+        load_feed(settings_for(path, "json"))
+
+
+def test_FeedSnapshot_missing_file_is_feed_error(tmp_path: Path) -> None:
+    with pytest.raises(FeedError, match="cannot open"):
+        load_feed(settings_for(tmp_path / "nope.json", "json"))
+
+
+def test_FeedSnapshot_json_non_ascii_offsets_are_byte_offsets(tmp_path: Path) -> None:
+    feed = [
+        {"url": "http://a.example/x", "note": "пример"},
+        {"domain": "пример.example", "note": "ещё пример ✓"},
+        {"url": "http://b.example/y", "note": "ok"},
+    ]
+    snap = load_text(tmp_path, "f.json", json.dumps(feed, ensure_ascii=False, indent=1))
+    assert snap.report.records == 3
+    assert records(snap) == feed
+    assert snap.read_record(2) == {"url": "http://b.example/y", "note": "ok"}
+
+
+def test_FeedSnapshot_read_record_out_of_range_is_none(tmp_path: Path) -> None:
+    snap = load_text(tmp_path, "f.json", '[{"ip": "10.0.0.1"}]')
+    assert snap.read_record(5) is None
+
+
+# -- CSV ------------------------------------------------------------------------------------------
+
+
+def test_FeedSnapshot_csv_example_feed() -> None:
+    snap = load_feed(settings_for(EXAMPLES / "feeds" / "ip_reputation.csv", "csv"))
+    assert snap.header == ["ip", "threat", "geo"]
+    assert snap.report.records == 3
+    assert snap.report.per_kind == {"ip": 2, "cidr": 1}
+    assert snap.cidrs == {(4, 24)}
+    assert records(snap) == [
+        {"ip": "192.0.2.0", "threat": "Botnet", "geo": "nl"},
+        {"ip": "203.0.113.0/24", "threat": "Scanner", "geo": "us"},
+        {"ip": "198.51.100.77", "threat": "TOR exit", "geo": "de"},
+    ]
+
+
+def test_FeedSnapshot_csv_quoted_delimiter_newline_and_quotes(tmp_path: Path) -> None:
+    text = 'ip,comment,geo\n1.2.3.4,"hello, world\nsecond line",nl\n"5.6.7.8","say ""hi""",de\n9.9.9.9,plain,fr\n'
+    snap = load_text(tmp_path, "f.csv", text)
+    assert snap.report.records == 3
+    assert snap.report.malformed == 0
+    assert records(snap) == [
+        {"ip": "1.2.3.4", "comment": "hello, world\nsecond line", "geo": "nl"},
+        {"ip": "5.6.7.8", "comment": 'say "hi"', "geo": "de"},
+        {"ip": "9.9.9.9", "comment": "plain", "geo": "fr"},
+    ]
+
+
+def test_FeedSnapshot_csv_malformed_rows_counted_with_line_numbers(tmp_path: Path) -> None:
+    text = "ip,threat\n1.2.3.4,a\n'quoted',b\n\n5.6.7.8\n# comment line\n9.9.9.9,c,extra\n300.1.1.1,d\n8.8.8.8,e\n"
+    snap = load_text(tmp_path, "f.csv", text)
+    assert snap.report.records == 2
+    assert snap.report.malformed == 4
+    assert snap.report.examples == [
+        "line 3: ip=\"'quoted'\" is not a valid indicator",
+        "line 5: 1 fields, header has 2",
+        "line 7: 3 fields, header has 2",
+        "line 8: ip='300.1.1.1' is not a valid indicator",
+    ]
+    assert [r["ip"] for r in records(snap) if r] == ["1.2.3.4", "8.8.8.8"]
+
+
+def test_FeedSnapshot_csv_missing_indicator_column_is_feed_error(tmp_path: Path) -> None:
+    with pytest.raises(FeedError, match="no indicator column"):
+        load_text(tmp_path, "f.csv", "address,threat\n1.2.3.4,x\n")
+
+
+def test_FeedSnapshot_csv_empty_is_feed_error(tmp_path: Path) -> None:
+    with pytest.raises(FeedError, match="no header"):
+        load_text(tmp_path, "f.csv", "\n\n  \n")
+
+
+def test_FeedSnapshot_csv_header_case_hash_and_custom_delimiter(tmp_path: Path) -> None:
+    text = "#Domain;Family;Subdomains\r\nevil.example;Bot;no\r\ncnc.example;Bot;true\r\n"
+    snap = load_text(tmp_path, "f.csv", text, delimiter=";")
+    assert snap.header == ["domain", "Family", "subdomains"]
+    assert list(snap.kinds) == [Kind.DOMAIN, Kind.DOMAIN_SUFFIX]
+    assert records(snap) == [
+        {"domain": "evil.example", "Family": "Bot", "subdomains": "no"},
+        {"domain": "cnc.example", "Family": "Bot", "subdomains": "true"},
+    ]
+
+
+def test_FeedSnapshot_csv_tab_delimiter(tmp_path: Path) -> None:
+    snap = load_text(tmp_path, "f.csv", "md5\tname\n44d88612fea8a8f36de82e1278abb02f\tEICAR, test\n", delimiter="\t")
+    assert records(snap) == [{"md5": "44d88612fea8a8f36de82e1278abb02f", "name": "EICAR, test"}]
+
+
+def test_FeedSnapshot_csv_non_ascii_offsets_are_byte_offsets(tmp_path: Path) -> None:
+    text = 'domain,note\nпример.example,"пример, с ""кавычками"""\nnext.example,после\nlast.example,ok\n'
+    snap = load_text(tmp_path, "f.csv", text)
+    assert snap.report.records == 3
+    assert snap.read_record(1) == {"domain": "next.example", "note": "после"}
+    assert snap.read_record(2) == {"domain": "last.example", "note": "ok"}
+    assert snap.read_record(0) == {"domain": "пример.example", "note": 'пример, с "кавычками"'}
+
+
+def test_FeedSnapshot_csv_generic_indicator_column_classified_by_shape(tmp_path: Path) -> None:
+    text = (
+        "indicator,note\n"
+        "44d88612fea8a8f36de82e1278abb02f,h\n"
+        "10.0.0.0/8,c\n"
+        "10.1.2.3,i\n"
+        "evil.example,d\n"
+        "*.cnc.example,s\n"
+        "evil.example/path,u\n"
+        "evil.example/*/x.php,m\n"
+    )
+    snap = load_text(tmp_path, "f.csv", text)
+    assert snap.report.malformed == 0
+    assert snap.report.per_kind == {
+        "hash": 1,
+        "cidr": 1,
+        "ip": 1,
+        "domain": 1,
+        "domain_suffix": 1,
+        "url": 1,
+        "mask": 1,
+    }
+    assert len(snap.masks) == 1
+    assert list(snap.kinds)[-1] == -1  # masks live in ``masks``
+
+
+# -- classify -------------------------------------------------------------------------------------
+
+H32 = "44d88612fea8a8f36de82e1278abb02f"
+
+
+@pytest.mark.parametrize(
+    ("raw", "field", "kind", "value"),
+    [
+        # hashes
+        (H32.upper(), "md5", Kind.HASH, H32),
+        ("a" * 40, "sha1", Kind.HASH, "a" * 40),
+        ("B" * 64, "sha256", Kind.HASH, "b" * 64),
+        (H32, "indicator", Kind.HASH, H32),
+        # IPs and CIDRs
+        ("192.0.2.1", "ip", Kind.IP, "192.0.2.1"),
+        ("192.0.2.1", "indicator", Kind.IP, "192.0.2.1"),
+        ("010.001.002.003", "ip", Kind.IP, "10.1.2.3"),
+        ("2001:DB8::1", "ip", Kind.IP, "2001:db8::1"),
+        ("[2001:db8::1]", "ip", Kind.IP, "2001:db8::1"),
+        ("2001:db8::1", "indicator", Kind.IP, "2001:db8::1"),
+        ("192.0.2.1/32", "ip", Kind.IP, "192.0.2.1"),
+        ("203.0.113.0/24", "ip", Kind.CIDR, "4/24/13303921"),
+        ("10.0.0.0/8", "indicator", Kind.CIDR, "4/8/10"),
+        ("10.9.9.9/8", "ip", Kind.CIDR, "4/8/10"),  # host bits are dropped
+        ("0.0.0.0/0", "ip", Kind.CIDR, "4/0/0"),
+        ("2001:db8::/32", "ip", Kind.CIDR, "6/32/536939960"),
+        # domains
+        ("Evil.Example", "domain", Kind.DOMAIN, "evil.example"),
+        ("www.evil.example", "domain", Kind.DOMAIN, "evil.example"),
+        ("evil.example", "indicator", Kind.DOMAIN, "evil.example"),
+        ("*.cnc.example", "domain", Kind.DOMAIN_SUFFIX, "cnc.example"),
+        ("*.cnc.example", "indicator", Kind.DOMAIN_SUFFIX, "cnc.example"),
+        ("пример.example", "domain", Kind.DOMAIN, "xn--e1afmkfd.example"),
+        # URLs (a URL with nothing after the host is its host)
+        ("http://evil.example/a", "url", Kind.URL, "evil.example/a"),
+        ("HTTP://WWW.Evil.Example:80/p/./index.php", "url", Kind.URL, "evil.example/p/index.php"),
+        ("hxxp://evil.example/x", "url", Kind.URL, "evil.example/x"),
+        ("evil.example/?q=1", "indicator", Kind.URL, "evil.example/?q=1"),
+        ("evil.example/path", "indicator", Kind.URL, "evil.example/path"),
+        ("http://fakess123.nu", "url", Kind.DOMAIN, "fakess123.nu"),
+        ("http://evil.example/a", "indicator", Kind.URL, "evil.example/a"),
+        ("https://evil.example:8443/a?b=c", "indicator", Kind.URL, "evil.example/a?b=c"),
+        # masks
+        ("*.evil-cdn.example/payload/*", "mask", Kind.MASK, "*.evil-cdn.example/payload/*"),
+        ("evil.example/*/x.php", "indicator", Kind.MASK, "evil.example/*/x.php"),
+        ("benign-but-listed.example/*", "url", Kind.MASK, "benign-but-listed.example/*"),
+        ("cdn*.evil.example/p", "mask", Kind.MASK, "cdn*.evil.example/p"),
+        ("*.evil.example", "mask", Kind.DOMAIN_SUFFIX, "evil.example"),
+    ],
+)
+def test_Indicator_classify_table(raw: str, field: str, kind: int, value: str) -> None:
+    indicator = classify(raw, field)
+    assert indicator is not None, f"{raw!r} in {field} rejected"
+    assert (Kind.NAMES[indicator.kind], indicator.value) == (Kind.NAMES[kind], value)
+    assert indicator.raw == raw
+
+
+@pytest.mark.parametrize(
+    ("raw", "field"),
+    [
+        ("", "indicator"),
+        ("   ", "url"),
+        ("abc", "md5"),
+        (H32 + "0", "md5"),
+        ("z" * 32, "md5"),
+        ("999.1.1.1", "ip"),
+        ("1.2.3.4/33", "ip"),
+        ("1.2.3.4/x", "ip"),
+        ("evil.example", "ip"),
+        ("1.2.3.4", "domain"),
+        ("not a domain!", "indicator"),
+        ("exa mple.com", "domain"),
+        ("http://", "url"),
+    ],
+)
+def test_Indicator_classify_garbage_is_none(raw: str, field: str) -> None:
+    assert classify(raw, field) is None
+
+
+def test_Indicator_classify_subdomain_flag() -> None:
+    assert classify("evil.example", "domain", subdomains=True) == Indicator(
+        Kind.DOMAIN_SUFFIX, "evil.example", "evil.example"
+    )
+
+
+def test_Indicator_cidr_tuple() -> None:
+    indicator = classify("203.0.113.0/24", "ip")
+    assert indicator is not None
+    assert indicator.cidr == (4, 24, 0xCB0071)
+
+
+@pytest.mark.parametrize(
+    ("record", "kind", "value"),
+    [
+        ({"indicator": "evil.example", "mask": "x"}, Kind.DOMAIN, "evil.example"),  # first present wins
+        ({"threat": "x", "ip": "10.0.0.1"}, Kind.IP, "10.0.0.1"),
+        ({"domain": "a.example", "include_subdomains": True}, Kind.DOMAIN_SUFFIX, "a.example"),
+        ({"domain": "a.example", "include_subdomains": "yes"}, Kind.DOMAIN_SUFFIX, "a.example"),
+        ({"domain": "a.example", "subdomains": "1"}, Kind.DOMAIN_SUFFIX, "a.example"),
+        ({"domain": "a.example", "include_subdomains": False}, Kind.DOMAIN, "a.example"),
+        ({"domain": "a.example", "include_subdomains": "no"}, Kind.DOMAIN, "a.example"),
+    ],
+)
+def test_Indicator_indicator_of_record(record: dict[str, Any], kind: int, value: str) -> None:
+    indicator = indicator_of(record)
+    assert indicator is not None
+    assert (indicator.kind, indicator.value) == (kind, value)
+
+
+@pytest.mark.parametrize("record", [{}, {"threat": "x"}, {"url": 5}, {"ip": None}, {"md5": ["a"]}])
+def test_Indicator_indicator_of_record_without_indicator(record: dict[str, Any]) -> None:
+    assert indicator_of(record) is None
+
+
+def test_FeedSnapshot_record_context_skips_indicator_and_non_scalars() -> None:
+    record = {"threat": "x", "url": "http://a/", "n": 1, "ok": True, "no": False, "none": None, "l": [1], "d": {}}
+    assert record_context(record) == [("threat", "x"), ("n", "1"), ("ok", "true"), ("no", "false")]
+
+
+def test_FeedSnapshot_key_of_differs_per_kind() -> None:
+    assert key_of(Kind.URL, "evil.example") != key_of(Kind.DOMAIN, "evil.example")
+    assert key_of(Kind.DOMAIN, "evil.example") == key_of(Kind.DOMAIN, "evil.example")
+
+
+# -- masks ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("value", "host", "parts", "subdomains"),
+    [
+        ("evil.example/a/*", "evil.example", ("/a/", ""), False),
+        ("*.evil.example/dl/*", "evil.example", ("/dl/", ""), True),
+        ("evil.example/*/x.php", "evil.example", ("/", "/x.php"), False),
+        ("cdn*.evil.example/p", "", ("cdn", ".evil.example/p"), False),
+        ("evil.example?q=*", "evil.example", ("?q=", ""), False),
+    ],
+)
+def test_Mask_mask_from_indexes_by_literal_host(
+    value: str, host: str, parts: tuple[str, ...], subdomains: bool
+) -> None:
+    key, mask = mask_from(value, 3)
+    assert key == host
+    assert mask.parts == parts
+    assert mask.subdomains is subdomains
+    assert mask.record_no == 3
+
+
+@pytest.mark.parametrize(
+    ("parts", "text", "expected"),
+    [
+        (("/a/", ""), "/a/", True),
+        (("/a/", ""), "/a/b/c", True),
+        (("/a/", ""), "/b/a/", False),
+        (("/", "/x.php"), "/dir/x.php", True),
+        (("/", "/x.php"), "/x.php", False),  # the star needs its own "/" on both sides
+        (("/", "/x.php"), "/dir/x.php5", False),
+        (("/exact",), "/exact", True),
+        (("/exact",), "/exactly", False),
+        (("/a", "b", "c"), "/a-b-c", True),
+        (("/a", "b", "c"), "/a-c-b", False),
+        (("/ab", "ba"), "/aba", False),  # parts must not overlap
+    ],
+)
+def test_Mask_matches_glob(parts: tuple[str, ...], text: str, expected: bool) -> None:
+    assert Mask(parts, 0).matches(text) is expected
