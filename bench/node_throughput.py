@@ -63,6 +63,19 @@ def vm_status(field: str) -> int:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
+def code_version() -> str:
+    """The commit measured, "+dirty" when src/ differs from it (read-only git calls; "unknown" without git)."""
+    root = os.path.dirname(HERE)
+    try:
+        head = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True, check=True
+        ).stdout.strip()
+        dirty = subprocess.run(["git", "diff", "--quiet", "HEAD", "--", "src"], cwd=root, check=False).returncode
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return head + ("+dirty" if dirty else "")
+
+
 def generator_digest() -> str:
     import threatgate.node.generate as gen
 
@@ -470,6 +483,7 @@ def main() -> None:
         if args.json_out:  # after every size, so a later failure keeps what was measured
             with open(args.json_out, "w", encoding="utf-8") as fh:
                 json.dump(results, fh, indent=1)
+    print(f"\ncode {code_version()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, batch {args.batch} events")
     print_tables(results)
     for r in results:
         if "profile" in r:
