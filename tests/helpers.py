@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -134,8 +133,3 @@ def socat() -> str:
     if path is None:
         raise RuntimeError("socat is not installed: run ./scripts/test, which installs it")
     return path
-
-
-def env_with_src() -> dict[str, str]:
-    env = dict(os.environ)
-    return env

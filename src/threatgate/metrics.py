@@ -48,6 +48,7 @@ class StatsCollector(Collector):
         for name, doc, value in (
             ("threatgate_events", "Events matched", s.events),
             ("threatgate_detections", "Detection lines produced", s.detections),
+            ("threatgate_finished_lines", "FinishedEventFormat lines produced", s.finished_lines),
             ("threatgate_suppressed_detections", "Detections suppressed by the FalsePositive supplier", s.suppressed),
             ("threatgate_ignored_events", "Events dropped by ignore rules", s.ignored),
             ("threatgate_feed_reloads", "Feed reload cycles", s.reloads),

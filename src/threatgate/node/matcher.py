@@ -56,6 +56,7 @@ class Hit:
     """A confirmed match of one value against one record."""
 
     snapshot: FeedSnapshot
+    record_no: int
     indicator: Indicator
     context: tuple[tuple[str, str], ...]
     actionable: tuple[tuple[str, str], ...]
@@ -248,7 +249,7 @@ class Matcher:
             context = tuple(record_context(record))
             wanted = snap.settings.actionable_fields
             actionable = tuple((n, v) for n, v in context if n in wanted) if wanted else ()
-            hits.append(Hit(snap, indicator, context, actionable))
+            hits.append(Hit(snap, cand.record_no, indicator, context, actionable))
         if not false_positive:
             return hits, 0
         kept = [h for h in hits if h.snapshot.settings.supplier == "InternalTI"]
@@ -385,7 +386,7 @@ class Matcher:
     ) -> int:
         sent = 0
         limit = self._limit
-        done: set[tuple[str, int, int]] = set()
+        done: set[tuple[str, int, int]] = set()  # (value, snapshot, record): one detection each
         for step, value in found:
             candidates: list[Candidate] = []
             assert step.lookup is not None
@@ -398,7 +399,7 @@ class Matcher:
                 continue
             emitted = 0
             for hit in hits:
-                ref = (value, id(hit.snapshot), hash(hit.indicator.raw))
+                ref = (value, id(hit.snapshot), hit.record_no)
                 if ref in done:
                     continue
                 done.add(ref)

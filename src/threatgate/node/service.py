@@ -62,7 +62,6 @@ class Alerts:
         out = config.output
         self._stats = stats
         self._template = Template(out.alert_format) if out.alert_format else None
-        self._record_field = out.record_field_format
         self.sender: LineSender | None = None
         if out.alert_destination is not None and self._template is not None:
             self.sender = LineSender(
@@ -72,7 +71,7 @@ class Alerts:
                 retry_timeout=out.retries_timeout,
                 max_queue_bytes=1024 * 1024,
             )
-        self._fields = FieldFormat(self._record_field)
+        self._fields = FieldFormat(out.record_field_format)
 
     def raise_alert(self, name: str, **context: object) -> None:
         self._stats.bump(self._stats.alerts, name)
