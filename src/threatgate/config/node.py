@@ -124,7 +124,7 @@ class OutputSettings(_Frozen):
     retries_timeout: float = pydantic.Field(default=10.0, ge=0, le=60)
 
 
-FeedFormat = Literal["json", "csv"]
+FeedFormat = Literal["json", "csv", "stix", "misp"]
 Supplier = Literal["feed", "FalsePositive", "InternalTI"]
 
 

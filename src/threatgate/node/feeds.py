@@ -337,6 +337,43 @@ class FeedSnapshot:
         return dict(zip(self.header, row, strict=False))
 
 
+class MemorySnapshot(FeedSnapshot):
+    """A snapshot whose records live in memory instead of a file.
+
+    Used where records have no stable byte range to read back: STIX bundles and MISP feeds (one
+    file holds many indicators inside nested objects) and indicators pushed through the REST API.
+    Records are kept as compact dicts; their count is bounded by what those sources deliver.
+    """
+
+    def __init__(self, settings: FeedSettings) -> None:
+        super().__init__(settings)
+        self.records: list[dict[str, Any]] = []
+
+    def add_record(self, record: dict[str, Any], indicator: Indicator) -> None:
+        """Index ``record`` under ``indicator`` (normally ``indicator_of(record)``)."""
+        self.records.append(record)
+        self.add(indicator, 0, 0)
+
+    def read_record(self, record_no: int) -> dict[str, Any] | None:
+        try:
+            return self.records[record_no]
+        except IndexError:
+            return None
+
+
+def feed_identity(settings: FeedSettings) -> tuple[int, int, int]:
+    """(inode, size, mtime_ns) of what a reload must watch; (-1, -1, -1) when it is missing.
+
+    For a MISP feed (a directory) that is its ``manifest.json``, which a feed update rewrites.
+    """
+    path = os.path.join(settings.path, "manifest.json") if settings.format == "misp" else settings.path
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 def _csv_row(line: str, delimiter: str) -> list[str]:
     if '"' not in line:
         return line.split(delimiter)

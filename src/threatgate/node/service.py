@@ -28,7 +28,7 @@ from threatgate.errors import FeedError
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import NodeStats, StatsCollector
 from threatgate.net.sender import LineSender
-from threatgate.node.feeds import FeedSnapshot, load_feed
+from threatgate.node.feeds import FeedSnapshot, feed_identity, load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
@@ -337,7 +337,7 @@ class NodeService:
                 if not settings.enabled:
                     continue
                 old = self._snapshots.get(slot)
-                if old is not None and old.identity == _identity(settings.path):
+                if old is not None and old.identity == feed_identity(settings):
                     continue
                 try:
                     snap = await asyncio.to_thread(load_feed, settings)
@@ -483,14 +483,6 @@ class NodeService:
             for sig, _ in handlers:
                 loop.remove_signal_handler(sig)
             await self.shutdown()
-
-
-def _identity(path: str) -> tuple[int, int, int]:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return (-1, -1, -1)
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def _kept(old: FeedSnapshot | None) -> str:
