@@ -24,8 +24,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def example_config(tmp: Path, *, port: int, extra_service: str = "", input_extra: str = "", output: str = "") -> Path:
-    """Copy the example config and feeds into ``tmp`` with ``port`` and optional extra elements."""
+def example_config(
+    tmp: Path,
+    *,
+    port: int,
+    extra_service: str = "",
+    input_extra: str = "",
+    output: str = "",
+    api_port: int | None = None,
+    users: str = "",
+) -> Path:
+    """Copy the example config and feeds into ``tmp`` with ``port`` and optional extra elements.
+
+    The REST API listens on ``api_port`` (a free port when None); ``users`` is inserted in ``<Users>``.
+    """
     shutil.copytree(EXAMPLES / "feeds", tmp / "feeds", dirs_exist_ok=True)
     text = (EXAMPLES / "node.conf").read_text()
     text = text.replace(
@@ -33,6 +45,8 @@ def example_config(tmp: Path, *, port: int, extra_service: str = "", input_extra
         f"<ConnectionString>127.0.0.1:{port}</ConnectionString>" + input_extra,
     )
     text = text.replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount>" + extra_service)
+    text = text.replace("127.0.0.1:8443", f"127.0.0.1:{api_port or free_port()}")
+    text = text.replace("<Users>", "<Users>" + users)
     if output:
         text = re.sub(r"<ConnectionString>127\.0\.0\.1:9998</ConnectionString>", output, text)
     path = tmp / "node.conf"

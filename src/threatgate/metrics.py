@@ -31,6 +31,9 @@ class NodeStats:
     feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
+    api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count
+    lookups: int = 0  # objects looked up through the REST API
+    lookup_detections: int = 0
 
     def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
@@ -52,6 +55,8 @@ class StatsCollector(Collector):
             ("threatgate_suppressed_detections", "Detections suppressed by the FalsePositive supplier", s.suppressed),
             ("threatgate_ignored_events", "Events dropped by ignore rules", s.ignored),
             ("threatgate_feed_reloads", "Feed reload cycles", s.reloads),
+            ("threatgate_api_lookup_objects", "Objects looked up through the REST API", s.lookups),
+            ("threatgate_api_lookup_detections", "REST lookup objects that detected", s.lookup_detections),
         ):
             yield CounterMetricFamily(name, doc, value=value)
         for name, doc, label, table in (
@@ -65,6 +70,7 @@ class StatsCollector(Collector):
                 s.feed_failures,
             ),
             ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
+            ("threatgate_api_requests", "REST API answers, by HTTP status", "status", s.api_requests),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, value in sorted(table.items()):

@@ -155,6 +155,44 @@ class ServiceSettings(_Frozen):
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
 
 
+MAX_BODY_SIZE = 64 * 1024 * 1024
+"""CyberTrace documents 64 MB (67,108,864 bytes) as the largest lookup body."""
+
+_USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
+_EXPORT_NAME = re.compile(r"[A-Za-z0-9_-]{2,64}\Z")
+EXPORT_DELIMITERS = {",": ",", ";": ";", "space": " ", " ": " ", "\\t": "\t", "\t": "\t"}
+EXPORT_FREQUENCIES = (0, 30, 60, 120, 240, 480, 960, 1440)
+MAX_EXPORT_RECORDS = 50_000
+
+
+class HTTPServerSettings(_Frozen):
+    """``<HTTPServer>``: the REST API over HTTPS (absent: no API, no API suppliers)."""
+
+    listen: Address
+    cert_path: str
+    key_path: str
+    users: tuple[tuple[str, str], ...] = ()  # (name, password hash)
+    database: str
+    header_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    body_timeout: float = pydantic.Field(default=60.0, gt=0, le=3600)
+    idle_timeout: float = pydantic.Field(default=75.0, gt=0, le=3600)
+
+
+class IoCExportSettings(_Frozen):
+    """One ``<IoCExport>`` task: a CSV of indicators served at ``/ioc_exports/<name>``."""
+
+    name: str
+    enabled: bool = True
+    delimiter: str = ","
+    update_frequency: int = 0
+    create_header: bool = True
+    records_limit: int = pydantic.Field(default=MAX_EXPORT_RECORDS, ge=1, le=MAX_EXPORT_RECORDS)
+    sources: tuple[str, ...] = ()  # feed categories, feed names or supplier names; empty = all
+    fields: tuple[str, ...] = ("indicator", "category", "source", "confidence")
+    user: str | None = None
+    password_hash: str | None = None
+
+
 class NodeConfig(_Frozen):
     """Everything a node needs, validated: produced only by :func:`load_node_config`."""
 
@@ -163,6 +201,8 @@ class NodeConfig(_Frozen):
     output: OutputSettings
     feeds: FeedsSettings
     service: ServiceSettings
+    http: HTTPServerSettings | None = None
+    exports: tuple[IoCExportSettings, ...] = ()
 
     @property
     def rule_names(self) -> frozenset[str]:
@@ -328,11 +368,20 @@ def _read_feed(node: Node) -> FeedSettings:
         raise node.error("missing attribute filename")
     path = resolve_path(node, raw_name)
     enabled = parse_bool(node, "enabled", True)
-    if enabled and not os.path.isfile(path):
+    fmt = node.attrs.get("format", "").strip().lower()
+    if not fmt:
+        # A STIX bundle is a .json file too: it is never guessed (format="stix" is explicit), so an
+        # existing JSON feed keeps its meaning.  A directory can only be a MISP feed.
+        fmt = "misp" if os.path.isdir(path) else "csv" if path.lower().endswith(".csv") else "json"
+    if fmt not in ("json", "csv", "stix", "misp"):
+        raise node.error(f"format={fmt!r}: expected json, csv, stix or misp")
+    if enabled and fmt == "misp":
+        if not os.path.isfile(os.path.join(path, "manifest.json")):
+            raise node.error(f"MISP feed {path} must be a directory holding manifest.json")
+    elif enabled and not os.path.isfile(path):
+        if os.path.isdir(path):
+            raise node.error(f'feed file {path} is a directory (format="misp" reads a MISP feed directory)')
         raise node.error(f"feed file {path} does not exist")
-    fmt = node.attrs.get("format", "").strip().lower() or ("csv" if path.lower().endswith(".csv") else "json")
-    if fmt not in ("json", "csv"):
-        raise node.error(f"format={fmt!r}: expected json or csv")
     supplier = node.attrs.get("supplier", "feed").strip()
     if supplier not in ("feed", "FalsePositive", "InternalTI"):
         raise node.error(f"supplier={supplier!r}: expected FalsePositive or InternalTI (or leave it out)")
@@ -394,6 +443,114 @@ def _read_service(node: Node | None) -> ServiceSettings:
     return build(node, ServiceSettings, data)
 
 
+def _check_password_hash(node: Node, stored: str) -> str:
+    from threatgate.node.auth import check_hash_format
+
+    try:
+        check_hash_format(stored)
+    except ValueError as exc:
+        raise node.error(f"password_hash: {exc} (make one with `threatgate users add`)") from None
+    return stored
+
+
+def _read_http(node: Node | None) -> HTTPServerSettings | None:
+    if node is None or not parse_bool(node, "enabled", True):
+        return None
+    listen_node = node.only("ConnectionString")
+    listen = parse_address(listen_node) if listen_node is not None else Address("127.0.0.1", 443)
+    paths: dict[str, str] = {}
+    for tag, key, default in (
+        ("CertificatePath", "cert_path", "certs/node.pem"),
+        ("PrivateKeyPath", "key_path", "certs/node.key"),
+        ("Database", "database", "state/node.sqlite3"),
+    ):
+        child = node.only(tag)
+        paths[key] = resolve_path(child or node, child.value if child is not None else default)
+    users: list[tuple[str, str]] = []
+    users_node = node.only("Users")
+    seen: dict[str, int] = {}
+    for child in users_node.children if users_node is not None else ():
+        if child.tag != "User":
+            raise child.error("unknown element: expected <User name=... password_hash=.../>")
+        name = child.attrs.get("name", "")
+        if not _USER_NAME.match(name):
+            raise child.error(f"user name {name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -")
+        if name in seen:
+            raise child.error(f"user {name!r} defined twice (first at line {seen[name]})")
+        if "password" in child.attrs:
+            raise child.error("plaintext password attributes are refused; store a hash with `threatgate users add`")
+        seen[name] = child.line
+        users.append((name, _check_password_hash(child, child.attrs.get("password_hash", ""))))
+    data: dict[str, object] = {"listen": listen, "users": tuple(users), **paths}
+    for tag, key in (
+        ("RequestHeaderTimeout", "header_timeout"),
+        ("RequestBodyTimeout", "body_timeout"),
+        ("IdleTimeout", "idle_timeout"),
+    ):
+        child = node.only(tag)
+        if child is not None:
+            data[key] = parse_int(child, child.value, tag, 1, 3600)
+    known = {"ConnectionString", "CertificatePath", "PrivateKeyPath", "Database", "Users", "ResourcesIP"}
+    known |= {"RequestHeaderTimeout", "RequestBodyTimeout", "IdleTimeout"}
+    for child in node.children:
+        if child.tag not in known:
+            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
+    return build(node, HTTPServerSettings, data)
+
+
+def _split_list(raw: str | None) -> tuple[str, ...]:
+    return tuple(x.strip() for x in (raw or "").split(",") if x.strip())
+
+
+def _read_export(node: Node) -> IoCExportSettings:
+    name = node.attrs.get("name", "")
+    if not _EXPORT_NAME.match(name):
+        raise node.error(f"name={name!r}: expected 2-64 of A-Z a-z 0-9 _ -")
+    raw_delim = node.attrs.get("delimiter", ",")
+    if raw_delim not in EXPORT_DELIMITERS:
+        raise node.error(f"delimiter={raw_delim!r}: expected one of , ; space \\t")
+    freq = parse_int(node, node.attrs.get("update_frequency"), "update_frequency", 0, 1440, 0)
+    if freq not in EXPORT_FREQUENCIES:
+        raise node.error(f"update_frequency={freq}: expected one of {', '.join(map(str, EXPORT_FREQUENCIES))}")
+    user = node.attrs.get("user")
+    password_hash = node.attrs.get("password_hash")
+    if (user is None) != (password_hash is None):
+        raise node.error("user and password_hash go together (both or neither)")
+    data: dict[str, object] = {
+        "name": name,
+        "enabled": parse_bool(node, "enabled", True),
+        "delimiter": EXPORT_DELIMITERS[raw_delim],
+        "update_frequency": freq,
+        "create_header": parse_bool(node, "create_header", True),
+        "records_limit": parse_int(
+            node, node.attrs.get("records_limit"), "records_limit", 1, MAX_EXPORT_RECORDS, MAX_EXPORT_RECORDS
+        ),
+        "sources": _split_list(node.attrs.get("sources")),
+        "user": user,
+        "password_hash": _check_password_hash(node, password_hash) if password_hash is not None else None,
+    }
+    fields = _split_list(node.attrs.get("fields"))
+    if fields:
+        data["fields"] = fields
+    return build(node, IoCExportSettings, data)
+
+
+def _read_exports(node: Node | None) -> tuple[IoCExportSettings, ...]:
+    if node is None:
+        return ()
+    exports: list[IoCExportSettings] = []
+    seen: dict[str, int] = {}
+    for child in node.children:
+        if child.tag != "IoCExport":
+            raise child.error("unknown element: expected <IoCExport>")
+        task = _read_export(child)
+        if task.name in seen:
+            raise child.error(f"export task {task.name!r} defined twice (first at line {seen[task.name]})")
+        seen[task.name] = child.line
+        exports.append(task)
+    return tuple(exports)
+
+
 def node_config_from_xml(root: Node) -> NodeConfig:
     """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``."""
     if root.tag != "Configuration":
@@ -410,6 +567,8 @@ def node_config_from_xml(root: Node) -> NodeConfig:
         output=_read_output(root.require("OutputSettings"), rule_names),
         feeds=_read_feeds(root.only("Feeds")),
         service=_read_service(root.only("ServiceSettings")),
+        http=_read_http(root.only("HTTPServer")),
+        exports=_read_exports(root.only("IoCExports")),
     )
 
 

@@ -34,6 +34,7 @@ _SYSLOG_HOST = re.compile(
     r"|[A-Z][a-z]{2} [ \d]?\d \d\d:\d\d:\d\d (?P<h3164>\S+)"  # RFC 3164: Mmm dd hh:mm:ss HOSTNAME
     r")"
 )
+_HEX = re.compile(r"[0-9A-Fa-f]+\Z")
 _URL_CACHE_MAX = 65536
 """Normalised URLs remembered per matcher; proxies log the same URLs over and over."""
 _RECORD_CACHE_MAX = 16384
@@ -119,6 +120,8 @@ class Matcher:
     def __init__(self, config: NodeConfig, store: IndicatorStore) -> None:
         self.config = config
         self.store = store
+        self.suppliers: IndicatorStore | None = None
+        self._snapshots: dict[int, FeedSnapshot] = dict(store.snapshots)
         out = config.output
         self._event = Template(out.event_format)
         self._finished = Template(out.finished_format)
@@ -149,8 +152,29 @@ class Matcher:
         return f"<Matcher sources={len(self._plans)} store={self.store!r}>"
 
     def use_store(self, store: IndicatorStore) -> None:
-        """Swap in a newly built store (one reference assignment; caches of records are dropped)."""
+        """Swap in a newly built feed store (one reference assignment; caches of records are dropped)."""
         self.store = store
+        self._swapped()
+
+    @property
+    def snapshots(self) -> dict[int, FeedSnapshot]:
+        """Every snapshot matched against: feeds, then API suppliers."""
+        return self._snapshots
+
+    def use_suppliers(self, store: IndicatorStore | None) -> None:
+        """Swap in the store of REST API suppliers (small, rebuilt on every change; None when empty).
+
+        Kept apart from the feed store so a push costs a rebuild of the pushed supplier only, not of
+        millions of feed indicators.  Slots never collide (see ``suppliers.SUPPLIER_SLOT_BASE``).
+        """
+        self.suppliers = store if store is not None and len(store) else None
+        self._swapped()
+
+    def _swapped(self) -> None:
+        snapshots = dict(self.store.snapshots)
+        if self.suppliers is not None:
+            snapshots.update(self.suppliers.snapshots)
+        self._snapshots = snapshots
         self._record_cache = {}
 
     def _step(self, rule: Rule, fallback: Rule | None = None) -> _Step:
@@ -191,6 +215,8 @@ class Matcher:
         if value is None:
             return False
         self.store.lookup_url(value, out)
+        if self.suppliers is not None:
+            self.suppliers.lookup_url(value, out)
         return True
 
     def _lookup_domain(self, raw: str, out: list[Candidate]) -> bool:
@@ -198,6 +224,8 @@ class Matcher:
         if value is None:
             return False
         self.store.lookup_domain(value, out)
+        if self.suppliers is not None:
+            self.suppliers.lookup_domain(value, out)
         return True
 
     def _lookup_ip(self, raw: str, out: list[Candidate]) -> bool:
@@ -205,6 +233,8 @@ class Matcher:
         if value is None:
             return False
         self.store.lookup_ip(value, out)
+        if self.suppliers is not None:
+            self.suppliers.lookup_ip(value, out)
         return True
 
     def _lookup_hash_of(self, length: int) -> Callable[[str, list[Candidate]], bool]:
@@ -213,17 +243,35 @@ class Matcher:
             if value is None or (length and len(value) != length):
                 return False
             self.store.lookup_hash(value, out)
+            if self.suppliers is not None:
+                self.suppliers.lookup_hash(value, out)
             return True
 
         return lookup
 
     def lookup(self, rule_type: RuleType, raw: str) -> list[Hit]:
-        """Confirmed hits for one value (FalsePositive already applied), e.g. for REST lookups."""
+        """Confirmed hits for one value (FalsePositive already applied)."""
+        return self.lookup_suppressed(rule_type, raw)[0]
+
+    def lookup_suppressed(self, rule_type: RuleType, raw: str) -> tuple[list[Hit], int]:
+        """Confirmed hits for one value, and how many hits the FalsePositive supplier suppressed."""
         candidates: list[Candidate] = []
         lookup = self._lookups.get(rule_type)
-        if lookup is None or not lookup(raw, candidates):
-            return []
-        return self._confirm(candidates)[0]
+        if lookup is None or not lookup(raw, candidates) or not candidates:
+            return [], 0
+        return self._confirm(candidates)
+
+    def lookup_object(self, raw: str) -> tuple[list[Hit], int]:
+        """A REST lookup object of unknown type: an IP, a hash, else a URL (which covers its host).
+
+        Returns the hits and how many the FalsePositive supplier suppressed.
+        """
+        text = raw.strip()
+        if len(text) in (32, 40, 64) and _HEX.match(text):
+            return self.lookup_suppressed(RuleType.HASH, text)
+        if normalize.parse_ip(text) is not None:
+            return self.lookup_suppressed(RuleType.IP, text)
+        return self.lookup_suppressed(RuleType.URL, text)
 
     def _confirm(self, candidates: list[Candidate]) -> tuple[list[Hit], int]:
         """Hits confirmed by reading records back, and how many the FalsePositive supplier suppressed."""
@@ -235,7 +283,7 @@ class Matcher:
             if ref in seen:
                 continue
             seen.add(ref)
-            snap = self.store.snapshots.get(cand.slot)
+            snap = self._snapshots.get(cand.slot)
             if snap is None:
                 continue
             parsed = self._record(snap, cand)

@@ -15,27 +15,34 @@ import asyncio
 import contextlib
 import enum
 import logging
-import os
 import signal
 import time
-from typing import Any, cast
+from collections.abc import Callable
+from typing import Any, TypeVar, cast
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
-from threatgate.config.node import NodeConfig
-from threatgate.errors import FeedError
+from threatgate.config.node import NodeConfig, load_node_config
+from threatgate.errors import ConfigError, FeedError
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import NodeStats, StatsCollector
+from threatgate.net.http import HTTPServer
 from threatgate.net.sender import LineSender
+from threatgate.net.tls import ensure_server_pair, server_context
+from threatgate.node.api import NodeAPI
+from threatgate.node.auth import BasicAuth
+from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, feed_identity, load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
+from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, SupplierDB, supplier_snapshots
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
 from threatgate.wire.framing import LineFramer
 
 log = logging.getLogger("threatgate.node")
+T = TypeVar("T")
 
 MAX_PENDING_HANDSHAKES = 256
 """Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
@@ -294,6 +301,15 @@ class NodeService:
         self._should_exit = asyncio.Event()
         self._date_cache = (0, "")
         self.bound_port = 0
+        self.ready = False  # feeds loaded: the API answers 425 before
+        self.store_version = 0  # bumped at every store swap (export caches key on it)
+        self.auth = BasicAuth(dict(config.http.users) if config.http else {})
+        self.db: SupplierDB | None = None
+        self.exports = Exports(self)
+        self.api = NodeAPI(self)
+        self.http: HTTPServer | None = None
+        self._suppliers_lock = asyncio.Lock()
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
         return f"<NodeService {self.config.input.listen} active={len(self.active)} store={self.matcher.store!r}>"
@@ -337,7 +353,7 @@ class NodeService:
                 if not settings.enabled:
                     continue
                 old = self._snapshots.get(slot)
-                if old is not None and old.identity == feed_identity(settings):
+                if old is not None and old.settings == settings and old.identity == feed_identity(settings):
                     continue
                 try:
                     snap = await asyncio.to_thread(load_feed, settings)
@@ -361,14 +377,17 @@ class NodeService:
                     )
                 self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=settings.name, records=rep.records)
             self.stats.reloads += 1
-            if not changed and self._snapshots:
+            wanted = {slot for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
+            gone = set(self._snapshots) - wanted
+            if not changed and not gone and self._snapshots:
                 log.debug("feeds.reload.complete reason=%s: nothing changed", reason)
                 return
-            snapshots = dict(self._snapshots)
+            snapshots = {slot: snap for slot, snap in self._snapshots.items() if slot in wanted}
             snapshots.update(changed)
             store = await asyncio.to_thread(IndicatorStore, snapshots)
             self._snapshots = snapshots
             self.matcher.use_store(store)
+            self.store_version += 1
             for snap in snapshots.values():
                 self.stats.feed_records[snap.name] = snap.report.records
             log.info(
@@ -379,10 +398,139 @@ class NodeService:
                 time.monotonic() - started,
             )
 
+    # -- REST API suppliers ---------------------------------------------------------------------
+
+    async def db_call(self, fn: Callable[[SupplierDB], T]) -> T:
+        """Run one SupplierDB transaction in a worker thread (SQLite must not block matching)."""
+        db = self.db
+        assert db is not None, "the API runs only with a database"
+        return await asyncio.to_thread(fn, db)
+
+    async def apply_suppliers(self) -> None:
+        """Rebuild the supplier store from the database and swap it into the matcher.
+
+        Serialised: the rebuild that starts last reads every commit before it, so the store never
+        goes back to an older state.  Returns once the change detects in event matching.
+        """
+        db = self.db
+        if db is None:
+            return
+        async with self._suppliers_lock:
+
+            def build() -> IndicatorStore:
+                snapshots: dict[int, FeedSnapshot] = {}
+                for supplier in db.suppliers():
+                    if supplier.status != "enabled":
+                        continue
+                    for i, snap in enumerate(supplier_snapshots(supplier, db.indicator_rows(supplier.id))):
+                        snapshots[SUPPLIER_SLOT_BASE + supplier.id * 2 + i] = snap
+                return IndicatorStore(snapshots)
+
+            store = await asyncio.to_thread(build)
+            self.matcher.use_suppliers(store)
+            self.store_version += 1
+            log.debug("supplier store swapped: %r", store)
+
+    async def _expire_loop(self) -> None:
+        """Delete API indicators past their supplier's retention, once a minute."""
+        while not self._should_exit.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._should_exit.wait(), 60)
+            if self._should_exit.is_set() or self.db is None:
+                return
+            try:
+                changed = await self.db_call(lambda db: db.expire())
+                if changed:
+                    log.info("retention expired indicators of %s", ", ".join(changed))
+                    await self.apply_suppliers()
+            except Exception:
+                log.exception("retention sweep failed; will retry")
+
+    async def _start_http(self) -> None:
+        settings = self.config.http
+        if settings is None:
+            return
+        host = settings.listen.host
+        pair = await asyncio.to_thread(
+            ensure_server_pair,
+            settings.cert_path,
+            settings.key_path,
+            common_name=f"threatgate node {host}",
+            hosts=sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
+        )
+        if not pair.created:  # a created pair was just logged with its fingerprint by ensure_server_pair
+            log.info("REST API certificate %s SHA-256 fingerprint %s", pair.cert_path, pair.fingerprint_sha256)
+        if not settings.users:
+            log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: threatgate users add)")
+        self.db = await asyncio.to_thread(SupplierDB, settings.database)
+        self.http = HTTPServer(
+            self.api.handle,
+            address=settings.listen,
+            ssl_context=server_context(settings.cert_path, settings.key_path),
+            header_timeout=settings.header_timeout,
+            idle_timeout=settings.idle_timeout,
+            count=self.api.count,
+        )
+        await self.http.start()
+        log.info("REST API listening on https://%s:%d/api/1.1/", host, self.http.bound_port)
+
+    # -- configuration ------------------------------------------------------------------------
+
+    async def reload_config(self, reason: str = "SIGHUP") -> None:
+        """SIGHUP: re-read the config file; apply rules, formats, feeds, users, exports in place.
+
+        Event connections stay open (they pick up the new matcher with their next batch).  An
+        invalid file is refused and the running configuration kept.  Listen addresses, TLS files
+        and the database path need a restart; a change to them is reported, not applied.
+        """
+        try:
+            new = await asyncio.to_thread(load_node_config, self.config.path)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, keeping the running one: %s", exc)
+            self.alerts.raise_alert("KL_ALERT_FailedToUpdateConfiguration", error=str(exc))
+            return
+        old = self.config
+        fixed = [
+            name
+            for name, a, b in (
+                ("InputSettings/ConnectionString", old.input.listen, new.input.listen),
+                ("HTTPServer", _http_fixed(old), _http_fixed(new)),
+                ("ServiceSettings/MetricsConnectionString", old.service.metrics, new.service.metrics),
+            )
+            if a != b
+        ]
+        if fixed:
+            log.warning("configuration reload: %s changed; that needs a restart", ", ".join(fixed))
+        self.config = new
+        matcher = Matcher(new, self.matcher.store)
+        matcher.use_suppliers(self.matcher.suppliers)
+        self.matcher = matcher
+        if _alert_settings(old) != _alert_settings(new):  # else keep the connection and its queue
+            old_alerts = self.alerts
+            self.alerts = Alerts(new, self.stats)
+            if self.alerts.sender is not None:
+                self.alerts.sender.start()
+            if old_alerts.sender is not None:
+                self._spawn(old_alerts.sender.aclose())
+        self.auth = BasicAuth(dict(new.http.users) if new.http else {})
+        self.exports = Exports(self)
+        self.store_version += 1
+        log.info("configuration reloaded from %s", new.path)
+        self.alerts.raise_alert("KL_ALERT_ConfigurationUpdated")
+        await self.reload_feeds(reason)
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
     # -- lifecycle ----------------------------------------------------------------------------
 
     async def startup(self) -> None:
+        await self._start_http()  # first, so API clients get 425 rather than a refused connection
         await self.reload_feeds("startup")
+        await self.apply_suppliers()
+        self.ready = True
         loop = asyncio.get_running_loop()
         listen = self.config.input.listen
         self._server = await loop.create_server(
@@ -430,8 +578,10 @@ class NodeService:
         log.info("metrics on http://%s/metrics", address)
 
     async def main_loop(self) -> None:
-        minutes = self.config.feeds.update_frequency
+        if self.db is not None:
+            self._spawn(self._expire_loop())
         while not self._should_exit.is_set():
+            minutes = self.config.feeds.update_frequency
             timeout = minutes * 60 if minutes else None
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._should_exit.wait(), timeout)
@@ -445,7 +595,13 @@ class NodeService:
             log.exception("feed reload (%s) failed; the previous store stays in use", reason)
 
     def request_reload(self) -> None:
-        asyncio.get_running_loop().create_task(self._reload_logged("SIGHUP"))
+        self._spawn(self._reload_config_logged())
+
+    async def _reload_config_logged(self) -> None:
+        try:
+            await self.reload_config()
+        except Exception:  # a reload bug must never take the node down
+            log.exception("configuration reload failed; the previous configuration stays in use")
 
     def request_exit(self) -> None:
         self._should_exit.set()
@@ -463,6 +619,12 @@ class NodeService:
             await self.alerts.sender.aclose()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+        if self.http is not None:
+            await self.http.close()
+        for task in list(self._tasks):
+            task.cancel()
+        if self.db is not None:
+            self.db.close()
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
@@ -483,6 +645,16 @@ class NodeService:
             for sig, _ in handlers:
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+
+
+def _http_fixed(config: NodeConfig) -> object:
+    h = config.http
+    return None if h is None else (h.listen, h.cert_path, h.key_path, h.database)
+
+
+def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
+    out = config.output
+    return (out.alert_format, out.alert_destination, out.retries_count, out.retries_timeout, out.record_field_format)
 
 
 def _kept(old: FeedSnapshot | None) -> str:

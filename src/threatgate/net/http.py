@@ -1,0 +1,165 @@
+"""An HTTPS server edge on aiohttp's low-level server: JSON errors, slow-client timeouts, limits.
+
+Why the low-level ``aiohttp.web.Server`` and not ``web.Application``: the API routes on its own
+normalised paths (:mod:`threatgate.wire.paths`) and answers 404/405 itself, so the router and the
+middleware chain would be pure overhead on every lookup.
+
+What this module adds to aiohttp:
+1. Errors aiohttp's parser raises before a handler runs (bad request line, too many or too long
+   headers, bad chunked encoding) are answered with the API's JSON error body ``[{"status": ...}]``
+   instead of aiohttp's text page, counted, and logged without a traceback.
+2. A *header timeout*: a request whose headers have started but not finished within
+   ``header_timeout`` seconds is dropped (slowloris).  aiohttp's keep-alive timer already closes
+   connections that stay idle (``idle_timeout``); the body timeout is applied by the handler
+   while it reads the body.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from aiohttp.web_request import BaseRequest
+
+from threatgate.config.common import Address
+from threatgate.log import RateLimitedLog
+
+log = logging.getLogger("threatgate.http")
+
+MAX_HEADERS = 100
+"""Header lines per request; real API clients send fewer than 20 (nginx allows ~100 by buffer size)."""
+MAX_LINE = 8190
+"""Longest request line or header field in bytes (aiohttp's and Apache's default)."""
+
+Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+
+
+def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
+    """The documented error body: ``[{"status": "<message>"}]``."""
+    return web.Response(
+        status=status,
+        body=json.dumps([{"status": message}]).encode(),
+        content_type="application/json",
+        headers=headers,
+    )
+
+
+class _Protocol(RequestHandler):
+    """aiohttp's request handler with JSON parse errors and a header timeout."""
+
+    server: HTTPServer
+
+    def __init__(self, server: HTTPServer, manager: web.Server, **kwargs: Any) -> None:
+        super().__init__(manager, loop=asyncio.get_running_loop(), **kwargs)
+        self.server = server
+        self._header_timer: asyncio.TimerHandle | None = None
+
+    def data_received(self, data: bytes) -> None:
+        waiting = self._waiter is not None and not self._waiter.done()
+        super().data_received(data)
+        if self._waiter is not None and self._waiter.done() or not waiting:
+            self._cancel_header_timer()  # a whole request arrived (or one is being handled)
+        elif data and self._header_timer is None:
+            self._header_timer = asyncio.get_running_loop().call_later(self.server.header_timeout, self._header_expired)
+
+    def _cancel_header_timer(self) -> None:
+        if self._header_timer is not None:
+            self._header_timer.cancel()
+            self._header_timer = None
+
+    def _header_expired(self) -> None:
+        self._header_timer = None
+        if self._waiter is not None and not self._waiter.done() and self.transport is not None:
+            self.server.count("header_timeout")
+            self.server.warn(
+                "request headers not complete within %.0f s; connection closed", self.server.header_timeout
+            )
+            self.force_close()
+            self.transport.close()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        self._cancel_header_timer()
+        super().connection_lost(exc)
+
+    def handle_error(
+        self,
+        request: BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if status == 500:
+            log.error("internal error handling %s %s", request.method, request.path, exc_info=exc)
+            self.server.count("internal_error")
+            text = "internal error"
+        else:
+            reason = (message or (str(exc) if exc else "")).splitlines()[0][:200] if (message or exc) else ""
+            self.server.count("malformed_request")
+            self.server.warn("malformed HTTP request from %s: %s", request.remote, reason)
+            text = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
+        response = json_error(status, text)
+        response.force_close()
+        return response
+
+
+class HTTPServer:
+    """One HTTPS listener serving ``handler``.  ``count(reason)`` feeds the owner's bad-input metric."""
+
+    def __init__(
+        self,
+        handler: Handler,
+        *,
+        address: Address,
+        ssl_context: ssl.SSLContext | None,
+        header_timeout: float,
+        idle_timeout: float,
+        count: Callable[[str], None],
+    ) -> None:
+        self.address = address
+        self.header_timeout = header_timeout
+        self.count = count
+        self.warn = RateLimitedLog(log)
+        self._ssl = ssl_context
+        self._web = web.Server(handler, access_log=None)
+        self._kwargs: dict[str, Any] = {
+            "keepalive_timeout": idle_timeout,
+            "max_headers": MAX_HEADERS,
+            "max_line_size": MAX_LINE,
+            "max_field_size": MAX_LINE,
+            "access_log": None,
+            "lingering_time": 2.0,
+        }
+        self._server: asyncio.Server | None = None
+        self.bound_port = 0
+
+    def _protocol(self) -> _Protocol:
+        return _Protocol(self, self._web, **self._kwargs)
+
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            self._protocol,
+            self.address.host,
+            self.address.port,
+            ssl=self._ssl,
+            reuse_address=True,
+            backlog=1024,
+            ssl_handshake_timeout=self.header_timeout,
+        )
+        self.bound_port = self._server.sockets[0].getsockname()[1]
+
+    async def close(self, grace: float = 2.0) -> None:
+        if self._server is None:
+            return
+        self._server.close()
+        await self._web.shutdown(grace)
+        try:
+            await asyncio.wait_for(self._server.wait_closed(), grace)
+        except TimeoutError:
+            pass

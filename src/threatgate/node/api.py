@@ -1,0 +1,395 @@
+"""The node's REST API (CyberTrace-compatible): lookup, suppliers, indicators, tags, IoC exports.
+
+Request checks run in a fixed order, each with its documented status, so a client always learns
+the first thing that is wrong and nothing is stored by a request that fails any of them:
+
+1. the request target normalises (:mod:`threatgate.wire.paths`)      400
+2. the API version exists                                            404
+3. credentials (HTTP Basic, see :mod:`threatgate.node.auth`)          401
+4. the request exists (404), for this method (405), in this version (404)
+5. ``Accept`` allows JSON                                            406
+6. feeds have finished loading                                       425
+7. fewer requests in progress than ScannersCount                     429
+8. the body: size (413), read in time (408), JSON (400), shape (400)
+
+Routes are data (:data:`ROUTES`); the OpenAPI document is generated from the same table
+(:mod:`threatgate.node.openapi`), so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from threatgate.config.node import MAX_BODY_SIZE
+from threatgate.log import RateLimitedLog
+from threatgate.net.http import json_error
+from threatgate.node import suppliers as sup
+from threatgate.node.matcher import Hit
+from threatgate.wire.paths import PathError, RoutePattern, normalize_path
+
+if TYPE_CHECKING:
+    from threatgate.node.service import NodeService
+
+log = logging.getLogger("threatgate.api")
+
+VERSIONS = {"1.0": 10, "1.1": 11, "1.2": 12}
+"""API versions served; ``v.1.1`` (the spelling of the balancer seed texts) is accepted as ``1.1``."""
+JSON_TYPES = ("application/json", "application/*", "*/*")
+
+Result = tuple[int, Any]
+RouteHandler = Callable[["Call"], Awaitable[Result]]
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """One request: method, path after ``/api/<version>/``, first version, body or not."""
+
+    method: str
+    pattern: RoutePattern
+    name: str
+    since: int
+    summary: str
+    body: str | None = None  # OpenAPI schema name of the request body
+    answer: str = "Status"  # OpenAPI schema name of the 200 answer
+
+
+def _r(method: str, path: str, name: str, since: int, summary: str, body: str | None = None, answer: str = "Status"):  # type: ignore[no-untyped-def]
+    return Route(method, RoutePattern.parse(path), name, since, summary, body, answer)
+
+
+ROUTES: tuple[Route, ...] = (
+    _r("POST", "lookup", "lookup", 10, "Look up indicators", "LookupRequest", "LookupResponse"),
+    _r("GET", "suppliers", "list_suppliers", 10, "List suppliers", None, "SupplierList"),
+    _r("POST", "suppliers", "add_supplier", 10, "Add a supplier", "Supplier", "SupplierDetails"),
+    _r("GET", "suppliers/{name}", "get_supplier", 10, "Show a supplier", None, "SupplierDetails"),
+    _r("PUT", "suppliers/{name}", "update_supplier", 10, "Update a supplier", "SupplierUpdate", "SupplierDetails"),
+    _r("DELETE", "suppliers/{name}", "delete_supplier", 10, "Delete a supplier and its indicators"),
+    _r("PUT", "suppliers/{name}/indicators", "put_indicators", 10, "Add or update indicators", "IndicatorPush"),
+    _r("DELETE", "suppliers/{name}/indicators", "delete_indicators", 10, "Delete indicators", "IndicatorDelete"),
+    _r("GET", "tags", "list_tags", 11, "List tags", None, "TagList"),
+    _r("POST", "tags", "add_tag", 11, "Add a tag", "Tag", "TagList"),
+    _r("GET", "tags/{tag}", "get_tag", 11, "Show a tag", None, "TagList"),
+    _r("PUT", "tags/{tag}", "put_tag", 11, "Create or update a tag", "TagUpdate", "TagList"),
+    _r("DELETE", "tags/{tag}", "delete_tag", 11, "Delete a tag (removed from every indicator)"),
+)
+
+
+@dataclass(slots=True)
+class Call:
+    """One authenticated, routed request."""
+
+    request: BaseRequest
+    version: int
+    params: dict[str, str]
+    body: Any = None
+
+
+def _status(message: str) -> list[dict[str, str]]:
+    return [{"status": message}]
+
+
+class NodeAPI:
+    """Answers HTTP requests for one :class:`NodeService`."""
+
+    def __init__(self, node: NodeService) -> None:
+        self.node = node
+        self.inflight = 0
+        self.warn = RateLimitedLog(log)
+        self._handlers: dict[str, RouteHandler] = {r.name: getattr(self, "_" + r.name) for r in ROUTES}
+        self._openapi: bytes | None = None
+
+    def count(self, reason: str) -> None:
+        self.node.stats.bump(self.node.stats.bad_input, "api_" + reason)
+
+    # -- entry point --------------------------------------------------------------------------
+
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        response = await self._handle(request)
+        self.node.stats.bump(self.node.stats.api_requests, str(response.status))
+        return response
+
+    async def _handle(self, request: BaseRequest) -> web.StreamResponse:
+        try:
+            segments = normalize_path(request.raw_path)
+        except PathError as exc:
+            self.count("bad_path")
+            return json_error(400, str(exc))
+        if segments[:1] == ("ioc_exports",):
+            return await self.node.exports.handle(request, segments)
+        if segments == ("api", "openapi.json"):
+            return await self._with_auth(request, self._openapi_json)
+        if len(segments) < 2 or segments[0] != "api":
+            return json_error(404, f"unsupported request {request.method} {request.path[:200]}")
+        raw_version = segments[1][2:] if segments[1].startswith("v.") else segments[1]
+        version = VERSIONS.get(raw_version)
+        if version is None:
+            return json_error(404, f"unsupported API version {segments[1][:40]!r}; served: {', '.join(VERSIONS)}")
+        rest = segments[2:]
+
+        async def routed(req: BaseRequest) -> web.StreamResponse:
+            return await self._route(req, version, rest)
+
+        return await self._with_auth(request, routed)
+
+    async def _with_auth(
+        self, request: BaseRequest, then: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        user = await self.node.auth.authenticate(request.headers.get("Authorization"))
+        if user is None:
+            self.count("unauthorized")
+            return json_error(401, "authentication required", {"WWW-Authenticate": 'Basic realm="threatgate"'})
+        return await then(request)
+
+    async def _route(self, request: BaseRequest, version: int, rest: tuple[str, ...]) -> web.StreamResponse:
+        method = request.method.upper()
+        matched: list[tuple[Route, dict[str, str]]] = []
+        for route in ROUTES:
+            params = route.pattern.match(rest)
+            if params is not None and route.since <= version:
+                matched.append((route, params))
+        if not matched:
+            return json_error(404, f"unsupported request {request.method} {'/'.join(rest)[:200]}")
+        found = next(((r, p) for r, p in matched if r.method == method), None)
+        if found is None:
+            allowed = ", ".join(sorted({r.method for r, _ in matched}))
+            return json_error(
+                405, f"method {request.method[:20]} not allowed here; allowed: {allowed}", {"Allow": allowed}
+            )
+        route, params = found
+        if not _accepts_json(request.headers.get("Accept")):
+            return json_error(406, "only application/json responses are available (check the Accept header)")
+        if not self.node.ready:
+            return json_error(425, "feeds are still loading; retry shortly", {"Retry-After": "1"})
+        if self.inflight >= self.node.config.service.scanners_count:
+            self.count("too_many_requests")
+            self.warn(
+                "more API requests than ScannersCount (%d); answering 429", self.node.config.service.scanners_count
+            )
+            return json_error(429, "too many requests in progress; retry later", {"Retry-After": "1"})
+        self.inflight += 1
+        try:
+            call = Call(request, version, params)
+            if route.body is not None:
+                error = await self._read_body(call)
+                if error is not None:
+                    return error
+            try:
+                status, payload = await self._handlers[route.name](call)
+            except sup.RequestError as exc:
+                if exc.status == 400:
+                    self.count("invalid_body")
+                return json_error(exc.status, str(exc))
+            except Exception:
+                log.exception("API request %s %s failed", method, request.path[:200])
+                return json_error(500, "internal error; see the node's log")
+        finally:
+            self.inflight -= 1
+        return web.Response(
+            status=status, body=json.dumps(payload, separators=(",", ":")).encode(), content_type="application/json"
+        )
+
+    async def _read_body(self, call: Call) -> web.Response | None:
+        request = call.request
+        length = request.content_length
+        if length is not None and length > MAX_BODY_SIZE:
+            self.count("body_too_large")
+            return _close(json_error(413, f"request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"))
+        timeout = self.node.config.http.body_timeout if self.node.config.http else 60.0
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in request.content.iter_chunked(1 << 20):
+                    size += len(chunk)
+                    if size > MAX_BODY_SIZE:
+                        self.count("body_too_large")
+                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit"))
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.count("body_timeout")
+            return _close(json_error(408, f"request body not received within {timeout:.0f} s"))
+        data = b"".join(chunks)
+        if not data:
+            self.count("invalid_body")
+            return json_error(400, "empty request body; expected JSON")
+        try:
+            call.body = json.loads(data)
+        except UnicodeDecodeError:
+            self.count("invalid_body")
+            return json_error(400, "request body is not valid UTF-8")
+        except ValueError as exc:
+            self.count("invalid_body")
+            return json_error(400, f"request body is not valid JSON: {exc}")
+        return None
+
+    # -- lookup -------------------------------------------------------------------------------
+
+    async def _lookup(self, call: Call) -> Result:
+        body = call.body
+        if not isinstance(body, list) or not body:
+            raise sup.RequestError('expected a non-empty JSON array of {"object": "..."} items')
+        objects: list[str] = []
+        for i, item in enumerate(body):
+            value = item.get("object") if isinstance(item, dict) else None
+            if not isinstance(value, str) or len(item) != 1:
+                raise sup.RequestError(f'item {i}: expected {{"object": "<string>"}}')
+            objects.append(value)
+        matcher = self.node.matcher
+        out: list[dict[str, Any]] = []
+        detected = 0
+        for value in objects:
+            hits, suppressed = matcher.lookup_object(value)
+            if hits:
+                detected += 1
+                out.append({"object": value, "result": "detected", "categories": [_category(h) for h in hits]})
+            else:
+                out.append(
+                    {"object": value, "result": "false positive" if suppressed else "not detected", "categories": []}
+                )
+        stats = self.node.stats
+        stats.lookups += len(objects)
+        stats.lookup_detections += detected
+        return 200, out
+
+    # -- suppliers ----------------------------------------------------------------------------
+
+    async def _list_suppliers(self, call: Call) -> Result:
+        suppliers = await self.node.db_call(lambda db: db.suppliers())
+        return 200, [s.summary() for s in suppliers]
+
+    async def _get_supplier(self, call: Call) -> Result:
+        name = sup.check_name(call.params["name"])
+
+        def read(db: sup.SupplierDB) -> dict[str, Any]:
+            s = db.supplier(name)
+            return {**s.details(), "indicators": db.indicator_count(s.id)}
+
+        return 200, [await self.node.db_call(read)]
+
+    async def _add_supplier(self, call: Call) -> Result:
+        fields = sup.supplier_fields(call.body, partial=False)
+        supplier = await self.node.db_call(lambda db: db.add_supplier(fields))
+        await self.node.apply_suppliers()
+        log.info("supplier %s added through the API", supplier.name)
+        return 201, [supplier.details()]
+
+    async def _update_supplier(self, call: Call) -> Result:
+        name = sup.check_name(call.params["name"])
+        fields = sup.supplier_fields(call.body, partial=True)
+        supplier = await self.node.db_call(lambda db: db.update_supplier(name, fields))
+        await self.node.apply_suppliers()
+        return 200, [supplier.details()]
+
+    async def _delete_supplier(self, call: Call) -> Result:
+        name = sup.check_name(call.params["name"])
+        await self.node.db_call(lambda db: db.delete_supplier(name))
+        await self.node.apply_suppliers()
+        log.info("supplier %s deleted through the API", name)
+        return 200, _status(f"supplier {name} deleted")
+
+    async def _put_indicators(self, call: Call) -> Result:
+        name = sup.check_name(call.params["name"])
+        pushes, rejected = sup.parse_indicators(call.body, allow_fp=call.version >= 12)
+        stored = 0
+        if pushes:
+            _, stored, more = await self.node.db_call(lambda db: db.put_indicators(name, pushes))
+            rejected += more
+        else:
+            await self.node.db_call(lambda db: db.supplier(name))  # 404 before 400 for an unknown supplier
+        if not stored:
+            self.count("invalid_body")
+            first = rejected[0]
+            return 400, [
+                {"status": f"no indicator stored; item {first.index}: {first.error}", "rejected": _rej(rejected)}
+            ]
+        await self.node.apply_suppliers()
+        if rejected:
+            self.count("indicators_rejected")
+            return 202, [
+                {"status": f"{stored} indicator(s) stored, {len(rejected)} rejected", "rejected": _rej(rejected)}
+            ]
+        return 200, _status(f"{stored} indicator(s) stored")
+
+    async def _delete_indicators(self, call: Call) -> Result:
+        name = sup.check_name(call.params["name"])
+        indicators = sup.parse_deletions(call.body)
+        _, deleted = await self.node.db_call(lambda db: db.delete_indicators(name, indicators))
+        if deleted:
+            await self.node.apply_suppliers()
+        return 200, [{"status": f"{deleted} indicator(s) deleted", "deleted": deleted, "requested": len(indicators)}]
+
+    # -- tags ---------------------------------------------------------------------------------
+
+    async def _list_tags(self, call: Call) -> Result:
+        return 200, await self.node.db_call(lambda db: db.tags())
+
+    async def _get_tag(self, call: Call) -> Result:
+        name = sup.check_name(call.params["tag"], "tag")
+        return 200, [await self.node.db_call(lambda db: db.tag(name))]
+
+    async def _add_tag(self, call: Call) -> Result:
+        fields = sup.tag_fields(call.body, partial=False)
+        return 201, [await self.node.db_call(lambda db: db.add_tag(fields))]
+
+    async def _put_tag(self, call: Call) -> Result:
+        name = sup.check_name(call.params["tag"], "tag")
+        fields = sup.tag_fields(call.body, partial=True)
+        tag, created = await self.node.db_call(lambda db: db.put_tag(name, fields))
+        return (201 if created else 200), [tag]
+
+    async def _delete_tag(self, call: Call) -> Result:
+        name = sup.check_name(call.params["tag"], "tag")
+        changed = await self.node.db_call(lambda db: db.delete_tag(name))
+        if changed:
+            await self.node.apply_suppliers()
+        return 200, _status(f"tag {name} deleted")
+
+    # -- OpenAPI ------------------------------------------------------------------------------
+
+    async def _openapi_json(self, request: BaseRequest) -> web.StreamResponse:
+        if request.method not in ("GET", "HEAD"):
+            return json_error(405, "method not allowed here; allowed: GET", {"Allow": "GET"})
+        if self._openapi is None:
+            from threatgate.node.openapi import openapi_document
+
+            self._openapi = json.dumps(openapi_document(), indent=1).encode()
+        return web.Response(body=self._openapi, content_type="application/json")
+
+
+def _category(hit: Hit) -> dict[str, Any]:
+    settings = hit.snapshot.settings
+    return {
+        "category": settings.category,
+        "detected_indicator": hit.indicator.raw,
+        "context": dict(hit.context),
+        "feed": settings.name,
+        "confidence": settings.confidence,
+    }
+
+
+def _rej(rejected: list[sup.Rejected]) -> list[dict[str, Any]]:
+    return [r.as_json() for r in rejected[:100]]
+
+
+def _close(response: web.Response) -> web.Response:
+    """Answer and close: the rest of an unread body must not be parsed as the next request."""
+    response.force_close()
+    return response
+
+
+def _accepts_json(accept: str | None) -> bool:
+    if not accept:
+        return True
+    for item in accept.split(","):
+        media = item.split(";", 1)[0].strip().lower()
+        if media in JSON_TYPES:
+            return True
+    return False

@@ -1,0 +1,98 @@
+"""Request paths: one normalisation for routing and allow-lists, so encoding tricks change nothing.
+
+Rules:
+1. A path is split at ``/`` *before* percent-decoding, so ``%2F`` stays inside its segment (``a%2Fb``
+   is the one segment ``a/b``, never two) and can only ever fail a name check.
+2. Each segment is then percent-decoded as UTF-8 (invalid UTF-8 or a stray ``%`` is an error) and
+   dot segments are removed after decoding (RFC 3986 §5.2.4), so ``%2e%2e`` is ``..`` and climbs
+   exactly like ``..``; climbing above the root stops at the root.
+3. Empty segments (``//``) are dropped; ``;parameters`` are not special: ``lookup;x`` is a
+   different, unknown segment.  The query string is not part of the path.
+4. Routes are data: a :class:`RoutePattern` is a tuple of literal segments and ``{placeholder}``
+   segments, each placeholder matching exactly one non-empty segment.
+
+Pure: used by the node's API and the balancer's allow-list alike, tested without sockets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from urllib.parse import unquote_to_bytes
+
+
+class PathError(ValueError):
+    """The request target cannot be a path we serve (bad escape, not UTF-8, NUL, not origin-form)."""
+
+
+def normalize_path(target: str) -> tuple[str, ...]:
+    """The decoded segments of a request target's path (query and fragment removed).
+
+    Raises:
+        PathError: a malformed escape, invalid UTF-8, a NUL or control character, or a target
+            that is not a path (absolute-form ``http://host/...`` must be handled by the caller).
+    """
+    path = target.split("?", 1)[0].split("#", 1)[0]
+    if not path.startswith("/"):
+        raise PathError(f"request target {target[:100]!r} is not an absolute path")
+    out: list[str] = []
+    for raw in path.split("/"):
+        if not raw:
+            continue
+        if "%" in raw:
+            _check_escapes(raw)
+            try:
+                segment = unquote_to_bytes(raw).decode("utf-8")
+            except UnicodeDecodeError:
+                raise PathError(f"path segment {raw[:100]!r} is not UTF-8 once decoded") from None
+        else:
+            segment = raw
+        if any(ord(c) < 0x20 or ord(c) == 0x7F for c in segment):
+            raise PathError(f"path segment {raw[:100]!r} holds a control character")
+        if segment == ".":
+            continue
+        if segment == "..":
+            if out:
+                out.pop()
+            continue
+        out.append(segment)
+    return tuple(out)
+
+
+def _check_escapes(raw: str) -> None:
+    i = raw.find("%")
+    while i >= 0:
+        pair = raw[i + 1 : i + 3]
+        if len(pair) != 2 or any(c not in "0123456789abcdefABCDEF" for c in pair):
+            raise PathError(f"path segment {raw[:100]!r} has a malformed %-escape")
+        i = raw.find("%", i + 3)
+
+
+def render_path(segments: tuple[str, ...]) -> str:
+    """The normalised path as text for messages and logs (not re-encoded)."""
+    return "/" + "/".join(segments)
+
+
+@dataclass(frozen=True, slots=True)
+class RoutePattern:
+    """A path pattern such as ``suppliers/{name}/indicators`` (segments after the API version)."""
+
+    segments: tuple[str, ...]
+
+    @classmethod
+    def parse(cls, text: str) -> RoutePattern:
+        return cls(tuple(s for s in text.strip("/").split("/") if s))
+
+    def match(self, segments: tuple[str, ...]) -> dict[str, str] | None:
+        """Placeholder values when ``segments`` fit the pattern, else None."""
+        if len(segments) != len(self.segments):
+            return None
+        params: dict[str, str] = {}
+        for want, got in zip(self.segments, segments, strict=True):
+            if want.startswith("{") and want.endswith("}"):
+                params[want[1:-1]] = got
+            elif want != got:
+                return None
+        return params
+
+    def __str__(self) -> str:
+        return "/".join(self.segments)
