@@ -5,7 +5,12 @@ Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 from __future__ import annotations
 
+import os
+import re
+import secrets
 import sys
+from typing import TYPE_CHECKING
+from xml.sax.saxutils import unescape
 
 import click
 
@@ -13,7 +18,13 @@ from threatgate._version import __version__
 from threatgate.errors import ConfigError, ThreatgateError
 from threatgate.log import setup_logging
 
+if TYPE_CHECKING:
+    from threatgate.config.xml import Node as ConfigNode
+
 EXIT_CONFIG = 2
+
+USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
+"""Allowed REST API user names (the same rule as the config loader's)."""
 
 
 @click.group()
@@ -96,3 +107,208 @@ def demo(workdir: str) -> None:
     except ThreatgateError as exc:
         click.echo(f"threatgate demo: {exc}", err=True)
         sys.exit(1)
+
+
+# -- users ---------------------------------------------------------------------------------------------
+
+
+@main.group()
+def users() -> None:
+    """Users of the node's REST API (HTTP Basic; scrypt hashes in <HTTPServer><Users>)."""
+
+
+@users.command("add")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node config (XML).")
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin, not a prompt.")
+@click.argument("name")
+def users_add(config_path: str, password_stdin: bool, name: str) -> None:
+    """Add user NAME to the node config, or set a new password for it.
+
+    The file is edited as text so that comments and layout survive, then checked and replaced
+    atomically; a running node picks the change up at SIGHUP (config reload) or restart.
+    """
+    from threatgate.node.auth import hash_password
+
+    if not USER_NAME.match(name):
+        raise click.BadParameter(f"{name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
+    password = _read_password(from_stdin=password_stdin)
+    try:
+        updated = _store_user(config_path, name, hash_password(password))
+    except ConfigError as exc:
+        click.echo(f"threatgate: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        click.echo(f"threatgate: cannot write {config_path}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
+    click.echo(f"user {name} {'updated in' if updated else 'added to'} {config_path}")
+
+
+@users.command("hash")
+def users_hash() -> None:
+    """Print a password hash for the password on stdin's first line (for config management tools)."""
+    from threatgate.node.auth import hash_password
+
+    click.echo(hash_password(_read_password(from_stdin=not sys.stdin.isatty())))
+
+
+def _read_password(*, from_stdin: bool) -> str:
+    """The password from stdin's first line (without its line ending) or from a hidden, confirmed prompt."""
+    if from_stdin:
+        line = sys.stdin.readline()
+        password = line.removesuffix("\n").removesuffix("\r")
+    else:
+        password = str(click.prompt("Password", hide_input=True, confirmation_prompt=True, err=True))
+    if not password:
+        raise click.UsageError("empty password refused")
+    return password
+
+
+_ATTRS = r"""(?:[^>"']|"[^"]*"|'[^']*')*?"""
+_MASKED = re.compile(r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>", re.S)
+_ATTR = re.compile(r"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
+
+
+def _store_user(path: str, name: str, password_hash: str) -> bool:
+    """Put ``<User name=NAME password_hash=.../>`` into ``path``; True if the user existed.
+
+    Raises:
+        ConfigError: the file is not well-formed, has no <HTTPServer>, or the edit would break it.
+        OSError: the new file cannot be written.
+    """
+    from threatgate.config.xml import read_xml
+
+    root = read_xml(path)
+    real = os.path.realpath(path)  # edit a symlink's target, do not replace the link with a file
+    if root.only("HTTPServer") is None:
+        raise ConfigError(
+            path,
+            0,
+            "",
+            "no <HTTPServer> element: add one inside <Configuration> (see docs/configuration.md), then retry",
+        )
+    before = os.stat(real)
+    try:
+        with open(real, "rb") as fh:
+            text = fh.read().decode("utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(path, 0, "", "not UTF-8: cannot edit it as text") from None
+    element = f'<User name="{name}" password_hash="{password_hash}"/>'
+    try:
+        new_text, updated = _upsert_user(text, name, element)
+    except ValueError as exc:
+        raise ConfigError(path, 0, "HTTPServer", f"{exc}; add the <User> element by hand") from None
+
+    directory = os.path.dirname(real)
+    tmp = os.path.join(directory, f".{os.path.basename(real)}.{secrets.token_hex(6)}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(new_text.encode("utf-8"))
+                fh.flush()
+                os.fsync(fh.fileno())
+            _check_edit(read_xml(tmp), path, name, password_hash)
+            os.chmod(tmp, before.st_mode & 0o7777)
+            try:
+                os.chown(tmp, before.st_uid, before.st_gid)  # keeps a root-run edit readable by the service
+            except OSError:
+                pass
+            now = os.stat(real)
+            if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+                raise ConfigError(path, 0, "", "the file changed while it was being edited; run the command again")
+            os.replace(tmp, real)
+        except ConfigError as exc:
+            # read_xml names the temp file; the operator knows only the real one.
+            raise ConfigError(path, exc.line, exc.element, exc.problem) from None
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return updated
+
+
+def _check_edit(root: ConfigNode, path: str, name: str, password_hash: str) -> None:
+    http = root.only("HTTPServer")
+    users_node = http.only("Users") if http is not None else None
+    found = [u for u in (users_node.findall("User") if users_node is not None else ()) if u.attrs.get("name") == name]
+    if len(found) != 1 or found[0].attrs.get("password_hash") != password_hash:
+        problem = f"user {name!r} appears {len(found)} times in <HTTPServer><Users>" if len(found) > 1 else ""
+        raise ConfigError(path, 0, "", problem or "could not place the <User> element; add it by hand")
+
+
+def _upsert_user(text: str, name: str, element: str) -> tuple[str, bool]:
+    """``text`` with ``element`` replacing user ``name``'s element, or added to <Users>; True if replaced.
+
+    Raises ValueError when the tags cannot be found in the text (read_xml found them, so only for
+    layouts this simple scanner does not understand).
+
+    Works on the text, not a tree, so comments, blank lines and attribute quoting survive.  Comments,
+    CDATA and processing instructions are blanked out (same length) before searching, so a
+    commented-out <HTTPServer> or <User> is never edited.
+    """
+    masked = _MASKED.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
+    nl = "\r\n" if "\r\n" in text else "\n"
+    unit_match = re.search(r"^([ \t]+)<", masked, re.M)
+    unit = unit_match.group(1) if unit_match else "  "
+
+    server = re.compile(rf"<HTTPServer\b{_ATTRS}(/?)>").search(masked)
+    if server is None:
+        raise ValueError("cannot find the <HTTPServer> start tag")
+    if server.group(1):
+        return _add_children(text, "HTTPServer", server, None, ["<Users>", unit + element, "</Users>"], nl, unit), False
+    server_close = re.compile(r"</HTTPServer\s*>").search(masked, server.end())
+    if server_close is None:
+        raise ValueError("cannot find </HTTPServer>")
+    users = re.compile(rf"<Users\b{_ATTRS}(/?)>").search(masked, server.end(), server_close.start())
+    if users is None:
+        lines = ["<Users>", unit + element, "</Users>"]
+        return _add_children(text, "HTTPServer", server, server_close.start(), lines, nl, unit), False
+    if users.group(1):
+        return _add_children(text, "Users", users, None, [element], nl, unit), False
+    users_close = re.compile(r"</Users\s*>").search(masked, users.end(), server_close.start())
+    if users_close is None:
+        raise ValueError("cannot find </Users> inside <HTTPServer>")
+    child_indent = None
+    for user in re.compile(rf"<User\b({_ATTRS})(?:/>|>.*?</User\s*>)", re.S).finditer(
+        masked, users.end(), users_close.start()
+    ):
+        attrs = {
+            m.group(1): unescape(m.group(2) or m.group(3) or "", {"&quot;": '"', "&apos;": "'"})
+            for m in _ATTR.finditer(user.group(1))
+        }
+        if attrs.get("name") == name:
+            return text[: user.start()] + element + text[user.end() :], True
+        if not text[text.rfind("\n", 0, user.start()) + 1 : user.start()].strip():
+            child_indent = _line_indent(text, user.start())  # line up with the existing users
+    return _add_children(text, "Users", users, users_close.start(), [element], nl, unit, child_indent), False
+
+
+def _line_indent(text: str, pos: int) -> str:
+    start = text.rfind("\n", 0, pos) + 1
+    match = re.match(r"[ \t]*", text[start:pos])
+    return match.group() if match else ""
+
+
+def _add_children(
+    text: str,
+    tag: str,
+    opening: re.Match[str],
+    close_start: int | None,
+    lines: list[str],
+    nl: str,
+    unit: str,
+    child_indent: str | None = None,
+) -> str:
+    """Insert ``lines`` as the last children of the element opened by ``opening``, indented one level."""
+    base = _line_indent(text, opening.start())
+    indent = child_indent if child_indent is not None else base + unit
+    body = "".join(indent + line + nl for line in lines)
+    if close_start is None:  # <Tag .../>: open it up
+        head = text[opening.start() : opening.end() - 2].rstrip() + ">"
+        return text[: opening.start()] + head + nl + body + base + f"</{tag}>" + text[opening.end() :]
+    line_start = text.rfind("\n", 0, close_start) + 1
+    if not text[line_start:close_start].strip():
+        return text[:line_start] + body + text[line_start:]
+    return text[:close_start] + nl + body + base + text[close_start:]

@@ -61,3 +61,10 @@ class ConnectError(NetworkError):
 
 class WriteError(NetworkError):
     """Could not write to a peer."""
+
+
+class TLSConfigError(ThreatgateError):
+    """The TLS certificate/key pair cannot be used (one file missing, unreadable, encrypted or mismatched).
+
+    Raised at start-up, never mid-connection; the message names the file(s) and what to do about them.
+    """

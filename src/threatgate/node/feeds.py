@@ -21,9 +21,11 @@ A domain record covers sub-domains when written ``*.example.com`` or when a fiel
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import re
+import stat
 import weakref
 from array import array
 from collections.abc import Iterator
@@ -40,6 +42,10 @@ _TRUTHY = frozenset({"true", "1", "yes", "on"})
 MAX_BAD_EXAMPLES = 5
 """How many malformed records a load report quotes (the rest are only counted)."""
 
+MAX_CONTEXT_TEXT = 2048
+"""Longest context text kept by :func:`context_text` (a MISP event description can be an essay)."""
+
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
 _JSON_GAP = re.compile(r"[\s,]*")
 _HEX = re.compile(r"[0-9A-Fa-f]+\Z")
 
@@ -191,17 +197,30 @@ def record_context(record: dict[str, Any]) -> list[tuple[str, str]]:
 
 @dataclass(slots=True)
 class LoadReport:
-    """What a load saw: accepted records per kind, malformed ones with a few examples."""
+    """What a load saw: accepted records per kind, malformed and skipped entries with a few examples.
+
+    *Malformed* means the feed is wrong (invalid JSON, a value that is not an indicator): the feed's
+    author should fix it.  *Skipped* means the entry is valid in its format but deliberately not
+    loaded (a STIX pattern outside the supported subset, a MISP attribute with ``to_ids`` false):
+    nothing is broken, so skipped entries never raise KL_ALERT_FeedLoadedPartially.
+    """
 
     records: int = 0
     malformed: int = 0
     examples: list[str] = field(default_factory=list)
     per_kind: dict[str, int] = field(default_factory=dict)
+    skipped: int = 0
+    skip_examples: list[str] = field(default_factory=list)
 
     def bad(self, where: str, why: str) -> None:
         self.malformed += 1
         if len(self.examples) < MAX_BAD_EXAMPLES:
             self.examples.append(f"{where}: {why}")
+
+    def skip(self, where: str, why: str) -> None:
+        self.skipped += 1
+        if len(self.skip_examples) < MAX_BAD_EXAMPLES:
+            self.skip_examples.append(f"{where}: {why}")
 
 
 @dataclass(slots=True)
@@ -374,6 +393,75 @@ def feed_identity(settings: FeedSettings) -> tuple[int, int, int]:
     return (st.st_ino, st.st_size, st.st_mtime_ns)
 
 
+def read_document(path: str, limit: int) -> tuple[bytes, os.stat_result]:
+    """The whole content of the regular file ``path`` and its stat, refusing more than ``limit`` bytes.
+
+    For formats parsed as one JSON document (STIX bundles, MISP events), where the file is held in
+    memory as Python objects several times its size, so the size must be bounded before reading.
+    ``O_NONBLOCK`` keeps a FIFO put in place of a file from hanging the loader; the read is capped
+    too, so a file that grows after the check cannot get past the bound either.
+
+    Raises:
+        OSError: cannot open or read it, or it is not a regular file.
+        FeedError: it is larger than ``limit`` bytes.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if st.st_size > limit:
+            raise FeedError(f"{path}: {st.st_size} bytes, more than the limit of {limit}")
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            chunk = os.read(fd, min(1 << 24, limit + 1 - size))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if size > limit:
+                raise FeedError(f"{path}: grew past the limit of {limit} bytes while being read")
+        return b"".join(chunks), st
+    finally:
+        os.close(fd)
+
+
+def parse_document(path: str, data: bytes | str) -> Any:
+    """``data`` parsed as one JSON document (a UTF-8 byte order mark is tolerated).
+
+    Raises:
+        FeedError: not UTF-8 or not JSON (also when nested too deeply for the parser).
+    """
+    try:
+        text = data.decode("utf-8-sig") if isinstance(data, bytes) else data
+    except UnicodeDecodeError as exc:
+        raise FeedError(f"{path}: not UTF-8 (byte {exc.start})") from None
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise FeedError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+    except (ValueError, RecursionError) as exc:  # e.g. an integer too long, or nesting too deep
+        raise FeedError(f"{path}: invalid JSON: {str(exc)[:100]}") from None
+
+
+def context_text(value: object) -> str | None:
+    """A scalar as record context text with control characters blanked, or None for anything else.
+
+    Detection lines are LF-framed, so a newline inside context (MISP comments often have them) would
+    split one detection into two lines at the SIEM.  Long texts are cut at ``MAX_CONTEXT_TEXT``.
+    """
+    if value is None or isinstance(value, dict | list):
+        return None
+    if value is True or value is False:
+        text = "true" if value else "false"
+    else:
+        text = str(value)
+    if not text.isprintable():
+        text = _CONTROL.sub(" ", text)
+    return text[:MAX_CONTEXT_TEXT]
+
+
 def _csv_row(line: str, delimiter: str) -> list[str]:
     if '"' not in line:
         return line.split(delimiter)
@@ -381,11 +469,21 @@ def _csv_row(line: str, delimiter: str) -> list[str]:
 
 
 def load_feed(settings: FeedSettings) -> FeedSnapshot:
-    """Parse the feed file named by ``settings``.
+    """Parse the feed file (or MISP feed directory) named by ``settings``.
 
     Raises:
         FeedError: the file cannot be read or is not a feed at all (keep the previous version).
     """
+    # Imported here: both modules build on this one (MemorySnapshot, classify), so a top-level
+    # import would be circular.
+    if settings.format == "stix":
+        from threatgate.node.stix import load_stix
+
+        return load_stix(settings)
+    if settings.format == "misp":
+        from threatgate.node.misp import load_misp
+
+        return load_misp(settings)
     try:
         fd = os.open(settings.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     except OSError as exc:
