@@ -80,8 +80,7 @@ class _Protocol(RequestHandler):
             self.server.warn(
                 "request headers not complete within %.0f s; connection closed", self.server.header_timeout
             )
-            self.force_close()
-            self.transport.close()
+            self.force_close()  # closes the transport (and sets it to None)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         self._cancel_header_timer()

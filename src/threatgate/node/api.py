@@ -221,13 +221,22 @@ class NodeAPI:
             self.count("invalid_body")
             return json_error(400, "empty request body; expected JSON")
         try:
-            call.body = json.loads(data)
+            # Decoded here, strictly: json.loads(bytes) would also accept UTF-16/32 and UTF-8 surrogates.
+            text = data.decode("utf-8-sig")
         except UnicodeDecodeError:
             self.count("invalid_body")
             return json_error(400, "request body is not valid UTF-8")
+        try:
+            call.body = json.loads(text)
+        except RecursionError:
+            self.count("invalid_body")
+            return json_error(400, "request body is not valid JSON: nested too deeply")
         except ValueError as exc:
             self.count("invalid_body")
             return json_error(400, f"request body is not valid JSON: {exc}")
+        if b"\\u" in data and _has_lone_surrogate(call.body):
+            self.count("invalid_body")
+            return json_error(400, "request body holds a \\u escape of an unpaired UTF-16 surrogate (not valid text)")
         return None
 
     # -- lookup -------------------------------------------------------------------------------
@@ -301,7 +310,7 @@ class NodeAPI:
         stored = 0
         if pushes:
             _, stored, more = await self.node.db_call(lambda db: db.put_indicators(name, pushes))
-            rejected += more
+            rejected = sorted(rejected + more, key=lambda r: r.index)
         else:
             await self.node.db_call(lambda db: db.supplier(name))  # 404 before 400 for an unknown supplier
         if not stored:
@@ -324,7 +333,7 @@ class NodeAPI:
         _, deleted = await self.node.db_call(lambda db: db.delete_indicators(name, indicators))
         if deleted:
             await self.node.apply_suppliers()
-        return 200, [{"status": f"{deleted} indicator(s) deleted", "deleted": deleted, "requested": len(indicators)}]
+        return 200, [{"status": f"{deleted} indicator(s) deleted", "deleted": deleted, "requested": len(call.body)}]
 
     # -- tags ---------------------------------------------------------------------------------
 
@@ -377,6 +386,15 @@ def _category(hit: Hit) -> dict[str, Any]:
 
 def _rej(rejected: list[sup.Rejected]) -> list[dict[str, Any]]:
     return [r.as_json() for r in rejected[:100]]
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    """JSON allows ``"\\ud800"`` alone; such a string cannot be stored or sent on as UTF-8."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError:
+        return True
+    return False
 
 
 def _close(response: web.Response) -> web.Response:

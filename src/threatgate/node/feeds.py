@@ -1,5 +1,9 @@
 """Feed files: parse JSON and CSV feeds into compact indicator keys plus record locations.
 
+STIX bundles and MISP feed directories are parsed by :mod:`threatgate.node.stix` and
+:mod:`threatgate.node.misp` into a :class:`MemorySnapshot` (rule 1 does not apply to them: their
+records have no byte range of their own); :func:`load_feed` dispatches on ``settings.format``.
+
 Rules:
 1. A feed is never held in memory as Python objects.  Loading yields, per record, the *key* of its
    normalised indicator (see :mod:`threatgate.node.store`) and the byte range of the record in the

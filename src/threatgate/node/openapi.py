@@ -11,9 +11,16 @@ from typing import Any
 from threatgate._version import __version__
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.node.api import ROUTES, VERSIONS
+from threatgate.node.suppliers import MAX_NAME, NAME_PATTERN
 
 _STR = {"type": "string"}
-_NAME = {"type": "string", "minLength": 1, "maxLength": 128}
+_NAME = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_NAME,
+    "pattern": NAME_PATTERN,
+    "not": {"enum": [".", ".."]},
+}
 
 SCHEMAS: dict[str, Any] = {
     "Status": {
@@ -177,6 +184,7 @@ ERRORS = {
     "405": "Method not allowed for this path",
     "406": "Accept does not allow application/json",
     "408": "Request body not received in time",
+    "409": "A supplier or tag of that name already exists",
     "413": f"Body larger than {MAX_BODY_SIZE} bytes",
     "425": "Feeds are still loading",
     "429": "More requests in progress than ScannersCount",

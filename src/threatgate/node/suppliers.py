@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import sqlite3
 import threading
 import time
@@ -36,6 +37,11 @@ BUILTIN = ("FalsePositive", "InternalTI")
 SUPPLIER_SLOT_BASE = 1 << 20
 """Store slots of API suppliers start here; feed slots are small integers, so they never collide."""
 MAX_NAME = 128
+NAME_PATTERN = "^[^/\\x00-\\x1f\\x7f-\\x9f]{1,128}$"
+"""Supplier and tag names (also in the OpenAPI document): no ``/``, no control characters, not . or ..
+(unpaired surrogates never get here: the API refuses bodies holding them);
+no look-ahead, which schema-driven test generators do not support."""
+NAME_RE = re.compile(NAME_PATTERN)
 MAX_CONTEXT_FIELDS = 64
 MAX_TEXT = 4096
 SCHEMA_VERSION = 1
@@ -110,6 +116,7 @@ class IndicatorPush:
     context: dict[str, str]
     tags: tuple[str, ...]
     false_positive: bool
+    index: int = 0  # position in the request body, for the rejected list
 
 
 @dataclass(frozen=True, slots=True)
@@ -126,9 +133,18 @@ def check_name(name: str, what: str = "supplier") -> str:
     """A supplier or tag name: 1-128 printable characters, no ``/``, not ``.`` or ``..``."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise RequestError(f"{what} name must be 1-{MAX_NAME} characters")
-    if name in (".", "..") or "/" in name or not name.isprintable():
-        raise RequestError(f"{what} name {name[:80]!r} must not contain '/' or control characters")
+    if name in (".", "..") or not NAME_RE.match(name):
+        raise RequestError(f"{what} name {name[:80]!r} must not be . or .. nor contain '/' or control characters")
     return name
+
+
+def _unicode(value: str, what: str) -> str:
+    """``value`` unless it holds a lone surrogate (JSON ``"\\ud800"``), which SQLite cannot store."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        raise RequestError(f"{what} is not valid Unicode (lone surrogate)") from None
+    return value
 
 
 def _text(value: Any, what: str, limit: int = MAX_TEXT) -> str:
@@ -136,7 +152,7 @@ def _text(value: Any, what: str, limit: int = MAX_TEXT) -> str:
         raise RequestError(f"{what} must be a string")
     if len(value) > limit:
         raise RequestError(f"{what} is longer than {limit} characters")
-    return value
+    return _unicode(value, what)
 
 
 def _int(value: Any, what: str, lo: int, hi: int) -> int:
@@ -198,6 +214,7 @@ def _indicator(raw: Any) -> Indicator:
         raise RequestError("indicator must be a non-empty string")
     if len(raw) > 8192:
         raise RequestError("indicator is longer than 8192 characters")
+    _unicode(raw, "indicator")
     found = classify(raw, "indicator")
     if found is None:
         raise RequestError("not a valid URL, domain, IP address, CIDR or hash")
@@ -230,6 +247,7 @@ def parse_indicators(body: Any, *, allow_fp: bool) -> tuple[list[IndicatorPush],
             for k, v in context.items():
                 if k in ("indicator", "tags", "supplier") or not k or len(k) > 128:
                     raise RequestError(f"context field name {k[:80]!r} is reserved or invalid")
+                _unicode(k, "context field name")
                 if isinstance(v, bool):
                     v = "true" if v else "false"
                 elif isinstance(v, int | float):
@@ -243,24 +261,27 @@ def parse_indicators(body: Any, *, allow_fp: bool) -> tuple[list[IndicatorPush],
                 raise RequestError("false_positive must be true or false")
             if fp and not allow_fp:
                 raise RequestError("false_positive marking needs API version 1.2")
-            pushes.append(IndicatorPush(indicator, ctx, tuple(dict.fromkeys(tags)), fp))
+            pushes.append(IndicatorPush(indicator, ctx, tuple(dict.fromkeys(tags)), fp, i))
         except RequestError as exc:
             rejected.append(Rejected(i, shown, str(exc)))
     return pushes, rejected
 
 
 def parse_deletions(body: Any) -> list[Indicator]:
-    """A DELETE indicators body: ``[{"indicator": ...}]`` (all valid, or 400)."""
+    """A DELETE indicators body: ``[{"indicator": "<string>"}]``, else 400.
+
+    A string that is not a valid indicator cannot be stored, so it is simply not found (not an
+    error): deleting is idempotent and the answer counts what was really deleted.
+    """
     if not isinstance(body, list) or not body:
         raise RequestError('expected a non-empty JSON array of {"indicator": ...} objects')
     out: list[Indicator] = []
     for i, item in enumerate(body):
-        if not isinstance(item, dict) or set(item) - {"indicator"}:
-            raise RequestError(f'item {i}: expected {{"indicator": ...}}')
-        try:
-            out.append(_indicator(item.get("indicator")))
-        except RequestError as exc:
-            raise RequestError(f"item {i}: {exc}") from None
+        if not isinstance(item, dict) or set(item) != {"indicator"} or not isinstance(item["indicator"], str):
+            raise RequestError(f'item {i}: expected {{"indicator": "<string>"}}')
+        found = classify(item["indicator"], "indicator") if len(item["indicator"]) <= 8192 else None
+        if found is not None:
+            out.append(found)
     return out
 
 
@@ -343,7 +364,7 @@ class SupplierDB:
         now = time.time()
         with self._transaction() as cur:
             if cur.execute("SELECT 1 FROM suppliers WHERE name=?", (fields["name"],)).fetchone():
-                raise RequestError(f"supplier {fields['name'][:80]!r} already exists")
+                raise RequestError(f"supplier {fields['name'][:80]!r} already exists", 409)
             cols = ["name", "status", "confidence", "retention", "vendor"]
             values = [fields.get(c) for c in cols]
             present = [(c, v) for c, v in zip(cols, values, strict=True) if v is not None]
@@ -362,7 +383,7 @@ class SupplierDB:
                 if name in BUILTIN:
                     raise RequestError(f"the built-in supplier {name} cannot be renamed", 403)
                 if cur.execute("SELECT 1 FROM suppliers WHERE name=?", (new_name,)).fetchone():
-                    raise RequestError(f"supplier {new_name[:80]!r} already exists")
+                    raise RequestError(f"supplier {new_name[:80]!r} already exists", 409)
             sets = {k: v for k, v in fields.items() if k in ("name", "status", "confidence", "retention", "vendor")}
             if sets:
                 cur.execute(
@@ -393,10 +414,12 @@ class SupplierDB:
             supplier = self._get(cur, name)
             known_tags = {r[0] for r in cur.execute("SELECT name FROM tags")}
             rows = []
-            for i, push in enumerate(pushes):
+            for push in pushes:
                 missing = [t for t in push.tags if t not in known_tags]
                 if missing:
-                    rejected.append(Rejected(i, push.indicator.raw[:200], f"unknown tag(s): {', '.join(missing)}"))
+                    rejected.append(
+                        Rejected(push.index, push.indicator.raw[:200], f"unknown tag(s): {', '.join(missing)}")
+                    )
                     continue
                 ind = push.indicator
                 rows.append(
@@ -466,7 +489,7 @@ class SupplierDB:
     def add_tag(self, fields: dict[str, Any]) -> dict[str, Any]:
         with self._transaction() as cur:
             if cur.execute("SELECT 1 FROM tags WHERE name=?", (fields["name"],)).fetchone():
-                raise RequestError(f"tag {fields['name'][:80]!r} already exists")
+                raise RequestError(f"tag {fields['name'][:80]!r} already exists", 409)
             cur.execute(
                 "INSERT INTO tags VALUES (?, ?, ?, ?)",
                 (fields["name"], fields.get("description", ""), fields.get("weight", 0), time.time()),

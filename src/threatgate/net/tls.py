@@ -1,0 +1,365 @@
+"""Server TLS material for the node's HTTPS API (and later the balancer's).
+
+Rules:
+1. A node must be able to start with TLS and no operator work, so when *both* files are missing we
+   create a self-signed pair and log its SHA-256 fingerprint (clients pin or trust it).
+2. We never overwrite or "repair" a half-present pair: if only one file exists, something is wrong
+   (a lost key, a copy gone astray) and silently minting a new pair would break every client that
+   trusts the old one.  The operator decides.
+3. Files are written atomically (temp file + fsync + rename), the key 0600 from its first byte, so a
+   crash or a concurrent reader never sees a partial or briefly world-readable key.
+4. Only this module (``net/``) turns ``cryptography``/``ssl``/``OSError`` failures into
+   :class:`~threatgate.errors.TLSConfigError`, with the path(s) involved and what to do.
+5. No secret ever reaches a log line: we log paths, fingerprints and dates only.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import logging
+import os
+import secrets
+import ssl
+import stat
+from dataclasses import dataclass, field
+
+import idna
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from threatgate.errors import TLSConfigError
+
+log = logging.getLogger("threatgate.tls")
+
+VALIDITY_DAYS = 825
+"""Validity of a generated certificate: the longest some clients (Apple platforms) accept for a server cert."""
+
+CLOCK_SKEW = dt.timedelta(minutes=5)
+"""A generated certificate is back-dated this much so a client whose clock is slightly behind accepts it."""
+
+MAX_PEM_BYTES = 1024 * 1024
+"""A PEM file larger than this is refused: a key or a certificate chain is a few kilobytes."""
+
+SERVER_CIPHERS = "ECDHE+AESGCM:ECDHE+CHACHA20"
+"""TLS 1.2 suites: forward secrecy and AEAD only.  TLS 1.3 suites are OpenSSL's defaults (all AEAD)."""
+
+_PrivateKey = rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey
+
+
+@dataclass(frozen=True)
+class PairInfo:
+    """What :func:`ensure_server_pair` found or made.
+
+    ``warnings`` repeats, for callers that surface them elsewhere (a health endpoint, a test), the
+    problems that were also logged at WARNING on ``threatgate.tls``.
+    """
+
+    cert_path: str
+    key_path: str
+    created: bool
+    fingerprint_sha256: str
+    not_after: dt.datetime
+    warnings: tuple[str, ...] = field(default=())
+
+
+def ensure_server_pair(cert_path: str, key_path: str, *, common_name: str, hosts: list[str]) -> PairInfo:
+    """Return the server certificate/key pair at the given paths, creating a self-signed one if both are missing.
+
+    ``common_name`` and ``hosts`` (IP addresses or DNS names, which go into SubjectAlternativeName,
+    the only place modern clients look) are used only when a pair is created.
+
+    Raises:
+        TLSConfigError: exactly one file exists; a file is unreadable, not PEM, or the key is
+            encrypted or of an unsupported type; the key does not belong to the certificate; or the
+            pair cannot be written.
+    """
+    if os.path.abspath(cert_path) == os.path.abspath(key_path):
+        raise TLSConfigError(f"certificate and private key must be separate files, both are {cert_path}")
+    cert_present = os.path.lexists(cert_path)
+    key_present = os.path.lexists(key_path)
+    if not cert_present and not key_present:
+        return _create_pair(cert_path, key_path, common_name=common_name, hosts=hosts)
+    if not cert_present or not key_present:
+        missing, present = (cert_path, key_path) if not cert_present else (key_path, cert_path)
+        missing_what = "certificate" if not cert_present else "private key"
+        present_what = "private key" if not cert_present else "certificate"
+        raise TLSConfigError(
+            f"TLS {missing_what} {missing} is missing but the {present_what} {present} exists: "
+            f"remove {present} to have a new pair generated, or supply both files"
+        )
+    return _load_pair(cert_path, key_path)
+
+
+def fingerprint_sha256(cert: bytes) -> str:
+    """SHA-256 fingerprint of a certificate (DER or PEM; the first one of a PEM chain), as ``AB:CD:...``.
+
+    The format is what ``openssl x509 -fingerprint -sha256`` prints, so an operator can compare the
+    log line with what a client shows without reformatting.
+
+    Raises:
+        ValueError: ``cert`` is not a certificate.
+    """
+    if cert.lstrip().startswith(b"-----BEGIN"):
+        certs = x509.load_pem_x509_certificates(cert)
+        der = certs[0].public_bytes(serialization.Encoding.DER)
+    else:
+        der = x509.load_der_x509_certificate(cert).public_bytes(serialization.Encoding.DER)
+    return _colon_hex(hashlib.sha256(der).digest())
+
+
+def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
+    """A TLS server context for the HTTPS API: TLS 1.2+, ECDHE AEAD suites, no compression.
+
+    Session tickets stay on (OpenSSL's default) so reconnecting clients such as the balancer skip the
+    full handshake.
+
+    Raises:
+        TLSConfigError: the files cannot be loaded into the context.
+    """
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    # Compression leaks plaintext length through the ciphertext (CRIME); server preference keeps the
+    # strong suites first whatever order a client lists them in.
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_CIPHER_SERVER_PREFERENCE
+    ctx.set_ciphers(SERVER_CIPHERS)
+    try:
+        ctx.load_cert_chain(cert_path, key_path)
+    except (ssl.SSLError, OSError) as exc:
+        raise TLSConfigError(f"cannot load TLS certificate {cert_path} with key {key_path}: {exc}") from None
+    return ctx
+
+
+# -- creating ------------------------------------------------------------------------------------------
+
+
+def _create_pair(cert_path: str, key_path: str, *, common_name: str, hosts: list[str]) -> PairInfo:
+    san = _subject_alt_names(hosts)
+    key = ec.generate_private_key(ec.SECP256R1())
+    cert = _self_signed(key, common_name, san)
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM)
+    # Key first: if we die between the two writes the operator finds "certificate missing, key
+    # present", which the error message explains; the reverse would leave a cert nobody can use.
+    _write_atomic(key_path, key_pem, 0o600)
+    try:
+        _write_atomic(cert_path, cert_pem, 0o644)
+    except TLSConfigError:
+        _unlink_quietly(key_path)
+        raise
+    fp = _colon_hex(cert.fingerprint(hashes.SHA256()))
+    log.info(
+        "created self-signed TLS certificate %s (key %s) for %s, SHA-256 fingerprint %s, valid until %s",
+        cert_path,
+        key_path,
+        ", ".join(hosts),
+        fp,
+        cert.not_valid_after_utc.isoformat(),
+    )
+    return PairInfo(cert_path, key_path, True, fp, cert.not_valid_after_utc)
+
+
+def _subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
+    if not hosts:
+        raise TLSConfigError("cannot create a TLS certificate without at least one host name or IP address")
+    names: list[x509.GeneralName] = []
+    for host in hosts:
+        try:
+            names.append(x509.IPAddress(ipaddress.ip_address(host)))
+            continue
+        except ValueError:
+            pass
+        try:
+            # DNSName takes A-labels only; a wildcard label is kept as is.
+            label = host if host.isascii() else idna.encode(host, uts46=True).decode("ascii")
+        except idna.IDNAError as exc:
+            raise TLSConfigError(f"invalid host name {host!r} for the TLS certificate: {exc}") from None
+        names.append(x509.DNSName(label))
+    return names
+
+
+def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, san: list[x509.GeneralName]) -> x509.Certificate:
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
+    now = dt.datetime.now(dt.UTC)
+    public = key.public_key()
+    return (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(public)
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - CLOCK_SKEW)
+        .not_valid_after(now + dt.timedelta(days=VALIDITY_DAYS))
+        .add_extension(x509.SubjectAlternativeName(san), critical=False)
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=False,
+                crl_sign=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        # Key identifiers cost nothing and keep strict verifiers (VERIFY_X509_STRICT) happy.
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)
+        .sign(key, hashes.SHA256())
+    )
+
+
+def _write_atomic(path: str, data: bytes, mode: int) -> None:
+    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a mix."""
+    directory = os.path.dirname(os.path.abspath(path))
+    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
+    try:
+        _make_dirs(directory)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
+            os.fchmod(fd, mode)  # exact mode whatever the umask
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        _unlink_quietly(tmp)
+        raise TLSConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
+    _fsync_dir(directory)
+
+
+def _make_dirs(directory: str) -> None:
+    """Create ``directory`` and any missing parents 0700 (os.makedirs applies the mode to the leaf only)."""
+    if os.path.isdir(directory):
+        return
+    _make_dirs(os.path.dirname(directory))
+    try:
+        os.mkdir(directory, 0o700)
+    except FileExistsError:
+        if not os.path.isdir(directory):
+            raise
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make the rename durable; best effort (some filesystems refuse to fsync a directory)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _unlink_quietly(path: str) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
+
+
+# -- loading -------------------------------------------------------------------------------------------
+
+
+def _load_pair(cert_path: str, key_path: str) -> PairInfo:
+    cert = _load_cert(cert_path)
+    key = _load_key(key_path)
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
+        raise TLSConfigError(
+            f"TLS private key {key_path} does not belong to certificate {cert_path}: "
+            "supply the matching pair, or remove both to have a new pair generated"
+        )
+    warnings = _check_key_mode(key_path) + _check_validity(cert, cert_path)
+    for warning in warnings:
+        log.warning("%s", warning)
+    fp = _colon_hex(cert.fingerprint(hashes.SHA256()))
+    log.info(
+        "loaded TLS certificate %s (key %s), SHA-256 fingerprint %s, valid until %s",
+        cert_path,
+        key_path,
+        fp,
+        cert.not_valid_after_utc.isoformat(),
+    )
+    return PairInfo(cert_path, key_path, False, fp, cert.not_valid_after_utc, warnings)
+
+
+def _read_pem(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as fh:
+            data = fh.read(MAX_PEM_BYTES + 1)
+    except OSError as exc:
+        raise TLSConfigError(f"cannot read TLS {what} {path}: {exc.strerror or exc}") from None
+    if len(data) > MAX_PEM_BYTES:
+        raise TLSConfigError(f"TLS {what} {path} is larger than {MAX_PEM_BYTES} bytes: not a PEM {what}")
+    return data
+
+
+def _load_cert(path: str) -> x509.Certificate:
+    data = _read_pem(path, "certificate")
+    try:
+        certs = x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(f"TLS certificate {path} is not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
+    # A chain file is fine: the server certificate comes first, as load_cert_chain expects.
+    return certs[0]
+
+
+def _load_key(path: str) -> _PrivateKey:
+    data = _read_pem(path, "private key")
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        # cryptography's signal for "encrypted, and no password given".
+        raise TLSConfigError(
+            f"TLS private key {path} is encrypted: the node starts unattended, so store it unencrypted "
+            "(mode 0600), e.g. openssl pkey -in KEY -out KEY.plain"
+        ) from None
+    except (ValueError, UnsupportedAlgorithm):
+        raise TLSConfigError(f"TLS private key {path} is not a PEM private key") from None
+    if not isinstance(key, rsa.RSAPrivateKey | ec.EllipticCurvePrivateKey | ed25519.Ed25519PrivateKey):
+        raise TLSConfigError(f"TLS private key {path} is a {type(key).__name__}: use an RSA, EC or Ed25519 key")
+    return key
+
+
+def _check_key_mode(path: str) -> tuple[str, ...]:
+    try:
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+    except OSError:
+        return ()
+    if mode & 0o077:
+        return (f"TLS private key {path} has mode {mode:04o}, readable by group or others: chmod 600 {path}",)
+    return ()
+
+
+def _check_validity(cert: x509.Certificate, path: str) -> tuple[str, ...]:
+    now = dt.datetime.now(dt.UTC)
+    if now > cert.not_valid_after_utc:
+        return (f"TLS certificate {path} expired on {cert.not_valid_after_utc.isoformat()}: clients will refuse it",)
+    if now < cert.not_valid_before_utc:
+        return (
+            f"TLS certificate {path} is not valid before {cert.not_valid_before_utc.isoformat()}: "
+            "clients will refuse it (check the clock)",
+        )
+    return ()
+
+
+def _colon_hex(digest: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in digest)

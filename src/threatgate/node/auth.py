@@ -1,0 +1,248 @@
+"""HTTP Basic authentication for the node's REST API.
+
+Rules:
+1. Passwords are stored as scrypt hashes (``scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>``): scrypt is
+   in the standard library and memory-hard, so a stolen config file is expensive to brute-force on
+   GPUs.  A malformed hash is found by :func:`check_hash_format` when the config is loaded, never
+   while serving a request.
+2. scrypt costs ~50 ms of CPU on purpose, so it never runs on the event loop: it runs in a thread,
+   at most ``max_concurrent`` at a time, so a flood of wrong passwords costs at most that many cores
+   and cannot stall event matching.
+3. The hot path (a SIEM or the balancer sending thousands of requests per second with the same
+   header) must not pay scrypt each time: a successful header is remembered as
+   ``HMAC-SHA256(per-process random key, header) -> user``.  Neither the header nor the password is
+   ever stored, the key never leaves the process, and only successes are remembered.
+4. Timing reveals nothing useful: digests are compared with :func:`hmac.compare_digest`, and an
+   unknown user pays the same scrypt as a known one (against a dummy hash).
+5. Nothing here logs credentials; callers see a user name or None and the counters in ``stats``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import binascii
+import hashlib
+import hmac
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+SCRYPT_N = 2**14
+SCRYPT_R = 8
+SCRYPT_P = 1
+SALT_BYTES = 16
+HASH_BYTES = 32
+"""Parameters of new hashes: 16 MiB and ~50 ms per check, OWASP's scrypt minimum as of 2024."""
+
+_PREFIX = "scrypt"
+_MAX_N = 2**20
+_MAX_R = 32
+_MAX_P = 16
+_MAX_MEMORY = 256 * 1024 * 1024
+"""Stored hashes may use other (stronger) parameters, but not ones that would eat the host's memory."""
+
+MAX_HEADER_CHARS = 4096
+"""An Authorization header longer than this is malformed: real credentials are far shorter."""
+
+
+@dataclass(frozen=True)
+class _Params:
+    n: int
+    r: int
+    p: int
+    salt: bytes
+    digest: bytes
+
+
+def _parse(stored: str) -> _Params:
+    parts = stored.split("$")
+    if len(parts) != 6 or parts[0] != _PREFIX:
+        raise ValueError("expected scrypt$<n>$<r>$<p>$<salt base64>$<hash base64>")
+    if not all(x.isascii() and x.isdecimal() and len(x) <= 10 for x in parts[1:4]):
+        raise ValueError("n, r and p must be decimal integers")
+    n, r, p = (int(x) for x in parts[1:4])
+    if n < 2 or n & (n - 1) or n > _MAX_N:
+        raise ValueError(f"n={n}: expected a power of two between 2 and {_MAX_N}")
+    if not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
+        raise ValueError(f"r={r}, p={p}: expected 1 <= r <= {_MAX_R} and 1 <= p <= {_MAX_P}")
+    if _memory(n, r, p) > _MAX_MEMORY:
+        raise ValueError(f"n={n}, r={r} needs more than {_MAX_MEMORY // 2**20} MiB per check")
+    try:
+        salt = base64.b64decode(parts[4], validate=True)
+        digest = base64.b64decode(parts[5], validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("salt and hash must be standard base64") from None
+    if len(salt) < 8:
+        raise ValueError(f"salt is {len(salt)} bytes, expected at least 8")
+    if not 16 <= len(digest) <= 64:
+        raise ValueError(f"hash is {len(digest)} bytes, expected 16 to 64")
+    return _Params(n, r, p, salt, digest)
+
+
+def _memory(n: int, r: int, p: int) -> int:
+    """Bytes OpenSSL's scrypt allocates (its ``maxmem`` check): 128*r*(n+2) for V plus 128*r*p for B."""
+    return 128 * r * (n + 2 + p)
+
+
+def _scrypt(params: _Params, password: bytes) -> bytes:
+    return hashlib.scrypt(
+        password,
+        salt=params.salt,
+        n=params.n,
+        r=params.r,
+        p=params.p,
+        dklen=len(params.digest),
+        maxmem=_memory(params.n, params.r, params.p) + 1024 * 1024,
+    )
+
+
+def hash_password(password: str) -> str:
+    """A new ``scrypt$...`` hash of ``password`` with a random salt, for the config file."""
+    salt = secrets.token_bytes(SALT_BYTES)
+    params = _Params(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt, b"\0" * HASH_BYTES)
+    digest = _scrypt(params, password.encode("utf-8"))
+    b64 = base64.b64encode
+    return f"{_PREFIX}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
+
+
+def check_hash_format(stored: str) -> None:
+    """Raise ValueError (with what is wrong, never the hash itself) unless ``stored`` is a usable hash.
+
+    Called when the config is loaded so that a typo is a start-up error, not a 500 on every request.
+    """
+    _parse(stored)
+
+
+def verify_password(stored: str, password: str) -> bool:
+    """Whether ``password`` matches ``stored``; the digests are compared in constant time.
+
+    Raises:
+        ValueError: ``stored`` is malformed (:func:`check_hash_format` catches that at load time).
+    """
+    params = _parse(stored)
+    return hmac.compare_digest(_scrypt(params, password.encode("utf-8")), params.digest)
+
+
+@dataclass
+class AuthStats:
+    """Counters of :meth:`BasicAuth.authenticate` outcomes, plain ints for a metrics exporter to read."""
+
+    ok: int = 0
+    """Successful authentications, cache hits included."""
+    cache_hits: int = 0
+    """Successes answered from the cache, without scrypt."""
+    bad_credentials: int = 0
+    """Well-formed headers with an unknown user or a wrong password."""
+    malformed: int = 0
+    """Headers that are not ``Basic <base64 of user:password>`` in UTF-8."""
+    missing: int = 0
+    """Requests without an Authorization header (a client's normal first try)."""
+
+
+def parse_basic(header: str) -> tuple[str, str] | None:
+    """``(user, password)`` from an ``Authorization: Basic ...`` value, or None when it is malformed.
+
+    Strict on purpose (RFC 7617): one scheme token (case-insensitive), one space, canonical padded
+    base64, UTF-8, and a colon; anything else is refused rather than guessed at.
+    """
+    if len(header) > MAX_HEADER_CHARS:
+        return None
+    scheme, sep, token = header.partition(" ")
+    if not sep or scheme.lower() != "basic" or not token or not token.isascii():
+        return None
+    try:
+        raw = base64.b64decode(token, validate=True)
+        text = raw.decode("utf-8")
+    except (binascii.Error, ValueError):  # UnicodeDecodeError is a ValueError
+        return None
+    user, colon, password = text.partition(":")
+    if not colon:
+        return None
+    return user, password
+
+
+def _dummy_hash(model: str | None) -> str:
+    """A hash nobody knows the password of, with the cost parameters of ``model`` (a real user's hash).
+
+    Checked for unknown users so that they take as long as known ones.  Random bytes stand in for
+    the digest: running scrypt here would block the event loop at every config reload for nothing.
+    """
+    params = _parse(model) if model is not None else _Params(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"", b"\0" * HASH_BYTES)
+    b64 = base64.b64encode
+    salt = b64(secrets.token_bytes(SALT_BYTES)).decode()
+    digest = b64(secrets.token_bytes(len(params.digest))).decode()
+    return f"{_PREFIX}${params.n}${params.r}${params.p}${salt}${digest}"
+
+
+class BasicAuth:
+    """Checks ``Authorization: Basic`` headers against a fixed table of users.
+
+    The table is fixed at construction: a config reload builds a new instance, which also drops the
+    cache, so a removed user or a changed password takes effect at once.  Use from one event loop.
+    """
+
+    def __init__(self, users: Mapping[str, str], *, max_concurrent: int = 2, cache_size: int = 4096) -> None:
+        """``users`` maps user name to stored hash.
+
+        Raises:
+            ValueError: a stored hash is malformed (the message names the user, not the hash).
+        """
+        for name, stored in users.items():
+            try:
+                check_hash_format(stored)
+            except ValueError as exc:
+                raise ValueError(f"user {name!r}: {exc}") from None
+        self._users = dict(users)
+        self._dummy = _dummy_hash(next(iter(self._users.values()), None))
+        self._cache_key = secrets.token_bytes(32)
+        self._cache: dict[bytes, str] = {}
+        self._cache_size = cache_size
+        self._semaphore = asyncio.Semaphore(max_concurrent)
+        # Concurrent requests with the same new header share one scrypt instead of queueing N of them.
+        self._inflight: dict[bytes, asyncio.Task[bool]] = {}
+        self.stats = AuthStats()
+
+    async def authenticate(self, header: str | None) -> str | None:
+        """The authenticated user name, or None (missing, malformed or wrong credentials)."""
+        if header is None:
+            self.stats.missing += 1
+            return None
+        key = hmac.digest(self._cache_key, header.encode("utf-8", "surrogatepass"), "sha256")
+        user = self._cache.get(key)
+        if user is not None:
+            self.stats.ok += 1
+            self.stats.cache_hits += 1
+            return user
+        credentials = parse_basic(header)
+        if credentials is None:
+            self.stats.malformed += 1
+            return None
+        name, password = credentials
+        task = self._inflight.get(key)
+        if task is None:
+            task = asyncio.get_running_loop().create_task(self._check(name, password))
+            self._inflight[key] = task
+            task.add_done_callback(lambda done: self._finished(key, name, done))
+        # shield: a client that disconnects must not cancel the check others wait on, nor release
+        # the semaphore while its scrypt thread is still running.
+        if await asyncio.shield(task):
+            self.stats.ok += 1
+            return name
+        self.stats.bad_credentials += 1
+        return None
+
+    async def _check(self, name: str, password: str) -> bool:
+        stored = self._users.get(name)
+        async with self._semaphore:
+            # Looked up at call time (not bound at import) so tests can count calls.
+            matches = await asyncio.to_thread(verify_password, self._dummy if stored is None else stored, password)
+        return matches and stored is not None
+
+    def _finished(self, key: bytes, name: str, task: asyncio.Task[bool]) -> None:
+        self._inflight.pop(key, None)
+        if task.cancelled() or task.exception() is not None or not task.result():
+            return
+        if len(self._cache) >= self._cache_size:
+            self._cache.clear()
+        self._cache[key] = name
