@@ -104,6 +104,8 @@ def test_NodeConfig_example_loads_output_feeds_service(example: NodeConfig) -> N
         "botnet_domains.json",
         "false_positives.json",
         "internal_ti.json",
+        "stix_bundle.json",
+        "misp",
     ]
     by_name = {f.name: f for f in feeds.feeds}
     assert by_name["ip_reputation.csv"].format == "csv"
@@ -111,7 +113,8 @@ def test_NodeConfig_example_loads_output_feeds_service(example: NodeConfig) -> N
     assert by_name["false_positives.json"].supplier == "FalsePositive"
     assert by_name["false_positives.json"].category == "FalsePositive"
     assert by_name["internal_ti.json"].supplier == "InternalTI"
-    assert all(Path(f.path).is_absolute() and Path(f.path).is_file() for f in feeds.feeds)
+    assert all(Path(f.path).is_absolute() and Path(f.path).exists() for f in feeds.feeds)
+    assert by_name["misp"].format == "misp" and Path(by_name["misp"].path).is_dir()
     assert example.service.scanners_count == 9
 
 
@@ -119,7 +122,7 @@ def test_NodeConfig_summary_is_one_line(example: NodeConfig) -> None:
     summary = example.summary()
     assert "\n" not in summary
     assert "node config OK" in summary
-    assert "5 rule(s)" in summary and "6/6 feed(s) enabled" in summary
+    assert "5 rule(s)" in summary and "8/8 feed(s) enabled" in summary
 
 
 def test_NodeConfig_is_frozen(example: NodeConfig) -> None:
@@ -465,7 +468,7 @@ def test_NodeConfig_error_lines_point_at_the_right_element_in_a_long_file(tmp_pa
     path = write_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_node_config(str(path))
-    assert info.value.line == line_of(text, "<ScannersCount>99") == 46
+    assert info.value.line == line_of(text, "<ScannersCount>99") == 48
 
 
 # -- the CLI ------------------------------------------------------------------------------------

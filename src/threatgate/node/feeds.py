@@ -190,12 +190,9 @@ def record_context(record: dict[str, Any]) -> list[tuple[str, str]]:
         if not skipped and name in INDICATOR_FIELDS:
             skipped = True
             continue
-        if value is None or isinstance(value, dict | list):
-            continue
-        if value is True or value is False:
-            out.append((name, "true" if value else "false"))
-        else:
-            out.append((name, str(value)))
+        text = context_text(value)
+        if text is not None:
+            out.append((name, text))
     return out
 
 
