@@ -28,6 +28,7 @@ class NodeStats:
     per_category: dict[str, int] = field(default_factory=dict)
     feed_records: dict[str, int] = field(default_factory=dict)  # feed -> records in the live store
     feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
+    feed_skipped: dict[str, int] = field(default_factory=dict)  # feed -> unsupported records skipped, last load
     feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
@@ -79,6 +80,11 @@ class StatsCollector(Collector):
         for name, doc, table in (
             ("threatgate_feed_records", "Records of each feed in the live store", s.feed_records),
             ("threatgate_feed_malformed_records", "Malformed records skipped in the last load", s.feed_malformed),
+            (
+                "threatgate_feed_skipped_records",
+                "Unsupported records skipped in the last load (STIX patterns, MISP to_ids=false...)",
+                s.feed_skipped,
+            ),
         ):
             gauge = GaugeMetricFamily(name, doc, labels=["feed"])
             for key, value in sorted(table.items()):

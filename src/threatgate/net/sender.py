@@ -7,6 +7,8 @@ Rules:
 2. Delivery follows CyberTrace's EventSendingRetriesCount / EventSendingRetriesTimeout: a failed
    write or connect is retried ``retries`` times, ``retry_timeout`` seconds apart; after that the
    batch at the head of the queue is dropped, counted and logged at ERROR, and sending goes on.
+   ``retries=None`` (service alerts) retries until the destination is back: the bounded queue
+   holds what happened during the outage, and only what overflows it is lost (and counted).
 3. One persistent connection; anything the destination sends back is read and discarded.
 """
 
@@ -31,7 +33,7 @@ class LineSender:
         address: Address,
         *,
         name: str,
-        retries: int = 3,
+        retries: int | None = 3,
         retry_timeout: float = 10.0,
         max_queue_bytes: int = 16 * 1024 * 1024,
         connect_timeout: float = 5.0,
@@ -140,7 +142,7 @@ class LineSender:
                 except (TimeoutError, OSError) as exc:
                     self.failures += 1
                     await self._disconnect()
-                    if attempts >= self.retries or self._closing:
+                    if self._closing or (self.retries is not None and attempts >= self.retries):
                         log.error(
                             "%s: dropped %d bytes for %s after %d attempt(s): %s",
                             self.name,
@@ -152,6 +154,18 @@ class LineSender:
                         self.dropped_chunks += 1
                         break
                     attempts += 1
+                    if self.retries is None:
+                        # Keep the queue and retry until the destination is back; say so once per outage.
+                        (log.warning if attempts == 1 else log.debug)(
+                            "%s: cannot send to %s (%s); %d bytes queued, retrying every %.0f s",
+                            self.name,
+                            self.address,
+                            exc,
+                            self._queued,
+                            max(1.0, self.retry_timeout),
+                        )
+                        await asyncio.sleep(max(1.0, self.retry_timeout))
+                        continue
                     log.warning(
                         "%s: cannot send to %s (%s); retry %d/%d in %.0f s",
                         self.name,

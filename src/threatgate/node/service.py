@@ -74,8 +74,8 @@ class Alerts:
             self.sender = LineSender(
                 out.alert_destination,
                 name="alerts",
-                retries=out.retries_count,
-                retry_timeout=out.retries_timeout,
+                retries=None,  # an alert must survive the balancer's restart: queue (1 MiB) and retry
+                retry_timeout=min(out.retries_timeout, 5.0),
                 max_queue_bytes=1024 * 1024,
             )
         self._fields = FieldFormat(out.record_field_format)
@@ -365,6 +365,7 @@ class NodeService:
                 changed[slot] = snap
                 rep = snap.report
                 self.stats.feed_malformed[settings.name] = rep.malformed
+                self.stats.feed_skipped[settings.name] = rep.skipped
                 if rep.malformed:
                     log.warning(
                         "feed %s: %d malformed record(s) skipped, e.g. %s",

@@ -133,7 +133,7 @@ def check_name(name: str, what: str = "supplier") -> str:
     """A supplier or tag name: 1-128 printable characters, no ``/``, not ``.`` or ``..``."""
     if not isinstance(name, str) or not name or len(name) > MAX_NAME:
         raise RequestError(f"{what} name must be 1-{MAX_NAME} characters")
-    if name in (".", "..") or not NAME_RE.match(name):
+    if name in (".", "..") or not NAME_RE.fullmatch(name):  # fullmatch: "$" alone allows a final "\n"
         raise RequestError(f"{what} name {name[:80]!r} must not be . or .. nor contain '/' or control characters")
     return name
 
