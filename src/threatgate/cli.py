@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import re
 import secrets
+import sqlite3
 import sys
 from typing import TYPE_CHECKING
 from xml.sax.saxutils import unescape
@@ -15,7 +16,7 @@ from xml.sax.saxutils import unescape
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ConfigError, ThreatgateError
+from threatgate.errors import ConfigError, ThreatgateError, TLSConfigError
 from threatgate.log import setup_logging
 
 if TYPE_CHECKING:
@@ -49,7 +50,10 @@ def node(config_path: str, log_level: str) -> None:
         sys.exit(EXIT_CONFIG)
     try:
         run_node(config)
-    except OSError as exc:
+    except TLSConfigError as exc:
+        click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except (OSError, sqlite3.Error) as exc:
         click.echo(f"threatgate: node failed: {exc}", err=True)
         sys.exit(1)
 

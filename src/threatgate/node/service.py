@@ -302,6 +302,7 @@ class NodeService:
         self._date_cache = (0, "")
         self.bound_port = 0
         self.ready = False  # feeds loaded: the API answers 425 before
+        self._started = False
         self.store_version = 0  # bumped at every store swap (export caches key on it)
         self.auth = BasicAuth(dict(config.http.users) if config.http else {})
         self.db: SupplierDB | None = None
@@ -551,6 +552,7 @@ class NodeService:
             self.config.service.scanners_count,
         )
         self.alerts.raise_alert("KL_ALERT_ServiceStarted")
+        self._started = True
 
     async def _start_metrics(self) -> None:
         registry = CollectorRegistry()
@@ -614,7 +616,8 @@ class NodeService:
         for conn in [*self.active, *self.handshaking]:
             if conn._transport is not None:
                 conn._transport.close()
-        self.alerts.raise_alert("KL_ALERT_ServiceStopped")
+        if self._started:
+            self.alerts.raise_alert("KL_ALERT_ServiceStopped")
         await self.output.aclose()
         if self.alerts.sender is not None:
             await self.alerts.sender.aclose()
