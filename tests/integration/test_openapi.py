@@ -79,32 +79,29 @@ def test_openapi_requires_credentials(node: tuple[NodeProcess, str, Path]) -> No
     assert response.json() == [{"status": "authentication required"}]
 
 
+def _check_operation(operation: Any, call: dict[str, Any]) -> None:
+    # Whether a string is a valid URL, domain, IP or hash (and names an existing tag) is beyond
+    # JSON Schema: a schema-valid push of "0" is rightly refused, so that check is left out there.
+    excluded = [positive_data_acceptance] if operation.definition.raw.get("operationId") == "put_indicators" else []
+
+    @given(case=operation.as_strategy())
+    @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
+    def check(case: Any) -> None:
+        case.call_and_validate(**call, excluded_checks=excluded)
+
+    check()
+
+
 @pytest.mark.timeout(300)
 def test_api_conforms_to_its_openapi_document(
     api_schema: Any, session: requests.Session, node: tuple[NodeProcess, str, Path]
 ) -> None:
     _, base, cafile = node
     auth = {"Authorization": "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()}
+    call = {"base_url": base, "session": session, "headers": auth, "verify": str(cafile), "timeout": 10}
     # Driven by hand rather than through schemathesis' pytest plugin, which does not support pytest 9 yet.
     checked = 0
     for result in api_schema.get_all_operations():
-        operation = result.ok()
-        # Whether a string is a valid URL, domain, IP or hash (and names an existing tag) is beyond
-        # JSON Schema: a schema-valid push of "0" is rightly refused, so that check is left out there.
-        excluded = [positive_data_acceptance] if operation.definition.raw.get("operationId") == "put_indicators" else []
-
-        @given(case=operation.as_strategy())
-        @settings(max_examples=12, deadline=None, suppress_health_check=list(HealthCheck), database=None)
-        def check(case: Any, excluded: list[Any] = excluded) -> None:
-            case.call_and_validate(
-                base_url=base,
-                session=session,
-                headers=auth,
-                verify=str(cafile),
-                timeout=10,
-                excluded_checks=excluded,
-            )
-
-        check()
+        _check_operation(result.ok(), call)
         checked += 1
     assert checked == 14
