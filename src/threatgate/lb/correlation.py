@@ -1,0 +1,183 @@
+"""Correlation of events with node replies: request ids, ownership, exactly-once, in-order delivery.
+
+The balancer tags every event it forwards with a numeric request id (``<id> <event>``) and reads
+``<id> <detection>`` lines and one ``<id> LookupFinished`` line back (the CyberTrace HA recipe:
+the node's EventFormat and FinishedEventFormat start with ``%REQ%``).  This module is the whole
+bookkeeping of that exchange; it does no I/O and has no clock.
+
+Invariants:
+1. An id is owned by at most one instance at a time.  A line is accepted only from the current
+   owner of its id; anything else (an unknown, retired or forged id, another instance's id, a line
+   without an id) is dropped and reported, so one node cannot write into another client's stream.
+2. An event's detection lines are buffered until its ``LookupFinished``; only then are they
+   released.  When an instance is lost, its unfinished events lose their buffered lines and are
+   handed back for redispatch, so a partial answer is never shown and a resent event's answer
+   is shown once: each event's detections reach its client exactly once.
+3. Per client, results are released in the order the events were submitted (the client correlates
+   replies by order, exactly as with one node).
+4. Memory is bounded by the caller: ``pending`` counts events not yet released.
+"""
+
+from __future__ import annotations
+
+import enum
+from collections import deque
+from collections.abc import Hashable
+from dataclasses import dataclass, field
+
+FINISHED = "LookupFinished"
+
+
+class Drop(enum.Enum):
+    """Why a node's line was not delivered."""
+
+    NO_ID = "no_id"  # the line does not start with "<digits> "
+    UNKNOWN_ID = "unknown_id"  # never issued, already retired, or its client is gone
+    NOT_OWNER = "not_owner"  # the id belongs to another instance (or to nobody right now)
+
+
+@dataclass(slots=True)
+class _Entry:
+    client: Hashable
+    event: str
+    owner: Hashable | None = None
+    lines: list[str] = field(default_factory=list)
+    finished_line: str | None = None  # set once the owner sent LookupFinished
+    dispatches: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class Release:
+    """An event's complete answer, ready for its client: detection lines, then the finished line."""
+
+    client: Hashable
+    request_id: int
+    lines: tuple[str, ...]
+    finished_line: str
+
+
+def split_id(line: str) -> tuple[int, str] | None:
+    """``"<id> rest"`` -> (id, rest); None when the line does not start with digits and a space."""
+    space = line.find(" ")
+    if space <= 0 or space > 19:
+        return None
+    head = line[:space]
+    if not head.isdigit() or not head.isascii():
+        return None
+    return int(head), line[space + 1 :]
+
+
+class Correlator:
+    """Request ids and the state of every event between submission and release."""
+
+    def __init__(self, first_id: int = 1) -> None:
+        self._next_id = first_id
+        self._entries: dict[int, _Entry] = {}
+        self._order: dict[Hashable, deque[int]] = {}  # client -> its ids in submission order
+        self.dropped: dict[Drop, int] = dict.fromkeys(Drop, 0)
+
+    def __repr__(self) -> str:
+        owned = sum(1 for e in self._entries.values() if e.owner is not None)
+        return f"<Correlator pending={len(self._entries)} owned={owned} clients={len(self._order)}>"
+
+    @property
+    def pending(self) -> int:
+        """Events submitted and not yet released (or abandoned)."""
+        return len(self._entries)
+
+    def owned_by(self, instance: Hashable) -> int:
+        return sum(1 for e in self._entries.values() if e.owner == instance)
+
+    # -- client side ---------------------------------------------------------------------------
+
+    def submit(self, client: Hashable, event: str) -> int:
+        """Register an event of ``client``; returns its new request id (not yet dispatched)."""
+        request_id = self._next_id
+        self._next_id += 1
+        self._entries[request_id] = _Entry(client, event)
+        self._order.setdefault(client, deque()).append(request_id)
+        return request_id
+
+    def client_gone(self, client: Hashable) -> list[tuple[int, Hashable | None]]:
+        """Forget every event of ``client``; returns (id, owner) of those still out at a node."""
+        ids = self._order.pop(client, deque())
+        out = []
+        for request_id in ids:
+            entry = self._entries.pop(request_id, None)
+            if entry is not None:
+                out.append((request_id, entry.owner))
+        return out
+
+    # -- instance side -------------------------------------------------------------------------
+
+    def tagged(self, request_id: int) -> str:
+        """The line to send to a node for ``request_id`` (without the line terminator)."""
+        return f"{request_id} {self._entries[request_id].event}"
+
+    def dispatch(self, request_id: int, instance: Hashable) -> None:
+        """Record that ``instance`` now owns ``request_id`` (it is about to receive the event)."""
+        entry = self._entries[request_id]
+        entry.owner = instance
+        entry.dispatches += 1
+
+    def dispatches(self, request_id: int) -> int:
+        entry = self._entries.get(request_id)
+        return entry.dispatches if entry is not None else 0
+
+    def is_pending(self, request_id: int) -> bool:
+        return request_id in self._entries
+
+    def on_line(self, instance: Hashable, line: str) -> list[Release] | Drop:
+        """A reply line from ``instance`` (no line terminator).
+
+        Returns the releases it completes (possibly none), or why the line was dropped.
+        """
+        parsed = split_id(line)
+        if parsed is None:
+            return self._drop(Drop.NO_ID)
+        request_id, rest = parsed
+        entry = self._entries.get(request_id)
+        if entry is None:
+            return self._drop(Drop.UNKNOWN_ID)
+        if entry.owner != instance or entry.finished_line is not None:
+            return self._drop(Drop.NOT_OWNER)
+        if rest == FINISHED or rest.startswith(FINISHED + " "):
+            entry.finished_line = rest
+            entry.owner = None
+            return self._release(entry.client)
+        entry.lines.append(rest)
+        return []
+
+    def instance_lost(self, instance: Hashable) -> list[int]:
+        """``instance`` failed: its unfinished events, in submission order, to dispatch again.
+
+        Their buffered lines are discarded (the next owner answers the whole event again).
+        """
+        lost = [rid for rid, e in self._entries.items() if e.owner == instance and e.finished_line is None]
+        for request_id in lost:
+            entry = self._entries[request_id]
+            entry.owner = None
+            entry.lines.clear()
+        return lost
+
+    def unowned(self) -> list[int]:
+        """Events submitted but owned by nobody (not dispatched, or handed back), oldest first."""
+        return [rid for rid, e in self._entries.items() if e.owner is None and e.finished_line is None]
+
+    # -- internals -----------------------------------------------------------------------------
+
+    def _drop(self, why: Drop) -> Drop:
+        self.dropped[why] += 1
+        return why
+
+    def _release(self, client: Hashable) -> list[Release]:
+        order = self._order.get(client)
+        out: list[Release] = []
+        while order:
+            head = self._entries[order[0]]
+            if head.finished_line is None:
+                break
+            request_id = order.popleft()
+            del self._entries[request_id]
+            out.append(Release(client, request_id, tuple(head.lines), head.finished_line))
+        return out
