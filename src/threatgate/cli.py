@@ -62,6 +62,7 @@ def node(config_path: str, log_level: str) -> None:
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:
     """Check a configuration file; print a one-line summary, or file:line and the problem."""
+    from threatgate.config.balancer import balancer_config_from_xml
     from threatgate.config.node import node_config_from_xml
     from threatgate.config.xml import read_xml
 
@@ -69,8 +70,10 @@ def validate(path: str) -> None:
         root = read_xml(path)
         if root.tag == "Configuration":
             summary = node_config_from_xml(root).summary()
+        elif root.tag == "Config":
+            summary = balancer_config_from_xml(root).summary()
         else:
-            raise root.error("unknown root element: expected <Configuration> (node)")
+            raise root.error("unknown root element: expected <Configuration> (node) or <Config> (balancer)")
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
         sys.exit(EXIT_CONFIG)

@@ -1,0 +1,259 @@
+"""The balancer configuration: CyberTrace's kl_balancer.conf (``<Config>``), loaded into frozen models.
+
+The documented elements keep their names and meaning (docs/configuration.md, "Balancer"); every
+extension is an optional element in the same style with a default that needs no tuning.
+:func:`load_balancer_config` raises :class:`~threatgate.errors.ConfigError` with ``file:line``.
+"""
+
+from __future__ import annotations
+
+import re
+
+import pydantic
+
+from threatgate.config.common import Address, build, compile_regex, parse_address, parse_bool, parse_int, resolve_path
+from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE
+from threatgate.config.xml import Node, read_xml
+from threatgate.errors import ConfigError
+from threatgate.wire.paths import RoutePattern
+
+MAX_SCANNERS = 100
+"""kl_balancer.conf documents scanners_count as 1-100 simultaneous connections."""
+
+DEFAULT_ALLOWED = (
+    ("POST", "/api/{version}/lookup"),
+    ("GET", "/api/{version}/suppliers"),
+    ("GET", "/api/{version}/suppliers/{name}"),
+    ("GET", "/api/{version}/tags"),
+    ("GET", "/ioc_exports/{task}"),
+)
+"""Read-only requests, allowed when ``<AllowedRequests>`` is absent."""
+
+_METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
+
+
+class _Frozen(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
+
+class InstanceSettings(_Frozen):
+    """One ``<Instance matching_port= api_port= enabled= weight=>host</Instance>``."""
+
+    host: str
+    matching_port: int = pydantic.Field(ge=1, le=65535)
+    api_port: int = pydantic.Field(default=443, ge=1, le=65535)
+    enabled: bool = True
+    weight: int = pydantic.Field(default=1, ge=1, le=100)
+    line: int = 0
+
+    @property
+    def key(self) -> str:
+        """Identity of the instance across reloads: ``host:matching_port`` (also names its pin file)."""
+        return f"{self.host}:{self.matching_port}"
+
+    @property
+    def address(self) -> Address:
+        return Address(self.host, self.matching_port)
+
+
+class AllowedRequest(_Frozen):
+    method: str
+    pattern: RoutePattern
+    text: str
+
+
+class HealthCheckSettings(_Frozen):
+    """Active checks (PING -> PONG) in HAProxy's terms: every ``interval`` s, ``rise``/``fall`` in a row."""
+
+    interval: float = pydantic.Field(default=2.0, gt=0, le=3600)
+    timeout: float = pydantic.Field(default=2.0, gt=0, le=3600)
+    rise: int = pydantic.Field(default=2, ge=1, le=100)
+    fall: int = pydantic.Field(default=3, ge=1, le=100)
+
+
+class BalancerConfig(_Frozen):
+    """Everything a balancer needs, validated: produced only by :func:`load_balancer_config`."""
+
+    path: str
+    listen_host: str
+    matching_port: int
+    api_port: int
+    cybertrace_port: int
+    scanners_count: int
+    event_delimiter: re.Pattern[str] | None = None
+    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
+    cert_path: str
+    key_path: str
+    cert_dir: str
+    instances: tuple[InstanceSettings, ...]
+    allowed: tuple[AllowedRequest, ...]
+    health: HealthCheckSettings = HealthCheckSettings()
+    reply_timeout: float = pydantic.Field(default=30.0, gt=0, le=3600)
+    max_inflight_events: int = pydantic.Field(default=20_000, ge=1, le=10_000_000)
+    max_pending_events: int = pydantic.Field(default=100_000, ge=1, le=100_000_000)
+    output: Address | None = None
+    handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
+
+    def address(self, port: int) -> Address:
+        return Address(self.listen_host, port)
+
+    def summary(self) -> str:
+        enabled = sum(1 for i in self.instances if i.enabled)
+        return (
+            f"{self.path}: balancer config OK: events on {self.address(self.matching_port)}, "
+            f"API on port {self.api_port}, alerts on port {self.cybertrace_port}, "
+            f"{enabled}/{len(self.instances)} instance(s) enabled, scanners_count {self.scanners_count}, "
+            f"{len(self.allowed)} allowed request(s)"
+        )
+
+
+def _read_instance(node: Node) -> InstanceSettings:
+    if node.tag != "Instance":
+        raise node.error("unknown element: expected <Instance>")
+    host = node.value.strip()
+    if not host:
+        raise node.error("empty instance address: the element's text is the instance's host name or IP")
+    data = {
+        "host": host.strip("[]"),
+        "matching_port": parse_int(node, node.attrs.get("matching_port"), "matching_port", 1, 65535),
+        "api_port": parse_int(node, node.attrs.get("api_port"), "api_port", 1, 65535, 443),
+        "enabled": parse_bool(node, "enabled", True),
+        "weight": parse_int(node, node.attrs.get("weight"), "weight", 1, 100, 1),
+        "line": node.line,
+    }
+    return build(node, InstanceSettings, data)
+
+
+def _read_allowed(node: Node | None) -> tuple[AllowedRequest, ...]:
+    if node is None:
+        return tuple(
+            AllowedRequest(method=m, pattern=RoutePattern.parse(p), text=f"{m} {p}") for m, p in DEFAULT_ALLOWED
+        )
+    out: list[AllowedRequest] = []
+    for child in node.children:
+        if child.tag != "Request":
+            raise child.error('unknown element: expected <Request method="GET" path="/api/1.1/..."/>')
+        method = child.attrs.get("method", "").strip().upper()
+        if method not in _METHODS:
+            raise child.error(f"method={method!r}: expected one of {', '.join(sorted(_METHODS))}")
+        path = child.attrs.get("path", "").strip()
+        if not path.startswith("/") or any(c in path for c in "?#%\\ "):
+            raise child.error(f"path={path!r}: expected an absolute path without query, %-escapes or spaces")
+        out.append(AllowedRequest(method=method, pattern=RoutePattern.parse(path), text=f"{method} {path}"))
+    return tuple(out)
+
+
+def _read_health(node: Node | None) -> HealthCheckSettings:
+    if node is None:
+        return HealthCheckSettings()
+    data = {
+        "interval": parse_int(node, node.attrs.get("interval"), "interval", 1, 3600, 2),
+        "timeout": parse_int(node, node.attrs.get("timeout"), "timeout", 1, 3600, 2),
+        "rise": parse_int(node, node.attrs.get("rise"), "rise", 1, 100, 2),
+        "fall": parse_int(node, node.attrs.get("fall"), "fall", 1, 100, 3),
+    }
+    return build(node, HealthCheckSettings, data)
+
+
+KNOWN = frozenset(
+    {
+        "Balancer",
+        "EventDelimiter",
+        "SSLCertificatePath",
+        "SSLPrivateKeyPath",
+        "CertDirPath",
+        "Instances",
+        "AllowedRequests",
+        "LicensePath",
+        "LicenseDirPath",
+        "MaxEventSize",
+        "HealthCheck",
+        "ReplyTimeout",
+        "MaxInflightEvents",
+        "MaxPendingEvents",
+        "OutputConnectionString",
+        "HandshakeTimeout",
+        "StatisticsInterval",
+    }
+)
+
+
+def balancer_config_from_xml(root: Node) -> BalancerConfig:
+    """Build a :class:`BalancerConfig` from a parsed tree whose root is ``<Config>``."""
+    if root.tag != "Config":
+        raise root.error("root element must be <Config> for a balancer config")
+    for child in root.children:
+        if child.tag not in KNOWN:
+            raise child.error(f"unknown element; expected one of {', '.join(sorted(KNOWN))}")
+    balancer = root.only("Balancer")
+    if balancer is None:
+        raise root.error("missing mandatory element <Balancer>")
+    host = balancer.value.strip().strip("[]")
+    if not host:
+        raise balancer.error("empty listen address: the element's text is the address to listen on")
+    ports = {
+        name: parse_int(balancer, balancer.attrs.get(name), name, 1, 65535)
+        for name in ("matching_port", "api_port", "cybertrace_port")
+    }
+    if len(set(ports.values())) < 3:
+        raise balancer.error(f"matching_port, api_port and cybertrace_port must differ: {ports}")
+    data: dict[str, object] = {
+        "path": root.path,
+        "listen_host": host,
+        **ports,
+        "scanners_count": parse_int(balancer, balancer.attrs.get("scanners_count"), "scanners_count", 1, MAX_SCANNERS),
+    }
+    delim = root.only("EventDelimiter")
+    if delim is not None and delim.text:
+        pattern = compile_regex(delim, delim.text, "EventDelimiter")
+        if pattern.search("") is not None:
+            raise delim.error("EventDelimiter matches the empty string, which would split between every byte")
+        data["event_delimiter"] = pattern
+    for tag, key, default in (
+        ("SSLCertificatePath", "cert_path", "certs/balancer.pem"),
+        ("SSLPrivateKeyPath", "key_path", "certs/balancer.key"),
+        ("CertDirPath", "cert_dir", "pins"),
+    ):
+        opt = root.only(tag)
+        data[key] = resolve_path(opt or root, opt.value if opt is not None else default)
+    instances_node = root.only("Instances")
+    if instances_node is None:
+        raise root.error("missing mandatory element <Instances>")
+    instances = [_read_instance(child) for child in instances_node.children]
+    seen: dict[str, int] = {}
+    for inst in instances:
+        if inst.key in seen:
+            raise ConfigError(
+                root.path, inst.line, "Instance", f"instance {inst.key} listed twice (first at line {seen[inst.key]})"
+            )
+        seen[inst.key] = inst.line
+    if not instances:
+        raise instances_node.error("no <Instance>: the balancer needs at least one node")
+    data["instances"] = tuple(instances)
+    data["allowed"] = _read_allowed(root.only("AllowedRequests"))
+    data["health"] = _read_health(root.only("HealthCheck"))
+    for tag, key, lo, hi in (
+        ("MaxEventSize", "max_event_size", 64, 64 * 1024 * 1024),
+        ("ReplyTimeout", "reply_timeout", 1, 3600),
+        ("MaxInflightEvents", "max_inflight_events", 1, 10_000_000),
+        ("MaxPendingEvents", "max_pending_events", 1, 100_000_000),
+        ("HandshakeTimeout", "handshake_timeout", 1, 3600),
+        ("StatisticsInterval", "stats_interval", 1, 86400),
+    ):
+        opt = root.only(tag)
+        if opt is not None:
+            data[key] = parse_int(opt, opt.value, tag, lo, hi)
+    output = root.only("OutputConnectionString")
+    if output is not None and parse_bool(output, "enabled", True):
+        data["output"] = parse_address(output)
+    return build(root, BalancerConfig, data)
+
+
+def load_balancer_config(path: str) -> BalancerConfig:
+    """Read and validate a balancer configuration file.
+
+    Raises:
+        ConfigError: with file:line, the element and what is wrong.
+    """
+    return balancer_config_from_xml(read_xml(path))
