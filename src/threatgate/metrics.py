@@ -15,16 +15,25 @@ from prometheus_client.registry import Collector
 
 
 @dataclass(slots=True)
-class NodeStats:
-    """Every counter a node exports (names in docs/metrics.md)."""
+class BoundaryStats:
+    """Counters every listener keeps: bad input by reason, connections by outcome."""
+
+    bad_input: dict[str, int] = field(default_factory=dict)  # reason -> count
+    connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
+
+    def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
+        table[key] = table.get(key, 0) + n
+
+
+@dataclass(slots=True)
+class NodeStats(BoundaryStats):
+    """Every counter a node exports (names in docs/operations.md)."""
 
     events: int = 0
     detections: int = 0
     suppressed: int = 0
     ignored: int = 0
     finished_lines: int = 0
-    bad_input: dict[str, int] = field(default_factory=dict)  # reason -> count
-    connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
     per_category: dict[str, int] = field(default_factory=dict)
     feed_records: dict[str, int] = field(default_factory=dict)  # feed -> records in the live store
     feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
@@ -35,9 +44,6 @@ class NodeStats:
     api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count
     lookups: int = 0  # objects looked up through the REST API
     lookup_detections: int = 0
-
-    def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
-        table[key] = table.get(key, 0) + n
 
 
 class StatsCollector(Collector):

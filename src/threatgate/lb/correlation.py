@@ -115,9 +115,17 @@ class Correlator:
         return f"{request_id} {self._entries[request_id].event}"
 
     def dispatch(self, request_id: int, instance: Hashable) -> None:
-        """Record that ``instance`` now owns ``request_id`` (it is about to receive the event)."""
+        """Record that ``instance`` now owns ``request_id`` (it is about to receive the event).
+
+        The new owner answers the whole event, so lines buffered from a previous owner are discarded.
+        An event already answered (finished, waiting for an earlier one of its client) cannot be
+        dispatched again: ValueError.
+        """
         entry = self._entries[request_id]
+        if entry.finished_line is not None:
+            raise ValueError(f"request {request_id} is already answered")
         entry.owner = instance
+        entry.lines.clear()
         entry.dispatches += 1
 
     def dispatches(self, request_id: int) -> int:
@@ -163,6 +171,14 @@ class Correlator:
     def unowned(self) -> list[int]:
         """Events submitted but owned by nobody (not dispatched, or handed back), oldest first."""
         return [rid for rid, e in self._entries.items() if e.owner is None and e.finished_line is None]
+
+    def finish_local(self, request_id: int, finished_line: str = FINISHED) -> list[Release]:
+        """Complete an event without a node (e.g. too large to forward): no detections, in order."""
+        entry = self._entries[request_id]
+        entry.owner = None
+        entry.lines.clear()
+        entry.finished_line = finished_line
+        return self._release(entry.client)
 
     # -- internals -----------------------------------------------------------------------------
 

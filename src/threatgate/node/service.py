@@ -13,12 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import enum
 import logging
 import signal
 import time
 from collections.abc import Callable
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
@@ -27,6 +26,7 @@ from threatgate.config.node import NodeConfig, load_node_config
 from threatgate.errors import ConfigError, FeedError
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import NodeStats, StatsCollector
+from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import LineSender
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -38,28 +38,15 @@ from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, SupplierDB, supplier_snapshots
-from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
-from threatgate.wire.framing import LineFramer
+from threatgate.wire.framing import FramedEvent, LineFramer
 
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
-
-MAX_PENDING_HANDSHAKES = 256
-"""Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
-MAX_HANDSHAKE_BYTES = 4096
-HIGH_WATER = 4 * 1024 * 1024
-"""Reply bytes buffered for a client that does not read before we stop reading its events."""
 
 
 def syslog_date(now: float | None = None) -> str:
     """``%Date%``: the documented ``Mon DD HH:MM:SS`` form, local time."""
     return time.strftime("%b %d %H:%M:%S", time.localtime(now))
-
-
-class ConnState(enum.Enum):
-    HANDSHAKE = "HANDSHAKE"
-    ACTIVE = "ACTIVE"
-    CLOSED = "CLOSED"
 
 
 class Alerts:
@@ -96,183 +83,40 @@ class Alerts:
             self._stats.bump(self._stats.bad_input, "alert_queue_full")
 
 
-class EventConnection(asyncio.Protocol):
-    """One client connection on the event port."""
+class EventConnection(EventProtocol):
+    """One client connection on the node's event port: matches each batch as it arrives."""
 
     def __init__(self, node: NodeService) -> None:
+        super().__init__(node.listener)
         self.node = node
-        self.state = ConnState.HANDSHAKE
-        self.flags = SessionFlags()
-        self.peer = ""
-        self._handshake = bytearray()
-        self._framer = LineFramer(node.config.input.max_event_size, node.config.input.event_delimiter)
-        self._transport: asyncio.Transport | None = None
-        self._timer: asyncio.TimerHandle | None = None
-        self._paused_by: set[str] = set()
-        self._eof = False
 
-    def __repr__(self) -> str:
-        return f"<EventConnection {self.peer} {self.state.value} {self.flags}>"
-
-    # -- asyncio callbacks --------------------------------------------------------------------
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self._transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
-        peer = transport.get_extra_info("peername")
-        self.peer = str(peer[0]) if peer else ""
-        node = self.node
-        if len(node.handshaking) >= MAX_PENDING_HANDSHAKES:
-            # Evict the oldest silent connection, not the newcomer: a flood of idle sockets must not
-            # lock out a real client, which sends its flags at once and leaves this set quickly.
-            oldest = next(iter(node.handshaking))
-            node.handshaking.pop(oldest)
-            node.stats.bump(node.stats.connections, "evicted_handshake")
-            node.warn_flood(
-                "more than %d connections in handshake; closing the oldest (%s)", MAX_PENDING_HANDSHAKES, oldest.peer
-            )
-            oldest.abort()
-        node.handshaking[self] = None
-        transport.set_write_buffer_limits(high=HIGH_WATER)
-        self._timer = asyncio.get_running_loop().call_later(
-            node.config.service.handshake_timeout, self._handshake_expired
-        )
-
-    def data_received(self, data: bytes) -> None:
-        if self.state is ConnState.ACTIVE:
-            self._framer.receive_data(data)
-            self._process()
-        elif self.state is ConnState.HANDSHAKE:
-            self._handshake += data
-            self._try_handshake(eof=False)
-
-    def eof_received(self) -> bool:
-        self._eof = True
-        if self.state is ConnState.HANDSHAKE:
-            self._try_handshake(eof=True)
-        if self.state is ConnState.ACTIVE:
-            self._framer.receive_data(b"")
-            self._process()
-        return False  # close our side once the replies are written
-
-    def abort(self) -> None:
-        self.state = ConnState.CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-        if self._transport is not None:
-            self._transport.abort()
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        node = self.node
-        node.handshaking.pop(self, None)
-        if self.state is ConnState.ACTIVE:
-            node.active.discard(self)
-            if self._framer.buffered:
-                node.stats.bump(node.stats.bad_input, "disconnected_mid_event")
-                log.debug("%s disconnected with %d bytes of an unfinished event", self.peer, self._framer.buffered)
-            log.debug("event connection from %s closed (%s)", self.peer, exc or "EOF")
-        self.state = ConnState.CLOSED
-        if self._timer is not None:
-            self._timer.cancel()
-
-    def pause_writing(self) -> None:
-        self._pause("writing")
-
-    def resume_writing(self) -> None:
-        self._resume("writing")
-
-    # -- handshake ----------------------------------------------------------------------------
-
-    def _handshake_expired(self) -> None:
-        if self.state is ConnState.HANDSHAKE and self._transport is not None:
-            self.node.stats.bump(self.node.stats.bad_input, "handshake_timeout")
-            if self._handshake:
-                self._try_handshake(eof=True)  # bytes that could still be flags: decide now
-            else:
-                log.debug("%s sent nothing for %.0f s; closing", self.peer, self.node.config.service.handshake_timeout)
-                self._transport.close()
-
-    def _try_handshake(self, eof: bool) -> None:
-        assert self._transport is not None
-        if len(self._handshake) > MAX_HANDSHAKE_BYTES:
-            eof = True  # cannot be flags any more; decide with what we have
-        result = parse_flags(bytes(self._handshake), eof=eof)
-        if isinstance(result, NeedData):
-            return
-        flags, consumed = result
-        node = self.node
-        node.handshaking.pop(self, None)
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-        self.flags = flags
-        if flags.ping:
-            node.stats.bump(node.stats.connections, "ping")
-            self._transport.write(PONG)
-            self._transport.close()
-            self.state = ConnState.CLOSED
-            return
-        if len(node.active) >= node.config.service.scanners_count:
-            node.stats.bump(node.stats.connections, "rejected_scanners")
-            node.warn_scanners(
-                "all %d scanners busy; refusing event connection from %s", node.config.service.scanners_count, self.peer
-            )
-            self._transport.close()
-            self.state = ConnState.CLOSED
-            return
-        node.active.add(self)
-        node.stats.bump(node.stats.connections, "accepted")
-        self.state = ConnState.ACTIVE
-        log.debug("event connection from %s flags=%s", self.peer, flags)
-        rest = bytes(self._handshake[consumed:])
-        self._handshake = bytearray()
-        if rest:
-            self._framer.receive_data(rest)
-        if self._eof:
-            self._framer.receive_data(b"")
-        self._process()
-
-    # -- events -------------------------------------------------------------------------------
-
-    def _process(self) -> None:
-        events = self._framer.next_events()
-        if not events:
-            return
+    def process(self, events: list[FramedEvent]) -> None:
         node = self.node
         flags = self.flags
         finished = flags.send_finished or node.config.output.finished_enabled
         mstats = MatchStats()
         lines = node.matcher.match(events, date=node.date(), peer_ip=self.peer, finished=finished, stats=mstats)
-        node.account(mstats, self._framer, finished)
+        node.account(mstats, self.framer, finished)
         if not lines:
             return
         payload = "".join(lines).encode("utf-8", "replace")
         if flags.reply_back:
-            assert self._transport is not None
-            self._transport.write(payload)
+            assert self.transport is not None
+            self.transport.write(payload)
             return
         sender = node.output
         if not sender.send(payload):
             # The destination is not keeping up: hold this batch and stop reading until it drains.
             node.stats.bump(node.stats.bad_input, "output_backpressure")
-            self._pause("output")
+            self.pause("output")
 
             def retry() -> None:
                 if not sender.send(payload):
                     sender.when_drained(retry)
                     return
-                self._resume("output")
+                self.resume("output")
 
             sender.when_drained(retry)
-
-    def _pause(self, reason: str) -> None:
-        if not self._paused_by and self._transport is not None and not self._transport.is_closing():
-            self._transport.pause_reading()
-        self._paused_by.add(reason)
-
-    def _resume(self, reason: str) -> None:
-        self._paused_by.discard(reason)
-        if not self._paused_by and self._transport is not None and not self._transport.is_closing():
-            self._transport.resume_reading()
 
 
 class NodeService:
@@ -289,10 +133,7 @@ class NodeService:
             retries=config.output.retries_count,
             retry_timeout=config.output.retries_timeout,
         )
-        self.handshaking: dict[EventConnection, None] = {}  # insertion-ordered: oldest first
-        self.active: set[EventConnection] = set()
-        self.warn_flood = RateLimitedLog(log)
-        self.warn_scanners = RateLimitedLog(log)
+        self.listener = EventListener(self.stats, _limits(config), log)
         self.warn_input = RateLimitedLog(log)
         self._snapshots: dict[int, FeedSnapshot] = {}
         self._server: asyncio.Server | None = None
@@ -313,7 +154,9 @@ class NodeService:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
-        return f"<NodeService {self.config.input.listen} active={len(self.active)} store={self.matcher.store!r}>"
+        return (
+            f"<NodeService {self.config.input.listen} active={len(self.listener.active)} store={self.matcher.store!r}>"
+        )
 
     def date(self) -> str:
         now = int(time.time())
@@ -504,6 +347,7 @@ class NodeService:
         if fixed:
             log.warning("configuration reload: %s changed; that needs a restart", ", ".join(fixed))
         self.config = new
+        self.listener.limits = _limits(new)
         matcher = Matcher(new, self.matcher.store)
         matcher.use_suppliers(self.matcher.suppliers)
         self.matcher = matcher
@@ -560,7 +404,10 @@ class NodeService:
             StatsCollector(
                 self.stats,
                 {
-                    "threatgate_active_connections": ("Event connections holding a scanner", lambda: len(self.active)),
+                    "threatgate_active_connections": (
+                        "Event connections holding a scanner",
+                        lambda: len(self.listener.active),
+                    ),
                     "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
                     "threatgate_output_queue_bytes": ("Detection bytes waiting", lambda: self.output.queued_bytes),
                 },
@@ -613,9 +460,7 @@ class NodeService:
         log.info("node stopping")
         if self._server is not None:
             self._server.close()
-        for conn in [*self.active, *self.handshaking]:
-            if conn._transport is not None:
-                conn._transport.close()
+        self.listener.close_all()
         if self._started:
             self.alerts.raise_alert("KL_ALERT_ServiceStopped")
         await self.output.aclose()
@@ -649,6 +494,15 @@ class NodeService:
             for sig, _ in handlers:
                 loop.remove_signal_handler(sig)
             await self.shutdown()
+
+
+def _limits(config: NodeConfig) -> ListenerLimits:
+    return ListenerLimits(
+        handshake_timeout=config.service.handshake_timeout,
+        scanners_count=config.service.scanners_count,
+        max_event_size=config.input.max_event_size,
+        delimiter=config.input.event_delimiter,
+    )
 
 
 def _http_fixed(config: NodeConfig) -> object:

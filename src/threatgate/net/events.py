@@ -1,0 +1,231 @@
+"""The event port, shared by nodes and the balancer: session flags, scanner slots, framing, pausing.
+
+Both speak the CyberTrace TCP input protocol toward their clients, so the edge is written once.
+Connections go through three states: HANDSHAKE (collecting session flags, no scanner held),
+ACTIVE (holds one of ``scanners_count`` slots) and CLOSED.  A PING connection is answered in
+HANDSHAKE and never needs a slot, so health checks work even when every slot is busy.  Subclasses
+implement :meth:`EventProtocol.process` (what to do with framed events) and may hook
+:meth:`EventProtocol.on_closed`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import logging
+import re
+from dataclasses import dataclass
+from typing import cast
+
+from threatgate.log import RateLimitedLog
+from threatgate.metrics import BoundaryStats
+from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
+from threatgate.wire.framing import FramedEvent, LineFramer
+
+MAX_PENDING_HANDSHAKES = 256
+"""Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
+MAX_HANDSHAKE_BYTES = 4096
+HIGH_WATER = 4 * 1024 * 1024
+"""Reply bytes buffered for a client that does not read before we stop reading its events."""
+
+
+class ConnState(enum.Enum):
+    HANDSHAKE = "HANDSHAKE"
+    ACTIVE = "ACTIVE"
+    CLOSED = "CLOSED"
+
+
+@dataclass(frozen=True, slots=True)
+class ListenerLimits:
+    handshake_timeout: float
+    scanners_count: int
+    max_event_size: int
+    delimiter: re.Pattern[str] | None
+
+
+class EventListener:
+    """State shared by the connections of one event port."""
+
+    def __init__(self, stats: BoundaryStats, limits: ListenerLimits, log: logging.Logger) -> None:
+        self.stats = stats
+        self.limits = limits
+        self.log = log
+        self.handshaking: dict[EventProtocol, None] = {}  # insertion-ordered: oldest first
+        self.active: set[EventProtocol] = set()
+        self.warn_flood = RateLimitedLog(log)
+        self.warn_scanners = RateLimitedLog(log)
+
+    def close_all(self) -> None:
+        for conn in [*self.active, *self.handshaking]:
+            if conn.transport is not None:
+                conn.transport.close()
+
+
+class EventProtocol(asyncio.Protocol):
+    """One client connection on an event port."""
+
+    def __init__(self, listener: EventListener) -> None:
+        self.listener = listener
+        self.state = ConnState.HANDSHAKE
+        self.flags = SessionFlags()
+        self.peer = ""
+        self._handshake = bytearray()
+        limits = listener.limits
+        self.framer = LineFramer(limits.max_event_size, limits.delimiter)
+        self.transport: asyncio.Transport | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._paused_by: set[str] = set()
+        self.eof = False
+
+    def __repr__(self) -> str:
+        return f"<{type(self).__name__} {self.peer} {self.state.value} {self.flags}>"
+
+    # -- what subclasses implement -------------------------------------------------------------
+
+    def process(self, events: list[FramedEvent]) -> None:
+        """Handle a batch of framed events (called with at least one)."""
+        raise NotImplementedError
+
+    def on_closed(self) -> None:
+        """The connection is gone (after it was ACTIVE)."""
+
+    # -- asyncio callbacks --------------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        peer = transport.get_extra_info("peername")
+        self.peer = str(peer[0]) if peer else ""
+        listener = self.listener
+        if len(listener.handshaking) >= MAX_PENDING_HANDSHAKES:
+            # Evict the oldest silent connection, not the newcomer: a flood of idle sockets must not
+            # lock out a real client, which sends its flags at once and leaves this set quickly.
+            oldest = next(iter(listener.handshaking))
+            listener.handshaking.pop(oldest)
+            listener.stats.bump(listener.stats.connections, "evicted_handshake")
+            listener.warn_flood(
+                "more than %d connections in handshake; closing the oldest (%s)", MAX_PENDING_HANDSHAKES, oldest.peer
+            )
+            oldest.abort()
+        listener.handshaking[self] = None
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        self._timer = asyncio.get_running_loop().call_later(listener.limits.handshake_timeout, self._handshake_expired)
+
+    def data_received(self, data: bytes) -> None:
+        if self.state is ConnState.ACTIVE:
+            self.framer.receive_data(data)
+            self._process()
+        elif self.state is ConnState.HANDSHAKE:
+            self._handshake += data
+            self._try_handshake(eof=False)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        if self.state is ConnState.HANDSHAKE:
+            self._try_handshake(eof=True)
+        if self.state is ConnState.ACTIVE:
+            self.framer.receive_data(b"")
+            self._process()
+        return self.keep_open_after_eof()
+
+    def keep_open_after_eof(self) -> bool:
+        """False: close our side once the replies are written (the node answers synchronously)."""
+        return False
+
+    def abort(self) -> None:
+        self.state = ConnState.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+        if self.transport is not None:
+            self.transport.abort()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        listener = self.listener
+        listener.handshaking.pop(self, None)
+        if self.state is ConnState.ACTIVE:
+            listener.active.discard(self)
+            if self.framer.buffered:
+                listener.stats.bump(listener.stats.bad_input, "disconnected_mid_event")
+                listener.log.debug(
+                    "%s disconnected with %d bytes of an unfinished event", self.peer, self.framer.buffered
+                )
+            listener.log.debug("event connection from %s closed (%s)", self.peer, exc or "EOF")
+            self.state = ConnState.CLOSED
+            self.on_closed()
+        self.state = ConnState.CLOSED
+        if self._timer is not None:
+            self._timer.cancel()
+
+    def pause_writing(self) -> None:
+        self.pause("writing")
+
+    def resume_writing(self) -> None:
+        self.resume("writing")
+
+    # -- handshake ----------------------------------------------------------------------------
+
+    def _handshake_expired(self) -> None:
+        if self.state is ConnState.HANDSHAKE and self.transport is not None:
+            listener = self.listener
+            listener.stats.bump(listener.stats.bad_input, "handshake_timeout")
+            if self._handshake:
+                self._try_handshake(eof=True)  # bytes that could still be flags: decide now
+            else:
+                listener.log.debug("%s sent nothing for %.0f s; closing", self.peer, listener.limits.handshake_timeout)
+                self.transport.close()
+
+    def _try_handshake(self, eof: bool) -> None:
+        assert self.transport is not None
+        if len(self._handshake) > MAX_HANDSHAKE_BYTES:
+            eof = True  # cannot be flags any more; decide with what we have
+        result = parse_flags(bytes(self._handshake), eof=eof)
+        if isinstance(result, NeedData):
+            return
+        flags, consumed = result
+        listener = self.listener
+        listener.handshaking.pop(self, None)
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        self.flags = flags
+        if flags.ping:
+            listener.stats.bump(listener.stats.connections, "ping")
+            self.transport.write(PONG)
+            self.transport.close()
+            self.state = ConnState.CLOSED
+            return
+        if len(listener.active) >= listener.limits.scanners_count:
+            listener.stats.bump(listener.stats.connections, "rejected_scanners")
+            listener.warn_scanners(
+                "all %d scanners busy; refusing event connection from %s", listener.limits.scanners_count, self.peer
+            )
+            self.transport.close()
+            self.state = ConnState.CLOSED
+            return
+        listener.active.add(self)
+        listener.stats.bump(listener.stats.connections, "accepted")
+        self.state = ConnState.ACTIVE
+        listener.log.debug("event connection from %s flags=%s", self.peer, flags)
+        rest = bytes(self._handshake[consumed:])
+        self._handshake = bytearray()
+        if rest:
+            self.framer.receive_data(rest)
+        if self.eof:
+            self.framer.receive_data(b"")
+        self._process()
+
+    # -- events -------------------------------------------------------------------------------
+
+    def _process(self) -> None:
+        events = self.framer.next_events()
+        if events:
+            self.process(events)
+
+    def pause(self, reason: str) -> None:
+        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume(self, reason: str) -> None:
+        self._paused_by.discard(reason)
+        if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.transport.resume_reading()
