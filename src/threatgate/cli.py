@@ -58,6 +58,32 @@ def node(config_path: str, log_level: str) -> None:
         sys.exit(1)
 
 
+@main.group(invoke_without_command=True)
+@click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Balancer config (kl_balancer.conf).")
+@click.option("--log-level", default="inf", show_default=True, help="err, inf or dbg.")
+@click.pass_context
+def balancer(ctx: click.Context, config_path: str | None, log_level: str) -> None:
+    """Run the High Availability balancer in front of nodes (or one of its subcommands)."""
+    if ctx.invoked_subcommand is not None:
+        return
+    if config_path is None:
+        raise click.UsageError("--config is required to run the balancer")
+    from threatgate.balancer.service import run_balancer
+    from threatgate.config.balancer import load_balancer_config
+
+    setup_logging(log_level)
+    try:
+        config = load_balancer_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"threatgate: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        run_balancer(config)
+    except OSError as exc:
+        click.echo(f"threatgate: balancer failed: {exc}", err=True)
+        sys.exit(1)
+
+
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:

@@ -46,6 +46,20 @@ class NodeStats(BoundaryStats):
     lookup_detections: int = 0
 
 
+@dataclass(slots=True)
+class BalancerStats(BoundaryStats):
+    """Every counter the balancer's event path keeps (names in docs/operations.md)."""
+
+    events_in: int = 0  # events received from clients
+    events_out: int = 0  # events answered (released to their client)
+    detections: int = 0  # detection lines released
+    dispatched: int = 0  # events sent to instances (redispatches included)
+    redispatched: int = 0  # events sent again after their instance failed
+    dropped: dict[str, int] = field(default_factory=dict)  # reason -> events or lines not delivered
+    dropped_lines: dict[str, int] = field(default_factory=dict)  # reason -> instance lines refused
+    transitions: dict[str, int] = field(default_factory=dict)  # up / down / reply_timeout
+
+
 class StatsCollector(Collector):
     """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
 

@@ -135,6 +135,11 @@ class Correlator:
     def is_pending(self, request_id: int) -> bool:
         return request_id in self._entries
 
+    def owner(self, request_id: int) -> Hashable | None:
+        """The instance answering ``request_id`` now (None once finished, handed back or released)."""
+        entry = self._entries.get(request_id)
+        return entry.owner if entry is not None else None
+
     def on_line(self, instance: Hashable, line: str) -> list[Release] | Drop:
         """A reply line from ``instance`` (no line terminator).
 

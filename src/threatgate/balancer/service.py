@@ -1,0 +1,528 @@
+"""The balancer's event path: clients in, events spread per event over instances, replies routed back.
+
+Lifecycle (as the node's): ``serve`` -> ``startup`` (health checks start, listener opens) ->
+``main_loop`` (a 1 s tick: reply timeouts, hourly statistics) -> ``shutdown``.  SIGHUP re-reads
+the configuration; SIGTERM/SIGINT stop.
+
+The flow of one event:
+1. A client connection frames it (:mod:`threatgate.net.events`) and :meth:`BalancerService.submit`
+   registers it in the :class:`~threatgate.lb.correlation.Correlator` (a new request id) and
+   appends the id to the backlog.
+2. :meth:`BalancerService.dispatch` drains the backlog: per event, the policy picks an UP, connected,
+   writable instance under its in-flight limit; lines are written per instance in one batch.
+3. The instance's reply lines go through the correlator; an event's lines are released to its
+   client, in order, when its ``LookupFinished`` arrives.
+4. When an instance fails (connection lost, reply timeout, health checks, disabled or removed),
+   its unfinished events go back to the front of the backlog and are dispatched again; the
+   correlator drops the stale instance's late lines, so every event is answered exactly once.
+
+Back-pressure instead of loss: when the backlog is over ``MaxPendingEvents`` (no instance can take
+more), clients stop being read until it drains to half; a client that does not read its replies
+is paused at 4 MiB.  Nothing is dropped silently: every drop is counted and logged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import signal
+import time
+from collections import deque
+from collections.abc import Hashable
+from typing import Any
+
+from threatgate.balancer.upstream import Instance, InstanceOwner, ping
+from threatgate.config.balancer import BalancerConfig, load_balancer_config
+from threatgate.errors import ConfigError
+from threatgate.lb.correlation import Correlator, Drop, Release
+from threatgate.lb.policy import Candidate, InstanceState, pick
+from threatgate.log import RateLimitedLog
+from threatgate.metrics import BalancerStats
+from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
+from threatgate.net.sender import LineSender
+from threatgate.wire.framing import FramedEvent, Oversized
+
+log = logging.getLogger("threatgate.balancer")
+
+DISPATCH_BATCH = 4096
+"""Events placed per dispatch pass before yielding the loop (keeps reply handling responsive)."""
+
+
+class ClientConnection(EventProtocol):
+    """A SIEM (or lookup script) connection: behaves toward it like one big node."""
+
+    def __init__(self, service: BalancerService) -> None:
+        super().__init__(service.listener)
+        self.service = service
+        self.outstanding = 0  # events submitted and not yet released
+
+    def process(self, events: list[FramedEvent]) -> None:
+        self.service.submit(self, events)
+
+    def keep_open_after_eof(self) -> bool:
+        if self.outstanding:
+            return True  # half-closed: the answers are still on their way
+        return False
+
+    def on_closed(self) -> None:
+        self.service.client_gone(self)
+
+    def deliver(self, data: bytes) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def maybe_finish(self) -> None:
+        """Close after the last answer when the client has half-closed."""
+        if self.eof and not self.outstanding and self.transport is not None and not self.transport.is_closing():
+            self.transport.close()
+
+
+class BalancerService(InstanceOwner):
+    """Owns the listener, the correlator, the instances and their health checks."""
+
+    def __init__(self, config: BalancerConfig, rng: random.Random | None = None) -> None:
+        self.config = config
+        self.stats = BalancerStats()
+        self.listener = EventListener(self.stats, _limits(config), log)
+        self.correlator = Correlator()
+        self.backlog: deque[int] = deque()
+        self.instances: dict[str, Instance] = {}
+        self.clients: dict[int, ClientConnection] = {}
+        self.rng = rng or random.Random()
+        self.output = LineSender(config.output, name="detections") if config.output is not None else None
+        self.warn_drop = RateLimitedLog(log)
+        self.warn_backlog = RateLimitedLog(log)
+        self._paused_clients: set[ClientConnection] = set()
+        self._dispatch_scheduled = False
+        self._server: asyncio.Server | None = None
+        self._should_exit = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._checkers: dict[str, asyncio.Task[None]] = {}
+        self._stats_mark = (time.monotonic(), 0)
+        self.bound_port = 0
+        for settings in config.instances:
+            self._add_instance(settings)
+
+    def __repr__(self) -> str:
+        up = sum(1 for i in self.instances.values() if i.state is InstanceState.UP)
+        return (
+            f"<BalancerService up={up}/{len(self.instances)} clients={len(self.listener.active)} "
+            f"backlog={len(self.backlog)} {self.correlator!r}>"
+        )
+
+    # -- clients ------------------------------------------------------------------------------
+
+    def submit(self, client: ClientConnection, events: list[FramedEvent]) -> None:
+        corr = self.correlator
+        key = id(client)
+        self.clients[key] = client
+        releases: list[Release] = []
+        for event in events:
+            if isinstance(event, Oversized):
+                # Too large for any node: answered here (no detections), counted like a node does.
+                rid = corr.submit(key, "")
+                client.outstanding += 1
+                self.stats.bump(self.stats.bad_input, "oversized")
+                releases += corr.finish_local(rid)
+                continue
+            rid = corr.submit(key, event)
+            client.outstanding += 1
+            self.backlog.append(rid)
+        self.stats.events_in += len(events)
+        self._account_framer(client)
+        if releases:
+            self._deliver(releases)
+        if len(self.backlog) >= self.config.max_pending_events:
+            self.warn_backlog(
+                "%d events wait for an instance (MaxPendingEvents %d): pausing clients",
+                len(self.backlog),
+                self.config.max_pending_events,
+            )
+            for c in list(self.listener.active):
+                assert isinstance(c, ClientConnection)
+                c.pause("backlog")
+                self._paused_clients.add(c)
+        self.dispatch()
+
+    def client_gone(self, client: ClientConnection) -> None:
+        key = id(client)
+        self.clients.pop(key, None)
+        self._paused_clients.discard(client)
+        gone = self.correlator.client_gone(key)
+        for rid, owner in gone:
+            if owner is not None:
+                inst = self.instances.get(str(owner))
+                if inst is not None:
+                    inst.owned.pop(rid, None)
+        if gone:
+            self.stats.bump(self.stats.dropped, "client_gone", len(gone))
+            log.info(
+                "client %s left with %d event(s) unanswered; their answers will be discarded", client.peer, len(gone)
+            )
+
+    def _account_framer(self, client: ClientConnection) -> None:
+        f = client.framer.stats
+        for reason in ("invalid_utf8", "nul", "oversized", "unterminated"):
+            n = getattr(f, reason)
+            if n:
+                if reason != "oversized":  # counted per event in submit
+                    self.stats.bump(self.stats.bad_input, reason, n)
+                setattr(f, reason, 0)
+
+    def _deliver(self, releases: list[Release]) -> None:
+        out: dict[Hashable, list[str]] = {}
+        for rel in releases:
+            client = self.clients.get(rel.client)  # type: ignore[call-overload]
+            if client is None:
+                continue
+            client.outstanding -= 1
+            self.stats.events_out += 1
+            self.stats.detections += len(rel.lines)
+            buf = out.setdefault(rel.client, [])
+            if client.flags.reply_back:
+                buf.extend(rel.lines)
+                if client.flags.send_finished:
+                    buf.append(rel.finished_line)
+            elif rel.lines:
+                self._send_output(rel.lines)
+        for key, lines in out.items():
+            client = self.clients[key]  # type: ignore[index]
+            if lines:
+                client.deliver(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+            client.maybe_finish()
+
+    def _send_output(self, lines: tuple[str, ...]) -> None:
+        if self.output is None:
+            self.stats.bump(self.stats.dropped, "no_output_destination", len(lines))
+            self.warn_drop(
+                "detections of a client without X-KF-ReplyBack and no <OutputConnectionString>: %d line(s) dropped",
+                len(lines),
+            )
+            return
+        if not self.output.send(("\n".join(lines) + "\n").encode("utf-8", "replace")):
+            self.stats.bump(self.stats.dropped, "output_queue_full", len(lines))
+            self.warn_drop("detection output queue full: %d line(s) dropped", len(lines))
+
+    # -- dispatch -----------------------------------------------------------------------------
+
+    def dispatch(self) -> None:
+        """Place backlog events on instances, one batched write per instance."""
+        backlog = self.backlog
+        if not backlog:
+            self._maybe_resume_clients()
+            return
+        limit = self.config.max_inflight_events
+        usable = [
+            i
+            for i in self.instances.values()
+            if i.state is InstanceState.UP and i.connected and i.writable and len(i.owned) < limit
+        ]
+        if not usable:
+            return
+        corr = self.correlator
+        now = asyncio.get_running_loop().time()
+        cands = {i.key: Candidate(i.key, i.settings.weight, len(i.owned), limit - len(i.owned)) for i in usable}
+        by_key = {i.key: i for i in usable}
+        batches: dict[str, list[str]] = {}
+        placed = 0
+        while backlog and placed < DISPATCH_BATCH:
+            rid = backlog[0]
+            if not corr.is_pending(rid):  # its client left meanwhile
+                backlog.popleft()
+                continue
+            choice = pick(list(cands.values()), self.rng)
+            if choice is None:
+                break
+            backlog.popleft()
+            inst = by_key[str(choice.key)]
+            if not inst.owned:
+                inst.last_progress = now
+            corr.dispatch(rid, inst.key)
+            inst.owned[rid] = None
+            choice.outstanding += 1
+            choice.capacity -= 1
+            batches.setdefault(inst.key, []).append(corr.tagged(rid))
+            placed += 1
+        for key, lines in batches.items():
+            inst = by_key[key]
+            inst.dispatched += len(lines)
+            inst.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+        self.stats.dispatched += placed
+        if backlog and placed >= DISPATCH_BATCH:
+            self._schedule_dispatch()
+        self._maybe_resume_clients()
+
+    def _schedule_dispatch(self) -> None:
+        if not self._dispatch_scheduled:
+            self._dispatch_scheduled = True
+
+            def run() -> None:
+                self._dispatch_scheduled = False
+                self.dispatch()
+
+            asyncio.get_running_loop().call_soon(run)
+
+    def _maybe_resume_clients(self) -> None:
+        if self._paused_clients and len(self.backlog) <= self.config.max_pending_events // 2:
+            for c in self._paused_clients:
+                c.resume("backlog")
+            self._paused_clients.clear()
+
+    # -- instances (InstanceOwner) -------------------------------------------------------------
+
+    def instance_lines(self, instance: Instance, lines: list[str]) -> None:
+        corr = self.correlator
+        releases: list[Release] = []
+        finished = 0
+        owned = instance.owned
+        key = instance.key
+        for line in lines:
+            if not line:
+                continue
+            result = corr.on_line(key, line)
+            if isinstance(result, Drop):
+                self._dropped_line(instance, result, line)
+                continue
+            releases.extend(result)
+            rid = int(line[: line.find(" ")])  # on_line accepted it, so it starts with "<id> "
+            if rid in owned and corr.owner(rid) != key:
+                del owned[rid]
+                finished += 1
+        if finished:
+            instance.finished += finished
+            instance.last_progress = asyncio.get_running_loop().time()
+        if releases:
+            self._deliver(releases)
+        if finished:
+            self.dispatch()
+
+    def _dropped_line(self, instance: Instance, why: Drop, line: str) -> None:
+        self.stats.bump(self.stats.dropped_lines, why.value)
+        if why is Drop.NO_ID:
+            self.warn_drop(
+                "instance %s sent a line without a request id (its EventFormat must start with %%REQ%%): %.80r",
+                instance.key,
+                line,
+            )
+        else:
+            log.debug("instance %s: line dropped (%s): %.80r", instance.key, why.value, line)
+
+    def instance_failed(self, instance: Instance, why: str) -> None:
+        was_up = instance.state is InstanceState.UP
+        if instance.health.passive_failure(why) or was_up:
+            instance.state = InstanceState.DOWN if instance.state is InstanceState.UP else instance.state
+            log.error("instance %s is DOWN: %s", instance.key, why)
+            self.stats.bump(self.stats.transitions, "down")
+        instance.close()
+        self._redispatch(instance, why)
+
+    def _redispatch(self, instance: Instance, why: str) -> None:
+        lost = self.correlator.instance_lost(instance.key)
+        instance.owned.clear()
+        if lost:
+            self.backlog.extendleft(reversed(lost))
+            self.stats.redispatched += len(lost)
+            log.warning(
+                "instance %s: %d unfinished event(s) sent again to other instances (%s)", instance.key, len(lost), why
+            )
+        self.dispatch()
+
+    def instance_connected(self, instance: Instance) -> None:
+        self.dispatch()
+
+    def instance_writable(self, instance: Instance) -> None:
+        self.dispatch()
+
+    def _add_instance(self, settings: Any) -> Instance:
+        h = self.config.health
+        inst = Instance(settings, rise=h.rise, fall=h.fall, owner=self)
+        self.instances[inst.key] = inst
+        return inst
+
+    async def _check_loop(self, inst: Instance) -> None:
+        """Active health checks of one instance until it is removed or the balancer stops."""
+        while not self._should_exit.is_set() and self.instances.get(inst.key) is inst:
+            h = self.config.health
+            if inst.state is not InstanceState.MAINT:
+                error = await ping(inst.settings.host, inst.settings.matching_port, h.timeout)
+                if error is None:
+                    if inst.health.check_passed():
+                        log.info("instance %s is UP (%d checks passed)", inst.key, inst.health.rise)
+                        self.stats.bump(self.stats.transitions, "up")
+                    if inst.health.up and inst.state is InstanceState.DOWN:
+                        inst.state = InstanceState.UP
+                    if inst.state is InstanceState.UP and not inst.connected:
+                        await inst.connect(h.timeout)
+                else:
+                    if inst.health.check_failed(error):
+                        self.instance_failed(inst, f"health check: {error}")
+                    elif not inst.health.up:
+                        log.debug("instance %s health check failed: %s", inst.key, error)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._should_exit.wait(), h.interval)
+
+    def _check_timeouts(self) -> None:
+        """An instance that holds events and finishes none for ReplyTimeout is treated as hung."""
+        now = asyncio.get_running_loop().time()
+        for inst in list(self.instances.values()):
+            if inst.owned and now - inst.last_progress > self.config.reply_timeout:
+                self.stats.bump(self.stats.transitions, "reply_timeout")
+                self.instance_failed(inst, f"no answer for {self.config.reply_timeout:.0f} s")
+
+    # -- configuration ------------------------------------------------------------------------
+
+    def apply_config(self, new: BalancerConfig) -> None:
+        """Instances added, removed, enabled or disabled; events in flight are kept (redispatched)."""
+        old = self.config
+        if (new.listen_host, new.matching_port) != (old.listen_host, old.matching_port):
+            log.warning("configuration reload: the listen address changed; that needs a restart")
+        self.config = new
+        self.listener.limits = _limits(new)
+        wanted = {s.key: s for s in new.instances}
+        for key in list(self.instances):
+            if key not in wanted:
+                removed = self.instances.pop(key)
+                removed.state = InstanceState.MAINT
+                removed.close()
+                self._redispatch(removed, "removed from the configuration")
+                log.info("instance %s removed", key)
+        for key, settings in wanted.items():
+            inst = self.instances.get(key)
+            if inst is None:
+                inst = self._add_instance(settings)
+                self._start_checks(inst)
+                log.info("instance %s added", key)
+                continue
+            inst.settings = settings
+            if not settings.enabled and inst.state is not InstanceState.MAINT:
+                inst.state = InstanceState.MAINT
+                inst.health.up = False
+                inst.health.successes = 0
+                inst.close()
+                self._redispatch(inst, "disabled")
+                log.info("instance %s disabled (MAINT)", key)
+            elif settings.enabled and inst.state is InstanceState.MAINT:
+                inst.state = InstanceState.DOWN
+                log.info("instance %s enabled; UP after %d health checks", key, new.health.rise)
+        log.info("configuration reloaded from %s", new.path)
+
+    async def reload(self) -> None:
+        try:
+            new = await asyncio.to_thread(load_balancer_config, self.config.path)
+        except ConfigError as exc:
+            log.error("configuration not reloaded, keeping the running one: %s", exc)
+            return
+        self.apply_config(new)
+
+    # -- lifecycle ----------------------------------------------------------------------------
+
+    def _start_checks(self, inst: Instance) -> None:
+        task = asyncio.get_running_loop().create_task(self._check_loop(inst), name=f"health-{inst.key}")
+        self._checkers[inst.key] = task
+        key = inst.key
+
+        def forget(done: asyncio.Task[None]) -> None:
+            if self._checkers.get(key) is done:
+                del self._checkers[key]
+
+        task.add_done_callback(forget)
+
+    async def startup(self) -> None:
+        loop = asyncio.get_running_loop()
+        for inst in self.instances.values():
+            self._start_checks(inst)
+        if self.output is not None:
+            self.output.start()
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self),
+            self.config.listen_host,
+            self.config.matching_port,
+            reuse_address=True,
+            backlog=1024,
+        )
+        self.bound_port = self._server.sockets[0].getsockname()[1]
+        log.info(
+            "balancer listening for events on %s:%d (scanners_count %d, %d instance(s))",
+            self.config.listen_host,
+            self.bound_port,
+            self.config.scanners_count,
+            len(self.instances),
+        )
+
+    async def main_loop(self) -> None:
+        last_stats = time.monotonic()
+        while not self._should_exit.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._should_exit.wait(), 1.0)
+            self._check_timeouts()
+            if time.monotonic() - last_stats >= self.config.stats_interval:
+                last_stats = time.monotonic()
+                self.log_eps()
+
+    def log_eps(self) -> None:
+        started, count = self._stats_mark
+        now = time.monotonic()
+        eps = (self.stats.events_in - count) / max(now - started, 1e-9)
+        self._stats_mark = (now, self.stats.events_in)
+        log.info(
+            "average EPS over the last %.0f s: %.1f (%d events in total)", now - started, eps, self.stats.events_in
+        )
+
+    def request_exit(self) -> None:
+        self._should_exit.set()
+
+    def request_reload(self) -> None:
+        task = asyncio.get_running_loop().create_task(self.reload())
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def shutdown(self) -> None:
+        log.info("balancer stopping (%d event(s) unanswered)", self.correlator.pending)
+        if self._server is not None:
+            self._server.close()
+        self.listener.close_all()
+        for task in list(self._checkers.values()) + list(self._tasks):
+            task.cancel()
+        for inst in self.instances.values():
+            inst.close()
+        if self.output is not None:
+            await self.output.aclose()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        handlers = [
+            (signal.SIGHUP, self.request_reload),
+            (signal.SIGTERM, self.request_exit),
+            (signal.SIGINT, self.request_exit),
+        ]
+        for sig, handler in handlers:
+            loop.add_signal_handler(sig, handler)
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            for sig, _ in handlers:
+                loop.remove_signal_handler(sig)
+            await self.shutdown()
+
+
+def _limits(config: BalancerConfig) -> ListenerLimits:
+    return ListenerLimits(
+        handshake_timeout=config.handshake_timeout,
+        scanners_count=config.scanners_count,
+        max_event_size=config.max_event_size,
+        delimiter=config.event_delimiter,
+    )
+
+
+def run_balancer(config: BalancerConfig) -> None:
+    """Run a balancer until SIGTERM/SIGINT (uvloop when installed)."""
+    try:
+        import uvloop
+
+        runner: Any = uvloop.run
+    except ImportError:  # pragma: no cover - uvloop is optional
+        runner = asyncio.run
+    runner(BalancerService(config).serve())
