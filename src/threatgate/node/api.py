@@ -43,6 +43,7 @@ log = logging.getLogger("threatgate.api")
 VERSIONS = {"1.0": 10, "1.1": 11, "1.2": 12}
 """API versions served; ``v.1.1`` (the spelling of the balancer seed texts) is accepted as ``1.1``."""
 JSON_TYPES = ("application/json", "application/*", "*/*")
+PATH_CACHE_SIZE = 1024
 
 Result = tuple[int, Any]
 RouteHandler = Callable[["Call"], Awaitable[Result]]
@@ -105,6 +106,7 @@ class NodeAPI:
         self.warn = RateLimitedLog(log)
         self._handlers: dict[str, RouteHandler] = {r.name: getattr(self, "_" + r.name) for r in ROUTES}
         self._openapi: bytes | None = None
+        self._paths: dict[str, tuple[str, ...]] = {}  # raw target -> normalised segments (clients repeat them)
 
     def count(self, reason: str) -> None:
         self.node.stats.bump(self.node.stats.bad_input, "api_" + reason)
@@ -117,11 +119,17 @@ class NodeAPI:
         return response
 
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
-        try:
-            segments = normalize_path(request.raw_path)
-        except PathError as exc:
-            self.count("bad_path")
-            return json_error(400, str(exc))
+        raw_path = request.raw_path
+        segments = self._paths.get(raw_path)
+        if segments is None:
+            try:
+                segments = normalize_path(raw_path)
+            except PathError as exc:
+                self.count("bad_path")
+                return json_error(400, str(exc))
+            if len(self._paths) >= PATH_CACHE_SIZE:
+                self._paths.clear()
+            self._paths[raw_path] = segments
         if segments[:1] == ("ioc_exports",):
             return await self.node.exports.handle(request, segments)
         if segments == ("api", "openapi.json"):
@@ -202,21 +210,13 @@ class NodeAPI:
         if length is not None and length > MAX_BODY_SIZE:
             self.count("body_too_large")
             return _close(json_error(413, f"request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"))
-        timeout = self.node.config.http.body_timeout if self.node.config.http else 60.0
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(timeout):
-                async for chunk in request.content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_BODY_SIZE:
-                        self.count("body_too_large")
-                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit"))
-                    chunks.append(chunk)
-        except TimeoutError:
-            self.count("body_timeout")
-            return _close(json_error(408, f"request body not received within {timeout:.0f} s"))
-        data = b"".join(chunks)
+        content = request.content
+        if length is not None and content.is_eof():
+            data = content.read_nowait()  # the usual case: the whole body came with the headers
+        else:
+            error, data = await self._receive_body(content)
+            if error is not None:
+                return error
         if not data:
             self.count("invalid_body")
             return json_error(400, "empty request body; expected JSON")
@@ -238,6 +238,28 @@ class NodeAPI:
             self.count("invalid_body")
             return json_error(400, "request body holds a \\u escape of an unpaired UTF-16 surrogate (not valid text)")
         return None
+
+    async def _receive_body(self, content: Any) -> tuple[web.Response | None, bytes]:
+        """Read a body still on its way, within RequestBodyTimeout and the size limit."""
+        timeout = self.node.config.http.body_timeout if self.node.config.http else 60.0
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(timeout):
+                async for chunk in content.iter_chunked(1 << 20):
+                    size += len(chunk)
+                    if size > MAX_BODY_SIZE:
+                        self.count("body_too_large")
+                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit")), b""
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.count("body_timeout")
+            return _close(json_error(408, f"request body not received within {timeout:.0f} s")), b""
+        except ConnectionError:
+            # The client went away mid-body: nothing is stored and nobody reads the answer; no 500.
+            self.count("body_incomplete")
+            return _close(json_error(400, "connection lost while the request body was being read")), b""
+        return None, b"".join(chunks)
 
     # -- lookup -------------------------------------------------------------------------------
 

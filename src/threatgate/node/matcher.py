@@ -269,7 +269,7 @@ class Matcher:
         text = raw.strip()
         if len(text) in (32, 40, 64) and _HEX.match(text):
             return self.lookup_suppressed(RuleType.HASH, text)
-        if normalize.parse_ip(text) is not None:
+        if "/" not in text and normalize.parse_ip(text) is not None:  # a URL is never tried as IPv6
             return self.lookup_suppressed(RuleType.IP, text)
         return self.lookup_suppressed(RuleType.URL, text)
 
