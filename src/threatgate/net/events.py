@@ -27,6 +27,8 @@ MAX_PENDING_HANDSHAKES = 256
 MAX_HANDSHAKE_BYTES = 4096
 HIGH_WATER = 4 * 1024 * 1024
 """Reply bytes buffered for a client that does not read before we stop reading its events."""
+YIELD_AFTER = 64 * 1024
+"""A read this large means more is waiting: let the loop run other work before reading again."""
 
 
 class ConnState(enum.Enum):
@@ -114,6 +116,8 @@ class EventProtocol(asyncio.Protocol):
         if self.state is ConnState.ACTIVE:
             self.framer.receive_data(data)
             self._process()
+            if len(data) >= YIELD_AFTER:
+                self._yield_reading()
         elif self.state is ConnState.HANDSHAKE:
             self._handshake += data
             self._try_handshake(eof=False)
@@ -160,6 +164,17 @@ class EventProtocol(asyncio.Protocol):
 
     def resume_writing(self) -> None:
         self.resume("writing")
+
+    def _yield_reading(self) -> None:
+        """Stop reading until the loop has run once: one busy stream cannot starve the others.
+
+        uvloop (libuv) reads a readable socket up to 32 times per loop iteration, and every read is
+        matched at once: a stream that keeps the socket full held the loop for seconds, so PING
+        health checks and other clients waited that long (and healthy nodes were marked DOWN).
+        """
+        if "yield" not in self._paused_by and self.transport is not None and not self.transport.is_closing():
+            self.pause("yield")
+            asyncio.get_running_loop().call_soon(self.resume, "yield")
 
     # -- handshake ----------------------------------------------------------------------------
 

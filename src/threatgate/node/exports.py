@@ -38,9 +38,11 @@ log = logging.getLogger("threatgate.exports")
 
 def _selected(task: IoCExportSettings, snap: FeedSnapshot) -> bool:
     s = snap.settings
-    if not task.sources:
-        return s.supplier != "FalsePositive"
-    return s.category in task.sources or s.name in task.sources
+    if s.supplier == "FalsePositive":
+        # Not threat indicators: only a task that names FalsePositive itself exports them (never the
+        # false-positive marks a supplier made through the API, which carry that supplier's name).
+        return "FalsePositive" in task.sources and s.name == "FalsePositive"
+    return not task.sources or s.category in task.sources or s.name in task.sources
 
 
 def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> bytes:

@@ -303,8 +303,7 @@ class NodeService:
             common_name=f"threatgate node {host}",
             hosts=sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
         )
-        if not pair.created:  # a created pair was just logged with its fingerprint by ensure_server_pair
-            log.info("REST API certificate %s SHA-256 fingerprint %s", pair.cert_path, pair.fingerprint_sha256)
+        del pair  # ensure_server_pair logged the certificate and its SHA-256 fingerprint
         if not settings.users:
             log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: threatgate users add)")
         self.db = await asyncio.to_thread(SupplierDB, settings.database)

@@ -298,6 +298,15 @@ class SupplierDB:
         self._conn = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._lock = threading.Lock()
         conn = self._conn
+        try:
+            self._prepare()
+        except BaseException:
+            conn.close()
+            raise
+
+    def _prepare(self) -> None:
+        conn = self._conn
+        path = self.path
         conn.execute("PRAGMA journal_mode=WAL")
         conn.execute("PRAGMA synchronous=FULL")
         conn.execute("PRAGMA foreign_keys=ON")
@@ -523,8 +532,8 @@ class SupplierDB:
             changed: set[str] = set()
             rows = cur.execute(
                 "SELECT i.rowid, i.tags, s.name FROM indicators i JOIN suppliers s ON s.id = i.supplier_id "
-                "WHERE i.tags LIKE ?",
-                (f"%{json.dumps(name)}%",),
+                "WHERE instr(i.tags, ?) > 0",
+                (json.dumps(name),),
             ).fetchall()
             for rowid, tags_json, supplier in rows:
                 tags = [t for t in json.loads(tags_json) if t != name]
