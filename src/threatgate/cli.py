@@ -10,7 +10,8 @@ import re
 import secrets
 import sqlite3
 import sys
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, TypeVar
 from xml.sax.saxutils import unescape
 
 import click
@@ -23,6 +24,7 @@ if TYPE_CHECKING:
     from threatgate.config.xml import Node as ConfigNode
 
 EXIT_CONFIG = 2
+T = TypeVar("T")
 
 USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
 """Allowed REST API user names (the same rule as the config loader's)."""
@@ -42,20 +44,7 @@ def node(config_path: str, log_level: str) -> None:
     from threatgate.config.node import load_node_config
     from threatgate.node.service import run_node
 
-    setup_logging(log_level)
-    try:
-        config = load_node_config(config_path)
-    except ConfigError as exc:
-        click.echo(f"threatgate: invalid configuration: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    try:
-        run_node(config)
-    except TLSConfigError as exc:
-        click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except (OSError, sqlite3.Error) as exc:
-        click.echo(f"threatgate: node failed: {exc}", err=True)
-        sys.exit(1)
+    _run_service("node", load_node_config, run_node, config_path, log_level)
 
 
 @main.group(invoke_without_command=True)
@@ -71,16 +60,24 @@ def balancer(ctx: click.Context, config_path: str | None, log_level: str) -> Non
     from threatgate.balancer.service import run_balancer
     from threatgate.config.balancer import load_balancer_config
 
+    _run_service("balancer", load_balancer_config, run_balancer, config_path, log_level)
+
+
+def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], path: str, log_level: str) -> None:
+    """Load a config (exit 2 when invalid) and run the service until it stops (exit 1 on failure)."""
     setup_logging(log_level)
     try:
-        config = load_balancer_config(config_path)
+        config = load(path)
     except ConfigError as exc:
         click.echo(f"threatgate: invalid configuration: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     try:
-        run_balancer(config)
-    except OSError as exc:
-        click.echo(f"threatgate: balancer failed: {exc}", err=True)
+        run(config)
+    except TLSConfigError as exc:
+        click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except (OSError, sqlite3.Error) as exc:
+        click.echo(f"threatgate: {what} failed: {exc}", err=True)
         sys.exit(1)
 
 

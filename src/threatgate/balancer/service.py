@@ -27,12 +27,12 @@ import asyncio
 import contextlib
 import logging
 import random
-import signal
 import time
 from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
+from threatgate import runtime
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.errors import ConfigError
@@ -490,23 +490,6 @@ class BalancerService(InstanceOwner):
         if self.output is not None:
             await self.output.aclose()
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        handlers = [
-            (signal.SIGHUP, self.request_reload),
-            (signal.SIGTERM, self.request_exit),
-            (signal.SIGINT, self.request_exit),
-        ]
-        for sig, handler in handlers:
-            loop.add_signal_handler(sig, handler)
-        try:
-            await self.startup()
-            await self.main_loop()
-        finally:
-            for sig, _ in handlers:
-                loop.remove_signal_handler(sig)
-            await self.shutdown()
-
 
 def _limits(config: BalancerConfig) -> ListenerLimits:
     return ListenerLimits(
@@ -518,11 +501,5 @@ def _limits(config: BalancerConfig) -> ListenerLimits:
 
 
 def run_balancer(config: BalancerConfig) -> None:
-    """Run a balancer until SIGTERM/SIGINT (uvloop when installed)."""
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is optional
-        runner = asyncio.run
-    runner(BalancerService(config).serve())
+    """Run until SIGTERM/SIGINT (uvloop when installed)."""
+    runtime.run(runtime.serve(BalancerService(config)))

@@ -22,6 +22,14 @@ _NAME = {
     "not": {"enum": [".", ".."]},
 }
 
+_SUPPLIER = {
+    "name": _NAME,
+    "status": {"type": "string", "enum": ["enabled", "disabled"]},
+    "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
+    "retention": {"type": "integer", "minimum": 0, "maximum": 10 * 365 * 24 * 60},
+    "vendor": {"type": "string", "maxLength": 256},
+}
+
 SCHEMAS: dict[str, Any] = {
     "Status": {
         "type": "array",
@@ -74,29 +82,8 @@ SCHEMAS: dict[str, Any] = {
             },
         },
     },
-    "Supplier": {
-        "type": "object",
-        "required": ["name"],
-        "additionalProperties": False,
-        "properties": {
-            "name": _NAME,
-            "status": {"type": "string", "enum": ["enabled", "disabled"]},
-            "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
-            "retention": {"type": "integer", "minimum": 0, "maximum": 10 * 365 * 24 * 60},
-            "vendor": {"type": "string", "maxLength": 256},
-        },
-    },
-    "SupplierUpdate": {
-        "type": "object",
-        "additionalProperties": False,
-        "properties": {
-            "name": _NAME,
-            "status": {"type": "string", "enum": ["enabled", "disabled"]},
-            "confidence": {"type": "integer", "minimum": 0, "maximum": 100},
-            "retention": {"type": "integer", "minimum": 0, "maximum": 10 * 365 * 24 * 60},
-            "vendor": {"type": "string", "maxLength": 256},
-        },
-    },
+    "Supplier": {"type": "object", "required": ["name"], "additionalProperties": False, "properties": _SUPPLIER},
+    "SupplierUpdate": {"type": "object", "additionalProperties": False, "properties": _SUPPLIER},
     "SupplierList": {
         "type": "array",
         "items": {

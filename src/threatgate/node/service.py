@@ -14,7 +14,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import signal
 import time
 from collections.abc import Callable
 from typing import Any, TypeVar
@@ -22,6 +21,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from prometheus_client import CollectorRegistry, generate_latest
 
+from threatgate import runtime
 from threatgate.config.node import NodeConfig, load_node_config
 from threatgate.errors import ConfigError, FeedError
 from threatgate.log import RateLimitedLog
@@ -477,23 +477,6 @@ class NodeService:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
 
-    async def serve(self) -> None:
-        loop = asyncio.get_running_loop()
-        handlers: list[tuple[signal.Signals, Any]] = [
-            (signal.SIGHUP, self.request_reload),
-            (signal.SIGTERM, self.request_exit),
-            (signal.SIGINT, self.request_exit),
-        ]
-        for sig, handler in handlers:
-            loop.add_signal_handler(sig, handler)
-        try:
-            await self.startup()
-            await self.main_loop()
-        finally:
-            for sig, _ in handlers:
-                loop.remove_signal_handler(sig)
-            await self.shutdown()
-
 
 def _limits(config: NodeConfig) -> ListenerLimits:
     return ListenerLimits(
@@ -519,11 +502,5 @@ def _kept(old: FeedSnapshot | None) -> str:
 
 
 def run_node(config: NodeConfig) -> None:
-    """Run a node until SIGTERM/SIGINT (uvloop when installed)."""
-    try:
-        import uvloop
-
-        runner: Any = uvloop.run
-    except ImportError:  # pragma: no cover - uvloop is optional
-        runner = asyncio.run
-    runner(NodeService(config).serve())
+    """Run until SIGTERM/SIGINT (uvloop when installed)."""
+    runtime.run(runtime.serve(NodeService(config)))
