@@ -10,8 +10,14 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from aiohttp import web
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
+
+from threatgate.config.common import Address
+
+Gauges = dict[str, tuple[str, Callable[[], float]]]
 
 
 @dataclass(slots=True)
@@ -63,7 +69,7 @@ class BalancerStats(BoundaryStats):
 class StatsCollector(Collector):
     """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
 
-    def __init__(self, stats: NodeStats, gauges: dict[str, tuple[str, Callable[[], float]]]) -> None:
+    def __init__(self, stats: NodeStats, gauges: Gauges) -> None:
         self._stats = stats
         self._gauges = gauges
 
@@ -112,3 +118,56 @@ class StatsCollector(Collector):
             yield gauge
         for name, (doc, getter) in self._gauges.items():
             yield GaugeMetricFamily(name, doc, value=getter())
+
+
+class BalancerCollector(Collector):
+    """Exports a :class:`BalancerStats` plus live gauges."""
+
+    def __init__(self, stats: BalancerStats, gauges: Gauges) -> None:
+        self._stats = stats
+        self._gauges = gauges
+
+    def collect(self) -> Iterator[Metric]:
+        s = self._stats
+        for name, doc, value in (
+            ("threatgate_balancer_events_in", "Events received from clients", s.events_in),
+            ("threatgate_balancer_events_answered", "Events answered to their client", s.events_out),
+            ("threatgate_balancer_detections", "Detection lines delivered", s.detections),
+            ("threatgate_balancer_dispatched", "Events sent to instances (redispatches included)", s.dispatched),
+            ("threatgate_balancer_redispatched", "Events sent again after their instance failed", s.redispatched),
+        ):
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, label, table in (
+            ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
+            ("threatgate_connections", "Client connections, by outcome", "outcome", s.connections),
+            ("threatgate_balancer_dropped", "Events or lines not delivered, by reason", "reason", s.dropped),
+            (
+                "threatgate_balancer_refused_lines",
+                "Instance lines refused by the correlator",
+                "reason",
+                s.dropped_lines,
+            ),
+            ("threatgate_balancer_transitions", "Instance state changes", "kind", s.transitions),
+        ):
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(table.items()):
+                family.add_metric([key], value)
+            yield family
+        for name, (doc, getter) in self._gauges.items():
+            yield GaugeMetricFamily(name, doc, value=getter())
+
+
+async def start_metrics_server(address: Address, collector: Collector) -> web.AppRunner:
+    """Serve ``collector`` as Prometheus text on ``http://address/metrics``; returns the runner to clean up."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+
+    async def metrics(_: web.Request) -> web.Response:
+        return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
+
+    app = web.Application()
+    app.router.add_get("/metrics", metrics)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    await web.TCPSite(runner, address.host, address.port).start()
+    return runner

@@ -32,6 +32,8 @@ from collections import deque
 from collections.abc import Hashable
 from typing import Any
 
+from aiohttp import web
+
 from threatgate import runtime
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
@@ -39,7 +41,7 @@ from threatgate.errors import ConfigError
 from threatgate.lb.correlation import Correlator, Drop, Release
 from threatgate.lb.policy import Candidate, InstanceState, pick
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BalancerStats
+from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.sender import LineSender
 from threatgate.wire.framing import FramedEvent, Oversized
@@ -97,6 +99,7 @@ class BalancerService(InstanceOwner):
         self._paused_clients: set[ClientConnection] = set()
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
+        self._metrics_runner: web.AppRunner | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._checkers: dict[str, asyncio.Task[None]] = {}
@@ -435,6 +438,20 @@ class BalancerService(InstanceOwner):
             self._start_checks(inst)
         if self.output is not None:
             self.output.start()
+        if self.config.metrics is not None:
+            gauges: Gauges = {
+                "threatgate_balancer_backlog": ("Events waiting for an instance", lambda: len(self.backlog)),
+                "threatgate_balancer_pending": ("Events not yet answered", lambda: self.correlator.pending),
+                "threatgate_balancer_clients": ("Client connections", lambda: len(self.listener.active)),
+                "threatgate_balancer_instances_up": (
+                    "Instances UP",
+                    lambda: sum(1 for i in self.instances.values() if i.state is InstanceState.UP),
+                ),
+            }
+            self._metrics_runner = await start_metrics_server(
+                self.config.metrics, BalancerCollector(self.stats, gauges)
+            )
+            log.info("metrics on http://%s/metrics", self.config.metrics)
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.config.listen_host,
@@ -489,6 +506,8 @@ class BalancerService(InstanceOwner):
             inst.close()
         if self.output is not None:
             await self.output.aclose()
+        if self._metrics_runner is not None:
+            await self._metrics_runner.cleanup()
 
 
 def _limits(config: BalancerConfig) -> ListenerLimits:

@@ -92,6 +92,7 @@ class BalancerConfig(_Frozen):
     max_inflight_events: int = pydantic.Field(default=20_000, ge=1, le=10_000_000)
     max_pending_events: int = pydantic.Field(default=100_000, ge=1, le=100_000_000)
     output: Address | None = None
+    metrics: Address | None = None
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
     stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
 
@@ -175,6 +176,7 @@ KNOWN = frozenset(
         "OutputConnectionString",
         "HandshakeTimeout",
         "StatisticsInterval",
+        "MetricsConnectionString",
     }
 )
 
@@ -244,6 +246,9 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
         opt = root.only(tag)
         if opt is not None:
             data[key] = parse_int(opt, opt.value, tag, lo, hi)
+    metrics = root.only("MetricsConnectionString")
+    if metrics is not None and parse_bool(metrics, "enabled", True):
+        data["metrics"] = parse_address(metrics)
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
         data["output"] = parse_address(output)

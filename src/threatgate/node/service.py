@@ -19,13 +19,12 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
 
 from threatgate import runtime
 from threatgate.config.node import NodeConfig, load_node_config
 from threatgate.errors import ConfigError, FeedError
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import NodeStats, StatsCollector
+from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import LineSender
@@ -398,32 +397,14 @@ class NodeService:
         self._started = True
 
     async def _start_metrics(self) -> None:
-        registry = CollectorRegistry()
-        registry.register(
-            StatsCollector(
-                self.stats,
-                {
-                    "threatgate_active_connections": (
-                        "Event connections holding a scanner",
-                        lambda: len(self.listener.active),
-                    ),
-                    "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
-                    "threatgate_output_queue_bytes": ("Detection bytes waiting", lambda: self.output.queued_bytes),
-                },
-            )
-        )
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
-
-        app = web.Application()
-        app.router.add_get("/metrics", metrics)
-        self._metrics_runner = web.AppRunner(app, access_log=None)
-        await self._metrics_runner.setup()
         address = self.config.service.metrics
         assert address is not None
-        site = web.TCPSite(self._metrics_runner, address.host, address.port)
-        await site.start()
+        gauges: Gauges = {
+            "threatgate_active_connections": ("Event connections holding a scanner", lambda: len(self.listener.active)),
+            "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
+            "threatgate_output_queue_bytes": ("Detection bytes waiting", lambda: self.output.queued_bytes),
+        }
+        self._metrics_runner = await start_metrics_server(address, StatsCollector(self.stats, gauges))
         log.info("metrics on http://%s/metrics", address)
 
     async def main_loop(self) -> None:
