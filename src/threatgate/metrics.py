@@ -64,6 +64,9 @@ class BalancerStats(BoundaryStats):
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> events or lines not delivered
     dropped_lines: dict[str, int] = field(default_factory=dict)  # reason -> instance lines refused
     transitions: dict[str, int] = field(default_factory=dict)  # up / down / reply_timeout
+    api_requests: dict[str, int] = field(default_factory=dict)  # gateway answers by HTTP status
+    api_retries: dict[str, int] = field(default_factory=dict)  # instance key / drift / pin_mismatch -> count
+    alerts: dict[str, int] = field(default_factory=dict)  # service alerts received, by name
 
 
 class StatsCollector(Collector):
@@ -148,6 +151,9 @@ class BalancerCollector(Collector):
                 s.dropped_lines,
             ),
             ("threatgate_balancer_transitions", "Instance state changes", "kind", s.transitions),
+            ("threatgate_api_requests", "REST gateway answers, by HTTP status", "status", s.api_requests),
+            ("threatgate_gateway_failures", "Gateway upstream failures, by instance or kind", "what", s.api_retries),
+            ("threatgate_alerts", "Service alerts received from nodes, by name", "alert", s.alerts),
         ):
             family = CounterMetricFamily(name, doc, labels=[label])
             for key, value in sorted(table.items()):

@@ -35,6 +35,8 @@ from typing import Any
 from aiohttp import web
 
 from threatgate import runtime
+from threatgate.balancer.alerts import AlertListener
+from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.errors import ConfigError
@@ -99,6 +101,8 @@ class BalancerService(InstanceOwner):
         self._paused_clients: set[ClientConnection] = set()
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
+        self.gateway = Gateway(self)
+        self.alerts = AlertListener(self)
         self._metrics_runner: web.AppRunner | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -344,13 +348,19 @@ class BalancerService(InstanceOwner):
         self.instances[inst.key] = inst
         return inst
 
+    def _checked(self, inst: Instance) -> bool:
+        """Whether ``inst`` is still an enabled instance of the running configuration (checks apply to it)."""
+        return inst.state is not InstanceState.MAINT and self.instances.get(inst.key) is inst
+
     async def _check_loop(self, inst: Instance) -> None:
         """Active health checks of one instance until it is removed or the balancer stops."""
         while not self._should_exit.is_set() and self.instances.get(inst.key) is inst:
             h = self.config.health
             if inst.state is not InstanceState.MAINT:
                 error = await ping(inst.settings.host, inst.settings.matching_port, h.timeout)
-                if error is None:
+                if not self._checked(inst):
+                    pass  # disabled or removed while the check ran: its result must not count
+                elif error is None:
                     if inst.health.check_passed():
                         log.info("instance %s is UP (%d checks passed)", inst.key, inst.health.rise)
                         self.stats.bump(self.stats.transitions, "up")
@@ -399,6 +409,7 @@ class BalancerService(InstanceOwner):
                 log.info("instance %s added", key)
                 continue
             inst.settings = settings
+            inst.health.rise, inst.health.fall = new.health.rise, new.health.fall  # interval/timeout: read per check
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 inst.state = InstanceState.MAINT
                 inst.health.up = False
@@ -452,6 +463,8 @@ class BalancerService(InstanceOwner):
                 self.config.metrics, BalancerCollector(self.stats, gauges)
             )
             log.info("metrics on http://%s/metrics", self.config.metrics)
+        await self.alerts.start()
+        await self.gateway.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.config.listen_host,
@@ -504,6 +517,8 @@ class BalancerService(InstanceOwner):
             task.cancel()
         for inst in self.instances.values():
             inst.close()
+        await self.gateway.close()
+        await self.alerts.close()
         if self.output is not None:
             await self.output.aclose()
         if self._metrics_runner is not None:

@@ -29,6 +29,7 @@ DEFAULT_ALLOWED = (
 )
 """Read-only requests, allowed when ``<AllowedRequests>`` is absent."""
 
+_HOST = re.compile(r"[A-Za-z0-9._:-]{1,253}\Z")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
 
 
@@ -93,6 +94,10 @@ class BalancerConfig(_Frozen):
     max_pending_events: int = pydantic.Field(default=100_000, ge=1, le=100_000_000)
     output: Address | None = None
     metrics: Address | None = None
+    alert_forward: Address | None = None
+    max_api_requests: int = pydantic.Field(default=100, ge=1, le=100_000)
+    api_body_timeout: float = pydantic.Field(default=60.0, gt=0, le=3600)
+    api_upstream_timeout: float = pydantic.Field(default=30.0, gt=0, le=3600)
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
     stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
 
@@ -115,6 +120,9 @@ def _read_instance(node: Node) -> InstanceSettings:
     host = node.value.strip()
     if not host:
         raise node.error("empty instance address: the element's text is the instance's host name or IP")
+    if not _HOST.match(host.strip("[]")) or host.strip("[]") in (".", ".."):
+        # The text also names the pinned-certificate file <CertDirPath>/<INSTANCE>_<port>.pem.
+        raise node.error(f"instance address {host[:80]!r}: expected a host name or an IP address")
     data = {
         "host": host.strip("[]"),
         "matching_port": parse_int(node, node.attrs.get("matching_port"), "matching_port", 1, 65535),
@@ -177,6 +185,10 @@ KNOWN = frozenset(
         "HandshakeTimeout",
         "StatisticsInterval",
         "MetricsConnectionString",
+        "AlertForwardConnectionString",
+        "MaxConcurrentRequests",
+        "RequestBodyTimeout",
+        "UpstreamTimeout",
     }
 )
 
@@ -242,10 +254,16 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
         ("MaxPendingEvents", "max_pending_events", 1, 100_000_000),
         ("HandshakeTimeout", "handshake_timeout", 1, 3600),
         ("StatisticsInterval", "stats_interval", 1, 86400),
+        ("MaxConcurrentRequests", "max_api_requests", 1, 100_000),
+        ("RequestBodyTimeout", "api_body_timeout", 1, 3600),
+        ("UpstreamTimeout", "api_upstream_timeout", 1, 3600),
     ):
         opt = root.only(tag)
         if opt is not None:
             data[key] = parse_int(opt, opt.value, tag, lo, hi)
+    forward = root.only("AlertForwardConnectionString")
+    if forward is not None and parse_bool(forward, "enabled", True):
+        data["alert_forward"] = parse_address(forward)
     metrics = root.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
         data["metrics"] = parse_address(metrics)

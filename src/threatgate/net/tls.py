@@ -147,9 +147,9 @@ def _create_pair(cert_path: str, key_path: str, *, common_name: str, hosts: list
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     # Key first: if we die between the two writes the operator finds "certificate missing, key
     # present", which the error message explains; the reverse would leave a cert nobody can use.
-    _write_atomic(key_path, key_pem, 0o600)
+    write_atomic(key_path, key_pem, 0o600)
     try:
-        _write_atomic(cert_path, cert_pem, 0o644)
+        write_atomic(cert_path, cert_pem, 0o644)
     except TLSConfigError:
         _unlink_quietly(key_path)
         raise
@@ -220,7 +220,7 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, san: list[x5
     )
 
 
-def _write_atomic(path: str, data: bytes, mode: int) -> None:
+def write_atomic(path: str, data: bytes, mode: int) -> None:
     """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a mix."""
     directory = os.path.dirname(os.path.abspath(path))
     tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")

@@ -1,0 +1,148 @@
+"""Service alerts from the nodes on cybertrace_port: logged at err, counted, optionally forwarded.
+
+Each line a node sends is one alert (its AlertFormat, e.g. ``Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed
+feed=... records=...``).  The balancer logs it at err with the node's address (CyberTrace's Balancer
+logs received service alerts at err), counts it per alert name (``KL_ALERT_*`` found in the line,
+else ``unknown``) and, with ``<AlertForwardConnectionString>``, forwards it to a SIEM through a
+bounded, retrying queue.
+
+Bounded against garbage and floods, and never in the way of the event path: at most 64 connections,
+lines longer than 64 KiB are cut and counted, log lines are rate-limited per node (the count always
+moves), and the forward queue drops (counted) instead of growing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import re
+import time
+from typing import TYPE_CHECKING, cast
+
+from threatgate.log import RateLimitedLog
+from threatgate.net.sender import LineSender
+
+if TYPE_CHECKING:
+    from threatgate.balancer.service import BalancerService
+
+log = logging.getLogger("threatgate.alerts")
+
+MAX_CONNECTIONS = 64
+MAX_LINE = 64 * 1024
+_NAME = re.compile(r"KL_ALERT_[A-Za-z0-9_]{1,64}")
+
+
+LOG_BURST = 100
+LOG_RATE = 10
+"""Alerts logged per node: a burst of 100 (a node starting up reports every feed), then 10 per second."""
+
+
+class _Bucket:
+    def __init__(self) -> None:
+        self.tokens = float(LOG_BURST)
+        self.stamp = time.monotonic()
+
+    def take(self) -> bool:
+        now = time.monotonic()
+        self.tokens = min(float(LOG_BURST), self.tokens + (now - self.stamp) * LOG_RATE)
+        self.stamp = now
+        if self.tokens >= 1:
+            self.tokens -= 1
+            return True
+        return False
+
+
+class AlertConnection(asyncio.Protocol):
+    def __init__(self, listener: AlertListener) -> None:
+        self.listener = listener
+        self.peer = ""
+        self._buf = b""
+        self._discarding = False
+        self.transport: asyncio.Transport | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if peer else "?"
+        if len(self.listener.connections) >= MAX_CONNECTIONS:
+            self.listener.count_bad("alert_connections_refused")
+            self.transport.close()
+            return
+        self.listener.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf + data
+        lines = buf.split(b"\n")
+        self._buf = lines.pop()
+        for line in lines:
+            if self._discarding:
+                self._discarding = False  # the rest of an over-long line ends here
+                continue
+            self.listener.on_line(self.peer, line)
+        if len(self._buf) > MAX_LINE:
+            self.listener.on_line(self.peer, self._buf[:MAX_LINE])
+            self.listener.count_bad("alert_line_too_long")
+            self._buf = b""
+            self._discarding = True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self._buf and not self._discarding:
+            self.listener.on_line(self.peer, self._buf)
+        self.listener.connections.discard(self)
+
+
+class AlertListener:
+    def __init__(self, service: BalancerService) -> None:
+        self.service = service
+        self.connections: set[AlertConnection] = set()
+        self.forward = (
+            LineSender(service.config.alert_forward, name="alert-forward", retries=None, max_queue_bytes=1024 * 1024)
+            if service.config.alert_forward is not None
+            else None
+        )
+        self._buckets: dict[str, _Bucket] = {}
+        self._flood = RateLimitedLog(log)
+        self._server: asyncio.Server | None = None
+
+    def count_bad(self, reason: str) -> None:
+        self.service.stats.bump(self.service.stats.bad_input, reason)
+
+    def on_line(self, peer: str, raw: bytes) -> None:
+        line = raw.rstrip(b"\r").decode("utf-8", "replace")
+        if not line.strip():
+            return
+        found = _NAME.search(line)
+        name = found.group() if found else "unknown"
+        stats = self.service.stats
+        stats.bump(stats.alerts, name)
+        host = peer.rsplit(":", 1)[0]
+        bucket = self._buckets.get(host)
+        if bucket is None:
+            if len(self._buckets) > 1024:
+                self._buckets.clear()
+            bucket = self._buckets[host] = _Bucket()
+        if bucket.take():
+            log.error("service alert from %s: %s", peer, line[:2000])
+        else:
+            self._flood(f"service alerts from {host} arrive faster than {LOG_RATE}/s; not all are logged (all counted)")
+        if self.forward is not None and not self.forward.send((line + "\n").encode("utf-8", "replace")):
+            self.count_bad("alert_forward_queue_full")
+
+    async def start(self) -> None:
+        config = self.service.config
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: AlertConnection(self), config.listen_host, config.cybertrace_port, reuse_address=True
+        )
+        if self.forward is not None:
+            self.forward.start()
+        log.info("listening for service alerts on %s:%d", config.listen_host, config.cybertrace_port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.close()
+        if self.forward is not None:
+            await self.forward.aclose()

@@ -1,0 +1,429 @@
+"""The balancer's REST gateway: HTTPS on api_port, allow-listed, forwarded to nodes with pinned TLS.
+
+Checks, in order (each answer is a JSON body ``[{"status": ...}]``):
+1. the request target is a path (absolute-form and malformed targets: 400);
+2. it normalises (:mod:`threatgate.wire.paths`: percent-decoding, dot segments, repeated slashes)
+   and the method plus normalised path is in ``<AllowedRequests>`` (403 naming both), so no encoding
+   trick reaches a request that is not allowed.  ``/api/v.1.1`` and ``/api/1.1`` are one version;
+3. fewer requests in progress than the cap (429);
+4. the body arrives within the timeout and is at most 64 MiB (408 / 413); it is buffered so a
+   retry can replay it.
+
+Then a read (GET, HEAD, POST lookup) goes to one UP node, balanced by requests in progress, and is
+retried on another node when the first fails before answering; a write (anything else) goes to every
+enabled node (503 before any node is touched when one is known to be down; 502 with each node's
+result when one fails part-way, logged as drift).  The upstream path is rebuilt from the normalised
+segments, so a node receives exactly the request that was allowed.
+
+Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): aiohttp checks the SHA-256
+of the node's certificate after the handshake and before sending a byte of the request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import ssl
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+from urllib.parse import quote
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_request import BaseRequest
+
+from threatgate.balancer.pins import Pin, PinStore
+from threatgate.balancer.upstream import Instance
+from threatgate.config.node import MAX_BODY_SIZE
+from threatgate.lb.policy import InstanceState
+from threatgate.log import RateLimitedLog
+from threatgate.net.http import HTTPServer, json_error
+from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
+from threatgate.wire.paths import PathError, normalize_path, render_path
+
+if TYPE_CHECKING:
+    from threatgate.balancer.service import BalancerService
+
+log = logging.getLogger("threatgate.gateway")
+
+MISMATCH = (
+    "HTTPS connection with the instance has not been established, "
+    "since the server certificate does not match the one expected"
+)
+HOP_BY_HOP = frozenset(
+    {
+        "connection",
+        "keep-alive",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "proxy-connection",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
+        "host",
+        "content-length",
+        "x-forwarded-for",
+        "x-forwarded-proto",
+        "x-real-ip",
+    }
+)
+"""Request headers never copied upstream (hop-by-hop per RFC 9110 §7.6.1, and the ones we set)."""
+RESPONSE_DROP = frozenset(
+    {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
+)
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+class PinMismatch(Exception):
+    def __init__(self, instance: Instance, expected: str, got: str) -> None:
+        super().__init__(f"{instance.key}: certificate {got} does not match the pinned {expected}")
+        self.instance = instance
+        self.expected = expected
+        self.got = got
+
+
+class UpstreamFailed(Exception):
+    """The node did not answer (connect, TLS, timeout, disconnect): another node may be tried."""
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+
+def canonical(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """``/api/v.1.1/...`` and ``/api/1.1/...`` are one request: the version spelled without ``v.``."""
+    if len(segments) >= 2 and segments[0] == "api" and segments[1].startswith("v."):
+        return ("api", segments[1][2:], *segments[2:])
+    return segments
+
+
+def is_write(method: str, segments: tuple[str, ...]) -> bool:
+    """Writes change a node (fan-out to all); a lookup is a POST that changes nothing."""
+    if method in READ_METHODS:
+        return False
+    return not (method == "POST" and segments[-1:] == ("lookup",))
+
+
+async def fetch_certificate(host: str, port: int, connect_timeout: float) -> bytes:
+    """The DER certificate a TLS server presents (for trust on first use; nothing is sent)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE  # no verification possible before the pin exists: that is TOFU
+    async with asyncio.timeout(connect_timeout):
+        _, writer = await asyncio.open_connection(host, port, ssl=ctx)
+    try:
+        ssl_object = writer.get_extra_info("ssl_object")
+        der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+    finally:
+        writer.close()
+    if not der:
+        raise OSError(f"{host}:{port} presented no certificate")
+    return bytes(der)
+
+
+class Gateway:
+    """HTTPS listener on api_port and the pinned client pool toward the nodes."""
+
+    def __init__(self, service: BalancerService) -> None:
+        self.service = service
+        self.pins = PinStore(service.config.cert_dir)
+        self.inflight: dict[str, int] = {}  # instance key -> requests in progress
+        self.active = 0
+        self.warn = RateLimitedLog(log)
+        self.http: HTTPServer | None = None
+        self._session: aiohttp.ClientSession | None = None
+        self._pin_locks: dict[str, asyncio.Lock] = {}
+
+    def count(self, reason: str) -> None:
+        self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
+
+    async def start(self) -> None:
+        config = self.service.config
+        await asyncio.to_thread(
+            ensure_server_pair,
+            config.cert_path,
+            config.key_path,
+            common_name=f"threatgate balancer {config.listen_host}",
+            hosts=sorted({config.listen_host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
+        )
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
+            auto_decompress=False,
+        )
+        self.http = HTTPServer(
+            self.handle,
+            address=config.address(config.api_port),
+            ssl_context=server_context(config.cert_path, config.key_path),
+            header_timeout=10.0,
+            idle_timeout=75.0,
+            count=self.count,
+        )
+        await self.http.start()
+        log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
+
+    async def close(self) -> None:
+        if self.http is not None:
+            await self.http.close()
+        if self._session is not None:
+            await self._session.close()
+
+    # -- requests -----------------------------------------------------------------------------
+
+    async def handle(self, request: BaseRequest) -> web.StreamResponse:
+        response = await self._handle(request)
+        self.service.stats.bump(self.service.stats.api_requests, str(response.status))
+        return response
+
+    async def _handle(self, request: BaseRequest) -> web.StreamResponse:
+        method = request.method
+        target = request.raw_path
+        try:
+            segments = canonical(normalize_path(target))
+        except PathError as exc:
+            self.count("bad_path")
+            return json_error(400, str(exc))
+        if not self._allowed(method, segments):
+            self.count("forbidden")
+            shown = render_path(segments)[:200]
+            self.warn("request %s %s refused by AllowedRequests", method[:20], shown)
+            return json_error(403, f"request {method[:20]} {shown} is not allowed by the balancer (AllowedRequests)")
+        if self.active >= self.service.config.max_api_requests:
+            self.count("too_many_requests")
+            return json_error(429, "too many requests in progress at the balancer; retry later", {"Retry-After": "1"})
+        self.active += 1
+        try:
+            body = await self._read_body(request)
+            if isinstance(body, web.Response):
+                return body
+            path = "/" + "/".join(quote(s, safe="") for s in segments)
+            query = target.partition("?")[2]
+            if query:
+                path += "?" + query
+            headers = self._upstream_headers(request)
+            if is_write(method, segments):
+                return await self._fan_out(method, path, headers, body)
+            return await self._one(method, path, headers, body)
+        finally:
+            self.active -= 1
+
+    def _allowed(self, method: str, segments: tuple[str, ...]) -> bool:
+        return any(
+            rule.method == method and _match_canonical(rule.pattern.segments, segments)
+            for rule in self.service.config.allowed
+        )
+
+    async def _read_body(self, request: BaseRequest) -> bytes | web.Response:
+        length = request.content_length
+        if length is not None and length > MAX_BODY_SIZE:
+            self.count("body_too_large")
+            return _close(json_error(413, f"request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"))
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            async with asyncio.timeout(self.service.config.api_body_timeout):
+                async for chunk in request.content.iter_chunked(1 << 20):
+                    size += len(chunk)
+                    if size > MAX_BODY_SIZE:
+                        self.count("body_too_large")
+                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit"))
+                    chunks.append(chunk)
+        except TimeoutError:
+            self.count("body_timeout")
+            return _close(json_error(408, "request body not received in time"))
+        except ConnectionError:
+            self.count("body_incomplete")
+            return _close(json_error(400, "connection lost while the request body was being read"))
+        return b"".join(chunks)
+
+    @staticmethod
+    def _upstream_headers(request: BaseRequest) -> dict[str, str]:
+        connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+        headers: dict[str, str] = {}
+        for name, value in request.headers.items():
+            low = name.lower()
+            if low in HOP_BY_HOP or low in connection_tokens:
+                continue
+            headers[name] = value
+        remote = request.remote or ""
+        previous = request.headers.get("X-Forwarded-For")
+        headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
+        headers["X-Forwarded-Proto"] = "https"
+        headers["X-Real-IP"] = remote
+        return headers
+
+    # -- reads: one node, retried on another --------------------------------------------------
+
+    def _up(self) -> list[Instance]:
+        return [i for i in self.service.instances.values() if i.state is InstanceState.UP and i.settings.enabled]
+
+    async def _one(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+        tried: list[str] = []
+        candidates = sorted(self._up(), key=lambda i: (self.inflight.get(i.key, 0), self.service.rng.random()))
+        for inst in candidates:
+            try:
+                answer = await self.forward(inst, method, path, headers, body)
+            except PinMismatch as exc:
+                return self._mismatch(exc)
+            except UpstreamFailed as exc:
+                tried.append(f"{inst.key}: {exc}")
+                self.service.stats.bump(self.service.stats.api_retries, inst.key)
+                continue
+            return _response(answer)
+        detail = "; ".join(tried) if tried else "no instance is UP"
+        return json_error(503, f"no instance could answer the request: {detail}")
+
+    # -- writes: every enabled node -------------------------------------------------------------
+
+    async def _fan_out(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+        enabled = [i for i in self.service.instances.values() if i.settings.enabled]
+        down = [i.key for i in enabled if i.state is not InstanceState.UP]
+        if not enabled or down:
+            why = f"instance(s) {', '.join(down)} DOWN" if down else "no enabled instance"
+            return json_error(503, f"write refused before any instance was changed: {why}, so nodes would drift apart")
+        results = await asyncio.gather(
+            *(self._try_forward(i, method, path, headers, body) for i in enabled), return_exceptions=False
+        )
+        for result in results:
+            if isinstance(result, PinMismatch):
+                log.error("write %s %s: %s; nodes may have drifted", method, path, result)
+        failed = [(i, r) for i, r in zip(enabled, results, strict=True) if not isinstance(r, Answer) or r.status >= 300]
+        answers = [r for r in results if isinstance(r, Answer)]
+        if not failed:
+            return _response(answers[0])
+        if len(failed) == len(enabled) and answers and len({(a.status, a.body) for a in answers}) == 1:
+            return _response(answers[0])  # every node refused the same way (e.g. 400 or 404): no drift
+        report = []
+        for inst, result in zip(enabled, results, strict=True):
+            if isinstance(result, Answer):
+                report.append({"instance": inst.key, "status": result.status, "body": _json_or_text(result.body)})
+            else:
+                report.append({"instance": inst.key, "status": 0, "error": str(result)})
+        log.error("write %s %s reached the nodes unevenly; they have drifted apart: %s", method, path, report)
+        self.service.stats.bump(self.service.stats.api_retries, "drift")
+        payload = [
+            {"status": "the write succeeded on some instances only; nodes have drifted apart", "results": report}
+        ]
+        return web.Response(status=502, body=json.dumps(payload).encode(), content_type="application/json")
+
+    async def _try_forward(
+        self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> Answer | Exception:
+        try:
+            return await self.forward(inst, method, path, headers, body)
+        except (PinMismatch, UpstreamFailed) as exc:
+            return exc
+
+    # -- one upstream request ---------------------------------------------------------------------
+
+    async def pin_of(self, inst: Instance) -> Pin:
+        """The instance's pin, saving the presented certificate on first use."""
+        lock = self._pin_locks.setdefault(inst.key, asyncio.Lock())
+        async with lock:
+            try:
+                pin = await asyncio.to_thread(self.pins.load, inst.settings)
+            except ValueError as exc:
+                raise UpstreamFailed(str(exc)) from None
+            if pin is not None:
+                return pin
+            try:
+                der = await fetch_certificate(inst.settings.host, inst.settings.api_port, 10.0)
+            except (OSError, TimeoutError, ssl.SSLError) as exc:
+                raise UpstreamFailed(f"TLS connection failed: {exc or type(exc).__name__}") from None
+            pin = await asyncio.to_thread(self.pins.save, inst.settings, der)
+            log.warning(
+                "instance %s: no reference certificate yet; saved the one it presented as %s (SHA-256 %s)",
+                inst.key,
+                pin.path,
+                pin.fingerprint,
+            )
+            return pin
+
+    async def forward(self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
+        """Send one request to ``inst`` over a pinned connection.
+
+        Raises:
+            PinMismatch: the node presented another certificate (nothing was sent).
+            UpstreamFailed: no answer (connect, TLS, timeout, disconnect before the answer).
+        """
+        assert self._session is not None
+        pin = await self.pin_of(inst)
+        url = f"https://{_host(inst.settings.host)}:{inst.settings.api_port}{path}"
+        self.inflight[inst.key] = self.inflight.get(inst.key, 0) + 1
+        try:
+            async with self._session.request(
+                method,
+                url,
+                headers=headers,
+                data=body if body or method not in READ_METHODS else None,
+                ssl=aiohttp.Fingerprint(pin.sha256),
+                timeout=aiohttp.ClientTimeout(total=self.service.config.api_upstream_timeout),
+                allow_redirects=False,
+            ) as resp:
+                data = await resp.read()
+                kept = {k: v for k, v in resp.headers.items() if k.lower() not in RESPONSE_DROP}
+                return Answer(resp.status, kept, data)
+        except aiohttp.ServerFingerprintMismatch as exc:
+            raise PinMismatch(inst, pin.fingerprint, _colon(exc.got)) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
+            raise UpstreamFailed(str(exc) or type(exc).__name__) from None
+        finally:
+            self.inflight[inst.key] -= 1
+
+    def _mismatch(self, exc: PinMismatch) -> web.Response:
+        s = exc.instance.settings
+        log.error(
+            "instance %s port %d: %s (pinned %s SHA-256 %s, presented %s)",
+            s.host,
+            s.api_port,
+            MISMATCH,
+            self.pins.path(s),
+            exc.expected,
+            exc.got,
+        )
+        self.service.stats.bump(self.service.stats.api_retries, "pin_mismatch")
+        payload = [{"status": MISMATCH, "instance": s.host, "port": s.api_port, "matching_port": s.matching_port}]
+        return web.Response(status=500, body=json.dumps(payload).encode(), content_type="application/json")
+
+
+def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
+    pattern = canonical(pattern)
+    if len(pattern) != len(segments):
+        return False
+    for want, got in zip(pattern, segments, strict=True):
+        if want.startswith("{") and want.endswith("}"):
+            continue
+        if want != got:
+            return False
+    return True
+
+
+def _host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _colon(digest: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in digest)
+
+
+def _json_or_text(body: bytes) -> Any:
+    try:
+        return json.loads(body)
+    except ValueError:
+        return body[:500].decode("utf-8", "replace")
+
+
+def _response(answer: Answer) -> web.Response:
+    return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
+
+
+def _close(response: web.Response) -> web.Response:
+    response.force_close()
+    return response
+
+
+__all__ = ["Gateway", "MISMATCH", "canonical", "fetch_certificate", "fingerprint_sha256", "is_write"]
