@@ -21,6 +21,7 @@ from threatgate.errors import ConfigError, ThreatgateError, TLSConfigError
 from threatgate.log import setup_logging
 
 if TYPE_CHECKING:
+    from threatgate.config.balancer import BalancerConfig
     from threatgate.config.xml import Node as ConfigNode
 
 EXIT_CONFIG = 2
@@ -79,6 +80,82 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
     except (OSError, sqlite3.Error) as exc:
         click.echo(f"threatgate: {what} failed: {exc}", err=True)
         sys.exit(1)
+
+
+def _balancer_config(config_path: str) -> BalancerConfig:
+    from threatgate.config.balancer import load_balancer_config
+
+    try:
+        return load_balancer_config(config_path)
+    except ConfigError as exc:
+        click.echo(f"threatgate: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+
+
+@balancer.command("verify")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config.")
+@click.option("--user", help="REST API user on the nodes (else THREATGATE_USER).", envvar="THREATGATE_USER")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from stdin (else THREATGATE_PASSWORD or a prompt)."
+)
+def balancer_verify(config_path: str, user: str | None, password_stdin: bool) -> None:
+    """Check each enabled node's certificate pin and REST API (GET suppliers through the gateway's path)."""
+    import asyncio
+
+    from threatgate.balancer.verify import verify
+
+    config = _balancer_config(config_path)
+    password = None
+    if user is not None:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = os.environ.get("THREATGATE_PASSWORD") or click.prompt("password", hide_input=True)
+    setup_logging("err")
+    verdicts = asyncio.run(verify(config, user, password))
+    for v in verdicts:
+        head = "OK  " if v.ok else "FAIL"
+        click.echo(f"{head} {v.instance}  HTTP {v.status or '-'}  pin {v.pin or '(none)'}  {v.pin_path}")
+        if v.ok:
+            click.echo(f"     suppliers: {', '.join(v.suppliers) or '(none)'}")
+        else:
+            click.echo(f"     {v.problem}")
+    if not verdicts:
+        click.echo("no enabled instance in the configuration", err=True)
+    sys.exit(0 if verdicts and all(v.ok for v in verdicts) else 1)
+
+
+@balancer.command("pins")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config.")
+@click.option("--check", is_flag=True, help="Also connect to each node and compare what it presents now.")
+@click.option("--renew", "renew_instance", metavar="INSTANCE", help="Replace this instance's pin (host:matching_port).")
+def balancer_pins(config_path: str, check: bool, renew_instance: str | None) -> None:
+    """List pinned node certificates with fingerprints, or renew one after confirming the new certificate."""
+    import asyncio
+
+    from threatgate.balancer.verify import pin_rows, renew
+
+    config = _balancer_config(config_path)
+    if renew_instance is not None:
+        try:
+            path, old, new = asyncio.run(renew(config, renew_instance))
+        except KeyError as exc:
+            click.echo(f"threatgate: {exc.args[0]}", err=True)
+            sys.exit(EXIT_CONFIG)
+        except (OSError, TimeoutError) as exc:
+            click.echo(f"threatgate: cannot reach {renew_instance}: {exc or type(exc).__name__}", err=True)
+            sys.exit(1)
+        click.echo(f"renewed {path}: {old or '(none)'} -> {new}")
+        return
+    rows = asyncio.run(pin_rows(config, probe=check))
+    bad = False
+    for row in rows:
+        line = f"{row.instance}  {row.state:<8}  {row.fingerprint or '-'}  {row.path}"
+        if check:
+            line += f"  presented {row.presented}"
+        bad = bad or row.state in ("MISMATCH",) or row.state.startswith("unreadable")
+        click.echo(line)
+    sys.exit(1 if bad else 0)
 
 
 @main.command()

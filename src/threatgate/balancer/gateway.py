@@ -151,10 +151,7 @@ class Gateway:
             common_name=f"threatgate balancer {config.listen_host}",
             hosts=sorted({config.listen_host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
         )
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
-            auto_decompress=False,
-        )
+        await self.open_client()
         self.http = HTTPServer(
             self.handle,
             address=config.address(config.api_port),
@@ -165,6 +162,13 @@ class Gateway:
         )
         await self.http.start()
         log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
+
+    async def open_client(self) -> None:
+        """The keep-alive connection pool toward the nodes (every connection pinned per request)."""
+        self._session = aiohttp.ClientSession(
+            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
+            auto_decompress=False,
+        )
 
     async def close(self) -> None:
         if self.http is not None:
@@ -322,12 +326,15 @@ class Gateway:
 
     async def pin_of(self, inst: Instance) -> Pin:
         """The instance's pin, saving the presented certificate on first use."""
+        try:
+            pin = self.pins.cached(inst.settings)
+        except ValueError as exc:
+            raise UpstreamFailed(str(exc)) from None
+        if pin is not None:
+            return pin
         lock = self._pin_locks.setdefault(inst.key, asyncio.Lock())
         async with lock:
-            try:
-                pin = await asyncio.to_thread(self.pins.load, inst.settings)
-            except ValueError as exc:
-                raise UpstreamFailed(str(exc)) from None
+            pin = self.pins.cached(inst.settings)  # saved by a request that held the lock before us
             if pin is not None:
                 return pin
             try:

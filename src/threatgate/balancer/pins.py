@@ -46,6 +46,27 @@ class PinStore:
 
     def __init__(self, directory: str) -> None:
         self.directory = directory
+        self._cache: dict[str, tuple[tuple[int, int, int], Pin]] = {}
+
+    def cached(self, instance: InstanceSettings) -> Pin | None:
+        """:meth:`load` through a cache keyed on the file's (inode, size, mtime): one ``stat`` per call.
+
+        So the gateway neither reads the file per request nor misses a pin renewed on disk.
+        """
+        path = self.path(instance)
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            self._cache.pop(path, None)
+            return None
+        identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+        hit = self._cache.get(path)
+        if hit is not None and hit[0] == identity:
+            return hit[1]
+        pin = self.load(instance)
+        if pin is not None:
+            self._cache[path] = (identity, pin)
+        return pin
 
     def path(self, instance: InstanceSettings) -> str:
         return os.path.join(self.directory, f"{instance.host}_{instance.matching_port}.pem")

@@ -1,0 +1,153 @@
+"""``threatgate balancer verify`` and ``pins``: the seed's manual certificate check, automated.
+
+CyberTrace's procedure ("Checking certificate settings") stops the Balancer, disables every instance
+but one, sends ``GET /api/v.1.1/suppliers`` through the Balancer and looks for 200 and the suppliers,
+then restores the config.  ``verify`` does the same for each enabled instance without editing the
+config or stopping anything: it sends the request to that instance alone through the gateway's own
+code path (:meth:`Gateway.forward`, pinning included; a missing pin is saved exactly as the gateway
+would), and reports status, suppliers, pinned fingerprint and any mismatch.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed, fetch_certificate
+from threatgate.balancer.pins import PinStore
+from threatgate.balancer.upstream import Instance
+from threatgate.config.balancer import BalancerConfig
+from threatgate.net.tls import fingerprint_sha256
+
+
+@dataclass(slots=True)
+class Verdict:
+    instance: str
+    ok: bool
+    status: int = 0
+    suppliers: list[str] = field(default_factory=list)
+    pin: str = ""
+    pin_path: str = ""
+    problem: str = ""
+
+
+class _Standalone:
+    """Just enough of a BalancerService for :class:`Gateway` to forward requests."""
+
+    def __init__(self, config: BalancerConfig) -> None:
+        import random
+
+        from threatgate.metrics import BalancerStats
+
+        self.config = config
+        self.stats = BalancerStats()
+        self.instances: dict[str, Instance] = {}
+        self.rng = random.Random()
+
+
+async def verify(config: BalancerConfig, user: str | None, password: str | None) -> list[Verdict]:
+    """Check every enabled instance: pinned TLS, then GET suppliers through the gateway's path."""
+    service = _Standalone(config)
+    gateway = Gateway(service)  # type: ignore[arg-type]
+    await gateway.open_client()
+    headers = {"Accept": "application/json"}
+    if user is not None:
+        headers["Authorization"] = "Basic " + base64.b64encode(f"{user}:{password or ''}".encode()).decode()
+    out: list[Verdict] = []
+    try:
+        for settings in config.instances:
+            if not settings.enabled:
+                continue
+            inst = Instance(settings, rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+            verdict = Verdict(settings.key, ok=False, pin_path=gateway.pins.path(settings))
+            try:
+                answer = await gateway.forward(inst, "GET", "/api/1.1/suppliers", headers, b"")
+            except PinMismatch as exc:
+                verdict.problem = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
+                verdict.pin = exc.expected
+                out.append(verdict)
+                continue
+            except UpstreamFailed as exc:
+                verdict.problem = f"no answer: {exc}"
+                out.append(verdict)
+                continue
+            pin = gateway.pins.load(settings)
+            verdict.pin = pin.fingerprint if pin is not None else ""
+            verdict.status = answer.status
+            body: Any = _json(answer.body)
+            if answer.status == 200 and isinstance(body, list):
+                verdict.suppliers = [str(s.get("name")) for s in body if isinstance(s, dict)]
+                verdict.ok = True
+            else:
+                verdict.problem = f"HTTP {answer.status}: {str(body)[:200]}"
+            out.append(verdict)
+    finally:
+        await gateway.close()
+    return out
+
+
+def _json(data: bytes) -> Any:
+    try:
+        return json.loads(data)
+    except ValueError:
+        return data[:200].decode("utf-8", "replace")
+
+
+@dataclass(slots=True)
+class PinRow:
+    instance: str
+    path: str
+    fingerprint: str
+    presented: str = ""
+    state: str = ""
+
+
+async def pin_rows(config: BalancerConfig, probe: bool) -> list[PinRow]:
+    """Each configured instance's pin, and (with ``probe``) whether the node presents it now."""
+    store = PinStore(config.cert_dir)
+    rows: list[PinRow] = []
+    for settings in config.instances:
+        try:
+            pin = store.load(settings)
+        except ValueError as exc:
+            rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {exc}"))
+            continue
+        row = PinRow(
+            settings.key, store.path(settings), pin.fingerprint if pin else "", state="pinned" if pin else "none"
+        )
+        if probe:
+            try:
+                row.presented = fingerprint_sha256(await fetch_certificate(settings.host, settings.api_port, 5.0))
+                if pin is not None:
+                    row.state = "match" if row.presented == pin.fingerprint else "MISMATCH"
+            except (OSError, TimeoutError) as exc:
+                row.presented = f"unreachable ({exc or type(exc).__name__})"
+        rows.append(row)
+    return rows
+
+
+async def renew(config: BalancerConfig, instance: str) -> tuple[str, str, str]:
+    """Replace the pin of ``instance`` (its key ``host:matching_port`` or host) with what it presents now.
+
+    Returns (path, old fingerprint or "", new fingerprint).
+
+    Raises:
+        KeyError: no such instance in the config.
+        OSError: the node cannot be reached.
+    """
+    matches = [s for s in config.instances if instance in (s.key, s.host)]
+    if len(matches) != 1:
+        known = ", ".join(s.key for s in config.instances)
+        raise KeyError(f"{instance!r} names {len(matches)} instances; use host:matching_port, one of {known}")
+    settings = matches[0]
+    store = PinStore(config.cert_dir)
+    try:
+        old = store.load(settings)
+    except ValueError:
+        old = None
+    der = await fetch_certificate(settings.host, settings.api_port, 10.0)
+    new = await asyncio.to_thread(store.save, settings, der)
+    return new.path, old.fingerprint if old else "", new.fingerprint
