@@ -29,7 +29,6 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Hashable
 from typing import Any
 
 from aiohttp import web
@@ -40,8 +39,8 @@ from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.errors import ConfigError
-from threatgate.lb.correlation import Correlator, Drop, Release
-from threatgate.lb.policy import Candidate, InstanceState, pick
+from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
+from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
@@ -50,6 +49,7 @@ from threatgate.wire.framing import FramedEvent, Oversized
 
 log = logging.getLogger("threatgate.balancer")
 
+FINISHED_LINE = (FINISHED + "\n").encode()
 DISPATCH_BATCH = 4096
 """Events placed per dispatch pass before yielding the loop (keeps reply handling responsive)."""
 
@@ -125,18 +125,19 @@ class BalancerService(InstanceOwner):
         corr = self.correlator
         key = id(client)
         self.clients[key] = client
-        releases: list[Release] = []
-        for event in events:
-            if isinstance(event, Oversized):
-                # Too large for any node: answered here (no detections), counted like a node does.
-                rid = corr.submit(key, "")
-                client.outstanding += 1
-                self.stats.bump(self.stats.bad_input, "oversized")
-                releases += corr.finish_local(rid)
-                continue
-            rid = corr.submit(key, event)
-            client.outstanding += 1
-            self.backlog.append(rid)
+        releases: list[Answered] = []
+        if any(isinstance(e, Oversized) for e in events):
+            for event in events:
+                if isinstance(event, Oversized):
+                    # Too large for any node: answered here (no detections), counted like a node does.
+                    rid = corr.submit(key, "")
+                    self.stats.bump(self.stats.bad_input, "oversized")
+                    releases += corr.finish_local_runs(rid)
+                else:
+                    self.backlog.append(corr.submit(key, event))
+        else:
+            self.backlog.extend(corr.submit_many(key, events))  # type: ignore[arg-type]
+        client.outstanding += len(events)
         self.stats.events_in += len(events)
         self._account_framer(client)
         if releases:
@@ -178,26 +179,32 @@ class BalancerService(InstanceOwner):
                     self.stats.bump(self.stats.bad_input, reason, n)
                 setattr(f, reason, 0)
 
-    def _deliver(self, releases: list[Release]) -> None:
-        out: dict[Hashable, list[str]] = {}
-        for rel in releases:
-            client = self.clients.get(rel.client)  # type: ignore[call-overload]
+    def _deliver(self, answered: list[Answered]) -> None:
+        """Write each client's answered run in one write (the plain run costs no per-event work)."""
+        stats = self.stats
+        for run in answered:
+            client = self.clients.get(run.client)  # type: ignore[call-overload]
             if client is None:
                 continue
-            client.outstanding -= 1
-            self.stats.events_out += 1
-            self.stats.detections += len(rel.lines)
-            buf = out.setdefault(rel.client, [])
-            if client.flags.reply_back:
-                buf.extend(rel.lines)
-                if client.flags.send_finished:
-                    buf.append(rel.finished_line)
-            elif rel.lines:
-                self._send_output(rel.lines)
-        for key, lines in out.items():
-            client = self.clients[key]  # type: ignore[index]
-            if lines:
-                client.deliver(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+            count = len(run.answers)
+            client.outstanding -= count
+            stats.events_out += count
+            stats.detections += run.detections
+            flags = client.flags
+            if flags.reply_back:
+                if run.plain:
+                    data = FINISHED_LINE * count if flags.send_finished else b""
+                else:
+                    out: list[str] = []
+                    for _, lines, finished in run.answers:
+                        out.extend(lines)
+                        if flags.send_finished:
+                            out.append(finished)
+                    data = ("\n".join(out) + "\n").encode("utf-8", "replace") if out else b""
+                if data:
+                    client.deliver(data)
+            elif run.detections:
+                self._send_output(tuple(line for _, lines, _ in run.answers for line in lines))
             client.maybe_finish()
 
     def _send_output(self, lines: tuple[str, ...]) -> None:
@@ -230,34 +237,26 @@ class BalancerService(InstanceOwner):
             return
         corr = self.correlator
         now = asyncio.get_running_loop().time()
-        cands = {i.key: Candidate(i.key, i.settings.weight, len(i.owned), limit - len(i.owned)) for i in usable}
+        cands = [Candidate(i.key, i.settings.weight, len(i.owned), limit - len(i.owned)) for i in usable]
         by_key = {i.key: i for i in usable}
-        batches: dict[str, list[str]] = {}
+        take = min(len(backlog), DISPATCH_BATCH)
         placed = 0
-        while backlog and placed < DISPATCH_BATCH:
-            rid = backlog[0]
-            if not corr.is_pending(rid):  # its client left meanwhile
-                backlog.popleft()
+        for cand, count in allocate(cands, take, self.rng):
+            ids = [backlog.popleft() for _ in range(min(count, len(backlog)))]
+            inst = by_key[str(cand.key)]
+            lines: list[str] = []
+            sent = corr.dispatch_many(ids, inst.key, lines)
+            if not sent:
                 continue
-            choice = pick(list(cands.values()), self.rng)
-            if choice is None:
-                break
-            backlog.popleft()
-            inst = by_key[str(choice.key)]
             if not inst.owned:
                 inst.last_progress = now
-            corr.dispatch(rid, inst.key)
-            inst.owned[rid] = None
-            choice.outstanding += 1
-            choice.capacity -= 1
-            batches.setdefault(inst.key, []).append(corr.tagged(rid))
-            placed += 1
-        for key, lines in batches.items():
-            inst = by_key[key]
-            inst.dispatched += len(lines)
-            inst.write(("\n".join(lines) + "\n").encode("utf-8", "replace"))
+            inst.owned.update(dict.fromkeys(sent))
+            inst.dispatched += len(sent)
+            placed += len(sent)
+            lines.append("")
+            inst.write("\n".join(lines).encode("utf-8", "replace"))
         self.stats.dispatched += placed
-        if backlog and placed >= DISPATCH_BATCH:
+        if backlog and take >= DISPATCH_BATCH:
             self._schedule_dispatch()
         self._maybe_resume_clients()
 
@@ -280,41 +279,31 @@ class BalancerService(InstanceOwner):
     # -- instances (InstanceOwner) -------------------------------------------------------------
 
     def instance_lines(self, instance: Instance, lines: list[str]) -> None:
-        corr = self.correlator
-        releases: list[Release] = []
-        finished = 0
-        owned = instance.owned
-        key = instance.key
-        for line in lines:
-            if not line:
-                continue
-            result = corr.on_line(key, line)
-            if isinstance(result, Drop):
-                self._dropped_line(instance, result, line)
-                continue
-            releases.extend(result)
-            rid = int(line[: line.find(" ")])  # on_line accepted it, so it starts with "<id> "
-            if rid in owned and corr.owner(rid) != key:
-                del owned[rid]
-                finished += 1
+        finished: list[int] = []
+        releases, drops = self.correlator.on_lines(instance.key, lines, finished)
+        if drops:
+            for why in drops:
+                self._dropped_line(instance, why)
         if finished:
-            instance.finished += finished
+            owned = instance.owned
+            for rid in finished:
+                owned.pop(rid, None)
+            instance.finished += len(finished)
             instance.last_progress = asyncio.get_running_loop().time()
         if releases:
             self._deliver(releases)
         if finished:
             self.dispatch()
 
-    def _dropped_line(self, instance: Instance, why: Drop, line: str) -> None:
+    def _dropped_line(self, instance: Instance, why: Drop) -> None:
         self.stats.bump(self.stats.dropped_lines, why.value)
         if why is Drop.NO_ID:
             self.warn_drop(
-                "instance %s sent a line without a request id (its EventFormat must start with %%REQ%%): %.80r",
+                "instance %s sent a line without a request id (its EventFormat must start with %%REQ%%)",
                 instance.key,
-                line,
             )
         else:
-            log.debug("instance %s: line dropped (%s): %.80r", instance.key, why.value, line)
+            log.debug("instance %s: line dropped (%s)", instance.key, why.value)
 
     def instance_failed(self, instance: Instance, why: str) -> None:
         was_up = instance.state is InstanceState.UP

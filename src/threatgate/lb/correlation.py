@@ -23,9 +23,10 @@ from __future__ import annotations
 import enum
 from collections import deque
 from collections.abc import Hashable
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 FINISHED = "LookupFinished"
+FINISHED_SPACE = FINISHED + " "
 
 
 class Drop(enum.Enum):
@@ -36,18 +37,34 @@ class Drop(enum.Enum):
     NOT_OWNER = "not_owner"  # the id belongs to another instance (or to nobody right now)
 
 
-@dataclass(slots=True)
 class _Entry:
+    """One event between submission and release (a plain slotted class: one is made per event)."""
+
+    __slots__ = ("client", "event", "owner", "lines", "finished_line", "dispatches")
+
+    def __init__(self, client: Hashable, event: str) -> None:
+        self.client = client
+        self.event = event
+        self.owner: Hashable | None = None
+        self.lines: list[str] | None = None  # detection lines, made only when there are some
+        self.finished_line: str | None = None  # set once the owner sent LookupFinished
+        self.dispatches = 0
+
+
+class Answered(NamedTuple):
+    """A run of one client's answered events, in order (what :meth:`Correlator.on_lines` returns).
+
+    ``plain``: no detection lines and every finished line is exactly ``LookupFinished`` (the common
+    case, which the balancer answers without looking at each event).
+    """
+
     client: Hashable
-    event: str
-    owner: Hashable | None = None
-    lines: list[str] = field(default_factory=list)
-    finished_line: str | None = None  # set once the owner sent LookupFinished
-    dispatches: int = 0
+    answers: list[tuple[int, tuple[str, ...], str]]  # (request id, detection lines, finished line) per event
+    detections: int
+    plain: bool
 
 
-@dataclass(frozen=True, slots=True)
-class Release:
+class Release(NamedTuple):
     """An event's complete answer, ready for its client: detection lines, then the finished line."""
 
     client: Hashable
@@ -98,6 +115,18 @@ class Correlator:
         self._order.setdefault(client, deque()).append(request_id)
         return request_id
 
+    def submit_many(self, client: Hashable, events: list[str]) -> range:
+        """:meth:`submit` for a batch: the new ids are consecutive, returned as a range."""
+        first = self._next_id
+        self._next_id = first + len(events)
+        ids = range(first, self._next_id)
+        self._entries.update(zip(ids, [_Entry(client, e) for e in events], strict=True))
+        order = self._order.get(client)
+        if order is None:
+            order = self._order[client] = deque()
+        order.extend(ids)
+        return ids
+
     def client_gone(self, client: Hashable) -> list[tuple[int, Hashable | None]]:
         """Forget every event of ``client``; returns (id, owner) of those still out at a node."""
         ids = self._order.pop(client, deque())
@@ -125,8 +154,26 @@ class Correlator:
         if entry.finished_line is not None:
             raise ValueError(f"request {request_id} is already answered")
         entry.owner = instance
-        entry.lines.clear()
+        entry.lines = None
         entry.dispatches += 1
+
+    def dispatch_many(self, request_ids: list[int], instance: Hashable, out: list[str]) -> list[int]:
+        """:meth:`dispatch` for a run of ids; appends each tagged line to ``out``.
+
+        Ids that are no longer pending (their client left) are skipped.  Returns the ids dispatched.
+        """
+        entries = self._entries
+        done: list[int] = []
+        for request_id in request_ids:
+            entry = entries.get(request_id)
+            if entry is None or entry.finished_line is not None:
+                continue
+            entry.owner = instance
+            entry.lines = None
+            entry.dispatches += 1
+            out.append(f"{request_id} {entry.event}")
+            done.append(request_id)
+        return done
 
     def dispatches(self, request_id: int) -> int:
         entry = self._entries.get(request_id)
@@ -145,21 +192,53 @@ class Correlator:
 
         Returns the releases it completes (possibly none), or why the line was dropped.
         """
-        parsed = split_id(line)
-        if parsed is None:
+        if not line:
             return self._drop(Drop.NO_ID)
-        request_id, rest = parsed
-        entry = self._entries.get(request_id)
-        if entry is None:
-            return self._drop(Drop.UNKNOWN_ID)
-        if entry.owner != instance or entry.finished_line is not None:
-            return self._drop(Drop.NOT_OWNER)
-        if rest == FINISHED or rest.startswith(FINISHED + " "):
-            entry.finished_line = rest
-            entry.owner = None
-            return self._release(entry.client)
-        entry.lines.append(rest)
-        return []
+        answered, drops = self.on_lines(instance, [line], [])
+        if drops:
+            return drops[0]
+        return _releases(answered)
+
+    def on_lines(self, instance: Hashable, lines: list[str], finished: list[int]) -> tuple[list[Answered], list[Drop]]:
+        """:meth:`on_line` for a batch, the balancer's hot path: one call per read from a node.
+
+        Appends to ``finished`` the ids whose LookupFinished from ``instance`` was accepted (the
+        caller's count of what the instance still owes).  Returns the releases and the drops.
+        """
+        entries = self._entries
+        drops: list[Drop] = []
+        touched: dict[Hashable, None] = {}
+        for line in lines:
+            space = line.find(" ")
+            head = line[:space] if 0 < space <= 19 else ""
+            if not head or not head.isdigit() or not head.isascii():
+                if line:
+                    drops.append(self._drop(Drop.NO_ID))
+                continue
+            request_id = int(head)
+            entry = entries.get(request_id)
+            if entry is None:
+                drops.append(self._drop(Drop.UNKNOWN_ID))
+                continue
+            if entry.owner != instance or entry.finished_line is not None:
+                drops.append(self._drop(Drop.NOT_OWNER))
+                continue
+            rest = line[space + 1 :]
+            if rest == FINISHED or rest.startswith(FINISHED_SPACE):
+                entry.finished_line = rest
+                entry.owner = None
+                finished.append(request_id)
+                touched[entry.client] = None
+            elif entry.lines is None:
+                entry.lines = [rest]
+            else:
+                entry.lines.append(rest)
+        answered = []
+        for client in touched:
+            run = self._release_run(client)
+            if run is not None:
+                answered.append(run)
+        return answered, drops
 
     def instance_lost(self, instance: Hashable) -> list[int]:
         """``instance`` failed: its unfinished events, in submission order, to dispatch again.
@@ -170,26 +249,58 @@ class Correlator:
         for request_id in lost:
             entry = self._entries[request_id]
             entry.owner = None
-            entry.lines.clear()
+            entry.lines = None
         return lost
 
     def unowned(self) -> list[int]:
         """Events submitted but owned by nobody (not dispatched, or handed back), oldest first."""
         return [rid for rid, e in self._entries.items() if e.owner is None and e.finished_line is None]
 
-    def finish_local(self, request_id: int, finished_line: str = FINISHED) -> list[Release]:
+    def finish_local_runs(self, request_id: int, finished_line: str = FINISHED) -> list[Answered]:
         """Complete an event without a node (e.g. too large to forward): no detections, in order."""
         entry = self._entries[request_id]
         entry.owner = None
-        entry.lines.clear()
+        entry.lines = None
         entry.finished_line = finished_line
-        return self._release(entry.client)
+        run = self._release_run(entry.client)
+        return [run] if run is not None else []
+
+    def finish_local(self, request_id: int, finished_line: str = FINISHED) -> list[Release]:
+        """:meth:`finish_local_runs` as releases (one per event)."""
+        return _releases(self.finish_local_runs(request_id, finished_line))
 
     # -- internals -----------------------------------------------------------------------------
 
     def _drop(self, why: Drop) -> Drop:
         self.dropped[why] += 1
         return why
+
+    def _release_run(self, client: Hashable) -> Answered | None:
+        """Release the answered prefix of ``client``'s events (the batch path of :meth:`_release`)."""
+        order = self._order.get(client)
+        entries = self._entries
+        answers: list[tuple[int, tuple[str, ...], str]] = []
+        detections = 0
+        plain = True
+        while order:
+            head = entries[order[0]]
+            finished = head.finished_line
+            if finished is None:
+                break
+            request_id = order.popleft()
+            del entries[request_id]
+            lines = head.lines
+            if lines:
+                detections += len(lines)
+                plain = False
+                answers.append((request_id, tuple(lines), finished))
+            else:
+                if finished != FINISHED:
+                    plain = False
+                answers.append((request_id, (), finished))
+        if not answers:
+            return None
+        return Answered(client, answers, detections, plain)
 
     def _release(self, client: Hashable) -> list[Release]:
         order = self._order.get(client)
@@ -200,5 +311,9 @@ class Correlator:
                 break
             request_id = order.popleft()
             del self._entries[request_id]
-            out.append(Release(client, request_id, tuple(head.lines), head.finished_line))
+            out.append(Release(client, request_id, tuple(head.lines) if head.lines else (), head.finished_line))
         return out
+
+
+def _releases(answered: list[Answered]) -> list[Release]:
+    return [Release(run.client, rid, lines, fin) for run in answered for rid, lines, fin in run.answers]

@@ -13,6 +13,7 @@ the events of a weight-1 instance at the same load.  Pure: the caller passes a `
 from __future__ import annotations
 
 import enum
+import heapq
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
@@ -53,3 +54,39 @@ def pick(candidates: Sequence[Candidate], rng: random.Random) -> Candidate | Non
     if score_a == score_b:
         return a if rng.random() < 0.5 else b
     return a if score_a < score_b else b
+
+
+def allocate(candidates: Sequence[Candidate], count: int, rng: random.Random) -> list[tuple[Candidate, int]]:
+    """Spread ``count`` events over ``candidates`` as :func:`pick` would one by one, in one pass.
+
+    Each event goes to the instance with the lowest ``(outstanding + 1) / weight`` that still has
+    capacity (water-filling; ties broken at random), which is what per-event least-outstanding
+    placement converges to.  Used for a batch of events read at once, so the cost is per instance,
+    not per event.  Returns (candidate, how many) for those that get any; the total may be less than
+    ``count`` when capacity runs out.
+    """
+    usable = [c for c in candidates if c.capacity > 0 and c.weight > 0]
+    if not usable or count <= 0:
+        return []
+    if len(usable) == 1:
+        c = usable[0]
+        return [(c, min(count, c.capacity))]
+    heap = [((c.outstanding + 1) / c.weight, rng.random(), i) for i, c in enumerate(usable)]
+    heapq.heapify(heap)
+    given = [0] * len(usable)
+    left = count
+    while left and heap:
+        _, tie, i = heapq.heappop(heap)
+        c = usable[i]
+        # Give this instance events until it passes the next-lowest score (or runs out of capacity).
+        if heap:
+            next_score = heap[0][0]
+            room = int(next_score * c.weight) - c.outstanding - given[i]
+            take = max(1, min(left, c.capacity - given[i], room))
+        else:
+            take = min(left, c.capacity - given[i])
+        given[i] += take
+        left -= take
+        if given[i] < c.capacity:
+            heapq.heappush(heap, ((c.outstanding + given[i] + 1) / c.weight, tie, i))
+    return [(usable[i], n) for i, n in enumerate(given) if n]
