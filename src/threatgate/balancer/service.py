@@ -45,6 +45,7 @@ from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.sender import LineSender
+from threatgate.wire.flags import SessionFlags
 from threatgate.wire.framing import FramedEvent, Oversized
 
 log = logging.getLogger("threatgate.balancer")
@@ -70,7 +71,11 @@ class ClientConnection(EventProtocol):
             return True  # half-closed: the answers are still on their way
         return False
 
+    def on_active(self) -> None:
+        log.info("client %s connected (%s)", self.peer, _describe(self.flags))
+
     def on_closed(self) -> None:
+        log.info("client %s disconnected", self.peer)
         self.service.client_gone(self)
 
     def deliver(self, data: bytes) -> None:
@@ -138,6 +143,9 @@ class BalancerService(InstanceOwner):
         else:
             self.backlog.extend(corr.submit_many(key, events))  # type: ignore[arg-type]
         client.outstanding += len(events)
+        if log.isEnabledFor(logging.DEBUG):
+            for event in events:
+                log.debug("event from %s: %.300s", client.peer, event if isinstance(event, str) else "(oversized)")
         self.stats.events_in += len(events)
         self._account_framer(client)
         if releases:
@@ -512,6 +520,12 @@ class BalancerService(InstanceOwner):
             await self.output.aclose()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+
+
+def _describe(flags: SessionFlags) -> str:
+    if not flags.reply_back:
+        return "detections to OutputConnectionString"
+    return "ReplyBack" + (", SendFinishedEvent" if flags.send_finished else "")
 
 
 def _limits(config: BalancerConfig) -> ListenerLimits:

@@ -91,6 +91,9 @@ class EventProtocol(asyncio.Protocol):
     def on_closed(self) -> None:
         """The connection is gone (after it was ACTIVE)."""
 
+    def on_active(self) -> None:
+        """The handshake is done and the connection holds a slot (before its first events)."""
+
     # -- asyncio callbacks --------------------------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -220,6 +223,7 @@ class EventProtocol(asyncio.Protocol):
         listener.stats.bump(listener.stats.connections, "accepted")
         self.state = ConnState.ACTIVE
         listener.log.debug("event connection from %s flags=%s", self.peer, flags)
+        self.on_active()
         rest = bytes(self._handshake[consumed:])
         self._handshake = bytearray()
         if rest:
