@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import queue
 import re
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -147,3 +149,490 @@ def socat() -> str:
     if path is None:
         raise RuntimeError("socat is not installed: run ./scripts/test, which installs it")
     return path
+
+
+# -- the balancer: processes, configs and streaming clients (tests/integration/test_balancer.py) ---------------
+
+REPLY_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
+"""The session flags of a client that wants its detections back, each event closed by LookupFinished."""
+FINISHED_LINE = "LookupFinished"
+
+
+class BalancerProcess(NodeProcess):
+    """A ``threatgate balancer`` child process, with NodeProcess's log waiting, signals and stop."""
+
+    def __init__(self, config: Path, port: int) -> None:  # NodeProcess.__init__ would start a node
+        self.config = config
+        self.port = port
+        self.log_path = config.parent / f"balancer-{port}.log"
+        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "threatgate", "balancer", "--config", str(config), "--log-level", "inf"],
+            stdout=self._log,
+            stderr=subprocess.STDOUT,
+        )
+        self._seen = 0
+
+    def log_offset(self) -> int:
+        """The current end of the log: pass it as ``after`` to wait only for what comes next."""
+        return len(self.log())
+
+
+@contextmanager
+def running_balancer(config: Path, port: int) -> Iterator[BalancerProcess]:
+    balancer = BalancerProcess(config, port)
+    try:
+        balancer.wait_for_log(r"balancer listening for events")
+        yield balancer
+    finally:
+        balancer.stop()
+
+
+def wait_for_log_count(
+    proc: NodeProcess, pattern: str, count: int, timeout: float = DEFAULT_TIMEOUT, after: int = 0
+) -> list[re.Match[str]]:
+    """Block until ``pattern`` occurs ``count`` times in the log after offset ``after`` (any order of lines)."""
+    deadline = time.monotonic() + timeout
+    rx = re.compile(pattern)
+    while True:
+        text = proc.log()
+        found = list(rx.finditer(text, after))
+        if len(found) >= count:
+            return found
+        if proc.proc.poll() is not None:
+            raise AssertionError(f"process exited ({proc.proc.returncode}) before {count} x {pattern!r}:\n{text}")
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timeout waiting for {count} x {pattern!r} (saw {len(found)}):\n{text}")
+        time.sleep(0.02)
+
+
+HEALTH_FAST = '<HealthCheck interval="1" timeout="10" rise="1" fall="1"/>'
+"""Health checks that notice a node coming or going within about a second (tests only).  A stopped node
+refuses the check at once; the long timeout only keeps a slow PONG on an overloaded machine from counting."""
+
+
+def balancer_config(
+    path: Path,
+    *,
+    port: int,
+    instances: list[int],
+    disabled: tuple[int, ...] = (),
+    scanners_count: int = 20,
+    health: str = HEALTH_FAST,
+    extra: str = "",
+) -> Path:
+    """Write examples/balancer.conf to ``path`` with our ports, instances on 127.0.0.1 and ``extra`` elements.
+
+    An element of ``extra`` replaces the example's element of the same name.  The instances are
+    ``<Instance matching_port="P" enabled="true|false">127.0.0.1</Instance>`` (``disabled`` ones false).
+    API and alert ports are kept across rewrites of the same file (SIGHUP tests).
+    """
+    text = (EXAMPLES / "balancer.conf").read_text()
+    for tag in set(re.findall(r"<(\w+)", extra)):
+        text = re.sub(rf"\n *<{tag}\b(?:[^>]*/>|.*?</{tag}>)", "", text, flags=re.S)
+    old = path.read_text() if path.exists() else ""
+    kept = re.search(r'api_port="(\d+)" cybertrace_port="(\d+)"', old)
+    api, alerts = (int(kept[1]), int(kept[2])) if kept else (free_port(), free_port())
+    lines = "".join(
+        f'    <Instance matching_port="{p}" enabled="{"false" if p in disabled else "true"}">127.0.0.1</Instance>\n'
+        for p in instances
+    )
+    for pattern, replacement in (
+        (
+            r"<Balancer [^>]*>",
+            f'<Balancer matching_port="{port}" api_port="{api}" cybertrace_port="{alerts}" '
+            f'scanners_count="{scanners_count}">',
+        ),
+        (r"<Instances>.*</Instances>", f"<Instances>\n{lines}  </Instances>"),
+        (r"<HealthCheck [^>]*/>", health),
+        (r"</Config>", f"  {extra}\n</Config>" if extra else "</Config>"),
+    ):
+        text, n = re.subn(pattern, lambda _m, r=replacement: r, text, flags=re.S)
+        assert n == 1, f"examples/balancer.conf changed: {pattern!r} matched {n} times"
+    path.write_text(text)
+    return path
+
+
+_FINISHED_RX = re.compile(r"^(?:\d+ )?LookupFinished$", re.M)
+
+
+class ReplyReader:
+    """Reads a socket on a thread until EOF: the lines received, and how many were ``LookupFinished``
+    (a balancer's ``LookupFinished`` or a node's ``<id> LookupFinished``)."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.lines: list[str] = []
+        self.finished = 0
+        self.eof = False
+        self.error: Exception | None = None
+        self._cond = threading.Condition()
+        self._thread = threading.Thread(target=self._run, name="reply-reader", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        buf = b""
+        try:
+            while True:
+                data = self.sock.recv(1 << 20)
+                if not data:
+                    break
+                buf += data
+                end = buf.rfind(b"\n")
+                if end < 0:
+                    continue
+                text = buf[:end].decode("utf-8")
+                buf = buf[end + 1 :]
+                finished = len(_FINISHED_RX.findall(text))
+                with self._cond:
+                    self.lines.extend(text.split("\n"))
+                    self.finished += finished
+                    self._cond.notify_all()
+        except Exception as exc:  # reported by wait_finished / join, never lost in the thread
+            self.error = exc
+        finally:
+            with self._cond:
+                if buf:
+                    self.lines.append(buf.decode("utf-8", "replace"))  # an unterminated last line
+                self.eof = True
+                self._cond.notify_all()
+
+    def wait_finished(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> None:
+        """Block until ``count`` LookupFinished lines arrived; fail on EOF, error or timeout."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.finished >= count or self.eof, timeout)
+            finished, eof = self.finished, self.eof
+        if finished < count:
+            raise AssertionError(f"{finished} of {count} LookupFinished lines (eof={eof}, error={self.error!r})")
+
+    def join(self, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Wait for EOF; the lines.  Raises what the thread met (e.g. a socket timeout)."""
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"no EOF within {timeout} s after {self.finished} LookupFinished lines")
+        if self.error is not None:
+            raise self.error
+        return self.lines
+
+
+class LineWriter:
+    """Sends byte strings on a thread, in order (``sendall`` may block for long under back-pressure)."""
+
+    _SHUTDOWN = b""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.error: Exception | None = None
+        self._queue: queue.SimpleQueue[bytes] = queue.SimpleQueue()
+        self._thread = threading.Thread(target=self._run, name="line-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            while True:
+                data = self._queue.get()
+                if data is self._SHUTDOWN:
+                    self.sock.shutdown(socket.SHUT_WR)
+                    return
+                self.sock.sendall(data)
+        except Exception as exc:
+            self.error = exc
+
+    def send(self, data: bytes) -> None:
+        assert data, "use shutdown() to half-close"
+        self._queue.put(data)
+
+    def shutdown(self) -> None:
+        """Half-close after everything queued before has been sent."""
+        self._queue.put(self._SHUTDOWN)
+
+    def join(self, timeout: float = DEFAULT_TIMEOUT) -> None:
+        self._thread.join(timeout)
+        if self._thread.is_alive():
+            raise AssertionError(f"still sending after {timeout} s")
+        if self.error is not None:
+            raise self.error
+
+
+def stream(port: int, payload: bytes, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+    """Send ``payload`` (flags included) on a thread, half-close, and return every line until the peer closes.
+
+    Unlike :func:`exchange`, replies are read while sending, so any volume works.
+    """
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as s:
+        reader = ReplyReader(s)
+        writer = LineWriter(s)
+        writer.send(payload)
+        writer.shutdown()
+        writer.join(timeout)
+        return reader.join(timeout)
+
+
+def answers_in_order(lines: list[str]) -> list[tuple[str, ...]]:
+    """A balancer client's reply lines cut into per-event answers: the detections before each LookupFinished."""
+    out: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for line in lines:
+        if line == FINISHED_LINE:
+            out.append(tuple(current))
+            current = []
+        else:
+            current.append(line)
+    assert not current, f"lines after the last LookupFinished: {current[:5]}"
+    return out
+
+
+def answers_by_request_id(lines: list[str], count: int) -> list[tuple[str, ...]]:
+    """A node's reply lines (``<id> ...`` for events numbered 1..count, sent in that order) as per-event answers.
+
+    Checks what the node promises: answers in event order, one ``<id> LookupFinished`` closing each event.
+    """
+    out: list[tuple[str, ...]] = []
+    current: list[str] = []
+    for line in lines:
+        req, _, rest = line.partition(" ")
+        assert req == str(len(out) + 1), f"answer of event {req} where {len(out) + 1} was due: {line!r}"
+        if rest == FINISHED_LINE:
+            out.append(tuple(current))
+            current = []
+        else:
+            current.append(rest)
+    assert not current and len(out) == count, (len(out), count, current[:5])
+    return out
+
+
+# == The balancer's REST gateway (tests/integration/test_gateway.py) =========================================
+# A separate block: only additions, nothing above uses it.  Its imports are here to keep it self-contained.
+
+import asyncio  # noqa: E402
+import base64  # noqa: E402
+import http.client  # noqa: E402
+import json  # noqa: E402
+import ssl  # noqa: E402
+import urllib.request  # noqa: E402
+from collections.abc import Callable, Coroutine  # noqa: E402
+from dataclasses import dataclass  # noqa: E402
+from typing import Any, TypeVar  # noqa: E402
+
+_T = TypeVar("_T")
+
+
+def basic_auth(user: str, password: str) -> str:
+    """An ``Authorization`` header value for HTTP Basic."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+
+
+@dataclass
+class HTTPReply:
+    status: int
+    headers: dict[str, str]  # lower-case names (a repeated field: the last one)
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class HTTPReader:
+    """Reads HTTP/1.1 answers (Content-Length framed, as aiohttp sends them) from a socket, one at a time."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+        self.buf = b""
+
+    def recv(self) -> bytes:
+        """Bytes from the peer, or b"" once it closed the connection (however it closed it)."""
+        try:
+            return self.sock.recv(65536)
+        except (ConnectionResetError, BrokenPipeError, ssl.SSLEOFError, ssl.SSLZeroReturnError):
+            return b""
+
+    def reply(self) -> HTTPReply:
+        """The next answer (an interim ``100 Continue`` too: it is an answer without a body)."""
+        while b"\r\n\r\n" not in self.buf:
+            data = self.recv()
+            if not data:
+                raise AssertionError(f"connection closed before a whole answer: {self.buf!r}")
+            self.buf += data
+        head, _, self.buf = self.buf.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        headers = {}
+        for line in lines[1:]:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+        status = int(lines[0].split()[1])
+        length = int(headers.get("content-length", "0")) if status >= 200 else 0
+        while len(self.buf) < length:
+            data = self.recv()
+            if not data:
+                break
+            self.buf += data
+        body, self.buf = self.buf[:length], self.buf[length:]
+        return HTTPReply(status, headers, body)
+
+    def closed(self, timeout: float) -> bool:
+        """Whether the peer closes the connection within ``timeout`` seconds (anything it sends is dropped)."""
+        self.sock.settimeout(timeout)
+        try:
+            while self.recv():
+                pass
+        except TimeoutError:
+            return False
+        return True
+
+
+class HTTPSClient:
+    """HTTPS to one port on 127.0.0.1 with certificate verification on: ``cafile`` is the only CA."""
+
+    def __init__(self, port: int, cafile: Path) -> None:
+        self.port = port
+        self.context = ssl.create_default_context(cafile=str(cafile))
+        assert self.context.verify_mode == ssl.CERT_REQUIRED and self.context.check_hostname
+
+    def request(
+        self,
+        method: str,
+        target: str,
+        body: Any = None,
+        *,
+        headers: dict[str, str] | None = None,
+        timeout: float = 20,
+    ) -> HTTPReply:
+        """One request on a fresh connection; ``body`` is sent as is when bytes, else as JSON."""
+        sent = dict(headers or {})
+        if body is not None and not isinstance(body, bytes):
+            body = json.dumps(body).encode()
+            sent.setdefault("Content-Type", "application/json")
+        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=timeout)
+        try:
+            conn.request(method, target, body=body, headers=sent)
+            response = conn.getresponse()
+            data = response.read()
+            return HTTPReply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
+        finally:
+            conn.close()
+
+    @contextmanager
+    def connect(self, timeout: float = 20) -> Iterator[ssl.SSLSocket]:
+        """A raw TLS socket (verified), for bytes http.client will not send."""
+        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
+        try:
+            sock = self.context.wrap_socket(raw, server_hostname="127.0.0.1")
+        except BaseException:
+            raw.close()
+            raise
+        with sock:
+            yield sock
+
+    def raw(self, data: bytes, timeout: float = 20) -> HTTPReply:
+        """Send ``data`` on a fresh connection and read one answer."""
+        with self.connect(timeout) as sock:
+            sock.sendall(data)
+            return HTTPReader(sock).reply()
+
+
+def raw_request(method: str, target: str, body: bytes = b"", headers: tuple[str, ...] = ()) -> bytes:
+    """The bytes of one HTTP/1.1 request, exactly as given (Content-Length added for a body unless framed)."""
+    lines = [f"{method} {target} HTTP/1.1", "Host: 127.0.0.1", *headers]
+    if body and not any(h.lower().startswith(("content-length:", "transfer-encoding:")) for h in headers):
+        lines.append(f"Content-Length: {len(body)}")
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1") + body
+
+
+def prometheus_samples(port: int) -> dict[str, float]:
+    """Every sample of ``http://127.0.0.1:port/metrics``, keyed by name with labels as printed."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            key, _, value = line.rpartition(" ")
+            out[key] = float(value)
+    return out
+
+
+def prometheus_total(port: int, name: str) -> float:
+    """The sum of every sample of metric ``name`` (all label values)."""
+    return sum(v for k, v in prometheus_samples(port).items() if k == name or k.startswith(name + "{"))
+
+
+def wait_until(predicate: Callable[[], bool], what: str, timeout: float = DEFAULT_TIMEOUT) -> None:
+    """Poll ``predicate`` (every 20 ms) until it holds; fail after ``timeout`` seconds naming ``what``."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timeout ({timeout} s) waiting for {what}")
+        time.sleep(0.02)
+
+
+@dataclass(frozen=True)
+class GatewayPorts:
+    matching: int
+    api: int
+    alerts: int
+
+
+def gateway_config(
+    path: Path,
+    *,
+    instances: list[tuple[int, int]],
+    allowed: tuple[tuple[str, str], ...] | None = None,
+    extra: str = "",
+    health: str = HEALTH_FAST,
+    ports: GatewayPorts | None = None,
+) -> GatewayPorts:
+    """Write a balancer config for gateway tests: ``instances`` are (matching_port, api_port) on 127.0.0.1.
+
+    ``allowed`` None leaves ``<AllowedRequests>`` out (the read-only defaults); ``extra`` is added as is;
+    ``ports`` (else free ones) are the balancer's own.
+    """
+    ports = ports or GatewayPorts(free_port(), free_port(), free_port())
+    rows = "".join(
+        f'    <Instance matching_port="{m}" api_port="{a}" enabled="true">127.0.0.1</Instance>\n' for m, a in instances
+    )
+    rules = ""
+    if allowed is not None:
+        rules = (
+            "  <AllowedRequests>\n"
+            + "".join(f'    <Request method="{m}" path="{p}"/>\n' for m, p in allowed)
+            + "  </AllowedRequests>\n"
+        )
+    path.write_text(
+        '<?xml version="1.0" encoding="UTF-8"?>\n<Config>\n'
+        f'  <Balancer matching_port="{ports.matching}" api_port="{ports.api}" cybertrace_port="{ports.alerts}"'
+        ' scanners_count="20">127.0.0.1</Balancer>\n'
+        f"  <Instances>\n{rows}  </Instances>\n{rules}  {health}\n  {extra}\n</Config>\n"
+    )
+    return ports
+
+
+class LoopThread:
+    """An asyncio event loop on a thread, for servers a test plays itself (a relay, a stand-in node, a SIEM).
+
+    ``close`` cancels every task (handlers must close their transports in ``finally``) and closes the loop.
+    """
+
+    def __init__(self) -> None:
+        self.loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self.loop.run_forever, name="test-loop", daemon=True)
+        self._thread.start()
+
+    def run(self, coro: Coroutine[Any, Any, _T], timeout: float = DEFAULT_TIMEOUT) -> _T:
+        """Run ``coro`` on the loop and return its result."""
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def close(self) -> None:
+        async def cancel_all() -> None:
+            tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            for _ in range(5):  # let transports closed by the handlers finish closing
+                await asyncio.sleep(0)
+
+        try:
+            self.run(cancel_all())
+        finally:
+            self.loop.call_soon_threadsafe(self.loop.stop)
+            self._thread.join(10)
+            self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+            self.loop.close()

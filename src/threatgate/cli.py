@@ -145,6 +145,9 @@ def balancer_pins(config_path: str, check: bool, renew_instance: str | None) -> 
         except (OSError, TimeoutError) as exc:
             click.echo(f"threatgate: cannot reach {renew_instance}: {exc or type(exc).__name__}", err=True)
             sys.exit(1)
+        except TLSConfigError as exc:  # the pin cannot be written (CertDirPath)
+            click.echo(f"threatgate: {exc}", err=True)
+            sys.exit(1)
         click.echo(f"renewed {path}: {old or '(none)'} -> {new}")
         return
     rows = asyncio.run(pin_rows(config, probe=check))

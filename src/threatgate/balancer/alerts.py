@@ -71,13 +71,20 @@ class AlertConnection(asyncio.Protocol):
         self.listener.connections.add(self)
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:
+            # The rest of an over-long line: dropped as it arrives (never buffered, never reported again).
+            end = data.find(b"\n")
+            if end < 0:
+                return
+            self._discarding = False
+            data = data[end + 1 :]
         buf = self._buf + data
         lines = buf.split(b"\n")
         self._buf = lines.pop()
         for line in lines:
-            if self._discarding:
-                self._discarding = False  # the rest of an over-long line ends here
-                continue
+            if len(line) > MAX_LINE:  # arrived whole in one read: cut and counted all the same
+                self.listener.count_bad("alert_line_too_long")
+                line = line[:MAX_LINE]
             self.listener.on_line(self.peer, line)
         if len(self._buf) > MAX_LINE:
             self.listener.on_line(self.peer, self._buf[:MAX_LINE])

@@ -36,6 +36,7 @@ from aiohttp.web_request import BaseRequest
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.node import MAX_BODY_SIZE
+from threatgate.errors import TLSConfigError
 from threatgate.lb.policy import InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.http import HTTPServer, json_error
@@ -54,6 +55,7 @@ MISMATCH = (
 HOP_BY_HOP = frozenset(
     {
         "connection",
+        "expect",
         "keep-alive",
         "proxy-authenticate",
         "proxy-authorization",
@@ -69,7 +71,11 @@ HOP_BY_HOP = frozenset(
         "x-real-ip",
     }
 )
-"""Request headers never copied upstream (hop-by-hop per RFC 9110 §7.6.1, and the ones we set)."""
+"""Request headers never copied upstream (hop-by-hop per RFC 9110 §7.6.1, and the ones we set).
+
+``Expect: 100-continue`` is answered here (the body is buffered before anything goes upstream); sent on,
+it would make the client side wait for a ``100 Continue`` the node never sends, until UpstreamTimeout.
+"""
 RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 )
@@ -138,6 +144,9 @@ class Gateway:
         self.http: HTTPServer | None = None
         self._session: aiohttp.ClientSession | None = None
         self._pin_locks: dict[str, asyncio.Lock] = {}
+        # One Fingerprint object per pinned digest: aiohttp keys its connection pool on the object itself
+        # (it has no value equality), so a new object per request would never reuse a connection.
+        self._fingerprints: dict[bytes, aiohttp.Fingerprint] = {}
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
@@ -230,6 +239,11 @@ class Gateway:
         size = 0
         try:
             async with asyncio.timeout(self.service.config.api_body_timeout):
+                if request.version == aiohttp.HttpVersion11 and (
+                    request.headers.get("Expect", "").lower() == "100-continue"
+                ):
+                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+                    request.writer.output_size = 0
                 async for chunk in request.content.iter_chunked(1 << 20):
                     size += len(chunk)
                     if size > MAX_BODY_SIZE:
@@ -246,15 +260,24 @@ class Gateway:
 
     @staticmethod
     def _upstream_headers(request: BaseRequest) -> dict[str, str]:
-        connection_tokens = {t.strip().lower() for t in request.headers.get("Connection", "").split(",")}
+        # Every Connection line counts (a header named in the second one is hop-by-hop too), and a repeated
+        # field keeps all its values, in order, on one line (RFC 9110 §5.3): a dict would keep the last only.
+        connection_tokens = {
+            t.strip().lower() for line in request.headers.getall("Connection", ()) for t in line.split(",")
+        }
         headers: dict[str, str] = {}
+        spelling: dict[str, str] = {}  # lower-case name -> the name as first sent
         for name, value in request.headers.items():
             low = name.lower()
             if low in HOP_BY_HOP or low in connection_tokens:
                 continue
-            headers[name] = value
+            if low in spelling:
+                headers[spelling[low]] += ("; " if low == "cookie" else ", ") + value
+            else:
+                spelling[low] = name
+                headers[name] = value
         remote = request.remote or ""
-        previous = request.headers.get("X-Forwarded-For")
+        previous = ", ".join(request.headers.getall("X-Forwarded-For", ()))
         headers["X-Forwarded-For"] = f"{previous}, {remote}" if previous else remote
         headers["X-Forwarded-Proto"] = "https"
         headers["X-Real-IP"] = remote
@@ -326,22 +349,23 @@ class Gateway:
 
     async def pin_of(self, inst: Instance) -> Pin:
         """The instance's pin, saving the presented certificate on first use."""
-        try:
-            pin = self.pins.cached(inst.settings)
-        except ValueError as exc:
-            raise UpstreamFailed(str(exc)) from None
+        pin = self._cached_pin(inst)
         if pin is not None:
             return pin
         lock = self._pin_locks.setdefault(inst.key, asyncio.Lock())
         async with lock:
-            pin = self.pins.cached(inst.settings)  # saved by a request that held the lock before us
+            pin = self._cached_pin(inst)  # saved by a request that held the lock before us
             if pin is not None:
                 return pin
             try:
                 der = await fetch_certificate(inst.settings.host, inst.settings.api_port, 10.0)
             except (OSError, TimeoutError, ssl.SSLError) as exc:
                 raise UpstreamFailed(f"TLS connection failed: {exc or type(exc).__name__}") from None
-            pin = await asyncio.to_thread(self.pins.save, inst.settings, der)
+            try:
+                pin = await asyncio.to_thread(self.pins.save, inst.settings, der)
+            except TLSConfigError as exc:  # CertDirPath not writable: this node cannot be used, the others can
+                self.warn("instance %s: cannot save its reference certificate: %s", inst.key, exc)
+                raise UpstreamFailed(f"cannot save the reference certificate: {exc}") from None
             log.warning(
                 "instance %s: no reference certificate yet; saved the one it presented as %s (SHA-256 %s)",
                 inst.key,
@@ -349,6 +373,14 @@ class Gateway:
                 pin.fingerprint,
             )
             return pin
+
+    def _cached_pin(self, inst: Instance) -> Pin | None:
+        try:
+            return self.pins.cached(inst.settings)
+        except ValueError as exc:  # a damaged pin file
+            raise UpstreamFailed(str(exc)) from None
+        except OSError as exc:  # CertDirPath unusable (a file, no permission): never taken for "no pin"
+            raise UpstreamFailed(f"cannot read the reference certificate: {exc}") from None
 
     async def forward(self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
         """Send one request to ``inst`` over a pinned connection.
@@ -367,7 +399,7 @@ class Gateway:
                 url,
                 headers=headers,
                 data=body if body or method not in READ_METHODS else None,
-                ssl=aiohttp.Fingerprint(pin.sha256),
+                ssl=self._fingerprint(pin),
                 timeout=aiohttp.ClientTimeout(total=self.service.config.api_upstream_timeout),
                 allow_redirects=False,
             ) as resp:
@@ -380,6 +412,15 @@ class Gateway:
             raise UpstreamFailed(str(exc) or type(exc).__name__) from None
         finally:
             self.inflight[inst.key] -= 1
+
+    def _fingerprint(self, pin: Pin) -> aiohttp.Fingerprint:
+        digest = pin.sha256
+        fingerprint = self._fingerprints.get(digest)
+        if fingerprint is None:
+            if len(self._fingerprints) >= 1024:  # renewed pins over a long life: bounded all the same
+                self._fingerprints.clear()
+            fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
+        return fingerprint
 
     def _mismatch(self, exc: PinMismatch) -> web.Response:
         s = exc.instance.settings
@@ -403,6 +444,8 @@ def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> boo
         return False
     for want, got in zip(pattern, segments, strict=True):
         if want.startswith("{") and want.endswith("}"):
+            if not got:  # a placeholder is one non-empty segment ("/api/v./lookup" has an empty version)
+                return False
             continue
         if want != got:
             return False

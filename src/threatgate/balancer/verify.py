@@ -112,7 +112,7 @@ async def pin_rows(config: BalancerConfig, probe: bool) -> list[PinRow]:
     for settings in config.instances:
         try:
             pin = store.load(settings)
-        except ValueError as exc:
+        except (ValueError, OSError) as exc:  # a damaged file, or CertDirPath unusable
             rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {exc}"))
             continue
         row = PinRow(
@@ -146,7 +146,7 @@ async def renew(config: BalancerConfig, instance: str) -> tuple[str, str, str]:
     store = PinStore(config.cert_dir)
     try:
         old = store.load(settings)
-    except ValueError:
+    except (ValueError, OSError):  # damaged or unreadable: replaced all the same (or the save says why not)
         old = None
     der = await fetch_certificate(settings.host, settings.api_port, 10.0)
     new = await asyncio.to_thread(store.save, settings, der)
