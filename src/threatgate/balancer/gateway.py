@@ -147,9 +147,17 @@ class Gateway:
         # One Fingerprint object per pinned digest: aiohttp keys its connection pool on the object itself
         # (it has no value equality), so a new object per request would never reuse a connection.
         self._fingerprints: dict[bytes, aiohttp.Fingerprint] = {}
+        self._client_timeout: aiohttp.ClientTimeout | None = None
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
+
+    def _timeout(self) -> aiohttp.ClientTimeout:
+        """One ClientTimeout per configured value (it is immutable; the config may change at SIGHUP)."""
+        total = self.service.config.api_upstream_timeout
+        if self._client_timeout is None or self._client_timeout.total != total:
+            self._client_timeout = aiohttp.ClientTimeout(total=total)
+        return self._client_timeout
 
     async def start(self) -> None:
         config = self.service.config
@@ -400,7 +408,7 @@ class Gateway:
                 headers=headers,
                 data=body if body or method not in READ_METHODS else None,
                 ssl=self._fingerprint(pin),
-                timeout=aiohttp.ClientTimeout(total=self.service.config.api_upstream_timeout),
+                timeout=self._timeout(),
                 allow_redirects=False,
             ) as resp:
                 data = await resp.read()

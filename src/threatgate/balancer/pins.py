@@ -16,7 +16,7 @@ from __future__ import annotations
 import hashlib
 import os
 import ssl
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from cryptography import x509
 from cryptography.hazmat.primitives import serialization
@@ -27,14 +27,14 @@ from threatgate.net.tls import fingerprint_sha256, write_atomic
 
 @dataclass(frozen=True, slots=True)
 class Pin:
-    """A saved reference certificate."""
+    """A saved reference certificate; ``sha256`` is computed once (the gateway checks it per connection)."""
 
     path: str
     der: bytes
+    sha256: bytes = field(init=False)
 
-    @property
-    def sha256(self) -> bytes:
-        return hashlib.sha256(self.der).digest()
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "sha256", hashlib.sha256(self.der).digest())
 
     @property
     def fingerprint(self) -> str:
