@@ -69,16 +69,52 @@ class BalancerStats(BoundaryStats):
     alerts: dict[str, int] = field(default_factory=dict)  # service alerts received, by name
 
 
-class StatsCollector(Collector):
+Counters = list[tuple[str, str, int]]  # (name, help, value)
+Tables = list[tuple[str, str, str, dict[str, int]]]  # (name, help, label, label value -> count)
+
+
+class _TableCollector(Collector):
+    """Plain counters, labelled counter tables, labelled gauge tables and live gauges, at scrape time."""
+
+    def __init__(self, gauges: Gauges) -> None:
+        self._gauges = gauges
+
+    def counters(self) -> Counters:
+        return []
+
+    def tables(self) -> Tables:
+        return []
+
+    def gauge_tables(self) -> Tables:
+        return []
+
+    def collect(self) -> Iterator[Metric]:
+        for name, doc, value in self.counters():
+            yield CounterMetricFamily(name, doc, value=value)
+        for name, doc, label, table in self.tables():
+            family = CounterMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(table.items()):
+                family.add_metric([key], value)
+            yield family
+        for name, doc, label, table in self.gauge_tables():
+            gauge = GaugeMetricFamily(name, doc, labels=[label])
+            for key, value in sorted(table.items()):
+                gauge.add_metric([key], value)
+            yield gauge
+        for name, (doc, getter) in self._gauges.items():
+            yield GaugeMetricFamily(name, doc, value=getter())
+
+
+class StatsCollector(_TableCollector):
     """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
 
     def __init__(self, stats: NodeStats, gauges: Gauges) -> None:
+        super().__init__(gauges)
         self._stats = stats
-        self._gauges = gauges
 
-    def collect(self) -> Iterator[Metric]:
+    def counters(self) -> Counters:
         s = self._stats
-        for name, doc, value in (
+        return [
             ("threatgate_events", "Events matched", s.events),
             ("threatgate_detections", "Detection lines produced", s.detections),
             ("threatgate_finished_lines", "FinishedEventFormat lines produced", s.finished_lines),
@@ -87,9 +123,11 @@ class StatsCollector(Collector):
             ("threatgate_feed_reloads", "Feed reload cycles", s.reloads),
             ("threatgate_api_lookup_objects", "Objects looked up through the REST API", s.lookups),
             ("threatgate_api_lookup_detections", "REST lookup objects that detected", s.lookup_detections),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        for name, doc, label, table in (
+        ]
+
+    def tables(self) -> Tables:
+        s = self._stats
+        return [
             ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
             ("threatgate_connections", "Event connections, by outcome", "outcome", s.connections),
             ("threatgate_category_detections", "Detections by category", "category", s.per_category),
@@ -101,46 +139,47 @@ class StatsCollector(Collector):
             ),
             ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
             ("threatgate_api_requests", "REST API answers, by HTTP status", "status", s.api_requests),
-        ):
-            family = CounterMetricFamily(name, doc, labels=[label])
-            for key, value in sorted(table.items()):
-                family.add_metric([key], value)
-            yield family
-        for name, doc, table in (
-            ("threatgate_feed_records", "Records of each feed in the live store", s.feed_records),
-            ("threatgate_feed_malformed_records", "Malformed records skipped in the last load", s.feed_malformed),
+        ]
+
+    def gauge_tables(self) -> Tables:
+        s = self._stats
+        return [
+            ("threatgate_feed_records", "Records of each feed in the live store", "feed", s.feed_records),
+            (
+                "threatgate_feed_malformed_records",
+                "Malformed records skipped in the last load",
+                "feed",
+                s.feed_malformed,
+            ),
             (
                 "threatgate_feed_skipped_records",
                 "Unsupported records skipped in the last load (STIX patterns, MISP to_ids=false...)",
+                "feed",
                 s.feed_skipped,
             ),
-        ):
-            gauge = GaugeMetricFamily(name, doc, labels=["feed"])
-            for key, value in sorted(table.items()):
-                gauge.add_metric([key], value)
-            yield gauge
-        for name, (doc, getter) in self._gauges.items():
-            yield GaugeMetricFamily(name, doc, value=getter())
+        ]
 
 
-class BalancerCollector(Collector):
+class BalancerCollector(_TableCollector):
     """Exports a :class:`BalancerStats` plus live gauges."""
 
     def __init__(self, stats: BalancerStats, gauges: Gauges) -> None:
+        super().__init__(gauges)
         self._stats = stats
-        self._gauges = gauges
 
-    def collect(self) -> Iterator[Metric]:
+    def counters(self) -> Counters:
         s = self._stats
-        for name, doc, value in (
+        return [
             ("threatgate_balancer_events_in", "Events received from clients", s.events_in),
             ("threatgate_balancer_events_answered", "Events answered to their client", s.events_out),
             ("threatgate_balancer_detections", "Detection lines delivered", s.detections),
             ("threatgate_balancer_dispatched", "Events sent to instances (redispatches included)", s.dispatched),
             ("threatgate_balancer_redispatched", "Events sent again after their instance failed", s.redispatched),
-        ):
-            yield CounterMetricFamily(name, doc, value=value)
-        for name, doc, label, table in (
+        ]
+
+    def tables(self) -> Tables:
+        s = self._stats
+        return [
             ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
             ("threatgate_connections", "Client connections, by outcome", "outcome", s.connections),
             ("threatgate_balancer_dropped", "Events or lines not delivered, by reason", "reason", s.dropped),
@@ -154,13 +193,7 @@ class BalancerCollector(Collector):
             ("threatgate_api_requests", "REST gateway answers, by HTTP status", "status", s.api_requests),
             ("threatgate_gateway_failures", "Gateway upstream failures, by instance or kind", "what", s.api_retries),
             ("threatgate_alerts", "Service alerts received from nodes, by name", "alert", s.alerts),
-        ):
-            family = CounterMetricFamily(name, doc, labels=[label])
-            for key, value in sorted(table.items()):
-                family.add_metric([key], value)
-            yield family
-        for name, (doc, getter) in self._gauges.items():
-            yield GaugeMetricFamily(name, doc, value=getter())
+        ]
 
 
 async def start_metrics_server(address: Address, collector: Collector) -> web.AppRunner:

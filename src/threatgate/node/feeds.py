@@ -27,6 +27,7 @@ from __future__ import annotations
 import csv
 import errno
 import json
+import logging
 import os
 import re
 import stat
@@ -222,6 +223,11 @@ class LoadReport:
         self.skipped += 1
         if len(self.skip_examples) < MAX_BAD_EXAMPLES:
             self.skip_examples.append(f"{where}: {why}")
+
+    def log_skipped(self, logger: logging.Logger, feed: str, what: str) -> None:
+        """One INFO line per load when something was skipped (never one per record)."""
+        if self.skipped:
+            logger.info("feed %s: %d %s skipped, e.g. %s", feed, self.skipped, what, "; ".join(self.skip_examples))
 
 
 @dataclass(slots=True)

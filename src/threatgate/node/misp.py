@@ -243,11 +243,5 @@ def load_misp(settings: FeedSettings) -> MemorySnapshot:
             report.bad(f"manifest key {key[:80]!r}", "not a UUID-like event name; no file is read for it")
             continue
         _load_event(snapshot, settings.path, key)
-    if report.skipped:
-        log.info(
-            "feed %s: %d MISP attribute(s) skipped, e.g. %s",
-            settings.name,
-            report.skipped,
-            "; ".join(report.skip_examples),
-        )
+    report.log_skipped(log, settings.name, "MISP attribute(s)")
     return snapshot

@@ -416,11 +416,5 @@ def load_stix(settings: FeedSettings, data: bytes | str | None = None) -> Memory
             report.bad(f"object {index}", f"expected an object, got {type(obj).__name__}")
         elif obj.get("type") == "indicator":
             _load_indicator(snapshot, index, obj)
-    if report.skipped:
-        log.info(
-            "feed %s: %d STIX pattern(s) or comparison(s) skipped, e.g. %s",
-            settings.name,
-            report.skipped,
-            "; ".join(report.skip_examples),
-        )
+    report.log_skipped(log, settings.name, "STIX pattern(s) or comparison(s)")
     return snapshot
