@@ -1,8 +1,8 @@
 """Tests for threatgate.lb.correlation: request ids, ownership, exactly-once and in-order release.
 
-The unit tests pin each rule of the Correlator; the state machine at the end drives it with simulated
-CyberTrace nodes through any interleaving, delay, duplication and failure and checks that every event's
-results reach its client exactly once, complete, and in submission order.
+The unit tests pin each rule of the Correlator (single-line and batch paths); the state machine at the end
+drives it with simulated CyberTrace nodes through any interleaving, delay, duplication and failure and checks
+that every event's results reach its client exactly once, complete, and in submission order.
 """
 
 from __future__ import annotations
@@ -488,6 +488,7 @@ def test_Correlator_on_lines_releases_runs_per_client_and_reports_finished_ids_a
     lines = [
         f"{a2} {FINISHED}",
         f"{b1} hit",
+        f"{b1} hit2",
         "",  # an empty line (e.g. "\r\n" after the "\r" was stripped) is skipped, not counted
         "garbage",
         f"{b1} {FINISHED}",
@@ -502,7 +503,7 @@ def test_Correlator_on_lines_releases_runs_per_client_and_reports_finished_ids_a
     assert c.dropped == {Drop.NO_ID: 1, Drop.UNKNOWN_ID: 1, Drop.NOT_OWNER: 1}
     assert [(run.client, run.answers, run.detections, run.plain) for run in answered] == [
         ("a", [(a1, (), f"{FINISHED} count=0"), (a2, (), FINISHED)], 0, False),
-        ("b", [(b1, ("hit",), FINISHED)], 1, False),
+        ("b", [(b1, ("hit", "hit2"), FINISHED)], 2, False),
     ]
     assert c.pending == 1
     answered, drops = c.on_lines("n1", [f"{b2} {FINISHED}", f"{a1} {FINISHED}"], finished)
@@ -695,7 +696,7 @@ class CorrelationMachine(RuleBasedStateMachine):
         rid = line_id(line)
         rest = line.partition(" ")[2]
         if rid is None:
-            verdict: Drop | None = Drop.NO_ID
+            verdict = Drop.NO_ID
         elif (ev := self.events.get(rid)) is None or not ev.live:
             verdict = Drop.UNKNOWN_ID
         elif ev.owner != self.key(conn) or ev.finished:
