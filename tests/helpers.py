@@ -206,6 +206,21 @@ def wait_for_log_count(
         time.sleep(0.02)
 
 
+def free_ports(count: int, exclude: tuple[int, ...] = ()) -> list[int]:
+    """``count`` distinct TCP ports free a moment ago on 127.0.0.1 (bound together to pick), none in ``exclude``."""
+    while True:
+        socks = [socket.socket() for _ in range(count)]
+        try:
+            for s in socks:
+                s.bind(("127.0.0.1", 0))
+            ports = [int(s.getsockname()[1]) for s in socks]
+        finally:
+            for s in socks:
+                s.close()
+        if not set(ports) & set(exclude):
+            return ports
+
+
 HEALTH_FAST = '<HealthCheck interval="1" timeout="10" rise="1" fall="1"/>'
 """Health checks that notice a node coming or going within about a second (tests only).  A stopped node
 refuses the check at once; the long timeout only keeps a slow PONG on an overloaded machine from counting."""
@@ -232,7 +247,7 @@ def balancer_config(
         text = re.sub(rf"\n *<{tag}\b(?:[^>]*/>|.*?</{tag}>)", "", text, flags=re.S)
     old = path.read_text() if path.exists() else ""
     kept = re.search(r'api_port="(\d+)" cybertrace_port="(\d+)"', old)
-    api, alerts = (int(kept[1]), int(kept[2])) if kept else (free_port(), free_port())
+    api, alerts = (int(kept[1]), int(kept[2])) if kept else free_ports(2, exclude=(port, *instances))
     lines = "".join(
         f'    <Instance matching_port="{p}" enabled="{"false" if p in disabled else "true"}">127.0.0.1</Instance>\n'
         for p in instances

@@ -43,6 +43,7 @@ from tests.helpers import (
     example_config,
     exchange,
     free_port,
+    free_ports,
     read_all,
     read_lines,
     running_balancer,
@@ -201,7 +202,7 @@ def metric_events(metrics_port: int) -> int:
 @pytest.mark.timeout(300)
 def test_node_killed_mid_stream_every_detection_exactly_once(dataset: Dataset, tmp_path: Path) -> None:
     """200,000 events through 2 nodes; one is SIGKILLed halfway; each event's answer arrives once, as from one node."""
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     with (
         nodes(*[(dataset.node_config(p), p) for p in ports]) as (victim, survivor),
         balancer_for(tmp_path / "kl_balancer.conf", ports) as balancer,
@@ -242,7 +243,8 @@ def test_a_node_busy_with_a_stream_answers_health_checks_at_once(dataset: Datase
 def test_disable_and_enable_an_instance_with_sighup_under_load(dataset: Dataset, tmp_path: Path) -> None:
     """SIGHUP with ``enabled="false"``: the instance gets nothing more, its unfinished events go elsewhere;
     an invalid file is refused and the running configuration kept; enabled again it is UP and serves."""
-    ports, metrics = [free_port(), free_port()], [free_port(), free_port()]
+    picked = free_ports(4)
+    ports, metrics = picked[:2], picked[2:]
     config = tmp_path / "kl_balancer.conf"
     cuts = [0, 30_000, 40_000, 45_000, 75_000, 80_000]
     with (
@@ -316,7 +318,7 @@ class Examples:
 @pytest.fixture(scope="module")
 def example_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Examples]:
     """Two nodes on the example config and feeds, and the answers one of them gives to examples/events.txt."""
-    ports = [free_port(), free_port()]
+    ports = free_ports(2)
     configs = [(example_config(tmp_path_factory.mktemp(f"node{i}"), port=p), p) for i, p in enumerate(ports)]
     events = (EXAMPLES / "events.txt").read_bytes()
     with nodes(*configs):
@@ -504,8 +506,7 @@ def test_a_client_leaving_mid_stream_does_not_disturb_another(
 def test_events_wait_for_a_node_and_are_answered_when_one_comes_up(example_nodes: Examples, tmp_path: Path) -> None:
     """Balancer first, no node: events wait (the backlog is bounded: past MaxPendingEvents the client is no
     longer read) and PING is answered; the first node that comes UP answers them all, in order."""
-    ports = [free_port(), free_port()]  # nothing listens there yet
-    port = free_port()
+    *ports, port = free_ports(3)  # nothing listens on ports yet
     path = balancer_config(
         tmp_path / "kl_balancer.conf", port=port, instances=ports, extra="<MaxPendingEvents>5</MaxPendingEvents>"
     )

@@ -113,6 +113,10 @@ class Instance:
             return
         finally:
             self.connecting = False
+        if self.state is InstanceState.MAINT:  # disabled or removed while we were connecting
+            if protocol.transport is not None:
+                protocol.transport.close()
+            return
         self.protocol = protocol
         self.writable = True
         log.info("instance %s: event connection open", self.key)

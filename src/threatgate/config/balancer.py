@@ -244,6 +244,11 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
         seen[inst.key] = inst.line
     if not instances:
         raise instances_node.error("no <Instance>: the balancer needs at least one node")
+    for inst in instances:
+        if inst.host == host and inst.matching_port == ports["matching_port"]:
+            raise ConfigError(
+                root.path, inst.line, "Instance", f"instance {inst.key} is this balancer's own event port (a loop)"
+            )
     data["instances"] = tuple(instances)
     data["allowed"] = _read_allowed(root.only("AllowedRequests"))
     data["health"] = _read_health(root.only("HealthCheck"))
