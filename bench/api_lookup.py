@@ -651,17 +651,8 @@ def cells(run: Run) -> list[str]:
 
 def print_report(runs: list[Run], sizes: dict[int, tuple[float, float]]) -> bool:
     """Tables, ratios and targets; returns whether every run was valid."""
-    rows = [cells(r) for r in runs]
-    widths = [max(len(c), *(len(x[i]) for x in rows)) for i, c in enumerate(COLUMNS)]
     print()
-    print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths, strict=True)))
-    for x in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths, strict=True)))
-    print()
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join("---:" for _ in COLUMNS) + "|")
-    for x in rows:
-        print("| " + " | ".join(x) + " |")
+    node_throughput.print_table(COLUMNS, [cells(r) for r in runs])
     print()
     for per_request, (request_bytes, answer_bytes) in sorted(sizes.items()):
         print(f"{per_request} object(s)/request: request bodies {request_bytes:,.0f} B, answers {answer_bytes:,.0f} B")
@@ -710,8 +701,8 @@ def _verdict(value: float, target: float) -> str:
 # -- main ---------------------------------------------------------------------------------------------
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+def add_lookup_arguments(parser: argparse.ArgumentParser) -> None:
+    """The data, body and wrk options shared with gateway_lookup.py (same data, same load)."""
     parser.add_argument("--indicators", type=int, default=100_000)
     parser.add_argument("--events", type=int, default=200_000, help="generated events (the value pools come from them)")
     parser.add_argument("--seed", type=int, default=1)
@@ -725,12 +716,17 @@ def main() -> int:
     parser.add_argument("--threads", type=int, default=1, help="wrk threads")
     parser.add_argument("--timeout", type=int, default=5, help="wrk's per-request timeout, seconds")
     parser.add_argument("--data-dir", default=node_throughput.DEFAULT_DATA)
-    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx anchor")
-    parser.add_argument("--profile", action="store_true", help="py-spy the node during one more run per size")
     parser.add_argument("--native", action="store_true", help="with --profile: include C frames (py-spy --native)")
     parser.add_argument("--top", type=int, default=25, help="with --profile: functions listed")
     parser.add_argument("--wrk", help="path of wrk")
     parser.add_argument("--nginx", help="path of nginx")
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    add_lookup_arguments(parser)
+    parser.add_argument("--no-nginx", action="store_true", help="skip the nginx anchor")
+    parser.add_argument("--profile", action="store_true", help="py-spy the node during one more run per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, bodies)")
     parser.add_argument("--json", dest="json_out", help="also write the raw results to this file")
     args = parser.parse_args()

@@ -762,16 +762,8 @@ def rr_cells(run: LatencyRun, direct: LatencyRun | None) -> list[str]:
 
 
 def print_table(title: str, columns: tuple[str, ...], rows: list[list[str]]) -> None:
-    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
     print(f"\n{title}\n")
-    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
-    for r in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
-    print()
-    print("| " + " | ".join(columns) + " |")
-    print("|" + "|".join("---:" for _ in columns) + "|")
-    for r in rows:
-        print("| " + " | ".join(r) + " |")
+    node_throughput.print_table(columns, rows)
 
 
 def _verdict_max(value: float, target: float) -> str:

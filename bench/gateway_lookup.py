@@ -74,6 +74,7 @@ from api_lookup import (
     Run,
     Server,
     SetupError,
+    add_lookup_arguments,
     children,
     cpu_seconds,
     fetch_answers,
@@ -534,17 +535,8 @@ def cells(run: Run) -> list[str]:
 
 
 def print_table(runs: list[Run]) -> None:
-    rows = [cells(r) for r in runs]
-    widths = [max(len(c), *(len(x[i]) for x in rows)) for i, c in enumerate(COLUMNS)]
     print()
-    print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths, strict=True)))
-    for x in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths, strict=True)))
-    print()
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join("---:" for _ in COLUMNS) + "|")
-    for x in rows:
-        print("| " + " | ".join(x) + " |")
+    node_throughput.print_table(COLUMNS, [cells(r) for r in runs])
 
 
 def limits(run: Run) -> str:
@@ -647,25 +639,9 @@ def print_report(runs: list[Run], profiles: dict[int, tuple[Run, str]], top: int
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--indicators", type=int, default=100_000)
-    parser.add_argument("--events", type=int, default=200_000, help="generated events (the value pools come from them)")
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--hit-share", type=float, default=0.05, help="share of objects that are listed")
-    parser.add_argument("--objects", default="1,100", help="comma-separated objects per request")
-    parser.add_argument("--bodies-single", type=int, default=2000, help="distinct bodies for 1-object requests")
-    parser.add_argument("--bodies-batch", type=int, default=200, help="distinct bodies for larger requests")
-    parser.add_argument("--duration", type=int, default=10, help="seconds per measured run (wrk takes whole seconds)")
-    parser.add_argument("--warmup", type=int, default=2, help="seconds of wrk before each measured run (0: none)")
+    add_lookup_arguments(parser)
     parser.add_argument("--rounds", type=int, default=1, help="repeat both proxies, order swapped every round")
-    parser.add_argument("--connections", type=int, default=8, help=f"wrk connections (at most {SCANNERS})")
-    parser.add_argument("--threads", type=int, default=1, help="wrk threads")
-    parser.add_argument("--timeout", type=int, default=5, help="wrk's per-request timeout, seconds")
-    parser.add_argument("--data-dir", default=node_throughput.DEFAULT_DATA)
     parser.add_argument("--profile", action="store_true", help="py-spy the balancer during one more run per size")
-    parser.add_argument("--native", action="store_true", help="with --profile: include C frames (py-spy --native)")
-    parser.add_argument("--top", type=int, default=25, help="with --profile: functions listed")
-    parser.add_argument("--wrk", help="path of wrk")
-    parser.add_argument("--nginx", help="path of nginx")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, pins)")
     parser.add_argument("--json", dest="json_out", help="also write the raw results to this file")
     args = parser.parse_args()

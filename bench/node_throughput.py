@@ -386,18 +386,22 @@ def row(r: dict[str, Any]) -> list[str]:
     ]
 
 
+def print_table(columns: tuple[str, ...] | list[str], rows: list[list[str]]) -> None:
+    """One table twice: aligned for the terminal, then as Markdown for docs/performance.md (every bench)."""
+    widths = [max(len(c), *(len(r[i]) for r in rows)) for i, c in enumerate(columns)]
+    print("  ".join(c.rjust(w) for c, w in zip(columns, widths, strict=True)))
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths, strict=True)))
+    print()
+    print("| " + " | ".join(columns) + " |")
+    print("|" + "|".join("---:" for _ in columns) + "|")
+    for r in rows:
+        print("| " + " | ".join(r) + " |")
+
+
 def print_tables(results: list[dict[str, Any]]) -> None:
-    rows = [row(r) for r in results]
-    widths = [max(len(c), *(len(x[i]) for x in rows)) for i, c in enumerate(COLUMNS)]
     print()
-    print("  ".join(c.rjust(w) for c, w in zip(COLUMNS, widths, strict=True)))
-    for x in rows:
-        print("  ".join(v.rjust(w) for v, w in zip(x, widths, strict=True)))
-    print()
-    print("| " + " | ".join(COLUMNS) + " |")
-    print("|" + "|".join("---:" for _ in COLUMNS) + "|")
-    for x in rows:
-        print("| " + " | ".join(x) + " |")
+    print_table(COLUMNS, [row(r) for r in results])
     print()
     for r in results:
         extra = []
