@@ -59,13 +59,15 @@ def example_config(
 class NodeProcess:
     """A ``threatgate node`` child process whose stderr is captured in a file we can wait on."""
 
+    command = "node"
+
     def __init__(self, config: Path, port: int) -> None:
         self.config = config
         self.port = port
-        self.log_path = config.parent / f"node-{port}.log"
+        self.log_path = config.parent / f"{self.command}-{port}.log"
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "threatgate", "node", "--config", str(config), "--log-level", "inf"],
+            [sys.executable, "-m", "threatgate", self.command, "--config", str(config), "--log-level", "inf"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
         )
@@ -161,17 +163,7 @@ FINISHED_LINE = "LookupFinished"
 class BalancerProcess(NodeProcess):
     """A ``threatgate balancer`` child process, with NodeProcess's log waiting, signals and stop."""
 
-    def __init__(self, config: Path, port: int) -> None:  # NodeProcess.__init__ would start a node
-        self.config = config
-        self.port = port
-        self.log_path = config.parent / f"balancer-{port}.log"
-        self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "threatgate", "balancer", "--config", str(config), "--log-level", "inf"],
-            stdout=self._log,
-            stderr=subprocess.STDOUT,
-        )
-        self._seen = 0
+    command = "balancer"
 
     def log_offset(self) -> int:
         """The current end of the log: pass it as ``after`` to wait only for what comes next."""

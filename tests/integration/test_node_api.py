@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import http.client
 import json
 import re
 import signal
@@ -28,7 +27,17 @@ from urllib.parse import quote
 
 import pytest
 
-from tests.helpers import NodeProcess, example_config, exchange, free_port, running_node
+from tests.helpers import (
+    HTTPReader,
+    HTTPReply,
+    HTTPSClient,
+    NodeProcess,
+    basic_auth,
+    example_config,
+    exchange,
+    free_port,
+    running_node,
+)
 from threatgate.node.auth import hash_password
 
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
@@ -56,30 +65,15 @@ def hashes() -> dict[str, str]:
 # -- clients ----------------------------------------------------------------------------------------
 
 
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
+basic = basic_auth
 
 
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
-
-
+Reply = HTTPReply
 _DEFAULT: Any = object()
 
 
-class Client:
-    """HTTPS to one node, certificate verification on (the node's own certificate is the only CA)."""
-
-    def __init__(self, port: int, cafile: Path) -> None:
-        self.port = port
-        self.context = ssl.create_default_context(cafile=str(cafile))
-        assert self.context.verify_mode == ssl.CERT_REQUIRED and self.context.check_hostname
+class Client(HTTPSClient):
+    """HTTPS to one node (verification on), as the test user unless ``auth`` says otherwise."""
 
     def request(
         self,
@@ -91,23 +85,12 @@ class Client:
         auth: Any = _DEFAULT,
         timeout: float = 10,
     ) -> Reply:
-        """One request on a fresh connection; ``body`` is sent as is when bytes, else as JSON."""
         sent: dict[str, str] = {}
         auth = (USER, PASSWORD) if auth is _DEFAULT else auth
         if auth is not None:
             sent["Authorization"] = basic(*auth)
-        if body is not None and not isinstance(body, bytes):
-            body = json.dumps(body).encode()
-            sent["Content-Type"] = "application/json"
         sent.update(headers or {})
-        conn = http.client.HTTPSConnection("127.0.0.1", self.port, context=self.context, timeout=timeout)
-        try:
-            conn.request(method, target, body=body, headers=sent)
-            response = conn.getresponse()
-            data = response.read()
-            return Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, data)
-        finally:
-            conn.close()
+        return super().request(method, target, body, headers=sent, timeout=timeout)
 
     def get(self, target: str, **kwargs: Any) -> Reply:
         return self.request("GET", target, **kwargs)
@@ -120,23 +103,6 @@ class Client:
 
     def delete(self, target: str, body: Any = None, **kwargs: Any) -> Reply:
         return self.request("DELETE", target, body, **kwargs)
-
-    @contextmanager
-    def connect(self, timeout: float = 10) -> Iterator[ssl.SSLSocket]:
-        """A raw TLS socket, for traffic http.client will not send."""
-        raw = socket.create_connection(("127.0.0.1", self.port), timeout=timeout)
-        try:
-            sock = self.context.wrap_socket(raw, server_hostname="127.0.0.1")
-        except BaseException:
-            raw.close()
-            raise
-        with sock:
-            yield sock
-
-    def raw(self, data: bytes, timeout: float = 10) -> Reply:
-        with self.connect(timeout) as sock:
-            sock.sendall(data)
-            return read_reply(sock)
 
 
 def request_bytes(
@@ -160,25 +126,7 @@ def recv(sock: ssl.SSLSocket) -> bytes:
 
 
 def read_reply(sock: ssl.SSLSocket) -> Reply:
-    buf = b""
-    while b"\r\n\r\n" not in buf:
-        data = recv(sock)
-        if not data:
-            raise AssertionError(f"connection closed before a whole answer: {buf!r}")
-        buf += data
-    head, _, rest = buf.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = {}
-    for line in lines[1:]:
-        name, _, value = line.partition(":")
-        headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    while len(rest) < length:
-        data = recv(sock)
-        if not data:
-            break
-        rest += data
-    return Reply(int(lines[0].split()[1]), headers, rest[:length])
+    return HTTPReader(sock).reply()
 
 
 def wait_closed(sock: ssl.SSLSocket, limit: float) -> tuple[float, bytes]:
@@ -670,6 +618,27 @@ def test_disabled_supplier_stops_detecting(node: Node) -> None:
     assert indicator_count(node, name) == 1  # kept, just not matched
     assert node.api.put(supplier_path(name), [{"status": "enabled"}]).status == 200
     assert len(detections(node, event)) == 1
+
+
+def test_a_deleted_and_recreated_supplier_starts_empty(node: Node) -> None:
+    # The supplier store keeps unchanged suppliers' snapshots between pushes: a re-created name (which
+    # SQLite may give the same row id) must not inherit the deleted supplier's indicators.
+    name = "Recreated Supplier"
+    add_supplier(node, name)
+    assert put_indicators(node, name, [{"indicator": "http://recreated.example/x"}]).status == 200
+    event = "url=http://recreated.example/x"
+    assert len(detections(node, event)) == 1
+    assert node.api.delete(supplier_path(name)).status == 200
+    assert detections(node, event) == []
+    add_supplier(node, name)
+    assert detections(node, event) == []
+    assert indicator_count(node, name) == 0
+    # Another supplier's push leaves this one's (new) indicators alone, and vice versa.
+    add_supplier(node, "Neighbour Supplier")
+    assert put_indicators(node, name, [{"indicator": "http://recreated.example/y"}]).status == 200
+    assert put_indicators(node, "Neighbour Supplier", [{"indicator": "http://neighbour.example/z"}]).status == 200
+    assert len(detections(node, "url=http://recreated.example/y")) == 1
+    assert len(detections(node, "url=http://neighbour.example/z")) == 1
 
 
 def test_renaming_a_supplier_renames_its_detections(node: Node) -> None:

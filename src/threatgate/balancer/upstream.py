@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable
 from typing import cast
 
 from threatgate.config.balancer import InstanceSettings
@@ -178,6 +177,3 @@ async def ping(host: str, port: int, check_timeout: float) -> str | None:
     if not data.startswith(PONG):
         return f"answered {data[:20]!r} instead of PONG"
     return None
-
-
-Callback = Callable[[], None]

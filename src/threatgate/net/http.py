@@ -50,6 +50,11 @@ def json_error(status: int, message: str, headers: dict[str, str] | None = None)
     )
 
 
+def unauthorized() -> web.Response:
+    """401 with the Basic challenge: the answer to missing or wrong credentials."""
+    return json_error(401, "authentication required", {"WWW-Authenticate": 'Basic realm="threatgate"'})
+
+
 class _Protocol(RequestHandler):
     """aiohttp's request handler with JSON parse errors and a header timeout."""
 
@@ -63,7 +68,7 @@ class _Protocol(RequestHandler):
     def data_received(self, data: bytes) -> None:
         waiting = self._waiter is not None and not self._waiter.done()
         super().data_received(data)
-        if self._waiter is not None and self._waiter.done() or not waiting:
+        if not waiting or (self._waiter is not None and self._waiter.done()):
             self._cancel_header_timer()  # a whole request arrived (or one is being handled)
         elif data and self._header_timer is None:
             self._header_timer = asyncio.get_running_loop().call_later(self.server.header_timeout, self._header_expired)

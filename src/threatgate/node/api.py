@@ -30,7 +30,7 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.log import RateLimitedLog
-from threatgate.net.http import json_error
+from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
 from threatgate.node.matcher import Hit
 from threatgate.wire.paths import PathError, RoutePattern, normalize_path
@@ -133,28 +133,22 @@ class NodeAPI:
         if segments[:1] == ("ioc_exports",):
             return await self.node.exports.handle(request, segments)
         if segments == ("api", "openapi.json"):
-            return await self._with_auth(request, self._openapi_json)
+            return await self._openapi_json(request) if await self._authenticated(request) else unauthorized()
         if len(segments) < 2 or segments[0] != "api":
             return json_error(404, f"unsupported request {request.method} {request.path[:200]}")
         raw_version = segments[1][2:] if segments[1].startswith("v.") else segments[1]
         version = VERSIONS.get(raw_version)
         if version is None:
             return json_error(404, f"unsupported API version {segments[1][:40]!r}; served: {', '.join(VERSIONS)}")
-        rest = segments[2:]
+        if not await self._authenticated(request):
+            return unauthorized()
+        return await self._route(request, version, segments[2:])
 
-        async def routed(req: BaseRequest) -> web.StreamResponse:
-            return await self._route(req, version, rest)
-
-        return await self._with_auth(request, routed)
-
-    async def _with_auth(
-        self, request: BaseRequest, then: Callable[[BaseRequest], Awaitable[web.StreamResponse]]
-    ) -> web.StreamResponse:
-        user = await self.node.auth.authenticate(request.headers.get("Authorization"))
-        if user is None:
-            self.count("unauthorized")
-            return json_error(401, "authentication required", {"WWW-Authenticate": 'Basic realm="threatgate"'})
-        return await then(request)
+    async def _authenticated(self, request: BaseRequest) -> bool:
+        if await self.node.auth.authenticate(request.headers.get("Authorization")) is not None:
+            return True
+        self.count("unauthorized")
+        return False
 
     async def _route(self, request: BaseRequest, version: int, rest: tuple[str, ...]) -> web.StreamResponse:
         method = request.method.upper()
@@ -308,7 +302,7 @@ class NodeAPI:
     async def _add_supplier(self, call: Call) -> Result:
         fields = sup.supplier_fields(call.body, partial=False)
         supplier = await self.node.db_call(lambda db: db.add_supplier(fields))
-        await self.node.apply_suppliers()
+        await self.node.apply_suppliers({supplier.name})
         log.info("supplier %s added through the API", supplier.name)
         return 201, [supplier.details()]
 
@@ -316,13 +310,13 @@ class NodeAPI:
         name = sup.check_name(call.params["name"])
         fields = sup.supplier_fields(call.body, partial=True)
         supplier = await self.node.db_call(lambda db: db.update_supplier(name, fields))
-        await self.node.apply_suppliers()
+        await self.node.apply_suppliers({name, supplier.name})
         return 200, [supplier.details()]
 
     async def _delete_supplier(self, call: Call) -> Result:
         name = sup.check_name(call.params["name"])
         await self.node.db_call(lambda db: db.delete_supplier(name))
-        await self.node.apply_suppliers()
+        await self.node.apply_suppliers({name})
         log.info("supplier %s deleted through the API", name)
         return 200, _status(f"supplier {name} deleted")
 
@@ -341,7 +335,7 @@ class NodeAPI:
             return 400, [
                 {"status": f"no indicator stored; item {first.index}: {first.error}", "rejected": _rej(rejected)}
             ]
-        await self.node.apply_suppliers()
+        await self.node.apply_suppliers({name})
         if rejected:
             self.count("indicators_rejected")
             return 202, [
@@ -354,7 +348,7 @@ class NodeAPI:
         indicators = sup.parse_deletions(call.body)
         _, deleted = await self.node.db_call(lambda db: db.delete_indicators(name, indicators))
         if deleted:
-            await self.node.apply_suppliers()
+            await self.node.apply_suppliers({name})
         return 200, [{"status": f"{deleted} indicator(s) deleted", "deleted": deleted, "requested": len(call.body)}]
 
     # -- tags ---------------------------------------------------------------------------------
@@ -380,7 +374,7 @@ class NodeAPI:
         name = sup.check_name(call.params["tag"], "tag")
         changed = await self.node.db_call(lambda db: db.delete_tag(name))
         if changed:
-            await self.node.apply_suppliers()
+            await self.node.apply_suppliers(changed)
         return 200, _status(f"tag {name} deleted")
 
     # -- OpenAPI ------------------------------------------------------------------------------

@@ -26,7 +26,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.config.node import IoCExportSettings
-from threatgate.net.http import json_error
+from threatgate.net.http import json_error, unauthorized
 from threatgate.node.auth import BasicAuth
 from threatgate.node.feeds import FeedSnapshot, indicator_of
 
@@ -104,7 +104,7 @@ class Exports:
         user = await (auth or self.node.auth).authenticate(request.headers.get("Authorization"))
         if user is None:
             self.node.stats.bump(self.node.stats.bad_input, "api_unauthorized")
-            return json_error(401, "authentication required", {"WWW-Authenticate": 'Basic realm="threatgate"'})
+            return unauthorized()
         if task is None:
             return json_error(404, f"no enabled export task {'/'.join(segments[1:])[:80]!r}")
         if request.method not in ("GET", "HEAD"):

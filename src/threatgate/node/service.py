@@ -15,7 +15,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any, TypeVar
 
 from aiohttp import web
@@ -32,11 +32,11 @@ from threatgate.net.tls import ensure_server_pair, server_context
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import BasicAuth
 from threatgate.node.exports import Exports
-from threatgate.node.feeds import FeedSnapshot, feed_identity, load_feed
+from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
-from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, SupplierDB, supplier_snapshots
+from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.framing import FramedEvent, LineFramer
 
 log = logging.getLogger("threatgate.node")
@@ -150,6 +150,7 @@ class NodeService:
         self.api = NodeAPI(self)
         self.http: HTTPServer | None = None
         self._suppliers_lock = asyncio.Lock()
+        self._supplier_snapshots: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
     def __repr__(self) -> str:
@@ -250,27 +251,37 @@ class NodeService:
         assert db is not None, "the API runs only with a database"
         return await asyncio.to_thread(fn, db)
 
-    async def apply_suppliers(self) -> None:
+    async def apply_suppliers(self, changed: Collection[str] | None) -> None:
         """Rebuild the supplier store from the database and swap it into the matcher.
 
-        Serialised: the rebuild that starts last reads every commit before it, so the store never
-        goes back to an older state.  Returns once the change detects in event matching.
+        Only the suppliers named in ``changed`` (None = all) are read back from SQLite, and any whose
+        attributes differ from the cached ones; the others keep their snapshots, so a push to one
+        supplier does not re-read every other supplier's indicators.  Callers name every supplier a
+        request touched (a deleted and re-created name reuses nothing).  Serialised: the rebuild that starts last reads
+        every commit before it, so the store never goes back to an older state.  Returns once the
+        change detects in event matching.
         """
         db = self.db
         if db is None:
             return
         async with self._suppliers_lock:
+            cache = self._supplier_snapshots
 
-            def build() -> IndicatorStore:
+            def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[MemorySnapshot]]]]:
+                kept: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
                 snapshots: dict[int, FeedSnapshot] = {}
                 for supplier in db.suppliers():
                     if supplier.status != "enabled":
                         continue
-                    for i, snap in enumerate(supplier_snapshots(supplier, db.indicator_rows(supplier.id))):
+                    old = cache.get(supplier.id)
+                    if old is None or old[0] != supplier or changed is None or supplier.name in changed:
+                        old = (supplier, supplier_snapshots(supplier, db.indicator_rows(supplier.id)))
+                    kept[supplier.id] = old
+                    for i, snap in enumerate(old[1]):
                         snapshots[SUPPLIER_SLOT_BASE + supplier.id * 2 + i] = snap
-                return IndicatorStore(snapshots)
+                return IndicatorStore(snapshots), kept
 
-            store = await asyncio.to_thread(build)
+            store, self._supplier_snapshots = await asyncio.to_thread(build)
             self.matcher.use_suppliers(store)
             self.store_version += 1
             log.debug("supplier store swapped: %r", store)
@@ -286,7 +297,7 @@ class NodeService:
                 changed = await self.db_call(lambda db: db.expire())
                 if changed:
                     log.info("retention expired indicators of %s", ", ".join(changed))
-                    await self.apply_suppliers()
+                    await self.apply_suppliers(changed)
             except Exception:
                 log.exception("retention sweep failed; will retry")
 
@@ -373,7 +384,7 @@ class NodeService:
     async def startup(self) -> None:
         await self._start_http()  # first, so API clients get 425 rather than a refused connection
         await self.reload_feeds("startup")
-        await self.apply_suppliers()
+        await self.apply_suppliers(None)
         self.ready = True
         loop = asyncio.get_running_loop()
         listen = self.config.input.listen
