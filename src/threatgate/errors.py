@@ -68,3 +68,39 @@ class TLSConfigError(ThreatgateError):
 
     Raised at start-up, never mid-connection; the message names the file(s) and what to do about them.
     """
+
+
+class ClusterError(ThreatgateError):
+    """A cluster operation cannot be carried out now (wrong role, emergency mode, unknown member).
+
+    ``status`` is the HTTP status the cluster API answers with, so CLI and REST report the same thing.
+    """
+
+    def __init__(self, message: str, status: int = 409) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class StaleRevision(ClusterError):
+    """A settings write named a base revision that is no longer current (optimistic concurrency, 409)."""
+
+    def __init__(self, base: int, current: int) -> None:
+        super().__init__(f"settings changed meanwhile: the write is based on revision {base}, current is {current}")
+        self.base = base
+        self.current = current
+
+
+class SettingsRejected(ClusterError):
+    """A settings document was refused (NACK): bad digest, invalid content, stale epoch or revision."""
+
+    def __init__(self, revision: int, detail: str, status: int = 422) -> None:
+        super().__init__(f"settings revision {revision} refused: {detail}", status)
+        self.revision = revision
+        self.detail = detail
+
+
+class EtcdError(ClusterError):
+    """etcd could not be reached on any endpoint, or answered with an error."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message, 503)
