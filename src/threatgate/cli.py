@@ -5,19 +5,21 @@ Exit codes: 0 success, 1 runtime failure, 2 invalid configuration or usage.
 
 from __future__ import annotations
 
+import asyncio
+import json
 import os
 import re
 import secrets
 import sqlite3
 import sys
 from collections.abc import Callable
-from typing import TYPE_CHECKING, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 from xml.sax.saxutils import unescape
 
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ConfigError, ThreatgateError, TLSConfigError
+from threatgate.errors import ClusterError, ConfigError, ThreatgateError, TLSConfigError
 from threatgate.log import setup_logging
 
 if TYPE_CHECKING:
@@ -76,6 +78,9 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
         run(config)
     except TLSConfigError as exc:
         click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except ClusterError as exc:
+        click.echo(f"threatgate: cluster: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except (OSError, sqlite3.Error) as exc:
         click.echo(f"threatgate: {what} failed: {exc}", err=True)
@@ -422,3 +427,206 @@ def _add_children(
     if not text[line_start:close_start].strip():
         return text[:line_start] + body + text[line_start:]
     return text[:close_start] + nl + body + base + text[close_start:]
+
+
+# -- cluster ------------------------------------------------------------------------------------------
+
+_CONFIG_OPTION = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="This node's config (XML)."
+)
+_BASE_OPTION = click.option(
+    "--base", type=int, default=None, help="Revision the change starts from; refused (409) if no longer current."
+)
+
+
+@main.group()
+def cluster() -> None:
+    """Control/Secondary cluster: membership, roles and settings (docs/cluster.md)."""
+
+
+def _cluster_call(config_path: str, method: str, path: str, body: object = None) -> Any:
+    from threatgate.cluster.admin import LocalNode
+    from threatgate.config.node import load_node_config
+
+    try:
+        return LocalNode(load_node_config(config_path)).run(method, path, body)
+    except ConfigError as exc:
+        click.echo(f"threatgate: invalid configuration: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except ClusterError as exc:
+        click.echo(f"threatgate: cluster: {exc}", err=True)
+        sys.exit(EXIT_CONFIG if exc.status < 500 else 1)
+
+
+def _echo_json(value: object) -> None:
+    click.echo(json.dumps(value, indent=1, ensure_ascii=False))
+
+
+@cluster.command("init")
+@_CONFIG_OPTION
+@click.option("--cluster-id", help="A name for the new cluster (default: random).")
+@click.option("--advertise", help="host:port other nodes reach this node's cluster port on (default: its listen).")
+def cluster_init(config_path: str, cluster_id: str | None, advertise: str | None) -> None:
+    """Make this node the Control node of a new cluster (before starting it)."""
+    from threatgate.cluster import admin
+    from threatgate.config.node import load_node_config
+
+    try:
+        identity = admin.init(load_node_config(config_path), cluster_id, advertise)
+    except (ConfigError, ClusterError, TLSConfigError) as exc:
+        click.echo(f"threatgate: cluster init: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"cluster {identity.cluster_id} created; this node is its Control at {identity.address}")
+    click.echo(f"node id (certificate SHA-256 fingerprint): {identity.node_id}")
+
+
+@cluster.command("join")
+@_CONFIG_OPTION
+@click.option("--control", required=True, help="host:port of the Control node's cluster port.")
+@click.option(
+    "--token", required=True, envvar="THREATGATE_JOIN_TOKEN", help="One-time token (threatgate cluster token)."
+)
+@click.option("--fingerprint", required=True, help="The Control's certificate SHA-256 fingerprint, as it printed it.")
+@click.option("--advertise", help="host:port other nodes reach this node's cluster port on (default: its listen).")
+def cluster_join(config_path: str, control: str, token: str, fingerprint: str, advertise: str | None) -> None:
+    """Join a cluster as a Secondary (before starting this node); receives the full settings."""
+    from threatgate.cluster import admin
+    from threatgate.config.node import load_node_config
+
+    try:
+        identity = asyncio.run(admin.join(load_node_config(config_path), control, token, fingerprint, advertise))
+    except (ConfigError, ClusterError, TLSConfigError) as exc:
+        click.echo(f"threatgate: cluster join: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    click.echo(f"joined cluster {identity.cluster_id} as a Secondary at {identity.address}; start the node now")
+
+
+@cluster.command("token")
+@_CONFIG_OPTION
+@click.option("--ttl", default=600, show_default=True, type=click.IntRange(1, 86400), help="Seconds it stays valid.")
+def cluster_token(config_path: str, ttl: int) -> None:
+    """Issue a one-time join token on the Control node."""
+    answer = _cluster_call(config_path, "POST", "/cluster/v1/admin/token", {"ttl": ttl})
+    click.echo(f"token:       {answer['token']}")
+    click.echo(f"control:     {answer['control']}")
+    click.echo(f"fingerprint: {answer['fingerprint']}")
+    click.echo(f"valid for {ttl} s, once.  On the new node:")
+    click.echo(
+        f"  threatgate cluster join --config NODE.conf --control {answer['control']} "
+        f"--fingerprint {answer['fingerprint']} --token <token>"
+    )
+
+
+@cluster.command("status")
+@_CONFIG_OPTION
+@click.option("--json", "as_json", is_flag=True, help="Print the raw node table as JSON.")
+def cluster_status(config_path: str, as_json: bool) -> None:
+    """Print the node table: role, Control, synchronized and applied revisions, connection state."""
+    from threatgate.cluster.admin import status_table
+
+    table = _cluster_call(config_path, "GET", "/cluster/v1/status")
+    if as_json:
+        _echo_json(table)
+    else:
+        click.echo(status_table(table))
+
+
+@cluster.command("promote")
+@_CONFIG_OPTION
+def cluster_promote(config_path: str) -> None:
+    """Make this node the Control node (bumps the epoch; the old Control steps down when it returns)."""
+    answer = _cluster_call(config_path, "POST", "/cluster/v1/admin/promote", {})
+    s = answer["settings"]
+    click.echo(f"this node is the Control node now: epoch {s['epoch']}, settings revision {s['revision']}")
+
+
+@cluster.command("demote")
+@_CONFIG_OPTION
+def cluster_demote(config_path: str) -> None:
+    """Give up the Control role (settings are frozen until another node is promoted)."""
+    _cluster_call(config_path, "POST", "/cluster/v1/admin/demote", {})
+    click.echo("this node is a Secondary now; promote another node to manage settings")
+
+
+@cluster.command("remove")
+@_CONFIG_OPTION
+@click.argument("node")
+def cluster_remove(config_path: str, node: str) -> None:
+    """Remove a member (by address or node id) on the Control; a Control node must be demoted first."""
+    answer = _cluster_call(config_path, "POST", "/cluster/v1/admin/remove", {"node": node})
+    click.echo(f"removed {answer['removed']} ({answer['node_id']})")
+
+
+@cluster.group("settings")
+def cluster_settings() -> None:
+    """Read and change the cluster's settings (changes only on the Control node)."""
+
+
+@cluster_settings.command("get")
+@_CONFIG_OPTION
+@click.option("--xml", "as_xml", is_flag=True, help="Print only the <Settings> XML.")
+def settings_get(config_path: str, as_xml: bool) -> None:
+    """Print the applied settings document."""
+    answer = _cluster_call(config_path, "GET", "/cluster/v1/settings?since=0")
+    if answer is None:
+        click.echo("threatgate: cluster: this node holds no settings yet", err=True)
+        sys.exit(1)
+    click.echo(answer["settings"]["payload"]["config"] if as_xml else json.dumps(answer["settings"], indent=1))
+
+
+@cluster_settings.command("history")
+@_CONFIG_OPTION
+def settings_history(config_path: str) -> None:
+    """List the revisions kept on this node."""
+    from threatgate.cluster.admin import _when
+
+    for rev in _cluster_call(config_path, "GET", "/cluster/v1/history"):
+        if "error" in rev:
+            click.echo(f"r{rev['revision']}  {rev['error']}")
+        else:
+            click.echo(f"r{rev['revision']}  epoch {rev['epoch']}  {_when(rev['updated_at'])}  {rev['sha256']}")
+
+
+def _committed(answer: dict[str, Any]) -> None:
+    s = answer["settings"]
+    click.echo(f"settings revision {s['revision']} (epoch {s['epoch']}, sha256 {s['sha256']})")
+
+
+@cluster_settings.command("set")
+@_CONFIG_OPTION
+@_BASE_OPTION
+@click.argument("path")
+@click.argument("value")
+def settings_set(config_path: str, base: int | None, path: str, value: str) -> None:
+    """Set one value: PATH like OutputSettings/EventFormat or Feeds/Feed[@filename=x.json]/@enabled."""
+    _committed(
+        _cluster_call(config_path, "POST", "/cluster/v1/admin/set", {"base": base, "path": path, "value": value})
+    )
+
+
+@cluster_settings.command("import")
+@_CONFIG_OPTION
+@_BASE_OPTION
+@click.argument("source", type=click.Path(exists=True, dir_okay=False))
+def settings_import(config_path: str, base: int | None, source: str) -> None:
+    """Replace the shared settings with those of SOURCE (a node config, or a <Settings> file)."""
+    from threatgate.cluster.settings import extract_settings
+    from threatgate.config.xml import read_xml
+
+    try:
+        root = read_xml(source)
+        text = extract_settings(root) if root.tag == "Configuration" else open(source, encoding="utf-8").read()
+    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+        click.echo(f"threatgate: cannot import {source}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    _committed(_cluster_call(config_path, "POST", "/cluster/v1/admin/import", {"base": base, "config": text}))
+
+
+@cluster_settings.command("rollback")
+@_CONFIG_OPTION
+@_BASE_OPTION
+@click.argument("revision", type=int)
+def settings_rollback(config_path: str, base: int | None, revision: int) -> None:
+    """Re-apply a kept revision's settings as a new revision."""
+    body = {"base": base, "revision": revision}
+    _committed(_cluster_call(config_path, "POST", "/cluster/v1/admin/rollback", body))

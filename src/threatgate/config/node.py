@@ -193,6 +193,34 @@ class IoCExportSettings(_Frozen):
     password_hash: str | None = None
 
 
+class EtcdSettings(_Frozen):
+    """``<Cluster><Etcd>``: keep the settings in etcd and elect the Control through a lease."""
+
+    endpoints: tuple[str, ...]
+    prefix: str = "/threatgate"
+    lease_ttl: int = pydantic.Field(default=5, ge=2, le=300)
+    election: bool = True
+    ca_path: str | None = None
+    cert_path: str | None = None
+    key_path: str | None = None
+
+
+class ClusterSettings(_Frozen):
+    """``<Cluster>``: this node's place in a Control/Secondary cluster (docs/cluster.md).
+
+    Only local things live here; role, cluster id and members live in the state directory, written
+    by ``threatgate cluster init|join`` and kept across restarts.
+    """
+
+    listen: Address
+    state_dir: str
+    heartbeat: float = pydantic.Field(default=2.0, ge=0.1, le=60)
+    fall: int = pydantic.Field(default=3, ge=1, le=100)
+    keep_revisions: int = pydantic.Field(default=20, ge=2, le=10_000)
+    request_timeout: float = pydantic.Field(default=5.0, gt=0, le=300)
+    etcd: EtcdSettings | None = None
+
+
 class NodeConfig(_Frozen):
     """Everything a node needs, validated: produced only by :func:`load_node_config`."""
 
@@ -203,6 +231,7 @@ class NodeConfig(_Frozen):
     service: ServiceSettings
     http: HTTPServerSettings | None = None
     exports: tuple[IoCExportSettings, ...] = ()
+    cluster: ClusterSettings | None = None
 
     @property
     def rule_names(self) -> frozenset[str]:
@@ -551,24 +580,94 @@ def _read_exports(node: Node | None) -> tuple[IoCExportSettings, ...]:
     return tuple(exports)
 
 
+def _seconds(node: Node, what: str, lo: float, hi: float) -> float:
+    try:
+        value = float(node.value)
+    except ValueError:
+        raise node.error(f"{what} must be a number of seconds, got {node.value[:40]!r}") from None
+    if not lo <= value <= hi:
+        raise node.error(f"{what} must be {lo:g}-{hi:g} seconds")
+    return value
+
+
+def _read_etcd(node: Node) -> EtcdSettings:
+    endpoints = tuple(e for e in _split_list(node.attrs.get("endpoints")) if e)
+    if not endpoints:
+        raise node.error('endpoints="http://host:2379,..." is required')
+    for endpoint in endpoints:
+        if not re.fullmatch(r"https?://[^/\s]+", endpoint):
+            raise node.error(f"endpoint {endpoint!r}: expected http(s)://host:port")
+    prefix = node.attrs.get("prefix", "/threatgate")
+    if not re.fullmatch(r"/[\w./-]{0,200}", prefix):
+        raise node.error(f"prefix {prefix!r}: expected /name (letters, digits, _ . / -)")
+    data: dict[str, object] = {
+        "endpoints": endpoints,
+        "prefix": prefix.rstrip("/") or "/threatgate",
+        "lease_ttl": parse_int(node, node.attrs.get("lease_ttl"), "lease_ttl", 2, 300, 5),
+        "election": parse_bool(node, "election", True),
+    }
+    for attr, key in (("ca", "ca_path"), ("cert", "cert_path"), ("key", "key_path")):
+        if attr in node.attrs:
+            data[key] = resolve_path(node, node.attrs[attr])
+    if ("cert_path" in data) != ("key_path" in data):
+        raise node.error("cert and key go together")
+    return build(node, EtcdSettings, data)
+
+
+def _read_cluster(node: Node | None, http: HTTPServerSettings | None) -> ClusterSettings | None:
+    if node is None or not parse_bool(node, "enabled", True):
+        return None
+    if http is None:
+        raise node.error("a cluster node needs <HTTPServer> (its API, users and supplier database are clustered)")
+    known = {"ConnectionString", "StateDirectory", "HeartbeatInterval", "FallCount", "KeepRevisions"}
+    known |= {"RequestTimeout", "Etcd"}
+    for child in node.children:
+        if child.tag not in known:
+            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
+    state = node.only("StateDirectory")
+    data: dict[str, object] = {
+        "listen": parse_address(node.require("ConnectionString")),
+        "state_dir": resolve_path(state or node, state.value if state is not None else "state/cluster"),
+    }
+    for tag, key, lo, hi in (
+        ("HeartbeatInterval", "heartbeat", 0.1, 60.0),
+        ("RequestTimeout", "request_timeout", 0.1, 300.0),
+    ):
+        timing = node.only(tag)
+        if timing is not None:
+            data[key] = _seconds(timing, tag, lo, hi)
+    fall = node.only("FallCount")
+    if fall is not None:
+        data["fall"] = parse_int(fall, fall.value, "FallCount", 1, 100)
+    keep = node.only("KeepRevisions")
+    if keep is not None:
+        data["keep_revisions"] = parse_int(keep, keep.value, "KeepRevisions", 2, 10_000)
+    etcd = node.only("Etcd")
+    if etcd is not None:
+        data["etcd"] = _read_etcd(etcd)
+    return build(node, ClusterSettings, data)
+
+
 def node_config_from_xml(root: Node) -> NodeConfig:
     """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``."""
     if root.tag != "Configuration":
         raise root.error("root element must be <Configuration> for a node config")
-    known = {"InputSettings", "OutputSettings", "Feeds", "ServiceSettings", "HTTPServer", "IoCExports"}
+    known = {"InputSettings", "OutputSettings", "Feeds", "ServiceSettings", "HTTPServer", "IoCExports", "Cluster"}
     for child in root.children:
         if child.tag not in known:
             raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
     input_settings = _read_input(root.require("InputSettings"))
     rule_names = frozenset(r.name for s in input_settings.sources for r in s.rules)
+    http = _read_http(root.only("HTTPServer"))
     return NodeConfig(
         path=root.path,
         input=input_settings,
         output=_read_output(root.require("OutputSettings"), rule_names),
         feeds=_read_feeds(root.only("Feeds")),
         service=_read_service(root.only("ServiceSettings")),
-        http=_read_http(root.only("HTTPServer")),
+        http=http,
         exports=_read_exports(root.only("IoCExports")),
+        cluster=_read_cluster(root.only("Cluster"), http),
     )
 
 

@@ -67,11 +67,14 @@ class PairInfo:
     warnings: tuple[str, ...] = field(default=())
 
 
-def ensure_server_pair(cert_path: str, key_path: str, *, common_name: str, hosts: list[str]) -> PairInfo:
+def ensure_server_pair(
+    cert_path: str, key_path: str, *, common_name: str, hosts: list[str], client_auth: bool = False
+) -> PairInfo:
     """Return the server certificate/key pair at the given paths, creating a self-signed one if both are missing.
 
     ``common_name`` and ``hosts`` (IP addresses or DNS names, which go into SubjectAlternativeName,
-    the only place modern clients look) are used only when a pair is created.
+    the only place modern clients look) are used only when a pair is created.  ``client_auth`` adds
+    the clientAuth key purpose, for identities that also authenticate as TLS clients (cluster nodes).
 
     Raises:
         TLSConfigError: exactly one file exists; a file is unreadable, not PEM, or the key is
@@ -83,7 +86,7 @@ def ensure_server_pair(cert_path: str, key_path: str, *, common_name: str, hosts
     cert_present = os.path.lexists(cert_path)
     key_present = os.path.lexists(key_path)
     if not cert_present and not key_present:
-        return _create_pair(cert_path, key_path, common_name=common_name, hosts=hosts)
+        return _create_pair(cert_path, key_path, common_name=common_name, hosts=hosts, client_auth=client_auth)
     if not cert_present or not key_present:
         missing, present = (cert_path, key_path) if not cert_present else (key_path, cert_path)
         missing_what = "certificate" if not cert_present else "private key"
@@ -137,10 +140,12 @@ def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
 # -- creating ------------------------------------------------------------------------------------------
 
 
-def _create_pair(cert_path: str, key_path: str, *, common_name: str, hosts: list[str]) -> PairInfo:
+def _create_pair(
+    cert_path: str, key_path: str, *, common_name: str, hosts: list[str], client_auth: bool = False
+) -> PairInfo:
     san = _subject_alt_names(hosts)
     key = ec.generate_private_key(ec.SECP256R1())
-    cert = _self_signed(key, common_name, san)
+    cert = _self_signed(key, common_name, san, client_auth)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
@@ -184,7 +189,10 @@ def _subject_alt_names(hosts: list[str]) -> list[x509.GeneralName]:
     return names
 
 
-def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, san: list[x509.GeneralName]) -> x509.Certificate:
+def _self_signed(
+    key: ec.EllipticCurvePrivateKey, common_name: str, san: list[x509.GeneralName], client_auth: bool = False
+) -> x509.Certificate:
+    usages = [ExtendedKeyUsageOID.SERVER_AUTH] + ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
     name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, common_name)])
     now = dt.datetime.now(dt.UTC)
     public = key.public_key()
@@ -212,7 +220,7 @@ def _self_signed(key: ec.EllipticCurvePrivateKey, common_name: str, san: list[x5
             ),
             critical=True,
         )
-        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
         # Key identifiers cost nothing and keep strict verifiers (VERIFY_X509_STRICT) happy.
         .add_extension(x509.SubjectKeyIdentifier.from_public_key(public), critical=False)
         .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(public), critical=False)

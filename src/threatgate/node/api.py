@@ -29,6 +29,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.config.node import MAX_BODY_SIZE
+from threatgate.errors import ClusterError
 from threatgate.log import RateLimitedLog
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
@@ -132,6 +133,8 @@ class NodeAPI:
             self._paths[raw_path] = segments
         if segments[:1] == ("ioc_exports",):
             return await self.node.exports.handle(request, segments)
+        if segments in (("healthz",), ("readyz",)):
+            return self._probe(request, segments[0])
         if segments == ("api", "openapi.json"):
             return await self._openapi_json(request) if await self._authenticated(request) else unauthorized()
         if len(segments) < 2 or segments[0] != "api":
@@ -143,6 +146,20 @@ class NodeAPI:
         if not await self._authenticated(request):
             return unauthorized()
         return await self._route(request, version, segments[2:])
+
+    def _probe(self, request: BaseRequest, which: str) -> web.Response:
+        """Unauthenticated liveness (``/healthz``) and readiness (``/readyz``) for load balancers.
+
+        Readiness carries the cluster role, applied revision and digest (no secret: the digest of
+        settings reveals nothing an attacker could use), so ``threatgate balancer status`` can flag
+        a node whose settings differ from the others'.
+        """
+        if request.method not in ("GET", "HEAD"):
+            return json_error(405, "method not allowed here; allowed: GET", {"Allow": "GET"})
+        if which == "healthz":
+            return web.json_response({"alive": True})
+        body = self.node.readiness()
+        return web.json_response(body, status=200 if body["ready"] else 503)
 
     async def _authenticated(self, request: BaseRequest) -> bool:
         if await self.node.auth.authenticate(request.headers.get("Authorization")) is not None:
@@ -184,7 +201,18 @@ class NodeAPI:
                 if error is not None:
                     return error
             try:
-                status, payload = await self._handlers[route.name](call)
+                handler = self._handlers[route.name]
+                headers: dict[str, str] = {}
+                cluster = self.node.cluster
+                if cluster is not None and method != "GET" and route.name != "lookup":
+                    base = _base_revision(request.headers.get("If-Match"))
+                    (status, payload), doc = await cluster.commit_suppliers(base, lambda: handler(call))
+                    headers["ETag"] = f'"{doc.revision}"'
+                else:
+                    status, payload = await handler(call)
+            except ClusterError as exc:
+                self.count("cluster_refused")
+                return json_error(exc.status, str(exc))
             except sup.RequestError as exc:
                 if exc.status == 400:
                     self.count("invalid_body")
@@ -195,7 +223,10 @@ class NodeAPI:
         finally:
             self.inflight -= 1
         return web.Response(
-            status=status, body=json.dumps(payload, separators=(",", ":")).encode(), content_type="application/json"
+            status=status,
+            body=json.dumps(payload, separators=(",", ":")).encode(),
+            content_type="application/json",
+            headers=headers,
         )
 
     async def _read_body(self, call: Call) -> web.Response | None:
@@ -387,6 +418,16 @@ class NodeAPI:
 
             self._openapi = json.dumps(openapi_document(), indent=1).encode()
         return web.Response(body=self._openapi, content_type="application/json")
+
+
+def _base_revision(value: str | None) -> int | None:
+    """``If-Match: "12"``: the settings revision a write starts from (409 when it is no longer current)."""
+    if value is None or value.strip() == "*":
+        return None
+    text = value.strip().removeprefix("W/").strip('"')
+    if not text.isdigit() or len(text) > 18:
+        raise ClusterError(f'If-Match must name a settings revision like "12", got {value[:40]!r}', 400)
+    return int(text)
 
 
 def _category(hit: Hit) -> dict[str, Any]:

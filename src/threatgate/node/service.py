@@ -16,13 +16,13 @@ import contextlib
 import logging
 import time
 from collections.abc import Callable, Collection
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from threatgate import runtime
 from threatgate.config.node import NodeConfig, load_node_config
-from threatgate.errors import ConfigError, FeedError
+from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
@@ -38,6 +38,9 @@ from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.framing import FramedEvent, LineFramer
+
+if TYPE_CHECKING:
+    from threatgate.cluster.agent import ClusterAgent
 
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
@@ -69,7 +72,11 @@ class Alerts:
     def raise_alert(self, name: str, **context: object) -> None:
         self._stats.bump(self._stats.alerts, name)
         detail = " ".join(f"{k}={v}" for k, v in context.items())
-        level = logging.WARNING if "Failed" in name or "Partially" in name or "Unavailable" in name else logging.INFO
+        level = (
+            logging.WARNING
+            if any(w in name for w in ("Failed", "Partially", "Unavailable", "Error", "Emergency"))
+            else logging.INFO
+        )
         log.log(level, "alert %s %s", name, detail)
         if self.sender is None or self._template is None:
             return
@@ -152,6 +159,7 @@ class NodeService:
         self._suppliers_lock = asyncio.Lock()
         self._supplier_snapshots: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
+        self.cluster: ClusterAgent | None = None  # set by run_node when <Cluster> is configured
 
     def __repr__(self) -> str:
         return (
@@ -294,12 +302,38 @@ class NodeService:
             if self._should_exit.is_set() or self.db is None:
                 return
             try:
-                changed = await self.db_call(lambda db: db.expire())
-                if changed:
-                    log.info("retention expired indicators of %s", ", ".join(changed))
-                    await self.apply_suppliers(changed)
+                await self._expire()
             except Exception:
                 log.exception("retention sweep failed; will retry")
+
+    async def _expire(self) -> None:
+        """One retention sweep.  In a cluster only the Control sweeps, and publishes the result as settings."""
+        cluster = self.cluster
+        if cluster is None:
+            changed = await self.db_call(lambda db: db.expire())
+            if changed:
+                log.info("retention expired indicators of %s", ", ".join(changed))
+                await self.apply_suppliers(changed)
+            return
+        if not cluster.may_write():
+            return
+
+        async def sweep() -> list[str]:
+            changed = await self.db_call(lambda db: db.expire())
+            if changed:
+                await self.apply_suppliers(changed)
+            return changed
+
+        changed, doc = await cluster.commit_suppliers(None, sweep)
+        if changed:
+            log.info("retention expired indicators of %s (settings %s)", ", ".join(changed), doc.short())
+
+    def readiness(self) -> dict[str, Any]:
+        """What ``/readyz`` answers: ready once feeds and settings are applied; role and digest in a cluster."""
+        out: dict[str, Any] = {"ready": self.ready, "role": "standalone"}
+        if self.cluster is not None:
+            out.update(self.cluster.readiness())
+        return out
 
     async def _start_http(self) -> None:
         settings = self.config.http
@@ -333,16 +367,39 @@ class NodeService:
     async def reload_config(self, reason: str = "SIGHUP") -> None:
         """SIGHUP: re-read the config file; apply rules, formats, feeds, users, exports in place.
 
-        Event connections stay open (they pick up the new matcher with their next batch).  An
-        invalid file is refused and the running configuration kept.  Listen addresses, TLS files
-        and the database path need a restart; a change to them is reported, not applied.
+        On a cluster node the shared elements come from the applied cluster settings, not from the
+        file (docs/cluster.md).  An invalid file is refused and the running configuration kept.
         """
         try:
-            new = await asyncio.to_thread(load_node_config, self.config.path)
-        except ConfigError as exc:
+            if self.cluster is not None:
+                new = await asyncio.to_thread(self.cluster.reload_local) or self.config
+            else:
+                new = await asyncio.to_thread(load_node_config, self.config.path)
+        except (ConfigError, SettingsRejected) as exc:
             log.error("configuration not reloaded, keeping the running one: %s", exc)
             self.alerts.raise_alert("KL_ALERT_FailedToUpdateConfiguration", error=str(exc))
             return
+        await self.apply_config(new, reason)
+
+    async def apply_cluster_settings(self, new: NodeConfig, state: dict[str, Any] | None) -> None:
+        """Apply settings received from the cluster: the supplier database (``state``), then the config.
+
+        Event connections stay open throughout; the matcher is swapped under them.
+        """
+        if state is not None:
+            await self.db_call(lambda db: db.replace_state(state))
+        if new != self.config:
+            await self.apply_config(new, "cluster settings")
+        if state is not None:
+            await self.apply_suppliers(None)
+
+    async def apply_config(self, new: NodeConfig, reason: str) -> None:
+        """Swap in a validated config in place.
+
+        Event connections stay open (they pick up the new matcher with their next batch).  Listen
+        addresses, TLS files and the database path need a restart; a change to them is reported,
+        not applied.
+        """
         old = self.config
         fixed = [
             name
@@ -383,6 +440,8 @@ class NodeService:
 
     async def startup(self) -> None:
         await self._start_http()  # first, so API clients get 425 rather than a refused connection
+        if self.cluster is not None:
+            await self.cluster.start()
         await self.reload_feeds("startup")
         await self.apply_suppliers(None)
         self.ready = True
@@ -449,6 +508,8 @@ class NodeService:
 
     async def shutdown(self) -> None:
         log.info("node stopping")
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._server is not None:
             self._server.close()
         self.listener.close_all()
@@ -494,5 +555,24 @@ def _kept(old: FeedSnapshot | None) -> str:
 
 
 def run_node(config: NodeConfig) -> None:
-    """Run until SIGTERM/SIGINT (uvloop when installed)."""
-    runtime.run(runtime.serve(NodeService(config)))
+    """Run until SIGTERM/SIGINT (uvloop when installed).
+
+    Raises:
+        ClusterError: ``<Cluster>`` is configured but this node is not a member (or its state is damaged).
+    """
+    runtime.run(_serve_node(config))
+
+
+async def _serve_node(config: NodeConfig) -> None:
+    cluster = None
+    if config.cluster is not None:
+        from threatgate.cluster.agent import ClusterAgent, prepare
+
+        config, state, identity, doc = await asyncio.to_thread(prepare, config)
+        assert config.cluster is not None
+        node = NodeService(config)
+        cluster = ClusterAgent(node, config.cluster, state, identity, doc)
+        node.cluster = cluster
+    else:
+        node = NodeService(config)
+    await runtime.serve(node)

@@ -285,6 +285,60 @@ def parse_deletions(body: Any) -> list[Indicator]:
     return out
 
 
+def check_state(state: Any) -> tuple[list[tuple[dict[str, Any], list[IndicatorPush], list[int]]], list[dict[str, Any]]]:
+    """Validate a supplier state (the settings document's ``suppliers`` and ``tags``), all or nothing.
+
+    Each supplier is checked like a REST POST, each indicator like a REST PUT item (plus its
+    ``updated`` time), each tag like a tag POST.  Returns ``([(fields, pushes, updated)], tags)``.
+
+    Raises:
+        RequestError: naming the first supplier, indicator or tag that is wrong.
+    """
+    if not isinstance(state, dict) or set(state) != {"suppliers", "tags"}:
+        raise RequestError("supplier state must be an object with suppliers and tags")
+    tags = [tag_fields(t, partial=False) for t in _array(state["tags"], "tags")]
+    tag_names = {t["name"] for t in tags}
+    if len(tag_names) != len(tags):
+        raise RequestError("a tag is listed twice")
+    out: list[tuple[dict[str, Any], list[IndicatorPush], list[int]]] = []
+    names: set[str] = set()
+    for raw in _array(state["suppliers"], "suppliers"):
+        if not isinstance(raw, dict):
+            raise RequestError("each supplier must be an object")
+        fields = supplier_fields({k: v for k, v in raw.items() if k != "indicators"}, partial=False)
+        name = fields["name"]
+        if name in names:
+            raise RequestError(f"supplier {name[:80]!r} is listed twice")
+        names.add(name)
+        items = _array(raw.get("indicators", []), f"supplier {name[:80]!r} indicators")
+        updated: list[int] = []
+        bodies: list[Any] = []
+        for item in items:
+            if not isinstance(item, dict) or not isinstance(item.get("updated"), int):
+                raise RequestError(f"supplier {name[:80]!r}: each indicator needs an integer updated time")
+            updated.append(item["updated"])
+            bodies.append({k: v for k, v in item.items() if k != "updated"})
+        pushes, rejected = parse_indicators(bodies, allow_fp=True) if bodies else ([], [])
+        if rejected:
+            first = rejected[0]
+            raise RequestError(f"supplier {name[:80]!r} indicator {first.index} ({first.indicator!r}): {first.error}")
+        for push in pushes:
+            missing = [t for t in push.tags if t not in tag_names]
+            if missing:
+                raise RequestError(f"supplier {name[:80]!r}: unknown tag(s) {', '.join(missing)}")
+        out.append((fields, pushes, updated))
+    missing_builtin = [b for b in BUILTIN if b not in names]
+    if missing_builtin:
+        raise RequestError(f"the built-in supplier(s) {', '.join(missing_builtin)} must be present")
+    return out, tags
+
+
+def _array(value: Any, what: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise RequestError(f"{what} must be an array")
+    return value
+
+
 class SupplierDB:
     """The SQLite file behind API suppliers.  Every public method is one transaction."""
 
@@ -476,6 +530,95 @@ class SupplierDB:
                 "SELECT raw, context, tags, false_positive FROM indicators WHERE supplier_id=? ORDER BY rowid",
                 (supplier_id,),
             ).fetchall()
+
+    # -- the whole state, for cluster settings -----------------------------------------------
+
+    def export_state(self) -> dict[str, Any]:
+        """Every supplier with its indicators, and every tag, in a canonical order (see check_state)."""
+        with self._transaction() as cur:
+            suppliers = []
+            for sid, name, status, confidence, retention, vendor in cur.execute(
+                "SELECT id, name, status, confidence, retention, vendor FROM suppliers ORDER BY name"
+            ).fetchall():
+                indicators = []
+                for raw, context, tags, fp, updated in cur.execute(
+                    "SELECT raw, context, tags, false_positive, updated FROM indicators WHERE supplier_id=? "
+                    "ORDER BY kind, value",
+                    (sid,),
+                ):
+                    item: dict[str, Any] = {"indicator": raw, "updated": int(updated)}
+                    ctx = json.loads(context)
+                    if ctx:
+                        item["context"] = ctx
+                    tag_list = json.loads(tags)
+                    if tag_list:
+                        item["tags"] = tag_list
+                    if fp:
+                        item["false_positive"] = True
+                    indicators.append(item)
+                suppliers.append(
+                    {
+                        "name": name,
+                        "status": status,
+                        "confidence": confidence,
+                        "retention": retention,
+                        "vendor": vendor,
+                        "indicators": indicators,
+                    }
+                )
+            tags_out = [
+                {"name": n, "description": d, "weight": w}
+                for n, d, w in cur.execute("SELECT name, description, weight FROM tags ORDER BY name")
+            ]
+        return {"suppliers": suppliers, "tags": tags_out}
+
+    def replace_state(self, state: Any) -> None:
+        """Make the database hold exactly ``state`` (validated first), in one transaction.
+
+        Raises:
+            RequestError: the state is invalid; nothing was changed.
+        """
+        suppliers, tags = check_state(state)
+        now = time.time()
+        with self._transaction() as cur:
+            cur.execute("DELETE FROM indicators")
+            cur.execute("DELETE FROM suppliers")
+            cur.execute("DELETE FROM tags")
+            cur.executemany(
+                "INSERT INTO tags VALUES (?, ?, ?, ?)",
+                [(t["name"], t.get("description", ""), t.get("weight", 0), now) for t in tags],
+            )
+            for fields, pushes, updated in suppliers:
+                cur.execute(
+                    "INSERT INTO suppliers (name, status, confidence, retention, vendor, created, updated) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        fields["name"],
+                        fields.get("status", "enabled"),
+                        fields.get("confidence", 100),
+                        fields.get("retention", 0),
+                        fields.get("vendor", ""),
+                        now,
+                        now,
+                    ),
+                )
+                sid = cur.execute("SELECT id FROM suppliers WHERE name=?", (fields["name"],)).fetchone()[0]
+                cur.executemany(
+                    "INSERT OR REPLACE INTO indicators VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                    [
+                        (
+                            sid,
+                            p.indicator.kind,
+                            p.indicator.value,
+                            p.indicator.raw,
+                            json.dumps(p.context),
+                            json.dumps(list(p.tags)),
+                            int(p.false_positive),
+                            float(t),
+                        )
+                        for p, t in zip(pushes, updated, strict=True)
+                    ],
+                )
 
     # -- tags ---------------------------------------------------------------------------------
 

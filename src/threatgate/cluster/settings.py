@@ -1,0 +1,311 @@
+"""The settings document: everything every node of a cluster must hold identically (sans-IO).
+
+A document is ``{cluster_id, revision, epoch, updated_at, sha256, payload}``.  The payload holds
+the *shared* part of a node's configuration and its API suppliers:
+
+- ``config``: a ``<Settings>`` XML text with the shared elements of kl_feed_service.conf —
+  ``<RegExps>`` (rules), the format elements of ``<OutputSettings>``, ``<Feeds>``, ``<IoCExports>``
+  and ``<Users>`` (API users, password hashes only).  XML, so operators edit what they already know
+  and the node validates it with the very code that reads its config file;
+- ``suppliers`` and ``tags``: the API suppliers (FalsePositive and InternalTI included) with their
+  indicators, in the REST API's own JSON shape (see :func:`threatgate.node.suppliers.export_state`).
+
+Rules:
+1. ``sha256`` is the SHA-256 of the canonical JSON of the payload (sorted keys, no whitespace,
+   UTF-8).  It identifies the *content*: two nodes with the same digest match identically, whatever
+   revision numbers brought them there.  Revision and epoch are carried beside it and protected by
+   the mutually authenticated channel.
+2. Local elements (listen addresses, certificate paths, database, ScannersCount, metrics, cluster
+   settings) never travel: :func:`merge_settings` overlays the shared elements on each node's own
+   tree, so relative feed paths resolve against each node's own config directory.
+3. Nothing here does I/O or reads the clock; callers pass ``now``.
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from typing import Any
+from xml.sax.saxutils import escape, quoteattr
+
+from threatgate.config.xml import Node, parse_xml
+from threatgate.errors import SettingsRejected
+
+FORMAT_VERSION = 1
+MAX_DOCUMENT_BYTES = 256 * 1024 * 1024
+"""A settings document larger than this is refused (suppliers with millions of indicators belong in feeds)."""
+
+OUTPUT_FORMATS = (
+    "EventFormat",
+    "RecordFieldContextFormat",
+    "ActionableFieldContextFormat",
+    "FinishedEventFormat",
+    "AlertFormat",
+)
+"""The ``<OutputSettings>`` children that are settings; the connection strings stay local."""
+
+SHARED_ELEMENTS = ("RegExps", "OutputSettings", "Feeds", "IoCExports", "Users")
+"""The children of ``<Settings>``, in the order they are written."""
+
+_DIGEST = re.compile(r"[0-9a-f]{64}\Z")
+_CLUSTER_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}\Z")
+
+
+def canonical_json(value: Any) -> bytes:
+    """The one byte form a JSON value digests to: sorted keys, no whitespace, UTF-8."""
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def payload_digest(payload: dict[str, Any]) -> str:
+    return hashlib.sha256(canonical_json(payload)).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsDocument:
+    """One revision of the cluster's settings."""
+
+    cluster_id: str
+    revision: int
+    epoch: int
+    updated_at: float
+    payload: dict[str, Any]
+    sha256: str
+
+    @classmethod
+    def create(
+        cls, cluster_id: str, revision: int, epoch: int, updated_at: float, payload: dict[str, Any]
+    ) -> SettingsDocument:
+        return cls(cluster_id, revision, epoch, round(updated_at, 3), payload, payload_digest(payload))
+
+    @property
+    def version(self) -> tuple[int, int]:
+        """What orders documents: a higher Control epoch wins, then the higher revision (fencing)."""
+        return (self.epoch, self.revision)
+
+    def successor(self, epoch: int, updated_at: float, payload: dict[str, Any] | None = None) -> SettingsDocument:
+        """The next revision: same cluster, ``payload`` (default: unchanged) stamped with ``epoch``."""
+        return SettingsDocument.create(
+            self.cluster_id, self.revision + 1, epoch, updated_at, self.payload if payload is None else payload
+        )
+
+    def as_json(self) -> dict[str, Any]:
+        return {
+            "cluster_id": self.cluster_id,
+            "revision": self.revision,
+            "epoch": self.epoch,
+            "updated_at": self.updated_at,
+            "sha256": self.sha256,
+            "payload": self.payload,
+        }
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.as_json())
+
+    def short(self) -> str:
+        return f"revision {self.revision} (epoch {self.epoch}, sha256 {self.sha256[:12]})"
+
+    @property
+    def config_xml(self) -> str:
+        return str(self.payload["config"])
+
+
+def parse_document(data: bytes | str | dict[str, Any]) -> SettingsDocument:
+    """Check a received document's shape and digest (not yet its content: see :func:`merge_settings`).
+
+    Raises:
+        SettingsRejected: what is wrong, with the revision when it could be read (else -1).
+    """
+    if isinstance(data, bytes | str):
+        if len(data) > MAX_DOCUMENT_BYTES:
+            raise SettingsRejected(-1, f"document is {len(data)} bytes, more than {MAX_DOCUMENT_BYTES}", 413)
+        try:
+            raw = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise SettingsRejected(-1, f"not JSON: {exc}") from None
+    else:
+        raw = data
+    if not isinstance(raw, dict):
+        raise SettingsRejected(-1, "expected a JSON object")
+    revision = raw.get("revision")
+    rev = revision if isinstance(revision, int) and not isinstance(revision, bool) else -1
+    expected = {"cluster_id", "revision", "epoch", "updated_at", "sha256", "payload"}
+    if set(raw) != expected:
+        raise SettingsRejected(rev, f"fields must be exactly {', '.join(sorted(expected))}")
+    if rev < 1:
+        raise SettingsRejected(rev, "revision must be a positive integer")
+    epoch = raw["epoch"]
+    if not isinstance(epoch, int) or isinstance(epoch, bool) or epoch < 1:
+        raise SettingsRejected(rev, "epoch must be a positive integer")
+    cluster_id = raw["cluster_id"]
+    if not isinstance(cluster_id, str) or not _CLUSTER_ID.match(cluster_id):
+        raise SettingsRejected(rev, "cluster_id must be 1-64 of A-Z a-z 0-9 _ . -")
+    updated_at = raw["updated_at"]
+    if not isinstance(updated_at, int | float) or isinstance(updated_at, bool):
+        raise SettingsRejected(rev, "updated_at must be a number")
+    digest = raw["sha256"]
+    if not isinstance(digest, str) or not _DIGEST.match(digest):
+        raise SettingsRejected(rev, "sha256 must be 64 lowercase hex digits")
+    payload = raw["payload"]
+    if not isinstance(payload, dict):
+        raise SettingsRejected(rev, "payload must be an object")
+    try:
+        actual = payload_digest(payload)
+    except (ValueError, UnicodeEncodeError) as exc:
+        raise SettingsRejected(rev, f"payload cannot be digested: {exc}") from None
+    if actual != digest:
+        raise SettingsRejected(rev, f"digest mismatch: document says {digest[:16]}…, payload is {actual[:16]}…")
+    _check_payload(rev, payload)
+    return SettingsDocument(cluster_id, rev, epoch, float(updated_at), payload, digest)
+
+
+def _check_payload(rev: int, payload: dict[str, Any]) -> None:
+    if payload.get("format") != FORMAT_VERSION:
+        raise SettingsRejected(rev, f"payload format must be {FORMAT_VERSION}")
+    if set(payload) != {"format", "config", "suppliers", "tags"}:
+        raise SettingsRejected(rev, "payload fields must be exactly config, format, suppliers, tags")
+    if not isinstance(payload["config"], str):
+        raise SettingsRejected(rev, "payload config must be the <Settings> XML text")
+    if not isinstance(payload["suppliers"], list) or not isinstance(payload["tags"], list):
+        raise SettingsRejected(rev, "payload suppliers and tags must be arrays")
+
+
+def make_payload(config_xml: str, state: dict[str, Any]) -> dict[str, Any]:
+    """A payload from a ``<Settings>`` text and a supplier state (``{"suppliers": [...], "tags": [...]}``)."""
+    return {"format": FORMAT_VERSION, "config": config_xml, "suppliers": state["suppliers"], "tags": state["tags"]}
+
+
+# -- XML: extract, merge, edit ---------------------------------------------------------------------
+
+
+def to_xml(node: Node, indent: str = "") -> str:
+    """Serialise a :class:`Node` tree back to XML (attributes in their original order)."""
+    attrs = "".join(f" {k}={quoteattr(v)}" for k, v in node.attrs.items())
+    if not node.children:
+        if not node.text:
+            return f"{indent}<{node.tag}{attrs}/>"
+        return f"{indent}<{node.tag}{attrs}>{escape(node.text)}</{node.tag}>"
+    inner = "\n".join(to_xml(child, indent + "  ") for child in node.children)
+    return f"{indent}<{node.tag}{attrs}>\n{inner}\n{indent}</{node.tag}>"
+
+
+def extract_settings(root: Node) -> str:
+    """The ``<Settings>`` XML text holding the shared elements of a node config tree."""
+    if root.tag != "Configuration":
+        raise root.error("root element must be <Configuration> to import settings from a node config")
+    settings = Node("Settings", {}, 0, root.path)
+    inputs = root.find("InputSettings")
+    regexps = inputs.find("RegExps") if inputs is not None else None
+    if regexps is not None:
+        settings.children.append(regexps)
+    output = root.find("OutputSettings")
+    if output is not None:
+        formats = [c for c in output.children if c.tag in OUTPUT_FORMATS]
+        settings.children.append(Node("OutputSettings", {}, output.line, root.path, children=formats))
+    for tag in ("Feeds", "IoCExports"):
+        child = root.find(tag)
+        if child is not None:
+            settings.children.append(child)
+    http = root.find("HTTPServer")
+    users = http.find("Users") if http is not None else None
+    settings.children.append(users if users is not None else Node("Users", {}, 0, root.path))
+    return to_xml(settings) + "\n"
+
+
+def parse_settings_xml(text: str, where: str) -> Node:
+    """Parse a ``<Settings>`` text; ``where`` becomes every element's path (errors say ``where:line``)."""
+    root = parse_xml(text.encode(), where)
+    if root.tag != "Settings":
+        raise root.error("root element must be <Settings>")
+    seen: set[str] = set()
+    for child in root.children:
+        if child.tag not in SHARED_ELEMENTS:
+            raise child.error(f"not a shared setting; expected one of {', '.join(SHARED_ELEMENTS)}")
+        if child.tag in seen:
+            raise child.error(f"<{child.tag}> may appear only once")
+        seen.add(child.tag)
+    output = root.find("OutputSettings")
+    for child in output.children if output is not None else ():
+        if child.tag not in OUTPUT_FORMATS:
+            raise child.error(f"only the formats are shared in <OutputSettings>: {', '.join(OUTPUT_FORMATS)}")
+    return root
+
+
+def merge_settings(local: Node, settings_xml: str, label: str) -> Node:
+    """The local config tree with the shared elements replaced by those of ``settings_xml``.
+
+    ``label`` names the settings in errors (``node.conf#settings-r12``): it sits in the local file's
+    directory so relative feed paths keep resolving against each node's own config directory.
+
+    Raises:
+        ConfigError: the settings XML is malformed or not a ``<Settings>`` document.
+    """
+    shared = parse_settings_xml(settings_xml, label)
+    merged = copy.deepcopy(local)
+    by_tag = {child.tag: child for child in shared.children}
+
+    def replace(parent: Node, tag: str, new: Node | None) -> None:
+        kept = [c for c in parent.children if c.tag != tag]
+        parent.children[:] = kept + ([new] if new is not None else [])
+
+    inputs = merged.find("InputSettings")
+    if inputs is not None and "RegExps" in by_tag:
+        replace(inputs, "RegExps", by_tag["RegExps"])
+    output = merged.find("OutputSettings")
+    if output is not None and "OutputSettings" in by_tag:
+        output.children[:] = [c for c in output.children if c.tag not in OUTPUT_FORMATS]
+        output.children.extend(by_tag["OutputSettings"].children)
+    for tag in ("Feeds", "IoCExports"):
+        replace(merged, tag, by_tag.get(tag))
+    http = merged.find("HTTPServer")
+    if http is not None:
+        replace(http, "Users", by_tag.get("Users"))
+    return merged
+
+
+_SEGMENT = re.compile(r"(?P<tag>[A-Za-z_][\w.-]*)(?:\[@(?P<attr>[\w.-]+)=(?P<q>['\"]?)(?P<value>[^\]]*?)(?P=q)\])?\Z")
+
+
+def set_value(settings_xml: str, path: str, value: str) -> str:
+    """Set one element's text or attribute in a ``<Settings>`` text; the new text.
+
+    ``path`` is relative to ``<Settings>``: ``OutputSettings/EventFormat``,
+    ``Feeds/@update_frequency``, ``Feeds/Feed[@filename=feeds/x.json]/@enabled``.  A missing last
+    element without a predicate is created; anything else missing is an error.
+
+    Raises:
+        ConfigError: the path does not parse or does not lead anywhere.
+    """
+    root = parse_settings_xml(settings_xml, "settings")
+    parts = [p for p in path.strip("/").split("/") if p]
+    attr: str | None = None
+    if parts and parts[-1].startswith("@"):
+        attr = parts.pop()[1:]
+        if not re.fullmatch(r"[A-Za-z_][\w.-]*", attr):
+            raise root.error(f"bad attribute name {attr!r} in path {path!r}")
+    if not parts:
+        raise root.error(f"path {path!r} names no element under <Settings>")
+    node = root
+    for i, part in enumerate(parts):
+        m = _SEGMENT.match(part)
+        if m is None:
+            raise root.error(f"bad path segment {part!r}: expected Tag or Tag[@attr=value]")
+        tag, key, want = m.group("tag"), m.group("attr"), m.group("value")
+        found = [c for c in node.children if c.tag == tag and (key is None or c.attrs.get(key) == want)]
+        if len(found) > 1:
+            raise node.error(f"path segment {part!r} matches {len(found)} elements; add [@attr=value]")
+        if not found:
+            if key is not None or i != len(parts) - 1:
+                raise node.error(f"no element matches {part!r}")
+            found = [Node(tag, {}, 0, node.path)]
+            node.children.append(found[0])
+        node = found[0]
+    if attr is not None:
+        node.attrs[attr] = value
+    else:
+        if node.children:
+            raise node.error("has child elements; set an attribute or a child instead")
+        node.text = value
+    return to_xml(root) + "\n"
