@@ -55,6 +55,7 @@ from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import RequestError, check_state
 
 if TYPE_CHECKING:
+    from threatgate.cluster.etcd_backend import EtcdBackend
     from threatgate.node.service import NodeService
 
 log = logging.getLogger("threatgate.cluster")
@@ -137,6 +138,7 @@ class ClusterAgent:
         self._inconsistent = False
         self.warn = RateLimitedLog(log)
         self.bound_port = 0
+        self.backend: EtcdBackend | None = None
 
     @property
     def identity(self) -> Identity:
@@ -178,6 +180,12 @@ class ClusterAgent:
             self.bound_port,
             doc.short() if doc else "none yet",
         )
+        if self.settings.etcd is not None:
+            from threatgate.cluster.etcd_backend import EtcdBackend
+
+            self.backend = EtcdBackend(self, self.settings.etcd, self.settings.request_timeout)
+            await self.backend.start()
+            log.info("cluster settings and Control election in etcd at %s", ", ".join(self.settings.etcd.endpoints))
         self._task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
 
     async def _first_revision(self) -> SettingsDocument:
@@ -199,6 +207,8 @@ class ClusterAgent:
 
     async def close(self) -> None:
         self._stop.set()
+        if self.backend is not None:
+            await self.backend.close()
         if self._task is not None:
             self._task.cancel()
         for task in list(self._tasks):
@@ -289,7 +299,7 @@ class ClusterAgent:
         if reason != self._emergency:
             if reason is not None:
                 log.error(
-                    "cluster emergency mode: %s; matching continues with settings %s", reason, self._applied_short()
+                    "cluster emergency mode: %s; matching continues with settings %s", reason, self.applied_short()
                 )
                 self.node.alerts.raise_alert(ALERT_EMERGENCY, reason=reason)
             else:
@@ -301,7 +311,7 @@ class ClusterAgent:
             self.node.alerts.raise_alert(ALERT_INCONSISTENT, controls=controls)
         self._inconsistent = inconsistent
 
-    def _applied_short(self) -> str:
+    def applied_short(self) -> str:
         return self.core.applied.short() if self.core.applied else "none"
 
     # -- settings in ----------------------------------------------------------------------------
@@ -376,6 +386,9 @@ class ClusterAgent:
             doc = current.successor(self.identity.epoch, time.time(), payload)
             if doc.sha256 == current.sha256:
                 return current
+            validate_document(self.local, doc)  # before etcd sees it: an invalid document is never published
+            if self.backend is not None:
+                await self.backend.publish(doc, current)
             async with self._apply_lock:
                 self.core.took(doc, self.identity.node_id, Role.CONTROL.value, time.time())
                 await self._apply(doc, suppliers_done=suppliers_done)
@@ -421,6 +434,10 @@ class ClusterAgent:
 
     async def promote(self) -> SettingsDocument:
         """Become the Control: adopt the newest settings any reachable member holds, bump the epoch, push."""
+        if self.backend is not None and self.backend.election is not None:
+            raise ClusterError(
+                "this cluster elects its Control through etcd: demote the current Control (it resigns) instead"
+            )
         async with self._write_lock:
             if self.identity.role is Role.CONTROL:
                 raise ClusterError("this node is already the Control node")
@@ -463,11 +480,68 @@ class ClusterAgent:
         return newest
 
     async def demote(self) -> None:
+        if self.backend is not None and self.backend.election is not None:
+            if self.identity.role is not Role.CONTROL:
+                raise ClusterError("this node is not the Control node")
+            await self.backend.resign()  # the election loop then calls lose_control()
+            return
         async with self._write_lock:
             self.core.demote()
             await asyncio.to_thread(self.state.save_identity, self.identity)
             log.warning("this node is no longer the Control node; settings are frozen until one is promoted")
             self._check_alerts()
+
+    # -- etcd election -------------------------------------------------------------------------------
+
+    async def etcd_control(self, node_id: str | None, epoch: int) -> None:
+        """etcd says who holds the Control key (None: nobody, an election is under way)."""
+        ident = self.identity
+        if node_id is None or node_id == ident.node_id or epoch <= ident.epoch:
+            return
+        if ident.role is Role.CONTROL:
+            self.core.demote()
+            log.warning("etcd elected %s as Control (epoch %d): this node steps down", self._name(node_id), epoch)
+        ident.epoch = epoch
+        ident.control_id = node_id
+        await asyncio.to_thread(self.state.save_identity, ident)
+
+    def _name(self, node_id: str) -> str:
+        member = self.identity.members.get(node_id)
+        return member.address if member is not None else node_id[:23]
+
+    async def become_control(self, epoch: int) -> None:
+        """This node won the etcd election at ``epoch``: republish the newest settings under it."""
+        assert self.backend is not None
+        async with self._write_lock:
+            if epoch <= self.identity.epoch and self.identity.control_id != self.identity.node_id:
+                raise ClusterError(f"elected at epoch {epoch}, but epoch {self.identity.epoch} was already seen")
+            stored = await self.backend.newest()
+            async with self._apply_lock:
+                base = self.core.applied
+                if stored is not None and (base is None or stored.version > base.version):
+                    base = stored
+                if base is None:
+                    raise ClusterError("no settings to publish: neither this node nor etcd holds any")
+                ident = self.identity
+                ident.role, ident.epoch, ident.control_id = Role.CONTROL, epoch, ident.node_id
+                revision = max(base.revision, self.core.applied.revision if self.core.applied else 0)
+                doc = SettingsDocument.create(base.cluster_id, revision + 1, epoch, time.time(), base.payload)
+                await self.backend.publish(doc, stored)
+                await asyncio.to_thread(self.state.save_identity, ident)
+                self.core.took(doc, ident.node_id, Role.CONTROL.value, time.time())
+                await self._apply(doc)
+        log.warning("elected Control through etcd (epoch %d), settings %s", epoch, doc.short())
+        self.node.alerts.raise_alert("KL_ALERT_ClusterControlChanged", epoch=epoch, control=self.identity.address)
+        self._spawn(self.push_all(doc))
+
+    async def lose_control(self) -> None:
+        """The etcd lease is gone (or resigned): stop acting as Control before anyone else can start."""
+        if self.identity.role is Role.CONTROL:
+            async with self._write_lock:
+                self.core.demote()
+                await asyncio.to_thread(self.state.save_identity, self.identity)
+            log.warning("lost the Control role in etcd; this node is a Secondary now")
+        self._check_alerts()
 
     # -- joins --------------------------------------------------------------------------------------
 

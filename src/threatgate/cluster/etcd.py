@@ -26,6 +26,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import io
 import json
 import logging
 import ssl
@@ -44,6 +45,7 @@ _GRPC_UNAVAILABLE = 14
 _GRPC_DEADLINE_EXCEEDED = 4
 _GRPC_NOT_FOUND = 5
 _RETRYABLE_GRPC_CODES = frozenset({_GRPC_UNAVAILABLE, _GRPC_DEADLINE_EXCEEDED})
+_BIG_BODY = 1 << 19
 
 
 # -- encoding -----------------------------------------------------------------------------------------------
@@ -352,9 +354,11 @@ class EtcdClient:
 
     async def _post_once(self, endpoint: str, path: str, data: bytes) -> dict[str, Any]:
         session = self._http()
+        # aiohttp warns about (and writes in one go) a bytes body over 1 MiB: stream big ones from a buffer
+        payload: bytes | io.BytesIO = io.BytesIO(data) if len(data) > _BIG_BODY else data
         try:
             async with session.post(
-                endpoint + path, data=data, timeout=aiohttp.ClientTimeout(total=self._timeout)
+                endpoint + path, data=payload, timeout=aiohttp.ClientTimeout(total=self._timeout)
             ) as response:
                 raw = await response.read()
                 status = response.status
@@ -553,7 +557,7 @@ class EtcdClient:
                             )
                         raise EtcdError(f"etcd cancelled the watch of {key!r}: {result.get('cancel_reason', '?')}")
                     for event in result.get("events", []):
-                        kind: Literal["PUT", "DELETE"] = "DELETE" if event.get("type") == "DELETE" else "PUT"
+                        kind: Literal["PUT", "DELETE"] = "PUT"
                         kv = KeyValue.from_json(event.get("kv", {}))
                         next_revision = kv.mod_revision + 1
                         yield WatchEvent(kind, kv)

@@ -338,10 +338,10 @@ class ClusterCore:
             raise SettingsRejected(
                 doc.revision, f"epoch {doc.epoch} is older than {ident.epoch}: the sender is no longer the Control", 409
             )
-        if ident.role is Role.CONTROL and doc.epoch == ident.epoch and sender_id != ident.node_id:
-            raise SettingsRejected(doc.revision, f"this node is the Control of epoch {ident.epoch}", 409)
         if self.applied is not None and doc.version <= self.applied.version:
             return False
+        if ident.role is Role.CONTROL and doc.epoch == ident.epoch and sender_id != ident.node_id:
+            raise SettingsRejected(doc.revision, f"this node is the Control of epoch {ident.epoch}", 409)
         return True
 
     def took(self, doc: SettingsDocument, sender_id: str | None, sender_role: str | None, wall: float) -> Decision:
