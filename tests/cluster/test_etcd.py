@@ -466,7 +466,7 @@ async def test_election_takeover_when_the_leader_dies(
         await heir.resign()
 
 
-async def test_election_keeps_its_lease_alive_and_notices_when_it_is_gone(
+async def test_election_keeps_its_lease_alive(
     cluster: EtcdCluster, client: EtcdClient, make_client: Callable[..., EtcdClient], ns: str
 ) -> None:
     key = f"{ns}control"
@@ -476,12 +476,22 @@ async def test_election_keeps_its_lease_alive_and_notices_when_it_is_gone(
     # 2.5 TTLs without the key being deleted: the keep-alive task renews the lease
     with pytest.raises(TimeoutError):
         await asyncio.wait_for(wait_for_delete(client, key, epoch + 1), 2.5 * ttl)
-    assert not leader.lost.is_set()
+    assert not leader.lost.is_set() and leader.epoch == epoch
     holder = await client.get(key)
-    assert holder is not None and holder.create_revision == epoch
+    assert holder is not None and (holder.create_revision, holder.lease) == (epoch, leader.lease)
+    await leader.resign()
 
+
+async def test_election_steps_down_at_the_next_keepalive_when_its_lease_is_gone(
+    cluster: EtcdCluster, client: EtcdClient, make_client: Callable[..., EtcdClient], ns: str
+) -> None:
+    key = f"{ns}control"
+    ttl = 3
+    leader = Election(make_client(cluster.endpoints), key, b"node-1", ttl=ttl)
+    epoch = await asyncio.wait_for(leader.campaign(), 5)
     await client.lease_revoke(leader.lease)  # e.g. an operator, or etcd after a long partition
-    await within(ttl + 1, leader.lost.wait(), "the leader noticing its lease is gone")
+    # the keep-alive answer "lease gone" comes after ttl/3 s; without it, stepping down would take the full ttl
+    await within(ttl / 3 + 0.8, leader.lost.wait(), "the leader noticing its lease is gone")
     assert leader.epoch is None
     heir = Election(client, key, b"node-2", ttl=ttl)
     assert await asyncio.wait_for(heir.campaign(), 2) > epoch
