@@ -143,8 +143,9 @@ def parse_document(data: bytes | str | dict[str, Any]) -> SettingsDocument:
     if not isinstance(cluster_id, str) or not _CLUSTER_ID.match(cluster_id):
         raise SettingsRejected(rev, "cluster_id must be 1-64 of A-Z a-z 0-9 _ . -")
     updated_at = raw["updated_at"]
-    if not isinstance(updated_at, int | float) or isinstance(updated_at, bool):
-        raise SettingsRejected(rev, "updated_at must be a number")
+    # NaN/Infinity would pass here and break to_bytes(); a huge int would make float() overflow.
+    if not isinstance(updated_at, int | float) or isinstance(updated_at, bool) or not -1e15 < updated_at < 1e15:
+        raise SettingsRejected(rev, "updated_at must be a finite number")
     digest = raw["sha256"]
     if not isinstance(digest, str) or not _DIGEST.match(digest):
         raise SettingsRejected(rev, "sha256 must be 64 lowercase hex digits")
@@ -186,7 +187,8 @@ def to_xml(node: Node, indent: str = "") -> str:
     if not node.children:
         if not node.text:
             return f"{indent}<{node.tag}{attrs}/>"
-        return f"{indent}<{node.tag}{attrs}>{escape(node.text)}</{node.tag}>"
+        # "\r" as a reference: a literal one would come back as "\n" (XML end-of-line normalisation).
+        return f"{indent}<{node.tag}{attrs}>{escape(node.text, {chr(13): '&#13;'})}</{node.tag}>"
     inner = "\n".join(to_xml(child, indent + "  ") for child in node.children)
     return f"{indent}<{node.tag}{attrs}>\n{inner}\n{indent}</{node.tag}>"
 
@@ -265,6 +267,7 @@ def merge_settings(local: Node, settings_xml: str, label: str) -> Node:
     return merged
 
 
+_PART = re.compile(r"(?:[^/\[]+|\[[^\]]*\]?)+")
 _SEGMENT = re.compile(r"(?P<tag>[A-Za-z_][\w.-]*)(?:\[@(?P<attr>[\w.-]+)=(?P<q>['\"]?)(?P<value>[^\]]*?)(?P=q)\])?\Z")
 
 
@@ -279,7 +282,7 @@ def set_value(settings_xml: str, path: str, value: str) -> str:
         ConfigError: the path does not parse or does not lead anywhere.
     """
     root = parse_settings_xml(settings_xml, "settings")
-    parts = [p for p in path.strip("/").split("/") if p]
+    parts = _PART.findall(path)  # not str.split("/"): a predicate value may hold "/" (feeds/x.json)
     attr: str | None = None
     if parts and parts[-1].startswith("@"):
         attr = parts.pop()[1:]

@@ -99,8 +99,7 @@ class StateDir:
 
     def save_settings(self, doc: SettingsDocument) -> None:
         """Record ``doc`` as applied: history first, then the live file, then prune the history."""
-        data = doc.to_bytes()
-        os.makedirs(self.revisions_path, mode=0o700, exist_ok=True)
+        data = doc.to_bytes()  # write_atomic creates missing directories 0700 (os.makedirs would not)
         self._write(os.path.join(self.revisions_path, f"{doc.revision:010d}.json"), data)
         self._write(self.settings_path, data)
         for old in self.revisions()[: -self.keep]:

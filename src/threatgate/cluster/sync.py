@@ -244,6 +244,10 @@ class ClusterCore:
                 return (
                     f"Control node {self._address(cid)} unreachable; promote a secondary (threatgate cluster promote)"
                 )
+            # it answers but no longer claims the role (demoted): there is no Control at all
+            return (
+                f"Control node {self._address(cid)} is no longer the Control; promote one (threatgate cluster promote)"
+            )
         return None
 
     def _address(self, node_id: str) -> str:

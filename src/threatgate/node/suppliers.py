@@ -314,7 +314,8 @@ def check_state(state: Any) -> tuple[list[tuple[dict[str, Any], list[IndicatorPu
         updated: list[int] = []
         bodies: list[Any] = []
         for item in items:
-            if not isinstance(item, dict) or not isinstance(item.get("updated"), int):
+            stamp = item.get("updated") if isinstance(item, dict) else None
+            if not isinstance(stamp, int) or isinstance(stamp, bool) or not 0 <= stamp < 2**53:
                 raise RequestError(f"supplier {name[:80]!r}: each indicator needs an integer updated time")
             updated.append(item["updated"])
             bodies.append({k: v for k, v in item.items() if k != "updated"})
