@@ -44,12 +44,13 @@ from threatgate.cluster.settings import (
 )
 from threatgate.cluster.state import StateDir
 from threatgate.cluster.sync import ClusterCore, Decision, Identity, Member, Role
-from threatgate.cluster.transport import PeerClient, cluster_server_context, request_fingerprint
+from threatgate.cluster.transport import MAX_BODY, PeerClient, cluster_server_context, request_fingerprint
 from threatgate.config.common import parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ClusterError, ConfigError, SettingsRejected
 from threatgate.log import RateLimitedLog
+from threatgate.metrics import Gauges
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import RequestError, check_state
@@ -61,6 +62,8 @@ if TYPE_CHECKING:
 log = logging.getLogger("threatgate.cluster")
 
 MAX_TOKEN_TTL = 24 * 3600
+MAX_JOIN_BODY = 64 * 1024
+"""A join request is a token, an address and one certificate: anything bigger is not one."""
 ALERT_EMERGENCY = "KL_ALERT_ClusterEmergencyState"
 ALERT_INCONSISTENT = "KL_ALERT_ClusterConsistencyError"
 ALERT_SYNC = "KL_ALERT_SettingsSynchronizationError"
@@ -387,9 +390,10 @@ class ClusterAgent:
             if doc.sha256 == current.sha256:
                 return current
             validate_document(self.local, doc)  # before etcd sees it: an invalid document is never published
-            if self.backend is not None:
-                await self.backend.publish(doc, current)
+            # publish under the apply lock: our own etcd watch sees the write at once and must find it applied
             async with self._apply_lock:
+                if self.backend is not None:
+                    await self.backend.publish(doc, current)
                 self.core.took(doc, self.identity.node_id, Role.CONTROL.value, time.time())
                 await self._apply(doc, suppliers_done=suppliers_done)
             self._spawn(self.push_all(doc))
@@ -619,22 +623,30 @@ class ClusterAgent:
 
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
+        joining = path == "/cluster/v1/join" and method == "POST"
+        peer = request_fingerprint(request)
+        if not joining and (peer is None or peer not in self.identity.members):
+            self.node.stats.bump(self.node.stats.bad_input, "cluster_not_member")
+            self.warn("cluster request %s from %s refused: not a member", path[:100], request.remote)
+            return _json(403, {"error": "not a member of this cluster"})
         body: Any = None
         if method == "POST":
-            raw = await request.content.read(256 * 1024 * 1024 + 1)
+            # members may send whole settings documents; strangers only a join request
+            limit = MAX_JOIN_BODY if joining else MAX_BODY
+            raw = await request.content.read(limit + 1)
+            if len(raw) > limit:
+                self.node.stats.bump(self.node.stats.bad_input, "cluster_body_too_large")
+                return _json(413, {"error": f"body larger than {limit} bytes"})
             if path == "/cluster/v1/settings":
                 return await self._pushed(request, raw)
             try:
                 body = json.loads(raw) if raw else None
             except ValueError:
+                self.node.stats.bump(self.node.stats.bad_input, "cluster_bad_json")
                 return _json(400, {"error": "body is not JSON"})
-        if path == "/cluster/v1/join" and method == "POST":
+        if joining:
             return await self._join(body)
-        peer = request_fingerprint(request)
-        if peer is None or peer not in self.identity.members:
-            self.node.stats.bump(self.node.stats.bad_input, "cluster_not_member")
-            self.warn("cluster request %s from %s refused: not a member", path[:100], request.remote)
-            return _json(403, {"error": "not a member of this cluster"})
+        assert peer is not None
         now = time.monotonic()
         if path == "/cluster/v1/heartbeat" and method == "POST":
             if not isinstance(body, dict):
@@ -642,7 +654,10 @@ class ClusterAgent:
             await self._observed(peer, body)
             return _json(200, {"status": self.core.status(now)})
         if path == "/cluster/v1/settings" and method == "GET":
-            since = int(request.query.get("since", "0") or 0)
+            raw_since = request.query.get("since", "0") or "0"
+            if not raw_since.isdigit() or len(raw_since) > 18:
+                return _json(400, {"error": "since must be a revision number"})
+            since = int(raw_since)
             doc = self.core.applied
             if doc is None or doc.revision <= since:
                 return web.Response(status=204)
@@ -760,6 +775,28 @@ class ClusterAgent:
         else:
             control_state = "connected" if control_view.reachable(now, self.core.window) else "unreachable"
         return {"self": {**me, "reachable": True, "control_state": control_state}, "members": rows}
+
+    def gauges(self) -> Gauges:
+        """Cluster gauges for the node's /metrics (docs/operations.md)."""
+        core = self.core
+
+        def rev(mark: Any) -> float:
+            return float(mark.revision) if mark is not None else 0.0
+
+        return {
+            "threatgate_cluster_is_control": ("1 on the Control node", lambda: float(core.role is Role.CONTROL)),
+            "threatgate_cluster_epoch": ("Highest Control epoch seen", lambda: float(core.identity.epoch)),
+            "threatgate_cluster_received_revision": ("Settings revision received", lambda: rev(core.received)),
+            "threatgate_cluster_applied_revision": ("Settings revision applied", lambda: rev(core.applied_mark)),
+            "threatgate_cluster_emergency": (
+                "1 in emergency mode (no Control or two)",
+                lambda: float(core.emergency(time.monotonic()) is not None),
+            ),
+            "threatgate_cluster_members_reachable": (
+                "Other members that answered heartbeats recently",
+                lambda: float(sum(v.reachable(time.monotonic(), core.window) for v in core.peers.values())),
+            ),
+        }
 
     def may_write(self) -> bool:
         """Would a settings write be accepted now (Control, not in emergency mode)?"""

@@ -26,6 +26,11 @@ from threatgate.cluster.settings import SettingsDocument
 from threatgate.errors import ClusterError, SettingsRejected, StaleRevision
 
 
+def _num(value: Any) -> int:
+    """An integer field of a peer's status; junk counts as 0 (a member's bug must not stop heartbeats)."""
+    return value if isinstance(value, int) and not isinstance(value, bool) else 0
+
+
 class Role(enum.Enum):
     CONTROL = "control"
     SECONDARY = "secondary"
@@ -220,7 +225,7 @@ class ClusterCore:
         for view in self.peers.values():
             st = view.status
             if st is not None and view.reachable(now, self.window) and st.get("role") == Role.CONTROL.value:
-                found.append((int(st.get("epoch", 0)), view.node_id))
+                found.append((_num(st.get("epoch")), view.node_id))
         return found
 
     def emergency(self, now: float) -> str | None:
@@ -267,7 +272,7 @@ class ClusterCore:
         view.failures = 0
         view.last_error = None
         ident = self.identity
-        epoch = int(status.get("epoch", 0))
+        epoch = _num(status.get("epoch"))
         role = status.get("role")
         peer_control = peer_id if role == Role.CONTROL.value else status.get("control_id")
         if epoch > ident.epoch:
@@ -283,11 +288,11 @@ class ClusterCore:
                 decision.persist = True
         if role == Role.CONTROL.value and epoch == ident.epoch and peer_id == ident.control_id:
             members = status.get("members")
-            version = int(status.get("members_version", 0))
+            version = _num(status.get("members_version"))
             if isinstance(members, list) and version > ident.members_version:
                 self._adopt_members(members, version, decision)
         applied = status.get("applied") or {}
-        peer_rev = int(applied.get("revision", 0))
+        peer_rev = _num(applied.get("revision")) if isinstance(applied, dict) else 0
         mine = self.applied.revision if self.applied is not None else 0
         if ident.role is Role.SECONDARY and peer_id == ident.control_id and epoch == ident.epoch and peer_rev > mine:
             decision.pull_from = peer_id
@@ -405,7 +410,7 @@ class ClusterCore:
         """Become the Control: the new epoch is one above every epoch this node has heard of."""
         if self.identity.role is Role.CONTROL:
             raise ClusterError("this node is already the Control node")
-        seen = [self.identity.epoch] + [int((v.status or {}).get("epoch", 0)) for v in self.peers.values()]
+        seen = [self.identity.epoch] + [_num((v.status or {}).get("epoch")) for v in self.peers.values()]
         if newest is not None:
             seen.append(newest.epoch)
         self.identity.epoch = max(seen) + 1

@@ -474,6 +474,8 @@ class NodeService:
             "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
             "threatgate_output_queue_bytes": ("Detection bytes waiting", lambda: self.output.queued_bytes),
         }
+        if self.cluster is not None:
+            gauges.update(self.cluster.gauges())
         self._metrics_runner = await start_metrics_server(address, StatsCollector(self.stats, gauges))
         log.info("metrics on http://%s/metrics", address)
 
