@@ -166,6 +166,35 @@ def balancer_pins(config_path: str, check: bool, renew_instance: str | None) -> 
     sys.exit(1 if bad else 0)
 
 
+@balancer.command("status")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config.")
+@click.option("--json", "as_json", is_flag=True, help="Print every instance's readiness as JSON.")
+def balancer_status(config_path: str, as_json: bool) -> None:
+    """Each instance's readiness, cluster role, settings revision and digest; '!' marks a differing digest.
+
+    Exit 0 when every instance answered and the digests agree, 1 otherwise, 2 on a configuration error.
+    """
+    import asyncio
+
+    from threatgate.balancer import status
+
+    config = _balancer_config(config_path)
+    setup_logging("err")
+    views = asyncio.run(status.collect(config))
+    if as_json:
+        _echo_json(status.as_json(views))
+    else:
+        click.echo(status.render(views))
+    for view in views:
+        if view.pin_mismatch:
+            click.echo(
+                f"threatgate: {view.key}: the node's certificate does not match the balancer's pin, so nothing was "
+                f"sent to it ({view.error}); if it was renewed on purpose: threatgate balancer pins --renew {view.key}",
+                err=True,
+            )
+    sys.exit(status.exit_code(views))
+
+
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:

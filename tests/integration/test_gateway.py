@@ -209,10 +209,15 @@ class Gateway:
 def running_gateway(
     directory: Path, instances: list[tuple[int, int]], *, extra: str = "", **options: Any
 ) -> Iterator[Gateway]:
-    """A balancer (metrics on) in front of ``instances`` (matching_port, api_port), once every one is UP."""
+    """A balancer (metrics on) in front of ``instances`` (matching_port, api_port), once every one is UP.
+
+    Its ``/readyz`` polls are off: these tests count the requests a node answers and the pins made, which
+    the polls would add to (they are tested in test_balancer_cluster.py).
+    """
     config = directory / "kl_balancer.conf"
     metrics_port = free_port()
     extra += f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
+    extra += '<ReadinessCheck enabled="false"/>'
     ports = gateway_config(config, instances=instances, extra=extra, **options)
     proc = BalancerProcess(config, ports.matching)
     try:

@@ -10,10 +10,12 @@ Checks, in order (each answer is a JSON body ``[{"status": ...}]``):
    retry can replay it.
 
 Then a read (GET, HEAD, POST lookup) goes to one UP node, balanced by requests in progress, and is
-retried on another node when the first fails before answering; a write (anything else) goes to every
-enabled node (503 before any node is touched when one is known to be down; 502 with each node's
-result when one fails part-way, logged as drift).  The upstream path is rebuilt from the normalised
-segments, so a node receives exactly the request that was allowed.
+retried on another node when the first fails before answering.  A write (anything else) goes to
+every enabled node (503 before any node is touched when one is known to be down; 502 with each
+node's result when one fails part-way, logged as drift) unless the nodes' ``/readyz`` answers show a
+Control/Secondary cluster (:mod:`threatgate.balancer.readiness`): then to the Control alone, which
+distributes it, and 503 when no Control is reachable.  The upstream path is rebuilt from the
+normalised segments, so a node receives exactly the request that was allowed.
 
 Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): aiohttp checks the SHA-256
 of the node's certificate after the handshake and before sending a byte of the request.
@@ -227,6 +229,12 @@ class Gateway:
                 path += "?" + query
             headers = self._upstream_headers(request)
             if is_write(method, segments):
+                route = await self.service.readiness.route_write()
+                if route.refusal is not None:
+                    self.service.stats.bump(self.service.stats.api_retries, "no_control")
+                    return json_error(503, f"write refused, no instance was changed: {route.refusal}")
+                if route.control is not None:
+                    return await self._to_control(self.service.instances[route.control], method, path, headers, body)
                 return await self._fan_out(method, path, headers, body)
             return await self._one(method, path, headers, body)
         finally:
@@ -312,7 +320,23 @@ class Gateway:
         detail = "; ".join(tried) if tried else "no instance is UP"
         return json_error(503, f"no instance could answer the request: {detail}")
 
-    # -- writes: every enabled node -------------------------------------------------------------
+    # -- writes: the cluster's Control, or every enabled node ----------------------------------
+
+    async def _to_control(
+        self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes
+    ) -> web.StreamResponse:
+        """A write in a cluster: the Control alone changes settings and hands them to the Secondaries.
+
+        Never retried on another node: a Secondary would refuse it (409), and a write the Control may
+        have applied before the connection broke must not be applied twice.
+        """
+        try:
+            return _response(await self.forward(inst, method, path, headers, body))
+        except PinMismatch as exc:
+            return self._mismatch(exc)
+        except UpstreamFailed as exc:
+            self.service.stats.bump(self.service.stats.api_retries, inst.key)
+            return json_error(503, f"the Control node {inst.key} did not answer the write: {exc}")
 
     async def _fan_out(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
         enabled = [i for i in self.service.instances.values() if i.settings.enabled]
@@ -390,8 +414,16 @@ class Gateway:
         except OSError as exc:  # CertDirPath unusable (a file, no permission): never taken for "no pin"
             raise UpstreamFailed(f"cannot read the reference certificate: {exc}") from None
 
-    async def forward(self, inst: Instance, method: str, path: str, headers: dict[str, str], body: bytes) -> Answer:
-        """Send one request to ``inst`` over a pinned connection.
+    async def forward(
+        self,
+        inst: Instance,
+        method: str,
+        path: str,
+        headers: dict[str, str],
+        body: bytes,
+        client_timeout: aiohttp.ClientTimeout | None = None,
+    ) -> Answer:
+        """Send one request to ``inst`` over a pinned connection (``client_timeout``: else UpstreamTimeout).
 
         Raises:
             PinMismatch: the node presented another certificate (nothing was sent).
@@ -408,7 +440,7 @@ class Gateway:
                 headers=headers,
                 data=body if body or method not in READ_METHODS else None,
                 ssl=self._fingerprint(pin),
-                timeout=self._timeout(),
+                timeout=client_timeout or self._timeout(),
                 allow_redirects=False,
             ) as resp:
                 data = await resp.read()
@@ -416,6 +448,9 @@ class Gateway:
                 return Answer(resp.status, kept, data)
         except aiohttp.ServerFingerprintMismatch as exc:
             raise PinMismatch(inst, pin.fingerprint, _colon(exc.got)) from None
+        except aiohttp.ClientConnectorError as exc:  # its own text shows the Fingerprint object's repr
+            error = exc.os_error
+            raise UpstreamFailed(f"cannot connect: {error.strerror or error or type(error).__name__}") from None
         except (aiohttp.ClientError, TimeoutError, OSError) as exc:
             raise UpstreamFailed(str(exc) or type(exc).__name__) from None
         finally:

@@ -29,13 +29,16 @@ import logging
 import random
 import time
 from collections import deque
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
+from prometheus_client.core import Metric
 
 from threatgate import runtime
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
+from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.errors import ConfigError
@@ -107,6 +110,7 @@ class BalancerService(InstanceOwner):
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
         self.gateway = Gateway(self)
+        self.readiness = ReadinessMonitor(self, self.gateway)
         self.alerts = AlertListener(self)
         self._metrics_runner: web.AppRunner | None = None
         self._should_exit = asyncio.Event()
@@ -457,11 +461,12 @@ class BalancerService(InstanceOwner):
                 ),
             }
             self._metrics_runner = await start_metrics_server(
-                self.config.metrics, BalancerCollector(self.stats, gauges)
+                self.config.metrics, _Collector(self.stats, gauges, self.readiness)
             )
             log.info("metrics on http://%s/metrics", self.config.metrics)
         await self.alerts.start()
         await self.gateway.start()
+        self.readiness.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.config.listen_host,
@@ -514,12 +519,25 @@ class BalancerService(InstanceOwner):
             task.cancel()
         for inst in self.instances.values():
             inst.close()
+        await self.readiness.close()
         await self.gateway.close()
         await self.alerts.close()
         if self.output is not None:
             await self.output.aclose()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
+
+
+class _Collector(BalancerCollector):
+    """The balancer's counters and gauges plus the readiness gauges (labelled by instance and role)."""
+
+    def __init__(self, stats: BalancerStats, gauges: Gauges, readiness: ReadinessMonitor) -> None:
+        super().__init__(stats, gauges)
+        self._readiness = readiness
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        yield from self._readiness.families()
 
 
 def _describe(flags: SessionFlags) -> str:

@@ -45,6 +45,8 @@ class InstanceSettings(_Frozen):
     api_port: int = pydantic.Field(default=443, ge=1, le=65535)
     enabled: bool = True
     weight: int = pydantic.Field(default=1, ge=1, le=100)
+    api_port_set: bool = False
+    """Whether ``api_port`` was written: readiness is polled only then (443 by default may be anything)."""
     line: int = 0
 
     @property
@@ -89,6 +91,8 @@ class BalancerConfig(_Frozen):
     instances: tuple[InstanceSettings, ...]
     allowed: tuple[AllowedRequest, ...]
     health: HealthCheckSettings = HealthCheckSettings()
+    readiness: bool = True
+    """``<ReadinessCheck enabled=>``: poll each instance's ``/readyz`` (cluster roles, write routing)."""
     reply_timeout: float = pydantic.Field(default=30.0, gt=0, le=3600)
     max_inflight_events: int = pydantic.Field(default=20_000, ge=1, le=10_000_000)
     max_pending_events: int = pydantic.Field(default=100_000, ge=1, le=100_000_000)
@@ -129,6 +133,7 @@ def _read_instance(node: Node) -> InstanceSettings:
         "api_port": parse_int(node, node.attrs.get("api_port"), "api_port", 1, 65535, 443),
         "enabled": parse_bool(node, "enabled", True),
         "weight": parse_int(node, node.attrs.get("weight"), "weight", 1, 100, 1),
+        "api_port_set": "api_port" in node.attrs,
         "line": node.line,
     }
     return build(node, InstanceSettings, data)
@@ -178,6 +183,7 @@ KNOWN = frozenset(
         "LicenseDirPath",
         "MaxEventSize",
         "HealthCheck",
+        "ReadinessCheck",
         "ReplyTimeout",
         "MaxInflightEvents",
         "MaxPendingEvents",
@@ -252,6 +258,12 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
     data["instances"] = tuple(instances)
     data["allowed"] = _read_allowed(root.only("AllowedRequests"))
     data["health"] = _read_health(root.only("HealthCheck"))
+    readiness = root.only("ReadinessCheck")
+    if readiness is not None:
+        unknown = set(readiness.attrs) - {"enabled"}
+        if unknown or readiness.children:
+            raise readiness.error('expected <ReadinessCheck enabled="true|false"/>')
+        data["readiness"] = parse_bool(readiness, "enabled", True)
     for tag, key, lo, hi in (
         ("MaxEventSize", "max_event_size", 64, 64 * 1024 * 1024),
         ("ReplyTimeout", "reply_timeout", 1, 3600),

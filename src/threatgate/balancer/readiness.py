@@ -1,0 +1,394 @@
+"""What the balancer knows of each node's ``/readyz``: cluster role, settings revision and digest.
+
+Why: behind one balancer, nodes of a Control/Secondary cluster must hold the same settings, and only
+the Control accepts REST writes (a Secondary answers 409).  So the balancer polls every enabled
+instance's unauthenticated ``GET /readyz`` over the gateway's pinned TLS (:meth:`Gateway.forward`, a
+missing pin saved on first use exactly as a gateway request would) and keeps the last answer, to
+
+- route gateway writes (:func:`route_write`): standalone nodes keep the fan-out to every node; in a
+  cluster a write goes to the one Control, whose agent distributes it; no Control: 503;
+- flag nodes whose settings digest differs from the others' (:func:`compare_digests`): a gauge, a
+  WARNING when they start to differ and an INFO when they agree again, never a line per poll;
+- answer ``threatgate balancer status`` (:mod:`threatgate.balancer.status`) with the same rules.
+
+The decisions are pure functions of :class:`View` values; :class:`ReadinessMonitor` does the I/O.
+An instance without ``api_port`` in the config is never asked (443 by default may be anything).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+from collections import Counter
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import aiohttp
+from prometheus_client.core import GaugeMetricFamily, Metric
+
+from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed
+from threatgate.balancer.upstream import Instance
+from threatgate.config.balancer import InstanceSettings
+
+if TYPE_CHECKING:
+    from threatgate.balancer.service import BalancerService
+
+log = logging.getLogger("threatgate.balancer")
+
+CLUSTER_ROLES = frozenset({"control", "secondary"})
+ROLES = ("standalone", "control", "secondary", "unknown")
+"""Every value of the role gauge's ``role`` label (one is 1, the others 0)."""
+SHORT = 12
+"""Hex digits of a settings digest shown to people (48 bits: a collision by chance is not a concern)."""
+MISMATCH_POLLS = 2
+"""Polls in a row that must show differing digests before the gauge and the log say so: a settings
+change on its way from the Control to the Secondaries (well under a second) is not a mismatch."""
+PROBE_HEADERS = {"Accept": "application/json"}
+NO_CONTROL = "no Control node: settings are frozen (emergency mode)"
+
+
+@dataclass(frozen=True, slots=True)
+class Readiness:
+    """One ``/readyz`` answer, validated (cluster fields are None on a standalone node)."""
+
+    ready: bool
+    role: str
+    cluster_id: str | None = None
+    node_id: str | None = None
+    epoch: int | None = None
+    revision: int | None = None
+    sha256: str | None = None
+    emergency: str | None = None
+
+    @property
+    def in_cluster(self) -> bool:
+        return self.role in CLUSTER_ROLES
+
+
+def parse_readiness(status: int, body: bytes) -> Readiness:
+    """A node's ``/readyz`` answer (200 ready, 503 loading).
+
+    Raises:
+        ValueError: anything else (another server on that port, a proxy's error page...).
+    """
+    if status not in (200, 503):
+        raise ValueError(f"HTTP {status}")
+    try:
+        data: Any = json.loads(body)
+    except ValueError:
+        raise ValueError("not JSON") from None
+    if not isinstance(data, dict) or not isinstance(data.get("ready"), bool):
+        raise ValueError("no readiness object")
+    role = data.get("role")
+    if role not in ("standalone", *CLUSTER_ROLES):
+        raise ValueError(f"unknown role {str(role)[:40]!r}")
+
+    def opt(name: str, kind: type) -> Any:
+        value = data.get(name)
+        if value is None or (isinstance(value, kind) and not isinstance(value, bool)):
+            return value
+        raise ValueError(f"{name} is not a {kind.__name__}")
+
+    sha256 = opt("sha256", str)
+    if sha256 is not None and (len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256)):
+        raise ValueError("sha256 is not a hex digest")
+    return Readiness(
+        ready=data["ready"],
+        role=role,
+        cluster_id=opt("cluster_id", str),
+        node_id=opt("node_id", str),
+        epoch=opt("epoch", int),
+        revision=opt("revision", int),
+        sha256=sha256,
+        emergency=opt("emergency", str),
+    )
+
+
+@dataclass(slots=True)
+class View:
+    """One instance as the readiness checks see it.
+
+    ``skip`` says why it is not asked (disabled, no ``api_port``); ``answer`` is the last answer, kept
+    when a later poll fails (``error`` set) so a Control that went away is still known as a cluster
+    member: writes are then refused rather than sent to every node.
+    """
+
+    key: str
+    api: str = "-"
+    skip: str | None = None
+    answer: Readiness | None = None
+    error: str | None = None
+    pin_mismatch: bool = False
+
+    @property
+    def current(self) -> Readiness | None:
+        """The answer of the last poll, None when that poll failed or there was none."""
+        return self.answer if self.error is None else None
+
+    @property
+    def role(self) -> str:
+        current = self.current
+        return current.role if current is not None else "unknown"
+
+    @property
+    def state(self) -> str:
+        if self.skip is not None:
+            return self.skip
+        if self.error is not None:
+            return f"{'refused' if self.pin_mismatch else 'unreachable'}: {self.error}"
+        if self.answer is None:
+            return "not polled yet"
+        return "ready" if self.answer.ready else "loading"
+
+
+@dataclass(frozen=True, slots=True)
+class Comparison:
+    """The settings digests of the reachable cluster instances."""
+
+    digests: dict[str, str] = field(default_factory=dict)  # instance key -> sha256
+    majority: str | None = None
+    differing: tuple[str, ...] = ()  # instance keys whose digest is not the majority's
+
+    @property
+    def mismatch(self) -> bool:
+        return len(set(self.digests.values())) > 1
+
+
+def compare_digests(views: Iterable[View]) -> Comparison:
+    """The majority digest and the instances that differ from it.
+
+    A tie goes to the digest the Control holds (it is the reference the others converge to); a tie
+    without the Control has no majority, so every instance of the tie is flagged.
+    """
+    current = [(v.key, v.current) for v in views]
+    digests = {k: r.sha256 for k, r in current if r is not None and r.in_cluster and r.sha256 is not None}
+    if not digests:
+        return Comparison()
+    counts = Counter(digests.values())
+    top = max(counts.values())
+    leaders = {d for d, n in counts.items() if n == top}
+    if len(leaders) > 1:
+        held = {r.sha256 for _, r in current if r is not None and r.role == "control" and r.sha256} & leaders
+        leaders = held if len(held) == 1 else set()
+    majority = next(iter(leaders)) if leaders else None
+    differing = tuple(k for k, d in digests.items() if d != majority)
+    return Comparison(digests, majority, differing)
+
+
+@dataclass(frozen=True, slots=True)
+class WriteRoute:
+    """Where a gateway write goes: every enabled node (``fan_out``), the Control (``control``), or 503."""
+
+    fan_out: bool = False
+    control: str | None = None
+    refusal: str | None = None
+
+
+def route_write(views: Iterable[View]) -> WriteRoute:
+    """The route of a REST write, from the readiness of the enabled instances.
+
+    No instance known as a cluster member: fan-out, as before clusters existed.  Cluster members:
+    the Control alone (it distributes the write; a Secondary would refuse it with 409).  Several
+    Controls (one promoted while the other was away): the highest epoch, the one the cluster follows.
+    No Control reachable, or standalone nodes mixed with cluster members (a write would miss them): 503.
+    """
+    views = [v for v in views if v.skip is None]
+    members = [v for v in views if v.answer is not None and v.answer.in_cluster]
+    if not members:
+        return WriteRoute(fan_out=True)
+    standalone = [v.key for v in views if v.current is not None and not v.current.in_cluster]
+    if standalone:
+        return WriteRoute(
+            refusal=f"standalone instance(s) {', '.join(standalone)} behind the balancer beside cluster members "
+            f"{', '.join(v.key for v in members)}: a write through the Control would not reach them"
+        )
+    controls = [(v.current.epoch or 0, v.key) for v in views if v.current is not None and v.current.role == "control"]
+    if controls:
+        top = max(e for e, _ in controls)
+        leaders = [k for e, k in controls if e == top]
+        if len(leaders) == 1:
+            return WriteRoute(control=leaders[0])
+        return WriteRoute(
+            refusal=f"{NO_CONTROL}: instances {', '.join(leaders)} all report role control at epoch {top}; "
+            "demote one (threatgate cluster demote)"
+        )
+    seen = "; ".join(f"{v.key} {_described(v)}" for v in views)
+    return WriteRoute(
+        refusal=f"{NO_CONTROL}: no instance reports role control ({seen}); bring the Control back or promote "
+        "a Secondary (threatgate cluster promote)"
+    )
+
+
+def _described(view: View) -> str:
+    current = view.current
+    if current is None:
+        return view.state
+    if current.emergency:
+        return f"{current.role}, emergency: {current.emergency}"
+    return current.role
+
+
+def short(digest: str | None) -> str:
+    return digest[:SHORT] if digest else "-"
+
+
+def refresh_view(view: View, settings: InstanceSettings) -> View:
+    """``view`` brought in line with the instance's settings: asked or not, and why not."""
+    view.api = f"{settings.api_port}" if settings.api_port_set else "-"
+    view.skip = "disabled" if not settings.enabled else None if settings.api_port_set else "no api_port"
+    if view.skip is not None:
+        view.answer = view.error = None
+    return view
+
+
+async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: aiohttp.ClientTimeout) -> None:
+    """One ``GET /readyz`` through the gateway's pinned path; the answer or the error lands in ``view``.
+
+    A certificate that does not match the pin gets no request byte (aiohttp checks it first), as for
+    every gateway request; ``view.pin_mismatch`` tells it apart from a node that is just unreachable.
+    """
+    view.pin_mismatch = False
+    try:
+        answer = await gateway.forward(inst, "GET", "/readyz", PROBE_HEADERS, b"", client_timeout)
+        view.answer, view.error = parse_readiness(answer.status, answer.body), None
+    except PinMismatch as exc:
+        view.error = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
+        view.pin_mismatch = True
+    except UpstreamFailed as exc:
+        view.error = str(exc)
+    except ValueError as exc:
+        view.error = f"unexpected /readyz answer: {exc}"
+
+
+class ReadinessMonitor:
+    """Polls the enabled instances' ``/readyz`` every health-check interval and keeps the views."""
+
+    def __init__(self, service: BalancerService, gateway: Gateway) -> None:
+        self.service = service
+        self.gateway = gateway
+        self.views: dict[str, View] = {}
+        self.mismatch = False
+        self._mismatch_polls = 0
+        self._timeout: aiohttp.ClientTimeout | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._stop = asyncio.Event()
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name="readiness")
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self.round()
+            except Exception:  # a bug here must not end the checks for the balancer's whole life
+                log.exception("readiness checks failed; trying again at the next interval")
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), max(1.0, self.service.config.health.interval))
+
+    async def round(self) -> None:
+        """One interval's work; the switch is read each time, since SIGHUP may turn the checks on or off."""
+        if self.service.config.readiness:
+            await self.poll()
+            self.evaluate()
+        else:
+            self.views, self.mismatch, self._mismatch_polls = {}, False, 0
+
+    async def poll(self, only_unknown: bool = False) -> None:
+        """Ask every enabled instance with an API port (``only_unknown``: those never asked yet)."""
+        views: dict[str, View] = {}
+        asked: list[tuple[Instance, View]] = []
+        for inst in self.service.instances.values():
+            view = refresh_view(self.views.get(inst.key) or View(inst.key), inst.settings)
+            if view.skip is None and (not only_unknown or (view.answer is None and view.error is None)):
+                asked.append((inst, view))
+            views[inst.key] = view
+        self.views = views
+        await asyncio.gather(*(self._poll_one(inst, view) for inst, view in asked))
+
+    async def _poll_one(self, inst: Instance, view: View) -> None:
+        before = (view.role, view.error is None)
+        await probe(self.gateway, inst, view, self._client_timeout())
+        if (view.role, view.error is None) != before:  # a change, never a line per poll
+            current = view.current
+            if current is None:
+                log.info("instance %s: readiness not known (%s)", inst.key, view.error)
+            elif current.in_cluster:
+                log.info(
+                    "instance %s: cluster %s, role %s, epoch %s, settings r%s %s",
+                    inst.key,
+                    current.cluster_id,
+                    current.role,
+                    current.epoch,
+                    current.revision,
+                    short(current.sha256),
+                )
+            else:
+                log.info("instance %s: role %s", inst.key, current.role)
+
+    def _client_timeout(self) -> aiohttp.ClientTimeout:
+        total = self.service.config.health.timeout
+        if self._timeout is None or self._timeout.total != total:
+            self._timeout = aiohttp.ClientTimeout(total=total)
+        return self._timeout
+
+    def evaluate(self) -> Comparison:
+        """Update the mismatch flag from the views; log when it turns on or off."""
+        comparison = compare_digests(self.views.values())
+        self._mismatch_polls = self._mismatch_polls + 1 if comparison.mismatch else 0
+        mismatch = self._mismatch_polls >= MISMATCH_POLLS
+        if mismatch and not self.mismatch:
+            held = ", ".join(f"{k} {short(d)}" for k, d in sorted(comparison.digests.items()))
+            log.warning(
+                "settings digests differ between cluster instances: %s (differing from the majority: %s)",
+                held,
+                ", ".join(comparison.differing),
+            )
+        elif self.mismatch and not comparison.mismatch:
+            log.info(
+                "settings digests agree again: %s on %d instance(s)",
+                short(comparison.majority),
+                len(comparison.digests),
+            )
+        self.mismatch = mismatch
+        return comparison
+
+    async def route_write(self) -> WriteRoute:
+        """:func:`route_write` on the views, asking first any instance never asked (just started or added)."""
+        if not self.service.config.readiness:
+            return WriteRoute(fan_out=True)
+        await self.poll(only_unknown=True)
+        return route_write(self.views.values())
+
+    def families(self) -> Iterator[Metric]:
+        """The readiness gauges, built at scrape time."""
+        revision = GaugeMetricFamily(
+            "threatgate_balancer_instance_settings_revision",
+            "Settings revision each reachable cluster instance has applied",
+            labels=["instance"],
+        )
+        role = GaugeMetricFamily(
+            "threatgate_balancer_instance_role", "1 for each instance's current role", labels=["instance", "role"]
+        )
+        for key, view in sorted(self.views.items()):
+            current = view.current
+            if current is not None and current.revision is not None:
+                revision.add_metric([key], current.revision)
+            for name in ROLES:
+                role.add_metric([key, name], 1 if view.role == name else 0)
+        yield revision
+        yield role
+        yield GaugeMetricFamily(
+            "threatgate_balancer_settings_digest_mismatch",
+            "1 when reachable cluster instances hold different settings digests",
+            value=1 if self.mismatch else 0,
+        )

@@ -1,0 +1,136 @@
+"""``threatgate balancer status``: each instance's readiness, cluster role and settings digest, side by side.
+
+Why: the one place that sees every node of an HA setup is the balancer's config, so that is where an
+operator asks "do all my nodes hold the same settings, and which one is the Control?".  The command
+asks each configured instance's ``/readyz`` the way the running balancer does
+(:func:`threatgate.balancer.readiness.probe`: the gateway's pinned TLS, a missing pin saved as the
+gateway would save it, nothing sent to a node whose certificate does not match its pin) and applies
+the same digest rules (:func:`~threatgate.balancer.readiness.compare_digests`).
+
+Rendering and the exit code are pure functions of the views, so they are tested without nodes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from typing import Any
+
+import aiohttp
+
+from threatgate.balancer.gateway import Gateway
+from threatgate.balancer.readiness import View, compare_digests, probe, refresh_view, short
+from threatgate.balancer.upstream import Instance
+from threatgate.balancer.verify import _Standalone
+from threatgate.config.balancer import BalancerConfig
+
+COLUMNS = ("", "INSTANCE", "API", "STATE", "ROLE", "EPOCH", "REVISION", "DIGEST")
+MAX_STATE = 72
+"""An unreachable node's reason is cut here in the table (``--json`` has it whole)."""
+
+
+async def collect(config: BalancerConfig) -> list[View]:
+    """Every configured instance's view, the enabled ones with an API port asked in parallel."""
+    gateway = Gateway(_Standalone(config))  # type: ignore[arg-type]
+    await gateway.open_client()
+    timeout = aiohttp.ClientTimeout(total=max(5.0, config.health.timeout))
+    views: list[View] = []
+    asked: list[tuple[Instance, View]] = []
+    try:
+        for settings in config.instances:
+            view = refresh_view(View(settings.key), settings)
+            views.append(view)
+            if view.skip is None:
+                asked.append((Instance(settings, rise=1, fall=1, owner=None), view))  # type: ignore[arg-type]
+        await asyncio.gather(*(probe(gateway, inst, view, timeout) for inst, view in asked))
+    finally:
+        await gateway.close()
+    return views
+
+
+def exit_code(views: Sequence[View]) -> int:
+    """0 when every asked instance answered and the cluster digests agree, else 1."""
+    failed = any(v.skip is None and v.error is not None for v in views)
+    return 1 if failed or compare_digests(views).mismatch else 0
+
+
+def controls(views: Sequence[View]) -> list[View]:
+    return [v for v in views if v.role == "control"]
+
+
+def render(views: Sequence[View]) -> str:
+    """The table and a footer line explaining the ``!`` flags and naming the Control."""
+    comparison = compare_digests(views)
+    rows: list[tuple[str, ...]] = [COLUMNS]
+    for v in views:
+        r = v.current
+        state = v.state if len(v.state) <= MAX_STATE else v.state[: MAX_STATE - 3] + "..."
+        rows.append(
+            (
+                "!" if v.key in comparison.differing else "",
+                v.key,
+                v.api,
+                state,
+                v.role,
+                _text(r.epoch if r else None),
+                _text(r.revision if r else None),
+                short(r.sha256 if r else None),
+            )
+        )
+    if not comparison.differing:  # no flag to show: no empty column in front
+        rows = [row[1:] for row in rows]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
+    return "\n".join([*lines, footer(views)])
+
+
+def footer(views: Sequence[View]) -> str:
+    comparison = compare_digests(views)
+    found = controls(views)
+    if len(found) == 1:
+        control = f"Control: {found[0].key}"
+    elif found:
+        control = f"Controls: {', '.join(v.key for v in found)} (more than one: demote all but one)"
+    else:
+        control = "Control: none reachable (settings are frozen)"
+    if not comparison.digests:
+        text = "no cluster member reachable: standalone nodes keep their own settings (writes go to every node)"
+        return text + (f"; {control}" if found else "")
+    if comparison.mismatch:
+        majority = short(comparison.majority) if comparison.majority else "none (a tie)"
+        return f"! = settings digest differs from the majority ({majority}); {control}"
+    return f"all {len(comparison.digests)} cluster instance(s) hold settings {short(comparison.majority)}; {control}"
+
+
+def as_json(views: Sequence[View]) -> dict[str, Any]:
+    """What ``--json`` prints: the views in full and the verdict."""
+    comparison = compare_digests(views)
+    instances = []
+    for v in views:
+        r = v.current
+        instances.append(
+            {
+                "instance": v.key,
+                "api_port": int(v.api) if v.api.isdigit() else None,
+                "state": v.state,
+                "role": v.role,
+                "ready": r.ready if r else None,
+                "cluster_id": r.cluster_id if r else None,
+                "node_id": r.node_id if r else None,
+                "epoch": r.epoch if r else None,
+                "revision": r.revision if r else None,
+                "sha256": r.sha256 if r else None,
+                "emergency": r.emergency if r else None,
+                "differs": v.key in comparison.differing,
+            }
+        )
+    return {
+        "instances": instances,
+        "majority_sha256": comparison.majority,
+        "controls": [v.key for v in controls(views)],
+        "ok": exit_code(views) == 0,
+    }
+
+
+def _text(value: int | None) -> str:
+    return "-" if value is None else str(value)
