@@ -372,6 +372,21 @@ def test_control_does_not_push_to_a_peer_ahead_or_to_a_control() -> None:
     assert a.observe(nid("c"), other.status(0.0), 0.0).push_to is None
 
 
+def test_a_refused_revision_is_neither_pulled_nor_pushed_again() -> None:
+    """A Secondary that refused r3 (invalid for it) must not loop: no re-pull, no re-push, until r4."""
+    nodes = cluster("ab", applied=doc(2, 1))
+    a, b = nodes["a"], nodes["b"]
+    a.applied_ok(doc(3, 1), 1.0)
+    b.took(doc(3, 1), nid("a"), "control", 1.0)
+    b.apply_failed(doc(3, 1), "feed file missing")
+    da, db = exchange(nodes, "a", "b", 2.0)
+    assert db.pull_from is None and da.push_to is None
+    assert b.status(2.0)["error"] == "revision 3 not applied: feed file missing"
+    a.applied_ok(doc(4, 1), 3.0)
+    da, db = exchange(nodes, "a", "b", 3.0)
+    assert db.pull_from == nid("a") and da.push_to == nid("b")
+
+
 # -- membership ----------------------------------------------------------------------------------------------
 
 

@@ -140,6 +140,7 @@ class ClusterCore:
             self.received = Mark(applied.revision, applied.updated_at, applied.sha256)
             self.applied_mark = Mark(applied.revision, applied.updated_at, applied.sha256)
         self.last_error: str | None = None
+        self.refused_revision = 0  # the last revision received but refused: not pulled again
         self.window = heartbeat * fall
         self.started = now
         self.peers: dict[str, PeerView] = {}
@@ -292,12 +293,16 @@ class ClusterCore:
             if isinstance(members, list) and version > ident.members_version:
                 self._adopt_members(members, version, decision)
         applied = status.get("applied") or {}
+        received = status.get("received") or {}
         peer_rev = _num(applied.get("revision")) if isinstance(applied, dict) else 0
+        peer_received = _num(received.get("revision")) if isinstance(received, dict) else 0
         mine = self.applied.revision if self.applied is not None else 0
-        if ident.role is Role.SECONDARY and peer_id == ident.control_id and epoch == ident.epoch and peer_rev > mine:
-            decision.pull_from = peer_id
-        if ident.role is Role.CONTROL and epoch <= ident.epoch and peer_rev < mine and role != Role.CONTROL.value:
-            decision.push_to = peer_id
+        following = ident.role is Role.SECONDARY and peer_id == ident.control_id and epoch == ident.epoch
+        if following and peer_rev > mine and peer_rev != self.refused_revision:
+            decision.pull_from = peer_id  # a revision we refused is not fetched again until a newer one exists
+        if ident.role is Role.CONTROL and epoch <= ident.epoch and role != Role.CONTROL.value:
+            if max(peer_rev, peer_received) < mine:
+                decision.push_to = peer_id  # never re-push what the peer received and refused
         return decision
 
     def _follows_nobody(self, now: float) -> bool:
@@ -377,6 +382,7 @@ class ClusterCore:
 
     def apply_failed(self, doc: SettingsDocument, error: str) -> None:
         self.last_error = f"revision {doc.revision} not applied: {error}"
+        self.refused_revision = doc.revision
 
     # -- writes and role changes ---------------------------------------------------------------------
 
