@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import os
 import secrets
+import shutil
 from typing import Any
 
 import aiohttp
@@ -59,33 +61,42 @@ def init(config: NodeConfig, cluster_id: str | None, advertise: str | None) -> I
     return identity
 
 
+def _discard(path: str, fresh: bool) -> None:
+    """A join refused by (or before reaching) the Control leaves nothing behind, not even the key pair."""
+    if fresh:
+        shutil.rmtree(path, ignore_errors=True)
+
+
 async def join(config: NodeConfig, control: str, token: str, fingerprint: str, advertise: str | None) -> Identity:
     """Join the cluster whose Control is at ``control`` (its certificate must have ``fingerprint``)."""
     settings = _cluster(config)
     state = StateDir(settings.state_dir, settings.keep_revisions)
     if state.exists():
         raise ClusterError(f"{state.identity_path} exists: this node already belongs to a cluster", 409)
-    pair = state.ensure_pair(settings.listen.host)
-    address = advertise or _address(settings)
     try:
         pin = aiohttp.Fingerprint(bytes.fromhex(fingerprint.replace(":", "").strip()))
     except ValueError as exc:
         raise ClusterError(f"--fingerprint must be the Control's SHA-256 fingerprint (AB:CD:...): {exc}", 400) from None
+    fresh = not os.path.lexists(state.path)  # noqa: ASYNC240 - the CLI's own loop; ensure_pair blocks too
+    pair = state.ensure_pair(settings.listen.host)
+    address = advertise or _address(settings)
     body = {"token": token, "address": address, "cert_pem": state.cert_pem()}
     try:
         async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30), trust_env=False) as session:
             async with session.post(f"https://{control}/cluster/v1/join", json=body, ssl=pin) as resp:
                 status, answer = resp.status, await resp.json(content_type=None)
     except aiohttp.ServerFingerprintMismatch as exc:
+        _discard(state.path, fresh)
         raise ClusterError(
             f"{control} presented a certificate with fingerprint {exc.got.hex(':').upper()}, not the one given: "
             "refusing to join (check the address, or ask the Control's administrator for its fingerprint)",
             403,
         ) from None
-    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:
+    except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # kept: it may have been recorded
         raise ClusterError(f"cannot reach the Control at {control}: {exc}", 503) from None
     if status != 200 or not isinstance(answer, dict):
         detail = answer.get("error") if isinstance(answer, dict) else answer
+        _discard(state.path, fresh)
         raise ClusterError(f"the Control refused the join ({status}): {detail}", status if status >= 400 else 502)
     raw = answer["identity"]
     identity = Identity.from_json(raw)

@@ -526,11 +526,12 @@ class ClusterAgent:
                     base = stored
                 if base is None:
                     raise ClusterError("no settings to publish: neither this node nor etcd holds any")
-                ident = self.identity
-                ident.role, ident.epoch, ident.control_id = Role.CONTROL, epoch, ident.node_id
                 revision = max(base.revision, self.core.applied.revision if self.core.applied else 0)
                 doc = SettingsDocument.create(base.cluster_id, revision + 1, epoch, time.time(), base.payload)
                 await self.backend.publish(doc, stored)
+                # only now: a failed publish (etcd down, fenced) must not leave this node claiming the role
+                ident = self.identity
+                ident.role, ident.epoch, ident.control_id = Role.CONTROL, epoch, ident.node_id
                 await asyncio.to_thread(self.state.save_identity, ident)
                 self.core.took(doc, ident.node_id, Role.CONTROL.value, time.time())
                 await self._apply(doc)

@@ -200,8 +200,10 @@ class EtcdBackend:
             self.settings_mod_revision = result.revision
             return
         current, leader = (result.ranges + ((), ()))[:2]
-        if leader and (
-            leader[0].value != self.agent.identity.node_id.encode() or leader[0].create_revision != doc.epoch
+        if self.election is not None and (
+            not leader  # our lease expired or was revoked: etcd deleted the key
+            or leader[0].value != self.agent.identity.node_id.encode()
+            or leader[0].create_revision != doc.epoch
         ):
             raise ClusterError("this node no longer holds the Control role in etcd (a newer Control was elected)")
         if current:
