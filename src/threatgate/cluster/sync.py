@@ -141,6 +141,7 @@ class ClusterCore:
             self.applied_mark = Mark(applied.revision, applied.updated_at, applied.sha256)
         self.last_error: str | None = None
         self.refused_revision = 0  # the last revision received but refused: not pulled again
+        self.refused_sha256 = ""  # ... that very document: another one of that number is still taken
         self.window = heartbeat * fall
         self.started = now
         self.peers: dict[str, PeerView] = {}
@@ -296,13 +297,17 @@ class ClusterCore:
         received = status.get("received") or {}
         peer_rev = _num(applied.get("revision")) if isinstance(applied, dict) else 0
         peer_received = _num(received.get("revision")) if isinstance(received, dict) else 0
+        peer_sha = applied.get("sha256") if isinstance(applied, dict) else None
+        received_sha = received.get("sha256") if isinstance(received, dict) else None
         mine = self.applied.revision if self.applied is not None else 0
+        mine_sha = self.applied.sha256 if self.applied is not None else None
         following = ident.role is Role.SECONDARY and peer_id == ident.control_id and epoch == ident.epoch
-        if following and peer_rev > mine and peer_rev != self.refused_revision:
-            decision.pull_from = peer_id  # a revision we refused is not fetched again until a newer one exists
+        refused = (self.refused_revision, self.refused_sha256)
+        if following and peer_rev > mine and (peer_rev, peer_sha) != refused:
+            decision.pull_from = peer_id  # a document we refused is not fetched again until a newer one exists
         if ident.role is Role.CONTROL and epoch <= ident.epoch and role != Role.CONTROL.value:
-            if max(peer_rev, peer_received) < mine:
-                decision.push_to = peer_id  # never re-push what the peer received and refused
+            if peer_rev < mine and (peer_received, received_sha) != (mine, mine_sha):
+                decision.push_to = peer_id  # never re-push the very document the peer received and refused
         return decision
 
     def _follows_nobody(self, now: float) -> bool:
@@ -383,6 +388,7 @@ class ClusterCore:
     def apply_failed(self, doc: SettingsDocument, error: str) -> None:
         self.last_error = f"revision {doc.revision} not applied: {error}"
         self.refused_revision = doc.revision
+        self.refused_sha256 = doc.sha256
 
     # -- writes and role changes ---------------------------------------------------------------------
 
