@@ -387,6 +387,18 @@ def test_a_refused_revision_is_neither_pulled_nor_pushed_again() -> None:
     assert db.pull_from == nid("a") and da.push_to == nid("b")
 
 
+def test_a_different_document_of_a_refused_revision_number_is_still_taken() -> None:
+    """Refusing a forged r3 must not block the Control's genuine r3 (remembered by digest, not number)."""
+    nodes = cluster("ab", applied=doc(2, 1))
+    a, b = nodes["a"], nodes["b"]
+    forged = doc(3, 1, config="<Settings><Feeds/></Settings>\n")
+    b.took(forged, nid("a"), "control", 1.0)
+    b.apply_failed(forged, "invalid")
+    a.applied_ok(doc(3, 1), 1.0)
+    da, db = exchange(nodes, "a", "b", 2.0)
+    assert db.pull_from == nid("a") and da.push_to == nid("b")
+
+
 # -- membership ----------------------------------------------------------------------------------------------
 
 

@@ -255,6 +255,12 @@ def test_forged_documents_pushed_to_a_secondary_are_refused(cluster: list[Cluste
         ready = n2.readyz()
         assert (ready["revision"], ready["sha256"]) == (revision, digest)
         assert n2.table()["self"]["applied"]["sha256"] == digest
+    # A well-formed document from a Secondary is refused: only the Control pushes settings.
+    n3 = cluster[2]
+    from_secondary = SettingsDocument.create(CLUSTER_ID, revision + 1, doc["epoch"], time.time(), changed)
+    got, answer = cluster_call(n2, "POST", "/cluster/v1/settings", from_secondary.to_bytes(), cert=n3.identity_files)
+    assert (got, "only the Control" in str(answer.get("error"))) == (403, True), answer
+    assert (n2.readyz()["revision"], n2.readyz()["sha256"]) == (revision, digest)
     # The content check raised the alert, and matching still uses the old rule.
     n2.process.wait_for_log(r"alert KL_ALERT_SettingsSynchronizationError error=settings revision \d+ refused")
     assert f"category=Malicious_URL matchedIndicator={FEED_URL}" in " ".join(detections(n2, f"url={FEED_URL}"))

@@ -682,7 +682,11 @@ class ClusterAgent:
             doc = parse_document(raw)
             view = self.core.peers.get(peer)
             role = (view.status or {}).get("role") if view is not None else None
-            took = await self.receive(doc, peer, role or Role.CONTROL.value)
+            # only a Control pushes: the one we follow, one that says so, or one whose higher epoch proves
+            # a promotion we have not heard of yet
+            if not (peer == self.identity.control_id or role == Role.CONTROL.value or doc.epoch > self.identity.epoch):
+                raise SettingsRejected(doc.revision, "only the Control node pushes settings", 403)
+            took = await self.receive(doc, peer, Role.CONTROL.value)
         except SettingsRejected as exc:
             self.node.stats.bump(self.node.stats.bad_input, "cluster_settings_refused")
             return _json(exc.status, {"error": str(exc), "status": self.core.status(now)})
