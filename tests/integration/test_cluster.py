@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import re
 import secrets
+import socket
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -31,7 +32,7 @@ from tests.cluster_nodes import (
     statuses,
     three_node_cluster,
 )
-from tests.helpers import HTTPReply, basic_auth, exchange, wait_until
+from tests.helpers import HTTPReply, basic_auth, exchange, read_lines, wait_until
 from threatgate.cluster.settings import SettingsDocument
 from threatgate.net.tls import ensure_server_pair
 from threatgate.node.auth import hash_password
@@ -106,6 +107,11 @@ def test_a_change_on_the_control_is_applied_on_every_secondary_within_two_second
     revision, _ = settled(cluster)
     marker = f"MARK{secrets.token_hex(4)}"
     assert not any(marker in d for d in detections(n2, f"url={FEED_URL}"))
+    # An event connection opened before the change stays open through it (settings apply in place).
+    held = socket.create_connection(("127.0.0.1", n2.port), timeout=10)
+    held.sendall(FLAGS + f"5 url={FEED_URL}\n".encode())
+    before = read_lines(held, 2)
+    assert before[-1] == "5 LookupFinished" and marker not in before[0], before
 
     out = n1.cli_ok("settings", "set", "--base", str(revision), "OutputSettings/EventFormat", event_format(marker))
     returned = time.monotonic()
@@ -130,6 +136,10 @@ def test_a_change_on_the_control_is_applied_on_every_secondary_within_two_second
     for node in (n2, n3):
         found = detections(node, f"url={FEED_URL}")
         assert f"{marker} category=Malicious_URL matchedIndicator={FEED_URL}" in found, (node, found)
+    with held:
+        held.sendall(f"6 url={FEED_URL}\n".encode())
+        after = read_lines(held, 2)
+    assert after == [f"6 {marker} category=Malicious_URL matchedIndicator={FEED_URL}", "6 LookupFinished"], after
 
 
 def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_refuse_writes(
