@@ -139,6 +139,7 @@ class ClusterAgent:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._emergency: str | None = None
         self._inconsistent = False
+        self._pulling = False
         self.warn = RateLimitedLog(log)
         self.bound_port = 0
         self.backend: EtcdBackend | None = None
@@ -227,11 +228,11 @@ class ClusterAgent:
 
     def reload_local(self) -> NodeConfig | None:
         """SIGHUP: re-read the local config and merge the applied settings into it (None: not clustered yet)."""
-        self.local = read_xml(self.node.config.path)
+        local = read_xml(self.node.config.path)
         doc = self.core.applied
-        if doc is None:
-            return None
-        return validate_document(self.local, doc)
+        config = validate_document(local, doc) if doc is not None else None
+        self.local = local  # only a file that fits the applied settings replaces the one in use
+        return config
 
     # -- heartbeats ---------------------------------------------------------------------------------
 
@@ -284,7 +285,8 @@ class ClusterAgent:
                 self._trust(member)
         if decision.persist or decision.step_down:
             await asyncio.to_thread(self.state.save_identity, self.identity)
-        if decision.pull_from is not None:
+        if decision.pull_from is not None and not self._pulling:
+            self._pulling = True  # one pull at a time: the next heartbeat asks again if still behind
             self._spawn(self._pull(decision.pull_from))
         if decision.push_to is not None and self.core.applied is not None:
             target = self.identity.members.get(decision.push_to)
@@ -320,6 +322,12 @@ class ClusterAgent:
     # -- settings in ----------------------------------------------------------------------------
 
     async def _pull(self, peer_id: str) -> None:
+        try:
+            await self._pull_from(peer_id)
+        finally:
+            self._pulling = False
+
+    async def _pull_from(self, peer_id: str) -> None:
         member = self.identity.members.get(peer_id)
         if member is None:
             return
@@ -588,6 +596,8 @@ class ClusterAgent:
             node_id = fingerprint_sha256(pem.encode())
         except (ValueError, ConfigError) as exc:
             return _json(400, {"error": f"bad join request: {exc}"})
+        if node_id == self.identity.node_id:
+            return _json(409, {"error": "that is the Control's own certificate; a joining node needs its own"})
         member = Member(node_id, address, pem)
         async with self._write_lock:
             self.core.add_member(member)
