@@ -242,7 +242,7 @@ def feeds_generate(out_dir: str, indicators: int, events: int, hit_rate: float, 
 @main.command()
 @click.option("--workdir", default=".demo", show_default=True, type=click.Path(file_okay=False))
 def demo(workdir: str) -> None:
-    """Start a node on the example config and feeds, send the example events, print the detections."""
+    """A balancer in front of a 2-node cluster: a settings change, the Control killed mid-stream, a promotion."""
     from threatgate.demo import run_demo
 
     setup_logging("err")
