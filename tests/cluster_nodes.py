@@ -1,8 +1,10 @@
-"""Real ``threatgate node`` processes in an embedded Control/Secondary cluster (tests/integration/test_cluster.py).
+"""Real ``threatgate node`` processes in a Control/Secondary cluster, embedded or through etcd.
 
-Every node lives in its own directory (``tests.helpers.example_config``) with free event, API and cluster
-ports on 127.0.0.1 and a ``<Cluster>`` element with a short heartbeat.  The cluster is administered the way
-an operator does it: ``python -m threatgate cluster ... --config`` child processes.
+Used by tests/integration/test_cluster.py, test_cluster_etcd.py (the same nodes with an ``<Etcd .../>``
+element in ``<Cluster>``) and test_balancer_cluster.py.  Every node lives in its own directory
+(``tests.helpers.example_config``) with free event, API and cluster ports on 127.0.0.1 and a ``<Cluster>``
+element with a short heartbeat.  The cluster is administered the way an operator does it:
+``python -m threatgate cluster ... --config`` child processes.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import Any
 
-from tests.helpers import HTTPSClient, NodeProcess, example_config, free_ports, wait_until
+from tests.helpers import DEFAULT_TIMEOUT, HTTPSClient, NodeProcess, example_config, exchange, free_ports, wait_until
 
 HEARTBEAT = 0.5
 """Seconds between heartbeats; with the default FallCount 3 a silent peer is unreachable after 1.5 s."""
@@ -27,6 +29,10 @@ CLI_TIMEOUT = 60.0
 START_TIMEOUT = 30.0
 SYNC_TIMEOUT = 20.0
 CLUSTER_ID = "tgtest"
+FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
+FEED_URL = "http://fakess123.nu"  # examples/feeds/malicious_urls.json
+CONTROL_ELECTED = rf"cluster {CLUSTER_ID}: node \S+ is control at epoch 1 on "
+"""The log line of an embedded cluster's first Control (followed by its address)."""
 
 _HANDED_OUT: set[int] = set()
 """Ports given to nodes of this test process: nodes bind late, so a port must not be handed out twice."""
@@ -35,7 +41,10 @@ _HANDED_OUT: set[int] = set()
 class ClusterNode:
     """One node: its directory, ports, config, the running process (if any) and its CLI."""
 
-    def __init__(self, root: Path, name: str, *, users: str = "", heartbeat: float = HEARTBEAT) -> None:
+    def __init__(
+        self, root: Path, name: str, *, users: str = "", heartbeat: float = HEARTBEAT, cluster_extra: str = ""
+    ) -> None:
+        """``users``: ``<User .../>`` elements; ``cluster_extra``: more elements in ``<Cluster>`` (``<Etcd .../>``)."""
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -48,12 +57,14 @@ class ClusterNode:
             f"    <ConnectionString>127.0.0.1:{self.cluster_port}</ConnectionString>\n"
             "    <StateDirectory>state/cluster</StateDirectory>\n"
             f"    <HeartbeatInterval>{heartbeat}</HeartbeatInterval>\n"
-            "  </Cluster>\n"
+            + (f"    {cluster_extra}\n" if cluster_extra else "")
+            + "  </Cluster>\n"
         )
         assert text.count("</Configuration>") == 1
         config.write_text(text.replace("</Configuration>", cluster + "</Configuration>"))
         self.config = config
         self.proc: NodeProcess | None = None
+        self.starts = 0
 
     def __repr__(self) -> str:
         return f"ClusterNode({self.name} {self.address})"
@@ -75,10 +86,13 @@ class ClusterNode:
     # -- the process ----------------------------------------------------------------------------------
 
     def start(self, wait: bool = True) -> NodeProcess:
-        """Start ``threatgate node`` (its log is ``node-<port>.log``, truncated by a restart)."""
-        assert self.proc is None or self.proc.proc.poll() is not None, f"{self.name} is running"
+        """Start ``threatgate node``; its log is ``node-<port>.log`` and holds this run only (a restart
+        keeps the previous run's log beside it as ``node-<port>.<run>.log``)."""
+        assert not self.running(), f"{self.name} is running"
         if self.proc is not None:
             self.proc.stop()  # closes the old log file
+            self.proc.log_path.rename(self.proc.log_path.with_suffix(f".{self.starts}.log"))
+        self.starts += 1
         self.proc = NodeProcess(self.config, self.port)
         if wait:
             self.wait_started()
@@ -92,8 +106,11 @@ class ClusterNode:
         assert self.proc is not None, f"{self.name} was never started"
         return self.proc
 
+    def running(self) -> bool:
+        return self.proc is not None and self.proc.proc.poll() is None
+
     def kill(self) -> None:
-        """SIGKILL: no goodbye to the other nodes."""
+        """SIGKILL: no goodbye to the other nodes (in etcd mode no resignation: the lease has to expire)."""
         proc = self.process
         proc.signal(signal.SIGKILL)
         proc.proc.wait(10)
@@ -157,6 +174,25 @@ class ClusterNode:
         assert isinstance(body, dict)
         return body
 
+    def applied(self) -> tuple[int | None, str | None]:
+        """(revision, sha256) this node applies, from ``/readyz``."""
+        ready = self.readyz()
+        return ready["revision"], ready["sha256"]
+
+    # -- events ----------------------------------------------------------------------------------------
+
+    def detections(self, event: str = f"url={FEED_URL}", *, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """The detection lines (request id stripped) of one event sent to the event port."""
+        lines = exchange(self.port, FLAGS + f"7 {event}\n".encode(), timeout).decode().splitlines()
+        assert lines and lines[-1] == "7 LookupFinished", lines
+        assert all(line.startswith("7 ") for line in lines), lines
+        return [line[2:] for line in lines[:-1]]
+
+    def assert_matches(self, marker: str, event: str = f"url={FEED_URL}") -> None:
+        """``event`` (one that names ``FEED_URL``) is detected with the ``event_format(marker)`` line."""
+        found = self.detections(event)
+        assert feed_detection(marker) in found, (self, found)
+
 
 class CLIProcess:
     """A ``threatgate cluster`` child process with captured text output."""
@@ -173,6 +209,23 @@ class CLIProcess:
             self.proc.communicate()
             raise AssertionError(f"{' '.join(self.argv[3:])} did not finish within {timeout} s") from None
         return subprocess.CompletedProcess(self.argv, self.proc.returncode, out, err)
+
+
+def event_format(marker: str) -> str:
+    """An EventFormat whose detections carry ``marker`` (and keep the request id first)."""
+    return f"%REQ% {marker} category=%Category% matchedIndicator=%MatchedIndicator%"
+
+
+def feed_detection(marker: str) -> str:
+    """The detection line (request id stripped) of an event naming ``FEED_URL`` under ``event_format(marker)``."""
+    return f"{marker} category=Malicious_URL matchedIndicator={FEED_URL}"
+
+
+def committed(output: str) -> tuple[int, int, str]:
+    """(revision, epoch, sha256) from what ``cluster settings set`` prints (that line and nothing else)."""
+    m = re.fullmatch(r"settings revision (\d+) \(epoch (\d+), sha256 ([0-9a-f]{64})\)\n", output)
+    assert m, f"unexpected settings set output: {output!r}"
+    return int(m[1]), int(m[2]), m[3]
 
 
 def cluster_call(
@@ -245,25 +298,39 @@ def parse_token(output: str) -> tuple[str, str, str]:
 def join(control: ClusterNode, joiners: list[ClusterNode]) -> None:
     """Issue a token per joiner on ``control`` and join each with its own (offline: joiners are not running).
 
-    The commands run concurrently: tokens first, then the joins.
+    The commands run concurrently: tokens first, then the joins.  Each token names ``control``'s address
+    and its node id as the fingerprint to pin.
     """
     issued = [parse_token(r.stdout) for r in cli_all([control] * len(joiners), "token")]
     procs = []
     for joiner, (token, address, fingerprint) in zip(joiners, issued, strict=True):
-        assert address == control.address
+        assert (address, fingerprint) == (control.address, control.node_id)
         procs.append(joiner.cli_popen("join", "--control", address, "--token", token, "--fingerprint", fingerprint))
     for joiner, proc in zip(joiners, procs, strict=True):
         result = proc.communicate_result()
         assert result.returncode == 0, f"{joiner.name}: join -> {result.returncode}\n{result.stderr}"
 
 
-def same_applied_revision(nodes: list[ClusterNode], revision: int | None = None) -> bool:
-    """Whether every node's readiness shows one applied revision and digest (``revision`` if given)."""
-    seen = {(r["revision"], r["sha256"]) for r in (n.readyz() for n in nodes)}
+def same_applied_revision(nodes: list[ClusterNode], revision: int | None = None, sha256: str | None = None) -> bool:
+    """Whether every node's readiness shows one applied revision and digest (``revision``, ``sha256`` if given)."""
+    seen = {n.applied() for n in nodes}
     if len(seen) != 1:
         return False
     (rev, digest), *_ = seen
-    return rev is not None and digest is not None and (revision is None or rev == revision)
+    return (
+        rev is not None
+        and digest is not None
+        and (revision is None or rev == revision)
+        and (sha256 is None or digest == sha256)
+    )
+
+
+def wait_applied(
+    nodes: list[ClusterNode], revision: int, sha256: str | None = None, timeout: float = SYNC_TIMEOUT
+) -> None:
+    """Wait until every node applies ``revision`` (with digest ``sha256`` if given)."""
+    what = f"{nodes} applying r{revision}" + (f" {sha256[:12]}" if sha256 else "")
+    wait_until(lambda: same_applied_revision(nodes, revision, sha256), what, timeout)
 
 
 def all_reachable(node: ClusterNode, count: int) -> bool:
@@ -276,27 +343,54 @@ def all_reachable(node: ClusterNode, count: int) -> bool:
     )
 
 
+def settled(nodes: list[ClusterNode]) -> tuple[int, str]:
+    """Wait until every node applies one revision and sees the others; that (revision, sha256)."""
+    wait_until(lambda: same_applied_revision(nodes), "every node applying one revision", SYNC_TIMEOUT)
+    wait_until(lambda: all(all_reachable(n, len(nodes)) for n in nodes), "every node seeing the others", SYNC_TIMEOUT)
+    ready = nodes[0].readyz()
+    return int(ready["revision"]), str(ready["sha256"])
+
+
+def stop_all(nodes: list[ClusterNode]) -> None:
+    """SIGTERM every running node at once, then reap each (SIGKILL after 10 s) and close its log."""
+    for node in nodes:
+        if node.running():
+            node.process.signal(signal.SIGTERM)
+    for node in nodes:
+        if node.proc is None:
+            continue
+        try:
+            node.proc.proc.wait(10)  # one SIGTERM only: a second one during shutdown kills the node outright
+        except subprocess.TimeoutExpired:
+            node.proc.proc.kill()
+            node.proc.proc.wait()
+        node.proc.stop()  # closes its log
+    alive = [n.name for n in nodes if n.running()]
+    assert not alive, f"nodes still running: {alive}"
+
+
 @contextmanager
-def three_node_cluster(tmp_path: Path, *, users: str = "") -> Iterator[list[ClusterNode]]:
+def three_node_cluster(
+    root: Path, *, users: str = "", cluster_extra: str = "", elected: str | None = None
+) -> Iterator[list[ClusterNode]]:
     """n1 (Control, ``cluster init`` before its first start), n2 and n3 joined with tokens, all in sync.
 
     ``users`` (``<User .../>`` elements) go into n1's config only: API users are shared settings, so they
-    are part of revision 1 and the others receive them when they join.  Every process is stopped on exit,
-    also when setting up fails.
+    are part of revision 1 and the others receive them when they join.  ``cluster_extra`` goes into every
+    node's ``<Cluster>``; ``elected`` is the log line of n1 taking the Control role (default: the embedded
+    cluster's).  Every process is stopped on exit, also when setting up fails.
     """
-    nodes = [ClusterNode(tmp_path, f"n{i}", users=users if i == 1 else "") for i in (1, 2, 3)]
+    nodes = [ClusterNode(root, f"n{i}", users=users if i == 1 else "", cluster_extra=cluster_extra) for i in (1, 2, 3)]
     n1, n2, n3 = nodes
     with ExitStack() as stack:
-        for node in nodes:
-            stack.callback(node.stop)
+        stack.callback(stop_all, nodes)
         n1.cli_ok("init", "--cluster-id", CLUSTER_ID)
         n1.start()
-        n1.process.wait_for_log(rf"cluster {CLUSTER_ID}: node \S+ is control at epoch 1 on {n1.address}", after=0)
+        n1.process.wait_for_log(elected or CONTROL_ELECTED + re.escape(n1.address), timeout=START_TIMEOUT, after=0)
         join(n1, [n2, n3])
         n2.start(wait=False)
         n3.start(wait=False)
         n2.wait_started()
         n3.wait_started()
-        wait_until(lambda: same_applied_revision(nodes), "all three nodes applying one revision", SYNC_TIMEOUT)
-        wait_until(lambda: all(all_reachable(n, 3) for n in nodes), "every node seeing the others", SYNC_TIMEOUT)
+        settled(nodes)
         yield nodes

@@ -19,12 +19,14 @@ import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 
+from tests.cluster_nodes import ClusterNode, join, stop_all
 from tests.helpers import (
     BalancerProcess,
     HTTPReply,
@@ -58,55 +60,54 @@ def threatgate(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
-@dataclass
-class Node:
-    """A node in its own directory: example config and feeds, one API user, optionally a ``<Cluster>``."""
+class Instance:
+    """What these tests ask of a node behind the balancer, standalone (``Node``) or clustered (``Member``)."""
 
     dir: Path
-    config: Path
     port: int
     api_port: int
-    cluster_port: int
-    proc: NodeProcess | None = None
 
     @property
     def key(self) -> str:
         return f"127.0.0.1:{self.port}"
 
-    @property
-    def api(self) -> HTTPSClient:
-        return HTTPSClient(self.api_port, self.dir / "certs" / "node.pem")
+    def categories(self, url: str) -> list[str]:
+        api = HTTPSClient(self.api_port, self.dir / "certs" / "node.pem")
+        reply = api.request("POST", "/api/1.1/lookup", [{"object": url}], headers=AUTH)
+        assert reply.status == 200, reply
+        return [c["category"] for c in reply.json()[0].get("categories", [])]
+
+
+@dataclass
+class Node(Instance):
+    """A standalone node in its own directory: example config and feeds, one API user."""
+
+    dir: Path
+    config: Path
+    port: int
+    api_port: int
+    proc: NodeProcess | None = None
 
     def start(self, stack: ExitStack) -> None:
         self.proc = NodeProcess(self.config, self.port)
         stack.callback(self.proc.stop)
         self.proc.wait_for_log(r"node listening for events", timeout=SYNC_TIMEOUT)
 
-    def categories(self, url: str) -> list[str]:
-        reply = self.api.request("POST", "/api/1.1/lookup", [{"object": url}], headers=AUTH)
-        assert reply.status == 200, reply
-        return [c["category"] for c in reply.json()[0].get("categories", [])]
+
+class Member(Instance, ClusterNode):
+    """A cluster node (tests.cluster_nodes: its config, process and ``threatgate cluster`` commands)."""
 
 
-def make_node(root: Path, name: str, password_hash: str, *, cluster: bool) -> Node:
+def user(password_hash: str) -> str:
+    return f'<User name="{USER}" password_hash="{password_hash}"/>'
+
+
+def make_node(root: Path, name: str, password_hash: str) -> Node:
     directory = root / name
     directory.mkdir()
-    port, api_port, cluster_port = free_ports(3)
-    config = example_config(
-        directory, port=port, api_port=api_port, users=f'<User name="{USER}" password_hash="{password_hash}"/>'
-    )
-    if cluster:
-        text = config.read_text()
-        assert text.count("</Configuration>") == 1
-        config.write_text(
-            text.replace(
-                "</Configuration>",
-                f"<Cluster><ConnectionString>127.0.0.1:{cluster_port}</ConnectionString>"
-                "<StateDirectory>state/cluster</StateDirectory><HeartbeatInterval>0.5</HeartbeatInterval>"
-                "</Cluster></Configuration>",
-            )
-        )
-    return Node(directory, config, port, api_port, cluster_port)
+    port, api_port = free_ports(2)
+    config = example_config(directory, port=port, api_port=api_port, users=user(password_hash))
+    return Node(directory, config, port, api_port)
 
 
 @dataclass
@@ -132,14 +133,14 @@ class Balancer:
     def wait_roles(self, want: dict[str, str]) -> None:
         wait_until(lambda: self.roles() == want, f"balancer roles {want}", timeout=SYNC_TIMEOUT)
 
-    def revisions(self, nodes: list[Node]) -> list[float | None]:
+    def revisions(self, nodes: Sequence[Instance]) -> list[float | None]:
         return [self.metric(f'threatgate_balancer_instance_settings_revision{{instance="{n.key}"}}') for n in nodes]
 
     def status(self, *options: str) -> subprocess.CompletedProcess[str]:
         return threatgate("balancer", "status", "--config", str(self.config), *options)
 
 
-def start_balancer(directory: Path, nodes: list[Node], stack: ExitStack) -> Balancer:
+def start_balancer(directory: Path, nodes: Sequence[Instance], stack: ExitStack) -> Balancer:
     directory.mkdir()
     config = directory / "kl_balancer.conf"
     metrics_port = free_ports(1)[0]
@@ -184,7 +185,7 @@ def test_standalone_nodes_are_shown_standalone_and_writes_reach_both(tmp_path: P
     """Two standalone nodes: role standalone on the metrics and in ``status`` (exit 0, no digest, no flag),
     no mismatch; a gateway write still goes to both nodes."""
     with ExitStack() as stack:
-        nodes = [make_node(tmp_path, f"n{i}", password_hash, cluster=False) for i in (1, 2)]
+        nodes = [make_node(tmp_path, f"n{i}", password_hash) for i in (1, 2)]
         for node in nodes:
             node.start(stack)
         balancer = start_balancer(tmp_path / "balancer", nodes, stack)
@@ -209,30 +210,14 @@ def test_standalone_nodes_are_shown_standalone_and_writes_reach_both(tmp_path: P
         assert "Traceback" not in balancer.proc.log()
 
 
-def build_cluster(tmp_path: Path, password_hash: str, stack: ExitStack) -> tuple[Node, Node]:
+def build_cluster(tmp_path: Path, password_hash: str, stack: ExitStack) -> tuple[Member, Member]:
     """A Control and a Secondary, made as an operator makes them (init, start, token, join, start)."""
-    control, secondary = (make_node(tmp_path, name, password_hash, cluster=True) for name in ("control", "second"))
-    created = threatgate("cluster", "init", "--config", str(control.config))
-    assert created.returncode == 0, created
-    control.start(stack)
-    issued = threatgate("cluster", "token", "--config", str(control.config))
-    token = re.search(r"^token:\s+(\S+)$", issued.stdout, re.M)
-    assert issued.returncode == 0 and token is not None, issued
-    node_id = json.loads((control.dir / "state" / "cluster" / "node.json").read_text())["node_id"]
-    joined = threatgate(
-        "cluster",
-        "join",
-        "--config",
-        str(secondary.config),
-        "--control",
-        f"127.0.0.1:{control.cluster_port}",
-        "--token",
-        token[1],
-        "--fingerprint",
-        node_id,
-    )
-    assert joined.returncode == 0, joined
-    secondary.start(stack)
+    control, secondary = (Member(tmp_path, name, users=user(password_hash)) for name in ("control", "second"))
+    stack.callback(stop_all, [control, secondary])
+    control.cli_ok("init")
+    control.start()
+    join(control, [secondary])
+    secondary.start()
     return control, secondary
 
 
@@ -280,15 +265,7 @@ def test_cluster_roles_write_routing_and_digest_mismatch(tmp_path: Path, passwor
         shutil.copy(control.dir / "feeds" / "stix_bundle.json", control.dir / "feeds" / "stix_control_only.json")
         mark = balancer.proc.log_offset()
         feed = "Feeds/Feed[@filename=feeds/{}.json]/@filename"
-        changed = threatgate(
-            "cluster",
-            "settings",
-            "set",
-            "--config",
-            str(control.config),
-            feed.format("stix_bundle"),
-            "feeds/stix_control_only.json",
-        )
+        changed = control.cli("settings", "set", feed.format("stix_bundle"), "feeds/stix_control_only.json")
         assert changed.returncode == 0, changed
         wait_until(
             lambda: balancer.metric("threatgate_balancer_settings_digest_mismatch") == 1,
@@ -315,15 +292,7 @@ def test_cluster_roles_write_routing_and_digest_mismatch(tmp_path: Path, passwor
         assert [i["differs"] for i in summary["instances"]] == [False, True] and summary["ok"] is False
 
         # Undone on the Control: the Secondary applies the next revision and the digests agree again.
-        undone = threatgate(
-            "cluster",
-            "settings",
-            "set",
-            "--config",
-            str(control.config),
-            feed.format("stix_control_only"),
-            "feeds/stix_bundle.json",
-        )
+        undone = control.cli("settings", "set", feed.format("stix_control_only"), "feeds/stix_bundle.json")
         assert undone.returncode == 0, undone
         balancer.proc.wait_for_log(
             rf"INF threatgate\.balancer: settings digests agree again: {digest} on 2 instance",
@@ -335,9 +304,7 @@ def test_cluster_roles_write_routing_and_digest_mismatch(tmp_path: Path, passwor
         assert balancer.status().returncode == 0
 
         # The Control killed: no Control to write to, so the write is refused and no node is touched.
-        assert control.proc is not None
-        control.proc.proc.kill()
-        control.proc.proc.wait(10)
+        control.kill()
         balancer.wait_roles({control.key: "unknown", secondary.key: "secondary"})
         reply = put_indicator(balancer, "http://while-frozen.example/")
         assert reply.status == 503, reply

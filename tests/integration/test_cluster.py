@@ -22,58 +22,30 @@ import pytest
 
 from tests.cluster_nodes import (
     CLUSTER_ID,
+    FEED_URL,
+    FLAGS,
+    SYNC_TIMEOUT,
     ClusterNode,
-    all_reachable,
     cli_all,
     cluster_call,
+    committed,
+    event_format,
+    feed_detection,
     histories,
     parse_token,
     same_applied_revision,
+    settled,
     statuses,
     three_node_cluster,
+    wait_applied,
 )
-from tests.helpers import HTTPReply, basic_auth, exchange, read_lines, wait_until
+from tests.helpers import HTTPReply, basic_auth, read_lines, wait_until
 from threatgate.cluster.settings import SettingsDocument
 from threatgate.net.tls import ensure_server_pair
 from threatgate.node.auth import hash_password
 
-FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 USER, PASSWORD = "analyst", "cluster test password"
-FEED_URL = "http://fakess123.nu"  # examples/feeds/malicious_urls.json
 INDICATORS = "/api/1.1/suppliers/InternalTI/indicators"
-SYNC = 20.0
-
-
-def event_format(marker: str) -> str:
-    """An EventFormat whose detections carry ``marker`` (and keep the request id first)."""
-    return f"%REQ% {marker} category=%Category% matchedIndicator=%MatchedIndicator%"
-
-
-def detections(node: ClusterNode, event: str) -> list[str]:
-    """The detection lines (request id stripped) of one event sent to ``node``'s event port."""
-    lines = exchange(node.port, FLAGS + f"7 {event}\n".encode()).decode().splitlines()
-    assert lines and lines[-1] == "7 LookupFinished", lines
-    assert all(line.startswith("7 ") for line in lines), lines
-    return [line[2:] for line in lines[:-1]]
-
-
-def settled(nodes: list[ClusterNode]) -> tuple[int, str]:
-    """Wait until every node applies one revision and sees the others; that (revision, sha256)."""
-    wait_until(lambda: same_applied_revision(nodes), "every node applying one revision", SYNC)
-    wait_until(lambda: all(all_reachable(n, len(nodes)) for n in nodes), "every node seeing the others", SYNC)
-    ready = nodes[0].readyz()
-    return int(ready["revision"]), str(ready["sha256"])
-
-
-def at_revision(nodes: list[ClusterNode], revision: int) -> None:
-    wait_until(lambda: same_applied_revision(nodes, revision), f"every node applying revision {revision}", SYNC)
-
-
-def committed(output: str) -> tuple[int, int, str]:
-    """(revision, epoch, sha256) from what ``settings set`` prints."""
-    m = re.fullmatch(r"settings revision (\d+) \(epoch (\d+), sha256 ([0-9a-f]{64})\)\n", output)
-    assert m, output
-    return int(m[1]), int(m[2]), m[3]
 
 
 def applied_lines(log: str) -> list[tuple[int, int]]:
@@ -106,7 +78,7 @@ def test_a_change_on_the_control_is_applied_on_every_secondary_within_two_second
     n1, n2, n3 = cluster
     revision, _ = settled(cluster)
     marker = f"MARK{secrets.token_hex(4)}"
-    assert not any(marker in d for d in detections(n2, f"url={FEED_URL}"))
+    assert not any(marker in d for d in n2.detections())
     # An event connection opened before the change stays open through it (settings apply in place).
     held = socket.create_connection(("127.0.0.1", n2.port), timeout=10)
     held.sendall(FLAGS + f"5 url={FEED_URL}\n".encode())
@@ -118,7 +90,9 @@ def test_a_change_on_the_control_is_applied_on_every_secondary_within_two_second
     new, epoch, digest = committed(out)
     assert (new, epoch) == (revision + 1, 1)
     # /readyz is each node's own applied revision and digest, cheap enough to poll every 20 ms.
-    wait_until(lambda: all(n.readyz()["revision"] == new for n in (n2, n3)), f"revision {new} on n2 and n3", SYNC)
+    wait_until(
+        lambda: all(n.readyz()["revision"] == new for n in (n2, n3)), f"revision {new} on n2 and n3", SYNC_TIMEOUT
+    )
     elapsed = time.monotonic() - returned
     assert elapsed < 2.0, f"the secondaries applied revision {new} {elapsed:.2f} s after the command returned"
 
@@ -131,15 +105,14 @@ def test_a_change_on_the_control_is_applied_on_every_secondary_within_two_second
     wait_until(
         lambda: all((m["applied"]["revision"], m["applied"]["sha256"]) == (new, digest) for m in n1.table()["members"]),
         "the Control's table showing both secondaries at the new revision",
-        SYNC,
+        SYNC_TIMEOUT,
     )
     for node in (n2, n3):
-        found = detections(node, f"url={FEED_URL}")
-        assert f"{marker} category=Malicious_URL matchedIndicator={FEED_URL}" in found, (node, found)
+        node.assert_matches(marker)
     with held:
         held.sendall(f"6 url={FEED_URL}\n".encode())
         after = read_lines(held, 2)
-    assert after == [f"6 {marker} category=Malicious_URL matchedIndicator={FEED_URL}", "6 LookupFinished"], after
+    assert after == [f"6 {feed_detection(marker)}", "6 LookupFinished"], after
 
 
 def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_refuse_writes(
@@ -148,14 +121,14 @@ def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_ref
     n1, n2, n3 = cluster
     revision, _ = settled(cluster)
     indicator = f"http://internal-{secrets.token_hex(4)}.example/c2"
-    assert not any(indicator in d for d in detections(n2, f"url={indicator}"))
+    assert not any(indicator in d for d in n2.detections(f"url={indicator}"))
 
     reply = put_indicators(n1, [indicator], if_match=f'"{revision}"')
     assert reply.status == 200, reply
     assert reply.headers["etag"] == f'"{revision + 1}"'
-    at_revision(cluster, revision + 1)
+    wait_applied(cluster, revision + 1)
     for node in (n2, n3):
-        found = detections(node, f"url={indicator}")
+        found = node.detections(f"url={indicator}")
         assert any(f"category=InternalTI matchedIndicator={indicator}" in d for d in found), (node, found)
 
     # A write based on an older revision is refused and stores nothing.
@@ -169,7 +142,7 @@ def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_ref
         assert reply.status == 409, (node, reply)
         assert "Secondary" in reply.body.decode() and n1.address in reply.body.decode()
     assert same_applied_revision(cluster, revision + 1)
-    assert not any(stale in d for node in cluster for d in detections(node, f"url={stale}"))
+    assert not any(stale in d for node in cluster for d in node.detections(f"url={stale}"))
 
 
 def test_concurrent_edits_from_the_same_base_one_wins_the_other_gets_409(cluster: list[ClusterNode]) -> None:
@@ -189,7 +162,7 @@ def test_concurrent_edits_from_the_same_base_one_wins_the_other_gets_409(cluster
     assert f"settings changed meanwhile: the write is based on revision {revision}, current is {revision + 1}" in (
         loser.stderr
     )
-    at_revision(cluster, revision + 1)
+    wait_applied(cluster, revision + 1)
     assert n1.history()[-1][0] == revision + 1
     for node, result in zip((n2, n3), cli_all([n2, n3], "settings", "get", "--xml"), strict=True):
         assert result.returncode == 0, result
@@ -219,10 +192,10 @@ def test_invalid_settings_are_refused_on_the_control_and_nothing_is_applied(
     me = n1.status()["self"]  # the Control decided synchronously: neither received nor applied anything
     assert (me["received"], me["applied"]) == (before["n1"]["received"], before["n1"]["applied"])
     assert n1.readyz()["revision"] == revision
-    assert f"category=Malicious_URL matchedIndicator={FEED_URL}" in " ".join(detections(n1, f"url={FEED_URL}"))
+    assert f"category=Malicious_URL matchedIndicator={FEED_URL}" in " ".join(n1.detections())
     # A valid change after the refusals is revision + 1 everywhere: no refused revision was ever sent.
     n1.cli_ok("settings", "set", "OutputSettings/AlertFormat", f"%Date% alert=%Alert% after={secrets.token_hex(4)}")
-    at_revision(cluster, revision + 1)
+    wait_applied(cluster, revision + 1)
     for node, kept in zip(cluster, histories(cluster), strict=True):
         assert [r for r, _, _ in kept if r >= revision] == [revision, revision + 1], (node, kept)
         assert (revision, 1, digest) in kept
@@ -273,13 +246,13 @@ def test_forged_documents_pushed_to_a_secondary_are_refused(cluster: list[Cluste
     assert (n2.readyz()["revision"], n2.readyz()["sha256"]) == (revision, digest)
     # The content check raised the alert, and matching still uses the old rule.
     n2.process.wait_for_log(r"alert KL_ALERT_SettingsSynchronizationError error=settings revision \d+ refused")
-    assert f"category=Malicious_URL matchedIndicator={FEED_URL}" in " ".join(detections(n2, f"url={FEED_URL}"))
+    assert f"category=Malicious_URL matchedIndicator={FEED_URL}" in " ".join(n2.detections())
     # The Control's next genuine revision is still taken, and clears the error.
     new, _, digest = committed(
         n1.cli_ok("settings", "set", "OutputSettings/AlertFormat", f"%Date% alert=%Alert% {secrets.token_hex(4)}")
     )
     assert new == revision + 1
-    at_revision(cluster, new)
+    wait_applied(cluster, new)
     me = n2.status()["self"]
     assert (me["received"]["revision"], me["received"]["sha256"], me["error"]) == (new, digest, None), me
 
@@ -377,7 +350,9 @@ def test_join_tokens_work_once_expire_and_are_never_sent_to_a_wrong_fingerprint(
     kept = json.loads((n4.state_dir / "settings.json").read_text())
     assert (kept["revision"], kept["sha256"]) == (revision, digest)
     wait_until(
-        lambda: n4.address in {m["address"] for m in n2.table()["members"]}, "n2 learning of the new member", SYNC
+        lambda: n4.address in {m["address"] for m in n2.table()["members"]},
+        "n2 learning of the new member",
+        SYNC_TIMEOUT,
     )
     # ... once; and an expired token does not.
     wait_until(lambda: time.monotonic() - issued > 1.2, "the short token's second to pass", 5)
@@ -396,7 +371,7 @@ def test_join_tokens_work_once_expire_and_are_never_sent_to_a_wrong_fingerprint(
     def forgotten() -> bool:
         return all(n4.address not in {m["address"] for m in node.table()["members"]} for node in cluster)
 
-    wait_until(forgotten, "every node forgetting the removed member", SYNC)
+    wait_until(forgotten, "every node forgetting the removed member", SYNC_TIMEOUT)
     assert settled(cluster) == (revision, digest)
     assert n1.readyz()["role"] == "control"
 
@@ -424,11 +399,13 @@ def test_control_loss_emergency_promotion_and_the_old_control_steps_down(tmp_pat
     with three_node_cluster(tmp_path) as nodes:
         n1, n2, n3 = nodes
         before, _, _ = committed(n1.cli_ok("settings", "set", "OutputSettings/EventFormat", event_format("BEFORE")))
-        at_revision(nodes, before)
+        wait_applied(nodes, before)
 
         n1.kill()
         wait_until(
-            lambda: all(n.readyz()["emergency"] is not None for n in (n2, n3)), "n2 and n3 in emergency mode", SYNC
+            lambda: all(n.readyz()["emergency"] is not None for n in (n2, n3)),
+            "n2 and n3 in emergency mode",
+            SYNC_TIMEOUT,
         )
         refused = n2.cli_popen("settings", "set", "OutputSettings/EventFormat", event_format("REFUSED"))
         for node, table in zip((n2, n3), statuses([n2, n3]), strict=True):
@@ -438,14 +415,14 @@ def test_control_loss_emergency_promotion_and_the_old_control_steps_down(tmp_pat
             me = table["self"]
             assert n1.address in me["emergency"] and "unreachable" in me["emergency"], me
             # Matching goes on with the last applied settings; settings are frozen.
-            assert f"BEFORE category=Malicious_URL matchedIndicator={FEED_URL}" in detections(node, f"url={FEED_URL}")
+            node.assert_matches("BEFORE")
         result = refused.communicate_result()
         assert result.returncode == 2 and "cannot change settings" in result.stderr, result
 
         out = n2.cli_ok("promote")
         assert f"epoch 2, settings revision {before + 1}" in out
         promoted = before + 1
-        at_revision([n2, n3], promoted)
+        wait_applied([n2, n3], promoted)
         n3.process.wait_for_log(rf"cluster emergency mode over: Control is {re.escape(n2.address)}")
         for role, table in zip(("control", "secondary"), statuses([n2, n3]), strict=True):
             me = table["self"]
@@ -465,19 +442,21 @@ def test_control_loss_emergency_promotion_and_the_old_control_steps_down(tmp_pat
             n2.cli_ok("settings", "set", "OutputSettings/EventFormat", event_format("AFTER"))
         )
         assert (after, epoch) == (promoted + 1, 2)
-        at_revision([n2, n3], after)
-        assert f"AFTER category=Malicious_URL matchedIndicator={FEED_URL}" in detections(n3, f"url={FEED_URL}")
+        wait_applied([n2, n3], after)
+        n3.assert_matches("AFTER")
 
         # The old Control comes back: it steps down, follows n2 and takes its settings.
         n1.start(wait=False)
         n1.process.wait_for_log(r"a higher Control epoch \(2\) exists: this node steps down to Secondary")
         n1.wait_started()
-        at_revision(nodes, after)
+        wait_applied(nodes, after)
         me = n1.status()["self"]
         assert (me["role"], me["epoch"], me["control_address"], me["emergency"]) == ("secondary", 2, n2.address, None)
         assert me["applied"]["sha256"] == digest
-        assert f"AFTER category=Malicious_URL matchedIndicator={FEED_URL}" in detections(n1, f"url={FEED_URL}")
-        wait_until(lambda: all(n.readyz()["emergency"] is None for n in nodes), "no node in emergency mode", SYNC)
+        n1.assert_matches("AFTER")
+        wait_until(
+            lambda: all(n.readyz()["emergency"] is None for n in nodes), "no node in emergency mode", SYNC_TIMEOUT
+        )
 
         # No node ever went back to an epoch-1 revision after the promotion.
         for node, kept in zip(nodes, histories(nodes), strict=True):

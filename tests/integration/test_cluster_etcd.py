@@ -12,22 +12,26 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack, aclosing
 from dataclasses import dataclass
-from pathlib import Path
 from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 
+from tests.cluster_nodes import (
+    CLUSTER_ID,
+    FEED_URL,
+    ClusterNode,
+    committed,
+    event_format,
+    three_node_cluster,
+    wait_applied,
+)
 from tests.etcd_cluster import EtcdCluster
-from tests.helpers import HTTPSClient, NodeProcess, example_config, exchange, free_ports, wait_until
+from tests.helpers import wait_until
 from threatgate.cluster.etcd import EtcdClient, KeyValue
 from threatgate.cluster.etcd_backend import EtcdBackend
 from threatgate.cluster.settings import SettingsDocument
@@ -37,22 +41,19 @@ from threatgate.errors import ClusterError, StaleRevision
 if TYPE_CHECKING:
     from threatgate.cluster.agent import ClusterAgent
 
-CLUSTER_ID = "demo"
 PREFIX = "/tg"
 SETTINGS_KEY = f"{PREFIX}/{CLUSTER_ID}/settings"
 CONTROL_KEY = f"{PREFIX}/{CLUSTER_ID}/control"
 LEASE_TTL = 2
-HEARTBEAT = 0.5
-START_TIMEOUT = 30.0
 SYNC_TIMEOUT = 10.0
 """A committed revision reaches every node by push and by the etcd watch: well within this."""
 ELECTION_TIMEOUT = LEASE_TTL + 8.0
 """A SIGKILLed Control's lease expires after LEASE_TTL; a waiting node then wins and republishes."""
-CLI_TIMEOUT = 45.0
-FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
-EVENT = b"url=http://fakess123.nu/ src=10.1.2.3"  # examples/feeds/malicious_urls.json lists http://fakess123.nu
-EVENT_FORMAT = "%REQ% etcdmark={tag} category=%Category% matchedIndicator=%MatchedIndicator%"
-COMMITTED_RX = re.compile(r"^settings revision (\d+) \(epoch (\d+), sha256 ([0-9a-f]{64})\)$", re.M)
+EVENT = f"url={FEED_URL}/ src=10.1.2.3"
+"""An event that hits the example URL feed; its detections are marked ``etcdmark=<tag>`` by the tests."""
+MATCH_TIMEOUT = 10.0
+"""Bound on one event exchange: matching never waits for etcd."""
+ELECTED = r"elected Control through etcd \(epoch \d+\)"
 
 
 # -- etcd, read the way an operator's etcdctl would ------------------------------------------------------
@@ -103,122 +104,7 @@ def etcd_settings_history(endpoints: list[str], start: int, end: int) -> list[di
 # -- the nodes ----------------------------------------------------------------------------------------------
 
 
-def committed(output: str) -> tuple[int, int, str]:
-    """(revision, epoch, sha256) from ``cluster settings set`` output."""
-    m = COMMITTED_RX.search(output)
-    assert m, f"unexpected settings set output: {output!r}"
-    return int(m[1]), int(m[2]), m[3]
-
-
-class EtcdNode:
-    """One node in its own directory (example config and feeds), clustered through etcd."""
-
-    def __init__(self, root: Path, name: str, endpoints: list[str]) -> None:
-        self.name = name
-        self.dir = root / name
-        self.dir.mkdir(parents=True)
-        self.port, self.api_port, self.cluster_port = free_ports(3)
-        config = example_config(self.dir, port=self.port, api_port=self.api_port)
-        text = config.read_text()
-        cluster = (
-            "  <Cluster>\n"
-            f"    <ConnectionString>127.0.0.1:{self.cluster_port}</ConnectionString>\n"
-            "    <StateDirectory>state/cluster</StateDirectory>\n"
-            f"    <HeartbeatInterval>{HEARTBEAT}</HeartbeatInterval>\n"
-            f'    <Etcd endpoints="{",".join(endpoints)}" prefix="{PREFIX}" lease_ttl="{LEASE_TTL}"/>\n'
-            "  </Cluster>\n"
-        )
-        assert text.count("</Configuration>") == 1
-        config.write_text(text.replace("</Configuration>", cluster + "</Configuration>"))
-        self.config = config
-        self.proc: NodeProcess | None = None
-        self.starts = 0
-
-    def __repr__(self) -> str:
-        return f"EtcdNode({self.name} {self.address})"
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.cluster_port}"
-
-    @property
-    def node_id(self) -> str:
-        return str(json.loads((self.dir / "state" / "cluster" / "node.json").read_text())["node_id"])
-
-    @property
-    def process(self) -> NodeProcess:
-        assert self.proc is not None, f"{self.name} was never started"
-        return self.proc
-
-    def start(self) -> NodeProcess:
-        assert not self.running(), f"{self.name} is running"
-        if self.proc is not None:
-            self.proc.stop()  # closes the old log, which we keep beside the new one
-            self.proc.log_path.rename(self.proc.log_path.with_suffix(f".{self.starts}.log"))
-        self.starts += 1
-        self.proc = NodeProcess(self.config, self.port)
-        return self.proc
-
-    def wait_started(self) -> None:
-        self.process.wait_for_log(r"node listening for events", timeout=START_TIMEOUT)
-
-    def running(self) -> bool:
-        return self.proc is not None and self.proc.proc.poll() is None
-
-    def kill(self) -> None:
-        """SIGKILL: no resignation, no goodbye; etcd finds out when the lease expires."""
-        self.process.signal(signal.SIGKILL)
-        self.process.proc.wait(10)
-
-    def cli_popen(self, *args: str) -> subprocess.Popen[str]:
-        argv = [sys.executable, "-m", "threatgate", "cluster", *args, "--config", str(self.config)]
-        return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-    def cli(self, *args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-        """``threatgate cluster ARGS --config <this node's config>``; never raises on the exit code."""
-        proc = self.cli_popen(*args)
-        try:
-            out, err = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise AssertionError(f"{self.name}: cluster {' '.join(args)} did not finish within {timeout} s") from None
-        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
-
-    def cli_ok(self, *args: str) -> str:
-        result = self.cli(*args)
-        assert result.returncode == 0, f"{self.name}: cluster {' '.join(args)} -> {result.returncode}\n{result.stderr}"
-        return result.stdout
-
-    def table(self) -> dict[str, Any]:
-        """``cluster status --json``: {"self": {...}, "members": [...]}."""
-        table = json.loads(self.cli_ok("status", "--json"))
-        assert isinstance(table, dict)
-        return table
-
-    def ready(self) -> dict[str, Any]:
-        """``GET /readyz``: role, epoch, applied revision and digest, emergency (cheap enough to poll)."""
-        body = HTTPSClient(self.api_port, self.dir / "certs" / "node.pem").request("GET", "/readyz", timeout=5).json()
-        assert isinstance(body, dict)
-        return body
-
-    def applied(self) -> tuple[int | None, str | None]:
-        body = self.ready()
-        return body["revision"], body["sha256"]
-
-    def detections(self) -> list[str]:
-        """Match one event that hits the example URL feed; the detection lines (LookupFinished checked)."""
-        lines = exchange(self.port, FLAGS + b"7 " + EVENT + b"\n", timeout=10).decode().splitlines()
-        assert lines and lines[-1] == "7 LookupFinished", lines
-        return lines[:-1]
-
-    def assert_matches_with(self, tag: str) -> None:
-        expected = f"7 etcdmark={tag} category=Malicious_URL matchedIndicator=http://fakess123.nu"
-        lines = self.detections()
-        assert expected in lines, f"{self.name}: {lines}"
-
-
-def assert_no_settings_errors(nodes: list[EtcdNode]) -> None:
+def assert_no_settings_errors(nodes: list[ClusterNode]) -> None:
     """No node refused a settings document or failed to synchronise (the Control's own etcd echo included)."""
     for node in nodes:
         words = ("refused", "settings synchronization", "KL_ALERT_SettingsSynchronizationError")
@@ -229,22 +115,22 @@ def assert_no_settings_errors(nodes: list[EtcdNode]) -> None:
 @dataclass
 class Env:
     etcd: EtcdCluster
-    nodes: list[EtcdNode]
+    nodes: list[ClusterNode]
 
-    def running(self) -> list[EtcdNode]:
+    def running(self) -> list[ClusterNode]:
         return [n for n in self.nodes if n.running()]
 
-    def controls(self, nodes: list[EtcdNode] | None = None) -> list[tuple[EtcdNode, dict[str, Any]]]:
+    def controls(self, nodes: list[ClusterNode] | None = None) -> list[tuple[ClusterNode, dict[str, Any]]]:
         found = []
         for node in nodes if nodes is not None else self.running():
-            body = node.ready()
+            body = node.readyz()
             if body["role"] == "control":
                 found.append((node, body))
         return found
 
-    def control(self) -> EtcdNode:
+    def control(self) -> ClusterNode:
         """The one node that reports role control (waits for it: an election may be under way)."""
-        found: list[EtcdNode] = []
+        found: list[ClusterNode] = []
 
         def one() -> bool:
             found[:] = [n for n, _ in self.controls()]
@@ -253,37 +139,8 @@ class Env:
         wait_until(one, "exactly one Control node", ELECTION_TIMEOUT)
         return found[0]
 
-    def synced(self, revision: int, sha256: str, nodes: list[EtcdNode] | None = None) -> None:
-        targets = nodes if nodes is not None else self.running()
-        wait_until(
-            lambda: all(n.applied() == (revision, sha256) for n in targets),
-            f"{targets} applying r{revision} {sha256[:12]}",
-            SYNC_TIMEOUT,
-        )
-
-
-def parse_token(output: str) -> tuple[str, str, str]:
-    found = dict(re.findall(r"^(token|control|fingerprint):\s+(\S+)$", output, re.M))
-    assert set(found) == {"token", "control", "fingerprint"}, output
-    return found["token"], found["control"], found["fingerprint"]
-
-
-def stop_all(nodes: list[EtcdNode]) -> None:
-    """SIGTERM every running node at once, then reap each (SIGKILL after 10 s)."""
-    for node in nodes:
-        if node.running():
-            node.process.signal(signal.SIGTERM)
-    for node in nodes:
-        if node.proc is None:
-            continue
-        try:
-            node.proc.proc.wait(10)  # one SIGTERM only: a second one during shutdown kills the node outright
-        except subprocess.TimeoutExpired:
-            node.proc.proc.kill()
-            node.proc.proc.wait()
-        node.proc.stop()  # closes its log
-    alive = [n.name for n in nodes if n.proc is not None and n.proc.proc.poll() is None]
-    assert not alive, f"nodes still running: {alive}"
+    def synced(self, revision: int, sha256: str, nodes: list[ClusterNode] | None = None) -> None:
+        wait_applied(nodes if nodes is not None else self.running(), revision, sha256, SYNC_TIMEOUT)
 
 
 @pytest.fixture(scope="module")
@@ -295,27 +152,12 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
         # the etcd leader first: the nodes talk to it until it dies, so its death exercises their fail-over
         leader = etcd.wait_for_leader()
         endpoints = [etcd.endpoints[leader]] + [e for i, e in enumerate(etcd.endpoints) if i != leader]
-        nodes = [EtcdNode(root, f"n{i}", endpoints) for i in (1, 2, 3)]
-        stack.callback(stop_all, nodes)  # runs before etcd is killed: nodes resign their lease cleanly
-        n1, n2, n3 = nodes
-        n1.cli_ok("init", "--cluster-id", CLUSTER_ID)
-        n1.start()
-        n1.wait_started()
-        n1.process.wait_for_log(r"elected Control through etcd \(epoch \d+\)", timeout=START_TIMEOUT, after=0)
-        for joiner in (n2, n3):
-            token, control, fingerprint = parse_token(n1.cli_ok("token"))
-            assert control == n1.address and fingerprint == n1.node_id
-            joiner.cli_ok("join", "--control", control, "--token", token, "--fingerprint", fingerprint)
-        n2.start()
-        n3.start()
-        n2.wait_started()
-        n3.wait_started()
+        element = f'<Etcd endpoints="{",".join(endpoints)}" prefix="{PREFIX}" lease_ttl="{LEASE_TTL}"/>'
+        # left before etcd is killed: the nodes resign their lease cleanly
+        nodes = stack.enter_context(three_node_cluster(root, cluster_extra=element, elected=ELECTED))
         env = Env(etcd, nodes)
         doc, _ = etcd_settings(etcd.endpoints)
         env.synced(doc["revision"], doc["sha256"])
-        wait_until(
-            lambda: all(n.ready()["emergency"] is None for n in nodes), "no node in emergency mode", SYNC_TIMEOUT
-        )
         yield env
 
 
@@ -328,10 +170,10 @@ def test_settings_set_is_an_etcd_write_that_every_node_applies(env: Env) -> None
     before, _ = etcd_settings(env.etcd.endpoints)
     leader = etcd_get(env.etcd.endpoints, CONTROL_KEY)
     assert leader is not None and leader.value.decode() == control.node_id
-    assert before["epoch"] == leader.create_revision == control.ready()["epoch"]
+    assert before["epoch"] == leader.create_revision == control.readyz()["epoch"]
 
     revision, epoch, sha256 = committed(
-        control.cli_ok("settings", "set", "OutputSettings/EventFormat", EVENT_FORMAT.format(tag="one"))
+        control.cli_ok("settings", "set", "OutputSettings/EventFormat", event_format("etcdmark=one"))
     )
     assert (revision, epoch) == (before["revision"] + 1, before["epoch"])
     doc, _ = etcd_settings(env.etcd.endpoints)
@@ -342,11 +184,16 @@ def test_settings_set_is_an_etcd_write_that_every_node_applies(env: Env) -> None
 
     env.synced(revision, sha256)
     for node in env.nodes:
-        node.assert_matches_with("one")
-    table = env.nodes[2].table()  # what an operator sees on a Secondary
+        node.assert_matches("etcdmark=one", EVENT)
+    table = env.nodes[2].status()  # what an operator sees on a Secondary
     assert table["self"]["role"] == "secondary" and table["self"]["control_address"] == control.address
     assert table["self"]["applied"]["sha256"] == sha256 and table["self"]["epoch"] == epoch
-    assert sorted(m["applied"]["sha256"] for m in table["members"]) == [sha256, sha256]
+    # The members' digests reach this table by heartbeat (every 0.5 s): wait for the next exchange.
+    wait_until(
+        lambda: sorted(m["applied"]["sha256"] for m in env.nodes[2].status()["members"]) == [sha256, sha256],
+        "the Secondary's table showing both other nodes at the new digest",
+        SYNC_TIMEOUT,
+    )
     assert_no_settings_errors(env.nodes)
 
 
@@ -356,31 +203,25 @@ def test_two_concurrent_writes_on_the_same_base_one_wins(env: Env) -> None:
     assert base is not None
     procs = {
         tag: control.cli_popen(
-            "settings", "set", "--base", str(base), "OutputSettings/EventFormat", EVENT_FORMAT.format(tag=tag)
+            "settings", "set", "--base", str(base), "OutputSettings/EventFormat", event_format(f"etcdmark={tag}")
         )
         for tag in ("left", "right")
     }
-    try:
-        results = {tag: proc.communicate(timeout=CLI_TIMEOUT) + (proc.returncode,) for tag, proc in procs.items()}
-    finally:
-        for proc in procs.values():
-            if proc.poll() is None:
-                proc.kill()
-                proc.communicate()
-    winners = [tag for tag, (_, _, code) in results.items() if code == 0]
+    results = {tag: proc.communicate_result() for tag, proc in procs.items()}
+    winners = [tag for tag, result in results.items() if result.returncode == 0]
     assert len(winners) == 1, results
     (winner,) = winners
     (loser,) = set(results) - {winner}
-    _, err, code = results[loser]
+    code, err = results[loser].returncode, results[loser].stderr
     assert code == 2 and "settings changed meanwhile" in err and f"based on revision {base}," in err, err
-    revision, _, sha256 = committed(results[winner][0])
+    revision, _, sha256 = committed(results[winner].stdout)
     assert revision == base + 1
     doc, _ = etcd_settings(env.etcd.endpoints)
     assert (doc["revision"], doc["sha256"]) == (revision, sha256)
     assert f"etcdmark={winner}" in doc["payload"]["config"]
     env.synced(revision, sha256)
     for node in env.nodes:
-        node.assert_matches_with(winner)
+        node.assert_matches(f"etcdmark={winner}", EVENT)
     assert_no_settings_errors(env.nodes)
 
 
@@ -389,13 +230,13 @@ def test_promote_is_refused_and_demote_hands_over_at_once(env: Env) -> None:
     node wins without waiting for the lease to expire, and the demoted node follows it."""
     control = env.control()
     others = [n for n in env.nodes if n is not control]
-    epoch = control.ready()["epoch"]
+    epoch = control.readyz()["epoch"]
     refused = others[0].cli("promote")
     assert refused.returncode == 2 and "elects its Control through etcd" in refused.stderr, refused.stderr
 
     control.cli_ok("demote")
     demoted = time.monotonic()
-    found: list[tuple[EtcdNode, dict[str, Any]]] = []
+    found: list[tuple[ClusterNode, dict[str, Any]]] = []
 
     def handed_over() -> bool:
         found[:] = env.controls()
@@ -406,19 +247,19 @@ def test_promote_is_refused_and_demote_hands_over_at_once(env: Env) -> None:
     assert took < LEASE_TTL, f"{took:.2f} s: as slow as a lease expiry, so the lease was not resigned"
     (new, state), *_ = found
     wait_until(
-        lambda: all(n.table()["self"]["control_address"] == new.address for n in env.nodes),
+        lambda: all(n.status()["self"]["control_address"] == new.address for n in env.nodes),
         f"every node following {new.name}",
         SYNC_TIMEOUT,
     )
-    assert control.ready()["role"] == "secondary" and control.ready()["epoch"] == state["epoch"]
+    assert control.readyz()["role"] == "secondary" and control.readyz()["epoch"] == state["epoch"]
     doc, _ = etcd_settings(env.etcd.endpoints)
     assert doc["epoch"] == state["epoch"]
     env.synced(doc["revision"], doc["sha256"])
     revision, _, sha256 = committed(
-        new.cli_ok("settings", "set", "OutputSettings/EventFormat", EVENT_FORMAT.format(tag="handover"))
+        new.cli_ok("settings", "set", "OutputSettings/EventFormat", event_format("etcdmark=handover"))
     )
     env.synced(revision, sha256)
-    control.assert_matches_with("handover")
+    control.assert_matches("etcdmark=handover", EVENT)
     assert_no_settings_errors(env.nodes)
 
 
@@ -463,19 +304,19 @@ async def test_a_deposed_control_cannot_publish_and_is_told_why(env: Env) -> Non
 
 
 def test_etcd_leader_killed_matching_goes_on_and_writes_resume(env: Env) -> None:
-    expected = env.nodes[0].detections()
+    expected = env.nodes[0].detections(EVENT, timeout=MATCH_TIMEOUT)
     assert len(expected) == 1 and "etcdmark=" in expected[0], expected
     leader = env.etcd.leader_index()
     assert leader is not None
     env.etcd.kill(leader)
     killed = time.monotonic()
     for node in env.nodes:  # matching never waits for etcd
-        assert node.detections() == expected
+        assert node.detections(EVENT, timeout=MATCH_TIMEOUT) == expected
 
     deadline = time.monotonic() + 30.0
     failures: list[str] = []
     while True:  # client fail-over: etcd needs a moment to elect a new leader
-        result = env.control().cli("settings", "set", "OutputSettings/EventFormat", EVENT_FORMAT.format(tag="failover"))
+        result = env.control().cli("settings", "set", "OutputSettings/EventFormat", event_format("etcdmark=failover"))
         if result.returncode == 0:
             break
         failures.append(result.stderr.strip())
@@ -489,7 +330,7 @@ def test_etcd_leader_killed_matching_goes_on_and_writes_resume(env: Env) -> None
     assert (doc["revision"], doc["epoch"], doc["sha256"]) == (revision, epoch, sha256)
     env.synced(revision, sha256)
     for node in env.nodes:
-        node.assert_matches_with("failover")
+        node.assert_matches("etcdmark=failover", EVENT)
     assert_no_settings_errors(env.nodes)
 
 
@@ -497,12 +338,12 @@ def test_control_killed_another_node_is_elected_and_the_old_one_follows(env: Env
     old = env.control()
     others = [n for n in env.nodes if n is not old]
     before, start = etcd_settings(env.etcd.endpoints)
-    old_epoch = old.ready()["epoch"]
+    old_epoch = old.readyz()["epoch"]
     assert before["epoch"] == old_epoch
     logged = {n.name: len(n.process.log()) for n in others}
 
     old.kill()
-    found: list[tuple[EtcdNode, dict[str, Any]]] = []
+    found: list[tuple[ClusterNode, dict[str, Any]]] = []
 
     def elected() -> bool:
         found[:] = env.controls(others)
@@ -517,7 +358,7 @@ def test_control_killed_another_node_is_elected_and_the_old_one_follows(env: Env
     assert leader is not None and (leader.value.decode(), leader.create_revision) == (new.node_id, new_epoch)
 
     def follows() -> bool:
-        me = survivor.table()["self"]
+        me = survivor.status()["self"]
         return (
             me["role"] == "secondary"
             and me["epoch"] == new_epoch
@@ -533,25 +374,24 @@ def test_control_killed_another_node_is_elected_and_the_old_one_follows(env: Env
     env.synced(republished["revision"], republished["sha256"], others)
 
     revision, epoch, sha256 = committed(
-        new.cli_ok("settings", "set", "OutputSettings/EventFormat", EVENT_FORMAT.format(tag="newcontrol"))
+        new.cli_ok("settings", "set", "OutputSettings/EventFormat", event_format("etcdmark=newcontrol"))
     )
     assert epoch == new_epoch
     env.synced(revision, sha256, others)
-    survivor.assert_matches_with("newcontrol")
+    survivor.assert_matches("etcdmark=newcontrol", EVENT)
 
     old.start()
-    old.wait_started()
     old.process.wait_for_log(r"this node steps down", after=0)
     env.synced(revision, sha256)
     wait_until(
-        lambda: old.ready()["role"] == "secondary" and old.ready()["epoch"] == new_epoch,
+        lambda: old.readyz()["role"] == "secondary" and old.readyz()["epoch"] == new_epoch,
         "the old Control following the new epoch",
         SYNC_TIMEOUT,
     )
-    me = old.table()["self"]
+    me = old.status()["self"]
     assert (me["role"], me["epoch"], me["control_address"]) == ("secondary", new_epoch, new.address)
     assert me["applied"]["revision"] == revision and me["applied"]["sha256"] == sha256
-    old.assert_matches_with("newcontrol")
+    old.assert_matches("etcdmark=newcontrol", EVENT)
     assert "elected Control through etcd" not in old.process.log()
     assert [n for n, _ in env.controls()] == [new]
 
