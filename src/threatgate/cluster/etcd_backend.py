@@ -72,6 +72,14 @@ class EtcdBackend:
         self._resigned = False
 
     async def start(self) -> None:
+        for endpoint in self.settings.endpoints:
+            host = endpoint.split("://", 1)[1].rsplit(":", 1)[0].strip("[]")
+            if endpoint.startswith("http://") and host not in ("127.0.0.1", "::1", "localhost"):
+                log.warning(
+                    "etcd endpoint %s is plain HTTP: settings (API user password hashes, indicators) cross the "
+                    "network unencrypted and unauthenticated; use https:// with ca, cert and key",
+                    endpoint,
+                )
         await self._sync()
         loop = asyncio.get_running_loop()
         self._tasks.append(loop.create_task(self._watch_loop()))
