@@ -387,13 +387,18 @@ def start_nginx(nginx: str, prefix: str, port: int, cert: str, key: str) -> tupl
     conf = os.path.join(prefix, "nginx.conf")
     with open(conf, "w", encoding="utf-8") as fh:
         fh.write(NGINX_CONF.format(prefix=prefix, port=port, cert=cert, key=key, ciphers=SERVER_CIPHERS))
+    return run_nginx(nginx, prefix, conf, port)
+
+
+def run_nginx(nginx: str, prefix: str, conf: str, port: int) -> tuple[subprocess.Popen[bytes], int, str]:
+    """nginx on ``conf`` in the foreground (``daemon off``) in its own session; (master, worker pid, error log)."""
     log_path = os.path.join(prefix, "error.log")
     check = subprocess.run(
         [nginx, "-t", "-q", "-p", prefix, "-c", conf, "-e", log_path], capture_output=True, text=True, timeout=30
     )
     if check.returncode != 0:
         raise SetupError(f"nginx -t failed:\n{check.stderr}{tail(log_path)}")
-    with open(os.path.join(prefix, "nginx.out"), "wb") as out_fh:
+    with open(os.path.join(prefix, "nginx.out"), "ab") as out_fh:
         proc = subprocess.Popen(
             [nginx, "-p", prefix, "-c", conf, "-e", log_path, "-g", "daemon off;"],
             stdin=subprocess.DEVNULL,
@@ -416,8 +421,8 @@ def start_nginx(nginx: str, prefix: str, port: int, cert: str, key: str) -> tupl
     return proc, workers[0], log_path
 
 
-def fetch_answers(port: int, cafile: str, authorization: str, bodies: list[str]) -> list[bytes]:
-    """The node's answer to every body, over one keep-alive connection; SetupError unless all are 200."""
+def post_all(port: int, cafile: str, authorization: str, bodies: list[str], what: str) -> list[bytes]:
+    """Every body POSTed to ``port`` over one keep-alive connection; SetupError unless every answer is 200."""
     ctx = ssl.create_default_context(cafile=cafile)
     conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
     headers = {"Content-Type": "application/json", "Accept": "application/json", "Authorization": authorization}
@@ -428,8 +433,10 @@ def fetch_answers(port: int, cafile: str, authorization: str, bodies: list[str])
             response = conn.getresponse()
             data = response.read()
             if response.status != 200:
-                raise SetupError(f"the node answered {response.status} to a lookup: {data[:300]!r}")
+                raise SetupError(f"{what} answered {response.status} to a lookup: {data[:300]!r}")
             answers.append(data)
+    except (OSError, http.client.HTTPException) as exc:
+        raise SetupError(f"{what}: {type(exc).__name__}: {exc}") from None
     finally:
         conn.close()
     return answers
@@ -795,7 +802,7 @@ def bench(args: argparse.Namespace) -> int:
         nginx_files: dict[int, str] = {}
         detected = total = 0
         for n in per_requests:
-            answers = fetch_answers(node_port, cert, authorization, bodies[n])
+            answers = post_all(node_port, cert, authorization, bodies[n], "the node")
             for answer in answers:
                 results = json.loads(answer)
                 total += len(results)

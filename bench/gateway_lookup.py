@@ -50,14 +50,12 @@ from __future__ import annotations
 import argparse
 import base64
 import hashlib
-import http.client
 import json
 import os
 import random
 import re
 import secrets
 import shutil
-import ssl
 import subprocess
 import sys
 import tempfile
@@ -75,20 +73,19 @@ from api_lookup import (
     Server,
     SetupError,
     add_lookup_arguments,
-    children,
     cpu_seconds,
-    fetch_answers,
     find_tool,
     free_port,
     make_bodies,
     node_config,
+    post_all,
     profile_run,
+    run_nginx,
     run_wrk,
     start_node,
     stop_group,
     tail,
     value_pools,
-    wait_for_port,
 )
 from balancer_throughput import Service, run_queue_wait, spawn, wait_for_lines
 
@@ -280,58 +277,6 @@ def write_nginx_conf(
     return conf
 
 
-def start_nginx(nginx: str, prefix: str, conf: str, port: int) -> tuple[subprocess.Popen[bytes], int, str]:
-    """nginx in the foreground (``daemon off``) in its own session; (master, worker pid, error log)."""
-    log_path = os.path.join(prefix, "error.log")
-    check = subprocess.run(
-        [nginx, "-t", "-q", "-p", prefix, "-c", conf, "-e", log_path], capture_output=True, text=True, timeout=30
-    )
-    if check.returncode != 0:
-        raise SetupError(f"nginx -t failed:\n{check.stderr}{tail(log_path)}")
-    with open(os.path.join(prefix, "nginx.out"), "ab") as out_fh:
-        proc = subprocess.Popen(
-            [nginx, "-p", prefix, "-c", conf, "-e", log_path, "-g", "daemon off;"],
-            stdin=subprocess.DEVNULL,
-            stdout=out_fh,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    try:
-        wait_for_port(proc, port, 10.0, "nginx", log_path)
-        deadline = time.monotonic() + 5
-        workers = children(proc.pid)
-        while not workers and time.monotonic() < deadline:
-            time.sleep(0.05)
-            workers = children(proc.pid)
-        if len(workers) != 1:
-            raise SetupError(f"expected one nginx worker under master {proc.pid}, found {workers}")
-    except BaseException:
-        stop_group(proc)
-        raise
-    return proc, workers[0], log_path
-
-
-def post_all(port: int, cafile: str, authorization: str, bodies: list[str], what: str) -> list[bytes]:
-    """Every body POSTed to ``port`` over one keep-alive connection; SetupError unless every answer is 200."""
-    ctx = ssl.create_default_context(cafile=cafile)
-    conn = http.client.HTTPSConnection("127.0.0.1", port, context=ctx, timeout=30)
-    headers = {"Content-Type": "application/json", "Accept": "application/json", "Authorization": authorization}
-    answers = []
-    try:
-        for body in bodies:
-            conn.request("POST", API_PATH, body=body.encode(), headers=headers)
-            response = conn.getresponse()
-            data = response.read()
-            if response.status != 200:
-                raise SetupError(f"{what} answered {response.status} to a lookup: {data[:300]!r}")
-            answers.append(data)
-    except (OSError, http.client.HTTPException) as exc:
-        raise SetupError(f"{what}: {type(exc).__name__}: {exc}") from None
-    finally:
-        conn.close()
-    return answers
-
-
 def nginx_with_verification(
     nginx: str,
     prefix: str,
@@ -355,7 +300,7 @@ def nginx_with_verification(
     failures: list[str] = []
     for name in ("127.0.0.1", "localhost", None):
         conf = write_nginx_conf(prefix, port, cert, key, nodes, bundle, name)
-        proc, worker, log_path = start_nginx(nginx, prefix, conf, port)
+        proc, worker, log_path = run_nginx(nginx, prefix, conf, port)
         with open(log_path, encoding="utf-8", errors="replace") as fh:
             offset = len(fh.read())
         try:
@@ -718,7 +663,10 @@ def bench(args: argparse.Namespace) -> int:
         )
         for n in per_requests:
             sample = bodies[n][:CHECKED_ANSWERS]
-            if fetch_answers(nodes[0].api_port, nodes[0].cert, authorization, sample) != answers[n][:CHECKED_ANSWERS]:
+            if (
+                post_all(nodes[0].api_port, nodes[0].cert, authorization, sample, "the node")
+                != answers[n][:CHECKED_ANSWERS]
+            ):
                 raise SetupError(f"the balancer's answers ({n} object(s)) differ from node 1's own answers")
 
         nginx_dir = os.path.join(run_dir, "nginx")
