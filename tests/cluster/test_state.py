@@ -186,7 +186,7 @@ def test_unwritable_state_is_a_cluster_error(tmp_path: Path) -> None:
     with pytest.raises(ClusterError) as excinfo:
         state.save_identity(identity())
     assert excinfo.value.status == 500
-    assert str(excinfo.value).startswith(f"cannot write cluster state {state.identity_path}")
+    assert str(excinfo.value).startswith(f"cluster state: cannot write {state.identity_path}")
 
 
 def test_pair_serves_and_authenticates_with_a_stable_fingerprint(state: StateDir) -> None:

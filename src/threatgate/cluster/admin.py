@@ -120,9 +120,8 @@ class LocalNode:
     def __init__(self, config: NodeConfig) -> None:
         settings = _cluster(config)
         self.state = StateDir(settings.state_dir, settings.keep_revisions)
-        identity = self.state.load_identity()
+        self.state.load_identity()  # "not a member yet (cluster init or join)" before any connection attempt
         self.address = _address(settings)
-        self.node_id = identity.node_id
         self.pem = self.state.cert_pem()
         self.timeout = max(settings.request_timeout, 30.0)
 

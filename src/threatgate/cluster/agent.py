@@ -408,13 +408,21 @@ class ClusterAgent:
             return doc
 
     async def commit_suppliers(
-        self, base: int | None, write: Callable[[], Awaitable[Any]]
+        self,
+        base: int | None,
+        write: Callable[[], Awaitable[Any]],
+        unchanged: Callable[[Any], bool] | None = None,
     ) -> tuple[Any, SettingsDocument]:
-        """A REST write on the Control: run it (it changes the database), then publish the result."""
+        """A REST write on the Control: run it (it changes the database), then publish the result.
+
+        ``unchanged(result)`` true means the write changed nothing: the database is not read back.
+        """
         result: list[Any] = []
 
         async def change(current: SettingsDocument) -> dict[str, Any]:
             result.append(await write())
+            if unchanged is not None and unchanged(result[0]):
+                return current.payload
             state = await self.node.db_call(lambda db: db.export_state())
             return make_payload(current.config_xml, state)
 

@@ -55,8 +55,8 @@ class StateDir:
     def _write(self, path: str, data: bytes) -> None:
         try:
             write_atomic(path, data, 0o600)
-        except TLSConfigError as exc:  # write_atomic's error names the file; say it in cluster terms
-            raise ClusterError(str(exc).replace("cannot write", "cannot write cluster state"), 500) from None
+        except TLSConfigError as exc:  # write_atomic's error names the file and the reason
+            raise ClusterError(f"cluster state: {exc}", 500) from None
 
     # -- identity -----------------------------------------------------------------------------------
 

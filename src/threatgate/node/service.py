@@ -308,15 +308,6 @@ class NodeService:
 
     async def _expire(self) -> None:
         """One retention sweep.  In a cluster only the Control sweeps, and publishes the result as settings."""
-        cluster = self.cluster
-        if cluster is None:
-            changed = await self.db_call(lambda db: db.expire())
-            if changed:
-                log.info("retention expired indicators of %s", ", ".join(changed))
-                await self.apply_suppliers(changed)
-            return
-        if not cluster.may_write():
-            return
 
         async def sweep() -> list[str]:
             changed = await self.db_call(lambda db: db.expire())
@@ -324,9 +315,16 @@ class NodeService:
                 await self.apply_suppliers(changed)
             return changed
 
-        changed, doc = await cluster.commit_suppliers(None, sweep)
+        cluster = self.cluster
+        if cluster is None:
+            changed, where = await sweep(), ""
+        elif cluster.may_write():
+            changed, doc = await cluster.commit_suppliers(None, sweep, unchanged=lambda names: not names)
+            where = f" (settings {doc.short()})"
+        else:
+            return  # a Secondary gets the Control's sweep as settings
         if changed:
-            log.info("retention expired indicators of %s (settings %s)", ", ".join(changed), doc.short())
+            log.info("retention expired indicators of %s%s", ", ".join(changed), where)
 
     def readiness(self) -> dict[str, Any]:
         """What ``/readyz`` answers: ready once feeds and settings are applied; role and digest in a cluster."""
