@@ -63,6 +63,7 @@ class BalancerStats(BoundaryStats):
     redispatched: int = 0  # events sent again after their instance failed
     dropped: dict[str, int] = field(default_factory=dict)  # reason -> events or lines not delivered
     dropped_lines: dict[str, int] = field(default_factory=dict)  # reason -> instance lines refused
+    unmatched: dict[str, int] = field(default_factory=dict)  # reason -> events answered by an error finished line
     transitions: dict[str, int] = field(default_factory=dict)  # up / down / reply_timeout
     api_requests: dict[str, int] = field(default_factory=dict)  # gateway answers by HTTP status
     api_retries: dict[str, int] = field(default_factory=dict)  # instance key / drift / pin_mismatch -> count
@@ -188,6 +189,12 @@ class BalancerCollector(_TableCollector):
                 "Instance lines refused by the correlator",
                 "reason",
                 s.dropped_lines,
+            ),
+            (
+                "threatgate_balancer_unmatched_events",
+                "Events answered without matching (their finished line carries error=<reason>)",
+                "reason",
+                s.unmatched,
             ),
             ("threatgate_balancer_transitions", "Instance state changes", "kind", s.transitions),
             ("threatgate_api_requests", "REST gateway answers, by HTTP status", "status", s.api_requests),

@@ -628,8 +628,8 @@ def test_a_health_check_answered_after_the_instance_was_disabled_does_not_count(
 
 
 def test_a_hung_node_is_taken_out_and_its_events_answered_by_another(example_nodes: Examples, tmp_path: Path) -> None:
-    """A node that answers PING but never answers events: after ReplyTimeout it is DOWN and the events it
-    held are answered by the other node, exactly once and in order."""
+    """A node that answers PING but never answers events: overdue ``fall`` times (here 1, and ReplyTimeout
+    1 s) it is DOWN and the events it held are answered by the other node, exactly once and in order."""
     fake = FakeNode()
     try:
         with (
@@ -643,7 +643,7 @@ def test_a_hung_node_is_taken_out_and_its_events_answered_by_another(example_nod
             writer.send(REPLY_FLAGS + example_nodes.events * 10)
             writer.shutdown()
             lines = reader.join(60)
-            balancer.wait_for_log(rf"{instance(fake.port)} is DOWN: no answer for 1 s")
+            balancer.wait_for_log(rf"{instance(fake.port)} is DOWN: no answer to events for 1\.\d s \(overdue 1 time")
             moved = balancer.wait_for_log(rf"{instance(fake.port)}: (\d+) unfinished event\(s\) sent again")
             assert int(moved[1]) > 0
     finally:

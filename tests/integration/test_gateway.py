@@ -1022,6 +1022,43 @@ def test_a_new_node_certificate_is_refused_until_the_pin_is_renewed(pinned: Pinn
     assert checked.stdout.splitlines() == [f"{key}  match     {new}  {pin}  presented {new}"]
 
 
+def test_an_instance_whose_certificate_stops_matching_leaves_rest_rotation(
+    loop_thread: LoopThread, tmp_path: Path, password_hash: str
+) -> None:
+    """Two nodes, one behind a relay that turns man in the middle: every read is answered 200 by the other
+    node (never 500 and 200 in turn), the refusal is logged once at ERR and shown by a gauge, no request
+    byte reaches the relay; when the relay passes the real certificate again the instance is back."""
+    with api_nodes([tmp_path / "a", tmp_path / "b"], password_hash) as [node, other]:
+        ca = trustme.CA()
+        relay = Relay(loop_thread, node, ca.issue_cert("127.0.0.1"))
+        try:
+            instances = [(node.event_port, relay.port), (other.event_port, other.api_port)]
+            with running_gateway(tmp_path / "gw", instances) as gateway:
+                for _ in range(4):  # both pinned
+                    assert gateway.api.request("GET", "/api/1.1/suppliers", headers=AUTH).status == 200
+                wait_until(lambda: gateway.pin(node).exists() and gateway.pin(other).exists(), "both pins")
+                gauge = f'threatgate_balancer_instance_pin_refused{{instance="{node.key}"}}'
+                assert gateway.metric(gauge) == 0
+                relay.set_mitm(True)
+                mark = gateway.proc.log_offset()
+                statuses = [gateway.api.request("GET", "/api/1.1/suppliers", headers=AUTH).status for _ in range(12)]
+                assert statuses == [200] * 12
+                log = gateway.proc.log()[mark:]
+                assert log.count("out of REST rotation") == 1, log
+                assert re.search(rf"ERR threatgate\.gateway: instance 127\.0\.0\.1 port {relay.port}: ", log)
+                assert gateway.metric(gauge) == 1
+                assert relay.decrypted[0] == 0
+                relay.set_mitm(False)
+                deadline = time.monotonic() + 20
+                while "back in REST rotation" not in gateway.proc.log()[mark:]:
+                    assert time.monotonic() < deadline, "the instance never came back"
+                    assert gateway.api.request("GET", "/api/1.1/suppliers", headers=AUTH).status == 200
+                    time.sleep(0.2)
+                assert gateway.metric(gauge) == 0
+        finally:
+            relay.close()
+
+
 # == service alerts ================================================================================================
 
 

@@ -17,8 +17,13 @@ def fails(h: Health, n: int, error: str = "no PONG") -> list[bool]:
     return [h.check_failed(error) for _ in range(n)]
 
 
+def down_health(rise: int = 2, fall: int = 3) -> Health:
+    """An instance that has been checked before (DOWN): ``rise`` passes bring it UP."""
+    return Health(rise=rise, fall=fall, checked=True)
+
+
 def up_health(rise: int = 2, fall: int = 3) -> Health:
-    h = Health(rise=rise, fall=fall)
+    h = down_health(rise=rise, fall=fall)
     passes(h, rise)
     assert h.up
     return h
@@ -31,8 +36,31 @@ def test_Health_starts_DOWN_with_HAProxy_defaults() -> None:
     assert (h.successes, h.failures, h.transitions, h.last_error) == (0, 0, 0, "")
 
 
-def test_Health_rises_after_rise_consecutive_passes_and_reports_it_once() -> None:
+def test_Health_a_never_checked_instance_is_UP_at_its_first_pass() -> None:
+    """A balancer (re)started in front of running nodes serves at once, not after ``rise`` intervals."""
     h = Health(rise=3, fall=2)
+    assert not h.up and not h.checked
+    assert h.check_passed() is True
+    assert h.up and h.transitions == 1 and h.successes == 1
+
+
+def test_Health_a_first_failure_means_rise_applies() -> None:
+    h = Health(rise=3, fall=2)
+    assert h.check_failed("refused") is False
+    assert h.checked
+    assert passes(h, 3) == [False, False, True]
+
+
+def test_Health_reset_for_MAINT_needs_rise_checks_again() -> None:
+    h = Health(rise=2, fall=2)
+    assert h.check_passed() is True
+    h.reset()
+    assert not h.up
+    assert passes(h, 2) == [False, True]
+
+
+def test_Health_rises_after_rise_consecutive_passes_and_reports_it_once() -> None:
+    h = down_health(rise=3, fall=2)
     assert passes(h, 2) == [False, False]
     assert not h.up
     assert h.check_passed() is True
@@ -48,7 +76,7 @@ def test_Health_rise_1_comes_up_on_the_first_pass() -> None:
 
 
 def test_Health_a_failure_while_rising_restarts_the_count() -> None:
-    h = Health(rise=2, fall=3)
+    h = down_health(rise=2, fall=3)
     assert h.check_passed() is False
     assert h.check_failed("refused") is False  # DOWN already: no transition
     assert h.successes == 0 and h.failures == 1
@@ -106,7 +134,7 @@ def test_Health_passive_failure_takes_an_UP_instance_DOWN_at_once() -> None:
 
 
 def test_Health_passive_failure_of_a_DOWN_instance_is_no_transition_but_restarts_the_rise() -> None:
-    h = Health(rise=3, fall=3)
+    h = down_health(rise=3, fall=3)
     passes(h, 2)
     assert h.passive_failure("reply timeout") is False
     assert not h.up and h.transitions == 0
@@ -132,11 +160,12 @@ def test_Health_passive_failure_resets_a_partial_fall_count_consistently() -> No
 )
 def test_Health_matches_a_model_of_rise_and_fall(rise: int, fall: int, outcomes: list[str]) -> None:
     h = Health(rise=rise, fall=fall)
-    up, run_pass, run_fail, transitions = False, 0, 0, 0
+    up, run_pass, run_fail, transitions, checked = False, 0, 0, 0, False
     for outcome in outcomes:
+        first, checked = not checked, True
         if outcome == "pass":
             run_pass, run_fail = run_pass + 1, 0
-            changed = not up and run_pass >= rise
+            changed = not up and (first or run_pass >= rise)
             assert h.check_passed() is changed
         elif outcome == "fail":
             run_pass, run_fail = 0, run_fail + 1
@@ -158,7 +187,7 @@ def test_Health_matches_a_model_of_rise_and_fall(rise: int, fall: int, outcomes:
 
 @pytest.mark.parametrize(("rise", "fall"), [(1, 1), (2, 3), (5, 2)])
 def test_Health_full_cycle_counts_two_transitions(rise: int, fall: int) -> None:
-    h = Health(rise=rise, fall=fall)
+    h = down_health(rise=rise, fall=fall)
     assert passes(h, rise)[-1] is True
     assert fails(h, fall)[-1] is True
     assert h.transitions == 2

@@ -24,9 +24,11 @@ of the node's certificate after the handshake and before sending a byte of the r
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import logging
 import ssl
+import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
@@ -50,6 +52,8 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("threatgate.gateway")
 
+RECHECK_INTERVAL = 2.0
+"""Seconds between looks at the certificates of instances refused for a pin mismatch."""
 MISMATCH = (
     "HTTPS connection with the instance has not been established, "
     "since the server certificate does not match the one expected"
@@ -150,6 +154,8 @@ class Gateway:
         # (it has no value equality), so a new object per request would never reuse a connection.
         self._fingerprints: dict[bytes, aiohttp.Fingerprint] = {}
         self._client_timeout: aiohttp.ClientTimeout | None = None
+        self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
+        self._rechecked = 0.0
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
@@ -305,18 +311,32 @@ class Gateway:
         return [i for i in self.service.instances.values() if i.state is InstanceState.UP and i.settings.enabled]
 
     async def _one(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
+        """A read: the least busy UP instance, the next one when it fails.
+
+        Instances refused for a certificate that does not match their pin come last: only when no
+        other could answer (so a request never alternates between 500 and 200), and then the TLS
+        handshake checks the pin again before any byte is sent.
+        """
         tried: list[str] = []
-        candidates = sorted(self._up(), key=lambda i: (self.inflight.get(i.key, 0), self.service.rng.random()))
+        await self._recheck_refused()
+        refused = self.refused
+        candidates = sorted(
+            self._up(), key=lambda i: (i.key in refused, self.inflight.get(i.key, 0), self.service.rng.random())
+        )
+        mismatch: PinMismatch | None = None
         for inst in candidates:
             try:
                 answer = await self.forward(inst, method, path, headers, body)
             except PinMismatch as exc:
-                return self._mismatch(exc)
+                mismatch = mismatch or exc
+                continue
             except UpstreamFailed as exc:
                 tried.append(f"{inst.key}: {exc}")
                 self.service.stats.bump(self.service.stats.api_retries, inst.key)
                 continue
             return _response(answer)
+        if mismatch is not None:
+            return self._mismatch(mismatch)
         detail = "; ".join(tried) if tried else "no instance is UP"
         return json_error(503, f"no instance could answer the request: {detail}")
 
@@ -340,9 +360,17 @@ class Gateway:
 
     async def _fan_out(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
         enabled = [i for i in self.service.instances.values() if i.settings.enabled]
+        await self._recheck_refused()
         down = [i.key for i in enabled if i.state is not InstanceState.UP]
-        if not enabled or down:
-            why = f"instance(s) {', '.join(down)} DOWN" if down else "no enabled instance"
+        refused = [i.key for i in enabled if i.key in self.refused]
+        if not enabled or down or refused:
+            why = (
+                f"instance(s) {', '.join(down)} DOWN"
+                if down
+                else f"instance(s) {', '.join(refused)} refused (certificate does not match the pin)"
+                if refused
+                else "no enabled instance"
+            )
             return json_error(503, f"write refused before any instance was changed: {why}, so nodes would drift apart")
         results = await asyncio.gather(
             *(self._try_forward(i, method, path, headers, body) for i in enabled), return_exceptions=False
@@ -445,9 +473,12 @@ class Gateway:
             ) as resp:
                 data = await resp.read()
                 kept = {k: v for k, v in resp.headers.items() if k.lower() not in RESPONSE_DROP}
+                self._readmit(inst, pin)
                 return Answer(resp.status, kept, data)
         except aiohttp.ServerFingerprintMismatch as exc:
-            raise PinMismatch(inst, pin.fingerprint, _colon(exc.got)) from None
+            mismatch = PinMismatch(inst, pin.fingerprint, _colon(exc.got))
+            self._refuse(mismatch, pin)
+            raise mismatch from None
         except aiohttp.ClientConnectorError as exc:  # its own text shows the Fingerprint object's repr
             error = exc.os_error
             raise UpstreamFailed(f"cannot connect: {error.strerror or error or type(error).__name__}") from None
@@ -465,18 +496,56 @@ class Gateway:
             fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
         return fingerprint
 
-    def _mismatch(self, exc: PinMismatch) -> web.Response:
-        s = exc.instance.settings
+    def _refuse(self, exc: PinMismatch, pin: Pin) -> None:
+        """Take the instance out of REST rotation (logged once per refusal, counted every time)."""
+        inst = exc.instance
+        self.service.stats.bump(self.service.stats.api_retries, "pin_mismatch")
+        why = f"pinned {exc.expected}, presented {exc.got}"
+        if self.refused.get(inst.key) == why:
+            return
+        self.refused[inst.key] = why
+        s = inst.settings
         log.error(
-            "instance %s port %d: %s (pinned %s SHA-256 %s, presented %s)",
+            "instance %s port %d: %s (pinned %s SHA-256 %s, presented %s); out of REST rotation until its "
+            "certificate matches again or the pin is renewed (threatgate balancer pins --renew %s)",
             s.host,
             s.api_port,
             MISMATCH,
-            self.pins.path(s),
+            pin.path,
             exc.expected,
             exc.got,
+            inst.key,
         )
-        self.service.stats.bump(self.service.stats.api_retries, "pin_mismatch")
+
+    def _readmit(self, inst: Instance, pin: Pin) -> None:
+        if self.refused.pop(inst.key, None) is not None:
+            log.info(
+                "instance %s: certificate matches its pin (SHA-256 %s) again: back in REST rotation",
+                inst.key,
+                pin.fingerprint,
+            )
+
+    async def _recheck_refused(self) -> None:
+        """Look at refused instances' certificates again (at most every 2 s): a renewed pin or a node that
+        presents the pinned certificate again brings them back without sending a request byte."""
+        if not self.refused or time.monotonic() - self._rechecked < RECHECK_INTERVAL:
+            return
+        self._rechecked = time.monotonic()
+        for key in list(self.refused):
+            inst = self.service.instances.get(key)
+            if inst is None:
+                self.refused.pop(key, None)
+                continue
+            try:
+                pin = self._cached_pin(inst)
+                der = await fetch_certificate(inst.settings.host, inst.settings.api_port, 5.0)
+            except (UpstreamFailed, OSError, TimeoutError, ssl.SSLError):
+                continue
+            if pin is not None and hashlib.sha256(der).digest() == pin.sha256:
+                self._readmit(inst, pin)
+
+    def _mismatch(self, exc: PinMismatch) -> web.Response:
+        s = exc.instance.settings
         payload = [{"status": MISMATCH, "instance": s.host, "port": s.api_port, "matching_port": s.matching_port}]
         return web.Response(status=500, body=json.dumps(payload).encode(), content_type="application/json")
 

@@ -62,6 +62,8 @@ class Readiness:
     revision: int | None = None
     sha256: str | None = None
     emergency: str | None = None
+    reason: str | None = None  # why it is not ready (e.g. a feed that did not load)
+    max_event_size: int | None = None  # its MaxEventSize in bytes
 
     @property
     def in_cluster(self) -> bool:
@@ -104,7 +106,26 @@ def parse_readiness(status: int, body: bytes) -> Readiness:
         revision=opt("revision", int),
         sha256=sha256,
         emergency=opt("emergency", str),
+        reason=_reason(data),
+        max_event_size=_positive(opt("max_event_size", int)),
     )
+
+
+def _reason(data: dict[str, Any]) -> str | None:
+    """Why the node says it is not ready: its ``reason``, else the feeds it names, else None."""
+    reason = data.get("reason")
+    if isinstance(reason, str) and reason:
+        return reason[:300]
+    feeds = data.get("feeds")
+    if isinstance(feeds, dict):
+        named = [f"{k}: {v}" for k, v in feeds.items() if isinstance(k, str) and isinstance(v, str)]
+        if named:
+            return "; ".join(named)[:300]
+    return None
+
+
+def _positive(value: int | None) -> int | None:
+    return value if value is not None and value > 0 else None
 
 
 @dataclass(slots=True)
@@ -302,6 +323,8 @@ class ReadinessMonitor:
             self.evaluate()
         else:
             self.views, self.mismatch, self._mismatch_polls = {}, False, 0
+            for inst in self.service.instances.values():
+                inst.ready, inst.not_ready_reason = True, ""
 
     async def poll(self, only_unknown: bool = False) -> None:
         """Ask every enabled instance with an API port (``only_unknown``: those never asked yet)."""
@@ -318,6 +341,7 @@ class ReadinessMonitor:
     async def _poll_one(self, inst: Instance, view: View) -> None:
         before = (view.role, view.error is None)
         await probe(self.gateway, inst, view, self._client_timeout())
+        self._apply(inst, view)
         if (view.role, view.error is None) != before:  # a change, never a line per poll
             current = view.current
             if current is None:
@@ -334,6 +358,27 @@ class ReadinessMonitor:
                 )
             else:
                 log.info("instance %s: role %s", inst.key, current.role)
+
+    def _apply(self, inst: Instance, view: View) -> None:
+        """What the event path takes from the answer: ready or not (and why), and the node's MaxEventSize.
+
+        Unknown (no answer) counts as ready: a node whose API is unreachable may still match events.
+        """
+        current = view.current
+        ready = current.ready if current is not None else True
+        if current is not None and current.max_event_size is not None:
+            inst.max_event_size = current.max_event_size
+        reason = (current.reason if current is not None else None) or "not ready"
+        if ready != inst.ready:
+            if ready:
+                log.info("instance %s is ready again: it gets events again", inst.key)
+            else:
+                log.warning(
+                    "instance %s is not ready (%s): events go to ready instances while there are any",
+                    inst.key,
+                    reason,
+                )
+        inst.ready, inst.not_ready_reason = ready, "" if ready else reason
 
     def _client_timeout(self) -> aiohttp.ClientTimeout:
         total = self.service.config.health.timeout

@@ -16,15 +16,26 @@ The flow of one event:
    its unfinished events go back to the front of the backlog and are dispatched again; the
    correlator drops the stale instance's late lines, so every event is answered exactly once.
 
-Back-pressure instead of loss: when the backlog is over ``MaxPendingEvents`` (no instance can take
-more), clients stop being read until it drains to half; a client that does not read its replies
-is paused at 4 MiB.  Nothing is dropped silently: every drop is counted and logged.
+Back-pressure instead of loss, and one client cannot hold the others: a client with more than
+``MaxPendingEventsPerClient`` unanswered events stops being read until half are answered; when the
+backlog is over ``MaxPendingEvents`` (no instance can take more), the clients holding more than their
+share stop being read until it drains to half; a client that does not read its replies is paused at
+4 MiB.  Nothing is dropped silently: every drop is counted and logged.
+
+A hung instance costs at most about a second: an instance that owes events and has answered none for
+longer than its overdue deadline (twice its recent reply latency, at least :data:`OVERDUE_FLOOR`) while
+another instance can take them is *suspect*: its event connection is closed (so no late answer can mix
+with a new one), its events are dispatched again, and it gets no new events until a health check
+passes.  Found overdue ``fall`` times in a row without finishing an event, it is DOWN.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
+import ctypes.util
+import gc
 import logging
 import random
 import time
@@ -33,7 +44,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.core import Metric
+from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate import runtime
 from threatgate.balancer.alerts import AlertListener
@@ -56,6 +67,18 @@ log = logging.getLogger("threatgate.balancer")
 FINISHED_LINE = (FINISHED + "\n").encode()
 DISPATCH_BATCH = 4096
 """Events placed per dispatch pass before yielding the loop (keeps reply handling responsive)."""
+TICK = 0.25
+"""Seconds between checks of overdue instances, idle keep-alives and waiting events."""
+OVERDUE_FLOOR = 1.0
+"""Shortest overdue deadline: an instance silent this long while owing events is suspect (if another can serve)."""
+OVERDUE_FACTOR = 2.0
+"""The overdue deadline in units of the instance's recent reply latency (a loaded node is slower, not hung)."""
+ID_PREFIX = 20
+"""Bytes the request id adds in front of an event (19 digits and a space at most)."""
+COMPACT_BELOW = 8
+"""After a burst, tables are rebuilt once pending events drop below 1/COMPACT_BELOW of their peak."""
+COMPACT_MIN_PEAK = 10_000
+"""Peaks smaller than this are not worth a compaction."""
 
 
 class ClientConnection(EventProtocol):
@@ -85,6 +108,9 @@ class ClientConnection(EventProtocol):
         if self.transport is not None and not self.transport.is_closing():
             self.transport.write(data)
 
+    def is_paused(self, reason: str) -> bool:
+        return reason in self._paused_by
+
     def maybe_finish(self) -> None:
         """Close after the last answer when the client has half-closed."""
         if self.eof and not self.outstanding and self.transport is not None and not self.transport.is_closing():
@@ -106,7 +132,14 @@ class BalancerService(InstanceOwner):
         self.output = LineSender(config.output, name="detections") if config.output is not None else None
         self.warn_drop = RateLimitedLog(log)
         self.warn_backlog = RateLimitedLog(log)
+        self.warn_client_limit = RateLimitedLog(log)
+        self.warn_no_instance = RateLimitedLog(log)
+        self.warn_not_ready = RateLimitedLog(log)
+        self.warn_unmatched = RateLimitedLog(log)
         self._paused_clients: set[ClientConnection] = set()
+        self._no_instance_since: float | None = None  # loop time since when no instance is UP
+        self._id_marks: deque[tuple[float, int]] = deque()  # (loop time, first request id submitted after it)
+        self._peak_pending = 0
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
         self.gateway = Gateway(self)
@@ -135,13 +168,22 @@ class BalancerService(InstanceOwner):
         key = id(client)
         self.clients[key] = client
         releases: list[Answered] = []
-        if any(isinstance(e, Oversized) for e in events):
+        limit = self.event_limit()
+        try:
+            longest = max(map(len, events))  # type: ignore[arg-type]
+        except TypeError:  # an Oversized marker among them
+            longest = limit
+        if (longest + ID_PREFIX) * 4 > limit:  # some event might not fit a node in UTF-8: look at each (rare)
             for event in events:
                 if isinstance(event, Oversized):
                     # Too large for any node: answered here (no detections), counted like a node does.
                     rid = corr.submit(key, "")
                     self.stats.bump(self.stats.bad_input, "oversized")
                     releases += corr.finish_local_runs(rid)
+                    continue
+                room = limit - len(str(corr.next_id)) - 1  # what the node takes after "<id> "
+                if len(event) * 4 > room and (size := len(event.encode("utf-8", "replace"))) > room:
+                    releases += self._refuse_event(client, corr.submit(key, ""), size, room)
                 else:
                     self.backlog.append(corr.submit(key, event))
         else:
@@ -154,17 +196,58 @@ class BalancerService(InstanceOwner):
         self._account_framer(client)
         if releases:
             self._deliver(releases)
-        if len(self.backlog) >= self.config.max_pending_events:
-            self.warn_backlog(
-                "%d events wait for an instance (MaxPendingEvents %d): pausing clients",
-                len(self.backlog),
-                self.config.max_pending_events,
+        if client.outstanding >= self.config.client_pending_limit and not client.is_paused("client_limit"):
+            client.pause("client_limit")
+            self.stats.bump(self.stats.connections, "paused_client_limit")
+            self.warn_client_limit(
+                "client %s has %d unanswered events (MaxPendingEventsPerClient %d): not reading it until half "
+                "are answered; other clients are not affected",
+                client.peer,
+                client.outstanding,
+                self.config.client_pending_limit,
             )
-            for c in list(self.listener.active):
-                assert isinstance(c, ClientConnection)
-                c.pause("backlog")
-                self._paused_clients.add(c)
+        if len(self.backlog) >= self.config.max_pending_events:
+            self._pause_heavy_clients()
         self.dispatch()
+
+    def event_limit(self) -> int:
+        """Longest line (UTF-8 bytes, request id included) every enabled instance matches.
+
+        An instance's limit is its MaxEventSize from ``/readyz`` when it says, else the balancer's own
+        MaxEventSize (keep them equal).  An event that does not fit once ``"<id> "`` is in front of it
+        would be refused by the node as oversized, so the balancer answers it at once with an error
+        finished line instead of forwarding it.
+        """
+        sizes = [i.max_event_size or self.config.max_event_size for i in self.instances.values() if i.settings.enabled]
+        return min(sizes or [self.config.max_event_size])
+
+    def _refuse_event(self, client: ClientConnection, rid: int, size: int, limit: int) -> list[Answered]:
+        self.stats.bump(self.stats.unmatched, "event_too_large")
+        self.warn_unmatched(
+            "event of %d bytes from %s not forwarded: the instances match at most %d bytes after the request id "
+            "(MaxEventSize); answered with error=event_too_large",
+            size,
+            client.peer,
+            limit,
+        )
+        return self.correlator.finish_local_runs(rid, f"{FINISHED} error=event_too_large size={size} limit={limit}")
+
+    def _pause_heavy_clients(self) -> None:
+        """Backlog full: stop reading the clients that hold more than an equal share of it."""
+        active = [c for c in self.listener.active if isinstance(c, ClientConnection)]
+        share = self.config.max_pending_events // max(1, len(active))
+        heavy = [c for c in active if c.outstanding >= share and c not in self._paused_clients]
+        if not heavy:
+            return
+        self.warn_backlog(
+            "%d events wait for an instance (MaxPendingEvents %d): pausing clients %s",
+            len(self.backlog),
+            self.config.max_pending_events,
+            ", ".join(sorted({c.peer for c in heavy})),
+        )
+        for c in heavy:
+            c.pause("backlog")
+            self._paused_clients.add(c)
 
     def client_gone(self, client: ClientConnection) -> None:
         key = id(client)
@@ -200,6 +283,8 @@ class BalancerService(InstanceOwner):
                 continue
             count = len(run.answers)
             client.outstanding -= count
+            if client.outstanding <= self.config.client_pending_limit // 2 and client.is_paused("client_limit"):
+                client.resume("client_limit")
             stats.events_out += count
             stats.detections += run.detections
             flags = client.flags
@@ -240,11 +325,7 @@ class BalancerService(InstanceOwner):
             self._maybe_resume_clients()
             return
         limit = self.config.max_inflight_events
-        usable = [
-            i
-            for i in self.instances.values()
-            if i.state is InstanceState.UP and i.connected and i.writable and len(i.owned) < limit
-        ]
+        usable = [i for i in self._pool() if i.writable and len(i.owned) < limit]
         if not usable:
             return
         corr = self.correlator
@@ -262,15 +343,34 @@ class BalancerService(InstanceOwner):
                 continue
             if not inst.owned:
                 inst.last_progress = now
-            inst.owned.update(dict.fromkeys(sent))
+            inst.owned.update(dict.fromkeys(sent, now))
             inst.dispatched += len(sent)
             placed += len(sent)
             lines.append("")
-            inst.write("\n".join(lines).encode("utf-8", "replace"))
+            inst.write("\n".join(lines).encode("utf-8", "replace"), now)
         self.stats.dispatched += placed
         if backlog and take >= DISPATCH_BATCH:
             self._schedule_dispatch()
         self._maybe_resume_clients()
+
+    def _pool(self) -> list[Instance]:
+        """The instances events may go to now: UP and connected; among them the ready, not suspect ones
+        while there are any, else those not suspect, else any (an answer beats none)."""
+        up = [i for i in self.instances.values() if i.state is InstanceState.UP and i.connected]
+        if not up:
+            return up
+        good = [i for i in up if i.ready and i.suspect_since is None]
+        if good:
+            return good
+        alive = [i for i in up if i.suspect_since is None]
+        if alive:
+            self.warn_not_ready(
+                "no ready instance: events go to instance(s) that are not ready (%s); their detections may be "
+                "incomplete",
+                "; ".join(f"{i.key}: {i.not_ready_reason}" for i in alive),
+            )
+            return alive
+        return up
 
     def _schedule_dispatch(self) -> None:
         if not self._dispatch_scheduled:
@@ -284,6 +384,12 @@ class BalancerService(InstanceOwner):
 
     def _maybe_resume_clients(self) -> None:
         if self._paused_clients and len(self.backlog) <= self.config.max_pending_events // 2:
+            log.info(
+                "%d events wait for an instance (under half of MaxPendingEvents %d): %d client(s) resumed",
+                len(self.backlog),
+                self.config.max_pending_events,
+                len(self._paused_clients),
+            )
             for c in self._paused_clients:
                 c.resume("backlog")
             self._paused_clients.clear()
@@ -298,10 +404,16 @@ class BalancerService(InstanceOwner):
                 self._dropped_line(instance, why)
         if finished:
             owned = instance.owned
+            pop = owned.pop
+            sent = None
             for rid in finished:
-                owned.pop(rid, None)
+                sent = pop(rid, None)
+            now = asyncio.get_running_loop().time()
+            if sent is not None:
+                instance.observe_latency(now - sent)
             instance.finished += len(finished)
-            instance.last_progress = asyncio.get_running_loop().time()
+            instance.last_progress = now
+            instance.overdue_streak = 0
         if releases:
             self._deliver(releases)
         if finished:
@@ -332,10 +444,44 @@ class BalancerService(InstanceOwner):
         if lost:
             self.backlog.extendleft(reversed(lost))
             self.stats.redispatched += len(lost)
-            log.warning(
-                "instance %s: %d unfinished event(s) sent again to other instances (%s)", instance.key, len(lost), why
-            )
+            if any(i.state is InstanceState.UP and i is not instance for i in self.instances.values()):
+                log.warning(
+                    "instance %s: %d unfinished event(s) sent again to other instances (%s)",
+                    instance.key,
+                    len(lost),
+                    why,
+                )
+            else:
+                log.warning(
+                    "instance %s: %d unfinished event(s) wait in the backlog: no other instance available (%s)",
+                    instance.key,
+                    len(lost),
+                    why,
+                )
+        self._note_availability()
         self.dispatch()
+
+    def _note_availability(self) -> None:
+        """Say when the last UP instance is gone (HAProxy's "backend has no server available!") and when one is back."""
+        now = asyncio.get_running_loop().time()
+        up = any(i.state is InstanceState.UP for i in self.instances.values())
+        if not up and self._no_instance_since is None:
+            self._no_instance_since = now
+            self.stats.bump(self.stats.transitions, "no_instance")
+            log.warning(
+                "no instance available (none UP): %d event(s) wait in the backlog%s",
+                len(self.backlog),
+                f" (answered with error=no_instance after MaxEventWait {self.config.max_event_wait:.0f} s)"
+                if self.config.max_event_wait
+                else " until one comes up",
+            )
+        elif up and self._no_instance_since is not None:
+            log.info(
+                "an instance is available again after %.1f s without one: %d waiting event(s) dispatched",
+                now - self._no_instance_since,
+                len(self.backlog),
+            )
+            self._no_instance_since = None
 
     def instance_connected(self, instance: Instance) -> None:
         self.dispatch()
@@ -362,11 +508,7 @@ class BalancerService(InstanceOwner):
                 if not self._checked(inst):
                     pass  # disabled or removed while the check ran: its result must not count
                 elif error is None:
-                    if inst.health.check_passed():
-                        log.info("instance %s is UP (%d checks passed)", inst.key, inst.health.rise)
-                        self.stats.bump(self.stats.transitions, "up")
-                    if inst.health.up and inst.state is InstanceState.DOWN:
-                        inst.state = InstanceState.UP
+                    self._check_passed(inst)
                     if inst.state is InstanceState.UP and not inst.connected:
                         await inst.connect(h.timeout)
                 else:
@@ -377,13 +519,140 @@ class BalancerService(InstanceOwner):
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._should_exit.wait(), h.interval)
 
-    def _check_timeouts(self) -> None:
+    def _check_passed(self, inst: Instance) -> None:
+        health = inst.health
+        if health.check_passed():
+            if health.successes < health.rise:
+                log.info("instance %s is UP (first health check passed)", inst.key)
+            else:
+                log.info("instance %s is UP (%d checks passed)", inst.key, health.rise)
+            self.stats.bump(self.stats.transitions, "up")
+        if health.up and inst.state is InstanceState.DOWN:
+            inst.state = InstanceState.UP
+            self._note_availability()
+        if inst.suspect_since is not None:
+            log.info(
+                "instance %s answers health checks again after %.1f s: it gets events again",
+                inst.key,
+                asyncio.get_running_loop().time() - inst.suspect_since,
+            )
+            inst.suspect_since = None
+
+    def tick(self, now: float) -> None:
+        """The periodic work of the event path (every :data:`TICK` seconds)."""
+        for inst in list(self.instances.values()):
+            inst.keep_alive(now)
+        self._check_overdue(now)
+        self._check_timeouts(now)
+        self._expire_waiting(now)
+        if self._no_instance_since is None and all(
+            i.health.checked for i in self.instances.values() if i.state is not InstanceState.MAINT
+        ):
+            self._note_availability()  # none came UP at start-up
+        if self._no_instance_since is not None and self.backlog:
+            self.warn_no_instance(
+                "no instance available for %.0f s: %d event(s) wait in the backlog",
+                now - self._no_instance_since,
+                len(self.backlog),
+            )
+        self._maybe_compact()
+
+    def overdue_deadline(self, inst: Instance) -> float:
+        """How long ``inst`` may owe events without answering any before it is suspect."""
+        return min(self.config.reply_timeout, max(OVERDUE_FLOOR, OVERDUE_FACTOR * inst.latency))
+
+    def _check_overdue(self, now: float) -> None:
+        """Instances owing events that answered none for their deadline: suspect, their events go elsewhere."""
+        up = [i for i in self.instances.values() if i.state is InstanceState.UP]
+        for inst in up:
+            if not inst.owned or inst.suspect_since is not None:
+                continue
+            oldest = inst.oldest_dispatch()
+            assert oldest is not None
+            silent = now - max(oldest, inst.last_progress)
+            deadline = self.overdue_deadline(inst)
+            if silent <= deadline:
+                continue
+            if not any(o is not inst and o.connected and o.suspect_since is None for o in up):
+                continue  # nowhere else to go: ReplyTimeout decides
+            inst.overdue_streak += 1
+            inst.suspects += 1
+            self.stats.bump(self.stats.transitions, "suspect")
+            if inst.overdue_streak >= inst.health.fall:
+                self.instance_failed(
+                    inst, f"no answer to events for {silent:.1f} s (overdue {inst.overdue_streak} time(s) in a row)"
+                )
+                continue
+            inst.suspect_since = now
+            log.warning(
+                "instance %s is suspect: no answer for %.1f s (deadline %.1f s, recent latency %.0f ms) while "
+                "owing %d event(s); they are sent again elsewhere and it gets no new events until a health check "
+                "passes",
+                inst.key,
+                silent,
+                deadline,
+                inst.latency * 1000,
+                len(inst.owned),
+            )
+            inst.close()  # no late answer from this connection can mix with the new owner's
+            self._redispatch(inst, "overdue")
+
+    def _check_timeouts(self, now: float) -> None:
         """An instance that holds events and finishes none for ReplyTimeout is treated as hung."""
-        now = asyncio.get_running_loop().time()
         for inst in list(self.instances.values()):
             if inst.owned and now - inst.last_progress > self.config.reply_timeout:
                 self.stats.bump(self.stats.transitions, "reply_timeout")
                 self.instance_failed(inst, f"no answer for {self.config.reply_timeout:.0f} s")
+
+    def _expire_waiting(self, now: float) -> None:
+        """MaxEventWait: events that waited that long for an instance are answered with an error finished line."""
+        wait = self.config.max_event_wait
+        marks = self._id_marks
+        marks.append((now, self.correlator.next_id))
+        if not wait:
+            marks.clear()
+            return
+        threshold = 0  # events with a lower id were submitted at least ``wait`` seconds ago
+        while marks and marks[0][0] <= now - wait:
+            threshold = marks.popleft()[1]
+        backlog = self.backlog
+        if not threshold or not backlog or min(backlog[0], backlog[-1]) >= threshold:
+            return
+        expired = [rid for rid in backlog if rid < threshold]
+        if not expired:
+            return
+        keep = deque(rid for rid in backlog if rid >= threshold)
+        self.backlog = keep
+        corr = self.correlator
+        releases: list[Answered] = []
+        line = f"{FINISHED} error=no_instance waited={wait:.0f}s"
+        for rid in expired:
+            if corr.is_pending(rid):
+                releases += corr.finish_local_runs(rid, line)
+        self.stats.bump(self.stats.unmatched, "max_event_wait", len(expired))
+        log.warning(
+            "%d event(s) waited %.0f s (MaxEventWait) without an instance to take them: answered with "
+            "error=no_instance, no detections",
+            len(expired),
+            wait,
+        )
+        self._deliver(releases)
+        self._maybe_resume_clients()
+
+    def _maybe_compact(self) -> None:
+        """After a burst has drained, give its memory back: tables shrink, freed heap returns to the system."""
+        pending = self.correlator.pending
+        self._peak_pending = max(self._peak_pending, pending)
+        if self._peak_pending < COMPACT_MIN_PEAK or pending * COMPACT_BELOW > self._peak_pending:
+            return
+        self._peak_pending = pending
+        self.correlator.compact()
+        for inst in self.instances.values():
+            inst.owned = dict(inst.owned)
+        self.backlog = deque(self.backlog)
+        gc.collect()
+        _malloc_trim()
+        log.debug("event tables compacted after a burst (%d pending)", pending)
 
     # -- configuration ------------------------------------------------------------------------
 
@@ -413,8 +682,8 @@ class BalancerService(InstanceOwner):
             inst.health.rise, inst.health.fall = new.health.rise, new.health.fall  # interval/timeout: read per check
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 inst.state = InstanceState.MAINT
-                inst.health.up = False
-                inst.health.successes = 0
+                inst.health.reset()
+                inst.suspect_since = None
                 inst.close()
                 self._redispatch(inst, "disabled")
                 log.info("instance %s disabled (MAINT)", key)
@@ -460,9 +729,7 @@ class BalancerService(InstanceOwner):
                     lambda: sum(1 for i in self.instances.values() if i.state is InstanceState.UP),
                 ),
             }
-            self._metrics_runner = await start_metrics_server(
-                self.config.metrics, _Collector(self.stats, gauges, self.readiness)
-            )
+            self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges))
             log.info("metrics on http://%s/metrics", self.config.metrics)
         await self.alerts.start()
         await self.gateway.start()
@@ -475,6 +742,7 @@ class BalancerService(InstanceOwner):
             backlog=1024,
         )
         self.bound_port = self._server.sockets[0].getsockname()[1]
+        self.listener.start_sweeps()
         log.info(
             "balancer listening for events on %s:%d (scanners_count %d, %d instance(s))",
             self.config.listen_host,
@@ -485,10 +753,11 @@ class BalancerService(InstanceOwner):
 
     async def main_loop(self) -> None:
         last_stats = time.monotonic()
+        loop = asyncio.get_running_loop()
         while not self._should_exit.is_set():
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), 1.0)
-            self._check_timeouts()
+                await asyncio.wait_for(self._should_exit.wait(), TICK)
+            self.tick(loop.time())
             if time.monotonic() - last_stats >= self.config.stats_interval:
                 last_stats = time.monotonic()
                 self.log_eps()
@@ -529,15 +798,41 @@ class BalancerService(InstanceOwner):
 
 
 class _Collector(BalancerCollector):
-    """The balancer's counters and gauges plus the readiness gauges (labelled by instance and role)."""
+    """The balancer's counters and gauges, per-instance gauges and the readiness gauges."""
 
-    def __init__(self, stats: BalancerStats, gauges: Gauges, readiness: ReadinessMonitor) -> None:
-        super().__init__(stats, gauges)
-        self._readiness = readiness
+    def __init__(self, service: BalancerService, gauges: Gauges) -> None:
+        super().__init__(service.stats, gauges)
+        self._service = service
 
     def collect(self) -> Iterator[Metric]:
         yield from super().collect()
-        yield from self._readiness.families()
+        service = self._service
+        instances = sorted(service.instances.values(), key=lambda i: i.key)
+        refused = service.gateway.refused
+        for name, doc, value in (
+            ("threatgate_balancer_instance_up", "1 when the instance is UP", lambda i: i.state is InstanceState.UP),
+            (
+                "threatgate_balancer_instance_suspect",
+                "1 while the instance is suspect (overdue answers; no new events while others can take them)",
+                lambda i: i.suspect_since is not None,
+            ),
+            (
+                "threatgate_balancer_instance_ready",
+                "1 when the instance's /readyz says ready (or is not polled)",
+                lambda i: i.ready,
+            ),
+            (
+                "threatgate_balancer_instance_pin_refused",
+                "1 while the instance is out of REST rotation: its certificate does not match its pin",
+                lambda i: i.key in refused,
+            ),
+            ("threatgate_balancer_instance_inflight", "Events the instance owes answers for", lambda i: len(i.owned)),
+        ):
+            family = GaugeMetricFamily(name, doc, labels=["instance"])
+            for inst in instances:
+                family.add_metric([inst.key], float(value(inst)))
+            yield family
+        yield from service.readiness.families()
 
 
 def _describe(flags: SessionFlags) -> str:
@@ -552,7 +847,28 @@ def _limits(config: BalancerConfig) -> ListenerLimits:
         scanners_count=config.scanners_count,
         max_event_size=config.max_event_size,
         delimiter=config.event_delimiter,
+        idle_timeout=config.idle_timeout,
     )
+
+
+def _malloc_trim() -> None:
+    """glibc keeps freed heap pages; ``malloc_trim(0)`` gives them back (no-op elsewhere)."""
+    if _LIBC is not None:
+        _LIBC.malloc_trim(0)
+
+
+def _load_libc() -> ctypes.CDLL | None:
+    name = ctypes.util.find_library("c")
+    if name is None:
+        return None
+    try:
+        libc = ctypes.CDLL(name)
+    except OSError:
+        return None
+    return libc if hasattr(libc, "malloc_trim") else None
+
+
+_LIBC = _load_libc()
 
 
 def run_balancer(config: BalancerConfig) -> None:

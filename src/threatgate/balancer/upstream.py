@@ -25,6 +25,11 @@ WRITE_HIGH = 8 * 1024 * 1024
 """Event bytes buffered toward one instance before the balancer stops dispatching to it."""
 MAX_REPLY_LINE = 16 * 1024 * 1024
 """A reply line longer than this is a broken node: the connection is dropped (its events redispatched)."""
+KEEPALIVE = 5.0
+"""Seconds of silence after which an empty line is written to the event connection: the node skips it,
+but it keeps the connection from being closed as idle (IdleTimeout) or evicted by a newcomer."""
+LATENCY_WEIGHT = 0.2
+"""Weight of each new sample in the moving average of an instance's reply latency."""
 
 
 class UpstreamProtocol(asyncio.Protocol):
@@ -77,13 +82,31 @@ class Instance:
         self.health = Health(rise=rise, fall=fall)
         self.state = InstanceState.DOWN if settings.enabled else InstanceState.MAINT
         self.owner = owner
-        self.owned: dict[int, None] = {}  # request ids it has not finished, in dispatch order
+        self.owned: dict[int, float] = {}  # request id -> loop time of dispatch, in dispatch order
         self.protocol: UpstreamProtocol | None = None
         self.writable = True
         self.connecting = False
         self.last_progress = 0.0  # loop time of the last finished event (or of the first dispatch)
+        self.last_write = 0.0  # loop time of the last bytes written to the event connection
         self.dispatched = 0
         self.finished = 0
+        self.latency = 0.0  # moving average of dispatch-to-finish seconds of its oldest events
+        self.suspect_since: float | None = None  # overdue: its events were re-sent; no new ones while others can
+        self.suspects = 0  # times it was found overdue
+        self.overdue_streak = 0  # found overdue in a row without finishing an event
+        self.ready = True  # /readyz said ready, or readiness is not polled
+        self.not_ready_reason = ""
+        self.max_event_size: int | None = None  # the node's MaxEventSize, from /readyz when it says
+
+    def observe_latency(self, seconds: float) -> None:
+        """A finished event's dispatch-to-finish time (one sample per read of replies is enough)."""
+        self.latency = seconds if not self.latency else self.latency + LATENCY_WEIGHT * (seconds - self.latency)
+
+    def oldest_dispatch(self) -> float | None:
+        """Loop time at which its oldest unfinished event was sent (None when it owes nothing)."""
+        for sent in self.owned.values():
+            return sent
+        return None
 
     def __repr__(self) -> str:
         return f"<Instance {self.key} {self.state.value} owned={len(self.owned)} connected={self.connected}>"
@@ -92,9 +115,15 @@ class Instance:
     def connected(self) -> bool:
         return self.protocol is not None and self.protocol.transport is not None
 
-    def write(self, data: bytes) -> None:
+    def write(self, data: bytes, now: float) -> None:
         assert self.protocol is not None and self.protocol.transport is not None
         self.protocol.transport.write(data)
+        self.last_write = now
+
+    def keep_alive(self, now: float) -> None:
+        """Write an empty line when the connection has been silent for :data:`KEEPALIVE` seconds."""
+        if self.connected and now - self.last_write >= KEEPALIVE:
+            self.write(b"\n", now)
 
     async def connect(self, connect_timeout: float) -> None:
         """Open the event connection (called when the instance turns UP)."""

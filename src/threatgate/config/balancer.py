@@ -12,7 +12,7 @@ import re
 import pydantic
 
 from threatgate.config.common import Address, build, compile_regex, parse_address, parse_bool, parse_int, resolve_path
-from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE
+from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ConfigError
 from threatgate.wire.paths import RoutePattern
@@ -103,10 +103,23 @@ class BalancerConfig(_Frozen):
     api_body_timeout: float = pydantic.Field(default=60.0, gt=0, le=3600)
     api_upstream_timeout: float = pydantic.Field(default=30.0, gt=0, le=3600)
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    idle_timeout: float = pydantic.Field(default=DEFAULT_IDLE_TIMEOUT, ge=0, le=86400)
+    """``<IdleTimeout>``: a client connection that sends nothing and waits for nothing this long is closed."""
+    max_event_wait: float = pydantic.Field(default=0, ge=0, le=86400)
+    """``<MaxEventWait>``: seconds an event may wait for an instance before it is answered with an error
+    finished line (0: wait for as long as it takes, the default: no event is ever answered unmatched)."""
+    max_client_pending: int = pydantic.Field(default=0, ge=0, le=100_000_000)
+    """``<MaxPendingEventsPerClient>``: unanswered events of one client before only that client is paused
+    (0: MaxPendingEvents)."""
     stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
 
     def address(self, port: int) -> Address:
         return Address(self.listen_host, port)
+
+    @property
+    def client_pending_limit(self) -> int:
+        """Unanswered events one client may have before it alone stops being read."""
+        return self.max_client_pending or self.max_pending_events
 
     def summary(self) -> str:
         enabled = sum(1 for i in self.instances if i.enabled)
@@ -189,6 +202,9 @@ KNOWN = frozenset(
         "MaxPendingEvents",
         "OutputConnectionString",
         "HandshakeTimeout",
+        "IdleTimeout",
+        "MaxEventWait",
+        "MaxPendingEventsPerClient",
         "StatisticsInterval",
         "MetricsConnectionString",
         "AlertForwardConnectionString",
@@ -270,6 +286,9 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
         ("MaxInflightEvents", "max_inflight_events", 1, 10_000_000),
         ("MaxPendingEvents", "max_pending_events", 1, 100_000_000),
         ("HandshakeTimeout", "handshake_timeout", 1, 3600),
+        ("IdleTimeout", "idle_timeout", 0, 86400),
+        ("MaxEventWait", "max_event_wait", 0, 86400),
+        ("MaxPendingEventsPerClient", "max_client_pending", 0, 100_000_000),
         ("StatisticsInterval", "stats_interval", 1, 86400),
         ("MaxConcurrentRequests", "max_api_requests", 1, 100_000),
         ("RequestBodyTimeout", "api_body_timeout", 1, 3600),

@@ -26,6 +26,12 @@ from threatgate.config.common import (
 from threatgate.config.xml import Node, read_xml
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
+DEFAULT_IDLE_TIMEOUT = 600
+"""Seconds an event connection may send nothing before it is closed (HAProxy's ``timeout client``).
+
+Long enough for a quiet SIEM source between bursts, short enough that a connection left open by a
+crashed or misbehaving client gives its scanner slot back; a client that reconnects loses nothing.
+When every slot is taken, a newcomer may also evict the longest-idle connection (net/events.py)."""
 """1 MiB, as the issue asks; syslog relays commonly cap messages at 64 KiB (rsyslog maxMessageSize),
 so a longer "event" is almost always a client that never sends a newline."""
 
@@ -153,6 +159,8 @@ class ServiceSettings(_Frozen):
     scanners_count: int = pydantic.Field(default=9, ge=1, le=MAX_SCANNERS)
     metrics: Address | None = None
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    idle_timeout: float = pydantic.Field(default=DEFAULT_IDLE_TIMEOUT, ge=0, le=86400)
+    """``<IdleTimeout>``: an event connection that sends nothing for this long is closed (0: never)."""
 
 
 MAX_BODY_SIZE = 64 * 1024 * 1024
@@ -469,6 +477,9 @@ def _read_service(node: Node | None) -> ServiceSettings:
     handshake = node.only("HandshakeTimeout")
     if handshake is not None:
         data["handshake_timeout"] = parse_int(handshake, handshake.value, "HandshakeTimeout", 1, 3600)
+    idle = node.only("IdleTimeout")
+    if idle is not None:
+        data["idle_timeout"] = parse_int(idle, idle.value, "IdleTimeout", 0, 86400)
     return build(node, ServiceSettings, data)
 
 

@@ -102,6 +102,20 @@ class Correlator:
         """Events submitted and not yet released (or abandoned)."""
         return len(self._entries)
 
+    @property
+    def next_id(self) -> int:
+        """The request id the next submitted event gets (ids only grow: a lower one is older)."""
+        return self._next_id
+
+    def compact(self) -> None:
+        """Rebuild the tables at their current size.
+
+        A dict never shrinks when keys are deleted: after a burst of 100,000 pending events its table
+        keeps the burst's size; rebuilding gives that memory back.  Same content, same order.
+        """
+        self._entries = dict(self._entries)
+        self._order = {client: deque(ids) for client, ids in self._order.items()}
+
     def owned_by(self, instance: Hashable) -> int:
         return sum(1 for e in self._entries.values() if e.owner == instance)
 

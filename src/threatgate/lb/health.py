@@ -1,6 +1,9 @@
 """Health of one instance: active checks with rise/fall, passive failures, in HAProxy's terms.
 
-An instance starts DOWN and becomes UP after ``rise`` consecutive successful checks; an UP instance
+An instance starts unchecked and becomes UP at its first successful check (HAProxy's ``init-state
+fully-up`` spirit without trusting a node never seen: a balancer restarted in front of running nodes
+serves at once instead of answering 503 for ``rise`` intervals); after that, a DOWN instance becomes
+UP only after ``rise`` consecutive successful checks; an UP instance
 becomes DOWN after ``fall`` consecutive failed checks, or at once on a passive failure (its event
 connection broke, or an event went unanswered for longer than the reply timeout): the balancer
 has then already redispatched that instance's events and should not send it more until checks pass
@@ -21,12 +24,15 @@ class Health:
     failures: int = 0
     last_error: str = ""
     transitions: int = 0
+    checked: bool = False  # any check or failure recorded yet: after that, ``rise`` applies
 
     def check_passed(self) -> bool:
         """Record a successful check; True when this made the instance UP."""
         self.failures = 0
         self.successes += 1
-        if not self.up and self.successes >= self.rise:
+        first = not self.checked
+        self.checked = True
+        if not self.up and (first or self.successes >= self.rise):
             self.up = True
             self.transitions += 1
             self.last_error = ""
@@ -35,6 +41,7 @@ class Health:
 
     def check_failed(self, error: str) -> bool:
         """Record a failed check; True when this made the instance DOWN."""
+        self.checked = True
         self.successes = 0
         self.failures += 1
         self.last_error = error
@@ -46,6 +53,7 @@ class Health:
 
     def passive_failure(self, error: str) -> bool:
         """The event path saw the instance fail; True when this made it DOWN."""
+        self.checked = True
         self.successes = 0
         self.last_error = error
         if self.up:
@@ -54,3 +62,9 @@ class Health:
             self.transitions += 1
             return True
         return False
+
+    def reset(self) -> None:
+        """Disabled (MAINT): when enabled again it must pass ``rise`` checks like any DOWN instance."""
+        self.up = False
+        self.successes = 0
+        self.checked = True

@@ -3,7 +3,13 @@
 Both speak the CyberTrace TCP input protocol toward their clients, so the edge is written once.
 Connections go through three states: HANDSHAKE (collecting session flags, no scanner held),
 ACTIVE (holds one of ``scanners_count`` slots) and CLOSED.  A PING connection is answered in
-HANDSHAKE and never needs a slot, so health checks work even when every slot is busy.  Subclasses
+HANDSHAKE and never needs a slot, so health checks work even when every slot is busy.
+
+Slots are not held forever by clients that send nothing: an ACTIVE connection that has sent nothing
+for ``idle_timeout`` seconds and waits for no answer is closed, and when every slot is taken a
+newcomer evicts the connection idle the longest, provided it has been idle for ``handshake_timeout``
+and waits for nothing (a real client that paused loses no answer and may reconnect; one that holds a
+slot with flags and no event cannot lock a legitimate SIEM out).  Subclasses
 implement :meth:`EventProtocol.process` (what to do with framed events) and may hook
 :meth:`EventProtocol.on_closed`.
 """
@@ -43,6 +49,7 @@ class ListenerLimits:
     scanners_count: int
     max_event_size: int
     delimiter: re.Pattern[str] | None
+    idle_timeout: float = 0.0  # 0: never
 
 
 class EventListener:
@@ -56,8 +63,57 @@ class EventListener:
         self.active: set[EventProtocol] = set()
         self.warn_flood = RateLimitedLog(log)
         self.warn_scanners = RateLimitedLog(log)
+        self.warn_evict = RateLimitedLog(log)
+        self.note_idle = RateLimitedLog(log, logging.INFO, 60.0)
+        self._sweeper: asyncio.TimerHandle | None = None
+
+    def start_sweeps(self, interval: float = 1.0) -> None:
+        """Close idle connections every ``interval`` seconds until :meth:`close_all`."""
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            self.sweep(loop.time())
+            self._sweeper = loop.call_later(interval, tick)
+
+        self._sweeper = loop.call_later(interval, tick)
+
+    def sweep(self, now: float) -> int:
+        """Close every ACTIVE connection idle for longer than ``idle_timeout``; returns how many."""
+        timeout = self.limits.idle_timeout
+        if not timeout:
+            return 0
+        idle = [c for c in self.active if c.outstanding == 0 and now - c.last_active > timeout]
+        for conn in idle:
+            self.stats.bump(self.stats.connections, "idle_timeout")
+            conn.close_idle()
+        if idle:
+            self.note_idle(
+                "closed %d event connection(s) that sent nothing for %.0f s (IdleTimeout), e.g. from %s",
+                len(idle),
+                timeout,
+                idle[0].peer,
+            )
+        return len(idle)
+
+    def evict_idle(self, now: float) -> EventProtocol | None:
+        """All slots taken: close the connection idle the longest (past the handshake timeout, owed nothing).
+
+        Returns the evicted connection, or None when every slot is in real use.
+        """
+        floor = self.limits.handshake_timeout
+        candidates = [c for c in self.active if c.outstanding == 0 and now - c.last_active >= floor]
+        if not candidates:
+            return None
+        victim = min(candidates, key=lambda c: c.last_active)
+        self.stats.bump(self.stats.connections, "evicted_idle")
+        self.active.discard(victim)
+        victim.close_idle()
+        return victim
 
     def close_all(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
         for conn in [*self.active, *self.handshaking]:
             if conn.transport is not None:
                 conn.transport.close()
@@ -78,6 +134,8 @@ class EventProtocol(asyncio.Protocol):
         self._timer: asyncio.TimerHandle | None = None
         self._paused_by: set[str] = set()
         self.eof = False
+        self.last_active = 0.0  # loop time of the last bytes received
+        self.outstanding = 0  # events received and not yet answered (the balancer answers later)
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer} {self.state.value} {self.flags}>"
@@ -98,6 +156,8 @@ class EventProtocol(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+        loop = asyncio.get_running_loop()
+        self.last_active = loop.time()
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
         listener = self.listener
@@ -113,9 +173,10 @@ class EventProtocol(asyncio.Protocol):
             oldest.abort()
         listener.handshaking[self] = None
         transport.set_write_buffer_limits(high=HIGH_WATER)
-        self._timer = asyncio.get_running_loop().call_later(listener.limits.handshake_timeout, self._handshake_expired)
+        self._timer = loop.call_later(listener.limits.handshake_timeout, self._handshake_expired)
 
     def data_received(self, data: bytes) -> None:
+        self.last_active = asyncio.get_running_loop().time()
         if self.state is ConnState.ACTIVE:
             self.framer.receive_data(data)
             self._process()
@@ -137,6 +198,12 @@ class EventProtocol(asyncio.Protocol):
     def keep_open_after_eof(self) -> bool:
         """False: close our side once the replies are written (the node answers synchronously)."""
         return False
+
+    def close_idle(self) -> None:
+        """Close a connection that sends nothing (idle timeout or eviction): nothing is owed to it."""
+        self.listener.log.debug("%s: event connection idle; closing", self.peer)
+        if self.transport is not None:
+            self.transport.close()
 
     def abort(self) -> None:
         self.state = ConnState.CLOSED
@@ -211,6 +278,15 @@ class EventProtocol(asyncio.Protocol):
             self.transport.close()
             self.state = ConnState.CLOSED
             return
+        if len(listener.active) >= listener.limits.scanners_count and (
+            (evicted := listener.evict_idle(asyncio.get_running_loop().time())) is not None
+        ):
+            listener.warn_evict(
+                "all %d scanners busy; closed the connection idle the longest (%s) for %s",
+                listener.limits.scanners_count,
+                evicted.peer,
+                self.peer,
+            )
         if len(listener.active) >= listener.limits.scanners_count:
             listener.stats.bump(listener.stats.connections, "rejected_scanners")
             listener.warn_scanners(

@@ -450,6 +450,7 @@ class NodeService:
         )
         sock = self._server.sockets[0]
         self.bound_port = sock.getsockname()[1]
+        self.listener.start_sweeps()
         self.output.start()
         if self.alerts.sender is not None:
             self.alerts.sender.start()
@@ -537,6 +538,7 @@ def _limits(config: NodeConfig) -> ListenerLimits:
         scanners_count=config.service.scanners_count,
         max_event_size=config.input.max_event_size,
         delimiter=config.input.event_delimiter,
+        idle_timeout=config.service.idle_timeout,
     )
 
 
