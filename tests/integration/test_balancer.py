@@ -525,6 +525,7 @@ def test_events_wait_for_a_node_and_are_answered_when_one_comes_up(example_nodes
             balancer.wait_for_log(rf"{instance(ports[1])} is UP")
             lines = reader.join(60)
         assert balancer.proc.poll() is None
+        balancer.wait_for_log(r"under half of MaxPendingEvents 5\): 1 client\(s\) resumed")
     assert_answers(answers_in_order(lines), example_nodes.reference * 21)
 
 

@@ -355,6 +355,32 @@ def test_a_client_that_never_reads_is_paused_alone(example_nodes: Examples, tmp_
         assert "pausing clients" not in balancer.log()
 
 
+def test_a_node_closes_idle_connections_but_never_the_balancers(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
+    """A node with IdleTimeout 2 s closes a client that sent its flags and nothing else; the balancer's own
+    event connection, silent between events, is kept open by its empty keep-alive lines (no DOWN, no
+    redispatch) and still answers after the pause."""
+    port, metrics_port = free_ports(2)
+    config = example_config(
+        tmp_path / "n",
+        port=port,
+        extra_service="<IdleTimeout>2</IdleTimeout>"
+        f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+    )
+    with nodes((config, port)), balancer_for(tmp_path / "kl_balancer.conf", [port]) as balancer:
+        with socket.create_connection(("127.0.0.1", port), timeout=20) as idle:
+            idle.sendall(REPLY_FLAGS + b"\n")
+            started = time.monotonic()
+            assert idle.recv(1) == b""  # closed by the node
+            assert 1.5 < time.monotonic() - started < 10
+        assert metric(metrics_port, "threatgate_connections_total", 'outcome="idle_timeout"') == 1
+        time.sleep(3)  # the balancer's connection stays silent for longer than the node's IdleTimeout
+        lines = stream(balancer.port, REPLY_FLAGS + example_nodes.events)
+        assert_answers(answers(lines), example_nodes.reference)
+        log = balancer.log()
+        assert "event connection lost" not in log and "is DOWN" not in log, log
+        assert metric(metrics_port, "threatgate_connections_total", 'outcome="idle_timeout"') == 1
+
+
 # -- item 12: memory after a burst ---------------------------------------------------------------------------------
 
 

@@ -1033,6 +1033,7 @@ def test_an_instance_whose_certificate_stops_matching_leaves_rest_rotation(
         relay = Relay(loop_thread, node, ca.issue_cert("127.0.0.1"))
         try:
             instances = [(node.event_port, relay.port), (other.event_port, other.api_port)]
+            (tmp_path / "gw").mkdir()
             with running_gateway(tmp_path / "gw", instances) as gateway:
                 for _ in range(4):  # both pinned
                     assert gateway.api.request("GET", "/api/1.1/suppliers", headers=AUTH).status == 200

@@ -25,7 +25,7 @@ WRITE_HIGH = 8 * 1024 * 1024
 """Event bytes buffered toward one instance before the balancer stops dispatching to it."""
 MAX_REPLY_LINE = 16 * 1024 * 1024
 """A reply line longer than this is a broken node: the connection is dropped (its events redispatched)."""
-KEEPALIVE = 5.0
+KEEPALIVE = 1.0
 """Seconds of silence after which an empty line is written to the event connection: the node skips it,
 but it keeps the connection from being closed as idle (IdleTimeout) or evicted by a newcomer."""
 LATENCY_WEIGHT = 0.2
