@@ -41,13 +41,15 @@ from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
+from threatgate.config.common import Address
+from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
 from threatgate.errors import ConfigError
 from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
 from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, start_metrics_server
+from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, LabelledGauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
-from threatgate.net.sender import LineSender
+from threatgate.net.sender import Dropped, LineSender, queue_gauges
 from threatgate.wire.flags import SessionFlags
 from threatgate.wire.framing import FramedEvent, Oversized
 
@@ -76,6 +78,12 @@ class ClientConnection(EventProtocol):
 
     def on_active(self) -> None:
         log.info("client %s connected (%s)", self.peer, _describe(self.flags))
+        if not self.flags.reply_back and self.service.output is None:
+            log.warning(
+                "client %s sent no X-KF-ReplyBack and there is no <OutputConnectionString>: "
+                "its detections will be dropped (counted in threatgate_output_dropped_lines_total)",
+                self.peer,
+            )
 
     def on_closed(self) -> None:
         log.info("client %s disconnected", self.peer)
@@ -103,7 +111,8 @@ class BalancerService(InstanceOwner):
         self.instances: dict[str, Instance] = {}
         self.clients: dict[int, ClientConnection] = {}
         self.rng = rng or random.Random()
-        self.output = LineSender(config.output, name="detections") if config.output is not None else None
+        self.output = self._output_sender(config.output)
+        self.restart = RestartTracker(config, BALANCER_FIELDS)
         self.warn_drop = RateLimitedLog(log)
         self.warn_backlog = RateLimitedLog(log)
         self._paused_clients: set[ClientConnection] = set()
@@ -221,15 +230,19 @@ class BalancerService(InstanceOwner):
 
     def _send_output(self, lines: tuple[str, ...]) -> None:
         if self.output is None:
-            self.stats.bump(self.stats.dropped, "no_output_destination", len(lines))
+            self.stats.drop_lines("detections", "no_output_destination", len(lines))
             self.warn_drop(
                 "detections of a client without X-KF-ReplyBack and no <OutputConnectionString>: %d line(s) dropped",
                 len(lines),
             )
             return
-        if not self.output.send(("\n".join(lines) + "\n").encode("utf-8", "replace")):
-            self.stats.bump(self.stats.dropped, "output_queue_full", len(lines))
-            self.warn_drop("detection output queue full: %d line(s) dropped", len(lines))
+        self.output.send_or_drop(("\n".join(lines) + "\n").encode("utf-8", "replace"))  # full: counted, logged
+
+    def _output_sender(self, address: Address | None) -> LineSender | None:
+        return None if address is None else LineSender(address, name="detections", on_drop=self._output_dropped)
+
+    def _output_dropped(self, dropped: Dropped) -> None:
+        self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -388,11 +401,17 @@ class BalancerService(InstanceOwner):
     # -- configuration ------------------------------------------------------------------------
 
     def apply_config(self, new: BalancerConfig) -> None:
-        """Instances added, removed, enabled or disabled; events in flight are kept (redispatched)."""
+        """Everything config/reload.py marks live; the rest is reported (WARNING, restart gauge).
+
+        Instances added, removed, enabled or disabled; events in flight are kept (redispatched).
+        """
         old = self.config
-        if (new.listen_host, new.matching_port) != (old.listen_host, old.matching_port):
-            log.warning("configuration reload: the listen address changed; that needs a restart")
+        self.restart.reloaded(new, log)
         self.config = new
+        if new.output != old.output:
+            self._replace_output(new.output)
+        if new.alert_forward != old.alert_forward:
+            self._spawn(self.alerts.replace_forward(new.alert_forward))
         self.listener.limits = _limits(new)
         wanted = {s.key: s for s in new.instances}
         for key in list(self.instances):
@@ -422,6 +441,20 @@ class BalancerService(InstanceOwner):
                 inst.state = InstanceState.DOWN
                 log.info("instance %s enabled; UP after %d health checks", key, new.health.rise)
         log.info("configuration reloaded from %s", new.path)
+
+    def _replace_output(self, address: Address | None) -> None:
+        """A new sender for a new destination; the old one flushes for 2 s and hands over the rest."""
+        old, self.output = self.output, self._output_sender(address)
+        if self.output is not None:
+            self.output.start()
+        log.info("detections of clients without X-KF-ReplyBack now go to %s", address or "nowhere (dropped)")
+        if old is not None:
+            self._spawn(old.aclose(successor=self.output))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> None:
         try:
@@ -459,9 +492,14 @@ class BalancerService(InstanceOwner):
                     "Instances UP",
                     lambda: sum(1 for i in self.instances.values() if i.state is InstanceState.UP),
                 ),
+                "threatgate_config_restart_required": (
+                    "1 while the configuration file differs from the running one in something that needs a restart",
+                    self.restart.gauge,
+                ),
             }
+            senders = queue_gauges(lambda: (self.output, self.alerts.forward))
             self._metrics_runner = await start_metrics_server(
-                self.config.metrics, _Collector(self.stats, gauges, self.readiness)
+                self.config.metrics, _Collector(self.stats, gauges, self.readiness, senders)
             )
             log.info("metrics on http://%s/metrics", self.config.metrics)
         await self.alerts.start()
@@ -506,9 +544,7 @@ class BalancerService(InstanceOwner):
         self._should_exit.set()
 
     def request_reload(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.reload())
 
     async def shutdown(self) -> None:
         log.info("balancer stopping (%d event(s) unanswered)", self.correlator.pending)
@@ -531,8 +567,10 @@ class BalancerService(InstanceOwner):
 class _Collector(BalancerCollector):
     """The balancer's counters and gauges plus the readiness gauges (labelled by instance and role)."""
 
-    def __init__(self, stats: BalancerStats, gauges: Gauges, readiness: ReadinessMonitor) -> None:
-        super().__init__(stats, gauges)
+    def __init__(
+        self, stats: BalancerStats, gauges: Gauges, readiness: ReadinessMonitor, senders: LabelledGauges
+    ) -> None:
+        super().__init__(stats, gauges, senders)
         self._readiness = readiness
 
     def collect(self) -> Iterator[Metric]:
