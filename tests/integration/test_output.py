@@ -164,7 +164,10 @@ def test_node_counts_logs_and_alerts_detections_it_cannot_deliver(tmp_path: Path
                 r"retries_exhausted \(2 attempt\(s\), last: "
             )
             # One alert (at most one a minute), carrying the lines of the first drop; the rest follow later.
-            alert = rf"alert=KL_ALERT_DetectionsDropped destination=127\.0\.0\.1:{out} lines={first[1]} reason=retries_exhausted"
+            alert = (
+                rf"alert=KL_ALERT_DetectionsDropped destination=127\.0\.0\.1:{out} "
+                rf"lines={first[1]} reason=retries_exhausted"
+            )
             wait_until(lambda: re.search(alert, alerts.data.decode()) is not None, "the alert line at the destination")
             node.wait_for_log(rf"WAR threatgate\.node: alert KL_ALERT_DetectionsDropped destination=127\.0\.0\.1:{out}")
             samples = prometheus_samples(metrics)
