@@ -198,22 +198,29 @@ def balancer_status(config_path: str, as_json: bool) -> None:
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:
-    """Check a configuration file; print a one-line summary, or file:line and the problem."""
+    """Check a configuration file; print a one-line summary, or file:line and the problem.
+
+    A valid file may still draw warnings on stderr (exit status 0): settings that lose data as written.
+    """
     from threatgate.config.balancer import balancer_config_from_xml
     from threatgate.config.node import node_config_from_xml
     from threatgate.config.xml import read_xml
 
+    warnings: list[str] = []
     try:
         root = read_xml(path)
         if root.tag == "Configuration":
             summary = node_config_from_xml(root).summary()
         elif root.tag == "Config":
-            summary = balancer_config_from_xml(root).summary()
+            balancer = balancer_config_from_xml(root)
+            summary, warnings = balancer.summary(), balancer.warnings()
         else:
             raise root.error("unknown root element: expected <Configuration> (node) or <Config> (balancer)")
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
         sys.exit(EXIT_CONFIG)
+    for warning in warnings:
+        click.echo(f"{path}: warning: {warning}", err=True)
     click.echo(summary)
 
 

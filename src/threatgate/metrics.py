@@ -18,17 +18,25 @@ from prometheus_client.registry import Collector
 from threatgate.config.common import Address
 
 Gauges = dict[str, tuple[str, Callable[[], float]]]
+LabelledGauges = dict[str, tuple[str, str, Callable[[], dict[str, float]]]]
+"""name -> (help, label name, getter of label value -> value), read at scrape time."""
 
 
 @dataclass(slots=True)
 class BoundaryStats:
-    """Counters every listener keeps: bad input by reason, connections by outcome."""
+    """Counters every service keeps at its edges: bad input by reason, connections by outcome, and
+    output lines dropped by destination and reason (threatgate.net.sender)."""
 
     bad_input: dict[str, int] = field(default_factory=dict)  # reason -> count
     connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
+    output_dropped: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, reason) -> lines
 
     def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
+
+    def drop_lines(self, destination: str, reason: str, lines: int) -> None:
+        key = (destination, reason)
+        self.output_dropped[key] = self.output_dropped.get(key, 0) + lines
 
 
 @dataclass(slots=True)
@@ -77,8 +85,10 @@ Tables = list[tuple[str, str, str, dict[str, int]]]  # (name, help, label, label
 class _TableCollector(Collector):
     """Plain counters, labelled counter tables, labelled gauge tables and live gauges, at scrape time."""
 
-    def __init__(self, gauges: Gauges) -> None:
+    def __init__(self, gauges: Gauges, labelled: LabelledGauges | None = None) -> None:
         self._gauges = gauges
+        self._labelled = labelled or {}
+        self._boundary: BoundaryStats | None = None
 
     def counters(self) -> Counters:
         return []
@@ -104,14 +114,29 @@ class _TableCollector(Collector):
             yield gauge
         for name, (doc, getter) in self._gauges.items():
             yield GaugeMetricFamily(name, doc, value=getter())
+        for name, (doc, label, values) in self._labelled.items():
+            live = GaugeMetricFamily(name, doc, labels=[label])
+            for key, level in sorted(values().items()):
+                live.add_metric([key], level)
+            yield live
+        if self._boundary is not None:
+            dropped = CounterMetricFamily(
+                "threatgate_output_dropped_lines",
+                "Output lines (detections, alerts) not delivered, by destination and reason",
+                labels=["destination", "reason"],
+            )
+            for (destination, reason), value in sorted(self._boundary.output_dropped.items()):
+                dropped.add_metric([destination, reason], value)
+            yield dropped
 
 
 class StatsCollector(_TableCollector):
     """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
 
-    def __init__(self, stats: NodeStats, gauges: Gauges) -> None:
-        super().__init__(gauges)
+    def __init__(self, stats: NodeStats, gauges: Gauges, labelled: LabelledGauges | None = None) -> None:
+        super().__init__(gauges, labelled)
         self._stats = stats
+        self._boundary = stats
 
     def counters(self) -> Counters:
         s = self._stats
@@ -164,9 +189,10 @@ class StatsCollector(_TableCollector):
 class BalancerCollector(_TableCollector):
     """Exports a :class:`BalancerStats` plus live gauges."""
 
-    def __init__(self, stats: BalancerStats, gauges: Gauges) -> None:
-        super().__init__(gauges)
+    def __init__(self, stats: BalancerStats, gauges: Gauges, labelled: LabelledGauges | None = None) -> None:
+        super().__init__(gauges, labelled)
         self._stats = stats
+        self._boundary = stats
 
     def counters(self) -> Counters:
         s = self._stats

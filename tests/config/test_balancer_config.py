@@ -92,8 +92,11 @@ def test_extension_elements_are_read(tmp_path: Path) -> None:
         '<HealthCheck interval="2" timeout="2" rise="2" fall="3"/>',
         '<HealthCheck interval="1" timeout="5" rise="1" fall="4"/>'
         "<MaxEventSize>1024</MaxEventSize><HandshakeTimeout>3</HandshakeTimeout>"
-        '<OutputConnectionString enabled="true">127.0.0.1:7000</OutputConnectionString>'
         "<EventDelimiter>&lt;\\d+&gt;</EventDelimiter>",
+    )
+    text = text.replace(
+        '<OutputConnectionString enabled="false">127.0.0.1:9998<',
+        '<OutputConnectionString enabled="true">127.0.0.1:7000<',
     )
     text = text.replace("<ReplyTimeout>30<", "<ReplyTimeout>7<").replace(">20000<", ">50<").replace(">100000<", ">60<")
     config = load_balancer_config(str(write(tmp_path, text)))
@@ -299,6 +302,23 @@ def test_validate_cli_accepts_the_example() -> None:
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == load_balancer_config(str(EXAMPLE)).summary()
     assert "balancer config OK" in result.stdout
+
+
+def test_validate_warns_when_detections_of_plain_clients_have_nowhere_to_go(tmp_path: Path) -> None:
+    """The example has the element switched off: valid (exit 0), with a warning on stderr; set, no warning."""
+    result = validate(EXAMPLE)
+    assert result.returncode == 0 and "balancer config OK" in result.stdout
+    assert result.stderr == (
+        f"{EXAMPLE}: warning: no enabled <OutputConnectionString>: detections of clients without X-KF-ReplyBack "
+        "will be dropped (counted in threatgate_output_dropped_lines_total); set it to the SIEM's host:port, "
+        "or have every client send X-KF-ReplyBack\n"
+    )
+    path = write(
+        tmp_path, edited('<OutputConnectionString enabled="false">', '<OutputConnectionString enabled="true">')
+    )
+    result = validate(path)
+    assert (result.returncode, result.stderr) == (0, "")
+    assert load_balancer_config(str(path)).warnings() == []
 
 
 def test_validate_cli_rejects_a_broken_balancer_config(tmp_path: Path) -> None:

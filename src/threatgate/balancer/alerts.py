@@ -19,8 +19,9 @@ import re
 import time
 from typing import TYPE_CHECKING, cast
 
+from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
-from threatgate.net.sender import LineSender
+from threatgate.net.sender import ALERT_QUEUE, LineSender
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -102,11 +103,7 @@ class AlertListener:
     def __init__(self, service: BalancerService) -> None:
         self.service = service
         self.connections: set[AlertConnection] = set()
-        self.forward = (
-            LineSender(service.config.alert_forward, name="alert-forward", retries=None, max_queue_bytes=1024 * 1024)
-            if service.config.alert_forward is not None
-            else None
-        )
+        self.forward = self._forward_sender(service.config.alert_forward)
         self._buckets: dict[str, _Bucket] = {}
         self._flood = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
@@ -132,8 +129,30 @@ class AlertListener:
             log.error("service alert from %s: %s", peer, line[:2000])
         else:
             self._flood(f"service alerts from {host} arrive faster than {LOG_RATE}/s; not all are logged (all counted)")
-        if self.forward is not None and not self.forward.send((line + "\n").encode("utf-8", "replace")):
-            self.count_bad("alert_forward_queue_full")
+        if self.forward is not None:
+            self.forward.send_or_drop((line + "\n").encode("utf-8", "replace"))  # full: counted, logged
+
+    def _forward_sender(self, address: Address | None) -> LineSender | None:
+        if address is None:
+            return None
+        stats = self.service.stats
+        return LineSender(
+            address,
+            name="alert-forward",
+            retries=None,
+            max_queue_bytes=ALERT_QUEUE[0],
+            max_queue_lines=ALERT_QUEUE[1],
+            on_drop=lambda d: stats.drop_lines(d.destination, d.reason, d.lines),
+        )
+
+    async def replace_forward(self, address: Address | None) -> None:
+        """SIGHUP changed AlertForwardConnectionString: a new sender; the old one hands over what it holds."""
+        old, self.forward = self.forward, self._forward_sender(address)
+        if self.forward is not None:
+            self.forward.start()
+        log.info("service alerts now forwarded to %s", address or "nowhere")
+        if old is not None:
+            await old.aclose(successor=self.forward)
 
     async def start(self) -> None:
         config = self.service.config

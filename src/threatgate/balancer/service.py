@@ -52,13 +52,15 @@ from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.upstream import Instance, InstanceOwner, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
+from threatgate.config.common import Address
+from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
 from threatgate.errors import ConfigError
 from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
 from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, start_metrics_server
+from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, LabelledGauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
-from threatgate.net.sender import LineSender
+from threatgate.net.sender import Dropped, LineSender, queue_gauges
 from threatgate.wire.flags import SessionFlags
 from threatgate.wire.framing import FramedEvent, Oversized
 
@@ -99,6 +101,12 @@ class ClientConnection(EventProtocol):
 
     def on_active(self) -> None:
         log.info("client %s connected (%s)", self.peer, _describe(self.flags))
+        if not self.flags.reply_back and self.service.output is None:
+            log.warning(
+                "client %s sent no X-KF-ReplyBack and there is no <OutputConnectionString>: "
+                "its detections will be dropped (counted in threatgate_output_dropped_lines_total)",
+                self.peer,
+            )
 
     def on_closed(self) -> None:
         log.info("client %s disconnected", self.peer)
@@ -129,7 +137,8 @@ class BalancerService(InstanceOwner):
         self.instances: dict[str, Instance] = {}
         self.clients: dict[int, ClientConnection] = {}
         self.rng = rng or random.Random()
-        self.output = LineSender(config.output, name="detections") if config.output is not None else None
+        self.output = self._output_sender(config.output)
+        self.restart = RestartTracker(config, BALANCER_FIELDS)
         self.warn_drop = RateLimitedLog(log)
         self.warn_backlog = RateLimitedLog(log)
         self.warn_client_limit = RateLimitedLog(log)
@@ -306,15 +315,19 @@ class BalancerService(InstanceOwner):
 
     def _send_output(self, lines: tuple[str, ...]) -> None:
         if self.output is None:
-            self.stats.bump(self.stats.dropped, "no_output_destination", len(lines))
+            self.stats.drop_lines("detections", "no_output_destination", len(lines))
             self.warn_drop(
                 "detections of a client without X-KF-ReplyBack and no <OutputConnectionString>: %d line(s) dropped",
                 len(lines),
             )
             return
-        if not self.output.send(("\n".join(lines) + "\n").encode("utf-8", "replace")):
-            self.stats.bump(self.stats.dropped, "output_queue_full", len(lines))
-            self.warn_drop("detection output queue full: %d line(s) dropped", len(lines))
+        self.output.send_or_drop(("\n".join(lines) + "\n").encode("utf-8", "replace"))  # full: counted, logged
+
+    def _output_sender(self, address: Address | None) -> LineSender | None:
+        return None if address is None else LineSender(address, name="detections", on_drop=self._output_dropped)
+
+    def _output_dropped(self, dropped: Dropped) -> None:
+        self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -657,11 +670,17 @@ class BalancerService(InstanceOwner):
     # -- configuration ------------------------------------------------------------------------
 
     def apply_config(self, new: BalancerConfig) -> None:
-        """Instances added, removed, enabled or disabled; events in flight are kept (redispatched)."""
+        """Everything config/reload.py marks live; the rest is reported (WARNING, restart gauge).
+
+        Instances added, removed, enabled or disabled; events in flight are kept (redispatched).
+        """
         old = self.config
-        if (new.listen_host, new.matching_port) != (old.listen_host, old.matching_port):
-            log.warning("configuration reload: the listen address changed; that needs a restart")
+        self.restart.reloaded(new, log)
         self.config = new
+        if new.output != old.output:
+            self._replace_output(new.output)
+        if new.alert_forward != old.alert_forward:
+            self._spawn(self.alerts.replace_forward(new.alert_forward))
         self.listener.limits = _limits(new)
         wanted = {s.key: s for s in new.instances}
         for key in list(self.instances):
@@ -691,6 +710,20 @@ class BalancerService(InstanceOwner):
                 inst.state = InstanceState.DOWN
                 log.info("instance %s enabled; UP after %d health checks", key, new.health.rise)
         log.info("configuration reloaded from %s", new.path)
+
+    def _replace_output(self, address: Address | None) -> None:
+        """A new sender for a new destination; the old one flushes for 2 s and hands over the rest."""
+        old, self.output = self.output, self._output_sender(address)
+        if self.output is not None:
+            self.output.start()
+        log.info("detections of clients without X-KF-ReplyBack now go to %s", address or "nowhere (dropped)")
+        if old is not None:
+            self._spawn(old.aclose(successor=self.output))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
 
     async def reload(self) -> None:
         try:
@@ -728,8 +761,13 @@ class BalancerService(InstanceOwner):
                     "Instances UP",
                     lambda: sum(1 for i in self.instances.values() if i.state is InstanceState.UP),
                 ),
+                "threatgate_config_restart_required": (
+                    "1 while the configuration file differs from the running one in something that needs a restart",
+                    self.restart.gauge,
+                ),
             }
-            self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges))
+            senders = queue_gauges(lambda: (self.output, self.alerts.forward))
+            self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges, senders))
             log.info("metrics on http://%s/metrics", self.config.metrics)
         await self.alerts.start()
         await self.gateway.start()
@@ -775,9 +813,7 @@ class BalancerService(InstanceOwner):
         self._should_exit.set()
 
     def request_reload(self) -> None:
-        task = asyncio.get_running_loop().create_task(self.reload())
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        self._spawn(self.reload())
 
     async def shutdown(self) -> None:
         log.info("balancer stopping (%d event(s) unanswered)", self.correlator.pending)
@@ -800,8 +836,8 @@ class BalancerService(InstanceOwner):
 class _Collector(BalancerCollector):
     """The balancer's counters and gauges, per-instance gauges and the readiness gauges."""
 
-    def __init__(self, service: BalancerService, gauges: Gauges) -> None:
-        super().__init__(service.stats, gauges)
+    def __init__(self, service: BalancerService, gauges: Gauges, senders: LabelledGauges) -> None:
+        super().__init__(service.stats, gauges, senders)
         self._service = service
 
     def collect(self) -> Iterator[Metric]:

@@ -130,6 +130,17 @@ class BalancerConfig(_Frozen):
             f"{len(self.allowed)} allowed request(s)"
         )
 
+    def warnings(self) -> list[str]:
+        """Valid but probably not meant: ``threatgate validate`` prints these and still succeeds."""
+        out: list[str] = []
+        if self.output is None:
+            out.append(
+                "no enabled <OutputConnectionString>: detections of clients without X-KF-ReplyBack will be dropped "
+                "(counted in threatgate_output_dropped_lines_total); set it to the SIEM's host:port, or have "
+                "every client send X-KF-ReplyBack"
+            )
+        return out
+
 
 def _read_instance(node: Node) -> InstanceSettings:
     if node.tag != "Instance":

@@ -22,12 +22,13 @@ from aiohttp import web
 
 from threatgate import runtime
 from threatgate.config.node import NodeConfig, load_node_config
+from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
-from threatgate.net.sender import LineSender
+from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import BasicAuth
@@ -65,7 +66,9 @@ class Alerts:
                 name="alerts",
                 retries=None,  # an alert must survive the balancer's restart: queue (1 MiB) and retry
                 retry_timeout=min(out.retries_timeout, 5.0),
-                max_queue_bytes=1024 * 1024,
+                max_queue_bytes=ALERT_QUEUE[0],
+                max_queue_lines=ALERT_QUEUE[1],
+                on_drop=lambda d: stats.drop_lines(d.destination, d.reason, d.lines),  # no alert about alerts
             )
         self._fields = FieldFormat(out.record_field_format)
 
@@ -74,7 +77,7 @@ class Alerts:
         detail = " ".join(f"{k}={v}" for k, v in context.items())
         level = (
             logging.WARNING
-            if any(w in name for w in ("Failed", "Partially", "Unavailable", "Error", "Emergency"))
+            if any(w in name for w in ("Failed", "Partially", "Unavailable", "Error", "Emergency", "Dropped"))
             else logging.INFO
         )
         log.log(level, "alert %s %s", name, detail)
@@ -85,8 +88,7 @@ class Alerts:
             "Alert": name,
             "RecordContext": self._fields.join(((k, str(v)) for k, v in context.items()), " "),
         }
-        if not self.sender.send((self._template.render(fields) + "\n").encode()):
-            self._stats.bump(self._stats.bad_input, "alert_queue_full")
+        self.sender.send_or_drop((self._template.render(fields) + "\n").encode())
 
 
 class EventConnection(EventProtocol):
@@ -110,19 +112,19 @@ class EventConnection(EventProtocol):
             assert self.transport is not None
             self.transport.write(payload)
             return
-        sender = node.output
-        if not sender.send(payload):
+        if not node.output.send(payload):
             # The destination is not keeping up: hold this batch and stop reading until it drains.
             node.stats.bump(node.stats.bad_input, "output_backpressure")
             self.pause("output")
 
             def retry() -> None:
+                sender = node.output  # a reload may have replaced the sender meanwhile
                 if not sender.send(payload):
                     sender.when_drained(retry)
                     return
                 self.resume("output")
 
-            sender.when_drained(retry)
+            node.output.when_drained(retry)
 
 
 class NodeService:
@@ -133,12 +135,10 @@ class NodeService:
         self.stats = NodeStats()
         self.alerts = Alerts(config, self.stats)
         self.matcher = Matcher(config, IndicatorStore())
-        self.output = LineSender(
-            config.output.destination,
-            name="detections",
-            retries=config.output.retries_count,
-            retry_timeout=config.output.retries_timeout,
-        )
+        self.drop_tally = DropTally()
+        self._drop_timer: asyncio.TimerHandle | None = None
+        self.output = self._output_sender(config)
+        self.restart = RestartTracker(config, NODE_FIELDS)
         self.listener = EventListener(self.stats, _limits(config), log)
         self.warn_input = RateLimitedLog(log)
         self._snapshots: dict[int, FeedSnapshot] = {}
@@ -190,6 +190,45 @@ class NodeService:
                 s.bump(s.bad_input, reason, n)
                 setattr(f, reason, 0)
                 self.warn_input("bad input on the event port: %s (%d event(s)); see threatgate_bad_input", reason, n)
+
+    # -- detection output ---------------------------------------------------------------------
+
+    def _output_sender(self, config: NodeConfig) -> LineSender:
+        out = config.output
+        return LineSender(
+            out.destination,
+            name="detections",
+            retries=out.retries_count,
+            retry_timeout=out.retries_timeout,
+            on_drop=self._output_dropped,
+        )
+
+    def _output_dropped(self, dropped: Dropped) -> None:
+        """Count detection lines the sender gave up on; KL_ALERT_DetectionsDropped at most once a minute."""
+        self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
+        now = time.monotonic()
+        lines = self.drop_tally.add(str(dropped.address), dropped.reason, dropped.lines, now)
+        if lines:
+            self._alert_dropped(str(dropped.address), dropped.reason, lines)
+        self._schedule_drop_alerts(now)
+
+    def _alert_dropped(self, address: str, reason: str, lines: int) -> None:
+        self.alerts.raise_alert("KL_ALERT_DetectionsDropped", destination=address, lines=lines, reason=reason)
+
+    def _schedule_drop_alerts(self, now: float) -> None:
+        """Alert about held drops once their minute has passed, even if nothing more is dropped."""
+        due = self.drop_tally.next_due()
+        if due is None or self._drop_timer is not None:
+            return
+
+        def fire() -> None:
+            self._drop_timer = None
+            later = time.monotonic()
+            for address, reason, lines in self.drop_tally.due(later):
+                self._alert_dropped(address, reason, lines)
+            self._schedule_drop_alerts(later)
+
+        self._drop_timer = asyncio.get_running_loop().call_later(max(0.0, due - now), fire)
 
     # -- feeds --------------------------------------------------------------------------------
 
@@ -394,23 +433,14 @@ class NodeService:
     async def apply_config(self, new: NodeConfig, reason: str) -> None:
         """Swap in a validated config in place.
 
-        Event connections stay open (they pick up the new matcher with their next batch).  Listen
-        addresses, TLS files and the database path need a restart; a change to them is reported,
-        not applied.
+        Event connections stay open (they pick up the new matcher with their next batch).  What
+        needs a restart (config/reload.py: listen addresses, TLS files, the database path...) is
+        reported, not applied, and kept so in ``threatgate_config_restart_required``.
         """
         old = self.config
-        fixed = [
-            name
-            for name, a, b in (
-                ("InputSettings/ConnectionString", old.input.listen, new.input.listen),
-                ("HTTPServer", _http_fixed(old), _http_fixed(new)),
-                ("ServiceSettings/MetricsConnectionString", old.service.metrics, new.service.metrics),
-            )
-            if a != b
-        ]
-        if fixed:
-            log.warning("configuration reload: %s changed; that needs a restart", ", ".join(fixed))
+        self.restart.reloaded(new, log)
         self.config = new
+        self._apply_output(new)
         self.listener.limits = _limits(new)
         matcher = Matcher(new, self.matcher.store)
         matcher.use_suppliers(self.matcher.suppliers)
@@ -421,13 +451,26 @@ class NodeService:
             if self.alerts.sender is not None:
                 self.alerts.sender.start()
             if old_alerts.sender is not None:
-                self._spawn(old_alerts.sender.aclose())
+                self._spawn(old_alerts.sender.aclose(successor=self.alerts.sender))
         self.auth = BasicAuth(dict(new.http.users) if new.http else {})
+        if self.http is not None and new.http is not None:
+            self.http.header_timeout = new.http.header_timeout
         self.exports = Exports(self)
         self.store_version += 1
         log.info("configuration reloaded from %s", new.path)
         self.alerts.raise_alert("KL_ALERT_ConfigurationUpdated")
         await self.reload_feeds(reason)
+
+    def _apply_output(self, new: NodeConfig) -> None:
+        """A new destination gets a new sender; the old one flushes for 2 s and hands over the rest."""
+        out = new.output
+        if out.destination == self.output.address:
+            self.output.retries, self.output.retry_timeout = out.retries_count, out.retries_timeout
+            return
+        old, self.output = self.output, self._output_sender(new)
+        self.output.start()
+        log.info("detections now go to %s (were %s)", out.destination, old.address)
+        self._spawn(old.aclose(successor=self.output))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -471,11 +514,15 @@ class NodeService:
         gauges: Gauges = {
             "threatgate_active_connections": ("Event connections holding a scanner", lambda: len(self.listener.active)),
             "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
-            "threatgate_output_queue_bytes": ("Detection bytes waiting", lambda: self.output.queued_bytes),
+            "threatgate_config_restart_required": (
+                "1 while the configuration file differs from the running one in something that needs a restart",
+                self.restart.gauge,
+            ),
         }
         if self.cluster is not None:
             gauges.update(self.cluster.gauges())
-        self._metrics_runner = await start_metrics_server(address, StatsCollector(self.stats, gauges))
+        senders = queue_gauges(lambda: (self.output, self.alerts.sender))
+        self._metrics_runner = await start_metrics_server(address, StatsCollector(self.stats, gauges, senders))
         log.info("metrics on http://%s/metrics", address)
 
     async def main_loop(self) -> None:
@@ -517,6 +564,8 @@ class NodeService:
         if self._started:
             self.alerts.raise_alert("KL_ALERT_ServiceStopped")
         await self.output.aclose()
+        if self._drop_timer is not None:
+            self._drop_timer.cancel()
         if self.alerts.sender is not None:
             await self.alerts.sender.aclose()
         if self._metrics_runner is not None:
@@ -540,11 +589,6 @@ def _limits(config: NodeConfig) -> ListenerLimits:
         delimiter=config.input.event_delimiter,
         idle_timeout=config.service.idle_timeout,
     )
-
-
-def _http_fixed(config: NodeConfig) -> object:
-    h = config.http
-    return None if h is None else (h.listen, h.cert_path, h.key_path, h.database)
 
 
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
