@@ -221,6 +221,57 @@ def test_events_of_a_lost_instance_are_said_to_wait_when_no_other_is_up(
     assert_answers(answers(lines), example_nodes.reference * 2000)
 
 
+# -- item 8: a node missing a feed ---------------------------------------------------------------------------
+
+
+def test_events_stay_away_from_a_node_that_is_not_ready(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
+    """A node started with a truncated feed answers PING but its ``/readyz`` says not ready: the balancer
+    logs it once and sends every event to the ready node (every detection present); once the file is
+    fixed the node is ready again and gets events."""
+    ports = free_ports(7)
+    event_ports, api_ports, (port, metrics_port, node_metrics) = ports[:2], ports[2:4], ports[4:]
+    configs = [
+        (
+            example_config(
+                tmp_path / f"n{i}",
+                port=p,
+                api_port=a,
+                extra_service=f"<MetricsConnectionString>127.0.0.1:{node_metrics}</MetricsConnectionString>"
+                if i == 0
+                else "",
+            ),
+            p,
+        )
+        for i, (p, a) in enumerate(zip(event_ports, api_ports, strict=True))
+    ]
+    feed = tmp_path / "n0" / "feeds" / "malicious_urls.json"
+    good = feed.read_bytes()
+    feed.write_bytes(good[: len(good) // 2])  # truncated: node 0 loads without this feed
+    path = balancer_config(
+        tmp_path / "kl_balancer.conf",
+        port=port,
+        instances=event_ports,
+        extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+    )
+    text = path.read_text()
+    for p, a in zip(event_ports, api_ports, strict=True):
+        text = text.replace(f'<Instance matching_port="{p}" ', f'<Instance matching_port="{p}" api_port="{a}" ')
+    path.write_text(text)
+    broken = event_ports[0]
+    with nodes(*configs), running_balancer(path, port) as balancer:
+        wait_for_log_count(balancer, r"is UP", 2)
+        balancer.wait_for_log(rf"WAR threatgate\.balancer: {instance(broken)} is not ready \(.*malicious_urls\.json")
+        assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 0
+        for _ in range(3):
+            lines = stream(port, REPLY_FLAGS + example_nodes.events * 50)
+            assert_answers(answers(lines), example_nodes.reference * 50)
+        assert metric(node_metrics, "threatgate_events_total") == 0  # not one event went to the broken node
+        assert balancer.log().count(f"127.0.0.1:{broken} is not ready") == 1
+        feed.write_bytes(good)
+        balancer.wait_for_log(rf"{instance(broken)} is ready again", timeout=30)
+        assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 1
+
+
 # -- item 7: a balancer started in front of running nodes ---------------------------------------------------
 
 
