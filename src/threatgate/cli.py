@@ -198,21 +198,33 @@ def balancer_status(config_path: str, as_json: bool) -> None:
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:
-    """Check a configuration file; print a one-line summary, or file:line and the problem."""
+    """Check a configuration file; print a one-line summary, or file:line and the problem.
+
+    For a node, every enabled feed is also loaded: one that does not load is an error, malformed
+    records are a warning.
+    """
     from threatgate.config.balancer import balancer_config_from_xml
     from threatgate.config.node import node_config_from_xml
     from threatgate.config.xml import read_xml
+    from threatgate.node.feeds import check_feed_files
 
+    feed_errors: list[str] = []
     try:
         root = read_xml(path)
         if root.tag == "Configuration":
-            summary = node_config_from_xml(root).summary()
+            node_config = node_config_from_xml(root)
+            summary = node_config.summary()
+            feed_errors, feed_warnings = check_feed_files(node_config)
+            for line in feed_warnings + feed_errors:
+                click.echo(line, err=True)
         elif root.tag == "Config":
             summary = balancer_config_from_xml(root).summary()
         else:
             raise root.error("unknown root element: expected <Configuration> (node) or <Config> (balancer)")
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if feed_errors:
         sys.exit(EXIT_CONFIG)
     click.echo(summary)
 
