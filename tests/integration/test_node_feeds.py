@@ -260,7 +260,8 @@ def test_a_node_started_with_a_broken_feed_is_not_ready_until_the_file_is_fixed(
         with running_node(config, port) as proc:
             node = Node(proc, tmp_path, port, api_port, metrics_port, alerts)
             proc.wait_for_log(
-                rf"ERR threatgate\.node: feed {URLS} not loaded \(.*truncated JSON feed.*\); no previous version to keep",
+                rf"ERR threatgate\.node: feed {URLS} not loaded \(.*truncated JSON feed.*\); "
+                r"no previous version to keep",
                 after=0,
             )
             proc.wait_for_log(rf"WAR threatgate\.node: node not ready \(/readyz answers 503\): .*feed\(s\) {URLS}")
