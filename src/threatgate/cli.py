@@ -201,16 +201,24 @@ def validate(path: str) -> None:
     """Check a configuration file; print a one-line summary, or file:line and the problem.
 
     A valid file may still draw warnings on stderr (exit status 0): settings that lose data as written.
+    For a node, every enabled feed is also loaded: one that does not load is an error, malformed
+    records are a warning.
     """
     from threatgate.config.balancer import balancer_config_from_xml
     from threatgate.config.node import node_config_from_xml
     from threatgate.config.xml import read_xml
+    from threatgate.node.feeds import check_feed_files
 
     warnings: list[str] = []
+    feed_errors: list[str] = []
     try:
         root = read_xml(path)
         if root.tag == "Configuration":
-            summary = node_config_from_xml(root).summary()
+            node_config = node_config_from_xml(root)
+            summary = node_config.summary()
+            feed_errors, feed_warnings = check_feed_files(node_config)
+            for line in feed_warnings + feed_errors:
+                click.echo(line, err=True)
         elif root.tag == "Config":
             balancer = balancer_config_from_xml(root)
             summary, warnings = balancer.summary(), balancer.warnings()
@@ -218,6 +226,8 @@ def validate(path: str) -> None:
             raise root.error("unknown root element: expected <Configuration> (node) or <Config> (balancer)")
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    if feed_errors:
         sys.exit(EXIT_CONFIG)
     for warning in warnings:
         click.echo(f"{path}: warning: {warning}", err=True)

@@ -53,6 +53,7 @@ class NodeStats(BoundaryStats):
     feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
     feed_skipped: dict[str, int] = field(default_factory=dict)  # feed -> unsupported records skipped, last load
     feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
+    feed_loaded_at: dict[str, int] = field(default_factory=dict)  # enabled feed -> last good load (Unix s, 0 never)
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
     api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count
@@ -176,6 +177,12 @@ class StatsCollector(_TableCollector):
                 "Malformed records skipped in the last load",
                 "feed",
                 s.feed_malformed,
+            ),
+            (
+                "threatgate_feed_last_load_timestamp_seconds",
+                "When each enabled feed last loaded (Unix time; 0: no version loaded)",
+                "feed",
+                s.feed_loaded_at,
             ),
             (
                 "threatgate_feed_skipped_records",

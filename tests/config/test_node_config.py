@@ -497,3 +497,51 @@ def test_NodeConfig_cli_validate_bad_file(tmp_path: Path) -> None:
     assert f"{path}:{line_of(text, '70000')}:" in result.stderr
     assert "bad port" in result.stderr
     assert result.stdout == ""
+
+
+def test_NodeConfig_cli_validate_reports_a_feed_that_does_not_load(tmp_path: Path) -> None:
+    text = example_text()
+    path = write_config(tmp_path, text)
+    urls = tmp_path / "feeds" / "malicious_urls.json"
+    urls.write_text(urls.read_text()[:-20])  # truncated, as a crashed download leaves it
+    hashes = tmp_path / "feeds" / "malicious_hashes.json"
+    hashes.write_bytes(b"\xff\xfe not a feed")
+    result = run_validate(path)
+    assert result.returncode == 2, result
+    assert result.stdout == ""
+    errors = result.stderr.splitlines()
+    assert errors == [
+        f"{path}:{line_of(text, 'feeds/malicious_urls.json')}: <Feed> malicious_urls.json: does not load: "
+        f"{urls}: truncated JSON feed: it does not end with ']'",
+        f"{path}:{line_of(text, 'feeds/malicious_hashes.json')}: <Feed> malicious_hashes.json: does not load: "
+        f"{hashes}: not UTF-8 (byte 0)",
+    ]
+
+
+def test_NodeConfig_cli_validate_warns_of_malformed_records_and_skips_disabled_feeds(tmp_path: Path) -> None:
+    text = replace_once(
+        '<Feed filename="feeds/ip_reputation.csv" enabled="true"',
+        '<Feed filename="feeds/ip_reputation.csv" enabled="false"',
+    )(example_text())
+    path = write_config(tmp_path, text)
+    (tmp_path / "feeds" / "ip_reputation.csv").write_text("not, a feed\n")  # disabled: not looked at
+    urls = tmp_path / "feeds" / "malicious_urls.json"
+    urls.write_text('[{"url": "http://ok.example/a"}, {"url": "not a url at all"}, 7]')
+    result = run_validate(path)
+    assert result.returncode == 0, result.stderr
+    assert "node config OK" in result.stdout
+    assert result.stderr.splitlines() == [
+        f"{path}:{line_of(text, 'feeds/malicious_urls.json')}: <Feed> malicious_urls.json: warning: "
+        "2 malformed record(s) will be skipped, e.g. record 2: url='not a url at all' is not a valid indicator; "
+        "record 3: expected an object, got int"
+    ]
+
+
+def test_NodeConfig_cli_validate_a_missing_feed_file_is_an_error(tmp_path: Path) -> None:
+    text = example_text()
+    path = write_config(tmp_path, text)
+    (tmp_path / "feeds" / "botnet_domains.json").unlink()
+    result = run_validate(path)
+    assert result.returncode == 2
+    assert f"{path}:{line_of(text, 'feeds/botnet_domains.json')}: <Feed>: feed file " in result.stderr
+    assert "botnet_domains.json does not exist" in result.stderr

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -167,6 +170,86 @@ def test_FeedSnapshot_json_non_ascii_offsets_are_byte_offsets(tmp_path: Path) ->
 def test_FeedSnapshot_read_record_out_of_range_is_none(tmp_path: Path) -> None:
     snap = load_text(tmp_path, "f.json", '[{"ip": "10.0.0.1"}]')
     assert snap.read_record(5) is None
+
+
+# -- a loaded version is the node's own (rule 3) ---------------------------------------------------
+
+REWRITE_CASES = {
+    "json": (
+        '[{"url": "http://a.example/x", "threat": "A"},\n {"domain": "b.example", "threat": "B"}]',
+        '[{"domain": "b.example", "threat": "B"},\n {"url": "http://c.example/x", "threat": "C"}]',
+    ),
+    "csv": ("indicator,threat\nhttp://a.example/x,A\nb.example,B\n", "indicator,threat\nb.example,B\nnew.example,N\n"),
+}
+
+
+def _private_fd(snap: FeedSnapshot) -> int:
+    return snap._fd  # noqa: SLF001 - the descriptor records are read from is what is under test
+
+
+@pytest.mark.parametrize("fmt", sorted(REWRITE_CASES))
+def test_FeedSnapshot_answers_the_same_records_after_its_file_is_rewritten_in_place(tmp_path: Path, fmt: str) -> None:
+    before, after = REWRITE_CASES[fmt]
+    snap = load_text(tmp_path, f"f.{fmt}", before)
+    loaded = records(snap)
+    assert [r and r["threat"] for r in loaded] == ["A", "B"]
+    path = tmp_path / f"f.{fmt}"
+    inode = path.stat().st_ino
+    with open(path, "r+b") as fh:  # what cp, curl -o and > do: same inode, new bytes
+        fh.write(after.encode())
+        fh.truncate()
+    assert path.stat().st_ino == inode
+    assert records(snap) == loaded
+    path.write_bytes(b"")  # truncated
+    assert records(snap) == loaded
+    path.unlink()  # deleted
+    assert records(snap) == loaded
+
+
+def test_FeedSnapshot_private_copy_is_unlinked_0600_in_the_directory_given(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.mkdir()
+    path = tmp_path / "f.json"
+    path.write_text('[{"ip": "10.0.0.1"}]')
+    snap = load_feed(settings_for(path, "json"), str(state))
+    st = os.fstat(_private_fd(snap))
+    assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o600
+    assert st.st_size == path.stat().st_size
+    assert os.readlink(f"/proc/self/fd/{_private_fd(snap)}").startswith(f"{state}/")
+    assert os.listdir(state) == []  # nothing left behind, whatever happens to the process
+
+
+def test_FeedSnapshot_private_copy_falls_back_to_the_system_temp_dir(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_text('[{"ip": "10.0.0.1", "note": "x"}]')
+    snap = load_feed(settings_for(path, "json"), str(tmp_path / "no-such-dir"))
+    assert os.readlink(f"/proc/self/fd/{_private_fd(snap)}").startswith(tempfile.gettempdir())
+    assert snap.read_record(0) == {"ip": "10.0.0.1", "note": "x"}
+
+
+def test_FeedSnapshot_no_place_for_the_private_copy_is_feed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path = tmp_path / "f.json"
+    path.write_text('[{"ip": "10.0.0.1"}]')
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-tmp"))
+    with pytest.raises(FeedError, match=r"f\.json: cannot keep a private copy of the loaded version \(.*no-state: "):
+        load_feed(settings_for(path, "json"), str(tmp_path / "no-state"))
+
+
+def test_FeedSnapshot_check_only_keeps_no_copy(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    path.write_text('[{"ip": "10.0.0.1"}, 7]')
+    snap = load_feed(settings_for(path, "json"), keep_records=False)
+    assert (snap.report.records, snap.report.malformed) == (1, 1)
+    assert snap.read_record(0) is None
+
+
+def test_FeedSnapshot_a_fifo_is_feed_error_not_a_hang(tmp_path: Path) -> None:
+    path = tmp_path / "f.json"
+    os.mkfifo(path)
+    with pytest.raises(FeedError, match="not a regular file"):
+        load_feed(settings_for(path, "json"))
 
 
 # -- CSV ------------------------------------------------------------------------------------------

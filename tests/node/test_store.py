@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -274,6 +275,18 @@ def config() -> NodeConfig:
     return load_node_config(str(EXAMPLES / "node.conf"))
 
 
+def damage_record(snap: FeedSnapshot, old: bytes, new: bytes) -> None:
+    """Overwrite bytes of the snapshot's private copy (what the store reads records back from).
+
+    The store then holds a key whose record reads back as another value: exactly what a 64-bit key
+    collision looks like to the matcher, which must confirm every candidate against its record.
+    """
+    assert len(old) == len(new)
+    fd = snap._fd  # noqa: SLF001 - the private copy is what is damaged here
+    data = os.pread(fd, os.fstat(fd).st_size, 0)
+    os.pwrite(fd, new, data.index(old))
+
+
 def rewrite_in_place(path: Path, old: bytes, new: bytes) -> None:
     """Overwrite bytes of the same file (same inode, same length), as a careless in-place edit would."""
     assert len(old) == len(new)
@@ -290,38 +303,46 @@ def test_Matcher_lookup_confirms_url_record(tmp_path: Path, config: NodeConfig) 
     assert [(h.indicator.raw, h.context) for h in hits] == [("http://evil.example/a", (("threat", "X"),))]
 
 
-def test_Matcher_lookup_record_rewritten_in_place_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
-    # The store still holds the key of "evil.example/a" (a candidate, exactly like a 64-bit collision),
-    # but the record read back holds another URL: the matcher must not report it.
+def test_Matcher_lookup_record_read_back_as_another_value_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
+    # The store holds the key of "evil.example/a" (a candidate, exactly like a 64-bit collision), but
+    # the record read back holds another URL: the matcher must not report it.
     path = tmp_path / "u.json"
     snap = write_feed(path, [{"url": "http://evil.example/a", "threat": "X"}])
     store = IndicatorStore({0: snap})
     out: list[Candidate] = []
     store.lookup_url("evil.example/a", out)
     assert refs(out) == [(0, 0, "url")]
-    rewrite_in_place(path, b"http://evil.example/a", b"http://good.example/a")
+    damage_record(snap, b"http://evil.example/a", b"http://good.example/a")
     assert Matcher(config, store).lookup(RuleType.URL, "http://evil.example/a") == []
 
 
-def test_Matcher_lookup_hash_record_rewritten_in_place_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
+def test_Matcher_lookup_hash_record_read_back_as_another_value_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
     path = tmp_path / "h.json"
     snap = write_feed(path, [{"md5": "44d88612fea8a8f36de82e1278abb02f"}])
-    rewrite_in_place(path, b"44d88612", b"00000000")
+    damage_record(snap, b"44d88612", b"00000000")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.MD5, "44d88612fea8a8f36de82e1278abb02f") == []
 
 
-def test_Matcher_lookup_cidr_record_rewritten_in_place_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
+def test_Matcher_lookup_cidr_record_read_back_as_another_value_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
     path = tmp_path / "c.json"
     snap = write_feed(path, [{"ip": "10.0.0.0/8"}])
-    rewrite_in_place(path, b"10.0.0.0/8", b"11.0.0.0/8")
+    damage_record(snap, b"10.0.0.0/8", b"11.0.0.0/8")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.IP, "10.1.2.3") == []
 
 
-def test_Matcher_lookup_record_made_unreadable_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
+def test_Matcher_lookup_record_read_back_damaged_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
     path = tmp_path / "u.json"
     snap = write_feed(path, [{"url": "http://evil.example/a"}])
-    rewrite_in_place(path, b'"url":', b'"url" ')
+    damage_record(snap, b'"url":', b'"url" ')
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
+
+
+def test_Matcher_lookup_file_rewritten_in_place_still_reads_loaded_version(tmp_path: Path, config: NodeConfig) -> None:
+    path = tmp_path / "u.json"
+    snap = write_feed(path, [{"url": "http://evil.example/a", "threat": "old"}])
+    rewrite_in_place(path, b"http://evil.example/a", b"http://good.example/a")  # cp, curl -o, >: same inode
+    hits = Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a")
+    assert [h.context for h in hits] == [(("threat", "old"),)]
 
 
 def test_Matcher_lookup_file_replaced_by_rename_still_reads_loaded_version(tmp_path: Path, config: NodeConfig) -> None:
@@ -329,21 +350,19 @@ def test_Matcher_lookup_file_replaced_by_rename_still_reads_loaded_version(tmp_p
     snap = write_feed(path, [{"url": "http://evil.example/a", "threat": "old"}])
     replacement = tmp_path / "new.json"
     replacement.write_text(json.dumps([{"url": "http://other.example/zzzzzzzzzzzzzz"}]))
-    replacement.replace(path)  # the atomic way: the loaded snapshot keeps its file descriptor
+    replacement.replace(path)  # the atomic way
     hits = Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a")
     assert [h.context for h in hits] == [(("threat", "old"),)]
 
 
-def test_Matcher_lookup_mask_record_rewritten_in_place_to_other_mask_is_no_hit(
-    tmp_path: Path, config: NodeConfig
-) -> None:
-    # A mask record is a candidate for every URL under its host; once the record read back is a mask
-    # that does not match the URL any more, the hit must not be confirmed.
+def test_Matcher_lookup_mask_record_read_back_as_another_mask_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
+    # A mask record is a candidate for every URL under its host; when the record read back is a mask
+    # that does not match the URL, the hit must not be confirmed.
     path = tmp_path / "m.json"
     snap = write_feed(path, [{"mask": "evil.example/payload/*", "threat": "X"}])
     store = IndicatorStore({0: snap})
     out: list[Candidate] = []
     store.lookup_url("evil.example/payload/x.js", out)
     assert refs(out) == [(0, 0, "mask")]
-    rewrite_in_place(path, b"evil.example/payload/*", b"good.example/payload/*")
+    damage_record(snap, b"evil.example/payload/*", b"good.example/payload/*")
     assert Matcher(config, store).lookup(RuleType.URL, "http://evil.example/payload/x.js") == []

@@ -12,9 +12,13 @@ Rules:
    skipped and counted with its position; it is never fatal.  A file that cannot be a feed at all
    (unreadable, not a JSON array, truncated, no CSV header) raises :class:`FeedError`, so the caller
    keeps the previous version.
-3. The open file descriptor is kept: if the file is replaced by ``mv`` (the atomic way), records are
-   still read from the version that was loaded.  A file rewritten in place is detected when a record
-   read back no longer holds the indicator that was indexed (the record is then ignored).
+3. A loaded version never depends on the feed file staying the same.  The bytes that were parsed
+   (exactly those: the file is read once) are written to a private copy the node owns, an unlinked
+   0600 temporary file (see :func:`private_copy`), and records are read back from that copy.  A file
+   rewritten in place (``cp``, ``curl -o``, ``>``), truncated, replaced or deleted changes nothing for
+   the loaded version; the new content becomes a new version at the next reload (the node watches
+   the files: :mod:`threatgate.node.feedwatch`).  The copy lives in the page cache like the file did,
+   so Python memory stays at the store's ~30 bytes per indicator.
 
 Record fields: the indicator is in ``indicator``, or in one of ``mask``/``url``/``domain``/``ip``/
 ``md5``/``sha1``/``sha256`` (first present wins); every other scalar field is record context.
@@ -31,13 +35,14 @@ import logging
 import os
 import re
 import stat
+import tempfile
 import weakref
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
-from threatgate.config.node import FeedSettings
+from threatgate.config.node import FeedSettings, NodeConfig
 from threatgate.errors import FeedError
 from threatgate.node import normalize
 
@@ -299,8 +304,8 @@ def mask_matches(value: str, url: str) -> bool:
 class FeedSnapshot:
     """One loaded version of one feed file: record locations and the indicators it indexes.
 
-    ``entries`` holds, per accepted record, ``kind`` and the normalised value; the store turns
-    them into keys.  ``read_record`` parses a record back from the file descriptor kept open.
+    ``kinds``/``keys`` hold, per accepted record, its kind and store key.  ``read_record`` parses a
+    record back from the snapshot's private copy of the bytes it was loaded from (rule 3).
     """
 
     def __init__(self, settings: FeedSettings) -> None:
@@ -475,8 +480,13 @@ def _csv_row(line: str, delimiter: str) -> list[str]:
     return next(csv.reader([line], delimiter=delimiter), [])
 
 
-def load_feed(settings: FeedSettings) -> FeedSnapshot:
+def load_feed(settings: FeedSettings, private_dir: str | None = None, *, keep_records: bool = True) -> FeedSnapshot:
     """Parse the feed file (or MISP feed directory) named by ``settings``.
+
+    Args:
+        private_dir: where the private copy of a JSON or CSV feed goes (see :func:`private_copy`).
+        keep_records: False only checks the file (``threatgate validate``): no private copy is made
+            and ``read_record`` answers None.
 
     Raises:
         FeedError: the file cannot be read or is not a feed at all (keep the previous version).
@@ -491,19 +501,11 @@ def load_feed(settings: FeedSettings) -> FeedSnapshot:
         from threatgate.node.misp import load_misp
 
         return load_misp(settings)
-    try:
-        fd = os.open(settings.path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    except OSError as exc:
-        raise FeedError(f"{settings.path}: cannot open: {exc.strerror or exc}") from None
     snapshot = FeedSnapshot(settings)
-    snapshot.adopt_fd(fd)
-    try:
-        st = os.fstat(fd)
-        snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-        with os.fdopen(os.dup(fd), "rb") as fh:
-            data = fh.read()
-    except OSError as exc:
-        raise FeedError(f"{settings.path}: cannot read: {exc.strerror or exc}") from None
+    data, st = _read_feed_file(settings.path)
+    snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    if keep_records:
+        snapshot.adopt_fd(private_copy(data, private_dir, settings.path))
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
@@ -515,6 +517,85 @@ def load_feed(settings: FeedSettings) -> FeedSnapshot:
     else:
         _load_csv(snapshot, text, byte_offsets)
     return snapshot
+
+
+def _read_feed_file(path: str) -> tuple[bytes, os.stat_result]:
+    """The whole content of the regular file ``path`` and its stat taken *before* reading.
+
+    The stat is the version's identity: if the file changes while it is read, the watcher sees an
+    identity other than the loaded one and loads it again.  ``O_NONBLOCK`` keeps a FIFO put in place
+    of the file from hanging the loader.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
+    except OSError as exc:
+        raise FeedError(f"{path}: cannot open: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise FeedError(f"{path}: not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read(), st
+    except OSError as exc:
+        raise FeedError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+
+
+def private_copy(data: bytes, directory: str | None, path: str = "feed") -> int:
+    """A descriptor of an unlinked temporary file holding exactly ``data`` (rule 3).
+
+    The file is made in ``directory`` (the node passes the directory of its database: disk the
+    operator sized for node state) or, when that is None or fails, in the system temporary
+    directory (``TMPDIR``, usually ``/tmp``).  It has no name (``O_TMPFILE`` where available,
+    else created 0600 and unlinked at once), so nothing is left behind whatever happens to the
+    process, and it is freed when the last snapshot using it is.
+
+    Raises:
+        FeedError: neither place could hold the copy (a full disk, say): the previous version is kept.
+    """
+    failures: list[str] = []
+    for where in dict.fromkeys((directory, None)):
+        try:
+            return _write_unlinked(data, where)
+        except OSError as exc:
+            failures.append(f"{where or tempfile.gettempdir()}: {exc.strerror or exc}")
+    raise FeedError(f"{path}: cannot keep a private copy of the loaded version ({'; '.join(failures)})")
+
+
+def _write_unlinked(data: bytes, directory: str | None) -> int:
+    with tempfile.TemporaryFile(dir=directory, prefix=".threatgate-feed-", buffering=0) as fh:
+        view = memoryview(data)
+        while view:
+            view = view[fh.write(view) :]
+        return os.dup(fh.fileno())
+
+
+def check_feed_files(config: NodeConfig) -> tuple[list[str], list[str]]:
+    """Load every enabled feed of ``config`` as the node would (``threatgate validate``): (errors, warnings).
+
+    An error is a feed that does not load at all (the node would start without it and not be ready);
+    a warning, a feed that loads with malformed records skipped.  Each line starts with the config
+    file and the ``<Feed>`` element's line.  A missing feed file never gets here: the configuration
+    itself is refused for it.
+    """
+    errors: list[str] = []
+    warnings: list[str] = []
+    for feed in config.feeds.feeds:
+        if not feed.enabled:
+            continue
+        where = f"{config.path}:{feed.line}: <Feed> {feed.name}"
+        try:
+            report = load_feed(feed, keep_records=False).report
+        except FeedError as exc:
+            errors.append(f"{where}: does not load: {exc}")
+            continue
+        if report.malformed:
+            warnings.append(
+                f"{where}: warning: {report.malformed} malformed record(s) will be skipped, "
+                f"e.g. {'; '.join(report.examples)}"
+            )
+    return errors, warnings
 
 
 class _ByteOffsets:

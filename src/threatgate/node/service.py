@@ -1,8 +1,16 @@
 """The node process: event listener, feed lifecycle, detection output, alerts and metrics.
 
 Lifecycle (uvicorn's chain): ``run`` -> ``startup`` (load feeds, then listen: a node that answers
-PING has its feeds) -> ``main_loop`` (periodic reloads) -> ``shutdown`` (stop accepting, close
-connections, flush senders).  SIGHUP reloads feeds; SIGTERM/SIGINT stop.
+PING has tried its feeds) -> ``main_loop`` (periodic reloads, and a watch of the feed files that
+reloads a changed file within seconds) -> ``shutdown`` (stop accepting, close connections, flush
+senders).  SIGHUP reloads the configuration and feeds; SIGTERM/SIGINT stop.
+
+Readiness (``/readyz``): ready once start-up is done *and* every enabled feed has a loaded version.
+A feed that failed to load with no previous version to keep makes the node not ready (it still
+answers PING and matches events with the feeds it has: partial matching beats none when it is the
+only node; a balancer keeps events away from it while a ready node exists).  A feed whose new
+version failed but whose previous one is kept does not: the node detects what it did before, and
+the failure is logged, counted and alerted.
 
 Connections go through three states: HANDSHAKE (collecting session flags, no scanner held),
 ACTIVE (holds one of ScannersCount scanners) and CLOSED.  A PING connection is answered in
@@ -14,14 +22,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 from collections.abc import Callable, Collection
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
 
 from aiohttp import web
 
 from threatgate import runtime
-from threatgate.config.node import NodeConfig, load_node_config
+from threatgate.config.node import FeedSettings, NodeConfig, load_node_config
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
@@ -34,6 +44,7 @@ from threatgate.node.api import NodeAPI
 from threatgate.node.auth import BasicAuth
 from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
+from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
@@ -45,6 +56,19 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
+
+WATCH_INTERVAL = 1.0
+"""Seconds between two looks at the feed files' identities (a change applies within about 2 polls)."""
+
+
+@dataclass(frozen=True, slots=True)
+class FeedState:
+    """What the node knows of one enabled feed's last load attempt."""
+
+    settings: FeedSettings
+    tried: Identity  # the file's identity at the last attempt (the watcher compares against it)
+    error: str | None  # why the last attempt failed; None when it loaded
+    loaded_at: float  # wall-clock time of the last successful load, 0 if never
 
 
 def syslog_date(now: float | None = None) -> str:
@@ -142,13 +166,15 @@ class NodeService:
         self.listener = EventListener(self.stats, _limits(config), log)
         self.warn_input = RateLimitedLog(log)
         self._snapshots: dict[int, FeedSnapshot] = {}
+        self._feed_states: dict[int, FeedState] = {}
+        self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
         self._server: asyncio.Server | None = None
         self._metrics_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._should_exit = asyncio.Event()
         self._date_cache = (0, "")
         self.bound_port = 0
-        self.ready = False  # feeds loaded: the API answers 425 before
+        self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
         self._started = False
         self.store_version = 0  # bumped at every store swap (export caches key on it)
         self.auth = BasicAuth(dict(config.http.users) if config.http else {})
@@ -232,27 +258,36 @@ class NodeService:
 
     # -- feeds --------------------------------------------------------------------------------
 
-    async def reload_feeds(self, reason: str) -> None:
+    async def reload_feeds(self, reason: str, only: Collection[int] | None = None) -> None:
         """Load changed feed files in a worker thread and swap in a new store.
 
-        A feed that fails to load keeps its previous version and raises KL_ALERT_FailedToUpdateFeed.
+        ``only`` limits the look to those feed slots (the watcher's due feeds); None looks at every
+        enabled feed.  A feed that fails to load keeps its previous version and raises
+        KL_ALERT_FailedToUpdateFeed; one with no version at all makes the node not ready.
         """
         async with self._reload_lock:
             started = time.monotonic()
             changed: dict[int, FeedSnapshot] = {}
+            private_dir = self._private_dir()
             for slot, settings in enumerate(self.config.feeds.feeds):
-                if not settings.enabled:
+                if not settings.enabled or (only is not None and slot not in only):
                     continue
                 old = self._snapshots.get(slot)
+                state = self._feed_states.get(slot)
+                loaded_at = state.loaded_at if state is not None else 0.0
                 if old is not None and old.settings == settings and old.identity == feed_identity(settings):
+                    if state is None or state.error is not None or state.settings != settings:
+                        self._feed_states[slot] = FeedState(settings, old.identity, None, loaded_at or time.time())
                     continue
-                try:
-                    snap = await asyncio.to_thread(load_feed, settings)
-                except FeedError as exc:
+                tried, result = await asyncio.to_thread(_load, settings, private_dir)
+                if isinstance(result, FeedError):
+                    self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
                     self.stats.bump(self.stats.feed_failures, settings.name)
-                    log.error("feed %s not loaded (%s); %s", settings.name, exc, _kept(old))
-                    self.alerts.raise_alert("KL_ALERT_FailedToUpdateFeed", feed=settings.name, error=str(exc))
+                    log.error("feed %s not loaded (%s); %s", settings.name, result, _kept(old))
+                    self.alerts.raise_alert("KL_ALERT_FailedToUpdateFeed", feed=settings.name, error=str(result))
                     continue
+                snap = result
+                self._feed_states[slot] = FeedState(settings, tried, None, time.time())
                 changed[slot] = snap
                 rep = snap.report
                 self.stats.feed_malformed[settings.name] = rep.malformed
@@ -270,9 +305,11 @@ class NodeService:
                 self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=settings.name, records=rep.records)
             self.stats.reloads += 1
             wanted = {slot for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
+            self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
             gone = set(self._snapshots) - wanted
             if not changed and not gone and self._snapshots:
                 log.debug("feeds.reload.complete reason=%s: nothing changed", reason)
+                self._feeds_settled()
                 return
             snapshots = {slot: snap for slot, snap in self._snapshots.items() if slot in wanted}
             snapshots.update(changed)
@@ -289,6 +326,71 @@ class NodeService:
                 len(snapshots),
                 time.monotonic() - started,
             )
+            self._feeds_settled()
+
+    def _private_dir(self) -> str | None:
+        """Where loaded feed versions keep their private copy: beside the database, else the system temp dir."""
+        http = self.config.http
+        return os.path.dirname(os.path.abspath(http.database)) if http is not None else None
+
+    def feed_status(self) -> dict[str, tuple[bool, str]]:
+        """Per enabled feed (by name): whether a version of it is in the store, and its state in words."""
+        out: dict[str, tuple[bool, str]] = {}
+        for slot, settings in enumerate(self.config.feeds.feeds):
+            if not settings.enabled:
+                continue
+            snap = self._snapshots.get(slot)
+            has = snap is not None and snap.settings.path == settings.path
+            state = self._feed_states.get(slot)
+            if state is None:
+                status = "loaded" if has else "loading"
+            elif state.error is None:
+                status = "loaded"
+            else:
+                status = f"{'previous version kept' if has else 'not loaded'}: {state.error}"
+            name = settings.name if settings.name not in out else settings.path
+            out[name] = (has, status)
+        return out
+
+    def _feeds_settled(self) -> None:
+        """After a reload: refresh the per-feed load-time gauge; log once when feeds make the node (not) ready."""
+        self.stats.feed_loaded_at = {
+            st.settings.name: int(st.loaded_at) for st in self._feed_states.values() if st.settings.enabled
+        }
+        missing = tuple(name for name, (has, _) in self.feed_status().items() if not has)
+        if missing == self._unready_feeds:
+            return
+        if missing:
+            log.warning(
+                "node not ready (/readyz answers 503): no loaded version of feed(s) %s; "
+                "events are still matched against the other feeds",
+                ", ".join(missing),
+            )
+        else:
+            log.info("node ready: every enabled feed is loaded")
+        self._unready_feeds = missing
+
+    async def _watch_feeds(self) -> None:
+        """Reload a feed whose file changed within seconds, whatever update_frequency says (node/feedwatch.py)."""
+        watch: FeedWatch[int] = FeedWatch(settle=WATCH_INTERVAL / 2)
+        while not self._should_exit.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._should_exit.wait(), WATCH_INTERVAL)
+            if self._should_exit.is_set():
+                return
+            try:
+                await self._watch_once(watch)
+            except Exception:  # a watch bug must never take the node down
+                log.exception("feed file watch failed; trying again in %.0f s", WATCH_INTERVAL)
+
+    async def _watch_once(self, watch: FeedWatch[int]) -> None:
+        feeds = {slot: f for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
+        current = await asyncio.to_thread(_identities, feeds)
+        tried = {slot: st.tried for slot, st in self._feed_states.items() if feeds.get(slot) == st.settings}
+        due = watch.observe(time.monotonic(), current, tried)
+        if due:
+            names = ", ".join(feeds[slot].name for slot in due)
+            await self._reload_logged(f"file changed: {names}", only=due)
 
     # -- REST API suppliers ---------------------------------------------------------------------
 
@@ -366,8 +468,25 @@ class NodeService:
             log.info("retention expired indicators of %s%s", ", ".join(changed), where)
 
     def readiness(self) -> dict[str, Any]:
-        """What ``/readyz`` answers: ready once feeds and settings are applied; role and digest in a cluster."""
-        out: dict[str, Any] = {"ready": self.ready, "role": "standalone"}
+        """What ``/readyz`` answers (docs/api.md).
+
+        Ready once start-up is done and every enabled feed has a loaded version; ``feeds`` gives each
+        enabled feed's state, ``reason`` why the node is not ready, ``max_event_size`` the longest
+        event accepted (a balancer learns the limit from it).  Role and digest in a cluster.
+        """
+        feeds = self.feed_status()
+        missing = [name for name, (has, _) in feeds.items() if not has]
+        ready = self.ready and not missing
+        out: dict[str, Any] = {
+            "ready": ready,
+            "role": "standalone",
+            "max_event_size": self.config.input.max_event_size,
+            "feeds": {name: status for name, (_, status) in feeds.items()},
+        }
+        if not self.ready:
+            out["reason"] = "starting: feeds are still loading"
+        elif missing:
+            out["reason"] = f"no loaded version of feed(s) {', '.join(missing)}"
         if self.cluster is not None:
             out.update(self.cluster.readiness())
         return out
@@ -518,6 +637,7 @@ class NodeService:
                 "1 while the configuration file differs from the running one in something that needs a restart",
                 self.restart.gauge,
             ),
+            "threatgate_ready": ("1 when /readyz answers ready, else 0", lambda: float(self.readiness()["ready"])),
         }
         if self.cluster is not None:
             gauges.update(self.cluster.gauges())
@@ -528,6 +648,7 @@ class NodeService:
     async def main_loop(self) -> None:
         if self.db is not None:
             self._spawn(self._expire_loop())
+        self._spawn(self._watch_feeds())
         while not self._should_exit.is_set():
             minutes = self.config.feeds.update_frequency
             timeout = minutes * 60 if minutes else None
@@ -536,9 +657,9 @@ class NodeService:
             if not self._should_exit.is_set():
                 await self._reload_logged("schedule")
 
-    async def _reload_logged(self, reason: str) -> None:
+    async def _reload_logged(self, reason: str, only: Collection[int] | None = None) -> None:
         try:
-            await self.reload_feeds(reason)
+            await self.reload_feeds(reason, only)
         except Exception:  # a reload bug must never take the node down
             log.exception("feed reload (%s) failed; the previous store stays in use", reason)
 
@@ -594,6 +715,20 @@ def _limits(config: NodeConfig) -> ListenerLimits:
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
     out = config.output
     return (out.alert_format, out.alert_destination, out.retries_count, out.retries_timeout, out.record_field_format)
+
+
+def _load(settings: FeedSettings, private_dir: str | None) -> tuple[Identity, FeedSnapshot | FeedError]:
+    """One load attempt (blocking): the identity the version was loaded from, and it or why it failed."""
+    tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
+    try:
+        snap = load_feed(settings, private_dir)
+    except FeedError as exc:
+        return tried, exc
+    return snap.identity, snap
+
+
+def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:
+    return {slot: feed_identity(settings) for slot, settings in feeds.items()}
 
 
 def _kept(old: FeedSnapshot | None) -> str:

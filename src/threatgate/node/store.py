@@ -6,8 +6,8 @@ Rules:
 2. Memory is ~30 bytes per indicator whatever the feed size: a sorted ``int64`` array of keys
    (``hash(value) ^ salt[kind]``), a parallel ``int64`` array of record references
    (``slot << 32 | record number``), a 2-probe Bloom bitmap of 2-4 bytes per key, and per record its
-   byte offset and length in the feed file.  Record context is read back from the file only for a
-   detection (see :mod:`threatgate.node.feeds`).
+   byte offset and length in the feed.  Record context is read back only for a detection, from the
+   private copy of the bytes each feed version was loaded from (see :mod:`threatgate.node.feeds`).
 3. Lookups answer *candidates*; the caller confirms each by reading the record back and comparing
    its normalised indicator, which also rules out 64-bit hash collisions.
 
