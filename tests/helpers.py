@@ -264,13 +264,14 @@ _FINISHED_RX = re.compile(r"^(?:\d+ )?LookupFinished$", re.M)
 
 
 class ReplyReader:
-    """Reads a socket on a thread until EOF: the lines received, and how many were ``LookupFinished``
-    (a balancer's ``LookupFinished`` or a node's ``<id> LookupFinished``)."""
+    """Reads a socket on a thread until EOF: the lines received, how many were ``LookupFinished``
+    (a balancer's ``LookupFinished`` or a node's ``<id> LookupFinished``) and when each arrived."""
 
     def __init__(self, sock: socket.socket) -> None:
         self.sock = sock
         self.lines: list[str] = []
         self.finished = 0
+        self.finished_at: list[float] = []  # time.monotonic() of each LookupFinished line's read
         self.eof = False
         self.error: Exception | None = None
         self._cond = threading.Condition()
@@ -282,6 +283,7 @@ class ReplyReader:
         try:
             while True:
                 data = self.sock.recv(1 << 20)
+                now = time.monotonic()
                 if not data:
                     break
                 buf += data
@@ -294,6 +296,7 @@ class ReplyReader:
                 with self._cond:
                     self.lines.extend(text.split("\n"))
                     self.finished += finished
+                    self.finished_at.extend([now] * finished)
                     self._cond.notify_all()
         except Exception as exc:  # reported by wait_finished / join, never lost in the thread
             self.error = exc

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -21,6 +20,7 @@ import pytest
 from tests.helpers import (
     FINISHED_LINE,
     REPLY_FLAGS,
+    ReplyReader,
     balancer_config,
     example_config,
     exchange,
@@ -64,46 +64,6 @@ def rss_kib(pid: int) -> int:
     return int(m[1])
 
 
-class TimedReader:
-    """Reads a socket on a thread and records when each LookupFinished arrived (monotonic time)."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.lines: list[str] = []
-        self.finished_at: list[float] = []
-        self.done = threading.Event()
-        self.error: Exception | None = None
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        buf = b""
-        try:
-            while True:
-                data = self.sock.recv(1 << 20)
-                now = time.monotonic()
-                if not data:
-                    return
-                buf += data
-                end = buf.rfind(b"\n")
-                if end < 0:
-                    continue
-                lines = buf[:end].decode().split("\n")
-                buf = buf[end + 1 :]
-                self.lines.extend(lines)
-                self.finished_at.extend(now for line in lines if line.startswith(FINISHED_LINE))
-        except Exception as exc:
-            self.error = exc
-        finally:
-            self.done.set()
-
-    def join(self, timeout: float) -> list[str]:
-        assert self.done.wait(timeout), f"no EOF within {timeout} s ({len(self.finished_at)} answers)"
-        if self.error is not None:
-            raise self.error
-        return self.lines
-
-
 def answers(lines: list[str]) -> list[tuple[str, ...]]:
     """Per-event answers: the detection lines before each finished line (whatever its context)."""
     out: list[tuple[str, ...]] = []
@@ -137,7 +97,7 @@ def test_a_stopped_node_adds_at_most_two_seconds_to_any_answer(example_nodes: Ex
         balancer_for(tmp_path / "kl_balancer.conf", ports, health=health) as balancer,
         socket.create_connection(("127.0.0.1", balancer.port), timeout=STREAM_TIMEOUT) as sock,
     ):
-        reader = TimedReader(sock)
+        reader = ReplyReader(sock)
         sock.sendall(REPLY_FLAGS)
         sent_at: list[float] = []
         start = time.monotonic()

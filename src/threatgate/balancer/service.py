@@ -149,6 +149,7 @@ class BalancerService(InstanceOwner):
         self._no_instance_since: float | None = None  # loop time since when no instance is UP
         self._id_marks: deque[tuple[float, int]] = deque()  # (loop time, first request id submitted after it)
         self._peak_pending = 0
+        self._compacted_at = 0  # pending events at the first compaction after a burst (a second one follows)
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
         self.gateway = Gateway(self)
@@ -653,10 +654,18 @@ class BalancerService(InstanceOwner):
         self._maybe_resume_clients()
 
     def _maybe_compact(self) -> None:
-        """After a burst has drained, give its memory back: tables shrink, freed heap returns to the system."""
+        """After a burst has drained, give its memory back: tables shrink, freed heap returns to the system.
+
+        Once when pending events fall under an eighth of the burst's peak, and once more when they fall
+        under an eighth of that (what was still held at the first pass is then freed too).
+        """
         pending = self.correlator.pending
         self._peak_pending = max(self._peak_pending, pending)
-        if self._peak_pending < COMPACT_MIN_PEAK or pending * COMPACT_BELOW > self._peak_pending:
+        if self._peak_pending >= COMPACT_MIN_PEAK and pending * COMPACT_BELOW <= self._peak_pending:
+            self._compacted_at = pending
+        elif self._compacted_at and pending * COMPACT_BELOW <= self._compacted_at:
+            self._compacted_at = 0
+        else:
             return
         self._peak_pending = pending
         self.correlator.compact()
