@@ -263,6 +263,12 @@ def test_balancer_without_output_warns_per_client_counts_and_takes_a_destination
         assert send_plain(proc.port, EVENTS) == b""
         proc.wait_for_log(NO_OUTPUT_WARNING)
         wait_until(lambda: dropped(metrics, "detections", "no_output_destination") == len(want), "lines counted")
+        # The balancer's own service alert (at most one a minute per destination and reason).
+        proc.wait_for_log(
+            rf"WAR threatgate\.alerts: alert KL_ALERT_DetectionsDropped destination=nowhere lines={len(want)} "
+            r"reason=no_output_destination"
+        )
+        assert prometheus_samples(metrics)['threatgate_alerts_total{alert="KL_ALERT_DetectionsDropped"}'] == 1
         exchange(proc.port, REPLY_FLAGS + EVENTS)  # ReplyBack: nothing to warn about
         send_plain(proc.port, EVENTS)  # once per client connection
         wait_until(lambda: dropped(metrics, "detections", "no_output_destination") == 2 * len(want), "more lines")

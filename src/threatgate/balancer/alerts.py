@@ -132,6 +132,16 @@ class AlertListener:
         if self.forward is not None:
             self.forward.send_or_drop((line + "\n").encode("utf-8", "replace"))  # full: counted, logged
 
+    def raise_own(self, name: str, **context: object) -> None:
+        """An alert of the balancer itself: logged at WARNING, counted with the nodes' alerts, forwarded
+        (``<date> alert=NAME source=balancer k=v ...``) when AlertForwardConnectionString is set."""
+        detail = " ".join(f"{k}={v}" for k, v in context.items())
+        log.warning("alert %s %s", name, detail)
+        self.service.stats.bump(self.service.stats.alerts, name)
+        if self.forward is not None:
+            date = time.strftime("%b %d %H:%M:%S")
+            self.forward.send_or_drop(f"{date} alert={name} source=balancer {detail}\n".encode("utf-8", "replace"))
+
     def _forward_sender(self, address: Address | None) -> LineSender | None:
         if address is None:
             return None

@@ -60,7 +60,7 @@ from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, LabelledGauges, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
-from threatgate.net.sender import Dropped, LineSender, queue_gauges
+from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
 from threatgate.wire.flags import SessionFlags
 from threatgate.wire.framing import FramedEvent, Oversized
 
@@ -139,6 +139,7 @@ class BalancerService(InstanceOwner):
         self.rng = rng or random.Random()
         self.output = self._output_sender(config.output)
         self.restart = RestartTracker(config, BALANCER_FIELDS)
+        self.drop_tally = DropTally()
         self.warn_drop = RateLimitedLog(log)
         self.warn_backlog = RateLimitedLog(log)
         self.warn_client_limit = RateLimitedLog(log)
@@ -316,7 +317,7 @@ class BalancerService(InstanceOwner):
 
     def _send_output(self, lines: tuple[str, ...]) -> None:
         if self.output is None:
-            self.stats.drop_lines("detections", "no_output_destination", len(lines))
+            self._detections_dropped("nowhere", "no_output_destination", len(lines))
             self.warn_drop(
                 "detections of a client without X-KF-ReplyBack and no <OutputConnectionString>: %d line(s) dropped",
                 len(lines),
@@ -328,7 +329,15 @@ class BalancerService(InstanceOwner):
         return None if address is None else LineSender(address, name="detections", on_drop=self._output_dropped)
 
     def _output_dropped(self, dropped: Dropped) -> None:
-        self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
+        self._detections_dropped(str(dropped.address), dropped.reason, dropped.lines)
+
+    def _detections_dropped(self, address: str, reason: str, lines: int) -> None:
+        """Count detection lines that will never reach anyone; the balancer's own service alert, at most
+        once a minute per destination and reason (the rest summed into the next, see :meth:`tick`)."""
+        self.stats.drop_lines("detections", reason, lines)
+        due = self.drop_tally.add(address, reason, lines, time.monotonic())
+        if due:
+            self.alerts.raise_own("KL_ALERT_DetectionsDropped", destination=address, lines=due, reason=reason)
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -569,6 +578,8 @@ class BalancerService(InstanceOwner):
                 now - self._no_instance_since,
                 len(self.backlog),
             )
+        for address, reason, lines in self.drop_tally.due(time.monotonic()):
+            self.alerts.raise_own("KL_ALERT_DetectionsDropped", destination=address, lines=lines, reason=reason)
         self._maybe_compact()
 
     def overdue_deadline(self, inst: Instance) -> float:
