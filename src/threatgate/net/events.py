@@ -6,6 +6,12 @@ ACTIVE (holds one of ``scanners_count`` slots) and CLOSED.  A PING connection is
 HANDSHAKE and never needs a slot, so health checks work even when every slot is busy.  Subclasses
 implement :meth:`EventProtocol.process` (what to do with framed events) and may hook
 :meth:`EventProtocol.on_closed`.
+
+A connection that sent X-KF flags is LF-framed (the CyberTrace protocol).  One that sent none may be a
+syslog sender using RFC 6587 octet counting: its framing is detected from its first bytes
+(wire/framing.py AutoFramer); if the sender pauses before that is decided, the framer is told so
+after FRAMING_WAIT.  Frames with a malformed length are counted and logged here (``bad_frame``), so
+nodes and the balancer report them alike.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ from typing import cast
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
-from threatgate.wire.framing import FramedEvent, LineFramer
+from threatgate.wire.framing import FRAMING_WAIT, OCTET_COUNTED, AutoFramer, FramedEvent, Framer, LineFramer
 
 MAX_PENDING_HANDSHAKES = 256
 """Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
@@ -56,6 +62,7 @@ class EventListener:
         self.active: set[EventProtocol] = set()
         self.warn_flood = RateLimitedLog(log)
         self.warn_scanners = RateLimitedLog(log)
+        self.warn_frames = RateLimitedLog(log)
 
     def close_all(self) -> None:
         for conn in [*self.active, *self.handshaking]:
@@ -73,9 +80,12 @@ class EventProtocol(asyncio.Protocol):
         self.peer = ""
         self._handshake = bytearray()
         limits = listener.limits
-        self.framer = LineFramer(limits.max_event_size, limits.delimiter)
+        self.framer: Framer = LineFramer(limits.max_event_size, limits.delimiter)
+        self._detecting: AutoFramer | None = None  # a connection without flags: framing detected, then watched
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._framing_timer: asyncio.TimerHandle | None = None
+        self._octet_counted = False
         self._paused_by: set[str] = set()
         self.eof = False
 
@@ -161,6 +171,8 @@ class EventProtocol(asyncio.Protocol):
         self.state = ConnState.CLOSED
         if self._timer is not None:
             self._timer.cancel()
+        if self._framing_timer is not None:
+            self._framing_timer.cancel()
 
     def pause_writing(self) -> None:
         self.pause("writing")
@@ -223,6 +235,10 @@ class EventProtocol(asyncio.Protocol):
         listener.stats.bump(listener.stats.connections, "accepted")
         self.state = ConnState.ACTIVE
         listener.log.debug("event connection from %s flags=%s", self.peer, flags)
+        if not consumed:
+            # No flags: maybe a syslog sender with RFC 6587 octet counting (never a CyberTrace client's LF link).
+            limits = listener.limits
+            self.framer = self._detecting = AutoFramer(limits.max_event_size, limits.delimiter)
         self.on_active()
         rest = bytes(self._handshake[consumed:])
         self._handshake = bytearray()
@@ -236,8 +252,45 @@ class EventProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         events = self.framer.next_events()
+        if self._detecting is not None:
+            self._watch_framing(self._detecting)
         if events:
             self.process(events)
+
+    def _watch_framing(self, framer: AutoFramer) -> None:
+        """Report the detected framing once, arm the pause timer while detecting, count bad frames."""
+        listener = self.listener
+        if framer.framing is None:
+            if framer.deciding and self._framing_timer is None and self.state is ConnState.ACTIVE:
+                self._framing_timer = asyncio.get_running_loop().call_later(FRAMING_WAIT, self._sender_paused)
+            return
+        if self._framing_timer is not None:
+            self._framing_timer.cancel()
+            self._framing_timer = None
+        if framer.framing != OCTET_COUNTED:
+            self._detecting = None  # LF: nothing more to watch
+            return
+        if not self._octet_counted:
+            self._octet_counted = True
+            listener.stats.bump(listener.stats.connections, "octet_counted")
+            listener.log.debug("event connection from %s uses RFC 6587 octet-counted framing", self.peer)
+        stats = framer.stats
+        if stats.bad_frame:
+            n, stats.bad_frame = stats.bad_frame, 0
+            listener.stats.bump(listener.stats.bad_input, "bad_frame", n)
+            listener.warn_frames(
+                "bad input on the event port from %s: %d octet-counted frame(s) with a malformed length "
+                "(RFC 6587 MSG-LEN); each was read up to the next LF instead; see threatgate_bad_input",
+                self.peer,
+                n,
+            )
+
+    def _sender_paused(self) -> None:
+        """FRAMING_WAIT passed with the framing undecided: decide on what was sent, if it can tell."""
+        self._framing_timer = None
+        if self.state is ConnState.ACTIVE and self._detecting is not None:
+            self._detecting.sender_paused()
+            self._process()
 
     def pause(self, reason: str) -> None:
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
