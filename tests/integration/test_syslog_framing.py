@@ -41,7 +41,11 @@ from tests.helpers import (
 )
 
 EVENTS = (EXAMPLES / "events.txt").read_bytes().splitlines(keepends=True)  # "1 CEF:0|..." .. "7 CEF:0|..."
-FRAMINGS = ["octet-counted", "traditional"]
+SENDERS = [  # rsyslog's TCP_Framing, and the template a message is sent with
+    pytest.param("octet-counted", "%rawmsg%", id="octet-counted"),  # the event only: MSG-LEN covers it
+    pytest.param("octet-counted", "%rawmsg%\\n", id="octet-counted-lf"),  # CyberTrace users' templates end in LF
+    pytest.param("traditional", "%rawmsg%", id="traditional"),  # rsyslog appends the LF
+]
 
 
 def rsyslogd() -> str:
@@ -93,21 +97,20 @@ class Collector:
 
 
 @contextmanager
-def rsyslog(tmp: Path, target: int, framing: str) -> Iterator[socket.socket]:
+def rsyslog(tmp: Path, target: int, framing: str, template: str) -> Iterator[socket.socket]:
     """A private rsyslogd forwarding to ``target`` with ``framing``; yields a connection to its imtcp input.
 
-    Each line written to the input is one syslog message; the template forwards it unchanged, with the
-    trailing LF CyberTrace users put in their templates (inside MSG-LEN when octet-counting).  The input
+    Each line written to the input is one syslog message, forwarded as ``template`` makes it.  The input
     reads LF only: rsyslog's own octet-counting detection would take ``1 CEF:...`` for a 1-byte frame.
     """
-    work = tmp / f"rsyslog-{framing}"
+    work = tmp / "rsyslog"
     work.mkdir()
     in_port = free_port()
     conf = work / "rsyslog.conf"
     conf.write_text(
         f'global(workDirectory="{work}" net.enableDNS="off")\n'
         'module(load="imtcp")\n'
-        'template(name="threatgate_event" type="string" string="%rawmsg%\\n")\n'
+        f'template(name="threatgate_event" type="string" string="{template}")\n'
         'ruleset(name="forward") {\n'
         f'  action(type="omfwd" target="127.0.0.1" port="{target}" protocol="tcp" TCP_Framing="{framing}"\n'
         '         template="threatgate_event")\n'
@@ -209,11 +212,11 @@ def lines_received(count: int) -> Callable[[str], bool]:
     return lambda text: text.count("\n") >= count
 
 
-def forward_with_rsyslog(target: Target, tmp: Path, framing: str) -> None:
+def forward_with_rsyslog(target: Target, tmp: Path, framing: str, template: str) -> None:
     """Events through a real rsyslog to ``target``: the first one alone (rsyslog then idles), then the rest."""
     octet_before = metric(target.metrics, "threatgate_connections_total", 'outcome="octet_counted"')
     mark = target.output.mark()
-    with rsyslog(tmp, target.proc.port, framing) as syslog_input:
+    with rsyslog(tmp, target.proc.port, framing, template) as syslog_input:
         syslog_input.sendall(EVENTS[0])
         # A sender that goes quiet after one message still gets it matched (the framing is decided on a pause).
         first = target.output.wait(lines_received(target.first), mark)
@@ -227,14 +230,14 @@ def forward_with_rsyslog(target: Target, tmp: Path, framing: str) -> None:
     assert metric(target.metrics, "threatgate_bad_input_total", 'reason="oversized"') == 0
 
 
-@pytest.mark.parametrize("framing", FRAMINGS)
-def test_rsyslog_to_a_node(node: Target, tmp_path: Path, framing: str) -> None:
-    forward_with_rsyslog(node, tmp_path, framing)
+@pytest.mark.parametrize(("framing", "template"), SENDERS)
+def test_rsyslog_to_a_node(node: Target, tmp_path: Path, framing: str, template: str) -> None:
+    forward_with_rsyslog(node, tmp_path, framing, template)
 
 
-@pytest.mark.parametrize("framing", FRAMINGS)
-def test_rsyslog_to_a_balancer(balancer: Target, tmp_path: Path, framing: str) -> None:
-    forward_with_rsyslog(balancer, tmp_path, framing)
+@pytest.mark.parametrize(("framing", "template"), SENDERS)
+def test_rsyslog_to_a_balancer(balancer: Target, tmp_path: Path, framing: str, template: str) -> None:
+    forward_with_rsyslog(balancer, tmp_path, framing, template)
 
 
 def octet(*messages: bytes) -> bytes:
