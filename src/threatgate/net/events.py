@@ -257,11 +257,14 @@ class EventProtocol(asyncio.Protocol):
         if events:
             self.process(events)
 
-    def _watch_framing(self, framer: AutoFramer) -> None:
-        """Report the detected framing once, arm the pause timer while detecting, count bad frames."""
+    def _watch_framing(self, framer: AutoFramer, data_arrived: bool = True) -> None:
+        """Report the detected framing once, (re)arm the pause timer while detecting, count bad frames."""
         listener = self.listener
         if framer.framing is None:
-            if framer.deciding and self._framing_timer is None and self.state is ConnState.ACTIVE:
+            if data_arrived and framer.deciding and self.state is ConnState.ACTIVE:
+                # "The sender paused" means nothing arrived for FRAMING_WAIT: restart the wait on new bytes.
+                if self._framing_timer is not None:
+                    self._framing_timer.cancel()
                 self._framing_timer = asyncio.get_running_loop().call_later(FRAMING_WAIT, self._sender_paused)
             return
         if self._framing_timer is not None:
@@ -280,7 +283,8 @@ class EventProtocol(asyncio.Protocol):
             listener.stats.bump(listener.stats.bad_input, "bad_frame", n)
             listener.warn_frames(
                 "bad input on the event port from %s: %d octet-counted frame(s) with a malformed length "
-                "(RFC 6587 MSG-LEN); each was read up to the next LF instead; see threatgate_bad_input",
+                "(RFC 6587 MSG-LEN), each read up to its next LF instead; "
+                'see threatgate_bad_input_total{reason="bad_frame"}',
                 self.peer,
                 n,
             )
@@ -288,9 +292,13 @@ class EventProtocol(asyncio.Protocol):
     def _sender_paused(self) -> None:
         """FRAMING_WAIT passed with the framing undecided: decide on what was sent, if it can tell."""
         self._framing_timer = None
-        if self.state is ConnState.ACTIVE and self._detecting is not None:
-            self._detecting.sender_paused()
-            self._process()
+        framer = self._detecting
+        if self.state is ConnState.ACTIVE and framer is not None:
+            framer.sender_paused()
+            events = framer.next_events()
+            self._watch_framing(framer, data_arrived=False)  # still undecided: wait for more bytes
+            if events:
+                self.process(events)
 
     def pause(self, reason: str) -> None:
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
