@@ -12,6 +12,12 @@ and waits for nothing (a real client that paused loses no answer and may reconne
 slot with flags and no event cannot lock a legitimate SIEM out).  Subclasses
 implement :meth:`EventProtocol.process` (what to do with framed events) and may hook
 :meth:`EventProtocol.on_closed`.
+
+A connection that sent X-KF flags is LF-framed (the CyberTrace protocol).  One that sent none may be a
+syslog sender using RFC 6587 octet counting: its framing is detected from its first bytes
+(wire/framing.py AutoFramer); if the sender pauses before that is decided, the framer is told so
+after FRAMING_WAIT.  Frames with a malformed length are counted and logged here (``bad_frame``), so
+nodes and the balancer report them alike.
 """
 
 from __future__ import annotations
@@ -26,7 +32,7 @@ from typing import cast
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
-from threatgate.wire.framing import FramedEvent, LineFramer
+from threatgate.wire.framing import FRAMING_WAIT, OCTET_COUNTED, AutoFramer, FramedEvent, Framer, LineFramer
 
 MAX_PENDING_HANDSHAKES = 256
 """Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
@@ -63,6 +69,7 @@ class EventListener:
         self.active: set[EventProtocol] = set()
         self.warn_flood = RateLimitedLog(log)
         self.warn_scanners = RateLimitedLog(log)
+        self.warn_frames = RateLimitedLog(log)
         self.warn_evict = RateLimitedLog(log)
         self.note_idle = RateLimitedLog(log, logging.INFO, 60.0)
         self._sweeper: asyncio.TimerHandle | None = None
@@ -129,9 +136,12 @@ class EventProtocol(asyncio.Protocol):
         self.peer = ""
         self._handshake = bytearray()
         limits = listener.limits
-        self.framer = LineFramer(limits.max_event_size, limits.delimiter)
+        self.framer: Framer = LineFramer(limits.max_event_size, limits.delimiter)
+        self._detecting: AutoFramer | None = None  # a connection without flags: framing detected, then watched
         self.transport: asyncio.Transport | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._framing_timer: asyncio.TimerHandle | None = None
+        self._octet_counted = False
         self._paused_by: set[str] = set()
         self.eof = False
         self.last_active = 0.0  # loop time of the last bytes received
@@ -228,6 +238,8 @@ class EventProtocol(asyncio.Protocol):
         self.state = ConnState.CLOSED
         if self._timer is not None:
             self._timer.cancel()
+        if self._framing_timer is not None:
+            self._framing_timer.cancel()
 
     def pause_writing(self) -> None:
         self.pause("writing")
@@ -299,6 +311,10 @@ class EventProtocol(asyncio.Protocol):
         listener.stats.bump(listener.stats.connections, "accepted")
         self.state = ConnState.ACTIVE
         listener.log.debug("event connection from %s flags=%s", self.peer, flags)
+        if not consumed:
+            # No flags: maybe a syslog sender with RFC 6587 octet counting (never a CyberTrace client's LF link).
+            limits = listener.limits
+            self.framer = self._detecting = AutoFramer(limits.max_event_size, limits.delimiter)
         self.on_active()
         rest = bytes(self._handshake[consumed:])
         self._handshake = bytearray()
@@ -312,8 +328,53 @@ class EventProtocol(asyncio.Protocol):
 
     def _process(self) -> None:
         events = self.framer.next_events()
+        if self._detecting is not None:
+            self._watch_framing(self._detecting)
         if events:
             self.process(events)
+
+    def _watch_framing(self, framer: AutoFramer, data_arrived: bool = True) -> None:
+        """Report the detected framing once, (re)arm the pause timer while detecting, count bad frames."""
+        listener = self.listener
+        if framer.framing is None:
+            if data_arrived and framer.deciding and self.state is ConnState.ACTIVE:
+                # "The sender paused" means nothing arrived for FRAMING_WAIT: restart the wait on new bytes.
+                if self._framing_timer is not None:
+                    self._framing_timer.cancel()
+                self._framing_timer = asyncio.get_running_loop().call_later(FRAMING_WAIT, self._sender_paused)
+            return
+        if self._framing_timer is not None:
+            self._framing_timer.cancel()
+            self._framing_timer = None
+        if framer.framing != OCTET_COUNTED:
+            self._detecting = None  # LF: nothing more to watch
+            return
+        if not self._octet_counted:
+            self._octet_counted = True
+            listener.stats.bump(listener.stats.connections, "octet_counted")
+            listener.log.debug("event connection from %s uses RFC 6587 octet-counted framing", self.peer)
+        stats = framer.stats
+        if stats.bad_frame:
+            n, stats.bad_frame = stats.bad_frame, 0
+            listener.stats.bump(listener.stats.bad_input, "bad_frame", n)
+            listener.warn_frames(
+                "bad input on the event port from %s: %d octet-counted frame(s) with a malformed length "
+                "(RFC 6587 MSG-LEN), each read up to its next LF instead; "
+                'see threatgate_bad_input_total{reason="bad_frame"}',
+                self.peer,
+                n,
+            )
+
+    def _sender_paused(self) -> None:
+        """FRAMING_WAIT passed with the framing undecided: decide on what was sent, if it can tell."""
+        self._framing_timer = None
+        framer = self._detecting
+        if self.state is ConnState.ACTIVE and framer is not None:
+            framer.sender_paused()
+            events = framer.next_events()
+            self._watch_framing(framer, data_arrived=False)  # still undecided: wait for more bytes
+            if events:
+                self.process(events)
 
     def pause(self, reason: str) -> None:
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():

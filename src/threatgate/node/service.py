@@ -49,7 +49,7 @@ from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
-from threatgate.wire.framing import FramedEvent, LineFramer
+from threatgate.wire.framing import FramedEvent, Framer
 
 if TYPE_CHECKING:
     from threatgate.cluster.agent import ClusterAgent
@@ -198,7 +198,7 @@ class NodeService:
             self._date_cache = (now, syslog_date(now))
         return self._date_cache[1]
 
-    def account(self, m: MatchStats, framer: LineFramer, finished: bool) -> None:
+    def account(self, m: MatchStats, framer: Framer, finished: bool) -> None:
         """Fold one batch's counters into the node's (cheap: a handful of additions per batch)."""
         s = self.stats
         s.events += m.events
