@@ -10,9 +10,11 @@ import json
 import os
 import re
 import secrets
+import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 from xml.sax.saxutils import unescape
 
@@ -268,6 +270,32 @@ def demo(workdir: str) -> None:
     except ThreatgateError as exc:
         click.echo(f"threatgate demo: {exc}", err=True)
         sys.exit(1)
+
+
+@main.command()
+@click.argument("directory", type=click.Path(file_okay=False))
+@click.option("--force", is_flag=True, help="overwrite files that already exist there")
+def examples(directory: str, force: bool) -> None:
+    """Write the example configs, feeds and events into DIRECTORY (what the README's examples use)."""
+    from threatgate.demo import EXAMPLES
+
+    target = Path(directory)
+    sources = sorted(p for p in EXAMPLES.rglob("*") if p.is_file() and "__pycache__" not in p.parts)
+    clashes = [target / p.relative_to(EXAMPLES) for p in sources if (target / p.relative_to(EXAMPLES)).exists()]
+    if clashes and not force:
+        shown = ", ".join(str(c) for c in clashes[:3])
+        click.echo(
+            f"threatgate examples: {shown} already exist{'s' if len(clashes) == 1 else ''}; nothing written "
+            "(--force overwrites)",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+    for source in sources:
+        dest = target / source.relative_to(EXAMPLES)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(source, dest)
+    click.echo(f"wrote {len(sources)} files to {target}: node.conf, balancer.conf, events.txt, feeds/")
+    click.echo(f"next: threatgate validate {target / 'node.conf'}")
 
 
 # -- users ---------------------------------------------------------------------------------------------

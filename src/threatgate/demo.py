@@ -37,7 +37,10 @@ from typing import Any, TypeVar
 
 from threatgate.errors import ThreatgateError
 
-EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+EXAMPLES = Path(__file__).resolve().parent / "examples"
+"""The example configs, feeds and events: package data (in a checkout, a link to the top-level examples/)."""
+MARKER = ".threatgate-demo"
+"""Written into the demo's working directory: only such a directory is emptied by the next run."""
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 ROUNDS = 400
 """How many times the example events are sent (paced, so the node can be killed mid-stream)."""
@@ -188,12 +191,19 @@ def _balancer_config(work: Path, port: int, nodes: list[tuple[int, int]]) -> Pat
 def run_demo(workdir: str) -> int:
     """Run the demo; returns the exit code (0 when every check passed)."""
     if not (EXAMPLES / "node.conf").is_file():
-        raise ThreatgateError(f"examples not found at {EXAMPLES} (run the demo from a source checkout)")
+        raise ThreatgateError(f"examples not found at {EXAMPLES}: the installation is incomplete (reinstall it)")
     from threatgate.node.auth import hash_password
 
     work = Path(workdir).resolve()
-    shutil.rmtree(work, ignore_errors=True)
+    if work.exists():
+        if not work.is_dir() or (any(work.iterdir()) and not (work / MARKER).is_file()):
+            raise ThreatgateError(
+                f"{work} exists and is not a previous demo directory (no {MARKER}); "
+                "choose another --workdir or remove it yourself"
+            )
+        shutil.rmtree(work)
     shutil.copytree(EXAMPLES, work)
+    (work / MARKER).write_text("made by threatgate demo; the next demo run empties this directory\n")
     password = secrets.token_urlsafe(12)
     password_hash = hash_password(password)
     ports = [(_free_port(), _free_port(), _free_port()) for _ in range(2)]
