@@ -33,6 +33,7 @@ from tests.integration.test_balancer import (
     STREAM_TIMEOUT,
     URL_HIT,
     Examples,
+    FakeNode,
     assert_answers,
     balancer_for,
     client,
@@ -127,6 +128,29 @@ def test_a_stopped_node_adds_at_most_two_seconds_to_any_answer(example_nodes: Ex
     assert worst < 2.5, f"an event waited {worst:.2f} s for its answer (batch {waits.index(worst)})"
     assert re.search(rf"{instance(victim.port)} is suspect: no answer for ", log), log
     assert re.search(rf"{instance(victim.port)}: \d+ unfinished event\(s\) sent again to other instances", log)
+
+
+def test_an_event_is_re_sent_for_being_overdue_once(tmp_path: Path) -> None:
+    """Two stand-in nodes that never answer events (what a "poison pill" event slow everywhere looks
+    like): the first is suspect and its events go to the second, which is then left to ReplyTimeout
+    instead of being made suspect in turn (no ping-pong that would take every instance out)."""
+    a, b = FakeNode(), FakeNode()
+    try:
+        health = '<HealthCheck interval="1" timeout="10" rise="1" fall="3"/>'
+        with (
+            balancer_for(
+                tmp_path / "kl_balancer.conf", [a.port, b.port], health=health, extra="<ReplyTimeout>4</ReplyTimeout>"
+            ) as balancer,
+            socket.create_connection(("127.0.0.1", balancer.port), timeout=30) as sock,
+        ):
+            sock.sendall(REPLY_FLAGS + b"1 slow everywhere\n")
+            first = balancer.wait_for_log(r"instance (127\.0\.0\.1:\d+) is suspect: no answer for ")[1]
+            other = f"127.0.0.1:{b.port if first.endswith(f':{a.port}') else a.port}"
+            balancer.wait_for_log(rf"instance {re.escape(other)} is DOWN: no answer for 4 s", timeout=30)
+            assert balancer.log().count("is suspect") == 1, balancer.log()
+    finally:
+        a.close()
+        b.close()
 
 
 # -- items 5 and 13: no instance at all ---------------------------------------------------------------------

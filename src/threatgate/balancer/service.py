@@ -24,9 +24,11 @@ share stop being read until it drains to half; a client that does not read its r
 
 A hung instance costs at most about a second: an instance that owes events and has answered none for
 longer than its overdue deadline (twice its recent reply latency, at least :data:`OVERDUE_FLOOR`) while
-another instance can take them is *suspect*: its event connection is closed (so no late answer can mix
-with a new one), its events are dispatched again, and it gets no new events until a health check
-passes.  Found overdue ``fall`` times in a row without finishing an event, it is DOWN.
+another instance can take them, and whose oldest event was not sent before (an event is re-sent for
+being overdue once; one that is slow everywhere is left to ReplyTimeout), is *suspect*: its event
+connection is closed (so no late answer can mix with a new one), its events are dispatched again,
+and it gets no new events until a health check passes.  Found overdue ``fall`` times in a row
+without finishing an event, it is DOWN.
 """
 
 from __future__ import annotations
@@ -600,6 +602,10 @@ class BalancerService(InstanceOwner):
                 continue
             if not any(o is not inst and o.connected and o.suspect_since is None for o in up):
                 continue  # nowhere else to go: ReplyTimeout decides
+            if self.correlator.dispatches(next(iter(inst.owned))) > 1:
+                # Its oldest event was sent before: maybe that event is slow, not the instance (a poison
+                # pill would otherwise make every instance suspect in turn).  ReplyTimeout decides.
+                continue
             inst.overdue_streak += 1
             inst.suspects += 1
             self.stats.bump(self.stats.transitions, "suspect")
