@@ -5,6 +5,7 @@
 from __future__ import annotations
 
 import re
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -66,4 +67,18 @@ def test_node_loads_abusech_feeds_as_published_and_detects(node: tuple[NodeProce
         "threat=malware_download tags=exe urlhaus_link=https://urlhaus.abuse.ch/url/3853888/",
         "4 LookupFinished",
         "5 LookupFinished",  # /dl/x//../invoice/../.. is /dl/x/: not the listed /dl/invoice/
+    ]
+
+
+def test_node_applies_changed_context_columns_on_reload(node: tuple[NodeProcess, int]) -> None:
+    proc, port = node
+    event = FLAGS + b"2 dst=203.0.113.211\n"
+    assert "dst_port=443 c2_status=online malware=QakBot\n" in exchange(port, event).decode()
+    proc.config.write_text(proc.config.read_text().replace('"dst_port,malware,c2_status"', '"Malware"'))
+    proc.signal(signal.SIGHUP)
+    proc.wait_for_log(r"configuration reloaded from ")
+    proc.wait_for_log(r"alert KL_ALERT_UpdatedFeed feed=ipblocklist\.csv records=3\n")
+    assert exchange(port, event).decode().splitlines() == [
+        "2 category=Feodo_CnC matchedIndicator=203.0.113.211 confidence=100 source=default malware=QakBot",
+        "2 LookupFinished",
     ]
