@@ -397,6 +397,10 @@ H32 = "44d88612fea8a8f36de82e1278abb02f"
         ("http://fakess123.nu", "url", Kind.DOMAIN, "fakess123.nu"),
         ("http://evil.example/a", "indicator", Kind.URL, "evil.example/a"),
         ("https://evil.example:8443/a?b=c", "indicator", Kind.URL, "evil.example/a?b=c"),
+        # dot segments are removed as events' URLs are (normalize_url): ".." after "//" removes the empty segment
+        ("http://evil.example/foo/bar//..", "url", Kind.URL, "evil.example/foo/bar"),
+        ("http://evil.example/foo/bar//%2e%2e/x", "indicator", Kind.URL, "evil.example/foo/bar/x"),
+        ("http://evil.example/a/.//../*", "mask", Kind.MASK, "evil.example/a/*"),
         # masks
         ("*.evil-cdn.example/payload/*", "mask", Kind.MASK, "*.evil-cdn.example/payload/*"),
         ("evil.example/*/x.php", "indicator", Kind.MASK, "evil.example/*/x.php"),
@@ -472,6 +476,14 @@ def test_Indicator_indicator_of_record_without_indicator(record: dict[str, Any])
 def test_FeedSnapshot_record_context_skips_indicator_and_non_scalars() -> None:
     record = {"threat": "x", "url": "http://a/", "n": 1, "ok": True, "no": False, "none": None, "l": [1], "d": {}}
     assert record_context(record) == [("threat", "x"), ("n", "1"), ("ok", "true"), ("no", "false")]
+
+
+def test_FeedSnapshot_record_context_skips_the_field_indicator_of_reads() -> None:
+    # "url" comes before "domain" in INDICATOR_FIELDS: it is the indicator wherever it stands in the record.
+    record = {"domain": "a.example", "url": "http://a.example/x", "threat": "t"}
+    indicator = indicator_of(record)
+    assert indicator is not None and indicator.value == "a.example/x"
+    assert record_context(record) == [("domain", "a.example"), ("threat", "t")]
 
 
 def test_FeedSnapshot_key_of_differs_per_kind() -> None:

@@ -59,6 +59,25 @@ URL_CASES: list[tuple[str, str | None]] = [
     ("http://example.com/a/..?q", "example.com/?q"),
     ("http://example.com/../../a", "example.com/a"),
     ("http://example.com/.hidden/..file", "example.com/.hidden/..file"),
+    # ... removed before repeated slashes collapse (RFC 3986 5.2.4, WHATWG): an empty segment is a
+    # segment, so ".." after "//" removes it and cannot climb past a path a feed lists
+    # (expected values checked against WHATWG's URL parser, then trailing "/" dropped)
+    ("http://example.com/foo/bar//..", "example.com/foo/bar"),
+    ("http://example.com/foo/bar//..?q", "example.com/foo/bar/?q"),
+    ("http://example.com/foo/bar//../baz", "example.com/foo/bar/baz"),
+    ("http://example.com/foo/bar//%2e%2E", "example.com/foo/bar"),
+    ("http://example.com/foo/bar///../..", "example.com/foo/bar"),
+    ("http://example.com/a//b/../..", "example.com/a"),
+    ("http://example.com/a/.//..", "example.com/a"),
+    ("http://example.com/a\\\\..", "example.com/a"),
+    ("http://example.com//..", "example.com"),
+    ("http://example.com/./", "example.com"),
+    ("http://example.com/a/./b/.", "example.com/a/b"),
+    ("http://example.com/a/b/../../..", "example.com"),
+    ("http://example.com/a/b/../../..?q", "example.com/?q"),
+    ("http://example.com/a/b/%2e%2e", "example.com/a"),
+    ("http://example.com/a/b/%2e%2e?q", "example.com/a/?q"),
+    ("http://example.com/a/b/.%2E/../c", "example.com/c"),
     # repeated slashes in path and query
     ("http://example.com//a///b", "example.com/a/b"),
     ("http://example.com/a?u=http://x//y", "example.com/a?u=http:/x/y"),

@@ -48,6 +48,11 @@ from threatgate.wire.paths import PathError, RoutePattern, normalize_path, rende
         ("//api//1.1//suppliers", ("api", "1.1", "suppliers")),
         ("///", ()),
         ("//host/a", ("host", "a")),
+        # ... after dot segments are removed: ".." after "//" removes the empty segment (RFC 3986, WHATWG)
+        ("/a/b//..", ("a", "b")),
+        ("/api/1.1/suppliers//../x", ("api", "1.1", "suppliers", "x")),
+        ("/a//b/../..", ("a",)),
+        ("//..", ()),
         # ;parameters are not special
         ("/api/1.1/lookup;x", ("api", "1.1", "lookup;x")),
         ("/a/..;/b", ("a", "..;", "b")),

@@ -146,6 +146,10 @@ class FeedSettings(_Frozen):
     supplier: Supplier = "feed"
     actionable_fields: tuple[str, ...] = ()
     delimiter: str = ","
+    indicator_column: str = ""
+    """CSV only: the column holding the indicator (empty: the first of ``feeds.INDICATOR_FIELDS``)."""
+    context_columns: tuple[str, ...] | None = None
+    """CSV only: the columns kept as record context (None: every column but the indicator)."""
     line: int = 0
 
 
@@ -432,6 +436,8 @@ def _read_feed(node: Node) -> FeedSettings:
         delimiter = "\t"
     if len(delimiter) != 1 or delimiter in '"\r\n':
         raise node.error(f"delimiter={delimiter!r}: expected one character (not a quote or newline)")
+    actionable_fields = tuple(x.strip() for x in node.attrs.get("actionable_fields", "").split(",") if x.strip())
+    indicator_column, context_columns = _read_feed_columns(node, fmt, actionable_fields)
     data = {
         "path": path,
         "name": os.path.basename(path),
@@ -440,11 +446,43 @@ def _read_feed(node: Node) -> FeedSettings:
         "category": category,
         "format": fmt,
         "supplier": supplier,
-        "actionable_fields": tuple(x.strip() for x in node.attrs.get("actionable_fields", "").split(",") if x.strip()),
+        "actionable_fields": actionable_fields,
         "delimiter": delimiter,
+        "indicator_column": indicator_column,
+        "context_columns": context_columns,
         "line": node.line,
     }
     return build(node, FeedSettings, data)
+
+
+def _read_feed_columns(node: Node, fmt: str, actionable_fields: tuple[str, ...]) -> tuple[str, tuple[str, ...] | None]:
+    """``indicator_column`` and ``context_columns`` of a ``<Feed>``: CSV only, checked against each other.
+
+    Whether the columns exist is only known when the file is read: the feed loader refuses a
+    header without them (and ``threatgate validate`` loads every feed).
+    """
+    raw_indicator = node.attrs.get("indicator_column")
+    raw_context = node.attrs.get("context_columns")
+    for name, raw in (("indicator_column", raw_indicator), ("context_columns", raw_context)):
+        if raw is not None and fmt != "csv":
+            raise node.error(f'{name} applies to CSV feeds only (this feed has format="{fmt}")')
+    indicator = (raw_indicator or "").strip()
+    if raw_indicator is not None and not indicator:
+        raise node.error("indicator_column is empty: name the CSV column that holds the indicator, or leave it out")
+    if raw_context is None:
+        return indicator, None
+    context = tuple(x.strip() for x in raw_context.split(",") if x.strip())
+    folded = {c.lower() for c in context}
+    if indicator and indicator.lower() in folded:
+        raise node.error(
+            f"context_columns names {indicator!r}, the indicator column: the indicator is never record context"
+        )
+    missing = [f for f in actionable_fields if f.lower() not in folded]
+    if missing:
+        raise node.error(
+            f"actionable_fields {', '.join(missing)} not in context_columns: an actionable field must be kept"
+        )
+    return indicator, context
 
 
 def _read_feeds(node: Node | None) -> FeedsSettings:

@@ -21,15 +21,24 @@ Rules:
    so Python memory stays at the store's ~30 bytes per indicator.
 
 Record fields: the indicator is in ``indicator``, or in one of ``mask``/``url``/``domain``/``ip``/
-``md5``/``sha1``/``sha256`` (first present wins); every other scalar field is record context.
-A domain record covers sub-domains when written ``*.example.com`` or when a field
+``md5``/``sha1``/``sha256`` (the first of these the record has); every other scalar field is record
+context.  A domain record covers sub-domains when written ``*.example.com`` or when a field
 ``include_subdomains`` (or ``subdomains``) is true.
+
+CSV files are read as the world publishes them (abuse.ch URLhaus, Feodo Tracker): lines starting
+with ``#`` are comments, and the header is the first uncommented row that names the indicator
+column, or else the last comment line before the first record that does (``# id,dateadded,url,...``).
+The Feed attribute ``indicator_column`` names the indicator column (Feodo's ``dst_ip``; it is then
+read back as ``indicator``, classified by shape) and ``context_columns`` the columns kept as record
+context; a name that is not in the header makes the file refused, never silently ignored.
 """
 
 from __future__ import annotations
 
 import csv
+import difflib
 import errno
+import itertools
 import json
 import logging
 import os
@@ -171,30 +180,38 @@ def _classify_domain(text: str, raw: str, subdomains: bool) -> Indicator | None:
     return Indicator(Kind.DOMAIN_SUFFIX if subdomains else Kind.DOMAIN, value, raw)
 
 
+def indicator_field(record: dict[str, Any]) -> str | None:
+    """The field holding a parsed record's indicator: the first of ``INDICATOR_FIELDS`` it has, or None."""
+    return next((name for name in INDICATOR_FIELDS if record.get(name) is not None), None)
+
+
 def indicator_of(record: dict[str, Any]) -> Indicator | None:
-    """The indicator a parsed record carries (first indicator field present), or None."""
-    for name in INDICATOR_FIELDS:
-        value = record.get(name)
-        if value is None:
-            continue
-        if not isinstance(value, str):
-            return None
-        flag = False
-        for sub in _SUBDOMAIN_FIELDS:
-            marker = record.get(sub)
-            if marker is not None:
-                flag = marker is True or str(marker).strip().lower() in _TRUTHY
-        return classify(value, name, flag)
-    return None
+    """The indicator a parsed record carries (in its :func:`indicator_field`), or None."""
+    name = indicator_field(record)
+    if name is None:
+        return None
+    value = record[name]
+    if not isinstance(value, str):
+        return None
+    flag = False
+    for sub in _SUBDOMAIN_FIELDS:
+        marker = record.get(sub)
+        if marker is not None:
+            flag = marker is True or str(marker).strip().lower() in _TRUTHY
+    return classify(value, name, flag)
 
 
-def record_context(record: dict[str, Any]) -> list[tuple[str, str]]:
-    """The record's context fields in file order: every scalar field except the indicator itself."""
+def record_context(record: dict[str, Any], keep: frozenset[str] | None = None) -> list[tuple[str, str]]:
+    """The record's context fields in file order: every scalar field except the indicator itself.
+
+    Args:
+        keep: only these fields (a CSV feed's ``context_columns``, see ``FeedSnapshot.context_columns``);
+            None keeps them all.
+    """
     out: list[tuple[str, str]] = []
-    skipped = False
+    indicator = indicator_field(record)
     for name, value in record.items():
-        if not skipped and name in INDICATOR_FIELDS:
-            skipped = True
+        if name == indicator or (keep is not None and name not in keep):
             continue
         text = context_text(value)
         if text is not None:
@@ -317,6 +334,7 @@ class FeedSnapshot:
         self.masks: list[tuple[str, Mask]] = []  # (host key, mask)
         self.cidrs: set[tuple[int, int]] = set()  # (version, prefix length) present
         self.header: list[str] = []  # CSV: column names, the indicator column under its canonical name
+        self.context_columns: frozenset[str] | None = None  # CSV context_columns, as named in ``header``
         self.report = LoadReport()
         self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
         self._fd = -1
@@ -666,7 +684,11 @@ def _why_no_indicator(record: dict[str, Any]) -> str:
     return f"no indicator field (one of {', '.join(INDICATOR_FIELDS)})"
 
 
-def _lines(text: str) -> Iterator[tuple[int, int, str]]:
+_Line = tuple[int, int, str]
+"""(start offset, line number, logical line) of a CSV file."""
+
+
+def _lines(text: str) -> Iterator[_Line]:
     """(start offset, line number, logical line) with quoted newlines kept inside one CSV row."""
     pos = 0
     lineno = 0
@@ -678,7 +700,8 @@ def _lines(text: str) -> Iterator[tuple[int, int, str]]:
         line_start = pos
         lineno += 1
         first = lineno
-        while text.count('"', line_start, end) % 2 and end < size:  # a quoted field spans lines
+        comment = text.startswith("#", line_start)  # a comment never spans lines, whatever its quotes
+        while not comment and text.count('"', line_start, end) % 2 and end < size:  # a quoted field spans lines
             nxt = text.find("\n", end + 1)
             end = size if nxt < 0 else nxt
             lineno += 1
@@ -690,30 +713,18 @@ def _load_csv(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
     settings = snapshot.settings
     delimiter = settings.delimiter
     lines = _lines(text)
-    header: list[str] | None = None
-    for _start, _lineno, line in lines:
-        stripped = line.strip()
-        if stripped:
-            header = [h.strip().lstrip("#").strip() for h in _csv_row(stripped, delimiter)]
-            break
-    if not header:
-        raise FeedError(f"{settings.path}: empty CSV feed (no header row)")
-    lowered = [h.lower() for h in header]
-    column = next(((lowered.index(f), f) for f in INDICATOR_FIELDS if f in lowered), None)
-    if column is None:
-        raise FeedError(
-            f"{settings.path}: CSV header {header!r} has no indicator column (one of {', '.join(INDICATOR_FIELDS)})"
-        )
-    col, field_name = column
-    sub_col = next((lowered.index(f) for f in _SUBDOMAIN_FIELDS if f in lowered), -1)
+    header, header_line, first_row = _find_csv_header(settings, lines)
+    col, field_name, sub_col = _csv_columns(settings, header, header_line)
     snapshot.header = list(header)
     snapshot.header[col] = field_name
     if sub_col >= 0:
-        snapshot.header[sub_col] = lowered[sub_col]
+        snapshot.header[sub_col] = header[sub_col].lower()
+    if settings.context_columns is not None:
+        snapshot.context_columns = _csv_context_columns(settings, header, snapshot.header, col)
     width = len(header)
     add = snapshot.add
     report = snapshot.report
-    for start, lineno, line in lines:
+    for start, lineno, line in itertools.chain(first_row, lines):
         row_text = line.rstrip("\r")
         if not row_text.strip() or row_text.startswith("#"):
             continue
@@ -728,3 +739,129 @@ def _load_csv(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
             continue
         b_start = to_byte(start)
         add(indicator, b_start, to_byte(start + len(row_text)) - b_start)
+
+
+def _find_csv_header(settings: FeedSettings, lines: Iterator[_Line]) -> tuple[list[str], int, list[_Line]]:
+    """The header row, its line number, and the first data row when it was read to decide (or none).
+
+    Feeds are published with a banner of ``#`` comment lines, and some (abuse.ch URLhaus) put the
+    header itself in the last comment line: ``# id,dateadded,url,...``.  The header is the first
+    uncommented row when that row names the indicator column; otherwise the *last* comment line
+    before it that does, and the uncommented row is the first record.  A row "names the indicator
+    column" when it has ``indicator_column``, or (when that is not set) one of ``INDICATOR_FIELDS``.
+
+    Raises:
+        FeedError: no row or comment line before the first record is such a header.
+    """
+    path = settings.path
+    want = settings.indicator_column.lower()
+    commented: tuple[list[str], int] | None = None
+    names: list[str] = []  # every cell of the rows tried, for the "did you mean" of an error
+    for start, lineno, line in lines:
+        stripped = line.strip()
+        if not stripped:
+            continue
+        is_comment = line.startswith("#")  # as for records: "#" first, as _lines has it
+        cells = _header_cells(stripped.lstrip("#") if is_comment else stripped, settings.delimiter)
+        found = _names_indicator(cells, want)
+        if is_comment:
+            if found:
+                commented = (cells, lineno)
+            names.extend(cells)
+            continue
+        if found:
+            return cells, lineno, []
+        if commented is not None:
+            return commented[0], commented[1], [(start, lineno, line)]
+        raise FeedError(f"{path}: {_no_header(settings, cells, lineno, names + cells)}")
+    if commented is not None:
+        return commented[0], commented[1], []  # a header and no record: an empty feed
+    if names:
+        raise FeedError(f"{path}: only comment lines, none of them a CSV header: {_wanted(settings)}")
+    raise FeedError(f"{path}: empty CSV feed (no header row)")
+
+
+def _header_cells(text: str, delimiter: str) -> list[str]:
+    return [h.strip().lstrip("#").strip() for h in _csv_row(text, delimiter)]
+
+
+def _names_indicator(cells: list[str], want: str) -> bool:
+    lowered = {c.lower() for c in cells}
+    if want:
+        return want in lowered
+    return any(f in lowered for f in INDICATOR_FIELDS)
+
+
+def _wanted(settings: FeedSettings) -> str:
+    if settings.indicator_column:
+        return f"the column {settings.indicator_column!r} (indicator_column)"
+    return f"an indicator column (one of {', '.join(INDICATOR_FIELDS)})"
+
+
+def _no_header(settings: FeedSettings, cells: list[str], lineno: int, names: list[str]) -> str:
+    """Why the first record row is not a header and no comment line before it is one either."""
+    hint = _did_you_mean(settings.indicator_column, names) if settings.indicator_column else ""
+    return (
+        f"CSV header {cells[:12]!r} (line {lineno}) has no indicator column: neither it nor a comment "
+        f"line before it has {_wanted(settings)}{hint}"
+    )
+
+
+def _did_you_mean(name: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(name.lower(), list(dict.fromkeys(n.lower() for n in names if n)), n=1)
+    if not close:
+        return ""
+    spelled = next(n for n in names if n.lower() == close[0])
+    return f" (did you mean {spelled!r}?)"
+
+
+def _csv_columns(settings: FeedSettings, header: list[str], header_line: int) -> tuple[int, str, int]:
+    """(indicator column, the field name it is read back under, include_subdomains column or -1).
+
+    The indicator column is read back under its own name when that is one of ``INDICATOR_FIELDS``
+    (which also says how it is classified: ``md5`` must be a hash...), else as ``indicator``
+    (classified by shape: Feodo Tracker's ``dst_ip``).  Records are read back by name, and
+    :func:`indicator_of` takes the first of ``INDICATOR_FIELDS`` present, so when another column
+    is spelled like a field that comes first (or the same), the indicator is read back as
+    ``indicator``, and the header is refused when a second column is literally ``indicator``.
+    """
+    lowered = [h.lower() for h in header]
+    want = settings.indicator_column.lower()
+    if want:
+        col = lowered.index(want)
+        field_name = want if want in INDICATOR_FIELDS else "indicator"
+    else:
+        col, field_name = next((lowered.index(f), f) for f in INDICATOR_FIELDS if f in lowered)
+    rank = INDICATOR_FIELDS.index(field_name)
+    if any(i != col and h in INDICATOR_FIELDS[: rank + 1] for i, h in enumerate(header)):
+        field_name = "indicator"
+        clash = next((i for i, h in enumerate(header) if i != col and h == "indicator"), -1)
+        if clash >= 0:
+            raise FeedError(
+                f"{settings.path}: line {header_line}: the indicator is column {col + 1} ({header[col]!r}), but "
+                f"column {clash + 1} is also named 'indicator'; rename one of them"
+            )
+    sub_col = next((lowered.index(f) for f in _SUBDOMAIN_FIELDS if f in lowered), -1)
+    return col, field_name, sub_col
+
+
+def _csv_context_columns(settings: FeedSettings, header: list[str], names: list[str], col: int) -> frozenset[str]:
+    """The names (as read back, ``names``) of the columns ``context_columns`` keeps, matched case-insensitively.
+
+    Raises:
+        FeedError: a name that is not a column of the header (a typo would silently drop context),
+            or the indicator column itself.
+    """
+    by_name = {h.lower(): names[i] for i, h in enumerate(header) if i != col}
+    kept: set[str] = set()
+    for name in settings.context_columns or ():
+        found = by_name.get(name.lower())
+        if found is not None:
+            kept.add(found)
+            continue
+        if name.lower() == header[col].lower():
+            why = "is the indicator column, never record context"
+        else:
+            why = "is not a column of the CSV header" + _did_you_mean(name, header)
+        raise FeedError(f"{settings.path}: context_columns: {name!r} {why}; the columns are {', '.join(header)[:300]}")
+    return frozenset(kept)

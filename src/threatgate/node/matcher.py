@@ -294,7 +294,7 @@ class Matcher:
             if supplier == "FalsePositive":
                 false_positive = True
                 continue
-            context = tuple(record_context(record))
+            context = tuple(record_context(record, snap.context_columns))
             wanted = snap.settings.actionable_fields
             actionable = tuple((n, v) for n, v in context if n in wanted) if wanted else ()
             hits.append(Hit(snap, cand.record_no, indicator, context, actionable))

@@ -28,7 +28,8 @@ scheme, so it costs one ``str.lower`` and one regex match, with no ``urlsplit`` 
 Everything else takes the *slow path*: split scheme / authority / path / query / fragment by hand (the way
 browsers do, treating ``\\`` like ``/``), normalise the host (userinfo and port dropped, percent-decoding,
 dot clean-up, IDNA to punycode, ``www.`` removal, inet_aton-style IPv4, compressed IPv6), percent-decode the
-path and query once, lowercase them, remove dot segments and repeated slashes, and finally re-escape the few
+path and query once, lowercase them, remove dot segments (RFC 3986 section 5.2.4: an empty segment counts, so
+``/a/b//..`` is ``/a/b/``) and only then collapse repeated slashes, and finally re-escape the few
 characters whose raw presence would make a second pass produce something different (this is what keeps
 the function idempotent).  The fast path is only an optimisation: for every input it accepts, the slow path
 returns the same string (the tests check this).
@@ -248,22 +249,29 @@ def _idna_encode(host: str) -> str | None:
 
 
 def _normalize_path(raw: str, has_query: bool, wildcard: bool) -> str:
-    """Decode, lowercase, drop dot segments and empty segments; keep "/" before a query only."""
+    """Decode, lowercase, remove dot segments, then collapse repeated ``/``; keep "/" before a query only.
+
+    The order matters.  Dot segments are removed first, as RFC 3986 section 5.2.4 and WHATWG define it:
+    an empty segment (between two slashes) is a segment like any other, so in ``/foo/bar//..`` the
+    ``..`` removes the empty segment and the result is ``/foo/bar/``, the resource a browser or server
+    fetches.  Collapsing ``//`` first would let that ``..`` climb one level more, to ``/foo``: a request
+    for a path a feed lists could then be written so that it looks up the parent instead.
+    """
     if not raw:
         return "/" if has_query else ""
     p = (_PCT_RUN_WILD if wildcard else _PCT_RUN).sub(_decode_run, raw) if "%" in raw else raw
     p = p.replace("\x00", "").replace("\\", "/").lower()
-    segments = p.split("/")
+    segments = p.split("/")  # p starts with "/": segments[0] is the empty root, not a segment
     stack: list[str] = []
-    for seg in segments:
-        if seg == "" or seg == ".":
+    for seg in segments[1:]:
+        if seg == ".":
             continue
         if seg == "..":
             if stack:
                 stack.pop()
         else:
-            stack.append(seg)
-    body = (_PATH_ESC_WILD if wildcard else _PATH_ESC).sub(_escape_char, "/".join(stack))
+            stack.append(seg)  # "" too; dropping the empty ones below is the slash collapsing
+    body = (_PATH_ESC_WILD if wildcard else _PATH_ESC).sub(_escape_char, "/".join(seg for seg in stack if seg))
     if not has_query:
         return "/" + body if body else ""
     if not body:

@@ -6,8 +6,10 @@ Rules:
 2. Each segment is then percent-decoded as UTF-8 (invalid UTF-8 or a stray ``%`` is an error) and
    dot segments are removed after decoding (RFC 3986 §5.2.4), so ``%2e%2e`` is ``..`` and climbs
    exactly like ``..``; climbing above the root stops at the root.
-3. Empty segments (``//``) are dropped; ``;parameters`` are not special: ``lookup;x`` is a
-   different, unknown segment.  The query string is not part of the path.
+3. Empty segments (``//``) are dropped, but only after dot segments are removed: as in RFC 3986
+   and WHATWG an empty segment is a segment, so ``/a/b//..`` is ``/a/b`` (never ``/a``), the same
+   order as indicator URLs (docs/normalization.md).  ``;parameters`` are not special: ``lookup;x``
+   is a different, unknown segment.  The query string is not part of the path.
 4. Routes are data: a :class:`RoutePattern` is a tuple of literal segments and ``{placeholder}``
    segments, each placeholder matching exactly one non-empty segment.
 
@@ -35,8 +37,9 @@ def normalize_path(target: str) -> tuple[str, ...]:
     if not path.startswith("/"):
         raise PathError(f"request target {target[:100]!r} is not an absolute path")
     out: list[str] = []
-    for raw in path.split("/"):
+    for raw in path.split("/")[1:]:
         if not raw:
+            out.append("")  # a segment until dot segments are removed; dropped below
             continue
         if "%" in raw:
             _check_escapes(raw)
@@ -55,7 +58,7 @@ def normalize_path(target: str) -> tuple[str, ...]:
                 out.pop()
             continue
         out.append(segment)
-    return tuple(out)
+    return tuple(segment for segment in out if segment)
 
 
 def _check_escapes(raw: str) -> None:
