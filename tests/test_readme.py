@@ -26,7 +26,6 @@ SKIP = re.compile(r"<!-- not run by tests/test_readme\.py: [^>]+ -->\s*$")
 BLOCK_TIMEOUT = 180.0
 
 PROMISES: dict[str, list[str]] = {
-    "Installing": ["config OK"],
     "Using a node": [
         "config OK",
         "1 category=malicious_url matchedIndicator=http://fakess123.nu",
