@@ -212,7 +212,12 @@ def test_no_instance(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "needle", "element", "problem_start"),
     [
-        (lambda t: t.replace("<CertDirPath>", "<Bogus/><CertDirPath>"), "<Bogus/>", "Bogus", "unknown element in <Config> (expected "),
+        (
+            lambda t: t.replace("<CertDirPath>", "<Bogus/><CertDirPath>"),
+            "<Bogus/>",
+            "Bogus",
+            "unknown element in <Config> (expected ",
+        ),
         (
             lambda t: t.replace("<Instance ", "<Server/><Instance ", 1),
             "<Server/>",
