@@ -18,11 +18,12 @@ from pathlib import Path
 
 import pytest
 
-from threatgate.cluster.settings import extract_settings, merge_settings, set_value
+from threatgate.cluster.agent import validate_document
+from threatgate.cluster.settings import SettingsDocument, extract_settings, make_payload, merge_settings, set_value
 from threatgate.config.balancer import balancer_config_from_xml, load_balancer_config
 from threatgate.config.node import load_node_config, node_config_from_xml
 from threatgate.config.xml import TYPO_CUTOFF, Attributes, Node, parse_xml, read_xml
-from threatgate.errors import ConfigError
+from threatgate.errors import ConfigError, SettingsRejected
 from threatgate.log import LEVEL_NAMES, setup_logging
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -438,15 +439,19 @@ def test_documented_unused_and_disabled_elements_are_accepted(tmp_path: Path) ->
     load_balancer_config(str(write_balancer(tmp_path, text)))
 
 
-def test_cluster_settings_with_a_misspelt_attribute_are_refused_naming_the_revision(tmp_path: Path) -> None:
+def test_cluster_settings_set_with_a_misspelt_attribute_is_refused_naming_the_revision(tmp_path: Path) -> None:
+    """``threatgate cluster settings set ... @confidance 50``: the Control validates the revision this way."""
     conf = write_node(tmp_path, (EXAMPLES / "node.conf").read_text(encoding="utf-8"))
     shared = extract_settings(read_xml(str(EXAMPLES / "node.conf")))
     shared = set_value(shared, "Feeds/Feed[@filename=feeds/ip_reputation.csv]/@confidance", "50")
-    label = f"{conf}#settings-r7"
-    with pytest.raises(ConfigError) as info:
-        node_config_from_xml(merge_settings(read_xml(str(conf)), shared, label))
+    doc = SettingsDocument.create("c1", 7, 1, 0.0, make_payload(shared, {"suppliers": [], "tags": []}))
+    with pytest.raises(SettingsRejected) as info:
+        validate_document(read_xml(str(conf)), doc)
     line = line_of(shared, "confidance")
-    assert str(info.value) == f"{label}:{line}: <Feed>: unknown attribute 'confidance' (did you mean 'confidence'?)"
+    assert info.value.detail == (
+        f"invalid settings: {conf}#settings-r7:{line}: <Feed>: unknown attribute 'confidance' "
+        "(did you mean 'confidence'?)"
+    )
 
 
 def test_cluster_settings_with_a_misspelt_element_are_refused(tmp_path: Path) -> None:

@@ -8,10 +8,11 @@ Rules:
 4. A setting is applied or refused, never ignored.  A reader reaches children only through
    :meth:`Node.find`, :meth:`~Node.findall`, :meth:`~Node.only`, :meth:`~Node.require` or
    :meth:`~Node.elements`, and attributes through ``node.attrs`` (``get``, ``[]``, ``in``); each
-   remembers the name it was asked for, present or not.  Once a whole configuration is built,
-   :func:`check_unknown` refuses the first element or attribute no reader asked for, suggesting the
-   closest of the names that *were* asked for at that place (nginx's "unknown directive").  There
-   is no table of known names to go stale: adding an attribute is reading it, in one place.
+   remembers the name it was asked for, present or not.  Once a whole configuration is built
+   (:func:`read_checked`), :func:`check_unknown` refuses the first element or attribute no reader
+   asked for, suggesting the closest of the names that *were* asked for at that place (nginx's
+   "unknown directive").  There is no table of known names to go stale: adding an attribute is
+   reading it, in one place.
 5. A reader that asks for an attribute only in some cases makes it unknown in the others: read it
    always and refuse it with a precise message where it does not apply.  What is deliberately not
    read (a disabled section, a CyberTrace element threatgate does not use) is marked with
@@ -138,7 +139,10 @@ class Node:
         return found[0] if found else None
 
     def ignore(self) -> None:
-        """Accept this element's content without reading it (a disabled section, an unused CyberTrace element)."""
+        """Accept this element's children unread (a disabled section, an unused CyberTrace element).
+
+        Its own attributes are still checked: ``enabled`` was read to get here.
+        """
         self.used = True
         self.ignored = True
 
