@@ -22,7 +22,7 @@ import click
 
 from threatgate._version import __version__
 from threatgate.errors import ClusterError, ConfigError, ThreatgateError, TLSConfigError
-from threatgate.log import setup_logging
+from threatgate.log import LEVEL_NAMES, setup_logging
 
 if TYPE_CHECKING:
     from threatgate.config.balancer import BalancerConfig
@@ -30,6 +30,9 @@ if TYPE_CHECKING:
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
+
+LOG_LEVEL = click.Choice(LEVEL_NAMES, case_sensitive=False)
+LOG_LEVEL_HELP = "Lowest level logged; lines show it as ERR, WAR, INF or DBG."
 
 USER_NAME = re.compile(r"[A-Za-z0-9_.@-]{1,64}\Z")
 """Allowed REST API user names (the same rule as the config loader's)."""
@@ -43,7 +46,7 @@ def main() -> None:
 
 @main.command()
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node config (XML).")
-@click.option("--log-level", default="inf", show_default=True, help="err, inf or dbg.")
+@click.option("--log-level", default="inf", show_default=True, type=LOG_LEVEL, help=LOG_LEVEL_HELP)
 def node(config_path: str, log_level: str) -> None:
     """Run a matching node (CyberTrace-compatible event input)."""
     from threatgate.config.node import load_node_config
@@ -54,7 +57,7 @@ def node(config_path: str, log_level: str) -> None:
 
 @main.group(invoke_without_command=True)
 @click.option("--config", "config_path", type=click.Path(dir_okay=False), help="Balancer config (kl_balancer.conf).")
-@click.option("--log-level", default="inf", show_default=True, help="err, inf or dbg.")
+@click.option("--log-level", default="inf", show_default=True, type=LOG_LEVEL, help=LOG_LEVEL_HELP)
 @click.pass_context
 def balancer(ctx: click.Context, config_path: str | None, log_level: str) -> None:
     """Run the High Availability balancer in front of nodes (or one of its subcommands)."""

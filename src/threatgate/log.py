@@ -2,6 +2,10 @@
 
 Lifecycle events log at INFO; bad input logs at WARNING through :class:`RateLimitedLog` (first
 occurrence, then at most one summary line per interval); each event only at DEBUG.
+
+Every line names its level in three letters (``ERR``, ``WAR``, ``INF``, ``DBG``), and ``--log-level``
+takes exactly those names (any case) or Python's long ones (``error``, ``warning``, ``info``,
+``debug``): nothing else, so a typo is refused instead of logging at a level nobody asked for.
 """
 
 from __future__ import annotations
@@ -10,20 +14,48 @@ import logging
 import sys
 import time
 
-LEVELS = {"err": logging.ERROR, "inf": logging.INFO, "dbg": logging.DEBUG}
+LEVELS = {
+    "err": logging.ERROR,
+    "war": logging.WARNING,
+    "inf": logging.INFO,
+    "dbg": logging.DEBUG,
+    "error": logging.ERROR,
+    "warning": logging.WARNING,
+    "info": logging.INFO,
+    "debug": logging.DEBUG,
+}
+"""What ``--log-level`` accepts (case-insensitive): the names the log prints, then Python's."""
+
+LEVEL_NAMES = tuple(LEVELS)
+
+SHORT_NAMES = {
+    logging.CRITICAL: "CRI",
+    logging.ERROR: "ERR",
+    logging.WARNING: "WAR",
+    logging.INFO: "INF",
+    logging.DEBUG: "DBG",
+}
+"""The level a line shows: CyberTrace's three letters (``%(levelname).3s`` would print DEB for debug)."""
+
+
+class _Formatter(logging.Formatter):
+    def formatMessage(self, record: logging.LogRecord) -> str:  # noqa: N802 - logging API name
+        record.level3 = SHORT_NAMES.get(record.levelno, record.levelname[:3])
+        return super().formatMessage(record)
 
 
 def setup_logging(level: str = "inf") -> None:
-    """Log to stderr at ``level`` (err, inf or dbg, or a Python level name)."""
-    numeric = LEVELS.get(level.lower(), None) or logging.getLevelName(level.upper())
-    if not isinstance(numeric, int):
-        numeric = logging.INFO
-    logging.basicConfig(
-        stream=sys.stderr,
-        level=numeric,
-        format="%(asctime)s %(levelname).3s %(name)s: %(message)s",
-        force=True,
-    )
+    """Log to stderr at ``level``, one of :data:`LEVEL_NAMES` in any case.
+
+    Raises:
+        ValueError: another name (the CLI refuses it before: click.Choice over LEVEL_NAMES).
+    """
+    numeric = LEVELS.get(level.lower())
+    if numeric is None:
+        raise ValueError(f"unknown log level {level!r}: expected one of {', '.join(LEVEL_NAMES)}")
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(_Formatter("%(asctime)s %(level3)s %(name)s: %(message)s"))
+    logging.basicConfig(level=numeric, handlers=[handler], force=True)
 
 
 class RateLimitedLog:

@@ -212,18 +212,23 @@ def test_no_instance(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("edit", "needle", "element", "problem_start"),
     [
-        (lambda t: t.replace("<CertDirPath>", "<Bogus/><CertDirPath>"), "<Bogus/>", "Bogus", "unknown element;"),
+        (
+            lambda t: t.replace("<CertDirPath>", "<Bogus/><CertDirPath>"),
+            "<Bogus/>",
+            "Bogus",
+            "unknown element in <Config> (expected ",
+        ),
         (
             lambda t: t.replace("<Instance ", "<Server/><Instance ", 1),
             "<Server/>",
             "Server",
-            "unknown element: expected <Instance>",
+            "unknown element in <Instances> (expected <Instance>)",
         ),
         (
             lambda t: t.replace('<Request method="POST"', '<Req method="POST"'),
             "<Req ",
             "Req",
-            "unknown element: expected <Request",
+            "unknown element in <AllowedRequests> (did you mean <Request>?)",
         ),
         (
             lambda t: t.replace("<ReplyTimeout>30</ReplyTimeout>", "<ReplyTimeout>30</ReplyTimeout>" * 2),

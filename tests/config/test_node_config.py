@@ -344,14 +344,14 @@ BAD_CONFIGS: list[tuple[str, Callable[[str], str], str, str, str]] = [
         replace_once("    </RegExps>", "      <Sorce id='x'/>\n    </RegExps>"),
         "<Sorce",
         "Sorce",
-        "unknown element: expected <Source>",
+        "unknown element in <RegExps> (did you mean <Source>?)",
     ),
     (
         "unknown-element-in-Feeds",
         replace_once("  </Feeds>", "    <Fed filename='x.json'/>\n  </Feeds>"),
         "<Fed ",
         "Fed",
-        "unknown element: expected <Feed>",
+        "unknown element in <Feeds> (did you mean <Feed>?)",
     ),
     (
         "unknown-element-in-NormalizingRules",

@@ -13,7 +13,7 @@ import pydantic
 
 from threatgate.config.common import Address, build, compile_regex, parse_address, parse_bool, parse_int, resolve_path
 from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE
-from threatgate.config.xml import Node, read_xml
+from threatgate.config.xml import Node, read_checked, read_xml
 from threatgate.errors import ConfigError
 from threatgate.wire.paths import RoutePattern
 
@@ -143,8 +143,6 @@ class BalancerConfig(_Frozen):
 
 
 def _read_instance(node: Node) -> InstanceSettings:
-    if node.tag != "Instance":
-        raise node.error("unknown element: expected <Instance>")
     host = node.value.strip()
     if not host:
         raise node.error("empty instance address: the element's text is the instance's host name or IP")
@@ -169,9 +167,9 @@ def _read_allowed(node: Node | None) -> tuple[AllowedRequest, ...]:
             AllowedRequest(method=m, pattern=RoutePattern.parse(p), text=f"{m} {p}") for m, p in DEFAULT_ALLOWED
         )
     out: list[AllowedRequest] = []
-    for child in node.children:
+    for child in node.elements():
         if child.tag != "Request":
-            raise child.error('unknown element: expected <Request method="GET" path="/api/1.1/..."/>')
+            raise node.unknown_child(child, ("Request",))
         method = child.attrs.get("method", "").strip().upper()
         if method not in _METHODS:
             raise child.error(f"method={method!r}: expected one of {', '.join(sorted(_METHODS))}")
@@ -194,45 +192,51 @@ def _read_health(node: Node | None) -> HealthCheckSettings:
     return build(node, HealthCheckSettings, data)
 
 
-KNOWN = frozenset(
-    {
-        "Balancer",
-        "EventDelimiter",
-        "SSLCertificatePath",
-        "SSLPrivateKeyPath",
-        "CertDirPath",
-        "Instances",
-        "AllowedRequests",
-        "LicensePath",
-        "LicenseDirPath",
-        "MaxEventSize",
-        "HealthCheck",
-        "ReadinessCheck",
-        "ReplyTimeout",
-        "MaxInflightEvents",
-        "MaxPendingEvents",
-        "OutputConnectionString",
-        "HandshakeTimeout",
-        "IdleTimeout",
-        "MaxEventWait",
-        "MaxPendingEventsPerClient",
-        "StatisticsInterval",
-        "MetricsConnectionString",
-        "AlertForwardConnectionString",
-        "MaxConcurrentRequests",
-        "RequestBodyTimeout",
-        "UpstreamTimeout",
-    }
-)
+UNUSED = ("LicensePath", "LicenseDirPath")
+"""CyberTrace's elements a balancer does not need: accepted for compatibility, not read."""
 
 
 def balancer_config_from_xml(root: Node) -> BalancerConfig:
-    """Build a :class:`BalancerConfig` from a parsed tree whose root is ``<Config>``."""
+    """Build a :class:`BalancerConfig` from a parsed tree whose root is ``<Config>``.
+
+    What no reader below asks for is refused (:func:`~threatgate.config.xml.read_checked`).
+    """
+    return read_checked(root, _read_config)
+
+
+def _read_instances(root: Node, listen: tuple[str, int]) -> tuple[InstanceSettings, ...]:
+    instances_node = root.only("Instances")
+    if instances_node is None:
+        raise root.error("missing mandatory element <Instances>")
+    instances: list[InstanceSettings] = []
+    for child in instances_node.elements():
+        if child.tag != "Instance":
+            raise instances_node.unknown_child(child, ("Instance",))
+        instances.append(_read_instance(child))
+    seen: dict[str, int] = {}
+    for inst in instances:
+        if inst.key in seen:
+            raise ConfigError(
+                root.path, inst.line, "Instance", f"instance {inst.key} listed twice (first at line {seen[inst.key]})"
+            )
+        seen[inst.key] = inst.line
+    if not instances:
+        raise instances_node.error("no <Instance>: the balancer needs at least one node")
+    for inst in instances:
+        if (inst.host, inst.matching_port) == listen:
+            raise ConfigError(
+                root.path, inst.line, "Instance", f"instance {inst.key} is this balancer's own event port (a loop)"
+            )
+    return tuple(instances)
+
+
+def _read_config(root: Node) -> BalancerConfig:
     if root.tag != "Config":
         raise root.error("root element must be <Config> for a balancer config")
-    for child in root.children:
-        if child.tag not in KNOWN:
-            raise child.error(f"unknown element; expected one of {', '.join(sorted(KNOWN))}")
+    for tag in UNUSED:
+        unused = root.only(tag)
+        if unused is not None:
+            unused.ignore()
     balancer = root.only("Balancer")
     if balancer is None:
         raise root.error("missing mandatory element <Balancer>")
@@ -264,32 +268,11 @@ def balancer_config_from_xml(root: Node) -> BalancerConfig:
     ):
         opt = root.only(tag)
         data[key] = resolve_path(opt or root, opt.value if opt is not None else default)
-    instances_node = root.only("Instances")
-    if instances_node is None:
-        raise root.error("missing mandatory element <Instances>")
-    instances = [_read_instance(child) for child in instances_node.children]
-    seen: dict[str, int] = {}
-    for inst in instances:
-        if inst.key in seen:
-            raise ConfigError(
-                root.path, inst.line, "Instance", f"instance {inst.key} listed twice (first at line {seen[inst.key]})"
-            )
-        seen[inst.key] = inst.line
-    if not instances:
-        raise instances_node.error("no <Instance>: the balancer needs at least one node")
-    for inst in instances:
-        if inst.host == host and inst.matching_port == ports["matching_port"]:
-            raise ConfigError(
-                root.path, inst.line, "Instance", f"instance {inst.key} is this balancer's own event port (a loop)"
-            )
-    data["instances"] = tuple(instances)
+    data["instances"] = _read_instances(root, (host, ports["matching_port"]))
     data["allowed"] = _read_allowed(root.only("AllowedRequests"))
     data["health"] = _read_health(root.only("HealthCheck"))
     readiness = root.only("ReadinessCheck")
     if readiness is not None:
-        unknown = set(readiness.attrs) - {"enabled"}
-        if unknown or readiness.children:
-            raise readiness.error('expected <ReadinessCheck enabled="true|false"/>')
         data["readiness"] = parse_bool(readiness, "enabled", True)
     for tag, key, lo, hi in (
         ("MaxEventSize", "max_event_size", 64, 64 * 1024 * 1024),

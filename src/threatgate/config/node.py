@@ -23,7 +23,7 @@ from threatgate.config.common import (
     parse_int,
     resolve_path,
 )
-from threatgate.config.xml import Node, read_xml
+from threatgate.config.xml import Node, read_checked, read_xml
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
 DEFAULT_IDLE_TIMEOUT = 600
@@ -281,7 +281,7 @@ def _read_rule(node: Node) -> Rule:
 def _read_normalizing(node: Node) -> tuple[tuple[ReplaceRule, ...], tuple[re.Pattern[str], ...]]:
     replace: list[ReplaceRule] = []
     ignore: list[re.Pattern[str]] = []
-    for child in node.children:
+    for child in node.elements():
         if child.tag == "Replace":
             if "input" not in child.attrs:
                 raise child.error("missing attribute input (the regex to replace)")
@@ -298,7 +298,7 @@ def _read_normalizing(node: Node) -> tuple[tuple[ReplaceRule, ...], tuple[re.Pat
                 raise child.error("empty ignore regex")
             ignore.append(compile_regex(child, raw, "ignore regex"))
         else:
-            raise child.error("unknown element: expected <Replace input=... output=.../> or <Ignore>regex</Ignore>")
+            raise node.unknown_child(child, ("Replace", "Ignore"))
     return tuple(replace), tuple(ignore)
 
 
@@ -312,7 +312,7 @@ def _read_source(node: Node) -> Source:
     ignore: tuple[re.Pattern[str], ...] = ()
     rules: list[Rule] = []
     seen: dict[str, int] = {}
-    for child in node.children:
+    for child in node.elements():
         if child.tag == "NormalizingRules":
             replace, ignore = _read_normalizing(child)
             continue
@@ -341,9 +341,9 @@ def _read_input(node: Node) -> InputSettings:
     regexps = node.require("RegExps")
     sources: list[Source] = []
     seen: dict[str, int] = {}
-    for child in regexps.children:
+    for child in regexps.elements():
         if child.tag != "Source":
-            raise child.error("unknown element: expected <Source>")
+            raise regexps.unknown_child(child, ("Source",))
         source = _read_source(child)
         if source.id in seen:
             raise child.error(f"source id {source.id!r} defined twice (first at line {seen[source.id]})")
@@ -489,9 +489,9 @@ def _read_feeds(node: Node | None) -> FeedsSettings:
     if node is None:
         return FeedsSettings()
     feeds = []
-    for child in node.children:
+    for child in node.elements():
         if child.tag != "Feed":
-            raise child.error("unknown element: expected <Feed>")
+            raise node.unknown_child(child, ("Feed",))
         feeds.append(_read_feed(child))
     return FeedsSettings(
         update_frequency=parse_int(node, node.attrs.get("update_frequency"), "update_frequency", 0, 1440, 30),
@@ -532,7 +532,10 @@ def _check_password_hash(node: Node, stored: str) -> str:
 
 
 def _read_http(node: Node | None) -> HTTPServerSettings | None:
-    if node is None or not parse_bool(node, "enabled", True):
+    if node is None:
+        return None
+    if not parse_bool(node, "enabled", True):
+        node.ignore()  # a disabled section is not read, so not checked either
         return None
     listen_node = node.only("ConnectionString")
     listen = parse_address(listen_node) if listen_node is not None else Address("127.0.0.1", 443)
@@ -545,11 +548,11 @@ def _read_http(node: Node | None) -> HTTPServerSettings | None:
         child = node.only(tag)
         paths[key] = resolve_path(child or node, child.value if child is not None else default)
     users: list[tuple[str, str]] = []
-    users_node = node.only("Users")
+    users_node = node.only("Users") or Node("Users", {}, node.line, node.path)
     seen: dict[str, int] = {}
-    for child in users_node.children if users_node is not None else ():
+    for child in users_node.elements():
         if child.tag != "User":
-            raise child.error("unknown element: expected <User name=... password_hash=.../>")
+            raise users_node.unknown_child(child, ("User",))
         name = child.attrs.get("name", "")
         if not _USER_NAME.match(name):
             raise child.error(f"user name {name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -")
@@ -568,11 +571,9 @@ def _read_http(node: Node | None) -> HTTPServerSettings | None:
         child = node.only(tag)
         if child is not None:
             data[key] = parse_int(child, child.value, tag, 1, 3600)
-    known = {"ConnectionString", "CertificatePath", "PrivateKeyPath", "Database", "Users", "ResourcesIP"}
-    known |= {"RequestHeaderTimeout", "RequestBodyTimeout", "IdleTimeout"}
-    for child in node.children:
-        if child.tag not in known:
-            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
+    resources_ip = node.only("ResourcesIP")
+    if resources_ip is not None:
+        resources_ip.ignore()  # CyberTrace's: accepted for compatibility, unused (docs/configuration.md)
     return build(node, HTTPServerSettings, data)
 
 
@@ -618,9 +619,9 @@ def _read_exports(node: Node | None) -> tuple[IoCExportSettings, ...]:
         return ()
     exports: list[IoCExportSettings] = []
     seen: dict[str, int] = {}
-    for child in node.children:
+    for child in node.elements():
         if child.tag != "IoCExport":
-            raise child.error("unknown element: expected <IoCExport>")
+            raise node.unknown_child(child, ("IoCExport",))
         task = _read_export(child)
         if task.name in seen:
             raise child.error(f"export task {task.name!r} defined twice (first at line {seen[task.name]})")
@@ -664,15 +665,13 @@ def _read_etcd(node: Node) -> EtcdSettings:
 
 
 def _read_cluster(node: Node | None, http: HTTPServerSettings | None) -> ClusterSettings | None:
-    if node is None or not parse_bool(node, "enabled", True):
+    if node is None:
+        return None
+    if not parse_bool(node, "enabled", True):
+        node.ignore()
         return None
     if http is None:
         raise node.error("a cluster node needs <HTTPServer> (its API, users and supplier database are clustered)")
-    known = {"ConnectionString", "StateDirectory", "HeartbeatInterval", "FallCount", "KeepRevisions"}
-    known |= {"RequestTimeout", "Etcd"}
-    for child in node.children:
-        if child.tag not in known:
-            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
     state = node.only("StateDirectory")
     data: dict[str, object] = {
         "listen": parse_address(node.require("ConnectionString")),
@@ -698,13 +697,17 @@ def _read_cluster(node: Node | None, http: HTTPServerSettings | None) -> Cluster
 
 
 def node_config_from_xml(root: Node) -> NodeConfig:
-    """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``."""
+    """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``.
+
+    Every element and attribute must be read by one of the readers above: what none asked for is
+    refused (:func:`~threatgate.config.xml.read_checked`: ``unknown attribute 'x' (did you mean 'y'?)``).
+    """
+    return read_checked(root, _read_configuration)
+
+
+def _read_configuration(root: Node) -> NodeConfig:
     if root.tag != "Configuration":
         raise root.error("root element must be <Configuration> for a node config")
-    known = {"InputSettings", "OutputSettings", "Feeds", "ServiceSettings", "HTTPServer", "IoCExports", "Cluster"}
-    for child in root.children:
-        if child.tag not in known:
-            raise child.error(f"unknown element; expected one of {', '.join(sorted(known))}")
     input_settings = _read_input(root.require("InputSettings"))
     rule_names = frozenset(r.name for s in input_settings.sources for r in s.rules)
     http = _read_http(root.only("HTTPServer"))
