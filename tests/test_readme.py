@@ -34,7 +34,7 @@ PROMISES: dict[str, list[str]] = {
         '"category": "malicious_url"',
     ],
     "Using a balancer": ["config OK", "matchedIndicator=http://fakess123.nu", "LookupFinished"],
-    "Running a cluster": ["this node is the Control", "joined cluster", "applied on"],
+    "Running a cluster": ["this node is its Control", "joined cluster", "secondary"],
 }
 """Per README section: text its output must contain (what the section says will happen)."""
 
