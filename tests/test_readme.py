@@ -73,11 +73,7 @@ def test_readme_block_runs_as_written(heading: str, script: str, tmp_path: Path)
     work.mkdir()
     shutil.copytree(ROOT / "examples", work / "examples")
     (work / ".venv").symlink_to(ROOT / ".venv")
-    wrapped = (
-        "set -euo pipefail\n"
-        "trap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT\n"
-        f"{script}\n"
-    )
+    wrapped = f"set -euo pipefail\ntrap 'kill $(jobs -p) 2>/dev/null; wait 2>/dev/null || true' EXIT\n{script}\n"
     netns = f"tg-readme-{uuid.uuid4().hex[:8]}"
     env = dict(os.environ, PATH=f"{work / '.venv' / 'bin'}:{os.environ['PATH']}", HOME=str(tmp_path))
     subprocess.run(["ip", "netns", "add", netns], check=True)
