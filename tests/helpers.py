@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -151,6 +151,66 @@ def socat() -> str:
     if path is None:
         raise RuntimeError("socat is not installed: run ./scripts/test, which installs it")
     return path
+
+
+class LineSink:
+    """A real TCP destination (a SIEM, an OutputSettings or alert destination): accepts connections on a
+    thread and keeps every byte sent to it, on any connection."""
+
+    def __init__(self) -> None:
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = int(self.server.getsockname()[1])
+        self.data = b""
+        self._cond = threading.Condition()
+        threading.Thread(target=self._accept, name="line-sink", daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, _ = self.server.accept()
+            except OSError:
+                return
+            threading.Thread(target=self._read, args=(conn,), name="line-sink-conn", daemon=True).start()
+
+    def _read(self, conn: socket.socket) -> None:
+        with conn:
+            while data := conn.recv(65536):
+                with self._cond:
+                    self.data += data
+                    self._cond.notify_all()
+
+    def wait_lines(self, count: int, timeout: float = DEFAULT_TIMEOUT) -> list[str]:
+        """Every line received, once there are at least ``count``; fail after ``timeout``."""
+        with self._cond:
+            self._cond.wait_for(lambda: self.data.count(b"\n") >= count, timeout)
+            lines = self.data.decode().splitlines()
+        assert len(lines) >= count, f"{len(lines)} of {count} lines arrived: {lines}"
+        return lines
+
+    def mark(self) -> int:
+        """The current end of what was received: pass it as ``after`` to :meth:`wait`."""
+        with self._cond:
+            return len(self.data)
+
+    def wait(self, done: Callable[[str], bool], after: int, timeout: float = DEFAULT_TIMEOUT) -> str:
+        """The text received after offset ``after`` once ``done`` holds for it; fail after ``timeout``."""
+        with self._cond:
+            ok = self._cond.wait_for(lambda: done(self.data[after:].decode("utf-8", "replace")), timeout)
+            text = self.data[after:].decode("utf-8", "replace")
+        assert ok, f"timeout; received so far: {text!r}"
+        return text
+
+    def close(self) -> None:
+        self.server.close()
+
+
+@contextmanager
+def line_sink() -> Iterator[LineSink]:
+    sink = LineSink()
+    try:
+        yield sink
+    finally:
+        sink.close()
 
 
 # -- the balancer: processes, configs and streaming clients (tests/integration/test_balancer.py) ---------------
@@ -420,7 +480,7 @@ import http.client  # noqa: E402
 import json  # noqa: E402
 import ssl  # noqa: E402
 import urllib.request  # noqa: E402
-from collections.abc import Callable, Coroutine  # noqa: E402
+from collections.abc import Coroutine  # noqa: E402
 from dataclasses import dataclass  # noqa: E402
 from typing import Any, TypeVar  # noqa: E402
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.config.configs import line_of
+from tests.config.configs import write_balancer_config as write
 from threatgate.config.balancer import DEFAULT_ALLOWED, MAX_SCANNERS, BalancerConfig, load_balancer_config
 from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE
 from threatgate.errors import ConfigError
@@ -20,20 +22,6 @@ EXAMPLE = ROOT / "examples" / "balancer.conf"
 
 def example_text() -> str:
     return EXAMPLE.read_text(encoding="utf-8")
-
-
-def write(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "kl_balancer.conf"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based number of the first line of ``text`` containing ``needle``."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in config text")
 
 
 def edited(old: str, new: str, count: int = 1) -> str:

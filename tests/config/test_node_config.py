@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable
@@ -10,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.config.configs import line_of
+from tests.config.configs import write_node_config as write_config
 from threatgate.config.common import Address
 from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE, NodeConfig, RuleType, load_node_config
 from threatgate.errors import ConfigError
@@ -22,23 +23,6 @@ THREATGATE = Path(sys.executable).parent / "threatgate"
 
 def example_text() -> str:
     return EXAMPLE_CONF.read_text(encoding="utf-8")
-
-
-def write_config(tmp_path: Path, text: str, name: str = "node.conf") -> Path:
-    """Write ``text`` next to a copy of the example feeds, so relative feed paths resolve."""
-    if not (tmp_path / "feeds").exists():
-        shutil.copytree(EXAMPLES / "feeds", tmp_path / "feeds")
-    path = tmp_path / name
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def line_of(text: str, needle: str) -> int:
-    """1-based number of the first line of ``text`` containing ``needle``."""
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in config text")
 
 
 def replace_once(old: str, new: str) -> Callable[[str], str]:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import difflib
 import logging
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -18,6 +17,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.config.configs import line_of, write_balancer_config, write_node_config
 from threatgate.cluster.agent import validate_document
 from threatgate.cluster.settings import SettingsDocument, extract_settings, make_payload, merge_settings, set_value
 from threatgate.config.balancer import balancer_config_from_xml, load_balancer_config
@@ -63,27 +63,6 @@ def balancer_text() -> str:
     return text.replace("</Config>", extra + "</Config>", 1)
 
 
-def write_node(tmp_path: Path, text: str) -> Path:
-    if not (tmp_path / "feeds").exists():
-        shutil.copytree(EXAMPLES / "feeds", tmp_path / "feeds")
-    path = tmp_path / "node.conf"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def write_balancer(tmp_path: Path, text: str) -> Path:
-    path = tmp_path / "kl_balancer.conf"
-    path.write_text(text, encoding="utf-8")
-    return path
-
-
-def line_of(text: str, needle: str) -> int:
-    for number, line in enumerate(text.splitlines(), start=1):
-        if needle in line:
-            return number
-    raise AssertionError(f"{needle!r} not in the config text")
-
-
 def sub(old: str, new: str, count: int = 1) -> Callable[[str], str]:
     """Replace the first ``count`` occurrences (-1: all)."""
 
@@ -99,10 +78,10 @@ FEED_ENABLE = sub('botnet_domains.json" enabled="true"', 'botnet_domains.json" e
 
 
 def test_the_configs_used_below_are_valid(tmp_path: Path) -> None:
-    config = load_node_config(str(write_node(tmp_path, node_text())))
+    config = load_node_config(str(write_node_config(tmp_path, node_text())))
     assert config.cluster is not None and config.cluster.etcd is not None
     assert config.service.metrics is not None and config.input.sources[1].replace
-    load_balancer_config(str(write_balancer(tmp_path, balancer_text())))
+    load_balancer_config(str(write_balancer_config(tmp_path, balancer_text())))
 
 
 # (id, edit, needle on the reported line, problem after "<Element>: ", element)
@@ -318,7 +297,7 @@ def test_node_unknown_name_is_an_error_with_file_line_and_the_closest_name(
     tmp_path: Path, edit: Callable[[str], str], needle: str, element: str, problem: str
 ) -> None:
     text = edit(node_text())
-    path = write_node(tmp_path, text)
+    path = write_node_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_node_config(str(path))
     assert str(info.value) == f"{path}:{line_of(text, needle)}: <{element}>: {problem}"
@@ -398,7 +377,7 @@ def test_balancer_unknown_name_is_an_error_with_file_line_and_the_closest_name(
     tmp_path: Path, edit: Callable[[str], str], needle: str, element: str, problem: str
 ) -> None:
     text = edit(balancer_text())
-    path = write_balancer(tmp_path, text)
+    path = write_balancer_config(tmp_path, text)
     with pytest.raises(ConfigError) as info:
         load_balancer_config(str(path))
     assert str(info.value) == f"{path}:{line_of(text, needle)}: <{element}>: {problem}"
@@ -407,7 +386,7 @@ def test_balancer_unknown_name_is_an_error_with_file_line_and_the_closest_name(
 def test_a_misspelling_that_breaks_the_config_is_reported_instead_of_its_consequence(tmp_path: Path) -> None:
     """``enable="false"`` left the feed enabled, so its missing file was the error: name the typo."""
     text = FEED_ENABLE(node_text())
-    path = write_node(tmp_path, text)
+    path = write_node_config(tmp_path, text)
     (tmp_path / "feeds" / "botnet_domains.json").unlink()
     with pytest.raises(ConfigError) as info:
         load_node_config(str(path))
@@ -418,7 +397,7 @@ def test_a_misspelling_that_breaks_the_config_is_reported_instead_of_its_consequ
 def test_an_unrelated_unread_element_does_not_mask_a_missing_one(tmp_path: Path) -> None:
     """<AlertConnectionString> is close to the missing <ConnectionString> yet valid: the real error stays."""
     text = sub("<ConnectionString>127.0.0.1:9998</ConnectionString>", "")(node_text())
-    path = write_node(tmp_path, text)
+    path = write_node_config(tmp_path, text)
     with pytest.raises(ConfigError, match=r"<OutputSettings>: missing mandatory element <ConnectionString>$"):
         load_node_config(str(path))
 
@@ -427,21 +406,21 @@ def test_documented_unused_and_disabled_elements_are_accepted(tmp_path: Path) ->
     """CyberTrace's ResourcesIP and LicensePath/LicenseDirPath are accepted; a disabled section is not read."""
     text = sub("<Database>", "<ResourcesIP>10.0.0.1</ResourcesIP><Database>")(node_text())
     text = sub("  <Cluster>\n", '  <Cluster enabled="false">\n    <Anything at="all"/>\n')(text)
-    assert load_node_config(str(write_node(tmp_path, text))).cluster is None
+    assert load_node_config(str(write_node_config(tmp_path, text))).cluster is None
     text = sub("<HTTPServer>", '<HTTPServer enabled="false"><Junk/>')(text)
-    config = load_node_config(str(write_node(tmp_path, text)))
+    config = load_node_config(str(write_node_config(tmp_path, text)))
     assert config.http is None and config.cluster is None
     # the section's own name is still checked
     misspelt = text.replace("<Cluster enabled", "<Clustr enabled").replace("</Cluster>", "</Clustr>")
     with pytest.raises(ConfigError, match=r"<Clustr>: unknown element in <Configuration> \(did you mean <Cluster>"):
-        load_node_config(str(write_node(tmp_path, misspelt)))
+        load_node_config(str(write_node_config(tmp_path, misspelt)))
     text = sub("</Config>", "<LicenseDirPath>licenses</LicenseDirPath></Config>")(balancer_text())
-    load_balancer_config(str(write_balancer(tmp_path, text)))
+    load_balancer_config(str(write_balancer_config(tmp_path, text)))
 
 
 def test_cluster_settings_set_with_a_misspelt_attribute_is_refused_naming_the_revision(tmp_path: Path) -> None:
     """``threatgate cluster settings set ... @confidance 50``: the Control validates the revision this way."""
-    conf = write_node(tmp_path, (EXAMPLES / "node.conf").read_text(encoding="utf-8"))
+    conf = write_node_config(tmp_path, (EXAMPLES / "node.conf").read_text(encoding="utf-8"))
     shared = extract_settings(read_xml(str(EXAMPLES / "node.conf")))
     shared = set_value(shared, "Feeds/Feed[@filename=feeds/ip_reputation.csv]/@confidance", "50")
     doc = SettingsDocument.create("c1", 7, 1, 0.0, make_payload(shared, {"suppliers": [], "tags": []}))
@@ -455,7 +434,7 @@ def test_cluster_settings_set_with_a_misspelt_attribute_is_refused_naming_the_re
 
 
 def test_cluster_settings_with_a_misspelt_element_are_refused(tmp_path: Path) -> None:
-    conf = write_node(tmp_path, (EXAMPLES / "node.conf").read_text(encoding="utf-8"))
+    conf = write_node_config(tmp_path, (EXAMPLES / "node.conf").read_text(encoding="utf-8"))
     shared = extract_settings(read_xml(str(EXAMPLES / "node.conf")))
     shared = shared.replace("</RegExps>", "<Sourse id='x'/></RegExps>")
     with pytest.raises(ConfigError, match=r"<Sourse>: unknown element in <RegExps> \(did you mean <Source>\?\)"):
@@ -475,7 +454,7 @@ def walk(node: Node) -> Iterator[Node]:
 def test_no_two_attributes_of_one_element_are_alike(tmp_path: Path, kind: str) -> None:
     """What makes reporting a misspelling in place of a reader's error safe (xml.first_misspelling)."""
     if kind == "node":
-        root = read_xml(str(write_node(tmp_path, node_text())))
+        root = read_xml(str(write_node_config(tmp_path, node_text())))
         node_config_from_xml(root)
     else:
         root = parse_xml(balancer_text().encode(), str(tmp_path / "kl_balancer.conf"))
@@ -504,7 +483,7 @@ def run(*args: str) -> subprocess.CompletedProcess[str]:
 
 def test_cli_validate_refuses_a_misspelt_node_element(tmp_path: Path) -> None:
     text = sub("<ScannersCount>9</ScannersCount>", "<ScanerCount>9</ScanerCount>")(node_text())
-    path = write_node(tmp_path, text)
+    path = write_node_config(tmp_path, text)
     result = run("validate", str(path))
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr == (
@@ -515,7 +494,7 @@ def test_cli_validate_refuses_a_misspelt_node_element(tmp_path: Path) -> None:
 
 def test_cli_validate_refuses_a_misspelt_balancer_attribute(tmp_path: Path) -> None:
     text = sub('api_port="10444" enabled="true"', 'api_port="10444" weigth="3"')(balancer_text())
-    path = write_balancer(tmp_path, text)
+    path = write_balancer_config(tmp_path, text)
     result = run("validate", str(path))
     assert (result.returncode, result.stdout) == (2, "")
     line = line_of(text, "weigth")

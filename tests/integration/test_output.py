@@ -12,7 +12,6 @@ from __future__ import annotations
 import re
 import signal
 import socket
-import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +27,7 @@ from tests.helpers import (
     exchange,
     free_port,
     free_ports,
+    line_sink,
     prometheus_samples,
     read_all,
     running_balancer,
@@ -73,52 +73,6 @@ def send_plain(port: int, payload: bytes) -> bytes:
         s.sendall(payload)
         s.shutdown(socket.SHUT_WR)
         return read_all(s)
-
-
-class LineSink:
-    """A real TCP destination (a SIEM): accepts connections on a thread and collects the lines."""
-
-    def __init__(self) -> None:
-        self.server = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.server.getsockname()[1])
-        self.data = b""
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-        self._thread.start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.server.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(conn,), daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                with self._cond:
-                    self.data += data
-                    self._cond.notify_all()
-
-    def wait_lines(self, count: int, timeout: float = 20) -> list[str]:
-        with self._cond:
-            self._cond.wait_for(lambda: self.data.count(b"\n") >= count, timeout)
-            lines = self.data.decode().splitlines()
-        assert len(lines) >= count, f"{len(lines)} of {count} lines arrived: {lines}"
-        return lines
-
-    def close(self) -> None:
-        self.server.close()
-
-
-@contextmanager
-def line_sink() -> Iterator[LineSink]:
-    sink = LineSink()
-    try:
-        yield sink
-    finally:
-        sink.close()
 
 
 def reference_detections(port: int) -> list[str]:

@@ -14,7 +14,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import threading
 import time
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -28,6 +27,7 @@ from tests.helpers import (
     DEFAULT_TIMEOUT,
     EXAMPLES,
     REPLY_FLAGS,
+    LineSink,
     NodeProcess,
     answers_by_request_id,
     balancer_config,
@@ -53,47 +53,6 @@ def rsyslogd() -> str:
     if path is None:
         raise RuntimeError("rsyslog is not installed: run ./scripts/test, which installs it")
     return path
-
-
-class Collector:
-    """The OutputSettings destination: a TCP listener that keeps every byte sent to it, on any connection."""
-
-    def __init__(self) -> None:
-        self.sock = socket.create_server(("127.0.0.1", 0))
-        self.port = int(self.sock.getsockname()[1])
-        self.data = b""
-        self._cond = threading.Condition()
-        threading.Thread(target=self._accept, name="collector", daemon=True).start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._read, args=(conn,), name="collector-conn", daemon=True).start()
-
-    def _read(self, conn: socket.socket) -> None:
-        with conn:
-            while data := conn.recv(65536):
-                with self._cond:
-                    self.data += data
-                    self._cond.notify_all()
-
-    def mark(self) -> int:
-        with self._cond:
-            return len(self.data)
-
-    def wait(self, done: Callable[[str], bool], after: int, timeout: float = DEFAULT_TIMEOUT) -> str:
-        """The text received after offset ``after`` once ``done`` holds for it; fail after ``timeout``."""
-        with self._cond:
-            ok = self._cond.wait_for(lambda: done(self.data[after:].decode("utf-8", "replace")), timeout)
-            text = self.data[after:].decode("utf-8", "replace")
-        assert ok, f"timeout; received so far: {text!r}"
-        return text
-
-    def close(self) -> None:
-        self.sock.close()
 
 
 @contextmanager
@@ -159,7 +118,7 @@ class Target:
 
     proc: NodeProcess
     metrics: int
-    output: Collector
+    output: LineSink
     expected: list[str]  # the output lines for EVENTS, in order
     first: int  # how many of them belong to the first event
 
@@ -168,7 +127,7 @@ class Target:
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("node")
     port, metrics = free_port(), free_port()
-    output = Collector()
+    output = LineSink()
     config = example_config(
         tmp,
         port=port,
@@ -190,7 +149,7 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 def balancer(node: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     path = tmp_path_factory.mktemp("balancer") / "kl_balancer.conf"
     port, metrics = free_port(), free_port()
-    output = Collector()
+    output = LineSink()
     balancer_config(
         path,
         port=port,
