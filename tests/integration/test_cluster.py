@@ -42,7 +42,7 @@ from tests.cluster_nodes import (
     wait_applied,
 )
 from tests.helpers import HTTPReply, basic_auth, read_lines, wait_until
-from threatgate.cluster.settings import SettingsDocument, parse_settings_xml, put_user, to_xml
+from threatgate.cluster.settings import SettingsDocument
 from threatgate.net.tls import ensure_server_pair
 from threatgate.node.auth import hash_password
 
@@ -464,10 +464,11 @@ def test_settings_import_shows_a_diff_and_replaces_other_changes_only_with_yes(
 
     # A file that only adds (a user here) is applied as it is; what it does not hold stays.
     current = n1.cli_ok("settings", "get", "--xml")
-    added = parse_settings_xml(put_user(current, "importer", hash_password("import test"))[0], "x")
-    added.children[:] = [c for c in added.children if c.tag == "Users"]
+    users = re.search(r"<Users>.*?</Users>", current, re.S)
+    assert users, current
+    importer = f'<User name="importer" password_hash="{hash_password("import test")}"/>'
     only_users = tmp_path / "users.xml"
-    only_users.write_text(to_xml(added))
+    only_users.write_text(f"<Settings>\n  {users.group().replace('</Users>', importer + '</Users>')}\n</Settings>\n")
     result = n1.cli("settings", "import", str(only_users))
     assert result.returncode == 0, result
     assert '+    <User name="importer" password_hash="scrypt$' in result.stdout
