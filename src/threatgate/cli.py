@@ -287,7 +287,7 @@ def _check_user_name(name: str) -> None:
         raise click.BadParameter(f"{name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
 
 
-def _edit_config(config_path: str, edit: Callable[[], T]) -> T:
+def _file_op(config_path: str, edit: Callable[[], T]) -> T:
     """Run a file edit of ``threatgate.config.users``; exit 2 on a config problem, 1 when it cannot be written."""
     try:
         return edit()
@@ -316,9 +316,9 @@ def users_add(config_path: str, password_stdin: bool, name: str) -> None:
 
     _check_user_name(name)
     command = _cluster_users_command("add", config_path, name)
-    _edit_config(config_path, lambda: refuse_cluster_member(read_xml(config_path), config_path, command))
+    _file_op(config_path, lambda: refuse_cluster_member(read_xml(config_path), config_path, command))
     password = _read_password(from_stdin=password_stdin)  # only once the edit can take effect
-    updated = _edit_config(config_path, lambda: store_user(config_path, name, hash_password(password), command))
+    updated = _file_op(config_path, lambda: store_user(config_path, name, hash_password(password), command))
     click.echo(
         f"user {name} {'updated in' if updated else 'added to'} {config_path}; "
         "a running node uses it at once (it re-reads its users when the file changes, no reload needed)"
@@ -333,7 +333,7 @@ def users_remove(config_path: str, name: str) -> None:
     from threatgate.config.users import drop_user
 
     command = _cluster_users_command("remove", config_path, name)
-    _edit_config(config_path, lambda: drop_user(config_path, name, command))
+    _file_op(config_path, lambda: drop_user(config_path, name, command))
     click.echo(f"user {name} removed from {config_path}; a running node refuses it within a second (no reload needed)")
 
 
@@ -346,10 +346,10 @@ def users_list(config_path: str) -> None:
 
     def names() -> list[str]:
         root = read_xml(config_path)
-        refuse_cluster_member(root, config_path, _cluster_users_command("list", config_path, None))
+        refuse_cluster_member(root, config_path, _cluster_users_command("list", config_path, None), edit=False)
         return file_users(root)
 
-    found = _edit_config(config_path, names)
+    found = _file_op(config_path, names)
     for name in found:
         click.echo(name)
     if not found:

@@ -44,19 +44,21 @@ def file_users(root: Node) -> list[str]:
     return [u.attrs.get("name", "") for u in users.findall("User")] if users is not None else []
 
 
-def refuse_cluster_member(root: Node, path: str, command: str) -> None:
+def refuse_cluster_member(root: Node, path: str, command: str, *, edit: bool = True) -> None:
     """Raise ConfigError when ``path`` configures a cluster member: its users live in the cluster settings.
 
-    ``command`` is the ``threatgate cluster users ...`` command to run instead (it goes in the message).
+    ``command`` is the ``threatgate cluster users ...`` command to run instead (it goes in the message);
+    ``edit``: the refused command would have changed the file.
     """
     cluster = root.only("Cluster")
     if cluster is not None and parse_bool(cluster, "enabled", True):
+        unchanged = ", so the file was not changed" if edit else ""
         raise ConfigError(
             path,
             cluster.line,
             "Cluster",
-            "this node is a cluster member: its API users come from the cluster settings, not from this file, "
-            f"so the file was not changed; use: {command}",
+            "this node is a cluster member: its API users come from the cluster settings, not from this file"
+            f"{unchanged}; use: {command}",
         )
 
 

@@ -512,7 +512,8 @@ class NodeService:
         )
         del pair  # ensure_server_pair logged the certificate and its SHA-256 fingerprint
         if not settings.users:
-            log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: threatgate users add)")
+            how = "threatgate cluster users add, on the Control" if self.config.cluster else "threatgate users add"
+            log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: %s)", how)
         self.db = await asyncio.to_thread(SupplierDB, settings.database)
         self.http = HTTPServer(
             self.api.handle,
