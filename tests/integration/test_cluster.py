@@ -42,7 +42,8 @@ from tests.cluster_nodes import (
     wait_applied,
 )
 from tests.helpers import HTTPReply, basic_auth, read_lines, wait_until
-from threatgate.cluster.settings import SettingsDocument
+from threatgate.cluster.settings import SettingsDocument, extract_settings
+from threatgate.config.xml import read_xml
 from threatgate.net.tls import ensure_server_pair
 from threatgate.node.auth import hash_password
 
@@ -459,6 +460,11 @@ def test_settings_import_shows_a_diff_and_replaces_other_changes_only_with_yes(
     assert f"settings not changed: importing {n1.config} would replace or remove" in result.stderr
     assert "--yes" in result.stderr
     assert n1.history()[-1][0] == changed and same_applied_revision(cluster, changed)
+    # The node itself refuses such an import without "replace" (what --yes sends), whoever calls it.
+    text = extract_settings(read_xml(str(n1.config)), complete=False)
+    body = json.dumps({"config": text, "source": "n1.conf"}).encode()
+    status, answer = cluster_call(n1, "POST", "/cluster/v1/admin/import", body, cert=n1.identity_files)
+    assert status == 409 and "would replace or remove" in answer["error"], (status, answer)
     result = n2.cli("settings", "import", "--yes", str(n1.config))
     assert result.returncode == 2 and "this node is a Secondary" in result.stderr, result
 
