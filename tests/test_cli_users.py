@@ -29,6 +29,7 @@ HTTP_BLOCK = """\
   </HTTPServer>
 """
 
+APPLIED = "a running node uses it at once (it re-reads its users when the file changes, no reload needed)"
 OLD_HASH = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
 
 
@@ -68,7 +69,7 @@ def test_add_new_user(tmp_path: Path) -> None:
     path = _config(tmp_path)
     code, out, err = _add(path, "bob")
     assert code == 0, err
-    assert out == f"user bob added to {path}\n"
+    assert out == f"user bob added to {path}; {APPLIED}\n"
     assert "s3cret" not in out + err and "scrypt$" not in out
     users = _users(path)
     assert users["analyst"] == OLD_HASH
@@ -86,7 +87,7 @@ def test_update_existing_user(tmp_path: Path) -> None:
     before = path.read_text()
     code, out, _ = _add(path, "analyst", "new password")
     assert code == 0
-    assert out == f"user analyst updated in {path}\n"
+    assert out == f"user analyst updated in {path}; {APPLIED}\n"
     users = _users(path)
     assert list(users) == ["analyst"]
     assert verify_password(users["analyst"], "new password")
@@ -252,3 +253,77 @@ def test_users_hash() -> None:
 def test_users_hash_refuses_empty() -> None:
     result = CliRunner().invoke(main, ["users", "hash"], input="\n")
     assert result.exit_code == 2
+
+
+# -- a cluster member's file, users remove and list --------------------------------------------------------
+
+CLUSTER_BLOCK = "  <Cluster>\n    <ConnectionString>127.0.0.1:9443</ConnectionString>\n  </Cluster>\n"
+
+
+def _cli(*args: str, stdin: str = "") -> tuple[int, str, str]:
+    result = CliRunner().invoke(main, list(args), input=stdin)
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_add_on_a_cluster_member_is_refused_and_says_what_to_run(tmp_path: Path) -> None:
+    path = _config(tmp_path, HTTP_BLOCK + CLUSTER_BLOCK)
+    before = path.read_bytes()
+    code, out, err = _add(path, "bob")
+    assert code == 2 and out == ""
+    assert "this node is a cluster member: its API users come from the cluster settings" in err
+    assert err.rstrip().endswith(f"use: threatgate cluster users add --config {path} bob")
+    assert path.read_bytes() == before
+    # No password is asked for a change that cannot happen.
+    code, _, err = _cli("users", "add", "--config", str(path), "bob")
+    assert code == 2 and "Password" not in err and path.read_bytes() == before
+    code, _, err = _cli("users", "remove", "--config", str(path), "analyst")
+    assert code == 2 and f"use: threatgate cluster users remove --config {path} analyst" in err
+    assert path.read_bytes() == before
+    code, out, err = _cli("users", "list", "--config", str(path))
+    assert code == 2 and out == "" and f"use: threatgate cluster users list --config {path}" in err
+
+
+def test_a_disabled_cluster_element_is_no_cluster(tmp_path: Path) -> None:
+    path = _config(tmp_path, HTTP_BLOCK + CLUSTER_BLOCK.replace("<Cluster>", '<Cluster enabled="false">'))
+    assert _add(path, "bob")[0] == 0
+    assert "bob" in _users(path)
+
+
+def test_remove_takes_the_whole_line_and_keeps_the_rest(tmp_path: Path) -> None:
+    path = _config(tmp_path)
+    original = path.read_text()
+    assert _add(path, "bob")[0] == 0
+    code, out, err = _cli("users", "remove", "--config", str(path), "bob")
+    assert code == 0, err
+    assert out == f"user bob removed from {path}; a running node refuses it within a second (no reload needed)\n"
+    assert path.read_text() == original
+    code, out, err = _cli("users", "remove", "--config", str(path), "analyst")
+    assert code == 0, err
+    assert _users(path) == {} and 'password_hash="commented out"' in path.read_text()
+
+
+def test_remove_of_an_unknown_user_changes_nothing(tmp_path: Path) -> None:
+    path = _config(tmp_path)
+    before = path.read_bytes()
+    code, _, err = _cli("users", "remove", "--config", str(path), "ghost")  # only in a comment
+    assert code == 2 and "no user 'ghost' in <HTTPServer><Users>" in err
+    assert path.read_bytes() == before
+
+
+def test_remove_of_a_user_sharing_a_line(tmp_path: Path) -> None:
+    block = HTTP_BLOCK.replace("</Users>", '<User name="bob" password_hash="{old}"/></Users>')
+    path = _config(tmp_path, block)
+    code, _, err = _cli("users", "remove", "--config", str(path), "bob")
+    assert code == 0, err
+    assert list(_users(path)) == ["analyst"]
+    assert "    </Users>" in path.read_text()
+
+
+def test_list(tmp_path: Path) -> None:
+    path = _config(tmp_path)
+    assert _add(path, "bob")[0] == 0
+    assert _cli("users", "list", "--config", str(path))[:2] == (0, "analyst\nbob\n")
+    (tmp_path / "other").mkdir()
+    empty = _config(tmp_path / "other", "  <HTTPServer/>\n")
+    code, out, err = _cli("users", "list", "--config", str(empty))
+    assert (code, out) == (0, "") and "no user in" in err and "every API request gets 401" in err

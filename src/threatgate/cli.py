@@ -9,14 +9,12 @@ import asyncio
 import json
 import os
 import re
-import secrets
 import shutil
 import sqlite3
 import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
-from xml.sax.saxutils import unescape
 
 import click
 
@@ -26,7 +24,6 @@ from threatgate.log import LEVEL_NAMES, setup_logging
 
 if TYPE_CHECKING:
     from threatgate.config.balancer import BalancerConfig
-    from threatgate.config.xml import Node as ConfigNode
 
 EXIT_CONFIG = 2
 T = TypeVar("T")
@@ -306,7 +303,31 @@ def examples(directory: str, force: bool) -> None:
 
 @main.group()
 def users() -> None:
-    """Users of the node's REST API (HTTP Basic; scrypt hashes in <HTTPServer><Users>)."""
+    """Users of the node's REST API (HTTP Basic; scrypt hashes in <HTTPServer><Users>).
+
+    A cluster member's users are cluster settings: use `threatgate cluster users` there.
+    """
+
+
+def _cluster_users_command(verb: str, config_path: str, name: str | None) -> str:
+    return f"threatgate cluster users {verb} --config {config_path}" + (f" {name}" if name else "")
+
+
+def _check_user_name(name: str) -> None:
+    if not USER_NAME.match(name):
+        raise click.BadParameter(f"{name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
+
+
+def _file_op(config_path: str, edit: Callable[[], T]) -> T:
+    """Run a file edit of ``threatgate.config.users``; exit 2 on a config problem, 1 when it cannot be written."""
+    try:
+        return edit()
+    except ConfigError as exc:
+        click.echo(f"threatgate: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        click.echo(f"threatgate: cannot write {config_path}: {exc.strerror or exc}", err=True)
+        sys.exit(1)
 
 
 @users.command("add")
@@ -317,22 +338,53 @@ def users_add(config_path: str, password_stdin: bool, name: str) -> None:
     """Add user NAME to the node config, or set a new password for it.
 
     The file is edited as text so that comments and layout survive, then checked and replaced
-    atomically; a running node picks the change up at SIGHUP (config reload) or restart.
+    atomically.  A running node notices the change and uses the new users at once: no reload needed.
+    Refused on a cluster member (its users are cluster settings: threatgate cluster users add).
     """
+    from threatgate.config.users import refuse_cluster_member, store_user
+    from threatgate.config.xml import read_xml
     from threatgate.node.auth import hash_password
 
-    if not USER_NAME.match(name):
-        raise click.BadParameter(f"{name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -", param_hint="NAME")
-    password = _read_password(from_stdin=password_stdin)
-    try:
-        updated = _store_user(config_path, name, hash_password(password))
-    except ConfigError as exc:
-        click.echo(f"threatgate: {exc}", err=True)
-        sys.exit(EXIT_CONFIG)
-    except OSError as exc:
-        click.echo(f"threatgate: cannot write {config_path}: {exc.strerror or exc}", err=True)
-        sys.exit(1)
-    click.echo(f"user {name} {'updated in' if updated else 'added to'} {config_path}")
+    _check_user_name(name)
+    command = _cluster_users_command("add", config_path, name)
+    _file_op(config_path, lambda: refuse_cluster_member(read_xml(config_path), config_path, command))
+    password = _read_password(from_stdin=password_stdin)  # only once the edit can take effect
+    updated = _file_op(config_path, lambda: store_user(config_path, name, hash_password(password), command))
+    click.echo(
+        f"user {name} {'updated in' if updated else 'added to'} {config_path}; "
+        "a running node uses it at once (it re-reads its users when the file changes, no reload needed)"
+    )
+
+
+@users.command("remove")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node config (XML).")
+@click.argument("name")
+def users_remove(config_path: str, name: str) -> None:
+    """Remove user NAME from the node config (a running node refuses it within a second, no reload needed)."""
+    from threatgate.config.users import drop_user
+
+    command = _cluster_users_command("remove", config_path, name)
+    _file_op(config_path, lambda: drop_user(config_path, name, command))
+    click.echo(f"user {name} removed from {config_path}; a running node refuses it within a second (no reload needed)")
+
+
+@users.command("list")
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node config (XML).")
+def users_list(config_path: str) -> None:
+    """Print the user names of the node config, one per line."""
+    from threatgate.config.users import file_users, refuse_cluster_member
+    from threatgate.config.xml import read_xml
+
+    def names() -> list[str]:
+        root = read_xml(config_path)
+        refuse_cluster_member(root, config_path, _cluster_users_command("list", config_path, None), edit=False)
+        return file_users(root)
+
+    found = _file_op(config_path, names)
+    for name in found:
+        click.echo(name)
+    if not found:
+        click.echo(f"threatgate: no user in {config_path}: every API request gets 401 (threatgate users add)", err=True)
 
 
 @users.command("hash")
@@ -353,157 +405,6 @@ def _read_password(*, from_stdin: bool) -> str:
     if not password:
         raise click.UsageError("empty password refused")
     return password
-
-
-_ATTRS = r"""(?:[^>"']|"[^"]*"|'[^']*')*?"""
-_MASKED = re.compile(r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>", re.S)
-_ATTR = re.compile(r"""([\w:.-]+)\s*=\s*(?:"([^"]*)"|'([^']*)')""")
-
-
-def _store_user(path: str, name: str, password_hash: str) -> bool:
-    """Put ``<User name=NAME password_hash=.../>`` into ``path``; True if the user existed.
-
-    Raises:
-        ConfigError: the file is not well-formed, has no <HTTPServer>, or the edit would break it.
-        OSError: the new file cannot be written.
-    """
-    from threatgate.config.xml import read_xml
-
-    root = read_xml(path)
-    real = os.path.realpath(path)  # edit a symlink's target, do not replace the link with a file
-    if root.only("HTTPServer") is None:
-        raise ConfigError(
-            path,
-            0,
-            "",
-            "no <HTTPServer> element: add one inside <Configuration> (see docs/configuration.md), then retry",
-        )
-    before = os.stat(real)
-    try:
-        with open(real, "rb") as fh:
-            text = fh.read().decode("utf-8")
-    except UnicodeDecodeError:
-        raise ConfigError(path, 0, "", "not UTF-8: cannot edit it as text") from None
-    element = f'<User name="{name}" password_hash="{password_hash}"/>'
-    try:
-        new_text, updated = _upsert_user(text, name, element)
-    except ValueError as exc:
-        raise ConfigError(path, 0, "HTTPServer", f"{exc}; add the <User> element by hand") from None
-
-    directory = os.path.dirname(real)
-    tmp = os.path.join(directory, f".{os.path.basename(real)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(new_text.encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
-            _check_edit(read_xml(tmp), path, name, password_hash)
-            os.chmod(tmp, before.st_mode & 0o7777)
-            try:
-                os.chown(tmp, before.st_uid, before.st_gid)  # keeps a root-run edit readable by the service
-            except OSError:
-                pass
-            now = os.stat(real)
-            if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
-                raise ConfigError(path, 0, "", "the file changed while it was being edited; run the command again")
-            os.replace(tmp, real)
-        except ConfigError as exc:
-            # read_xml names the temp file; the operator knows only the real one.
-            raise ConfigError(path, exc.line, exc.element, exc.problem) from None
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return updated
-
-
-def _check_edit(root: ConfigNode, path: str, name: str, password_hash: str) -> None:
-    http = root.only("HTTPServer")
-    users_node = http.only("Users") if http is not None else None
-    found = [u for u in (users_node.findall("User") if users_node is not None else ()) if u.attrs.get("name") == name]
-    if len(found) != 1 or found[0].attrs.get("password_hash") != password_hash:
-        problem = f"user {name!r} appears {len(found)} times in <HTTPServer><Users>" if len(found) > 1 else ""
-        raise ConfigError(path, 0, "", problem or "could not place the <User> element; add it by hand")
-
-
-def _upsert_user(text: str, name: str, element: str) -> tuple[str, bool]:
-    """``text`` with ``element`` replacing user ``name``'s element, or added to <Users>; True if replaced.
-
-    Raises ValueError when the tags cannot be found in the text (read_xml found them, so only for
-    layouts this simple scanner does not understand).
-
-    Works on the text, not a tree, so comments, blank lines and attribute quoting survive.  Comments,
-    CDATA and processing instructions are blanked out (same length) before searching, so a
-    commented-out <HTTPServer> or <User> is never edited.
-    """
-    masked = _MASKED.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
-    nl = "\r\n" if "\r\n" in text else "\n"
-    unit_match = re.search(r"^([ \t]+)<", masked, re.M)
-    unit = unit_match.group(1) if unit_match else "  "
-
-    server = re.compile(rf"<HTTPServer\b{_ATTRS}(/?)>").search(masked)
-    if server is None:
-        raise ValueError("cannot find the <HTTPServer> start tag")
-    if server.group(1):
-        return _add_children(text, "HTTPServer", server, None, ["<Users>", unit + element, "</Users>"], nl, unit), False
-    server_close = re.compile(r"</HTTPServer\s*>").search(masked, server.end())
-    if server_close is None:
-        raise ValueError("cannot find </HTTPServer>")
-    users = re.compile(rf"<Users\b{_ATTRS}(/?)>").search(masked, server.end(), server_close.start())
-    if users is None:
-        lines = ["<Users>", unit + element, "</Users>"]
-        return _add_children(text, "HTTPServer", server, server_close.start(), lines, nl, unit), False
-    if users.group(1):
-        return _add_children(text, "Users", users, None, [element], nl, unit), False
-    users_close = re.compile(r"</Users\s*>").search(masked, users.end(), server_close.start())
-    if users_close is None:
-        raise ValueError("cannot find </Users> inside <HTTPServer>")
-    child_indent = None
-    for user in re.compile(rf"<User\b({_ATTRS})(?:/>|>.*?</User\s*>)", re.S).finditer(
-        masked, users.end(), users_close.start()
-    ):
-        attrs = {
-            m.group(1): unescape(m.group(2) or m.group(3) or "", {"&quot;": '"', "&apos;": "'"})
-            for m in _ATTR.finditer(user.group(1))
-        }
-        if attrs.get("name") == name:
-            return text[: user.start()] + element + text[user.end() :], True
-        if not text[text.rfind("\n", 0, user.start()) + 1 : user.start()].strip():
-            child_indent = _line_indent(text, user.start())  # line up with the existing users
-    return _add_children(text, "Users", users, users_close.start(), [element], nl, unit, child_indent), False
-
-
-def _line_indent(text: str, pos: int) -> str:
-    start = text.rfind("\n", 0, pos) + 1
-    match = re.match(r"[ \t]*", text[start:pos])
-    return match.group() if match else ""
-
-
-def _add_children(
-    text: str,
-    tag: str,
-    opening: re.Match[str],
-    close_start: int | None,
-    lines: list[str],
-    nl: str,
-    unit: str,
-    child_indent: str | None = None,
-) -> str:
-    """Insert ``lines`` as the last children of the element opened by ``opening``, indented one level."""
-    base = _line_indent(text, opening.start())
-    indent = child_indent if child_indent is not None else base + unit
-    body = "".join(indent + line + nl for line in lines)
-    if close_start is None:  # <Tag .../>: open it up
-        head = text[opening.start() : opening.end() - 2].rstrip() + ">"
-        return text[: opening.start()] + head + nl + body + base + f"</{tag}>" + text[opening.end() :]
-    line_start = text.rfind("\n", 0, close_start) + 1
-    if not text[line_start:close_start].strip():
-        return text[:line_start] + body + text[line_start:]
-    return text[:close_start] + nl + body + base + text[close_start:]
 
 
 # -- cluster ------------------------------------------------------------------------------------------
@@ -684,19 +585,49 @@ def settings_set(config_path: str, base: int | None, path: str, value: str) -> N
 @cluster_settings.command("import")
 @_CONFIG_OPTION
 @_BASE_OPTION
+@click.option("--yes", is_flag=True, help="Also replace or remove what the diff marks with '-'.")
 @click.argument("source", type=click.Path(exists=True, dir_okay=False))
-def settings_import(config_path: str, base: int | None, source: str) -> None:
-    """Replace the shared settings with those of SOURCE (a node config, or a <Settings> file)."""
-    from threatgate.cluster.settings import extract_settings
+def settings_import(config_path: str, base: int | None, yes: bool, source: str) -> None:
+    """Import the shared settings of SOURCE (a node config, or a <Settings> file); print the diff first.
+
+    Each shared element SOURCE holds replaces the cluster's whole; the others stay as they are.  An
+    import that only adds is applied; one that would replace or remove anything (the diff's '-'
+    lines: perhaps changes made since with `settings set` or `cluster users`) needs --yes.  Exit 0:
+    applied or nothing to change; 1: refused for want of --yes, nothing changed; 2: invalid.
+    """
+    from threatgate.cluster.settings import extract_settings, removed_lines
     from threatgate.config.xml import read_xml
 
     try:
         root = read_xml(source)
-        text = extract_settings(root) if root.tag == "Configuration" else open(source, encoding="utf-8").read()
+        if root.tag == "Configuration":
+            text = extract_settings(root, complete=False)  # no <Users> in the file: keep the cluster's
+        else:
+            with open(source, encoding="utf-8") as fh:
+                text = fh.read()
     except (ConfigError, OSError, UnicodeDecodeError) as exc:
         click.echo(f"threatgate: cannot import {source}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    _committed(_cluster_call(config_path, "POST", "/cluster/v1/admin/import", {"base": base, "config": text}))
+    body = {"base": base, "config": text, "source": source}
+    preview = _cluster_call(config_path, "POST", "/cluster/v1/admin/import", {**body, "dry_run": True})
+    diff, current = preview["diff"], preview["settings"]["revision"]
+    if not diff:
+        click.echo(f"nothing to change: settings revision {current} already holds what {source} sets")
+        return
+    click.echo("\n".join(diff))
+    lost = removed_lines(diff)
+    if lost and not yes:
+        click.echo(
+            f"threatgate: settings not changed: importing {source} would replace or remove {lost} line(s) of "
+            f"settings revision {current} (marked - above), perhaps changes made since with `settings set` or "
+            "`cluster users`; check them, then run again with --yes (or edit the file)",
+            err=True,
+        )
+        sys.exit(1)
+    # Based on the revision the diff was made against: if it changed meanwhile, refused (409), not merged blind.
+    _committed(
+        _cluster_call(config_path, "POST", "/cluster/v1/admin/import", {**body, "base": current, "replace": True})
+    )
 
 
 @cluster_settings.command("rollback")
@@ -707,3 +638,83 @@ def settings_rollback(config_path: str, base: int | None, revision: int) -> None
     """Re-apply a kept revision's settings as a new revision."""
     body = {"base": base, "revision": revision}
     _committed(_cluster_call(config_path, "POST", "/cluster/v1/admin/rollback", body))
+
+
+# -- cluster users ----------------------------------------------------------------------------------------
+
+
+@cluster.group("users")
+def cluster_users() -> None:
+    """API users of every node (cluster settings: changed on the Control node, listed on any)."""
+
+
+def _require_control(config_path: str, what: str) -> None:
+    """Exit 2 naming the Control unless this node is the Control (before asking for a password)."""
+    me = _cluster_call(config_path, "GET", "/cluster/v1/status")["self"]
+    if me.get("role") != "control":
+        where = me.get("control_address")
+        click.echo(
+            f"threatgate: cluster: cannot {what}: this node is a Secondary; settings change only on the Control"
+            + (f" (the Control node is {where}): run the command there, with that node's config" if where else ""),
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+
+
+@cluster_users.command("add")
+@_CONFIG_OPTION
+@_BASE_OPTION
+@click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin, not a prompt.")
+@click.argument("name")
+def cluster_users_add(config_path: str, base: int | None, password_stdin: bool, name: str) -> None:
+    """Add API user NAME on every node, or set a new password for it (a new settings revision).
+
+    Run on the Control node; the password is hashed here and only the scrypt hash is sent.
+    """
+    from threatgate.node.auth import hash_password
+
+    _check_user_name(name)
+    _require_control(config_path, "add an API user")
+    password = _read_password(from_stdin=password_stdin)
+    body = {"base": base, "op": "add", "name": name, "password_hash": hash_password(password)}
+    answer = _cluster_call(config_path, "POST", "/cluster/v1/admin/users", body)
+    _user_committed(name, "updated in" if answer.get("existed") else "added to", answer)
+
+
+@cluster_users.command("remove")
+@_CONFIG_OPTION
+@_BASE_OPTION
+@click.argument("name")
+def cluster_users_remove(config_path: str, base: int | None, name: str) -> None:
+    """Remove API user NAME from every node (a new settings revision; run on the Control node)."""
+    _require_control(config_path, "remove an API user")
+    answer = _cluster_call(config_path, "POST", "/cluster/v1/admin/users", {"base": base, "op": "remove", "name": name})
+    _user_committed(name, "removed from", answer)
+
+
+def _user_committed(name: str, done: str, answer: dict[str, Any]) -> None:
+    s = answer["settings"]
+    revision = f"revision {s['revision']} (epoch {s['epoch']}, sha256 {s['sha256']})"
+    click.echo(f"user {name} {done} the cluster settings: {revision}; every node applies it within seconds")
+
+
+@cluster_users.command("list")
+@_CONFIG_OPTION
+def cluster_users_list(config_path: str) -> None:
+    """Print the API user names of the settings this node applies, one per line (works on any node)."""
+    from threatgate.cluster.settings import user_names
+
+    answer = _cluster_call(config_path, "GET", "/cluster/v1/settings?since=0")
+    if answer is None:
+        click.echo("threatgate: cluster: this node holds no settings yet", err=True)
+        sys.exit(1)
+    settings = answer["settings"]
+    names = user_names(settings["payload"]["config"])
+    for name in names:
+        click.echo(name)
+    if not names:
+        click.echo(
+            f"threatgate: no API user in settings revision {settings['revision']}: every API request gets 401 "
+            "(threatgate cluster users add on the Control node)",
+            err=True,
+        )

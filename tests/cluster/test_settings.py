@@ -705,3 +705,98 @@ def test_to_xml_layout() -> None:
         ],
     )
     assert to_xml(tree) == '<Settings>\n  <Feeds a="1">\n    <Feed f=\'x"y\'/>\n  </Feeds>\n  <U>t</U>\n</Settings>'
+
+
+# -- API users -----------------------------------------------------------------------------------------
+
+
+def users_of(text: str) -> dict[str, str]:
+    users = parse_settings_xml(text, "s").find("Users")
+    assert users is not None
+    return {u.attrs["name"]: u.attrs["password_hash"] for u in users.children}
+
+
+def test_set_value_adds_a_user_by_its_name_path() -> None:
+    out = set_value(SETTINGS, "Users/User[@name=bob]/@password_hash", PASSWORD_HASH)
+    assert users_of(out) == {"bob": PASSWORD_HASH}
+    again = set_value(out, "Users/User[@name='bob']/@password_hash", "other")
+    assert users_of(again) == {"bob": "other"}
+    # <Users> is created as well when the settings have none.
+    assert users_of(set_value("<Settings/>", "Users/User[@name=bob]/@password_hash", "h")) == {"bob": "h"}
+
+
+def test_put_remove_and_list_users() -> None:
+    out, existed = settings_module.put_user(SETTINGS, "bob", PASSWORD_HASH)
+    assert not existed and settings_module.user_names(out) == ["bob"]
+    out, existed = settings_module.put_user(out, "carol", "h2")
+    assert not existed and settings_module.user_names(out) == ["bob", "carol"]
+    out, existed = settings_module.put_user(out, "bob", "h3")
+    assert existed and users_of(out) == {"bob": "h3", "carol": "h2"}
+    out = settings_module.remove_user(out, "bob")
+    assert users_of(out) == {"carol": "h2"}
+    assert feed_attrs(out) == feed_attrs(SETTINGS)  # nothing else touched
+    with pytest.raises(ConfigError, match="no API user 'bob' in the cluster settings"):
+        settings_module.remove_user(out, "bob")
+    with pytest.raises(ConfigError, match="no API user"):
+        settings_module.remove_user("<Settings/>", "bob")
+    assert settings_module.user_names("<Settings/>") == []
+
+
+def test_a_user_added_by_path_is_validated_with_the_node_config(tmp_path: Path) -> None:
+    conf = node_dir(tmp_path / "n2", LOCAL_CONF)
+    local = read_xml(str(conf))
+    base = extract_settings(local)
+    good_xml, _ = settings_module.put_user(base, "bob", PASSWORD_HASH)
+    config = node_config_from_xml(merge_settings(local, good_xml, f"{conf}#settings-r2"))
+    assert config.http is not None and ("bob", PASSWORD_HASH) in config.http.users
+    bad = set_value(base, "Users/User[@name=bob]/@password_hash", "plaintext")
+    with pytest.raises(ConfigError, match="password_hash"):
+        node_config_from_xml(merge_settings(local, bad, f"{conf}#settings-r2"))
+
+
+# -- import and diff -----------------------------------------------------------------------------------
+
+
+def test_extract_incomplete_leaves_out_a_missing_users_element() -> None:
+    root = parse_xml(b"<Configuration><InputSettings/></Configuration>", "x.conf")
+    assert extract_settings(root, complete=False) == "<Settings/>\n"
+
+
+def test_import_replaces_the_elements_the_file_holds_and_keeps_the_others() -> None:
+    incoming = "<Settings>\n  <Feeds update_frequency='5'/>\n</Settings>\n"
+    out = settings_module.import_settings(SETTINGS, incoming, "new.xml")
+    root = parse_settings_xml(out, "s")
+    assert [c.tag for c in root.children] == ["OutputSettings", "Feeds", "Users"]
+    feeds = root.find("Feeds")
+    assert feeds is not None and feeds.attrs == {"update_frequency": "5"} and not feeds.children
+    output = root.find("OutputSettings")
+    assert output is not None and output.children[0].text == "old"
+
+
+def test_import_refusals_name_the_imported_file() -> None:
+    with pytest.raises(ConfigError, match=r"^new\.xml:1: <Cluster>: not a shared setting"):
+        settings_module.import_settings(SETTINGS, "<Settings><Cluster/></Settings>", "new.xml")
+
+
+def test_diff_is_empty_for_the_same_settings_written_differently() -> None:
+    same = (
+        "<Settings><OutputSettings><EventFormat>old</EventFormat></OutputSettings>"
+        '<Feeds update_frequency="30"><Feed enabled="true" filename="feeds/x.json"></Feed>\n'
+        "<!-- a comment --><Feed enabled='true' filename='feeds/y.json'/></Feeds><Users>\n  </Users></Settings>"
+    )
+    assert settings_module.settings_diff(SETTINGS, same, "a", "b") == []
+
+
+def test_diff_marks_what_is_replaced_or_removed() -> None:
+    new = set_value(SETTINGS, "Feeds/Feed[@filename=feeds/y.json]/@enabled", "false")
+    new, _ = settings_module.put_user(new, "bob", "h")
+    diff = settings_module.settings_diff(SETTINGS, new, "settings revision 4", "node1.conf")
+    assert diff[:2] == ["--- settings revision 4", "+++ node1.conf"]
+    assert '-    <Feed enabled="true" filename="feeds/y.json"/>' in diff
+    assert '+    <Feed enabled="false" filename="feeds/y.json"/>' in diff
+    assert "-  <Users/>" in diff and '+    <User name="bob" password_hash="h"/>' in diff
+    assert settings_module.removed_lines(diff) == 2
+    only_added = settings_module.settings_diff(
+        new, set_value(new, "Users/User[@name=carol]/@password_hash", "h"), "a", "b"
+    )
+    assert settings_module.removed_lines(only_added) == 0 and len(only_added) > 2

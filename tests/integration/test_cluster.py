@@ -13,6 +13,8 @@ import json
 import re
 import secrets
 import socket
+import subprocess
+import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -40,7 +42,8 @@ from tests.cluster_nodes import (
     wait_applied,
 )
 from tests.helpers import HTTPReply, basic_auth, read_lines, wait_until
-from threatgate.cluster.settings import SettingsDocument
+from threatgate.cluster.settings import SettingsDocument, extract_settings
+from threatgate.config.xml import read_xml
 from threatgate.net.tls import ensure_server_pair
 from threatgate.node.auth import hash_password
 
@@ -390,6 +393,104 @@ def test_status_table_lists_every_node(cluster: list[ClusterNode]) -> None:
         assert m, (node, row, lines)
         assert (m["state"] == "control link: connected") if node is n2 else m["state"].startswith("reachable (")
     assert "EMERGENCY" not in "\n".join(lines)
+
+
+# -- API users and settings import -------------------------------------------------------------------------
+
+
+def threatgate(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """``python -m threatgate ARGS`` with ``stdin`` (a password), as an operator runs it."""
+    argv = [sys.executable, "-m", "threatgate", *args]
+    return subprocess.run(argv, input=stdin, capture_output=True, text=True, timeout=60)
+
+
+def api_status(node: ClusterNode, user: str, password: str) -> int:
+    return node.api().request("GET", "/api/1.1/suppliers", headers={"Authorization": basic_auth(user, password)}).status
+
+
+def test_api_users_are_managed_on_the_control_and_work_on_every_node(cluster: list[ClusterNode]) -> None:
+    n1, n2, n3 = cluster
+    revision, _ = settled(cluster)
+    user, password = f"u{secrets.token_hex(3)}", "cluster user password"
+
+    # A Secondary refuses and names the Control; nothing changes anywhere.
+    result = threatgate("cluster", "users", "add", "--config", str(n2.config), "--password-stdin", user, stdin=password)
+    assert result.returncode == 2, result
+    assert "this node is a Secondary" in result.stderr and n1.address in result.stderr, result.stderr
+    # The node's own file is not where a member's users live: refused, file untouched.
+    before = n2.config.read_bytes()
+    result = threatgate("users", "add", "--config", str(n2.config), "--password-stdin", user, stdin=password)
+    assert result.returncode == 2, result
+    assert f"use: threatgate cluster users add --config {n2.config} {user}" in result.stderr, result.stderr
+    assert n2.config.read_bytes() == before
+    assert same_applied_revision(cluster, revision)
+
+    result = threatgate("cluster", "users", "add", "--config", str(n1.config), "--password-stdin", user, stdin=password)
+    assert result.returncode == 0, result
+    assert result.stdout.startswith(f"user {user} added to the cluster settings: revision {revision + 1} (epoch ")
+    wait_applied(cluster, revision + 1)
+    for node in cluster:
+        assert api_status(node, user, password) == 200, node
+    listed = threatgate("cluster", "users", "list", "--config", str(n3.config))
+    assert listed.returncode == 0 and set(listed.stdout.split()) == {USER, user}, listed
+
+    result = threatgate("cluster", "users", "remove", "--config", str(n1.config), user)
+    assert result.returncode == 0, result
+    wait_applied(cluster, revision + 2)
+    for node in cluster:
+        assert api_status(node, user, password) == 401, node
+        assert api_status(node, USER, PASSWORD) == 200, node
+    result = threatgate("cluster", "users", "remove", "--config", str(n1.config), user)
+    assert result.returncode == 2 and f"no API user '{user}'" in result.stderr, result
+
+
+def test_settings_import_shows_a_diff_and_replaces_other_changes_only_with_yes(
+    cluster: list[ClusterNode], tmp_path: Path
+) -> None:
+    n1, n2, n3 = cluster
+    alert = f"%Date% alert=%Alert% since={secrets.token_hex(4)}"
+    changed, _, _ = committed(n1.cli_ok("settings", "set", "OutputSettings/AlertFormat", alert))
+    wait_applied(cluster, changed)
+
+    # n1.conf's AlertFormat is not the one just set: importing it would revert that change.
+    result = n1.cli("settings", "import", str(n1.config))
+    assert result.returncode == 1, result
+    assert result.stdout.startswith(f"--- settings revision {changed}\n+++ {n1.config}\n"), result.stdout
+    assert f"-    <AlertFormat>{alert}</AlertFormat>" in result.stdout.splitlines(), result.stdout
+    assert f"settings not changed: importing {n1.config} would replace or remove" in result.stderr
+    assert "--yes" in result.stderr
+    assert n1.history()[-1][0] == changed and same_applied_revision(cluster, changed)
+    # The node itself refuses such an import without "replace" (what --yes sends), whoever calls it.
+    text = extract_settings(read_xml(str(n1.config)), complete=False)
+    body = json.dumps({"config": text, "source": "n1.conf"}).encode()
+    status, answer = cluster_call(n1, "POST", "/cluster/v1/admin/import", body, cert=n1.identity_files)
+    assert status == 409 and "would replace or remove" in answer["error"], (status, answer)
+    result = n2.cli("settings", "import", "--yes", str(n1.config))
+    assert result.returncode == 2 and "this node is a Secondary" in result.stderr, result
+
+    # A file that only adds (a user here) is applied as it is; what it does not hold stays.
+    current = n1.cli_ok("settings", "get", "--xml")
+    users = re.search(r"<Users>.*?</Users>", current, re.S)
+    assert users, current
+    importer = f'<User name="importer" password_hash="{hash_password("import test")}"/>'
+    only_users = tmp_path / "users.xml"
+    only_users.write_text(f"<Settings>\n  {users.group().replace('</Users>', importer + '</Users>')}\n</Settings>\n")
+    result = n1.cli("settings", "import", str(only_users))
+    assert result.returncode == 0, result
+    assert '+    <User name="importer" password_hash="scrypt$' in result.stdout
+    assert committed(result.stdout.splitlines(keepends=True)[-1])[0] == changed + 1
+    wait_applied(cluster, changed + 1)
+    assert alert in n3.cli_ok("settings", "get", "--xml")
+
+    result = n1.cli("settings", "import", "--yes", str(n1.config))
+    assert result.returncode == 0, result
+    assert '-    <User name="importer"' in result.stdout and f"-    <AlertFormat>{alert}" in result.stdout
+    wait_applied(cluster, changed + 2)
+    xml = n2.cli_ok("settings", "get", "--xml")
+    assert alert not in xml and "importer" not in xml
+    result = n1.cli("settings", "import", str(n1.config))
+    assert result.returncode == 0 and result.stdout.startswith("nothing to change"), result
+    assert n1.history()[-1][0] == changed + 2
 
 
 # -- losing the Control -----------------------------------------------------------------------------------

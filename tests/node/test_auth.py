@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import hashlib
+import logging
 import threading
 import time
 from collections.abc import Callable
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from threatgate.errors import ConfigError
 from threatgate.node import auth
 from threatgate.node.auth import BasicAuth, check_hash_format, hash_password, parse_basic, verify_password
 
@@ -302,3 +304,130 @@ async def test_other_parameters_verify_and_shape_the_dummy(
     assert await checker.authenticate(basic("nobody", "pw")) is None
     # The unknown user was checked against a dummy with the real user's cost parameters.
     assert counted[-1][0].startswith("scrypt$1024$4$1$") and counted[-1][0] != stored
+
+
+# -- users that follow the config file -------------------------------------------------------------------
+
+
+class UsersFile:
+    """A stand-in config file: its users (or a ConfigError to raise), and how often it was read."""
+
+    def __init__(self, tmp_path: Any, users: dict[str, str]) -> None:
+        self.path = str(tmp_path / "node.conf")
+        self.users: dict[str, str] | ConfigError = dict(users)
+        self.reads = 0
+        self.counted: list[str] = []
+        self.write()
+
+    def write(self) -> None:
+        """Change the file's identity (size and mtime) as an edit would."""
+        with open(self.path, "a") as fh:
+            fh.write(f"<!-- edit {self.reads} {time.monotonic_ns()} -->\n")
+
+    def read(self, path: str) -> dict[str, str]:
+        assert path == self.path
+        self.reads += 1
+        if isinstance(self.users, ConfigError):
+            raise self.users
+        return dict(self.users)
+
+    def node_users(self, start: dict[str, str]) -> auth.NodeUsers:
+        return auth.NodeUsers(start, path=self.path, read=self.read, count=self.counted.append)
+
+
+async def test_a_user_added_to_the_file_gets_in_with_the_first_request(tmp_path: Any) -> None:
+    file = UsersFile(tmp_path, {"alice": STORED})
+    users = file.node_users({"alice": STORED})
+    assert await users.authenticate(basic("alice", "correct horse")) == "alice"
+    file.users = {"alice": STORED, "bob": OTHER}
+    file.write()
+    assert await users.authenticate(basic("bob", "battery staple")) == "bob"  # no check() ran before
+    assert file.reads == 1
+
+
+async def test_a_removed_user_or_an_old_password_stops_working_at_the_next_look(tmp_path: Any) -> None:
+    file = UsersFile(tmp_path, {"alice": STORED, "bob": OTHER})
+    users = file.node_users({"alice": STORED, "bob": OTHER})
+    assert await users.authenticate(basic("bob", "battery staple")) == "bob"  # now cached
+    file.users = {"alice": OTHER}
+    file.write()
+    assert await users.check() is True
+    assert await users.authenticate(basic("bob", "battery staple")) is None
+    assert await users.authenticate(basic("alice", "correct horse")) is None
+    assert await users.authenticate(basic("alice", "battery staple")) == "alice"
+
+
+async def test_each_version_is_read_once_and_unchanged_users_keep_the_cache(tmp_path: Any) -> None:
+    file = UsersFile(tmp_path, {"alice": STORED})
+    users = file.node_users({"alice": STORED})
+    kept = users.auth
+    assert await users.check() is False  # first look: read once, same users
+    assert await users.check() is False
+    for _ in range(3):
+        assert await users.authenticate(basic("alice", "wrong")) is None
+    assert file.reads == 1
+    file.write()  # a comment changed: read again, same users, same BasicAuth (and cache)
+    assert await users.check() is False
+    assert file.reads == 2 and users.auth is kept
+
+
+async def test_an_invalid_file_is_logged_and_counted_once_and_the_users_stay(
+    tmp_path: Any, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "threatgate.node")
+    file = UsersFile(tmp_path, {"alice": STORED})
+    users = file.node_users({"alice": STORED})
+    file.users = ConfigError(file.path, 7, "User", "password_hash: expected scrypt$...")
+    file.write()
+    assert await users.check() is False
+    assert await users.check() is False
+    assert await users.authenticate(basic("alice", "correct horse")) == "alice"
+    assert file.counted == ["users_file_invalid"]
+    warnings = [r for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1
+    assert warnings[0].message == (
+        f"API users not re-read: {file.path}:7: <User>: password_hash: expected scrypt$...; "
+        "the running users stay until the file is valid"
+    )
+    file.users = {"alice": STORED, "bob": OTHER}
+    file.write()
+    assert await users.check() is True
+    assert "API users re-read from" in caplog.text and "added bob (no reload needed)" in caplog.text
+
+
+async def test_no_path_never_looks(tmp_path: Any) -> None:
+    file = UsersFile(tmp_path, {"bob": OTHER})
+    users = auth.NodeUsers({}, path=None, read=file.read, count=file.counted.append)
+    assert await users.authenticate(basic("bob", "battery staple")) is None
+    assert await users.check() is False
+    assert file.reads == 0
+    users.replace({"bob": OTHER}, None)  # cluster settings
+    assert await users.authenticate(basic("bob", "battery staple")) == "bob"
+
+
+async def test_a_reload_during_a_look_is_not_undone(tmp_path: Any) -> None:
+    file = UsersFile(tmp_path, {"alice": STORED})
+    users = file.node_users({"alice": STORED})
+    reading = threading.Event()
+    go_on = threading.Event()
+    old_read = file.read
+
+    def slow_read(path: str) -> dict[str, str]:
+        reading.set()
+        go_on.wait(10)
+        return old_read(path)
+
+    users._read = slow_read
+    look = asyncio.ensure_future(users.check())
+    await asyncio.to_thread(reading.wait, 10)
+    users.replace({"bob": OTHER}, file.path)  # SIGHUP applied a newer file meanwhile
+    go_on.set()
+    assert await look is False
+    assert users.auth.users == {"bob": OTHER}
+
+
+def test_users_change_names_what_changed() -> None:
+    change = auth.users_change({"a": "1", "b": "2", "c": "3"}, {"b": "2", "c": "4", "d": "5"})
+    assert (change.added, change.removed, change.new_password) == (("d",), ("a",), ("c",))
+    assert str(change) == "added d; removed a; new password for c"
+    assert not auth.users_change({"a": "1"}, {"a": "1"})

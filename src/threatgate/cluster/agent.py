@@ -14,7 +14,7 @@ GET    /cluster/v1/settings?since=N   the applied document if newer than N, else
 GET    /cluster/v1/status             the node table (self and every member)
 GET    /cluster/v1/history            the kept revisions
 POST   /cluster/v1/join               token + certificate -> membership and settings (no client cert)
-POST   /cluster/v1/admin/<action>     set, import, rollback, promote, demote, token, remove:
+POST   /cluster/v1/admin/<action>     set, import, users, rollback, promote, demote, token, remove:
                                       only from this node's own certificate (the local CLI)
 ====== ============================== ===========================================================
 """
@@ -37,10 +37,16 @@ from cryptography import x509
 
 from threatgate.cluster.settings import (
     SettingsDocument,
+    import_settings,
     make_payload,
     merge_settings,
     parse_document,
+    put_user,
+    remove_user,
+    removed_lines,
     set_value,
+    settings_diff,
+    user_names,
 )
 from threatgate.cluster.state import StateDir
 from threatgate.cluster.sync import ClusterCore, Decision, Identity, Member, Role
@@ -407,6 +413,21 @@ class ClusterAgent:
             self._spawn(self.push_all(doc))
             return doc
 
+    async def preview(
+        self, base: int | None, change: Callable[[SettingsDocument], Awaitable[dict[str, Any]]]
+    ) -> SettingsDocument:
+        """What :meth:`commit` would check, without committing: the current document the change starts from.
+
+        Refused like a commit (Secondary, emergency mode, stale ``base``, invalid result), so a dry
+        run says everything the real change would say.
+        """
+        async with self._write_lock:
+            current = self.core.check_write(base, time.monotonic())
+            doc = current.successor(self.identity.epoch, time.time(), await change(current))
+            if doc.sha256 != current.sha256:
+                validate_document(self.local, doc)
+            return current
+
     async def commit_suppliers(
         self,
         base: int | None,
@@ -715,9 +736,14 @@ class ClusterAgent:
         base = body.get("base")
         if base is not None and (not isinstance(base, int) or isinstance(base, bool)):
             return _json(400, {"error": "base must be a revision number"})
-        if action in ("set", "import", "rollback"):
-            doc = await self.commit(base, self._change(action, body))
-            return _json(200, {"settings": _summary(doc)})
+        if action in ("set", "import", "rollback", "users"):
+            facts: dict[str, Any] = {}  # what the change found (the import's diff, whether a user existed)
+            change = self._change(action, body, facts)
+            if action == "import" and body.get("dry_run") is True:
+                current = await self.preview(base, change)
+                return _json(200, {"settings": _summary(current), **facts})
+            doc = await self.commit(base, change)
+            return _json(200, {"settings": _summary(doc), **facts})
         if action == "promote":
             return _json(200, {"settings": _summary(await self.promote())})
         if action == "demote":
@@ -741,17 +767,18 @@ class ClusterAgent:
             return _json(200, {"removed": member.address, "node_id": member.node_id})
         return _json(404, {"error": f"unknown action {action[:40]!r}"})
 
-    def _change(self, action: str, body: dict[str, Any]) -> Callable[[SettingsDocument], Awaitable[dict[str, Any]]]:
+    def _change(
+        self, action: str, body: dict[str, Any], facts: dict[str, Any]
+    ) -> Callable[[SettingsDocument], Awaitable[dict[str, Any]]]:
         async def change(current: SettingsDocument) -> dict[str, Any]:
             try:
                 if action == "set":
                     xml = set_value(current.config_xml, str(body.get("path", "")), str(body.get("value", "")))
                     return {**current.payload, "config": xml}
                 if action == "import":
-                    config = body.get("config")
-                    if not isinstance(config, str):
-                        raise ClusterError("import needs the <Settings> text", 400)
-                    return {**current.payload, "config": config}
+                    return {**current.payload, "config": _imported(current, body, facts)}
+                if action == "users":
+                    return {**current.payload, "config": _users_edit(current, body, facts)}
                 revision = body.get("revision")
                 if not isinstance(revision, int):
                     raise ClusterError("rollback needs a revision number", 400)
@@ -840,6 +867,47 @@ class ClusterAgent:
             "sha256": doc.sha256 if doc else None,
             "emergency": self.core.emergency(time.monotonic()),
         }
+
+
+def _imported(current: SettingsDocument, body: dict[str, Any], facts: dict[str, Any]) -> str:
+    """The ``<Settings>`` text an import makes (:func:`import_settings`); its diff goes into ``facts``.
+
+    An import that would replace or remove any line of the current settings needs ``"replace": true``
+    (``--yes``): those lines may be changes made since with ``settings set`` or ``cluster users``.
+    """
+    config, source = body.get("config"), str(body.get("source") or "the imported file")[:200]
+    if not isinstance(config, str):
+        raise ClusterError("import needs the <Settings> text", 400)
+    new = import_settings(current.config_xml, config, source)
+    diff = settings_diff(current.config_xml, new, f"settings revision {current.revision}", source)
+    facts["diff"] = diff
+    lost = removed_lines(diff)
+    if lost and body.get("replace") is not True and body.get("dry_run") is not True:
+        raise ClusterError(
+            f"settings not changed: importing {source} would replace or remove {lost} line(s) of settings "
+            f"revision {current.revision}; confirm with --yes",
+            409,
+        )
+    return new
+
+
+def _users_edit(current: SettingsDocument, body: dict[str, Any], facts: dict[str, Any]) -> str:
+    """The ``<Settings>`` text with one API user added, re-hashed (``add``) or removed (``remove``)."""
+    name = body.get("name")
+    if not isinstance(name, str) or not name:
+        raise ClusterError("a users change needs the user name", 400)
+    if body.get("op") == "add":
+        password_hash = body.get("password_hash")
+        if not isinstance(password_hash, str):
+            raise ClusterError("adding a user needs its password_hash", 400)
+        new, facts["existed"] = put_user(current.config_xml, name, password_hash)
+        return new
+    if body.get("op") == "remove":
+        if name not in user_names(current.config_xml):
+            raise ClusterError(f"no API user {name!r} in the cluster settings (revision {current.revision})", 404)
+        facts["existed"] = True
+        return remove_user(current.config_xml, name)
+    raise ClusterError("a users change is op add or remove", 400)
 
 
 def _summary(doc: SettingsDocument) -> dict[str, Any]:

@@ -24,6 +24,7 @@ Rules:
 from __future__ import annotations
 
 import copy
+import difflib
 import hashlib
 import json
 import re
@@ -193,8 +194,13 @@ def to_xml(node: Node, indent: str = "") -> str:
     return f"{indent}<{node.tag}{attrs}>\n{inner}\n{indent}</{node.tag}>"
 
 
-def extract_settings(root: Node) -> str:
-    """The ``<Settings>`` XML text holding the shared elements of a node config tree."""
+def extract_settings(root: Node, *, complete: bool = True) -> str:
+    """The ``<Settings>`` XML text holding the shared elements of a node config tree.
+
+    ``complete``: a config without ``<Users>`` gives an empty ``<Users/>`` (a cluster's first
+    revision: no users means none).  False leaves it out, so that :func:`import_settings` keeps the
+    cluster's users when the imported file has none.
+    """
     if root.tag != "Configuration":
         raise root.error("root element must be <Configuration> to import settings from a node config")
     settings = Node("Settings", {}, 0, root.path)
@@ -212,7 +218,8 @@ def extract_settings(root: Node) -> str:
             settings.children.append(child)
     http = root.find("HTTPServer")
     users = http.find("Users") if http is not None else None
-    settings.children.append(users if users is not None else Node("Users", {}, 0, root.path))
+    if users is not None or complete:
+        settings.children.append(users if users is not None else Node("Users", {}, 0, root.path))
     return to_xml(settings) + "\n"
 
 
@@ -271,12 +278,18 @@ _PART = re.compile(r"(?:[^/\[]+|\[[^\]]*\]?)+")
 _SEGMENT = re.compile(r"(?P<tag>[A-Za-z_][\w.-]*)(?:\[@(?P<attr>[\w.-]+)=(?P<q>['\"]?)(?P<value>[^\]]*?)(?P=q)\])?\Z")
 
 
+_CREATED_BY_PATH = {("Settings", "Users", None), ("Users", "User", "name")}
+"""(parent, element, predicate attribute) that :func:`set_value` creates when missing, wherever it sits in the path."""
+
+
 def set_value(settings_xml: str, path: str, value: str) -> str:
     """Set one element's text or attribute in a ``<Settings>`` text; the new text.
 
     ``path`` is relative to ``<Settings>``: ``OutputSettings/EventFormat``,
     ``Feeds/@update_frequency``, ``Feeds/Feed[@filename=feeds/x.json]/@enabled``.  A missing last
-    element without a predicate is created; anything else missing is an error.
+    element without a predicate is created, and so is an API user named by
+    ``Users/User[@name=NAME]`` (with ``<Users>`` if needed); anything else missing is an error, so a
+    mistyped feed file name is refused rather than added as a new feed.
 
     Raises:
         ConfigError: the path does not parse or does not lead anywhere.
@@ -300,9 +313,9 @@ def set_value(settings_xml: str, path: str, value: str) -> str:
         if len(found) > 1:
             raise node.error(f"path segment {part!r} matches {len(found)} elements; add [@attr=value]")
         if not found:
-            if key is not None or i != len(parts) - 1:
+            if (node.tag, tag, key) not in _CREATED_BY_PATH and (key is not None or i != len(parts) - 1):
                 raise node.error(f"no element matches {part!r}")
-            found = [Node(tag, {}, 0, node.path)]
+            found = [Node(tag, {} if key is None else {key: want}, 0, node.path)]
             node.children.append(found[0])
         node = found[0]
     if attr is not None:
@@ -312,3 +325,84 @@ def set_value(settings_xml: str, path: str, value: str) -> str:
             raise node.error("has child elements; set an attribute or a child instead")
         node.text = value
     return to_xml(root) + "\n"
+
+
+# -- API users -----------------------------------------------------------------------------------------
+
+
+def user_names(settings_xml: str) -> list[str]:
+    """The API user names in a ``<Settings>`` text, in document order."""
+    users = parse_settings_xml(settings_xml, "settings").find("Users")
+    return [u.attrs.get("name", "") for u in users.findall("User")] if users is not None else []
+
+
+def put_user(settings_xml: str, name: str, password_hash: str) -> tuple[str, bool]:
+    """The ``<Settings>`` text with user ``name`` added or its hash replaced; True if it existed.
+
+    The same edit as ``set_value(…, "Users/User[@name=NAME]/@password_hash", hash)``; the merged
+    config's validation then checks the name and the hash like a node config's.
+    """
+    existed = name in user_names(settings_xml)
+    return set_value(settings_xml, f"Users/User[@name={name}]/@password_hash", password_hash), existed
+
+
+def remove_user(settings_xml: str, name: str) -> str:
+    """The ``<Settings>`` text without user ``name``.
+
+    Raises:
+        ConfigError: there is no such user (removing nothing is a mistake worth saying).
+    """
+    root = parse_settings_xml(settings_xml, "settings")
+    users = root.find("Users")
+    found = [u for u in users.findall("User") if u.attrs.get("name") == name] if users is not None else []
+    if users is None or not found:
+        raise root.error(f"no API user {name!r} in the cluster settings")
+    users.children[:] = [u for u in users.children if u not in found]
+    return to_xml(root) + "\n"
+
+
+# -- import ----------------------------------------------------------------------------------------------
+
+
+def import_settings(current_xml: str, incoming_xml: str, where: str) -> str:
+    """The settings after an import: each shared element ``incoming_xml`` holds replaces the current one
+    whole, and every element it does not hold stays as it is.
+
+    ``where`` names the imported file in errors.  So a ``<Settings>`` file holding only ``<Feeds>``
+    changes the feeds alone, and a node config without ``<Users>`` keeps the cluster's users.
+
+    Raises:
+        ConfigError: ``incoming_xml`` is not a ``<Settings>`` document.
+    """
+    current = parse_settings_xml(current_xml, "settings")
+    incoming = parse_settings_xml(incoming_xml, where)
+    by_tag = {c.tag: c for c in current.children} | {c.tag: c for c in incoming.children}
+    merged = Node("Settings", {}, 0, where, children=[by_tag[tag] for tag in SHARED_ELEMENTS if tag in by_tag])
+    return to_xml(merged) + "\n"
+
+
+def _canonical(node: Node, indent: str = "") -> list[str]:
+    """Lines of ``node`` for a diff: attributes sorted, whitespace-only text left out.
+
+    Neither changes what a node does with the settings, so neither should show as a change.
+    """
+    attrs = "".join(f" {k}={quoteattr(v)}" for k, v in sorted(node.attrs.items()))
+    if node.children:
+        inner = [line for child in node.children for line in _canonical(child, indent + "  ")]
+        return [f"{indent}<{node.tag}{attrs}>", *inner, f"{indent}</{node.tag}>"]
+    if node.text.strip():
+        return [f"{indent}<{node.tag}{attrs}>{escape(node.text, {chr(13): '&#13;'})}</{node.tag}>"]
+    return [f"{indent}<{node.tag}{attrs}/>"]
+
+
+def settings_diff(old_xml: str, new_xml: str, old_label: str, new_label: str) -> list[str]:
+    """A unified diff (lines without endings) from one ``<Settings>`` text to another; empty when they
+    hold the same settings.  Lines starting with ``-`` are what the change replaces or removes."""
+    old = "\n".join(_canonical(parse_settings_xml(old_xml, old_label))).splitlines()
+    new = "\n".join(_canonical(parse_settings_xml(new_xml, new_label))).splitlines()
+    return list(difflib.unified_diff(old, new, old_label, new_label, lineterm=""))
+
+
+def removed_lines(diff: list[str]) -> int:
+    """How many lines of the old settings a :func:`settings_diff` replaces or removes."""
+    return sum(1 for line in diff[2:] if line.startswith("-"))  # [2:]: past the ---/+++ header

@@ -15,6 +15,8 @@ Rules:
 4. Timing reveals nothing useful: digests are compared with :func:`hmac.compare_digest`, and an
    unknown user pays the same scrypt as a known one (against a dummy hash).
 5. Nothing here logs credentials; callers see a user name or None and the counters in ``stats``.
+6. A node's users follow its config file without a reload (:class:`NodeUsers`): ``threatgate users
+   add`` followed at once by a request works.
 """
 
 from __future__ import annotations
@@ -24,9 +26,15 @@ import base64
 import binascii
 import hashlib
 import hmac
+import logging
+import os
 import secrets
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+
+from threatgate.errors import ConfigError
+
+log = logging.getLogger("threatgate.node")
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -203,6 +211,11 @@ class BasicAuth:
         self._inflight: dict[bytes, asyncio.Task[bool]] = {}
         self.stats = AuthStats()
 
+    @property
+    def users(self) -> dict[str, str]:
+        """A copy of the table: user name -> stored hash."""
+        return dict(self._users)
+
     async def authenticate(self, header: str | None) -> str | None:
         """The authenticated user name, or None (missing, malformed or wrong credentials)."""
         if header is None:
@@ -247,3 +260,132 @@ class BasicAuth:
         if len(self._cache) >= self._cache_size:
             self._cache.clear()
         self._cache[key] = name
+
+
+# -- users that follow the config file ------------------------------------------------------------------
+
+Identity = tuple[int, int, int]
+"""(inode, size, mtime_ns) of a file; (-1, -1, -1) when it is missing."""
+
+
+def file_identity(path: str) -> Identity:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return (-1, -1, -1)
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+@dataclass(frozen=True)
+class UsersChange:
+    """What differs between two user tables, by name (never the hashes)."""
+
+    added: tuple[str, ...] = ()
+    removed: tuple[str, ...] = ()
+    new_password: tuple[str, ...] = ()
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.removed or self.new_password)
+
+    def __str__(self) -> str:
+        parts = [("added", self.added), ("removed", self.removed), ("new password for", self.new_password)]
+        return "; ".join(f"{what} {', '.join(names)}" for what, names in parts if names) or "no change"
+
+
+def users_change(old: Mapping[str, str], new: Mapping[str, str]) -> UsersChange:
+    """The users added, removed, and given a new password from ``old`` to ``new`` (name -> hash), sorted."""
+    return UsersChange(
+        added=tuple(sorted(new.keys() - old.keys())),
+        removed=tuple(sorted(old.keys() - new.keys())),
+        new_password=tuple(sorted(n for n in old.keys() & new.keys() if old[n] != new[n])),
+    )
+
+
+class NodeUsers:
+    """A node's API users: the :class:`BasicAuth` in force, kept in step with ``<Users>`` of its config file.
+
+    Why the node looks at its file rather than being told (a signal sent by ``threatgate users add``):
+    the command often runs as another user (root) than the service, perhaps in another container, and
+    there is no pid file to find the process by; a SIGHUP would also reload everything else, which the
+    operator did not ask for.  Looking costs one stat (inode, size, mtime) once a second and after a
+    failed login -- microseconds, against the ~50 ms of scrypt a failed login has already cost -- and
+    the file is parsed only when it changed.
+
+    Rules:
+    1. Only the users are taken from a changed file; everything else waits for SIGHUP.  The file must be
+       valid as a whole, as at SIGHUP: one that is not (a half-finished edit) is not used, and that is
+       logged at WARNING and counted once per version of the file.
+    2. Each version of the file is read once, used or refused; it is read again only after it changes.
+    3. Unchanged users keep the BasicAuth in force and its cache of checked credentials; changed users
+       replace it, so a removed user or an old password stops working at once (within a second).
+    4. Credentials that fail are checked once more after a look at the file, so a user added a moment
+       ago gets in with the first request.
+    5. ``path`` None (a cluster member: its users are cluster settings, applied through :meth:`replace`):
+       the file is never looked at.
+    """
+
+    def __init__(
+        self,
+        users: Mapping[str, str],
+        *,
+        path: str | None,
+        read: Callable[[str], Mapping[str, str]],
+        count: Callable[[str], None],
+    ) -> None:
+        """``read(path)``: the users of a valid config file, else ConfigError; ``count(reason)`` bumps bad input."""
+        self.auth = BasicAuth(users)
+        self.path = path
+        self._read = read
+        self._count = count
+        self._seen: Identity | None = None  # the version of the file last read (used or refused); None: none yet
+        self._generation = 0  # bumped by replace(): a look that started before it must not undo it
+        self._lock = asyncio.Lock()
+
+    def replace(self, users: Mapping[str, str], path: str | None) -> None:
+        """A config reload or cluster settings put ``users`` in force (a new cache only if they differ)."""
+        self._generation += 1
+        self.path = path
+        if users_change(self.auth.users, users):
+            self.auth = BasicAuth(users)
+
+    async def authenticate(self, header: str | None) -> str | None:
+        """The authenticated user name or None, with one more try after a look at the file (rule 4)."""
+        user = await self.auth.authenticate(header)
+        if user is None and header is not None and parse_basic(header) is not None and await self.check():
+            user = await self.auth.authenticate(header)
+        return user
+
+    async def check(self) -> bool:
+        """Look at the config file; True when its users replaced the ones in force.  Never raises."""
+        try:
+            return await self._check()
+        except Exception:  # a bug here must never cost the node its API
+            log.exception("API users: looking at the configuration file failed; the running users stay")
+            return False
+
+    async def _check(self) -> bool:
+        async with self._lock:  # concurrent failed logins share one look
+            path, generation = self.path, self._generation
+            if path is None:
+                return False
+            identity = await asyncio.to_thread(file_identity, path)
+            if identity == self._seen:
+                return False
+            self._seen = identity
+            try:
+                users = await asyncio.to_thread(self._read, path)
+                change = users_change(self.auth.users, users)
+                if generation != self._generation:
+                    self._seen = None  # a reload came in meanwhile: look again next time
+                    return False
+                if change:
+                    self.auth = BasicAuth(users)
+            except (ConfigError, ValueError) as exc:
+                # A ConfigError names the file and line; a ValueError (a hash BasicAuth refused) does not.
+                where = "" if isinstance(exc, ConfigError) else f"{path}: "
+                log.warning("API users not re-read: %s%s; the running users stay until the file is valid", where, exc)
+                self._count("users_file_invalid")
+                return False
+        if change:
+            log.info("API users re-read from %s: %s (no reload needed)", path, change)
+        return bool(change)

@@ -41,7 +41,7 @@ from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
 from threatgate.node.api import NodeAPI
-from threatgate.node.auth import BasicAuth
+from threatgate.node.auth import NodeUsers
 from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
 from threatgate.node.feedwatch import FeedWatch, Identity
@@ -177,7 +177,13 @@ class NodeService:
         self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
         self._started = False
         self.store_version = 0  # bumped at every store swap (export caches key on it)
-        self.auth = BasicAuth(dict(config.http.users) if config.http else {})
+        # A cluster member's users are cluster settings: only a standalone node follows its file's <Users>.
+        self.auth = NodeUsers(
+            _users(config),
+            path=None if config.cluster else config.path,
+            read=lambda path: _users(load_node_config(path)),
+            count=lambda reason: self.stats.bump(self.stats.bad_input, reason),
+        )
         self.db: SupplierDB | None = None
         self.exports = Exports(self)
         self.api = NodeAPI(self)
@@ -382,6 +388,7 @@ class NodeService:
                 await self._watch_once(watch)
             except Exception:  # a watch bug must never take the node down
                 log.exception("feed file watch failed; trying again in %.0f s", WATCH_INTERVAL)
+            await self.auth.check()  # <Users> edited in the file apply without a reload (node/auth.py NodeUsers)
 
     async def _watch_once(self, watch: FeedWatch[int]) -> None:
         feeds = {slot: f for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
@@ -505,7 +512,8 @@ class NodeService:
         )
         del pair  # ensure_server_pair logged the certificate and its SHA-256 fingerprint
         if not settings.users:
-            log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: threatgate users add)")
+            how = "threatgate cluster users add, on the Control" if self.config.cluster else "threatgate users add"
+            log.warning("<HTTPServer> has no <Users>: every API request will get 401 (add one: %s)", how)
         self.db = await asyncio.to_thread(SupplierDB, settings.database)
         self.http = HTTPServer(
             self.api.handle,
@@ -571,7 +579,7 @@ class NodeService:
                 self.alerts.sender.start()
             if old_alerts.sender is not None:
                 self._spawn(old_alerts.sender.aclose(successor=self.alerts.sender))
-        self.auth = BasicAuth(dict(new.http.users) if new.http else {})
+        self.auth.replace(_users(new), None if new.cluster else new.path)
         if self.http is not None and new.http is not None:
             self.http.header_timeout = new.http.header_timeout
         self.exports = Exports(self)
@@ -700,6 +708,10 @@ class NodeService:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def _users(config: NodeConfig) -> dict[str, str]:
+    return dict(config.http.users) if config.http else {}
 
 
 def _limits(config: NodeConfig) -> ListenerLimits:
