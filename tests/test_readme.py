@@ -28,10 +28,12 @@ BLOCK_TIMEOUT = 180.0
 PROMISES: dict[str, list[str]] = {
     "Using a node": [
         "config OK",
-        "1 category=malicious_url matchedIndicator=http://fakess123.nu",
+        "1 category=Malicious_URL matchedIndicator=http://fakess123.nu",
         "1 LookupFinished",
         "PONG",
-        '"category": "malicious_url"',
+        "a running node uses it at once",
+        '[{"object":"http://fakess123.nu","result":"detected"',
+        "wrote 100000 indicators",
     ],
     "Using a balancer": ["config OK", "matchedIndicator=http://fakess123.nu", "LookupFinished"],
     "Running a cluster": ["this node is its Control", "joined cluster", "secondary"],
