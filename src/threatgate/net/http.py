@@ -12,6 +12,8 @@ What this module adds to aiohttp:
    ``header_timeout`` seconds is dropped (slowloris).  aiohttp's keep-alive timer already closes
    connections that stay idle (``idle_timeout``); the body timeout is applied by the handler
    while it reads the body.
+3. Every answer says ``Server: threatgate`` (:data:`threatgate.metrics.SERVER`), never aiohttp's
+   ``Python/3.x aiohttp/3.y``: versions are for a scanner to match against known flaws, not for clients.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
+from threatgate.metrics import SERVER
 
 log = logging.getLogger("threatgate.http")
 
@@ -107,7 +110,7 @@ class _Protocol(RequestHandler):
             self.server.count("malformed_request")
             self.server.warn("malformed HTTP request from %s: %s", request.remote, reason)
             text = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
-        response = json_error(status, text)
+        response = json_error(status, text, {"Server": SERVER})
         response.force_close()
         return response
 
@@ -130,7 +133,7 @@ class HTTPServer:
         self.count = count
         self.warn = RateLimitedLog(log)
         self._ssl = ssl_context
-        self._web = web.Server(handler, access_log=None)
+        self._web = web.Server(_named(handler), access_log=None)
         self._kwargs: dict[str, Any] = {
             "keepalive_timeout": idle_timeout,
             "max_headers": MAX_HEADERS,
@@ -167,3 +170,14 @@ class HTTPServer:
             await asyncio.wait_for(self._server.wait_closed(), grace)
         except TimeoutError:
             pass
+
+
+def _named(handler: Handler) -> Handler:
+    """``handler`` whose answers carry ``Server: threatgate`` (aiohttp adds its own only when there is none)."""
+
+    async def named(request: BaseRequest) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers["Server"] = SERVER
+        return response
+
+    return named
