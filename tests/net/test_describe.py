@@ -84,7 +84,7 @@ async def test_a_name_that_does_not_resolve() -> None:
     ("exc", "text"),
     [
         (TimeoutError(), "timed out"),
-        (asyncio.TimeoutError(), "timed out"),
+        (aiohttp.ServerTimeoutError(), "timed out"),
         (ConnectionResetError(errno.ECONNRESET, "Connection reset by peer"), "Connection reset by peer"),
         (
             OSError(
