@@ -525,16 +525,15 @@ class BalancerService(InstanceOwner):
 
     async def _check_loop(self, inst: Instance) -> None:
         """Active health checks of one instance until it is removed or the balancer stops."""
-        loop = asyncio.get_running_loop()
         while not self._should_exit.is_set() and self.instances.get(inst.key) is inst:
             h = self.config.health
             if inst.state is not InstanceState.MAINT:
-                started = loop.time()
+                started = time.perf_counter()  # not loop.time(): uvloop's is cached per loop iteration (1 ms steps)
                 error = await ping(inst.settings.host, inst.settings.matching_port, h.timeout)
                 if not self._checked(inst):
                     pass  # disabled or removed while the check ran: its result must not count
                 elif error is None:
-                    inst.check_seconds = loop.time() - started
+                    inst.check_seconds = time.perf_counter() - started
                     self._check_passed(inst)
                     if inst.state is InstanceState.UP and not inst.connected:
                         await inst.connect(h.timeout)
