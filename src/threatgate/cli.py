@@ -83,7 +83,9 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
         click.echo(f"threatgate: cluster: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except (OSError, sqlite3.Error) as exc:
-        click.echo(f"threatgate: {what} failed: {exc}", err=True)
+        from threatgate.net.describe import describe
+
+        click.echo(f"threatgate: {what} failed: {describe(exc)}", err=True)
         sys.exit(1)
 
 

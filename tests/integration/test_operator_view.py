@@ -16,6 +16,8 @@ import platform
 import re
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import urllib.request
 from collections.abc import Iterator
@@ -337,7 +339,23 @@ def test_every_metric_a_log_line_names_exists(deployment: Deployment) -> None:
     assert not missing, missing
 
 
-# -- item 6: no software versions in answers -------------------------------------------------------------------
+# -- item 6: no Python internals, no software versions ---------------------------------------------------------
+
+
+def test_a_node_whose_port_is_taken_says_so_in_words(tmp_path: Path) -> None:
+    """asyncio's text is ``[Errno 98] error while attempting to bind on address ('127.0.0.1', P): ...``."""
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = int(taken.getsockname()[1])
+        config = example_config(tmp_path, port=port)
+        result = subprocess.run(
+            [sys.executable, "-m", "threatgate", "node", "--config", str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    assert result.returncode == 1, result
+    last = result.stderr.strip().splitlines()[-1]
+    assert last == f"threatgate: node failed: cannot listen on 127.0.0.1:{port}: Address already in use", last
 
 
 def test_no_answer_names_python_or_aiohttp(deployment: Deployment) -> None:

@@ -64,6 +64,18 @@ async def test_asyncio_connection_refused_has_no_address_tuple() -> None:
     assert describe(excinfo.value) == "Connection refused"
 
 
+async def test_a_port_in_use_names_the_address_without_a_tuple() -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = int(taken.sockets[0].getsockname()[1])
+    try:
+        with pytest.raises(OSError) as excinfo:
+            await asyncio.start_server(lambda r, w: None, "127.0.0.1", port, reuse_address=True)
+    finally:
+        taken.close()
+    assert "('127.0.0.1'," in str(excinfo.value)  # what would have been printed
+    assert describe(excinfo.value) == f"cannot listen on 127.0.0.1:{port}: Address already in use"
+
+
 async def test_an_untrusted_certificate(tls_port: int) -> None:
     exc = await aiohttp_failure(f"https://127.0.0.1:{tls_port}/", ssl=ssl.create_default_context())
     assert describe(exc) == "TLS: certificate verify failed: unable to get local issuer certificate"

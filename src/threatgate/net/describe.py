@@ -32,6 +32,7 @@ MAX_TEXT = 300
 """Characters of a message kept (a peer's text is not ours to print at any length)."""
 
 _ERRNO = re.compile(r"\[Errno (-?\d+)\]")
+_BIND = re.compile(r"bind on address \('([^']*)', (\d+)")
 _SSL_NOISE = re.compile(r"^\[[A-Z0-9_]+: [A-Z0-9_]+\]\s*|\s*\(_ssl\.c:\d+\)$")
 
 
@@ -69,6 +70,10 @@ def _os_text(exc: OSError) -> str:
         return f"cannot resolve the host name ({exc.strerror})" if exc.strerror else "cannot resolve the host name"
     if exc.errno is not None and exc.errno > 0 and exc.errno in errnos.errorcode:
         text = os.strerror(exc.errno)
+        bind = _BIND.search(exc.strerror or "")  # asyncio: "error while attempting to bind on address ('h', p): ..."
+        if bind:
+            host, port = bind.groups()
+            return f"cannot listen on {f'[{host}]' if ':' in host else host}:{port}: {text}"
         where = exc.filename
         return f"{where}: {text}" if isinstance(where, str) else text
     # asyncio's "Multiple exceptions: [Errno 111] Connect call failed (...), [Errno 99] ..." (every address failed)
