@@ -885,8 +885,19 @@ BAD_INPUT: list[tuple[str, Callable[[Node], Reply], int, str]] = [
     ("asterisk-form", _raw(request_bytes("OPTIONS", "*", headers=("Connection: close",))), 400, "absolute path"),
     # HTTP itself
     ("too-many-headers", _many_headers, 400, "malformed HTTP request"),
-    ("header-too-long", _raw(request_bytes("GET", "/api/1.1/tags", headers=("X-Long: " + "a" * 9000,))), 400, ""),
-    ("bad-request-line", _raw(b"GARBAGE\r\n\r\n"), 400, "malformed HTTP request"),
+    (
+        "header-too-long",
+        _raw(request_bytes("GET", "/api/1.1/tags", headers=("X-Long: " + "a" * 9000,))),
+        400,
+        "malformed HTTP request: a request line or header field longer than 8190 bytes",
+    ),
+    (
+        "request-line-too-long",
+        _raw(request_bytes("GET", "/" + "a" * 9000)),
+        400,
+        "malformed HTTP request: a request line or header field longer than 8190 bytes",
+    ),
+    ("bad-request-line", _raw(b"GARBAGE\r\n\r\n"), 400, "malformed HTTP request: Invalid method encountered"),
     ("bad-content-length", _raw(request_bytes("POST", LOOKUP, headers=("Content-Length: abc",))), 400, "malformed"),
     (
         "content-length-and-chunked",

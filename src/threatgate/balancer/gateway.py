@@ -446,7 +446,7 @@ class Gateway:
         except ValueError as exc:  # a damaged pin file
             raise UpstreamFailed(str(exc)) from None
         except OSError as exc:  # CertDirPath unusable (a file, no permission): never taken for "no pin"
-            raise UpstreamFailed(f"cannot read the reference certificate: {exc}") from None
+            raise UpstreamFailed(f"cannot read the reference certificate: {describe(exc)}") from None
 
     async def forward(
         self,

@@ -113,7 +113,7 @@ async def pin_rows(config: BalancerConfig, probe: bool) -> list[PinRow]:
         try:
             pin = store.load(settings)
         except (ValueError, OSError) as exc:  # a damaged file, or CertDirPath unusable
-            rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {exc}"))
+            rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {describe(exc)}"))
             continue
         row = PinRow(
             settings.key, store.path(settings), pin.fingerprint if pin else "", state="pinned" if pin else "none"

@@ -21,11 +21,13 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
@@ -41,6 +43,8 @@ MAX_LINE = 8190
 """Longest request line or header field in bytes (aiohttp's and Apache's default)."""
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+_QUOTED = re.compile(r"\s*:?\s*(?:bytearray\()?b['\"].*$")
+"""The tail of a parser message that quotes the offending bytes as a Python literal (``b'...'``)."""
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -106,7 +110,7 @@ class _Protocol(RequestHandler):
             self.server.count("internal_error")
             text = "internal error"
         else:
-            reason = (message or (str(exc) if exc else "")).splitlines()[0][:200] if (message or exc) else ""
+            reason = _parse_error(exc, message)
             self.server.count("malformed_request")
             self.server.warn("malformed HTTP request from %s: %s", request.remote, reason)
             text = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
@@ -170,6 +174,15 @@ class HTTPServer:
             await asyncio.wait_for(self._server.wait_closed(), grace)
         except TimeoutError:
             pass
+
+
+def _parse_error(exc: BaseException | None, message: str | None) -> str:
+    """aiohttp's parser error in words: its first line, without the bytes it quotes as Python reprs."""
+    if isinstance(exc, LineTooLong):
+        return f"a request line or header field longer than {MAX_LINE} bytes"
+    text = message or (str(exc) if exc else "")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return _QUOTED.sub("", first).rstrip(": ")[:200]
 
 
 def _named(handler: Handler) -> Handler:
