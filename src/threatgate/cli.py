@@ -173,7 +173,7 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
     """``pins --renew``: fetch what the node presents, show it beside the pin, replace it once confirmed."""
     import asyncio
 
-    from threatgate.balancer.verify import fingerprint_text, presented, save_pin
+    from threatgate.balancer.verify import Renewal, decide_renewal, fingerprint_text, presented, save_pin
     from threatgate.net.describe import describe
 
     wanted = None
@@ -195,18 +195,18 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
     click.echo(f"pin file:  {shown.path}")
     click.echo(f"pinned:    {shown.old or '(none)'}")
     click.echo(f"presented: {shown.new}")
-    if shown.new == shown.old:
+    decision = decide_renewal(shown.old, shown.new, wanted, sys.stdin.isatty())
+    if decision is Renewal.NOTHING:
         click.echo(f"{key} presents its pinned certificate: nothing to renew")
         return
-    if wanted is not None:
-        if wanted != shown.new:
-            click.echo(
-                f"threatgate: {key} presents {shown.new}, not the expected {wanted}: pin not renewed "
-                "(check the node's certificate; someone may be in between)",
-                err=True,
-            )
-            sys.exit(1)
-    elif not sys.stdin.isatty():
+    if decision is Renewal.REFUSE_OTHER:
+        click.echo(
+            f"threatgate: {key} presents {shown.new}, not the expected {wanted}: pin not renewed "
+            "(check the node's certificate; someone may be in between)",
+            err=True,
+        )
+        sys.exit(1)
+    if decision is Renewal.REFUSE_UNCONFIRMED:
         click.echo(
             f"threatgate: pin not renewed: confirm {key}'s new fingerprint out of band (on the node: openssl x509 "
             "-in CERT -noout -fingerprint -sha256) and run again with --expect FINGERPRINT, or run at a terminal "
@@ -214,7 +214,9 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
             err=True,
         )
         sys.exit(EXIT_CONFIG)
-    elif not click.confirm(f"Replace the pin of {key} with the presented certificate?", default=False):
+    if decision is Renewal.ASK and not click.confirm(
+        f"Replace the pin of {key} with the presented certificate?", default=False
+    ):
         click.echo("pin not renewed", err=True)
         sys.exit(1)
     try:

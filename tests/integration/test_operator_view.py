@@ -12,10 +12,14 @@ Every wait is on a log line, a counter or an answer, with a deadline.
 from __future__ import annotations
 
 import ast
+import asyncio
+import os
 import platform
+import pty
 import re
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -25,6 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import trustme
 
 from tests.helpers import (
     EXAMPLES,
@@ -32,6 +37,7 @@ from tests.helpers import (
     BalancerProcess,
     GatewayPorts,
     HTTPSClient,
+    LoopThread,
     NodeProcess,
     balancer_config,
     example_config,
@@ -45,6 +51,7 @@ from tests.helpers import (
     wait_until,
 )
 from threatgate._version import __version__
+from threatgate.net.tls import fingerprint_sha256
 
 SRC = Path(__file__).resolve().parents[2] / "src" / "threatgate"
 URL_HIT = "http://fakess123.nu"  # in examples/feeds/malicious_urls.json
@@ -356,6 +363,64 @@ def test_a_node_whose_port_is_taken_says_so_in_words(tmp_path: Path) -> None:
     assert result.returncode == 1, result
     last = result.stderr.strip().splitlines()[-1]
     assert last == f"threatgate: node failed: cannot listen on 127.0.0.1:{port}: Address already in use", last
+
+
+def test_pins_renew_at_a_terminal_shows_both_fingerprints_and_asks(tmp_path: Path) -> None:
+    """Without --expect, at a terminal: the pin file, the pinned and the presented fingerprints, a question;
+    "n" keeps the pin (exit 1), "y" replaces it."""
+    ca = trustme.CA()
+    pinned, presented = ca.issue_cert("127.0.0.1"), ca.issue_cert("127.0.0.1")
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    presented.configure_cert(context)
+    loop = LoopThread()
+    server = loop.run(asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0, ssl=context))
+
+    async def close() -> None:
+        server.close()
+        await server.wait_closed()
+
+    try:
+        api_port = int(server.sockets[0].getsockname()[1])
+        config = tmp_path / "kl_balancer.conf"
+        gateway_config(config, instances=[(9, api_port)])
+        key = "127.0.0.1:9"
+        pin = tmp_path / "pins" / "127.0.0.1_9.pem"
+        pin.parent.mkdir()
+        pin.write_text(pinned.cert_chain_pems[0].bytes().decode())
+        old, new = (
+            fingerprint_sha256(pinned.cert_chain_pems[0].bytes()),
+            fingerprint_sha256(presented.cert_chain_pems[0].bytes()),
+        )
+
+        def at_terminal(answer: bytes) -> subprocess.CompletedProcess[str]:
+            master, slave = pty.openpty()
+            try:
+                proc = subprocess.Popen(
+                    [sys.executable, "-m", "threatgate", "balancer", "pins", "--config", str(config), "--renew", key],
+                    stdin=slave,
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                )
+                os.write(master, answer + b"\n")  # the terminal holds the line until the question reads it
+                out, err = proc.communicate(timeout=60)
+            finally:
+                os.close(slave)
+                os.close(master)
+            return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
+
+        shown = [f"pin file:  {pin}", f"pinned:    {old}", f"presented: {new}"]
+        question = f"Replace the pin of {key} with the presented certificate? [y/N]: "
+        kept = at_terminal(b"n")
+        assert kept.returncode == 1 and kept.stdout.splitlines() == [*shown, question], kept  # the answer: on the tty
+        assert "pin not renewed" in kept.stderr and fingerprint_sha256(pin.read_bytes()) == old
+        renewed = at_terminal(b"y")
+        assert renewed.returncode == 0, renewed
+        assert renewed.stdout.splitlines() == [*shown, question + f"renewed {pin}: {old} -> {new}"], renewed
+        assert fingerprint_sha256(pin.read_bytes()) == new
+    finally:
+        loop.run(close())
+        loop.close()
 
 
 def test_no_answer_names_python_or_aiohttp(deployment: Deployment) -> None:

@@ -11,6 +11,7 @@ would), and reports status, suppliers, pinned fingerprint and any mismatch.
 from __future__ import annotations
 
 import base64
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -141,6 +142,26 @@ class Presented:
     @property
     def new(self) -> str:
         return fingerprint_sha256(self.der)
+
+
+class Renewal(enum.Enum):
+    """What ``pins --renew`` does with what the node presents (:func:`decide_renewal`)."""
+
+    NOTHING = "nothing"  # it presents its pinned certificate
+    RENEW = "renew"  # it presents the certificate --expect names
+    REFUSE_OTHER = "refuse_other"  # it presents another certificate than --expect names
+    ASK = "ask"  # no --expect, at a terminal: show both and ask
+    REFUSE_UNCONFIRMED = "refuse_unconfirmed"  # no --expect and nobody to ask
+
+
+def decide_renewal(pinned: str, presented: str, expect: str | None, interactive: bool) -> Renewal:
+    """Whether a pin may follow the certificate a node presents now: only once someone confirmed it,
+    by naming its fingerprint (``expect``, learnt on the node itself) or by answering at a terminal."""
+    if presented == pinned:
+        return Renewal.NOTHING
+    if expect is not None:
+        return Renewal.RENEW if expect == presented else Renewal.REFUSE_OTHER
+    return Renewal.ASK if interactive else Renewal.REFUSE_UNCONFIRMED
 
 
 def fingerprint_text(text: str) -> str | None:
