@@ -204,7 +204,7 @@ class ClusterCore:
         """The REST API address (host:port) the Control reported in its heartbeats, None before it has."""
         cid = self.identity.control_id
         if cid == self.identity.node_id:
-            return self.api_address
+            return self.api_address if self.identity.role is Role.CONTROL else None
         view = self.peers.get(cid) if cid is not None else None
         api = (view.status or {}).get("api_address") if view is not None else None
         return api if isinstance(api, str) and api else None
