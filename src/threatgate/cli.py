@@ -85,7 +85,9 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
         click.echo(f"threatgate: cluster: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except (OSError, sqlite3.Error) as exc:
-        click.echo(f"threatgate: {what} failed: {exc}", err=True)
+        from threatgate.net.describe import describe
+
+        click.echo(f"threatgate: {what} failed: {describe(exc)}", err=True)
         sys.exit(1)
 
 
@@ -136,27 +138,28 @@ def balancer_verify(config_path: str, user: str | None, password_stdin: bool) ->
 @click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config.")
 @click.option("--check", is_flag=True, help="Also connect to each node and compare what it presents now.")
 @click.option("--renew", "renew_instance", metavar="INSTANCE", help="Replace this instance's pin (host:matching_port).")
-def balancer_pins(config_path: str, check: bool, renew_instance: str | None) -> None:
-    """List pinned node certificates with fingerprints, or renew one after confirming the new certificate."""
+@click.option(
+    "--expect",
+    metavar="FINGERPRINT",
+    help="With --renew: the SHA-256 the node must present (confirmed out of band); else you are asked.",
+)
+def balancer_pins(config_path: str, check: bool, renew_instance: str | None, expect: str | None) -> None:
+    """List pinned node certificates with fingerprints, or renew one after confirming the new certificate.
+
+    --renew shows the pinned and the presented fingerprints and replaces the pin only when the presented
+    one equals --expect, or, without --expect, when you confirm it at the terminal.  Without a terminal
+    and without --expect nothing is replaced (exit 2): a pin must never follow whatever answers.
+    """
     import asyncio
 
-    from threatgate.balancer.verify import pin_rows, renew
+    from threatgate.balancer.verify import pin_rows
 
     config = _balancer_config(config_path)
     if renew_instance is not None:
-        try:
-            path, old, new = asyncio.run(renew(config, renew_instance))
-        except KeyError as exc:
-            click.echo(f"threatgate: {exc.args[0]}", err=True)
-            sys.exit(EXIT_CONFIG)
-        except (OSError, TimeoutError) as exc:
-            click.echo(f"threatgate: cannot reach {renew_instance}: {exc or type(exc).__name__}", err=True)
-            sys.exit(1)
-        except TLSConfigError as exc:  # the pin cannot be written (CertDirPath)
-            click.echo(f"threatgate: {exc}", err=True)
-            sys.exit(1)
-        click.echo(f"renewed {path}: {old or '(none)'} -> {new}")
+        _renew_pin(config, renew_instance, expect)
         return
+    if expect is not None:
+        raise click.UsageError("--expect goes with --renew")
     rows = asyncio.run(pin_rows(config, probe=check))
     bad = False
     for row in rows:
@@ -166,6 +169,64 @@ def balancer_pins(config_path: str, check: bool, renew_instance: str | None) -> 
         bad = bad or row.state in ("MISMATCH",) or row.state.startswith("unreadable")
         click.echo(line)
     sys.exit(1 if bad else 0)
+
+
+def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> None:
+    """``pins --renew``: fetch what the node presents, show it beside the pin, replace it once confirmed."""
+    import asyncio
+
+    from threatgate.balancer.verify import Renewal, decide_renewal, fingerprint_text, presented, save_pin
+    from threatgate.net.describe import describe
+
+    wanted = None
+    if expect is not None:
+        wanted = fingerprint_text(expect)
+        if wanted is None:
+            raise click.BadParameter(
+                "expected a SHA-256 fingerprint: 64 hex digits, e.g. AB:CD:...", param_hint="--expect"
+            )
+    try:
+        shown = asyncio.run(presented(config, instance))
+    except KeyError as exc:
+        click.echo(f"threatgate: {exc.args[0]}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except (OSError, TimeoutError) as exc:
+        click.echo(f"threatgate: cannot reach {instance}: {describe(exc)}", err=True)
+        sys.exit(1)
+    key = shown.settings.key
+    click.echo(f"pin file:  {shown.path}")
+    click.echo(f"pinned:    {shown.old or '(none)'}")
+    click.echo(f"presented: {shown.new}")
+    decision = decide_renewal(shown.old, shown.new, wanted, sys.stdin.isatty())
+    if decision is Renewal.NOTHING:
+        click.echo(f"{key} presents its pinned certificate: nothing to renew")
+        return
+    if decision is Renewal.REFUSE_OTHER:
+        click.echo(
+            f"threatgate: {key} presents {shown.new}, not the expected {wanted}: pin not renewed "
+            "(check the node's certificate; someone may be in between)",
+            err=True,
+        )
+        sys.exit(1)
+    if decision is Renewal.REFUSE_UNCONFIRMED:
+        click.echo(
+            f"threatgate: pin not renewed: confirm {key}'s new fingerprint out of band (on the node: openssl x509 "
+            "-in CERT -noout -fingerprint -sha256) and run again with --expect FINGERPRINT, or run at a terminal "
+            "to be asked",
+            err=True,
+        )
+        sys.exit(EXIT_CONFIG)
+    if decision is Renewal.ASK and not click.confirm(
+        f"Replace the pin of {key} with the presented certificate?", default=False
+    ):
+        click.echo("pin not renewed", err=True)
+        sys.exit(1)
+    try:
+        path = save_pin(config, shown)
+    except TLSConfigError as exc:  # the pin cannot be written (CertDirPath)
+        click.echo(f"threatgate: {exc}", err=True)
+        sys.exit(1)
+    click.echo(f"renewed {path}: {shown.old or '(none)'} -> {shown.new}")
 
 
 @balancer.command("status")

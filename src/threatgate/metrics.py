@@ -3,19 +3,29 @@
 Incrementing a prometheus-client ``Counter`` takes a lock and a label lookup; per event that would
 cost more than the matching itself.  Components therefore bump attributes of a :class:`NodeStats`
 and a custom collector turns them into metric families when ``/metrics`` is scraped.
+
+Every ``/metrics`` also carries what a Prometheus user expects of any process: prometheus-client's
+process (``process_*``: CPU, memory, file descriptors, start time), platform (``python_info``) and
+garbage-collector (``python_gc_*``) collectors, and ``threatgate_build_info{version,python}`` 1.
 """
 
 from __future__ import annotations
 
+import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from aiohttp import web
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
+from threatgate._version import __version__
 from threatgate.config.common import Address
+
+SERVER = "threatgate"
+"""The ``Server`` header of every HTTP answer threatgate sends: no versions for a scanner to match."""
+
 
 Gauges = dict[str, tuple[str, Callable[[], float]]]
 LabelledGauges = dict[str, tuple[str, str, Callable[[], dict[str, float]]]]
@@ -56,7 +66,8 @@ class NodeStats(BoundaryStats):
     feed_loaded_at: dict[str, int] = field(default_factory=dict)  # enabled feed -> last good load (Unix s, 0 never)
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
-    api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count
+    api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count (probes not included)
+    api_probes: dict[str, int] = field(default_factory=dict)  # /healthz, /readyz -> requests (load balancers)
     lookups: int = 0  # objects looked up through the REST API
     lookup_detections: int = 0
 
@@ -77,6 +88,7 @@ class BalancerStats(BoundaryStats):
     api_requests: dict[str, int] = field(default_factory=dict)  # gateway answers by HTTP status
     api_retries: dict[str, int] = field(default_factory=dict)  # instance key / drift / pin_mismatch -> count
     alerts: dict[str, int] = field(default_factory=dict)  # service alerts received, by name
+    readiness_polls: dict[str, int] = field(default_factory=dict)  # its own /readyz polls of nodes, by result
 
 
 Counters = list[tuple[str, str, int]]  # (name, help, value)
@@ -165,7 +177,13 @@ class StatsCollector(_TableCollector):
                 s.feed_failures,
             ),
             ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
-            ("threatgate_api_requests", "REST API answers, by HTTP status", "status", s.api_requests),
+            (
+                "threatgate_api_requests",
+                "REST API answers, by HTTP status (/healthz and /readyz probes not included)",
+                "status",
+                s.api_requests,
+            ),
+            ("threatgate_api_probes", "Liveness and readiness probes answered, by path", "path", s.api_probes),
         ]
 
     def gauge_tables(self) -> Tables:
@@ -233,18 +251,53 @@ class BalancerCollector(_TableCollector):
             ("threatgate_api_requests", "REST gateway answers, by HTTP status", "status", s.api_requests),
             ("threatgate_gateway_failures", "Gateway upstream failures, by instance or kind", "what", s.api_retries),
             ("threatgate_alerts", "Service alerts received from nodes, by name", "alert", s.alerts),
+            (
+                "threatgate_balancer_readiness_polls",
+                "The balancer's own /readyz polls of instances (not gateway requests), by result",
+                "result",
+                s.readiness_polls,
+            ),
         ]
+
+
+class BuildInfo(Collector):
+    """``threatgate_build_info{version,python}`` 1: which release (and Python) a process runs."""
+
+    def collect(self) -> Iterator[Metric]:
+        info = GaugeMetricFamily(
+            "threatgate_build_info",
+            "Always 1; the labels say which threatgate and Python run",
+            labels=["version", "python"],
+        )
+        info.add_metric([__version__, platform.python_version()], 1)
+        yield info
+
+
+def registry_for(collector: Collector) -> CollectorRegistry:
+    """A registry with ``collector`` and the process, platform, garbage-collector and build-info collectors."""
+    registry = CollectorRegistry()
+    registry.register(collector)
+    registry.register(BuildInfo())
+    ProcessCollector(registry=registry)
+    PlatformCollector(registry=registry)
+    GCCollector(registry=registry)
+    return registry
+
+
+async def _no_server_header(_: web.Request, response: web.StreamResponse) -> None:
+    """Name no software version to whoever scrapes (aiohttp would send ``Server: Python/... aiohttp/...``)."""
+    response.headers["Server"] = SERVER
 
 
 async def start_metrics_server(address: Address, collector: Collector) -> web.AppRunner:
     """Serve ``collector`` as Prometheus text on ``http://address/metrics``; returns the runner to clean up."""
-    registry = CollectorRegistry()
-    registry.register(collector)
+    registry = registry_for(collector)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     app = web.Application()
+    app.on_response_prepare.append(_no_server_header)
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()

@@ -466,3 +466,45 @@ def test_pin_rows_report_missing_pinned_and_unreadable(tmp_path: Path, certs: tu
     Path(config.cert_dir).write_text("a file where the directory should be")
     rows = asyncio.run(pin_rows(config, probe=False))  # type: ignore[arg-type]
     assert all(r.state.startswith("unreadable: ") and "Not a directory" in r.state for r in rows), rows
+
+
+# -- pins --renew: a pin follows a new certificate only once someone confirmed it ---------------------------------
+
+OLD, NEW = "AA:" * 31 + "AA", "BB:" * 31 + "BB"
+
+
+@pytest.mark.parametrize(
+    ("pinned", "expect", "interactive", "decision"),
+    [
+        (NEW, None, False, "nothing"),  # it presents its pin: nothing to confirm
+        (NEW, OLD, False, "nothing"),
+        (OLD, NEW, False, "renew"),  # confirmed out of band
+        (OLD, NEW, True, "renew"),
+        ("", NEW, False, "renew"),  # no pin yet
+        (OLD, OLD, False, "refuse_other"),  # another certificate than the one confirmed: someone in between
+        (OLD, None, True, "ask"),
+        (OLD, None, False, "refuse_unconfirmed"),  # a script: never follow whatever answers
+        ("", None, False, "refuse_unconfirmed"),
+    ],
+)
+def test_decide_renewal(pinned: str, expect: str | None, interactive: bool, decision: str) -> None:
+    from threatgate.balancer.verify import decide_renewal
+
+    assert decide_renewal(pinned, NEW, expect, interactive).value == decision
+
+
+@pytest.mark.parametrize(
+    ("text", "canonical_form"),
+    [
+        (NEW, NEW),
+        (NEW.replace(":", "").lower(), NEW),
+        (" " + NEW.lower() + " ", NEW),
+        (NEW[:-3], None),  # 31 bytes
+        (NEW.replace("B", "G"), None),
+        ("", None),
+    ],
+)
+def test_fingerprint_text(text: str, canonical_form: str | None) -> None:
+    from threatgate.balancer.verify import fingerprint_text
+
+    assert fingerprint_text(text) == canonical_form

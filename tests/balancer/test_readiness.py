@@ -241,8 +241,9 @@ class StandInGateway:
         self.asked: list[tuple[str, str, str]] = []
 
     async def forward(
-        self, inst: Instance, method: str, path: str, headers: Any, body: bytes, client_timeout: Any
+        self, inst: Instance, method: str, path: str, headers: Any, body: bytes, client_timeout: Any, *, probe: bool
     ) -> Answer:
+        assert probe, "the balancer's own polls are probes, not gateway requests"
         self.asked.append((inst.key, method, path))
         got = self.answers[inst.key]
         if isinstance(got, Exception):
@@ -260,7 +261,9 @@ def make_monitor(*ports: int, readiness: bool = True) -> tuple[ReadinessMonitor,
         s = InstanceSettings(host="127.0.0.1", matching_port=port, api_port=port + 1, api_port_set=True)
         instances[s.key] = Instance(s, rise=1, fall=1, owner=None)  # type: ignore[arg-type]
     health = SimpleNamespace(interval=1.0, timeout=1.0)
-    service = SimpleNamespace(config=SimpleNamespace(readiness=readiness, health=health), instances=instances)
+    service = SimpleNamespace(
+        config=SimpleNamespace(readiness=readiness, health=health), instances=instances, stats=BalancerStats()
+    )
     gateway = StandInGateway()
     return ReadinessMonitor(service, gateway), gateway  # type: ignore[arg-type]
 
@@ -288,6 +291,8 @@ async def test_polls_fill_the_gauges_and_a_mismatch_is_logged_once_each_way(capl
     await monitor.poll()
     monitor.evaluate()
     assert sorted(gateway.asked) == [("127.0.0.1:1", "GET", "/readyz"), ("127.0.0.1:3", "GET", "/readyz")]
+    assert monitor.service.stats.readiness_polls == {"ready": 2}  # counted apart from gateway requests
+    assert monitor.service.stats.api_requests == {}
     samples = scrape(monitor)
     assert samples['threatgate_balancer_instance_settings_revision{instance="127.0.0.1:1"}'] == 4
     assert samples['threatgate_balancer_instance_role{instance="127.0.0.1:1",role="control"}'] == 1
@@ -377,9 +382,9 @@ async def test_the_loop_runs_rounds_until_closed() -> None:
     asked = asyncio.Event()
     forward = gateway.forward
 
-    async def forward_and_tell(*args: Any) -> Answer:
+    async def forward_and_tell(*args: Any, **kwargs: Any) -> Answer:
         asked.set()
-        return await forward(*args)
+        return await forward(*args, **kwargs)
 
     gateway.forward = forward_and_tell  # type: ignore[method-assign]
     monitor.start()

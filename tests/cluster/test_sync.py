@@ -200,6 +200,7 @@ def test_control_hearing_a_higher_epoch_steps_down() -> None:
     a = core("a", "abc", role=Role.CONTROL, applied=doc(4, 1))
     assert a.check_write(4, 0.0).revision == 4
     b = core("b", "abc", role=Role.CONTROL, epoch=2, control="b", applied=doc(5, 2))
+    b.api_address = "b.example:8443"  # its REST API, told in every heartbeat
     decision = a.observe(nid("b"), b.status(1.0), 1.0)
     assert decision.step_down and decision.persist
     assert decision.push_to is None
@@ -209,7 +210,9 @@ def test_control_hearing_a_higher_epoch_steps_down() -> None:
     with pytest.raises(ClusterError) as excinfo:
         a.check_write(4, 1.0)
     assert "this node is a Secondary" in str(excinfo.value)
-    assert f"(the Control node is {addr('b')})" in str(excinfo.value)
+    assert str(excinfo.value).endswith(
+        f"send it to the Control node's REST API at https://b.example:8443 (cluster port {addr('b')})"
+    )
 
 
 def test_stepped_down_control_no_longer_pushes() -> None:
@@ -465,11 +468,29 @@ def test_secondary_cannot_change_members() -> None:
         b.add_member(member("d"))
     assert str(excinfo.value) == (
         "cannot add a member: this node is a Secondary; settings change only on the Control "
-        f"(the Control node is {addr('a')})"
+        f"(the Control node's cluster port is {addr('a')}; its REST API address is not known yet)"
     )
     with pytest.raises(ClusterError, match="cannot remove a member: this node is a Secondary"):
         b.remove_member(nid("c"))
     assert set(b.identity.members) == {nid("a"), nid("b"), nid("c")}
+
+
+def test_a_secondary_refusing_a_write_names_the_controls_rest_api() -> None:
+    """The 409 a Secondary answers a REST write says where to send it: the Control's API address, which
+    the Control reports in its heartbeats (not only its cluster port, which speaks another protocol)."""
+    nodes = cluster("ab")
+    nodes["a"].api_address = "10.0.0.1:8443"
+    nodes["b"].api_address = "10.0.0.2:8443"
+    assert nodes["b"].control_api is None  # nothing heard yet
+    mesh(nodes, 1.0)
+    assert nodes["b"].control_api == "10.0.0.1:8443" and nodes["a"].control_api == "10.0.0.1:8443"
+    with pytest.raises(ClusterError) as excinfo:
+        nodes["b"].check_write(None, 1.0)
+    assert excinfo.value.status == 409
+    assert str(excinfo.value) == (
+        "cannot change settings: this node is a Secondary; settings change only on the Control: send it to the "
+        f"Control node's REST API at https://10.0.0.1:8443 (cluster port {addr('a')})"
+    )
 
 
 def test_control_cannot_remove_itself() -> None:

@@ -28,6 +28,7 @@ from tests.helpers import (
     running_balancer,
     stream,
     wait_for_log_count,
+    wait_until,
 )
 from tests.integration.test_balancer import (
     STREAM_TIMEOUT,
@@ -334,7 +335,7 @@ def test_connections_that_only_send_flags_cannot_lock_out_a_newcomer(example_nod
         try:
             for h in holders:
                 h.sendall(REPLY_FLAGS + b"\n")
-            wait_for_log_count(balancer, r"client 127\.0\.0\.1 connected", 3)
+            wait_until(lambda: metric(metrics_port, "threatgate_balancer_clients") == 3, "the 3 holders active")
             time.sleep(1.2)  # the holders are now idle for longer than HandshakeTimeout: evictable
             lines = stream(port, REPLY_FLAGS + example_nodes.events)
             assert_answers(answers(lines), example_nodes.reference)

@@ -143,7 +143,10 @@ def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_ref
     for node in (n2, n3):
         reply = put_indicators(node, [stale])
         assert reply.status == 409, (node, reply)
-        assert "Secondary" in reply.body.decode() and n1.address in reply.body.decode()
+        [error] = reply.json()
+        assert "Secondary" in error["status"] and n1.address in error["status"], error
+        # where to send it instead: the Control's REST API (its cluster port speaks another protocol)
+        assert f"send it to the Control node's REST API at https://127.0.0.1:{n1.api_port} " in error["status"], error
     assert same_applied_revision(cluster, revision + 1)
     assert not any(stale in d for node in cluster for d in node.detections(f"url={stale}"))
 
@@ -515,8 +518,13 @@ def test_control_loss_emergency_promotion_and_the_old_control_steps_down(tmp_pat
             )
             me = table["self"]
             assert n1.address in me["emergency"] and "unreachable" in me["emergency"], me
+            # Why, in words: no aiohttp class name, no <ssl.SSLContext object at 0x...>.
+            [row] = [m for m in table["members"] if m["address"] == n1.address]
+            assert not row["reachable"] and row["link_error"] == f"{n1.address}: cannot connect: Connection refused"
             # Matching goes on with the last applied settings; settings are frozen.
             node.assert_matches("BEFORE")
+        shown = n2.cli("status").stdout
+        assert f"UNREACHABLE: {n1.address}: cannot connect: Connection refused" in shown, shown
         result = refused.communicate_result()
         assert result.returncode == 2 and "cannot change settings" in result.stderr, result
 

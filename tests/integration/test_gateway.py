@@ -776,10 +776,15 @@ def test_a_failed_read_is_retried_and_a_write_failing_on_one_node_is_reported_as
             results = {r["instance"]: r for r in report["results"]}
             assert results[a.key]["status"] == 201 and results[a.key]["body"][0]["name"] == name
             assert results[key]["status"] == 0 and results[key]["error"]
-            gateway.proc.wait_for_log(
+            drift = gateway.proc.wait_for_log(
                 r"ERR threatgate\.gateway: write POST /api/1\.1/suppliers reached the nodes unevenly; "
-                "they have drifted apart",
+                "they have drifted apart: (.*)",
                 after=mark,
+            )
+            # each node's part in words, no Python list or dict
+            cut = "the connection was closed before the whole answer arrived|Connection reset by peer"
+            assert re.fullmatch(rf"{re.escape(key)} no answer \(({cut})\); {re.escape(a.key)} HTTP 201", drift[1]), (
+                drift[1]
             )
             assert stand_in.requests[-1].body == b'{"name": "Drifted Apart"}'
             assert name in a.suppliers()
@@ -959,8 +964,9 @@ def test_a_man_in_the_middle_gets_no_request_byte(pinned: Pinned) -> None:
 
 def test_a_new_node_certificate_is_refused_until_the_pin_is_renewed(pinned: Pinned) -> None:
     """The node restarted with a new pair: 500 and no request reaches it; ``balancer verify`` fails and
-    names both fingerprints, ``pins --check`` shows the mismatch; ``pins --renew`` takes the new
-    certificate and the gateway answers 200 again; ``verify`` then succeeds and lists the suppliers."""
+    names both fingerprints, ``pins --check`` shows the mismatch; ``pins --renew`` shows both and replaces
+    the pin only with ``--expect`` naming the presented fingerprint (refused without it, or with another);
+    the gateway then answers 200 again; ``verify`` then succeeds and lists the suppliers."""
     gateway, node = pinned.gateway, pinned.node
     assert pinned.get().status == 200
     pin = gateway.pin(node)
@@ -1001,10 +1007,29 @@ def test_a_new_node_certificate_is_refused_until_the_pin_is_renewed(pinned: Pinn
 
     unknown = threatgate("balancer", "pins", "--config", config, "--renew", "127.0.0.1:1")
     assert unknown.returncode == 2 and f"one of {key}" in unknown.stderr, unknown
-    renewed = threatgate("balancer", "pins", "--config", config, "--renew", key)
+    shown = [f"pin file:  {pin}", f"pinned:    {old}", f"presented: {new}"]
+    # Not confirmed (no terminal to ask at, no --expect): nothing replaced.
+    unconfirmed = threatgate("balancer", "pins", "--config", config, "--renew", key)
+    assert unconfirmed.returncode == 2, unconfirmed
+    assert unconfirmed.stdout.splitlines() == shown
+    assert "pin not renewed" in unconfirmed.stderr and "--expect FINGERPRINT" in unconfirmed.stderr
+    # Another certificate than the one confirmed out of band (a man in the middle): refused.
+    wrong = threatgate("balancer", "pins", "--config", config, "--renew", key, "--expect", old)
+    assert wrong.returncode == 1, wrong
+    assert f"presents {new}, not the expected {old}: pin not renewed" in wrong.stderr
+    assert pin_fingerprint(pin) == old
+    # The fingerprint confirmed (in any spelling: lower case, no colons): renewed.
+    renewed = threatgate(
+        "balancer", "pins", "--config", config, "--renew", key, "--expect", new.replace(":", "").lower()
+    )
     assert renewed.returncode == 0, renewed
-    assert renewed.stdout.strip() == f"renewed {pin}: {old} -> {new}"
+    assert renewed.stdout.splitlines() == [*shown, f"renewed {pin}: {old} -> {new}"]
     assert pin_fingerprint(pin) == new and pin.stat().st_mode & 0o777 == 0o600
+    again = threatgate("balancer", "pins", "--config", config, "--renew", key)
+    assert (
+        again.returncode == 0
+        and again.stdout.splitlines()[-1] == f"{key} presents its pinned certificate: nothing to renew"
+    )
 
     reply = pinned.get()
     assert reply.status == 200, reply
@@ -1017,6 +1042,7 @@ def test_a_new_node_certificate_is_refused_until_the_pin_is_renewed(pinned: Pinn
     ]
     wrong = threatgate("balancer", "verify", "--config", config, "--user", USER, "--password-stdin", stdin="wrong")
     assert wrong.returncode == 1 and f"FAIL {key}  HTTP 401" in wrong.stdout, wrong
+    assert "     HTTP 401: authentication required" in wrong.stdout.splitlines(), wrong  # the node's words, no repr
     checked = threatgate("balancer", "pins", "--config", config, "--check")
     assert checked.returncode == 0, checked
     assert checked.stdout.splitlines() == [f"{key}  match     {new}  {pin}  presented {new}"]
@@ -1066,9 +1092,10 @@ def test_an_instance_whose_certificate_stops_matching_leaves_rest_rotation(
 def test_service_alerts_are_logged_and_forwarded_and_garbage_is_harmless(
     loop_thread: LoopThread, tmp_path: Path, password_hash: str
 ) -> None:
-    """A node's alerts arrive on cybertrace_port: logged at ERR, forwarded one per line.  Binary bytes, a
-    1 MiB line without newline and 100 connections at once crash nothing: the long line is cut once, the
-    connections over the limit are refused, events and PING are served, and the next alert still goes on."""
+    """A node's alerts arrive on cybertrace_port: logged at their severity (news INFO, failures and unknown
+    alerts WARNING, never ERR), forwarded one per line.  Binary bytes, a 1 MiB line without newline and 100
+    connections at once crash nothing: the long line is cut once, the connections over the limit are
+    refused, events and PING are served, and the next alert still goes on."""
     siem = LineCollector(loop_thread)
     ports = GatewayPorts(free_port(), free_port(), free_port())
     try:
@@ -1078,8 +1105,11 @@ def test_service_alerts_are_logged_and_forwarded_and_garbage_is_harmless(
             forward = f"<AlertForwardConnectionString>127.0.0.1:{siem.port}</AlertForwardConnectionString>"
             with running_gateway(tmp_path, [(node.event_port, node.api_port)], extra=forward, ports=ports) as gateway:
                 logged = gateway.proc.wait_for_log(
-                    r"ERR threatgate\.alerts: service alert from 127\.0\.0\.1:\d+: (.*alert=KL_ALERT_ServiceStarted.*)",
+                    r"INF threatgate\.alerts: service alert from 127\.0\.0\.1:\d+: (.*alert=KL_ALERT_ServiceStarted.*)",
                     after=0,
+                )
+                assert re.search(
+                    r"INF threatgate\.alerts: service alert from \S+: .*alert=KL_ALERT_UpdatedFeed", gateway.proc.log()
                 )
                 wait_until(lambda: bool(siem.having("alert=KL_ALERT_ServiceStarted")), "the forwarded ServiceStarted")
                 names = [line.split("alert=", 1)[1].split(" ", 1)[0] for line in siem.lines]
@@ -1095,6 +1125,12 @@ def test_service_alerts_are_logged_and_forwarded_and_garbage_is_harmless(
                 with socket.create_connection(alerts, timeout=10) as s:
                     s.sendall(b"A" * (1 << 20))
                     s.sendall(b"\nNov 21 09:00:00 alert=KL_ALERT_AfterLongLine n=1\n")
+                with socket.create_connection(alerts, timeout=10) as s:
+                    s.sendall(b"Nov 21 09:00:00 alert=KL_ALERT_FailedToUpdateFeed feed=f.json error=truncated\n")
+                for name in ("KL_ALERT_FailedToUpdateFeed", "KL_ALERT_AfterLongLine"):  # a failure; an unknown alert
+                    gateway.proc.wait_for_log(
+                        rf"WAR threatgate\.alerts: service alert from \S+: .*alert={name}", after=0
+                    )
 
                 def refused() -> float:
                     return gateway.metric('threatgate_bad_input_total{reason="alert_connections_refused"}')
@@ -1128,5 +1164,6 @@ def test_service_alerts_are_logged_and_forwarded_and_garbage_is_harmless(
                 assert gateway.metric('threatgate_alerts_total{alert="KL_ALERT_AfterLongLine"}') == 1
                 assert flooded() == len(siem.having("KL_ALERT_Flood"))  # each one counted was forwarded
                 assert any("garbage" in line for line in siem.lines)
+                assert "ERR threatgate.alerts" not in gateway.proc.log()
     finally:
         siem.close()

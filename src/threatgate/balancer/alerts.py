@@ -1,10 +1,10 @@
-"""Service alerts from the nodes on cybertrace_port: logged at err, counted, optionally forwarded.
+"""Service alerts from the nodes on cybertrace_port: logged by severity, counted, optionally forwarded.
 
 Each line a node sends is one alert (its AlertFormat, e.g. ``Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed
-feed=... records=...``).  The balancer logs it at err with the node's address (CyberTrace's Balancer
-logs received service alerts at err), counts it per alert name (``KL_ALERT_*`` found in the line,
-else ``unknown``) and, with ``<AlertForwardConnectionString>``, forwards it to a SIEM through a
-bounded, retrying queue.
+feed=... records=...``).  The balancer logs it with the node's address at the level the node logs it
+at itself (:mod:`threatgate.wire.alerts`: a feed update is INFO, a failure or an alert it does not
+know WARNING), counts it per alert name (``KL_ALERT_*`` found in the line, else ``unknown``) and,
+with ``<AlertForwardConnectionString>``, forwards it to a SIEM through a bounded, retrying queue.
 
 Bounded against garbage and floods, and never in the way of the event path: at most 64 connections,
 lines longer than 64 KiB are cut and counted, log lines are rate-limited per node (the count always
@@ -15,13 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import re
 import time
 from typing import TYPE_CHECKING, cast
 
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
 from threatgate.net.sender import ALERT_QUEUE, LineSender
+from threatgate.wire.alerts import alert_level, alert_name
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -30,7 +30,6 @@ log = logging.getLogger("threatgate.alerts")
 
 MAX_CONNECTIONS = 64
 MAX_LINE = 64 * 1024
-_NAME = re.compile(r"KL_ALERT_[A-Za-z0-9_]{1,64}")
 
 
 LOG_BURST = 100
@@ -115,8 +114,7 @@ class AlertListener:
         line = raw.rstrip(b"\r").decode("utf-8", "replace")
         if not line.strip():
             return
-        found = _NAME.search(line)
-        name = found.group() if found else "unknown"
+        name = alert_name(line)
         stats = self.service.stats
         stats.bump(stats.alerts, name)
         host = peer.rsplit(":", 1)[0]
@@ -126,17 +124,17 @@ class AlertListener:
                 self._buckets.clear()
             bucket = self._buckets[host] = _Bucket()
         if bucket.take():
-            log.error("service alert from %s: %s", peer, line[:2000])
+            log.log(alert_level(name), "service alert from %s: %s", peer, line[:2000])
         else:
             self._flood(f"service alerts from {host} arrive faster than {LOG_RATE}/s; not all are logged (all counted)")
         if self.forward is not None:
             self.forward.send_or_drop((line + "\n").encode("utf-8", "replace"))  # full: counted, logged
 
     def raise_own(self, name: str, **context: object) -> None:
-        """An alert of the balancer itself: logged at WARNING, counted with the nodes' alerts, forwarded
-        (``<date> alert=NAME source=balancer k=v ...``) when AlertForwardConnectionString is set."""
+        """An alert of the balancer itself: logged at its level (a failure: WARNING), counted with the nodes'
+        alerts, forwarded (``<date> alert=NAME source=balancer k=v ...``) when AlertForwardConnectionString is set."""
         detail = " ".join(f"{k}={v}" for k, v in context.items())
-        log.warning("alert %s %s", name, detail)
+        log.log(alert_level(name), "alert %s %s", name, detail)
         self.service.stats.bump(self.service.stats.alerts, name)
         if self.forward is not None:
             date = time.strftime("%b %d %H:%M:%S")

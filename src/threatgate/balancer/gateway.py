@@ -43,6 +43,7 @@ from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import TLSConfigError
 from threatgate.lb.policy import InstanceState
 from threatgate.log import RateLimitedLog
+from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
 from threatgate.wire.paths import PathError, normalize_path, render_path
@@ -390,7 +391,12 @@ class Gateway:
                 report.append({"instance": inst.key, "status": result.status, "body": _json_or_text(result.body)})
             else:
                 report.append({"instance": inst.key, "status": 0, "error": str(result)})
-        log.error("write %s %s reached the nodes unevenly; they have drifted apart: %s", method, path, report)
+        log.error(
+            "write %s %s reached the nodes unevenly; they have drifted apart: %s",
+            method,
+            path,
+            "; ".join(_outcome(inst.key, result) for inst, result in zip(enabled, results, strict=True)),
+        )
         self.service.stats.bump(self.service.stats.api_retries, "drift")
         payload = [
             {"status": "the write succeeded on some instances only; nodes have drifted apart", "results": report}
@@ -420,7 +426,7 @@ class Gateway:
             try:
                 der = await fetch_certificate(inst.settings.host, inst.settings.api_port, 10.0)
             except (OSError, TimeoutError, ssl.SSLError) as exc:
-                raise UpstreamFailed(f"TLS connection failed: {exc or type(exc).__name__}") from None
+                raise UpstreamFailed(f"cannot read its certificate: {describe(exc)}") from None
             try:
                 pin = await asyncio.to_thread(self.pins.save, inst.settings, der)
             except TLSConfigError as exc:  # CertDirPath not writable: this node cannot be used, the others can
@@ -440,7 +446,7 @@ class Gateway:
         except ValueError as exc:  # a damaged pin file
             raise UpstreamFailed(str(exc)) from None
         except OSError as exc:  # CertDirPath unusable (a file, no permission): never taken for "no pin"
-            raise UpstreamFailed(f"cannot read the reference certificate: {exc}") from None
+            raise UpstreamFailed(f"cannot read the reference certificate: {describe(exc)}") from None
 
     async def forward(
         self,
@@ -450,8 +456,13 @@ class Gateway:
         headers: dict[str, str],
         body: bytes,
         client_timeout: aiohttp.ClientTimeout | None = None,
+        *,
+        probe: bool = False,
     ) -> Answer:
         """Send one request to ``inst`` over a pinned connection (``client_timeout``: else UpstreamTimeout).
+
+        ``probe``: the balancer's own ``/readyz`` poll, not a user's request: a pin mismatch it meets
+        takes the instance out of REST rotation all the same, but is not counted as a gateway failure.
 
         Raises:
             PinMismatch: the node presented another certificate (nothing was sent).
@@ -477,13 +488,10 @@ class Gateway:
                 return Answer(resp.status, kept, data)
         except aiohttp.ServerFingerprintMismatch as exc:
             mismatch = PinMismatch(inst, pin.fingerprint, _colon(exc.got))
-            self._refuse(mismatch, pin)
+            self._refuse(mismatch, pin, count=not probe)
             raise mismatch from None
-        except aiohttp.ClientConnectorError as exc:  # its own text shows the Fingerprint object's repr
-            error = exc.os_error
-            raise UpstreamFailed(f"cannot connect: {error.strerror or error or type(error).__name__}") from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:
-            raise UpstreamFailed(str(exc) or type(exc).__name__) from None
+        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # their own texts show Python objects
+            raise UpstreamFailed(describe(exc)) from None
         finally:
             self.inflight[inst.key] -= 1
 
@@ -496,10 +504,11 @@ class Gateway:
             fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
         return fingerprint
 
-    def _refuse(self, exc: PinMismatch, pin: Pin) -> None:
-        """Take the instance out of REST rotation (logged once per refusal, counted every time)."""
+    def _refuse(self, exc: PinMismatch, pin: Pin, *, count: bool = True) -> None:
+        """Take the instance out of REST rotation (logged once per refusal, counted every time but for probes)."""
         inst = exc.instance
-        self.service.stats.bump(self.service.stats.api_retries, "pin_mismatch")
+        if count:
+            self.service.stats.bump(self.service.stats.api_retries, "pin_mismatch")
         why = f"pinned {exc.expected}, presented {exc.got}"
         if self.refused.get(inst.key) == why:
             return
@@ -570,6 +579,15 @@ def _host(host: str) -> str:
 
 def _colon(digest: bytes) -> str:
     return ":".join(f"{b:02X}" for b in digest)
+
+
+def _outcome(key: str, result: Answer | Exception) -> str:
+    """One node's part of a write, for the drift log: ``127.0.0.1:9999 HTTP 409 (why)`` or ``... no answer (why)``."""
+    if not isinstance(result, Answer):
+        return f"{key} no answer ({result})"
+    if result.status < 300:
+        return f"{key} HTTP {result.status}"
+    return f"{key} HTTP {result.status} ({body_text(result.body)})"
 
 
 def _json_or_text(body: bytes) -> Any:

@@ -252,6 +252,15 @@ def _described(view: View) -> str:
     return current.role
 
 
+def _outcome(view: View) -> str:
+    """How one poll went, for ``threatgate_balancer_readiness_polls_total{result}``."""
+    if view.pin_mismatch:
+        return "pin_mismatch"
+    if view.error is not None or view.answer is None:
+        return "failed"
+    return "ready" if view.answer.ready else "not_ready"
+
+
 def short(digest: str | None) -> str:
     return digest[:SHORT] if digest else "-"
 
@@ -273,7 +282,7 @@ async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: ai
     """
     view.pin_mismatch = False
     try:
-        answer = await gateway.forward(inst, "GET", "/readyz", PROBE_HEADERS, b"", client_timeout)
+        answer = await gateway.forward(inst, "GET", "/readyz", PROBE_HEADERS, b"", client_timeout, probe=True)
         view.answer, view.error = parse_readiness(answer.status, answer.body), None
     except PinMismatch as exc:
         view.error = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
@@ -341,6 +350,8 @@ class ReadinessMonitor:
     async def _poll_one(self, inst: Instance, view: View) -> None:
         before = (view.role, view.error is None)
         await probe(self.gateway, inst, view, self._client_timeout())
+        stats = self.service.stats
+        stats.bump(stats.readiness_polls, _outcome(view))
         self._apply(inst, view)
         if (view.role, view.error is None) != before:  # a change, never a line per poll
             current = view.current

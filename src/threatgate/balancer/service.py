@@ -46,7 +46,7 @@ from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import web
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from threatgate import runtime
 from threatgate.balancer.alerts import AlertListener
@@ -102,7 +102,7 @@ class ClientConnection(EventProtocol):
         return False
 
     def on_active(self) -> None:
-        log.info("client %s connected (%s)", self.peer, _describe(self.flags))
+        log.debug("client %s connected (%s)", self.peer, _describe(self.flags))
         if not self.flags.reply_back and self.service.output is None:
             log.warning(
                 "client %s sent no X-KF-ReplyBack and there is no <OutputConnectionString>: "
@@ -111,7 +111,7 @@ class ClientConnection(EventProtocol):
             )
 
     def on_closed(self) -> None:
-        log.info("client %s disconnected", self.peer)
+        log.debug("client %s disconnected", self.peer)
         self.service.client_gone(self)
 
     def deliver(self, data: bytes) -> None:
@@ -469,6 +469,7 @@ class BalancerService(InstanceOwner):
         if lost:
             self.backlog.extendleft(reversed(lost))
             self.stats.redispatched += len(lost)
+            instance.redispatched += len(lost)
             if any(i.state is InstanceState.UP and i is not instance for i in self.instances.values()):
                 log.warning(
                     "instance %s: %d unfinished event(s) sent again to other instances (%s)",
@@ -529,10 +530,12 @@ class BalancerService(InstanceOwner):
         while not self._should_exit.is_set() and self.instances.get(inst.key) is inst:
             h = self.config.health
             if inst.state is not InstanceState.MAINT:
+                started = time.perf_counter()  # not loop.time(): uvloop's is cached per loop iteration (1 ms steps)
                 error = await ping(inst.settings.host, inst.settings.matching_port, h.timeout)
                 if not self._checked(inst):
                     pass  # disabled or removed while the check ran: its result must not count
                 elif error is None:
+                    inst.check_seconds = time.perf_counter() - started
                     self._check_passed(inst)
                     if inst.state is InstanceState.UP and not inst.connected:
                         await inst.connect(h.timeout)
@@ -894,6 +897,32 @@ class _Collector(BalancerCollector):
             for inst in instances:
                 family.add_metric([inst.key], float(value(inst)))
             yield family
+        for name, doc, attribute in (
+            (
+                "threatgate_balancer_instance_dispatched",
+                "Events sent to the instance (redispatches to it included)",
+                "dispatched",
+            ),
+            ("threatgate_balancer_instance_answered", "Events the instance answered", "finished"),
+            (
+                "threatgate_balancer_instance_redispatched",
+                "Events the instance owed that were sent again elsewhere after it failed",
+                "redispatched",
+            ),
+        ):
+            counter = CounterMetricFamily(name, doc, labels=["instance"])
+            for inst in instances:
+                counter.add_metric([inst.key], getattr(inst, attribute))
+            yield counter
+        check = GaugeMetricFamily(
+            "threatgate_balancer_instance_check_seconds",
+            "Round trip of the instance's last passed health check (connect, PING, PONG), in seconds",
+            labels=["instance"],
+        )
+        for inst in instances:
+            if inst.check_seconds is not None:
+                check.add_metric([inst.key], inst.check_seconds)
+        yield check
         yield from service.readiness.families()
 
 

@@ -15,6 +15,7 @@ from typing import cast
 from threatgate.config.balancer import InstanceSettings
 from threatgate.lb.health import Health
 from threatgate.lb.policy import InstanceState
+from threatgate.net.describe import describe, printable
 from threatgate.wire.flags import PONG, SessionFlags
 
 log = logging.getLogger("threatgate.balancer")
@@ -88,8 +89,10 @@ class Instance:
         self.connecting = False
         self.last_progress = 0.0  # loop time of the last finished event (or of the first dispatch)
         self.last_write = 0.0  # loop time of the last bytes written to the event connection
-        self.dispatched = 0
-        self.finished = 0
+        self.dispatched = 0  # events sent to it (redispatches to it included)
+        self.finished = 0  # events it answered (their LookupFinished arrived)
+        self.redispatched = 0  # events it owed that were sent again elsewhere after it failed
+        self.check_seconds: float | None = None  # round trip of its last passed health check (connect to PONG)
         self.latency = 0.0  # moving average of dispatch-to-finish seconds of its oldest events
         self.suspect_since: float | None = None  # overdue: its events were re-sent; no new ones while others can
         self.suspects = 0  # times it was found overdue
@@ -137,7 +140,7 @@ class Instance:
                 connect_timeout,
             )
         except (OSError, TimeoutError) as exc:
-            self.owner.instance_failed(self, f"event connection failed: {exc or type(exc).__name__}")
+            self.owner.instance_failed(self, f"event connection failed: {describe(exc)}")
             return
         finally:
             self.connecting = False
@@ -169,7 +172,7 @@ class Instance:
     def on_connection_lost(self, protocol: UpstreamProtocol, exc: Exception | None) -> None:
         if protocol is self.protocol:
             self.protocol = None
-            self.owner.instance_failed(self, f"event connection lost: {exc or 'closed by the node'}")
+            self.owner.instance_failed(self, f"event connection lost: {describe(exc) if exc else 'closed by the node'}")
 
 
 class InstanceOwner:
@@ -199,10 +202,10 @@ async def ping(host: str, port: int, check_timeout: float) -> str | None:
     except TimeoutError:
         return f"no PONG within {check_timeout:.0f} s"
     except OSError as exc:
-        return f"cannot connect: {exc.strerror or exc}"
+        return f"cannot connect: {describe(exc)}"
     finally:
         if writer is not None:
             writer.close()
     if not data.startswith(PONG):
-        return f"answered {data[:20]!r} instead of PONG"
+        return f"answered {printable(data, 20)} instead of PONG"
     return None

@@ -10,8 +10,8 @@ would), and reports status, suppliers, pinned fingerprint and any mismatch.
 
 from __future__ import annotations
 
-import asyncio
 import base64
+import enum
 import json
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +19,8 @@ from typing import Any
 from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed, fetch_certificate
 from threatgate.balancer.pins import PinStore
 from threatgate.balancer.upstream import Instance
-from threatgate.config.balancer import BalancerConfig
+from threatgate.config.balancer import BalancerConfig, InstanceSettings
+from threatgate.net.describe import body_text, describe
 from threatgate.net.tls import fingerprint_sha256
 
 
@@ -82,7 +83,7 @@ async def verify(config: BalancerConfig, user: str | None, password: str | None)
                 verdict.suppliers = [str(s.get("name")) for s in body if isinstance(s, dict)]
                 verdict.ok = True
             else:
-                verdict.problem = f"HTTP {answer.status}: {str(body)[:200]}"
+                verdict.problem = f"HTTP {answer.status}: {body_text(answer.body)}"
             out.append(verdict)
     finally:
         await gateway.close()
@@ -113,7 +114,7 @@ async def pin_rows(config: BalancerConfig, probe: bool) -> list[PinRow]:
         try:
             pin = store.load(settings)
         except (ValueError, OSError) as exc:  # a damaged file, or CertDirPath unusable
-            rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {exc}"))
+            rows.append(PinRow(settings.key, store.path(settings), "", state=f"unreadable: {describe(exc)}"))
             continue
         row = PinRow(
             settings.key, store.path(settings), pin.fingerprint if pin else "", state="pinned" if pin else "none"
@@ -124,19 +125,59 @@ async def pin_rows(config: BalancerConfig, probe: bool) -> list[PinRow]:
                 if pin is not None:
                     row.state = "match" if row.presented == pin.fingerprint else "MISMATCH"
             except (OSError, TimeoutError) as exc:
-                row.presented = f"unreachable ({exc or type(exc).__name__})"
+                row.presented = f"unreachable ({describe(exc)})"
         rows.append(row)
     return rows
 
 
-async def renew(config: BalancerConfig, instance: str) -> tuple[str, str, str]:
-    """Replace the pin of ``instance`` (its key ``host:matching_port`` or host) with what it presents now.
+@dataclass(frozen=True, slots=True)
+class Presented:
+    """What an instance presents now, next to its pin: what ``pins --renew`` shows before replacing it."""
 
-    Returns (path, old fingerprint or "", new fingerprint).
+    settings: InstanceSettings
+    path: str
+    old: str  # the pinned fingerprint, "" when there is no (readable) pin
+    der: bytes
+
+    @property
+    def new(self) -> str:
+        return fingerprint_sha256(self.der)
+
+
+class Renewal(enum.Enum):
+    """What ``pins --renew`` does with what the node presents (:func:`decide_renewal`)."""
+
+    NOTHING = "nothing"  # it presents its pinned certificate
+    RENEW = "renew"  # it presents the certificate --expect names
+    REFUSE_OTHER = "refuse_other"  # it presents another certificate than --expect names
+    ASK = "ask"  # no --expect, at a terminal: show both and ask
+    REFUSE_UNCONFIRMED = "refuse_unconfirmed"  # no --expect and nobody to ask
+
+
+def decide_renewal(pinned: str, presented: str, expect: str | None, interactive: bool) -> Renewal:
+    """Whether a pin may follow the certificate a node presents now: only once someone confirmed it,
+    by naming its fingerprint (``expect``, learnt on the node itself) or by answering at a terminal."""
+    if presented == pinned:
+        return Renewal.NOTHING
+    if expect is not None:
+        return Renewal.RENEW if expect == presented else Renewal.REFUSE_OTHER
+    return Renewal.ASK if interactive else Renewal.REFUSE_UNCONFIRMED
+
+
+def fingerprint_text(text: str) -> str | None:
+    """``AB:CD:...`` (64 hex digits; colons, spaces and case as one likes) in the form threatgate prints, else None."""
+    digits = "".join(c for c in text if c not in ": ").upper()
+    if len(digits) != 64 or any(c not in "0123456789ABCDEF" for c in digits):
+        return None
+    return ":".join(digits[i : i + 2] for i in range(0, 64, 2))
+
+
+async def presented(config: BalancerConfig, instance: str) -> Presented:
+    """The certificate ``instance`` (its key ``host:matching_port`` or host) presents now, and its pin.
 
     Raises:
-        KeyError: no such instance in the config.
-        OSError: the node cannot be reached.
+        KeyError: no such instance in the config (or more than one by that host).
+        OSError, TimeoutError: the node cannot be reached.
     """
     matches = [s for s in config.instances if instance in (s.key, s.host)]
     if len(matches) != 1:
@@ -149,5 +190,13 @@ async def renew(config: BalancerConfig, instance: str) -> tuple[str, str, str]:
     except (ValueError, OSError):  # damaged or unreadable: replaced all the same (or the save says why not)
         old = None
     der = await fetch_certificate(settings.host, settings.api_port, 10.0)
-    new = await asyncio.to_thread(store.save, settings, der)
-    return new.path, old.fingerprint if old else "", new.fingerprint
+    return Presented(settings, store.path(settings), old.fingerprint if old else "", der)
+
+
+def save_pin(config: BalancerConfig, shown: Presented) -> str:
+    """Make what ``shown`` presented the instance's pin (blocking); its path.
+
+    Raises:
+        TLSConfigError: the pin cannot be written (CertDirPath).
+    """
+    return PinStore(config.cert_dir).save(shown.settings, shown.der).path

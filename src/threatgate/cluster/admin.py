@@ -24,6 +24,7 @@ from threatgate.cluster.transport import PeerClient
 from threatgate.config.node import ClusterSettings, NodeConfig
 from threatgate.config.xml import read_xml
 from threatgate.errors import ClusterError, SettingsRejected
+from threatgate.net.describe import body_text, describe
 
 
 def _cluster(config: NodeConfig) -> ClusterSettings:
@@ -93,9 +94,10 @@ async def join(config: NodeConfig, control: str, token: str, fingerprint: str, a
             403,
         ) from None
     except (aiohttp.ClientError, TimeoutError, OSError, ValueError) as exc:  # kept: it may have been recorded
-        raise ClusterError(f"cannot reach the Control at {control}: {exc}", 503) from None
+        why = "its answer is not JSON" if isinstance(exc, ValueError) else describe(exc)
+        raise ClusterError(f"cannot reach the Control at {control}: {why}", 503) from None
     if status != 200 or not isinstance(answer, dict):
-        detail = answer.get("error") if isinstance(answer, dict) else answer
+        detail = body_text(answer)
         _discard(state.path, fresh)
         raise ClusterError(f"the Control refused the join ({status}): {detail}", status if status >= 400 else 502)
     raw = answer["identity"]
@@ -134,8 +136,7 @@ class LocalNode:
         finally:
             await client.aclose()
         if status >= 400:
-            detail = answer.get("error") if isinstance(answer, dict) else answer
-            raise ClusterError(str(detail), status)
+            raise ClusterError(body_text(answer) if answer is not None else f"HTTP {status}", status)
         return answer
 
     def run(self, method: str, path: str, body: Any = None) -> Any:

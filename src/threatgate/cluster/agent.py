@@ -51,12 +51,13 @@ from threatgate.cluster.settings import (
 from threatgate.cluster.state import StateDir
 from threatgate.cluster.sync import ClusterCore, Decision, Identity, Member, Role
 from threatgate.cluster.transport import MAX_BODY, PeerClient, cluster_server_context, request_fingerprint
-from threatgate.config.common import parse_address
+from threatgate.config.common import Address, parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ClusterError, ConfigError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges
+from threatgate.net.describe import body_text
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import RequestError, check_state
@@ -179,6 +180,7 @@ class ClusterAgent:
         )
         await self.server.start()
         self.bound_port = self.server.bound_port
+        self.core.api_address = self._api_address()
         ident = self.identity
         log.info(
             "cluster %s: node %s is %s at epoch %d on %s:%d, settings %s",
@@ -197,6 +199,18 @@ class ClusterAgent:
             await self.backend.start()
             log.info("cluster settings and Control election in etcd at %s", ", ".join(self.settings.etcd.endpoints))
         self._task = asyncio.get_running_loop().create_task(self._heartbeat_loop())
+
+    def _api_address(self) -> str | None:
+        """host:port of this node's REST API as other hosts reach it: its listen host, or, when that is a
+        wildcard, the host of its cluster address (a Secondary's 409 names it)."""
+        http, server = self.node.config.http, self.node.http
+        if http is None or server is None:
+            return None
+        host = http.listen.host
+        if host in ("0.0.0.0", "::", ""):
+            advertised = self.identity.address
+            host = advertised[1:].partition("]")[0] if advertised.startswith("[") else advertised.rpartition(":")[0]
+        return str(Address(host, server.bound_port))
 
     async def _first_revision(self) -> SettingsDocument:
         """A new cluster's revision 1: the Control's own shared settings and suppliers."""
@@ -272,7 +286,7 @@ class ClusterAgent:
             return
         if status != 200 or not isinstance(body, dict) or not isinstance(body.get("status"), dict):
             self.core.failed(member.node_id, f"heartbeat answered {status}")
-            self.warn("heartbeat to %s answered %d: %s", member.address, status, str(body)[:200])
+            self.warn("heartbeat to %s answered %d: %s", member.address, status, body_text(body))
             return
         await self._observed(member.node_id, body["status"])
 

@@ -37,6 +37,7 @@ from typing import Any, Literal, TypedDict
 import aiohttp
 
 from threatgate.errors import EtcdError
+from threatgate.net.describe import body_text, describe, printable
 
 log = logging.getLogger("threatgate.cluster")
 
@@ -232,20 +233,17 @@ class _Refused(EtcdError):
 
 
 def _describe(exc: BaseException) -> str:
-    """A one-line reason for an aiohttp/asyncio failure (some have an empty str())."""
-    text = str(exc)
-    if isinstance(exc, TimeoutError) and not text:
-        return "timed out"
-    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__
+    """A one-line reason for an aiohttp/asyncio failure, in words (never the exception's class or repr)."""
+    return describe(exc)
 
 
 def _load(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
     except ValueError as exc:
-        raise _Unavailable(f"not a JSON answer: {raw[:80]!r}") from exc
+        raise _Unavailable(f"not a JSON answer: {printable(raw, 80)}") from exc
     if not isinstance(body, dict):
-        raise _Unavailable(f"not a JSON object: {raw[:80]!r}")
+        raise _Unavailable(f"not a JSON object: {printable(raw, 80)}")
     return body
 
 
@@ -287,7 +285,7 @@ class _JsonLines:
                 _stream_error(body, "stream")
                 result = body.get("result")
                 if not isinstance(result, dict):
-                    raise _Unavailable(f"stream message without result: {line[:80]!r}")
+                    raise _Unavailable(f"stream message without result: {printable(line, 80)}")
                 return result
             chunk = await self._stream.readany()
             if not chunk:
@@ -510,7 +508,9 @@ class EtcdClient:
                 async with asyncio.timeout(self._timeout):
                     first = await lines.next()
                 if first is None or not first.get("created"):
-                    raise _Unavailable(f"watch not created: {first!r}")
+                    raise _Unavailable(
+                        f"watch not created: {body_text(first) if first is not None else 'the stream ended'}"
+                    )
             except (_Unavailable, aiohttp.ClientError, TimeoutError) as exc:
                 if response is not None:
                     response.close()

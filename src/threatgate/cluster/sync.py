@@ -144,6 +144,7 @@ class ClusterCore:
         self.refused_sha256 = ""  # ... that very document: another one of that number is still taken
         self.window = heartbeat * fall
         self.started = now
+        self.api_address: str | None = None  # host:port of this node's REST API, sent in every heartbeat
         self.peers: dict[str, PeerView] = {}
         self._sync_members()
 
@@ -198,6 +199,16 @@ class ClusterCore:
         member = self.identity.members.get(cid)
         return member.address if member is not None else None
 
+    @property
+    def control_api(self) -> str | None:
+        """The REST API address (host:port) the Control reported in its heartbeats, None before it has."""
+        cid = self.identity.control_id
+        if cid == self.identity.node_id:
+            return self.api_address if self.identity.role is Role.CONTROL else None
+        view = self.peers.get(cid) if cid is not None else None
+        api = (view.status or {}).get("api_address") if view is not None else None
+        return api if isinstance(api, str) and api else None
+
     def status(self, now: float) -> dict[str, Any]:
         """This node's own row, as sent in every heartbeat."""
         ident = self.identity
@@ -209,6 +220,7 @@ class ClusterCore:
             "epoch": ident.epoch,
             "control_id": ident.control_id,
             "control_address": self.control_address,
+            "api_address": self.api_address,
             "received": self.received.as_json() if self.received else None,
             "applied": self.applied_mark.as_json() if self.applied_mark else None,
             "error": self.last_error,
@@ -394,8 +406,13 @@ class ClusterCore:
 
     def _require_control(self, what: str) -> None:
         if self.identity.role is not Role.CONTROL:
-            where = self.control_address
-            hint = f" (the Control node is {where})" if where else ""
+            where, api = self.control_address, self.control_api
+            if api:
+                hint = f": send it to the Control node's REST API at https://{api} (cluster port {where})"
+            elif where:
+                hint = f" (the Control node's cluster port is {where}; its REST API address is not known yet)"
+            else:
+                hint = ""
             raise ClusterError(f"cannot {what}: this node is a Secondary; settings change only on the Control{hint}")
 
     def check_write(self, base: int | None, now: float) -> SettingsDocument:

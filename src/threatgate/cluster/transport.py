@@ -21,6 +21,7 @@ import aiohttp
 from aiohttp.web_request import BaseRequest
 
 from threatgate.errors import ClusterError
+from threatgate.net.describe import describe
 from threatgate.net.tls import fingerprint_sha256, server_context
 
 MAX_BODY = 256 * 1024 * 1024
@@ -107,7 +108,7 @@ class PeerClient:
                 payload = await resp.read()
                 status = resp.status
         except (aiohttp.ClientError, TimeoutError, OSError, ssl.SSLError) as exc:
-            raise ClusterError(f"{address}: {type(exc).__name__}: {exc}".rstrip(": "), 503) from None
+            raise ClusterError(f"{address}: {describe(exc)}", 503) from None
         if not payload:
             return status, None
         try:

@@ -12,6 +12,8 @@ What this module adds to aiohttp:
    ``header_timeout`` seconds is dropped (slowloris).  aiohttp's keep-alive timer already closes
    connections that stay idle (``idle_timeout``); the body timeout is applied by the handler
    while it reads the body.
+3. Every answer says ``Server: threatgate`` (:data:`threatgate.metrics.SERVER`), never aiohttp's
+   ``Python/3.x aiohttp/3.y``: versions are for a scanner to match against known flaws, not for clients.
 """
 
 from __future__ import annotations
@@ -19,16 +21,19 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import re
 import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
+from aiohttp.http_exceptions import LineTooLong
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
+from threatgate.metrics import SERVER
 
 log = logging.getLogger("threatgate.http")
 
@@ -38,6 +43,8 @@ MAX_LINE = 8190
 """Longest request line or header field in bytes (aiohttp's and Apache's default)."""
 
 Handler = Callable[[BaseRequest], Awaitable[web.StreamResponse]]
+_QUOTED = re.compile(r"\s*:?\s*(?:bytearray\()?b['\"].*$")
+"""The tail of a parser message that quotes the offending bytes as a Python literal (``b'...'``)."""
 
 
 def json_error(status: int, message: str, headers: dict[str, str] | None = None) -> web.Response:
@@ -103,11 +110,11 @@ class _Protocol(RequestHandler):
             self.server.count("internal_error")
             text = "internal error"
         else:
-            reason = (message or (str(exc) if exc else "")).splitlines()[0][:200] if (message or exc) else ""
+            reason = _parse_error(exc, message)
             self.server.count("malformed_request")
             self.server.warn("malformed HTTP request from %s: %s", request.remote, reason)
             text = f"malformed HTTP request: {reason}" if reason else "malformed HTTP request"
-        response = json_error(status, text)
+        response = json_error(status, text, {"Server": SERVER})
         response.force_close()
         return response
 
@@ -130,7 +137,7 @@ class HTTPServer:
         self.count = count
         self.warn = RateLimitedLog(log)
         self._ssl = ssl_context
-        self._web = web.Server(handler, access_log=None)
+        self._web = web.Server(_named(handler), access_log=None)
         self._kwargs: dict[str, Any] = {
             "keepalive_timeout": idle_timeout,
             "max_headers": MAX_HEADERS,
@@ -167,3 +174,23 @@ class HTTPServer:
             await asyncio.wait_for(self._server.wait_closed(), grace)
         except TimeoutError:
             pass
+
+
+def _parse_error(exc: BaseException | None, message: str | None) -> str:
+    """aiohttp's parser error in words: its first line, without the bytes it quotes as Python reprs."""
+    if isinstance(exc, LineTooLong):
+        return f"a request line or header field longer than {MAX_LINE} bytes"
+    text = message or (str(exc) if exc else "")
+    first = text.strip().splitlines()[0] if text.strip() else ""
+    return _QUOTED.sub("", first).rstrip(": ")[:200]
+
+
+def _named(handler: Handler) -> Handler:
+    """``handler`` whose answers carry ``Server: threatgate`` (aiohttp adds its own only when there is none)."""
+
+    async def named(request: BaseRequest) -> web.StreamResponse:
+        response = await handler(request)
+        response.headers["Server"] = SERVER
+        return response
+
+    return named

@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import LabelledGauges
+from threatgate.net.describe import describe
 
 log = logging.getLogger("threatgate.net")
 
@@ -299,7 +300,7 @@ class LineSender:
                 await self._disconnect()
                 if self._closing:
                     return False
-                error = str(exc) or type(exc).__name__
+                error = describe(exc)
                 if self.retries is not None and attempts >= self.retries:
                     lines, size = self.queue.settle()
                     self._dropped(lines, size, RETRIES_EXHAUSTED, f"{attempts + 1} attempt(s), last: {error}")

@@ -33,6 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from threatgate.errors import TLSConfigError
+from threatgate.net.describe import describe
 
 log = logging.getLogger("threatgate.tls")
 
@@ -133,7 +134,8 @@ def server_context(cert_path: str, key_path: str) -> ssl.SSLContext:
     try:
         ctx.load_cert_chain(cert_path, key_path)
     except (ssl.SSLError, OSError) as exc:
-        raise TLSConfigError(f"cannot load TLS certificate {cert_path} with key {key_path}: {exc}") from None
+        why = describe(exc).removeprefix("TLS: ")  # "key values mismatch", not "[SSL: ...] ... (_ssl.c:3926)"
+        raise TLSConfigError(f"cannot load TLS certificate {cert_path} with key {key_path}: {why}") from None
     return ctx
 
 

@@ -44,6 +44,8 @@ log = logging.getLogger("threatgate.api")
 VERSIONS = {"1.0": 10, "1.1": 11, "1.2": 12}
 """API versions served; ``v.1.1`` (the spelling of the balancer seed texts) is accepted as ``1.1``."""
 JSON_TYPES = ("application/json", "application/*", "*/*")
+PROBES = (("healthz",), ("readyz",))
+"""The unauthenticated liveness and readiness paths (normalised segments), counted apart from user requests."""
 PATH_CACHE_SIZE = 1024
 
 Result = tuple[int, Any]
@@ -115,12 +117,25 @@ class NodeAPI:
     # -- entry point --------------------------------------------------------------------------
 
     async def handle(self, request: BaseRequest) -> web.StreamResponse:
-        response = await self._handle(request)
-        self.node.stats.bump(self.node.stats.api_requests, str(response.status))
+        """Answer one request; count it in ``api_requests`` by status, or, a probe, in ``api_probes`` by path.
+
+        Probes are load balancers' polls (a balancer asks every node's ``/readyz`` each health-check
+        interval), not user requests: counted apart, they do not drown the requests users send.
+        """
+        stats = self.node.stats
+        segments = self._segments(request.raw_path)
+        if isinstance(segments, web.Response):
+            response: web.StreamResponse = segments
+        elif segments in PROBES:
+            stats.bump(stats.api_probes, "/" + segments[0])
+            return self._probe(request, segments[0])
+        else:
+            response = await self._handle(request, segments)
+        stats.bump(stats.api_requests, str(response.status))
         return response
 
-    async def _handle(self, request: BaseRequest) -> web.StreamResponse:
-        raw_path = request.raw_path
+    def _segments(self, raw_path: str) -> tuple[str, ...] | web.Response:
+        """The normalised path (cached: clients repeat their paths), or the 400 answer to one that does not."""
         segments = self._paths.get(raw_path)
         if segments is None:
             try:
@@ -131,10 +146,11 @@ class NodeAPI:
             if len(self._paths) >= PATH_CACHE_SIZE:
                 self._paths.clear()
             self._paths[raw_path] = segments
+        return segments
+
+    async def _handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse:
         if segments[:1] == ("ioc_exports",):
             return await self.node.exports.handle(request, segments)
-        if segments in (("healthz",), ("readyz",)):
-            return self._probe(request, segments[0])
         if segments == ("api", "openapi.json"):
             return await self._openapi_json(request) if await self._authenticated(request) else unauthorized()
         if len(segments) < 2 or segments[0] != "api":

@@ -10,7 +10,11 @@ A task (``<IoCExports><IoCExport .../>``) names the feeds or suppliers it takes 
 
 Format (CyberTrace's): ``Content-Type: text/csv``, ``Content-Disposition: attachment;filename=<name>.csv``,
 a ``#col1<delim>col2`` header line when ``create_header`` is true, then rows with every value quoted.
-FalsePositive snapshots are never exported unless a task names them: they are not threat indicators.
+
+An export lists what the node detects, so what the FalsePositive supplier suppresses in matching is
+left out (:class:`FalsePositives`): a feed's indicator whose lookup the matcher would answer "false
+positive" is not in the file (an ``InternalTI`` one is, as it still detects).  FalsePositive snapshots
+themselves are never exported unless a task names them: they are not threat indicators.
 """
 
 from __future__ import annotations
@@ -28,7 +32,8 @@ from aiohttp.web_request import BaseRequest
 from threatgate.config.node import IoCExportSettings
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node.auth import BasicAuth
-from threatgate.node.feeds import FeedSnapshot, indicator_of
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, mask_matches, url_host
+from threatgate.node.normalize import parse_ip
 
 if TYPE_CHECKING:
     from threatgate.node.service import NodeService
@@ -45,8 +50,97 @@ def _selected(task: IoCExportSettings, snap: FeedSnapshot) -> bool:
     return not task.sources or s.category in task.sources or s.name in task.sources
 
 
+class FalsePositives:
+    """What the FalsePositive supplier suppresses, decided as the matcher decides it (matcher.py rule 4).
+
+    The matcher looks a value up and, when a FalsePositive record matches that value too, drops every hit
+    but InternalTI ones.  So an exported indicator is suppressed when looking up its own value would meet
+    a FalsePositive record: an exact record of that value, a mask covering the URL, a sub-domain record of
+    one of the domain's suffixes, a CIDR holding the address (for a URL, also its host as a domain or IP).
+    A pattern record (CIDR, sub-domain record, mask) is suppressed when every value it covers is: a
+    FalsePositive record of the same pattern or, for CIDRs and sub-domain records, a wider one.
+    Blocking (reads the FalsePositive records back); built per export from the snapshots in use.
+    """
+
+    def __init__(self, snapshots: list[FeedSnapshot]) -> None:
+        self.exact: set[tuple[int, str]] = set()  # (kind, value) of URL, domain, IP and hash records
+        self.suffixes: set[str] = set()  # domains whose sub-domains are marked
+        self.cidrs: set[tuple[int, int, int]] = set()  # (ip version, prefix length, network)
+        self.masks: set[str] = set()
+        for snap in snapshots:
+            if snap.settings.supplier != "FalsePositive":
+                continue
+            for record_no in range(len(snap.offsets)):
+                record = snap.read_record(record_no)
+                indicator = indicator_of(record) if record is not None else None
+                if indicator is not None:
+                    self._add(indicator)
+
+    def _add(self, indicator: Indicator) -> None:
+        if indicator.kind == Kind.DOMAIN_SUFFIX:
+            self.suffixes.add(indicator.value)
+        elif indicator.kind == Kind.CIDR and indicator.cidr is not None:
+            self.cidrs.add(indicator.cidr)
+        elif indicator.kind == Kind.MASK:
+            self.masks.add(indicator.value)
+        else:
+            self.exact.add((indicator.kind, indicator.value))
+
+    def __bool__(self) -> bool:
+        return bool(self.exact or self.suffixes or self.cidrs or self.masks)
+
+    def suppresses(self, indicator: Indicator) -> bool:
+        """Whether the matcher would answer a lookup of ``indicator`` "false positive" (see the class)."""
+        kind, value = indicator.kind, indicator.value
+        if kind == Kind.HASH:
+            return (kind, value) in self.exact
+        if kind == Kind.IP:
+            return self._ip(value)
+        if kind == Kind.DOMAIN:
+            return self._domain(value)
+        if kind == Kind.URL:
+            return self._url(value)
+        if kind == Kind.DOMAIN_SUFFIX:
+            return self._suffix_marked(value)
+        if kind == Kind.CIDR and indicator.cidr is not None:
+            return self._cidr_marked(*indicator.cidr)
+        return kind == Kind.MASK and value in self.masks
+
+    def _ip(self, value: str) -> bool:
+        if (Kind.IP, value) in self.exact:
+            return True
+        parsed = parse_ip(value)
+        if parsed is None:
+            return False
+        version, number = parsed
+        return self._cidr_marked(version, 32 if version == 4 else 128, number)  # the address as a /32 or /128
+
+    def _cidr_marked(self, version: int, plen: int, net: int) -> bool:
+        """A FalsePositive CIDR holds every address of ``version/plen/net`` (the same network or a wider one)."""
+        return any(v == version and p <= plen and net >> (plen - p) == n for v, p, n in self.cidrs)
+
+    def _domain(self, value: str) -> bool:
+        return (Kind.DOMAIN, value) in self.exact or self._suffix_marked(value)
+
+    def _suffix_marked(self, value: str) -> bool:
+        """``value`` or one of its parent domains is a FalsePositive sub-domain record."""
+        labels = value.split(".")
+        return any(".".join(labels[i:]) in self.suffixes for i in range(len(labels)))
+
+    def _url(self, value: str) -> bool:
+        if (Kind.URL, value) in self.exact or any(mask_matches(m, value) for m in self.masks):
+            return True
+        host = url_host(value)
+        if not host:
+            return False
+        if host[-1:].isdigit() or host.startswith("["):
+            return self._ip(host.strip("[]"))
+        return self._domain(host)
+
+
 def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> bytes:
     """The CSV body of ``task`` over ``snapshots`` (blocking: reads records back from feed files)."""
+    false_positives = FalsePositives(snapshots)
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter=task.delimiter, quoting=csv.QUOTE_ALL, lineterminator="\n")
     if task.create_header:
@@ -65,6 +159,9 @@ def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> byt
             indicator = indicator_of(record)
             if indicator is None:
                 continue
+            if false_positives and settings.supplier not in ("FalsePositive", "InternalTI"):
+                if false_positives.suppresses(indicator):
+                    continue
             row = []
             for name in task.fields:
                 if name == "indicator":

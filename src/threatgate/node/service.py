@@ -49,6 +49,7 @@ from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
+from threatgate.wire.alerts import alert_level
 from threatgate.wire.framing import FramedEvent, Framer
 
 if TYPE_CHECKING:
@@ -99,12 +100,7 @@ class Alerts:
     def raise_alert(self, name: str, **context: object) -> None:
         self._stats.bump(self._stats.alerts, name)
         detail = " ".join(f"{k}={v}" for k, v in context.items())
-        level = (
-            logging.WARNING
-            if any(w in name for w in ("Failed", "Partially", "Unavailable", "Error", "Emergency", "Dropped"))
-            else logging.INFO
-        )
-        log.log(level, "alert %s %s", name, detail)
+        log.log(alert_level(name), "alert %s %s", name, detail)
         if self.sender is None or self._template is None:
             return
         fields = {
@@ -221,7 +217,12 @@ class NodeService:
             if n:
                 s.bump(s.bad_input, reason, n)
                 setattr(f, reason, 0)
-                self.warn_input("bad input on the event port: %s (%d event(s)); see threatgate_bad_input", reason, n)
+                self.warn_input(
+                    'bad input on the event port: %s (%d event(s)); see threatgate_bad_input_total{reason="%s"}',
+                    reason,
+                    n,
+                    reason,
+                )
 
     # -- detection output ---------------------------------------------------------------------
 
@@ -312,6 +313,7 @@ class NodeService:
             self.stats.reloads += 1
             wanted = {slot for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
             self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
+            self._forget_feed_series({f.name for f in self.config.feeds.feeds if f.enabled})
             gone = set(self._snapshots) - wanted
             if not changed and not gone and self._snapshots:
                 log.debug("feeds.reload.complete reason=%s: nothing changed", reason)
@@ -323,8 +325,9 @@ class NodeService:
             self._snapshots = snapshots
             self.matcher.use_store(store)
             self.store_version += 1
-            for snap in snapshots.values():
-                self.stats.feed_records[snap.name] = snap.report.records
+            loaded = {snap.name: snap.report.records for snap in snapshots.values()}
+            enabled = (f.name for f in self.config.feeds.feeds if f.enabled)
+            self.stats.feed_records = {name: loaded.get(name, 0) for name in enabled}  # 0: no version loaded
             log.info(
                 "feeds loaded (%s): %d indicator(s) from %d feed(s) in %.2f s",
                 reason,
@@ -333,6 +336,13 @@ class NodeService:
                 time.monotonic() - started,
             )
             self._feeds_settled()
+
+    def _forget_feed_series(self, enabled: set[str]) -> None:
+        """Per-feed gauges only for enabled feeds: a feed disabled or removed at SIGHUP leaves no stale series."""
+        s = self.stats
+        s.feed_records = {k: v for k, v in s.feed_records.items() if k in enabled}
+        s.feed_malformed = {k: v for k, v in s.feed_malformed.items() if k in enabled}
+        s.feed_skipped = {k: v for k, v in s.feed_skipped.items() if k in enabled}
 
     def _private_dir(self) -> str | None:
         """Where loaded feed versions keep their private copy: beside the database, else the system temp dir."""
