@@ -666,8 +666,16 @@ def settings_import(config_path: str, base: int | None, yes: bool, source: str) 
         else:
             with open(source, encoding="utf-8") as fh:
                 text = fh.read()
-    except (ConfigError, OSError, UnicodeDecodeError) as exc:
+    except ConfigError as exc:
         click.echo(f"threatgate: cannot import {source}: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    except UnicodeDecodeError as exc:
+        click.echo(f"threatgate: cannot import {source}: not UTF-8 (byte {exc.start})", err=True)
+        sys.exit(EXIT_CONFIG)
+    except OSError as exc:
+        from threatgate.net.describe import describe
+
+        click.echo(f"threatgate: cannot import {source}: {describe(exc)}", err=True)
         sys.exit(EXIT_CONFIG)
     body = {"base": base, "config": text, "source": source}
     preview = _cluster_call(config_path, "POST", "/cluster/v1/admin/import", {**body, "dry_run": True})
