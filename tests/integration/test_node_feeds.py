@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import signal
 import socket
 import threading
 import time
@@ -310,3 +311,23 @@ def test_a_node_started_with_a_broken_feed_is_not_ready_until_the_file_is_fixed(
             assert "Traceback" not in proc.log()
     finally:
         alerts.close()
+
+
+def test_a_feed_that_takes_another_feeds_place_at_a_reload_never_inherits_its_version(node: Node) -> None:
+    """SIGHUP with the URL feed replaced, at its place in the list, by a feed file that does not load:
+    the URL feed's records stop detecting (it is no longer configured) instead of being kept as if they
+    were the new feed's "previous version", and the node is not ready naming the new feed."""
+    assert node.detects(SHARED)
+    broken = node.dir / "feeds" / "broken.json"
+    broken.write_text('[{"url": "http://x.example/"}')  # truncated: never loads
+    config = node.dir / "node.conf"
+    text = config.read_text()
+    old = '<Feed filename="feeds/malicious_urls.json" enabled="true" confidence="100" category="Malicious_URL"/>'
+    assert text.count(old) == 1
+    config.write_text(text.replace(old, old.replace("feeds/malicious_urls.json", "feeds/broken.json")))
+    mark = len(node.proc.log())
+    node.proc.signal(signal.SIGHUP)
+    node.proc.wait_for_log(r"feed broken\.json not loaded \(.*\); no previous version to keep", after=mark)
+    wait_until(lambda: not node.detects(SHARED), "the replaced feed's records to stop detecting")
+    status, body = node.readyz()
+    assert status == 503 and "broken.json" in json.dumps(body), body

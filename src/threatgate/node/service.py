@@ -275,17 +275,21 @@ class NodeService:
         async with self._reload_lock:
             started = time.monotonic()
             changed: dict[int, FeedSnapshot] = {}
+            stale: set[int] = set()  # slots whose snapshot belongs to a feed no longer at that place
             private_dir = self._private_dir()
             for slot, settings in enumerate(self.config.feeds.feeds):
                 if not settings.enabled or (only is not None and slot not in only):
                     continue
                 old = self._snapshots.get(slot)
                 state = self._feed_states.get(slot)
-                loaded_at = state.loaded_at if state is not None else 0.0
+                loaded_at = state.loaded_at if state is not None and state.settings.path == settings.path else 0.0
                 if old is not None and old.settings == settings and old.identity == feed_identity(settings):
                     if state is None or state.error is not None or state.settings != settings:
                         self._feed_states[slot] = FeedState(settings, old.identity, None, loaded_at or time.time())
                     continue
+                if old is not None and old.settings.path != settings.path:
+                    old = None  # another feed's version (the list changed at a reload): never kept for this one
+                    stale.add(slot)
                 tried, result = await asyncio.to_thread(_load, settings, private_dir)
                 if isinstance(result, FeedError):
                     self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
@@ -314,12 +318,12 @@ class NodeService:
             wanted = {slot for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
             self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
             self._forget_feed_series({f.name for f in self.config.feeds.feeds if f.enabled})
-            gone = set(self._snapshots) - wanted
+            gone = (set(self._snapshots) - wanted) | (stale - set(changed))
             if not changed and not gone and self._snapshots:
                 log.debug("feeds.reload.complete reason=%s: nothing changed", reason)
                 self._feeds_settled()
                 return
-            snapshots = {slot: snap for slot, snap in self._snapshots.items() if slot in wanted}
+            snapshots = {slot: snap for slot, snap in self._snapshots.items() if slot in wanted and slot not in stale}
             snapshots.update(changed)
             store = await asyncio.to_thread(IndicatorStore, snapshots)
             self._snapshots = snapshots
