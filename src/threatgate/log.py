@@ -71,6 +71,10 @@ class RateLimitedLog:
         self._last = -1e18
         self._suppressed = 0
 
+    def due(self) -> bool:
+        """Whether the next call would log (else it is only counted): build costly arguments only then."""
+        return time.monotonic() - self._last >= self._interval
+
     def __call__(self, msg: str, *args: object) -> None:
         now = time.monotonic()
         if now - self._last < self._interval:

@@ -331,3 +331,29 @@ def test_a_feed_that_takes_another_feeds_place_at_a_reload_never_inherits_its_ve
     wait_until(lambda: not node.detects(SHARED), "the replaced feed's records to stop detecting")
     status, body = node.readyz()
     assert status == 503 and "broken.json" in json.dumps(body), body
+
+
+def test_a_feed_moved_in_the_list_keeps_its_previous_version(node: Node) -> None:
+    """The botnet feed's file is broken (its previous version kept, the node ready); a SIGHUP adds a feed
+    at the top of the list, so every feed moves one place: the botnet feed still detects with the version
+    it had, and the node stays ready (versions follow their feed file, not their place)."""
+    domain = BOTNET_URL[7:-1]
+    assert node.detects(BOTNET_URL, "Botnet_CnC_Domain", domain)
+    botnet = node.dir / "feeds" / "botnet_domains.json"
+    mark = len(node.proc.log())
+    botnet.write_text('[{"domain": "x.example"}')  # truncated: this version never loads
+    node.proc.wait_for_log(r"feed botnet_domains\.json not loaded \(.*\); keeping the previous version", after=mark)
+    (node.dir / "feeds" / "extra.json").write_text(json.dumps([{"url": NEW, "threat": "Extra"}]))
+    config = node.dir / "node.conf"
+    text = config.read_text()
+    first = '<Feeds update_frequency="0" per_scan_detect_limit="0">'
+    assert text.count(first) == 1
+    extra = '<Feed filename="feeds/extra.json" enabled="true" confidence="50" category="Extra"/>'
+    config.write_text(text.replace(first, first + "\n    " + extra))
+    mark = len(node.proc.log())
+    node.proc.signal(signal.SIGHUP)
+    node.proc.wait_for_log(r"feeds loaded \(SIGHUP\)", after=mark)
+    assert node.detects(NEW, "Extra")
+    assert node.detects(BOTNET_URL, "Botnet_CnC_Domain", domain)  # its previous version, at its new place
+    status, body = node.readyz()
+    assert status == 200, body

@@ -212,15 +212,15 @@ def test_a_malformed_octet_counted_frame_is_counted_logged_and_the_stream_goes_o
     before = metric(target.metrics, "threatgate_bad_input_total", 'reason="bad_frame"')
     mark = target.output.mark()
     log_at = len(target.proc.log())
-    broken = b"0" + EVENTS[2]  # "03 CEF:...": a leading zero is no MSG-LEN
+    broken = b"0" + EVENTS[4]  # "05 CEF:...": a leading zero is no MSG-LEN
     with socket.create_connection(("127.0.0.1", target.proc.port), timeout=DEFAULT_TIMEOUT) as sock:
-        # Two good frames first: detection needs the second header right after the first frame.
-        sock.sendall(octet(*EVENTS[:2]) + broken + octet(*EVENTS[3:]))
+        # Four good frames first: detection needs three whole frames and the next header (PROOF_FRAMES).
+        sock.sendall(octet(*EVENTS[:4]) + broken + octet(*EVENTS[5:]))
         sock.shutdown(socket.SHUT_WR)
         text = target.output.wait(lines_received(len(target.expected)), mark)
     if kind == "node":
-        # The broken frame's event starts with "03 ": its REQ is "03", the others are as sent.
-        want = [f"0{line}" if line.startswith("3 ") else line for line in target.expected]
+        # The broken frame's event starts with "05 ": its REQ is "05", the others are as sent.
+        want = [f"0{line}" if line.startswith("5 ") else line for line in target.expected]
         assert text.splitlines() == want
     else:
         assert text.splitlines() == target.expected

@@ -230,3 +230,46 @@ async def test_a_successor_takes_over_what_a_closing_sender_could_not_deliver() 
         await new.aclose()
         await sink.close()
     assert sorted(got) == sorted(lines(0, 5).splitlines()) and drops == []
+
+
+async def test_a_destination_that_closed_the_connection_gets_the_next_batch_on_a_new_one() -> None:
+    """A destination (a SIEM restarting, an idle timeout) closes the connection after the first batch: the
+    next batch goes over a new connection instead of into the closed socket, where it was silently lost."""
+    received: list[bytes] = []
+    connections = 0
+    first_closed = asyncio.Event()
+    second_line = asyncio.Event()
+
+    async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        nonlocal connections
+        connections += 1
+        if connections == 1:
+            received.append(await reader.readline())
+            writer.close()  # drop the connection after one line
+            await writer.wait_closed()
+            first_closed.set()
+            return
+        while line := await reader.readline():
+            received.append(line)
+            second_line.set()
+        writer.close()
+
+    server = await asyncio.start_server(handle, "127.0.0.1", 0)
+    address = Address("127.0.0.1", server.sockets[0].getsockname()[1])
+    drops: list[Dropped] = []
+    sender = LineSender(address, name="detections", on_drop=drops.append)
+    sender.start()
+    try:
+        assert sender.send(b"one\n")
+        await asyncio.wait_for(first_closed.wait(), 10)
+        for _ in range(100):  # the sender sees the close (its reader gets EOF)
+            if sender._writer is None:
+                break
+            await asyncio.sleep(0.01)
+        assert sender.send(b"two\n")
+        await asyncio.wait_for(second_line.wait(), 10)
+    finally:
+        await sender.aclose()
+        server.close()
+        await server.wait_closed()
+    assert received == [b"one\n", b"two\n"] and connections == 2 and drops == []

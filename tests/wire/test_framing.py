@@ -641,7 +641,11 @@ def test_OctetFramer_next_event_one_at_a_time() -> None:
         (b"url=http://a.example/\n", False, False, "lf"),
         (b"2024-05-01 12:00 event\n", False, False, "lf"),
         (b"0 zero\n", False, False, "lf"),
-        (b"5 hello6 world!", False, False, "octet_counted"),
+        (b"5 hello6 world!", False, False, None),  # two frames: more must confirm them
+        (b"5 hello6 world!3 abc", False, False, None),
+        (b"5 hello6 world!3 abc2 ", False, False, "octet_counted"),  # three frames and a fourth header
+        (b"5 hello6 world!x", False, False, "lf"),  # two headers by chance, then no third: an LF line
+        (b"5 hello6 world!", False, True, "octet_counted"),
         (b"5 hello", False, False, None),  # one frame: the next header (or a pause) must confirm it
         (b"5 hello", True, False, "octet_counted"),
         (b"5 hello", False, True, "octet_counted"),
@@ -704,9 +708,9 @@ def test_AutoFramer_pause_does_not_decide_on_a_partial_line() -> None:
 def test_AutoFramer_stats_object_is_kept_after_detection() -> None:
     framer = AutoFramer()
     stats = framer.stats
-    feed_all(framer, [octet(b"\xff", b"ok") + b"<13>bad\n"])  # type: ignore[arg-type]
+    feed_all(framer, [octet(b"\xff", b"ok", b"x", b"y") + b"<13>bad\n"])  # type: ignore[arg-type]
     assert framer.stats is stats
-    assert (stats.events, stats.invalid_utf8, stats.bad_frame) == (3, 1, 1)
+    assert (stats.events, stats.invalid_utf8, stats.bad_frame) == (5, 1, 1)
     assert "octet_counted" in repr(framer)
 
 
@@ -800,3 +804,13 @@ def test_AutoFramer_lf_streams_unchanged_property(data: bytes, cuts: list[int]) 
         end = header.end() + int(header[1])
         assert end == len(data) or re.match(rb"[1-9][0-9]*( |$)", data[end : end + 10])
         assert got == feed_all(OctetFramer(), [data])  # type: ignore[arg-type]
+
+
+def test_detect_framing_numbered_lf_lines_without_flags_stay_lf() -> None:
+    """A lookup script sending ``<n> <event>`` lines without session flags: no start number from 1 to
+    3,000 makes the numbered example events look octet-counted (one of 100 did, with one proof frame)."""
+    events = [line.split(b" ", 1)[1] for line in (EXAMPLES / "events.txt").read_bytes().splitlines()]
+    for start in range(1, 3001):
+        data = b"".join(b"%d %s\n" % (start + i, events[(start + i) % len(events)]) for i in range(40))
+        assert detect_framing(data, 1 << 20) != "octet_counted", start
+        assert detect_framing(data, 1 << 20, paused=True) == "lf", start

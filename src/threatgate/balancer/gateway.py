@@ -157,6 +157,7 @@ class Gateway:
         self._client_timeout: aiohttp.ClientTimeout | None = None
         self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
         self._rechecked = 0.0
+        self._rechecks: set[asyncio.Task[None]] = set()
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
@@ -197,6 +198,8 @@ class Gateway:
         )
 
     async def close(self) -> None:
+        for task in list(self._rechecks):
+            task.cancel()
         if self.http is not None:
             await self.http.close()
         if self._session is not None:
@@ -535,11 +538,17 @@ class Gateway:
             )
 
     async def _recheck_refused(self) -> None:
-        """Look at refused instances' certificates again (at most every 2 s): a renewed pin or a node that
-        presents the pinned certificate again brings them back without sending a request byte."""
+        """Start a look at refused instances' certificates (at most every 2 s), in the background: a user
+        request never waits for it.  A renewed pin or a node that presents the pinned certificate again
+        brings them back without a request byte sent."""
         if not self.refused or time.monotonic() - self._rechecked < RECHECK_INTERVAL:
             return
         self._rechecked = time.monotonic()
+        task = asyncio.get_running_loop().create_task(self._recheck(), name="pin-recheck")
+        self._rechecks.add(task)
+        task.add_done_callback(self._rechecks.discard)
+
+    async def _recheck(self) -> None:
         for key in list(self.refused):
             inst = self.service.instances.get(key)
             if inst is None:

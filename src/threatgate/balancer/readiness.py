@@ -343,6 +343,8 @@ class ReadinessMonitor:
             view = refresh_view(self.views.get(inst.key) or View(inst.key), inst.settings)
             if view.skip is None and (not only_unknown or (view.answer is None and view.error is None)):
                 asked.append((inst, view))
+            elif view.skip is not None:
+                inst.ready, inst.not_ready_reason = True, ""  # not asked: nothing says it is not ready
             views[inst.key] = view
         self.views = views
         await asyncio.gather(*(self._poll_one(inst, view) for inst, view in asked))
@@ -381,15 +383,18 @@ class ReadinessMonitor:
             inst.max_event_size = current.max_event_size
         reason = (current.reason if current is not None else None) or "not ready"
         if ready != inst.ready:
-            if ready:
+            if ready and inst.ready is not None:
                 log.info("instance %s is ready again: it gets events again", inst.key)
-            else:
+            elif not ready:
                 log.warning(
                     "instance %s is not ready (%s): events go to ready instances while there are any",
                     inst.key,
                     reason,
                 )
+        changed = ready != inst.ready
         inst.ready, inst.not_ready_reason = ready, "" if ready else reason
+        if changed and ready:
+            self.service.dispatch()  # events that waited for its first answer, or for a ready instance
 
     def _client_timeout(self) -> aiohttp.ClientTimeout:
         total = self.service.config.health.timeout

@@ -24,8 +24,8 @@ share stop being read until it drains to half; a client that does not read its r
 
 A hung instance costs at most about a second: an instance that owes events and has answered none for
 longer than its overdue deadline (twice its recent reply latency, at least :data:`OVERDUE_FLOOR`) while
-another instance can take them, and whose oldest event was not sent before (an event is re-sent for
-being overdue once; one that is slow everywhere is left to ReplyTimeout), is *suspect*: its event
+another instance can take them, and whose oldest event was not taken from a slow instance before (an
+event is re-sent for being overdue once; one slow everywhere is left to ReplyTimeout), is *suspect*: its event
 connection is closed (so no late answer can mix with a new one), its events are dispatched again,
 and it gets no new events until a health check passes.  Found overdue ``fall`` times in a row
 without finishing an event, it is DOWN.
@@ -83,6 +83,9 @@ COMPACT_BELOW = 8
 """After a burst, tables are rebuilt once pending events drop below 1/COMPACT_BELOW of their peak."""
 COMPACT_MIN_PEAK = 10_000
 """Peaks smaller than this are not worth a compaction."""
+COMPACT_EVERY = 60.0
+"""Seconds between compactions after bursts of the same size (bursty traffic must not run a full GC each
+second); a burst at least twice the last one's peak compacts at once."""
 
 
 class ClientConnection(EventProtocol):
@@ -145,6 +148,7 @@ class BalancerService(InstanceOwner):
         self.warn_drop = RateLimitedLog(log)
         self.warn_backlog = RateLimitedLog(log)
         self.warn_client_limit = RateLimitedLog(log)
+        self.note_resumed = RateLimitedLog(log, logging.INFO)
         self.warn_no_instance = RateLimitedLog(log)
         self.warn_not_ready = RateLimitedLog(log)
         self.warn_unmatched = RateLimitedLog(log)
@@ -153,6 +157,8 @@ class BalancerService(InstanceOwner):
         self._id_marks: deque[tuple[float, int]] = deque()  # (loop time, first request id submitted after it)
         self._peak_pending = 0
         self._compacted_at = 0  # pending events at the first compaction after a burst (a second one follows)
+        self._compacted_time = -COMPACT_EVERY  # monotonic time of the last first-stage compaction
+        self._compacted_peak = 0  # the peak it followed: a burst at least twice as large compacts at once
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
         self.gateway = Gateway(self)
@@ -380,20 +386,25 @@ class BalancerService(InstanceOwner):
 
     def _pool(self) -> list[Instance]:
         """The instances events may go to now: UP and connected; among them the ready, not suspect ones
-        while there are any, else those not suspect, else any (an answer beats none)."""
+        while there are any; else none while one's readiness is still being asked for the first time (a
+        node whose feed did not load must not get events before it said so); else those not suspect,
+        else any (an answer beats none)."""
         up = [i for i in self.instances.values() if i.state is InstanceState.UP and i.connected]
         if not up:
             return up
         good = [i for i in up if i.ready and i.suspect_since is None]
         if good:
             return good
+        if any(i.ready is None for i in up):
+            return []  # the first /readyz answer is on its way (bounded by the health-check timeout)
         alive = [i for i in up if i.suspect_since is None]
         if alive:
-            self.warn_not_ready(
-                "no ready instance: events go to instance(s) that are not ready (%s); their detections may be "
-                "incomplete",
-                "; ".join(f"{i.key}: {i.not_ready_reason}" for i in alive),
-            )
+            if self.warn_not_ready.due():
+                self.warn_not_ready(
+                    "no ready instance: events go to instance(s) that are not ready (%s); their detections may "
+                    "be incomplete",
+                    "; ".join(f"{i.key}: {i.not_ready_reason}" for i in alive),
+                )
             return alive
         return up
 
@@ -409,7 +420,7 @@ class BalancerService(InstanceOwner):
 
     def _maybe_resume_clients(self) -> None:
         if self._paused_clients and len(self.backlog) <= self.config.max_pending_events // 2:
-            log.info(
+            self.note_resumed(
                 "%d events wait for an instance (under half of MaxPendingEvents %d): %d client(s) resumed",
                 len(self.backlog),
                 self.config.max_pending_events,
@@ -430,9 +441,9 @@ class BalancerService(InstanceOwner):
         if finished:
             owned = instance.owned
             pop = owned.pop
-            sent = None
-            for rid in finished:
-                sent = pop(rid, None)
+            sent = pop(finished[0], None)  # the oldest of this read: what a hang would delay first
+            for rid in finished[1:]:
+                pop(rid, None)
             now = asyncio.get_running_loop().time()
             if sent is not None:
                 instance.observe_latency(now - sent)
@@ -518,6 +529,10 @@ class BalancerService(InstanceOwner):
     def _add_instance(self, settings: Any) -> Instance:
         h = self.config.health
         inst = Instance(settings, rise=h.rise, fall=h.fall, owner=self)
+        if self.config.readiness and settings.api_port_set:
+            inst.ready = None  # its /readyz decides, once asked (at once): no events before unless none is known
+        if not settings.enabled:
+            inst.health.checked = True  # enabled later by SIGHUP: it needs ``rise`` checks like any DOWN one
         self.instances[inst.key] = inst
         return inst
 
@@ -577,7 +592,7 @@ class BalancerService(InstanceOwner):
             i.health.checked for i in self.instances.values() if i.state is not InstanceState.MAINT
         ):
             self._note_availability()  # none came UP at start-up
-        if self._no_instance_since is not None and self.backlog:
+        if self._no_instance_since is not None and self.backlog and now - self._no_instance_since >= 10:
             self.warn_no_instance(
                 "no instance available for %.0f s: %d event(s) wait in the backlog",
                 now - self._no_instance_since,
@@ -605,9 +620,9 @@ class BalancerService(InstanceOwner):
                 continue
             if not any(o is not inst and o.connected and o.suspect_since is None for o in up):
                 continue  # nowhere else to go: ReplyTimeout decides
-            if self.correlator.dispatches(next(iter(inst.owned))) > 1:
-                # Its oldest event was sent before: maybe that event is slow, not the instance (a poison
-                # pill would otherwise make every instance suspect in turn).  ReplyTimeout decides.
+            if self.correlator.was_overdue(next(iter(inst.owned))):
+                # Its oldest event was already taken from a slow instance: maybe that event is slow, not
+                # the instance (a poison pill would otherwise make every instance suspect in turn).
                 continue
             inst.overdue_streak += 1
             inst.suspects += 1
@@ -629,6 +644,7 @@ class BalancerService(InstanceOwner):
                 len(inst.owned),
             )
             inst.close()  # no late answer from this connection can mix with the new owner's
+            self.correlator.mark_overdue(list(inst.owned))
             self._redispatch(inst, "overdue")
 
     def _check_timeouts(self, now: float) -> None:
@@ -639,37 +655,46 @@ class BalancerService(InstanceOwner):
                 self.instance_failed(inst, f"no answer for {self.config.reply_timeout:.0f} s")
 
     def _expire_waiting(self, now: float) -> None:
-        """MaxEventWait: events that waited that long for an instance are answered with an error finished line."""
+        """MaxEventWait: while no instance is UP, events waiting that long since they were submitted are
+        answered with an error finished line (never while an instance can still take them)."""
         wait = self.config.max_event_wait
         marks = self._id_marks
-        marks.append((now, self.correlator.next_id))
         if not wait:
             marks.clear()
             return
+        next_id = self.correlator.next_id
+        if not marks or marks[-1][1] != next_id:
+            marks.append((now, next_id))
         threshold = 0  # events with a lower id were submitted at least ``wait`` seconds ago
-        while marks and marks[0][0] <= now - wait:
-            threshold = marks.popleft()[1]
+        while len(marks) > 1 and marks[1][0] <= now - wait:
+            marks.popleft()
+        if marks and marks[0][0] <= now - wait:
+            threshold = marks[0][1]
         backlog = self.backlog
-        if not threshold or not backlog or min(backlog[0], backlog[-1]) >= threshold:
+        if self._no_instance_since is None or not threshold or not backlog:
+            return
+        if min(backlog[0], backlog[-1]) >= threshold:
             return
         expired = [rid for rid in backlog if rid < threshold]
         if not expired:
             return
-        keep = deque(rid for rid in backlog if rid >= threshold)
-        self.backlog = keep
+        self.backlog = deque(rid for rid in backlog if rid >= threshold)
         corr = self.correlator
         releases: list[Answered] = []
         line = f"{FINISHED} error=no_instance waited={wait:.0f}s"
+        answered = 0
         for rid in expired:
             if corr.is_pending(rid):
                 releases += corr.finish_local_runs(rid, line)
-        self.stats.bump(self.stats.unmatched, "max_event_wait", len(expired))
-        log.warning(
-            "%d event(s) waited %.0f s (MaxEventWait) without an instance to take them: answered with "
-            "error=no_instance, no detections",
-            len(expired),
-            wait,
-        )
+                answered += 1
+        if answered:
+            self.stats.bump(self.stats.unmatched, "max_event_wait", answered)
+            self.warn_unmatched(
+                "%d event(s) waited %.0f s (MaxEventWait) with no instance UP: answered with error=no_instance, "
+                "no detections",
+                answered,
+                wait,
+            )
         self._deliver(releases)
         self._maybe_resume_clients()
 
@@ -677,12 +702,20 @@ class BalancerService(InstanceOwner):
         """After a burst has drained, give its memory back: tables shrink, freed heap returns to the system.
 
         Once when pending events fall under an eighth of the burst's peak, and once more when they fall
-        under an eighth of that (what was still held at the first pass is then freed too).
+        under an eighth of that (what was still held at the first pass is then freed too); at most once a
+        minute for bursts of the same size.
         """
         pending = self.correlator.pending
         self._peak_pending = max(self._peak_pending, pending)
-        if self._peak_pending >= COMPACT_MIN_PEAK and pending * COMPACT_BELOW <= self._peak_pending:
+        now = time.monotonic()
+        if (
+            self._peak_pending >= COMPACT_MIN_PEAK
+            and pending * COMPACT_BELOW <= self._peak_pending
+            and (now - self._compacted_time >= COMPACT_EVERY or self._peak_pending >= 2 * self._compacted_peak)
+        ):
             self._compacted_at = pending
+            self._compacted_time = now
+            self._compacted_peak = self._peak_pending
         elif self._compacted_at and pending * COMPACT_BELOW <= self._compacted_at:
             self._compacted_at = 0
         else:
@@ -849,7 +882,11 @@ class BalancerService(InstanceOwner):
         if self._server is not None:
             self._server.close()
         self.listener.close_all()
-        for task in list(self._checkers.values()) + list(self._tasks):
+        for task in list(self._checkers.values()):
+            task.cancel()
+        if self._tasks:  # a reload's hand-over of an old sender's queue: let it finish (its drops are counted)
+            await asyncio.wait(list(self._tasks), timeout=3.0)
+        for task in list(self._tasks):
             task.cancel()
         for inst in self.instances.values():
             inst.close()

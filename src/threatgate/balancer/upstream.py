@@ -97,7 +97,7 @@ class Instance:
         self.suspect_since: float | None = None  # overdue: its events were re-sent; no new ones while others can
         self.suspects = 0  # times it was found overdue
         self.overdue_streak = 0  # found overdue in a row without finishing an event
-        self.ready = True  # /readyz said ready, or readiness is not polled
+        self.ready: bool | None = True  # /readyz said ready (None: not polled yet), or readiness is not polled
         self.not_ready_reason = ""
         self.max_event_size: int | None = None  # the node's MaxEventSize, from /readyz when it says
 

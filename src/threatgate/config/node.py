@@ -696,6 +696,23 @@ def _read_cluster(node: Node | None, http: HTTPServerSettings | None) -> Cluster
     return build(node, ClusterSettings, data)
 
 
+def read_users(path: str) -> dict[str, str]:
+    """The API users (name -> password hash) of node config ``path``, read alone.
+
+    A running node re-reads its users when the file changes (node/auth.py): only ``<HTTPServer>`` is
+    read, so a feed file briefly missing while a feed updater replaces it cannot keep a user added or
+    removed meanwhile from taking effect.
+
+    Raises:
+        ConfigError: the file is not a node config, or its ``<HTTPServer>`` is invalid.
+    """
+    root = read_xml(path)
+    if root.tag != "Configuration":
+        raise root.error("root element must be <Configuration> for a node config")
+    http = _read_http(root.only("HTTPServer"))
+    return dict(http.users) if http is not None else {}
+
+
 def node_config_from_xml(root: Node) -> NodeConfig:
     """Build a :class:`NodeConfig` from a parsed tree whose root is ``<Configuration>``.
 

@@ -40,7 +40,7 @@ class Drop(enum.Enum):
 class _Entry:
     """One event between submission and release (a plain slotted class: one is made per event)."""
 
-    __slots__ = ("client", "event", "owner", "lines", "finished_line", "dispatches")
+    __slots__ = ("client", "event", "owner", "lines", "finished_line", "dispatches", "overdue")
 
     def __init__(self, client: Hashable, event: str) -> None:
         self.client = client
@@ -49,6 +49,7 @@ class _Entry:
         self.lines: list[str] | None = None  # detection lines, made only when there are some
         self.finished_line: str | None = None  # set once the owner sent LookupFinished
         self.dispatches = 0
+        self.overdue = False  # taken from an instance that was too slow to answer it (re-sent once for that)
 
 
 class Answered(NamedTuple):
@@ -188,6 +189,20 @@ class Correlator:
             out.append(f"{request_id} {entry.event}")
             done.append(request_id)
         return done
+
+    def mark_overdue(self, request_ids: list[int]) -> None:
+        """These events were taken from an instance for being overdue (see :meth:`was_overdue`)."""
+        entries = self._entries
+        for request_id in request_ids:
+            entry = entries.get(request_id)
+            if entry is not None:
+                entry.overdue = True
+
+    def was_overdue(self, request_id: int) -> bool:
+        """Whether ``request_id`` was already taken from an instance for being overdue: a second time
+        would rather mean the event itself is slow everywhere."""
+        entry = self._entries.get(request_id)
+        return entry is not None and entry.overdue
 
     def dispatches(self, request_id: int) -> int:
         entry = self._entries.get(request_id)

@@ -89,7 +89,7 @@ class EventListener:
         timeout = self.limits.idle_timeout
         if not timeout:
             return 0
-        idle = [c for c in self.active if c.outstanding == 0 and now - c.last_active > timeout]
+        idle = [c for c in self.active if c.is_idle(now, timeout)]
         for conn in idle:
             self.stats.bump(self.stats.connections, "idle_timeout")
             conn.close_idle()
@@ -108,7 +108,7 @@ class EventListener:
         Returns the evicted connection, or None when every slot is in real use.
         """
         floor = self.limits.handshake_timeout
-        candidates = [c for c in self.active if c.outstanding == 0 and now - c.last_active >= floor]
+        candidates = [c for c in self.active if c.is_idle(now, floor)]
         if not candidates:
             return None
         victim = min(candidates, key=lambda c: c.last_active)
@@ -208,6 +208,23 @@ class EventProtocol(asyncio.Protocol):
     def keep_open_after_eof(self) -> bool:
         """False: close our side once the replies are written (the node answers synchronously)."""
         return False
+
+    def is_idle(self, now: float, seconds: float) -> bool:
+        """Sent nothing for ``seconds``, waits for no answer, and is not just held back by us.
+
+        A connection we stopped reading (its replies unread, a full backlog or output queue) may be
+        sending all along: it is not idle, and closing it would lose what it sent.  One already closing
+        is not counted again.
+        """
+        transport = self.transport
+        return (
+            self.outstanding == 0
+            and not self._paused_by
+            and now - self.last_active >= seconds
+            and transport is not None
+            and not transport.is_closing()
+            and not transport.get_write_buffer_size()
+        )
 
     def close_idle(self) -> None:
         """Close a connection that sends nothing (idle timeout or eviction): nothing is owed to it."""

@@ -49,6 +49,11 @@ DETECTION_QUEUE = (16 * 1024 * 1024, 100_000)
 ALERT_QUEUE = (1024 * 1024, 10_000)
 """Bound of a service-alert queue: 1 MiB or 10,000 lines."""
 
+WRITE_TIMEOUT = 30.0
+"""Seconds a batch may take to leave (the destination reading nothing, a dropped NAT flow): then the
+attempt failed, is retried, and after the retries its lines are dropped and counted, instead of every
+client with detections waiting for the kernel's TCP retransmission limit (about 15 minutes)."""
+
 
 @dataclass(frozen=True, slots=True)
 class Dropped:
@@ -151,6 +156,7 @@ class LineSender:
         self.queue = LineQueue(max_queue_bytes, max_queue_lines)
         self._wakeup = asyncio.Event()
         self._writer: asyncio.StreamWriter | None = None
+        self._reader_task: asyncio.Task[None] | None = None
         self._task: asyncio.Task[None] | None = None
         self._drain_waiters: list[Callable[[], None]] = []
         self._closing = False
@@ -256,16 +262,24 @@ class LineSender:
             reader, writer = await asyncio.wait_for(
                 asyncio.open_connection(self.address.host, self.address.port), self.connect_timeout
             )
-            asyncio.get_running_loop().create_task(self._discard(reader))
             self._writer = writer
+            self._reader_task = asyncio.get_running_loop().create_task(self._discard(reader, writer))
             log.info("%s: connected to %s", self.name, self.address)
+        elif self._writer.transport.is_closing():
+            await self._disconnect()  # the destination closed it: a batch written there would be lost
+            return await self._connect()
         return self._writer
 
-    @staticmethod
-    async def _discard(reader: asyncio.StreamReader) -> None:
+    async def _discard(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        """Read and drop what the destination sends; when it closes the connection, forget the writer so
+        the next batch goes over a new connection instead of into a socket nobody reads."""
         with contextlib.suppress(OSError):
             while await reader.read(65536):
                 pass
+        if self._writer is writer:
+            log.info("%s: %s closed the connection; reconnecting for the next batch", self.name, self.address)
+            self._writer = None
+            writer.close()
 
     async def _disconnect(self) -> None:
         writer, self._writer = self._writer, None
@@ -294,7 +308,7 @@ class LineSender:
             try:
                 writer = await self._connect()
                 writer.write(batch)
-                await writer.drain()
+                await asyncio.wait_for(writer.drain(), WRITE_TIMEOUT)
             except (TimeoutError, OSError) as exc:
                 self.failures += 1
                 await self._disconnect()

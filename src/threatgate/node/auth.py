@@ -345,6 +345,7 @@ class NodeUsers:
         """A config reload or cluster settings put ``users`` in force (a new cache only if they differ)."""
         self._generation += 1
         self.path = path
+        self._seen = None  # the reload may have read an older version of the file: look at it again
         if users_change(self.auth.users, users):
             self.auth = BasicAuth(users)
 

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from threatgate import runtime
-from threatgate.config.node import FeedSettings, NodeConfig, load_node_config
+from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
@@ -177,7 +177,7 @@ class NodeService:
         self.auth = NodeUsers(
             _users(config),
             path=None if config.cluster else config.path,
-            read=lambda path: _users(load_node_config(path)),
+            read=read_users,
             count=lambda reason: self.stats.bump(self.stats.bad_input, reason),
         )
         self.db: SupplierDB | None = None
@@ -277,25 +277,39 @@ class NodeService:
             changed: dict[int, FeedSnapshot] = {}
             stale: set[int] = set()  # slots whose snapshot belongs to a feed no longer at that place
             private_dir = self._private_dir()
-            for slot, settings in enumerate(self.config.feeds.feeds):
+            feeds = self.config.feeds.feeds  # one list for the whole reload, whatever a SIGHUP does meanwhile
+            # Versions follow their feed file, not its place in the list: a feed moved by an edit keeps its
+            # version, and a feed put at another feed's place never inherits that feed's version.
+            by_path = {snap.settings.path: snap for snap in self._snapshots.values()}
+            states_by_path = {st.settings.path: st for st in self._feed_states.values()}
+            for slot, settings in enumerate(feeds):
                 if not settings.enabled or (only is not None and slot not in only):
                     continue
                 old = self._snapshots.get(slot)
+                moved = False
+                if old is None or old.settings.path != settings.path:
+                    if old is not None:
+                        stale.add(slot)
+                    old = by_path.get(settings.path)
+                    moved = old is not None
                 state = self._feed_states.get(slot)
-                loaded_at = state.loaded_at if state is not None and state.settings.path == settings.path else 0.0
+                if state is None or state.settings.path != settings.path:
+                    state = states_by_path.get(settings.path)
+                loaded_at = state.loaded_at if state is not None else 0.0
                 if old is not None and old.settings == settings and old.identity == feed_identity(settings):
-                    if state is None or state.error is not None or state.settings != settings:
+                    if state is None or state.error is not None or state.settings != settings or moved:
                         self._feed_states[slot] = FeedState(settings, old.identity, None, loaded_at or time.time())
+                    if moved:
+                        changed[slot] = old
                     continue
-                if old is not None and old.settings.path != settings.path:
-                    old = None  # another feed's version (the list changed at a reload): never kept for this one
-                    stale.add(slot)
                 tried, result = await asyncio.to_thread(_load, settings, private_dir)
                 if isinstance(result, FeedError):
                     self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
                     self.stats.bump(self.stats.feed_failures, settings.name)
                     log.error("feed %s not loaded (%s); %s", settings.name, result, _kept(old))
                     self.alerts.raise_alert("KL_ALERT_FailedToUpdateFeed", feed=settings.name, error=str(result))
+                    if moved and old is not None:
+                        changed[slot] = old  # its previous version, at its new place
                     continue
                 snap = result
                 self._feed_states[slot] = FeedState(settings, tried, None, time.time())
@@ -315,9 +329,9 @@ class NodeService:
                     )
                 self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=settings.name, records=rep.records)
             self.stats.reloads += 1
-            wanted = {slot for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
+            wanted = {slot for slot, f in enumerate(feeds) if f.enabled}
             self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
-            self._forget_feed_series({f.name for f in self.config.feeds.feeds if f.enabled})
+            self._forget_feed_series({f.name for f in feeds if f.enabled})
             gone = (set(self._snapshots) - wanted) | (stale - set(changed))
             if not changed and not gone and self._snapshots:
                 log.debug("feeds.reload.complete reason=%s: nothing changed", reason)
@@ -402,7 +416,15 @@ class NodeService:
                 await self._watch_once(watch)
             except Exception:  # a watch bug must never take the node down
                 log.exception("feed file watch failed; trying again in %.0f s", WATCH_INTERVAL)
-            await self.auth.check()  # <Users> edited in the file apply without a reload (node/auth.py NodeUsers)
+
+    async def _watch_users(self) -> None:
+        """<Users> edited in the file apply without a reload (node/auth.py NodeUsers); a loop of its own,
+        so a long feed reload never delays a removed user's refusal."""
+        while not self._should_exit.is_set():
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._should_exit.wait(), WATCH_INTERVAL)
+            if not self._should_exit.is_set():
+                await self.auth.check()
 
     async def _watch_once(self, watch: FeedWatch[int]) -> None:
         feeds = {slot: f for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
@@ -671,12 +693,21 @@ class NodeService:
         if self.db is not None:
             self._spawn(self._expire_loop())
         self._spawn(self._watch_feeds())
+        self._spawn(self._watch_users())
+        loop = asyncio.get_running_loop()
+        armed, due = 0, 0.0  # the UpdateFrequency the schedule runs on, and when its next reload is
         while not self._should_exit.is_set():
-            minutes = self.config.feeds.update_frequency
-            timeout = minutes * 60 if minutes else None
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), timeout)
-            if not self._should_exit.is_set():
+                await asyncio.wait_for(self._should_exit.wait(), 1.0)
+            minutes = self.config.feeds.update_frequency  # a SIGHUP may change it, from or to 0
+            if self._should_exit.is_set() or not minutes:
+                armed = 0
+                continue
+            now = loop.time()
+            if minutes != armed:
+                armed, due = minutes, now + minutes * 60
+            elif now >= due:
+                due = now + minutes * 60
                 await self._reload_logged("schedule")
 
     async def _reload_logged(self, reason: str, only: Collection[int] | None = None) -> None:
