@@ -177,7 +177,7 @@ def test_with_no_instance_events_wait_then_get_an_error_finished_line(tmp_path: 
         assert lines == ["LookupFinished error=no_instance waited=2s"] * 2
         assert 1.5 <= waited < 10
         assert exchange(port, PING) == b"PONG"
-        balancer.wait_for_log(r"2 event\(s\) waited 2 s \(MaxEventWait\) without an instance")
+        balancer.wait_for_log(r"2 event\(s\) waited 2 s \(MaxEventWait\) with no instance UP")
         assert metric(metrics_port, "threatgate_balancer_unmatched_events_total", 'reason="max_event_wait"') == 2
 
 
@@ -359,13 +359,15 @@ def test_connections_that_only_send_flags_cannot_lock_out_a_newcomer(example_nod
 
 def test_a_client_that_never_reads_is_paused_alone(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
     """A client floods events and never reads: past MaxPendingEventsPerClient only that client stops being
-    read; another client is served at once and is never paused."""
+    read; another client is served at once and is never paused.  Held back by us (not reading it, its
+    answers unread), the flooding client is not "idle": IdleTimeout never closes it."""
     port, metrics_port = free_ports(2)
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
         port=port,
         instances=example_nodes.ports,
         extra="<MaxPendingEventsPerClient>2000</MaxPendingEventsPerClient><MaxInflightEvents>200</MaxInflightEvents>"
+        "<IdleTimeout>2</IdleTimeout>"
         f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
     )
     flood = REPLY_FLAGS + example_nodes.events * 40_000  # 280,000 events, about 11 MB of answers
@@ -389,6 +391,8 @@ def test_a_client_that_never_reads_is_paused_alone(example_nodes: Examples, tmp_
             assert time.monotonic() - started < 5
         assert metric(metrics_port, "threatgate_connections_total", 'outcome="paused_client_limit"') >= 1
         assert "pausing clients" not in balancer.log()
+        time.sleep(2.5)  # longer than IdleTimeout since the hog last sent anything the balancer read
+        assert metric(metrics_port, "threatgate_connections_total", 'outcome="idle_timeout"') == 0
 
 
 def test_a_node_closes_idle_connections_but_never_the_balancers(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
