@@ -921,7 +921,7 @@ class _Collector(BalancerCollector):
             (
                 "threatgate_balancer_instance_ready",
                 "1 when the instance's /readyz says ready (or is not polled)",
-                lambda i: i.ready,
+                lambda i: i.ready is True,
             ),
             (
                 "threatgate_balancer_instance_pin_refused",
