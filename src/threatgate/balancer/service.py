@@ -42,7 +42,7 @@ import logging
 import random
 import time
 from collections import deque
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from aiohttp import web
@@ -911,7 +911,7 @@ class _Collector(BalancerCollector):
         service = self._service
         instances = sorted(service.instances.values(), key=lambda i: i.key)
         refused = service.gateway.refused
-        for name, doc, value in (
+        per_instance: list[tuple[str, str, Callable[[Instance], float]]] = [
             ("threatgate_balancer_instance_up", "1 when the instance is UP", lambda i: i.state is InstanceState.UP),
             (
                 "threatgate_balancer_instance_suspect",
@@ -929,7 +929,8 @@ class _Collector(BalancerCollector):
                 lambda i: i.key in refused,
             ),
             ("threatgate_balancer_instance_inflight", "Events the instance owes answers for", lambda i: len(i.owned)),
-        ):
+        ]
+        for name, doc, value in per_instance:
             family = GaugeMetricFamily(name, doc, labels=["instance"])
             for inst in instances:
                 family.add_metric([inst.key], float(value(inst)))
