@@ -63,6 +63,7 @@ class NodeStats(BoundaryStats):
     feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
     feed_skipped: dict[str, int] = field(default_factory=dict)  # feed -> unsupported records skipped, last load
     feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
+    feed_read_failures: dict[str, int] = field(default_factory=dict)  # feed -> records not read back (lost hits)
     feed_loaded_at: dict[str, int] = field(default_factory=dict)  # enabled feed -> last good load (Unix s, 0 never)
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
@@ -175,6 +176,12 @@ class StatsCollector(_TableCollector):
                 "Feed loads that failed (previous version kept)",
                 "feed",
                 s.feed_failures,
+            ),
+            (
+                "threatgate_feed_read_failures",
+                "Records that could not be read back from a loaded feed version: their detections were lost",
+                "feed",
+                s.feed_read_failures,
             ),
             ("threatgate_alerts", "Service alerts raised, by name", "alert", s.alerts),
             (

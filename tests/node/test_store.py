@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -366,3 +367,30 @@ def test_Matcher_lookup_mask_record_read_back_as_another_mask_is_no_hit(tmp_path
     assert refs(out) == [(0, 0, "mask")]
     damage_record(snap, b"evil.example/payload/*", b"good.example/payload/*")
     assert Matcher(config, store).lookup(RuleType.URL, "http://evil.example/payload/x.js") == []
+
+
+def test_a_record_that_cannot_be_read_back_is_counted(tmp_path: Path, config: NodeConfig) -> None:
+    """A damaged private copy (a disk error) loses the detection: never silently, the snapshot counts it."""
+    snap = write_feed(tmp_path / "u.json", [{"url": "http://evil.example/a"}])
+    assert snap.read_failures == 0
+    damage_record(snap, b'"url":', b'"url" ')
+    assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
+    assert snap.read_failures == 1
+
+
+async def test_the_node_counts_and_logs_records_it_could_not_read_back(
+    tmp_path: Path, config: NodeConfig, caplog: pytest.LogCaptureFixture
+) -> None:
+    from threatgate.node.service import NodeService
+
+    node = NodeService(config)
+    snap = write_feed(tmp_path / "u.json", [{"url": "http://evil.example/a"}])
+    node._snapshots = {0: snap}  # noqa: SLF001 - the loaded versions, as reload_feeds leaves them
+    damage_record(snap, b'"url":', b'"url" ')
+    for _ in range(2):
+        assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
+    with caplog.at_level(logging.ERROR, logger="threatgate.node"):
+        node._account_read_failures()  # noqa: SLF001 - what the watch loop runs every second
+        node._account_read_failures()  # noqa: SLF001 - nothing new: nothing counted twice
+    assert node.stats.feed_read_failures == {snap.name: 2}
+    assert "2 record(s) could not be read back" in caplog.text

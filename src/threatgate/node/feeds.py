@@ -336,6 +336,7 @@ class FeedSnapshot:
         self.header: list[str] = []  # CSV: column names, the indicator column under its canonical name
         self.context_columns: frozenset[str] | None = None  # CSV context_columns, as named in ``header``
         self.report = LoadReport()
+        self.read_failures = 0  # records that could not be read back at detection time (see read_record)
         self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
         self._fd = -1
 
@@ -370,18 +371,27 @@ class FeedSnapshot:
         self.keys.append(hash(indicator.value) ^ SALTS[kind])
 
     def read_record(self, record_no: int) -> dict[str, Any] | None:
-        """The record as a dict (CSV rows keyed by header), or None if it cannot be read back."""
+        """The record as a dict (CSV rows keyed by header), or None if it cannot be read back.
+
+        A record that cannot be read back (an I/O error on the private copy, damaged bytes) is counted in
+        ``read_failures``: its detection is lost, and the node says so (node/service.py).
+        """
         try:
             data = os.pread(self._fd, self.lengths[record_no], self.offsets[record_no])
             text = data.decode("utf-8")
         except (OSError, UnicodeDecodeError, IndexError):
+            self.read_failures += 1
             return None
         if self.settings.format == "json":
             try:
                 obj = json.loads(text)
             except ValueError:
+                self.read_failures += 1
                 return None
-            return obj if isinstance(obj, dict) else None
+            if not isinstance(obj, dict):
+                self.read_failures += 1
+                return None
+            return obj
         row = _csv_row(text, self.settings.delimiter)
         return dict(zip(self.header, row, strict=False))
 

@@ -24,6 +24,7 @@ import contextlib
 import logging
 import os
 import time
+import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -161,6 +162,8 @@ class NodeService:
         self.restart = RestartTracker(config, NODE_FIELDS)
         self.listener = EventListener(self.stats, _limits(config), log)
         self.warn_input = RateLimitedLog(log)
+        self.warn_read = RateLimitedLog(log, logging.ERROR)
+        self._read_failures_seen: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
         self._snapshots: dict[int, FeedSnapshot] = {}
         self._feed_states: dict[int, FeedState] = {}
         self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
@@ -416,6 +419,25 @@ class NodeService:
                 await self._watch_once(watch)
             except Exception:  # a watch bug must never take the node down
                 log.exception("feed file watch failed; trying again in %.0f s", WATCH_INTERVAL)
+            self._account_read_failures()
+
+    def _account_read_failures(self) -> None:
+        """Records a loaded version could not read back (an I/O error on its private copy): their
+        detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
+        counted = self.stats.feed_read_failures
+        for snap in self._snapshots.values():
+            total = snap.read_failures
+            before = self._read_failures_seen.get(snap, 0)
+            if total > before:
+                self._read_failures_seen[snap] = total
+                counted[snap.name] = counted.get(snap.name, 0) + total - before
+                self.warn_read(
+                    "feed %s: %d record(s) could not be read back from the loaded version's private copy; "
+                    "their detections were lost (threatgate_feed_read_failures_total); check the disk of %s",
+                    snap.name,
+                    total - before,
+                    self._private_dir() or "the temporary directory",
+                )
 
     async def _watch_users(self) -> None:
         """<Users> edited in the file apply without a reload (node/auth.py NodeUsers); a loop of its own,
