@@ -669,10 +669,7 @@ def settings_import(config_path: str, base: int | None, yes: bool, source: str) 
     except ConfigError as exc:
         click.echo(f"threatgate: cannot import {source}: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    except UnicodeDecodeError as exc:
-        click.echo(f"threatgate: cannot import {source}: not UTF-8 (byte {exc.start})", err=True)
-        sys.exit(EXIT_CONFIG)
-    except OSError as exc:
+    except (OSError, UnicodeDecodeError) as exc:
         from threatgate.net.describe import describe
 
         click.echo(f"threatgate: cannot import {source}: {describe(exc)}", err=True)

@@ -1019,3 +1019,17 @@ CorrelationMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_Correlator_exactly_once_under_any_interleaving = CorrelationMachine.TestCase
+
+
+def test_Correlator_an_event_taken_for_being_overdue_is_marked_through_redispatch() -> None:
+    """The balancer re-sends an event for being overdue once: the mark survives ownership changes, and an
+    event re-sent for any other reason (its instance lost) is not marked."""
+    c = Correlator()
+    slow, lost = c.submit("client", "a"), c.submit("client", "b")
+    c.dispatch_many([slow, lost], "i1", [])
+    assert not c.was_overdue(slow) and not c.was_overdue(lost)
+    c.mark_overdue([slow])
+    assert c.instance_lost("i1") == [slow, lost]
+    c.dispatch_many([slow, lost], "i2", [])
+    assert c.was_overdue(slow) and not c.was_overdue(lost)
+    assert not c.was_overdue(12345)  # unknown ids: never marked

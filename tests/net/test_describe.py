@@ -113,6 +113,7 @@ async def test_a_name_that_does_not_resolve() -> None:
             "TLS: wrong version number",
         ),
         (ValueError(), "failed"),
+        (UnicodeDecodeError("utf-8", b"ab\xff", 2, 3, "invalid start byte"), "not UTF-8 (byte 2)"),
         (RuntimeError("first line\nsecond line"), "first line"),
     ],
     ids=lambda v: type(v).__name__ if isinstance(v, BaseException) else None,

@@ -625,7 +625,6 @@ class BalancerService(InstanceOwner):
                 # the instance (a poison pill would otherwise make every instance suspect in turn).
                 continue
             inst.overdue_streak += 1
-            inst.suspects += 1
             self.stats.bump(self.stats.transitions, "suspect")
             if inst.overdue_streak >= inst.health.fall:
                 self.instance_failed(

@@ -95,7 +95,6 @@ class Instance:
         self.check_seconds: float | None = None  # round trip of its last passed health check (connect to PONG)
         self.latency = 0.0  # moving average of dispatch-to-finish seconds of its oldest events
         self.suspect_since: float | None = None  # overdue: its events were re-sent; no new ones while others can
-        self.suspects = 0  # times it was found overdue
         self.overdue_streak = 0  # found overdue in a row without finishing an event
         self.ready: bool | None = True  # /readyz said ready (None: not polled yet), or readiness is not polled
         self.not_ready_reason = ""

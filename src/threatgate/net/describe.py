@@ -57,6 +57,8 @@ def describe(exc: BaseException) -> str:
         return f"invalid URL {str(exc.url)[:200]}"
     if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's timeouts included
         return "timed out"
+    if isinstance(exc, UnicodeDecodeError):
+        return f"not UTF-8 (byte {exc.start})"
     if isinstance(exc, ssl.SSLError):
         return "TLS: " + _ssl_text(exc)
     if isinstance(exc, OSError):
