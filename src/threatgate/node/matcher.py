@@ -346,49 +346,56 @@ class Matcher:
         """
         st = stats if stats is not None else MatchStats()
         out: list[str] = []
-        by_host = self._by_host
         peer_source = self._by_ip.get(peer_ip)
         for event in events:
-            st.events += 1
-            if isinstance(event, Oversized):
-                st.oversized += 1
-                if finished:
-                    text = event.prefix
-                    source_id = peer_source or self._host_source(text, by_host) or "default"
-                    fields = self._context_only(text, source_id)
-                    out.append(self._finished_line(fields, 0, {}, date))
-                continue
-            text = event
-            source_id = peer_source or (by_host and self._host_source(text, by_host)) or "default"
-            source, steps = self._plans[source_id]
-            parts: list[str]
-            if source.replace:
-                for rule in source.replace:
-                    text = rule.pattern.sub(rule.template, text)
-                parts = [p for p in text.split("\n") if p] if "\n" in text else [text]
-            else:
-                parts = [text]
-            if source.ignore:
-                kept = [p for p in parts if not any(i.search(p) for i in source.ignore)]
-                if len(kept) < len(parts):
-                    st.ignored += len(parts) - len(kept)
-                if not kept:
-                    if finished:
-                        out.append(self._finished_line(self._context_only(parts[0], source_id), 0, {}, date))
-                    continue
-                parts = kept
-            totals: dict[str, int] = {}
-            sent = 0
-            first_fields: Fields | None = None
-            for part in parts:
-                fields, found = self._extract(part, steps, source_id)
-                if first_fields is None:
-                    first_fields = fields
-                if found:
-                    sent += self._detect(found, fields, date, out, totals, st)
-            if finished:
-                out.append(self._finished_line(first_fields or Fields(), sent, totals, date))
+            self.match_one(event, peer_source, date, finished, out, st)
         return out
+
+    def match_one(
+        self, event: FramedEvent, peer_source: str | None, date: str, finished: bool, out: list[str], st: MatchStats
+    ) -> None:
+        """Match one event, appending its lines to ``out`` (the compiled engine hands events it cannot
+        decide alone to this method, so both paths share one definition of every answer)."""
+        st.events += 1
+        by_host = self._by_host
+        if isinstance(event, Oversized):
+            st.oversized += 1
+            if finished:
+                text = event.prefix
+                source_id = peer_source or self._host_source(text, by_host) or "default"
+                fields = self._context_only(text, source_id)
+                out.append(self._finished_line(fields, 0, {}, date))
+            return
+        text = event
+        source_id = peer_source or (by_host and self._host_source(text, by_host)) or "default"
+        source, steps = self._plans[source_id]
+        parts: list[str]
+        if source.replace:
+            for rule in source.replace:
+                text = rule.pattern.sub(rule.template, text)
+            parts = [p for p in text.split("\n") if p] if "\n" in text else [text]
+        else:
+            parts = [text]
+        if source.ignore:
+            kept = [p for p in parts if not any(i.search(p) for i in source.ignore)]
+            if len(kept) < len(parts):
+                st.ignored += len(parts) - len(kept)
+            if not kept:
+                if finished:
+                    out.append(self._finished_line(self._context_only(parts[0], source_id), 0, {}, date))
+                return
+            parts = kept
+        totals: dict[str, int] = {}
+        sent = 0
+        first_fields: Fields | None = None
+        for part in parts:
+            fields, found = self._extract(part, steps, source_id)
+            if first_fields is None:
+                first_fields = fields
+            if found:
+                sent += self._detect(found, fields, date, out, totals, st)
+        if finished:
+            out.append(self._finished_line(first_fields or Fields(), sent, totals, date))
 
     @staticmethod
     def _host_source(text: str, by_host: dict[str, str]) -> str | None:
