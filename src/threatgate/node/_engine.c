@@ -1,10 +1,938 @@
-/* threatgate's compiled matching engine (stub: the engine lands with issue 13). */
+/* threatgate's compiled matching engine: one call matches a batch of events.
+ *
+ * Invariants (docs/architecture.md, "The compiled engine"):
+ * 1. Same answers as the reference matcher (node/matcher.py), byte for byte.  The engine decides alone only
+ *    what it can prove: an ASCII event whose every extracted value misses every index (the Bloom bitmap, then
+ *    the sorted keys, the CIDR intervals, the mask hosts) gets its finished line here.  Every other event --
+ *    a value that may be an indicator, bytes outside ASCII, an oversized event, a replace or ignore rule that
+ *    changes it, a regex error or limit -- is handed, in order, to the reference callback (Matcher.match_one),
+ *    so every detection is decided and rendered by one definition.
+ * 2. Probing is a superset of the reference store's probes: a "maybe" can only cost a reference run, never a
+ *    lost detection.  Store keys are XXH3-64 of the value's UTF-8 bytes with seed = kind (feeds.Kind).
+ * 3. Regexes are PCRE2, generated from Python's parse tree by node/pcre.py and exact for ASCII subjects only.
+ *    findall/finditer follow Python's empty-match rule (PCRE2_NOTEMPTY_ATSTART after an empty match).
+ * 4. The GIL is held throughout, so one match-data block and one scratch buffer per engine are enough.
+ */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
+#include <stdint.h>
+#include <string.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #define XXH_INLINE_ALL
 #include "xxhash.h"
+
+enum { K_URL = 0, K_DOMAIN = 1, K_DOMAIN_SUFFIX = 2, K_IP = 3, K_CIDR = 4, K_HASH = 5, K_MASK = 6 };
+enum { L_CONTEXT = -1, L_URL = 0, L_DOMAIN = 1, L_IP = 2, L_MD5 = 3, L_SHA1 = 4, L_SHA256 = 5, L_HASH = 6 };
+enum { M_FINDALL = 0, M_SEARCH = 1, M_GENERIC = 2 };
+enum { MISS = 0, MAYBE = 1, FAILED = -1 };
+
+typedef struct {
+    pcre2_code *code;
+    uint32_t groups;
+    int mode, all, lookup, field, fallback;
+} Step;
+
+typedef struct {
+    Step *steps;
+    int nsteps; /* steps[0..nsteps) run in order; steps[nsteps..ntotal) are fallbacks */
+    int ntotal;
+    pcre2_code **ignore;
+    int nignore;
+    int reference; /* this source always runs on the reference path */
+    PyObject *source_id; /* bytes */
+} Plan;
+
+typedef struct {
+    Py_buffer keys, bloom, c4s, c4e, c6s, c6e;
+    uint64_t bloom_mask;
+    uint32_t kinds;
+    Py_ssize_t nkeys, n4, n6;
+    PyObject *global_masks; /* tuple of tuples of bytes */
+} Index;
+
+typedef struct { size_t start, end; } Span;
+typedef struct { Span *v; int n, cap; } Spans;
+
+typedef struct {
+    PyObject_HEAD
+    Plan *plans;
+    int nplans;
+    int nfields;
+    Span *fields;
+    pcre2_code *host_re;
+    PyObject *by_host;
+    pcre2_code *fast_url, *fast_domain;
+    PyObject *norm_url, *norm_domain, *norm_ip, *parse_ip;
+    PyObject *template; /* tuple of bytes literals and int fields (>= 0 rule field, -1 SourceId, -2 Date) */
+    Index *idx;
+    int nidx;
+    uint32_t kinds;
+    int has_c4, has_c6, has_global;
+    pcre2_match_data *md;
+    pcre2_match_context *mctx;
+    pcre2_jit_stack *jit;
+    char *scratch;
+    size_t scratch_cap;
+    char *line;
+    size_t line_cap;
+    Spans values;
+    Spans maybes;      /* (step number, value span) of values that may detect */
+    int *maybe_steps;
+    int maybe_cap;
+    Py_ssize_t reference_events, detect_events;
+} Engine;
+
+/* ---- small helpers ----------------------------------------------------------------------------------- */
+
+static int grow(char **buf, size_t *cap, size_t need) {
+    if (need <= *cap) return 0;
+    size_t cap2 = *cap ? *cap : 256;
+    while (cap2 < need) cap2 *= 2;
+    char *p = PyMem_Realloc(*buf, cap2);
+    if (p == NULL) { PyErr_NoMemory(); return -1; }
+    *buf = p;
+    *cap = cap2;
+    return 0;
+}
+
+static int spans_push(Spans *s, size_t a, size_t b) {
+    if (s->n == s->cap) {
+        int cap = s->cap ? s->cap * 2 : 16;
+        Span *v = PyMem_Realloc(s->v, sizeof(Span) * (size_t)cap);
+        if (v == NULL) { PyErr_NoMemory(); return -1; }
+        s->v = v;
+        s->cap = cap;
+    }
+    s->v[s->n].start = a;
+    s->v[s->n].end = b;
+    s->n++;
+    return 0;
+}
+
+static inline int py_space(unsigned char c) { return (c >= 9 && c <= 13) || (c >= 28 && c <= 32); }
+static inline unsigned char lower(unsigned char c) { return (c >= 'A' && c <= 'Z') ? (unsigned char)(c + 32) : c; }
+static inline int is_hex(unsigned char c) { return (c >= '0' && c <= '9') || (c >= 'a' && c <= 'f'); }
+
+/* ---- regexes ----------------------------------------------------------------------------------------- */
+
+static pcre2_code *compile_re(PyObject *text, uint32_t options) {
+    Py_ssize_t len;
+    const char *src = PyUnicode_AsUTF8AndSize(text, &len);
+    if (src == NULL) return NULL;
+    int err;
+    PCRE2_SIZE off;
+    pcre2_compile_context *cctx = pcre2_compile_context_create(NULL);
+    if (cctx == NULL) { PyErr_NoMemory(); return NULL; }
+    pcre2_set_newline(cctx, PCRE2_NEWLINE_LF);
+    pcre2_code *code = pcre2_compile((PCRE2_SPTR)src, (PCRE2_SIZE)len, options | PCRE2_ALT_CIRCUMFLEX, &err, &off, cctx);
+    pcre2_compile_context_free(cctx);
+    if (code == NULL) {
+        PCRE2_UCHAR msg[256];
+        pcre2_get_error_message(err, msg, sizeof msg);
+        PyErr_Format(PyExc_ValueError, "PCRE2 cannot compile it (offset %zu): %s", (size_t)off, (char *)msg);
+        return NULL;
+    }
+    pcre2_jit_compile(code, PCRE2_JIT_COMPLETE); /* without JIT it still matches, only slower */
+    return code;
+}
+
+static uint32_t capture_count(pcre2_code *code) {
+    uint32_t n = 0;
+    pcre2_pattern_info(code, PCRE2_INFO_CAPTURECOUNT, &n);
+    return n;
+}
+
+static inline int re_match(Engine *e, pcre2_code *code, const char *s, size_t len, size_t start, uint32_t opts) {
+    return pcre2_match(code, (PCRE2_SPTR)s, len, start, opts, e->md, e->mctx);
+}
+
+/* The value one match gives for a step (a == b: none). */
+static void step_value(const Step *st, const PCRE2_SIZE *ov, int rc, size_t *a, size_t *b) {
+    *a = *b = 0;
+    if (st->mode == M_GENERIC) {
+        for (uint32_t g = 1; g <= st->groups && (int)g < rc; g++) {
+            if (ov[2 * g] != PCRE2_UNSET && ov[2 * g + 1] > ov[2 * g]) {
+                *a = ov[2 * g];
+                *b = ov[2 * g + 1];
+                return;
+            }
+        }
+        return;
+    }
+    uint32_t g = st->groups; /* 0 or 1 */
+    if ((int)g >= rc || ov[2 * g] == PCRE2_UNSET) return;
+    *a = ov[2 * g];
+    *b = ov[2 * g + 1];
+}
+
+/* A step's non-empty values, as matcher._run gives them.  0, or -1 on a regex error or limit (no exception). */
+static int run_step(Engine *e, const Step *st, const char *s, size_t len, Spans *out) {
+    out->n = 0;
+    size_t pos = 0;
+    uint32_t opts = 0;
+    for (;;) {
+        int rc = re_match(e, st->code, s, len, pos, opts);
+        if (rc == PCRE2_ERROR_NOMATCH) return 0;
+        if (rc <= 0) return -1;
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
+        size_t a, b;
+        step_value(st, ov, rc, &a, &b);
+        if (b > a && spans_push(out, a, b) < 0) return -2;
+        if (!st->all) return 0;
+        if (ov[1] < ov[0]) return -1; /* \K games: not produced by pcre.py, refuse anyway */
+        opts = ov[1] == ov[0] ? PCRE2_NOTEMPTY_ATSTART : 0;
+        pos = ov[1];
+        if (pos > len) return 0;
+    }
+}
+
+/* ---- the store prefilter ----------------------------------------------------------------------------- */
+
+static inline int bloom_has(const Index *ix, uint64_t k) {
+    const unsigned char *bits = ix->bloom.buf;
+    uint64_t i = k & ix->bloom_mask;
+    if (!((bits[i >> 3] >> (i & 7)) & 1)) return 0;
+    i = (k >> 32) & ix->bloom_mask;
+    return (bits[i >> 3] >> (i & 7)) & 1;
+}
+
+static inline int keys_have(const Index *ix, uint64_t k) {
+    const uint64_t *keys = ix->keys.buf;
+    Py_ssize_t lo = 0, hi = ix->nkeys;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] < k) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < ix->nkeys && keys[lo] == k;
+}
+
+static int has_key(Engine *e, int kind, const char *p, size_t n) {
+    uint32_t bit = 1u << kind;
+    if (!(e->kinds & bit)) return 0;
+    uint64_t k = XXH3_64bits_withSeed(p, n, (XXH64_hash_t)kind);
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        if ((ix->kinds & bit) && ix->nkeys && bloom_has(ix, k) && keys_have(ix, k)) return 1;
+    }
+    return 0;
+}
+
+static int in_c4(Engine *e, uint32_t a) {
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        const uint32_t *st = ix->c4s.buf, *en = ix->c4e.buf;
+        Py_ssize_t lo = 0, hi = ix->n4; /* first start > a */
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (st[mid] <= a) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo > 0 && a <= en[lo - 1]) return 1;
+    }
+    return 0;
+}
+
+static inline int le128(uint64_t ah, uint64_t al, uint64_t bh, uint64_t bl) { return ah < bh || (ah == bh && al <= bl); }
+
+static int in_c6(Engine *e, uint64_t h, uint64_t l) {
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        const uint64_t *st = ix->c6s.buf, *en = ix->c6e.buf;
+        Py_ssize_t lo = 0, hi = ix->n6;
+        while (lo < hi) {
+            Py_ssize_t mid = lo + (hi - lo) / 2;
+            if (le128(st[2 * mid], st[2 * mid + 1], h, l)) lo = mid + 1;
+            else hi = mid;
+        }
+        if (lo > 0 && le128(h, l, en[2 * (lo - 1)], en[2 * (lo - 1) + 1])) return 1;
+    }
+    return 0;
+}
+
+/* Python's Mask.matches over bytes (feeds.Mask): parts split at the stars. */
+static int glob_match(PyObject *parts, const char *t, size_t n) {
+    Py_ssize_t np = PyTuple_GET_SIZE(parts);
+    PyObject *first = PyTuple_GET_ITEM(parts, 0);
+    size_t fl = (size_t)PyBytes_GET_SIZE(first);
+    if (n < fl || memcmp(t, PyBytes_AS_STRING(first), fl) != 0) return 0;
+    if (np == 1) return n == fl;
+    size_t pos = fl;
+    for (Py_ssize_t i = 1; i < np - 1; i++) {
+        PyObject *part = PyTuple_GET_ITEM(parts, i);
+        size_t pl = (size_t)PyBytes_GET_SIZE(part);
+        const char *found = pl ? memmem(t + pos, n - pos, PyBytes_AS_STRING(part), pl) : t + pos;
+        if (found == NULL) return 0;
+        pos = (size_t)(found - t) + pl;
+    }
+    PyObject *tail = PyTuple_GET_ITEM(parts, np - 1);
+    size_t tl = (size_t)PyBytes_GET_SIZE(tail);
+    return n - pos >= tl && memcmp(t + n - tl, PyBytes_AS_STRING(tail), tl) == 0;
+}
+
+/* 1-3 decimal digits, value <= 255 (normalize._OCTET), four of them: the address, or -1. */
+static int64_t parse_v4(const char *p, size_t n) {
+    uint32_t addr = 0;
+    int parts = 0;
+    size_t i = 0;
+    while (parts < 4) {
+        size_t start = i;
+        unsigned v = 0;
+        while (i < n && p[i] >= '0' && p[i] <= '9' && i - start < 4) v = v * 10 + (unsigned)(p[i++] - '0');
+        size_t len = i - start;
+        if (len == 0 || len > 3 || v > 255) return -1;
+        addr = (addr << 8) | v;
+        parts++;
+        if (parts < 4) {
+            if (i >= n || p[i] != '.') return -1;
+            i++;
+        }
+    }
+    return i == n ? (int64_t)addr : -1;
+}
+
+/* Canonical dotted quad (normalize._CANONICAL_OCTETS): no zero padding. */
+static int canonical_v4(const char *p, size_t n) {
+    if (parse_v4(p, n) < 0) return 0;
+    size_t i = 0;
+    while (i < n) {
+        size_t start = i;
+        while (i < n && p[i] != '.') i++;
+        if (i - start > 1 && p[start] == '0') return 0;
+        i++;
+    }
+    return 1;
+}
+
+static PyObject *ascii_str(const char *p, size_t n) {
+    PyObject *s = PyUnicode_New((Py_ssize_t)n, 127);
+    if (s != NULL) memcpy(PyUnicode_DATA(s), p, n);
+    return s;
+}
+
+/* Bytes of a str returned by a normaliser: *owner holds them (a new reference to decref). */
+static int str_bytes(PyObject *s, const char **p, size_t *n, PyObject **owner) {
+    if (PyUnicode_IS_ASCII(s)) {
+        *p = PyUnicode_DATA(s);
+        *n = (size_t)PyUnicode_GET_LENGTH(s);
+        Py_INCREF(s);
+        *owner = s;
+        return 0;
+    }
+    PyObject *b = PyUnicode_AsEncodedString(s, "utf-8", "surrogatepass");
+    if (b == NULL) return -1;
+    *p = PyBytes_AS_STRING(b);
+    *n = (size_t)PyBytes_GET_SIZE(b);
+    *owner = b;
+    return 0;
+}
+
+/* Call a normaliser on the raw value; MISS when it says None, FAILED on error, else fills p/n/owner. */
+static int call_norm(PyObject *fn, const char *raw, size_t rn, const char **p, size_t *n, PyObject **owner) {
+    PyObject *arg = ascii_str(raw, rn);
+    if (arg == NULL) return FAILED;
+    PyObject *r = PyObject_CallOneArg(fn, arg);
+    Py_DECREF(arg);
+    if (r == NULL) return FAILED;
+    if (r == Py_None) { Py_DECREF(r); return MISS; }
+    int rc = PyUnicode_Check(r) ? str_bytes(r, p, n, owner) : (PyErr_SetString(PyExc_TypeError, "normaliser"), -1);
+    Py_DECREF(r);
+    return rc < 0 ? FAILED : MAYBE;
+}
+
+static int probe_domain(Engine *e, const char *p, size_t n) {
+    if (has_key(e, K_DOMAIN, p, n)) return MAYBE;
+    if (!(e->kinds & (1u << K_DOMAIN_SUFFIX))) return MISS;
+    for (;;) {
+        if (has_key(e, K_DOMAIN_SUFFIX, p, n)) return MAYBE;
+        const char *dot = memchr(p, '.', n);
+        if (dot == NULL) return MISS;
+        n -= (size_t)(dot + 1 - p);
+        p = dot + 1;
+    }
+}
+
+/* An IP value as the store takes it (already normalised): exact key and CIDR intervals. */
+static int probe_ip(Engine *e, const char *p, size_t n) {
+    if (has_key(e, K_IP, p, n)) return MAYBE;
+    if (!e->has_c4 && !e->has_c6) return MISS;
+    int64_t v4 = parse_v4(p, n);
+    if (v4 >= 0) return e->has_c4 && in_c4(e, (uint32_t)v4) ? MAYBE : MISS;
+    if (!e->has_c6 || memchr(p, ':', n) == NULL) return MISS;
+    /* IPv6 (or an odd spelling): the reference parser decides. */
+    PyObject *arg = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
+    if (arg == NULL) return FAILED;
+    PyObject *r = PyObject_CallOneArg(e->parse_ip, arg);
+    Py_DECREF(arg);
+    if (r == NULL) return FAILED;
+    int out = MISS;
+    if (r != Py_None) {
+        long version = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+        PyObject *num = PyTuple_GET_ITEM(r, 1);
+        if (version == 4) {
+            out = e->has_c4 && in_c4(e, (uint32_t)PyLong_AsUnsignedLongLongMask(num)) ? MAYBE : MISS;
+        } else {
+            uint64_t lo = PyLong_AsUnsignedLongLongMask(num);
+            PyObject *sixty_four = PyLong_FromLong(64);
+            PyObject *hi_obj = sixty_four ? PyNumber_Rshift(num, sixty_four) : NULL;
+            Py_XDECREF(sixty_four);
+            if (hi_obj == NULL) { Py_DECREF(r); return FAILED; }
+            uint64_t hi = PyLong_AsUnsignedLongLongMask(hi_obj);
+            Py_DECREF(hi_obj);
+            out = in_c6(e, hi, lo) ? MAYBE : MISS;
+        }
+    }
+    Py_DECREF(r);
+    return PyErr_Occurred() ? FAILED : out;
+}
+
+static int probe_url(Engine *e, const char *p, size_t n) {
+    if (has_key(e, K_URL, p, n)) return MAYBE;
+    size_t hn = 0;
+    while (hn < n && p[hn] != '/' && p[hn] != '?') hn++;
+    if (hn == 0) return MISS;
+    if (e->kinds & (1u << K_MASK)) {
+        const char *s = p;
+        size_t sn = hn;
+        for (;;) {
+            if (has_key(e, K_MASK, s, sn)) return MAYBE;
+            const char *dot = memchr(s, '.', sn);
+            if (dot == NULL) break;
+            sn -= (size_t)(dot + 1 - s);
+            s = dot + 1;
+        }
+    }
+    if (e->has_global) {
+        for (int i = 0; i < e->nidx; i++) {
+            PyObject *masks = e->idx[i].global_masks;
+            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(masks); j++)
+                if (glob_match(PyTuple_GET_ITEM(masks, j), p, n)) return MAYBE;
+        }
+    }
+    unsigned char last = (unsigned char)p[hn - 1];
+    if ((last >= '0' && last <= '9') || p[0] == '[') {
+        const char *h = p;
+        size_t m = hn;
+        while (m && (*h == '[' || *h == ']')) { h++; m--; }
+        while (m && (h[m - 1] == '[' || h[m - 1] == ']')) m--;
+        return probe_ip(e, h, m);
+    }
+    return probe_domain(e, p, hn);
+}
+
+/* Normalise one raw value of a lookup rule and probe it: MISS, MAYBE or FAILED (exception set). */
+static int check_value(Engine *e, int lookup, const char *raw, size_t rn) {
+    if (lookup >= L_MD5) {
+        size_t a = 0, b = rn;
+        while (a < b && py_space((unsigned char)raw[a])) a++;
+        while (b > a && py_space((unsigned char)raw[b - 1])) b--;
+        size_t n = b - a;
+        if (n != 32 && n != 40 && n != 64) return MISS;
+        if ((lookup == L_MD5 && n != 32) || (lookup == L_SHA1 && n != 40) || (lookup == L_SHA256 && n != 64)) return MISS;
+        if (grow(&e->scratch, &e->scratch_cap, n) < 0) return FAILED;
+        for (size_t i = 0; i < n; i++) {
+            unsigned char c = lower((unsigned char)raw[a + i]);
+            if (!is_hex(c)) return MISS;
+            e->scratch[i] = (char)c;
+        }
+        return has_key(e, K_HASH, e->scratch, n) ? MAYBE : MISS;
+    }
+    const char *p = NULL;
+    size_t n = 0;
+    PyObject *owner = NULL;
+    int rc;
+    if (lookup == L_IP) {
+        if (canonical_v4(raw, rn)) return probe_ip(e, raw, rn);
+        rc = call_norm(e->norm_ip, raw, rn, &p, &n, &owner);
+        if (rc != MAYBE) return rc;
+        rc = probe_ip(e, p, n);
+        Py_DECREF(owner);
+        return rc;
+    }
+    if (grow(&e->scratch, &e->scratch_cap, rn + 1) < 0) return FAILED;
+    for (size_t i = 0; i < rn; i++) e->scratch[i] = (char)lower((unsigned char)raw[i]);
+    pcre2_code *fast = lookup == L_URL ? e->fast_url : e->fast_domain;
+    int m = re_match(e, fast, e->scratch, rn, 0, 0); /* compiled anchored at both ends: JIT runs it */
+    if (m > 0) {
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
+        size_t g = lookup == L_URL ? 1 : 0;
+        if (lookup == L_URL && (m < 2 || ov[2] == PCRE2_UNSET)) return MAYBE; /* cannot happen; be safe */
+        p = e->scratch + ov[2 * g];
+        n = ov[2 * g + 1] - ov[2 * g];
+        return lookup == L_URL ? probe_url(e, p, n) : probe_domain(e, p, n);
+    }
+    if (m != PCRE2_ERROR_NOMATCH) return MAYBE; /* a regex limit: let the reference decide */
+    rc = call_norm(lookup == L_URL ? e->norm_url : e->norm_domain, raw, rn, &p, &n, &owner);
+    if (rc != MAYBE) return rc;
+    rc = lookup == L_URL ? probe_url(e, p, n) : probe_domain(e, p, n);
+    Py_DECREF(owner);
+    return rc;
+}
+
+/* ---- rendering ----------------------------------------------------------------------------------------- */
+
+static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
+    size_t len = 0;
+    int ascii = 1;
+    Py_ssize_t n = PyTuple_GET_SIZE(e->template);
+    for (int pass = 0; pass < 2; pass++) {
+        size_t at = 0;
+        for (Py_ssize_t i = 0; i < n; i++) {
+            PyObject *piece = PyTuple_GET_ITEM(e->template, i);
+            const char *src = NULL;
+            size_t sl = 0;
+            if (PyBytes_CheckExact(piece)) {
+                src = PyBytes_AS_STRING(piece);
+                sl = (size_t)PyBytes_GET_SIZE(piece);
+            } else {
+                long f = PyLong_AsLong(piece);
+                if (f >= 0 && f < e->nfields) {
+                    if (e->fields[f].end > e->fields[f].start) {
+                        src = s + e->fields[f].start;
+                        sl = e->fields[f].end - e->fields[f].start;
+                    }
+                } else if (f == -1) {
+                    src = PyBytes_AS_STRING(plan->source_id);
+                    sl = (size_t)PyBytes_GET_SIZE(plan->source_id);
+                } else if (f == -2) {
+                    src = date;
+                    sl = date_len;
+                }
+            }
+            if (pass == 0) {
+                len += sl;
+                for (size_t k = 0; k < sl && ascii; k++) ascii = (unsigned char)src[k] < 128;
+            } else if (sl) {
+                memcpy(e->line + at, src, sl);
+                at += sl;
+            }
+        }
+        if (pass == 0 && grow(&e->line, &e->line_cap, len + 1) < 0) return NULL;
+    }
+    e->line[len] = '\n';
+    if (ascii) return ascii_str(e->line, len + 1);
+    return PyUnicode_DecodeUTF8(e->line, (Py_ssize_t)len + 1, "surrogatepass");
+}
+
+/* ---- one event ----------------------------------------------------------------------------------------- */
+
+static int pick_plan(Engine *e, const char *s, size_t len, int peer_plan) {
+    if (peer_plan >= 0) return peer_plan;
+    if (e->host_re == NULL || PyDict_GET_SIZE(e->by_host) == 0) return 0;
+    int rc = re_match(e, e->host_re, s, len, 0, 0); /* compiled anchored */
+    if (rc <= 0) return rc == PCRE2_ERROR_NOMATCH ? 0 : -2;
+    PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
+    size_t a = 0, b = 0;
+    for (int g = 1; g <= 2 && g < rc; g++) {
+        if (ov[2 * g] != PCRE2_UNSET && ov[2 * g + 1] > ov[2 * g]) { a = ov[2 * g]; b = ov[2 * g + 1]; break; }
+    }
+    if (grow(&e->scratch, &e->scratch_cap, b - a + 1) < 0) return -3;
+    for (size_t i = a; i < b; i++) e->scratch[i - a] = (char)lower((unsigned char)s[i]);
+    PyObject *host = ascii_str(e->scratch, b - a);
+    if (host == NULL) return -3;
+    PyObject *plan = PyDict_GetItemWithError(e->by_host, host);
+    Py_DECREF(host);
+    if (plan == NULL) return PyErr_Occurred() ? -3 : 0;
+    return (int)PyLong_AsLong(plan);
+}
+
+static int maybe_push(Engine *e, int step, Span sp) {
+    if (e->maybes.n == e->maybe_cap) {
+        int cap = e->maybe_cap ? e->maybe_cap * 2 : 16;
+        int *v = PyMem_Realloc(e->maybe_steps, sizeof(int) * (size_t)cap);
+        if (v == NULL) { PyErr_NoMemory(); return -1; }
+        e->maybe_steps = v;
+        e->maybe_cap = cap;
+    }
+    e->maybe_steps[e->maybes.n] = step;
+    return spans_push(&e->maybes, sp.start, sp.end);
+}
+
+/* 1: decided here (line in *line or none), 2: some values may detect (e->maybes, *plan_out), 0: reference
+ * path, -1: exception. */
+static int decide(Engine *e, const char *s, size_t len, int peer_plan, const char *date, size_t date_len,
+                  int finished, PyObject **line, int *plan_out) {
+    *line = NULL;
+    e->maybes.n = 0;
+    int pi = pick_plan(e, s, len, peer_plan);
+    *plan_out = pi;
+    if (pi == -3) return -1;
+    if (pi < 0 || pi >= e->nplans) return 0;
+    const Plan *plan = &e->plans[pi];
+    if (plan->reference) return 0;
+    for (int i = 0; i < plan->nignore; i++) {
+        int rc = re_match(e, plan->ignore[i], s, len, 0, 0);
+        if (rc != PCRE2_ERROR_NOMATCH) return 0; /* ignored (or a limit): the reference counts and answers */
+    }
+    for (int f = 0; f < e->nfields; f++) e->fields[f].start = e->fields[f].end = 0;
+    for (int k = 0; k < plan->nsteps; k++) {
+        const Step *st = &plan->steps[k];
+        int rc = run_step(e, st, s, len, &e->values);
+        if (rc == -2) return -1;
+        if (rc < 0) return 0;
+        int used = k;
+        if (e->values.n == 0 && st->fallback >= 0) {
+            used = st->fallback;
+            st = &plan->steps[st->fallback];
+            rc = run_step(e, st, s, len, &e->values);
+            if (rc == -2) return -1;
+            if (rc < 0) return 0;
+        }
+        if (e->values.n == 0) continue;
+        e->fields[st->field] = e->values.v[0];
+        if (st->lookup == L_CONTEXT) continue;
+        for (int v = 0; v < e->values.n; v++) {
+            Span sp = e->values.v[v];
+            int r = check_value(e, st->lookup, s + sp.start, sp.end - sp.start);
+            if (r == FAILED) return -1;
+            if (r == MAYBE && maybe_push(e, used, sp) < 0) return -1;
+        }
+    }
+    if (e->maybes.n) return 2;
+    if (finished && e->template != NULL) {
+        *line = render_finished(e, s, plan, date, date_len);
+        if (*line == NULL) return -1;
+    }
+    return 1;
+}
+
+/* ---- the Engine type ----------------------------------------------------------------------------------- */
+
+static void release_indexes(Engine *e) {
+    for (int i = 0; i < e->nidx; i++) {
+        Index *ix = &e->idx[i];
+        PyBuffer_Release(&ix->keys);
+        PyBuffer_Release(&ix->bloom);
+        PyBuffer_Release(&ix->c4s);
+        PyBuffer_Release(&ix->c4e);
+        PyBuffer_Release(&ix->c6s);
+        PyBuffer_Release(&ix->c6e);
+        Py_XDECREF(ix->global_masks);
+    }
+    PyMem_Free(e->idx);
+    e->idx = NULL;
+    e->nidx = 0;
+    e->kinds = 0;
+    e->has_c4 = e->has_c6 = e->has_global = 0;
+}
+
+static void free_plans(Engine *e) {
+    for (int i = 0; i < e->nplans; i++) {
+        Plan *p = &e->plans[i];
+        for (int k = 0; k < p->ntotal; k++) if (p->steps[k].code) pcre2_code_free(p->steps[k].code);
+        for (int k = 0; k < p->nignore; k++) if (p->ignore[k]) pcre2_code_free(p->ignore[k]);
+        PyMem_Free(p->steps);
+        PyMem_Free(p->ignore);
+        Py_XDECREF(p->source_id);
+    }
+    PyMem_Free(e->plans);
+    e->plans = NULL;
+    e->nplans = 0;
+}
+
+static void Engine_dealloc(Engine *e) {
+    release_indexes(e);
+    free_plans(e);
+    if (e->host_re) pcre2_code_free(e->host_re);
+    if (e->fast_url) pcre2_code_free(e->fast_url);
+    if (e->fast_domain) pcre2_code_free(e->fast_domain);
+    if (e->md) pcre2_match_data_free(e->md);
+    if (e->mctx) pcre2_match_context_free(e->mctx);
+    if (e->jit) pcre2_jit_stack_free(e->jit);
+    Py_XDECREF(e->by_host);
+    Py_XDECREF(e->norm_url);
+    Py_XDECREF(e->norm_domain);
+    Py_XDECREF(e->norm_ip);
+    Py_XDECREF(e->parse_ip);
+    Py_XDECREF(e->template);
+    PyMem_Free(e->fields);
+    PyMem_Free(e->scratch);
+    PyMem_Free(e->line);
+    PyMem_Free(e->values.v);
+    PyMem_Free(e->maybes.v);
+    PyMem_Free(e->maybe_steps);
+    Py_TYPE(e)->tp_free((PyObject *)e);
+}
+
+/* (pattern text, options) -> compiled code; updates *maxgroups. */
+static pcre2_code *compile_pair(PyObject *pair, uint32_t *maxgroups) {
+    PyObject *text;
+    unsigned int opts;
+    if (!PyArg_ParseTuple(pair, "UI", &text, &opts)) return NULL;
+    pcre2_code *code = compile_re(text, opts);
+    if (code != NULL) {
+        uint32_t g = capture_count(code);
+        if (g > *maxgroups) *maxgroups = g;
+    }
+    return code;
+}
+
+/* Engine(plans, nfields, host_re, by_host, fast_url, fast_domain, normalisers, template)
+ *   plans: list of (source_id bytes, reference bool, steps list, nsteps int, ignore list)
+ *     step: ((pattern, options), groups, mode, all, lookup, field, fallback)
+ *   host_re, fast_url, fast_domain: (pattern, options), options with PCRE2_ANCHORED (host_re) and
+ *     PCRE2_ENDANCHORED (fast_url, fast_domain: full matches) at compile time, where JIT supports them;
+ *     host_re may be None
+ *   normalisers: (normalize_url, normalize_domain, normalize_ip, parse_ip)
+ *   template: tuple of bytes / int, or None (no finished line)                                            */
+static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
+    PyObject *plans, *host, *by_host, *furl, *fdom, *norms, *tmpl;
+    int nfields;
+    if (!PyArg_ParseTuple(args, "O!iOO!OOO!O", &PyList_Type, &plans, &nfields, &host, &PyDict_Type, &by_host, &furl,
+                          &fdom, &PyTuple_Type, &norms, &tmpl))
+        return -1;
+    if (e->plans != NULL || e->md != NULL) {
+        PyErr_SetString(PyExc_RuntimeError, "Engine is already initialised");
+        return -1;
+    }
+    uint32_t maxgroups = 2;
+    e->nfields = nfields;
+    e->fields = PyMem_Calloc((size_t)(nfields > 0 ? nfields : 1), sizeof(Span));
+    if (e->fields == NULL) { PyErr_NoMemory(); return -1; }
+    Py_ssize_t np = PyList_GET_SIZE(plans);
+    e->plans = PyMem_Calloc((size_t)(np ? np : 1), sizeof(Plan));
+    if (e->plans == NULL) { PyErr_NoMemory(); return -1; }
+    for (Py_ssize_t i = 0; i < np; i++) {
+        Plan *p = &e->plans[i];
+        e->nplans = (int)i + 1;
+        PyObject *sid, *steps, *ignore;
+        int reference, nsteps;
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(plans, i), "SpO!iO!", &sid, &reference, &PyList_Type, &steps, &nsteps,
+                              &PyList_Type, &ignore))
+            return -1;
+        Py_INCREF(sid);
+        p->source_id = sid;
+        p->reference = reference;
+        p->ntotal = (int)PyList_GET_SIZE(steps);
+        p->nsteps = nsteps;
+        p->steps = PyMem_Calloc((size_t)(p->ntotal ? p->ntotal : 1), sizeof(Step));
+        p->nignore = (int)PyList_GET_SIZE(ignore);
+        p->ignore = PyMem_Calloc((size_t)(p->nignore ? p->nignore : 1), sizeof(pcre2_code *));
+        if (p->steps == NULL || p->ignore == NULL) { PyErr_NoMemory(); return -1; }
+        for (int k = 0; k < p->ntotal; k++) {
+            Step *st = &p->steps[k];
+            PyObject *pair;
+            unsigned int groups;
+            if (!PyArg_ParseTuple(PyList_GET_ITEM(steps, k), "OIiiiii", &pair, &groups, &st->mode, &st->all,
+                                  &st->lookup, &st->field, &st->fallback))
+                return -1;
+            st->groups = groups;
+            if (st->field < 0 || st->field >= nfields || st->fallback >= p->ntotal) {
+                PyErr_SetString(PyExc_ValueError, "a step names a field or fallback out of range");
+                return -1;
+            }
+            st->code = compile_pair(pair, &maxgroups);
+            if (st->code == NULL) return -1;
+        }
+        for (int k = 0; k < p->nignore; k++) {
+            p->ignore[k] = compile_pair(PyList_GET_ITEM(ignore, k), &maxgroups);
+            if (p->ignore[k] == NULL) return -1;
+        }
+    }
+    if (host != Py_None && (e->host_re = compile_pair(host, &maxgroups)) == NULL) return -1;
+    if ((e->fast_url = compile_pair(furl, &maxgroups)) == NULL) return -1;
+    if ((e->fast_domain = compile_pair(fdom, &maxgroups)) == NULL) return -1;
+    Py_INCREF(by_host);
+    e->by_host = by_host;
+    if (!PyArg_ParseTuple(norms, "OOOO", &e->norm_url, &e->norm_domain, &e->norm_ip, &e->parse_ip)) return -1;
+    Py_INCREF(e->norm_url);
+    Py_INCREF(e->norm_domain);
+    Py_INCREF(e->norm_ip);
+    Py_INCREF(e->parse_ip);
+    if (tmpl != Py_None) {
+        if (!PyTuple_Check(tmpl)) { PyErr_SetString(PyExc_TypeError, "template must be a tuple or None"); return -1; }
+        Py_INCREF(tmpl);
+        e->template = tmpl;
+    }
+    e->md = pcre2_match_data_create(maxgroups + 1, NULL);
+    e->mctx = pcre2_match_context_create(NULL);
+    e->jit = pcre2_jit_stack_create(32 * 1024, 1024 * 1024, NULL);
+    if (e->md == NULL || e->mctx == NULL || e->jit == NULL) { PyErr_NoMemory(); return -1; }
+    pcre2_jit_stack_assign(e->mctx, NULL, e->jit);
+    return 0;
+}
+
+static int get_buf(PyObject *obj, Py_buffer *b, Py_ssize_t itemsize, Py_ssize_t *count, const char *what) {
+    if (PyObject_GetBuffer(obj, b, PyBUF_C_CONTIGUOUS) < 0) return -1;
+    if (b->len % itemsize) {
+        PyErr_Format(PyExc_ValueError, "%s: %zd bytes is not a whole number of %zd-byte items", what, b->len, itemsize);
+        return -1;
+    }
+    if (count) *count = b->len / itemsize;
+    return 0;
+}
+
+/* use_indexes(views): views as IndicatorStore.engine_views() gives them. */
+static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
+    PyObject *seq = PySequence_Fast(views, "views must be a sequence");
+    if (seq == NULL) return NULL;
+    release_indexes(e);
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    e->idx = PyMem_Calloc((size_t)(n ? n : 1), sizeof(Index));
+    if (e->idx == NULL) { Py_DECREF(seq); return PyErr_NoMemory(); }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        Index *ix = &e->idx[i];
+        e->nidx = (int)i + 1;
+        PyObject *keys, *bloom, *c4s, *c4e, *c6s, *c6e, *gm;
+        unsigned long long mask;
+        unsigned int kinds;
+        Py_ssize_t n4e, n6e;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOO", &keys, &bloom, &mask, &kinds, &c4s, &c4e,
+                              &c6s, &c6e, &gm))
+            goto fail;
+        if (get_buf(keys, &ix->keys, 8, &ix->nkeys, "keys") < 0 || get_buf(bloom, &ix->bloom, 1, NULL, "bloom") < 0 ||
+            get_buf(c4s, &ix->c4s, 4, &ix->n4, "cidr4_start") < 0 || get_buf(c4e, &ix->c4e, 4, &n4e, "cidr4_end") < 0 ||
+            get_buf(c6s, &ix->c6s, 16, &ix->n6, "cidr6_start") < 0 || get_buf(c6e, &ix->c6e, 16, &n6e, "cidr6_end") < 0)
+            goto fail;
+        if (n4e != ix->n4 || n6e != ix->n6) {
+            PyErr_SetString(PyExc_ValueError, "CIDR starts and ends differ in length");
+            goto fail;
+        }
+        if (ix->nkeys && (mask + 1 == 0 || ((mask + 1) & mask) || (Py_ssize_t)((mask + 1) / 8) > ix->bloom.len)) {
+            PyErr_SetString(PyExc_ValueError, "the Bloom mask does not fit the bitmap");
+            goto fail;
+        }
+        ix->bloom_mask = mask;
+        ix->kinds = kinds;
+        /* global masks: tuple of tuples of str -> bytes */
+        PyObject *gseq = PySequence_Fast(gm, "global masks must be a sequence");
+        if (gseq == NULL) goto fail;
+        Py_ssize_t ng = PySequence_Fast_GET_SIZE(gseq);
+        ix->global_masks = PyTuple_New(ng);
+        if (ix->global_masks == NULL) { Py_DECREF(gseq); goto fail; }
+        for (Py_ssize_t j = 0; j < ng; j++) {
+            PyObject *parts = PySequence_Fast(PySequence_Fast_GET_ITEM(gseq, j), "mask parts must be a sequence");
+            if (parts == NULL) { Py_DECREF(gseq); goto fail; }
+            Py_ssize_t np2 = PySequence_Fast_GET_SIZE(parts);
+            PyObject *bt = PyTuple_New(np2 ? np2 : 1);
+            if (bt == NULL) { Py_DECREF(parts); Py_DECREF(gseq); goto fail; }
+            if (np2 == 0) PyTuple_SET_ITEM(bt, 0, PyBytes_FromStringAndSize("", 0));
+            for (Py_ssize_t k = 0; k < np2; k++) {
+                PyObject *b = PyUnicode_AsEncodedString(PySequence_Fast_GET_ITEM(parts, k), "utf-8", "surrogatepass");
+                if (b == NULL) { Py_DECREF(bt); Py_DECREF(parts); Py_DECREF(gseq); goto fail; }
+                PyTuple_SET_ITEM(bt, k, b);
+            }
+            Py_DECREF(parts);
+            PyTuple_SET_ITEM(ix->global_masks, j, bt);
+        }
+        Py_DECREF(gseq);
+        e->kinds |= ix->nkeys ? kinds : 0;
+        e->has_c4 |= ix->n4 > 0;
+        e->has_c6 |= ix->n6 > 0;
+        e->has_global |= ng > 0;
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+fail:
+    Py_DECREF(seq);
+    release_indexes(e);
+    return NULL;
+}
+
+/* (fields, maybes) of the event just decided with answer 2, for the detect callback:
+ * fields: tuple of str or None per field; maybes: list of (step number, raw value). */
+static PyObject *detect_args(Engine *e, PyObject *ev, const char *s, int plan) {
+    PyObject *fields = PyTuple_New(e->nfields);
+    PyObject *maybes = PyList_New(e->maybes.n);
+    if (fields == NULL || maybes == NULL) goto fail;
+    for (int f = 0; f < e->nfields; f++) {
+        Span sp = e->fields[f];
+        PyObject *v = sp.end > sp.start ? ascii_str(s + sp.start, sp.end - sp.start) : Py_NewRef(Py_None);
+        if (v == NULL) goto fail;
+        PyTuple_SET_ITEM(fields, f, v);
+    }
+    for (int i = 0; i < e->maybes.n; i++) {
+        Span sp = e->maybes.v[i];
+        PyObject *item = Py_BuildValue("(iN)", e->maybe_steps[i], ascii_str(s + sp.start, sp.end - sp.start));
+        if (item == NULL) goto fail;
+        PyList_SET_ITEM(maybes, i, item);
+    }
+    return Py_BuildValue("(OiNN)", ev, plan, fields, maybes);
+fail:
+    Py_XDECREF(fields);
+    Py_XDECREF(maybes);
+    return NULL;
+}
+
+/* match(events, peer_plan, date, finished, out, reference, detect) -> events decided here.
+ * `reference(event)` runs the reference path for one event; `detect(event, plan, fields, maybes)` finishes
+ * an event some of whose values may detect (both append their lines to `out` themselves). */
+static PyObject *Engine_match(Engine *e, PyObject *args) {
+    PyObject *events, *out, *ref, *detect;
+    int peer_plan, finished;
+    const char *date;
+    Py_ssize_t date_len;
+    if (!PyArg_ParseTuple(args, "O!is#pO!OO", &PyList_Type, &events, &peer_plan, &date, &date_len, &finished,
+                          &PyList_Type, &out, &ref, &detect))
+        return NULL;
+    if (e->md == NULL) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
+    if (peer_plan >= e->nplans) { PyErr_SetString(PyExc_ValueError, "peer_plan out of range"); return NULL; }
+    Py_ssize_t decided = 0;
+    Py_ssize_t n = PyList_GET_SIZE(events);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *ev = PyList_GET_ITEM(events, i);
+        int rc = 0, plan = 0;
+        PyObject *line = NULL;
+        if (PyUnicode_CheckExact(ev) && PyUnicode_IS_ASCII(ev))
+            rc = decide(e, PyUnicode_DATA(ev), (size_t)PyUnicode_GET_LENGTH(ev), peer_plan, date, (size_t)date_len,
+                        finished, &line, &plan);
+        if (rc < 0) return NULL;
+        if (rc == 2) {
+            e->detect_events++;
+            PyObject *a = detect_args(e, ev, PyUnicode_DATA(ev), plan);
+            if (a == NULL) return NULL;
+            PyObject *r = PyObject_Call(detect, a, NULL);
+            Py_DECREF(a);
+            if (r == NULL) return NULL;
+            Py_DECREF(r);
+            continue;
+        }
+        if (rc == 1) {
+            decided++;
+            if (line != NULL) {
+                int err = PyList_Append(out, line);
+                Py_DECREF(line);
+                if (err < 0) return NULL;
+            }
+            continue;
+        }
+        e->reference_events++;
+        PyObject *r = PyObject_CallOneArg(ref, ev);
+        if (r == NULL) return NULL;
+        Py_DECREF(r);
+    }
+    return PyLong_FromSsize_t(decided);
+}
+
+static PyObject *Engine_reference_events(Engine *e, void *closure) { return PyLong_FromSsize_t(e->reference_events); }
+static PyObject *Engine_detect_events(Engine *e, void *closure) { return PyLong_FromSsize_t(e->detect_events); }
+
+static PyMethodDef Engine_methods[] = {
+    {"use_indexes", (PyCFunction)Engine_use_indexes, METH_O, "Swap in the store's indexes (engine_views())."},
+    {"match", (PyCFunction)Engine_match, METH_VARARGS, "Match a batch; returns how many events were decided here."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Engine_getset[] = {
+    {"reference_events", (getter)Engine_reference_events, NULL, "Events handed to the reference path so far.", NULL},
+    {"detect_events", (getter)Engine_detect_events, NULL, "Events with values that may detect, so far.", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject EngineType = {
+    PyVarObject_HEAD_INIT(NULL, 0).tp_name = "threatgate.node._engine.Engine",
+    .tp_basicsize = sizeof(Engine),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "The compiled batch engine (see node/engine.py).",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Engine_init,
+    .tp_dealloc = (destructor)Engine_dealloc,
+    .tp_methods = Engine_methods,
+    .tp_getset = Engine_getset,
+};
+
+/* ---- module functions -------------------------------------------------------------------------------- */
 
 static PyObject *key_of(PyObject *self, PyObject *args) {
     int kind;
@@ -14,50 +942,114 @@ static PyObject *key_of(PyObject *self, PyObject *args) {
     return PyLong_FromUnsignedLongLong(XXH3_64bits_withSeed(data, (size_t)len, (XXH64_hash_t)kind));
 }
 
-/* keys_of(kinds, values) -> bytes: the uint64 keys (native order) of values[i] with kind kinds[i] (int8 buffer). */
+/* keys_of(kinds, values) -> bytes: the uint64 keys (native order) of values[i] with kind kinds[i]. */
 static PyObject *keys_of(PyObject *self, PyObject *args) {
     Py_buffer kinds;
     PyObject *values;
     if (!PyArg_ParseTuple(args, "y*O", &kinds, &values)) return NULL;
     PyObject *seq = PySequence_Fast(values, "values must be a sequence of str");
-    if (seq == NULL) { PyBuffer_Release(&kinds); return NULL; }
+    PyObject *out = NULL;
+    if (seq == NULL) goto done;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    if (n != kinds.len) {
-        PyErr_SetString(PyExc_ValueError, "kinds and values differ in length");
-        goto fail;
-    }
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n * 8);
-    if (out == NULL) goto fail;
+    if (n != kinds.len) { PyErr_SetString(PyExc_ValueError, "kinds and values differ in length"); goto done; }
+    out = PyBytes_FromStringAndSize(NULL, n * 8);
+    if (out == NULL) goto done;
     uint64_t *keys = (uint64_t *)PyBytes_AS_STRING(out);
     const signed char *k = (const signed char *)kinds.buf;
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *v = items[i];
-        if (!PyUnicode_Check(v)) { Py_DECREF(out); PyErr_SetString(PyExc_TypeError, "values must be str"); goto fail; }
+        if (!PyUnicode_Check(v)) { Py_CLEAR(out); PyErr_SetString(PyExc_TypeError, "values must be str"); goto done; }
         if (PyUnicode_IS_ASCII(v)) {
             keys[i] = XXH3_64bits_withSeed(PyUnicode_DATA(v), (size_t)PyUnicode_GET_LENGTH(v), (XXH64_hash_t)k[i]);
         } else {
             PyObject *b = PyUnicode_AsEncodedString(v, "utf-8", "surrogatepass");
-            if (b == NULL) { Py_DECREF(out); goto fail; }
+            if (b == NULL) { Py_CLEAR(out); goto done; }
             keys[i] = XXH3_64bits_withSeed(PyBytes_AS_STRING(b), (size_t)PyBytes_GET_SIZE(b), (XXH64_hash_t)k[i]);
             Py_DECREF(b);
         }
     }
-    Py_DECREF(seq);
+done:
+    Py_XDECREF(seq);
     PyBuffer_Release(&kinds);
     return out;
-fail:
-    Py_DECREF(seq);
-    PyBuffer_Release(&kinds);
-    return NULL;
+}
+
+/* compile_error(pattern, options) -> None, or PCRE2's reason in words. */
+static PyObject *compile_error(PyObject *self, PyObject *args) {
+    PyObject *text;
+    unsigned int opts;
+    if (!PyArg_ParseTuple(args, "UI", &text, &opts)) return NULL;
+    pcre2_code *code = compile_re(text, opts);
+    if (code != NULL) {
+        pcre2_code_free(code);
+        Py_RETURN_NONE;
+    }
+    if (!PyErr_ExceptionMatches(PyExc_ValueError)) return NULL;
+    PyObject *type, *value, *tb;
+    PyErr_Fetch(&type, &value, &tb);
+    PyObject *msg = PyObject_Str(value);
+    Py_XDECREF(type);
+    Py_XDECREF(value);
+    Py_XDECREF(tb);
+    return msg;
+}
+
+/* re_findall(pattern, options, groups, mode, all, text) -> list[str]: one step's values (for the tests). */
+static PyObject *step_values(PyObject *self, PyObject *args) {
+    PyObject *text, *subject;
+    unsigned int opts, groups;
+    int mode, all;
+    if (!PyArg_ParseTuple(args, "UIIiiU", &text, &opts, &groups, &mode, &all, &subject)) return NULL;
+    if (!PyUnicode_IS_ASCII(subject)) { PyErr_SetString(PyExc_ValueError, "ASCII subjects only"); return NULL; }
+    pcre2_code *code = compile_re(text, opts);
+    if (code == NULL) return NULL;
+    Engine e;
+    memset(&e, 0, sizeof e);
+    e.md = pcre2_match_data_create(capture_count(code) + 1, NULL);
+    e.mctx = pcre2_match_context_create(NULL);
+    Step st = {code, groups, mode, all, L_CONTEXT, 0, -1};
+    Spans sp = {NULL, 0, 0};
+    const char *s = PyUnicode_DATA(subject);
+    int rc = run_step(&e, &st, s, (size_t)PyUnicode_GET_LENGTH(subject), &sp);
+    PyObject *out = NULL;
+    if (rc == 0) {
+        out = PyList_New(sp.n);
+        for (int i = 0; out && i < sp.n; i++) {
+            PyObject *v = ascii_str(s + sp.v[i].start, sp.v[i].end - sp.v[i].start);
+            if (v == NULL) { Py_CLEAR(out); break; }
+            PyList_SET_ITEM(out, i, v);
+        }
+    } else if (rc == -1) {
+        PyErr_SetString(PyExc_RuntimeError, "PCRE2 gave up (a match limit)");
+    }
+    PyMem_Free(sp.v);
+    pcre2_match_data_free(e.md);
+    pcre2_match_context_free(e.mctx);
+    pcre2_code_free(code);
+    return out;
 }
 
 static PyMethodDef methods[] = {
-    {"keys_of", keys_of, METH_VARARGS, "keys_of(kinds: int8 buffer, values: list[str]) -> bytes of uint64 keys."},
     {"key_of", key_of, METH_VARARGS, "key_of(kind, utf8_bytes) -> the store's 64-bit key (XXH3-64, seed = kind)."},
+    {"keys_of", keys_of, METH_VARARGS, "keys_of(kinds: int8 buffer, values: list[str]) -> bytes of uint64 keys."},
+    {"compile_error", compile_error, METH_VARARGS, "compile_error(pattern, options) -> None or PCRE2's reason."},
+    {"step_values", step_values, METH_VARARGS, "step_values(pattern, options, groups, mode, all, text) -> values."},
     {NULL, NULL, 0, NULL},
 };
 
-static struct PyModuleDef module = {PyModuleDef_HEAD_INIT, .m_name = "threatgate.node._engine", .m_size = -1, .m_methods = methods};
+static struct PyModuleDef module = {
+    PyModuleDef_HEAD_INIT, .m_name = "threatgate.node._engine", .m_size = -1, .m_methods = methods};
 
-PyMODINIT_FUNC PyInit__engine(void) { return PyModule_Create(&module); }
+PyMODINIT_FUNC PyInit__engine(void) {
+    if (PyType_Ready(&EngineType) < 0) return NULL;
+    PyObject *m = PyModule_Create(&module);
+    if (m == NULL) return NULL;
+    Py_INCREF(&EngineType);
+    if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
+        Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

@@ -1,21 +1,55 @@
 """Which matching engine a node runs: the compiled batch engine (default) or the pure-Python reference.
 
 ``THREATGATE_ENGINE=reference`` selects the reference :class:`~threatgate.node.matcher.Matcher`;
-``compiled`` (the default) the batch engine of :mod:`threatgate.node._engine` (issue 13, in progress: until it
-lands both names give the reference matcher).
+``compiled`` (the default) selects :class:`CompiledMatcher`.
+
+Theory of operation (docs/architecture.md, "The compiled engine"): most events detect nothing.  The C
+engine (:mod:`threatgate.node._engine`) runs a whole batch: source selection, ignore rules, every rule's
+regex (PCRE2, from :mod:`threatgate.node.pcre`), the normalisers' fast paths, the store keys and the
+store's prefilter (Bloom bitmap, sorted keys, CIDR intervals, mask hosts), and renders the finished line of
+every event it proves detects nothing.  An event that may detect, or that the engine cannot run exactly
+(bytes outside ASCII, an oversized event, a replace rule, a Python-only regex feature), goes, in its place in
+the batch, to the reference :meth:`Matcher.match_one`.  So both paths share one definition of every
+detection, and the differential tests check the rest byte for byte.
 """
 
 from __future__ import annotations
 
+import logging
 import os
-from collections.abc import Mapping
+import re
+from collections.abc import Iterable, Mapping
+from typing import Any
 
-from threatgate.config.node import NodeConfig
-from threatgate.node.matcher import Matcher
+import numpy as np
+
+from threatgate.config.node import PATTERN_RE, NodeConfig, Rule, RuleType, Source
+from threatgate.node import _engine, normalize
+from threatgate.node.feeds import Kind
+from threatgate.node.matcher import _SYSLOG_HOST, Matcher, MatchStats, _Step
+from threatgate.node.pcre import ANCHORED, ENDANCHORED, Unsupported, to_pcre2
+from threatgate.node.render import Fields
 from threatgate.node.store import IndicatorStore
+from threatgate.wire.framing import FramedEvent
+
+log = logging.getLogger(__name__)
 
 ENGINE_ENV = "THREATGATE_ENGINE"
 ENGINES = ("compiled", "reference")
+
+_LOOKUPS = {
+    RuleType.CONTEXT: -1,
+    RuleType.URL: 0,
+    RuleType.DOMAIN: 1,
+    RuleType.IP: 2,
+    RuleType.MD5: 3,
+    RuleType.SHA1: 4,
+    RuleType.SHA256: 5,
+    RuleType.HASH: 6,
+}
+_FINDALL, _SEARCH, _GENERIC = 0, 1, 2
+_SOURCE_ID, _DATE = -1, -2
+_RESERVED = frozenset({"SourceId", "Date", "RecordContext"})
 
 
 def engine_choice(environ: Mapping[str, str] = os.environ) -> str:
@@ -28,5 +62,248 @@ def engine_choice(environ: Mapping[str, str] = os.environ) -> str:
 
 def make_matcher(config: NodeConfig, store: IndicatorStore, engine: str | None = None) -> Matcher:
     """A matcher of the chosen engine (``engine`` None: from the environment)."""
-    engine_choice({ENGINE_ENV: engine} if engine is not None else os.environ)
-    return Matcher(config, store)
+    name = engine_choice({ENGINE_ENV: engine} if engine is not None else os.environ)
+    if name == "reference":
+        return Matcher(config, store)
+    return CompiledMatcher(config, store)
+
+
+def _pair(pattern: re.Pattern[str], extra: int = 0) -> tuple[str, int]:
+    """PCRE2 text and options for ``pattern``; Unsupported when the compiled engine cannot run it.
+
+    ``extra``: PCRE2_ANCHORED for ``re.match``, with PCRE2_ENDANCHORED for ``re.fullmatch`` (given at
+    compile time: PCRE2's JIT does not take them at match time and would fall back to its interpreter).
+    """
+    text, options = to_pcre2(pattern)
+    options |= extra
+    error = _engine.compile_error(text, options)
+    if error is not None:
+        raise Unsupported(f"PCRE2 refuses its translation: {error}")
+    return text, options
+
+
+def step_tuple(rule: Rule, field: int, fallback: int) -> tuple[Any, ...]:
+    """One rule as the C engine takes it: ((pattern, options), groups, mode, all, lookup, field, fallback)."""
+    groups = rule.pattern.groups
+    mode = _GENERIC if groups > 1 else (_FINDALL if rule.extract_all else _SEARCH)
+    return (_pair(rule.pattern), groups, mode, int(rule.extract_all), _LOOKUPS[rule.type], field, fallback)
+
+
+class CompiledMatcher(Matcher):
+    """The reference :class:`Matcher` with its batch loop run by the compiled engine (module docstring)."""
+
+    def __init__(self, config: NodeConfig, store: IndicatorStore) -> None:
+        self.reference_sources: dict[str, str] = {}  # source id -> why it runs on the reference path
+        super().__init__(config, store)
+        names = sorted({r.name for s in config.input.sources for r in s.rules})
+        self._field_of = {name: i for i, name in enumerate(names)}
+        sources = [self._default] + [s for s in config.input.sources if s.id != "default"]
+        self._plan_of = {s.id: i for i, s in enumerate(sources)}
+        plans = [self._plan_tuple(s) for s in sources]
+        self._names = names
+        self._plan_ids = [s.id for s in sources]
+        self._plan_steps: list[tuple[_Step, ...]] = []
+        for s in sources:
+            steps = self._plans[s.id][1]
+            self._plan_steps.append(steps + tuple(st.fallback for st in steps if st.fallback is not None))
+        by_host = {host: self._plan_of[sid] for host, sid in self._by_host.items()}
+        self._engine = _engine.Engine(
+            plans,
+            len(names),
+            _pair(_SYSLOG_HOST, ANCHORED) if by_host else None,
+            by_host,
+            _pair(normalize._FAST_URL, ANCHORED | ENDANCHORED),
+            _pair(normalize._FAST_DOMAIN, ANCHORED | ENDANCHORED),
+            (normalize.normalize_url, normalize.normalize_domain, normalize.normalize_ip, normalize.parse_ip),
+            self._template(),
+        )
+        for sid, why in self.reference_sources.items():
+            log.warning("source %s runs on the reference matcher (slower, same answers): %s", sid, why)
+        self._swapped()
+
+    def _plan_tuple(self, source: Source) -> tuple[bytes, bool, list[tuple[Any, ...]], int, list[tuple[str, int]]]:
+        sid = source.id.encode("utf-8", "surrogatepass")
+        default_rules = {r.name: r for r in self._default.rules}
+        if source.id == "default":
+            pairs: list[tuple[Rule, Rule | None]] = [(r, None) for r in source.rules]
+        else:
+            own = {r.name for r in source.rules}
+            pairs = [(r, default_rules.get(r.name)) for r in source.rules]
+            pairs += [(r, None) for r in self._default.rules if r.name not in own]
+        try:
+            clash = _RESERVED & {r.name for r, _ in pairs}
+            if clash:
+                raise Unsupported(f"a rule is named {sorted(clash)[0]}, which is also an output field")
+            if source.replace:
+                raise Unsupported("replace rules")
+            main: list[tuple[Any, ...]] = []
+            fallbacks: list[tuple[Any, ...]] = []
+            for rule, fallback in pairs:
+                index = -1
+                if fallback is not None:
+                    index = len(pairs) + len(fallbacks)
+                    fallbacks.append(step_tuple(fallback, self._field_of[fallback.name], -1))
+                main.append(step_tuple(rule, self._field_of[rule.name], index))
+            ignore = [_pair(p) for p in source.ignore]
+        except Unsupported as exc:
+            self.reference_sources[source.id] = str(exc)
+            return sid, True, [], 0, []
+        return sid, False, main + fallbacks, len(main), ignore
+
+    def _template(self) -> tuple[bytes | int, ...] | None:
+        """The finished line of an event with no detection, as literal bytes and field numbers."""
+        source = self.config.output.finished_format
+        context = self._record_field.join((("event_type", "LookupFinished"), ("sent_events", "0"), ("total", "")), " ")
+        pieces: list[bytes | int] = []
+        pos = 0
+        needs_context = self._finished_needs_context
+        for m in PATTERN_RE.finditer(source):
+            pieces.append(source[pos : m.start()].encode("utf-8", "surrogatepass"))
+            name = m.group(1)
+            if name == "SourceId":
+                pieces.append(_SOURCE_ID)
+            elif name == "Date" and needs_context:
+                pieces.append(_DATE)
+            elif name == "RecordContext" and needs_context:
+                before = source[: m.start()]
+                spaced = bool(before) and not before[-1].isspace()
+                text = (" " + context if context else "") if spaced else context
+                pieces.append(text.encode("utf-8", "surrogatepass"))
+            elif name in self._field_of:
+                pieces.append(self._field_of[name])
+            pos = m.end()
+        pieces.append(source[pos:].encode("utf-8", "surrogatepass"))
+        return tuple(p for p in pieces if p != b"")
+
+    def _swapped(self) -> None:
+        super()._swapped()
+        engine = getattr(self, "_engine", None)
+        if engine is None:
+            return
+        views = _views(self.store)
+        if self.suppliers is not None:
+            views += _views(self.suppliers)
+        engine.use_indexes(views)
+
+    def match(
+        self,
+        events: list[FramedEvent],
+        *,
+        date: str,
+        peer_ip: str = "",
+        finished: bool = False,
+        stats: MatchStats | None = None,
+    ) -> list[str]:
+        """As :meth:`Matcher.match`; events the engine cannot decide alone go to :meth:`Matcher.match_one`."""
+        st = stats if stats is not None else MatchStats()
+        out: list[str] = []
+        peer_source = self._by_ip.get(peer_ip)
+        plan = self._plan_of[peer_source] if peer_source is not None else -1
+
+        def reference(event: FramedEvent) -> None:
+            self.match_one(event, peer_source, date, finished, out, st)
+
+        def detect(event: str, plan: int, values: tuple[str | None, ...], maybes: list[tuple[int, str]]) -> None:
+            # The reference's own _detect over the values the engine could not rule out: the values it
+            # skipped have no candidate, so they add no line and change no count (matcher.py rule 4).
+            fields = Fields(SourceId=self._plan_ids[plan])
+            for name, value in zip(self._names, values, strict=True):
+                if value is not None:
+                    fields[name] = value
+            steps = self._plan_steps[plan]
+            totals: dict[str, int] = {}
+            st.events += 1
+            sent = self._detect([(steps[k], v) for k, v in maybes], fields, date, out, totals, st)
+            if finished:
+                out.append(self._finished_line(fields, sent, totals, date))
+
+        batch = events if type(events) is list else list(events)
+        decided: int = self._engine.match(batch, plan, date, finished, out, reference, detect)
+        st.events += decided  # after the call: the reference path counts its own events meanwhile
+        return out
+
+    @property
+    def reference_events(self) -> int:
+        """Events handed whole to the reference path so far (non-ASCII, oversized, ignored...)."""
+        return int(self._engine.reference_events)
+
+    @property
+    def detect_events(self) -> int:
+        """Events with values the prefilter could not rule out, confirmed by the reference lookups."""
+        return int(self._engine.detect_events)
+
+
+# -- store views (until the snapshot store provides engine_views) -----------------------------------------
+
+
+def _views(store: IndicatorStore) -> list[tuple[Any, ...]]:
+    views = getattr(store, "engine_views", None)
+    if views is not None:
+        return list(views())
+    return [index_view(_indicators(store))]
+
+
+def _indicators(store: IndicatorStore) -> Iterable[tuple[int, str, tuple[str, ...] | None]]:
+    """(kind, value, mask parts or None) of every record of a store that keeps no values (the old layout)."""
+    from threatgate.node.feeds import indicator_of, mask_from
+
+    for snap in store.snapshots.values():
+        for record_no in range(len(snap.kinds)):
+            record = snap.read_record(record_no)
+            if record is None:
+                continue
+            indicator = indicator_of(record)
+            if indicator is None:
+                continue
+            if indicator.kind == Kind.MASK:
+                host, mask = mask_from(indicator.value, record_no)
+                yield (Kind.MASK, host, None) if host else (Kind.MASK, "", mask.parts)
+            else:
+                yield indicator.kind, indicator.value, None
+
+
+def index_view(indicators: Iterable[tuple[int, str, tuple[str, ...] | None]]) -> tuple[Any, ...]:
+    """An engine view built from (kind, value, global mask parts) triples: keys, Bloom bitmap, CIDR ranges."""
+    kinds: list[int] = []
+    values: list[str] = []
+    ranges4: list[tuple[int, int]] = []
+    ranges6: list[tuple[int, int]] = []
+    global_masks: list[tuple[str, ...]] = []
+    for kind, value, parts in indicators:
+        if parts is not None:
+            global_masks.append(parts)
+        elif kind == Kind.CIDR:
+            version, plen, net = (int(x) for x in value.split("/"))
+            bits = 32 if version == 4 else 128
+            start = net << (bits - plen)
+            (ranges4 if version == 4 else ranges6).append((start, start | ((1 << (bits - plen)) - 1)))
+        else:
+            kinds.append(kind)
+            values.append(value)
+    keys = np.sort(np.frombuffer(_engine.keys_of(bytes(kinds), values), dtype=np.uint64))
+    n_bits = 1 << max(6, int(len(keys) * 16).bit_length())
+    mask = n_bits - 1
+    bloom = np.zeros(n_bits // 8, dtype=np.uint8)
+    for shift in (0, 32):
+        pos = (keys >> np.uint64(shift)) & np.uint64(mask)
+        np.bitwise_or.at(bloom, pos >> np.uint64(3), np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
+    kinds_mask = 0
+    for k in set(kinds):
+        kinds_mask |= 1 << k
+    c4 = _union(ranges4)
+    c6 = _union(ranges6)
+    c4s = np.array([a for a, _ in c4], dtype=np.uint32)
+    c4e = np.array([b for _, b in c4], dtype=np.uint32)
+    c6s = np.array([w for a, _ in c6 for w in (a >> 64, a & (2**64 - 1))], dtype=np.uint64)
+    c6e = np.array([w for _, b in c6 for w in (b >> 64, b & (2**64 - 1))], dtype=np.uint64)
+    return (keys, bloom, mask, kinds_mask, c4s, c4e, c6s, c6e, tuple(global_masks))
+
+
+def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(ranges):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out

@@ -1,0 +1,37 @@
+"""Types of the compiled engine (src/threatgate/node/_engine.c)."""
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+def key_of(kind: int, data: bytes, /) -> int: ...
+def keys_of(kinds: bytes, values: Sequence[str], /) -> bytes: ...
+def compile_error(pattern: str, options: int, /) -> str | None: ...
+def step_values(pattern: str, options: int, groups: int, mode: int, all: int, text: str, /) -> list[str]: ...
+
+class Engine:
+    reference_events: int
+    detect_events: int
+    def __init__(
+        self,
+        plans: list[tuple[bytes, bool, list[tuple[Any, ...]], int, list[tuple[str, int]]]],
+        nfields: int,
+        host_re: tuple[str, int] | None,
+        by_host: dict[str, int],
+        fast_url: tuple[str, int],
+        fast_domain: tuple[str, int],
+        normalisers: tuple[Callable[..., Any], ...],
+        template: tuple[bytes | int, ...] | None,
+        /,
+    ) -> None: ...
+    def use_indexes(self, views: Sequence[tuple[Any, ...]], /) -> None: ...
+    def match(
+        self,
+        events: list[Any],
+        peer_plan: int,
+        date: str,
+        finished: bool,
+        out: list[str],
+        reference: Callable[[Any], None],
+        detect: Callable[[str, int, tuple[str | None, ...], list[tuple[int, str]]], None],
+        /,
+    ) -> int: ...
