@@ -1,0 +1,415 @@
+"""The compiled engine against the reference matcher: same lines, byte for byte, whatever the input.
+
+Three layers: the regex translation (node/pcre.py + PCRE2) against Python's re on random patterns and
+subjects; whole batches through both engines on random rule sets, feeds and hostile events; and the
+choices the compiled engine makes (a Python-only construct or a replace rule sends that source to the
+reference path, logged once, same answers).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import strategies as st
+
+from threatgate.config.node import NodeConfig, load_node_config
+from threatgate.node import _engine
+from threatgate.node.engine import CompiledMatcher, engine_choice, make_matcher
+from threatgate.node.feeds import load_feed
+from threatgate.node.matcher import Matcher, MatchStats
+from threatgate.node.pcre import Unsupported, to_pcre2
+from threatgate.node.store import IndicatorStore
+from threatgate.wire.framing import FramedEvent, LineFramer, Oversized
+
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
+DATE = "Oct 11 22:14:15"
+
+# -- 1. regex translation ----------------------------------------------------------------------------------
+
+_ATOMS = [
+    "a",
+    "b",
+    "x",
+    "=",
+    r"\.",
+    ".",
+    r"\d",
+    r"\w",
+    r"\s",
+    r"\S",
+    r"\W",
+    r"\D",
+    "[a-f0-9]",
+    "[^ =]",
+    "[A-Z_]",
+    r"[\s=]",
+    r"[^\d\s]",
+    r"\x1c",
+    "\t",
+    r"\b",
+    r"\B",
+    "^",
+    "$",
+    r"\A",
+    r"\Z",
+    "(?=a)",
+    "(?!b)",
+    "(?<=x)",
+    "(?<!=)",
+    "[.]",
+    "-",
+    "/",
+    ":",
+]
+_QUANTS = ["", "", "", "*", "+", "?", "{1,3}", "*?", "+?", "??", "{2}", "*+", "++", "{0,2}?"]
+_SUBJECT = st.text(alphabet="abxAB=. \t\n\x1c\x1f09_-/:fZ", max_size=40)
+
+
+@st.composite
+def _patterns(draw: st.DrawFn, depth: int = 0) -> str:
+    parts = []
+    for _ in range(draw(st.integers(1, 4))):
+        kind = draw(st.integers(0, 9 if depth < 2 else 6))
+        if kind <= 6:
+            atom = draw(st.sampled_from(_ATOMS))
+        else:
+            inner = draw(_patterns(depth + 1))
+            alt = draw(_patterns(depth + 1)) if kind == 9 else None
+            body = f"{inner}|{alt}" if alt is not None else inner
+            atom = draw(st.sampled_from(["({})", "(?:{})", "(?i:{})", "(?>{})", "(?s:{})"])).format(body)
+        parts.append(atom + draw(st.sampled_from(_QUANTS)))
+    return "".join(parts)
+
+
+def _python_values(pattern: re.Pattern[str], extract_all: bool, text: str) -> list[str]:
+    from threatgate.node.matcher import _values
+
+    class _R:  # the two attributes matcher._values reads
+        def __init__(self) -> None:
+            self.pattern = pattern
+            self.extract_all = extract_all
+
+    return _values(_R(), text)  # type: ignore[arg-type]
+
+
+@settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(_patterns(), st.sampled_from(["", "(?i)", "(?m)", "(?s)", "(?im)"]), st.booleans(), _SUBJECT)
+def test_translated_regex_gives_pythons_values(body: str, flags: str, extract_all: bool, text: str) -> None:
+    try:
+        pattern = re.compile(flags + body)
+    except re.error:
+        assume(False)
+        return
+    try:
+        source, options = to_pcre2(pattern)
+    except Unsupported:
+        assume(False)
+        return
+    assume(_engine.compile_error(source, options) is None)
+    groups = pattern.groups
+    mode = 2 if groups > 1 else (0 if extract_all else 1)
+    try:
+        got = _engine.step_values(source, options, groups, mode, int(extract_all), text)
+    except RuntimeError:  # a PCRE2 limit: the engine hands the event to the reference path
+        assume(False)
+        return
+    assert got == _python_values(pattern, extract_all, text), (pattern.pattern, source, text)
+
+
+@pytest.mark.parametrize(
+    "pattern",
+    [r"\s+", r"[^\s]", r"(?i)[k]", r"\Z", r"(?m)^x", r"a(?=b)", r"(\d)+", r"(?P<n>a)(?P=n)", r"(a)?(?(1)b|c)"],
+)
+def test_translation_examples_agree_with_python(pattern: str) -> None:
+    compiled = re.compile(pattern)
+    source, options = to_pcre2(compiled)
+    assert _engine.compile_error(source, options) is None
+    for text in ["x\x1cy", "abab", "Kk", "a\nx\n", "x\n", "123", "aa", "ab", "c", "acb"]:
+        mode = 2 if compiled.groups > 1 else 0
+        assert _engine.step_values(source, options, compiled.groups, mode, 1, text) == _python_values(
+            compiled, True, text
+        ), text
+
+
+def test_translation_refuses_unicode_case_folding() -> None:
+    # U+212A KELVIN SIGN matches "k" under IGNORECASE in Python; PCRE2 without UTF would not.
+    with pytest.raises(Unsupported, match="IGNORECASE"):
+        to_pcre2(re.compile("(?i)\u212a"))
+
+
+def test_key_of_is_xxh3_of_utf8_with_the_kind_as_seed() -> None:
+    import xxhash
+
+    for kind, value in [(0, "evil.example/a"), (5, "d41d8cd98f00b204e9800998ecf8427e"), (1, "пример.рф")]:
+        data = value.encode("utf-8", "surrogatepass")
+        assert _engine.key_of(kind, data) == xxhash.xxh3_64_intdigest(data, seed=kind)
+
+
+# -- 2. whole batches, both engines ---------------------------------------------------------------------
+
+RULES = {
+    "default": r"""
+      <Source id="default">
+        <REQ type="CONTEXT">^(\d+)\s</REQ>
+        <RE_URL type="URL" extract="all">url=(\S+)</RE_URL>
+        <RE_IP type="IP" extract="all">(?:src|dst)=(\S+)</RE_IP>
+        <RE_DOMAIN type="DOMAIN" extract="first">host=(\S+)</RE_DOMAIN>
+        <RE_MD5 type="MD5" extract="first">md5=([\da-fA-F]{32})</RE_MD5>
+        <RE_HASH type="HASH" extract="all">(?:sha|hash)=(\S+)|file=(\S+)</RE_HASH>
+        <USER type="CONTEXT">suser=(\w+)</USER>
+      </Source>
+      <Source id="fw" ip="10.9.9.9">
+        <NormalizingRules><Ignore>action=drop\b</Ignore></NormalizingRules>
+        <RE_IP type="IP" extract="first">dst=(\S+)</RE_IP>
+      </Source>
+      <Source id="dns" hostname="dns01">
+        <NormalizingRules><Ignore>query=localhost\b</Ignore></NormalizingRules>
+        <RE_DOMAIN type="DOMAIN" extract="all">query=(\S+)</RE_DOMAIN>
+      </Source>
+      <Source id="rw" hostname="rw01">
+        <NormalizingRules><Replace input="uri=" output="url="/></NormalizingRules>
+      </Source>
+""",
+}
+
+FEEDS: list[tuple[str, str, list[dict[str, Any]]]] = [
+    (
+        "urls.json",
+        'category="Bad_URL" confidence="70"',
+        [
+            {"url": "http://evil.example/a", "threat": "A"},
+            {"url": "evil.example/b?x=1", "threat": "B"},
+            {"mask": "*.cdn.example/payload/*", "threat": "mask"},
+            {"mask": "*evil*", "threat": "star host"},
+            {"url": "http://[2001:db8::1]/x", "threat": "v6 url"},
+        ],
+    ),
+    (
+        "ips.json",
+        'category="Bad_IP" confidence="60"',
+        [
+            {"ip": "10.1.2.3", "threat": "exact"},
+            {"ip": "10.0.0.0/8", "threat": "cidr8"},
+            {"ip": "10.1.0.0/16", "threat": "cidr16"},
+            {"ip": "2001:db8::/32", "threat": "v6 cidr"},
+            {"ip": "2001:db8::5", "threat": "v6"},
+        ],
+    ),
+    (
+        "domains.json",
+        'category="Bad_Domain" confidence="90"',
+        [
+            {"domain": "bad.example", "threat": "exact"},
+            {"domain": "*.dyn.test", "threat": "suffix"},
+            {"domain": "xn--e1afmkfd.xn--p1ai", "threat": "idn"},
+        ],
+    ),
+    (
+        "hashes.json",
+        'category="Bad_Hash" confidence="100"',
+        [
+            {"md5": "d41d8cd98f00b204e9800998ecf8427e", "threat": "empty"},
+            {"sha256": "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "threat": "sha"},
+        ],
+    ),
+    ("fp.json", 'supplier="FalsePositive"', [{"ip": "10.1.2.4"}, {"url": "http://evil.example/a"}]),
+    ("iti.json", 'supplier="InternalTI" category="InternalTI"', [{"ip": "10.1.2.4", "owner": "SOC"}]),
+]
+
+FORMATS = [
+    ("%REQ% category=%Category% matched=%MatchedIndicator% src=%SourceId% %RecordContext%", "%REQ% LookupFinished"),
+    (
+        "%Date% %REQ% %Category%%RecordContext% %ActionableFields% u=%USER% url=%RE_URL%",
+        "%Date% %REQ% LookupFinished%RecordContext% %SourceId% u=%USER% d=%RE_DOMAIN% h=%RE_HASH% é",
+    ),
+]
+
+
+def _config(directory: Path, event_format: str, finished_format: str, limit: int) -> NodeConfig:
+    directory.mkdir(parents=True, exist_ok=True)
+    feed_xml = []
+    for name, attrs, records in FEEDS:
+        (directory / name).write_text(json.dumps(records), encoding="utf-8")
+        feed_xml.append(f'<Feed filename="{name}" {attrs}/>')
+    text = f"""<?xml version="1.0"?>
+<Configuration>
+  <InputSettings>
+    <ConnectionString>127.0.0.1:9999</ConnectionString>
+    <RegExps>{RULES["default"]}</RegExps>
+  </InputSettings>
+  <OutputSettings>
+    <ConnectionString>127.0.0.1:9998</ConnectionString>
+    <EventFormat>{event_format}</EventFormat>
+    <RecordFieldContextFormat>%ParamName%=%ParamValue%</RecordFieldContextFormat>
+    <ActionableFieldContextFormat> %ParamName%:%ParamValue%</ActionableFieldContextFormat>
+    <FinishedEventFormat enabled="true">{finished_format}</FinishedEventFormat>
+  </OutputSettings>
+  <Feeds per_scan_detect_limit="{limit}">{"".join(feed_xml)}</Feeds>
+</Configuration>
+"""
+    (directory / "node.conf").write_text(text, encoding="utf-8")
+    return load_node_config(str(directory / "node.conf"))
+
+
+def _store(config: NodeConfig) -> IndicatorStore:
+    return IndicatorStore({slot: load_feed(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled})
+
+
+@pytest.fixture(scope="module")
+def pairs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[CompiledMatcher, Matcher]]:
+    out = []
+    for i, (event_format, finished_format) in enumerate(FORMATS):
+        for limit in (0, 1):
+            config = _config(tmp_path_factory.mktemp(f"c{i}{limit}"), event_format, finished_format, limit)
+            store = _store(config)
+            compiled = make_matcher(config, store, "compiled")
+            assert isinstance(compiled, CompiledMatcher)
+            out.append((compiled, Matcher(config, store)))
+    return out
+
+
+_VALUES = {
+    "url": [
+        "http://evil.example/a",
+        "HTTP://EVIL.example/a",
+        "http://www.evil.example/a",
+        "evil.example/b?x=1",
+        "https://a.cdn.example/payload/x.js",
+        "http://cdn.example/payload/",
+        "http://fine.example/x",
+        "http://bad.example/",
+        "http://x.bad.example:8080/p",
+        "http://10.1.2.3/x",
+        "http://[2001:db8::1]/x",
+        "http://0x0a010203/",
+        "http://evil.example/a/../a",
+        "hxxp://evil.example/a",
+        "http://%65vil.example/a",
+        "http://sub.dyn.test/q?a",
+        "ftp://nothing.test",
+        "http://пример.рф/",
+        "http://evil.example/a#frag",
+    ],
+    "src": [
+        "10.1.2.3",
+        "10.1.2.4",
+        "10.200.0.1",
+        "192.168.1.1",
+        "010.001.002.003",
+        "2001:db8::5",
+        "2001:DB8::7",
+        "::1",
+        "256.1.1.1",
+        "1.2.3",
+        "10.1.2.3 ",
+    ],
+    "dst": ["10.1.9.9", "8.8.8.8", "2001:db8:0:0::1", "[2001:db8::5]", "fe80::1%eth0"],
+    "host": [
+        "bad.example",
+        "BAD.example",
+        "www.bad.example",
+        "a.b.dyn.test",
+        "dyn.test",
+        "ok.test",
+        "пример.рф",
+        "xn--e1afmkfd.xn--p1ai",
+        "1.2.3.4",
+        "bad.example.",
+    ],
+    "md5": ["d41d8cd98f00b204e9800998ecf8427e", "D41D8CD98F00B204E9800998ECF8427E", "0" * 32],
+    "sha": ["e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855", "abc", "0" * 40],
+    "file": ["D41D8CD98F00B204E9800998ECF8427E", "x"],
+    "query": ["bad.example", "localhost", "q.dyn.test"],
+    "suser": ["alice", "bob_2"],
+    "action": ["drop", "allow"],
+    "uri": ["http://evil.example/a"],
+}
+
+
+@st.composite
+def _events(draw: st.DrawFn) -> FramedEvent:
+    kind = draw(st.integers(0, 9))
+    if kind == 0:
+        return draw(st.text(max_size=60))  # anything at all, surrogates and NUL included
+    if kind == 1:
+        return Oversized(prefix=f"{draw(st.integers(0, 99))} url=http://evil.example/a", size=10_000)
+    fields = draw(st.lists(st.sampled_from(sorted(_VALUES)), max_size=6))
+    parts = [f"{name}={draw(st.sampled_from(_VALUES[name]))}" for name in fields]
+    head = draw(st.sampled_from(["", "<13>Oct 11 22:14:15 dns01 ", "<13>1 2026-10-11T22:14:15Z rw01 ", "x "]))
+    text = f"{head}{draw(st.integers(0, 999))} " + " ".join(parts)
+    if kind == 2:
+        text += draw(st.sampled_from(["\x00", "\udc80", "é", "\x1c", "\t", "  "]))
+    return text
+
+
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    st.lists(_events(), max_size=12),
+    st.sampled_from(["", "10.9.9.9", "192.0.2.1"]),
+    st.booleans(),
+    st.integers(0, 3),
+)
+def test_both_engines_give_the_same_lines_and_counts(
+    pairs: list[tuple[CompiledMatcher, Matcher]], events: list[FramedEvent], peer: str, finished: bool, which: int
+) -> None:
+    compiled, reference = pairs[which]
+    got_stats, want_stats = MatchStats(), MatchStats()
+    got = compiled.match(events, date=DATE, peer_ip=peer, finished=finished, stats=got_stats)
+    want = reference.match(events, date=DATE, peer_ip=peer, finished=finished, stats=want_stats)
+    assert got == want
+    assert got_stats == want_stats
+
+
+def test_the_compiled_engine_decides_plain_misses_itself(pairs: list[tuple[CompiledMatcher, Matcher]]) -> None:
+    compiled, reference = pairs[0]
+    events: list[FramedEvent] = [f"{n} url=http://fine.example/{n} src=192.168.1.{n % 250}" for n in range(200)]
+    before = compiled.reference_events + compiled.detect_events
+    assert compiled.match(events, date=DATE, finished=True) == reference.match(events, date=DATE, finished=True)
+    assert compiled.reference_events + compiled.detect_events == before  # none needed the reference path
+
+
+def test_the_example_config_and_events_match_exactly_on_both_engines() -> None:
+    config = load_node_config(str(EXAMPLES / "node.conf"))
+    store = _store(config)
+    framer = LineFramer()
+    framer.receive_data((EXAMPLES / "events.txt").read_bytes() + b"\n")
+    events = framer.next_events()
+    compiled = make_matcher(config, store, "compiled")
+    assert isinstance(compiled, CompiledMatcher)
+    assert compiled.match(events, date=DATE, finished=True) == Matcher(config, store).match(
+        events, date=DATE, finished=True
+    )
+
+
+# -- 3. what runs where -------------------------------------------------------------------------------------
+
+
+def test_a_source_with_replace_rules_runs_on_the_reference_path_logged_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    config = _config(tmp_path, *FORMATS[0], 0)
+    with caplog.at_level(logging.WARNING, logger="threatgate.node.engine"):
+        compiled = make_matcher(config, _store(config), "compiled")
+    assert isinstance(compiled, CompiledMatcher)
+    assert compiled.reference_sources == {"rw": "replace rules"}
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines == ["source rw runs on the reference matcher (slower, same answers): replace rules"]
+    event = "<13>1 2026-10-11T22:14:15Z rw01 7 uri=http://evil.example/a"
+    before = compiled.reference_events
+    assert compiled.match([event], date=DATE, finished=True) == Matcher(config, _store(config)).match(
+        [event], date=DATE, finished=True
+    )
+    assert compiled.reference_events == before + 1
+
+
+def test_engine_choice_reads_the_environment() -> None:
+    assert engine_choice({}) == "compiled"
+    assert engine_choice({"THREATGATE_ENGINE": " Reference "}) == "reference"
+    with pytest.raises(ValueError, match="THREATGATE_ENGINE='fast' is not an engine"):
+        engine_choice({"THREATGATE_ENGINE": "fast"})
