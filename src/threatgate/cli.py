@@ -47,8 +47,14 @@ def main() -> None:
 def node(config_path: str, log_level: str) -> None:
     """Run a matching node (CyberTrace-compatible event input)."""
     from threatgate.config.node import load_node_config
+    from threatgate.node.engine import engine_choice
     from threatgate.node.service import run_node
 
+    try:
+        engine_choice()
+    except ValueError as exc:
+        click.echo(f"threatgate: {exc}", err=True)
+        sys.exit(2)
     _run_service("node", load_node_config, run_node, config_path, log_level)
 
 

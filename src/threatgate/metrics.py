@@ -69,6 +69,7 @@ class NodeStats(BoundaryStats):
     alerts: dict[str, int] = field(default_factory=dict)
     api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count (probes not included)
     api_probes: dict[str, int] = field(default_factory=dict)  # /healthz, /readyz -> requests (load balancers)
+    engine_events: dict[str, int] = field(default_factory=dict)  # compiled / confirmed / reference -> events
     lookups: int = 0  # objects looked up through the REST API
     lookup_detections: int = 0
 
@@ -171,6 +172,13 @@ class StatsCollector(_TableCollector):
             ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
             ("threatgate_connections", "Event connections, by outcome", "outcome", s.connections),
             ("threatgate_category_detections", "Detections by category", "category", s.per_category),
+            (
+                "threatgate_engine_events",
+                "Events by matching path: compiled (the C engine alone), confirmed (its candidates looked up by the "
+                "reference code), reference (the whole event on the reference matcher)",
+                "path",
+                s.engine_events,
+            ),
             (
                 "threatgate_feed_load_failures",
                 "Feed loads that failed (previous version kept)",

@@ -8,6 +8,7 @@ reference path, logged once, same answers).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -363,7 +364,8 @@ def test_both_engines_give_the_same_lines_and_counts(
     got = compiled.match(events, date=DATE, peer_ip=peer, finished=finished, stats=got_stats)
     want = reference.match(events, date=DATE, peer_ip=peer, finished=finished, stats=want_stats)
     assert got == want
-    assert got_stats == want_stats
+    assert dataclasses.replace(got_stats, decided=0, confirmed=0) == want_stats
+    assert got_stats.decided + got_stats.confirmed <= got_stats.events
 
 
 def test_the_compiled_engine_decides_plain_misses_itself(pairs: list[tuple[CompiledMatcher, Matcher]]) -> None:

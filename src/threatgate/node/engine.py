@@ -213,6 +213,7 @@ class CompiledMatcher(Matcher):
             steps = self._plan_steps[plan]
             totals: dict[str, int] = {}
             st.events += 1
+            st.confirmed += 1
             sent = self._detect([(steps[k], v) for k, v in maybes], fields, date, out, totals, st)
             if finished:
                 out.append(self._finished_line(fields, sent, totals, date))
@@ -220,6 +221,7 @@ class CompiledMatcher(Matcher):
         batch = events if type(events) is list else list(events)
         decided: int = self._engine.match(batch, plan, date, finished, out, reference, detect)
         st.events += decided  # after the call: the reference path counts its own events meanwhile
+        st.decided += decided
         return out
 
     @property

@@ -50,6 +50,8 @@ class MatchStats:
     ignored: int = 0
     oversized: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
+    decided: int = 0  # events the compiled engine answered alone (node/engine.py)
+    confirmed: int = 0  # events whose possible indicators it handed to the reference lookups
 
 
 @dataclass(frozen=True, slots=True)

@@ -43,10 +43,11 @@ from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, q
 from threatgate.net.tls import ensure_server_pair, server_context
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
+from threatgate.node.engine import engine_choice, make_matcher
 from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
 from threatgate.node.feedwatch import FeedWatch, Identity
-from threatgate.node.matcher import Matcher, MatchStats
+from threatgate.node.matcher import MatchStats
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
@@ -155,7 +156,8 @@ class NodeService:
         self.config = config
         self.stats = NodeStats()
         self.alerts = Alerts(config, self.stats)
-        self.matcher = Matcher(config, IndicatorStore())
+        self.engine = engine_choice()
+        self.matcher = make_matcher(config, IndicatorStore(), self.engine)
         self.drop_tally = DropTally()
         self._drop_timer: asyncio.TimerHandle | None = None
         self.output = self._output_sender(config)
@@ -212,6 +214,14 @@ class NodeService:
         s.ignored += m.ignored
         if finished:
             s.finished_lines += m.events
+        paths = s.engine_events
+        if m.decided:
+            paths["compiled"] = paths.get("compiled", 0) + m.decided
+        if m.confirmed:
+            paths["confirmed"] = paths.get("confirmed", 0) + m.confirmed
+        rest = m.events - m.decided - m.confirmed
+        if rest:
+            paths["reference"] = paths.get("reference", 0) + rest
         for cat, n in m.per_category.items():
             s.per_category[cat] = s.per_category.get(cat, 0) + n
         f = framer.stats
@@ -627,7 +637,7 @@ class NodeService:
         self.config = new
         self._apply_output(new)
         self.listener.limits = _limits(new)
-        matcher = Matcher(new, self.matcher.store)
+        matcher = make_matcher(new, self.matcher.store, self.engine)
         matcher.use_suppliers(self.matcher.suppliers)
         self.matcher = matcher
         if _alert_settings(old) != _alert_settings(new):  # else keep the connection and its queue
@@ -685,10 +695,11 @@ class NodeService:
         if self.config.service.metrics is not None:
             await self._start_metrics()
         log.info(
-            "node listening for events on %s:%d (ScannersCount %d)",
+            "node listening for events on %s:%d (ScannersCount %d, %s matching engine)",
             listen.host,
             self.bound_port,
             self.config.service.scanners_count,
+            self.engine,
         )
         self.alerts.raise_alert("KL_ALERT_ServiceStarted")
         self._started = True
