@@ -174,7 +174,18 @@ RULES = {
         <RE_DOMAIN type="DOMAIN" extract="all">query=(\S+)</RE_DOMAIN>
       </Source>
       <Source id="rw" hostname="rw01">
-        <NormalizingRules><Replace input="uri=" output="url="/></NormalizingRules>
+        <NormalizingRules>
+          <Replace input="uri=" output="url="/>
+          <Replace input="\|\|" output="&#10;"/>
+          <Ignore>action=drop</Ignore>
+        </NormalizingRules>
+        <USER type="CONTEXT">suser=(\w+)</USER>
+      </Source>
+      <Source id="mangle" hostname="mg01">
+        <NormalizingRules><Replace input="x*" output="-"/></NormalizingRules>
+      </Source>
+      <Source id="uni" hostname="uni01">
+        <NormalizingRules><Replace input="uri=" output="url=é"/></NormalizingRules>
       </Source>
 """,
 }
@@ -342,8 +353,20 @@ def _events(draw: st.DrawFn) -> FramedEvent:
         return Oversized(prefix=f"{draw(st.integers(0, 99))} url=http://evil.example/a", size=10_000)
     fields = draw(st.lists(st.sampled_from(sorted(_VALUES)), max_size=6))
     parts = [f"{name}={draw(st.sampled_from(_VALUES[name]))}" for name in fields]
-    head = draw(st.sampled_from(["", "<13>Oct 11 22:14:15 dns01 ", "<13>1 2026-10-11T22:14:15Z rw01 ", "x "]))
-    text = f"{head}{draw(st.integers(0, 999))} " + " ".join(parts)
+    head = draw(
+        st.sampled_from(
+            [
+                "",
+                "<13>Oct 11 22:14:15 dns01 ",
+                "<13>1 2026-10-11T22:14:15Z rw01 ",
+                "x ",
+                "<1>1 - uni01 ",
+                "<1>1 - mg01 ",
+            ]
+        )
+    )
+    sep = draw(st.sampled_from([" ", " ", " || "]))
+    text = f"{head}{draw(st.integers(0, 999))} " + sep.join(parts)
     if kind == 2:
         text += draw(st.sampled_from(["\x00", "\udc80", "é", "\x1c", "\t", "  "]))
     return text
@@ -392,22 +415,40 @@ def test_the_example_config_and_events_match_exactly_on_both_engines() -> None:
 # -- 3. what runs where -------------------------------------------------------------------------------------
 
 
-def test_a_source_with_replace_rules_runs_on_the_reference_path_logged_once(
+def test_a_source_the_engine_cannot_run_goes_to_the_reference_path_logged_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     config = _config(tmp_path, *FORMATS[0], 0)
     with caplog.at_level(logging.WARNING, logger="threatgate.node.engine"):
         compiled = make_matcher(config, _store(config), "compiled")
     assert isinstance(compiled, CompiledMatcher)
-    assert compiled.reference_sources == {"rw": "replace rules"}
+    why = "a replace rule writes characters outside ASCII"
+    assert compiled.reference_sources == {"uni": why}
     lines = [r.getMessage() for r in caplog.records]
-    assert lines == ["source rw runs on the reference matcher (slower, same answers): replace rules"]
-    event = "<13>1 2026-10-11T22:14:15Z rw01 7 uri=http://evil.example/a"
+    assert lines == [f"source uni runs on the reference matcher (slower, same answers): {why}"]
+    reference = Matcher(config, _store(config))
+    event = "<1>1 - uni01 7 uri=http://evil.example/a"
     before = compiled.reference_events
-    assert compiled.match([event], date=DATE, finished=True) == Matcher(config, _store(config)).match(
-        [event], date=DATE, finished=True
-    )
+    assert compiled.match([event], date=DATE, finished=True) == reference.match([event], date=DATE, finished=True)
     assert compiled.reference_events == before + 1
+
+
+def test_replace_and_ignore_rules_run_in_the_compiled_engine(tmp_path: Path) -> None:
+    config = _config(tmp_path, *FORMATS[1], 0)
+    compiled = make_matcher(config, _store(config), "compiled")
+    assert isinstance(compiled, CompiledMatcher)
+    reference = Matcher(config, _store(config))
+    events: list[FramedEvent] = [
+        "<13>1 2026-10-11T22:14:15Z rw01 7 uri=http://fine.example/a suser=bob",  # rewritten, no hit
+        "<13>1 2026-10-11T22:14:15Z rw01 8 action=drop suser=eve",  # ignored after the rewrite
+    ]
+    got, want = MatchStats(), MatchStats()
+    before = compiled.reference_events + compiled.detect_events
+    assert compiled.match(events, date=DATE, finished=True, stats=got) == reference.match(
+        events, date=DATE, finished=True, stats=want
+    )
+    assert (got.decided, got.ignored) == (2, 1) and want.ignored == 1
+    assert compiled.reference_events + compiled.detect_events == before
 
 
 def test_engine_choice_reads_the_environment() -> None:

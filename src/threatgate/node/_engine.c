@@ -39,6 +39,9 @@ typedef struct {
     int ntotal;
     pcre2_code **ignore;
     int nignore;
+    pcre2_code **replace;
+    PyObject **replace_out; /* bytes: the literal output of each replace rule */
+    int nreplace;
     int reference; /* this source always runs on the reference path */
     PyObject *source_id; /* bytes */
 } Plan;
@@ -81,6 +84,10 @@ typedef struct {
     int *maybe_steps;
     int maybe_cap;
     Py_ssize_t reference_events, detect_events;
+    char *rbuf[2]; /* replace results, alternating */
+    size_t rcap[2];
+    const char *cur; /* the text being matched: the event, or a replace result */
+    size_t cur_len;
 } Engine;
 
 /* ---- small helpers ----------------------------------------------------------------------------------- */
@@ -537,6 +544,36 @@ static int pick_plan(Engine *e, const char *s, size_t len, int peer_plan) {
     return (int)PyLong_AsLong(plan);
 }
 
+/* re.sub(pattern, literal, text) with Python's empty-match rule into e->rbuf[slot]; 0, -1 limit, -2 exception. */
+static int replace_all(Engine *e, pcre2_code *code, PyObject *lit, const char *s, size_t len, int slot) {
+    const char *out = PyBytes_AS_STRING(lit);
+    size_t ol = (size_t)PyBytes_GET_SIZE(lit), at = 0, copied = 0, pos = 0;
+    uint32_t opts = 0;
+    for (;;) {
+        int rc = re_match(e, code, s, len, pos, opts);
+        if (rc == PCRE2_ERROR_NOMATCH) break;
+        if (rc <= 0) return -1;
+        PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
+        size_t b = ov[0], en = ov[1];
+        if (en < b) return -1;
+        if (grow(&e->rbuf[slot], &e->rcap[slot], at + (b - copied) + ol + 1) < 0) return -2;
+        memcpy(e->rbuf[slot] + at, s + copied, b - copied);
+        at += b - copied;
+        memcpy(e->rbuf[slot] + at, out, ol);
+        at += ol;
+        copied = en;
+        opts = en == b ? PCRE2_NOTEMPTY_ATSTART : 0;
+        pos = en;
+        if (pos > len) break;
+    }
+    if (grow(&e->rbuf[slot], &e->rcap[slot], at + (len - copied) + 1) < 0) return -2;
+    memcpy(e->rbuf[slot] + at, s + copied, len - copied);
+    at += len - copied;
+    e->cur = e->rbuf[slot];
+    e->cur_len = at;
+    return 0;
+}
+
 static int maybe_push(Engine *e, int step, Span sp) {
     if (e->maybes.n == e->maybe_cap) {
         int cap = e->maybe_cap ? e->maybe_cap * 2 : 16;
@@ -549,23 +586,48 @@ static int maybe_push(Engine *e, int step, Span sp) {
     return spans_push(&e->maybes, sp.start, sp.end);
 }
 
-/* 1: decided here (line in *line or none), 2: some values may detect (e->maybes, *plan_out), 0: reference
- * path, -1: exception. */
+/* 1: decided here (line in *line or none), 3: decided, ignored by an ignore rule, 2: some values may detect
+ * (e->maybes, *plan_out; e->cur is the text), 0: reference path, -1: exception. */
 static int decide(Engine *e, const char *s, size_t len, int peer_plan, const char *date, size_t date_len,
                   int finished, PyObject **line, int *plan_out) {
     *line = NULL;
     e->maybes.n = 0;
+    e->cur = s;
+    e->cur_len = len;
     int pi = pick_plan(e, s, len, peer_plan);
     *plan_out = pi;
     if (pi == -3) return -1;
     if (pi < 0 || pi >= e->nplans) return 0;
     const Plan *plan = &e->plans[pi];
     if (plan->reference) return 0;
+    for (int i = 0; i < plan->nreplace; i++) {
+        int rc = replace_all(e, plan->replace[i], plan->replace_out[i], e->cur, e->cur_len, i & 1);
+        if (rc == -2) return -1;
+        if (rc < 0) return 0;
+    }
+    if (plan->nreplace && memchr(e->cur, '\n', e->cur_len) != NULL) return 0; /* split into parts: reference */
+    s = e->cur;
+    len = e->cur_len;
+    for (int f = 0; f < e->nfields; f++) e->fields[f].start = e->fields[f].end = 0;
     for (int i = 0; i < plan->nignore; i++) {
         int rc = re_match(e, plan->ignore[i], s, len, 0, 0);
-        if (rc != PCRE2_ERROR_NOMATCH) return 0; /* ignored (or a limit): the reference counts and answers */
+        if (rc == PCRE2_ERROR_NOMATCH) continue;
+        if (rc <= 0) return 0; /* a limit: the reference decides */
+        /* Ignored: only the finished line, with the values of the context rules (matcher._context_only). */
+        if (finished && e->template != NULL) {
+            for (int k = 0; k < plan->nsteps; k++) {
+                const Step *st = &plan->steps[k];
+                if (st->lookup != L_CONTEXT) continue;
+                int r = run_step(e, st, s, len, &e->values);
+                if (r == -2) return -1;
+                if (r < 0) return 0;
+                if (e->values.n) e->fields[st->field] = e->values.v[0];
+            }
+            *line = render_finished(e, s, plan, date, date_len);
+            if (*line == NULL) return -1;
+        }
+        return 3;
     }
-    for (int f = 0; f < e->nfields; f++) e->fields[f].start = e->fields[f].end = 0;
     for (int k = 0; k < plan->nsteps; k++) {
         const Step *st = &plan->steps[k];
         int rc = run_step(e, st, s, len, &e->values);
@@ -622,6 +684,12 @@ static void free_plans(Engine *e) {
         Plan *p = &e->plans[i];
         for (int k = 0; k < p->ntotal; k++) if (p->steps[k].code) pcre2_code_free(p->steps[k].code);
         for (int k = 0; k < p->nignore; k++) if (p->ignore[k]) pcre2_code_free(p->ignore[k]);
+        for (int k = 0; k < p->nreplace; k++) {
+            if (p->replace[k]) pcre2_code_free(p->replace[k]);
+            Py_XDECREF(p->replace_out[k]);
+        }
+        PyMem_Free(p->replace);
+        PyMem_Free(p->replace_out);
         PyMem_Free(p->steps);
         PyMem_Free(p->ignore);
         Py_XDECREF(p->source_id);
@@ -651,6 +719,8 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->line);
     PyMem_Free(e->values.v);
     PyMem_Free(e->maybes.v);
+    PyMem_Free(e->rbuf[0]);
+    PyMem_Free(e->rbuf[1]);
     PyMem_Free(e->maybe_steps);
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
@@ -669,7 +739,8 @@ static pcre2_code *compile_pair(PyObject *pair, uint32_t *maxgroups) {
 }
 
 /* Engine(plans, nfields, host_re, by_host, fast_url, fast_domain, normalisers, template)
- *   plans: list of (source_id bytes, reference bool, steps list, nsteps int, ignore list)
+ *   plans: list of (source_id bytes, reference bool, steps list, nsteps int, ignore list, replace list)
+ *     replace: ((pattern, options), literal output bytes)
  *     step: ((pattern, options), groups, mode, all, lookup, field, fallback)
  *   host_re, fast_url, fast_domain: (pattern, options), options with PCRE2_ANCHORED (host_re) and
  *     PCRE2_ENDANCHORED (fast_url, fast_domain: full matches) at compile time, where JIT supports them;
@@ -696,10 +767,10 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
     for (Py_ssize_t i = 0; i < np; i++) {
         Plan *p = &e->plans[i];
         e->nplans = (int)i + 1;
-        PyObject *sid, *steps, *ignore;
+        PyObject *sid, *steps, *ignore, *replace;
         int reference, nsteps;
-        if (!PyArg_ParseTuple(PyList_GET_ITEM(plans, i), "SpO!iO!", &sid, &reference, &PyList_Type, &steps, &nsteps,
-                              &PyList_Type, &ignore))
+        if (!PyArg_ParseTuple(PyList_GET_ITEM(plans, i), "SpO!iO!O!", &sid, &reference, &PyList_Type, &steps, &nsteps,
+                              &PyList_Type, &ignore, &PyList_Type, &replace))
             return -1;
         Py_INCREF(sid);
         p->source_id = sid;
@@ -709,7 +780,21 @@ static int Engine_init(Engine *e, PyObject *args, PyObject *kw) {
         p->steps = PyMem_Calloc((size_t)(p->ntotal ? p->ntotal : 1), sizeof(Step));
         p->nignore = (int)PyList_GET_SIZE(ignore);
         p->ignore = PyMem_Calloc((size_t)(p->nignore ? p->nignore : 1), sizeof(pcre2_code *));
-        if (p->steps == NULL || p->ignore == NULL) { PyErr_NoMemory(); return -1; }
+        p->nreplace = (int)PyList_GET_SIZE(replace);
+        p->replace = PyMem_Calloc((size_t)(p->nreplace ? p->nreplace : 1), sizeof(pcre2_code *));
+        p->replace_out = PyMem_Calloc((size_t)(p->nreplace ? p->nreplace : 1), sizeof(PyObject *));
+        if (p->steps == NULL || p->ignore == NULL || p->replace == NULL || p->replace_out == NULL) {
+            PyErr_NoMemory();
+            return -1;
+        }
+        for (int k = 0; k < p->nreplace; k++) {
+            PyObject *pair, *lit;
+            if (!PyArg_ParseTuple(PyList_GET_ITEM(replace, k), "OS", &pair, &lit)) return -1;
+            Py_INCREF(lit);
+            p->replace_out[k] = lit;
+            p->replace[k] = compile_pair(pair, &maxgroups);
+            if (p->replace[k] == NULL) return -1;
+        }
         for (int k = 0; k < p->ntotal; k++) {
             Step *st = &p->steps[k];
             PyObject *pair;
@@ -855,7 +940,7 @@ fail:
     return NULL;
 }
 
-/* match(events, peer_plan, date, finished, out, reference, detect) -> events decided here.
+/* match(events, peer_plan, date, finished, out, reference, detect) -> (events decided here, of which ignored).
  * `reference(event)` runs the reference path for one event; `detect(event, plan, fields, maybes)` finishes
  * an event some of whose values may detect (both append their lines to `out` themselves). */
 static PyObject *Engine_match(Engine *e, PyObject *args) {
@@ -868,7 +953,7 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         return NULL;
     if (e->md == NULL) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
     if (peer_plan >= e->nplans) { PyErr_SetString(PyExc_ValueError, "peer_plan out of range"); return NULL; }
-    Py_ssize_t decided = 0;
+    Py_ssize_t decided = 0, ignored = 0;
     Py_ssize_t n = PyList_GET_SIZE(events);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
@@ -880,7 +965,7 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         if (rc < 0) return NULL;
         if (rc == 2) {
             e->detect_events++;
-            PyObject *a = detect_args(e, ev, PyUnicode_DATA(ev), plan);
+            PyObject *a = detect_args(e, ev, e->cur, plan);
             if (a == NULL) return NULL;
             PyObject *r = PyObject_Call(detect, a, NULL);
             Py_DECREF(a);
@@ -888,7 +973,8 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
             Py_DECREF(r);
             continue;
         }
-        if (rc == 1) {
+        if (rc == 3) ignored++;
+        if (rc == 1 || rc == 3) {
             decided++;
             if (line != NULL) {
                 int err = PyList_Append(out, line);
@@ -902,7 +988,7 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         if (r == NULL) return NULL;
         Py_DECREF(r);
     }
-    return PyLong_FromSsize_t(decided);
+    return Py_BuildValue("(nn)", decided, ignored);
 }
 
 static PyObject *Engine_reference_events(Engine *e, void *closure) { return PyLong_FromSsize_t(e->reference_events); }

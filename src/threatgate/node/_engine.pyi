@@ -13,7 +13,7 @@ class Engine:
     detect_events: int
     def __init__(
         self,
-        plans: list[tuple[bytes, bool, list[tuple[Any, ...]], int, list[tuple[str, int]]]],
+        plans: list[tuple[Any, ...]],
         nfields: int,
         host_re: tuple[str, int] | None,
         by_host: dict[str, int],
@@ -34,4 +34,4 @@ class Engine:
         reference: Callable[[Any], None],
         detect: Callable[[str, int, tuple[str | None, ...], list[tuple[int, str]]], None],
         /,
-    ) -> int: ...
+    ) -> tuple[int, int]: ...

@@ -121,7 +121,7 @@ class CompiledMatcher(Matcher):
             log.warning("source %s runs on the reference matcher (slower, same answers): %s", sid, why)
         self._swapped()
 
-    def _plan_tuple(self, source: Source) -> tuple[bytes, bool, list[tuple[Any, ...]], int, list[tuple[str, int]]]:
+    def _plan_tuple(self, source: Source) -> tuple[Any, ...]:
         sid = source.id.encode("utf-8", "surrogatepass")
         default_rules = {r.name: r for r in self._default.rules}
         if source.id == "default":
@@ -134,8 +134,11 @@ class CompiledMatcher(Matcher):
             clash = _RESERVED & {r.name for r, _ in pairs}
             if clash:
                 raise Unsupported(f"a rule is named {sorted(clash)[0]}, which is also an output field")
-            if source.replace:
-                raise Unsupported("replace rules")
+            replace = []
+            for rewrite in source.replace:
+                if not rewrite.output.isascii():
+                    raise Unsupported("a replace rule writes characters outside ASCII")
+                replace.append((_pair(rewrite.pattern), rewrite.output.encode("ascii")))
             main: list[tuple[Any, ...]] = []
             fallbacks: list[tuple[Any, ...]] = []
             for rule, fallback in pairs:
@@ -147,8 +150,8 @@ class CompiledMatcher(Matcher):
             ignore = [_pair(p) for p in source.ignore]
         except Unsupported as exc:
             self.reference_sources[source.id] = str(exc)
-            return sid, True, [], 0, []
-        return sid, False, main + fallbacks, len(main), ignore
+            return sid, True, [], 0, [], []
+        return sid, False, main + fallbacks, len(main), ignore, replace
 
     def _template(self) -> tuple[bytes | int, ...] | None:
         """The finished line of an event with no detection, as literal bytes and field numbers."""
@@ -219,9 +222,10 @@ class CompiledMatcher(Matcher):
                 out.append(self._finished_line(fields, sent, totals, date))
 
         batch = events if type(events) is list else list(events)
-        decided: int = self._engine.match(batch, plan, date, finished, out, reference, detect)
+        decided, ignored = self._engine.match(batch, plan, date, finished, out, reference, detect)
         st.events += decided  # after the call: the reference path counts its own events meanwhile
         st.decided += decided
+        st.ignored += ignored
         return out
 
     @property
