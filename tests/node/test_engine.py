@@ -182,7 +182,7 @@ RULES = {
         <USER type="CONTEXT">suser=(\w+)</USER>
       </Source>
       <Source id="mangle" hostname="mg01">
-        <NormalizingRules><Replace input="x*" output="-"/></NormalizingRules>
+        <NormalizingRules><Replace input="x*" output="-"/><Replace input="u??" output="+"/></NormalizingRules>
       </Source>
       <Source id="uni" hostname="uni01">
         <NormalizingRules><Replace input="uri=" output="url=é"/></NormalizingRules>
