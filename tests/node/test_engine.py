@@ -183,6 +183,7 @@ RULES = {
       </Source>
       <Source id="mangle" hostname="mg01">
         <NormalizingRules><Replace input="x*" output="-"/><Replace input="u??" output="+"/></NormalizingRules>
+        <REQ type="CONTEXT">(?:\S{1,30})</REQ>
       </Source>
       <Source id="uni" hostname="uni01">
         <NormalizingRules><Replace input="uri=" output="url=é"/></NormalizingRules>
