@@ -392,6 +392,26 @@ def test_both_engines_give_the_same_lines_and_counts(
     assert got_stats.decided + got_stats.confirmed <= got_stats.events
 
 
+_OBJECTS = st.one_of(
+    st.sampled_from([v for values in _VALUES.values() for v in values]),
+    st.sampled_from(["  10.1.2.3 ", "D41D8CD98F00B204E9800998ECF8427E", "2001:db8::5", "evil.example/b?x=1", ""]),
+    st.text(max_size=30),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(_OBJECTS, max_size=20))
+def test_rest_lookups_answer_the_same_on_both_engines(
+    pairs: list[tuple[CompiledMatcher, Matcher]], objects: list[str]
+) -> None:
+    compiled, reference = pairs[0]
+
+    def plain(results: list[tuple[list[Any], int]]) -> list[tuple[list[tuple[str, int, str]], int]]:
+        return [([(h.snapshot.name, h.record_no, h.indicator.raw) for h in hits], n) for hits, n in results]
+
+    assert plain(compiled.lookup_objects(objects)) == plain(reference.lookup_objects(objects))
+
+
 def test_the_compiled_engine_decides_plain_misses_itself(pairs: list[tuple[CompiledMatcher, Matcher]]) -> None:
     compiled, reference = pairs[0]
     events: list[FramedEvent] = [f"{n} url=http://fine.example/{n} src=192.168.1.{n % 250}" for n in range(200)]

@@ -991,12 +991,50 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
     return Py_BuildValue("(nn)", decided, ignored);
 }
 
+/* One REST lookup object, classified as Matcher.lookup_object does: MISS, MAYBE (or not ASCII) or FAILED. */
+static int lookup_one(Engine *e, PyObject *v) {
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) return MAYBE;
+    const char *p = PyUnicode_DATA(v);
+    size_t n = (size_t)PyUnicode_GET_LENGTH(v);
+    while (n && py_space((unsigned char)*p)) { p++; n--; }
+    while (n && py_space((unsigned char)p[n - 1])) n--;
+    if (n == 32 || n == 40 || n == 64) {
+        size_t i = 0;
+        while (i < n && is_hex(lower((unsigned char)p[i]))) i++;
+        if (i == n) return check_value(e, L_HASH, p, n);
+    }
+    if (memchr(p, '/', n) == NULL) {
+        if (parse_v4(p, n) >= 0) return check_value(e, L_IP, p, n);
+        if (memchr(p, ':', n) != NULL) return MAYBE; /* maybe IPv6: the reference classifies it */
+    }
+    return check_value(e, L_URL, p, n);
+}
+
+/* lookup(objects) -> bytes: per object 0 when it certainly detects nothing, 1 when the reference must look. */
+static PyObject *Engine_lookup(Engine *e, PyObject *objects) {
+    if (e->md == NULL) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
+    PyObject *seq = PySequence_Fast(objects, "objects must be a sequence of str");
+    if (seq == NULL) return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
+    if (out == NULL) { Py_DECREF(seq); return NULL; }
+    char *flags = PyBytes_AS_STRING(out);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        int r = lookup_one(e, PySequence_Fast_GET_ITEM(seq, i));
+        if (r == FAILED) { Py_DECREF(out); Py_DECREF(seq); return NULL; }
+        flags[i] = (char)(r == MAYBE);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
 static PyObject *Engine_reference_events(Engine *e, void *closure) { return PyLong_FromSsize_t(e->reference_events); }
 static PyObject *Engine_detect_events(Engine *e, void *closure) { return PyLong_FromSsize_t(e->detect_events); }
 
 static PyMethodDef Engine_methods[] = {
     {"use_indexes", (PyCFunction)Engine_use_indexes, METH_O, "Swap in the store's indexes (engine_views())."},
     {"match", (PyCFunction)Engine_match, METH_VARARGS, "Match a batch; returns how many events were decided here."},
+    {"lookup", (PyCFunction)Engine_lookup, METH_O, "REST lookup objects: 1 where the reference must look."},
     {NULL, NULL, 0, NULL},
 };
 

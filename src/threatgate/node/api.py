@@ -317,8 +317,7 @@ class NodeAPI:
         matcher = self.node.matcher
         out: list[dict[str, Any]] = []
         detected = 0
-        for value in objects:
-            hits, suppressed = matcher.lookup_object(value)
+        for value, (hits, suppressed) in zip(objects, matcher.lookup_objects(objects), strict=True):
             if hits:
                 detected += 1
                 out.append({"object": value, "result": "detected", "categories": [_category(h) for h in hits]})

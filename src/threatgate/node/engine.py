@@ -26,7 +26,7 @@ import numpy as np
 from threatgate.config.node import PATTERN_RE, NodeConfig, Rule, RuleType, Source
 from threatgate.node import _engine, normalize
 from threatgate.node.feeds import Kind
-from threatgate.node.matcher import _SYSLOG_HOST, Matcher, MatchStats, _Step
+from threatgate.node.matcher import _SYSLOG_HOST, Hit, Matcher, MatchStats, _Step
 from threatgate.node.pcre import ANCHORED, ENDANCHORED, Unsupported, to_pcre2
 from threatgate.node.render import Fields
 from threatgate.node.store import IndicatorStore
@@ -227,6 +227,11 @@ class CompiledMatcher(Matcher):
         st.decided += decided
         st.ignored += ignored
         return out
+
+    def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
+        """As the reference; objects the engine proves absent answer at once, the rest go to lookup_object."""
+        maybe = self._engine.lookup(objects)
+        return [self.lookup_object(value) if flag else ([], 0) for value, flag in zip(objects, maybe, strict=True)]
 
     @property
     def reference_events(self) -> int:

@@ -275,6 +275,10 @@ class Matcher:
             return self.lookup_suppressed(RuleType.IP, text)
         return self.lookup_suppressed(RuleType.URL, text)
 
+    def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
+        """:meth:`lookup_object` for each of a REST request's objects (the compiled engine batches them)."""
+        return [self.lookup_object(value) for value in objects]
+
     def _confirm(self, candidates: list[Candidate]) -> tuple[list[Hit], int]:
         """Hits confirmed by reading records back, and how many the FalsePositive supplier suppressed."""
         hits: list[Hit] = []
