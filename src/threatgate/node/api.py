@@ -25,6 +25,7 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
+import orjson
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
@@ -238,12 +239,7 @@ class NodeAPI:
                 return json_error(500, "internal error; see the node's log")
         finally:
             self.inflight -= 1
-        return web.Response(
-            status=status,
-            body=json.dumps(payload, separators=(",", ":")).encode(),
-            content_type="application/json",
-            headers=headers,
-        )
+        return web.Response(status=status, body=_json_bytes(payload), content_type="application/json", headers=headers)
 
     async def _read_body(self, call: Call) -> web.Response | None:
         request = call.request
@@ -467,6 +463,15 @@ def _has_lone_surrogate(value: Any) -> bool:
     except UnicodeEncodeError:
         return True
     return False
+
+
+def _json_bytes(payload: Any) -> bytes:
+    """The answer's JSON: orjson (a 100-object lookup answer costs a fifth of json's time), else json for
+    what orjson refuses (a lone surrogate a client sent in an object, echoed back)."""
+    try:
+        return orjson.dumps(payload)
+    except TypeError:
+        return json.dumps(payload, separators=(",", ":")).encode()
 
 
 def _close(response: web.Response) -> web.Response:
