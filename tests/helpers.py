@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import queue
 import re
 import shutil
@@ -61,7 +62,7 @@ class NodeProcess:
 
     command = "node"
 
-    def __init__(self, config: Path, port: int) -> None:
+    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.port = port
         self.log_path = config.parent / f"{self.command}-{port}.log"
@@ -70,6 +71,7 @@ class NodeProcess:
             [sys.executable, "-m", "threatgate", self.command, "--config", str(config), "--log-level", "inf"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
+            env={**os.environ, **env} if env else None,
         )
         self._seen = 0
 
@@ -109,8 +111,8 @@ class NodeProcess:
 
 
 @contextmanager
-def running_node(config: Path, port: int) -> Iterator[NodeProcess]:
-    node = NodeProcess(config, port)
+def running_node(config: Path, port: int, env: dict[str, str] | None = None) -> Iterator[NodeProcess]:
+    node = NodeProcess(config, port, env)
     try:
         node.wait_for_log(r"node listening for events")
         yield node

@@ -229,3 +229,49 @@ def test_node_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert f"{config}:10: <RE_URL>: regex" in result.stderr
     assert "does not compile" in result.stderr
+
+
+def test_both_matching_engines_answer_a_real_client_byte_for_byte(tmp_path: Path) -> None:
+    """THREATGATE_ENGINE selects the engine of a real node; both answer the same bytes, hostile input included."""
+    payload = (
+        FLAGS
+        + (EXAMPLES / "events.txt").read_bytes()
+        + b"8 url=http://fakess123.nu/\xff\xfe src=192.0.2.9\n9 \x00 url=HTTP://FAKESS123.NU\n"
+        + "10 url=http://пример.рф/ dst=203.0.113.5\n".encode()
+    )
+    answers = {}
+    for engine in ("compiled", "reference"):
+        port, metrics = free_port(), free_port()
+        directory = tmp_path / engine
+        directory.mkdir()
+        config = example_config(
+            directory,
+            port=port,
+            extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        )
+        with running_node(config, port, {"THREATGATE_ENGINE": engine}) as proc:
+            proc.wait_for_log(rf"ScannersCount \d+, {engine} matching engine", after=0)
+            answers[engine] = exchange(port, payload)
+            proc.metrics_port = metrics  # type: ignore[attr-defined]
+            paths = {
+                p: metric(proc, "threatgate_engine_events_total", f'path="{p}"') for p in ("compiled", "reference")
+            }
+        if engine == "compiled":
+            assert paths["compiled"] > 0 and paths["reference"] >= 3  # the three hostile events
+        else:
+            assert paths == {"compiled": 0.0, "reference": 10.0}
+    assert answers["compiled"] == answers["reference"]
+    assert answers["compiled"].count(b"LookupFinished") == 10
+
+
+def test_node_refuses_an_unknown_engine(tmp_path: Path) -> None:
+    config = example_config(tmp_path, port=free_port())
+    result = subprocess.run(
+        [sys.executable, "-m", "threatgate", "node", "--config", str(config)],
+        env={**os.environ, "THREATGATE_ENGINE": "turbo"},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert result.returncode == 2
+    assert "THREATGATE_ENGINE='turbo' is not an engine; use one of: compiled, reference" in result.stderr
