@@ -44,7 +44,7 @@ from threatgate.net.tls import ensure_server_pair, server_context
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.exports import Exports
-from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
+from threatgate.node.feeds import FeedSnapshot, feed_identity, load_feed
 from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
@@ -188,7 +188,7 @@ class NodeService:
         self.api = NodeAPI(self)
         self.http: HTTPServer | None = None
         self._suppliers_lock = asyncio.Lock()
-        self._supplier_snapshots: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
+        self._supplier_snapshots: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cluster: ClusterAgent | None = None  # set by run_node when <Cluster> is configured
 
@@ -422,8 +422,8 @@ class NodeService:
             self._account_read_failures()
 
     def _account_read_failures(self) -> None:
-        """Records a loaded version could not read back (an I/O error on its private copy): their
-        detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
+        """Records of a loaded version whose snapshot bytes did not decode (damaged after the start-up
+        check): their detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
         counted = self.stats.feed_read_failures
         for snap in self._snapshots.values():
             total = snap.read_failures
@@ -432,11 +432,11 @@ class NodeService:
                 self._read_failures_seen[snap] = total
                 counted[snap.name] = counted.get(snap.name, 0) + total - before
                 self.warn_read(
-                    "feed %s: %d record(s) could not be read back from the loaded version's private copy; "
-                    "their detections were lost (threatgate_feed_read_failures_total); check the disk of %s",
+                    "feed %s: %d record(s) could not be read from the loaded version's snapshot %s; "
+                    "their detections were lost (threatgate_feed_read_failures_total); check that disk",
                     snap.name,
                     total - before,
-                    self._private_dir() or "the temporary directory",
+                    snap.path or "(in memory)",
                 )
 
     async def _watch_users(self) -> None:
@@ -481,8 +481,8 @@ class NodeService:
         async with self._suppliers_lock:
             cache = self._supplier_snapshots
 
-            def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[MemorySnapshot]]]]:
-                kept: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
+            def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[FeedSnapshot]]]]:
+                kept: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
                 snapshots: dict[int, FeedSnapshot] = {}
                 for supplier in db.suppliers():
                     if supplier.status != "enabled":
@@ -800,7 +800,7 @@ def _load(settings: FeedSettings, private_dir: str | None) -> tuple[Identity, Fe
     """One load attempt (blocking): the identity the version was loaded from, and it or why it failed."""
     tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
     try:
-        snap = load_feed(settings, private_dir)
+        snap = load_feed(settings)
     except FeedError as exc:
         return tried, exc
     return snap.identity, snap
