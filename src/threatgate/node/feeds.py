@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import stat
+import weakref
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -312,6 +313,9 @@ def mask_matches(value: str, url: str) -> bool:
     return mask.matches(url[len(host) :] or "/")
 
 
+_LIVE: weakref.WeakSet[FeedSnapshot] = weakref.WeakSet()
+
+
 class FeedSnapshot:
     """One loaded version of one feed: its settings, file identity and the index over its snapshot.
 
@@ -328,6 +332,12 @@ class FeedSnapshot:
         self.header: list[str] = index.header  # CSV: column names, the indicator column under its canonical name
         self.read_failures = 0  # records that could not be decoded at detection time (damaged snapshot bytes)
         self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
+        _LIVE.add(self)
+
+    @staticmethod
+    def live() -> list[FeedSnapshot]:
+        """Every snapshot still in memory (the node keeps their files; see snapshots.remove_unused)."""
+        return list(_LIVE)
 
     def __repr__(self) -> str:
         return f"<FeedSnapshot {self.settings.name} records={len(self.index)} malformed={self.report.malformed}>"

@@ -250,3 +250,31 @@ def load_misp(settings: FeedSettings) -> MemorySnapshot:
     snapshot.digest = digest.digest()
     report.log_skipped(log, settings.name, "MISP attribute(s)")
     return snapshot
+
+
+def misp_digest(settings: FeedSettings) -> bytes:
+    """The sha256 :func:`load_misp` computes over the files it reads (manifest, then each event file it
+    names), without parsing the events: how the node finds the snapshot of an unchanged MISP feed.
+
+    Raises:
+        FeedError: the manifest cannot be read or is not a JSON object, or a file is over the limit.
+    """
+    manifest_path = os.path.join(settings.path, "manifest.json")
+    try:
+        data, _st = read_document(manifest_path, MAX_EVENT_FILE_SIZE)
+    except OSError as exc:
+        raise FeedError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data)
+    manifest = parse_document(manifest_path, data)
+    if not isinstance(manifest, dict):
+        raise FeedError(f"{manifest_path}: a MISP manifest must be a JSON object keyed by event UUID")
+    for uuid in manifest:
+        if not _SAFE_NAME.match(uuid):
+            continue
+        try:
+            event, _st = read_document(os.path.join(settings.path, uuid + ".json"), MAX_EVENT_FILE_SIZE)
+        except OSError:
+            continue
+        digest.update(f"\0{uuid}\0{len(event)}\0".encode())
+        digest.update(event)
+    return digest.digest()
