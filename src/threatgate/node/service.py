@@ -285,6 +285,7 @@ class NodeService:
             changed: dict[int, FeedSnapshot] = {}
             stale: set[int] = set()  # slots whose snapshot belongs to a feed no longer at that place
             pending: list[tuple[int, FeedSettings, FeedSnapshot | None, bool, float]] = []
+            updated: list[tuple[str, int]] = []  # KL_ALERT_UpdatedFeed once the new versions detect
             feeds = self.config.feeds.feeds  # one list for the whole reload, whatever a SIGHUP does meanwhile
             # Versions follow their feed file, not its place in the list: a feed moved by an edit keeps its
             # version, and a feed put at another feed's place never inherits that feed's version.
@@ -338,7 +339,7 @@ class NodeService:
                     self.alerts.raise_alert(
                         "KL_ALERT_FeedLoadedPartially", feed=settings.name, records=rep.records, malformed=rep.malformed
                     )
-                self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=settings.name, records=rep.records)
+                updated.append((settings.name, rep.records))
             self.stats.reloads += 1
             wanted = {slot for slot, f in enumerate(feeds) if f.enabled}
             self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
@@ -354,6 +355,8 @@ class NodeService:
             self._snapshots = snapshots
             self.matcher.use_store(store)
             self.store_version += 1
+            for name, records in updated:
+                self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=name, records=records)
             loaded = {snap.name: snap.report.records for snap in snapshots.values()}
             enabled = (f.name for f in self.config.feeds.feeds if f.enabled)
             self.stats.feed_records = {name: loaded.get(name, 0) for name in enabled}  # 0: no version loaded
