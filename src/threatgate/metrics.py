@@ -14,6 +14,7 @@ from __future__ import annotations
 import platform
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
@@ -22,6 +23,8 @@ from prometheus_client.registry import Collector
 
 from threatgate._version import __version__
 from threatgate.config.common import Address
+
+K = TypeVar("K", str, tuple[str, str])
 
 SERVER = "threatgate"
 """The ``Server`` header of every HTTP answer threatgate sends: no versions for a scanner to match."""
@@ -41,7 +44,7 @@ class BoundaryStats:
     connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
     output_dropped: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, reason) -> lines
 
-    def bump(self, table: dict[str, int], key: str, n: int = 1) -> None:
+    def bump(self, table: dict[K, int], key: K, n: int = 1) -> None:
         table[key] = table.get(key, 0) + n
 
     def drop_lines(self, destination: str, reason: str, lines: int) -> None:
@@ -65,6 +68,8 @@ class NodeStats(BoundaryStats):
     feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
     feed_read_failures: dict[str, int] = field(default_factory=dict)  # feed -> records not read back (lost hits)
     feed_loaded_at: dict[str, int] = field(default_factory=dict)  # enabled feed -> last good load (Unix s, 0 never)
+    snapshot_rebuilds: dict[tuple[str, str], int] = field(default_factory=dict)  # (feed, reason) -> refused files
+    snapshot_loads: dict[tuple[str, str], int] = field(default_factory=dict)  # (feed, "mapped"|"built") -> versions
     reloads: int = 0
     alerts: dict[str, int] = field(default_factory=dict)
     api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count (probes not included)
@@ -152,6 +157,27 @@ class StatsCollector(_TableCollector):
         super().__init__(gauges, labelled)
         self._stats = stats
         self._boundary = stats
+
+    def collect(self) -> Iterator[Metric]:
+        yield from super().collect()
+        for name, doc, labels, values in (
+            (
+                "threatgate_snapshot_rebuilds",
+                "Snapshot files refused (truncated, corrupt, foreign) and rebuilt, by feed and reason",
+                ["feed", "reason"],
+                self._stats.snapshot_rebuilds,
+            ),
+            (
+                "threatgate_snapshot_loads",
+                "Feed versions loaded from a snapshot, by feed and how (mapped: unchanged, not parsed; built)",
+                ["feed", "how"],
+                self._stats.snapshot_loads,
+            ),
+        ):
+            family = CounterMetricFamily(name, doc, labels=labels)
+            for key, value in sorted(values.items()):
+                family.add_metric(list(key), value)
+            yield family
 
     def counters(self) -> Counters:
         s = self._stats

@@ -4,7 +4,6 @@ applied within 5 s with ``update_frequency="0"`` (no schedule), and a node missi
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -36,7 +35,7 @@ APPLY_WITHIN = 5.0
 SHARED = "http://malicious.example/p/index.php"  # in the example feed and in every new version below
 NEW = "http://new-threat.example/x"
 URLS = "malicious_urls.json"
-JSON_AND_CSV_FEEDS = 6  # of the example's 8 (STIX and MISP records live in memory)
+FEEDS = 8  # the example's feeds: one snapshot file per loaded version, STIX and MISP included
 BOTNET_URL = "http://a7396d61caffe18a4cffbb3b428c9b60.com/"  # in the botnet domains feed
 
 
@@ -149,15 +148,9 @@ def overwrite_in_place(path: Path, data: bytes) -> None:
     assert path.stat().st_ino == inode
 
 
-def private_copies(node: Node) -> int:
-    """The private copies of loaded feed versions the node holds open: unlinked files beside its database."""
-    state = f"{node.dir / 'state'}/"
-    count = 0
-    for fd in Path(f"/proc/{node.proc.proc.pid}/fd").iterdir():
-        with contextlib.suppress(OSError):  # a descriptor closed meanwhile
-            target = os.readlink(fd)
-            count += target.startswith(state) and target.endswith(" (deleted)")
-    return count
+def snapshot_files(node: Node) -> int:
+    """The snapshot files of loaded feed versions: in the snapshot directory beside the node's database."""
+    return len(list((node.dir / "state" / "snapshots").glob("*.tgsnap")))
 
 
 def wait_detects(node: Node, url: str, since: float) -> float:
@@ -192,7 +185,7 @@ class Prober:
 
 def test_a_feed_overwritten_in_place_keeps_detecting_and_its_new_version_applies_within_5_s(node: Node) -> None:
     assert node.detects(SHARED) and not node.detects(NEW)
-    assert private_copies(node) == JSON_AND_CSV_FEEDS
+    assert snapshot_files(node) == FEEDS
     prober = Prober(node, SHARED)
     try:
         wait_until(lambda: prober.sent >= 5, "the prober to run")
@@ -208,8 +201,8 @@ def test_a_feed_overwritten_in_place_keeps_detecting_and_its_new_version_applies
     assert prober.missed == 0, f"{prober.missed} of {prober.sent} events lost their detection"
     node.alerts.wait_for(f"alert=KL_ALERT_UpdatedFeed feed={URLS} records=6")
     assert node.metric(f'threatgate_feed_records{{feed="{URLS}"}}') == 6
-    # The replaced version's copy is released with it: one copy per loaded JSON or CSV feed.
-    wait_until(lambda: private_copies(node) == JSON_AND_CSV_FEEDS, "the old version's copy to be released")
+    # The replaced version's snapshot is removed with it: one file per loaded feed version.
+    wait_until(lambda: snapshot_files(node) == FEEDS, "the old version's snapshot to be removed")
 
 
 def test_a_truncated_renamed_or_deleted_feed_file(node: Node) -> None:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import stat
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +18,7 @@ from threatgate.node.feeds import (
     Kind,
     Mask,
     classify,
+    indicator_field,
     indicator_of,
     key_of,
     load_feed,
@@ -41,8 +40,33 @@ def load_text(tmp_path: Path, name: str, text: str, **kwargs: Any) -> FeedSnapsh
     return load_feed(settings_for(path, fmt, **kwargs))
 
 
-def records(snap: FeedSnapshot) -> list[dict[str, Any] | None]:
-    return [snap.read_record(i) for i in range(len(snap.offsets))]
+Loaded = tuple[str, dict[str, str]]
+
+
+def loaded(*feed: dict[str, Any]) -> list[Loaded]:
+    """What a snapshot keeps of feed records: the indicator as written, and the context as text."""
+    out = []
+    for record in feed:
+        field = indicator_field(record)
+        assert field is not None
+        out.append((record[field], dict(record_context(record))))
+    return out
+
+
+def read(snap: FeedSnapshot, record_no: int) -> Loaded | None:
+    record = snap.record(record_no)
+    return None if record is None else (record.raw, dict(record.context))
+
+
+def records(snap: FeedSnapshot) -> list[Loaded | None]:
+    return [read(snap, i) for i in range(len(snap))]
+
+
+def keys(snap: FeedSnapshot) -> list[int]:
+    """The snapshot's keys in record order."""
+    index = snap.index
+    by_row = dict(zip(index.refs, index.keys, strict=True))
+    return [by_row[row] for row in sorted(by_row)]
 
 
 # -- JSON -----------------------------------------------------------------------------------------
@@ -58,9 +82,10 @@ def test_FeedSnapshot_json_loads_records_and_reads_them_back(tmp_path: Path) -> 
     assert snap.report.records == 3
     assert snap.report.malformed == 0
     assert snap.report.per_kind == {"url": 1, "ip": 1, "hash": 1}
-    assert records(snap) == feed
-    assert list(snap.kinds) == [Kind.URL, Kind.IP, Kind.HASH]
-    assert list(snap.keys) == [
+    assert records(snap) == loaded(*feed)
+    assert records(snap)[1] == ("192.0.2.1", {"threat": "Botnet", "score": "7"})
+    assert [snap.index.kind(i) for i in range(3)] == [Kind.URL, Kind.IP, Kind.HASH]
+    assert keys(snap) == [
         key_of(Kind.URL, "evil.example/a"),
         key_of(Kind.IP, "192.0.2.1"),
         key_of(Kind.HASH, "44d88612fea8a8f36de82e1278abb02f"),
@@ -69,18 +94,16 @@ def test_FeedSnapshot_json_loads_records_and_reads_them_back(tmp_path: Path) -> 
     assert "records=3" in repr(snap)
 
 
-def test_FeedSnapshot_json_offsets_cover_exactly_each_record(tmp_path: Path) -> None:
-    text = '  [ {"ip": "10.0.0.1"} ,\n\n{"ip": "10.0.0.2", "x": [1, 2]}  ]  \n'
+def test_FeedSnapshot_json_non_scalar_fields_are_not_context(tmp_path: Path) -> None:
+    text = '  [ {"ip": "10.0.0.1"} ,\n\n{"ip": "10.0.0.2", "x": [1, 2], "y": {"a": 1}, "ok": true}  ]  \n'
     snap = load_text(tmp_path, "f.json", text)
-    raw = text.encode()
-    spans = [raw[o : o + n] for o, n in zip(snap.offsets, snap.lengths, strict=True)]
-    assert spans == [b'{"ip": "10.0.0.1"}', b'{"ip": "10.0.0.2", "x": [1, 2]}']
+    assert records(snap) == [("10.0.0.1", {}), ("10.0.0.2", {"ok": "true"})]
 
 
 def test_FeedSnapshot_json_empty_array(tmp_path: Path) -> None:
     snap = load_text(tmp_path, "f.json", "[]")
     assert snap.report.records == 0
-    assert len(snap.offsets) == 0
+    assert len(snap) == 0
 
 
 def test_FeedSnapshot_json_malformed_records_counted_with_examples(tmp_path: Path) -> None:
@@ -100,7 +123,7 @@ def test_FeedSnapshot_json_malformed_records_counted_with_examples(tmp_path: Pat
     assert examples[3] == "record 5: ip='999.1.1.1' is not a valid indicator"
     assert examples[4].startswith("record 6 (line 2): invalid JSON")
     # The record after the broken one is still loaded, and reads back correctly.
-    assert records(snap)[-1] == {"md5": "44d88612fea8a8f36de82e1278abb02f"}
+    assert records(snap)[-1] == ("44d88612fea8a8f36de82e1278abb02f", {})
 
 
 def test_FeedSnapshot_json_examples_capped_but_all_counted(tmp_path: Path) -> None:
@@ -155,7 +178,7 @@ def test_FeedSnapshot_missing_file_is_feed_error(tmp_path: Path) -> None:
         load_feed(settings_for(tmp_path / "nope.json", "json"))
 
 
-def test_FeedSnapshot_json_non_ascii_offsets_are_byte_offsets(tmp_path: Path) -> None:
+def test_FeedSnapshot_json_non_ascii_records(tmp_path: Path) -> None:
     feed = [
         {"url": "http://a.example/x", "note": "пример"},
         {"domain": "пример.example", "note": "ещё пример ✓"},
@@ -163,13 +186,14 @@ def test_FeedSnapshot_json_non_ascii_offsets_are_byte_offsets(tmp_path: Path) ->
     ]
     snap = load_text(tmp_path, "f.json", json.dumps(feed, ensure_ascii=False, indent=1))
     assert snap.report.records == 3
-    assert records(snap) == feed
-    assert snap.read_record(2) == {"url": "http://b.example/y", "note": "ok"}
+    assert records(snap) == loaded(*feed)
+    assert read(snap, 2) == ("http://b.example/y", {"note": "ok"})
 
 
-def test_FeedSnapshot_read_record_out_of_range_is_none(tmp_path: Path) -> None:
+def test_FeedSnapshot_record_out_of_range_is_none(tmp_path: Path) -> None:
     snap = load_text(tmp_path, "f.json", '[{"ip": "10.0.0.1"}]')
-    assert snap.read_record(5) is None
+    assert snap.record(5) is None
+    assert snap.record(-1) is None
 
 
 # -- a loaded version is the node's own (rule 3) ---------------------------------------------------
@@ -183,66 +207,23 @@ REWRITE_CASES = {
 }
 
 
-def _private_fd(snap: FeedSnapshot) -> int:
-    return snap._fd  # noqa: SLF001 - the descriptor records are read from is what is under test
-
-
 @pytest.mark.parametrize("fmt", sorted(REWRITE_CASES))
 def test_FeedSnapshot_answers_the_same_records_after_its_file_is_rewritten_in_place(tmp_path: Path, fmt: str) -> None:
     before, after = REWRITE_CASES[fmt]
     snap = load_text(tmp_path, f"f.{fmt}", before)
-    loaded = records(snap)
-    assert [r and r["threat"] for r in loaded] == ["A", "B"]
+    before_rewrite = records(snap)
+    assert [r and r[1]["threat"] for r in before_rewrite] == ["A", "B"]
     path = tmp_path / f"f.{fmt}"
     inode = path.stat().st_ino
     with open(path, "r+b") as fh:  # what cp, curl -o and > do: same inode, new bytes
         fh.write(after.encode())
         fh.truncate()
     assert path.stat().st_ino == inode
-    assert records(snap) == loaded
+    assert records(snap) == before_rewrite
     path.write_bytes(b"")  # truncated
-    assert records(snap) == loaded
+    assert records(snap) == before_rewrite
     path.unlink()  # deleted
-    assert records(snap) == loaded
-
-
-def test_FeedSnapshot_private_copy_is_unlinked_0600_in_the_directory_given(tmp_path: Path) -> None:
-    state = tmp_path / "state"
-    state.mkdir()
-    path = tmp_path / "f.json"
-    path.write_text('[{"ip": "10.0.0.1"}]')
-    snap = load_feed(settings_for(path, "json"), str(state))
-    st = os.fstat(_private_fd(snap))
-    assert st.st_nlink == 0 and stat.S_IMODE(st.st_mode) == 0o600
-    assert st.st_size == path.stat().st_size
-    assert os.readlink(f"/proc/self/fd/{_private_fd(snap)}").startswith(f"{state}/")
-    assert os.listdir(state) == []  # nothing left behind, whatever happens to the process
-
-
-def test_FeedSnapshot_private_copy_falls_back_to_the_system_temp_dir(tmp_path: Path) -> None:
-    path = tmp_path / "f.json"
-    path.write_text('[{"ip": "10.0.0.1", "note": "x"}]')
-    snap = load_feed(settings_for(path, "json"), str(tmp_path / "no-such-dir"))
-    assert os.readlink(f"/proc/self/fd/{_private_fd(snap)}").startswith(tempfile.gettempdir())
-    assert snap.read_record(0) == {"ip": "10.0.0.1", "note": "x"}
-
-
-def test_FeedSnapshot_no_place_for_the_private_copy_is_feed_error(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    path = tmp_path / "f.json"
-    path.write_text('[{"ip": "10.0.0.1"}]')
-    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-tmp"))
-    with pytest.raises(FeedError, match=r"f\.json: cannot keep a private copy of the loaded version \(.*no-state: "):
-        load_feed(settings_for(path, "json"), str(tmp_path / "no-state"))
-
-
-def test_FeedSnapshot_check_only_keeps_no_copy(tmp_path: Path) -> None:
-    path = tmp_path / "f.json"
-    path.write_text('[{"ip": "10.0.0.1"}, 7]')
-    snap = load_feed(settings_for(path, "json"), keep_records=False)
-    assert (snap.report.records, snap.report.malformed) == (1, 1)
-    assert snap.read_record(0) is None
+    assert records(snap) == before_rewrite
 
 
 def test_FeedSnapshot_a_fifo_is_feed_error_not_a_hang(tmp_path: Path) -> None:
@@ -260,12 +241,12 @@ def test_FeedSnapshot_csv_example_feed() -> None:
     assert snap.header == ["ip", "threat", "geo"]
     assert snap.report.records == 3
     assert snap.report.per_kind == {"ip": 2, "cidr": 1}
-    assert snap.cidrs == {(4, 24)}
-    assert records(snap) == [
+    assert snap.index.has_cidr4 and not snap.index.has_cidr6
+    assert records(snap) == loaded(
         {"ip": "192.0.2.0", "threat": "Botnet", "geo": "nl"},
         {"ip": "203.0.113.0/24", "threat": "Scanner", "geo": "us"},
         {"ip": "198.51.100.77", "threat": "TOR exit", "geo": "de"},
-    ]
+    )
 
 
 def test_FeedSnapshot_csv_quoted_delimiter_newline_and_quotes(tmp_path: Path) -> None:
@@ -273,11 +254,12 @@ def test_FeedSnapshot_csv_quoted_delimiter_newline_and_quotes(tmp_path: Path) ->
     snap = load_text(tmp_path, "f.csv", text)
     assert snap.report.records == 3
     assert snap.report.malformed == 0
-    assert records(snap) == [
+    assert records(snap) == loaded(
         {"ip": "1.2.3.4", "comment": "hello, world\nsecond line", "geo": "nl"},
         {"ip": "5.6.7.8", "comment": 'say "hi"', "geo": "de"},
         {"ip": "9.9.9.9", "comment": "plain", "geo": "fr"},
-    ]
+    )
+    assert records(snap)[0] == ("1.2.3.4", {"comment": "hello, world second line", "geo": "nl"})
 
 
 def test_FeedSnapshot_csv_malformed_rows_counted_with_line_numbers(tmp_path: Path) -> None:
@@ -291,7 +273,7 @@ def test_FeedSnapshot_csv_malformed_rows_counted_with_line_numbers(tmp_path: Pat
         "line 7: 3 fields, header has 2",
         "line 8: ip='300.1.1.1' is not a valid indicator",
     ]
-    assert [r["ip"] for r in records(snap) if r] == ["1.2.3.4", "8.8.8.8"]
+    assert [r[0] for r in records(snap) if r] == ["1.2.3.4", "8.8.8.8"]
 
 
 def test_FeedSnapshot_csv_missing_indicator_column_is_feed_error(tmp_path: Path) -> None:
@@ -308,25 +290,25 @@ def test_FeedSnapshot_csv_header_case_hash_and_custom_delimiter(tmp_path: Path) 
     text = "#Domain;Family;Subdomains\r\nevil.example;Bot;no\r\ncnc.example;Bot;true\r\n"
     snap = load_text(tmp_path, "f.csv", text, delimiter=";")
     assert snap.header == ["domain", "Family", "subdomains"]
-    assert list(snap.kinds) == [Kind.DOMAIN, Kind.DOMAIN_SUFFIX]
-    assert records(snap) == [
+    assert [snap.index.kind(i) for i in range(2)] == [Kind.DOMAIN, Kind.DOMAIN_SUFFIX]
+    assert records(snap) == loaded(
         {"domain": "evil.example", "Family": "Bot", "subdomains": "no"},
         {"domain": "cnc.example", "Family": "Bot", "subdomains": "true"},
-    ]
+    )
 
 
 def test_FeedSnapshot_csv_tab_delimiter(tmp_path: Path) -> None:
     snap = load_text(tmp_path, "f.csv", "md5\tname\n44d88612fea8a8f36de82e1278abb02f\tEICAR, test\n", delimiter="\t")
-    assert records(snap) == [{"md5": "44d88612fea8a8f36de82e1278abb02f", "name": "EICAR, test"}]
+    assert records(snap) == [("44d88612fea8a8f36de82e1278abb02f", {"name": "EICAR, test"})]
 
 
-def test_FeedSnapshot_csv_non_ascii_offsets_are_byte_offsets(tmp_path: Path) -> None:
+def test_FeedSnapshot_csv_non_ascii_records(tmp_path: Path) -> None:
     text = 'domain,note\nпример.example,"пример, с ""кавычками"""\nnext.example,после\nlast.example,ok\n'
     snap = load_text(tmp_path, "f.csv", text)
     assert snap.report.records == 3
-    assert snap.read_record(1) == {"domain": "next.example", "note": "после"}
-    assert snap.read_record(2) == {"domain": "last.example", "note": "ok"}
-    assert snap.read_record(0) == {"domain": "пример.example", "note": 'пример, с "кавычками"'}
+    assert read(snap, 1) == ("next.example", {"note": "после"})
+    assert read(snap, 2) == ("last.example", {"note": "ok"})
+    assert read(snap, 0) == ("пример.example", {"note": 'пример, с "кавычками"'})
 
 
 def test_FeedSnapshot_csv_generic_indicator_column_classified_by_shape(tmp_path: Path) -> None:
@@ -351,8 +333,8 @@ def test_FeedSnapshot_csv_generic_indicator_column_classified_by_shape(tmp_path:
         "url": 1,
         "mask": 1,
     }
-    assert len(snap.masks) == 1
-    assert list(snap.kinds)[-1] == -1  # masks live in ``masks``
+    assert snap.index.kind(6) == Kind.MASK
+    assert snap.index.mask(6).parts == ("/", "/x.php")
 
 
 # -- classify -------------------------------------------------------------------------------------

@@ -19,22 +19,42 @@ from tests.abusech import (
 )
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
-from threatgate.node.feeds import FeedSnapshot, Kind, indicator_of, key_of, load_feed, record_context
+from threatgate.node.feeds import FeedSnapshot, Kind, key_of, load_feed
+from threatgate.node.snapfile import Record
 
 
 def load_csv(tmp_path: Path, text: str, newline: str = "\n", **kwargs: Any) -> FeedSnapshot:
     path = tmp_path / "feed.csv"
     path.write_bytes(text.replace("\n", newline).encode("utf-8"))
     settings = FeedSettings(path=str(path), name=path.name, category="Test", format="csv", **kwargs)
-    return load_feed(settings, str(tmp_path))
+    return load_feed(settings)
 
 
-def records(snap: FeedSnapshot) -> list[dict[str, Any] | None]:
-    return [snap.read_record(i) for i in range(len(snap.offsets))]
+def records(snap: FeedSnapshot) -> list[dict[str, str]]:
+    """Each record as its CSV row was: the indicator column under its header name, then the context."""
+    out = []
+    for i in range(len(snap)):
+        record = snap.record(i)
+        assert record is not None
+        out.append({snap.header[snap.header.index(_field(snap))]: record.raw, **dict(record.context)})
+    return out
 
 
-def data_lines(text: str) -> list[str]:
-    return [line for line in text.splitlines() if line and not line.startswith("#")]
+def _field(snap: FeedSnapshot) -> str:
+    return next(h for h in snap.header if h in ("indicator", "url", "domain", "ip", "md5", "sha1", "sha256"))
+
+
+def record(snap: FeedSnapshot, record_no: int) -> Record:
+    found = snap.record(record_no)
+    assert found is not None
+    return found
+
+
+def keys(snap: FeedSnapshot) -> list[int]:
+    """The snapshot's keys in record order."""
+    index = snap.index
+    by_row = dict(zip(index.refs, index.keys, strict=True))
+    return [by_row[row] for row in sorted(by_row)]
 
 
 # -- URLhaus: the header is the last line of the comment banner ------------------------------------
@@ -48,7 +68,7 @@ def test_FeedSnapshot_csv_urlhaus_as_published(tmp_path: Path, newline: str) -> 
     assert snap.header == URLHAUS_HEADER
     # A URL with nothing after its host is the host: it detects like a domain record.
     assert snap.report.per_kind == {"url": 4, "domain": 1}
-    assert list(snap.keys) == [
+    assert keys(snap) == [
         key_of(Kind.URL, "198.51.100.23/bin.sh"),
         key_of(Kind.URL, "reoen.webgondozas.example/a44f43f1-dc49-4a45-b725-33106ce13f94?ublib=7"),
         key_of(Kind.DOMAIN, "pagos-banc0.example"),
@@ -70,39 +90,27 @@ def test_FeedSnapshot_csv_urlhaus_as_published(tmp_path: Path, newline: str) -> 
     assert third is not None and third["reporter"] == "Jürgen_Müller"
     assert fifth is not None and fifth["url"] == 'http://203.0.113.80/x.php?a=1,2&b="q"'
     assert fifth["tags"] == "php,webshell"
-    # Records are read back by byte range: each covers exactly its row, quotes included, no CR.
-    raw = (tmp_path / "feed.csv").read_bytes()
-    spans = [raw[o : o + n].decode() for o, n in zip(snap.offsets, snap.lengths, strict=True)]
-    assert spans == data_lines(URLHAUS)
 
 
 def test_FeedSnapshot_csv_urlhaus_record_context_without_the_indicator(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, URLHAUS)
-    record = snap.read_record(0)
-    assert record is not None
-    indicator = indicator_of(record)
-    assert indicator is not None and (indicator.kind, indicator.value) == (Kind.URL, "198.51.100.23/bin.sh")
-    assert [name for name, _ in record_context(record)] == [h for h in URLHAUS_HEADER if h != "url"]
+    first = record(snap, 0)
+    assert (first.kind, first.value) == (Kind.URL, "198.51.100.23/bin.sh")
+    assert [name for name, _ in first.context] == [h for h in URLHAUS_HEADER if h != "url"]
 
 
 def test_FeedSnapshot_csv_urlhaus_context_columns_keep_only_those(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, URLHAUS, context_columns=("Threat", "tags", "urlhaus_link"))
-    assert snap.context_columns == {"threat", "tags", "urlhaus_link"}
-    record = snap.read_record(0)
-    assert record is not None
-    assert record_context(record, snap.context_columns) == [
+    assert record(snap, 0).context == (
         ("threat", "malware_download"),
         ("tags", "32-bit,elf,mips,Mozi"),
         ("urlhaus_link", "https://urlhaus.abuse.ch/url/3853890/"),
-    ]
-    assert len(record) == len(URLHAUS_HEADER)  # the record itself is whole (IoC exports may name any column)
+    )
 
 
 def test_FeedSnapshot_csv_context_columns_empty_keeps_no_context(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, URLHAUS, context_columns=())
-    record = snap.read_record(0)
-    assert record is not None
-    assert record_context(record, snap.context_columns) == []
+    assert record(snap, 0).context == ()
 
 
 # -- Feodo Tracker: the indicator is in dst_ip ---------------------------------------------------
@@ -113,27 +121,23 @@ def test_FeedSnapshot_csv_feodo_with_indicator_column(tmp_path: Path, text: str)
     snap = load_csv(tmp_path, text, indicator_column="dst_ip")
     assert snap.report.malformed == 0, snap.report.examples
     assert snap.report.per_kind == {"ip": 3}
-    assert list(snap.keys) == [key_of(Kind.IP, ip) for ip in ("192.0.2.146", "203.0.113.211", "198.51.100.63")]
+    assert keys(snap) == [key_of(Kind.IP, ip) for ip in ("192.0.2.146", "203.0.113.211", "198.51.100.63")]
     # dst_ip is not a field name threatgate knows, so it is read back as "indicator" (classified by shape).
     assert snap.header == ["first_seen_utc", "indicator", *FEODO_HEADER[2:]]
-    record = snap.read_record(1)
-    assert record is not None
-    indicator = indicator_of(record)
-    assert indicator is not None and (indicator.kind, indicator.raw) == (Kind.IP, "203.0.113.211")
-    assert record_context(record) == [
+    second = record(snap, 1)
+    assert (second.kind, second.raw) == (Kind.IP, "203.0.113.211")
+    assert second.context == (
         ("first_seen_utc", "2025-12-30 13:56:31"),
         ("dst_port", "443"),
         ("c2_status", "online"),
         ("last_online", "2026-05-27"),
         ("malware", "QakBot"),
-    ]
+    )
 
 
 def test_FeedSnapshot_csv_feodo_context_columns(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, FEODO, indicator_column="DST_IP", context_columns=("malware", "dst_port"))
-    record = snap.read_record(0)
-    assert record is not None
-    assert record_context(record, snap.context_columns) == [("dst_port", "8080"), ("malware", "Emotet")]
+    assert record(snap, 0).context == (("dst_port", "8080"), ("malware", "Emotet"))
 
 
 def test_FeedSnapshot_csv_feodo_without_indicator_column_says_what_is_missing(tmp_path: Path) -> None:
@@ -208,7 +212,7 @@ def test_FeedSnapshot_csv_last_commented_header_is_taken(tmp_path: Path) -> None
 
 def test_FeedSnapshot_csv_comment_with_an_odd_quote_does_not_swallow_records(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, 'ip,threat\n# the "quote\n192.0.2.1,x\n192.0.2.2,y\n')
-    assert [r["ip"] for r in records(snap) if r] == ["192.0.2.1", "192.0.2.2"]
+    assert [r["ip"] for r in records(snap)] == ["192.0.2.1", "192.0.2.2"]
 
 
 def test_FeedSnapshot_csv_indicator_column_spelled_like_a_later_field(tmp_path: Path) -> None:
@@ -216,11 +220,9 @@ def test_FeedSnapshot_csv_indicator_column_spelled_like_a_later_field(tmp_path: 
     # chosen column is read back as "indicator" and the url column stays context.
     snap = load_csv(tmp_path, "domain,url,note\nevil.example,http://evil.example/a,n\n", indicator_column="domain")
     assert snap.header == ["indicator", "url", "note"]
-    record = snap.read_record(0)
-    assert record is not None
-    indicator = indicator_of(record)
-    assert indicator is not None and (indicator.kind, indicator.value) == (Kind.DOMAIN, "evil.example")
-    assert record_context(record) == [("url", "http://evil.example/a"), ("note", "n")]
+    first = record(snap, 0)
+    assert (first.kind, first.value) == (Kind.DOMAIN, "evil.example")
+    assert first.context == (("url", "http://evil.example/a"), ("note", "n"))
 
 
 def test_FeedSnapshot_csv_second_indicator_column_is_refused(tmp_path: Path) -> None:
@@ -230,7 +232,6 @@ def test_FeedSnapshot_csv_second_indicator_column_is_refused(tmp_path: Path) -> 
 
 def test_FeedSnapshot_csv_duplicate_indicator_column_reads_back_the_first(tmp_path: Path) -> None:
     snap = load_csv(tmp_path, "ip,note,ip\n192.0.2.1,n,192.0.2.9\n")
-    record = snap.read_record(0)
-    assert record is not None
-    indicator = indicator_of(record)
-    assert indicator is not None and indicator.value == "192.0.2.1"
+    first = record(snap, 0)
+    assert first.value == "192.0.2.1"
+    assert first.context == (("note", "n"), ("ip", "192.0.2.9"))

@@ -12,7 +12,7 @@ import pytest
 from threatgate.config.node import FeedSettings, NodeConfig, RuleType, load_node_config
 from threatgate.errors import FeedError
 from threatgate.node import misp
-from threatgate.node.feeds import Kind, MemorySnapshot, feed_identity, indicator_of, key_of, load_feed
+from threatgate.node.feeds import Kind, MemorySnapshot, feed_identity, indicator_of, load_feed, record_context
 from threatgate.node.matcher import Matcher
 from threatgate.node.misp import load_misp
 from threatgate.node.store import IndicatorStore
@@ -69,15 +69,13 @@ def loaded(snap: MemorySnapshot) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def example() -> MemorySnapshot:
-    snap = load_feed(misp_settings(FEED_DIR))
-    assert isinstance(snap, MemorySnapshot)
-    return snap
+    return load_misp(misp_settings(FEED_DIR))
 
 
 @pytest.fixture(scope="module")
 def matcher(example: MemorySnapshot) -> Matcher:
     config: NodeConfig = load_node_config(str(EXAMPLES / "node.conf"))
-    return Matcher(config, IndicatorStore({0: example}))
+    return Matcher(config, IndicatorStore({0: example.finish()}))
 
 
 # -- the shipped example --------------------------------------------------------------------------
@@ -116,10 +114,13 @@ def test_load_misp_example_indicators_and_kinds(example: MemorySnapshot) -> None
     assert list(example.kinds) == [Kind.URL] + [Kind.DOMAIN] * 2 + [Kind.IP] * 2 + [Kind.DOMAIN, Kind.IP] + [
         Kind.HASH
     ] * 3 + [Kind.IP, Kind.HASH]
-    assert example.keys[4] == key_of(Kind.IP, "203.0.113.45")
+    snap = example.finish()
     for record_no, record in enumerate(example.records):
+        stored = snap.record(record_no)
         found = indicator_of(record)
-        assert found is not None and key_of(found.kind, found.value) == example.keys[record_no]
+        assert stored is not None and found is not None
+        assert (stored.kind, stored.value, stored.raw) == (found.kind, found.value, found.raw)
+        assert stored.context == tuple(record_context(record))
 
 
 def test_load_misp_example_context_fields(example: MemorySnapshot) -> None:

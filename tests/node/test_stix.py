@@ -14,7 +14,7 @@ from hypothesis import strategies as st
 from threatgate.config.node import FeedSettings, NodeConfig, RuleType, load_node_config
 from threatgate.errors import FeedError
 from threatgate.node import stix
-from threatgate.node.feeds import Kind, MemorySnapshot, feed_identity, indicator_of, key_of, load_feed
+from threatgate.node.feeds import Kind, MemorySnapshot, feed_identity, indicator_of, load_feed, record_context
 from threatgate.node.matcher import Matcher
 from threatgate.node.stix import Comparison, PatternError, UnsupportedPattern, load_stix, parse_pattern
 from threatgate.node.store import IndicatorStore
@@ -59,15 +59,13 @@ def loaded(snap: MemorySnapshot) -> list[tuple[str, str]]:
 
 @pytest.fixture(scope="module")
 def example() -> MemorySnapshot:
-    snap = load_feed(stix_settings(BUNDLE))
-    assert isinstance(snap, MemorySnapshot)
-    return snap
+    return load_stix(stix_settings(BUNDLE))
 
 
 @pytest.fixture(scope="module")
 def matcher(example: MemorySnapshot) -> Matcher:
     config: NodeConfig = load_node_config(str(EXAMPLES / "node.conf"))
-    return Matcher(config, IndicatorStore({0: example}))
+    return Matcher(config, IndicatorStore({0: example.finish()}))
 
 
 # -- the shipped example --------------------------------------------------------------------------
@@ -112,9 +110,9 @@ def test_load_stix_example_indicators_and_kinds(example: MemorySnapshot) -> None
         Kind.URL,
         Kind.IP,
     ]
-    assert example.keys[0] == key_of(Kind.URL, "malicious.example.com/dl/payload.exe")
-    assert example.keys[5] == key_of(Kind.HASH, EICAR_MD5)
-    assert example.cidrs == {(4, 25)}
+    assert example.parsed.values[0] == "malicious.example.com/dl/payload.exe"
+    assert example.parsed.values[5] == EICAR_MD5
+    assert example.parsed.values[3] == f"4/25/{(198 << 24 | 51 << 16 | 100 << 8 | 128) >> 7}"
 
 
 def test_load_stix_example_context_fields(example: MemorySnapshot) -> None:
@@ -139,11 +137,14 @@ def test_load_stix_example_context_fields(example: MemorySnapshot) -> None:
 
 
 def test_load_stix_example_records_read_back_as_their_indicator(example: MemorySnapshot) -> None:
+    snap = example.finish()
     for record_no, record in enumerate(example.records):
-        assert example.read_record(record_no) is record
+        stored = snap.record(record_no)
         found = indicator_of(record)
-        assert found is not None and key_of(found.kind, found.value) == example.keys[record_no]
-    assert example.read_record(len(example.records)) is None
+        assert stored is not None and found is not None
+        assert (stored.kind, stored.value, stored.raw) == (found.kind, found.value, found.raw)
+        assert stored.context == tuple(record_context(record))
+    assert snap.record(len(example.records)) is None
 
 
 def test_load_stix_example_identity_is_the_file(example: MemorySnapshot) -> None:

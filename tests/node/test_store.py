@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 from pathlib import Path
 from typing import Any
 
@@ -277,15 +276,16 @@ def config() -> NodeConfig:
 
 
 def damage_record(snap: FeedSnapshot, old: bytes, new: bytes) -> None:
-    """Overwrite bytes of the snapshot's private copy (what the store reads records back from).
+    """Overwrite the first ``old`` of the snapshot's bytes (the stored normalised value comes first).
 
     The store then holds a key whose record reads back as another value: exactly what a 64-bit key
     collision looks like to the matcher, which must confirm every candidate against its record.
     """
     assert len(old) == len(new)
-    fd = snap._fd  # noqa: SLF001 - the private copy is what is damaged here
-    data = os.pread(fd, os.fstat(fd).st_size, 0)
-    os.pwrite(fd, new, data.index(old))
+    buffer = snap.index.buffer
+    assert isinstance(buffer, bytearray)  # an in-memory snapshot
+    at = buffer.index(old, 256)  # past the header and section table
+    buffer[at : at + len(old)] = new
 
 
 def rewrite_in_place(path: Path, old: bytes, new: bytes) -> None:
@@ -313,7 +313,7 @@ def test_Matcher_lookup_record_read_back_as_another_value_is_no_hit(tmp_path: Pa
     out: list[Candidate] = []
     store.lookup_url("evil.example/a", out)
     assert refs(out) == [(0, 0, "url")]
-    damage_record(snap, b"http://evil.example/a", b"http://good.example/a")
+    damage_record(snap, b"evil.example/a", b"good.example/a")
     assert Matcher(config, store).lookup(RuleType.URL, "http://evil.example/a") == []
 
 
@@ -327,14 +327,14 @@ def test_Matcher_lookup_hash_record_read_back_as_another_value_is_no_hit(tmp_pat
 def test_Matcher_lookup_cidr_record_read_back_as_another_value_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
     path = tmp_path / "c.json"
     snap = write_feed(path, [{"ip": "10.0.0.0/8"}])
-    damage_record(snap, b"10.0.0.0/8", b"11.0.0.0/8")
+    damage_record(snap, b"4/8/10", b"4/8/11")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.IP, "10.1.2.3") == []
 
 
 def test_Matcher_lookup_record_read_back_damaged_is_no_hit(tmp_path: Path, config: NodeConfig) -> None:
     path = tmp_path / "u.json"
     snap = write_feed(path, [{"url": "http://evil.example/a"}])
-    damage_record(snap, b'"url":', b'"url" ')
+    damage_record(snap, b"evil.example/a", b"\xffvil.example/a")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
 
 
@@ -370,10 +370,10 @@ def test_Matcher_lookup_mask_record_read_back_as_another_mask_is_no_hit(tmp_path
 
 
 def test_a_record_that_cannot_be_read_back_is_counted(tmp_path: Path, config: NodeConfig) -> None:
-    """A damaged private copy (a disk error) loses the detection: never silently, the snapshot counts it."""
+    """Damaged snapshot bytes (a disk error after the check) lose the detection: never silently, it is counted."""
     snap = write_feed(tmp_path / "u.json", [{"url": "http://evil.example/a"}])
     assert snap.read_failures == 0
-    damage_record(snap, b'"url":', b'"url" ')
+    damage_record(snap, b"evil.example/a", b"\xffvil.example/a")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
     assert snap.read_failures == 1
 
@@ -386,11 +386,11 @@ async def test_the_node_counts_and_logs_records_it_could_not_read_back(
     node = NodeService(config)
     snap = write_feed(tmp_path / "u.json", [{"url": "http://evil.example/a"}])
     node._snapshots = {0: snap}  # noqa: SLF001 - the loaded versions, as reload_feeds leaves them
-    damage_record(snap, b'"url":', b'"url" ')
+    damage_record(snap, b"evil.example/a", b"\xffvil.example/a")
     for _ in range(2):
         assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
     with caplog.at_level(logging.ERROR, logger="threatgate.node"):
         node._account_read_failures()  # noqa: SLF001 - what the watch loop runs every second
         node._account_read_failures()  # noqa: SLF001 - nothing new: nothing counted twice
     assert node.stats.feed_read_failures == {snap.name: 2}
-    assert "2 record(s) could not be read back" in caplog.text
+    assert "2 record(s) could not be read from the loaded version's snapshot" in caplog.text

@@ -16,7 +16,7 @@ import pytest
 
 from threatgate.config.node import NodeConfig, load_node_config
 from threatgate.node import normalize
-from threatgate.node.feeds import Indicator, Kind, MemorySnapshot, classify, load_feed
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, classify, load_feed
 from threatgate.node.matcher import Matcher
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.node.suppliers import (
@@ -693,6 +693,12 @@ def test_supplier_settings() -> None:
     assert supplier_settings(Supplier(2, "InternalTI", "enabled", 100, 0, "")).supplier == "InternalTI"
 
 
+def stored(snap: FeedSnapshot) -> list[tuple[str, tuple[tuple[str, str], ...]]]:
+    """(raw indicator, context) of each record of an API supplier's snapshot."""
+    records = [snap.record(i) for i in range(len(snap))]
+    return [(r.raw, r.context) for r in records if r is not None]
+
+
 def test_supplier_snapshots_are_found_by_an_indicator_store(db: SupplierDB) -> None:
     db.add_supplier({"name": "Acme", "confidence": 60})
     db.add_tag({"name": "apt"})
@@ -714,16 +720,11 @@ def test_supplier_snapshots_are_found_by_an_indicator_store(db: SupplierDB) -> N
     snaps = supplier_snapshots(supplier, db.indicator_rows(supplier.id))
     assert [s.settings.supplier for s in snaps] == ["feed", "FalsePositive"]
     main, marked = snaps
-    assert isinstance(main, MemorySnapshot) and isinstance(marked, MemorySnapshot)
-    assert main.records[0] == {
-        "indicator": "http://evil.example/dl",
-        "threat": "Dropper",
-        "n": "3",
-        "tags": "apt,crime",
-        "supplier": "Acme",
-    }
-    assert main.records[1] == {"indicator": "bad.example", "supplier": "Acme"}
-    assert marked.records == [{"indicator": "good.example", "supplier": "Acme"}]
+    assert stored(main)[:2] == [
+        ("http://evil.example/dl", (("threat", "Dropper"), ("n", "3"), ("tags", "apt,crime"), ("supplier", "Acme"))),
+        ("bad.example", (("supplier", "Acme"),)),
+    ]
+    assert stored(marked) == [("good.example", (("supplier", "Acme"),))]
 
     slot = SUPPLIER_SLOT_BASE + supplier.id * 2
     store = IndicatorStore({slot + i: snap for i, snap in enumerate(snaps)})
@@ -747,7 +748,7 @@ def test_supplier_snapshots_without_marks_and_with_stale_rows() -> None:
     supplier = Supplier(3, "S", "enabled", 100, 0, "")
     snaps = supplier_snapshots(supplier, [("a.example", "{}", "[]", 0), ("not an indicator!", "{}", "[]", 0)])
     assert len(snaps) == 1  # no false-positive marks: no second snapshot
-    assert snaps[0].records == [{"indicator": "a.example", "supplier": "S"}]
+    assert stored(snaps[0]) == [("a.example", (("supplier", "S"),))]
     assert snaps[0].report.malformed == 1  # a row older rules accepted is skipped, never a crash
     assert len(supplier_snapshots(supplier, [])) == 1
 

@@ -157,6 +157,10 @@ class FeedsSettings(_Frozen):
     update_frequency: int = pydantic.Field(default=30, ge=0, le=1440)
     per_scan_detect_limit: int = pydantic.Field(default=0, ge=0)
     feeds: tuple[FeedSettings, ...] = ()
+    snapshot_dir: str = ""
+    """``<Feeds snapshot_dir>``: where loaded feed versions are kept as snapshot files (node/snapshots.py);
+    by default ``snapshots`` beside the supplier database, else ``state/snapshots`` beside the config file.
+    Empty (a configuration built in code): a temporary directory of the process."""
 
 
 class ServiceSettings(_Frozen):
@@ -485,9 +489,16 @@ def _read_feed_columns(node: Node, fmt: str, actionable_fields: tuple[str, ...])
     return indicator, context
 
 
-def _read_feeds(node: Node | None) -> FeedsSettings:
+def _read_feeds(node: Node | None, root: Node, http: HTTPServerSettings | None) -> FeedsSettings:
+    raw_dir = node.attrs.get("snapshot_dir") if node is not None else None
+    if node is not None and raw_dir is not None:
+        snapshot_dir = resolve_path(node, raw_dir)
+    elif http is not None:
+        snapshot_dir = os.path.join(os.path.dirname(http.database), "snapshots")
+    else:
+        snapshot_dir = resolve_path(root, "state/snapshots")
     if node is None:
-        return FeedsSettings()
+        return FeedsSettings(snapshot_dir=snapshot_dir)
     feeds = []
     for child in node.elements():
         if child.tag != "Feed":
@@ -499,6 +510,7 @@ def _read_feeds(node: Node | None) -> FeedsSettings:
             node, node.attrs.get("per_scan_detect_limit"), "per_scan_detect_limit", 0, 1_000_000, 0
         ),
         feeds=tuple(feeds),
+        snapshot_dir=snapshot_dir,
     )
 
 
@@ -732,7 +744,7 @@ def _read_configuration(root: Node) -> NodeConfig:
         path=root.path,
         input=input_settings,
         output=_read_output(root.require("OutputSettings"), rule_names),
-        feeds=_read_feeds(root.only("Feeds")),
+        feeds=_read_feeds(root.only("Feeds"), root, http),
         service=_read_service(root.only("ServiceSettings")),
         http=http,
         exports=_read_exports(root.only("IoCExports")),

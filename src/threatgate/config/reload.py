@@ -44,6 +44,7 @@ NODE_FIELDS: Mapping[str, str] = {
     "feeds.update_frequency": LIVE,  # from the next scheduled reload
     "feeds.per_scan_detect_limit": LIVE,
     "feeds.feeds": LIVE,
+    "feeds.snapshot_dir": "Feeds@snapshot_dir",
     "service.scanners_count": LIVE,
     "service.metrics": "ServiceSettings/MetricsConnectionString",
     "service.handshake_timeout": LIVE,  # new connections

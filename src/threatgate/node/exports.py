@@ -32,7 +32,7 @@ from aiohttp.web_request import BaseRequest
 from threatgate.config.node import IoCExportSettings
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node.auth import BasicAuth
-from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, mask_matches, url_host
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, mask_matches, url_host
 from threatgate.node.normalize import parse_ip
 
 if TYPE_CHECKING:
@@ -59,7 +59,7 @@ class FalsePositives:
     one of the domain's suffixes, a CIDR holding the address (for a URL, also its host as a domain or IP).
     A pattern record (CIDR, sub-domain record, mask) is suppressed when every value it covers is: a
     FalsePositive record of the same pattern or, for CIDRs and sub-domain records, a wider one.
-    Blocking (reads the FalsePositive records back); built per export from the snapshots in use.
+    Blocking (reads the FalsePositive records from their snapshots); built per export from the snapshots in use.
     """
 
     def __init__(self, snapshots: list[FeedSnapshot]) -> None:
@@ -70,9 +70,8 @@ class FalsePositives:
         for snap in snapshots:
             if snap.settings.supplier != "FalsePositive":
                 continue
-            for record_no in range(len(snap.offsets)):
-                record = snap.read_record(record_no)
-                indicator = indicator_of(record) if record is not None else None
+            for record_no in range(len(snap)):
+                indicator = snap.indicator(record_no)
                 if indicator is not None:
                     self._add(indicator)
 
@@ -139,7 +138,7 @@ class FalsePositives:
 
 
 def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> bytes:
-    """The CSV body of ``task`` over ``snapshots`` (blocking: reads records back from feed files)."""
+    """The CSV body of ``task`` over ``snapshots`` (blocking: reads the records from the snapshots)."""
     false_positives = FalsePositives(snapshots)
     buf = io.StringIO()
     writer = csv.writer(buf, delimiter=task.delimiter, quoting=csv.QUOTE_ALL, lineterminator="\n")
@@ -152,13 +151,12 @@ def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> byt
         if not _selected(task, snap):
             continue
         settings = snap.settings
-        for record_no in range(len(snap.offsets)):
-            record = snap.read_record(record_no)
+        for record_no in range(len(snap)):
+            record = snap.record(record_no)
             if record is None:
                 continue
-            indicator = indicator_of(record)
-            if indicator is None:
-                continue
+            indicator = record.indicator()
+            context = dict(record.context)
             if false_positives and settings.supplier not in ("FalsePositive", "InternalTI"):
                 if false_positives.suppresses(indicator):
                     continue
@@ -173,8 +171,7 @@ def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> byt
                 elif name == "confidence":
                     row.append(str(settings.confidence))
                 else:
-                    value = record.get(name, "")
-                    row.append("" if isinstance(value, dict | list) or value is None else str(value))
+                    row.append(context.get(name, ""))
             writer.writerow(row)
             left -= 1
             if left <= 0:

@@ -1,24 +1,21 @@
-"""Feed files: parse JSON and CSV feeds into compact indicator keys plus record locations.
+"""Feed files: parse JSON and CSV feeds into columns of records, the input of a snapshot.
 
 STIX bundles and MISP feed directories are parsed by :mod:`threatgate.node.stix` and
-:mod:`threatgate.node.misp` into a :class:`MemorySnapshot` (rule 1 does not apply to them: their
-records have no byte range of their own); :func:`load_feed` dispatches on ``settings.format``.
+:mod:`threatgate.node.misp` record by record into a :class:`MemorySnapshot` (a builder of the same
+columns); :func:`parse_source` dispatches on ``settings.format``.
 
 Rules:
-1. A feed is never held in memory as Python objects.  Loading yields, per record, the *key* of its
-   normalised indicator (see :mod:`threatgate.node.store`) and the byte range of the record in the
-   file; the record's context is read back with ``pread`` only when it detects something.
+1. A feed is never held in memory as Python objects once loaded.  Parsing yields columns (kind,
+   normalised value, raw indicator text, context pairs per record: :class:`~threatgate.node.feedparse.ParsedFeed`)
+   that the snapshot writer (:mod:`threatgate.node.snapfile`) turns into one file the node maps.
 2. A malformed record (not an object, no indicator, a value that is not a valid indicator) is
    skipped and counted with its position; it is never fatal.  A file that cannot be a feed at all
    (unreadable, not a JSON array, truncated, no CSV header) raises :class:`FeedError`, so the caller
    keeps the previous version.
-3. A loaded version never depends on the feed file staying the same.  The bytes that were parsed
-   (exactly those: the file is read once) are written to a private copy the node owns, an unlinked
-   0600 temporary file (see :func:`private_copy`), and records are read back from that copy.  A file
-   rewritten in place (``cp``, ``curl -o``, ``>``), truncated, replaced or deleted changes nothing for
-   the loaded version; the new content becomes a new version at the next reload (the node watches
-   the files: :mod:`threatgate.node.feedwatch`).  The copy lives in the page cache like the file did,
-   so Python memory stays at the store's ~30 bytes per indicator.
+3. A loaded version never depends on the feed file staying the same: the file is read once, and every
+   record's context is in the snapshot, so a file rewritten in place, truncated, replaced or deleted
+   changes nothing for the loaded version; the new content becomes a new version at the next reload
+   (the node watches the files: :mod:`threatgate.node.feedwatch`).
 
 Record fields: the indicator is in ``indicator``, or in one of ``mask``/``url``/``domain``/``ip``/
 ``md5``/``sha1``/``sha256`` (the first of these the record has); every other scalar field is record
@@ -44,16 +41,21 @@ import logging
 import os
 import re
 import stat
-import tempfile
 import weakref
 from array import array
 from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+import xxhash
 
 from threatgate.config.node import FeedSettings, NodeConfig
 from threatgate.errors import FeedError
 from threatgate.node import normalize
+
+if TYPE_CHECKING:
+    from threatgate.node.feedparse import ParsedFeed
+    from threatgate.node.snapfile import FeedIndex, Record
 
 INDICATOR_FIELDS = ("indicator", "mask", "url", "domain", "ip", "md5", "sha1", "sha256")
 _SUBDOMAIN_FIELDS = ("include_subdomains", "subdomains")
@@ -82,21 +84,14 @@ class Kind:
     NAMES = ("url", "domain", "domain_suffix", "ip", "cidr", "hash", "mask")
 
 
-SALTS = (
-    0x1F3A_5C7E_9B2D_4F61,
-    0x2B4D_6F81_A3C5_E709,
-    0x3C5E_7092_B4D6_F81A,
-    0x4D6F_81A3_C5E7_092B,
-    0x5E70_92B4_D6F8_1A3C,
-    0x6F81_A3C5_E709_2B4D,
-    0x7092_B4D6_F81A_3C5E,
-)
-"""Per-kind constants xor-ed into ``hash(value)``, so ``evil.com`` as a URL and as a domain differ."""
-
-
 def key_of(kind: int, value: str) -> int:
-    """The 64-bit store key of a normalised value of ``kind`` (valid within this process only)."""
-    return hash(value) ^ SALTS[kind]
+    """The store key of a normalised ``value`` of ``kind``: unsigned 64-bit, the same in every process.
+
+    ``xxh3_64(value as UTF-8, surrogates passed, seed=kind)`` (docs/architecture.md, "Store keys"): the
+    kind as seed keeps ``evil.com`` as a URL and as a domain apart; the compiled engine
+    (``_engine.key_of``) computes the same number, and snapshot files store it.
+    """
+    return xxhash.xxh3_64_intdigest(value.encode("utf-8", "surrogatepass"), seed=kind)
 
 
 @dataclass(frozen=True, slots=True)
@@ -318,106 +313,111 @@ def mask_matches(value: str, url: str) -> bool:
     return mask.matches(url[len(host) :] or "/")
 
 
-class FeedSnapshot:
-    """One loaded version of one feed file: record locations and the indicators it indexes.
+_LIVE: weakref.WeakSet[FeedSnapshot] = weakref.WeakSet()
 
-    ``kinds``/``keys`` hold, per accepted record, its kind and store key.  ``read_record`` parses a
-    record back from the snapshot's private copy of the bytes it was loaded from (rule 3).
+
+class FeedSnapshot:
+    """One loaded version of one feed: its settings, file identity and the index over its snapshot.
+
+    The records live in the snapshot (``index``): a detection reads its record from there, never from
+    the feed file, which may have changed since (rule 3).  ``path`` is the snapshot file when the
+    version is mapped from the node's snapshot directory, None for one built in memory.
     """
 
-    def __init__(self, settings: FeedSettings) -> None:
+    def __init__(self, settings: FeedSettings, index: FeedIndex, path: str | None = None) -> None:
         self.settings = settings
-        self.kinds = array("b")  # per record; -1 for masks, which live in ``masks`` instead
-        self.keys = array("q")  # per record: key_of(kind, value)
-        self.offsets = array("q")
-        self.lengths = array("i")
-        self.masks: list[tuple[str, Mask]] = []  # (host key, mask)
-        self.cidrs: set[tuple[int, int]] = set()  # (version, prefix length) present
-        self.header: list[str] = []  # CSV: column names, the indicator column under its canonical name
-        self.context_columns: frozenset[str] | None = None  # CSV context_columns, as named in ``header``
-        self.report = LoadReport()
-        self.read_failures = 0  # records that could not be read back at detection time (see read_record)
+        self.index = index
+        self.path = path
+        self.report: LoadReport = index.report
+        self.header: list[str] = index.header  # CSV: column names, the indicator column under its canonical name
+        self.read_failures = 0  # records that could not be decoded at detection time (damaged snapshot bytes)
         self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
-        self._fd = -1
+        _LIVE.add(self)
+
+    @staticmethod
+    def live() -> list[FeedSnapshot]:
+        """Every snapshot still in memory (the node keeps their files; see snapshots.remove_unused)."""
+        return list(_LIVE)
 
     def __repr__(self) -> str:
-        return f"<FeedSnapshot {self.settings.name} records={len(self.offsets)} malformed={self.report.malformed}>"
+        return f"<FeedSnapshot {self.settings.name} records={len(self.index)} malformed={self.report.malformed}>"
+
+    def __len__(self) -> int:
+        return len(self.index)
 
     @property
     def name(self) -> str:
         return self.settings.name
 
-    def adopt_fd(self, fd: int) -> None:
-        self._fd = fd
-        weakref.finalize(self, os.close, fd)
-
-    def add(self, indicator: Indicator, offset: int, length: int) -> None:
-        record_no = len(self.offsets)
-        self.offsets.append(offset)
-        self.lengths.append(length)
-        kind = indicator.kind
-        per_kind = self.report.per_kind
-        name = Kind.NAMES[kind]
-        per_kind[name] = per_kind.get(name, 0) + 1
-        self.report.records += 1
-        if kind == Kind.MASK:
-            self.masks.append(mask_from(indicator.value, record_no))
-            self.kinds.append(-1)
-            self.keys.append(0)
-            return
-        if indicator.cidr is not None:
-            self.cidrs.add(indicator.cidr[:2])
-        self.kinds.append(kind)
-        self.keys.append(hash(indicator.value) ^ SALTS[kind])
-
-    def read_record(self, record_no: int) -> dict[str, Any] | None:
-        """The record as a dict (CSV rows keyed by header), or None if it cannot be read back.
-
-        A record that cannot be read back (an I/O error on the private copy, damaged bytes) is counted in
-        ``read_failures``: its detection is lost, and the node says so (node/service.py).
-        """
+    def record(self, record_no: int) -> Record | None:
+        """Record ``record_no`` as stored, or None (out of range, or bytes that do not decode: counted in
+        ``read_failures``, and the node says so: node/service.py)."""
+        if not 0 <= record_no < len(self.index):
+            return None
         try:
-            data = os.pread(self._fd, self.lengths[record_no], self.offsets[record_no])
-            text = data.decode("utf-8")
-        except (OSError, UnicodeDecodeError, IndexError):
+            return self.index.record(record_no)
+        except (ValueError, UnicodeDecodeError, IndexError):
             self.read_failures += 1
             return None
-        if self.settings.format == "json":
-            try:
-                obj = json.loads(text)
-            except ValueError:
-                self.read_failures += 1
-                return None
-            if not isinstance(obj, dict):
-                self.read_failures += 1
-                return None
-            return obj
-        row = _csv_row(text, self.settings.delimiter)
-        return dict(zip(self.header, row, strict=False))
+
+    def indicator(self, record_no: int) -> Indicator | None:
+        """The indicator of record ``record_no`` (None as for :meth:`record`)."""
+        record = self.record(record_no)
+        return record.indicator() if record is not None else None
 
 
-class MemorySnapshot(FeedSnapshot):
-    """A snapshot whose records live in memory instead of a file.
+class MemorySnapshot:
+    """Builds a snapshot from records held as dicts: STIX bundles, MISP feeds, indicators pushed through
+    the REST API (one file holds many indicators inside nested objects, or there is no file at all).
 
-    Used where records have no stable byte range to read back: STIX bundles and MISP feeds (one
-    file holds many indicators inside nested objects) and indicators pushed through the REST API.
-    Records are kept as compact dicts; their count is bounded by what those sources deliver.
+    ``add_record`` keeps what a detection needs of the record (indicator, context); :meth:`finish`
+    writes the columns through the same snapshot writer as JSON and CSV feeds.
     """
 
     def __init__(self, settings: FeedSettings) -> None:
-        super().__init__(settings)
-        self.records: list[dict[str, Any]] = []
+        from threatgate.node.feedparse import ParsedFeed
+
+        self.settings = settings
+        self.parsed = ParsedFeed()
+        self.report = self.parsed.report
+        self.identity: tuple[int, int, int] = (0, 0, 0)
+        self.digest = bytes(32)  # sha256 of the bytes parsed (STIX: the bundle; MISP: manifest and events)
+        self.records: list[dict[str, Any]] = []  # the records added, until the builder is dropped (for inspection)
+
+    def __len__(self) -> int:
+        return len(self.parsed.values)
+
+    @property
+    def kinds(self) -> array[int]:
+        """The kind of each record added."""
+        return self.parsed.kinds
 
     def add_record(self, record: dict[str, Any], indicator: Indicator) -> None:
         """Index ``record`` under ``indicator`` (normally ``indicator_of(record)``)."""
         self.records.append(record)
-        self.add(indicator, 0, 0)
+        add_row(self.parsed, indicator, tuple(record_context(record)))
 
-    def read_record(self, record_no: int) -> dict[str, Any] | None:
-        try:
-            return self.records[record_no]
-        except IndexError:
-            return None
+    def finish(self) -> FeedSnapshot:
+        """The snapshot of the records added (an in-memory index)."""
+        from threatgate.node.snapfile import in_memory
+
+        snap = FeedSnapshot(self.settings, in_memory(self.parsed))
+        snap.identity = self.identity
+        return snap
+
+
+def add_row(parsed: ParsedFeed, indicator: Indicator, context: tuple[tuple[str, str], ...]) -> None:
+    """Append one accepted record to the columns of ``parsed`` (and count it in its report)."""
+    kind = indicator.kind
+    parsed.kinds.append(kind)
+    parsed.values.append(indicator.value)
+    parsed.raws.append(indicator.raw)
+    parsed.subdomains.append(kind == Kind.DOMAIN_SUFFIX or (kind == Kind.MASK and indicator.value.startswith("*.")))
+    parsed.contexts.append(context)
+    report = parsed.report
+    name = Kind.NAMES[kind]
+    report.per_kind[name] = report.per_kind.get(name, 0) + 1
+    report.records += 1
 
 
 def feed_identity(settings: FeedSettings) -> tuple[int, int, int]:
@@ -508,43 +508,71 @@ def _csv_row(line: str, delimiter: str) -> list[str]:
     return next(csv.reader([line], delimiter=delimiter), [])
 
 
-def load_feed(settings: FeedSettings, private_dir: str | None = None, *, keep_records: bool = True) -> FeedSnapshot:
-    """Parse the feed file (or MISP feed directory) named by ``settings``.
+def load_feed(settings: FeedSettings) -> FeedSnapshot:
+    """Parse the feed file (or MISP feed directory) named by ``settings`` into an in-memory snapshot.
 
-    Args:
-        private_dir: where the private copy of a JSON or CSV feed goes (see :func:`private_copy`).
-        keep_records: False only checks the file (``threatgate validate``): no private copy is made
-            and ``read_record`` answers None.
+    The node builds snapshots in a worker process and maps them from its snapshot directory
+    (:mod:`threatgate.node.snapshots`); this in-process form serves ``threatgate validate``, tests and
+    benchmarks.
 
     Raises:
         FeedError: the file cannot be read or is not a feed at all (keep the previous version).
     """
+    from threatgate.node.snapfile import in_memory
+
+    parsed, identity, _ = parse_source(settings)
+    snapshot = FeedSnapshot(settings, in_memory(parsed))
+    snapshot.identity = identity
+    return snapshot
+
+
+def parse_source(settings: FeedSettings) -> tuple[ParsedFeed, tuple[int, int, int], bytes]:
+    """Read and parse the feed of ``settings``: its columns, the identity read and the sha256 of its bytes.
+
+    Raises:
+        FeedError: the feed cannot be read or is not a feed at all.
+    """
+    import hashlib
+
     # Imported here: both modules build on this one (MemorySnapshot, classify), so a top-level
     # import would be circular.
     if settings.format == "stix":
         from threatgate.node.stix import load_stix
 
-        return load_stix(settings)
+        return _parsed(load_stix(settings))
     if settings.format == "misp":
         from threatgate.node.misp import load_misp
 
-        return load_misp(settings)
-    snapshot = FeedSnapshot(settings)
+        return _parsed(load_misp(settings))
+    from threatgate.node.feedparse import parse_feed
+
     data, st = _read_feed_file(settings.path)
-    snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
-    if keep_records:
-        snapshot.adopt_fd(private_copy(data, private_dir, settings.path))
+    digest = hashlib.sha256(data).digest()
+    return parse_feed(settings, data), (st.st_ino, st.st_size, st.st_mtime_ns), digest
+
+
+def _parsed(built: MemorySnapshot) -> tuple[ParsedFeed, tuple[int, int, int], bytes]:
+    return built.parsed, built.identity, built.digest
+
+
+def parse_columns(settings: FeedSettings, data: bytes) -> ParsedFeed:
+    """The reference parser of JSON and CSV feed bytes into columns (see ``feedparse.parse_feed``).
+
+    Raises:
+        FeedError: not UTF-8, or not a feed at all.
+    """
+    from threatgate.node.feedparse import ParsedFeed
+
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise FeedError(f"{settings.path}: not UTF-8 (byte {exc.start})") from None
-    del data
-    byte_offsets = _ByteOffsets(text)
+    parsed = ParsedFeed()
     if settings.format == "json":
-        _load_json(snapshot, text, byte_offsets)
+        _load_json(settings, parsed, text)
     else:
-        _load_csv(snapshot, text, byte_offsets)
-    return snapshot
+        _load_csv(settings, parsed, text)
+    return parsed
 
 
 def _read_feed_file(path: str) -> tuple[bytes, os.stat_result]:
@@ -570,35 +598,6 @@ def _read_feed_file(path: str) -> tuple[bytes, os.stat_result]:
         os.close(fd)
 
 
-def private_copy(data: bytes, directory: str | None, path: str = "feed") -> int:
-    """A descriptor of an unlinked temporary file holding exactly ``data`` (rule 3).
-
-    The file is made in ``directory`` (the node passes the directory of its database: disk the
-    operator sized for node state) or, when that is None or fails, in the system temporary
-    directory (``TMPDIR``, usually ``/tmp``).  It has no name (``O_TMPFILE`` where available,
-    else created 0600 and unlinked at once), so nothing is left behind whatever happens to the
-    process, and it is freed when the last snapshot using it is.
-
-    Raises:
-        FeedError: neither place could hold the copy (a full disk, say): the previous version is kept.
-    """
-    failures: list[str] = []
-    for where in dict.fromkeys((directory, None)):
-        try:
-            return _write_unlinked(data, where)
-        except OSError as exc:
-            failures.append(f"{where or tempfile.gettempdir()}: {exc.strerror or exc}")
-    raise FeedError(f"{path}: cannot keep a private copy of the loaded version ({'; '.join(failures)})")
-
-
-def _write_unlinked(data: bytes, directory: str | None) -> int:
-    with tempfile.TemporaryFile(dir=directory, prefix=".threatgate-feed-", buffering=0) as fh:
-        view = memoryview(data)
-        while view:
-            view = view[fh.write(view) :]
-        return os.dup(fh.fileno())
-
-
 def check_feed_files(config: NodeConfig) -> tuple[list[str], list[str]]:
     """Load every enabled feed of ``config`` as the node would (``threatgate validate``): (errors, warnings).
 
@@ -614,7 +613,7 @@ def check_feed_files(config: NodeConfig) -> tuple[list[str], list[str]]:
             continue
         where = f"{config.path}:{feed.line}: <Feed> {feed.name}"
         try:
-            report = load_feed(feed, keep_records=False).report
+            report = parse_source(feed)[0].report
         except FeedError as exc:
             errors.append(f"{where}: does not load: {exc}")
             continue
@@ -626,27 +625,8 @@ def check_feed_files(config: NodeConfig) -> tuple[list[str], list[str]]:
     return errors, warnings
 
 
-class _ByteOffsets:
-    """Maps character offsets in the decoded text to byte offsets in the file (identity for ASCII)."""
-
-    def __init__(self, text: str) -> None:
-        self._text = text
-        self._ascii = text.isascii()
-        self._char = 0
-        self._byte = 0
-
-    def __call__(self, char_offset: int) -> int:
-        if self._ascii:
-            return char_offset
-        if char_offset < self._char:  # never happens in a forward scan; stay correct anyway
-            self._char = self._byte = 0
-        self._byte += len(self._text[self._char : char_offset].encode("utf-8"))
-        self._char = char_offset
-        return self._byte
-
-
-def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
-    path = snapshot.settings.path
+def _load_json(settings: FeedSettings, parsed: ParsedFeed, text: str) -> None:
+    path = settings.path
     start = _JSON_GAP.match(text, 0)
     pos = start.end() if start else 0
     if not text.startswith("[", pos):
@@ -658,8 +638,7 @@ def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None
     decoder = json.JSONDecoder()
     raw_decode = decoder.raw_decode
     gap = _JSON_GAP.match
-    add = snapshot.add
-    report = snapshot.report
+    report = parsed.report
     n = 0
     while True:
         m = gap(text, pos)
@@ -682,8 +661,7 @@ def _load_json(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None
         if indicator is None:
             report.bad(f"record {n}", _why_no_indicator(obj))
         else:
-            b_start = to_byte(pos)
-            add(indicator, b_start, to_byte(end) - b_start)
+            add_row(parsed, indicator, tuple(record_context(obj)))
         pos = end
 
 
@@ -719,22 +697,22 @@ def _lines(text: str) -> Iterator[_Line]:
         pos = end + 1
 
 
-def _load_csv(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
-    settings = snapshot.settings
+def _load_csv(settings: FeedSettings, parsed: ParsedFeed, text: str) -> None:
     delimiter = settings.delimiter
     lines = _lines(text)
     header, header_line, first_row = _find_csv_header(settings, lines)
     col, field_name, sub_col = _csv_columns(settings, header, header_line)
-    snapshot.header = list(header)
-    snapshot.header[col] = field_name
+    names = list(header)
+    names[col] = field_name
     if sub_col >= 0:
-        snapshot.header[sub_col] = header[sub_col].lower()
+        names[sub_col] = header[sub_col].lower()
+    parsed.header = names
+    keep = None
     if settings.context_columns is not None:
-        snapshot.context_columns = _csv_context_columns(settings, header, snapshot.header, col)
+        keep = _csv_context_columns(settings, header, names, col)
     width = len(header)
-    add = snapshot.add
-    report = snapshot.report
-    for start, lineno, line in itertools.chain(first_row, lines):
+    report = parsed.report
+    for _start, lineno, line in itertools.chain(first_row, lines):
         row_text = line.rstrip("\r")
         if not row_text.strip() or row_text.startswith("#"):
             continue
@@ -747,8 +725,7 @@ def _load_csv(snapshot: FeedSnapshot, text: str, to_byte: _ByteOffsets) -> None:
         if indicator is None:
             report.bad(f"line {lineno}", f"{field_name}={row[col][:80]!r} is not a valid indicator")
             continue
-        b_start = to_byte(start)
-        add(indicator, b_start, to_byte(start + len(row_text)) - b_start)
+        add_row(parsed, indicator, tuple(record_context(dict(zip(names, row, strict=True)), keep)))
 
 
 def _find_csv_header(settings: FeedSettings, lines: Iterator[_Line]) -> tuple[list[str], int, list[_Line]]:

@@ -12,7 +12,7 @@ Rules (CyberTrace semantics, docs/matching.md):
    detects nothing, except through InternalTI records.
 5. With SendFinishedEvent, exactly one finished line follows each event's detections, even for an
    event that was ignored, oversized or matched nothing.
-Pure: no I/O except reading detected records back through the store's snapshots; no clock.
+Pure: no I/O (detected records are read from the store's snapshots, never from feed files); no clock.
 """
 
 from __future__ import annotations
@@ -20,11 +20,13 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 from threatgate.config.node import NodeConfig, Rule, RuleType, Source
 from threatgate.node import normalize
-from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, indicator_of, mask_matches, record_context
+from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, mask_matches
 from threatgate.node.render import FieldFormat, Fields, Template
+from threatgate.node.snapfile import Record
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.wire.framing import FramedEvent, Oversized
 
@@ -52,6 +54,23 @@ class MatchStats:
     per_category: dict[str, int] = field(default_factory=dict)
     decided: int = 0  # events the compiled engine answered alone (node/engine.py)
     confirmed: int = 0  # events whose possible indicators it handed to the reference lookups
+
+
+_MISSING: Any = object()
+
+
+def _covers(record: Record, cand: Candidate) -> bool:
+    """Whether a mask or CIDR record holds the probed URL or address."""
+    if cand.kind == Kind.MASK:
+        return mask_matches(record.value, cand.probe)
+    parsed = normalize.parse_ip(cand.probe)
+    if parsed is None:
+        return False
+    version, number = parsed
+    indicator = record.indicator()
+    assert indicator.cidr is not None
+    v, plen, net = indicator.cidr
+    return v == version and number >> ((32 if version == 4 else 128) - plen) == net
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,7 +154,7 @@ class Matcher:
         self._by_ip = {ip: s.id for s in config.input.sources for ip in s.ips}
         self._by_host = {h: s.id for s in config.input.sources for h in s.hostnames}
         self._url_cache: dict[str, str | None] = {}
-        self._record_cache: dict[tuple[int, int], tuple[Indicator, dict[str, object]] | None] = {}
+        self._record_cache: dict[tuple[int, int], Record | None] = {}
         self._finished_needs_context = bool(self._finished.names & {"RecordContext", "Date"})
         self._lookups: dict[RuleType, Callable[[str, list[Candidate]], bool]] = {
             RuleType.URL: self._lookup_url,
@@ -280,7 +299,7 @@ class Matcher:
         return [self.lookup_object(value) for value in objects]
 
     def _confirm(self, candidates: list[Candidate]) -> tuple[list[Hit], int]:
-        """Hits confirmed by reading records back, and how many the FalsePositive supplier suppressed."""
+        """Hits confirmed against the stored records, and how many the FalsePositive supplier suppressed."""
         hits: list[Hit] = []
         false_positive = False
         seen: set[tuple[int, int]] = set()
@@ -292,43 +311,39 @@ class Matcher:
             snap = self._snapshots.get(cand.slot)
             if snap is None:
                 continue
-            parsed = self._record(snap, cand)
-            if parsed is None:
+            record = self._record(snap, cand)
+            if record is None:
                 continue
-            indicator, record = parsed
             supplier = snap.settings.supplier
             if supplier == "FalsePositive":
                 false_positive = True
                 continue
-            context = tuple(record_context(record, snap.context_columns))
+            context = record.context
             wanted = snap.settings.actionable_fields
             actionable = tuple((n, v) for n, v in context if n in wanted) if wanted else ()
-            hits.append(Hit(snap, cand.record_no, indicator, context, actionable))
+            hits.append(Hit(snap, cand.record_no, record.indicator(), context, actionable))
         if not false_positive:
             return hits, 0
         kept = [h for h in hits if h.snapshot.settings.supplier == "InternalTI"]
         return kept, len(hits) - len(kept)
 
-    def _record(self, snap: FeedSnapshot, cand: Candidate) -> tuple[Indicator, dict[str, object]] | None:
+    def _record(self, snap: FeedSnapshot, cand: Candidate) -> Record | None:
+        """The stored record of ``cand`` when it really matches the probed value (None for a Bloom or
+        64-bit key collision): equal kind and value; a mask that covers the URL; a CIDR whose network
+        holds the address."""
         key = (cand.slot, cand.record_no)
         cache = self._record_cache
-        if key in cache:
-            return cache[key]
-        record = snap.read_record(cand.record_no)
-        result: tuple[Indicator, dict[str, object]] | None = None
-        if record is not None:
-            indicator = indicator_of(record)
-            if indicator is not None and (
-                indicator.value == cand.probe
-                or (
-                    cand.kind == Kind.MASK and indicator.kind == Kind.MASK and mask_matches(indicator.value, cand.probe)
-                )
-            ):
-                result = (indicator, record)
-        if len(cache) >= _RECORD_CACHE_MAX:
-            cache.clear()
-        cache[key] = result
-        return result
+        record = cache.get(key, _MISSING)
+        if record is _MISSING:
+            record = snap.record(cand.record_no)
+            if len(cache) >= _RECORD_CACHE_MAX:
+                cache.clear()
+            cache[key] = record
+        if record is None or record.kind != cand.kind:
+            return None
+        if cand.kind == Kind.MASK or cand.kind == Kind.CIDR:
+            return record if _covers(record, cand) else None
+        return record if record.value == cand.probe else None
 
     # -- events -------------------------------------------------------------------------------
 

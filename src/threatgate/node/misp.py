@@ -21,6 +21,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import re
@@ -194,7 +195,7 @@ class _EventLoader:
             self.attributes(obj.get("Attribute"), here, _text(obj.get("name")) or "object")
 
 
-def _load_event(snapshot: MemorySnapshot, directory: str, uuid: str) -> None:
+def _load_event(snapshot: MemorySnapshot, directory: str, uuid: str, digest: Any) -> None:
     report = snapshot.report
     where = f"event {uuid}"
     path = os.path.join(directory, uuid + ".json")
@@ -203,6 +204,8 @@ def _load_event(snapshot: MemorySnapshot, directory: str, uuid: str) -> None:
     except OSError as exc:
         report.bad(where, f"cannot read {uuid}.json: {exc.strerror or exc}")
         return
+    digest.update(f"\0{uuid}\0{len(data)}\0".encode())
+    digest.update(data)
     try:
         doc = parse_document(uuid + ".json", data)
     except FeedError as exc:
@@ -233,6 +236,7 @@ def load_misp(settings: FeedSettings) -> MemorySnapshot:
         data, _st = read_document(manifest_path, MAX_EVENT_FILE_SIZE)
     except OSError as exc:
         raise FeedError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data)  # of every file read, so an unchanged feed maps its snapshot
     manifest = parse_document(manifest_path, data)
     del data
     if not isinstance(manifest, dict):
@@ -242,6 +246,35 @@ def load_misp(settings: FeedSettings) -> MemorySnapshot:
         if not _SAFE_NAME.match(key):
             report.bad(f"manifest key {key[:80]!r}", "not a UUID-like event name; no file is read for it")
             continue
-        _load_event(snapshot, settings.path, key)
+        _load_event(snapshot, settings.path, key, digest)
+    snapshot.digest = digest.digest()
     report.log_skipped(log, settings.name, "MISP attribute(s)")
     return snapshot
+
+
+def misp_digest(settings: FeedSettings) -> bytes:
+    """The sha256 :func:`load_misp` computes over the files it reads (manifest, then each event file it
+    names), without parsing the events: how the node finds the snapshot of an unchanged MISP feed.
+
+    Raises:
+        FeedError: the manifest cannot be read or is not a JSON object, or a file is over the limit.
+    """
+    manifest_path = os.path.join(settings.path, "manifest.json")
+    try:
+        data, _st = read_document(manifest_path, MAX_EVENT_FILE_SIZE)
+    except OSError as exc:
+        raise FeedError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from None
+    digest = hashlib.sha256(data)
+    manifest = parse_document(manifest_path, data)
+    if not isinstance(manifest, dict):
+        raise FeedError(f"{manifest_path}: a MISP manifest must be a JSON object keyed by event UUID")
+    for uuid in manifest:
+        if not _SAFE_NAME.match(uuid):
+            continue
+        try:
+            event, _st = read_document(os.path.join(settings.path, uuid + ".json"), MAX_EVENT_FILE_SIZE)
+        except OSError:
+            continue
+        digest.update(f"\0{uuid}\0{len(event)}\0".encode())
+        digest.update(event)
+    return digest.digest()

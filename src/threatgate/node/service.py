@@ -21,8 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 import os
+import tempfile
 import time
 import weakref
 from collections.abc import Callable, Collection
@@ -45,10 +47,11 @@ from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.engine import engine_choice, make_matcher
 from threatgate.node.exports import Exports
-from threatgate.node.feeds import FeedSnapshot, MemorySnapshot, feed_identity, load_feed
+from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import MatchStats
 from threatgate.node.render import FieldFormat, Template
+from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, source_digest
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.alerts import alert_level
@@ -166,6 +169,8 @@ class NodeService:
         self.warn_input = RateLimitedLog(log)
         self.warn_read = RateLimitedLog(log, logging.ERROR)
         self._read_failures_seen: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
+        self._snapshot_dir: SnapshotDir | None = None
+        self._build_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))  # one feed build per core at most
         self._snapshots: dict[int, FeedSnapshot] = {}
         self._feed_states: dict[int, FeedState] = {}
         self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
@@ -190,7 +195,7 @@ class NodeService:
         self.api = NodeAPI(self)
         self.http: HTTPServer | None = None
         self._suppliers_lock = asyncio.Lock()
-        self._supplier_snapshots: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
+        self._supplier_snapshots: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cluster: ClusterAgent | None = None  # set by run_node when <Cluster> is configured
 
@@ -279,7 +284,7 @@ class NodeService:
     # -- feeds --------------------------------------------------------------------------------
 
     async def reload_feeds(self, reason: str, only: Collection[int] | None = None) -> None:
-        """Load changed feed files in a worker thread and swap in a new store.
+        """Load changed feeds (mapped from their snapshot, or built in a worker process) and swap in a new store.
 
         ``only`` limits the look to those feed slots (the watcher's due feeds); None looks at every
         enabled feed.  A feed that fails to load keeps its previous version and raises
@@ -289,7 +294,8 @@ class NodeService:
             started = time.monotonic()
             changed: dict[int, FeedSnapshot] = {}
             stale: set[int] = set()  # slots whose snapshot belongs to a feed no longer at that place
-            private_dir = self._private_dir()
+            pending: list[tuple[int, FeedSettings, FeedSnapshot | None, bool, float]] = []
+            updated: list[tuple[str, int]] = []  # KL_ALERT_UpdatedFeed once the new versions detect
             feeds = self.config.feeds.feeds  # one list for the whole reload, whatever a SIGHUP does meanwhile
             # Versions follow their feed file, not its place in the list: a feed moved by an edit keeps its
             # version, and a feed put at another feed's place never inherits that feed's version.
@@ -315,7 +321,10 @@ class NodeService:
                     if moved:
                         changed[slot] = old
                     continue
-                tried, result = await asyncio.to_thread(_load, settings, private_dir)
+                pending.append((slot, settings, old, moved, loaded_at))
+            # Every changed feed at once: a build runs in a worker process, several on several cores.
+            results = await asyncio.gather(*(self._load_version(p[1]) for p in pending))
+            for (slot, settings, old, moved, loaded_at), (tried, result) in zip(pending, results, strict=True):
                 if isinstance(result, FeedError):
                     self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
                     self.stats.bump(self.stats.feed_failures, settings.name)
@@ -340,7 +349,7 @@ class NodeService:
                     self.alerts.raise_alert(
                         "KL_ALERT_FeedLoadedPartially", feed=settings.name, records=rep.records, malformed=rep.malformed
                     )
-                self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=settings.name, records=rep.records)
+                updated.append((settings.name, rep.records))
             self.stats.reloads += 1
             wanted = {slot for slot, f in enumerate(feeds) if f.enabled}
             self._feed_states = {slot: st for slot, st in self._feed_states.items() if slot in wanted}
@@ -356,6 +365,8 @@ class NodeService:
             self._snapshots = snapshots
             self.matcher.use_store(store)
             self.store_version += 1
+            for name, records in updated:
+                self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=name, records=records)
             loaded = {snap.name: snap.report.records for snap in snapshots.values()}
             enabled = (f.name for f in self.config.feeds.feeds if f.enabled)
             self.stats.feed_records = {name: loaded.get(name, 0) for name in enabled}  # 0: no version loaded
@@ -367,6 +378,9 @@ class NodeService:
                 time.monotonic() - started,
             )
             self._feeds_settled()
+            # Once this frame (which still holds the replaced versions) is gone, under the reload lock, so
+            # a file a concurrent reload has just built and not yet mapped is never taken for unused.
+            self._spawn(self._remove_unused_snapshots())
 
     def _forget_feed_series(self, enabled: set[str]) -> None:
         """Per-feed gauges only for enabled feeds: a feed disabled or removed at SIGHUP leaves no stale series."""
@@ -375,10 +389,75 @@ class NodeService:
         s.feed_malformed = {k: v for k, v in s.feed_malformed.items() if k in enabled}
         s.feed_skipped = {k: v for k, v in s.feed_skipped.items() if k in enabled}
 
-    def _private_dir(self) -> str | None:
-        """Where loaded feed versions keep their private copy: beside the database, else the system temp dir."""
-        http = self.config.http
-        return os.path.dirname(os.path.abspath(http.database)) if http is not None else None
+    def snapshot_dir(self) -> SnapshotDir:
+        """The directory of feed snapshots (``<Feeds snapshot_dir>``; a temporary one for a config built in code)."""
+        if self._snapshot_dir is None:
+            path = self.config.feeds.snapshot_dir or tempfile.mkdtemp(prefix="threatgate-snapshots-")
+            self._snapshot_dir = SnapshotDir(path)
+        return self._snapshot_dir
+
+    async def _load_version(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | FeedError]:
+        """One load attempt: the identity of the version and it, or why it failed.
+
+        Unchanged bytes and settings map their existing snapshot (no parse); otherwise a worker process
+        builds one.  A snapshot that is not to be trusted is logged, counted and rebuilt.
+        """
+        tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
+        directory = self.snapshot_dir()
+        try:
+            await asyncio.to_thread(directory.prepare)
+            identity, digest = await asyncio.to_thread(source_digest, settings)
+            found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
+        except FeedError as exc:
+            return tried, exc
+        except OSError as exc:
+            return tried, FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
+        if isinstance(found, FeedSnapshot):
+            self.stats.bump(self.stats.snapshot_loads, (settings.name, "mapped"))
+            log.info(
+                "feed %s: unchanged, snapshot %s mapped (%d records, not parsed)",
+                settings.name,
+                os.path.basename(found.path or ""),
+                len(found),
+            )
+            return identity, found
+        if isinstance(found, Refused):
+            self.stats.bump(self.stats.snapshot_rebuilds, (settings.name, found.reason))
+            log.warning(
+                "feed %s: snapshot %s not trusted (%s: %s); removed, rebuilding it from the feed",
+                settings.name,
+                found.path,
+                found.reason,
+                found.detail,
+            )
+        started = time.monotonic()
+        try:
+            async with self._build_slots:
+                built = await build_in_worker(directory.path, settings)
+            snap = await asyncio.to_thread(directory.map_built, settings, built)
+        except FeedError as exc:
+            return tried, exc
+        self.stats.bump(self.stats.snapshot_loads, (settings.name, "built"))
+        log.info(
+            "feed %s: snapshot %s built in a worker process in %.2f s (%d records)",
+            settings.name,
+            os.path.basename(built.path),
+            time.monotonic() - started,
+            len(snap),
+        )
+        return snap.identity, snap
+
+    async def _remove_unused_snapshots(self) -> None:
+        """Remove snapshot files no feed version in memory uses (the live store's, and any an in-flight
+        batch or export still holds)."""
+        if self._snapshot_dir is None:
+            return
+        async with self._reload_lock:
+            gc.collect()  # versions swapped out just now are usually garbage already
+            in_use = [s.path for s in FeedSnapshot.live() if s.path]
+            removed = await asyncio.to_thread(self._snapshot_dir.remove_unused, in_use)
+        if removed:
+            log.info("removed %d snapshot file(s) no loaded feed version uses: %s", len(removed), ", ".join(removed))
 
     def feed_status(self) -> dict[str, tuple[bool, str]]:
         """Per enabled feed (by name): whether a version of it is in the store, and its state in words."""
@@ -432,8 +511,8 @@ class NodeService:
             self._account_read_failures()
 
     def _account_read_failures(self) -> None:
-        """Records a loaded version could not read back (an I/O error on its private copy): their
-        detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
+        """Records of a loaded version whose snapshot bytes did not decode (damaged after the start-up
+        check): their detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
         counted = self.stats.feed_read_failures
         for snap in self._snapshots.values():
             total = snap.read_failures
@@ -442,11 +521,11 @@ class NodeService:
                 self._read_failures_seen[snap] = total
                 counted[snap.name] = counted.get(snap.name, 0) + total - before
                 self.warn_read(
-                    "feed %s: %d record(s) could not be read back from the loaded version's private copy; "
-                    "their detections were lost (threatgate_feed_read_failures_total); check the disk of %s",
+                    "feed %s: %d record(s) could not be read from the loaded version's snapshot %s; "
+                    "their detections were lost (threatgate_feed_read_failures_total); check that disk",
                     snap.name,
                     total - before,
-                    self._private_dir() or "the temporary directory",
+                    snap.path or "(in memory)",
                 )
 
     async def _watch_users(self) -> None:
@@ -491,8 +570,8 @@ class NodeService:
         async with self._suppliers_lock:
             cache = self._supplier_snapshots
 
-            def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[MemorySnapshot]]]]:
-                kept: dict[int, tuple[Supplier, list[MemorySnapshot]]] = {}
+            def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[FeedSnapshot]]]]:
+                kept: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
                 snapshots: dict[int, FeedSnapshot] = {}
                 for supplier in db.suppliers():
                     if supplier.status != "enabled":
@@ -805,16 +884,6 @@ def _limits(config: NodeConfig) -> ListenerLimits:
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
     out = config.output
     return (out.alert_format, out.alert_destination, out.retries_count, out.retries_timeout, out.record_field_format)
-
-
-def _load(settings: FeedSettings, private_dir: str | None) -> tuple[Identity, FeedSnapshot | FeedError]:
-    """One load attempt (blocking): the identity the version was loaded from, and it or why it failed."""
-    tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
-    try:
-        snap = load_feed(settings, private_dir)
-    except FeedError as exc:
-        return tried, exc
-    return snap.identity, snap
 
 
 def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:

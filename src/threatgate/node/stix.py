@@ -23,6 +23,7 @@ Rules:
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import re
 from dataclasses import dataclass
@@ -403,6 +404,7 @@ def load_stix(settings: FeedSettings, data: bytes | str | None = None) -> Memory
         except OSError as exc:
             raise FeedError(f"{path}: cannot read: {exc.strerror or exc}") from None
         snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
+    snapshot.digest = hashlib.sha256(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data).digest()
     bundle = parse_document(path, data)
     del data
     if not isinstance(bundle, dict) or bundle.get("type") != "bundle":

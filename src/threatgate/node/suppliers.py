@@ -5,7 +5,8 @@ Rules:
    (WAL journal, ``synchronous=FULL``): it is either entirely on disk or not at all, so a failed or
    interrupted request stores nothing and a crash never leaves half a push behind.
 2. Matching never reads SQLite.  After a committed change the changed supplier's indicators are
-   turned into a :class:`~threatgate.node.feeds.MemorySnapshot` and the node swaps its supplier
+   turned into an in-memory snapshot (:class:`~threatgate.node.feeds.MemorySnapshot`, the same
+   snapshot writer as feed files) and the node swaps its supplier
    store (see :class:`~threatgate.node.matcher.Matcher`), so a push detects in event matching as
    soon as the request has been answered.
 3. Validation happens before the transaction starts (:func:`parse_indicators`), so a transaction
@@ -31,7 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from threatgate.config.node import FeedSettings
-from threatgate.node.feeds import Indicator, MemorySnapshot, classify
+from threatgate.node.feeds import FeedSnapshot, Indicator, MemorySnapshot, classify
 
 BUILTIN = ("FalsePositive", "InternalTI")
 SUPPLIER_SLOT_BASE = 1 << 20
@@ -700,7 +701,7 @@ def supplier_settings(supplier: Supplier, false_positive: bool = False) -> FeedS
     )
 
 
-def supplier_snapshots(supplier: Supplier, rows: Iterable[tuple[str, str, str, int]]) -> list[MemorySnapshot]:
+def supplier_snapshots(supplier: Supplier, rows: Iterable[tuple[str, str, str, int]]) -> list[FeedSnapshot]:
     """One snapshot of the supplier's indicators, plus one of those it marked false positive (if any)."""
     main = MemorySnapshot(supplier_settings(supplier))
     marked = MemorySnapshot(supplier_settings(supplier, false_positive=True))
@@ -715,4 +716,4 @@ def supplier_snapshots(supplier: Supplier, rows: Iterable[tuple[str, str, str, i
             record["tags"] = ",".join(tags)
         record["supplier"] = supplier.name
         (marked if fp else main).add_record(record, indicator)
-    return [s for s in (main, marked) if s.records or s is main]
+    return [s.finish() for s in (main, marked) if len(s) or s is main]
