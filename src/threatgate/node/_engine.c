@@ -25,7 +25,8 @@
 enum { K_URL = 0, K_DOMAIN = 1, K_DOMAIN_SUFFIX = 2, K_IP = 3, K_CIDR = 4, K_HASH = 5, K_MASK = 6 };
 enum { L_CONTEXT = -1, L_URL = 0, L_DOMAIN = 1, L_IP = 2, L_MD5 = 3, L_SHA1 = 4, L_SHA256 = 5, L_HASH = 6 };
 enum { M_FINDALL = 0, M_SEARCH = 1, M_GENERIC = 2 };
-enum { MISS = 0, MAYBE = 1, FAILED = -1 };
+enum { MISS = 0, MAYBE = 1, FAILED = -1, REFER = 2 /* the reference path must decide the whole event */ };
+#define MAX_STORES 4
 
 typedef struct {
     pcre2_code *code;
@@ -52,6 +53,10 @@ typedef struct {
     uint32_t kinds;
     Py_ssize_t nkeys, n4, n6;
     PyObject *global_masks; /* tuple of tuples of bytes */
+    /* for candidates (store.py's lookups, in its order) */
+    int slot, store;
+    Py_buffer refs, c4off, c4refs, c4plen, c6off, c6refs, c6plen, grows, voff, vblob;
+    Py_ssize_t ngrows, nrecords;
 } Index;
 
 typedef struct { size_t start, end; } Span;
@@ -72,6 +77,9 @@ typedef struct {
     int nidx;
     uint32_t kinds;
     int has_c4, has_c6, has_global;
+    int nstores;
+    uint32_t store_kinds[MAX_STORES];
+    int store_global[MAX_STORES];
     pcre2_match_data *md;
     pcre2_match_context *mctx;
     pcre2_jit_stack *jit;
@@ -80,9 +88,7 @@ typedef struct {
     char *line;
     size_t line_cap;
     Spans values;
-    Spans maybes;      /* (step number, value span) of values that may detect */
-    int *maybe_steps;
-    int maybe_cap;
+    PyObject *found; /* per event: list of (step number, raw value, candidates) for the reference _detect */
     Py_ssize_t reference_events, detect_events;
     char *rbuf[2]; /* replace results, alternating */
     size_t rcap[2];
@@ -360,38 +366,51 @@ static int probe_domain(Engine *e, const char *p, size_t n) {
     }
 }
 
+/* normalize.parse_ip: 1 and (version, hi, lo) for an address, 0 for none, -1 on error.  The dotted quad is
+ * read here; anything else (IPv6, surrounding whitespace) by the reference parser itself. */
+static int ip_number(Engine *e, const char *p, size_t n, int *version, uint64_t *hi, uint64_t *lo) {
+    int64_t v4 = parse_v4(p, n);
+    if (v4 >= 0) {
+        *version = 4;
+        *hi = 0;
+        *lo = (uint64_t)v4;
+        return 1;
+    }
+    int odd = memchr(p, ':', n) != NULL;
+    for (size_t i = 0; i < n && !odd; i++) odd = py_space((unsigned char)p[i]) || (unsigned char)p[i] >= 128;
+    if (!odd) return 0;
+    PyObject *arg = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
+    if (arg == NULL) return -1;
+    PyObject *r = PyObject_CallOneArg(e->parse_ip, arg);
+    Py_DECREF(arg);
+    if (r == NULL) return -1;
+    if (r == Py_None) { Py_DECREF(r); return 0; }
+    *version = (int)PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
+    PyObject *num = PyTuple_GET_ITEM(r, 1);
+    *lo = PyLong_AsUnsignedLongLongMask(num);
+    *hi = 0;
+    if (*version == 6) {
+        PyObject *sixty_four = PyLong_FromLong(64);
+        PyObject *hi_obj = sixty_four ? PyNumber_Rshift(num, sixty_four) : NULL;
+        Py_XDECREF(sixty_four);
+        if (hi_obj == NULL) { Py_DECREF(r); return -1; }
+        *hi = PyLong_AsUnsignedLongLongMask(hi_obj);
+        Py_DECREF(hi_obj);
+    }
+    Py_DECREF(r);
+    return PyErr_Occurred() ? -1 : 1;
+}
+
 /* An IP value as the store takes it (already normalised): exact key and CIDR intervals. */
 static int probe_ip(Engine *e, const char *p, size_t n) {
     if (has_key(e, K_IP, p, n)) return MAYBE;
     if (!e->has_c4 && !e->has_c6) return MISS;
-    int64_t v4 = parse_v4(p, n);
-    if (v4 >= 0) return e->has_c4 && in_c4(e, (uint32_t)v4) ? MAYBE : MISS;
-    if (!e->has_c6 || memchr(p, ':', n) == NULL) return MISS;
-    /* IPv6 (or an odd spelling): the reference parser decides. */
-    PyObject *arg = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
-    if (arg == NULL) return FAILED;
-    PyObject *r = PyObject_CallOneArg(e->parse_ip, arg);
-    Py_DECREF(arg);
-    if (r == NULL) return FAILED;
-    int out = MISS;
-    if (r != Py_None) {
-        long version = PyLong_AsLong(PyTuple_GET_ITEM(r, 0));
-        PyObject *num = PyTuple_GET_ITEM(r, 1);
-        if (version == 4) {
-            out = e->has_c4 && in_c4(e, (uint32_t)PyLong_AsUnsignedLongLongMask(num)) ? MAYBE : MISS;
-        } else {
-            uint64_t lo = PyLong_AsUnsignedLongLongMask(num);
-            PyObject *sixty_four = PyLong_FromLong(64);
-            PyObject *hi_obj = sixty_four ? PyNumber_Rshift(num, sixty_four) : NULL;
-            Py_XDECREF(sixty_four);
-            if (hi_obj == NULL) { Py_DECREF(r); return FAILED; }
-            uint64_t hi = PyLong_AsUnsignedLongLongMask(hi_obj);
-            Py_DECREF(hi_obj);
-            out = in_c6(e, hi, lo) ? MAYBE : MISS;
-        }
-    }
-    Py_DECREF(r);
-    return PyErr_Occurred() ? FAILED : out;
+    int version;
+    uint64_t hi, lo;
+    int rc = ip_number(e, p, n, &version, &hi, &lo);
+    if (rc <= 0) return rc < 0 ? FAILED : MISS;
+    if (version == 4) return e->has_c4 && in_c4(e, (uint32_t)lo) ? MAYBE : MISS;
+    return e->has_c6 && in_c6(e, hi, lo) ? MAYBE : MISS;
 }
 
 static int probe_url(Engine *e, const char *p, size_t n) {
@@ -429,33 +448,34 @@ static int probe_url(Engine *e, const char *p, size_t n) {
 }
 
 /* Normalise one raw value of a lookup rule and probe it: MISS, MAYBE or FAILED (exception set). */
-static int check_value(Engine *e, int lookup, const char *raw, size_t rn) {
+/* The normalised value of a lookup rule's raw value, as matcher._lookup_* computes it: MAYBE with p/n (and
+ * *owner to release, maybe NULL), MISS when it is not a value of that type, REFER on a regex limit, FAILED. */
+static int normalise(Engine *e, int lookup, const char *raw, size_t rn, const char **p, size_t *n, PyObject **owner) {
+    *owner = NULL;
     if (lookup >= L_MD5) {
         size_t a = 0, b = rn;
         while (a < b && py_space((unsigned char)raw[a])) a++;
         while (b > a && py_space((unsigned char)raw[b - 1])) b--;
-        size_t n = b - a;
-        if (n != 32 && n != 40 && n != 64) return MISS;
-        if ((lookup == L_MD5 && n != 32) || (lookup == L_SHA1 && n != 40) || (lookup == L_SHA256 && n != 64)) return MISS;
-        if (grow(&e->scratch, &e->scratch_cap, n) < 0) return FAILED;
-        for (size_t i = 0; i < n; i++) {
+        size_t m = b - a;
+        if (m != 32 && m != 40 && m != 64) return MISS;
+        if ((lookup == L_MD5 && m != 32) || (lookup == L_SHA1 && m != 40) || (lookup == L_SHA256 && m != 64)) return MISS;
+        if (grow(&e->scratch, &e->scratch_cap, m) < 0) return FAILED;
+        for (size_t i = 0; i < m; i++) {
             unsigned char c = lower((unsigned char)raw[a + i]);
             if (!is_hex(c)) return MISS;
             e->scratch[i] = (char)c;
         }
-        return has_key(e, K_HASH, e->scratch, n) ? MAYBE : MISS;
+        *p = e->scratch;
+        *n = m;
+        return MAYBE;
     }
-    const char *p = NULL;
-    size_t n = 0;
-    PyObject *owner = NULL;
-    int rc;
     if (lookup == L_IP) {
-        if (canonical_v4(raw, rn)) return probe_ip(e, raw, rn);
-        rc = call_norm(e->norm_ip, raw, rn, &p, &n, &owner);
-        if (rc != MAYBE) return rc;
-        rc = probe_ip(e, p, n);
-        Py_DECREF(owner);
-        return rc;
+        if (canonical_v4(raw, rn)) {
+            *p = raw;
+            *n = rn;
+            return MAYBE;
+        }
+        return call_norm(e->norm_ip, raw, rn, p, n, owner);
     }
     if (grow(&e->scratch, &e->scratch_cap, rn + 1) < 0) return FAILED;
     for (size_t i = 0; i < rn; i++) e->scratch[i] = (char)lower((unsigned char)raw[i]);
@@ -464,17 +484,268 @@ static int check_value(Engine *e, int lookup, const char *raw, size_t rn) {
     if (m > 0) {
         PCRE2_SIZE *ov = pcre2_get_ovector_pointer(e->md);
         size_t g = lookup == L_URL ? 1 : 0;
-        if (lookup == L_URL && (m < 2 || ov[2] == PCRE2_UNSET)) return MAYBE; /* cannot happen; be safe */
-        p = e->scratch + ov[2 * g];
-        n = ov[2 * g + 1] - ov[2 * g];
-        return lookup == L_URL ? probe_url(e, p, n) : probe_domain(e, p, n);
+        if (lookup == L_URL && (m < 2 || ov[2] == PCRE2_UNSET)) return REFER; /* cannot happen; be safe */
+        *p = e->scratch + ov[2 * g];
+        *n = ov[2 * g + 1] - ov[2 * g];
+        return MAYBE;
     }
-    if (m != PCRE2_ERROR_NOMATCH) return MAYBE; /* a regex limit: let the reference decide */
-    rc = call_norm(lookup == L_URL ? e->norm_url : e->norm_domain, raw, rn, &p, &n, &owner);
+    if (m != PCRE2_ERROR_NOMATCH) return REFER;
+    return call_norm(lookup == L_URL ? e->norm_url : e->norm_domain, raw, rn, p, n, owner);
+}
+
+/* The prefilter for one raw value: MISS (certainly no candidate), MAYBE, REFER or FAILED. */
+static int check_value(Engine *e, int lookup, const char *raw, size_t rn) {
+    const char *p = NULL;
+    size_t n = 0;
+    PyObject *owner = NULL;
+    int rc = normalise(e, lookup, raw, rn, &p, &n, &owner);
     if (rc != MAYBE) return rc;
-    rc = lookup == L_URL ? probe_url(e, p, n) : probe_domain(e, p, n);
-    Py_DECREF(owner);
+    if (lookup >= L_MD5) rc = has_key(e, K_HASH, p, n) ? MAYBE : MISS;
+    else if (lookup == L_IP) rc = probe_ip(e, p, n);
+    else if (lookup == L_URL) rc = probe_url(e, p, n);
+    else rc = probe_domain(e, p, n);
+    Py_XDECREF(owner);
     return rc;
+}
+
+/* ---- candidates, exactly as store.IndicatorStore's lookups list them ------------------------------------- */
+
+static int cand_add(PyObject *out, int slot, uint32_t row, int kind, const char *p, size_t n) {
+    PyObject *probe = PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
+    if (probe == NULL) return -1;
+    PyObject *t = Py_BuildValue("(iIiN)", slot, (unsigned int)row, kind, probe);
+    if (t == NULL) return -1;
+    int rc = PyList_Append(out, t);
+    Py_DECREF(t);
+    return rc;
+}
+
+/* First position of key k in the sorted keys (nkeys when absent). */
+static Py_ssize_t key_pos(const Index *ix, uint64_t k) {
+    const uint64_t *keys = ix->keys.buf;
+    Py_ssize_t lo = 0, hi = ix->nkeys;
+    while (lo < hi) {
+        Py_ssize_t mid = lo + (hi - lo) / 2;
+        if (keys[mid] < k) lo = mid + 1;
+        else hi = mid;
+    }
+    return lo < ix->nkeys && keys[lo] == k ? lo : ix->nkeys;
+}
+
+/* store._probe: every feed of the store, in slot order, the rows under the key in key-array order. */
+static int c_probe(Engine *e, int store, int kind, const char *p, size_t n, PyObject *out) {
+    uint64_t k = XXH3_64bits_withSeed(p, n, (XXH64_hash_t)kind);
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        if (ix->store != store || !ix->nkeys || !bloom_has(ix, k)) continue;
+        const uint64_t *keys = ix->keys.buf;
+        const uint32_t *refs = ix->refs.buf;
+        for (Py_ssize_t j = key_pos(ix, k); j < ix->nkeys && keys[j] == k; j++)
+            if (cand_add(out, ix->slot, refs[j], kind, p, n) < 0) return -1;
+    }
+    return 0;
+}
+
+static inline int store_has(Engine *e, int store, int kind) { return (e->store_kinds[store] >> kind) & 1; }
+
+static int c_domain(Engine *e, int store, const char *p, size_t n, PyObject *out) {
+    if (store_has(e, store, K_DOMAIN) && c_probe(e, store, K_DOMAIN, p, n, out) < 0) return -1;
+    if (!store_has(e, store, K_DOMAIN_SUFFIX)) return 0;
+    for (;;) {
+        if (c_probe(e, store, K_DOMAIN_SUFFIX, p, n, out) < 0) return -1;
+        const char *dot = memchr(p, '.', n);
+        if (dot == NULL) return 0;
+        n -= (size_t)(dot + 1 - p);
+        p = dot + 1;
+    }
+}
+
+typedef struct { int plen, slot; uint32_t row; } CidrHit;
+
+static int cidr_cmp(const void *a, const void *b) {
+    const CidrHit *x = a, *y = b;
+    if (x->plen != y->plen) return y->plen - x->plen; /* most specific first */
+    if (x->slot != y->slot) return x->slot - y->slot;
+    return x->row < y->row ? -1 : x->row > y->row;
+}
+
+static int c_ip(Engine *e, int store, const char *p, size_t n, PyObject *out) {
+    if (store_has(e, store, K_IP) && c_probe(e, store, K_IP, p, n, out) < 0) return -1;
+    int six = memchr(p, ':', n) != NULL, feeds = 0;
+    for (int i = 0; i < e->nidx; i++)
+        if (e->idx[i].store == store && (six ? e->idx[i].n6 : e->idx[i].n4) > 0) feeds++;
+    if (!feeds) return 0;
+    int version;
+    uint64_t hi, lo;
+    int rc = ip_number(e, p, n, &version, &hi, &lo);
+    if (rc <= 0) return rc;
+    CidrHit *hits = NULL;
+    size_t nh = 0, cap = 0;
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        if (ix->store != store || (six ? ix->n6 : ix->n4) == 0) continue;
+        Py_ssize_t seg;
+        if (version == 4) {
+            const uint32_t *st = ix->c4s.buf, *en = ix->c4e.buf;
+            Py_ssize_t a = 0, b = ix->n4;
+            while (a < b) { Py_ssize_t m = a + (b - a) / 2; if (st[m] <= lo) a = m + 1; else b = m; }
+            if (a == 0 || lo > en[a - 1]) continue;
+            seg = a - 1;
+        } else {
+            const uint64_t *st = ix->c6s.buf, *en = ix->c6e.buf;
+            Py_ssize_t a = 0, b = ix->n6;
+            while (a < b) { Py_ssize_t m = a + (b - a) / 2; if (le128(st[2 * m], st[2 * m + 1], hi, lo)) a = m + 1; else b = m; }
+            if (a == 0 || !le128(hi, lo, en[2 * (a - 1)], en[2 * (a - 1) + 1])) continue;
+            seg = a - 1;
+        }
+        const uint32_t *off = version == 4 ? ix->c4off.buf : ix->c6off.buf;
+        const uint32_t *refs = version == 4 ? ix->c4refs.buf : ix->c6refs.buf;
+        const uint8_t *plens = version == 4 ? ix->c4plen.buf : ix->c6plen.buf;
+        for (uint32_t j = off[seg]; j < off[seg + 1]; j++) {
+            if (nh == cap) {
+                cap = cap ? cap * 2 : 16;
+                CidrHit *h2 = PyMem_Realloc(hits, cap * sizeof(CidrHit));
+                if (h2 == NULL) { PyMem_Free(hits); PyErr_NoMemory(); return -1; }
+                hits = h2;
+            }
+            hits[nh].plen = plens[j];
+            hits[nh].slot = ix->slot;
+            hits[nh].row = refs[j];
+            nh++;
+        }
+    }
+    if (feeds > 1 && nh > 1) qsort(hits, nh, sizeof(CidrHit), cidr_cmp);
+    for (size_t j = 0; j < nh; j++)
+        if (cand_add(out, hits[j].slot, hits[j].row, K_CIDR, p, n) < 0) { PyMem_Free(hits); return -1; }
+    PyMem_Free(hits);
+    return 0;
+}
+
+/* feeds.Mask.matches with the parts given as one string split at its stars. */
+static int glob_text(const char *pat, size_t pl, const char *t, size_t n) {
+    const char *star = memchr(pat, '*', pl);
+    size_t fl = star ? (size_t)(star - pat) : pl;
+    if (n < fl || memcmp(t, pat, fl) != 0) return 0;
+    if (star == NULL) return n == fl;
+    size_t pos = fl;
+    const char *rest = star + 1;
+    size_t rl = pl - fl - 1;
+    for (;;) {
+        const char *next = memchr(rest, '*', rl);
+        if (next == NULL) break; /* rest is the tail */
+        size_t partl = (size_t)(next - rest);
+        const char *found = partl ? memmem(t + pos, n - pos, rest, partl) : t + pos;
+        if (found == NULL) return 0;
+        pos = (size_t)(found - t) + partl;
+        rl -= partl + 1;
+        rest = next + 1;
+    }
+    return n - pos >= rl && memcmp(t + n - rl, rest, rl) == 0;
+}
+
+static void record_value(const Index *ix, uint32_t row, const char **p, size_t *n) {
+    const uint64_t *off = ix->voff.buf;
+    *p = (const char *)ix->vblob.buf + off[row];
+    *n = (size_t)(off[row + 1] - off[row] - 1);
+}
+
+static int c_masks(Engine *e, int store, const char *host, size_t hn, const char *url, size_t un, PyObject *out) {
+    const char *rest = url + hn;
+    size_t rl = un - hn;
+    if (rl == 0) { rest = "/"; rl = 1; }
+    if (store_has(e, store, K_MASK)) {
+        const char *s = host;
+        size_t sn = hn;
+        for (int first = 1;; first = 0) {
+            uint64_t k = XXH3_64bits_withSeed(s, sn, (XXH64_hash_t)K_MASK);
+            for (int i = 0; i < e->nidx; i++) {
+                const Index *ix = &e->idx[i];
+                if (ix->store != store || !ix->nkeys || !bloom_has(ix, k)) continue;
+                const uint64_t *keys = ix->keys.buf;
+                const uint32_t *refs = ix->refs.buf;
+                for (Py_ssize_t j = key_pos(ix, k); j < ix->nkeys && keys[j] == k; j++) {
+                    uint32_t row = refs[j];
+                    if (row >= (uint32_t)ix->nrecords) continue;
+                    const char *v;
+                    size_t vn;
+                    record_value(ix, row, &v, &vn);
+                    size_t mh = 0;
+                    while (mh < vn && v[mh] != '/' && v[mh] != '?') mh++;
+                    int subdomains = mh >= 2 && v[0] == '*' && v[1] == '.';
+                    const char *mrest = v + mh;
+                    size_t mrl = vn - mh;
+                    if (mrl == 0) { mrest = "/"; mrl = 1; }
+                    if ((subdomains || first) && glob_text(mrest, mrl, rest, rl))
+                        if (cand_add(out, ix->slot, row, K_MASK, url, un) < 0) return -1;
+                }
+            }
+            const char *dot = memchr(s, '.', sn);
+            if (dot == NULL) break;
+            sn -= (size_t)(dot + 1 - s);
+            s = dot + 1;
+        }
+    }
+    for (int i = 0; i < e->nidx; i++) {
+        const Index *ix = &e->idx[i];
+        if (ix->store != store) continue;
+        const uint32_t *rows = ix->grows.buf;
+        for (Py_ssize_t j = 0; j < ix->ngrows; j++) {
+            if (rows[j] >= (uint32_t)ix->nrecords) continue;
+            const char *v;
+            size_t vn;
+            record_value(ix, rows[j], &v, &vn);
+            if (glob_text(v, vn, url, un) && cand_add(out, ix->slot, rows[j], K_MASK, url, un) < 0) return -1;
+        }
+    }
+    return 0;
+}
+
+static int c_url(Engine *e, int store, const char *p, size_t n, PyObject *out) {
+    if (store_has(e, store, K_URL) && c_probe(e, store, K_URL, p, n, out) < 0) return -1;
+    size_t hn = 0;
+    while (hn < n && p[hn] != '/' && p[hn] != '?') hn++;
+    if (hn == 0) return 0;
+    if ((store_has(e, store, K_MASK) || e->store_global[store]) && c_masks(e, store, p, hn, p, n, out) < 0) return -1;
+    unsigned char last = (unsigned char)p[hn - 1];
+    if ((last >= '0' && last <= '9') || p[0] == '[') {
+        const char *h = p;
+        size_t m = hn;
+        while (m && (*h == '[' || *h == ']')) { h++; m--; }
+        while (m && (h[m - 1] == '[' || h[m - 1] == ']')) m--;
+        return c_ip(e, store, h, m, out);
+    }
+    return c_domain(e, store, p, hn, out);
+}
+
+/* The candidates of one raw value, feed store first, then the supplier store (Matcher._lookup_*): a new list,
+ * Py_None when the value is not of its type (no lookup at all), NULL with REFER in *refer, or NULL on error. */
+static PyObject *candidates(Engine *e, int lookup, const char *raw, size_t rn, int *refer) {
+    *refer = 0;
+    const char *p = NULL;
+    size_t n = 0;
+    PyObject *owner = NULL;
+    int rc = normalise(e, lookup, raw, rn, &p, &n, &owner);
+    if (rc == FAILED) return NULL;
+    if (rc == REFER) { *refer = 1; return NULL; }
+    if (rc == MISS) Py_RETURN_NONE;
+    for (size_t i = 0; i < n; i++) {
+        if ((unsigned char)p[i] >= 128) { /* a non-ASCII value: the reference code tests its characters */
+            Py_XDECREF(owner);
+            *refer = 1;
+            return NULL;
+        }
+    }
+    PyObject *out = PyList_New(0);
+    for (int store = 0; out != NULL && store < e->nstores; store++) {
+        int r;
+        if (lookup >= L_MD5) r = store_has(e, store, K_HASH) ? c_probe(e, store, K_HASH, p, n, out) : 0;
+        else if (lookup == L_IP) r = c_ip(e, store, p, n, out);
+        else if (lookup == L_URL) r = c_url(e, store, p, n, out);
+        else r = c_domain(e, store, p, n, out);
+        if (r < 0) Py_CLEAR(out);
+    }
+    Py_XDECREF(owner);
+    return out;
 }
 
 /* ---- rendering ----------------------------------------------------------------------------------------- */
@@ -574,16 +845,22 @@ static int replace_all(Engine *e, pcre2_code *code, PyObject *lit, const char *s
     return 0;
 }
 
-static int maybe_push(Engine *e, int step, Span sp) {
-    if (e->maybes.n == e->maybe_cap) {
-        int cap = e->maybe_cap ? e->maybe_cap * 2 : 16;
-        int *v = PyMem_Realloc(e->maybe_steps, sizeof(int) * (size_t)cap);
-        if (v == NULL) { PyErr_NoMemory(); return -1; }
-        e->maybe_steps = v;
-        e->maybe_cap = cap;
+/* After the prefilter said MAYBE: the value's candidates, kept in e->found when there are any.
+ * 0, REFER (the reference path decides the event) or -1 on error. */
+static int found_push(Engine *e, int step, int lookup, const char *raw, size_t rn) {
+    int refer;
+    PyObject *cands = candidates(e, lookup, raw, rn, &refer);
+    if (cands == NULL) return refer ? REFER : -1;
+    if (cands == Py_None || PyList_GET_SIZE(cands) == 0) { /* nothing under the key: a Bloom or key coincidence */
+        Py_DECREF(cands);
+        return 0;
     }
-    e->maybe_steps[e->maybes.n] = step;
-    return spans_push(&e->maybes, sp.start, sp.end);
+    if (e->found == NULL && (e->found = PyList_New(0)) == NULL) { Py_DECREF(cands); return -1; }
+    PyObject *item = Py_BuildValue("(iNN)", step, ascii_str(raw, rn), cands);
+    if (item == NULL) return -1;
+    int rc = PyList_Append(e->found, item);
+    Py_DECREF(item);
+    return rc;
 }
 
 /* 1: decided here (line in *line or none), 3: decided, ignored by an ignore rule, 2: some values may detect
@@ -591,7 +868,7 @@ static int maybe_push(Engine *e, int step, Span sp) {
 static int decide(Engine *e, const char *s, size_t len, int peer_plan, const char *date, size_t date_len,
                   int finished, PyObject **line, int *plan_out) {
     *line = NULL;
-    e->maybes.n = 0;
+    Py_CLEAR(e->found);
     e->cur = s;
     e->cur_len = len;
     int pi = pick_plan(e, s, len, peer_plan);
@@ -648,10 +925,15 @@ static int decide(Engine *e, const char *s, size_t len, int peer_plan, const cha
             Span sp = e->values.v[v];
             int r = check_value(e, st->lookup, s + sp.start, sp.end - sp.start);
             if (r == FAILED) return -1;
-            if (r == MAYBE && maybe_push(e, used, sp) < 0) return -1;
+            if (r == REFER) return 0;
+            if (r == MAYBE) {
+                r = found_push(e, used, st->lookup, s + sp.start, sp.end - sp.start);
+                if (r < 0) return -1;
+                if (r == REFER) return 0;
+            }
         }
     }
-    if (e->maybes.n) return 2;
+    if (e->found != NULL) return 2;
     if (finished && e->template != NULL) {
         *line = render_finished(e, s, plan, date, date_len);
         if (*line == NULL) return -1;
@@ -670,6 +952,16 @@ static void release_indexes(Engine *e) {
         PyBuffer_Release(&ix->c4e);
         PyBuffer_Release(&ix->c6s);
         PyBuffer_Release(&ix->c6e);
+        PyBuffer_Release(&ix->refs);
+        PyBuffer_Release(&ix->c4off);
+        PyBuffer_Release(&ix->c4refs);
+        PyBuffer_Release(&ix->c4plen);
+        PyBuffer_Release(&ix->c6off);
+        PyBuffer_Release(&ix->c6refs);
+        PyBuffer_Release(&ix->c6plen);
+        PyBuffer_Release(&ix->grows);
+        PyBuffer_Release(&ix->voff);
+        PyBuffer_Release(&ix->vblob);
         Py_XDECREF(ix->global_masks);
     }
     PyMem_Free(e->idx);
@@ -677,6 +969,9 @@ static void release_indexes(Engine *e) {
     e->nidx = 0;
     e->kinds = 0;
     e->has_c4 = e->has_c6 = e->has_global = 0;
+    e->nstores = 0;
+    memset(e->store_kinds, 0, sizeof e->store_kinds);
+    memset(e->store_global, 0, sizeof e->store_global);
 }
 
 static void free_plans(Engine *e) {
@@ -718,10 +1013,10 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->scratch);
     PyMem_Free(e->line);
     PyMem_Free(e->values.v);
-    PyMem_Free(e->maybes.v);
+    Py_XDECREF(e->found);
     PyMem_Free(e->rbuf[0]);
     PyMem_Free(e->rbuf[1]);
-    PyMem_Free(e->maybe_steps);
+
     Py_TYPE(e)->tp_free((PyObject *)e);
 }
 
@@ -860,18 +1155,39 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
         Index *ix = &e->idx[i];
         e->nidx = (int)i + 1;
         PyObject *keys, *bloom, *c4s, *c4e, *c6s, *c6e, *gm;
+        PyObject *refs, *c4off, *c4refs, *c4plen, *c6off, *c6refs, *c6plen, *grows, *voff, *vblob;
         unsigned long long mask;
         unsigned int kinds;
-        Py_ssize_t n4e, n6e;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOO", &keys, &bloom, &mask, &kinds, &c4s, &c4e,
-                              &c6s, &c6e, &gm))
+        Py_ssize_t n4e, n6e, nrefs, n4off, n4refs, n4plen, n6off, n6refs, n6plen, nvoff, nvblob;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOOiiOOOOOOOOOO", &keys, &bloom, &mask, &kinds,
+                              &c4s, &c4e, &c6s, &c6e, &gm, &ix->slot, &ix->store, &refs, &c4off, &c4refs, &c4plen,
+                              &c6off, &c6refs, &c6plen, &grows, &voff, &vblob))
             goto fail;
+        if (ix->store < 0 || ix->store >= MAX_STORES) {
+            PyErr_SetString(PyExc_ValueError, "store number out of range");
+            goto fail;
+        }
+        if (get_buf(refs, &ix->refs, 4, &nrefs, "refs") < 0 || get_buf(c4off, &ix->c4off, 4, &n4off, "cidr4_off") < 0 ||
+            get_buf(c4refs, &ix->c4refs, 4, &n4refs, "cidr4_refs") < 0 ||
+            get_buf(c4plen, &ix->c4plen, 1, &n4plen, "cidr4_plen") < 0 ||
+            get_buf(c6off, &ix->c6off, 4, &n6off, "cidr6_off") < 0 ||
+            get_buf(c6refs, &ix->c6refs, 4, &n6refs, "cidr6_refs") < 0 ||
+            get_buf(c6plen, &ix->c6plen, 1, &n6plen, "cidr6_plen") < 0 ||
+            get_buf(grows, &ix->grows, 4, &ix->ngrows, "global_masks") < 0 ||
+            get_buf(voff, &ix->voff, 8, &nvoff, "rec_value_off") < 0 || get_buf(vblob, &ix->vblob, 1, &nvblob, "rec_value") < 0)
+            goto fail;
+        ix->nrecords = nvoff > 0 ? nvoff - 1 : 0;
         if (get_buf(keys, &ix->keys, 8, &ix->nkeys, "keys") < 0 || get_buf(bloom, &ix->bloom, 1, NULL, "bloom") < 0 ||
             get_buf(c4s, &ix->c4s, 4, &ix->n4, "cidr4_start") < 0 || get_buf(c4e, &ix->c4e, 4, &n4e, "cidr4_end") < 0 ||
             get_buf(c6s, &ix->c6s, 16, &ix->n6, "cidr6_start") < 0 || get_buf(c6e, &ix->c6e, 16, &n6e, "cidr6_end") < 0)
             goto fail;
-        if (n4e != ix->n4 || n6e != ix->n6) {
-            PyErr_SetString(PyExc_ValueError, "CIDR starts and ends differ in length");
+        int bad = n4e != ix->n4 || n6e != ix->n6 || nrefs != ix->nkeys || n4refs != n4plen || n6refs != n6plen ||
+                  (ix->n4 && n4off != ix->n4 + 1) || (ix->n6 && n6off != ix->n6 + 1) ||
+                  (n4off && ((const uint32_t *)ix->c4off.buf)[n4off - 1] > (uint32_t)n4refs) ||
+                  (n6off && ((const uint32_t *)ix->c6off.buf)[n6off - 1] > (uint32_t)n6refs) ||
+                  (nvoff && ((const uint64_t *)ix->voff.buf)[nvoff - 1] > (uint64_t)nvblob);
+        if (bad) {
+            PyErr_SetString(PyExc_ValueError, "an index's sections do not agree in size");
             goto fail;
         }
         if (ix->nkeys && (mask + 1 == 0 || ((mask + 1) & mask) || (Py_ssize_t)((mask + 1) / 8) > ix->bloom.len)) {
@@ -903,6 +1219,9 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
         }
         Py_DECREF(gseq);
         e->kinds |= ix->nkeys ? kinds : 0;
+        if (ix->store + 1 > e->nstores) e->nstores = ix->store + 1;
+        e->store_kinds[ix->store] |= kinds;
+        e->store_global[ix->store] |= ix->ngrows > 0;
         e->has_c4 |= ix->n4 > 0;
         e->has_c6 |= ix->n6 > 0;
         e->has_global |= ng > 0;
@@ -915,29 +1234,20 @@ fail:
     return NULL;
 }
 
-/* (fields, maybes) of the event just decided with answer 2, for the detect callback:
- * fields: tuple of str or None per field; maybes: list of (step number, raw value). */
+/* (event, plan, fields, found) of the event just decided with answer 2, for the detect callback:
+ * fields: tuple of str or None per field; found: list of (step number, raw value, candidates). */
 static PyObject *detect_args(Engine *e, PyObject *ev, const char *s, int plan) {
     PyObject *fields = PyTuple_New(e->nfields);
-    PyObject *maybes = PyList_New(e->maybes.n);
-    if (fields == NULL || maybes == NULL) goto fail;
+    if (fields == NULL) return NULL;
     for (int f = 0; f < e->nfields; f++) {
         Span sp = e->fields[f];
         PyObject *v = sp.end > sp.start ? ascii_str(s + sp.start, sp.end - sp.start) : Py_NewRef(Py_None);
-        if (v == NULL) goto fail;
+        if (v == NULL) { Py_DECREF(fields); return NULL; }
         PyTuple_SET_ITEM(fields, f, v);
     }
-    for (int i = 0; i < e->maybes.n; i++) {
-        Span sp = e->maybes.v[i];
-        PyObject *item = Py_BuildValue("(iN)", e->maybe_steps[i], ascii_str(s + sp.start, sp.end - sp.start));
-        if (item == NULL) goto fail;
-        PyList_SET_ITEM(maybes, i, item);
-    }
-    return Py_BuildValue("(OiNN)", ev, plan, fields, maybes);
-fail:
-    Py_XDECREF(fields);
-    Py_XDECREF(maybes);
-    return NULL;
+    PyObject *found = e->found;
+    e->found = NULL;
+    return Py_BuildValue("(OiNN)", ev, plan, fields, found);
 }
 
 /* match(events, peer_plan, date, finished, out, reference, detect) -> (events decided here, of which ignored).
@@ -991,38 +1301,46 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
     return Py_BuildValue("(nn)", decided, ignored);
 }
 
-/* One REST lookup object, classified as Matcher.lookup_object does: MISS, MAYBE (or not ASCII) or FAILED. */
-static int lookup_one(Engine *e, PyObject *v) {
-    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) return MAYBE;
+/* One REST lookup object, classified as Matcher.lookup_object does: its candidates (a new list), Py_None when
+ * it certainly detects nothing, Py_True when the reference must classify and look it up, NULL on error. */
+static PyObject *lookup_one(Engine *e, PyObject *v) {
+    if (!PyUnicode_CheckExact(v) || !PyUnicode_IS_ASCII(v)) Py_RETURN_TRUE;
     const char *p = PyUnicode_DATA(v);
     size_t n = (size_t)PyUnicode_GET_LENGTH(v);
     while (n && py_space((unsigned char)*p)) { p++; n--; }
     while (n && py_space((unsigned char)p[n - 1])) n--;
+    int lookup = L_URL;
     if (n == 32 || n == 40 || n == 64) {
         size_t i = 0;
         while (i < n && is_hex(lower((unsigned char)p[i]))) i++;
-        if (i == n) return check_value(e, L_HASH, p, n);
+        if (i == n) lookup = L_HASH;
     }
-    if (memchr(p, '/', n) == NULL) {
-        if (parse_v4(p, n) >= 0) return check_value(e, L_IP, p, n);
-        if (memchr(p, ':', n) != NULL) return MAYBE; /* maybe IPv6: the reference classifies it */
+    if (lookup == L_URL && memchr(p, '/', n) == NULL) {
+        if (parse_v4(p, n) >= 0) lookup = L_IP;
+        else if (memchr(p, ':', n) != NULL) Py_RETURN_TRUE; /* maybe IPv6: the reference classifies it */
     }
-    return check_value(e, L_URL, p, n);
+    int r = check_value(e, lookup, p, n);
+    if (r == FAILED) return NULL;
+    if (r == MISS) Py_RETURN_NONE;
+    if (r == REFER) Py_RETURN_TRUE;
+    int refer;
+    PyObject *cands = candidates(e, lookup, p, n, &refer);
+    if (cands == NULL && refer) Py_RETURN_TRUE;
+    return cands;
 }
 
-/* lookup(objects) -> bytes: per object 0 when it certainly detects nothing, 1 when the reference must look. */
+/* lookup(objects) -> list: per object None (detects nothing), True (the reference must look it up) or its
+ * candidates as (slot, row, kind, probe) tuples, for Matcher._confirm. */
 static PyObject *Engine_lookup(Engine *e, PyObject *objects) {
     if (e->md == NULL) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
     PyObject *seq = PySequence_Fast(objects, "objects must be a sequence of str");
     if (seq == NULL) return NULL;
     Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
-    PyObject *out = PyBytes_FromStringAndSize(NULL, n);
-    if (out == NULL) { Py_DECREF(seq); return NULL; }
-    char *flags = PyBytes_AS_STRING(out);
-    for (Py_ssize_t i = 0; i < n; i++) {
-        int r = lookup_one(e, PySequence_Fast_GET_ITEM(seq, i));
-        if (r == FAILED) { Py_DECREF(out); Py_DECREF(seq); return NULL; }
-        flags[i] = (char)(r == MAYBE);
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *r = lookup_one(e, PySequence_Fast_GET_ITEM(seq, i));
+        if (r == NULL) Py_CLEAR(out);
+        else PyList_SET_ITEM(out, i, r);
     }
     Py_DECREF(seq);
     return out;

@@ -3,6 +3,8 @@
 from collections.abc import Callable, Sequence
 from typing import Any
 
+_Candidate = tuple[int, int, int, str]  # (slot, record, kind, probe): store.Candidate's fields
+
 def key_of(kind: int, data: bytes, /) -> int: ...
 def keys_of(kinds: bytes, values: Sequence[str], /) -> bytes: ...
 def compile_error(pattern: str, options: int, /) -> str | None: ...
@@ -24,7 +26,7 @@ class Engine:
         /,
     ) -> None: ...
     def use_indexes(self, views: Sequence[tuple[Any, ...]], /) -> None: ...
-    def lookup(self, objects: Sequence[str], /) -> bytes: ...
+    def lookup(self, objects: Sequence[str], /) -> list[None | bool | list[_Candidate]]: ...
     def match(
         self,
         events: list[Any],
@@ -33,6 +35,8 @@ class Engine:
         finished: bool,
         out: list[str],
         reference: Callable[[Any], None],
-        detect: Callable[[str, int, tuple[str | None, ...], list[tuple[int, str]]], None],
+        detect: Callable[
+            [str, int, tuple[str | None, ...], list[tuple[int, str, list[tuple[int, int, int, str]]]]], None
+        ],
         /,
     ) -> tuple[int, int]: ...

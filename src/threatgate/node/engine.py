@@ -18,18 +18,16 @@ from __future__ import annotations
 import logging
 import os
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Any
-
-import numpy as np
 
 from threatgate.config.node import PATTERN_RE, NodeConfig, Rule, RuleType, Source
 from threatgate.node import _engine, normalize
-from threatgate.node.feeds import Kind
 from threatgate.node.matcher import _SYSLOG_HOST, Hit, Matcher, MatchStats, _Step
 from threatgate.node.pcre import ANCHORED, ENDANCHORED, Unsupported, to_pcre2
 from threatgate.node.render import Fields
-from threatgate.node.store import IndicatorStore
+from threatgate.node.snapfile import engine_records_view
+from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.wire.framing import FramedEvent
 
 log = logging.getLogger(__name__)
@@ -183,9 +181,9 @@ class CompiledMatcher(Matcher):
         engine = getattr(self, "_engine", None)
         if engine is None:
             return
-        views = _views(self.store)
+        views = _views(self.store, 0)
         if self.suppliers is not None:
-            views += _views(self.suppliers)
+            views += _views(self.suppliers, 1)
         engine.use_indexes(views)
 
     def match(
@@ -206,9 +204,9 @@ class CompiledMatcher(Matcher):
         def reference(event: FramedEvent) -> None:
             self.match_one(event, peer_source, date, finished, out, st)
 
-        def detect(event: str, plan: int, values: tuple[str | None, ...], maybes: list[tuple[int, str]]) -> None:
-            # The reference's own _detect over the values the engine could not rule out: the values it
-            # skipped have no candidate, so they add no line and change no count (matcher.py rule 4).
+        def detect(event: str, plan: int, values: tuple[str | None, ...], found: list[tuple[int, str, Any]]) -> None:
+            # The reference's own detection code over the values that have candidates (listed by the engine
+            # in the store's order): the values it skipped have none, so they add no line and change no count.
             fields = Fields(SourceId=self._plan_ids[plan])
             for name, value in zip(self._names, values, strict=True):
                 if value is not None:
@@ -217,7 +215,8 @@ class CompiledMatcher(Matcher):
             totals: dict[str, int] = {}
             st.events += 1
             st.confirmed += 1
-            sent = self._detect([(steps[k], v) for k, v in maybes], fields, date, out, totals, st)
+            looked_up = [(steps[k], v, [Candidate(*c) for c in cands]) for k, v, cands in found]
+            sent = self._detect_candidates(looked_up, fields, date, out, totals, st)
             if finished:
                 out.append(self._finished_line(fields, sent, totals, date))
 
@@ -230,8 +229,15 @@ class CompiledMatcher(Matcher):
 
     def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
         """As the reference; objects the engine proves absent answer at once, the rest go to lookup_object."""
-        maybe = self._engine.lookup(objects)
-        return [self.lookup_object(value) if flag else ([], 0) for value, flag in zip(objects, maybe, strict=True)]
+        results: list[tuple[list[Hit], int]] = []
+        for value, answer in zip(objects, self._engine.lookup(objects), strict=True):
+            if answer is None:
+                results.append(([], 0))
+            elif answer is True:
+                results.append(self.lookup_object(value))
+            else:
+                results.append(self._confirm([Candidate(*c) for c in answer]) if answer else ([], 0))
+        return results
 
     @property
     def reference_events(self) -> int:
@@ -244,77 +250,12 @@ class CompiledMatcher(Matcher):
         return int(self._engine.detect_events)
 
 
-# -- store views (until the snapshot store provides engine_views) -----------------------------------------
+# -- store views ------------------------------------------------------------------------------------------
 
 
-def _views(store: IndicatorStore) -> list[tuple[Any, ...]]:
-    views = getattr(store, "engine_views", None)
-    if views is not None:
-        return list(views())
-    return [index_view(_indicators(store))]
-
-
-def _indicators(store: IndicatorStore) -> Iterable[tuple[int, str, tuple[str, ...] | None]]:
-    """(kind, value, mask parts or None) of every record of a store that keeps no values (the old layout)."""
-    from threatgate.node.feeds import indicator_of, mask_from
-
-    for snap in store.snapshots.values():
-        for record_no in range(len(snap.kinds)):
-            record = snap.read_record(record_no)
-            if record is None:
-                continue
-            indicator = indicator_of(record)
-            if indicator is None:
-                continue
-            if indicator.kind == Kind.MASK:
-                host, mask = mask_from(indicator.value, record_no)
-                yield (Kind.MASK, host, None) if host else (Kind.MASK, "", mask.parts)
-            else:
-                yield indicator.kind, indicator.value, None
-
-
-def index_view(indicators: Iterable[tuple[int, str, tuple[str, ...] | None]]) -> tuple[Any, ...]:
-    """An engine view built from (kind, value, global mask parts) triples: keys, Bloom bitmap, CIDR ranges."""
-    kinds: list[int] = []
-    values: list[str] = []
-    ranges4: list[tuple[int, int]] = []
-    ranges6: list[tuple[int, int]] = []
-    global_masks: list[tuple[str, ...]] = []
-    for kind, value, parts in indicators:
-        if parts is not None:
-            global_masks.append(parts)
-        elif kind == Kind.CIDR:
-            version, plen, net = (int(x) for x in value.split("/"))
-            bits = 32 if version == 4 else 128
-            start = net << (bits - plen)
-            (ranges4 if version == 4 else ranges6).append((start, start | ((1 << (bits - plen)) - 1)))
-        else:
-            kinds.append(kind)
-            values.append(value)
-    keys = np.sort(np.frombuffer(_engine.keys_of(bytes(kinds), values), dtype=np.uint64))
-    n_bits = 1 << max(6, int(len(keys) * 16).bit_length())
-    mask = n_bits - 1
-    bloom = np.zeros(n_bits // 8, dtype=np.uint8)
-    for shift in (0, 32):
-        pos = (keys >> np.uint64(shift)) & np.uint64(mask)
-        np.bitwise_or.at(bloom, pos >> np.uint64(3), np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
-    kinds_mask = 0
-    for k in set(kinds):
-        kinds_mask |= 1 << k
-    c4 = _union(ranges4)
-    c6 = _union(ranges6)
-    c4s = np.array([a for a, _ in c4], dtype=np.uint32)
-    c4e = np.array([b for _, b in c4], dtype=np.uint32)
-    c6s = np.array([w for a, _ in c6 for w in (a >> 64, a & (2**64 - 1))], dtype=np.uint64)
-    c6e = np.array([w for _, b in c6 for w in (b >> 64, b & (2**64 - 1))], dtype=np.uint64)
-    return (keys, bloom, mask, kinds_mask, c4s, c4e, c6s, c6e, tuple(global_masks))
-
-
-def _union(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
-    out: list[tuple[int, int]] = []
-    for lo, hi in sorted(ranges):
-        if out and lo <= out[-1][1] + 1:
-            out[-1] = (out[-1][0], max(out[-1][1], hi))
-        else:
-            out.append((lo, hi))
-    return out
+def _views(store: IndicatorStore, number: int) -> list[tuple[Any, ...]]:
+    """Every feed index of ``store`` as the C engine reads it (store number 0: feeds, 1: API suppliers)."""
+    return [
+        (*snap.index.engine_view(), slot, number, *engine_records_view(snap.index))
+        for slot, snap in sorted(store.snapshots.items())
+    ]

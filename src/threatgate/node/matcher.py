@@ -460,14 +460,29 @@ class Matcher:
         totals: dict[str, int],
         st: MatchStats,
     ) -> int:
-        sent = 0
-        limit = self._limit
-        done: set[tuple[str, int, int]] = set()  # (value, snapshot, record): one detection each
+        looked_up: list[tuple[_Step, str, list[Candidate]]] = []
         for step, value in found:
             candidates: list[Candidate] = []
             assert step.lookup is not None
-            if not step.lookup(value, candidates) or not candidates:
-                continue
+            if step.lookup(value, candidates) and candidates:
+                looked_up.append((step, value, candidates))
+        return self._detect_candidates(looked_up, fields, date, out, totals, st)
+
+    def _detect_candidates(
+        self,
+        found: list[tuple[_Step, str, list[Candidate]]],
+        fields: Fields,
+        date: str,
+        out: list[str],
+        totals: dict[str, int],
+        st: MatchStats,
+    ) -> int:
+        """Detection lines for the values of one event that have candidates (the compiled engine lists
+        them itself, in the store's order, and calls this directly)."""
+        sent = 0
+        limit = self._limit
+        done: set[tuple[str, int, int]] = set()  # (value, snapshot, record): one detection each
+        for step, value, candidates in found:
             rule = step.rule
             hits, suppressed = self._confirm(candidates)
             st.suppressed += suppressed
