@@ -228,39 +228,40 @@ class Stream:
         return self.events / self.wall if self.wall else 0.0
 
 
-def stream(port: int, payload: bytes, events: int, want_lines: int, finished_token: bytes, timeout: float) -> Stream:
-    """Send ``payload`` on one connection while reading until ``want_lines`` lines came back.
+def stream(port: int, payload: bytes, want: int, token: bytes, timeout: float) -> Stream:
+    """Send ``payload`` on one connection while reading until ``token`` came back ``want`` times.
 
-    The reader counts lines, ``finished_token`` occurrences (carrying the last bytes of each chunk over, so a
-    token cut between two reads counts once) and hashes the reply bytes.  ``wall`` runs from just before the
-    first byte is sent to the last line read.
+    ``token`` is the end of a finished line (``b" LookupFinished\\n"``), or ``b"\\n"`` for an echo.  The
+    reader counts lines and tokens (carrying the last bytes of each chunk over, so a token cut between two
+    reads counts once) and hashes the reply bytes.  ``wall`` runs from just before the first byte is sent
+    to the last token read.
     """
     sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     sock.settimeout(timeout)
-    result = Stream(events)
+    result = Stream(payload.count(b"\n"))
     digest = hashlib.sha256()
     done = [0.0]
 
     def reader() -> None:
         buf = bytearray(1 << 20)
         carry = b""
-        keep = len(finished_token) - 1
+        keep = len(token) - 1
         try:
-            while result.lines < want_lines:
+            while result.finished < want:
                 n = sock.recv_into(buf)
                 if n == 0:
-                    result.error = f"connection closed after {result.lines} of {want_lines} lines"
+                    result.error = f"connection closed after {result.finished} of {want} finished lines"
                     break
                 chunk = bytes(buf[:n])
                 digest.update(chunk)
                 result.nbytes += n
                 result.lines += chunk.count(b"\n")
-                if finished_token:
-                    result.finished += (carry + chunk).count(finished_token)
-                    carry = (carry + chunk)[-keep:] if keep else b""
+                window = carry + chunk
+                result.finished += window.count(token)
+                carry = window[-keep:] if keep else b""
         except OSError as exc:
-            result.error = f"{exc!r} after {result.lines} of {want_lines} lines"
+            result.error = f"{exc!r} after {result.finished} of {want} finished lines"
         done[0] = time.perf_counter()
 
     def sender() -> None:
@@ -276,7 +277,7 @@ def stream(port: int, payload: bytes, events: int, want_lines: int, finished_tok
     for t in threads:
         t.join(timeout + 5)
     if any(t.is_alive() for t in threads):
-        result.error = result.error or f"not finished within {timeout:.0f} s ({result.lines} of {want_lines} lines)"
+        result.error = result.error or f"not finished within {timeout:.0f} s ({result.finished} of {want})"
     sock.close()
     result.wall = (done[0] or time.perf_counter()) - started
     result.digest = digest.hexdigest()
@@ -365,12 +366,12 @@ def run_node(
         wait_ready(proc, log_path, timeout)
         start_s = time.perf_counter() - started
         warm_events = warmup.count(b"\n")
-        warm = stream(port, FLAGS + warmup, warm_events, warm_events, FINISHED, timeout)
+        warm = stream(port, FLAGS + warmup, warm_events, FINISHED, timeout)
         if warm.error or warm.finished != warm_events:
             raise SetupError(f"warm-up on the {engine} node failed: {warm.error or warm.finished}\n{tail(log_path)}")
         events = payload.count(b"\n")
         cpu0 = cpu_seconds(proc.pid)
-        run = stream(port, FLAGS + payload, events, reference.lines, FINISHED, timeout)
+        run = stream(port, FLAGS + payload, events, FINISHED, timeout)
         node_cpu = cpu_seconds(proc.pid) - cpu0
     finally:
         stop_group(proc)
@@ -411,7 +412,7 @@ def run_socat(run_dir: str, payload: bytes, timeout: float) -> tuple[Stream, flo
             time.sleep(0.02)
         events = payload.count(b"\n")
         cpu0 = cpu_seconds(proc.pid)
-        run = stream(port, payload, events, events, b"", timeout)
+        run = stream(port, payload, events, b"\n", timeout)
         return run, cpu_seconds(proc.pid) - cpu0
     finally:
         stop_group(proc)
