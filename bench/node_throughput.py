@@ -445,7 +445,7 @@ def row(r: dict[str, Any], engines: list[str]) -> list[str]:
     cells += [
         grep_cell(r),
         grep_scan_cell(r),
-        "yes" if len(digests) == 1 else "NO",
+        "-" if len(engines) == 1 else "yes" if len(digests) == 1 else "NO",
         "ok" if not bad else "; ".join(bad),
     ]
     return cells
