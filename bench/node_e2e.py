@@ -390,7 +390,11 @@ def run_node(
 
 
 def run_socat(run_dir: str, payload: bytes, timeout: float) -> tuple[Stream, float] | None:
-    """The same bytes through ``socat TCP-LISTEN PIPE`` (an echo): (the stream, socat CPU-seconds)."""
+    """The same bytes through ``socat TCP-LISTEN EXEC:cat`` (an echo): (the stream, socat + cat CPU-seconds).
+
+    Not ``PIPE``: socat writes into its own pipe with blocking writes and stops for good once the pipe is
+    full; ``cat`` drains it in a process of its own.
+    """
     socat = shutil.which("socat")
     if socat is None:
         return None
@@ -398,7 +402,7 @@ def run_socat(run_dir: str, payload: bytes, timeout: float) -> tuple[Stream, flo
     log_path = os.path.join(run_dir, "socat.log")
     with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen(
-            [socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", "PIPE"],
+            [socat, f"TCP-LISTEN:{port},bind=127.0.0.1,reuseaddr", "EXEC:cat"],
             stdin=subprocess.DEVNULL,
             stdout=log_fh,
             stderr=subprocess.STDOUT,
@@ -410,10 +414,15 @@ def run_socat(run_dir: str, payload: bytes, timeout: float) -> tuple[Stream, flo
             if proc.poll() is not None or time.monotonic() > deadline:
                 raise SetupError(f"socat did not listen on {port}:\n{tail(log_path)}")
             time.sleep(0.02)
-        events = payload.count(b"\n")
-        cpu0 = cpu_seconds(proc.pid)
-        run = stream(port, payload, events, b"\n", timeout)
-        return run, cpu_seconds(proc.pid) - cpu0
+        run = stream(port, payload, payload.count(b"\n"), b"\n", timeout)  # closes the connection: socat ends
+        timer = threading.Timer(10.0, lambda: stop_group(proc))
+        timer.start()
+        try:
+            _, _, usage = os.wait4(proc.pid, 0)  # socat's rusage counts cat, the child it waited for
+        finally:
+            timer.cancel()
+        proc.returncode = 0
+        return run, usage.ru_utime + usage.ru_stime
     finally:
         stop_group(proc)
 
