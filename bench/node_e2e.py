@@ -492,16 +492,42 @@ def _wait_snapshots_settled(directory: str, feeds: int, timeout: float) -> list[
     raise SetupError(f"{directory}: no snapshot per feed within {timeout:.0f} s (have {last})")
 
 
-def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, Any]:
-    """Seconds from spawning a node to its first detection: from the feeds, then restarted on the snapshots.
+def node_memory(pid: int) -> tuple[int, int]:
+    """(VmRSS, VmHWM) of a process, in bytes."""
+    found = {}
+    with open(f"/proc/{pid}/status", encoding="ascii") as fh:
+        for line in fh:
+            key, _, value = line.partition(":")
+            if key in ("VmRSS", "VmHWM"):
+                found[key] = int(value.split()[0]) * 1024
+    return found["VmRSS"], found["VmHWM"]
 
-    Returns ``{"seconds": restart or None, "start_seconds": ..., "summary": one line}``.
+
+def first_answer(proc: subprocess.Popen[bytes], port: int, event: bytes, log_path: str, timeout: float) -> None:
+    """Until the node answers ``event`` with its finished line (a node without feeds detects nothing)."""
+    wait_ready(proc, log_path, timeout)
+    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+        sock.sendall(FLAGS + event + b"\n")
+        reply = b""
+        while not reply.endswith(FINISHED):
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise SetupError(f"the node closed the connection:\n{tail(log_path)}")
+            reply += chunk
+
+
+def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, Any]:
+    """A node's start from the feeds, then its restart on the snapshots: seconds from spawning the process to
+    the first detection, and the node's RSS per indicator after the restart.
+
+    The RSS baseline is a third node with the same config and no feeds, once it has answered one event.
+    Returns ``{"seconds": restart or None, "start_seconds", "rss_per_indicator", ..., "summary": one line}``.
     """
     with open(os.path.join(out, "expected.txt"), encoding="ascii") as fh:
         hit_no = int(fh.readline().split()[0])
     with open(os.path.join(out, "events.txt"), encoding="ascii") as fh:
-        event = next(line for line in fh if line.startswith(f"{hit_no} ")).rstrip("\n")
-    # The generated CEF event is matched by the generated rules: use the generated node.conf's <RegExps>.
+        event = next(line for line in fh if line.startswith(f"{hit_no} ")).rstrip("\n").encode("ascii")
+    # The generated CEF event is matched by the generated rules: the config is the generated node.conf.
     run_dir = tempfile.mkdtemp(prefix="tg-restart-")
     try:
         snap_dir = os.path.join(run_dir, "snapshots")
@@ -509,31 +535,65 @@ def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, 
         config = restart_config(out, run_dir, port, snap_dir)
         if not snapshots_supported(config):
             return {"seconds": None, "summary": f"restart: n/a, this build has no <Feeds {SNAPSHOT_ATTRIBUTE}>"}
-        feeds = len(re.findall(r"<Feed ", open(config, encoding="utf-8").read()))
-        log_path = os.path.join(run_dir, "node.log")
-        times = []
+        with open(config, encoding="utf-8") as fh:
+            text = fh.read()
+        feeds = len(re.findall(r"<Feed ", text))
+        times, memory, logs = [], [], []
         for attempt in range(2):
+            logs.append(os.path.join(run_dir, f"node-{attempt + 1}.log"))
             started = time.perf_counter()
-            proc = spawn_node(config, log_path, engine)
+            proc = spawn_node(config, logs[-1], engine)
             try:
-                first_detection(proc, port, event.encode("ascii"), log_path, timeout)
+                first_detection(proc, port, event, logs[-1], timeout)
                 times.append(time.perf_counter() - started)
+                memory.append(node_memory(proc.pid))
                 if attempt == 0:
                     files = _wait_snapshots_settled(snap_dir, feeds, timeout)
             finally:
                 stop_group(proc, timeout=30)
-        with open(log_path, encoding="utf-8", errors="replace") as fh:
-            mapped = "mapped" in fh.read().split("node listening for events", 1)[-1]  # the second start
+        empty = os.path.join(run_dir, "empty.conf")
+        with open(empty, "w", encoding="utf-8") as fh:
+            fh.write(re.sub(r"\s*<Feed [^>]*/>", "", text).replace(snap_dir, os.path.join(run_dir, "empty-snapshots")))
+        proc = spawn_node(empty, os.path.join(run_dir, "empty.log"), engine)
+        try:
+            first_answer(proc, port, event, os.path.join(run_dir, "empty.log"), timeout)
+            baseline, _ = node_memory(proc.pid)
+        finally:
+            stop_group(proc, timeout=30)
+        with open(logs[1], encoding="utf-8", errors="replace") as fh:
+            mapped = len(re.findall(r"snapshot \S+ mapped", fh.read()))
+        indicators = _indicators(out)
         size = sum(os.path.getsize(os.path.join(snap_dir, f)) for f in files)
+        per_indicator = (memory[1][0] - baseline) / indicators
         summary = (
             f"node start from the feeds {times[0]:.2f} s, restart on {len(files)} snapshots "
-            f"({size / 1e6:,.0f} MB) {times[1]:.2f} s to the first detection ({engine})"
+            f"({size / 1e6:,.0f} MB) {times[1]:.2f} s to the first detection ({engine}); node RSS "
+            f"{memory[1][0] / 1e6:,.0f} MB after the restart, {memory[0][0] / 1e6:,.0f} MB (peak "
+            f"{memory[0][1] / 1e6:,.0f} MB) after the start, {baseline / 1e6:,.0f} MB without feeds: "
+            f"{per_indicator:.0f} B per indicator"
         )
-        if not mapped:
-            summary += "; WARNING: the restarted node did not log 'mapped'"
-        return {"seconds": times[1], "start_seconds": times[0], "snapshot_bytes": size, "summary": summary}
+        if mapped < feeds:
+            summary += f"; WARNING: the restarted node logged {mapped} snapshot(s) mapped for {feeds} feeds"
+        return {
+            "seconds": times[1],
+            "start_seconds": times[0],
+            "snapshot_bytes": size,
+            "rss_restart": memory[1][0],
+            "rss_start": memory[0][0],
+            "hwm_start": memory[0][1],
+            "rss_no_feeds": baseline,
+            "rss_per_indicator": per_indicator,
+            "mapped": mapped,
+            "summary": summary,
+        }
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _indicators(out: str) -> int:
+    """The number of indicators of a generated set (from its stamp.json)."""
+    with open(os.path.join(out, "stamp.json"), encoding="utf-8") as fh:
+        return int(json.load(fh)["indicators"])
 
 
 def restart_config(out: str, run_dir: str, port: int, snap_dir: str) -> str:

@@ -413,7 +413,7 @@ def engine_check(r: dict[str, Any], engine: str) -> str:
 
 
 def columns_for(engines: list[str]) -> list[str]:
-    cols = ["indicators", "feeds MB", "load s", "restart s", "RSS B/ind", "peak MB"]
+    cols = ["indicators", "feeds MB", "load s", "restart s", "RSS B/ind", "node B/ind", "peak MB"]
     for name in engines:
         cols += [f"{name} ev/s/core", f"{name}/grep"]
     if len(engines) > 1:
@@ -432,6 +432,7 @@ def row(r: dict[str, Any], engines: list[str]) -> list[str]:
         f"{r['load_seconds']:.1f}",
         restart_cell(r),
         f"{rss / n:.0f}",
+        f"{r['restart']['rss_per_indicator']:.0f}" if (r.get("restart") or {}).get("rss_per_indicator") else "-",
         f"{r['rss_peak'] / 1e6:,.0f}",
     ]
     for name in engines:
@@ -515,6 +516,12 @@ def print_targets(results: list[dict[str, Any]], engines: list[str]) -> None:
         f"  {'RSS B/indicator':<22} {bpi:>12.0f}  target <= {TARGET_BYTES_PER_INDICATOR}  "
         f"{_verdict(bpi <= TARGET_BYTES_PER_INDICATOR)}"
     )
+    node_bpi = (big.get("restart") or {}).get("rss_per_indicator")
+    if node_bpi is not None:
+        print(
+            f"  {'node RSS B/ind':<22} {node_bpi:>12.0f}  target <= {TARGET_BYTES_PER_INDICATOR}  "
+            f"{_verdict(node_bpi <= TARGET_BYTES_PER_INDICATOR)}  (the restarted node, over one without feeds)"
+        )
     load = big["load_seconds"]
     verdict = _verdict(load <= TARGET_LOAD_S)
     print(f"  {'load s (in process)':<22} {load:>12.1f}  target <= {TARGET_LOAD_S:.0f}  {verdict}")
