@@ -1,8 +1,10 @@
-"""What a user gets from ``pip install`` of the wheel, and from the systemd units in packaging/.
+"""What a user gets from ``pip install`` of the wheel or the sdist, and from the systemd units in packaging/.
 
-The wheel is built with pip from this checkout, installed into a directory of its own and run from
-another directory, so nothing of the checkout (its examples/, its src/) can stand in for what the
-wheel ships.
+The sdist and the wheel are built with the standard tool (``python -m build``: the sdist first, then the
+wheel from the unpacked sdist, so the wheel proves the sdist carries everything the compiled engine needs).
+The wheel is installed into a directory of its own and run from another directory, so nothing of the
+checkout (its examples/, its src/, its in-place ``_engine*.so``) can stand in for what the wheel ships.
+The sdist is installed into a fresh venv by pip, which builds the C extension from it.
 """
 
 from __future__ import annotations
@@ -13,6 +15,8 @@ import signal
 import socket
 import subprocess
 import sys
+import tarfile
+import venv
 import zipfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,19 +36,115 @@ def run(
     return subprocess.run(list(args), cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def clean_tree(dest: Path) -> Path:
+    """The checkout's files that git tracks or would track (not ignored), copied to ``dest``, links as links.
+
+    A build in the checkout itself would read its stale ``*.egg-info/SOURCES.txt`` and put in the sdist
+    files that MANIFEST.in no longer names; a fresh clone has no such thing.
+    """
+    listed = run("git", "ls-files", "-z", "--cached", "--others", "--exclude-standard", cwd=ROOT)
+    assert listed.returncode == 0, listed.stderr
+    for name in filter(None, listed.stdout.split("\0")):
+        source, target = ROOT / name, dest / name
+        if not source.exists() and not source.is_symlink():
+            continue  # deleted in the work tree, not yet in the index
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, target, follow_symlinks=False)
+    return dest
+
+
 @pytest.fixture(scope="module")
-def installed(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Path, dict[str, str]]]:
-    """The wheel built from this checkout, installed (without its dependencies, which the test venv has)
-    into a directory of its own: (that directory, an environment that imports threatgate from it)."""
-    out = tmp_path_factory.mktemp("wheel")
-    built = run(sys.executable, "-m", "pip", "wheel", "--no-deps", "-q", "-w", str(out), str(ROOT), cwd=out)
-    assert built.returncode == 0, built.stderr
+def built(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
+    """(sdist, wheel) of this checkout, from ``python -m build`` (in the test venv, which has setuptools)."""
+    out = tmp_path_factory.mktemp("dist")
+    tree = clean_tree(tmp_path_factory.mktemp("tree"))
+    done = run(sys.executable, "-m", "build", "--no-isolation", "--outdir", str(out), str(tree), cwd=out)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    [sdist] = out.glob("threatgate-*.tar.gz")
     [wheel] = out.glob("threatgate-*.whl")
+    return sdist, wheel
+
+
+@pytest.fixture(scope="module")
+def installed(
+    built: tuple[Path, Path], tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[tuple[Path, dict[str, str]]]:
+    """The wheel installed (without its dependencies, which the test venv has) into a directory of its
+    own: (the wheel, an environment that imports threatgate from that directory)."""
+    _, wheel = built
     target = tmp_path_factory.mktemp("site")
-    done = run(sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel), cwd=out)
+    done = run(
+        sys.executable, "-m", "pip", "install", "--no-deps", "-q", "--target", str(target), str(wheel), cwd=target
+    )
     assert done.returncode == 0, done.stderr
     env = dict(os.environ, PYTHONPATH=str(target))
     yield wheel, env
+
+
+ENGINE_CHECK = """
+import sys, threatgate.node._engine as engine
+print(engine.__file__)
+print(engine.key_of(6, b"cdn7.example"))
+"""
+"""Imports the compiled engine and prints where it was loaded from and one fixed store key."""
+
+
+def expected_key() -> str:
+    """The documented store key of the MASK host "cdn7.example" (xxh3_64, seed = kind 6), as text."""
+    import xxhash
+
+    return str(xxhash.xxh3_64_intdigest(b"cdn7.example", seed=6))
+
+
+def test_the_sdist_carries_the_engine_sources_and_not_a_built_engine(built: tuple[Path, Path]) -> None:
+    sdist, _ = built
+    with tarfile.open(sdist) as tar:
+        names = {name.split("/", 1)[1] for name in tar.getnames() if "/" in name}
+    for source in (
+        "setup.py",
+        "MANIFEST.in",
+        "src/threatgate/node/_engine.c",
+        "src/threatgate/node/_native/xxhash.h",
+        "src/threatgate/node/_native/LICENSE.xxhash",
+    ):
+        assert source in names, source
+    assert not [n for n in names if n.endswith(".so")], "a compiled object in the sdist"
+
+
+def test_the_wheel_carries_the_compiled_engine_and_it_imports(
+    installed: tuple[Path, dict[str, str]], tmp_path: Path
+) -> None:
+    wheel, env = installed
+    assert "-cp3" in wheel.name and not wheel.name.endswith("-none-any.whl"), wheel.name  # a platform wheel
+    with zipfile.ZipFile(wheel) as z:
+        engines = [n for n in z.namelist() if n.startswith("threatgate/node/_engine") and n.endswith(".so")]
+    assert len(engines) == 1, engines
+    done = run(sys.executable, "-c", ENGINE_CHECK, cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr
+    where, key = done.stdout.split()
+    assert where.startswith(env["PYTHONPATH"]), where  # the wheel's engine, not the checkout's in-place build
+    assert key == expected_key()
+
+
+@pytest.mark.timeout(300)
+def test_the_sdist_installs_in_a_fresh_venv_and_builds_the_engine(built: tuple[Path, Path], tmp_path: Path) -> None:
+    """pip builds the sdist in an isolated build environment (setuptools from the index) and compiles the
+    engine against the vendored header and the system's PCRE2: what a user without a wheel gets."""
+    sdist, _ = built
+    fresh = tmp_path / "venv"
+    venv.create(fresh, with_pip=True)
+    python = str(fresh / "bin" / "python")
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV", "THREATGATE_ENGINE")}
+    done = run(
+        python, "-m", "pip", "install", "--no-deps", "-q", "--disable-pip-version-check", str(sdist),
+        cwd=tmp_path, env=env, timeout=280,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checked = run(python, "-c", ENGINE_CHECK, cwd=tmp_path, env=env)
+    assert checked.returncode == 0, checked.stderr
+    where, key = checked.stdout.split()
+    assert where.startswith(str(fresh)), where
+    assert key == expected_key()
 
 
 def test_the_wheel_carries_the_license_and_the_examples(installed: tuple[Path, dict[str, str]]) -> None:

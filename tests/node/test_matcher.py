@@ -1,4 +1,8 @@
-"""Tests for threatgate.node.matcher: framed events in, detection and finished lines out."""
+"""Tests for threatgate.node.matcher: framed events in, detection and finished lines out.
+
+Every test runs on both engines (the ``engine`` fixture of tests/conftest.py): matchers are built by
+``threatgate.node.engine.make_matcher``, which builds the engine that ``THREATGATE_ENGINE`` names.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +15,8 @@ import pytest
 
 from threatgate.config.node import NodeConfig, RuleType, load_node_config
 from threatgate.errors import ConfigError
+from threatgate.node.engine import engine_choice
+from threatgate.node.engine import make_matcher as build_matcher
 from threatgate.node.feeds import load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.store import IndicatorStore
@@ -18,6 +24,8 @@ from threatgate.wire.framing import FramedEvent, LineFramer, Oversized
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 DATE = "Oct 11 22:14:15"
+
+pytestmark = pytest.mark.usefixtures("engine")
 
 
 def store_for(config: NodeConfig) -> IndicatorStore:
@@ -30,8 +38,12 @@ def example_config() -> NodeConfig:
 
 
 @pytest.fixture(scope="module")
-def example(example_config: NodeConfig) -> Matcher:
-    return Matcher(example_config, store_for(example_config))
+def example(engine: str, example_config: NodeConfig) -> Matcher:
+    return build_matcher(example_config, store_for(example_config))
+
+
+def test_the_engine_fixture_selects_the_engine_that_make_matcher_builds(engine: str) -> None:
+    assert engine_choice() == engine
 
 
 def example_events() -> list[FramedEvent]:
@@ -201,7 +213,7 @@ def make_matcher(
     path = tmp_path / "node.conf"
     path.write_text(text, encoding="utf-8")
     config = load_node_config(str(path))
-    return Matcher(config, store_for(config))
+    return build_matcher(config, store_for(config))
 
 
 DEFAULT_SOURCE = r"""
@@ -538,7 +550,7 @@ def test_Matcher_lookup_api_returns_hits(example: Matcher) -> None:
 
 
 def test_Matcher_use_store_swaps_feeds(example_config: NodeConfig) -> None:
-    matcher = Matcher(example_config, IndicatorStore())
+    matcher = build_matcher(example_config, IndicatorStore())
     event = "4 md5=c912705b4bbb14ec7e78fa8b370532c9"
     assert matcher.match([event], date=DATE) == []
     matcher.use_store(store_for(example_config))

@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import ipaddress
+import json
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from threatgate.config.node import load_node_config
 from threatgate.node import normalize as norm
+from threatgate.node.engine import make_matcher
+from threatgate.node.feeds import load_feed
 from threatgate.node.normalize import (
     hash_kind,
     normalize_domain,
@@ -18,6 +23,7 @@ from threatgate.node.normalize import (
     normalize_url,
     parse_ip,
 )
+from threatgate.node.store import IndicatorStore
 
 # ---------------------------------------------------------------------------------------------------------------
 # URLs
@@ -492,3 +498,78 @@ def test_hash_idempotent_and_total(raw: str) -> None:
     if result is not None:
         assert normalize_hash(result) == result
         assert hash_kind(result) is not None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The same tables through a matcher, on both engines (the compiled engine has its own normalisation fast paths)
+# ---------------------------------------------------------------------------------------------------------------
+
+ENGINE_TABLES: dict[str, tuple[str, str, list[tuple[str, str | None]]]] = {
+    # rule type: (feed field, rule type, cases)
+    "URL": ("url", "URL", URL_CASES),
+    "DOMAIN": ("domain", "DOMAIN", DOMAIN_CASES),
+    "IP": ("ip", "IP", IP_CASES),
+    "HASH": ("indicator", "HASH", [(raw, expected) for raw, expected, _ in HASH_CASES]),
+}
+
+
+def _detections_by_event(
+    tmp_path: Path, rule_type: str, field: str, cases: list[tuple[str, str | None]]
+) -> dict[int, set[str]]:
+    """Detections by event: event ``i`` carries case i's raw text, event ``len(cases) + i`` its normal form;
+    the feed lists every normal form once."""
+    listed = sorted({expected for _, expected in cases if expected is not None})
+    (tmp_path / "feed.json").write_text(json.dumps([{field: value} for value in listed]), encoding="utf-8")
+    (tmp_path / "node.conf").write_text(
+        f"""<?xml version="1.0"?>
+<Configuration>
+  <InputSettings>
+    <ConnectionString>127.0.0.1:9999</ConnectionString>
+    <RegExps>
+      <Source id="default">
+        <REQ type="CONTEXT">^(\\d+) </REQ>
+        <RE_V type="{rule_type}" extract="first">^\\d+ v=(.+)$</RE_V>
+      </Source>
+    </RegExps>
+  </InputSettings>
+  <OutputSettings>
+    <ConnectionString>127.0.0.1:9998</ConnectionString>
+    <EventFormat>%REQ%\t%MatchedIndicator%</EventFormat>
+    <RecordFieldContextFormat>%ParamName%=%ParamValue%</RecordFieldContextFormat>
+    <ActionableFieldContextFormat>%ParamName%:%ParamValue%</ActionableFieldContextFormat>
+    <FinishedEventFormat enabled="false">%REQ%</FinishedEventFormat>
+  </OutputSettings>
+  <Feeds><Feed filename="feed.json" category="Listed" confidence="100"/></Feeds>
+</Configuration>
+""",
+        encoding="utf-8",
+    )
+    config = load_node_config(str(tmp_path / "node.conf"))
+    store = IndicatorStore({0: load_feed(config.feeds.feeds[0])})
+    events = [f"{i} v={raw}" for i, (raw, _) in enumerate(cases)]
+    events += [f"{len(cases) + i} v={expected}" for i, (_, expected) in enumerate(cases) if expected is not None]
+    found: dict[int, set[str]] = {i: set() for i in range(2 * len(cases))}
+    for line in make_matcher(config, store).match(events, date="Oct 11 22:14:15"):
+        number, indicator = line.rstrip("\n").split("\t", 1)
+        found[int(number)].add(indicator)
+    return found
+
+
+@pytest.mark.parametrize("table", sorted(ENGINE_TABLES))
+def test_every_table_case_detects_what_its_normal_form_detects_on_each_engine(
+    engine: str, table: str, tmp_path: Path
+) -> None:
+    """The raw text of a case detects exactly the records its normal form detects (the same normalisation
+    on the event path as in the table), an invalid one detects nothing; most normal forms are listed
+    records, so the comparison is not vacuous.  Cases whose raw text cannot sit on one event line
+    (empty, surrounding blanks, a newline) are left out."""
+    field, rule_type, cases = ENGINE_TABLES[table]
+    cases = [(raw, expected) for raw, expected in cases if raw.strip() and "\n" not in raw and raw == raw.strip()]
+    found = _detections_by_event(tmp_path, rule_type, field, cases)
+    for i, (raw, expected) in enumerate(cases):
+        if expected is None:
+            assert found[i] == set(), (engine, raw)
+        else:
+            assert found[i] == found[len(cases) + i], (engine, raw, expected)
+    valid = [i for i, (_, expected) in enumerate(cases) if expected is not None]
+    assert sum(1 for i in valid if found[i]) >= 0.8 * len(valid), (engine, found)
