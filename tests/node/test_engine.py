@@ -477,3 +477,85 @@ def test_engine_choice_reads_the_environment() -> None:
     assert engine_choice({"THREATGATE_ENGINE": " Reference "}) == "reference"
     with pytest.raises(ValueError, match="THREATGATE_ENGINE='fast' is not an engine"):
         engine_choice({"THREATGATE_ENGINE": "fast"})
+
+
+# -- 4. random feeds: candidates listed by the engine in the store's own order ---------------------------------
+
+_INDICATORS = [
+    ("url", "http://evil.example/a"),
+    ("url", "evil.example/b?x=1"),
+    ("url", "http://10.1.2.3/x"),
+    ("mask", "*.cdn.example/payload/*"),
+    ("mask", "cdn.example/payload/*"),
+    ("mask", "*evil*"),
+    ("mask", "fine.example/*"),
+    ("domain", "bad.example"),
+    ("domain", "*.dyn.test"),
+    ("domain", "dyn.test"),
+    ("domain", "*.bad.example"),
+    ("domain", "fine.example"),
+    ("ip", "10.1.2.3"),
+    ("ip", "10.0.0.0/8"),
+    ("ip", "10.1.0.0/16"),
+    ("ip", "10.1.2.0/24"),
+    ("ip", "2001:db8::/32"),
+    ("ip", "2001:db8::5"),
+    ("ip", "2001:db8::/64"),
+    ("ip", "192.168.0.0/16"),
+    ("md5", "d41d8cd98f00b204e9800998ecf8427e"),
+    ("sha256", "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"),
+]
+
+
+@st.composite
+def _feed_sets(draw: st.DrawFn) -> list[tuple[str, str, list[dict[str, Any]]]]:
+    feeds = []
+    for i in range(draw(st.integers(1, 3))):
+        picked = draw(st.lists(st.sampled_from(_INDICATORS), min_size=1, max_size=8))
+        records = [{field: value, "n": str(j)} for j, (field, value) in enumerate(picked)]
+        feeds.append((f"f{i}.json", f'category="C{i}" confidence="{50 + i}"', records))
+    if draw(st.booleans()):
+        fp = draw(st.lists(st.sampled_from(_INDICATORS), min_size=1, max_size=3))
+        feeds.append(("fp.json", 'supplier="FalsePositive"', [{f: v} for f, v in fp]))
+        iti = draw(st.lists(st.sampled_from(_INDICATORS), min_size=1, max_size=3))
+        feeds.append(("iti.json", 'supplier="InternalTI" category="ITI"', [{f: v, "o": "x"} for f, v in iti]))
+    return feeds
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(_feed_sets(), st.lists(_events(), min_size=1, max_size=8), st.integers(0, 2), st.booleans())
+def test_random_feeds_give_the_same_lines_on_both_engines(
+    tmp_path_factory: pytest.TempPathFactory,
+    feeds: list[tuple[str, str, list[dict[str, Any]]]],
+    events: list[FramedEvent],
+    limit: int,
+    as_suppliers: bool,
+) -> None:
+    from threatgate.node.suppliers import SUPPLIER_SLOT_BASE
+
+    global FEEDS
+    saved = FEEDS
+    FEEDS = feeds
+    try:
+        config = _config(tmp_path_factory.mktemp("rf"), *FORMATS[1], limit)
+    finally:
+        FEEDS = saved
+    snapshots = {slot: load_feed(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled}
+    if as_suppliers:  # the last feeds as the API supplier store: probed after the feed store
+        half = len(snapshots) // 2
+        store = IndicatorStore({s: snap for s, snap in snapshots.items() if s < half})
+        suppliers = IndicatorStore({SUPPLIER_SLOT_BASE + s: snap for s, snap in snapshots.items() if s >= half})
+    else:
+        store, suppliers = IndicatorStore(snapshots), None
+    compiled, reference = make_matcher(config, store, "compiled"), Matcher(config, store)
+    compiled.use_suppliers(suppliers)
+    reference.use_suppliers(suppliers)
+    got, want = MatchStats(), MatchStats()
+    assert compiled.match(events, date=DATE, finished=True, stats=got) == reference.match(
+        events, date=DATE, finished=True, stats=want
+    )
+    assert dataclasses.replace(got, decided=0, confirmed=0) == want
+    objects = [v for _, v in _INDICATORS] + ["http://a.cdn.example/payload/x", "10.1.2.99", "x.dyn.test"]
+    assert [(len(h), n) for h, n in compiled.lookup_objects(objects)] == [
+        (len(h), n) for h, n in reference.lookup_objects(objects)
+    ]
