@@ -57,6 +57,12 @@ typedef struct {
     int slot, store;
     Py_buffer refs, c4off, c4refs, c4plen, c6off, c6refs, c6plen, grows, voff, vblob;
     Py_ssize_t ngrows, nrecords;
+    /* for confirmation and detection lines (Matcher._confirm, _detect_candidates) */
+    Py_buffer rkind, rflags, roff, rblob, coff, cblob;
+    PyObject *category, *confidence; /* bytes */
+    int supplier;                    /* 0 feed, 1 FalsePositive, 2 InternalTI */
+    PyObject *actionable;            /* tuple of bytes: the feed's actionable field names */
+    int has_records;
 } Index;
 
 typedef struct { size_t start, end; } Span;
@@ -89,6 +95,14 @@ typedef struct {
     size_t line_cap;
     Spans values;
     PyObject *found; /* per event: list of (step number, raw value, candidates) for the reference _detect */
+    /* detection lines in C (None of these: the Python detect callback renders them) */
+    PyObject *event_tmpl, *record_fmt, *action_fmt, *finished_dyn; /* tuples of bytes literals and int codes */
+    int needs_context;                             /* the finished line carries RecordContext / Date */
+    Py_ssize_t limit;                              /* per_scan_detect_limit */
+    char *ctxbuf, *actbuf, *totbuf;
+    size_t ctxcap, actcap, totcap;
+    PyObject *per_category; /* dict category str -> count, this batch */
+    Py_ssize_t detections, suppressed, confirmed;
     Py_ssize_t reference_events, detect_events;
     char *rbuf[2]; /* replace results, alternating */
     size_t rcap[2];
@@ -750,50 +764,410 @@ static PyObject *candidates(Engine *e, int lookup, const char *raw, size_t rn, i
 
 /* ---- rendering ----------------------------------------------------------------------------------------- */
 
-static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
-    size_t len = 0;
-    int ascii = 1;
-    Py_ssize_t n = PyTuple_GET_SIZE(e->template);
-    for (int pass = 0; pass < 2; pass++) {
-        size_t at = 0;
-        for (Py_ssize_t i = 0; i < n; i++) {
-            PyObject *piece = PyTuple_GET_ITEM(e->template, i);
-            const char *src = NULL;
-            size_t sl = 0;
-            if (PyBytes_CheckExact(piece)) {
-                src = PyBytes_AS_STRING(piece);
-                sl = (size_t)PyBytes_GET_SIZE(piece);
-            } else {
-                long f = PyLong_AsLong(piece);
-                if (f >= 0 && f < e->nfields) {
-                    if (e->fields[f].end > e->fields[f].start) {
-                        src = s + e->fields[f].start;
-                        sl = e->fields[f].end - e->fields[f].start;
-                    }
-                } else if (f == -1) {
-                    src = PyBytes_AS_STRING(plan->source_id);
-                    sl = (size_t)PyBytes_GET_SIZE(plan->source_id);
-                } else if (f == -2) {
-                    src = date;
-                    sl = date_len;
-                }
-            }
-            if (pass == 0) {
-                len += sl;
-                for (size_t k = 0; k < sl && ascii; k++) ascii = (unsigned char)src[k] < 128;
-            } else if (sl) {
-                memcpy(e->line + at, src, sl);
-                at += sl;
-            }
+/* Field codes in templates (engine.py builds them): >= 0 a rule's first value; the rest below. */
+enum {
+    F_SOURCE = -1, F_DATE = -2, F_CATEGORY = -3, F_MATCHED = -4, F_CONFIDENCE = -5, F_CONTEXT = -6,
+    F_CONTEXT_SPACED = -7, F_ACTIONABLE = -8, F_PARAM_NAME = -10, F_PARAM_VALUE = -11
+};
+
+typedef struct { const char *p; size_t n; } Str;
+
+typedef struct {
+    const char *s;     /* the event text the rule fields point into */
+    const Span *fields;
+    int rule_field;    /* the detecting rule's field (its value replaces the first value), -1 none */
+    Str rule_value, source, date, category, matched, confidence, context, actionable, pname, pvalue;
+} Ctx;
+
+static Str field_of(Engine *e, const Ctx *c, long f) {
+    Str out = {NULL, 0};
+    if (f >= 0) {
+        if (f == c->rule_field) return c->rule_value;
+        if (c->fields && f < e->nfields && c->fields[f].end > c->fields[f].start) {
+            out.p = c->s + c->fields[f].start;
+            out.n = c->fields[f].end - c->fields[f].start;
         }
-        if (pass == 0 && grow(&e->line, &e->line_cap, len + 1) < 0) return NULL;
+        return out;
     }
-    e->line[len] = '\n';
-    if (ascii) return ascii_str(e->line, len + 1);
-    return PyUnicode_DecodeUTF8(e->line, (Py_ssize_t)len + 1, "surrogatepass");
+    switch (f) {
+    case F_SOURCE: return c->source;
+    case F_DATE: return c->date;
+    case F_CATEGORY: return c->category;
+    case F_MATCHED: return c->matched;
+    case F_CONFIDENCE: return c->confidence;
+    case F_CONTEXT: return c->context;
+    case F_ACTIONABLE: return c->actionable;
+    case F_PARAM_NAME: return c->pname;
+    case F_PARAM_VALUE: return c->pvalue;
+    default: return out;
+    }
 }
 
-/* ---- one event ----------------------------------------------------------------------------------------- */
+/* Append the rendering of `pieces` to buf[*len..]; clears *ascii when a byte >= 128 goes in. */
+static int render_into(Engine *e, PyObject *pieces, const Ctx *c, char **buf, size_t *cap, size_t *len, int *ascii) {
+    Py_ssize_t n = PyTuple_GET_SIZE(pieces);
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *piece = PyTuple_GET_ITEM(pieces, i);
+        Str v;
+        int spaced = 0;
+        if (PyBytes_CheckExact(piece)) {
+            v.p = PyBytes_AS_STRING(piece);
+            v.n = (size_t)PyBytes_GET_SIZE(piece);
+        } else {
+            long f = PyLong_AsLong(piece);
+            if (f == F_CONTEXT_SPACED) {
+                v = c->context;
+                spaced = v.n > 0;
+            } else {
+                v = field_of(e, c, f);
+            }
+        }
+        if (grow(buf, cap, *len + v.n + 2) < 0) return -1;
+        if (spaced) (*buf)[(*len)++] = ' ';
+        if (v.n) {
+            memcpy(*buf + *len, v.p, v.n);
+            for (size_t k = 0; k < v.n && *ascii; k++) *ascii = (unsigned char)v.p[k] < 128;
+            *len += v.n;
+        }
+    }
+    return 0;
+}
+
+static PyObject *line_str(const char *p, size_t n, int ascii) {
+    return ascii ? ascii_str(p, n) : PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
+}
+
+static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
+    Ctx c;
+    memset(&c, 0, sizeof c);
+    c.s = s;
+    c.fields = e->fields;
+    c.rule_field = -1;
+    c.source.p = PyBytes_AS_STRING(plan->source_id);
+    c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
+    c.date.p = date;
+    c.date.n = date_len;
+    size_t len = 0;
+    int ascii = 1;
+    if (render_into(e, e->template, &c, &e->line, &e->line_cap, &len, &ascii) < 0) return NULL;
+    e->line[len] = '\n';
+    return line_str(e->line, len + 1, ascii);
+}
+
+/* ---- detections (Matcher._confirm and _detect_candidates, in C) ----------------------------------------- */
+
+static const Index *index_of_slot(const Engine *e, long slot) {
+    for (int i = 0; i < e->nidx; i++)
+        if (e->idx[i].slot == slot) return &e->idx[i];
+    return NULL;
+}
+
+static Str blob_item(const Py_buffer *off, const Py_buffer *blob, uint32_t row) {
+    const uint64_t *o = off->buf;
+    Str out = {(const char *)blob->buf + o[row], (size_t)(o[row + 1] - o[row] - 1)};
+    return out;
+}
+
+static size_t host_len(const char *p, size_t n) {
+    size_t h = 0;
+    while (h < n && p[h] != '/' && p[h] != '?') h++;
+    return h;
+}
+
+/* feeds.mask_matches(mask value, url). */
+static int mask_covers(Str v, const char *url, size_t un) {
+    size_t h = host_len(v.p, v.n);
+    int sub = h >= 2 && v.p[0] == '*' && v.p[1] == '.';
+    const char *key = sub ? v.p + 2 : v.p;
+    size_t kl = sub ? h - 2 : h;
+    if (memchr(key, '*', kl) != NULL) return glob_text(v.p, v.n, url, un);
+    size_t uh = host_len(url, un);
+    int same = uh == kl && memcmp(url, key, kl) == 0;
+    int below = sub && uh > kl && url[uh - kl - 1] == '.' && memcmp(url + uh - kl, key, kl) == 0;
+    if (!same && !below) return 0;
+    const char *mrest = v.p + h, *rest = url + uh;
+    size_t ml = v.n - h, rl = un - uh;
+    if (!ml) { mrest = "/"; ml = 1; }
+    if (!rl) { rest = "/"; rl = 1; }
+    return glob_text(mrest, ml, rest, rl);
+}
+
+/* " ".join / "".join of FieldFormat renderings of a record's context pairs (only `wanted` names when given). */
+static int render_pairs(Engine *e, Str ctx, PyObject *fmt, PyObject *wanted, const char *sep, char **buf, size_t *cap,
+                        size_t *len, int *ascii) {
+    *len = 0;
+    size_t pos = 0;
+    int first = 1;
+    while (pos < ctx.n) {
+        const char *name = ctx.p + pos;
+        const char *z = memchr(name, 0, ctx.n - pos);
+        if (z == NULL) return -2; /* damaged: let the reference say so */
+        size_t nl = (size_t)(z - name);
+        pos += nl + 1;
+        const char *value = ctx.p + pos;
+        const char *z2 = pos <= ctx.n ? memchr(value, 0, ctx.n - pos) : NULL;
+        size_t vl = z2 ? (size_t)(z2 - value) : ctx.n - pos;
+        pos += vl + 1;
+        if (wanted != NULL) {
+            int keep = 0;
+            for (Py_ssize_t i = 0; i < PyTuple_GET_SIZE(wanted) && !keep; i++) {
+                PyObject *w = PyTuple_GET_ITEM(wanted, i);
+                keep = (size_t)PyBytes_GET_SIZE(w) == nl && memcmp(PyBytes_AS_STRING(w), name, nl) == 0;
+            }
+            if (!keep) continue;
+        }
+        if (!first && *sep) {
+            if (grow(buf, cap, *len + 1) < 0) return -1;
+            (*buf)[(*len)++] = *sep;
+        }
+        first = 0;
+        Ctx c;
+        memset(&c, 0, sizeof c);
+        c.rule_field = -1;
+        c.pname.p = name;
+        c.pname.n = nl;
+        c.pvalue.p = value;
+        c.pvalue.n = vl;
+        if (render_into(e, fmt, &c, buf, cap, len, ascii) < 0) return -1;
+    }
+    return 0;
+}
+
+static int count_category(Engine *e, PyObject *category) {
+    PyObject *key = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(category), PyBytes_GET_SIZE(category), "surrogatepass");
+    if (key == NULL) return -1;
+    if (e->per_category == NULL && (e->per_category = PyDict_New()) == NULL) { Py_DECREF(key); return -1; }
+    PyObject *old = PyDict_GetItemWithError(e->per_category, key);
+    long n = old ? PyLong_AsLong(old) : 0;
+    PyObject *v = PyLong_FromLong(n + 1);
+    int rc = v ? PyDict_SetItem(e->per_category, key, v) : -1;
+    Py_XDECREF(v);
+    Py_DECREF(key);
+    return rc;
+}
+
+typedef struct { const Index *ix; uint32_t row; } HitRef;
+typedef struct { PyObject *category; Py_ssize_t count; } Total;
+typedef struct { Str value; long slot; uint32_t row; } Done;
+
+/* Whether every candidate of the event can be confirmed here (records stored, context not as JSON). */
+static int detectable(Engine *e, PyObject *found) {
+    if (e->event_tmpl == NULL) return 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++) {
+        PyObject *cands = PyTuple_GET_ITEM(PyList_GET_ITEM(found, i), 2);
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(cands); j++) {
+            PyObject *cand = PyList_GET_ITEM(cands, j);
+            const Index *ix = index_of_slot(e, PyLong_AsLong(PyTuple_GET_ITEM(cand, 0)));
+            if (ix == NULL) continue;
+            unsigned long row = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(cand, 1));
+            if (!ix->has_records || row >= (unsigned long)ix->nrecords) return 0;
+            if (((const uint8_t *)ix->rflags.buf)[row] & 2) return 0; /* context stored as JSON */
+            Str ctx = blob_item(&ix->coff, &ix->cblob, (uint32_t)row);
+            size_t zeros = 0;
+            for (size_t k = 0; k < ctx.n; k++) zeros += ctx.p[k] == 0;
+            if (ctx.n && zeros % 2 == 0) return 0; /* not name/value pairs: the reference says what is wrong */
+            if (!PyUnicode_IS_ASCII(PyTuple_GET_ITEM(cand, 3))) return 0;
+        }
+    }
+    return 1;
+}
+
+/* The event's detection lines and its finished line, as the reference's _detect_candidates and
+ * _finished_line give them.  1 done, -1 error. */
+static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found, const char *date, size_t dl,
+                    int finished, PyObject *out) {
+    HitRef *hits = NULL;
+    Done *done = NULL;
+    Total *totals = NULL;
+    int ntotals = 0, tcap = 0, ok = -1;
+    size_t nhits = 0, hcap = 0, ndone = 0, dcap = 0;
+    Py_ssize_t sent = 0;
+    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++) {
+        PyObject *item = PyList_GET_ITEM(found, i);
+        const Step *st = &plan->steps[PyLong_AsLong(PyTuple_GET_ITEM(item, 0))];
+        PyObject *raw_obj = PyTuple_GET_ITEM(item, 1);
+        Str raw = {PyUnicode_DATA(raw_obj), (size_t)PyUnicode_GET_LENGTH(raw_obj)};
+        PyObject *cands = PyTuple_GET_ITEM(item, 2);
+        /* _confirm */
+        nhits = 0;
+        int false_positive = 0;
+        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(cands); j++) {
+            PyObject *cand = PyList_GET_ITEM(cands, j);
+            const Index *ix = index_of_slot(e, PyLong_AsLong(PyTuple_GET_ITEM(cand, 0)));
+            uint32_t row = (uint32_t)PyLong_AsUnsignedLong(PyTuple_GET_ITEM(cand, 1));
+            int kind = (int)PyLong_AsLong(PyTuple_GET_ITEM(cand, 2));
+            PyObject *probe = PyTuple_GET_ITEM(cand, 3);
+            int seen = 0;
+            for (Py_ssize_t k = 0; k < j && !seen; k++) {
+                PyObject *other = PyList_GET_ITEM(cands, k);
+                seen = PyLong_AsLong(PyTuple_GET_ITEM(other, 0)) == PyLong_AsLong(PyTuple_GET_ITEM(cand, 0)) &&
+                       PyLong_AsUnsignedLong(PyTuple_GET_ITEM(other, 1)) == row;
+            }
+            if (seen || ix == NULL) continue;
+            if (((const int8_t *)ix->rkind.buf)[row] != kind) continue;
+            Str value = blob_item(&ix->voff, &ix->vblob, row);
+            const char *pp = PyUnicode_DATA(probe);
+            size_t pn = (size_t)PyUnicode_GET_LENGTH(probe);
+            if (kind == K_MASK) {
+                if (!mask_covers(value, pp, pn)) continue;
+            } else if (kind != K_CIDR) { /* CIDR candidates come from the intervals: covered by construction */
+                if (value.n != pn || memcmp(value.p, pp, pn) != 0) continue;
+            }
+            if (ix->supplier == 1) {
+                false_positive = 1;
+                continue;
+            }
+            if (nhits == hcap) {
+                hcap = hcap ? hcap * 2 : 8;
+                HitRef *h2 = PyMem_Realloc(hits, hcap * sizeof(HitRef));
+                if (h2 == NULL) { PyErr_NoMemory(); goto end; }
+                hits = h2;
+            }
+            hits[nhits].ix = ix;
+            hits[nhits].row = row;
+            nhits++;
+        }
+        if (false_positive) {
+            size_t kept = 0;
+            for (size_t k = 0; k < nhits; k++)
+                if (hits[k].ix->supplier == 2) hits[kept++] = hits[k];
+            e->suppressed += (Py_ssize_t)(nhits - kept);
+            nhits = kept;
+        }
+        /* _detect_candidates */
+        Py_ssize_t emitted = 0;
+        for (size_t k = 0; k < nhits; k++) {
+            const Index *ix = hits[k].ix;
+            uint32_t row = hits[k].row;
+            int dup = 0;
+            for (size_t d = 0; d < ndone && !dup; d++)
+                dup = done[d].slot == ix->slot && done[d].row == row && done[d].value.n == raw.n &&
+                      memcmp(done[d].value.p, raw.p, raw.n) == 0;
+            if (dup) continue;
+            if (ndone == dcap) {
+                dcap = dcap ? dcap * 2 : 8;
+                Done *d2 = PyMem_Realloc(done, dcap * sizeof(Done));
+                if (d2 == NULL) { PyErr_NoMemory(); goto end; }
+                done = d2;
+            }
+            done[ndone].value = raw;
+            done[ndone].slot = ix->slot;
+            done[ndone].row = row;
+            ndone++;
+            if (e->limit && emitted >= e->limit) break;
+            emitted++;
+            Str ctx = blob_item(&ix->coff, &ix->cblob, row);
+            size_t clen = 0, alen = 0;
+            int ascii = 1;
+            int rc = render_pairs(e, ctx, e->record_fmt, NULL, " ", &e->ctxbuf, &e->ctxcap, &clen, &ascii);
+            if (rc == 0 && PyTuple_GET_SIZE(ix->actionable))
+                rc = render_pairs(e, ctx, e->action_fmt, ix->actionable, "", &e->actbuf, &e->actcap, &alen, &ascii);
+            if (rc < 0) goto end;
+            Ctx c;
+            memset(&c, 0, sizeof c);
+            c.s = s;
+            c.fields = e->fields;
+            c.rule_field = st->field;
+            c.rule_value = raw;
+            c.source.p = PyBytes_AS_STRING(plan->source_id);
+            c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
+            c.date.p = date;
+            c.date.n = dl;
+            c.category.p = PyBytes_AS_STRING(ix->category);
+            c.category.n = (size_t)PyBytes_GET_SIZE(ix->category);
+            c.matched = blob_item(&ix->roff, &ix->rblob, row);
+            c.confidence.p = PyBytes_AS_STRING(ix->confidence);
+            c.confidence.n = (size_t)PyBytes_GET_SIZE(ix->confidence);
+            c.context.p = e->ctxbuf;
+            c.context.n = clen;
+            c.actionable.p = e->actbuf;
+            c.actionable.n = alen;
+            size_t len = 0;
+            if (render_into(e, e->event_tmpl, &c, &e->line, &e->line_cap, &len, &ascii) < 0) goto end;
+            e->line[len] = '\n';
+            PyObject *line = line_str(e->line, len + 1, ascii);
+            if (line == NULL) goto end;
+            int err = PyList_Append(out, line);
+            Py_DECREF(line);
+            if (err < 0) goto end;
+            int t = 0;
+            while (t < ntotals && PyObject_RichCompareBool(totals[t].category, ix->category, Py_EQ) != 1) t++;
+            if (t == ntotals) {
+                if (ntotals == tcap) {
+                    tcap = tcap ? tcap * 2 : 8;
+                    Total *t2 = PyMem_Realloc(totals, (size_t)tcap * sizeof(Total));
+                    if (t2 == NULL) { PyErr_NoMemory(); goto end; }
+                    totals = t2;
+                }
+                totals[t].category = ix->category;
+                totals[t].count = 0;
+                ntotals++;
+            }
+            totals[t].count++;
+            if (count_category(e, ix->category) < 0) goto end;
+            e->detections++;
+            sent++;
+        }
+    }
+    if (finished && e->template != NULL) {
+        PyObject *line;
+        if (!e->needs_context) {
+            line = render_finished(e, s, plan, date, dl);
+        } else {
+            size_t tl = 0;
+            for (int t = 0; t < ntotals; t++) {
+                char num[32];
+                int nl = snprintf(num, sizeof num, ":%zd;", totals[t].count);
+                size_t cl = (size_t)PyBytes_GET_SIZE(totals[t].category);
+                if (grow(&e->totbuf, &e->totcap, tl + cl + (size_t)nl + 1) < 0) goto end;
+                memcpy(e->totbuf + tl, PyBytes_AS_STRING(totals[t].category), cl);
+                memcpy(e->totbuf + tl + cl, num, (size_t)nl);
+                tl += cl + (size_t)nl;
+            }
+            char sent_text[32];
+            int sl = snprintf(sent_text, sizeof sent_text, "%zd", sent);
+            Str names[3] = {{"event_type", 10}, {"sent_events", 11}, {"total", 5}};
+            Str values[3] = {{"LookupFinished", 14}, {sent_text, (size_t)sl}, {e->totbuf, tl}};
+            size_t clen = 0;
+            int ascii = 1;
+            for (int k = 0; k < 3; k++) {
+                if (k && grow(&e->ctxbuf, &e->ctxcap, clen + 1) == 0) e->ctxbuf[clen++] = ' ';
+                Ctx pc;
+                memset(&pc, 0, sizeof pc);
+                pc.rule_field = -1;
+                pc.pname = names[k];
+                pc.pvalue = values[k];
+                if (render_into(e, e->record_fmt, &pc, &e->ctxbuf, &e->ctxcap, &clen, &ascii) < 0) goto end;
+            }
+            Ctx c;
+            memset(&c, 0, sizeof c);
+            c.s = s;
+            c.fields = e->fields;
+            c.rule_field = -1;
+            c.source.p = PyBytes_AS_STRING(plan->source_id);
+            c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
+            c.date.p = date;
+            c.date.n = dl;
+            c.context.p = e->ctxbuf;
+            c.context.n = clen;
+            size_t len = 0;
+            if (render_into(e, e->finished_dyn, &c, &e->line, &e->line_cap, &len, &ascii) < 0) goto end;
+            e->line[len] = '\n';
+            line = line_str(e->line, len + 1, ascii);
+        }
+        if (line == NULL) goto end;
+        int err = PyList_Append(out, line);
+        Py_DECREF(line);
+        if (err < 0) goto end;
+    }
+    e->confirmed++;
+    ok = 1;
+end:
+    PyMem_Free(hits);
+    PyMem_Free(done);
+    PyMem_Free(totals);
+    return ok;
+}
 
 static int pick_plan(Engine *e, const char *s, size_t len, int peer_plan) {
     if (peer_plan >= 0) return peer_plan;
@@ -962,6 +1336,15 @@ static void release_indexes(Engine *e) {
         PyBuffer_Release(&ix->grows);
         PyBuffer_Release(&ix->voff);
         PyBuffer_Release(&ix->vblob);
+        PyBuffer_Release(&ix->rkind);
+        PyBuffer_Release(&ix->rflags);
+        PyBuffer_Release(&ix->roff);
+        PyBuffer_Release(&ix->rblob);
+        PyBuffer_Release(&ix->coff);
+        PyBuffer_Release(&ix->cblob);
+        Py_XDECREF(ix->category);
+        Py_XDECREF(ix->confidence);
+        Py_XDECREF(ix->actionable);
         Py_XDECREF(ix->global_masks);
     }
     PyMem_Free(e->idx);
@@ -1014,6 +1397,14 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->line);
     PyMem_Free(e->values.v);
     Py_XDECREF(e->found);
+    Py_XDECREF(e->event_tmpl);
+    Py_XDECREF(e->record_fmt);
+    Py_XDECREF(e->action_fmt);
+    Py_XDECREF(e->finished_dyn);
+    Py_XDECREF(e->per_category);
+    PyMem_Free(e->ctxbuf);
+    PyMem_Free(e->actbuf);
+    PyMem_Free(e->totbuf);
     PyMem_Free(e->rbuf[0]);
     PyMem_Free(e->rbuf[1]);
 
@@ -1156,13 +1547,37 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
         e->nidx = (int)i + 1;
         PyObject *keys, *bloom, *c4s, *c4e, *c6s, *c6e, *gm;
         PyObject *refs, *c4off, *c4refs, *c4plen, *c6off, *c6refs, *c6plen, *grows, *voff, *vblob;
+        PyObject *rkind, *rflags, *roff, *rblob, *coff, *cblob, *category, *confidence, *actionable;
         unsigned long long mask;
         unsigned int kinds;
         Py_ssize_t n4e, n6e, nrefs, n4off, n4refs, n4plen, n6off, n6refs, n6plen, nvoff, nvblob;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOOiiOOOOOOOOOO", &keys, &bloom, &mask, &kinds,
-                              &c4s, &c4e, &c6s, &c6e, &gm, &ix->slot, &ix->store, &refs, &c4off, &c4refs, &c4plen,
-                              &c6off, &c6refs, &c6plen, &grows, &voff, &vblob))
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOOiiOOOOOOOOOOOOOOOOSSiO!", &keys, &bloom, &mask,
+                              &kinds, &c4s, &c4e, &c6s, &c6e, &gm, &ix->slot, &ix->store, &refs, &c4off, &c4refs,
+                              &c4plen, &c6off, &c6refs, &c6plen, &grows, &voff, &vblob, &rkind, &rflags, &roff, &rblob,
+                              &coff, &cblob, &category, &confidence, &ix->supplier, &PyTuple_Type, &actionable))
             goto fail;
+        Py_INCREF(category);
+        ix->category = category;
+        Py_INCREF(confidence);
+        ix->confidence = confidence;
+        Py_INCREF(actionable);
+        ix->actionable = actionable;
+        {
+            Py_ssize_t nk, nf, nro, nrb, nco, ncb;
+            if (get_buf(rkind, &ix->rkind, 1, &nk, "rec_kind") < 0 || get_buf(rflags, &ix->rflags, 1, &nf, "rec_flags") < 0 ||
+                get_buf(roff, &ix->roff, 8, &nro, "rec_raw_off") < 0 || get_buf(rblob, &ix->rblob, 1, &nrb, "rec_raw") < 0 ||
+                get_buf(coff, &ix->coff, 8, &nco, "rec_ctx_off") < 0 || get_buf(cblob, &ix->cblob, 1, &ncb, "rec_ctx") < 0)
+                goto fail;
+            Py_ssize_t nrec = nro > 0 ? nro - 1 : 0;
+            int bad = nk != nrec || nf != nrec || nco != nro ||
+                      (nro && ((const uint64_t *)ix->roff.buf)[nro - 1] > (uint64_t)nrb) ||
+                      (nco && ((const uint64_t *)ix->coff.buf)[nco - 1] > (uint64_t)ncb);
+            for (Py_ssize_t k = 0; !bad && k < PyTuple_GET_SIZE(actionable); k++) bad = !PyBytes_Check(PyTuple_GET_ITEM(actionable, k));
+            if (bad) {
+                PyErr_SetString(PyExc_ValueError, "an index's record sections do not agree in size");
+                goto fail;
+            }
+        }
         if (ix->store < 0 || ix->store >= MAX_STORES) {
             PyErr_SetString(PyExc_ValueError, "store number out of range");
             goto fail;
@@ -1177,6 +1592,7 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
             get_buf(voff, &ix->voff, 8, &nvoff, "rec_value_off") < 0 || get_buf(vblob, &ix->vblob, 1, &nvblob, "rec_value") < 0)
             goto fail;
         ix->nrecords = nvoff > 0 ? nvoff - 1 : 0;
+        ix->has_records = ((Py_ssize_t)ix->rkind.len == ix->nrecords);
         if (get_buf(keys, &ix->keys, 8, &ix->nkeys, "keys") < 0 || get_buf(bloom, &ix->bloom, 1, NULL, "bloom") < 0 ||
             get_buf(c4s, &ix->c4s, 4, &ix->n4, "cidr4_start") < 0 || get_buf(c4e, &ix->c4e, 4, &n4e, "cidr4_end") < 0 ||
             get_buf(c6s, &ix->c6s, 16, &ix->n6, "cidr6_start") < 0 || get_buf(c6e, &ix->c6e, 16, &n6e, "cidr6_end") < 0)
@@ -1234,6 +1650,31 @@ fail:
     return NULL;
 }
 
+/* use_detection(event_format, record_field_format, actionable_field_format, finished_dynamic, needs_context, limit):
+ * detection lines rendered here (templates as tuples of bytes and field codes); None to leave them to Python. */
+static PyObject *Engine_use_detection(Engine *e, PyObject *args) {
+    PyObject *ev, *rf, *af, *fd;
+    int needs;
+    Py_ssize_t limit;
+    if (!PyArg_ParseTuple(args, "OOOOpn", &ev, &rf, &af, &fd, &needs, &limit)) return NULL;
+    Py_CLEAR(e->event_tmpl);
+    Py_CLEAR(e->record_fmt);
+    Py_CLEAR(e->action_fmt);
+    Py_CLEAR(e->finished_dyn);
+    if (ev == Py_None) Py_RETURN_NONE;
+    if (!PyTuple_Check(ev) || !PyTuple_Check(rf) || !PyTuple_Check(af) || !PyTuple_Check(fd)) {
+        PyErr_SetString(PyExc_TypeError, "templates must be tuples");
+        return NULL;
+    }
+    e->event_tmpl = Py_NewRef(ev);
+    e->record_fmt = Py_NewRef(rf);
+    e->action_fmt = Py_NewRef(af);
+    e->finished_dyn = Py_NewRef(fd);
+    e->needs_context = needs;
+    e->limit = limit;
+    Py_RETURN_NONE;
+}
+
 /* (event, plan, fields, found) of the event just decided with answer 2, for the detect callback:
  * fields: tuple of str or None per field; found: list of (step number, raw value, candidates). */
 static PyObject *detect_args(Engine *e, PyObject *ev, const char *s, int plan) {
@@ -1265,6 +1706,8 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
     if (peer_plan >= e->nplans) { PyErr_SetString(PyExc_ValueError, "peer_plan out of range"); return NULL; }
     Py_ssize_t decided = 0, ignored = 0;
     Py_ssize_t n = PyList_GET_SIZE(events);
+    e->detections = e->suppressed = e->confirmed = 0;
+    Py_CLEAR(e->per_category);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
         int rc = 0, plan = 0;
@@ -1273,6 +1716,13 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
             rc = decide(e, PyUnicode_DATA(ev), (size_t)PyUnicode_GET_LENGTH(ev), peer_plan, date, (size_t)date_len,
                         finished, &line, &plan);
         if (rc < 0) return NULL;
+        if (rc == 2 && detectable(e, e->found)) {
+            e->detect_events++;
+            int r = detect_c(e, &e->plans[plan], e->cur, e->found, date, (size_t)date_len, finished, out);
+            Py_CLEAR(e->found);
+            if (r < 0) return NULL;
+            continue;
+        }
         if (rc == 2) {
             e->detect_events++;
             PyObject *a = detect_args(e, ev, e->cur, plan);
@@ -1298,7 +1748,10 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         if (r == NULL) return NULL;
         Py_DECREF(r);
     }
-    return Py_BuildValue("(nn)", decided, ignored);
+    PyObject *cats = e->per_category ? e->per_category : Py_None;
+    PyObject *result = Py_BuildValue("(nnnnnO)", decided, ignored, e->confirmed, e->detections, e->suppressed, cats);
+    Py_CLEAR(e->per_category);
+    return result;
 }
 
 /* One REST lookup object, classified as Matcher.lookup_object does: its candidates (a new list), Py_None when
@@ -1352,7 +1805,8 @@ static PyObject *Engine_detect_events(Engine *e, void *closure) { return PyLong_
 static PyMethodDef Engine_methods[] = {
     {"use_indexes", (PyCFunction)Engine_use_indexes, METH_O, "Swap in the store's indexes (engine_views())."},
     {"match", (PyCFunction)Engine_match, METH_VARARGS, "Match a batch; returns how many events were decided here."},
-    {"lookup", (PyCFunction)Engine_lookup, METH_O, "REST lookup objects: 1 where the reference must look."},
+    {"lookup", (PyCFunction)Engine_lookup, METH_O, "REST lookup objects: None, True or their candidates."},
+    {"use_detection", (PyCFunction)Engine_use_detection, METH_VARARGS, "Render detection lines in C (templates)."},
     {NULL, NULL, 0, NULL},
 };
 

@@ -39,4 +39,14 @@ class Engine:
             [str, int, tuple[str | None, ...], list[tuple[int, str, list[tuple[int, int, int, str]]]]], None
         ],
         /,
-    ) -> tuple[int, int]: ...
+    ) -> tuple[int, int, int, int, int, dict[str, int] | None]: ...
+    def use_detection(
+        self,
+        event_format: tuple[bytes | int, ...] | None,
+        record_field_format: tuple[bytes | int, ...],
+        actionable_field_format: tuple[bytes | int, ...],
+        finished_dynamic: tuple[bytes | int, ...],
+        needs_context: bool,
+        limit: int,
+        /,
+    ) -> None: ...

@@ -47,7 +47,9 @@ _LOOKUPS = {
 }
 _FINDALL, _SEARCH, _GENERIC = 0, 1, 2
 _SOURCE_ID, _DATE = -1, -2
-_RESERVED = frozenset({"SourceId", "Date", "RecordContext"})
+_RESERVED = frozenset(
+    {"SourceId", "Date", "RecordContext", "Category", "MatchedIndicator", "Confidence", "ActionableFields"}
+)
 
 
 def engine_choice(environ: Mapping[str, str] = os.environ) -> str:
@@ -114,6 +116,16 @@ class CompiledMatcher(Matcher):
             _pair(normalize._FAST_DOMAIN, ANCHORED | ENDANCHORED),
             (normalize.normalize_url, normalize.normalize_domain, normalize.normalize_ip, normalize.parse_ip),
             self._template(),
+        )
+        out = config.output
+        event_codes = {**_EVENT_CODES, "RecordContext": -6}
+        self._engine.use_detection(
+            pieces(out.event_format, event_codes, self._field_of),
+            pieces(out.record_field_format, _PARAM_CODES),
+            pieces(out.actionable_field_format, _PARAM_CODES),
+            pieces(out.finished_format, {"SourceId": -1, "Date": -2, "RecordContext": -6}, self._field_of),
+            self._finished_needs_context,
+            self._limit,
         )
         for sid, why in self.reference_sources.items():
             log.warning("source %s runs on the reference matcher (slower, same answers): %s", sid, why)
@@ -221,10 +233,18 @@ class CompiledMatcher(Matcher):
                 out.append(self._finished_line(fields, sent, totals, date))
 
         batch = events if type(events) is list else list(events)
-        decided, ignored = self._engine.match(batch, plan, date, finished, out, reference, detect)
-        st.events += decided  # after the call: the reference path counts its own events meanwhile
+        decided, ignored, confirmed, detections, suppressed, per_category = self._engine.match(
+            batch, plan, date, finished, out, reference, detect
+        )
+        st.events += decided + confirmed  # after the call: the reference path counts its own events meanwhile
         st.decided += decided
+        st.confirmed += confirmed
         st.ignored += ignored
+        st.detections += detections
+        st.suppressed += suppressed
+        if per_category:
+            for category, n in per_category.items():
+                st.per_category[category] = st.per_category.get(category, 0) + n
         return out
 
     def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
@@ -253,9 +273,55 @@ class CompiledMatcher(Matcher):
 # -- store views ------------------------------------------------------------------------------------------
 
 
+_SUPPLIERS = {"FalsePositive": 1, "InternalTI": 2}
+
+
 def _views(store: IndicatorStore, number: int) -> list[tuple[Any, ...]]:
     """Every feed index of ``store`` as the C engine reads it (store number 0: feeds, 1: API suppliers)."""
     return [
-        (*snap.index.engine_view(), slot, number, *engine_records_view(snap.index))
+        (
+            *snap.index.engine_view(),
+            slot,
+            number,
+            *engine_records_view(snap.index),
+            snap.settings.category.encode("utf-8", "surrogatepass"),
+            str(snap.settings.confidence).encode("ascii"),
+            _SUPPLIERS.get(snap.settings.supplier or "", 0),
+            tuple(name.encode("utf-8", "surrogatepass") for name in snap.settings.actionable_fields),
+        )
         for slot, snap in sorted(store.snapshots.items())
     ]
+
+
+_EVENT_CODES = {
+    "SourceId": -1,
+    "Date": -2,
+    "Category": -3,
+    "MatchedIndicator": -4,
+    "Confidence": -5,
+    "ActionableFields": -8,
+}
+_PARAM_CODES = {"ParamName": -10, "ParamValue": -11}
+
+
+def pieces(source: str, codes: Mapping[str, int], fields: Mapping[str, int] | None = None) -> tuple[bytes | int, ...]:
+    """A format (render.Template's rules) as literal bytes and field codes for the C engine.
+
+    ``%RecordContext%`` is -6, or -7 where render.Template puts a space in front of it (the character
+    before it is not a space); a name neither in ``codes`` nor in ``fields`` renders as "" and is left out.
+    """
+    out: list[bytes | int] = []
+    pos = 0
+    for m in PATTERN_RE.finditer(source):
+        out.append(source[pos : m.start()].encode("utf-8", "surrogatepass"))
+        name = m.group(1)
+        if name == "RecordContext" and "RecordContext" in codes:
+            before = source[: m.start()]
+            out.append(-6 if not before or before[-1].isspace() else -7)
+        elif name in codes:
+            out.append(codes[name])
+        elif fields is not None and name in fields:
+            out.append(fields[name])
+        pos = m.end()
+    out.append(source[pos:].encode("utf-8", "surrogatepass"))
+    return tuple(p for p in out if p != b"")

@@ -683,9 +683,11 @@ class FeedIndex:
 def engine_records_view(index: FeedIndex) -> tuple[Any, ...]:
     """What the compiled engine reads to list candidates exactly as :class:`IndicatorStore` does:
     ``(refs, cidr4_off, cidr4_refs, cidr4_plen, cidr6_off, cidr6_refs, cidr6_plen, global_masks,
-    rec_value_off, rec_value)`` as numpy views over the snapshot."""
+    rec_value_off, rec_value)``, then what it reads to confirm and render detections: ``(rec_kind,
+    rec_flags, rec_raw_off, rec_raw, rec_ctx_off, rec_ctx)``, as numpy views over the snapshot."""
     names = ("refs", "cidr4_off", "cidr4_refs", "cidr4_plen", "cidr6_off", "cidr6_refs", "cidr6_plen")
-    return tuple(index._array(name) for name in (*names, "global_masks", "rec_value_off", "rec_value"))
+    records = ("rec_kind", "rec_flags", "rec_raw_off", "rec_raw", "rec_ctx_off", "rec_ctx")
+    return tuple(index._array(name) for name in (*names, "global_masks", "rec_value_off", "rec_value", *records))
 
 
 def in_memory(parsed: ParsedFeed, feed_digest: bytes = bytes(32), settings_digest: bytes = bytes(32)) -> FeedIndex:
