@@ -200,8 +200,8 @@ class StatsCollector(_TableCollector):
             ("threatgate_category_detections", "Detections by category", "category", s.per_category),
             (
                 "threatgate_engine_events",
-                "Events by matching path: compiled (the C engine alone), confirmed (its candidates looked up by the "
-                "reference code), reference (the whole event on the reference matcher)",
+                "Events by matching path: compiled (no candidate indicator), confirmed (candidates confirmed against "
+                "the stored records), reference (the whole event on the reference matcher)",
                 "path",
                 s.engine_events,
             ),

@@ -53,7 +53,7 @@ class MatchStats:
     oversized: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
     decided: int = 0  # events the compiled engine answered alone (node/engine.py)
-    confirmed: int = 0  # events whose possible indicators it handed to the reference lookups
+    confirmed: int = 0  # events it found candidate indicators in (confirmed against the stored records)
 
 
 _MISSING: Any = object()
