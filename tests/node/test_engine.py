@@ -559,3 +559,33 @@ def test_random_feeds_give_the_same_lines_on_both_engines(
     assert [(len(h), n) for h, n in compiled.lookup_objects(objects)] == [
         (len(h), n) for h, n in reference.lookup_objects(objects)
     ]
+
+
+@pytest.mark.parametrize(
+    "rule",
+    [
+        r"^(\d+)\s",
+        r"url=(\S+)",
+        r"(?:src|dst)=(\d{1,3}(?:\.\d{1,3}){3})",
+        r"md5=([\da-fA-F]{32})",
+        r"\b([a-fA-F0-9]{64})\b",
+        r"(?i)(?:https?|ftp)://[^\s\"'<>]+",
+        r"(?<=request=)\S+",
+        r"(?P<host>[a-z0-9.-]+\.[a-z]{2,})(?::\d+)?",
+        r"dhost=(\S+)|shost=(\S+)",
+        r"suser=([^\s=]+(?:\s(?!\w+=)[^\s=]+)*)",
+        r"msg=\"((?:[^\"\\]|\\.)*)\"",
+        r"(?m)^\s*query:\s*(\S+)$",
+        r"(?x) src= ( \d+ (?: \.\d+ ){3} )",
+    ],
+)
+def test_rules_seen_in_the_field_run_on_the_compiled_engine(rule: str) -> None:
+    source, options = to_pcre2(re.compile(rule))
+    assert _engine.compile_error(source, options) is None
+
+
+def test_the_example_node_runs_every_source_on_the_compiled_engine() -> None:
+    config = load_node_config(str(EXAMPLES / "node.conf"))
+    compiled = make_matcher(config, _store(config), "compiled")
+    assert isinstance(compiled, CompiledMatcher)
+    assert compiled.reference_sources == {}
