@@ -1,26 +1,32 @@
-"""Node benchmark: feed load time, memory per indicator and single-core matching throughput vs GNU grep.
+"""Node benchmark: feed load, restart, memory per indicator and per-core matching throughput of both engines
+beside GNU grep.
 
     .venv/bin/python bench/node_throughput.py --indicators 100000,1000000,10000000 --events 200000
-    .venv/bin/python bench/node_throughput.py --indicators 100000 --profile
+    .venv/bin/python bench/node_throughput.py --indicators 100000 --engines reference --profile
 
-For each size the data (``threatgate feeds generate``) goes to ``bench/data/<size>/`` and is reused while
-``stamp.json`` shows the same arguments and generator source.  Each size is measured in a fresh
+For each size the data (``threatgate feeds generate``) goes to ``bench/data/<size>/`` (``--data-dir``) and is
+reused while ``stamp.json`` shows the same arguments and generator source.  Each size is measured in a fresh
 subprocess so its RSS is not polluted by the previous one:
 
-* load: ``load_feed`` for every ``<Feed>`` of the generated node.conf, then ``IndicatorStore`` (exactly
-  what ``NodeService.reload_feeds`` does), wall seconds;
-* memory: VmRSS after load minus VmRSS before it (the interpreter with numpy and threatgate imported),
-  per indicator and relative to the feed bytes on disk; VmHWM (peak) too; ``store.nbytes`` plus the
-  per-feed arrays, i.e. what the data structures themselves hold;
-* matching: ``Matcher.match(batch, finished=True)`` over events.txt in batches of 256 events (one 64 KiB
-  read), one thread, cold caches, wall seconds; the detections are checked against expected.txt.
+* load: ``load_feed`` for every ``<Feed>`` of the generated node.conf, then ``IndicatorStore``, wall and CPU
+  seconds;
+* memory: VmRSS after the load and after one matcher per engine is built, minus VmRSS before the load (the
+  interpreter with numpy and threatgate imported), per indicator and relative to the feed bytes on disk;
+  VmHWM (peak) too; what the store's structures hold when this build says (``store.nbytes``);
+* matching, per engine of ``--engines``: ``make_matcher(config, store, engine=NAME).match(batch,
+  finished=True)`` over events.txt in batches of 256 events (one 64 KiB read), one thread, cold caches;
+  events per CPU-second of that loop is the per-core figure.  The detections are checked against
+  expected.txt and the engines' output lines against each other (byte-identical, by digest).
+
+Then a real node is started from the feeds and restarted on its snapshots (``node_e2e.measure_restart``,
+when the build has ``<Feeds snapshot_dir>``): seconds to the first detection, and the restarted node's RSS
+per indicator over a node without feeds.
 
 The anchor is ``LC_ALL=C grep -F -c -f patterns.txt events.txt`` with every indicator's literal text as
 a pattern (masks and ``*.`` domains without their stars; CIDRs as written, which never match): a C
 multi-pattern substring scan over the same bytes.  It does less than threatgate (no extraction, no
 normalisation, no CIDR or sub-domain semantics, no output), so it is an upper bound for "as fast as a
-byte scan", not an equivalent.
-"""
+byte scan", not an equivalent."""
 
 from __future__ import annotations
 
