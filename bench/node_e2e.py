@@ -496,15 +496,16 @@ def _wait_snapshots_settled(directory: str, feeds: int, timeout: float) -> list[
     raise SetupError(f"{directory}: no snapshot per feed within {timeout:.0f} s (have {last})")
 
 
-def node_memory(pid: int) -> tuple[int, int]:
-    """(VmRSS, VmHWM) of a process, in bytes."""
+def node_memory(pid: int) -> tuple[int, int, int]:
+    """(VmRSS, VmHWM, RssFile) of a process, in bytes: RssFile is the resident part of mapped files (the
+    snapshots), which the kernel can drop and read again; the rest of VmRSS is the process's own memory."""
     found = {}
     with open(f"/proc/{pid}/status", encoding="ascii") as fh:
         for line in fh:
             key, _, value = line.partition(":")
-            if key in ("VmRSS", "VmHWM"):
+            if key in ("VmRSS", "VmHWM", "RssFile"):
                 found[key] = int(value.split()[0]) * 1024
-    return found["VmRSS"], found["VmHWM"]
+    return found["VmRSS"], found["VmHWM"], found.get("RssFile", 0)
 
 
 def first_answer(proc: subprocess.Popen[bytes], port: int, event: bytes, log_path: str, timeout: float) -> None:
@@ -522,15 +523,16 @@ def first_answer(proc: subprocess.Popen[bytes], port: int, event: bytes, log_pat
 
 def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, Any]:
     """A node's start from the feeds, then its restart on the snapshots: seconds from spawning the process to
-    the first detection, and the node's RSS per indicator after the restart.
+    the first detection, and the node's RSS per indicator once the restarted node has matched every event.
 
-    The RSS baseline is a third node with the same config and no feeds, once it has answered one event.
+    The RSS baseline is a third node with the same config and no feeds, once it has matched the same events.
     Returns ``{"seconds": restart or None, "start_seconds", "rss_per_indicator", ..., "summary": one line}``.
     """
     with open(os.path.join(out, "expected.txt"), encoding="ascii") as fh:
         hit_no = int(fh.readline().split()[0])
-    with open(os.path.join(out, "events.txt"), encoding="ascii") as fh:
-        event = next(line for line in fh if line.startswith(f"{hit_no} ")).rstrip("\n").encode("ascii")
+    with open(os.path.join(out, "events.txt"), "rb") as fh:
+        events = fh.read()
+    event = next(line for line in events.split(b"\n") if line.startswith(b"%d " % hit_no))
     # The generated CEF event is matched by the generated rules: the config is the generated node.conf.
     run_dir = tempfile.mkdtemp(prefix="tg-restart-")
     try:
@@ -553,6 +555,9 @@ def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, 
                 memory.append(node_memory(proc.pid))
                 if attempt == 0:
                     files = _wait_snapshots_settled(snap_dir, feeds, timeout)
+                else:
+                    after_events = _match_all(port, events, timeout)
+                    memory.append(node_memory(proc.pid))
             finally:
                 stop_group(proc, timeout=30)
         empty = os.path.join(run_dir, "empty.conf")
@@ -561,20 +566,24 @@ def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, 
         proc = spawn_node(empty, os.path.join(run_dir, "empty.log"), engine)
         try:
             first_answer(proc, port, event, os.path.join(run_dir, "empty.log"), timeout)
-            baseline, _ = node_memory(proc.pid)
+            _match_all(port, events, timeout)
+            baseline, _, baseline_file = node_memory(proc.pid)
         finally:
             stop_group(proc, timeout=30)
         with open(logs[1], encoding="utf-8", errors="replace") as fh:
             mapped = len(re.findall(r"snapshot \S+ mapped", fh.read()))
         indicators = _indicators(out)
         size = sum(os.path.getsize(os.path.join(snap_dir, f)) for f in files)
-        per_indicator = (memory[1][0] - baseline) / indicators
+        per_indicator = (memory[2][0] - baseline) / indicators
+        private = (memory[2][0] - memory[2][2] - (baseline - baseline_file)) / indicators
         summary = (
             f"node start from the feeds {times[0]:.2f} s, restart on {len(files)} snapshots "
             f"({size / 1e6:,.0f} MB) {times[1]:.2f} s to the first detection ({engine}); node RSS "
-            f"{memory[1][0] / 1e6:,.0f} MB after the restart, {memory[0][0] / 1e6:,.0f} MB (peak "
-            f"{memory[0][1] / 1e6:,.0f} MB) after the start, {baseline / 1e6:,.0f} MB without feeds: "
-            f"{per_indicator:.0f} B per indicator"
+            f"{memory[0][0] / 1e6:,.0f} MB (peak {memory[0][1] / 1e6:,.0f} MB) after the start, "
+            f"{memory[1][0] / 1e6:,.0f} MB after the restart, {memory[2][0] / 1e6:,.0f} MB once it matched the "
+            f"{after_events:,} events ({memory[2][2] / 1e6:,.0f} MB of it mapped files), {baseline / 1e6:,.0f} MB "
+            f"({baseline_file / 1e6:,.0f} MB) for a node without feeds that did the same: {per_indicator:.0f} B per "
+            f"indicator, {private:.0f} B of it the node's own (not file-backed) memory"
         )
         if mapped < feeds:
             summary += f"; WARNING: the restarted node logged {mapped} snapshot(s) mapped for {feeds} feeds"
@@ -583,15 +592,28 @@ def measure_restart(out: str, engine: str, timeout: float = 900.0) -> dict[str, 
             "start_seconds": times[0],
             "snapshot_bytes": size,
             "rss_restart": memory[1][0],
+            "rss_restart_matched": memory[2][0],
+            "rss_file_restart_matched": memory[2][2],
+            "rss_file_no_feeds": baseline_file,
             "rss_start": memory[0][0],
             "hwm_start": memory[0][1],
             "rss_no_feeds": baseline,
             "rss_per_indicator": per_indicator,
+            "private_per_indicator": private,
             "mapped": mapped,
             "summary": summary,
         }
     finally:
         shutil.rmtree(run_dir, ignore_errors=True)
+
+
+def _match_all(port: int, events: bytes, timeout: float) -> int:
+    """Stream ``events`` (LF-terminated) through a node up to their finished lines; the number of events."""
+    count = events.count(b"\n")
+    run = stream(port, FLAGS + events, count, FINISHED, timeout)
+    if run.error or run.finished != count:
+        raise SetupError(f"streaming the events to the restarted node: {run.error or run.finished}")
+    return count
 
 
 def _indicators(out: str) -> int:
