@@ -237,8 +237,10 @@ def structure_bytes(store: Any, snapshots: dict[int, Any]) -> int | None:
     for snap in snapshots.values():
         for name in ("kinds", "keys", "offsets", "lengths"):
             array = getattr(snap, name, None)
-            if array is not None:  # numpy arrays and memoryviews have nbytes; array.array has itemsize
-                total += int(getattr(array, "nbytes", None) or array.itemsize * len(array))
+            if hasattr(array, "nbytes"):  # numpy arrays, memoryviews
+                total += int(array.nbytes)
+            elif hasattr(array, "itemsize"):  # array.array
+                total += int(array.itemsize * len(array))
     return int(total)
 
 
