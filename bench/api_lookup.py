@@ -14,7 +14,10 @@ What it does:
    an IPv4 address (30 %) or an MD5/SHA-1/SHA-256 (15 %), from the generated non-detecting events.
 3. **Node.** A private node config (in a temporary directory) with the generated feeds, an
    ``<HTTPServer>`` on a free port, one bench user and ``ScannersCount`` 20.  The node runs as
-   ``python -m threatgate node`` and is ready when it logs "node listening for events".
+   ``python -m threatgate node`` and is ready when it logs "node listening for events".  One node per
+   engine of ``--engines`` (default ``compiled,reference``, ``THREATGATE_ENGINE`` in its environment),
+   one after the other on the same config; every engine after the first must answer every prepared
+   request byte for byte as the first did (else the set-up fails, exit 2).
 4. **nginx anchor.** nginx (``worker_processes 1``, same certificate, same TLS 1.3 suites, keep-alive,
    ``access_log off``, ``open_file_cache``) serves, for every prepared request, a static file holding the
    node's own answer to that request, byte for byte, so both servers read the same requests and write
@@ -359,8 +362,12 @@ class Server:
     log_path: str
 
 
-def start_node(config: str, run_dir: str, port: int, timeout: float) -> tuple[subprocess.Popen[bytes], str]:
-    log_path = os.path.join(run_dir, "node.log")
+def start_node(
+    config: str, run_dir: str, port: int, timeout: float, engine: str | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """A node on ``config``, ready; ``engine`` sets THREATGATE_ENGINE (None: this process's environment)."""
+    log_path = os.path.join(run_dir, f"node-{engine}.log" if engine else "node.log")
+    env = dict(os.environ, THREATGATE_ENGINE=engine) if engine else None
     with open(log_path, "wb") as log_fh:
         proc = subprocess.Popen(
             [sys.executable, "-m", "threatgate", "node", "--config", config],
@@ -368,6 +375,7 @@ def start_node(config: str, run_dir: str, port: int, timeout: float) -> tuple[su
             stdout=log_fh,
             stderr=subprocess.STDOUT,
             start_new_session=True,
+            env=env,
         )
     try:
         wait_for_log(proc, log_path, "node listening for events", timeout, "the node")
@@ -664,31 +672,34 @@ def print_report(runs: list[Run], sizes: dict[int, tuple[float, float]]) -> bool
     for per_request, (request_bytes, answer_bytes) in sorted(sizes.items()):
         print(f"{per_request} object(s)/request: request bodies {request_bytes:,.0f} B, answers {answer_bytes:,.0f} B")
     by_key = {(r.server, r.per_request): r for r in runs}
+    nodes = list(dict.fromkeys(r.server for r in runs if r.server.startswith("node")))
     print()
     for per_request in sorted({r.per_request for r in runs}):
-        node, nginx = by_key.get(("node", per_request)), by_key.get(("nginx", per_request))
-        if node and nginx:
-            print(
-                f"node/nginx at {per_request} object(s)/request: req/s {node.rps / nginx.rps:.3f}, "
-                f"per CPU-second {node.objects_per_cpu_s / nginx.objects_per_cpu_s:.3f} "
-                f"(nginx {nginx.rps / node.rps:.1f}x the node's req/s, "
-                f"{nginx.objects_per_cpu_s / node.objects_per_cpu_s:.1f}x per CPU-second)"
-            )
+        for name in nodes:
+            node, nginx = by_key.get((name, per_request)), by_key.get(("nginx", per_request))
+            if node and nginx:
+                print(
+                    f"{name}/nginx at {per_request} object(s)/request: req/s {node.rps / nginx.rps:.3f}, "
+                    f"per CPU-second {node.objects_per_cpu_s / nginx.objects_per_cpu_s:.3f} "
+                    f"(nginx {nginx.rps / node.rps:.1f}x the node's req/s, "
+                    f"{nginx.objects_per_cpu_s / node.objects_per_cpu_s:.1f}x per CPU-second)"
+                )
     print()
     print("targets:")
-    single, batch = by_key.get(("node", 1)), by_key.get(("node", 100))
-    if single:
-        value = single.objects_per_cpu_s
-        print(
-            f"  single-object lookups/s per core  {value:>10,.0f}  target >= {TARGET_SINGLE_PER_CORE:,}  "
-            f"{_verdict(value, TARGET_SINGLE_PER_CORE)}  (wall {single.rps:,.0f} req/s)"
-        )
-    if batch:
-        value = batch.objects_per_s
-        print(
-            f"  objects/s with 100-object requests {value:>9,.0f}  target >= {TARGET_BATCH_OBJECTS:,}  "
-            f"{_verdict(value, TARGET_BATCH_OBJECTS)}  (per CPU-second {batch.objects_per_cpu_s:,.0f})"
-        )
+    for name in nodes:
+        single, batch = by_key.get((name, 1)), by_key.get((name, 100))
+        if single:
+            value = single.objects_per_cpu_s
+            print(
+                f"  {name}: single-object lookups/s per core  {value:>10,.0f}  target >= {TARGET_SINGLE_PER_CORE:,}  "
+                f"{_verdict(value, TARGET_SINGLE_PER_CORE)}  (wall {single.rps:,.0f} req/s)"
+            )
+        if batch:
+            value = batch.objects_per_s
+            print(
+                f"  {name}: objects/s with 100-object requests {value:>9,.0f}  target >= {TARGET_BATCH_OBJECTS:,}  "
+                f"{_verdict(value, TARGET_BATCH_OBJECTS)}  (per CPU-second {batch.objects_per_cpu_s:,.0f})"
+            )
     valid = all(r.valid for r in runs)
     for r in runs:
         if not r.valid:
@@ -733,6 +744,9 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
     add_lookup_arguments(parser)
     parser.add_argument("--no-nginx", action="store_true", help="skip the nginx anchor")
+    parser.add_argument(
+        "--engines", default="compiled,reference", help="matching engines, one node each in turn (THREATGATE_ENGINE)"
+    )
     parser.add_argument("--profile", action="store_true", help="py-spy the node during one more run per size")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs, bodies)")
     parser.add_argument("--json", dest="json_out", help="also write the raw results to this file")
@@ -742,6 +756,29 @@ def main() -> int:
     except SetupError as exc:
         print(f"api_lookup: set-up failed: {exc}", file=sys.stderr)
         return 2
+
+
+def measure_server(
+    wrk: str, server: Server, per_requests: list[int], args: argparse.Namespace, authorization: str
+) -> list[Run]:
+    """A warm-up and a measured wrk run per request size against one server."""
+    log = sys.stderr
+    runs = []
+    for n in per_requests:
+        if args.warmup > 0:
+            run_wrk(wrk, server, n, args, authorization, args.warmup)
+        print(f"wrk: {server.name}, {n} object(s)/request, {args.duration:g} s ...", file=log, flush=True)
+        run = run_wrk(wrk, server, n, args, authorization, args.duration)
+        print(
+            f"  {run.rps:,.0f} req/s, {run.objects_per_s:,.0f} objects/s, server CPU {run.server_cpu:.2f} s"
+            + ("" if run.valid else f"  INVALID {run.errors} {run.first_bad}"),
+            file=log,
+            flush=True,
+        )
+        runs.append(run)
+        if server.proc.poll() is not None:
+            raise SetupError(f"{server.name} exited with {server.proc.returncode}:\n{tail(server.log_path)}")
+    return runs
 
 
 def bench(args: argparse.Namespace) -> int:
@@ -777,6 +814,10 @@ def bench(args: argparse.Namespace) -> int:
     hits, misses = value_pools(out, args.seed, min(wanted, 20_000))
     bodies = {n: make_bodies(hits, misses, n, counts[n], args.hit_share, rng) for n in per_requests}
 
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    if not engines or len(set(engines)) != len(engines) or any(e not in ("compiled", "reference") for e in engines):
+        raise SetupError(f"--engines {args.engines!r}: one or both of compiled, reference")
+
     run_dir = tempfile.mkdtemp(prefix="threatgate-api-bench-")
     os.chmod(run_dir, 0o755)  # nginx's worker runs as nobody when started by root: it must read www/
     node_proc: subprocess.Popen[bytes] | None = None
@@ -790,70 +831,79 @@ def bench(args: argparse.Namespace) -> int:
         authorization = "Basic " + base64.b64encode(f"{USER}:{password}".encode()).decode()
         node_port = free_port()
         config = node_config(out, run_dir, node_port, password, cert, key)
-        print(f"starting the node on port {node_port} ({args.indicators:,} indicators) ...", file=log, flush=True)
-        started = time.monotonic()
-        node_proc, node_log = start_node(config, run_dir, node_port, timeout=300)
-        print(f"  ready in {time.monotonic() - started:.1f} s", file=log, flush=True)
-
         www = os.path.join(run_dir, "nginx", "www", "r")
         os.makedirs(www)
         sizes: dict[int, tuple[float, float]] = {}
         node_files: dict[int, str] = {}
         nginx_files: dict[int, str] = {}
+        first: dict[int, list[bytes]] = {}  # the first engine's answers, which nginx serves
         detected = total = 0
-        for n in per_requests:
-            answers = post_all(node_port, cert, authorization, bodies[n], "the node")
-            for answer in answers:
-                results = json.loads(answer)
-                total += len(results)
-                detected += sum(1 for r in results if r["result"] == "detected")
-            sizes[n] = (
-                sum(len(b) for b in bodies[n]) / len(bodies[n]),
-                sum(len(a) for a in answers) / len(answers),
-            )
-            node_files[n] = os.path.join(run_dir, f"requests-{n}-node.txt")
-            nginx_files[n] = os.path.join(run_dir, f"requests-{n}-nginx.txt")
-            with open(node_files[n], "w", encoding="utf-8") as nf, open(nginx_files[n], "w", encoding="utf-8") as gf:
-                for i, (body, answer) in enumerate(zip(bodies[n], answers, strict=True)):
-                    name = f"{n}-{i}.json"
-                    with open(os.path.join(www, name), "wb") as fh:
-                        fh.write(answer)
-                    nf.write(f"{API_PATH} {body}\n")
-                    gf.write(f"/r/{name} {body}\n")
-        print(f"  {detected:,} of {total:,} looked-up objects detected ({100 * detected / total:.1f} %)", file=log)
+        runs: list[Run] = []
+        profiles: dict[str, str] = {}
+        for engine in engines:  # one node per engine, in turn, on the same config and port
+            print(f"starting the {engine} node on port {node_port} ({args.indicators:,} indicators) ...", file=log)
+            started = time.monotonic()
+            node_proc, node_log = start_node(config, run_dir, node_port, timeout=300, engine=engine)
+            print(f"  ready in {time.monotonic() - started:.1f} s", file=log, flush=True)
+            for n in per_requests:
+                answers = post_all(node_port, cert, authorization, bodies[n], f"the {engine} node")
+                if n in first:
+                    differ = [i for i, (a, b) in enumerate(zip(first[n], answers, strict=True)) if a != b]
+                    if differ:
+                        raise SetupError(
+                            f"the {engine} node answers {len(differ)} of {len(answers)} {n}-object requests unlike "
+                            f"the {engines[0]} node; the first:\n{bodies[n][differ[0]][:500]}\n"
+                            f"{first[n][differ[0]][:500]!r}\n{answers[differ[0]][:500]!r}"
+                        )
+                    continue
+                first[n] = answers
+                for answer in answers:
+                    results = json.loads(answer)
+                    total += len(results)
+                    detected += sum(1 for r in results if r["result"] == "detected")
+                sizes[n] = (
+                    sum(len(b) for b in bodies[n]) / len(bodies[n]),
+                    sum(len(a) for a in answers) / len(answers),
+                )
+                node_files[n] = os.path.join(run_dir, f"requests-{n}-node.txt")
+                nginx_files[n] = os.path.join(run_dir, f"requests-{n}-nginx.txt")
+                with (
+                    open(node_files[n], "w", encoding="utf-8") as nf,
+                    open(nginx_files[n], "w", encoding="utf-8") as gf,
+                ):
+                    for i, (body, answer) in enumerate(zip(bodies[n], answers, strict=True)):
+                        name = f"{n}-{i}.json"
+                        with open(os.path.join(www, name), "wb") as fh:
+                            fh.write(answer)
+                        nf.write(f"{API_PATH} {body}\n")
+                        gf.write(f"/r/{name} {body}\n")
+            if engine == engines[0]:
+                print(
+                    f"  {detected:,} of {total:,} looked-up objects detected ({100 * detected / total:.1f} %)", file=log
+                )
+            else:
+                print(f"  the same answers as the {engines[0]} node, byte for byte", file=log)
+            url = f"https://127.0.0.1:{node_port}"
+            node = Server(f"node {engine}", url, node_files, node_proc, node_proc.pid, node_log)
+            runs += measure_server(wrk, node, per_requests, args, authorization)
+            if py_spy:
+                for n in per_requests:
+                    print(
+                        f"py-spy: {engine} node, {n} object(s)/request, {args.duration:g} s ...", file=log, flush=True
+                    )
+                    prun, profiles[f"{engine} node at {n}"] = profile_run(
+                        py_spy, wrk, node, n, args, authorization, run_dir
+                    )
+                    print(f"  {prun.rps:,.0f} req/s under the profiler", file=log, flush=True)
+            stop_group(node_proc)
 
-        node = Server("node", f"https://127.0.0.1:{node_port}", node_files, node_proc, node_proc.pid, node_log)
-        servers = [node]
         if nginx:
             nginx_port = free_port()
             prefix = os.path.join(run_dir, "nginx")
             nginx_proc, worker, nginx_log = start_nginx(nginx, prefix, nginx_port, cert, key)
             url = f"https://127.0.0.1:{nginx_port}"
-            servers.append(Server("nginx", url, nginx_files, nginx_proc, worker, nginx_log))
-
-        runs: list[Run] = []
-        for n in per_requests:
-            for server in servers:
-                if args.warmup > 0:
-                    run_wrk(wrk, server, n, args, authorization, args.warmup)
-                print(f"wrk: {server.name}, {n} object(s)/request, {args.duration:g} s ...", file=log, flush=True)
-                run = run_wrk(wrk, server, n, args, authorization, args.duration)
-                print(
-                    f"  {run.rps:,.0f} req/s, {run.objects_per_s:,.0f} objects/s, server CPU {run.server_cpu:.2f} s"
-                    + ("" if run.valid else f"  INVALID {run.errors} {run.first_bad}"),
-                    file=log,
-                    flush=True,
-                )
-                runs.append(run)
-                if node_proc.poll() is not None:
-                    raise SetupError(f"the node exited with {node_proc.returncode}:\n{tail(node_log)}")
-
-        profiles: dict[int, str] = {}
-        if py_spy:
-            for n in per_requests:
-                print(f"py-spy: node, {n} object(s)/request, {args.duration:g} s ...", file=log, flush=True)
-                prun, profiles[n] = profile_run(py_spy, wrk, node, n, args, authorization, run_dir)
-                print(f"  {prun.rps:,.0f} req/s under the profiler", file=log, flush=True)
+            anchor = Server("nginx", url, nginx_files, nginx_proc, worker, nginx_log)
+            runs += measure_server(wrk, anchor, per_requests, args, authorization)
 
         print(
             f"\ncode {node_throughput.code_version()}, Python {sys.version.split()[0]}, {os.cpu_count()} CPUs, "
@@ -861,8 +911,8 @@ def bench(args: argparse.Namespace) -> int:
             f"keep-alive TLS, {100 * detected / total:.1f} % of objects detected"
         )
         valid = print_report(runs, sizes)
-        for n, text in profiles.items():
-            print(f"\npy-spy of the node at {n} object(s)/request, top {args.top} by own time:\n")
+        for what, text in profiles.items():
+            print(f"\npy-spy of the {what} object(s)/request, top {args.top} by own time:\n")
             print(text)
         if args.json_out:
             with open(args.json_out, "w", encoding="utf-8") as fh:

@@ -15,6 +15,7 @@ import pytest
 
 from threatgate.config.node import NodeConfig, RuleType, load_node_config
 from threatgate.errors import ConfigError
+from threatgate.node import engine as engine_module
 from threatgate.node.engine import engine_choice
 from threatgate.node.engine import make_matcher as build_matcher
 from threatgate.node.feeds import load_feed
@@ -42,8 +43,13 @@ def example(engine: str, example_config: NodeConfig) -> Matcher:
     return build_matcher(example_config, store_for(example_config))
 
 
-def test_the_engine_fixture_selects_the_engine_that_make_matcher_builds(engine: str) -> None:
+def test_the_engine_fixture_selects_the_engine_that_make_matcher_builds(engine: str, example: Matcher) -> None:
+    """The module's matchers are of the fixture's engine: the compiled one is a ``CompiledMatcher`` (a
+    build whose engine module has none yet builds the reference matcher for both names)."""
     assert engine_choice() == engine
+    compiled = getattr(engine_module, "CompiledMatcher", None)
+    if compiled is not None:
+        assert isinstance(example, compiled) == (engine == "compiled"), type(example)
 
 
 def example_events() -> list[FramedEvent]:

@@ -1,0 +1,64 @@
+"""The node benchmarks still run and still check what they measure, on a tiny generated set.
+
+The benchmarks are not part of the suite's speed budget, but they import threatgate's internals (the
+store, ``make_matcher``, the config): a change there must not leave them broken until the next
+measuring session.  Each script runs as a user runs it, on 2,000 indicators and 3,000 events, with both
+engines, and its raw results (``--json``) are checked: the detections equal ``expected.txt``, both engines
+answer byte for byte the same, and a real node answers over TCP what the same engine answers in process.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+BENCH = ROOT / "bench"
+SIZE = ["--indicators", "2000", "--events", "3000"]
+
+
+def run_bench(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, str(BENCH / script), *args], cwd=cwd, capture_output=True, text=True, timeout=240
+    )
+
+
+@pytest.mark.timeout(300)
+def test_node_throughput_checks_both_engines_against_expected_and_each_other(tmp_path: Path) -> None:
+    done = run_bench(
+        "node_throughput.py", *SIZE, "--data-dir", str(tmp_path / "data"), "--no-grep",
+        "--json", str(tmp_path / "out.json"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    [result] = json.loads((tmp_path / "out.json").read_text())
+    assert result["indicators"] == 2000 and result["events"] == 3000
+    runs = result["engines"]
+    assert set(runs) == {"compiled", "reference"}
+    for run in runs.values():
+        assert run["detections"] == result["expected_detections"] > 0
+        assert run["output_lines"] == result["events"] + run["detections"]
+    assert runs["compiled"]["output_digest"] == runs["reference"]["output_digest"]
+    assert "| 2,000 |" in done.stdout and "MISMATCH" not in done.stdout  # the markdown row for the docs
+    restart = result["restart"]
+    assert restart["seconds"] is None or restart["seconds"] > 0, restart
+
+
+@pytest.mark.timeout(300)
+def test_node_e2e_streams_to_a_real_node_on_each_engine_and_gets_the_in_process_answer(tmp_path: Path) -> None:
+    done = run_bench(
+        "node_e2e.py", *SIZE, "--data-dir", str(tmp_path / "data"), "--warmup", "200", "--no-socat",
+        "--json", str(tmp_path / "out.json"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    runs = result["runs"]
+    assert [r["engine"] for r in runs] == ["compiled", "reference"]
+    for run in runs:
+        assert run["valid"] and run["run"]["finished"] == 3000, run
+    answers = {name: r["digest"] for name, r in result["in_process"].items()}
+    assert answers["compiled"] == answers["reference"]
+    assert min(r["detections"] for r in result["in_process"].values()) > 0
