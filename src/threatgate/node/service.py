@@ -378,6 +378,8 @@ class NodeService:
         s.feed_records = {k: v for k, v in s.feed_records.items() if k in enabled}
         s.feed_malformed = {k: v for k, v in s.feed_malformed.items() if k in enabled}
         s.feed_skipped = {k: v for k, v in s.feed_skipped.items() if k in enabled}
+        s.snapshot_loads = {k: v for k, v in s.snapshot_loads.items() if k[0] in enabled}
+        s.snapshot_rebuilds = {k: v for k, v in s.snapshot_rebuilds.items() if k[0] in enabled}
 
     def snapshot_dir(self) -> SnapshotDir:
         """The directory of feed snapshots (``<Feeds snapshot_dir>``; a temporary one for a config built in code)."""
