@@ -267,7 +267,8 @@ def test_cidr_lookup_is_one_lookup_that_agrees_with_brute_force(version: int, da
     parsed = ParsedFeed()
     cidrs: list[tuple[int, int, int]] = []
     for plen, address in chosen:
-        network = ipaddress.ip_network((address, plen), strict=False)
+        network_type = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+        network = network_type((address, plen), strict=False)
         indicator = classify(str(network), "ip")
         assert indicator is not None and indicator.cidr is not None
         add_row(parsed, indicator, ())

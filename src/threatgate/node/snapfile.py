@@ -283,6 +283,14 @@ def segments(
     spans = sorted(spans)
     if not spans:
         return [], [], [0], [], []
+    if all(a[1] <= b[0] for a, b in itertools.pairwise(spans)):  # disjoint (the common case): one each
+        return (
+            [s for s, _, _, _ in spans],
+            [e - 1 for _, e, _, _ in spans],
+            list(range(len(spans) + 1)),
+            [r for _, _, _, r in spans],
+            [p for _, _, p, _ in spans],
+        )
     bounds = sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans})
     where = {b: i for i, b in enumerate(bounds)}
     cover: list[list[tuple[int, int]]] = [[] for _ in range(len(bounds) - 1)]
@@ -331,16 +339,27 @@ def _strings(items: list[str]) -> tuple[npt.NDArray[np.uint64], bytes]:
 def _contexts(
     contexts: list[tuple[tuple[str, str], ...]],
 ) -> tuple[npt.NDArray[np.uint64], bytes, npt.NDArray[np.intp]]:
-    """The context column: fields NUL-separated per record; JSON for a record whose text holds NUL."""
-    rows = list(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts)))
+    """The context column: fields NUL-separated per record; JSON for a record whose text holds NUL.
+
+    Fast path: the whole column is one ``join`` (C loops only), then checked by counting separators;
+    only a column where some name or value holds a separator is encoded record by record.
+    """
+    n = len(contexts)
+    text = _SEP_CHAR.join(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts))) + _SEP_CHAR
     pairs = sum(map(len, contexts))
-    nonempty = len(contexts) - contexts.count(())
+    nonempty = n - contexts.count(())
+    if text.count(_SEP_CHAR) == n and text.count(_FIELD_SEP) == 2 * pairs - nonempty:
+        blob = text.encode("utf-8", "surrogatepass")
+        del text
+        ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
+        return np.concatenate((np.zeros(1, np.uint64), ends)), blob, np.zeros(0, np.intp)
+    del text
+    rows = list(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts)))
     json_rows: list[int] = []
-    if sum(map(str.count, rows, itertools.repeat(_FIELD_SEP))) != 2 * pairs - nonempty:
-        for i, ctx in enumerate(contexts):
-            if rows[i].count(_FIELD_SEP) != 2 * len(ctx) - (1 if ctx else 0):
-                rows[i] = json.dumps([list(p) for p in ctx], ensure_ascii=True)
-                json_rows.append(i)
+    for i, ctx in enumerate(contexts):
+        if rows[i].count(_FIELD_SEP) != 2 * len(ctx) - (1 if ctx else 0):
+            rows[i] = json.dumps([list(p) for p in ctx], ensure_ascii=True)
+            json_rows.append(i)
     off, blob = _strings(rows)
     return off, blob, np.array(json_rows, dtype=np.intp)
 
