@@ -245,13 +245,7 @@ def worker(out: str, batch: int, profile: bool) -> dict[str, Any]:
     rss_after = vm_status("VmRSS")
     peak = vm_status("VmHWM")
 
-    arrays = sum(
-        s.kinds.itemsize * len(s.kinds)
-        + s.keys.itemsize * len(s.keys)
-        + s.offsets.itemsize * len(s.offsets)
-        + s.lengths.itemsize * len(s.lengths)
-        for s in snapshots.values()
-    )
+    arrays = store.nbytes  # keys, record numbers and Bloom bitmaps (the records stay in the snapshots)
     feed_bytes = sum(os.path.getsize(s.settings.path) for s in snapshots.values())
     records = sum(s.report.records for s in snapshots.values())
     malformed = sum(s.report.malformed for s in snapshots.values())

@@ -554,16 +554,13 @@ class FeedIndex:
         self._c4_off = self._cast("cidr4_off", "I")
         self._c4_refs = self._cast("cidr4_refs", "I")
         self._c4_plen = self._cast("cidr4_plen", "B")
-        w6s, w6e = self._cast("cidr6_start", "Q"), self._cast("cidr6_end", "Q")
-        self._c6 = (
-            [w6s[i] << 64 | w6s[i + 1] for i in range(0, len(w6s), 2)],
-            [w6e[i] << 64 | w6e[i + 1] for i in range(0, len(w6e), 2)],
-        )
+        self._c6_words = (self._cast("cidr6_start", "Q"), self._cast("cidr6_end", "Q"))
+        self._c6: tuple[list[int], list[int]] | None = None  # 128-bit starts and ends, made at the first lookup
         self._c6_off = self._cast("cidr6_off", "I")
         self._c6_refs = self._cast("cidr6_refs", "I")
         self._c6_plen = self._cast("cidr6_plen", "B")
         self.has_cidr4 = len(self._c4[0]) > 0
-        self.has_cidr6 = len(self._c6[0]) > 0
+        self.has_cidr6 = len(self._c6_words[0]) > 0
         self.global_masks = self._cast("global_masks", "I")
         self._kind = self._cast("rec_kind", "b")
         self._flags = self._cast("rec_flags", "B")
@@ -631,6 +628,12 @@ class FeedIndex:
             starts, ends = self._c4
             off, refs, plens = self._c4_off, self._c4_refs, self._c4_plen
         else:
+            if self._c6 is None:
+                w6s, w6e = self._c6_words
+                self._c6 = (
+                    [w6s[i] << 64 | w6s[i + 1] for i in range(0, len(w6s), 2)],
+                    [w6e[i] << 64 | w6e[i + 1] for i in range(0, len(w6e), 2)],
+                )
             starts, ends = self._c6
             off, refs, plens = self._c6_off, self._c6_refs, self._c6_plen
         i = bisect_right(starts, number) - 1
