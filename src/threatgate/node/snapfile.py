@@ -325,11 +325,9 @@ def _strings(items: list[str]) -> tuple[npt.NDArray[np.uint64], bytes]:
     n = len(items)
     if not n:
         return np.zeros(1, np.uint64), b""
-    text = _SEP_CHAR.join(items) + _SEP_CHAR
-    blob = text.encode("utf-8", "surrogatepass")
-    if text.count(_SEP_CHAR) == n:  # no item holds the separator: find the boundaries in one pass
-        ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
-    else:  # hostile text with separators inside: offsets from each item's own length
+    blob = (_SEP_CHAR.join(items) + _SEP_CHAR).encode("utf-8", "surrogatepass")
+    ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
+    if len(ends) != n:  # hostile text with separators inside: offsets from each item's own length
         encoded = [s.encode("utf-8", "surrogatepass") + b"\x1e" for s in items]
         blob = b"".join(encoded)
         ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.uint64, count=n))
