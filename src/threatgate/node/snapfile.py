@@ -46,6 +46,7 @@ import os
 import struct
 import sys
 import tempfile
+import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -77,6 +78,8 @@ _ALIGN = 8
 _SEP = 0x1E  # the byte after every stored string (a record separator, never inside UTF-8 of other characters)
 _SEP_CHAR = "\x1e"
 _FIELD_SEP = "\x00"  # between the context fields of one record
+_COLUMNS = ("value", "raw", "ctx")
+_SPAN = struct.Struct("=QQ")
 FLAG_SUBDOMAINS = 1
 FLAG_JSON_CONTEXT = 2
 
@@ -495,10 +498,15 @@ def read_checked(path: str, feed_digest: bytes | None = None, settings_digest: b
             pos += len(chunk)
         if h.digest() != head[_CHECKSUM_AT:]:
             raise SnapshotInvalid("checksum", "checksum mismatch: the file is damaged")
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
-    finally:
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except BaseException:
         os.close(fd)
-    return FeedIndex(mapped)
+        raise
+    try:
+        return FeedIndex(mapped, fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- the index over a snapshot's bytes ------------------------------------------------------------
@@ -512,8 +520,12 @@ class FeedIndex:
     records section only for candidates.
     """
 
-    def __init__(self, buffer: bytes | bytearray | mmap.mmap) -> None:
+    def __init__(self, buffer: bytes | bytearray | mmap.mmap, fd: int | None = None) -> None:
+        """``fd``: the snapshot file, read with ``pread`` for records (owned: closed with the index)."""
         self.buffer = buffer
+        self._fd = fd
+        if fd is not None:
+            weakref.finalize(self, os.close, fd)
         view = memoryview(buffer)
         self._view = view
         check_header(bytes(view[: _HEAD.size]), len(view), None, None)
@@ -562,8 +574,10 @@ class FeedIndex:
         self.global_masks = self._cast("global_masks", "I")
         self._kind = self._cast("rec_kind", "b")
         self._flags = self._cast("rec_flags", "B")
-        self._offs = tuple(self._cast(f"rec_{c}_off", "Q") for c in ("value", "raw", "ctx"))
-        self._blobs = tuple(self._bytes(f"rec_{c}") for c in ("value", "raw", "ctx"))
+        # Records are read with pread from a file (never through the mapping: the kernel maps 64 KiB around
+        # every page touched, so reading records for hits would make most of a large file resident).
+        self._offs = tuple(self._sections[f"rec_{c}_off"][0] for c in _COLUMNS)
+        self._blobs = tuple(self._sections[f"rec_{c}"] for c in _COLUMNS)
         self._masks: dict[int, Mask] = {}
         self.global_mask_list = tuple((row, self.mask(row)) for row in self.global_masks)
 
@@ -654,8 +668,20 @@ class FeedIndex:
         return int(self._kind[row])
 
     def _string(self, column: int, row: int) -> str:
-        off = self._offs[column]
-        return str(bytes(self._blobs[column][off[row] : off[row + 1] - 1]), "utf-8", "surrogatepass")
+        at = self._offs[column] + 8 * row
+        start, stop = _SPAN.unpack(self._read(at, 16))
+        blob_at, blob_length = self._blobs[column]
+        if not start < stop <= blob_length:
+            raise ValueError(f"record {row}: damaged offsets")
+        return str(self._read(blob_at + start, stop - 1 - start), "utf-8", "surrogatepass")
+
+    def _read(self, offset: int, length: int) -> bytes:
+        if self._fd is not None:
+            data = os.pread(self._fd, length, offset)
+            if len(data) != length:
+                raise ValueError(f"short read at {offset}")
+            return data
+        return bytes(self._view[offset : offset + length])
 
     def value(self, row: int) -> str:
         """The normalised indicator of record ``row``."""
