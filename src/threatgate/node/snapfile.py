@@ -12,8 +12,8 @@ Invariants:
    section.  Anything else raises :class:`SnapshotInvalid` with the reason; the caller rebuilds.
 4. A detection never reads a feed file: the records section holds per record its kind, flags,
    normalised value, raw indicator text (``%MatchedIndicator%``) and context pairs.
-5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, fsync, rename, fsync of the
-   directory) and :func:`read_checked` (header and checksum by reading the file, then ``mmap``).
+5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, rename; no fsync: a torn file
+   fails the checksum and is rebuilt) and :func:`read_checked` (header and checksum by reading the file, then ``mmap``).
 
 Layout (all integers native order, which the byte-order marker pins; sections 8-byte aligned)::
 
@@ -154,7 +154,7 @@ def keys_of(kinds: npt.NDArray[np.int8], values: Sequence[str]) -> npt.NDArray[n
 # -- building -------------------------------------------------------------------------------------
 
 
-def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> list[bytes]:
+def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> list[Buffer]:
     """The bytes of the snapshot file of ``parsed``, as chunks to write one after the other (sans-IO)."""
     n = len(parsed.values)
     kinds = np.frombuffer(parsed.kinds, dtype=np.int8) if n else np.zeros(0, np.int8)
@@ -367,17 +367,20 @@ def _contexts(
 
 def _assemble(
     sections: dict[str, npt.NDArray[Any] | bytes], feed_digest: bytes, settings_digest: bytes, records: int, keys: int
-) -> list[bytes]:
+) -> list[Buffer]:
     table_size = _ENTRY.size * len(SECTIONS)
     pos = _aligned(_HEAD.size + table_size)
     entries = []
-    bodies: list[bytes] = []
+    bodies: list[Buffer] = []
     for name, dtype in SECTIONS.items():
         data = sections[name]
-        raw = data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.dtype(dtype)).tobytes()
+        view = memoryview(data) if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.dtype(dtype)).data
+        raw = view.cast("B")
         entries.append(_ENTRY.pack(name.encode(), dtype.encode(), pos, len(raw)))
         pad = _aligned(len(raw)) - len(raw)
-        bodies.append(raw + b"\0" * pad)
+        bodies.append(raw)  # no copy of the (possibly large) section
+        if pad:
+            bodies.append(bytes(pad))
         pos += len(raw) + pad
     head = _HEAD.pack(
         MAGIC,
@@ -403,6 +406,10 @@ def _assemble(
     return [head, table, gap, *bodies]
 
 
+Buffer = bytes | memoryview
+"""A chunk of a snapshot: bytes, or a view of an array (written without a copy)."""
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -410,11 +417,13 @@ def _aligned(n: int) -> int:
 # -- writing and reading files --------------------------------------------------------------------
 
 
-def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically: a unique 0600 temporary file beside it, fsync, rename.
+def write_atomic(path: str, chunks: Iterable[Buffer]) -> None:
+    """Write ``chunks`` to ``path`` atomically: a unique 0600 temporary file beside it, then rename.
 
-    A crash leaves either the old state or the whole new file (and at worst a ``.tmp`` file that the
-    snapshot directory's clean-up removes); never a partial file under the final name.
+    No ``fsync``: a file that a crash leaves torn (renamed before its blocks reached the disk) fails
+    the checksum at the next start and is rebuilt, so durability would only buy a faster restart after
+    a power loss, at the price of a flush of hundreds of MB on every feed change.  At worst a crash
+    leaves a ``.tmp`` file, which the snapshot directory's clean-up removes.
     """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snap-", suffix=".tmp")  # 0600
@@ -422,8 +431,6 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -431,11 +438,6 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
         except OSError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def check_header(head: bytes, size: int, feed_digest: bytes | None, settings_digest: bytes | None) -> None:
