@@ -291,3 +291,16 @@ def test_segments_merge_neighbours_with_the_same_cover() -> None:
     assert [refs[offsets[i] : offsets[i + 1]] for i in range(3)] == [[1, 0, 2], [0, 2], [2]]
     assert [plens[offsets[i] : offsets[i + 1]] for i in range(3)] == [[25, 24, 8], [24, 8], [8]]
     assert segments([(0, 10, 30, 0), (10, 20, 30, 1)])[0] == [0, 10]  # different covers stay apart
+
+
+def test_string_columns_with_separators_inside_round_trip() -> None:
+    parsed = ParsedFeed()
+    for raw in ("a.example", "b.example"):
+        indicator = classify(raw, "domain")
+        assert indicator is not None
+        add_row(parsed, indicator, ())
+    parsed.raws[0] = "raw\x1ewith separator"  # as a hostile feed could write it
+    parsed.values[1] = "b.example"
+    index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
+    assert [index.record(i).raw for i in range(2)] == ["raw\x1ewith separator", "b.example"]
+    assert index.rows_of(key_of(Kind.DOMAIN, "b.example")) == [1]
