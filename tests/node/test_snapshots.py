@@ -183,3 +183,16 @@ def test_worker_answers_a_feed_error_as_json(tmp_path: Path) -> None:
     with pytest.raises(feeds.FeedError, match="must be an array"):
         asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
     assert list(tmp_path.iterdir()) == [path]
+
+
+async def test_an_unusable_snapshot_directory_is_a_failed_load_said_loudly(
+    config: NodeConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    write_text(str(blocker), "")
+    bad = config.model_copy(update={"feeds": config.feeds.model_copy(update={"snapshot_dir": f"{blocker}/snaps"})})
+    with caplog.at_level(logging.ERROR, logger="threatgate.node"):
+        node = await started(bad)
+    assert f"feed urls.json not loaded (snapshot directory {blocker}/snaps: Not a directory)" in caplog.text
+    assert node.stats.feed_failures == {"urls.json": 1, "ips.csv": 1}
+    assert node.feed_status()["urls.json"] == (False, f"not loaded: snapshot directory {blocker}/snaps: Not a directory")

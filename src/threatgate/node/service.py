@@ -313,7 +313,9 @@ class NodeService:
                     continue
                 pending.append((slot, settings, old, moved, loaded_at))
             # Every changed feed at once: a build runs in a worker process, several on several cores.
-            results = await asyncio.gather(*(self._load_version(p[1]) for p in pending))
+            # The directory is prepared once, before any worker writes in it (prepare removes leftovers).
+            unusable = await self._prepare_snapshot_dir() if pending else None
+            results = await asyncio.gather(*(self._load_version(p[1], unusable) for p in pending))
             for (slot, settings, old, moved, loaded_at), (tried, result) in zip(pending, results, strict=True):
                 if isinstance(result, FeedError):
                     self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
@@ -388,16 +390,28 @@ class NodeService:
             self._snapshot_dir = SnapshotDir(path)
         return self._snapshot_dir
 
-    async def _load_version(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | FeedError]:
+    async def _prepare_snapshot_dir(self) -> FeedError | None:
+        """Create the snapshot directory (0700) and clear what a crash left; why it is unusable, or None."""
+        directory = self.snapshot_dir()
+        try:
+            await asyncio.to_thread(directory.prepare)
+        except OSError as exc:
+            return FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
+        return None
+
+    async def _load_version(
+        self, settings: FeedSettings, unusable: FeedError | None = None
+    ) -> tuple[Identity, FeedSnapshot | FeedError]:
         """One load attempt: the identity of the version and it, or why it failed.
 
         Unchanged bytes and settings map their existing snapshot (no parse); otherwise a worker process
         builds one.  A snapshot that is not to be trusted is logged, counted and rebuilt.
         """
         tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
+        if unusable is not None:
+            return tried, unusable
         directory = self.snapshot_dir()
         try:
-            await asyncio.to_thread(directory.prepare)
             identity, digest = await asyncio.to_thread(source_digest, settings)
             found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
         except FeedError as exc:
