@@ -214,11 +214,24 @@ def _keys(
     all_keys = keys_of(kinds, keyed_strings) if len(values) else np.zeros(0, np.uint64)
     rows = np.flatnonzero(keyed).astype(np.uint32)
     keys = all_keys[rows]
-    order = np.argsort(keys, kind="stable")  # equal keys keep record order
+    order = np.argsort(keys)  # numpy's SIMD sort; not stable, so equal keys are put in record order below
+    keys = keys[order]
+    refs = rows[order]
+    del order
+    _records_in_order(keys, refs)
     bitmask = 0
     for kind in np.unique(kinds[rows]).tolist():
         bitmask |= 1 << kind
-    return keys[order], rows[order], np.array(global_rows, dtype=np.uint32), bitmask
+    return keys, refs, np.array(global_rows, dtype=np.uint32), bitmask
+
+
+def _records_in_order(keys: npt.NDArray[np.uint64], refs: npt.NDArray[np.uint32]) -> None:
+    """Within each run of equal keys (a feed listing a value twice), record numbers ascending (in place)."""
+    same = np.flatnonzero(keys[1:] == keys[:-1])
+    if not same.size:
+        return
+    where = np.union1d(same, same + 1)  # every position in a run of equal keys, runs kept together
+    refs[where] = refs[where][np.lexsort((refs[where], keys[where]))]
 
 
 def bloom_of(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
@@ -340,29 +353,35 @@ def _strings(items: list[str]) -> tuple[npt.NDArray[np.uint64], bytes]:
 def _contexts(
     contexts: list[tuple[tuple[str, str], ...]],
 ) -> tuple[npt.NDArray[np.uint64], bytes, npt.NDArray[np.intp]]:
-    """The context column: fields NUL-separated per record; JSON for a record whose text holds NUL.
+    """The context column: every field of every record NUL-terminated, records back to back.
 
-    Fast path: the whole column is one ``join`` (C loops only), then checked by counting separators;
-    only a column where some name or value holds a separator is encoded record by record.
+    Fast path: one ``join`` over all the fields (C loops only); the NULs found in the encoded bytes are
+    the ends of the fields, and each record ends where its last field does (an empty context has no
+    bytes: its end offset is its start).  A column where some name or value holds a NUL is encoded
+    record by record instead, those records as JSON.
     """
     n = len(contexts)
-    text = _SEP_CHAR.join(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts))) + _SEP_CHAR
-    pairs = sum(map(len, contexts))
-    nonempty = n - contexts.count(())
-    if text.count(_SEP_CHAR) == n and text.count(_FIELD_SEP) == 2 * pairs - nonempty:
-        blob = text.encode("utf-8", "surrogatepass")
-        del text
-        ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
-        return np.concatenate((np.zeros(1, np.uint64), ends)), blob, np.zeros(0, np.intp)
-    del text
+    lengths = np.fromiter(map(len, contexts), dtype=np.int64, count=n)
+    fields_before = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(2 * lengths, out=fields_before[1:])
+    total = int(fields_before[-1])
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(contexts))
+    blob = (_FIELD_SEP.join(flat) + (_FIELD_SEP if total else "")).encode("utf-8", "surrogatepass")
+    field_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0)
+    if len(field_ends) == total:
+        off = np.zeros(n + 1, dtype=np.uint64)
+        has = fields_before > 0
+        off[has] = field_ends[fields_before[has] - 1].astype(np.uint64) + np.uint64(1)
+        return off, blob, np.zeros(0, np.intp)
+    del blob, field_ends
     rows = list(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts)))
     json_rows: list[int] = []
     for i, ctx in enumerate(contexts):
         if rows[i].count(_FIELD_SEP) != 2 * len(ctx) - (1 if ctx else 0):
             rows[i] = json.dumps([list(p) for p in ctx], ensure_ascii=True)
             json_rows.append(i)
-    off, blob = _strings(rows)
-    return off, blob, np.array(json_rows, dtype=np.intp)
+    off2, blob2 = _strings(rows)
+    return off2, blob2, np.array(json_rows, dtype=np.intp)
 
 
 def _assemble(
@@ -673,8 +692,10 @@ class FeedIndex:
         at = self._offs[column] + 8 * row
         start, stop = _SPAN.unpack(self._read(at, 16))
         blob_at, blob_length = self._blobs[column]
-        if not start < stop <= blob_length:
+        if not start <= stop <= blob_length:
             raise ValueError(f"record {row}: damaged offsets")
+        if start == stop:  # an empty context takes no bytes (every other item ends with its separator)
+            return ""
         return str(self._read(blob_at + start, stop - 1 - start), "utf-8", "surrogatepass")
 
     def _read(self, offset: int, length: int) -> bytes:
