@@ -62,6 +62,9 @@ if TYPE_CHECKING:
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
 
+_SKIPPED = {"stix": "STIX pattern(s) or comparison(s)", "misp": "MISP attribute(s)"}
+"""What a feed's skipped entries are, for the INFO line of a load (the build worker does not log)."""
+
 WATCH_INTERVAL = 1.0
 """Seconds between two looks at the feed files' identities (a change applies within about 2 polls)."""
 
@@ -331,6 +334,7 @@ class NodeService:
                 rep = snap.report
                 self.stats.feed_malformed[settings.name] = rep.malformed
                 self.stats.feed_skipped[settings.name] = rep.skipped
+                rep.log_skipped(log, settings.name, _SKIPPED.get(settings.format, "record(s)"))  # built or mapped
                 if rep.malformed:
                     log.warning(
                         "feed %s: %d malformed record(s) skipped, e.g. %s",
