@@ -219,9 +219,8 @@ def _keys(
     refs = rows[order]
     del order
     _records_in_order(keys, refs)
-    bitmask = 0
-    for kind in np.unique(kinds[rows]).tolist():
-        bitmask |= 1 << kind
+    counts = np.bincount(kinds[rows].astype(np.intp), minlength=len(Kind.NAMES)) if rows.size else []
+    bitmask = sum(1 << kind for kind, count in enumerate(counts) if count)
     return keys, refs, np.array(global_rows, dtype=np.uint32), bitmask
 
 
@@ -239,11 +238,11 @@ def bloom_of(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
     m = 64
     while m < 16 * len(keys):
         m <<= 1
-    bitmap = np.zeros(m // 8, dtype=np.uint8)
+    bits = np.zeros(m, dtype=bool)  # one byte per bit while scattering, then packed (faster than ufunc.at)
     mask = np.uint64(m - 1)
-    for shift in (0, 32):
-        pos = (keys >> np.uint64(shift)) & mask
-        np.bitwise_or.at(bitmap, pos >> np.uint64(3), np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
+    bits[keys & mask] = True
+    bits[(keys >> np.uint64(32)) & mask] = True
+    bitmap = np.packbits(bits, bitorder="little")
     return bitmap
 
 
