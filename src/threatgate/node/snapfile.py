@@ -219,7 +219,7 @@ def _keys(
     refs = rows[order]
     del order
     _records_in_order(keys, refs)
-    counts = np.bincount(kinds[rows].astype(np.intp), minlength=len(Kind.NAMES)) if rows.size else []
+    counts = np.bincount(kinds[rows].astype(np.intp), minlength=len(Kind.NAMES)).tolist() if rows.size else []
     bitmask = sum(1 << kind for kind, count in enumerate(counts) if count)
     return keys, refs, np.array(global_rows, dtype=np.uint32), bitmask
 
