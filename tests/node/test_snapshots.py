@@ -195,4 +195,7 @@ async def test_an_unusable_snapshot_directory_is_a_failed_load_said_loudly(
         node = await started(bad)
     assert f"feed urls.json not loaded (snapshot directory {blocker}/snaps: Not a directory)" in caplog.text
     assert node.stats.feed_failures == {"urls.json": 1, "ips.csv": 1}
-    assert node.feed_status()["urls.json"] == (False, f"not loaded: snapshot directory {blocker}/snaps: Not a directory")
+    assert node.feed_status()["urls.json"] == (
+        False,
+        f"not loaded: snapshot directory {blocker}/snaps: Not a directory",
+    )
