@@ -199,3 +199,12 @@ async def test_an_unusable_snapshot_directory_is_a_failed_load_said_loudly(
         False,
         f"not loaded: snapshot directory {blocker}/snaps: Not a directory",
     )
+
+
+def test_snapshot_dir_load_builds_once_then_maps(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = snapshots.SnapshotDir(config.feeds.snapshot_dir)
+    first = directory.load(config.feeds.feeds[1])
+    assert first.path is not None and first.path.endswith(snapshots.SUFFIX) and len(first) == 2
+    monkeypatch.setattr(snapshots, "build_snapshot", lambda *a: pytest.fail("rebuilt an unchanged feed"))
+    again = directory.load(config.feeds.feeds[1])
+    assert again.path == first.path and again.record(1) == first.record(1)

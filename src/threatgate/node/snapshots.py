@@ -153,6 +153,24 @@ class SnapshotDir:
         snapshot.identity = built.identity
         return snapshot
 
+    def load(self, settings: FeedSettings) -> FeedSnapshot:
+        """The mapped snapshot of the feed: the existing one if trusted, else built in this process
+        (blocking; for tools and benchmarks: the node builds in a worker process instead).
+
+        Raises:
+            FeedError: the feed cannot be read or is not a feed, or its snapshot cannot be written.
+        """
+        self.prepare()
+        identity, digest = source_digest(settings)
+        found = self.map_existing(settings, identity, digest)
+        if isinstance(found, FeedSnapshot):
+            return found
+        try:
+            built = build_snapshot(self.path, settings)
+        except OSError as exc:
+            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {exc.strerror or exc}") from None
+        return self.map_built(settings, built)
+
     def remove_unused(self, in_use: Iterable[str]) -> list[str]:
         """Remove the snapshot files not in ``in_use`` (paths); returns the names removed."""
         keep = {os.path.basename(p) for p in in_use}
