@@ -168,7 +168,8 @@ class SnapshotDir:
         try:
             built = build_snapshot(self.path, settings)
         except OSError as exc:
-            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {exc.strerror or exc}") from None
+            why = exc.strerror or exc
+            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {why}") from None
         return self.map_built(settings, built)
 
     def remove_unused(self, in_use: Iterable[str]) -> list[str]:
