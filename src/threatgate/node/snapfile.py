@@ -646,11 +646,9 @@ class FeedIndex:
         """Record numbers stored under ``key``, in record order."""
         keys = self.keys
         lo = bisect_left(keys, key)
-        hi = lo
-        n = len(keys)
-        while hi < n and keys[hi] == key:
-            hi += 1
-        return list(self.refs[lo:hi]) if hi > lo else []
+        if lo == len(keys) or keys[lo] != key:
+            return []
+        return list(self.refs[lo : bisect_right(keys, key, lo)])
 
     def cidr_rows(self, version: int, number: int) -> list[tuple[int, int]]:
         """(prefix length, record) of every CIDR record holding the address, most specific first."""
