@@ -409,28 +409,30 @@ class NodeService:
         """One load attempt: the identity of the version and it, or why it failed.
 
         Unchanged bytes and settings map their existing snapshot (no parse); otherwise a worker process
-        builds one.  A snapshot that is not to be trusted is logged, counted and rebuilt.
+        builds one.
         """
         tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
         if unusable is not None:
             return tried, unusable
-        directory = self.snapshot_dir()
         try:
-            identity, digest = await asyncio.to_thread(source_digest, settings)
-            found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
+            identity, found = await self._map_unchanged(settings)
+            if found is not None:
+                return identity, found
+            snap = await self._build(settings)
         except FeedError as exc:
             return tried, exc
-        except OSError as exc:
-            return tried, FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
-        if isinstance(found, FeedSnapshot):
-            self.stats.bump(self.stats.snapshot_loads, (settings.name, "mapped"))
-            log.info(
-                "feed %s: unchanged, snapshot %s mapped (%d records, not parsed)",
-                settings.name,
-                os.path.basename(found.path or ""),
-                len(found),
-            )
-            return identity, found
+        return snap.identity, snap
+
+    async def _map_unchanged(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | None]:
+        """The trusted snapshot of the feed's current bytes, mapped; None when there is none.  One that is
+        not to be trusted is logged at WARNING with the reason, counted and removed (then rebuilt).
+
+        Raises:
+            FeedError: the feed cannot be read.
+        """
+        directory = self.snapshot_dir()
+        identity, digest = await asyncio.to_thread(source_digest, settings)
+        found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
         if isinstance(found, Refused):
             self.stats.bump(self.stats.snapshot_rebuilds, (settings.name, found.reason))
             log.warning(
@@ -440,13 +442,28 @@ class NodeService:
                 found.reason,
                 found.detail,
             )
+            return identity, None
+        if found is not None:
+            self.stats.bump(self.stats.snapshot_loads, (settings.name, "mapped"))
+            log.info(
+                "feed %s: unchanged, snapshot %s mapped (%d records, not parsed)",
+                settings.name,
+                os.path.basename(found.path or ""),
+                len(found),
+            )
+        return identity, found
+
+    async def _build(self, settings: FeedSettings) -> FeedSnapshot:
+        """Build the feed's snapshot in a worker process (at most one per core at once) and map it.
+
+        Raises:
+            FeedError: the feed is not a feed, or its snapshot cannot be written or read back.
+        """
+        directory = self.snapshot_dir()
         started = time.monotonic()
-        try:
-            async with self._build_slots:
-                built = await build_in_worker(directory.path, settings)
-            snap = await asyncio.to_thread(directory.map_built, settings, built)
-        except FeedError as exc:
-            return tried, exc
+        async with self._build_slots:
+            built = await build_in_worker(directory.path, settings)
+        snap = await asyncio.to_thread(directory.map_built, settings, built)
         self.stats.bump(self.stats.snapshot_loads, (settings.name, "built"))
         log.info(
             "feed %s: snapshot %s built in a worker process in %.2f s (%d records)",
@@ -455,7 +472,7 @@ class NodeService:
             time.monotonic() - started,
             len(snap),
         )
-        return snap.identity, snap
+        return snap
 
     async def _remove_unused_snapshots(self) -> None:
         """Remove snapshot files no feed version in memory uses (the live store's, and any an in-flight

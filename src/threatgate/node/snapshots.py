@@ -233,15 +233,18 @@ async def build_in_worker(directory: str, settings: FeedSettings) -> Built:
     Raises:
         FeedError: the feed is not a feed (the worker's message), or the worker failed (its last words).
     """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "threatgate.node.snapshots",
-        directory,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "threatgate.node.snapshots",
+            directory,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:  # no memory or processes left to start it
+        raise FeedError(f"{settings.path}: cannot start the snapshot build worker: {exc.strerror or exc}") from None
     try:
         out, err = await proc.communicate(settings.model_dump_json().encode())
     except asyncio.CancelledError:
