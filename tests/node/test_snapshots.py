@@ -208,3 +208,21 @@ def test_snapshot_dir_load_builds_once_then_maps(config: NodeConfig, monkeypatch
     monkeypatch.setattr(snapshots, "build_snapshot", lambda *a: pytest.fail("rebuilt an unchanged feed"))
     again = directory.load(config.feeds.feeds[1])
     assert again.path == first.path and again.record(1) == first.record(1)
+
+
+@pytest.mark.parametrize(
+    ("executable", "message"),
+    [
+        ("/bin/false", "the snapshot build worker failed: exit status 1"),
+        ("/nonexistent/python", "cannot start the snapshot build worker: No such file or directory"),
+    ],
+)
+def test_a_worker_that_fails_or_cannot_start_is_a_feed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str, message: str
+) -> None:
+    path = tmp_path / "f.json"
+    write_feed(path, [SHARED])
+    settings = FeedSettings(path=str(path), name="f.json", category="C", format="json")
+    monkeypatch.setattr(snapshots.sys, "executable", executable)
+    with pytest.raises(feeds.FeedError, match=message):
+        asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
