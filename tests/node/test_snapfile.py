@@ -304,3 +304,11 @@ def test_string_columns_with_separators_inside_round_trip() -> None:
     index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
     assert [index.record(i).raw for i in range(2)] == ["raw\x1ewith separator", "b.example"]
     assert index.rows_of(key_of(Kind.DOMAIN, "b.example")) == [1]
+
+
+@pytest.mark.parametrize("column", [list, bytes, bytearray, lambda flags: np.array(flags, np.uint8)])
+def test_subdomains_column_as_bools_or_bytes(column: object) -> None:
+    parsed = parsed_of(("domain", "*.a.example", ()), ("domain", "b.example", ()))
+    parsed.subdomains = column([True, False])  # type: ignore[operator]
+    index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
+    assert [index.record(i).subdomains for i in range(2)] == [True, False]

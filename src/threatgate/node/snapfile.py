@@ -167,9 +167,7 @@ def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> lis
         sections.update(_cidr_sections(version, kinds, parsed.values))
     sections["global_masks"] = global_masks
     sections["rec_kind"] = kinds
-    flags = np.zeros(n, np.uint8)
-    if n:
-        flags |= np.array(parsed.subdomains, dtype=bool).astype(np.uint8)
+    flags = _subdomain_flags(parsed.subdomains, n)
     sections["rec_value_off"], sections["rec_value"] = _strings(parsed.values)
     sections["rec_raw_off"], sections["rec_raw"] = _strings(parsed.raws)
     ctx_off, ctx_blob, json_rows = _contexts(parsed.contexts)
@@ -192,6 +190,19 @@ def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> lis
     }
     sections["meta"] = json.dumps(meta, ensure_ascii=True).encode()
     return _assemble(sections, feed_digest, settings_digest, n, len(keys))
+
+
+def _subdomain_flags(subdomains: Any, n: int) -> npt.NDArray[np.uint8]:
+    """Bit 0 of ``rec_flags`` from the ``subdomains`` column: a list of bools, or one byte per record
+    (bytes, bytearray, a numpy array), as a parser may give it."""
+    if isinstance(subdomains, bytes | bytearray | memoryview | np.ndarray):
+        flags = np.frombuffer(subdomains, dtype=np.uint8) if not isinstance(subdomains, np.ndarray) else subdomains
+        flags = (flags[:n] != 0).astype(np.uint8)
+    else:
+        flags = np.fromiter(subdomains, dtype=bool, count=n).astype(np.uint8) if n else np.zeros(0, np.uint8)
+    if len(flags) != n:
+        raise ValueError(f"subdomains column has {len(flags)} rows, the feed {n}")
+    return flags
 
 
 def _keys(
