@@ -32,6 +32,12 @@ def write_feed(path: Path, urls: list[str]) -> None:
     path.write_text(json.dumps([{"url": u, "threat": "T"} for u in urls]), encoding="utf-8")
 
 
+@pytest.fixture(autouse=True)
+def build_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every feed here is tiny: without this, all would be built in the node's own process."""
+    monkeypatch.setattr(snapshots, "IN_PROCESS_BELOW", 0)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> NodeConfig:
     base = load_node_config(str(EXAMPLES / "node.conf"))
@@ -226,3 +232,15 @@ def test_a_worker_that_fails_or_cannot_start_is_a_feed_error(
     monkeypatch.setattr(snapshots.sys, "executable", executable)
     with pytest.raises(feeds.FeedError, match=message):
         asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
+
+
+async def test_a_small_feed_is_built_in_the_nodes_process(
+    config: NodeConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(snapshots, "IN_PROCESS_BELOW", 4 << 20)
+    monkeypatch.setattr("threatgate.node.service.build_in_worker", lambda *a: pytest.fail("a worker for a tiny feed"))
+    with caplog.at_level(logging.INFO, logger="threatgate.node"):
+        node = await started(config)
+    assert caplog.text.count("built in this process") == 2
+    assert node.stats.snapshot_loads == {("urls.json", "built"): 1, ("ips.csv", "built"): 1}
+    assert detects(node, SHARED) and len(snapshot_files(config)) == 2

@@ -43,6 +43,7 @@ from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
+from threatgate.node import snapshots
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.exports import Exports
@@ -50,7 +51,7 @@ from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.render import FieldFormat, Template
-from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, source_digest
+from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, build_snapshot, source_digest, source_size
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.alerts import alert_level
@@ -454,21 +455,29 @@ class NodeService:
         return identity, found
 
     async def _build(self, settings: FeedSettings) -> FeedSnapshot:
-        """Build the feed's snapshot in a worker process (at most one per core at once) and map it.
+        """Build the feed's snapshot and map it: in a worker process (at most one per core at once), or for
+        a small feed (``snapshots.IN_PROCESS_BELOW``) in a thread.
 
         Raises:
             FeedError: the feed is not a feed, or its snapshot cannot be written or read back.
         """
         directory = self.snapshot_dir()
         started = time.monotonic()
+        size = await asyncio.to_thread(source_size, settings)
         async with self._build_slots:
-            built = await build_in_worker(directory.path, settings)
+            if 0 <= size < snapshots.IN_PROCESS_BELOW:
+                where = "in this process"
+                built = await asyncio.to_thread(_build_here, directory.path, settings)
+            else:
+                where = "in a worker process"
+                built = await build_in_worker(directory.path, settings)
         snap = await asyncio.to_thread(directory.map_built, settings, built)
         self.stats.bump(self.stats.snapshot_loads, (settings.name, "built"))
         log.info(
-            "feed %s: snapshot %s built in a worker process in %.2f s (%d records)",
+            "feed %s: snapshot %s built %s in %.2f s (%d records)",
             settings.name,
             os.path.basename(built.path),
+            where,
             time.monotonic() - started,
             len(snap),
         )
@@ -910,6 +919,14 @@ def _limits(config: NodeConfig) -> ListenerLimits:
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
     out = config.output
     return (out.alert_format, out.alert_destination, out.retries_count, out.retries_timeout, out.record_field_format)
+
+
+def _build_here(directory: str, settings: FeedSettings) -> snapshots.Built:
+    """A small feed's snapshot, built in this process (blocking); OSError becomes a failed load."""
+    try:
+        return build_snapshot(directory, settings)
+    except OSError as exc:
+        raise FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {exc.strerror or exc}") from None
 
 
 def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:

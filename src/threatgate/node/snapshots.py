@@ -39,6 +39,11 @@ log = logging.getLogger("threatgate.node")
 SUFFIX = ".tgsnap"
 _READ_CHUNK = 1 << 22
 
+IN_PROCESS_BELOW = int(os.environ.get("THREATGATE_SNAPSHOT_IN_PROCESS_BELOW", 4 << 20))
+"""Feeds smaller than this many bytes are parsed in a thread of the node instead of a worker process:
+their parse allocates a few tens of MB at most, and starting a worker (a Python interpreter and its
+imports, ~0.3 s) would cost more than the parse itself.  The environment variable exists for tests."""
+
 
 def settings_digest(settings: FeedSettings) -> bytes:
     """The digest of everything besides the feed bytes that shapes a snapshot's content.
@@ -91,6 +96,17 @@ def source_digest(settings: FeedSettings) -> tuple[tuple[int, int, int], bytes]:
     finally:
         os.close(fd)
     return identity, digest.digest()
+
+
+def source_size(settings: FeedSettings) -> int:
+    """The bytes a build of the feed parses (a MISP feed: every JSON file of its directory); -1 unknown."""
+    try:
+        if settings.format != "misp":
+            return os.stat(settings.path).st_size
+        with os.scandir(settings.path) as entries:
+            return sum(e.stat().st_size for e in entries if e.name.endswith(".json") and e.is_file())
+    except OSError:
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
