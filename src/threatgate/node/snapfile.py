@@ -13,7 +13,8 @@ Invariants:
 4. A detection never reads a feed file: the records section holds per record its kind, flags,
    normalised value, raw indicator text (``%MatchedIndicator%``) and context pairs.
 5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, rename; no fsync: a torn file
-   fails the checksum and is rebuilt) and :func:`read_checked` (header and checksum by reading the file, then ``mmap``).
+   fails the checksum and is rebuilt) and :func:`read_checked` (header and checksum by reading the
+   file, then ``mmap``); records are read with ``pread``, never through the mapping.
 
 Layout (all integers native order, which the byte-order marker pins; sections 8-byte aligned)::
 
@@ -30,8 +31,10 @@ Layout (all integers native order, which the byte-order marker pins; sections 8-
              cidr6_start/cidr6_end u64 holding 2 words per segment (high, low), global_masks u32 (records
              of masks whose host holds a star), rec_kind i8, rec_flags u8 (bit 0: sub-domains, bit 1:
              context stored as JSON), rec_value_off/rec_raw_off/rec_ctx_off u64 (n+1 each) with
-             rec_value/rec_raw/rec_ctx bytes (each item followed by a separator byte), meta (JSON: the
-             load report, the CSV header, the kinds bitmask)
+             rec_value/rec_raw/rec_ctx bytes (item i is ``blob[off[i]:off[i+1]-1]``: each ends with one
+             separator byte, 0x1E, or in the context column the NUL after its last field; an empty
+             context may take no bytes, ``off[i] == off[i+1]``), meta (JSON: the load report, the CSV
+             header, the kinds bitmask)
 
 The checksum is xxh3_128 over the file with the 16 checksum bytes left out.
 """
@@ -555,8 +558,6 @@ class FeedIndex:
         """``fd``: the snapshot file, read with ``pread`` for records (owned: closed with the index)."""
         self.buffer = buffer
         self._fd = fd
-        if fd is not None:
-            weakref.finalize(self, os.close, fd)
         view = memoryview(buffer)
         self._view = view
         check_header(bytes(view[: _HEAD.size]), len(view), None, None)
@@ -611,6 +612,8 @@ class FeedIndex:
         self._blobs = tuple(self._sections[f"rec_{c}"] for c in _COLUMNS)
         self._masks: dict[int, Mask] = {}
         self.global_mask_list = tuple((row, self.mask(row)) for row in self.global_masks)
+        if fd is not None:  # last: an index refused above leaves the descriptor to its caller
+            weakref.finalize(self, os.close, fd)
 
     def _bytes(self, name: str) -> memoryview:
         offset, length = self._sections[name]
