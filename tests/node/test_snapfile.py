@@ -312,3 +312,17 @@ def test_subdomains_column_as_bools_or_bytes(column: object) -> None:
     parsed.subdomains = column([True, False])  # type: ignore[operator]
     index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
     assert [index.record(i).subdomains for i in range(2)] == [True, False]
+
+
+def test_refused_and_dropped_snapshots_leave_no_descriptor_open(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    index = read_checked(str(path))
+    assert len(os.listdir("/proc/self/fd")) > before  # records are read from the file (and mmap keeps a dup)
+    del index
+    data = bytearray(path.read_bytes())
+    struct.pack_into("=Q", data, struct.calcsize("=8sIIII16s32s32s"), 10**6)  # a structure that lies...
+    path.write_bytes(data)
+    for _ in range(3):
+        assert reason_of(path, None, None) in ("checksum", "corrupt")
+    assert len(os.listdir("/proc/self/fd")) == before
