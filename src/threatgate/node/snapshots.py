@@ -11,7 +11,8 @@ Invariants:
 3. A new snapshot is built in a separate process (``python -m threatgate.node.snapshots``): the parse
    allocates several times the feed's size in Python objects, and a process that exits returns all of
    it to the OS; several feeds build on several cores.  The worker writes the file atomically
-   (snapfile.write_atomic) and answers one JSON line; the node maps what it wrote.
+   (snapfile.write_atomic) and answers one JSON line; the node maps what it wrote.  A feed smaller than
+   :data:`IN_PROCESS_BELOW` is built in a thread of the node instead (the node decides; see service.py).
 4. Files no loaded version uses are removed (:meth:`SnapshotDir.remove_unused`), never one that the
    live store maps.  The directory is 0700 and every file 0600.
 """
