@@ -6,6 +6,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from tests.helpers import example_config, exchange, free_port, prometheus_samples, running_node
 
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
@@ -20,7 +22,10 @@ def detects(port: int, url: str = URL) -> bool:
     return f"1 category=Malicious_URL matchedIndicator={url} " in reply
 
 
-def test_a_restarted_node_maps_its_snapshots_and_rebuilds_a_damaged_one(tmp_path: Path) -> None:
+def test_a_restarted_node_maps_its_snapshots_and_rebuilds_a_damaged_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("THREATGATE_SNAPSHOT_IN_PROCESS_BELOW", "0")  # the example feeds are tiny: use workers
     port, metrics_port = free_port(), free_port()
     metrics = f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
     config = example_config(tmp_path, port=port, extra_service=metrics)

@@ -267,7 +267,8 @@ def test_cidr_lookup_is_one_lookup_that_agrees_with_brute_force(version: int, da
     parsed = ParsedFeed()
     cidrs: list[tuple[int, int, int]] = []
     for plen, address in chosen:
-        network = ipaddress.ip_network((address, plen), strict=False)
+        network_type = ipaddress.IPv4Network if version == 4 else ipaddress.IPv6Network
+        network = network_type((address, plen), strict=False)
         indicator = classify(str(network), "ip")
         assert indicator is not None and indicator.cidr is not None
         add_row(parsed, indicator, ())
@@ -290,3 +291,38 @@ def test_segments_merge_neighbours_with_the_same_cover() -> None:
     assert [refs[offsets[i] : offsets[i + 1]] for i in range(3)] == [[1, 0, 2], [0, 2], [2]]
     assert [plens[offsets[i] : offsets[i + 1]] for i in range(3)] == [[25, 24, 8], [24, 8], [8]]
     assert segments([(0, 10, 30, 0), (10, 20, 30, 1)])[0] == [0, 10]  # different covers stay apart
+
+
+def test_string_columns_with_separators_inside_round_trip() -> None:
+    parsed = ParsedFeed()
+    for raw in ("a.example", "b.example"):
+        indicator = classify(raw, "domain")
+        assert indicator is not None
+        add_row(parsed, indicator, ())
+    parsed.raws[0] = "raw\x1ewith separator"  # as a hostile feed could write it
+    parsed.values[1] = "b.example"
+    index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
+    assert [index.record(i).raw for i in range(2)] == ["raw\x1ewith separator", "b.example"]
+    assert index.rows_of(key_of(Kind.DOMAIN, "b.example")) == [1]
+
+
+@pytest.mark.parametrize("column", [list, bytes, bytearray, lambda flags: np.array(flags, np.uint8)])
+def test_subdomains_column_as_bools_or_bytes(column: object) -> None:
+    parsed = parsed_of(("domain", "*.a.example", ()), ("domain", "b.example", ()))
+    parsed.subdomains = column([True, False])  # type: ignore[operator]
+    index = FeedIndex(b"".join(build(parsed, FEED, SETTINGS)))
+    assert [index.record(i).subdomains for i in range(2)] == [True, False]
+
+
+def test_refused_and_dropped_snapshots_leave_no_descriptor_open(tmp_path: Path) -> None:
+    path = write(tmp_path)
+    before = len(os.listdir("/proc/self/fd"))
+    index = read_checked(str(path))
+    assert len(os.listdir("/proc/self/fd")) > before  # records are read from the file (and mmap keeps a dup)
+    del index
+    data = bytearray(path.read_bytes())
+    struct.pack_into("=Q", data, struct.calcsize("=8sIIII16s32s32s"), 10**6)  # a structure that lies...
+    path.write_bytes(data)
+    for _ in range(3):
+        assert reason_of(path, None, None) in ("checksum", "corrupt")
+    assert len(os.listdir("/proc/self/fd")) == before

@@ -32,6 +32,12 @@ def write_feed(path: Path, urls: list[str]) -> None:
     path.write_text(json.dumps([{"url": u, "threat": "T"} for u in urls]), encoding="utf-8")
 
 
+@pytest.fixture(autouse=True)
+def build_in_workers(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every feed here is tiny: without this, all would be built in the node's own process."""
+    monkeypatch.setattr(snapshots, "IN_PROCESS_BELOW", 0)
+
+
 @pytest.fixture
 def config(tmp_path: Path) -> NodeConfig:
     base = load_node_config(str(EXAMPLES / "node.conf"))
@@ -183,3 +189,58 @@ def test_worker_answers_a_feed_error_as_json(tmp_path: Path) -> None:
     with pytest.raises(feeds.FeedError, match="must be an array"):
         asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
     assert list(tmp_path.iterdir()) == [path]
+
+
+async def test_an_unusable_snapshot_directory_is_a_failed_load_said_loudly(
+    config: NodeConfig, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    blocker = tmp_path / "a-file"
+    write_text(str(blocker), "")
+    bad = config.model_copy(update={"feeds": config.feeds.model_copy(update={"snapshot_dir": f"{blocker}/snaps"})})
+    with caplog.at_level(logging.ERROR, logger="threatgate.node"):
+        node = await started(bad)
+    assert f"feed urls.json not loaded (snapshot directory {blocker}/snaps: Not a directory)" in caplog.text
+    assert node.stats.feed_failures == {"urls.json": 1, "ips.csv": 1}
+    assert node.feed_status()["urls.json"] == (
+        False,
+        f"not loaded: snapshot directory {blocker}/snaps: Not a directory",
+    )
+
+
+def test_snapshot_dir_load_builds_once_then_maps(config: NodeConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    directory = snapshots.SnapshotDir(config.feeds.snapshot_dir)
+    first = directory.load(config.feeds.feeds[1])
+    assert first.path is not None and first.path.endswith(snapshots.SUFFIX) and len(first) == 2
+    monkeypatch.setattr(snapshots, "build_snapshot", lambda *a: pytest.fail("rebuilt an unchanged feed"))
+    again = directory.load(config.feeds.feeds[1])
+    assert again.path == first.path and again.record(1) == first.record(1)
+
+
+@pytest.mark.parametrize(
+    ("executable", "message"),
+    [
+        ("/bin/false", "the snapshot build worker failed: exit status 1"),
+        ("/nonexistent/python", "cannot start the snapshot build worker: No such file or directory"),
+    ],
+)
+def test_a_worker_that_fails_or_cannot_start_is_a_feed_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, executable: str, message: str
+) -> None:
+    path = tmp_path / "f.json"
+    write_feed(path, [SHARED])
+    settings = FeedSettings(path=str(path), name="f.json", category="C", format="json")
+    monkeypatch.setattr(snapshots.sys, "executable", executable)
+    with pytest.raises(feeds.FeedError, match=message):
+        asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
+
+
+async def test_a_small_feed_is_built_in_the_nodes_process(
+    config: NodeConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(snapshots, "IN_PROCESS_BELOW", 4 << 20)
+    monkeypatch.setattr("threatgate.node.service.build_in_worker", lambda *a: pytest.fail("a worker for a tiny feed"))
+    with caplog.at_level(logging.INFO, logger="threatgate.node"):
+        node = await started(config)
+    assert caplog.text.count("built in this process") == 2
+    assert node.stats.snapshot_loads == {("urls.json", "built"): 1, ("ips.csv", "built"): 1}
+    assert detects(node, SHARED) and len(snapshot_files(config)) == 2

@@ -394,3 +394,17 @@ async def test_the_node_counts_and_logs_records_it_could_not_read_back(
         node._account_read_failures()  # noqa: SLF001 - nothing new: nothing counted twice
     assert node.stats.feed_read_failures == {snap.name: 2}
     assert "2 record(s) could not be read from the loaded version's snapshot" in caplog.text
+
+
+def test_IndicatorStore_candidates_by_probe_then_slot_then_record(tmp_path: Path) -> None:
+    a = write_feed(
+        tmp_path / "a.json",
+        [{"ip": "10.0.0.0/8"}, {"url": "http://x.example/p"}, {"ip": "10.1.0.0/16"}, {"url": "http://x.example/p"}],
+    )
+    b = write_feed(tmp_path / "b.json", [{"ip": "10.1.2.0/24"}, {"url": "http://x.example/p"}, {"ip": "10.0.0.0/8"}])
+    store = IndicatorStore({7: b, 2: a})  # slot order, not insertion order
+    assert url_refs(store, "http://x.example/p") == [(2, 1, "url"), (2, 3, "url"), (7, 1, "url")]
+    # Most specific first across feeds; equal prefixes by slot, then record.
+    assert ip_refs(store, "10.1.2.3") == [(7, 0, "cidr"), (2, 2, "cidr"), (2, 0, "cidr"), (7, 2, "cidr")]
+    assert ip_refs(store, "10.9.9.9") == [(2, 0, "cidr"), (7, 2, "cidr")]
+    assert ip_refs(store, "11.0.0.1") == []

@@ -43,6 +43,7 @@ from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
+from threatgate.node import snapshots
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.engine import engine_choice, make_matcher
@@ -51,7 +52,7 @@ from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import MatchStats
 from threatgate.node.render import FieldFormat, Template
-from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, source_digest
+from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, build_snapshot, source_digest, source_size
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.alerts import alert_level
@@ -62,6 +63,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
+
+_SKIPPED = {"stix": "STIX pattern(s) or comparison(s)", "misp": "MISP attribute(s)"}
+"""What a feed's skipped entries are, for the INFO line of a load (the build worker does not log)."""
 
 WATCH_INTERVAL = 1.0
 """Seconds between two looks at the feed files' identities (a change applies within about 2 polls)."""
@@ -323,7 +327,9 @@ class NodeService:
                     continue
                 pending.append((slot, settings, old, moved, loaded_at))
             # Every changed feed at once: a build runs in a worker process, several on several cores.
-            results = await asyncio.gather(*(self._load_version(p[1]) for p in pending))
+            # The directory is prepared once, before any worker writes in it (prepare removes leftovers).
+            unusable = await self._prepare_snapshot_dir() if pending else None
+            results = await asyncio.gather(*(self._load_version(p[1], unusable) for p in pending))
             for (slot, settings, old, moved, loaded_at), (tried, result) in zip(pending, results, strict=True):
                 if isinstance(result, FeedError):
                     self._feed_states[slot] = FeedState(settings, tried, str(result), loaded_at)
@@ -339,6 +345,7 @@ class NodeService:
                 rep = snap.report
                 self.stats.feed_malformed[settings.name] = rep.malformed
                 self.stats.feed_skipped[settings.name] = rep.skipped
+                rep.log_skipped(log, settings.name, _SKIPPED.get(settings.format, "record(s)"))  # built or mapped
                 if rep.malformed:
                     log.warning(
                         "feed %s: %d malformed record(s) skipped, e.g. %s",
@@ -388,6 +395,8 @@ class NodeService:
         s.feed_records = {k: v for k, v in s.feed_records.items() if k in enabled}
         s.feed_malformed = {k: v for k, v in s.feed_malformed.items() if k in enabled}
         s.feed_skipped = {k: v for k, v in s.feed_skipped.items() if k in enabled}
+        s.snapshot_loads = {k: v for k, v in s.snapshot_loads.items() if k[0] in enabled}
+        s.snapshot_rebuilds = {k: v for k, v in s.snapshot_rebuilds.items() if k[0] in enabled}
 
     def snapshot_dir(self) -> SnapshotDir:
         """The directory of feed snapshots (``<Feeds snapshot_dir>``; a temporary one for a config built in code)."""
@@ -396,31 +405,45 @@ class NodeService:
             self._snapshot_dir = SnapshotDir(path)
         return self._snapshot_dir
 
-    async def _load_version(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | FeedError]:
-        """One load attempt: the identity of the version and it, or why it failed.
-
-        Unchanged bytes and settings map their existing snapshot (no parse); otherwise a worker process
-        builds one.  A snapshot that is not to be trusted is logged, counted and rebuilt.
-        """
-        tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
+    async def _prepare_snapshot_dir(self) -> FeedError | None:
+        """Create the snapshot directory (0700) and clear what a crash left; why it is unusable, or None."""
         directory = self.snapshot_dir()
         try:
             await asyncio.to_thread(directory.prepare)
-            identity, digest = await asyncio.to_thread(source_digest, settings)
-            found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
+        except OSError as exc:
+            return FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
+        return None
+
+    async def _load_version(
+        self, settings: FeedSettings, unusable: FeedError | None = None
+    ) -> tuple[Identity, FeedSnapshot | FeedError]:
+        """One load attempt: the identity of the version and it, or why it failed.
+
+        Unchanged bytes and settings map their existing snapshot (no parse); otherwise a worker process
+        builds one.
+        """
+        tried = feed_identity(settings)  # before reading: a change during the load is seen as a change
+        if unusable is not None:
+            return tried, unusable
+        try:
+            identity, found = await self._map_unchanged(settings)
+            if found is not None:
+                return identity, found
+            snap = await self._build(settings)
         except FeedError as exc:
             return tried, exc
-        except OSError as exc:
-            return tried, FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
-        if isinstance(found, FeedSnapshot):
-            self.stats.bump(self.stats.snapshot_loads, (settings.name, "mapped"))
-            log.info(
-                "feed %s: unchanged, snapshot %s mapped (%d records, not parsed)",
-                settings.name,
-                os.path.basename(found.path or ""),
-                len(found),
-            )
-            return identity, found
+        return snap.identity, snap
+
+    async def _map_unchanged(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | None]:
+        """The trusted snapshot of the feed's current bytes, mapped; None when there is none.  One that is
+        not to be trusted is logged at WARNING with the reason, counted and removed (then rebuilt).
+
+        Raises:
+            FeedError: the feed cannot be read.
+        """
+        directory = self.snapshot_dir()
+        identity, digest = await asyncio.to_thread(source_digest, settings)
+        found = await asyncio.to_thread(directory.map_existing, settings, identity, digest)
         if isinstance(found, Refused):
             self.stats.bump(self.stats.snapshot_rebuilds, (settings.name, found.reason))
             log.warning(
@@ -430,22 +453,45 @@ class NodeService:
                 found.reason,
                 found.detail,
             )
+            return identity, None
+        if found is not None:
+            self.stats.bump(self.stats.snapshot_loads, (settings.name, "mapped"))
+            log.info(
+                "feed %s: unchanged, snapshot %s mapped (%d records, not parsed)",
+                settings.name,
+                os.path.basename(found.path or ""),
+                len(found),
+            )
+        return identity, found
+
+    async def _build(self, settings: FeedSettings) -> FeedSnapshot:
+        """Build the feed's snapshot and map it: in a worker process (at most one per core at once), or for
+        a small feed (``snapshots.IN_PROCESS_BELOW``) in a thread.
+
+        Raises:
+            FeedError: the feed is not a feed, or its snapshot cannot be written or read back.
+        """
+        directory = self.snapshot_dir()
         started = time.monotonic()
-        try:
-            async with self._build_slots:
+        size = await asyncio.to_thread(source_size, settings)
+        async with self._build_slots:
+            if 0 <= size < snapshots.IN_PROCESS_BELOW:
+                where = "in this process"
+                built = await asyncio.to_thread(_build_here, directory.path, settings)
+            else:
+                where = "in a worker process"
                 built = await build_in_worker(directory.path, settings)
-            snap = await asyncio.to_thread(directory.map_built, settings, built)
-        except FeedError as exc:
-            return tried, exc
+        snap = await asyncio.to_thread(directory.map_built, settings, built)
         self.stats.bump(self.stats.snapshot_loads, (settings.name, "built"))
         log.info(
-            "feed %s: snapshot %s built in a worker process in %.2f s (%d records)",
+            "feed %s: snapshot %s built %s in %.2f s (%d records)",
             settings.name,
             os.path.basename(built.path),
+            where,
             time.monotonic() - started,
             len(snap),
         )
-        return snap.identity, snap
+        return snap
 
     async def _remove_unused_snapshots(self) -> None:
         """Remove snapshot files no feed version in memory uses (the live store's, and any an in-flight
@@ -884,6 +930,14 @@ def _limits(config: NodeConfig) -> ListenerLimits:
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
     out = config.output
     return (out.alert_format, out.alert_destination, out.retries_count, out.retries_timeout, out.record_field_format)
+
+
+def _build_here(directory: str, settings: FeedSettings) -> snapshots.Built:
+    """A small feed's snapshot, built in this process (blocking); OSError becomes a failed load."""
+    try:
+        return build_snapshot(directory, settings)
+    except OSError as exc:
+        raise FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {exc.strerror or exc}") from None
 
 
 def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:

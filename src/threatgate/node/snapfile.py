@@ -12,8 +12,9 @@ Invariants:
    section.  Anything else raises :class:`SnapshotInvalid` with the reason; the caller rebuilds.
 4. A detection never reads a feed file: the records section holds per record its kind, flags,
    normalised value, raw indicator text (``%MatchedIndicator%``) and context pairs.
-5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, fsync, rename, fsync of the
-   directory) and :func:`read_checked` (header and checksum by reading the file, then ``mmap``).
+5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, rename; no fsync: a torn file
+   fails the checksum and is rebuilt) and :func:`read_checked` (header and checksum by reading the
+   file, then ``mmap``); records are read with ``pread``, never through the mapping.
 
 Layout (all integers native order, which the byte-order marker pins; sections 8-byte aligned)::
 
@@ -30,8 +31,10 @@ Layout (all integers native order, which the byte-order marker pins; sections 8-
              cidr6_start/cidr6_end u64 holding 2 words per segment (high, low), global_masks u32 (records
              of masks whose host holds a star), rec_kind i8, rec_flags u8 (bit 0: sub-domains, bit 1:
              context stored as JSON), rec_value_off/rec_raw_off/rec_ctx_off u64 (n+1 each) with
-             rec_value/rec_raw/rec_ctx bytes (each item followed by a separator byte), meta (JSON: the
-             load report, the CSV header, the kinds bitmask)
+             rec_value/rec_raw/rec_ctx bytes (item i is ``blob[off[i]:off[i+1]-1]``: each ends with one
+             separator byte, 0x1E, or in the context column the NUL after its last field; an empty
+             context may take no bytes, ``off[i] == off[i+1]``), meta (JSON: the load report, the CSV
+             header, the kinds bitmask)
 
 The checksum is xxh3_128 over the file with the 16 checksum bytes left out.
 """
@@ -46,6 +49,7 @@ import os
 import struct
 import sys
 import tempfile
+import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -77,6 +81,8 @@ _ALIGN = 8
 _SEP = 0x1E  # the byte after every stored string (a record separator, never inside UTF-8 of other characters)
 _SEP_CHAR = "\x1e"
 _FIELD_SEP = "\x00"  # between the context fields of one record
+_COLUMNS = ("value", "raw", "ctx")
+_SPAN = struct.Struct("=QQ")
 FLAG_SUBDOMAINS = 1
 FLAG_JSON_CONTEXT = 2
 
@@ -151,7 +157,7 @@ def keys_of(kinds: npt.NDArray[np.int8], values: Sequence[str]) -> npt.NDArray[n
 # -- building -------------------------------------------------------------------------------------
 
 
-def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> list[bytes]:
+def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> list[Buffer]:
     """The bytes of the snapshot file of ``parsed``, as chunks to write one after the other (sans-IO)."""
     n = len(parsed.values)
     kinds = np.frombuffer(parsed.kinds, dtype=np.int8) if n else np.zeros(0, np.int8)
@@ -164,9 +170,7 @@ def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> lis
         sections.update(_cidr_sections(version, kinds, parsed.values))
     sections["global_masks"] = global_masks
     sections["rec_kind"] = kinds
-    flags = np.zeros(n, np.uint8)
-    if n:
-        flags |= np.array(parsed.subdomains, dtype=bool).astype(np.uint8)
+    flags = _subdomain_flags(parsed.subdomains, n)
     sections["rec_value_off"], sections["rec_value"] = _strings(parsed.values)
     sections["rec_raw_off"], sections["rec_raw"] = _strings(parsed.raws)
     ctx_off, ctx_blob, json_rows = _contexts(parsed.contexts)
@@ -191,6 +195,19 @@ def build(parsed: ParsedFeed, feed_digest: bytes, settings_digest: bytes) -> lis
     return _assemble(sections, feed_digest, settings_digest, n, len(keys))
 
 
+def _subdomain_flags(subdomains: Any, n: int) -> npt.NDArray[np.uint8]:
+    """Bit 0 of ``rec_flags`` from the ``subdomains`` column: a list of bools, or one byte per record
+    (bytes, bytearray, a numpy array), as a parser may give it."""
+    if isinstance(subdomains, bytes | bytearray | memoryview | np.ndarray):
+        flags = np.frombuffer(subdomains, dtype=np.uint8) if not isinstance(subdomains, np.ndarray) else subdomains
+        flags = (flags[:n] != 0).astype(np.uint8)
+    else:
+        flags = np.fromiter(subdomains, dtype=bool, count=n).astype(np.uint8) if n else np.zeros(0, np.uint8)
+    if len(flags) != n:
+        raise ValueError(f"subdomains column has {len(flags)} rows, the feed {n}")
+    return flags
+
+
 def _keys(
     kinds: npt.NDArray[np.int8], values: list[str]
 ) -> tuple[npt.NDArray[np.uint64], npt.NDArray[np.uint32], npt.NDArray[np.uint32], int]:
@@ -211,11 +228,23 @@ def _keys(
     all_keys = keys_of(kinds, keyed_strings) if len(values) else np.zeros(0, np.uint64)
     rows = np.flatnonzero(keyed).astype(np.uint32)
     keys = all_keys[rows]
-    order = np.argsort(keys, kind="stable")  # equal keys keep record order
-    bitmask = 0
-    for kind in np.unique(kinds[rows]).tolist():
-        bitmask |= 1 << kind
-    return keys[order], rows[order], np.array(global_rows, dtype=np.uint32), bitmask
+    order = np.argsort(keys)  # numpy's SIMD sort; not stable, so equal keys are put in record order below
+    keys = keys[order]
+    refs = rows[order]
+    del order
+    _records_in_order(keys, refs)
+    counts = np.bincount(kinds[rows].astype(np.intp), minlength=len(Kind.NAMES)).tolist() if rows.size else []
+    bitmask = sum(1 << kind for kind, count in enumerate(counts) if count)
+    return keys, refs, np.array(global_rows, dtype=np.uint32), bitmask
+
+
+def _records_in_order(keys: npt.NDArray[np.uint64], refs: npt.NDArray[np.uint32]) -> None:
+    """Within each run of equal keys (a feed listing a value twice), record numbers ascending (in place)."""
+    same = np.flatnonzero(keys[1:] == keys[:-1])
+    if not same.size:
+        return
+    where = np.union1d(same, same + 1)  # every position in a run of equal keys, runs kept together
+    refs[where] = refs[where][np.lexsort((refs[where], keys[where]))]
 
 
 def bloom_of(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
@@ -223,11 +252,11 @@ def bloom_of(keys: npt.NDArray[np.uint64]) -> npt.NDArray[np.uint8]:
     m = 64
     while m < 16 * len(keys):
         m <<= 1
-    bitmap = np.zeros(m // 8, dtype=np.uint8)
+    bits = np.zeros(m, dtype=bool)  # one byte per bit while scattering, then packed (faster than ufunc.at)
     mask = np.uint64(m - 1)
-    for shift in (0, 32):
-        pos = (keys >> np.uint64(shift)) & mask
-        np.bitwise_or.at(bitmap, pos >> np.uint64(3), np.left_shift(1, pos & np.uint64(7)).astype(np.uint8))
+    bits[keys & mask] = True
+    bits[(keys >> np.uint64(32)) & mask] = True
+    bitmap = np.packbits(bits, bitorder="little")
     return bitmap
 
 
@@ -283,6 +312,14 @@ def segments(
     spans = sorted(spans)
     if not spans:
         return [], [], [0], [], []
+    if all(a[1] <= b[0] for a, b in itertools.pairwise(spans)):  # disjoint (the common case): one each
+        return (
+            [s for s, _, _, _ in spans],
+            [e - 1 for _, e, _, _ in spans],
+            list(range(len(spans) + 1)),
+            [r for _, _, _, r in spans],
+            [p for _, _, p, _ in spans],
+        )
     bounds = sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans})
     where = {b: i for i, b in enumerate(bounds)}
     cover: list[list[tuple[int, int]]] = [[] for _ in range(len(bounds) - 1)]
@@ -317,11 +354,9 @@ def _strings(items: list[str]) -> tuple[npt.NDArray[np.uint64], bytes]:
     n = len(items)
     if not n:
         return np.zeros(1, np.uint64), b""
-    text = _SEP_CHAR.join(items) + _SEP_CHAR
-    blob = text.encode("utf-8", "surrogatepass")
-    if text.count(_SEP_CHAR) == n:  # no item holds the separator: find the boundaries in one pass
-        ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
-    else:  # hostile text with separators inside: offsets from each item's own length
+    blob = (_SEP_CHAR.join(items) + _SEP_CHAR).encode("utf-8", "surrogatepass")
+    ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == _SEP).astype(np.uint64) + np.uint64(1)
+    if len(ends) != n:  # hostile text with separators inside: offsets from each item's own length
         encoded = [s.encode("utf-8", "surrogatepass") + b"\x1e" for s in items]
         blob = b"".join(encoded)
         ends = np.cumsum(np.fromiter(map(len, encoded), dtype=np.uint64, count=n))
@@ -331,33 +366,53 @@ def _strings(items: list[str]) -> tuple[npt.NDArray[np.uint64], bytes]:
 def _contexts(
     contexts: list[tuple[tuple[str, str], ...]],
 ) -> tuple[npt.NDArray[np.uint64], bytes, npt.NDArray[np.intp]]:
-    """The context column: fields NUL-separated per record; JSON for a record whose text holds NUL."""
+    """The context column: every field of every record NUL-terminated, records back to back.
+
+    Fast path: one ``join`` over all the fields (C loops only); the NULs found in the encoded bytes are
+    the ends of the fields, and each record ends where its last field does (an empty context has no
+    bytes: its end offset is its start).  A column where some name or value holds a NUL is encoded
+    record by record instead, those records as JSON.
+    """
+    n = len(contexts)
+    lengths = np.fromiter(map(len, contexts), dtype=np.int64, count=n)
+    fields_before = np.zeros(n + 1, dtype=np.int64)
+    np.cumsum(2 * lengths, out=fields_before[1:])
+    total = int(fields_before[-1])
+    flat = itertools.chain.from_iterable(itertools.chain.from_iterable(contexts))
+    blob = (_FIELD_SEP.join(flat) + (_FIELD_SEP if total else "")).encode("utf-8", "surrogatepass")
+    field_ends = np.flatnonzero(np.frombuffer(blob, dtype=np.uint8) == 0)
+    if len(field_ends) == total:
+        off = np.zeros(n + 1, dtype=np.uint64)
+        has = fields_before > 0
+        off[has] = field_ends[fields_before[has] - 1].astype(np.uint64) + np.uint64(1)
+        return off, blob, np.zeros(0, np.intp)
+    del blob, field_ends
     rows = list(map(_FIELD_SEP.join, map(itertools.chain.from_iterable, contexts)))
-    pairs = sum(map(len, contexts))
-    nonempty = len(contexts) - contexts.count(())
     json_rows: list[int] = []
-    if sum(map(str.count, rows, itertools.repeat(_FIELD_SEP))) != 2 * pairs - nonempty:
-        for i, ctx in enumerate(contexts):
-            if rows[i].count(_FIELD_SEP) != 2 * len(ctx) - (1 if ctx else 0):
-                rows[i] = json.dumps([list(p) for p in ctx], ensure_ascii=True)
-                json_rows.append(i)
-    off, blob = _strings(rows)
-    return off, blob, np.array(json_rows, dtype=np.intp)
+    for i, ctx in enumerate(contexts):
+        if rows[i].count(_FIELD_SEP) != 2 * len(ctx) - (1 if ctx else 0):
+            rows[i] = json.dumps([list(p) for p in ctx], ensure_ascii=True)
+            json_rows.append(i)
+    off2, blob2 = _strings(rows)
+    return off2, blob2, np.array(json_rows, dtype=np.intp)
 
 
 def _assemble(
     sections: dict[str, npt.NDArray[Any] | bytes], feed_digest: bytes, settings_digest: bytes, records: int, keys: int
-) -> list[bytes]:
+) -> list[Buffer]:
     table_size = _ENTRY.size * len(SECTIONS)
     pos = _aligned(_HEAD.size + table_size)
     entries = []
-    bodies: list[bytes] = []
+    bodies: list[Buffer] = []
     for name, dtype in SECTIONS.items():
         data = sections[name]
-        raw = data if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.dtype(dtype)).tobytes()
+        view = memoryview(data) if isinstance(data, bytes) else np.ascontiguousarray(data, dtype=np.dtype(dtype)).data
+        raw = view.cast("B")
         entries.append(_ENTRY.pack(name.encode(), dtype.encode(), pos, len(raw)))
         pad = _aligned(len(raw)) - len(raw)
-        bodies.append(raw + b"\0" * pad)
+        bodies.append(raw)  # no copy of the (possibly large) section
+        if pad:
+            bodies.append(bytes(pad))
         pos += len(raw) + pad
     head = _HEAD.pack(
         MAGIC,
@@ -383,6 +438,10 @@ def _assemble(
     return [head, table, gap, *bodies]
 
 
+Buffer = bytes | memoryview
+"""A chunk of a snapshot: bytes, or a view of an array (written without a copy)."""
+
+
 def _aligned(n: int) -> int:
     return (n + _ALIGN - 1) // _ALIGN * _ALIGN
 
@@ -390,11 +449,13 @@ def _aligned(n: int) -> int:
 # -- writing and reading files --------------------------------------------------------------------
 
 
-def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
-    """Write ``chunks`` to ``path`` atomically: a unique 0600 temporary file beside it, fsync, rename.
+def write_atomic(path: str, chunks: Iterable[Buffer]) -> None:
+    """Write ``chunks`` to ``path`` atomically: a unique 0600 temporary file beside it, then rename.
 
-    A crash leaves either the old state or the whole new file (and at worst a ``.tmp`` file that the
-    snapshot directory's clean-up removes); never a partial file under the final name.
+    No ``fsync``: a file that a crash leaves torn (renamed before its blocks reached the disk) fails
+    the checksum at the next start and is rebuilt, so durability would only buy a faster restart after
+    a power loss, at the price of a flush of hundreds of MB on every feed change.  At worst a crash
+    leaves a ``.tmp`` file, which the snapshot directory's clean-up removes.
     """
     directory = os.path.dirname(path) or "."
     fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snap-", suffix=".tmp")  # 0600
@@ -402,8 +463,6 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
         with os.fdopen(fd, "wb") as fh:
             for chunk in chunks:
                 fh.write(chunk)
-            fh.flush()
-            os.fsync(fh.fileno())
         os.rename(tmp, path)
     except BaseException:
         try:
@@ -411,11 +470,6 @@ def write_atomic(path: str, chunks: Iterable[bytes]) -> None:
         except OSError:
             pass
         raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
 
 
 def check_header(head: bytes, size: int, feed_digest: bytes | None, settings_digest: bytes | None) -> None:
@@ -478,10 +532,15 @@ def read_checked(path: str, feed_digest: bytes | None = None, settings_digest: b
             pos += len(chunk)
         if h.digest() != head[_CHECKSUM_AT:]:
             raise SnapshotInvalid("checksum", "checksum mismatch: the file is damaged")
-        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ) if size else b""
-    finally:
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+    except BaseException:
         os.close(fd)
-    return FeedIndex(mapped)
+        raise
+    try:
+        return FeedIndex(mapped, fd)
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 # -- the index over a snapshot's bytes ------------------------------------------------------------
@@ -495,8 +554,10 @@ class FeedIndex:
     records section only for candidates.
     """
 
-    def __init__(self, buffer: bytes | bytearray | mmap.mmap) -> None:
+    def __init__(self, buffer: bytes | bytearray | mmap.mmap, fd: int | None = None) -> None:
+        """``fd``: the snapshot file, read with ``pread`` for records (owned: closed with the index)."""
         self.buffer = buffer
+        self._fd = fd
         view = memoryview(buffer)
         self._view = view
         check_header(bytes(view[: _HEAD.size]), len(view), None, None)
@@ -535,23 +596,24 @@ class FeedIndex:
         self._c4_off = self._cast("cidr4_off", "I")
         self._c4_refs = self._cast("cidr4_refs", "I")
         self._c4_plen = self._cast("cidr4_plen", "B")
-        w6s, w6e = self._cast("cidr6_start", "Q"), self._cast("cidr6_end", "Q")
-        self._c6 = (
-            [w6s[i] << 64 | w6s[i + 1] for i in range(0, len(w6s), 2)],
-            [w6e[i] << 64 | w6e[i + 1] for i in range(0, len(w6e), 2)],
-        )
+        self._c6_words = (self._cast("cidr6_start", "Q"), self._cast("cidr6_end", "Q"))
+        self._c6: tuple[list[int], list[int]] | None = None  # 128-bit starts and ends, made at the first lookup
         self._c6_off = self._cast("cidr6_off", "I")
         self._c6_refs = self._cast("cidr6_refs", "I")
         self._c6_plen = self._cast("cidr6_plen", "B")
         self.has_cidr4 = len(self._c4[0]) > 0
-        self.has_cidr6 = len(self._c6[0]) > 0
+        self.has_cidr6 = len(self._c6_words[0]) > 0
         self.global_masks = self._cast("global_masks", "I")
         self._kind = self._cast("rec_kind", "b")
         self._flags = self._cast("rec_flags", "B")
-        self._offs = tuple(self._cast(f"rec_{c}_off", "Q") for c in ("value", "raw", "ctx"))
-        self._blobs = tuple(self._bytes(f"rec_{c}") for c in ("value", "raw", "ctx"))
+        # Records are read with pread from a file (never through the mapping: the kernel maps 64 KiB around
+        # every page touched, so reading records for hits would make most of a large file resident).
+        self._offs = tuple(self._sections[f"rec_{c}_off"][0] for c in _COLUMNS)
+        self._blobs = tuple(self._sections[f"rec_{c}"] for c in _COLUMNS)
         self._masks: dict[int, Mask] = {}
         self.global_mask_list = tuple((row, self.mask(row)) for row in self.global_masks)
+        if fd is not None:  # last: an index refused above leaves the descriptor to its caller
+            weakref.finalize(self, os.close, fd)
 
     def _bytes(self, name: str) -> memoryview:
         offset, length = self._sections[name]
@@ -598,11 +660,9 @@ class FeedIndex:
         """Record numbers stored under ``key``, in record order."""
         keys = self.keys
         lo = bisect_left(keys, key)
-        hi = lo
-        n = len(keys)
-        while hi < n and keys[hi] == key:
-            hi += 1
-        return list(self.refs[lo:hi]) if hi > lo else []
+        if lo == len(keys) or keys[lo] != key:
+            return []
+        return list(self.refs[lo : bisect_right(keys, key, lo)])
 
     def cidr_rows(self, version: int, number: int) -> list[tuple[int, int]]:
         """(prefix length, record) of every CIDR record holding the address, most specific first."""
@@ -612,6 +672,12 @@ class FeedIndex:
             starts, ends = self._c4
             off, refs, plens = self._c4_off, self._c4_refs, self._c4_plen
         else:
+            if self._c6 is None:
+                w6s, w6e = self._c6_words
+                self._c6 = (
+                    [w6s[i] << 64 | w6s[i + 1] for i in range(0, len(w6s), 2)],
+                    [w6e[i] << 64 | w6e[i + 1] for i in range(0, len(w6e), 2)],
+                )
             starts, ends = self._c6
             off, refs, plens = self._c6_off, self._c6_refs, self._c6_plen
         i = bisect_right(starts, number) - 1
@@ -634,8 +700,22 @@ class FeedIndex:
         return int(self._kind[row])
 
     def _string(self, column: int, row: int) -> str:
-        off = self._offs[column]
-        return str(bytes(self._blobs[column][off[row] : off[row + 1] - 1]), "utf-8", "surrogatepass")
+        at = self._offs[column] + 8 * row
+        start, stop = _SPAN.unpack(self._read(at, 16))
+        blob_at, blob_length = self._blobs[column]
+        if not start <= stop <= blob_length:
+            raise ValueError(f"record {row}: damaged offsets")
+        if start == stop:  # an empty context takes no bytes (every other item ends with its separator)
+            return ""
+        return str(self._read(blob_at + start, stop - 1 - start), "utf-8", "surrogatepass")
+
+    def _read(self, offset: int, length: int) -> bytes:
+        if self._fd is not None:
+            data = os.pread(self._fd, length, offset)
+            if len(data) != length:
+                raise ValueError(f"short read at {offset}")
+            return data
+        return bytes(self._view[offset : offset + length])
 
     def value(self, row: int) -> str:
         """The normalised indicator of record ``row``."""

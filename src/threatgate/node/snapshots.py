@@ -11,7 +11,8 @@ Invariants:
 3. A new snapshot is built in a separate process (``python -m threatgate.node.snapshots``): the parse
    allocates several times the feed's size in Python objects, and a process that exits returns all of
    it to the OS; several feeds build on several cores.  The worker writes the file atomically
-   (snapfile.write_atomic) and answers one JSON line; the node maps what it wrote.
+   (snapfile.write_atomic) and answers one JSON line; the node maps what it wrote.  A feed smaller than
+   :data:`IN_PROCESS_BELOW` is built in a thread of the node instead (the node decides; see service.py).
 4. Files no loaded version uses are removed (:meth:`SnapshotDir.remove_unused`), never one that the
    live store maps.  The directory is 0700 and every file 0600.
 """
@@ -38,6 +39,11 @@ log = logging.getLogger("threatgate.node")
 
 SUFFIX = ".tgsnap"
 _READ_CHUNK = 1 << 22
+
+IN_PROCESS_BELOW = int(os.environ.get("THREATGATE_SNAPSHOT_IN_PROCESS_BELOW", 4 << 20))
+"""Feeds smaller than this many bytes are parsed in a thread of the node instead of a worker process:
+their parse allocates a few tens of MB at most, and starting a worker (a Python interpreter and its
+imports, ~0.3 s) would cost more than the parse itself.  The environment variable exists for tests."""
 
 
 def settings_digest(settings: FeedSettings) -> bytes:
@@ -91,6 +97,17 @@ def source_digest(settings: FeedSettings) -> tuple[tuple[int, int, int], bytes]:
     finally:
         os.close(fd)
     return identity, digest.digest()
+
+
+def source_size(settings: FeedSettings) -> int:
+    """The bytes a build of the feed parses (a MISP feed: every JSON file of its directory); -1 unknown."""
+    try:
+        if settings.format != "misp":
+            return os.stat(settings.path).st_size
+        with os.scandir(settings.path) as entries:
+            return sum(e.stat().st_size for e in entries if e.name.endswith(".json") and e.is_file())
+    except OSError:
+        return -1
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,6 +170,25 @@ class SnapshotDir:
         snapshot.identity = built.identity
         return snapshot
 
+    def load(self, settings: FeedSettings) -> FeedSnapshot:
+        """The mapped snapshot of the feed: the existing one if trusted, else built in this process
+        (blocking; for tools and benchmarks: the node builds in a worker process instead).
+
+        Raises:
+            FeedError: the feed cannot be read or is not a feed, or its snapshot cannot be written.
+        """
+        self.prepare()
+        identity, digest = source_digest(settings)
+        found = self.map_existing(settings, identity, digest)
+        if isinstance(found, FeedSnapshot):
+            return found
+        try:
+            built = build_snapshot(self.path, settings)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {why}") from None
+        return self.map_built(settings, built)
+
     def remove_unused(self, in_use: Iterable[str]) -> list[str]:
         """Remove the snapshot files not in ``in_use`` (paths); returns the names removed."""
         keep = {os.path.basename(p) for p in in_use}
@@ -214,15 +250,18 @@ async def build_in_worker(directory: str, settings: FeedSettings) -> Built:
     Raises:
         FeedError: the feed is not a feed (the worker's message), or the worker failed (its last words).
     """
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable,
-        "-m",
-        "threatgate.node.snapshots",
-        directory,
-        stdin=asyncio.subprocess.PIPE,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-    )
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "threatgate.node.snapshots",
+            directory,
+            stdin=asyncio.subprocess.PIPE,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+        )
+    except OSError as exc:  # no memory or processes left to start it
+        raise FeedError(f"{settings.path}: cannot start the snapshot build worker: {exc.strerror or exc}") from None
     try:
         out, err = await proc.communicate(settings.model_dump_json().encode())
     except asyncio.CancelledError:

@@ -52,6 +52,10 @@ class IndicatorStore:
         for _, index in self._feeds:
             bitmask |= index.kinds_bitmask
         self._has = tuple(bool(bitmask >> kind & 1) for kind in range(len(Kind.NAMES)))
+        # Per kind, only the feeds holding keys of that kind: a hash is never tested against a URL feed.
+        self._by_kind = tuple(
+            tuple(f for f in self._feeds if f[1].kinds_bitmask >> kind & 1) for kind in range(len(Kind.NAMES))
+        )
         self._cidr4 = tuple(f for f in self._feeds if f[1].has_cidr4)
         self._cidr6 = tuple(f for f in self._feeds if f[1].has_cidr6)
         self._global_masks = tuple((slot, row, mask) for slot, ix in self._feeds for row, mask in ix.global_mask_list)
@@ -80,7 +84,7 @@ class IndicatorStore:
 
     def _probe(self, kind: int, value: str, out: list[Candidate]) -> None:
         key = key_of(kind, value)
-        for slot, index in self._feeds:
+        for slot, index in self._by_kind[kind]:
             if index.maybe(key):
                 for row in index.rows_of(key):
                     out.append(Candidate(slot, row, kind, value))
@@ -143,7 +147,7 @@ class IndicatorStore:
             suffix = host
             while True:
                 key = key_of(Kind.MASK, suffix)
-                for slot, index in self._feeds:
+                for slot, index in self._by_kind[Kind.MASK]:
                     if not index.maybe(key):
                         continue
                     for row in index.rows_of(key):
