@@ -25,6 +25,7 @@ from threatgate.node.engine import CompiledMatcher, engine_choice, make_matcher
 from threatgate.node.feeds import load_feed
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.pcre import Unsupported, to_pcre2
+from threatgate.node.snapshots import SnapshotDir
 from threatgate.node.store import IndicatorStore
 from threatgate.wire.framing import FramedEvent, LineFramer, Oversized
 
@@ -270,8 +271,12 @@ def _config(directory: Path, event_format: str, finished_format: str, limit: int
     return load_node_config(str(directory / "node.conf"))
 
 
-def _store(config: NodeConfig) -> IndicatorStore:
-    return IndicatorStore({slot: load_feed(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled})
+def _store(config: NodeConfig, snapshots: Path | None = None) -> IndicatorStore:
+    """The config's feeds built in memory, or written to snapshot files and mapped (records read with pread)."""
+    if snapshots is None:
+        return IndicatorStore({slot: load_feed(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled})
+    directory = SnapshotDir(str(snapshots))
+    return IndicatorStore({slot: directory.load(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled})
 
 
 @pytest.fixture(scope="module")
@@ -279,8 +284,9 @@ def pairs(tmp_path_factory: pytest.TempPathFactory) -> list[tuple[CompiledMatche
     out = []
     for i, (event_format, finished_format) in enumerate(FORMATS):
         for limit in (0, 1):
-            config = _config(tmp_path_factory.mktemp(f"c{i}{limit}"), event_format, finished_format, limit)
-            store = _store(config)
+            directory = tmp_path_factory.mktemp(f"c{i}{limit}")
+            config = _config(directory, event_format, finished_format, limit)
+            store = _store(config, directory / "snapshots" if limit else None)
             compiled = make_matcher(config, store, "compiled")
             assert isinstance(compiled, CompiledMatcher)
             out.append((compiled, Matcher(config, store)))
@@ -523,24 +529,26 @@ def _feed_sets(draw: st.DrawFn) -> list[tuple[str, str, list[dict[str, Any]]]]:
 
 
 @settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(_feed_sets(), st.lists(_events(), min_size=1, max_size=8), st.integers(0, 2), st.booleans())
+@given(_feed_sets(), st.lists(_events(), min_size=1, max_size=8), st.integers(0, 2), st.booleans(), st.booleans())
 def test_random_feeds_give_the_same_lines_on_both_engines(
     tmp_path_factory: pytest.TempPathFactory,
     feeds: list[tuple[str, str, list[dict[str, Any]]]],
     events: list[FramedEvent],
     limit: int,
     as_suppliers: bool,
+    mapped: bool,
 ) -> None:
     from threatgate.node.suppliers import SUPPLIER_SLOT_BASE
 
     global FEEDS
     saved = FEEDS
     FEEDS = feeds
+    directory = tmp_path_factory.mktemp("rf")
     try:
-        config = _config(tmp_path_factory.mktemp("rf"), *FORMATS[1], limit)
+        config = _config(directory, *FORMATS[1], limit)
     finally:
         FEEDS = saved
-    snapshots = {slot: load_feed(f) for slot, f in enumerate(config.feeds.feeds) if f.enabled}
+    snapshots = dict(_store(config, directory / "snapshots" if mapped else None).snapshots)
     if as_suppliers:  # the last feeds as the API supplier store: probed after the feed store
         half = len(snapshots) // 2
         store = IndicatorStore({s: snap for s, snap in snapshots.items() if s < half})
@@ -589,3 +597,22 @@ def test_the_example_node_runs_every_source_on_the_compiled_engine() -> None:
     compiled = make_matcher(config, _store(config), "compiled")
     assert isinstance(compiled, CompiledMatcher)
     assert compiled.reference_sources == {}
+
+
+def test_detections_are_confirmed_and_rendered_in_c_from_mapped_snapshots(
+    pairs: list[tuple[CompiledMatcher, Matcher]], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    compiled, reference = pairs[3]  # FORMATS[1] (RecordContext, ActionableFields, Date), limit 1, mapped files
+    assert all(snap.index._fd is not None for snap in compiled.store.snapshots.values())
+    events: list[FramedEvent] = [
+        "1 url=http://evil.example/a src=10.1.2.3 host=a.dyn.test md5=D41D8CD98F00B204E9800998ECF8427E",
+        "2 src=10.1.2.4 url=https://a.cdn.example/payload/x.js",
+    ]
+    want = reference.match(events, date=DATE, finished=True)
+
+    def python_path(*args: object) -> int:
+        raise AssertionError("the Python detection code ran")
+
+    monkeypatch.setattr(Matcher, "_detect_candidates", python_path)
+    assert compiled.match(events, date=DATE, finished=True) == want
+    assert sum("LookupFinished" not in line for line in want) >= 4

@@ -17,6 +17,8 @@
 #include <Python.h>
 #include <stdint.h>
 #include <string.h>
+#include <errno.h>
+#include <unistd.h>
 #define PCRE2_CODE_UNIT_WIDTH 8
 #include <pcre2.h>
 #define XXH_INLINE_ALL
@@ -55,17 +57,21 @@ typedef struct {
     PyObject *global_masks; /* tuple of tuples of bytes */
     /* for candidates (store.py's lookups, in its order) */
     int slot, store;
-    Py_buffer refs, c4off, c4refs, c4plen, c6off, c6refs, c6plen, grows, voff, vblob;
+    Py_buffer refs, c4off, c4refs, c4plen, c6off, c6refs, c6plen, grows;
     Py_ssize_t ngrows, nrecords;
-    /* for confirmation and detection lines (Matcher._confirm, _detect_candidates) */
-    Py_buffer rkind, rflags, roff, rblob, coff, cblob;
+    /* records: read with pread from the snapshot file (fd >= 0), never through its mapping (the kernel maps
+     * 64 KiB around every page touched), or copied from `whole` for a snapshot built in memory */
+    Py_buffer rkind, rflags, whole;
+    int fd;
+    uint64_t off_at[3], blob_at[3], blob_len[3]; /* columns: value, raw, context */
+    PyObject *owner;                             /* the FeedIndex: keeps fd open while we read it */
     PyObject *category, *confidence; /* bytes */
     int supplier;                    /* 0 feed, 1 FalsePositive, 2 InternalTI */
     PyObject *actionable;            /* tuple of bytes: the feed's actionable field names */
-    int has_records;
 } Index;
 
 typedef struct { size_t start, end; } Span;
+typedef struct { const char *p; size_t n; } Str;
 typedef struct { Span *v; int n, cap; } Spans;
 
 typedef struct {
@@ -101,6 +107,8 @@ typedef struct {
     Py_ssize_t limit;                              /* per_scan_detect_limit */
     char *ctxbuf, *actbuf, *totbuf;
     size_t ctxcap, actcap, totcap;
+    char *colbuf[3]; /* the record strings last read, per column */
+    size_t colcap[3];
     PyObject *per_category; /* dict category str -> count, this batch */
     Py_ssize_t detections, suppressed, confirmed;
     Py_ssize_t reference_events, detect_events;
@@ -657,10 +665,40 @@ static int glob_text(const char *pat, size_t pl, const char *t, size_t n) {
     return n - pos >= rl && memcmp(t + n - rl, rest, rl) == 0;
 }
 
-static void record_value(const Index *ix, uint32_t row, const char **p, size_t *n) {
-    const uint64_t *off = ix->voff.buf;
-    *p = (const char *)ix->vblob.buf + off[row];
-    *n = (size_t)(off[row + 1] - off[row] - 1);
+enum { C_VALUE = 0, C_RAW = 1, C_CTX = 2 };
+
+static int read_at(const Index *ix, uint64_t at, void *dst, size_t n) {
+    if (ix->fd < 0) {
+        if (at > (uint64_t)ix->whole.len || n > (uint64_t)ix->whole.len - at) return -1;
+        memcpy(dst, (const char *)ix->whole.buf + at, n);
+        return 0;
+    }
+    size_t done = 0;
+    while (done < n) {
+        ssize_t r = pread(ix->fd, (char *)dst + done, n - done, (off_t)(at + done));
+        if (r < 0 && errno == EINTR) continue;
+        if (r <= 0) return -1;
+        done += (size_t)r;
+    }
+    return 0;
+}
+
+/* Record `row`'s string of column `col` (FeedIndex._string): 0 with *out in e->colbuf[col], -1 when it
+ * cannot be read (the caller hands the event to the Python code, which reports the failure). */
+static int read_item(Engine *e, const Index *ix, int col, uint32_t row, Str *out) {
+    uint64_t span[2];
+    if (row >= (uint64_t)ix->nrecords || read_at(ix, ix->off_at[col] + 8 * (uint64_t)row, span, sizeof span) < 0)
+        return -1;
+    if (span[0] > span[1] || span[1] > ix->blob_len[col]) return -1;
+    out->p = e->colbuf[col];
+    out->n = 0;
+    if (span[0] == span[1]) return 0; /* an empty context takes no bytes */
+    size_t n = (size_t)(span[1] - span[0] - 1);
+    if (grow(&e->colbuf[col], &e->colcap[col], n + 1) < 0) { PyErr_Clear(); return -1; }
+    if (read_at(ix, ix->blob_at[col] + span[0], e->colbuf[col], n) < 0) return -1;
+    out->p = e->colbuf[col];
+    out->n = n;
+    return 0;
 }
 
 static int c_masks(Engine *e, int store, const char *host, size_t hn, const char *url, size_t un, PyObject *out) {
@@ -679,10 +717,10 @@ static int c_masks(Engine *e, int store, const char *host, size_t hn, const char
                 const uint32_t *refs = ix->refs.buf;
                 for (Py_ssize_t j = key_pos(ix, k); j < ix->nkeys && keys[j] == k; j++) {
                     uint32_t row = refs[j];
-                    if (row >= (uint32_t)ix->nrecords) continue;
-                    const char *v;
-                    size_t vn;
-                    record_value(ix, row, &v, &vn);
+                    Str sv;
+                    if (read_item(e, ix, C_VALUE, row, &sv) < 0) return REFER;
+                    const char *v = sv.p;
+                    size_t vn = sv.n;
                     size_t mh = 0;
                     while (mh < vn && v[mh] != '/' && v[mh] != '?') mh++;
                     int subdomains = mh >= 2 && v[0] == '*' && v[1] == '.';
@@ -704,10 +742,10 @@ static int c_masks(Engine *e, int store, const char *host, size_t hn, const char
         if (ix->store != store) continue;
         const uint32_t *rows = ix->grows.buf;
         for (Py_ssize_t j = 0; j < ix->ngrows; j++) {
-            if (rows[j] >= (uint32_t)ix->nrecords) continue;
-            const char *v;
-            size_t vn;
-            record_value(ix, rows[j], &v, &vn);
+            Str sv;
+            if (read_item(e, ix, C_VALUE, rows[j], &sv) < 0) return REFER;
+            const char *v = sv.p;
+            size_t vn = sv.n;
             if (glob_text(v, vn, url, un) && cand_add(out, ix->slot, rows[j], K_MASK, url, un) < 0) return -1;
         }
     }
@@ -719,7 +757,10 @@ static int c_url(Engine *e, int store, const char *p, size_t n, PyObject *out) {
     size_t hn = 0;
     while (hn < n && p[hn] != '/' && p[hn] != '?') hn++;
     if (hn == 0) return 0;
-    if ((store_has(e, store, K_MASK) || e->store_global[store]) && c_masks(e, store, p, hn, p, n, out) < 0) return -1;
+    if (store_has(e, store, K_MASK) || e->store_global[store]) {
+        int r = c_masks(e, store, p, hn, p, n, out);
+        if (r != 0) return r; /* -1 error, REFER a mask record that cannot be read */
+    }
     unsigned char last = (unsigned char)p[hn - 1];
     if ((last >= '0' && last <= '9') || p[0] == '[') {
         const char *h = p;
@@ -756,7 +797,8 @@ static PyObject *candidates(Engine *e, int lookup, const char *raw, size_t rn, i
         else if (lookup == L_IP) r = c_ip(e, store, p, n, out);
         else if (lookup == L_URL) r = c_url(e, store, p, n, out);
         else r = c_domain(e, store, p, n, out);
-        if (r < 0) Py_CLEAR(out);
+        if (r == REFER) *refer = 1;
+        if (r != 0) Py_CLEAR(out);
     }
     Py_XDECREF(owner);
     return out;
@@ -770,7 +812,6 @@ enum {
     F_CONTEXT_SPACED = -7, F_ACTIONABLE = -8, F_PARAM_NAME = -10, F_PARAM_VALUE = -11
 };
 
-typedef struct { const char *p; size_t n; } Str;
 
 typedef struct {
     const char *s;     /* the event text the rule fields point into */
@@ -862,11 +903,6 @@ static const Index *index_of_slot(const Engine *e, long slot) {
     return NULL;
 }
 
-static Str blob_item(const Py_buffer *off, const Py_buffer *blob, uint32_t row) {
-    const uint64_t *o = off->buf;
-    Str out = {(const char *)blob->buf + o[row], (size_t)(o[row + 1] - o[row] - 1)};
-    return out;
-}
 
 static size_t host_len(const char *p, size_t n) {
     size_t h = 0;
@@ -933,13 +969,13 @@ static int render_pairs(Engine *e, Str ctx, PyObject *fmt, PyObject *wanted, con
     return 0;
 }
 
-static int count_category(Engine *e, PyObject *category) {
+static int count_category(Engine *e, PyObject *category, Py_ssize_t count) {
     PyObject *key = PyUnicode_DecodeUTF8(PyBytes_AS_STRING(category), PyBytes_GET_SIZE(category), "surrogatepass");
     if (key == NULL) return -1;
     if (e->per_category == NULL && (e->per_category = PyDict_New()) == NULL) { Py_DECREF(key); return -1; }
     PyObject *old = PyDict_GetItemWithError(e->per_category, key);
-    long n = old ? PyLong_AsLong(old) : 0;
-    PyObject *v = PyLong_FromLong(n + 1);
+    Py_ssize_t n = old ? PyLong_AsSsize_t(old) : 0;
+    PyObject *v = PyLong_FromSsize_t(n + count);
     int rc = v ? PyDict_SetItem(e->per_category, key, v) : -1;
     Py_XDECREF(v);
     Py_DECREF(key);
@@ -950,32 +986,15 @@ typedef struct { const Index *ix; uint32_t row; } HitRef;
 typedef struct { PyObject *category; Py_ssize_t count; } Total;
 typedef struct { Str value; long slot; uint32_t row; } Done;
 
-/* Whether every candidate of the event can be confirmed here (records stored, context not as JSON). */
-static int detectable(Engine *e, PyObject *found) {
-    if (e->event_tmpl == NULL) return 0;
-    for (Py_ssize_t i = 0; i < PyList_GET_SIZE(found); i++) {
-        PyObject *cands = PyTuple_GET_ITEM(PyList_GET_ITEM(found, i), 2);
-        for (Py_ssize_t j = 0; j < PyList_GET_SIZE(cands); j++) {
-            PyObject *cand = PyList_GET_ITEM(cands, j);
-            const Index *ix = index_of_slot(e, PyLong_AsLong(PyTuple_GET_ITEM(cand, 0)));
-            if (ix == NULL) continue;
-            unsigned long row = PyLong_AsUnsignedLong(PyTuple_GET_ITEM(cand, 1));
-            if (!ix->has_records || row >= (unsigned long)ix->nrecords) return 0;
-            if (((const uint8_t *)ix->rflags.buf)[row] & 2) return 0; /* context stored as JSON */
-            Str ctx = blob_item(&ix->coff, &ix->cblob, (uint32_t)row);
-            size_t zeros = 0;
-            for (size_t k = 0; k < ctx.n; k++) zeros += ctx.p[k] == 0;
-            if (ctx.n && zeros % 2 == 0) return 0; /* not name/value pairs: the reference says what is wrong */
-            if (!PyUnicode_IS_ASCII(PyTuple_GET_ITEM(cand, 3))) return 0;
-        }
-    }
-    return 1;
-}
-
 /* The event's detection lines and its finished line, as the reference's _detect_candidates and
- * _finished_line give them.  1 done, -1 error. */
+ * _finished_line give them, into `out`: 1 done, 0 when a record cannot be read here (nothing added: the
+ * Python code then answers the event and reports the failure), -1 error. */
 static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found, const char *date, size_t dl,
                     int finished, PyObject *out) {
+    if (e->event_tmpl == NULL) return 0;
+    PyObject *lines = PyList_New(0);
+    if (lines == NULL) return -1;
+    Py_ssize_t detections = 0, suppressed = 0;
     HitRef *hits = NULL;
     Done *done = NULL;
     Total *totals = NULL;
@@ -1004,8 +1023,10 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
                        PyLong_AsUnsignedLong(PyTuple_GET_ITEM(other, 1)) == row;
             }
             if (seen || ix == NULL) continue;
+            if (row >= (uint32_t)ix->nrecords) { ok = 0; goto end; }
             if (((const int8_t *)ix->rkind.buf)[row] != kind) continue;
-            Str value = blob_item(&ix->voff, &ix->vblob, row);
+            Str value;
+            if (read_item(e, ix, C_VALUE, row, &value) < 0) { ok = 0; goto end; }
             const char *pp = PyUnicode_DATA(probe);
             size_t pn = (size_t)PyUnicode_GET_LENGTH(probe);
             if (kind == K_MASK) {
@@ -1031,7 +1052,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             size_t kept = 0;
             for (size_t k = 0; k < nhits; k++)
                 if (hits[k].ix->supplier == 2) hits[kept++] = hits[k];
-            e->suppressed += (Py_ssize_t)(nhits - kept);
+            suppressed += (Py_ssize_t)(nhits - kept);
             nhits = kept;
         }
         /* _detect_candidates */
@@ -1056,7 +1077,15 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             ndone++;
             if (e->limit && emitted >= e->limit) break;
             emitted++;
-            Str ctx = blob_item(&ix->coff, &ix->cblob, row);
+            if (((const uint8_t *)ix->rflags.buf)[row] & 2) { ok = 0; goto end; } /* context stored as JSON */
+            Str ctx, matched;
+            if (read_item(e, ix, C_CTX, row, &ctx) < 0 || read_item(e, ix, C_RAW, row, &matched) < 0) {
+                ok = 0;
+                goto end;
+            }
+            size_t zeros = 0;
+            for (size_t z = 0; z < ctx.n; z++) zeros += ctx.p[z] == 0;
+            if (ctx.n && zeros % 2 == 0) { ok = 0; goto end; } /* not name/value pairs: damaged */
             size_t clen = 0, alen = 0;
             int ascii = 1;
             int rc = render_pairs(e, ctx, e->record_fmt, NULL, " ", &e->ctxbuf, &e->ctxcap, &clen, &ascii);
@@ -1075,7 +1104,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             c.date.n = dl;
             c.category.p = PyBytes_AS_STRING(ix->category);
             c.category.n = (size_t)PyBytes_GET_SIZE(ix->category);
-            c.matched = blob_item(&ix->roff, &ix->rblob, row);
+            c.matched = matched;
             c.confidence.p = PyBytes_AS_STRING(ix->confidence);
             c.confidence.n = (size_t)PyBytes_GET_SIZE(ix->confidence);
             c.context.p = e->ctxbuf;
@@ -1087,7 +1116,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             e->line[len] = '\n';
             PyObject *line = line_str(e->line, len + 1, ascii);
             if (line == NULL) goto end;
-            int err = PyList_Append(out, line);
+            int err = PyList_Append(lines, line);
             Py_DECREF(line);
             if (err < 0) goto end;
             int t = 0;
@@ -1104,8 +1133,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
                 ntotals++;
             }
             totals[t].count++;
-            if (count_category(e, ix->category) < 0) goto end;
-            e->detections++;
+            detections++;
             sent++;
         }
     }
@@ -1156,13 +1184,20 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             line = line_str(e->line, len + 1, ascii);
         }
         if (line == NULL) goto end;
-        int err = PyList_Append(out, line);
+        int err = PyList_Append(lines, line);
         Py_DECREF(line);
         if (err < 0) goto end;
     }
+    /* Everything read and rendered: now the lines and the counters count. */
+    for (int t = 0; t < ntotals; t++)
+        if (count_category(e, totals[t].category, totals[t].count) < 0) goto end;
+    if (PyList_SetSlice(out, PyList_GET_SIZE(out), PyList_GET_SIZE(out), lines) < 0) goto end;
+    e->detections += detections;
+    e->suppressed += suppressed;
     e->confirmed++;
     ok = 1;
 end:
+    Py_DECREF(lines);
     PyMem_Free(hits);
     PyMem_Free(done);
     PyMem_Free(totals);
@@ -1334,14 +1369,10 @@ static void release_indexes(Engine *e) {
         PyBuffer_Release(&ix->c6refs);
         PyBuffer_Release(&ix->c6plen);
         PyBuffer_Release(&ix->grows);
-        PyBuffer_Release(&ix->voff);
-        PyBuffer_Release(&ix->vblob);
         PyBuffer_Release(&ix->rkind);
         PyBuffer_Release(&ix->rflags);
-        PyBuffer_Release(&ix->roff);
-        PyBuffer_Release(&ix->rblob);
-        PyBuffer_Release(&ix->coff);
-        PyBuffer_Release(&ix->cblob);
+        PyBuffer_Release(&ix->whole);
+        Py_XDECREF(ix->owner);
         Py_XDECREF(ix->category);
         Py_XDECREF(ix->confidence);
         Py_XDECREF(ix->actionable);
@@ -1405,6 +1436,7 @@ static void Engine_dealloc(Engine *e) {
     PyMem_Free(e->ctxbuf);
     PyMem_Free(e->actbuf);
     PyMem_Free(e->totbuf);
+    for (int k = 0; k < 3; k++) PyMem_Free(e->colbuf[k]);
     PyMem_Free(e->rbuf[0]);
     PyMem_Free(e->rbuf[1]);
 
@@ -1546,35 +1578,25 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
         Index *ix = &e->idx[i];
         e->nidx = (int)i + 1;
         PyObject *keys, *bloom, *c4s, *c4e, *c6s, *c6e, *gm;
-        PyObject *refs, *c4off, *c4refs, *c4plen, *c6off, *c6refs, *c6plen, *grows, *voff, *vblob;
-        PyObject *rkind, *rflags, *roff, *rblob, *coff, *cblob, *category, *confidence, *actionable;
+        PyObject *refs, *c4off, *c4refs, *c4plen, *c6off, *c6refs, *c6plen, *grows, *rkind, *rflags, *whole, *owner;
+        PyObject *category, *confidence, *actionable;
         unsigned long long mask;
         unsigned int kinds;
-        Py_ssize_t n4e, n6e, nrefs, n4off, n4refs, n4plen, n6off, n6refs, n6plen, nvoff, nvblob;
-        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOOiiOOOOOOOOOOOOOOOOSSiO!", &keys, &bloom, &mask,
-                              &kinds, &c4s, &c4e, &c6s, &c6e, &gm, &ix->slot, &ix->store, &refs, &c4off, &c4refs,
-                              &c4plen, &c6off, &c6refs, &c6plen, &grows, &voff, &vblob, &rkind, &rflags, &roff, &rblob,
-                              &coff, &cblob, &category, &confidence, &ix->supplier, &PyTuple_Type, &actionable))
+        Py_ssize_t n4e, n6e, nrefs, n4off, n4refs, n4plen, n6off, n6refs, n6plen, nflags;
+        if (!PyArg_ParseTuple(PySequence_Fast_GET_ITEM(seq, i), "OOKIOOOOOiiOOOOOOOOOO(iO(KKK)(KKK)(KKK)O)SSiO!", &keys,
+                              &bloom, &mask, &kinds, &c4s, &c4e, &c6s, &c6e, &gm, &ix->slot, &ix->store, &refs, &c4off,
+                              &c4refs, &c4plen, &c6off, &c6refs, &c6plen, &grows, &rkind, &rflags, &ix->fd, &whole,
+                              &ix->off_at[0], &ix->off_at[1], &ix->off_at[2], &ix->blob_at[0], &ix->blob_at[1],
+                              &ix->blob_at[2], &ix->blob_len[0], &ix->blob_len[1], &ix->blob_len[2], &owner, &category,
+                              &confidence, &ix->supplier, &PyTuple_Type, &actionable))
             goto fail;
-        Py_INCREF(category);
-        ix->category = category;
-        Py_INCREF(confidence);
-        ix->confidence = confidence;
-        Py_INCREF(actionable);
-        ix->actionable = actionable;
-        {
-            Py_ssize_t nk, nf, nro, nrb, nco, ncb;
-            if (get_buf(rkind, &ix->rkind, 1, &nk, "rec_kind") < 0 || get_buf(rflags, &ix->rflags, 1, &nf, "rec_flags") < 0 ||
-                get_buf(roff, &ix->roff, 8, &nro, "rec_raw_off") < 0 || get_buf(rblob, &ix->rblob, 1, &nrb, "rec_raw") < 0 ||
-                get_buf(coff, &ix->coff, 8, &nco, "rec_ctx_off") < 0 || get_buf(cblob, &ix->cblob, 1, &ncb, "rec_ctx") < 0)
-                goto fail;
-            Py_ssize_t nrec = nro > 0 ? nro - 1 : 0;
-            int bad = nk != nrec || nf != nrec || nco != nro ||
-                      (nro && ((const uint64_t *)ix->roff.buf)[nro - 1] > (uint64_t)nrb) ||
-                      (nco && ((const uint64_t *)ix->coff.buf)[nco - 1] > (uint64_t)ncb);
-            for (Py_ssize_t k = 0; !bad && k < PyTuple_GET_SIZE(actionable); k++) bad = !PyBytes_Check(PyTuple_GET_ITEM(actionable, k));
-            if (bad) {
-                PyErr_SetString(PyExc_ValueError, "an index's record sections do not agree in size");
+        ix->owner = Py_NewRef(owner);
+        ix->category = Py_NewRef(category);
+        ix->confidence = Py_NewRef(confidence);
+        ix->actionable = Py_NewRef(actionable);
+        for (Py_ssize_t k = 0; k < PyTuple_GET_SIZE(actionable); k++) {
+            if (!PyBytes_Check(PyTuple_GET_ITEM(actionable, k))) {
+                PyErr_SetString(PyExc_TypeError, "actionable field names must be bytes");
                 goto fail;
             }
         }
@@ -1589,19 +1611,21 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
             get_buf(c6refs, &ix->c6refs, 4, &n6refs, "cidr6_refs") < 0 ||
             get_buf(c6plen, &ix->c6plen, 1, &n6plen, "cidr6_plen") < 0 ||
             get_buf(grows, &ix->grows, 4, &ix->ngrows, "global_masks") < 0 ||
-            get_buf(voff, &ix->voff, 8, &nvoff, "rec_value_off") < 0 || get_buf(vblob, &ix->vblob, 1, &nvblob, "rec_value") < 0)
+            get_buf(rkind, &ix->rkind, 1, &ix->nrecords, "rec_kind") < 0 ||
+            get_buf(rflags, &ix->rflags, 1, &nflags, "rec_flags") < 0)
             goto fail;
-        ix->nrecords = nvoff > 0 ? nvoff - 1 : 0;
-        ix->has_records = ((Py_ssize_t)ix->rkind.len == ix->nrecords);
+        if (ix->fd < 0 && (whole == Py_None || get_buf(whole, &ix->whole, 1, NULL, "snapshot") < 0)) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_ValueError, "an in-memory index needs its bytes");
+            goto fail;
+        }
         if (get_buf(keys, &ix->keys, 8, &ix->nkeys, "keys") < 0 || get_buf(bloom, &ix->bloom, 1, NULL, "bloom") < 0 ||
             get_buf(c4s, &ix->c4s, 4, &ix->n4, "cidr4_start") < 0 || get_buf(c4e, &ix->c4e, 4, &n4e, "cidr4_end") < 0 ||
             get_buf(c6s, &ix->c6s, 16, &ix->n6, "cidr6_start") < 0 || get_buf(c6e, &ix->c6e, 16, &n6e, "cidr6_end") < 0)
             goto fail;
         int bad = n4e != ix->n4 || n6e != ix->n6 || nrefs != ix->nkeys || n4refs != n4plen || n6refs != n6plen ||
-                  (ix->n4 && n4off != ix->n4 + 1) || (ix->n6 && n6off != ix->n6 + 1) ||
+                  nflags != ix->nrecords || (ix->n4 && n4off != ix->n4 + 1) || (ix->n6 && n6off != ix->n6 + 1) ||
                   (n4off && ((const uint32_t *)ix->c4off.buf)[n4off - 1] > (uint32_t)n4refs) ||
-                  (n6off && ((const uint32_t *)ix->c6off.buf)[n6off - 1] > (uint32_t)n6refs) ||
-                  (nvoff && ((const uint64_t *)ix->voff.buf)[nvoff - 1] > (uint64_t)nvblob);
+                  (n6off && ((const uint32_t *)ix->c6off.buf)[n6off - 1] > (uint32_t)n6refs);
         if (bad) {
             PyErr_SetString(PyExc_ValueError, "an index's sections do not agree in size");
             goto fail;
@@ -1716,12 +1740,14 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
             rc = decide(e, PyUnicode_DATA(ev), (size_t)PyUnicode_GET_LENGTH(ev), peer_plan, date, (size_t)date_len,
                         finished, &line, &plan);
         if (rc < 0) return NULL;
-        if (rc == 2 && detectable(e, e->found)) {
-            e->detect_events++;
+        if (rc == 2) {
             int r = detect_c(e, &e->plans[plan], e->cur, e->found, date, (size_t)date_len, finished, out);
-            Py_CLEAR(e->found);
             if (r < 0) return NULL;
-            continue;
+            if (r == 1) {
+                e->detect_events++;
+                Py_CLEAR(e->found);
+                continue;
+            }
         }
         if (rc == 2) {
             e->detect_events++;

@@ -761,13 +761,24 @@ class FeedIndex:
 
 
 def engine_records_view(index: FeedIndex) -> tuple[Any, ...]:
-    """What the compiled engine reads to list candidates exactly as :class:`IndicatorStore` does:
-    ``(refs, cidr4_off, cidr4_refs, cidr4_plen, cidr6_off, cidr6_refs, cidr6_plen, global_masks,
-    rec_value_off, rec_value)``, then what it reads to confirm and render detections: ``(rec_kind,
-    rec_flags, rec_raw_off, rec_raw, rec_ctx_off, rec_ctx)``, as numpy views over the snapshot."""
+    """What the compiled engine reads to list candidates exactly as :class:`IndicatorStore` does and to
+    confirm and render them: ``(refs, cidr4_off, cidr4_refs, cidr4_plen, cidr6_off, cidr6_refs, cidr6_plen,
+    global_masks, rec_kind, rec_flags)`` as numpy views over the snapshot, then how to read the record
+    strings: ``(fd or -1, the bytes when in memory, (offsets of the value, raw, context offset arrays),
+    (their blobs' offsets), (their blobs' lengths), the index)`` -- with ``pread`` from the file, like
+    :meth:`FeedIndex._string`, so a hit never makes the records section resident."""
     names = ("refs", "cidr4_off", "cidr4_refs", "cidr4_plen", "cidr6_off", "cidr6_refs", "cidr6_plen")
-    records = ("rec_kind", "rec_flags", "rec_raw_off", "rec_raw", "rec_ctx_off", "rec_ctx")
-    return tuple(index._array(name) for name in (*names, "global_masks", "rec_value_off", "rec_value", *records))
+    arrays = tuple(index._array(name) for name in (*names, "global_masks", "rec_kind", "rec_flags"))
+    fd = index._fd if index._fd is not None else -1
+    reader = (
+        fd,
+        index.buffer if fd < 0 else None,
+        tuple(index._offs),
+        tuple(at for at, _ in index._blobs),
+        tuple(length for _, length in index._blobs),
+        index,
+    )
+    return (*arrays, reader)
 
 
 def in_memory(parsed: ParsedFeed, feed_digest: bytes = bytes(32), settings_digest: bytes = bytes(32)) -> FeedIndex:
