@@ -1,0 +1,663 @@
+"""Feed files into columns, fast (issue 13 item 4): the seam between the feed parsers and the snapshot writer.
+
+:func:`parse_feed` turns the bytes of a JSON or CSV feed into a :class:`ParsedFeed`: one column per
+record attribute, record ``i`` being row ``i`` of every column.  It is pure (no I/O, no clock): the
+caller reads the file and writes the snapshot.
+
+Invariants:
+1. One definition of every answer.  The result for any input equals what the reference loader of
+   :mod:`threatgate.node.feeds` accepts (``load_feed`` + ``read_record`` + ``indicator_of`` +
+   ``record_context``): the same records in file order, kinds, normalised values, raw texts, context
+   pairs, malformed count and example texts, the same :class:`FeedError` for a file that is no feed.
+   tests/node/test_feedparse.py checks it differentially, on generated, published and hostile feeds.
+2. Fast paths only ever *decide less*.  Whole columns are tested against strict shapes (a
+   lower-case hex digest, a canonical dotted quad, a plain ``scheme://host/path`` URL, a plain host
+   name) whose normal form the reference normaliser provably gives without work (the input, lowered,
+   minus its scheme).  A value that is not of such a shape, or not ASCII, goes one by one through the
+   reference ``classify``; a record or file the fast readers do not handle (quoted CSV, a JSON number
+   too large for a C double, a record whose fields are not scalars...) goes through a port of the
+   reference reader.  So a fast path can make parsing slower, never different.
+3. Columns, not records.  No dict or dataclass per record: JSON goes through orjson (one C call for
+   the file), CSV is split once into cells; shapes are tested by RE2 over Arrow arrays (pyarrow
+   compute kernels); Python touches a value only when it builds the output lists.
+4. Malformed records are counted with the reference's example texts (the first
+   ``MAX_BAD_EXAMPLES`` in file order), never fatal; the cyclic garbage collector is paused while
+   the millions of output objects are built (it would otherwise rescan them over and over) and
+   restored as it was.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+from array import array
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from itertools import repeat
+from operator import itemgetter
+from typing import Any
+
+import numpy as np
+import numpy.typing as npt
+import orjson
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from threatgate.config.node import FeedSettings
+from threatgate.errors import FeedError
+from threatgate.node import feeds
+from threatgate.node.feeds import (
+    _SUBDOMAIN_FIELDS,
+    _TRUTHY,
+    INDICATOR_FIELDS,
+    MAX_CONTEXT_TEXT,
+    Kind,
+    LoadReport,
+    classify,
+    context_text,
+    indicator_of,
+    record_context,
+)
+
+__all__ = ["ParsedFeed", "parse_feed"]
+
+
+@dataclass(slots=True)
+class ParsedFeed:
+    """A parsed feed as columns, one row per accepted record (malformed ones are only in ``report``).
+
+    ``values`` are normalised indicators (a CIDR as ``version/prefix length/network``), ``raws`` the
+    indicator text as the feed wrote it (``%MatchedIndicator%``), ``contexts`` the record context as
+    :func:`~threatgate.node.feeds.record_context` gives it (``context_columns`` already applied),
+    ``subdomains`` whether the record covers sub-domains (a ``DOMAIN_SUFFIX``, or a mask ``*.host/...``).
+    """
+
+    kinds: array[int] = field(default_factory=lambda: array("b"))
+    values: list[str] = field(default_factory=list)
+    raws: list[str] = field(default_factory=list)
+    subdomains: list[bool] = field(default_factory=list)
+    contexts: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
+    report: LoadReport = field(default_factory=LoadReport)
+    header: list[str] = field(default_factory=list)
+
+
+_Context = tuple[tuple[str, str], ...]
+_Bad = tuple[int, str, str]
+"""(file position for ordering, where, why) of a malformed record."""
+
+_NO = np.int8(-1)
+
+
+def parse_feed(settings: FeedSettings, data: bytes) -> ParsedFeed:
+    """The columns of a JSON or CSV feed file's bytes (the reference loader's answer, faster).
+
+    Raises:
+        FeedError: the bytes are not a feed at all (the caller keeps the previous version).
+    """
+    if settings.format not in ("json", "csv"):
+        raise FeedError(f"{settings.path}: parse_feed reads JSON and CSV feeds, not {settings.format!r}")
+    with _gc_paused():
+        if settings.format == "json":
+            return _parse_json(settings, data)
+        return _parse_csv(settings, _decode(settings, data))
+
+
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Pause the cyclic collector while millions of acyclic objects are built (rule 4)."""
+    was = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if was:
+            gc.enable()
+
+
+def _decode(settings: FeedSettings, data: bytes) -> str:
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise FeedError(f"{settings.path}: not UTF-8 (byte {exc.start})") from None
+
+
+# -- columns of records into a ParsedFeed -------------------------------------------------------------
+
+
+class _Rows:
+    """Candidate records in file order, as columns: kinds (-1: malformed), values, raws, contexts."""
+
+    def __init__(self) -> None:
+        self.kinds: list[npt.NDArray[np.int8]] = []
+        self.values: list[str | None] = []
+        self.raws: list[str] = []
+        self.contexts: list[_Context] = []
+        self.bad: list[_Bad] = []
+
+    def extend(self, kinds: npt.NDArray[np.int8], values: list[str | None], raws: list[str], ctx: list[_Context]) -> None:
+        self.kinds.append(kinds)
+        self.values.extend(values)
+        self.raws.extend(raws)
+        self.contexts.extend(ctx)
+
+    def finish(self, header: list[str]) -> ParsedFeed:
+        kinds = np.concatenate(self.kinds) if self.kinds else np.zeros(0, np.int8)
+        keep = np.flatnonzero(kinds >= 0)
+        values, raws, contexts = self.values, self.raws, self.contexts
+        if len(keep) != len(kinds):
+            take = itemgetter(*keep.tolist()) if len(keep) else None
+            values = _take(values, take)
+            raws = _take(raws, take)
+            contexts = _take(contexts, take)
+            kinds = kinds[keep]
+        report = LoadReport()
+        self.bad.sort(key=itemgetter(0))
+        for _, where, why in self.bad:
+            report.bad(where, why)
+        report.records = len(kinds)
+        if len(kinds):
+            counts = np.bincount(kinds, minlength=len(Kind.NAMES))
+            present, first = np.unique(kinds, return_index=True)
+            for kind in present[np.argsort(first)].tolist():  # the reference's dict order: first seen first
+                report.per_kind[Kind.NAMES[kind]] = int(counts[kind])
+        sub = kinds == Kind.DOMAIN_SUFFIX
+        for row in np.flatnonzero(kinds == Kind.MASK).tolist():
+            sub[row] = values[row].startswith("*.")  # type: ignore[union-attr]
+        return ParsedFeed(
+            kinds=array("b", kinds.tobytes()),
+            values=values,  # type: ignore[arg-type]  # no None left: the malformed rows were dropped
+            raws=raws,
+            subdomains=sub.tolist(),
+            contexts=contexts,
+            report=report,
+            header=header,
+        )
+
+
+def _take(column: list[Any], take: Callable[[list[Any]], Any] | None) -> list[Any]:
+    if take is None:
+        return []
+    got = take(column)
+    return list(got) if isinstance(got, tuple) else [got]
+
+
+# -- classification of a column -----------------------------------------------------------------------
+
+_OCTET = r"(?:25[0-5]|2[0-4][0-9]|1[0-9][0-9]|[1-9][0-9]|[0-9])"
+_IPV4 = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
+_SEG_FIRST = r"a-z0-9\-_~!$&'()+,;=:@"  # normalize._SEG_CHARS without "." (a first character) and "*" (a mask)
+_SEG_CHARS = _SEG_FIRST + "."
+_QUERY = rf"\?[{_SEG_CHARS}?]+(?:/[{_SEG_CHARS}?]+)*/?"
+_HOST = r"(?:[a-z0-9_\-]+\.)*[a-z][a-z0-9_\-]*"  # last label starts with a letter: never an IPv4 spelling
+_SCHEME = r"[a-z][a-z0-9+\-]*://"
+
+# Strict shapes (RE2 via pyarrow, on the ASCII-lowered value).  Each is a subset of what the reference
+# fast path of normalize.py accepts with the same result; see the module docstring, rule 2.
+SHAPE_HASH = r"^(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64})$"
+SHAPE_IPV4 = rf"^{_IPV4}$"
+SHAPE_CIDR4 = rf"^{_IPV4}/(?:[0-9]|[12][0-9]|3[0-2])$"
+SHAPE_URL = rf"^(?:{_SCHEME})?{_HOST}(?:(?:/[{_SEG_FIRST}][{_SEG_CHARS}]*)+(?:/?{_QUERY})?|/{_QUERY})$"
+SHAPE_DOMAIN = rf"^{_HOST}$"
+SHAPE_STAR_DOMAIN = rf"^\*\.{_HOST}$"
+_WWW = rf"^(?:{_SCHEME}|\*\.)?www\."
+"""A leading ``www.`` is removed by the reference slow path: never a fast value."""
+_HAS_SCHEME = rf"^{_SCHEME}"
+
+
+class _Column:
+    """One column of indicator texts being classified: fast shapes first, the rest one by one."""
+
+    def __init__(self, raws: list[str]) -> None:
+        self.raws = raws
+        self.n = len(raws)
+        self.kinds = np.full(self.n, -1, np.int8)
+        self.values: list[str | None] = [None] * self.n
+        self.open = np.ones(self.n, bool)  # not decided yet
+        arr = pa.array(raws, pa.string())
+        self.lower = pc.ascii_lower(arr)
+        self.ascii = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
+        self._lower_list: list[str] | None = None
+
+    def lowered(self) -> list[str]:
+        if self._lower_list is None:
+            self._lower_list = self.lower.to_pylist()
+        return self._lower_list
+
+    def shape(self, pattern: str, *, exclude: str | None = None) -> npt.NDArray[np.intp]:
+        """Rows still open, ASCII, whose lowered text has ``pattern`` (and not ``exclude``)."""
+        hit = pc.match_substring_regex(self.lower, pattern).to_numpy(zero_copy_only=False)
+        hit &= self.open & self.ascii
+        if exclude is not None and hit.any():
+            hit &= ~pc.match_substring_regex(self.lower, exclude).to_numpy(zero_copy_only=False)
+        return np.flatnonzero(hit)
+
+    def decide(self, rows: npt.NDArray[np.intp], kind: int | npt.NDArray[np.int8], values: list[str]) -> None:
+        if not len(rows):
+            return
+        self.kinds[rows] = kind
+        self.open[rows] = False
+        if len(rows) == self.n:
+            self.values = values  # type: ignore[assignment]
+            return
+        slots = self.values
+        for row, value in zip(rows.tolist(), values, strict=True):
+            slots[row] = value
+
+    def pick(self, rows: npt.NDArray[np.intp], column: list[str]) -> list[str]:
+        if len(rows) == self.n:
+            return column
+        return list(map(column.__getitem__, rows.tolist()))
+
+    # -- the shapes -----------------------------------------------------------------------------------
+
+    def hashes(self) -> None:
+        rows = self.shape(SHAPE_HASH)
+        if len(rows):
+            self.decide(rows, Kind.HASH, self.pick(rows, self.lowered()))
+
+    def ipv4(self) -> None:
+        rows = self.shape(SHAPE_IPV4)
+        if len(rows):
+            self.decide(rows, Kind.IP, self.pick(rows, self.raws))  # canonical already: the value is the text
+
+    def cidr4(self) -> None:
+        rows = self.shape(SHAPE_CIDR4)
+        if not len(rows):
+            return
+        kinds = np.full(len(rows), Kind.CIDR, np.int8)
+        values: list[str] = []
+        for i, text in enumerate(self.pick(rows, self.raws)):
+            addr, _, plen_s = text.partition("/")
+            plen = int(plen_s)
+            if plen == 32:
+                kinds[i] = Kind.IP
+                values.append(addr)
+                continue
+            a, b, c, d = addr.split(".")
+            number = (int(a) << 24) | (int(b) << 16) | (int(c) << 8) | int(d)
+            values.append(f"4/{plen}/{number >> (32 - plen)}")
+        self.decide(rows, kinds, values)
+
+    def urls(self) -> None:
+        rows = self.shape(SHAPE_URL, exclude=_WWW)
+        if not len(rows):
+            return
+        lowered = self.pick(rows, self.lowered())
+        scheme = pc.match_substring_regex(self.lower, _HAS_SCHEME).to_numpy(zero_copy_only=False)[rows]
+        if scheme.any():
+            lowered = list(lowered)
+            for i in np.flatnonzero(scheme).tolist():
+                lowered[i] = lowered[i].partition("://")[2]  # a scheme has no ":" of its own
+        self.decide(rows, Kind.URL, lowered)
+
+    def domains(self, flags: list[bool] | None, *, star: bool) -> None:
+        """Plain host names (and ``*.host`` when ``star``): the reference ``_classify_domain`` fast path."""
+        rows = self.shape(SHAPE_DOMAIN, exclude=_WWW)
+        if len(rows):
+            kinds: int | npt.NDArray[np.int8] = Kind.DOMAIN
+            if flags is not None:
+                kinds = np.where(np.array(flags, bool)[rows], Kind.DOMAIN_SUFFIX, Kind.DOMAIN).astype(np.int8)
+            self.decide(rows, kinds, self.pick(rows, self.lowered()))
+        if star:
+            rows = self.shape(SHAPE_STAR_DOMAIN, exclude=_WWW)
+            if len(rows):
+                self.decide(rows, Kind.DOMAIN_SUFFIX, [v[2:] for v in self.pick(rows, self.lowered())])
+
+    def rest(self, field_name: str, flags: list[bool] | None) -> None:
+        """Every row no shape decided: the reference ``classify``, one by one."""
+        raws, slots, kinds = self.raws, self.values, self.kinds
+        for row in np.flatnonzero(self.open).tolist():
+            indicator = classify(raws[row], field_name, flags[row] if flags is not None else False)
+            if indicator is not None:
+                kinds[row] = indicator.kind
+                slots[row] = indicator.value
+
+
+def classify_column(
+    raws: list[str], field_name: str, flags: list[bool] | None = None
+) -> tuple[npt.NDArray[np.int8], list[str | None]]:
+    """``classify(raws[i], field_name, flags[i])`` for every row: (kinds, -1 when None; values)."""
+    column = _Column(raws)
+    if field_name in ("md5", "sha1", "sha256"):
+        column.hashes()
+    elif field_name == "ip":
+        column.ipv4()
+        column.cidr4()
+    elif field_name == "indicator":
+        column.hashes()  # before the host names: a 32-hex-digit label is a hash (reference order)
+        column.ipv4()
+        column.cidr4()
+        column.urls()
+        column.domains(flags, star=False)
+    elif field_name in ("url", "mask"):
+        column.urls()
+    elif field_name == "domain":
+        column.domains(flags, star=True)
+    column.rest(field_name, flags)
+    return column.kinds, column.values
+
+
+def _why_not(field_name: str, raw: str) -> str:
+    return f"{field_name}={raw[:80]!r} is not a valid indicator"
+
+
+def _context_texts(column: list[Any]) -> list[str | None]:
+    """``context_text`` of every value, without a call per value when they are plain short strings."""
+    if set(map(type, column)) <= {str} and "".join(column).isprintable():
+        if not column or max(map(len, column)) <= MAX_CONTEXT_TEXT:
+            return column
+    return list(map(context_text, column))
+
+
+def _contexts(names: list[str], texts: list[list[str]], n: int) -> list[_Context]:
+    if not names:
+        return [()] * n
+    return list(zip(*(zip(repeat(name), column) for name, column in zip(names, texts, strict=True))))
+
+
+# -- JSON ---------------------------------------------------------------------------------------------
+
+_LARGE = float(1 << 63)
+
+
+def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
+    """orjson for the whole file, then columns per record shape; the reference reader when in doubt."""
+    try:
+        items = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        items = None
+    if not isinstance(items, list):
+        return _json_reference(settings, _decode(settings, data))
+    rows = _Rows()
+    n = len(items)
+    types = set(map(type, items))
+    if types <= {dict}:
+        dict_rows = np.arange(n)
+    else:
+        is_dict = np.fromiter((type(o) is dict for o in items), bool, count=n)
+        for i in np.flatnonzero(~is_dict).tolist():
+            rows.bad.append((i + 1, f"record {i + 1}", f"expected an object, got {type(items[i]).__name__}"))
+        dict_rows = np.flatnonzero(is_dict)
+    if not len(dict_rows):
+        return rows.finish([])
+    records = items if len(dict_rows) == n else [items[i] for i in dict_rows.tolist()]
+    shape_ids: dict[tuple[str, ...], int] = {}
+    ids = np.fromiter(
+        (shape_ids.setdefault(s, len(shape_ids)) for s in map(tuple, records)), np.intp, count=len(records)
+    )
+    parts: list[tuple[npt.NDArray[np.intp], _Rows]] = []
+    for shape, sid in shape_ids.items():
+        members = np.arange(len(records)) if len(shape_ids) == 1 else np.flatnonzero(ids == sid)
+        group = records if len(members) == len(records) else [records[i] for i in members.tolist()]
+        part = _Rows()
+        _json_group(shape, group, dict_rows[members] + 1, part)
+        parts.append((dict_rows[members], part))
+        rows.bad.extend(part.bad)
+    if len(parts) == 1 and len(dict_rows) == n:
+        only = parts[0][1]
+        only.bad = rows.bad
+        return only.finish([])
+    return _merge(parts, rows.bad)
+
+
+def _merge(parts: list[tuple[npt.NDArray[np.intp], _Rows]], bad: list[_Bad]) -> ParsedFeed:
+    """Record columns of several groups put back in file order (``parts``: file positions, columns)."""
+    where = np.concatenate([w for w, _ in parts])
+    order = np.argsort(where, kind="stable")
+    kinds = np.concatenate([k for _, part in parts for k in part.kinds])[order]
+    put = itemgetter(*order.tolist())
+    out = _Rows()
+    out.bad = bad
+    n_rows = len(where)
+    columns = []
+    for attr in ("values", "raws", "contexts"):
+        joined = [x for _, part in parts for x in getattr(part, attr)]
+        columns.append(list(put(joined)) if n_rows > 1 else joined)
+    out.extend(kinds, columns[0], columns[1], columns[2])
+    return out.finish([])
+
+
+def _json_group(shape: tuple[str, ...], group: list[dict[str, Any]], numbers: npt.NDArray[np.intp], out: _Rows) -> None:
+    """Records that share one key order: a column per key; records the columns cannot decide go one by one."""
+    name = next((f for f in INDICATOR_FIELDS if f in shape), None)
+    others = [k for k in shape if k != name]
+    plain = name is not None and not any(s in shape for s in _SUBDOMAIN_FIELDS)
+    if plain:
+        raws = list(map(itemgetter(name), group))
+        plain = set(map(type, raws)) == {str}
+    texts: list[list[str]] = []
+    if plain:
+        for key in others:
+            column = list(map(itemgetter(key), group))
+            if not _scalar_texts(column):
+                plain = False
+                break
+            texts.append(_context_texts(column))  # type: ignore[arg-type]  # scalars: never None
+    if not plain:
+        _json_one_by_one(group, numbers, out)
+        return
+    kinds, values = classify_column(raws, name)  # type: ignore[arg-type]
+    for i in np.flatnonzero(kinds < 0).tolist():
+        n = int(numbers[i])
+        out.bad.append((n, f"record {n}", _why_not(name, raws[i])))  # type: ignore[arg-type]
+    out.extend(kinds, values, raws, _contexts(others, texts, len(group)))
+
+
+def _scalar_texts(column: list[Any]) -> bool:
+    """Whether every value has a context text that orjson and the json module agree on."""
+    types = set(map(type, column))
+    if types <= {str, int, bool}:
+        return True
+    if not types <= {str, int, bool, float}:
+        return False  # None, a list or an object: the field is left out of some records' context
+    # orjson reads an integer beyond 64 bits as a float, json as an int: their texts would differ.
+    return all(abs(v) < _LARGE for v in column if type(v) is float)
+
+
+def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp], out: _Rows) -> None:
+    """The reference, record by record (``indicator_of``, ``record_context``, ``_why_no_indicator``)."""
+    kinds = np.full(len(group), -1, np.int8)
+    values: list[str | None] = []
+    raws: list[str] = []
+    contexts: list[_Context] = []
+    for i, record in enumerate(group):
+        indicator = indicator_of(record)
+        if indicator is None:
+            n = int(numbers[i])
+            out.bad.append((n, f"record {n}", feeds._why_no_indicator(record)))
+            values.append(None)
+            raws.append("")
+            contexts.append(())
+            continue
+        kinds[i] = indicator.kind
+        values.append(indicator.value)
+        raws.append(indicator.raw)
+        contexts.append(tuple(record_context(record)))
+    out.extend(kinds, values, raws, contexts)
+
+
+def _json_reference(settings: FeedSettings, text: str) -> ParsedFeed:
+    """The reference JSON reader (``feeds._load_json``) for a file orjson refuses: record by record."""
+    path = settings.path
+    start = feeds._JSON_GAP.match(text, 0)
+    pos = start.end() if start else 0
+    if not text.startswith("[", pos):
+        raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos : pos + 20]!r}")
+    end_of_array = len(text.rstrip()) - 1
+    if end_of_array <= pos or text[end_of_array] != "]":
+        raise FeedError(f"{path}: truncated JSON feed: it does not end with ']'")
+    pos += 1
+    raw_decode = json.JSONDecoder().raw_decode
+    gap = feeds._JSON_GAP.match
+    out = _Rows()
+    records: list[dict[str, Any]] = []
+    numbers: list[int] = []
+    n = 0
+    while True:
+        m = gap(text, pos)
+        pos = m.end() if m else pos
+        if pos >= end_of_array:
+            break
+        n += 1
+        try:
+            obj, end = raw_decode(text, pos)
+        except json.JSONDecodeError as exc:
+            out.bad.append((n, f"record {n} (line {exc.lineno})", f"invalid JSON: {exc.msg}"))
+            nxt = text.find("\n", exc.pos)
+            pos = end_of_array if nxt < 0 else nxt
+            continue
+        except (ValueError, RecursionError) as exc:  # the reference stops here with a Python error
+            raise FeedError(f"{path}: record {n}: cannot be read: {str(exc)[:100] or type(exc).__name__}") from None
+        if not isinstance(obj, dict):
+            out.bad.append((n, f"record {n}", f"expected an object, got {type(obj).__name__}"))
+        else:
+            records.append(obj)
+            numbers.append(n)
+        pos = end
+    _json_one_by_one(records, np.array(numbers, np.intp), out)
+    return out.finish([])
+
+
+# -- CSV ----------------------------------------------------------------------------------------------
+
+
+class _Tracked:
+    """An iterator of CSV lines that remembers the last line it gave (where the fast reader starts)."""
+
+    def __init__(self, lines: Iterator[feeds._Line]) -> None:
+        self._lines = lines
+        self.last: feeds._Line | None = None
+
+    def __iter__(self) -> _Tracked:
+        return self
+
+    def __next__(self) -> feeds._Line:
+        self.last = next(self._lines)
+        return self.last
+
+
+@dataclass(slots=True)
+class _CsvLayout:
+    """What the header says: the indicator column, how it is read back, which columns are context."""
+
+    width: int
+    col: int
+    field_name: str
+    sub_col: int
+    names: list[str]
+    context: list[tuple[str, int]]  # (name, column) in the order record_context gives them
+
+
+def _csv_layout(settings: FeedSettings, lines: Iterator[feeds._Line]) -> tuple[_CsvLayout, list[feeds._Line]]:
+    header, header_line, first_row = feeds._find_csv_header(settings, lines)
+    col, field_name, sub_col = feeds._csv_columns(settings, header, header_line)
+    names = list(header)
+    names[col] = field_name
+    if sub_col >= 0:
+        names[sub_col] = header[sub_col].lower()
+    keep = None
+    if settings.context_columns is not None:
+        keep = feeds._csv_context_columns(settings, header, names, col)
+    # A record is read back as dict(zip(names, row)): the last of equal names wins, in the place of the first.
+    by_name: dict[str, int] = {}
+    for i, name in enumerate(names):
+        by_name[name] = i
+    indicator = next((f for f in INDICATOR_FIELDS if f in by_name), None)
+    context = [(n, i) for n, i in by_name.items() if n != indicator and (keep is None or n in keep)]
+    return _CsvLayout(len(header), col, field_name, sub_col, names, context), first_row
+
+
+def _parse_csv(settings: FeedSettings, text: str) -> ParsedFeed:
+    lines = _Tracked(feeds._lines(text))
+    layout, first_row = _csv_layout(settings, lines)
+    cells: list[list[str]] = [[] for _ in range(layout.width)]
+    linenos: list[int] = []
+    bad: list[_Bad] = []
+    _csv_rows_one_by_one(settings, layout, first_row, cells, linenos, bad)
+    pos, lineno = len(text), 0
+    if lines.last is not None:
+        start, first, line = lines.last
+        pos, lineno = start + len(line) + 1, first + line.count("\n") + 1
+    body = text[pos:]
+    if '"' in body:  # quoted fields (and lines they span): the reference reader, line by line
+        _csv_rows_one_by_one(settings, layout, lines, cells, linenos, bad)
+        numbers = np.array(linenos, np.intp)
+    else:
+        more = _csv_rows_fast(settings.delimiter, layout, body, lineno, cells, bad)
+        numbers = np.concatenate([np.array(linenos, np.intp), more])
+    return _csv_finish(layout, cells, numbers, bad)
+
+
+def _csv_rows_one_by_one(
+    settings: FeedSettings,
+    layout: _CsvLayout,
+    lines: Iterator[feeds._Line] | list[feeds._Line],
+    cells: list[list[str]],
+    linenos: list[int],
+    bad: list[_Bad],
+) -> None:
+    """Rows as the reference ``_load_csv`` splits them, appended to the columns ``cells``."""
+    width = layout.width
+    for _, lineno, line in lines:
+        row_text = line.rstrip("\r")
+        if not row_text.strip() or row_text.startswith("#"):
+            continue
+        row = feeds._csv_row(row_text, settings.delimiter)
+        if len(row) != width:
+            bad.append((lineno, f"line {lineno}", f"{len(row)} fields, header has {width}"))
+            continue
+        for column, value in zip(cells, row, strict=True):
+            column.append(value)
+        linenos.append(lineno)
+
+
+def _csv_rows_fast(
+    delimiter: str, layout: _CsvLayout, body: str, first: int, cells: list[list[str]], bad: list[_Bad]
+) -> npt.NDArray[np.intp]:
+    """Rows of a body without quotes: split once into cells; returns the line numbers of the rows kept."""
+    lines = body.split("\n")
+    if not body or body.endswith("\n"):
+        lines.pop()  # the reference yields no line after a final LF
+    if "\r" in body:
+        lines = list(map(str.rstrip, lines, repeat("\r")))
+    width = layout.width
+    counts = np.fromiter(map(str.count, lines, repeat(delimiter)), np.intp, count=len(lines))
+    fits = counts == width - 1
+    skip = np.zeros(len(lines), bool)
+    if body.startswith("#") or "\n#" in body:
+        for i, line in enumerate(lines):
+            skip[i] = line.startswith("#")
+    # A blank line is skipped; it can only have the right number of delimiters when they are blanks too.
+    maybe_blank = np.ones(len(lines), bool) if width == 1 or delimiter.isspace() else ~fits
+    for i in np.flatnonzero(maybe_blank).tolist():
+        if not lines[i].strip():
+            skip[i] = True
+    for i in np.flatnonzero(~fits & ~skip).tolist():
+        lineno = first + i
+        bad.append((lineno, f"line {lineno}", f"{counts[i] + 1} fields, header has {width}"))
+    keep = np.flatnonzero(fits & ~skip)
+    if len(keep) != len(lines):
+        lines = list(map(lines.__getitem__, keep.tolist()))
+    flat = delimiter.join(lines).split(delimiter) if lines else []
+    for j, column in enumerate(cells):
+        column.extend(flat[j::width])
+    return keep + first
+
+
+def _csv_finish(layout: _CsvLayout, cells: list[list[str]], numbers: npt.NDArray[np.intp], bad: list[_Bad]) -> ParsedFeed:
+    raws = cells[layout.col]
+    flags = None
+    if layout.sub_col >= 0:
+        truthy = {v: v.strip().lower() in _TRUTHY for v in set(cells[layout.sub_col])}
+        flags = list(map(truthy.__getitem__, cells[layout.sub_col]))
+    kinds, values = classify_column(raws, layout.field_name, flags)
+    for i in np.flatnonzero(kinds < 0).tolist():
+        lineno = int(numbers[i])
+        bad.append((lineno, f"line {lineno}", _why_not(layout.field_name, raws[i])))
+    names = [name for name, _ in layout.context]
+    texts = [_context_texts(cells[i]) for _, i in layout.context]
+    rows = _Rows()
+    rows.bad = bad
+    rows.extend(kinds, values, raws, _contexts(names, texts, len(raws)))  # type: ignore[arg-type]
+    return rows.finish(layout.names)
