@@ -190,7 +190,7 @@ _SEG_FIRST = r"a-z0-9\-_~!$&'()+,;=:@"  # normalize._SEG_CHARS without "." (a fi
 _SEG_CHARS = _SEG_FIRST + "."
 _QUERY = rf"\?[{_SEG_CHARS}?]+(?:/[{_SEG_CHARS}?]+)*/?"
 _HOST = r"(?:[a-z0-9_\-]+\.)*[a-z][a-z0-9_\-]*"  # last label starts with a letter: never an IPv4 spelling
-_SCHEME = r"[a-z][a-z0-9+\-]*://"
+_SCHEME = r"[a-z][a-z0-9+\-]+://"  # two characters or more, as normalize._FAST_URL (and its slow path)
 
 # Strict shapes (RE2 via pyarrow, on the ASCII-lowered value).  Each is a subset of what the reference
 # fast path of normalize.py accepts with the same result; see the module docstring, rule 2.
@@ -198,6 +198,9 @@ SHAPE_HASH = r"^(?:[0-9a-f]{32}|[0-9a-f]{40}|[0-9a-f]{64})$"
 SHAPE_IPV4 = rf"^{_IPV4}$"
 SHAPE_CIDR4 = rf"^{_IPV4}/(?:[0-9]|[12][0-9]|3[0-2])$"
 SHAPE_URL = rf"^(?:{_SCHEME})?{_HOST}(?:(?:/[{_SEG_FIRST}][{_SEG_CHARS}]*)+(?:/?{_QUERY})?|/{_QUERY})$"
+SHAPE_MASK = rf"^(?:{_SCHEME})?(?:\*\.)?{_HOST}(?:/[{_SEG_FIRST}*][{_SEG_CHARS}*]*)+$"
+"""A mask ``[scheme://][*.]host/path`` with stars in the path: the reference (fast path for a plain host,
+slow path with ``allow_wildcard`` for ``*.host``) gives it lowered, minus its scheme."""
 SHAPE_DOMAIN = rf"^{_HOST}$"
 SHAPE_STAR_DOMAIN = rf"^\*\.{_HOST}$"
 _WWW = rf"^(?:{_SCHEME}|\*\.)?www\."
@@ -226,11 +229,14 @@ class _Column:
 
     def shape(self, pattern: str, *, exclude: str | None = None) -> npt.NDArray[np.intp]:
         """Rows still open, ASCII, whose lowered text has ``pattern`` (and not ``exclude``)."""
-        hit = pc.match_substring_regex(self.lower, pattern).to_numpy(zero_copy_only=False)
-        hit &= self.open & self.ascii
+        candidates = np.flatnonzero(self.open & self.ascii)
+        if not len(candidates):
+            return candidates
+        texts = self.lower if len(candidates) == self.n else self.lower.take(pa.array(candidates))
+        hit = pc.match_substring_regex(texts, pattern).to_numpy(zero_copy_only=False)
         if exclude is not None and hit.any():
-            hit &= ~pc.match_substring_regex(self.lower, exclude).to_numpy(zero_copy_only=False)
-        return np.flatnonzero(hit)
+            hit &= ~pc.match_substring_regex(texts, exclude).to_numpy(zero_copy_only=False)
+        return candidates[hit]
 
     def decide(self, rows: npt.NDArray[np.intp], kind: int | npt.NDArray[np.int8], values: list[str]) -> None:
         if not len(rows):
@@ -281,15 +287,22 @@ class _Column:
 
     def urls(self) -> None:
         rows = self.shape(SHAPE_URL, exclude=_WWW)
-        if not len(rows):
-            return
+        if len(rows):
+            self.decide(rows, Kind.URL, self._minus_scheme(rows))
+
+    def _minus_scheme(self, rows: npt.NDArray[np.intp]) -> list[str]:
         lowered = self.pick(rows, self.lowered())
         scheme = pc.match_substring_regex(self.lower, _HAS_SCHEME).to_numpy(zero_copy_only=False)[rows]
         if scheme.any():
             lowered = list(lowered)
             for i in np.flatnonzero(scheme).tolist():
                 lowered[i] = lowered[i].partition("://")[2]  # a scheme has no ":" of its own
-        self.decide(rows, Kind.URL, lowered)
+        return lowered
+
+    def masks(self) -> None:
+        rows = self.shape(SHAPE_MASK, exclude=_WWW)
+        if len(rows):
+            self.decide(rows, Kind.MASK, self._minus_scheme(rows))
 
     def domains(self, flags: list[bool] | None, *, star: bool) -> None:
         """Plain host names (and ``*.host`` when ``star``): the reference ``_classify_domain`` fast path."""
@@ -329,9 +342,11 @@ def classify_column(
         column.ipv4()
         column.cidr4()
         column.urls()
+        column.masks()
         column.domains(flags, star=False)
     elif field_name in ("url", "mask"):
         column.urls()
+        column.masks()
     elif field_name == "domain":
         column.domains(flags, star=True)
     column.rest(field_name, flags)
@@ -382,12 +397,12 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     if not len(dict_rows):
         return rows.finish([])
     records = items if len(dict_rows) == n else [items[i] for i in dict_rows.tolist()]
-    shape_ids: dict[tuple[str, ...], int] = {}
-    ids = np.fromiter(
-        (shape_ids.setdefault(s, len(shape_ids)) for s in map(tuple, records)), np.intp, count=len(records)
-    )
+    shapes = list(map(tuple, records))  # the keys of each record, in order
+    shape_ids = {shape: i for i, shape in enumerate(set(shapes))}
+    if len(shape_ids) > 1:
+        ids = np.fromiter(map(shape_ids.__getitem__, shapes), np.intp, count=len(records))
     parts: list[tuple[npt.NDArray[np.intp], _Rows]] = []
-    for shape, sid in shape_ids.items():
+    for shape, sid in sorted(shape_ids.items(), key=itemgetter(1)):
         members = np.arange(len(records)) if len(shape_ids) == 1 else np.flatnonzero(ids == sid)
         group = records if len(members) == len(records) else [records[i] for i in members.tolist()]
         part = _Rows()
