@@ -34,7 +34,7 @@ from array import array
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from itertools import repeat
+from itertools import chain, repeat
 from operator import itemgetter
 from typing import Any
 
@@ -217,14 +217,16 @@ class _Column:
         self.kinds = np.full(self.n, -1, np.int8)
         self.values: list[str | None] = [None] * self.n
         self.open = np.ones(self.n, bool)  # not decided yet
-        arr = pa.array(raws, pa.string())
+        arr = _arrow_strings(raws)
         self.lower = pc.ascii_lower(arr)
+        self.already_lower = bool(pc.all(pc.equal(arr, self.lower)).as_py() is not False)
         self.ascii = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
         self._lower_list: list[str] | None = None
 
     def lowered(self) -> list[str]:
+        """The ASCII-lowered texts (the raws themselves when they are lower-case already: no copy)."""
         if self._lower_list is None:
-            self._lower_list = self.lower.to_pylist()
+            self._lower_list = self.raws if self.already_lower else self.lower.to_pylist()
         return self._lower_list
 
     def shape(self, pattern: str, *, exclude: str | None = None) -> npt.NDArray[np.intp]:
@@ -291,13 +293,10 @@ class _Column:
             self.decide(rows, Kind.URL, self._minus_scheme(rows))
 
     def _minus_scheme(self, rows: npt.NDArray[np.intp]) -> list[str]:
-        lowered = self.pick(rows, self.lowered())
-        scheme = pc.match_substring_regex(self.lower, _HAS_SCHEME).to_numpy(zero_copy_only=False)[rows]
-        if scheme.any():
-            lowered = list(lowered)
-            for i in np.flatnonzero(scheme).tolist():
-                lowered[i] = lowered[i].partition("://")[2]  # a scheme has no ":" of its own
-        return lowered
+        """The lowered texts of ``rows`` without their ``scheme://``."""
+        low = self.lower if len(rows) == self.n else self.lower.take(pa.array(rows))
+        cut: list[str] = pc.replace_substring_regex(low, _HAS_SCHEME, "", max_replacements=1).to_pylist()
+        return cut
 
     def masks(self) -> None:
         rows = self.shape(SHAPE_MASK, exclude=_WWW)
@@ -325,6 +324,15 @@ class _Column:
             if indicator is not None:
                 kinds[row] = indicator.kind
                 slots[row] = indicator.value
+
+
+def _arrow_strings(texts: list[str]) -> pa.Array:
+    """``texts`` as an Arrow array: joined once and split by Arrow when no text holds a LF (faster than
+    converting object by object, whose memory is scattered over the heap)."""
+    joined = "\n".join(texts)
+    if texts and joined.count("\n") == len(texts) - 1:
+        return pc.split_pattern(pa.array([joined], pa.large_string()), "\n").flatten()
+    return pa.array(texts, pa.large_string())
 
 
 def classify_column(
@@ -366,9 +374,31 @@ def _context_texts(column: list[Any]) -> list[str | None]:
 
 
 def _contexts(names: list[str], texts: list[list[str]], n: int) -> list[_Context]:
+    """Per row, the tuple of ``(name, text)`` pairs; equal pairs (and one-pair tuples) are shared."""
     if not names:
         return [()] * n
-    return list(zip(*(zip(repeat(name), column) for name, column in zip(names, texts, strict=True))))
+    if len(names) == 1:
+        name, column = names[0], texts[0]
+        if _repetitive(column):
+            one = {value: ((name, value),) for value in set(column)}
+            return list(map(one.__getitem__, column))
+        return list(zip(zip(repeat(name), column)))
+    pairs = []
+    for name, column in zip(names, texts, strict=True):
+        if _repetitive(column):
+            pair = {value: (name, value) for value in set(column)}
+            pairs.append(map(pair.__getitem__, column))
+        else:
+            pairs.append(zip(repeat(name), column))
+    return list(zip(*pairs))
+
+
+def _repetitive(column: list[str]) -> bool:
+    """Whether a column has few distinct values (a threat name, a date), judged on a sample first."""
+    sample = column[:2048]
+    if len(set(sample)) * 4 > len(sample):
+        return False
+    return len(set(column)) * 4 <= len(column)
 
 
 # -- JSON ---------------------------------------------------------------------------------------------
@@ -399,6 +429,10 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     records = items if len(dict_rows) == n else [items[i] for i in dict_rows.tolist()]
     shapes = list(map(tuple, records))  # the keys of each record, in order
     shape_ids = {shape: i for i, shape in enumerate(set(shapes))}
+    bulk = _json_bulk(records, shapes, shape_ids, dict_rows + 1)
+    if bulk is not None:
+        bulk.bad.extend(rows.bad)
+        return bulk.finish([])
     if len(shape_ids) > 1:
         ids = np.fromiter(map(shape_ids.__getitem__, shapes), np.intp, count=len(records))
     parts: list[tuple[npt.NDArray[np.intp], _Rows]] = []
@@ -414,6 +448,65 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
         only.bad = rows.bad
         return only.finish([])
     return _merge(parts, rows.bad)
+
+
+_SAME_CLASS = {"mask": "url"}
+"""Indicator fields ``classify`` treats alike (a ``mask`` without a star is a URL, a URL with one a mask)."""
+
+
+def _json_bulk(
+    records: list[dict[str, Any]],
+    shapes: list[tuple[str, ...]],
+    shape_ids: dict[tuple[str, ...], int],
+    numbers: npt.NDArray[np.intp],
+) -> _Rows | None:
+    """The common feed in one pass, or None: every field a short printable string, the indicator first.
+
+    The context of such a record is its ``(key, value)`` pairs but the first, which C builds directly
+    (``dict.items``); the indicators of all shapes are one column per way of classifying them.
+    """
+    fields: dict[tuple[str, ...], str] = {}
+    for shape in shape_ids:
+        name = next((f for f in INDICATOR_FIELDS if f in shape), None)
+        if name is None or shape[0] != name or any(s in shape for s in _SUBDOMAIN_FIELDS):
+            return None
+        fields[shape] = name
+    every = list(chain.from_iterable(map(dict.values, records)))
+    try:
+        joined = "".join(every)  # a TypeError when a value is not a string
+    except TypeError:
+        return None
+    if not joined.isprintable() or (len(joined) > MAX_CONTEXT_TEXT and max(map(len, every)) > MAX_CONTEXT_TEXT):
+        return None
+    del every, joined
+    names = set(fields.values())
+    if len(names) == 1:
+        raws = list(map(itemgetter(names.pop()), records))
+        record_fields = None
+    else:
+        record_fields = list(map(fields.__getitem__, shapes))
+        raws = list(map(dict.__getitem__, records, record_fields))
+    contexts = list(map(itemgetter(slice(1, None)), map(tuple, map(dict.items, records))))
+    classes = sorted({_SAME_CLASS.get(f, f) for f in fields.values()})
+    if len(classes) == 1:
+        kinds, values = classify_column(raws, classes[0])
+    else:
+        class_of = {shape: classes.index(_SAME_CLASS.get(f, f)) for shape, f in fields.items()}
+        ids = np.fromiter(map(class_of.__getitem__, shapes), np.intp, count=len(shapes))
+        kinds = np.full(len(raws), -1, np.int8)
+        slots = np.empty(len(raws), object)
+        for i, name in enumerate(classes):
+            rows = np.flatnonzero(ids == i)
+            kinds[rows], got = classify_column(list(map(raws.__getitem__, rows.tolist())), name)
+            slots[rows] = got
+        values = slots.tolist()
+    out = _Rows()
+    for i in np.flatnonzero(kinds < 0).tolist():
+        n = int(numbers[i])
+        name = record_fields[i] if record_fields is not None else fields[shapes[i]]
+        out.bad.append((n, f"record {n}", _why_not(name, raws[i])))
+    out.extend(kinds, values, raws, contexts)
+    return out
 
 
 def _merge(parts: list[tuple[npt.NDArray[np.intp], _Rows]], bad: list[_Bad]) -> ParsedFeed:
