@@ -28,6 +28,7 @@ Invariants:
 
 from __future__ import annotations
 
+import csv
 import gc
 import json
 from array import array
@@ -146,10 +147,10 @@ class _Rows:
         keep = np.flatnonzero(kinds >= 0)
         values, raws, contexts = self.values, self.raws, self.contexts
         if len(keep) != len(kinds):
-            take = itemgetter(*keep.tolist()) if len(keep) else None
-            values = _take(values, take)
-            raws = _take(raws, take)
-            contexts = _take(contexts, take)
+            rows = keep.tolist()
+            values = _take(values, rows)
+            raws = _take(raws, rows)
+            contexts = _take(contexts, rows)
             kinds = kinds[keep]
         report = LoadReport()
         self.bad.sort(key=itemgetter(0))
@@ -175,11 +176,11 @@ class _Rows:
         )
 
 
-def _take(column: list[Any], take: Callable[[list[Any]], Any] | None) -> list[Any]:
-    if take is None:
-        return []
-    got = take(column)
-    return list(got) if isinstance(got, tuple) else [got]
+def _take(column: list[Any], rows: list[int]) -> list[Any]:
+    """``[column[i] for i in rows]``, by C."""
+    if len(rows) < 2:
+        return [column[i] for i in rows]
+    return list(itemgetter(*rows)(column))
 
 
 # -- classification of a column -----------------------------------------------------------------------
@@ -433,6 +434,8 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     if bulk is not None:
         bulk.bad.extend(rows.bad)
         return bulk.finish([])
+    if not _same_numbers(records):
+        return _json_reference(settings, _decode(settings, data))
     if len(shape_ids) > 1:
         ids = np.fromiter(map(shape_ids.__getitem__, shapes), np.intp, count=len(records))
     parts: list[tuple[npt.NDArray[np.intp], _Rows]] = []
@@ -553,14 +556,18 @@ def _json_group(shape: tuple[str, ...], group: list[dict[str, Any]], numbers: np
 
 
 def _scalar_texts(column: list[Any]) -> bool:
-    """Whether every value has a context text that orjson and the json module agree on."""
-    types = set(map(type, column))
-    if types <= {str, int, bool}:
-        return True
-    if not types <= {str, int, bool, float}:
-        return False  # None, a list or an object: the field is left out of some records' context
-    # orjson reads an integer beyond 64 bits as a float, json as an int: their texts would differ.
-    return all(abs(v) < _LARGE for v in column if type(v) is float)
+    """Whether every value is a scalar (None, a list or an object is left out of some records' context)."""
+    return set(map(type, column)) <= {str, int, bool, float}
+
+
+def _same_numbers(records: list[dict[str, Any]]) -> bool:
+    """Whether the json module reads every field as orjson did.
+
+    orjson reads an integer beyond 64 bits as a float, the json module as an int, so their texts
+    (context, or the quote of a malformed record) would differ.  A float of magnitude below 2**63
+    was written as a float in the file (a smaller integer stays an int): both read the same double.
+    """
+    return all(abs(v) < _LARGE for v in chain.from_iterable(map(dict.values, records)) if type(v) is float)
 
 
 def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp], out: _Rows) -> None:
@@ -678,7 +685,11 @@ def _csv_layout(settings: FeedSettings, lines: Iterator[feeds._Line]) -> tuple[_
 
 def _parse_csv(settings: FeedSettings, text: str) -> ParsedFeed:
     lines = _Tracked(feeds._lines(text))
-    layout, first_row = _csv_layout(settings, lines)
+    try:
+        layout, first_row = _csv_layout(settings, lines)
+    except csv.Error as exc:  # the reference loader stops here with a Python error
+        where = f"line {lines.last[1]}: " if lines.last is not None else ""
+        raise FeedError(f"{settings.path}: {where}the CSV header cannot be read: {exc}") from None
     cells: list[list[str]] = [[] for _ in range(layout.width)]
     linenos: list[int] = []
     bad: list[_Bad] = []
@@ -711,7 +722,11 @@ def _csv_rows_one_by_one(
         row_text = line.rstrip("\r")
         if not row_text.strip() or row_text.startswith("#"):
             continue
-        row = feeds._csv_row(row_text, settings.delimiter)
+        try:
+            row = feeds._csv_row(row_text, settings.delimiter)
+        except csv.Error as exc:  # the reference loader stops here with a Python error
+            bad.append((lineno, f"line {lineno}", f"unreadable CSV row: {exc}"))
+            continue
         if len(row) != width:
             bad.append((lineno, f"line {lineno}", f"{len(row)} fields, header has {width}"))
             continue
