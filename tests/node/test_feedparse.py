@@ -126,7 +126,15 @@ def test_parse_feed_generated_feeds_as_the_reference(tmp_path: Path, name: str) 
 
 
 @pytest.mark.parametrize(
-    "name", ["botnet_domains.json", "false_positives.json", "internal_ti.json", "malicious_hashes.json", "malicious_urls.json", "ip_reputation.csv"]
+    "name",
+    [
+        "botnet_domains.json",
+        "false_positives.json",
+        "internal_ti.json",
+        "malicious_hashes.json",
+        "malicious_urls.json",
+        "ip_reputation.csv",
+    ],
 )
 def test_parse_feed_example_feeds_as_the_reference(name: str) -> None:
     assert_same(feed_settings(EXAMPLES / name, "json" if name.endswith("json") else "csv"))
@@ -168,7 +176,8 @@ HOSTILE_JSON = [
     '[{"url": "http://a.example/p", "note": "line\\nbreak\\u2028and\\u0000nul"}]',
     '[{"url": "HTTP://WWW.Example.COM/A/../b//c?x=1#frag", "c": "ünïcödé"}]',
     '[{"mask": "*.cdn.example/a/*"}, {"mask": "host.example/b/*"}, {"url": "*.x.example"}, {"mask": "a.example/p"}]',
-    '[{"ip": "10.0.0.0/8"}, {"ip": "010.001.002.003"}, {"ip": "::ffff:1.2.3.4"}, {"ip": "1.2.3.4/32"}, {"ip": "1.2.3.4/33"}]',
+    '[{"ip": "10.0.0.0/8"}, {"ip": "010.001.002.003"}, {"ip": "::ffff:1.2.3.4"}, {"ip": "1.2.3.4/32"}, '
+    '{"ip": "1.2.3.4/33"}]',
     '[{"md5": "44D88612FEA8A8F36DE82E1278ABB02F"}, {"sha1": " abc "}, {"sha256": "' + "A" * 64 + '"}]',
     '[{"indicator": "' + "b" * 32 + '"}, {"indicator": "1.2.3.4"}, {"indicator": "a.example"}, {"indicator": "x/y"}]',
     '[{"url": "http://a.example/p", "big": "' + "x" * 5000 + '"}]',
@@ -215,7 +224,9 @@ def test_parse_feed_hostile_csv_as_the_reference(tmp_path: Path, text: str) -> N
 
 def test_parse_feed_invalid_utf8_is_the_reference_error(tmp_path: Path) -> None:
     for name in ("f.json", "f.csv"):
-        answer = assert_same(write(tmp_path, name, b'[{"ip": "1.2.3.4", "c": "\xff"}]' if name == "f.json" else b"ip\n1.2.3.4\xfe\n"))
+        answer = assert_same(
+            write(tmp_path, name, b'[{"ip": "1.2.3.4", "c": "\xff"}]' if name == "f.json" else b"ip\n1.2.3.4\xfe\n")
+        )
         assert isinstance(answer, str) and "not UTF-8" in answer
 
 
@@ -317,7 +328,9 @@ def test_parse_feed_hypothesis_json_as_the_reference(tmp_path: Path, data: bytes
 
 @_SETTINGS
 @given(feed=csv_feeds(), column=st.sampled_from(["", "", "dst_ip", "IP", "c"]), keep=st.booleans())
-def test_parse_feed_hypothesis_csv_as_the_reference(tmp_path: Path, feed: tuple[bytes, str], column: str, keep: bool) -> None:
+def test_parse_feed_hypothesis_csv_as_the_reference(
+    tmp_path: Path, feed: tuple[bytes, str], column: str, keep: bool
+) -> None:
     data, delimiter = feed
     kwargs: dict[str, Any] = {"delimiter": delimiter, "indicator_column": column}
     if keep:
@@ -328,7 +341,9 @@ def test_parse_feed_hypothesis_csv_as_the_reference(tmp_path: Path, feed: tuple[
 # -- the column classifier ----------------------------------------------------------------------------
 
 _URLISH = st.text(alphabet="aAbWw.-_0129x:/?*@%#[]+~! \t", max_size=30)
-_SCHEMED = st.builds(lambda s, rest: s + rest, st.sampled_from(["", "http://", "HTTPS://", "a://", "ab://", "x-1+://", "www."]), _URLISH)
+_SCHEMED = st.builds(
+    lambda s, rest: s + rest, st.sampled_from(["", "http://", "HTTPS://", "a://", "ab://", "x-1+://", "www."]), _URLISH
+)
 
 
 @settings(max_examples=400, deadline=None)

@@ -32,7 +32,7 @@ import csv
 import gc
 import json
 from array import array
-from collections.abc import Callable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, repeat
@@ -136,7 +136,9 @@ class _Rows:
         self.contexts: list[_Context] = []
         self.bad: list[_Bad] = []
 
-    def extend(self, kinds: npt.NDArray[np.int8], values: list[str | None], raws: list[str], ctx: list[_Context]) -> None:
+    def extend(
+        self, kinds: npt.NDArray[np.int8], values: list[str | None], raws: list[str], ctx: list[_Context]
+    ) -> None:
         self.kinds.append(kinds)
         self.values.extend(values)
         self.raws.extend(raws)
@@ -236,7 +238,7 @@ class _Column:
         if not len(candidates):
             return candidates
         texts = self.lower if len(candidates) == self.n else self.lower.take(pa.array(candidates))
-        hit = pc.match_substring_regex(texts, pattern).to_numpy(zero_copy_only=False)
+        hit: npt.NDArray[np.bool_] = pc.match_substring_regex(texts, pattern).to_numpy(zero_copy_only=False)
         if exclude is not None and hit.any():
             hit &= ~pc.match_substring_regex(texts, exclude).to_numpy(zero_copy_only=False)
         return candidates[hit]
@@ -384,14 +386,14 @@ def _contexts(names: list[str], texts: list[list[str]], n: int) -> list[_Context
             one = {value: ((name, value),) for value in set(column)}
             return list(map(one.__getitem__, column))
         return list(zip(zip(repeat(name), column)))
-    pairs = []
+    pairs: list[Iterable[tuple[str, str]]] = []
     for name, column in zip(names, texts, strict=True):
         if _repetitive(column):
             pair = {value: (name, value) for value in set(column)}
             pairs.append(map(pair.__getitem__, column))
         else:
             pairs.append(zip(repeat(name), column))
-    return list(zip(*pairs))
+    return list(zip(*pairs, strict=True))
 
 
 def _repetitive(column: list[str]) -> bool:
@@ -768,7 +770,9 @@ def _csv_rows_fast(
     return keep + first
 
 
-def _csv_finish(layout: _CsvLayout, cells: list[list[str]], numbers: npt.NDArray[np.intp], bad: list[_Bad]) -> ParsedFeed:
+def _csv_finish(
+    layout: _CsvLayout, cells: list[list[str]], numbers: npt.NDArray[np.intp], bad: list[_Bad]
+) -> ParsedFeed:
     raws = cells[layout.col]
     flags = None
     if layout.sub_col >= 0:
