@@ -223,7 +223,6 @@ class _Column:
         arr = _arrow_strings(raws)
         self.lower = pc.ascii_lower(arr)
         self.already_lower = bool(pc.all(pc.equal(arr, self.lower)).as_py() is not False)
-        self.ascii = pc.string_is_ascii(arr).to_numpy(zero_copy_only=False)
         self._lower_list: list[str] | None = None
 
     def lowered(self) -> list[str]:
@@ -233,8 +232,8 @@ class _Column:
         return self._lower_list
 
     def shape(self, pattern: str, *, exclude: str | None = None) -> npt.NDArray[np.intp]:
-        """Rows still open, ASCII, whose lowered text has ``pattern`` (and not ``exclude``)."""
-        candidates = np.flatnonzero(self.open & self.ascii)
+        """Rows still open whose lowered text has ``pattern`` (and not ``exclude``; never a non-ASCII row)."""
+        candidates = np.flatnonzero(self.open)
         if not len(candidates):
             return candidates
         texts = self.lower if len(candidates) == self.n else self.lower.take(pa.array(candidates))
@@ -330,12 +329,18 @@ class _Column:
 
 
 def _arrow_strings(texts: list[str]) -> pa.Array:
-    """``texts`` as an Arrow array: joined once and split by Arrow when no text holds a LF (faster than
-    converting object by object, whose memory is scattered over the heap)."""
-    joined = "\n".join(texts)
-    if texts and joined.count("\n") == len(texts) - 1:
-        return pc.split_pattern(pa.array([joined], pa.large_string()), "\n").flatten()
-    return pa.array(texts, pa.large_string())
+    """``texts`` as an Arrow array of ASCII strings, a non-ASCII text as "" (which no shape matches).
+
+    Filled from one joined ``str`` and the lengths, not object by object: the objects are scattered
+    over the heap, and the shapes are ASCII anyway (a non-ASCII value is for the reference normaliser).
+    """
+    joined = "".join(texts)
+    if not joined.isascii():
+        texts = [text if text.isascii() else "" for text in texts]
+        joined = "".join(texts)
+    offsets = np.zeros(len(texts) + 1, np.int64)
+    np.cumsum(np.fromiter(map(len, texts), np.int64, count=len(texts)), out=offsets[1:])
+    return pa.LargeStringArray.from_buffers(len(texts), pa.py_buffer(offsets), pa.py_buffer(joined.encode("ascii")))
 
 
 def classify_column(
@@ -432,7 +437,7 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     records = items if len(dict_rows) == n else [items[i] for i in dict_rows.tolist()]
     shapes = list(map(tuple, records))  # the keys of each record, in order
     shape_ids = {shape: i for i, shape in enumerate(set(shapes))}
-    bulk = _json_bulk(records, shapes, shape_ids, dict_rows + 1)
+    bulk = _json_bulk(data, records, shapes, shape_ids, dict_rows + 1)
     if bulk is not None:
         bulk.bad.extend(rows.bad)
         return bulk.finish([])
@@ -460,6 +465,7 @@ _SAME_CLASS = {"mask": "url"}
 
 
 def _json_bulk(
+    data: bytes,
     records: list[dict[str, Any]],
     shapes: list[tuple[str, ...]],
     shape_ids: dict[tuple[str, ...], int],
@@ -477,13 +483,11 @@ def _json_bulk(
             return None
         fields[shape] = name
     every = list(chain.from_iterable(map(dict.values, records)))
-    try:
-        joined = "".join(every)  # a TypeError when a value is not a string
-    except TypeError:
+    if set(map(type, every)) != {str} or max(map(len, every)) > MAX_CONTEXT_TEXT:
         return None
-    if not joined.isprintable() or (len(joined) > MAX_CONTEXT_TEXT and max(map(len, every)) > MAX_CONTEXT_TEXT):
+    if not _printable_strings(data) and not "".join(every).isprintable():
         return None
-    del every, joined
+    del every
     names = set(fields.values())
     if len(names) == 1:
         raws = list(map(itemgetter(names.pop()), records))
@@ -512,6 +516,15 @@ def _json_bulk(
         out.bad.append((n, f"record {n}", _why_not(name, raws[i])))
     out.extend(kinds, values, raws, contexts)
     return out
+
+
+def _printable_strings(data: bytes) -> bool:
+    """Whether every string of the JSON document ``data`` is printable, judged on its bytes alone.
+
+    JSON forbids raw control characters in strings, so an ASCII document without a backslash (no
+    escape) and without DEL (the one non-printable ASCII character it allows) has printable strings.
+    """
+    return b"\\" not in data and b"\x7f" not in data and data.isascii()
 
 
 def _merge(parts: list[tuple[npt.NDArray[np.intp], _Rows]], bad: list[_Bad]) -> ParsedFeed:
