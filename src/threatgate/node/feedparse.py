@@ -429,6 +429,8 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
         dict_rows = np.arange(n)
     else:
         is_dict = np.fromiter((type(o) is dict for o in items), bool, count=n)
+        if not all(abs(o) < _LARGE for o in items if type(o) is float):
+            return _json_reference(settings, _decode(settings, data))  # see _same_numbers
         for i in np.flatnonzero(~is_dict).tolist():
             rows.bad.append((i + 1, f"record {i + 1}", f"expected an object, got {type(items[i]).__name__}"))
         dict_rows = np.flatnonzero(is_dict)
