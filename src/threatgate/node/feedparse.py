@@ -101,7 +101,7 @@ def parse_feed(settings: FeedSettings, data: bytes) -> ParsedFeed:
     with _gc_paused():
         if settings.format == "json":
             return _parse_json(settings, data)
-        return _parse_csv(settings, _decode(settings, data))
+        return _parse_csv(settings, data, _decode(settings, data))
 
 
 @contextmanager
@@ -700,7 +700,7 @@ def _csv_layout(settings: FeedSettings, lines: Iterator[feeds._Line]) -> tuple[_
     return _CsvLayout(len(header), col, field_name, sub_col, names, context), first_row
 
 
-def _parse_csv(settings: FeedSettings, text: str) -> ParsedFeed:
+def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
     lines = _Tracked(feeds._lines(text))
     try:
         layout, first_row = _csv_layout(settings, lines)
@@ -720,9 +720,45 @@ def _parse_csv(settings: FeedSettings, text: str) -> ParsedFeed:
         _csv_rows_one_by_one(settings, layout, lines, cells, linenos, bad)
         numbers = np.array(linenos, np.intp)
     else:
-        more = _csv_rows_fast(settings.delimiter, layout, body, lineno, cells, bad)
+        tail = data[pos if len(text) == len(data) else len(text[:pos].encode()) :]  # the body's bytes
+        flat = _csv_cells_regular(tail, body, settings.delimiter, layout.width)
+        if flat is not None:
+            for j, column in enumerate(cells):
+                column.extend(flat[j :: layout.width])
+            more = np.arange(lineno, lineno + len(flat) // layout.width)
+        else:
+            more = _csv_rows_fast(settings.delimiter, layout, body, lineno, cells, bad)
         numbers = np.concatenate([np.array(linenos, np.intp), more])
     return _csv_finish(layout, cells, numbers, bad)
+
+
+def _csv_cells_regular(tail: bytes, body: str, delimiter: str, width: int) -> list[str] | None:
+    """Every cell of a body whose every line is a record (the usual feed), row after row; else None.
+
+    Judged on the bytes by numpy, without a string per line: each line has exactly ``width - 1``
+    delimiters (so none is blank), none starts with ``#`` or ends with CR.  The delimiter and LF are
+    ASCII, and UTF-8 never uses an ASCII byte inside a multi-byte character, so this holds for any text.
+    """
+    if width < 2 or len(delimiter) != 1 or not delimiter.isascii() or delimiter.isspace() or delimiter in "#\r":
+        return None
+    if not tail:
+        return []
+    raw = np.frombuffer(tail, np.uint8)
+    is_sep = raw == ord(delimiter)
+    is_sep |= raw == 10
+    seps = np.flatnonzero(is_sep)
+    newlines = seps[raw[seps] == 10]
+    if not np.array_equal(np.flatnonzero(raw[seps] == 10), np.arange(width - 1, len(seps), width)):
+        return None  # a line with another number of delimiters
+    if tail[-1] != 10 and len(seps) % width != width - 1:
+        return None  # the last line (without LF) has another number of delimiters
+    starts = np.concatenate([[0], newlines[newlines < len(raw) - 1] + 1])
+    if (raw[starts] == ord("#")).any() or (raw[newlines - 1] == 13).any() or tail[-1] == 13:
+        return None
+    flat = body.replace("\n", delimiter).split(delimiter)
+    if tail[-1] == 10:
+        flat.pop()  # after the last LF: no line
+    return flat if len(flat) % width == 0 else None
 
 
 def _csv_rows_one_by_one(
