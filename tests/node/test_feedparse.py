@@ -10,6 +10,7 @@ missing columns, duplicate headers, BOM, comments...).
 from __future__ import annotations
 
 import csv
+import gc
 import json
 import random
 from pathlib import Path
@@ -373,3 +374,34 @@ def test_classify_column_takes_the_fast_shapes_for_generated_values(monkeypatch:
     classify_column([f"100.64.0.{i}" for i in range(50)] + ["10.0.0.0/24", "10.0.1.0/25"], "ip")
     classify_column(["0f" * 16, "AB" * 20, "c" * 64], "indicator")
     assert calls == []
+
+
+@pytest.mark.parametrize("name", ["urls.json", "domains.json", "ips.csv", "hashes.csv"])
+def test_parse_feed_reads_the_generated_feeds_by_columns(
+    tmp_path: Path, name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No record of a generated feed goes through a per-record reader (the reason parse_feed is fast)."""
+    generate(str(tmp_path), indicators=4000, events=0, hit_rate=0.0, seed=3, port=9999)
+
+    def per_record(*args: Any, **kwargs: Any) -> Any:
+        raise AssertionError("a per-record reader was used")
+
+    for slow in ("_json_reference", "_json_one_by_one", "_csv_rows_one_by_one", "_csv_rows_fast", "classify"):
+        monkeypatch.setattr(feedparse, slow, per_record)
+    path = tmp_path / name
+    settings_ = feed_settings(path, "json" if name.endswith("json") else "csv")
+    parsed = parse_feed(settings_, path.read_bytes())
+    assert len(parsed.values) >= 600 and parsed.report.malformed == 0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_parse_feed_restores_the_garbage_collector(tmp_path: Path, enabled: bool) -> None:
+    was = gc.isenabled()
+    try:
+        gc.enable() if enabled else gc.disable()
+        parse_feed(feed_settings(tmp_path / "f.json", "json"), b'[{"url": "http://a.example/p"}]')
+        with pytest.raises(FeedError):
+            parse_feed(feed_settings(tmp_path / "f.json", "json"), b"{")
+        assert gc.isenabled() is enabled
+    finally:
+        gc.enable() if was else gc.disable()

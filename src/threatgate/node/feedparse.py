@@ -578,13 +578,23 @@ def _scalar_texts(column: list[Any]) -> bool:
 
 
 def _same_numbers(records: list[dict[str, Any]]) -> bool:
-    """Whether the json module reads every field as orjson did.
+    """Whether the json module reads every number of ``records`` as orjson did (nested ones too).
 
     orjson reads an integer beyond 64 bits as a float, the json module as an int, so their texts
     (context, or the quote of a malformed record) would differ.  A float of magnitude below 2**63
     was written as a float in the file (a smaller integer stays an int): both read the same double.
     """
-    return all(abs(v) < _LARGE for v in chain.from_iterable(map(dict.values, records)) if type(v) is float)
+    stack: list[Any] = [chain.from_iterable(map(dict.values, records))]
+    while stack:
+        for value in stack.pop():
+            kind = type(value)
+            if kind is float and not abs(value) < _LARGE:
+                return False
+            if kind is list:
+                stack.append(value)
+            elif kind is dict:
+                stack.append(value.values())
+    return True
 
 
 def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp], out: _Rows) -> None:
@@ -710,7 +720,8 @@ def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
     cells: list[list[str]] = [[] for _ in range(layout.width)]
     linenos: list[int] = []
     bad: list[_Bad] = []
-    _csv_rows_one_by_one(settings, layout, first_row, cells, linenos, bad)
+    if first_row:  # a record read to tell that the header was the comment line before it
+        _csv_rows_one_by_one(settings, layout, first_row, cells, linenos, bad)
     pos, lineno = len(text), 0
     if lines.last is not None:
         start, first, line = lines.last
