@@ -178,6 +178,11 @@ class _Rows:
         )
 
 
+def _objects(items: list[Any]) -> npt.NDArray[Any]:
+    """``items`` as a 1-D object array, each item as it is (numpy would read strings as text, tuples as rows)."""
+    return np.fromiter(items, object, count=len(items))
+
+
 def _take(column: list[Any], rows: list[int]) -> list[Any]:
     """``[column[i] for i in rows]``, by C."""
     if len(rows) < 2:
@@ -218,7 +223,8 @@ class _Column:
         self.raws = raws
         self.n = len(raws)
         self.kinds = np.full(self.n, -1, np.int8)
-        self.values: list[str | None] = [None] * self.n
+        self.whole: list[str] | None = None  # the values, when one shape decided every row
+        self.slots: npt.NDArray[Any] = np.full(self.n, None, object)  # else the values row by row
         self.open = np.ones(self.n, bool)  # not decided yet
         arr = _arrow_strings(raws)
         self.lower = pc.ascii_lower(arr)
@@ -236,7 +242,7 @@ class _Column:
         candidates = np.flatnonzero(self.open)
         if not len(candidates):
             return candidates
-        texts = self.lower if len(candidates) == self.n else self.lower.take(pa.array(candidates))
+        texts = self.lower if len(candidates) == self.n else self.lower.filter(pa.array(self.open))
         hit: npt.NDArray[np.bool_] = pc.match_substring_regex(texts, pattern).to_numpy(zero_copy_only=False)
         if exclude is not None and hit.any():
             hit &= ~pc.match_substring_regex(texts, exclude).to_numpy(zero_copy_only=False)
@@ -248,11 +254,20 @@ class _Column:
         self.kinds[rows] = kind
         self.open[rows] = False
         if len(rows) == self.n:
-            self.values = values  # type: ignore[assignment]
+            self.whole = values
             return
-        slots = self.values
-        for row, value in zip(rows.tolist(), values, strict=True):
-            slots[row] = value
+        self.slots[rows] = _objects(values)
+
+    def values(self) -> list[str | None]:
+        if self.whole is not None:
+            return self.whole  # type: ignore[return-value]
+        values: list[str | None] = self.slots.tolist()
+        return values
+
+    def _mask(self, rows: npt.NDArray[np.intp]) -> npt.NDArray[np.bool_]:
+        mask = np.zeros(self.n, bool)
+        mask[rows] = True
+        return mask
 
     def pick(self, rows: npt.NDArray[np.intp], column: list[str]) -> list[str]:
         if len(rows) == self.n:
@@ -296,7 +311,7 @@ class _Column:
 
     def _minus_scheme(self, rows: npt.NDArray[np.intp]) -> list[str]:
         """The lowered texts of ``rows`` without their ``scheme://``."""
-        low = self.lower if len(rows) == self.n else self.lower.take(pa.array(rows))
+        low = self.lower if len(rows) == self.n else self.lower.filter(pa.array(self._mask(rows)))
         cut: list[str] = pc.replace_substring_regex(low, _HAS_SCHEME, "", max_replacements=1).to_pylist()
         return cut
 
@@ -320,7 +335,7 @@ class _Column:
 
     def rest(self, field_name: str, flags: list[bool] | None) -> None:
         """Every row no shape decided: the reference ``classify``, one by one."""
-        raws, slots, kinds = self.raws, self.values, self.kinds
+        raws, slots, kinds = self.raws, self.slots, self.kinds
         for row in np.flatnonzero(self.open).tolist():
             indicator = classify(raws[row], field_name, flags[row] if flags is not None else False)
             if indicator is not None:
@@ -366,7 +381,7 @@ def classify_column(
     elif field_name == "domain":
         column.domains(flags, star=True)
     column.rest(field_name, flags)
-    return column.kinds, column.values
+    return column.kinds, column.values()
 
 
 def _why_not(field_name: str, raw: str) -> str:
@@ -497,7 +512,7 @@ def _json_bulk(
     else:
         record_fields = list(map(fields.__getitem__, shapes))
         raws = list(map(dict.__getitem__, records, record_fields))
-    contexts = list(map(itemgetter(slice(1, None)), map(tuple, map(dict.items, records))))
+    contexts = _bulk_contexts(records, shapes, list(shape_ids))
     classes = sorted({_SAME_CLASS.get(f, f) for f in fields.values()})
     if len(classes) == 1:
         kinds, values = classify_column(raws, classes[0])
@@ -509,7 +524,7 @@ def _json_bulk(
         for i, name in enumerate(classes):
             rows = np.flatnonzero(ids == i)
             kinds[rows], got = classify_column(list(map(raws.__getitem__, rows.tolist())), name)
-            slots[rows] = got
+            slots[rows] = _objects(got)
         values = slots.tolist()
     out = _Rows()
     for i in np.flatnonzero(kinds < 0).tolist():
@@ -518,6 +533,29 @@ def _json_bulk(
         out.bad.append((n, f"record {n}", _why_not(name, raws[i])))
     out.extend(kinds, values, raws, contexts)
     return out
+
+
+def _bulk_contexts(
+    records: list[dict[str, Any]], shapes: list[tuple[str, ...]], distinct: list[tuple[str, ...]]
+) -> list[_Context]:
+    """The contexts of records whose indicator is their first field: column by column per set of keys.
+
+    Columns let equal ``(name, text)`` pairs be shared (:func:`_contexts`), which saves memory and
+    the garbage collector's time; records with other context keys are put back in file order.
+    """
+    sets = {keys: i for i, keys in enumerate(dict.fromkeys(shape[1:] for shape in distinct))}
+    if len(sets) == 1:
+        (keys,) = sets
+        return _contexts(list(keys), [list(map(itemgetter(k), records)) for k in keys], len(records))
+    set_of = {shape: sets[shape[1:]] for shape in distinct}
+    ids = np.fromiter(map(set_of.__getitem__, shapes), np.intp, count=len(shapes))
+    out = np.empty(len(records), object)
+    for keys, i in sets.items():
+        rows = np.flatnonzero(ids == i)
+        group = _take(records, rows.tolist())
+        out[rows] = _objects(_contexts(list(keys), [list(map(itemgetter(k), group)) for k in keys], len(group)))
+    contexts: list[_Context] = out.tolist()
+    return contexts
 
 
 def _printable_strings(data: bytes) -> bool:
