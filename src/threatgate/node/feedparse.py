@@ -197,7 +197,12 @@ _IPV4 = rf"{_OCTET}\.{_OCTET}\.{_OCTET}\.{_OCTET}"
 _SEG_FIRST = r"a-z0-9\-_~!$&'()+,;=:@"  # normalize._SEG_CHARS without "." (a first character) and "*" (a mask)
 _SEG_CHARS = _SEG_FIRST + "."
 _QUERY = rf"\?[{_SEG_CHARS}?]+(?:/[{_SEG_CHARS}?]+)*/?"
-_HOST = r"(?:[a-z0-9_\-]+\.)*[a-z][a-z0-9_\-]*"  # last label starts with a letter: never an IPv4 spelling
+_L = r"[a-z0-9_\-]"
+_NOT_W = r"[a-vx-z0-9_\-]"
+_NOT_WWW = rf"(?:{_L}{{1,2}}|{_L}{{4,}}|{_NOT_W}{_L}{{2}}|w{_NOT_W}{_L}|ww{_NOT_W})"
+"""A label other than ``www`` (RE2 has no look-ahead): a leading ``www.`` is the reference slow path's to remove."""
+_HOST = rf"(?:{_NOT_WWW}\.(?:[a-z0-9_\-]+\.)*)?[a-z][a-z0-9_\-]*"
+"""A host name whose first label is not ``www`` and whose last starts with a letter (never an IPv4 spelling)."""
 _SCHEME = r"[a-z][a-z0-9+\-]+://"  # two characters or more, as normalize._FAST_URL (and its slow path)
 
 # Strict shapes (RE2 via pyarrow, on the ASCII-lowered value).  Each is a subset of what the reference
@@ -211,8 +216,6 @@ SHAPE_MASK = rf"^(?:{_SCHEME})?(?:\*\.)?{_HOST}(?:/[{_SEG_FIRST}*][{_SEG_CHARS}*
 slow path with ``allow_wildcard`` for ``*.host``) gives it lowered, minus its scheme."""
 SHAPE_DOMAIN = rf"^{_HOST}$"
 SHAPE_STAR_DOMAIN = rf"^\*\.{_HOST}$"
-_WWW = rf"^(?:{_SCHEME}|\*\.)?www\."
-"""A leading ``www.`` is removed by the reference slow path: never a fast value."""
 _HAS_SCHEME = rf"^{_SCHEME}"
 
 
@@ -226,26 +229,24 @@ class _Column:
         self.whole: list[str] | None = None  # the values, when one shape decided every row
         self.slots: npt.NDArray[Any] = np.full(self.n, None, object)  # else the values row by row
         self.open = np.ones(self.n, bool)  # not decided yet
-        arr = _arrow_strings(raws)
-        self.lower = pc.ascii_lower(arr)
-        self.already_lower = bool(pc.all(pc.equal(arr, self.lower)).as_py() is not False)
+        self._arrow = _arrow_strings(raws)
+        self.lower = pc.ascii_lower(self._arrow)
         self._lower_list: list[str] | None = None
 
     def lowered(self) -> list[str]:
         """The ASCII-lowered texts (the raws themselves when they are lower-case already: no copy)."""
         if self._lower_list is None:
-            self._lower_list = self.raws if self.already_lower else self.lower.to_pylist()
+            same = pc.all(pc.equal(self._arrow, self.lower)).as_py() is not False
+            self._lower_list = self.raws if same else self.lower.to_pylist()
         return self._lower_list
 
-    def shape(self, pattern: str, *, exclude: str | None = None) -> npt.NDArray[np.intp]:
-        """Rows still open whose lowered text has ``pattern`` (and not ``exclude``; never a non-ASCII row)."""
+    def shape(self, pattern: str) -> npt.NDArray[np.intp]:
+        """Rows still open whose lowered text has ``pattern`` (never a non-ASCII row: see _arrow_strings)."""
         candidates = np.flatnonzero(self.open)
         if not len(candidates):
             return candidates
         texts = self.lower if len(candidates) == self.n else self.lower.filter(pa.array(self.open))
         hit: npt.NDArray[np.bool_] = pc.match_substring_regex(texts, pattern).to_numpy(zero_copy_only=False)
-        if exclude is not None and hit.any():
-            hit &= ~pc.match_substring_regex(texts, exclude).to_numpy(zero_copy_only=False)
         return candidates[hit]
 
     def decide(self, rows: npt.NDArray[np.intp], kind: int | npt.NDArray[np.int8], values: list[str]) -> None:
@@ -305,7 +306,7 @@ class _Column:
         self.decide(rows, kinds, values)
 
     def urls(self) -> None:
-        rows = self.shape(SHAPE_URL, exclude=_WWW)
+        rows = self.shape(SHAPE_URL)
         if len(rows):
             self.decide(rows, Kind.URL, self._minus_scheme(rows))
 
@@ -316,20 +317,20 @@ class _Column:
         return cut
 
     def masks(self) -> None:
-        rows = self.shape(SHAPE_MASK, exclude=_WWW)
+        rows = self.shape(SHAPE_MASK)
         if len(rows):
             self.decide(rows, Kind.MASK, self._minus_scheme(rows))
 
     def domains(self, flags: list[bool] | None, *, star: bool) -> None:
         """Plain host names (and ``*.host`` when ``star``): the reference ``_classify_domain`` fast path."""
-        rows = self.shape(SHAPE_DOMAIN, exclude=_WWW)
+        rows = self.shape(SHAPE_DOMAIN)
         if len(rows):
             kinds: int | npt.NDArray[np.int8] = Kind.DOMAIN
             if flags is not None:
                 kinds = np.where(np.array(flags, bool)[rows], Kind.DOMAIN_SUFFIX, Kind.DOMAIN).astype(np.int8)
             self.decide(rows, kinds, self.pick(rows, self.lowered()))
         if star:
-            rows = self.shape(SHAPE_STAR_DOMAIN, exclude=_WWW)
+            rows = self.shape(SHAPE_STAR_DOMAIN)
             if len(rows):
                 self.decide(rows, Kind.DOMAIN_SUFFIX, [v[2:] for v in self.pick(rows, self.lowered())])
 
@@ -402,26 +403,29 @@ def _contexts(names: list[str], texts: list[list[str]], n: int) -> list[_Context
         return [()] * n
     if len(names) == 1:
         name, column = names[0], texts[0]
-        if _repetitive(column):
-            one = {value: ((name, value),) for value in set(column)}
+        distinct = _few_distinct(column)
+        if distinct is not None:
+            one = {value: ((name, value),) for value in distinct}
             return list(map(one.__getitem__, column))
         return list(zip(zip(repeat(name), column)))
     pairs: list[Iterable[tuple[str, str]]] = []
     for name, column in zip(names, texts, strict=True):
-        if _repetitive(column):
-            pair = {value: (name, value) for value in set(column)}
+        distinct = _few_distinct(column)
+        if distinct is not None:
+            pair = {value: (name, value) for value in distinct}
             pairs.append(map(pair.__getitem__, column))
         else:
             pairs.append(zip(repeat(name), column))
     return list(zip(*pairs, strict=True))
 
 
-def _repetitive(column: list[str]) -> bool:
-    """Whether a column has few distinct values (a threat name, a date), judged on a sample first."""
+def _few_distinct(column: list[str]) -> set[str] | None:
+    """The distinct values of a column that has few (a threat name, a date), judged on a sample first."""
     sample = column[:2048]
     if len(set(sample)) * 4 > len(sample):
-        return False
-    return len(set(column)) * 4 <= len(column)
+        return None
+    distinct = set(column)
+    return distinct if len(distinct) * 4 <= len(column) else None
 
 
 # -- JSON ---------------------------------------------------------------------------------------------
