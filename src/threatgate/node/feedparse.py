@@ -10,13 +10,17 @@ Invariants:
    ``record_context``): the same records in file order, kinds, normalised values, raw texts, context
    pairs, malformed count and example texts, the same :class:`FeedError` for a file that is no feed.
    tests/node/test_feedparse.py checks it differentially, on generated, published and hostile feeds.
+   The one difference: where the reference stops with a Python error (``csv.Error`` on a CSV line
+   with an unbalanced quote, ``RecursionError`` or ``ValueError`` on a JSON record nested too deeply or
+   with a 5,000-digit number), a header or JSON file is refused with a :class:`FeedError` and a CSV
+   row is counted malformed (``unreadable CSV row``).
 2. Fast paths only ever *decide less*.  Whole columns are tested against strict shapes (a
    lower-case hex digest, a canonical dotted quad, a plain ``scheme://host/path`` URL, a plain host
    name) whose normal form the reference normaliser provably gives without work (the input, lowered,
    minus its scheme).  A value that is not of such a shape, or not ASCII, goes one by one through the
-   reference ``classify``; a record or file the fast readers do not handle (quoted CSV, a JSON number
-   too large for a C double, a record whose fields are not scalars...) goes through a port of the
-   reference reader.  So a fast path can make parsing slower, never different.
+   reference ``classify``; a record or file the fast readers do not handle (quoted CSV, a JSON
+   integer beyond 64 bits, which orjson reads as a float, a record whose fields are not scalars...)
+   goes through the reference functions or a port of the reference reader.  So a fast path can make parsing slower, never different.
 3. Columns, not records.  No dict or dataclass per record: JSON goes through orjson (one C call for
    the file), CSV is split once into cells; shapes are tested by RE2 over Arrow arrays (pyarrow
    compute kernels); Python touches a value only when it builds the output lists.
