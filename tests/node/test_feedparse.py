@@ -273,7 +273,12 @@ _INDICATORS = st.sampled_from(
     ]
 )
 _TEXT = st.text(alphabet=st.characters(codec="utf-8", categories=("L", "N", "P", "S", "Z", "Cc")), max_size=12)
-_CELL = st.one_of(_INDICATORS, _TEXT, st.sampled_from(["yes", "TRUE", "0", "", " ", '"', "#x", "a,b", "\r"]))
+_CELL = st.one_of(
+    _INDICATORS,
+    _TEXT,
+    st.sampled_from(["yes", "TRUE", "0", "", " ", '"', "#x", "a,b", "\r", "a\rb"]),
+    st.sampled_from(['"a,b"', '"x""y"', '"multi\nline"', '"1.2.3.4"', '"http://a.example/p"', 'a"b"c', '""']),
+)
 _NAMES = st.sampled_from(
     [*INDICATOR_FIELDS, "include_subdomains", "threat", "Threat", "first_seen", "IP", "Url", "dst_ip", "c", "#c"]
 )
@@ -399,6 +404,22 @@ def test_parse_feed_reads_the_generated_feeds_by_columns(
     settings_ = feed_settings(path, "json" if name.endswith("json") else "csv")
     parsed = parse_feed(settings_, path.read_bytes())
     assert len(parsed.values) >= 600 and parsed.report.malformed == 0
+
+
+def test_parse_feed_reads_a_quoted_csv_without_the_line_by_line_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """abuse.ch quotes every field: one csv reader for the body, not the reference loop (only the first
+    record, read to find the commented header, goes through it)."""
+    one_by_one = feedparse._csv_rows_one_by_one
+
+    def only_lists(settings: FeedSettings, layout: Any, lines: Any, *args: Any) -> None:
+        assert isinstance(lines, list), "the body was read line by line"
+        one_by_one(settings, layout, lines, *args)
+
+    monkeypatch.setattr(feedparse, "_csv_rows_one_by_one", only_lists)
+    parsed = parse_feed(write(tmp_path, "u.csv", abusech.URLHAUS).model_copy(), abusech.URLHAUS.encode())
+    assert len(parsed.values) == 5
 
 
 @pytest.mark.parametrize("enabled", [True, False])

@@ -18,11 +18,12 @@ Invariants:
    lower-case hex digest, a canonical dotted quad, a plain ``scheme://host/path`` URL, a plain host
    name) whose normal form the reference normaliser provably gives without work (the input, lowered,
    minus its scheme).  A value that is not of such a shape, or not ASCII, goes one by one through the
-   reference ``classify``; a record or file the fast readers do not handle (quoted CSV, a JSON
-   integer beyond 64 bits, which orjson reads as a float, a record whose fields are not scalars...)
-   goes through the reference functions or a port of the reference reader.  So a fast path can make parsing slower, never different.
+   reference ``classify``; a record or file the fast readers do not handle (a quoted CSV field that
+   spans lines, a JSON integer beyond 64 bits, which orjson reads as a float, a record whose fields
+   are not scalars...) goes through the reference functions or a port of the reference reader.  So
+   a fast path can make parsing slower, never different.
 3. Columns, not records.  No dict or dataclass per record: JSON goes through orjson (one C call for
-   the file), CSV is split once into cells; shapes are tested by RE2 over Arrow arrays (pyarrow
+   the file), CSV is split once into cells (or read by one ``csv.reader`` when quoted); shapes are tested by RE2 over Arrow arrays (pyarrow
    compute kernels); Python touches a value only when it builds the output lists.
 4. Malformed records are counted with the reference's example texts (the first
    ``MAX_BAD_EXAMPLES`` in file order), never fatal; the cyclic garbage collector is paused while
@@ -773,9 +774,12 @@ def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
         start, first, line = lines.last
         pos, lineno = start + len(line) + 1, first + line.count("\n") + 1
     body = text[pos:]
-    if '"' in body:  # quoted fields (and lines they span): the reference reader, line by line
-        _csv_rows_one_by_one(settings, layout, lines, cells, linenos, bad)
-        numbers = np.array(linenos, np.intp)
+    if '"' in body:  # quoted fields: csv once for the body when no field spans lines, else line by line
+        quoted = _csv_rows_quoted(settings.delimiter, layout, body, lineno, cells, bad)
+        if quoted is None:
+            _csv_rows_one_by_one(settings, layout, lines, cells, linenos, bad)
+            quoted = np.zeros(0, np.intp)
+        numbers = np.concatenate([np.array(linenos, np.intp), quoted])
     else:
         tail = data[pos if len(text) == len(data) else len(text[:pos].encode()) :]  # the body's bytes
         flat = _csv_cells_regular(tail, body, settings.delimiter, layout.width)
@@ -787,6 +791,51 @@ def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
             more = _csv_rows_fast(settings.delimiter, layout, body, lineno, cells, bad)
         numbers = np.concatenate([np.array(linenos, np.intp), more])
     return _csv_finish(layout, cells, numbers, bad)
+
+
+def _csv_rows_quoted(
+    delimiter: str, layout: _CsvLayout, body: str, first: int, cells: list[list[str]], bad: list[_Bad]
+) -> npt.NDArray[np.intp] | None:
+    """Rows of a body with quotes, by one ``csv.reader`` over its lines; None when that could differ.
+
+    The reference joins a line with an odd number of quotes to the next (a quoted field spanning
+    lines) and reads each line alone; one reader over all lines gives the same rows when no record
+    line has an odd number of quotes, none holds a CR (the reader refuses it outside quotes, where
+    the reference splits such a line) and the reader makes exactly one row per line.
+    """
+    if len(delimiter) != 1 or delimiter in '"\r\n':
+        return None
+    lines = body.split("\n")
+    if not body or body.endswith("\n"):
+        lines.pop()
+    if "\r" in body:
+        lines = list(map(str.rstrip, lines, repeat("\r")))
+    numbers: list[int] = []
+    records: list[str] = []
+    for i, line in enumerate(lines):
+        if line.strip() and not line.startswith("#"):
+            numbers.append(first + i)
+            records.append(line)
+    if any(map((1).__and__, map(str.count, records, repeat('"')))) or "\r" in "".join(records):
+        return None
+    try:
+        rows = list(csv.reader(records, delimiter=delimiter))
+    except csv.Error:
+        return None
+    if len(rows) != len(records):
+        return None
+    width = layout.width
+    widths = np.fromiter(map(len, rows), np.intp, count=len(rows))
+    good = widths == width
+    kept = np.array(numbers, np.intp)
+    if not good.all():
+        for i in np.flatnonzero(~good).tolist():
+            bad.append((numbers[i], f"line {numbers[i]}", f"{widths[i]} fields, header has {width}"))
+        rows = _take(rows, np.flatnonzero(good).tolist())
+        kept = kept[good]
+    for j, column in enumerate(cells):
+        column.extend(map(itemgetter(j), rows))
+    return kept
 
 
 def _csv_cells_regular(tail: bytes, body: str, delimiter: str, width: int) -> list[str] | None:
