@@ -22,9 +22,10 @@ Invariants:
    spans lines, a JSON integer beyond 64 bits, which orjson reads as a float, a record whose fields
    are not scalars...) goes through the reference functions or a port of the reference reader.  So
    a fast path can make parsing slower, never different.
-3. Columns, not records.  No dict or dataclass per record: JSON goes through orjson (one C call for
-   the file), CSV is split once into cells (or read by one ``csv.reader`` when quoted); shapes are tested by RE2 over Arrow arrays (pyarrow
-   compute kernels); Python touches a value only when it builds the output lists.
+3. Columns, not records.  No dict or dataclass per record: JSON goes through orjson (one C call
+   for the file), CSV is split once into cells (or read by one ``csv.reader`` when quoted); shapes
+   are tested by RE2 over Arrow arrays (pyarrow compute kernels); Python touches a value only when
+   it builds the output lists.
 4. Malformed records are counted with the reference's example texts (the first
    ``MAX_BAD_EXAMPLES`` in file order), never fatal; the cyclic garbage collector is paused while
    the millions of output objects are built (it would otherwise rescan them over and over) and
