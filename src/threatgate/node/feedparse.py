@@ -93,8 +93,6 @@ _Context = tuple[tuple[str, str], ...]
 _Bad = tuple[int, str, str]
 """(file position for ordering, where, why) of a malformed record."""
 
-_NO = np.int8(-1)
-
 
 def parse_feed(settings: FeedSettings, data: bytes) -> ParsedFeed:
     """The columns of a JSON or CSV feed file's bytes (the reference loader's answer, faster).
