@@ -214,6 +214,10 @@ HOSTILE_CSV = [
     "ip,threat\n1.2.3.4,ünï\n5.6.7.8,\u2028\n",
     "md5,detection\n44D88612FEA8A8F36DE82E1278ABB02F,EICAR\nnot-a-hash,x\n",
     "ip;threat\n1.2.3.4;x\n5.6.7.8,y\n",
+    "ip,threat,seen\r\n1.2.3.4,x,1\r\n5.6.7.8,y,2\r\n",
+    "ip,threat,seen\n1.2.3.4,x,1\n#5.6.7.8,y,2\n9.9.9.9,,\n",
+    "ip,threat,seen\n1.2.3.4,x,1\n5.6.7.8,y\n1.1.1.1,a,b,c\n",
+    "ip,threat,seen\n1.2.3.4,ünï,1\n::1,\x00,2\nwww.x.example,a\rb,3",
 ]
 
 

@@ -226,14 +226,15 @@ _HAS_SCHEME = rf"^{_SCHEME}"
 class _Column:
     """One column of indicator texts being classified: fast shapes first, the rest one by one."""
 
-    def __init__(self, raws: list[str]) -> None:
+    def __init__(self, raws: list[str], arrow: pa.Array | None = None) -> None:
+        """``arrow``: the same texts as an Arrow array already (a non-ASCII text matches no shape anyway)."""
         self.raws = raws
         self.n = len(raws)
         self.kinds = np.full(self.n, -1, np.int8)
         self.whole: list[str] | None = None  # the values, when one shape decided every row
         self.slots: npt.NDArray[Any] = np.full(self.n, None, object)  # else the values row by row
         self.open = np.ones(self.n, bool)  # not decided yet
-        self._arrow = _arrow_strings(raws)
+        self._arrow = _arrow_strings(raws) if arrow is None else arrow
         self.lower = pc.ascii_lower(self._arrow)
         self._lower_list: list[str] | None = None
 
@@ -364,10 +365,13 @@ def _arrow_strings(texts: list[str]) -> pa.Array:
 
 
 def classify_column(
-    raws: list[str], field_name: str, flags: list[bool] | None = None
+    raws: list[str], field_name: str, flags: list[bool] | None = None, arrow: pa.Array | None = None
 ) -> tuple[npt.NDArray[np.int8], list[str | None]]:
-    """``classify(raws[i], field_name, flags[i])`` for every row: (kinds, -1 when None; values)."""
-    column = _Column(raws)
+    """``classify(raws[i], field_name, flags[i])`` for every row: (kinds, -1 when None; values).
+
+    ``arrow``: ``raws`` as an Arrow string array, when the caller has it.
+    """
+    column = _Column(raws, arrow)
     if field_name in ("md5", "sha1", "sha256"):
         column.hashes()
     elif field_name == "ip":
@@ -401,25 +405,46 @@ def _context_texts(column: list[Any]) -> list[str | None]:
     return list(map(context_text, column))
 
 
-def _contexts(names: list[str], texts: list[list[str]], n: int) -> list[_Context]:
+_Coded = tuple[list[str], list[int] | None]
+"""A context column: its texts, or its distinct texts and the code of each row's text among them."""
+
+
+def _coded(column: list[Any], *, checked: bool = False) -> _Coded:
+    """A context column as texts (``context_text`` of each value; ``checked``: they are already)."""
+    texts: list[str] = column if checked else _context_texts(column)  # type: ignore[assignment]
+    distinct = _few_distinct(texts)
+    if distinct is None:
+        return texts, None
+    order = list(distinct)
+    index = {text: i for i, text in enumerate(order)}
+    return order, list(map(index.__getitem__, texts))
+
+
+def _coded_arrow(column: pa.Array) -> _Coded:
+    """A context column of CSV cells in Arrow: the distinct values become Python strings, not every cell."""
+    encoded = pc.dictionary_encode(column)
+    if len(encoded.dictionary) * 4 > len(column):
+        return _context_texts(column.to_pylist()), None  # type: ignore[return-value]  # strings: never None
+    codes: list[int] = encoded.indices.to_numpy(zero_copy_only=False).tolist()
+    return _context_texts(encoded.dictionary.to_pylist()), codes  # type: ignore[return-value]
+
+
+def _contexts(names: list[str], columns: list[_Coded], n: int) -> list[_Context]:
     """Per row, the tuple of ``(name, text)`` pairs; equal pairs (and one-pair tuples) are shared."""
     if not names:
         return [()] * n
     if len(names) == 1:
-        name, column = names[0], texts[0]
-        distinct = _few_distinct(column)
-        if distinct is not None:
-            one = {value: ((name, value),) for value in distinct}
-            return list(map(one.__getitem__, column))
-        return list(zip(zip(repeat(name), column)))
+        name, (texts, codes) = names[0], columns[0]
+        if codes is None:
+            return list(zip(zip(repeat(name), texts)))
+        one = [((name, text),) for text in texts]
+        return list(map(one.__getitem__, codes))
     pairs: list[Iterable[tuple[str, str]]] = []
-    for name, column in zip(names, texts, strict=True):
-        distinct = _few_distinct(column)
-        if distinct is not None:
-            pair = {value: (name, value) for value in distinct}
-            pairs.append(map(pair.__getitem__, column))
+    for name, (texts, codes) in zip(names, columns, strict=True):
+        if codes is None:
+            pairs.append(zip(repeat(name), texts))
         else:
-            pairs.append(zip(repeat(name), column))
+            pairs.append(map([(name, text) for text in texts].__getitem__, codes))
     return list(zip(*pairs, strict=True))
 
 
@@ -554,14 +579,16 @@ def _bulk_contexts(
     sets = {keys: i for i, keys in enumerate(dict.fromkeys(shape[1:] for shape in distinct))}
     if len(sets) == 1:
         (keys,) = sets
-        return _contexts(list(keys), [list(map(itemgetter(k), records)) for k in keys], len(records))
+        columns = [_coded(list(map(itemgetter(k), records)), checked=True) for k in keys]
+        return _contexts(list(keys), columns, len(records))
     set_of = {shape: sets[shape[1:]] for shape in distinct}
     ids = np.fromiter(map(set_of.__getitem__, shapes), np.intp, count=len(shapes))
     out = np.empty(len(records), object)
     for keys, i in sets.items():
         rows = np.flatnonzero(ids == i)
         group = _take(records, rows.tolist())
-        out[rows] = _objects(_contexts(list(keys), [list(map(itemgetter(k), group)) for k in keys], len(group)))
+        columns = [_coded(list(map(itemgetter(k), group)), checked=True) for k in keys]
+        out[rows] = _objects(_contexts(list(keys), columns, len(group)))
     contexts: list[_Context] = out.tolist()
     return contexts
 
@@ -600,14 +627,14 @@ def _json_group(shape: tuple[str, ...], group: list[dict[str, Any]], numbers: np
     if plain:
         raws = list(map(itemgetter(name), group))
         plain = set(map(type, raws)) == {str}
-    texts: list[list[str]] = []
+    texts: list[_Coded] = []
     if plain:
         for key in others:
             column = list(map(itemgetter(key), group))
             if not _scalar_texts(column):
                 plain = False
                 break
-            texts.append(_context_texts(column))  # type: ignore[arg-type]  # scalars: never None
+            texts.append(_coded(column))
     if not plain:
         _json_one_by_one(group, numbers, out)
         return
@@ -781,6 +808,9 @@ def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
         numbers = np.concatenate([np.array(linenos, np.intp), quoted])
     else:
         tail = data[pos if len(text) == len(data) else len(text[:pos].encode()) :]  # the body's bytes
+        arrow = _csv_arrow_columns(tail, settings.delimiter, layout.width)
+        if arrow is not None and not linenos:
+            return _csv_finish(layout, None, np.arange(lineno, lineno + len(arrow[0])), bad, arrow)
         flat = _csv_cells_regular(tail, body, settings.delimiter, layout.width)
         if flat is not None:
             for j, column in enumerate(cells):
@@ -835,6 +865,28 @@ def _csv_rows_quoted(
     for j, column in enumerate(cells):
         column.extend(map(itemgetter(j), rows))
     return kept
+
+
+def _csv_arrow_columns(tail: bytes, delimiter: str, width: int) -> list[pa.Array] | None:
+    """The columns of a body whose every line is a record (the usual feed), as Arrow arrays; else None.
+
+    Arrow splits the bytes into lines and cells in C++, and checks that each line has exactly
+    ``width`` cells (so none is blank) and that none starts with ``#`` or ends with CR:
+    then the cells are those of ``line.split(delimiter)``, the reference's, and no Python string is
+    made for a cell until the output needs it.
+    """
+    if width < 3 or len(delimiter) != 1 or delimiter.isspace() or delimiter in '#\r"' or not tail:
+        return None  # two columns (an indicator and one more): str.split is faster (bench/feed_parse.py)
+    whole = pa.LargeStringArray.from_buffers(1, pa.py_buffer(np.array([0, len(tail)], np.int64)), pa.py_buffer(tail))
+    lines = pc.split_pattern(whole, "\n").flatten()
+    if tail.endswith(b"\n"):
+        lines = lines.slice(0, len(lines) - 1)  # after the last LF: no line
+    cells = pc.split_pattern(lines, delimiter)
+    if not (pc.list_value_length(cells).to_numpy(zero_copy_only=False) == width).all():
+        return None
+    if pc.any(pc.starts_with(lines, "#")).as_py() or pc.any(pc.ends_with(lines, "\r")).as_py():
+        return None
+    return [pc.list_element(cells, j) for j in range(width)]
 
 
 def _csv_cells_regular(tail: bytes, body: str, delimiter: str, width: int) -> list[str] | None:
@@ -927,20 +979,33 @@ def _csv_rows_fast(
 
 
 def _csv_finish(
-    layout: _CsvLayout, cells: list[list[str]], numbers: npt.NDArray[np.intp], bad: list[_Bad]
+    layout: _CsvLayout,
+    cells: list[list[str]] | None,
+    numbers: npt.NDArray[np.intp],
+    bad: list[_Bad],
+    arrow: list[pa.Array] | None = None,
 ) -> ParsedFeed:
-    raws = cells[layout.col]
+    """Classify the indicator column and build the contexts: from Python ``cells`` or ``arrow`` columns."""
+
+    def column(i: int) -> list[str]:
+        return cells[i] if cells is not None else arrow[i].to_pylist()  # type: ignore[index]
+
+    raws = column(layout.col)
     flags = None
     if layout.sub_col >= 0:
-        truthy = {v: v.strip().lower() in _TRUTHY for v in set(cells[layout.sub_col])}
-        flags = list(map(truthy.__getitem__, cells[layout.sub_col]))
-    kinds, values = classify_column(raws, layout.field_name, flags)
+        marks = column(layout.sub_col)
+        truthy = {v: v.strip().lower() in _TRUTHY for v in set(marks)}
+        flags = list(map(truthy.__getitem__, marks))
+    kinds, values = classify_column(raws, layout.field_name, flags, None if arrow is None else arrow[layout.col])
     for i in np.flatnonzero(kinds < 0).tolist():
         lineno = int(numbers[i])
         bad.append((lineno, f"line {lineno}", _why_not(layout.field_name, raws[i])))
     names = [name for name, _ in layout.context]
-    texts = [_context_texts(cells[i]) for _, i in layout.context]
+    if arrow is not None:
+        coded = [_coded_arrow(arrow[i]) for _, i in layout.context]
+    else:
+        coded = [_coded(column(i)) for _, i in layout.context]
     rows = _Rows()
     rows.bad = bad
-    rows.extend(kinds, values, raws, _contexts(names, texts, len(raws)))  # type: ignore[arg-type]
+    rows.extend(kinds, values, raws, _contexts(names, coded, len(raws)))
     return rows.finish(layout.names)
