@@ -523,8 +523,8 @@ def _json_bulk(
 ) -> _Rows | None:
     """The common feed in one pass, or None: every field a short printable string, the indicator first.
 
-    The context of such a record is its ``(key, value)`` pairs but the first, which C builds directly
-    (``dict.items``); the indicators of all shapes are one column per way of classifying them.
+    The context of such a record is its ``(key, value)`` pairs but the first, built column by column;
+    the indicators of all shapes are one column per way of classifying them.
     """
     fields: dict[tuple[str, ...], str] = {}
     for shape in shape_ids:
@@ -532,12 +532,6 @@ def _json_bulk(
         if name is None or shape[0] != name or any(s in shape for s in _SUBDOMAIN_FIELDS):
             return None
         fields[shape] = name
-    every = list(chain.from_iterable(map(dict.values, records)))
-    if set(map(type, every)) != {str} or max(map(len, every)) > MAX_CONTEXT_TEXT:
-        return None
-    if not _printable_strings(data) and not "".join(every).isprintable():
-        return None
-    del every
     names = set(fields.values())
     if len(names) == 1:
         raws = list(map(itemgetter(names.pop()), records))
@@ -545,7 +539,11 @@ def _json_bulk(
     else:
         record_fields = list(map(fields.__getitem__, shapes))
         raws = list(map(dict.__getitem__, records, record_fields))
-    contexts = _bulk_contexts(records, shapes, list(shape_ids))
+    if set(map(type, raws)) != {str}:
+        return None
+    contexts = _bulk_contexts(records, shapes, list(shape_ids), _printable_strings(data))
+    if contexts is None:
+        return None
     classes = sorted({_SAME_CLASS.get(f, f) for f in fields.values()})
     if len(classes) == 1:
         kinds, values = classify_column(raws, classes[0])
@@ -569,9 +567,10 @@ def _json_bulk(
 
 
 def _bulk_contexts(
-    records: list[dict[str, Any]], shapes: list[tuple[str, ...]], distinct: list[tuple[str, ...]]
-) -> list[_Context]:
-    """The contexts of records whose indicator is their first field: column by column per set of keys.
+    records: list[dict[str, Any]], shapes: list[tuple[str, ...]], distinct: list[tuple[str, ...]], printable: bool
+) -> list[_Context] | None:
+    """The contexts of records whose indicator is their first field, column by column per set of keys;
+    None when a value is not a short printable string (``printable``: the document's are).
 
     Columns let equal ``(name, text)`` pairs be shared (:func:`_contexts`), which saves memory and
     the garbage collector's time; records with other context keys are put back in file order.
@@ -579,18 +578,33 @@ def _bulk_contexts(
     sets = {keys: i for i, keys in enumerate(dict.fromkeys(shape[1:] for shape in distinct))}
     if len(sets) == 1:
         (keys,) = sets
-        columns = [_coded(list(map(itemgetter(k), records)), checked=True) for k in keys]
-        return _contexts(list(keys), columns, len(records))
+        columns = [_plain_text_column(list(map(itemgetter(k), records)), printable) for k in keys]
+        if any(column is None for column in columns):
+            return None
+        return _contexts(list(keys), [_coded(c, checked=True) for c in columns], len(records))  # type: ignore[arg-type]
     set_of = {shape: sets[shape[1:]] for shape in distinct}
     ids = np.fromiter(map(set_of.__getitem__, shapes), np.intp, count=len(shapes))
     out = np.empty(len(records), object)
     for keys, i in sets.items():
         rows = np.flatnonzero(ids == i)
         group = _take(records, rows.tolist())
-        columns = [_coded(list(map(itemgetter(k), group)), checked=True) for k in keys]
-        out[rows] = _objects(_contexts(list(keys), columns, len(group)))
+        columns = [_plain_text_column(list(map(itemgetter(k), group)), printable) for k in keys]
+        if any(column is None for column in columns):
+            return None
+        coded = [_coded(c, checked=True) for c in columns]  # type: ignore[arg-type]
+        out[rows] = _objects(_contexts(list(keys), coded, len(group)))
     contexts: list[_Context] = out.tolist()
     return contexts
+
+
+def _plain_text_column(column: list[Any], printable: bool) -> list[str] | None:
+    """``column`` when each value is its own context text (a printable string of at most
+    ``MAX_CONTEXT_TEXT`` characters), else None."""
+    if set(map(type, column)) != {str} or max(map(len, column)) > MAX_CONTEXT_TEXT:
+        return None
+    if not printable and not "".join(column).isprintable():
+        return None
+    return column
 
 
 def _printable_strings(data: bytes) -> bool:
