@@ -13,6 +13,8 @@ import csv
 import gc
 import json
 import random
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -437,3 +439,10 @@ def test_parse_feed_restores_the_garbage_collector(tmp_path: Path, enabled: bool
         assert gc.isenabled() is enabled
     finally:
         gc.enable() if was else gc.disable()
+
+
+def test_importing_feedparse_leaves_pyarrow_for_the_first_parse() -> None:
+    """The node imports ParsedFeed on start-up (snapshots); pyarrow's import (~60 ms) waits for a parse."""
+    code = "import sys, threatgate.node.feedparse; print('pyarrow' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60)
+    assert out.stdout.strip() == "False"

@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import csv
 import gc
+import importlib
 import json
 from array import array
 from collections.abc import Iterable, Iterator
@@ -43,13 +44,11 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from itertools import chain, repeat
 from operator import itemgetter
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import numpy.typing as npt
 import orjson
-import pyarrow as pa
-import pyarrow.compute as pc
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
@@ -66,6 +65,23 @@ from threatgate.node.feeds import (
     indicator_of,
     record_context,
 )
+
+if TYPE_CHECKING:
+    import pyarrow as pa
+    import pyarrow.compute as pc
+else:
+
+    class _Lazy:
+        """A module imported when first used: importing this module (for ParsedFeed) stays cheap."""
+
+        def __init__(self, name: str) -> None:
+            self._name = name
+
+        def __getattr__(self, attr: str) -> Any:
+            return getattr(importlib.import_module(self._name), attr)
+
+    pa = _Lazy("pyarrow")
+    pc = _Lazy("pyarrow.compute")
 
 __all__ = ["ParsedFeed", "parse_feed"]
 
