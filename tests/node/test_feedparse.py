@@ -220,6 +220,8 @@ HOSTILE_CSV = [
     "ip,threat,seen\n1.2.3.4,x,1\n#5.6.7.8,y,2\n9.9.9.9,,\n",
     "ip,threat,seen\n1.2.3.4,x,1\n5.6.7.8,y\n1.1.1.1,a,b,c\n",
     "ip,threat,seen\n1.2.3.4,ünï,1\n::1,\x00,2\nwww.x.example,a\rb,3",
+    "domain,threat,seen\nbücher.example,x,1\nWWW.A.example,y,2\n*.b.example,z,3\nKELVIN.\u212a.example,w,4\n",
+    "indicator,threat,seen\n" + "B" * 64 + ",x,1\n10.0.0.0/8,y,2\nhttp://Ünï.example/p,z,3\n*.c.example/d/*,w,4\n",
 ]
 
 
