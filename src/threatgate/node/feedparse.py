@@ -421,19 +421,15 @@ def _context_texts(column: list[Any]) -> list[str | None]:
     return list(map(context_text, column))
 
 
-_Coded = tuple[list[str], list[int] | None]
-"""A context column: its texts, or its distinct texts and the code of each row's text among them."""
+_Coded = tuple[list[str], list[int] | set[str] | None]
+"""A context column: its texts and how equal ones are shared: ``None`` (they are not: most differ),
+the set of the distinct texts (share by text), or a code per row into ``texts`` (the distinct texts)."""
 
 
 def _coded(column: list[Any], *, checked: bool = False) -> _Coded:
     """A context column as texts (``context_text`` of each value; ``checked``: they are already)."""
     texts: list[str] = column if checked else _context_texts(column)  # type: ignore[assignment]
-    distinct = _few_distinct(texts)
-    if distinct is None:
-        return texts, None
-    order = list(distinct)
-    index = {text: i for i, text in enumerate(order)}
-    return order, list(map(index.__getitem__, texts))
+    return texts, _few_distinct(texts)
 
 
 def _coded_arrow(column: pa.Array) -> _Coded:
@@ -450,17 +446,22 @@ def _contexts(names: list[str], columns: list[_Coded], n: int) -> list[_Context]
     if not names:
         return [()] * n
     if len(names) == 1:
-        name, (texts, codes) = names[0], columns[0]
-        if codes is None:
+        name, (texts, shared) = names[0], columns[0]
+        if shared is None:
             return list(zip(zip(repeat(name), texts)))
+        if isinstance(shared, set):
+            by_text = {text: ((name, text),) for text in shared}
+            return list(map(by_text.__getitem__, texts))
         one = [((name, text),) for text in texts]
-        return list(map(one.__getitem__, codes))
+        return list(map(one.__getitem__, shared))
     pairs: list[Iterable[tuple[str, str]]] = []
-    for name, (texts, codes) in zip(names, columns, strict=True):
-        if codes is None:
+    for name, (texts, shared) in zip(names, columns, strict=True):
+        if shared is None:
             pairs.append(zip(repeat(name), texts))
+        elif isinstance(shared, set):
+            pairs.append(map({text: (name, text) for text in shared}.__getitem__, texts))
         else:
-            pairs.append(map([(name, text) for text in texts].__getitem__, codes))
+            pairs.append(map([(name, text) for text in texts].__getitem__, shared))
     return list(zip(*pairs, strict=True))
 
 
