@@ -12,7 +12,10 @@ FORBIDDEN = frozenset({"asyncio", "socket", "ssl", "time"})
 SANS_IO_FILES = sorted(
     [
         *(SRC / "wire").glob("*.py"),
-        *(SRC / "node" / f"{name}.py" for name in ("normalize", "render", "store", "feeds", "feedwatch", "matcher")),
+        *(
+            SRC / "node" / f"{name}.py"
+            for name in ("normalize", "render", "store", "feeds", "feedparse", "feedwatch", "matcher")
+        ),
     ]
 )
 
