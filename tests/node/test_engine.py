@@ -101,7 +101,7 @@ def _python_values(pattern: re.Pattern[str], extract_all: bool, text: str) -> li
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(_patterns(), st.sampled_from(["", "(?i)", "(?m)", "(?s)", "(?im)"]), st.booleans(), _SUBJECT)
+@given(_patterns(), st.sampled_from(["", "(?i)", "(?m)", "(?s)", "(?im)", "(?a)", "(?ai)"]), st.booleans(), _SUBJECT)
 def test_translated_regex_gives_pythons_values(body: str, flags: str, extract_all: bool, text: str) -> None:
     try:
         pattern = re.compile(flags + body)
@@ -137,6 +137,40 @@ def test_translation_examples_agree_with_python(pattern: str) -> None:
         assert _engine.step_values(source, options, compiled.groups, mode, 1, text) == _python_values(
             compiled, True, text
         ), text
+
+
+@pytest.mark.parametrize(
+    ("pattern", "text"),
+    [
+        (r"(?=1)(?:ip=)?(1[\d.]*)", "1.2.3.4"),  # PCRE2 10.42's start-of-match optimisation loses this match
+        (r"(?a)ip=(\S+)", "ip=1.2.3.4\x1cx"),  # under re.ASCII, \x1c is not a space
+        (r"\B", ""),  # Python's \B never matches an empty string
+        (r"x\B", "xy"),
+    ],
+)
+def test_translation_pitfalls_found_in_review(pattern: str, text: str) -> None:
+    compiled = re.compile(pattern)
+    source, options = to_pcre2(compiled)
+    assert _engine.compile_error(source, options) is None
+    for extract_all in (False, True):
+        mode = 2 if compiled.groups > 1 else (0 if extract_all else 1)
+        got = _engine.step_values(source, options, compiled.groups, mode, int(extract_all), text)
+        assert got == _python_values(compiled, extract_all, text)
+
+
+@pytest.mark.parametrize("pattern", [r"(|1\.2\.3\.4){0,2}", r"(a*)*", r"(?:x?)+", r"(?a:\s)"])
+def test_translation_refuses_what_pcre2_answers_differently(pattern: str) -> None:
+    with pytest.raises(Unsupported):
+        to_pcre2(re.compile(pattern))
+
+
+def test_an_empty_finished_format_renders_an_empty_line(tmp_path: Path) -> None:
+    config = _config(tmp_path, *FORMATS[0], 0)
+    config = config.model_copy(update={"output": config.output.model_copy(update={"finished_format": ""})})
+    store = _store(config)
+    events: list[FramedEvent] = ["1 url=http://fine.example/", "2 url=http://evil.example/a"]
+    want = Matcher(config, store).match(events, date=DATE, finished=True)
+    assert make_matcher(config, store, "compiled").match(events, date=DATE, finished=True) == want
 
 
 def test_translation_refuses_unicode_case_folding() -> None:

@@ -11,7 +11,8 @@
  *    lost detection.  Store keys are XXH3-64 of the value's UTF-8 bytes with seed = kind (feeds.Kind).
  * 3. Regexes are PCRE2, generated from Python's parse tree by node/pcre.py and exact for ASCII subjects only.
  *    findall/finditer follow Python's empty-match rule (PCRE2_NOTEMPTY_ATSTART after an empty match).
- * 4. The GIL is held throughout, so one match-data block and one scratch buffer per engine are enough.
+ * 4. One thread at a time: the engine's buffers (match data, scratch) are its own, and the node calls it from
+ *    the event loop only; a batch is copied first, since the Python callbacks may let other threads run.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -891,6 +892,7 @@ static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, con
     size_t len = 0;
     int ascii = 1;
     if (render_into(e, e->template, &c, &e->line, &e->line_cap, &len, &ascii) < 0) return NULL;
+    if (grow(&e->line, &e->line_cap, len + 1) < 0) return NULL;
     e->line[len] = '\n';
     return line_str(e->line, len + 1, ascii);
 }
@@ -1113,6 +1115,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             c.actionable.n = alen;
             size_t len = 0;
             if (render_into(e, e->event_tmpl, &c, &e->line, &e->line_cap, &len, &ascii) < 0) goto end;
+            if (grow(&e->line, &e->line_cap, len + 1) < 0) goto end;
             e->line[len] = '\n';
             PyObject *line = line_str(e->line, len + 1, ascii);
             if (line == NULL) goto end;
@@ -1180,6 +1183,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             c.context.n = clen;
             size_t len = 0;
             if (render_into(e, e->finished_dyn, &c, &e->line, &e->line_cap, &len, &ascii) < 0) goto end;
+            if (grow(&e->line, &e->line_cap, len + 1) < 0) goto end;
             e->line[len] = '\n';
             line = line_str(e->line, len + 1, ascii);
         }
@@ -1626,8 +1630,12 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
                   nflags != ix->nrecords || (ix->n4 && n4off != ix->n4 + 1) || (ix->n6 && n6off != ix->n6 + 1) ||
                   (n4off && ((const uint32_t *)ix->c4off.buf)[n4off - 1] > (uint32_t)n4refs) ||
                   (n6off && ((const uint32_t *)ix->c6off.buf)[n6off - 1] > (uint32_t)n6refs);
+        for (Py_ssize_t k = 1; !bad && k < n4off; k++)
+            bad = ((const uint32_t *)ix->c4off.buf)[k] < ((const uint32_t *)ix->c4off.buf)[k - 1];
+        for (Py_ssize_t k = 1; !bad && k < n6off; k++)
+            bad = ((const uint32_t *)ix->c6off.buf)[k] < ((const uint32_t *)ix->c6off.buf)[k - 1];
         if (bad) {
-            PyErr_SetString(PyExc_ValueError, "an index's sections do not agree in size");
+            PyErr_SetString(PyExc_ValueError, "an index's sections do not agree in size or order");
             goto fail;
         }
         if (ix->nkeys && (mask + 1 == 0 || ((mask + 1) & mask) || (Py_ssize_t)((mask + 1) / 8) > ix->bloom.len)) {
@@ -1729,6 +1737,9 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
     if (e->md == NULL) { PyErr_SetString(PyExc_RuntimeError, "Engine is not initialised"); return NULL; }
     if (peer_plan >= e->nplans) { PyErr_SetString(PyExc_ValueError, "peer_plan out of range"); return NULL; }
     Py_ssize_t decided = 0, ignored = 0;
+    /* A private copy: the callbacks run Python code, which may let another thread change the caller's list. */
+    events = PyList_GetSlice(events, 0, PyList_GET_SIZE(events));
+    if (events == NULL) return NULL;
     Py_ssize_t n = PyList_GET_SIZE(events);
     e->detections = e->suppressed = e->confirmed = 0;
     Py_CLEAR(e->per_category);
@@ -1739,10 +1750,10 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         if (PyUnicode_CheckExact(ev) && PyUnicode_IS_ASCII(ev))
             rc = decide(e, PyUnicode_DATA(ev), (size_t)PyUnicode_GET_LENGTH(ev), peer_plan, date, (size_t)date_len,
                         finished, &line, &plan);
-        if (rc < 0) return NULL;
+        if (rc < 0) goto fail;
         if (rc == 2) {
             int r = detect_c(e, &e->plans[plan], e->cur, e->found, date, (size_t)date_len, finished, out);
-            if (r < 0) return NULL;
+            if (r < 0) goto fail;
             if (r == 1) {
                 e->detect_events++;
                 Py_CLEAR(e->found);
@@ -1752,10 +1763,10 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         if (rc == 2) {
             e->detect_events++;
             PyObject *a = detect_args(e, ev, e->cur, plan);
-            if (a == NULL) return NULL;
+            if (a == NULL) goto fail;
             PyObject *r = PyObject_Call(detect, a, NULL);
             Py_DECREF(a);
-            if (r == NULL) return NULL;
+            if (r == NULL) goto fail;
             Py_DECREF(r);
             continue;
         }
@@ -1765,19 +1776,23 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
             if (line != NULL) {
                 int err = PyList_Append(out, line);
                 Py_DECREF(line);
-                if (err < 0) return NULL;
+                if (err < 0) goto fail;
             }
             continue;
         }
         e->reference_events++;
         PyObject *r = PyObject_CallOneArg(ref, ev);
-        if (r == NULL) return NULL;
+        if (r == NULL) goto fail;
         Py_DECREF(r);
     }
     PyObject *cats = e->per_category ? e->per_category : Py_None;
     PyObject *result = Py_BuildValue("(nnnnnO)", decided, ignored, e->confirmed, e->detections, e->suppressed, cats);
     Py_CLEAR(e->per_category);
+    Py_DECREF(events);
     return result;
+fail:
+    Py_DECREF(events);
+    return NULL;
 }
 
 /* One REST lookup object, classified as Matcher.lookup_object does: its candidates (a new list), Py_None when

@@ -34,6 +34,8 @@ MULTILINE = 0x00000400
 _DIGIT = [(0x30, 0x39)]
 _WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
 _SPACE = [(0x09, 0x0D), (0x1C, 0x20)]  # str.isspace() over ASCII
+_SPACE_ASCII = [(0x09, 0x0D), (0x20, 0x20)]  # \s under re.ASCII: [ \t\n\r\f\v]
+NO_START_OPTIMIZE = 0x00010000
 
 
 class Unsupported(ValueError):
@@ -60,6 +62,11 @@ _CATEGORIES: dict[Any, list[tuple[int, int]]] = {
     C.CATEGORY_SPACE: _SPACE,
     C.CATEGORY_NOT_SPACE: _complement(_SPACE),
 }
+_CATEGORIES_ASCII = {
+    **_CATEGORIES,
+    C.CATEGORY_SPACE: _SPACE_ASCII,
+    C.CATEGORY_NOT_SPACE: _complement(_SPACE_ASCII),
+}
 
 
 def _hex(c: int) -> str:
@@ -75,8 +82,10 @@ def _klass(ranges: list[tuple[int, int]], negate: bool) -> str:
 
 
 class _Emitter:
-    def __init__(self, caseless: bool) -> None:
+    def __init__(self, caseless: bool, ascii: bool) -> None:
         self.caseless = caseless  # a non-ASCII character may case-fold to an ASCII one: refuse those
+        self.ascii = ascii  # re.ASCII: \s is [ \t\n\r\f\v] (scoped (?a:...) is refused)
+        self.lookaround = False  # PCRE2 10.42 mis-optimises a leading lookahead (fixed upstream, PR #444)
 
     def literal(self, code: int, caseless: bool) -> bool:
         """Whether ``code`` can match an ASCII character at all; raises when that is unknowable."""
@@ -102,6 +111,8 @@ class _Emitter:
             return "(?:" + "|".join(self.seq(alt, caseless) for alt in av[1]) + ")"
         if op is C.SUBPATTERN:
             group, add, remove, sub = av
+            if (add | remove) & re.ASCII:
+                raise Unsupported("a scoped ASCII flag (?a:...)")
             flags = _flags(add, remove)
             if add & re.IGNORECASE:
                 caseless = True
@@ -113,12 +124,16 @@ class _Emitter:
             return f"({inner})" if group is not None else f"(?:{inner})"
         if op in (C.MAX_REPEAT, C.MIN_REPEAT, C.POSSESSIVE_REPEAT):
             lo, hi, sub = av
+            if (hi is C.MAXREPEAT or hi > 1) and sub.getwidth()[0] == 0:
+                # Python and PCRE2 iterate a repeated body that can match empty differently (captures, spans).
+                raise Unsupported("a repeated group that can match an empty string")
             suffix = "?" if op is C.MIN_REPEAT else "+" if op is C.POSSESSIVE_REPEAT else ""
             bound = f"{{{lo},}}" if hi is C.MAXREPEAT else f"{{{lo},{hi}}}"
             return f"(?:{self.seq(sub, caseless)}){bound}{suffix}"
         if op is C.AT:
             return _AT[av]
         if op in (C.ASSERT, C.ASSERT_NOT):
+            self.lookaround = True
             direction, sub = av
             kind = ("=" if op is C.ASSERT else "!") if direction == 1 else ("<=" if op is C.ASSERT else "<!")
             return f"(?{kind}{self.seq(sub, caseless)})"
@@ -147,9 +162,10 @@ class _Emitter:
                 if lo <= 0x7F:
                     ranges.append((lo, min(hi, 0x7F)))
             elif op is C.CATEGORY:
-                if av not in _CATEGORIES:
+                table = _CATEGORIES_ASCII if self.ascii else _CATEGORIES
+                if av not in table:
                     raise Unsupported(f"the class category {av} is not supported by the compiled engine")
-                ranges.extend(_CATEGORIES[av])
+                ranges.extend(table[av])
             else:
                 raise Unsupported(f"the class member {op} is not supported by the compiled engine")
         return _klass(_merge(ranges), negate)
@@ -171,7 +187,7 @@ _AT = {
     C.AT_END: "$",
     C.AT_END_STRING: "\\z",
     C.AT_BOUNDARY: "\\b",
-    C.AT_NON_BOUNDARY: "\\B",
+    C.AT_NON_BOUNDARY: "(?!\\A\\z)\\B",  # Python 3.11's \B never matches an empty string; PCRE2's does
 }
 
 
@@ -197,9 +213,9 @@ def to_pcre2(pattern: re.Pattern[str]) -> tuple[str, int]:
     except re.error as exc:  # compiled by Python already; a parse error here would be a Python bug
         raise Unsupported(f"the pattern did not parse again ({exc})") from None
     caseless = bool(tree.state.flags & re.IGNORECASE)
-    emitter = _Emitter(caseless)
+    emitter = _Emitter(caseless, bool(tree.state.flags & re.ASCII))
     text = emitter.seq(tree.data, caseless)
-    options = 0
+    options = NO_START_OPTIMIZE if emitter.lookaround else 0
     if caseless:
         options |= CASELESS
     if tree.state.flags & re.MULTILINE:
