@@ -879,7 +879,8 @@ static PyObject *line_str(const char *p, size_t n, int ascii) {
     return ascii ? ascii_str(p, n) : PyUnicode_DecodeUTF8(p, (Py_ssize_t)n, "surrogatepass");
 }
 
-static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
+/* The fields every line of an event shares: its rule values, its source, the batch's date. */
+static Ctx event_ctx(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
     Ctx c;
     memset(&c, 0, sizeof c);
     c.s = s;
@@ -889,6 +890,11 @@ static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, con
     c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
     c.date.p = date;
     c.date.n = date_len;
+    return c;
+}
+
+static PyObject *render_finished(Engine *e, const char *s, const Plan *plan, const char *date, size_t date_len) {
+    Ctx c = event_ctx(e, s, plan, date, date_len);
     size_t len = 0;
     int ascii = 1;
     if (render_into(e, e->template, &c, &e->line, &e->line_cap, &len, &ascii) < 0) return NULL;
@@ -1094,16 +1100,9 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             if (rc == 0 && PyTuple_GET_SIZE(ix->actionable))
                 rc = render_pairs(e, ctx, e->action_fmt, ix->actionable, "", &e->actbuf, &e->actcap, &alen, &ascii);
             if (rc < 0) goto end;
-            Ctx c;
-            memset(&c, 0, sizeof c);
-            c.s = s;
-            c.fields = e->fields;
+            Ctx c = event_ctx(e, s, plan, date, dl);
             c.rule_field = st->field;
             c.rule_value = raw;
-            c.source.p = PyBytes_AS_STRING(plan->source_id);
-            c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
-            c.date.p = date;
-            c.date.n = dl;
             c.category.p = PyBytes_AS_STRING(ix->category);
             c.category.n = (size_t)PyBytes_GET_SIZE(ix->category);
             c.matched = matched;
@@ -1170,15 +1169,7 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
                 pc.pvalue = values[k];
                 if (render_into(e, e->record_fmt, &pc, &e->ctxbuf, &e->ctxcap, &clen, &ascii) < 0) goto end;
             }
-            Ctx c;
-            memset(&c, 0, sizeof c);
-            c.s = s;
-            c.fields = e->fields;
-            c.rule_field = -1;
-            c.source.p = PyBytes_AS_STRING(plan->source_id);
-            c.source.n = (size_t)PyBytes_GET_SIZE(plan->source_id);
-            c.date.p = date;
-            c.date.n = dl;
+            Ctx c = event_ctx(e, s, plan, date, dl);
             c.context.p = e->ctxbuf;
             c.context.n = clen;
             size_t len = 0;

@@ -37,7 +37,6 @@ from __future__ import annotations
 import csv
 import gc
 import importlib
-import json
 from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
@@ -486,7 +485,7 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     except orjson.JSONDecodeError:
         items = None
     if not isinstance(items, list):
-        return _json_reference(settings, _decode(settings, data))
+        return _json_reference(settings, data)
     rows = _Rows()
     n = len(items)
     types = set(map(type, items))
@@ -495,7 +494,7 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
     else:
         is_dict = np.fromiter((type(o) is dict for o in items), bool, count=n)
         if not all(abs(o) < _LARGE for o in items if type(o) is float):
-            return _json_reference(settings, _decode(settings, data))  # see _same_numbers
+            return _json_reference(settings, data)  # see _same_numbers
         for i in np.flatnonzero(~is_dict).tolist():
             rows.bad.append((i + 1, f"record {i + 1}", f"expected an object, got {type(items[i]).__name__}"))
         dict_rows = np.flatnonzero(is_dict)
@@ -509,7 +508,7 @@ def _parse_json(settings: FeedSettings, data: bytes) -> ParsedFeed:
         bulk.bad.extend(rows.bad)
         return bulk.finish([])
     if not _same_numbers(records):
-        return _json_reference(settings, _decode(settings, data))
+        return _json_reference(settings, data)
     if len(shape_ids) > 1:
         ids = np.fromiter(map(shape_ids.__getitem__, shapes), np.intp, count=len(records))
     parts: list[tuple[npt.NDArray[np.intp], _Rows]] = []
@@ -723,46 +722,9 @@ def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp],
     out.extend(kinds, values, raws, contexts)
 
 
-def _json_reference(settings: FeedSettings, text: str) -> ParsedFeed:
-    """The reference JSON reader (``feeds._load_json``) for a file orjson refuses: record by record."""
-    path = settings.path
-    start = feeds._JSON_GAP.match(text, 0)
-    pos = start.end() if start else 0
-    if not text.startswith("[", pos):
-        raise FeedError(f"{path}: a JSON feed must be an array of records, found {text[pos : pos + 20]!r}")
-    end_of_array = len(text.rstrip()) - 1
-    if end_of_array <= pos or text[end_of_array] != "]":
-        raise FeedError(f"{path}: truncated JSON feed: it does not end with ']'")
-    pos += 1
-    raw_decode = json.JSONDecoder().raw_decode
-    gap = feeds._JSON_GAP.match
-    out = _Rows()
-    records: list[dict[str, Any]] = []
-    numbers: list[int] = []
-    n = 0
-    while True:
-        m = gap(text, pos)
-        pos = m.end() if m else pos
-        if pos >= end_of_array:
-            break
-        n += 1
-        try:
-            obj, end = raw_decode(text, pos)
-        except json.JSONDecodeError as exc:
-            out.bad.append((n, f"record {n} (line {exc.lineno})", f"invalid JSON: {exc.msg}"))
-            nxt = text.find("\n", exc.pos)
-            pos = end_of_array if nxt < 0 else nxt
-            continue
-        except (ValueError, RecursionError) as exc:  # the reference stops here with a Python error
-            raise FeedError(f"{path}: record {n}: cannot be read: {str(exc)[:100] or type(exc).__name__}") from None
-        if not isinstance(obj, dict):
-            out.bad.append((n, f"record {n}", f"expected an object, got {type(obj).__name__}"))
-        else:
-            records.append(obj)
-            numbers.append(n)
-        pos = end
-    _json_one_by_one(records, np.array(numbers, np.intp), out)
-    return out.finish([])
+def _json_reference(settings: FeedSettings, data: bytes) -> ParsedFeed:
+    """The reference JSON reader (``feeds.parse_columns``) for a file orjson refuses: record by record."""
+    return feeds.parse_columns(settings, data)
 
 
 # -- CSV ----------------------------------------------------------------------------------------------

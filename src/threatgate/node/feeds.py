@@ -653,6 +653,8 @@ def _load_json(settings: FeedSettings, parsed: ParsedFeed, text: str) -> None:
             nxt = text.find("\n", exc.pos)
             pos = end_of_array if nxt < 0 else nxt
             continue
+        except (ValueError, RecursionError) as exc:  # an integer of 4,300 digits, nesting 1,000 deep
+            raise FeedError(f"{path}: record {n}: cannot be read: {str(exc)[:100] or type(exc).__name__}") from None
         if not isinstance(obj, dict):
             report.bad(f"record {n}", f"expected an object, got {type(obj).__name__}")
             pos = end
