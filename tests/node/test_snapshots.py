@@ -234,6 +234,23 @@ def test_a_worker_that_fails_or_cannot_start_is_a_feed_error(
         asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
 
 
+def test_a_worker_that_hangs_is_killed_and_is_a_feed_error(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    path = tmp_path / "f.json"
+    write_feed(path, [SHARED])
+    settings = FeedSettings(path=str(path), name="f.json", category="C", format="json")
+    hang = tmp_path / "hang.sh"
+    pid_file = tmp_path / "pid"
+    hang.write_text(f"#!/bin/sh\necho $$ > {pid_file}\nexec sleep 60\n", encoding="ascii")
+    hang.chmod(0o755)
+    monkeypatch.setattr(snapshots.sys, "executable", str(hang))
+    monkeypatch.setattr(snapshots, "BUILD_TIMEOUT_FLOOR", 0.5)
+    with pytest.raises(feeds.FeedError, match=r"did not finish within 0\.5 s and was killed"):
+        asyncio.run(snapshots.build_in_worker(str(tmp_path), settings))
+    if pid_file.exists():  # (on a slow machine it may be killed before it wrote its pid)
+        with pytest.raises(ProcessLookupError):  # killed and reaped: no worker left behind
+            os.kill(int(pid_file.read_text()), 0)
+
+
 async def test_a_small_feed_is_built_in_the_nodes_process(
     config: NodeConfig, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:

@@ -244,11 +244,22 @@ def build_snapshot(directory: str, settings: FeedSettings) -> Built:
     return Built(path, identity, digest)
 
 
+BUILD_TIMEOUT_FLOOR = 120.0
+"""Seconds a build worker is always given; a feed gets one more second per 10 MB of it (a 10M-indicator
+feed set of 747 MB builds in about 10 s per feed here), so only a worker that hangs is cut short."""
+
+
+def build_timeout(settings: FeedSettings) -> float:
+    """How long the build worker of ``settings``'s feed may take before it is killed."""
+    return BUILD_TIMEOUT_FLOOR + max(source_size(settings), 0) / 10e6
+
+
 async def build_in_worker(directory: str, settings: FeedSettings) -> Built:
     """Build the snapshot of ``settings``'s feed in a separate Python process.
 
     Raises:
-        FeedError: the feed is not a feed (the worker's message), or the worker failed (its last words).
+        FeedError: the feed is not a feed (the worker's message), the worker failed (its last words), or it
+            did not finish within :func:`build_timeout` (killed: a hung worker never holds up reloads).
     """
     try:
         proc = await asyncio.create_subprocess_exec(
@@ -262,12 +273,18 @@ async def build_in_worker(directory: str, settings: FeedSettings) -> Built:
         )
     except OSError as exc:  # no memory or processes left to start it
         raise FeedError(f"{settings.path}: cannot start the snapshot build worker: {exc.strerror or exc}") from None
+    timeout = build_timeout(settings)
     try:
-        out, err = await proc.communicate(settings.model_dump_json().encode())
-    except asyncio.CancelledError:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(settings.model_dump_json().encode())
+    except (asyncio.CancelledError, TimeoutError) as exc:
         if proc.returncode is None:
             proc.kill()
             await proc.wait()
+        if isinstance(exc, TimeoutError):
+            raise FeedError(
+                f"{settings.path}: the snapshot build worker did not finish within {timeout:.1f} s and was killed"
+            ) from None
         raise
     answer = _answer(out)
     if proc.returncode == 0 and answer is not None and "path" in answer:
