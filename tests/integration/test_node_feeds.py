@@ -150,7 +150,7 @@ def overwrite_in_place(path: Path, data: bytes) -> None:
 
 def snapshot_files(node: Node) -> int:
     """The snapshot files of loaded feed versions: in the snapshot directory beside the node's database."""
-    return len(list((node.dir / "state" / "snapshots").glob("*.tgsnap")))
+    return len(list((node.dir / "state" / "node.snapshots").glob("*.tgsnap")))
 
 
 def wait_detects(node: Node, url: str, since: float) -> float:

@@ -29,7 +29,7 @@ def test_a_restarted_node_maps_its_snapshots_and_rebuilds_a_damaged_one(
     port, metrics_port = free_port(), free_port()
     metrics = f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
     config = example_config(tmp_path, port=port, extra_service=metrics)
-    snapshots = tmp_path / "state" / "snapshots"
+    snapshots = tmp_path / "state" / "node.snapshots"  # beside state/node.sqlite3
     with running_node(config, port) as proc:
         assert proc.log().count("built in a worker process") == FEEDS
         assert detects(port)

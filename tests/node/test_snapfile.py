@@ -326,3 +326,22 @@ def test_refused_and_dropped_snapshots_leave_no_descriptor_open(tmp_path: Path) 
     for _ in range(3):
         assert reason_of(path, None, None) in ("checksum", "corrupt")
     assert len(os.listdir("/proc/self/fd")) == before
+
+
+def test_cidrs_nested_too_deeply_are_refused_before_they_cost_memory() -> None:
+    from threatgate.errors import FeedError
+    from threatgate.node.feedparse import ParsedFeed
+
+    parsed = ParsedFeed()
+    nested = [
+        f"6/{plen}/{0x20010DB8 >> (32 - plen) if plen <= 32 else 0x20010DB8 << (plen - 32)}" for plen in range(8, 108)
+    ]
+    small = [f"6/127/{(0x20010DB8 << 95) + 2 * i}" for i in range(1000)]
+    for value in nested + small:
+        parsed.kinds.append(Kind.CIDR)
+        parsed.values.append(value)
+        parsed.raws.append(value)
+        parsed.subdomains.append(False)
+        parsed.contexts.append(())
+    with pytest.raises(FeedError, match="CIDRs nested too deeply"):
+        snapfile.build(parsed, bytes(32), bytes(32))

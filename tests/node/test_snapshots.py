@@ -8,6 +8,8 @@ import json
 import logging
 import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -261,3 +263,17 @@ async def test_a_small_feed_is_built_in_the_nodes_process(
     assert caplog.text.count("built in this process") == 2
     assert node.stats.snapshot_loads == {("urls.json", "built"): 1, ("ips.csv", "built"): 1}
     assert detects(node, SHARED) and len(snapshot_files(config)) == 2
+
+
+def test_a_snapshot_directory_serves_one_node_process_only(tmp_path: Path) -> None:
+    path = str(tmp_path / "snaps")
+    snapshots.SnapshotDir(path).prepare()
+    snapshots.SnapshotDir(path).prepare()  # again in the same process (a reload, a new store): fine
+    other = subprocess.run(
+        [sys.executable, "-c", f"from threatgate.node.snapshots import SnapshotDir; SnapshotDir({path!r}).prepare()"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert other.returncode != 0
+    assert "in use by another threatgate process: give each node its own <Feeds snapshot_dir>" in other.stderr

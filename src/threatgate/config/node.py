@@ -493,8 +493,8 @@ def _read_feeds(node: Node | None, root: Node, http: HTTPServerSettings | None) 
     raw_dir = node.attrs.get("snapshot_dir") if node is not None else None
     if node is not None and raw_dir is not None:
         snapshot_dir = resolve_path(node, raw_dir)
-    elif http is not None:
-        snapshot_dir = os.path.join(os.path.dirname(http.database), "snapshots")
+    elif http is not None:  # one directory per node: two nodes sharing one would remove each other's files
+        snapshot_dir = os.path.splitext(http.database)[0] + ".snapshots"  # state/node1.sqlite3 -> state/node1.snapshots
     else:
         snapshot_dir = resolve_path(root, "state/snapshots")
     if node is None:

@@ -41,6 +41,7 @@ import logging
 import os
 import re
 import stat
+import threading
 import weakref
 from array import array
 from collections.abc import Iterator
@@ -314,6 +315,7 @@ def mask_matches(value: str, url: str) -> bool:
 
 
 _LIVE: weakref.WeakSet[FeedSnapshot] = weakref.WeakSet()
+_LIVE_LOCK = threading.Lock()  # snapshots are made in worker threads (suppliers) and listed on the event loop
 
 
 class FeedSnapshot:
@@ -332,12 +334,14 @@ class FeedSnapshot:
         self.header: list[str] = index.header  # CSV: column names, the indicator column under its canonical name
         self.read_failures = 0  # records that could not be decoded at detection time (damaged snapshot bytes)
         self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
-        _LIVE.add(self)
+        with _LIVE_LOCK:
+            _LIVE.add(self)
 
     @staticmethod
     def live() -> list[FeedSnapshot]:
         """Every snapshot still in memory (the node keeps their files; see snapshots.remove_unused)."""
-        return list(_LIVE)
+        with _LIVE_LOCK:
+            return list(_LIVE)
 
     def __repr__(self) -> str:
         return f"<FeedSnapshot {self.settings.name} records={len(self.index)} malformed={self.report.malformed}>"

@@ -39,6 +39,7 @@ from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
+from threatgate.net.describe import describe
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
@@ -432,6 +433,9 @@ class NodeService:
             snap = await self._build(settings)
         except FeedError as exc:
             return tried, exc
+        except Exception as exc:  # a defect or MemoryError: this feed fails, never the whole reload
+            log.exception("feed %s: unexpected failure while loading it", settings.name)
+            return tried, FeedError(f"{settings.path}: unexpected failure while loading it: {describe(exc)}")
         return snap.identity, snap
 
     async def _map_unchanged(self, settings: FeedSettings) -> tuple[Identity, FeedSnapshot | None]:

@@ -59,6 +59,7 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
+from threatgate.errors import FeedError
 from threatgate.node.feedparse import ParsedFeed
 from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
 
@@ -67,6 +68,9 @@ try:  # the compiled engine hashes a whole column at ~12 ns a value; the same nu
     _c_keys_of = importlib.import_module("threatgate.node._engine").keys_of
 except ImportError:  # pragma: no cover - an install without the compiled part
     _c_keys_of = None
+
+MAX_CIDR_COVER = 64
+"""Interval entries a CIDR may take on average (one per segment it covers): the bound on nesting."""
 
 MAGIC = b"TGSNAP\r\n"
 FORMAT_VERSION = 1
@@ -322,6 +326,14 @@ def segments(
         )
     bounds = sorted({s for s, _, _, _ in spans} | {e for _, e, _, _ in spans})
     where = {b: i for i, b in enumerate(bounds)}
+    # Each segment lists every CIDR covering it: deep nesting multiplies that (100 nested IPv6 networks
+    # over 40,000 small ones took a gigabyte).  Refuse such a feed before building it.
+    total = sum(where[stop] - where[start] for start, stop, _, _ in spans)
+    if total > MAX_CIDR_COVER * len(spans) + 4096:
+        raise FeedError(
+            f"CIDRs nested too deeply: {len(spans)} networks would take {total} interval entries "
+            f"(at most {MAX_CIDR_COVER} per network); remove the covering networks or split the feed"
+        )
     cover: list[list[tuple[int, int]]] = [[] for _ in range(len(bounds) - 1)]
     for start, stop, plen, row in spans:
         for i in range(where[start], where[stop]):
@@ -584,10 +596,13 @@ class FeedIndex:
                 raise SnapshotInvalid("corrupt", f"section {i} ({raw_name.rstrip(bytes(1))!r}) out of bounds")
             self._sections[name] = (offset, length)
         self._check_counts(fields[9])
-        meta = json.loads(bytes(self._bytes("meta")))
-        self.kinds_bitmask: int = int(meta["kinds_bitmask"])
-        self.header: list[str] = list(meta["header"])
-        self.report = LoadReport(**meta["report"])
+        try:
+            meta = json.loads(bytes(self._bytes("meta")))
+            self.kinds_bitmask: int = int(meta["kinds_bitmask"])
+            self.header: list[str] = list(meta["header"])
+            self.report = LoadReport(**meta["report"])
+        except (ValueError, KeyError, TypeError) as exc:  # checksummed, yet not what this version writes
+            raise SnapshotInvalid("corrupt", f"its metadata cannot be read: {exc}") from None
         self.keys = self._cast("keys", "Q")
         self.refs = self._cast("refs", "I")
         self.bloom = self._cast("bloom", "B")

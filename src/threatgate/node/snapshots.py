@@ -20,6 +20,8 @@ Invariants:
 from __future__ import annotations
 
 import asyncio
+import errno
+import fcntl
 import hashlib
 import json
 import logging
@@ -119,6 +121,26 @@ class Refused:
     detail: str
 
 
+_TAKEN: dict[str, int] = {}
+"""Snapshot directories this process holds (real path -> the descriptor of its locked ``.lock``)."""
+
+
+def _take(path: str) -> None:
+    """Hold ``path`` for this process until it exits (a reload or a second SnapshotDir takes it again freely)."""
+    real = os.path.realpath(path)
+    if real in _TAKEN:
+        return
+    fd = os.open(os.path.join(real, ".lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        raise OSError(
+            errno.EBUSY, "in use by another threatgate process: give each node its own <Feeds snapshot_dir>"
+        ) from None
+    _TAKEN[real] = fd
+
+
 class SnapshotDir:
     """The directory of snapshot files of one node (blocking methods: call them from a worker thread)."""
 
@@ -126,9 +148,16 @@ class SnapshotDir:
         self.path = path
 
     def prepare(self) -> None:
-        """Create the directory 0700 (tightening an existing one) and remove temporary files a crash left."""
+        """Create the directory 0700 (tightening an existing one), take it for this process (an exclusive
+        lock held for the process's life: two node processes sharing a directory would remove each other's
+        files and builds in progress), and remove temporary files a crash left.
+
+        Raises:
+            OSError: the directory cannot be made or used, or another process holds it.
+        """
         os.makedirs(self.path, mode=0o700, exist_ok=True)
         os.chmod(self.path, 0o700)
+        _take(self.path)
         for name in os.listdir(self.path):
             if name.startswith(".snap-") and name.endswith(".tmp"):
                 _unlink(os.path.join(self.path, name))
@@ -237,7 +266,10 @@ def build_snapshot(directory: str, settings: FeedSettings) -> Built:
     from threatgate.node.feeds import parse_source
 
     parsed, identity, digest = parse_source(settings)
-    chunks = snapfile.build(parsed, digest, settings_digest(settings))
+    try:
+        chunks = snapfile.build(parsed, digest, settings_digest(settings))
+    except FeedError as exc:
+        raise FeedError(f"{settings.path}: {exc}") from None
     del parsed
     path = os.path.join(directory, snapshot_name(digest, settings_digest(settings)))
     snapfile.write_atomic(path, chunks)
