@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Any
 
@@ -376,6 +377,24 @@ def test_a_record_that_cannot_be_read_back_is_counted(tmp_path: Path, config: No
     damage_record(snap, b"evil.example/a", b"\xffvil.example/a")
     assert Matcher(config, IndicatorStore({0: snap})).lookup(RuleType.URL, "http://evil.example/a") == []
     assert snap.read_failures == 1
+
+
+def test_a_record_the_disk_cannot_read_is_counted_and_tried_again(tmp_path: Path, config: NodeConfig) -> None:
+    """An I/O error under a mapped snapshot (pread fails) loses that detection, counted; the next event tries again."""
+    from threatgate.node.snapshots import SnapshotDir
+
+    path = tmp_path / "u.json"
+    path.write_text(json.dumps([{"url": "http://evil.example/a"}]), encoding="utf-8")
+    settings = FeedSettings(path=str(path), name="u.json", category="C", format="json")
+    snap = SnapshotDir(str(tmp_path / "snaps")).load(settings)
+    matcher = Matcher(config, IndicatorStore({0: snap}))
+    good_fd = snap.index._fd  # noqa: SLF001 - the descriptor records are read from
+    snap.index._fd = os.open(tmp_path, os.O_RDONLY)  # noqa: SLF001 - a directory: pread fails (EISDIR)
+    assert matcher.lookup(RuleType.URL, "http://evil.example/a") == []
+    assert snap.read_failures == 1
+    os.close(snap.index._fd)  # noqa: SLF001
+    snap.index._fd = good_fd  # noqa: SLF001 - the disk is back
+    assert len(matcher.lookup(RuleType.URL, "http://evil.example/a")) == 1
 
 
 async def test_the_node_counts_and_logs_records_it_could_not_read_back(

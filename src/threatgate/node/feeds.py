@@ -354,13 +354,13 @@ class FeedSnapshot:
         return self.settings.name
 
     def record(self, record_no: int) -> Record | None:
-        """Record ``record_no`` as stored, or None (out of range, or bytes that do not decode: counted in
-        ``read_failures``, and the node says so: node/service.py)."""
+        """Record ``record_no`` as stored, or None (out of range, or bytes that cannot be read or do not
+        decode: counted in ``read_failures``, and the node says so: node/service.py)."""
         if not 0 <= record_no < len(self.index):
             return None
         try:
             return self.index.record(record_no)
-        except (ValueError, UnicodeDecodeError, IndexError):
+        except (OSError, ValueError, UnicodeDecodeError, IndexError):  # OSError: the disk under the snapshot
             self.read_failures += 1
             return None
 

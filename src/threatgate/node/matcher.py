@@ -336,9 +336,10 @@ class Matcher:
         record = cache.get(key, _MISSING)
         if record is _MISSING:
             record = snap.record(cand.record_no)
-            if len(cache) >= _RECORD_CACHE_MAX:
-                cache.clear()
-            cache[key] = record
+            if record is not None:  # a failed read is tried again next time (and counted each time)
+                if len(cache) >= _RECORD_CACHE_MAX:
+                    cache.clear()
+                cache[key] = record
         if record is None or record.kind != cand.kind:
             return None
         if cand.kind == Kind.MASK or cand.kind == Kind.CIDR:
