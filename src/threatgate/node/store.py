@@ -151,7 +151,11 @@ class IndicatorStore:
                     if not index.maybe(key):
                         continue
                     for row in index.rows_of(key):
-                        mask = index.mask(row)
+                        try:
+                            mask = index.mask(row)
+                        except (OSError, ValueError):  # the disk under the snapshot: that detection is lost
+                            self.snapshots[slot].read_failures += 1  # ... and counted, as a record read is
+                            continue
                         if (mask.subdomains or suffix is host) and mask.matches(rest):
                             out.append(Candidate(slot, row, Kind.MASK, url))
                 dot = suffix.find(".")
