@@ -397,6 +397,21 @@ def test_a_record_the_disk_cannot_read_is_counted_and_tried_again(tmp_path: Path
     assert len(matcher.lookup(RuleType.URL, "http://evil.example/a")) == 1
 
 
+def test_a_mask_record_the_disk_cannot_read_is_counted(tmp_path: Path, config: NodeConfig) -> None:
+    from threatgate.node.snapshots import SnapshotDir
+
+    path = tmp_path / "m.json"
+    path.write_text(json.dumps([{"mask": "evil.example/payload/*"}]), encoding="utf-8")
+    settings = FeedSettings(path=str(path), name="m.json", category="C", format="json")
+    snap = SnapshotDir(str(tmp_path / "snaps")).load(settings)
+    store = IndicatorStore({0: snap})
+    snap.index._fd = os.open(tmp_path, os.O_RDONLY)  # noqa: SLF001 - a directory: pread fails (EISDIR)
+    snap.index._masks.clear()  # noqa: SLF001 - nothing parsed yet: the mask is read from the file
+    out: list[Candidate] = []
+    store.lookup_url("evil.example/payload/x.js", out)
+    assert out == [] and snap.read_failures == 1
+
+
 async def test_the_node_counts_and_logs_records_it_could_not_read_back(
     tmp_path: Path, config: NodeConfig, caplog: pytest.LogCaptureFixture
 ) -> None:
