@@ -159,7 +159,7 @@ class FeedsSettings(_Frozen):
     feeds: tuple[FeedSettings, ...] = ()
     snapshot_dir: str = ""
     """``<Feeds snapshot_dir>``: where loaded feed versions are kept as snapshot files (node/snapshots.py);
-    by default ``snapshots`` beside the supplier database, else ``state/snapshots`` beside the config file.
+    by default beside the supplier database, named after it, else ``state/<config stem>.snapshots``.
     Empty (a configuration built in code): a temporary directory of the process."""
 
 
@@ -495,8 +495,9 @@ def _read_feeds(node: Node | None, root: Node, http: HTTPServerSettings | None) 
         snapshot_dir = resolve_path(node, raw_dir)
     elif http is not None:  # one directory per node: two nodes sharing one would remove each other's files
         snapshot_dir = os.path.splitext(http.database)[0] + ".snapshots"  # state/node1.sqlite3 -> state/node1.snapshots
-    else:
-        snapshot_dir = resolve_path(root, "state/snapshots")
+    else:  # per configuration file: nodes whose configs share a directory do not share snapshots
+        stem = os.path.splitext(os.path.basename(root.path))[0] or "node"
+        snapshot_dir = resolve_path(root, f"state/{stem}.snapshots")
     if node is None:
         return FeedsSettings(snapshot_dir=snapshot_dir)
     feeds = []
