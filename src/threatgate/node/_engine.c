@@ -55,7 +55,7 @@ typedef struct {
     uint64_t bloom_mask;
     uint32_t kinds;
     Py_ssize_t nkeys, n4, n6;
-    PyObject *global_masks; /* tuple of tuples of bytes */
+    PyObject *global_masks; /* tuple of bytes: each star-host mask, UTF-8 */
     /* for candidates (store.py's lookups, in its order) */
     int slot, store;
     Py_buffer refs, c4off, c4refs, c4plen, c6off, c6refs, c6plen, grows;
@@ -287,24 +287,26 @@ static int in_c6(Engine *e, uint64_t h, uint64_t l) {
     return 0;
 }
 
-/* Python's Mask.matches over bytes (feeds.Mask): parts split at the stars. */
-static int glob_match(PyObject *parts, const char *t, size_t n) {
-    Py_ssize_t np = PyTuple_GET_SIZE(parts);
-    PyObject *first = PyTuple_GET_ITEM(parts, 0);
-    size_t fl = (size_t)PyBytes_GET_SIZE(first);
-    if (n < fl || memcmp(t, PyBytes_AS_STRING(first), fl) != 0) return 0;
-    if (np == 1) return n == fl;
+/* feeds.Mask.matches with the parts given as one string split at its stars. */
+static int glob_text(const char *pat, size_t pl, const char *t, size_t n) {
+    const char *star = memchr(pat, '*', pl);
+    size_t fl = star ? (size_t)(star - pat) : pl;
+    if (n < fl || memcmp(t, pat, fl) != 0) return 0;
+    if (star == NULL) return n == fl;
     size_t pos = fl;
-    for (Py_ssize_t i = 1; i < np - 1; i++) {
-        PyObject *part = PyTuple_GET_ITEM(parts, i);
-        size_t pl = (size_t)PyBytes_GET_SIZE(part);
-        const char *found = pl ? memmem(t + pos, n - pos, PyBytes_AS_STRING(part), pl) : t + pos;
+    const char *rest = star + 1;
+    size_t rl = pl - fl - 1;
+    for (;;) {
+        const char *next = memchr(rest, '*', rl);
+        if (next == NULL) break; /* rest is the tail */
+        size_t partl = (size_t)(next - rest);
+        const char *found = partl ? memmem(t + pos, n - pos, rest, partl) : t + pos;
         if (found == NULL) return 0;
-        pos = (size_t)(found - t) + pl;
+        pos = (size_t)(found - t) + partl;
+        rl -= partl + 1;
+        rest = next + 1;
     }
-    PyObject *tail = PyTuple_GET_ITEM(parts, np - 1);
-    size_t tl = (size_t)PyBytes_GET_SIZE(tail);
-    return n - pos >= tl && memcmp(t + n - tl, PyBytes_AS_STRING(tail), tl) == 0;
+    return n - pos >= rl && memcmp(t + n - rl, rest, rl) == 0;
 }
 
 /* 1-3 decimal digits, value <= 255 (normalize._OCTET), four of them: the address, or -1. */
@@ -455,8 +457,10 @@ static int probe_url(Engine *e, const char *p, size_t n) {
     if (e->has_global) {
         for (int i = 0; i < e->nidx; i++) {
             PyObject *masks = e->idx[i].global_masks;
-            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(masks); j++)
-                if (glob_match(PyTuple_GET_ITEM(masks, j), p, n)) return MAYBE;
+            for (Py_ssize_t j = 0; j < PyTuple_GET_SIZE(masks); j++) {
+                PyObject *m = PyTuple_GET_ITEM(masks, j);
+                if (glob_text(PyBytes_AS_STRING(m), (size_t)PyBytes_GET_SIZE(m), p, n)) return MAYBE;
+            }
         }
     }
     unsigned char last = (unsigned char)p[hn - 1];
@@ -644,27 +648,6 @@ static int c_ip(Engine *e, int store, const char *p, size_t n, PyObject *out) {
     return 0;
 }
 
-/* feeds.Mask.matches with the parts given as one string split at its stars. */
-static int glob_text(const char *pat, size_t pl, const char *t, size_t n) {
-    const char *star = memchr(pat, '*', pl);
-    size_t fl = star ? (size_t)(star - pat) : pl;
-    if (n < fl || memcmp(t, pat, fl) != 0) return 0;
-    if (star == NULL) return n == fl;
-    size_t pos = fl;
-    const char *rest = star + 1;
-    size_t rl = pl - fl - 1;
-    for (;;) {
-        const char *next = memchr(rest, '*', rl);
-        if (next == NULL) break; /* rest is the tail */
-        size_t partl = (size_t)(next - rest);
-        const char *found = partl ? memmem(t + pos, n - pos, rest, partl) : t + pos;
-        if (found == NULL) return 0;
-        pos = (size_t)(found - t) + partl;
-        rl -= partl + 1;
-        rest = next + 1;
-    }
-    return n - pos >= rl && memcmp(t + n - rl, rest, rl) == 0;
-}
 
 enum { C_VALUE = 0, C_RAW = 1, C_CTX = 2 };
 
@@ -1635,27 +1618,22 @@ static PyObject *Engine_use_indexes(Engine *e, PyObject *views) {
         }
         ix->bloom_mask = mask;
         ix->kinds = kinds;
-        /* global masks: tuple of tuples of str -> bytes */
+        /* global masks: tuple of parts (str) -> the mask as UTF-8 bytes, its parts joined at their stars */
         PyObject *gseq = PySequence_Fast(gm, "global masks must be a sequence");
         if (gseq == NULL) goto fail;
         Py_ssize_t ng = PySequence_Fast_GET_SIZE(gseq);
         ix->global_masks = PyTuple_New(ng);
         if (ix->global_masks == NULL) { Py_DECREF(gseq); goto fail; }
-        for (Py_ssize_t j = 0; j < ng; j++) {
-            PyObject *parts = PySequence_Fast(PySequence_Fast_GET_ITEM(gseq, j), "mask parts must be a sequence");
-            if (parts == NULL) { Py_DECREF(gseq); goto fail; }
-            Py_ssize_t np2 = PySequence_Fast_GET_SIZE(parts);
-            PyObject *bt = PyTuple_New(np2 ? np2 : 1);
-            if (bt == NULL) { Py_DECREF(parts); Py_DECREF(gseq); goto fail; }
-            if (np2 == 0) PyTuple_SET_ITEM(bt, 0, PyBytes_FromStringAndSize("", 0));
-            for (Py_ssize_t k = 0; k < np2; k++) {
-                PyObject *b = PyUnicode_AsEncodedString(PySequence_Fast_GET_ITEM(parts, k), "utf-8", "surrogatepass");
-                if (b == NULL) { Py_DECREF(bt); Py_DECREF(parts); Py_DECREF(gseq); goto fail; }
-                PyTuple_SET_ITEM(bt, k, b);
-            }
-            Py_DECREF(parts);
-            PyTuple_SET_ITEM(ix->global_masks, j, bt);
+        PyObject *star = PyUnicode_FromString("*");
+        for (Py_ssize_t j = 0; star != NULL && j < ng; j++) {
+            PyObject *text = PyUnicode_Join(star, PySequence_Fast_GET_ITEM(gseq, j));
+            PyObject *b = text ? PyUnicode_AsEncodedString(text, "utf-8", "surrogatepass") : NULL;
+            Py_XDECREF(text);
+            if (b == NULL) { Py_CLEAR(star); break; }
+            PyTuple_SET_ITEM(ix->global_masks, j, b);
         }
+        if (star == NULL) { Py_DECREF(gseq); goto fail; }
+        Py_DECREF(star);
         Py_DECREF(gseq);
         e->kinds |= ix->nkeys ? kinds : 0;
         if (ix->store + 1 > e->nstores) e->nstores = ix->store + 1;

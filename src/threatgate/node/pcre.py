@@ -82,8 +82,7 @@ def _klass(ranges: list[tuple[int, int]], negate: bool) -> str:
 
 
 class _Emitter:
-    def __init__(self, caseless: bool, ascii: bool) -> None:
-        self.caseless = caseless  # a non-ASCII character may case-fold to an ASCII one: refuse those
+    def __init__(self, ascii: bool) -> None:
         self.ascii = ascii  # re.ASCII: \s is [ \t\n\r\f\v] (scoped (?a:...) is refused)
         self.lookaround = False  # PCRE2 10.42 mis-optimises a leading lookahead (fixed upstream, PR #444)
 
@@ -213,7 +212,7 @@ def to_pcre2(pattern: re.Pattern[str]) -> tuple[str, int]:
     except re.error as exc:  # compiled by Python already; a parse error here would be a Python bug
         raise Unsupported(f"the pattern did not parse again ({exc})") from None
     caseless = bool(tree.state.flags & re.IGNORECASE)
-    emitter = _Emitter(caseless, bool(tree.state.flags & re.ASCII))
+    emitter = _Emitter(bool(tree.state.flags & re.ASCII))
     text = emitter.seq(tree.data, caseless)
     options = NO_START_OPTIMIZE if emitter.lookaround else 0
     if caseless:
