@@ -12,7 +12,7 @@ import pytest
 from tests.config.configs import line_of
 from tests.config.configs import write_node_config as write_config
 from threatgate.config.common import Address
-from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE, NodeConfig, RuleType, load_node_config
+from threatgate.config.node import DEFAULT_MAX_EVENT_SIZE, NodeConfig, RuleType, load_node_config, resolve_workers
 from threatgate.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -130,6 +130,29 @@ def test_NodeConfig_event_delimiter_and_max_event_size(tmp_path: Path) -> None:
     assert config.input.event_delimiter is not None
     assert config.input.event_delimiter.pattern == ";"
     assert config.input.max_event_size == 4096
+
+
+def test_NodeConfig_workers_default_auto_number_and_resolution(tmp_path: Path) -> None:
+    assert load_node_config(str(EXAMPLE_CONF)).scan.workers == "auto"
+    end = "</Configuration>"
+    for raw, want in (("auto", "auto"), (" AUTO ", "auto"), ("3", 3), ("64", 64)):
+        text = example_text().replace(end, f"<ScanSettings><Workers>{raw}</Workers></ScanSettings>{end}")
+        config = load_node_config(str(write_config(tmp_path, text)))
+        assert config.scan.workers == want
+        assert f"Workers {want}" in config.summary()
+    assert resolve_workers("auto", 2) == 2
+    assert resolve_workers("auto", 0) == 1
+    assert resolve_workers("auto", 500) == 64
+    assert resolve_workers(3, 2) == 3
+
+
+@pytest.mark.parametrize("raw", ["0", "65", "two", ""])
+def test_NodeConfig_workers_out_of_range_is_an_error_with_its_line(tmp_path: Path, raw: str) -> None:
+    end = "</Configuration>"
+    text = example_text().replace(end, f"<ScanSettings>\n<Workers>{raw}</Workers></ScanSettings>{end}")
+    with pytest.raises(ConfigError, match="Workers") as info:
+        load_node_config(str(write_config(tmp_path, text)))
+    assert f":{line_of(text, '<Workers>')}:" in str(info.value)
 
 
 # -- bad configs --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from threatgate.config.reload import BALANCER_FIELDS, LIVE, NODE_FIELDS, Restart
 
 ROOT = Path(__file__).resolve().parents[2]
 
-SECTIONS = {"input", "output", "feeds", "service", "http", "cluster"}
+SECTIONS = {"input", "output", "feeds", "service", "scan", "http", "cluster"}
 """NodeConfig sections whose fields are classified one by one (the others as a whole)."""
 
 

@@ -171,6 +171,28 @@ class ServiceSettings(_Frozen):
     """``<IdleTimeout>``: an event connection that sends nothing for this long is closed (0: never)."""
 
 
+MAX_WORKERS = 64
+
+
+class ScanSettings(_Frozen):
+    """``<ScanSettings>``: how many processes match events (CyberTrace 5's element of the same name holds
+    ScanningThreadsPerScanner; threatgate's parallelism is processes, see docs/architecture.md "Workers")."""
+
+    workers: int | Literal["auto"] = "auto"
+    """``<Workers>``: worker processes matching events, 1-64, or ``auto``: one per CPU the process may use.
+    One worker is today's single process: the node matches in the process that listens."""
+
+
+def resolve_workers(value: int | Literal["auto"], cpus: int) -> int:
+    """The number of worker processes ``<Workers>`` asks for, given the CPUs the process may use.
+
+    ``cpus`` is passed in by the edge (``len(os.sched_getaffinity(0))``), so this stays pure.
+    """
+    if value == "auto":
+        return max(1, min(MAX_WORKERS, cpus))
+    return value
+
+
 MAX_BODY_SIZE = 64 * 1024 * 1024
 """CyberTrace documents 64 MB (67,108,864 bytes) as the largest lookup body."""
 
@@ -245,6 +267,7 @@ class NodeConfig(_Frozen):
     output: OutputSettings
     feeds: FeedsSettings
     service: ServiceSettings
+    scan: ScanSettings = ScanSettings()
     http: HTTPServerSettings | None = None
     exports: tuple[IoCExportSettings, ...] = ()
     cluster: ClusterSettings | None = None
@@ -260,7 +283,7 @@ class NodeConfig(_Frozen):
         return (
             f"{self.path}: node config OK: events on {self.input.listen}, {len(self.input.sources)} source(s), "
             f"{n_rules} rule(s), {enabled}/{len(self.feeds.feeds)} feed(s) enabled, "
-            f"ScannersCount {self.service.scanners_count}"
+            f"ScannersCount {self.service.scanners_count}, Workers {self.scan.workers}"
         )
 
 
@@ -534,6 +557,20 @@ def _read_service(node: Node | None) -> ServiceSettings:
     return build(node, ServiceSettings, data)
 
 
+def _read_scan(node: Node | None) -> ScanSettings:
+    if node is None:
+        return ScanSettings()
+    data: dict[str, object] = {}
+    workers = node.only("Workers")
+    if workers is not None:
+        raw = workers.value.strip()
+        if raw.lower() == "auto":
+            data["workers"] = "auto"
+        else:
+            data["workers"] = parse_int(workers, raw, "Workers (a number or auto)", 1, MAX_WORKERS)
+    return build(node, ScanSettings, data)
+
+
 def _check_password_hash(node: Node, stored: str) -> str:
     from threatgate.node.auth import check_hash_format
 
@@ -747,6 +784,7 @@ def _read_configuration(root: Node) -> NodeConfig:
         output=_read_output(root.require("OutputSettings"), rule_names),
         feeds=_read_feeds(root.only("Feeds"), root, http),
         service=_read_service(root.only("ServiceSettings")),
+        scan=_read_scan(root.only("ScanSettings")),
         http=http,
         exports=_read_exports(root.only("IoCExports")),
         cluster=_read_cluster(root.only("Cluster"), http),
