@@ -307,9 +307,9 @@ def in_process(config_path: str, events: list[str], engines: list[str], batch: i
     """Each engine's matcher over ``events`` in this process (CPU time), with its complete answer."""
     from threatgate.config.node import load_node_config
     from threatgate.node.engine import make_matcher
+    from threatgate.node.eventpath import syslog_date
     from threatgate.node.feeds import load_feed
     from threatgate.node.matcher import MatchStats
-    from threatgate.node.service import syslog_date
     from threatgate.node.store import IndicatorStore
 
     config = load_node_config(config_path)

@@ -255,9 +255,9 @@ def worker(out: str, batch: int, profile: bool, engines: list[str]) -> dict[str,
 
     from threatgate.config.node import load_node_config
     from threatgate.node.engine import make_matcher
+    from threatgate.node.eventpath import syslog_date
     from threatgate.node.feeds import FeedSnapshot, load_feed
     from threatgate.node.matcher import Matcher, MatchStats
-    from threatgate.node.service import syslog_date
     from threatgate.node.store import IndicatorStore
     from threatgate.wire.framing import FramedEvent
 

@@ -117,6 +117,24 @@ class EventListener:
         victim.close_idle()
         return victim
 
+    def admit(self, conn: EventProtocol) -> bool | None:
+        """Whether a connection whose flags are in may hold a scanner: ScannersCount, evicting an idle one.
+
+        True or False decides now; None means the verdict comes later through ``conn.admitted(ok)``
+        (a node's worker process asks its master, which counts scanners node-wide).
+        """
+        limits = self.limits
+        if len(self.active) >= limits.scanners_count and (
+            (evicted := self.evict_idle(asyncio.get_running_loop().time())) is not None
+        ):
+            self.warn_evict(
+                "all %d scanners busy; closed the connection idle the longest (%s) for %s",
+                limits.scanners_count,
+                evicted.peer,
+                conn.peer,
+            )
+        return len(self.active) < limits.scanners_count
+
     def close_all(self) -> None:
         if self._sweeper is not None:
             self._sweeper.cancel()
@@ -146,6 +164,7 @@ class EventProtocol(asyncio.Protocol):
         self.eof = False
         self.last_active = 0.0  # loop time of the last bytes received
         self.outstanding = 0  # events received and not yet answered (the balancer answers later)
+        self._admitting: int | None = None  # flags parsed, scanner verdict awaited: the bytes they took
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer} {self.state.value} {self.flags}>"
@@ -194,12 +213,15 @@ class EventProtocol(asyncio.Protocol):
                 self._yield_reading()
         elif self.state is ConnState.HANDSHAKE:
             self._handshake += data
-            self._try_handshake(eof=False)
+            if self._admitting is None:
+                self._try_handshake(eof=False)
 
     def eof_received(self) -> bool:
         self.eof = True
-        if self.state is ConnState.HANDSHAKE:
+        if self.state is ConnState.HANDSHAKE and self._admitting is None:
             self._try_handshake(eof=True)
+        if self._admitting is not None:
+            return True  # the scanner verdict answers what was sent, then closes (admitted())
         if self.state is ConnState.ACTIVE:
             self.framer.receive_data(b"")
             self._process()
@@ -307,16 +329,24 @@ class EventProtocol(asyncio.Protocol):
             self.transport.close()
             self.state = ConnState.CLOSED
             return
-        if len(listener.active) >= listener.limits.scanners_count and (
-            (evicted := listener.evict_idle(asyncio.get_running_loop().time())) is not None
-        ):
-            listener.warn_evict(
-                "all %d scanners busy; closed the connection idle the longest (%s) for %s",
-                listener.limits.scanners_count,
-                evicted.peer,
-                self.peer,
-            )
-        if len(listener.active) >= listener.limits.scanners_count:
+        verdict = listener.admit(self)
+        if verdict is None:  # asked elsewhere (a node's worker asks its master): admitted() follows
+            self._admitting = consumed
+            self.pause("slot")
+            return
+        self.admitted(verdict, consumed)
+
+    def admitted(self, ok: bool, consumed: int | None = None) -> None:
+        """The scanner verdict for a connection whose flags are in: take the slot, or be refused."""
+        deferred = consumed is None
+        if consumed is None:
+            consumed, self._admitting = self._admitting, None
+            self.resume("slot")
+            if consumed is None or self.state is not ConnState.HANDSHAKE or self.transport is None:
+                return  # closed meanwhile (its slot, if granted, is released by on_closed's caller)
+        listener = self.listener
+        assert self.transport is not None
+        if not ok:
             listener.stats.bump(listener.stats.connections, "rejected_scanners")
             listener.warn_scanners(
                 "all %d scanners busy; refusing event connection from %s", listener.limits.scanners_count, self.peer
@@ -324,6 +354,7 @@ class EventProtocol(asyncio.Protocol):
             self.transport.close()
             self.state = ConnState.CLOSED
             return
+        flags = self.flags
         listener.active.add(self)
         listener.stats.bump(listener.stats.connections, "accepted")
         self.state = ConnState.ACTIVE
@@ -340,6 +371,8 @@ class EventProtocol(asyncio.Protocol):
         if self.eof:
             self.framer.receive_data(b"")
         self._process()
+        if deferred and self.eof and not self.keep_open_after_eof() and self.transport is not None:
+            self.transport.close()
 
     # -- events -------------------------------------------------------------------------------
 

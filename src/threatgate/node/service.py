@@ -40,7 +40,7 @@ from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
-from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
+from threatgate.net.events import EventListener, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -48,6 +48,7 @@ from threatgate.node import snapshots
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.engine import engine_choice, make_matcher
+from threatgate.node.eventpath import EventConnection, SyslogClock, account, syslog_date
 from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
@@ -57,7 +58,7 @@ from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, bui
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
 from threatgate.wire.alerts import alert_level
-from threatgate.wire.framing import FramedEvent, Framer
+from threatgate.wire.framing import Framer
 
 if TYPE_CHECKING:
     from threatgate.cluster.agent import ClusterAgent
@@ -80,11 +81,6 @@ class FeedState:
     tried: Identity  # the file's identity at the last attempt (the watcher compares against it)
     error: str | None  # why the last attempt failed; None when it loaded
     loaded_at: float  # wall-clock time of the last successful load, 0 if never
-
-
-def syslog_date(now: float | None = None) -> str:
-    """``%Date%``: the documented ``Mon DD HH:MM:SS`` form, local time."""
-    return time.strftime("%b %d %H:%M:%S", time.localtime(now))
 
 
 class Alerts:
@@ -121,42 +117,6 @@ class Alerts:
         self.sender.send_or_drop((self._template.render(fields) + "\n").encode())
 
 
-class EventConnection(EventProtocol):
-    """One client connection on the node's event port: matches each batch as it arrives."""
-
-    def __init__(self, node: NodeService) -> None:
-        super().__init__(node.listener)
-        self.node = node
-
-    def process(self, events: list[FramedEvent]) -> None:
-        node = self.node
-        flags = self.flags
-        finished = flags.send_finished or node.config.output.finished_enabled
-        mstats = MatchStats()
-        lines = node.matcher.match(events, date=node.date(), peer_ip=self.peer, finished=finished, stats=mstats)
-        node.account(mstats, self.framer, finished)
-        if not lines:
-            return
-        payload = "".join(lines).encode("utf-8", "replace")
-        if flags.reply_back:
-            assert self.transport is not None
-            self.transport.write(payload)
-            return
-        if not node.output.send(payload):
-            # The destination is not keeping up: hold this batch and stop reading until it drains.
-            node.stats.bump(node.stats.bad_input, "output_backpressure")
-            self.pause("output")
-
-            def retry() -> None:
-                sender = node.output  # a reload may have replaced the sender meanwhile
-                if not sender.send(payload):
-                    sender.when_drained(retry)
-                    return
-                self.resume("output")
-
-            node.output.when_drained(retry)
-
-
 class NodeService:
     """Owns the listener, the matcher and its store, the senders and the reload schedule."""
 
@@ -183,7 +143,7 @@ class NodeService:
         self._metrics_runner: web.AppRunner | None = None
         self._reload_lock = asyncio.Lock()
         self._should_exit = asyncio.Event()
-        self._date_cache = (0, "")
+        self._clock = SyslogClock()
         self.bound_port = 0
         self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
         self._started = False
@@ -210,42 +170,10 @@ class NodeService:
         )
 
     def date(self) -> str:
-        now = int(time.time())
-        if self._date_cache[0] != now:
-            self._date_cache = (now, syslog_date(now))
-        return self._date_cache[1]
+        return self._clock.date()
 
     def account(self, m: MatchStats, framer: Framer, finished: bool) -> None:
-        """Fold one batch's counters into the node's (cheap: a handful of additions per batch)."""
-        s = self.stats
-        s.events += m.events
-        s.detections += m.detections
-        s.suppressed += m.suppressed
-        s.ignored += m.ignored
-        if finished:
-            s.finished_lines += m.events
-        paths = s.engine_events
-        if m.decided:
-            paths["compiled"] = paths.get("compiled", 0) + m.decided
-        if m.confirmed:
-            paths["confirmed"] = paths.get("confirmed", 0) + m.confirmed
-        rest = m.events - m.decided - m.confirmed
-        if rest:
-            paths["reference"] = paths.get("reference", 0) + rest
-        for cat, n in m.per_category.items():
-            s.per_category[cat] = s.per_category.get(cat, 0) + n
-        f = framer.stats
-        for reason in ("invalid_utf8", "nul", "oversized", "unterminated"):
-            n = getattr(f, reason)
-            if n:
-                s.bump(s.bad_input, reason, n)
-                setattr(f, reason, 0)
-                self.warn_input(
-                    'bad input on the event port: %s (%d event(s)); see threatgate_bad_input_total{reason="%s"}',
-                    reason,
-                    n,
-                    reason,
-                )
+        account(self.stats, m, framer, finished, self.warn_input)
 
     # -- detection output ---------------------------------------------------------------------
 

@@ -1,0 +1,130 @@
+"""The event path of a node: one connection's batches through the matcher to replies or the output.
+
+What a node process and a worker process share (node/worker.py serves connections the node's
+master passed it): the connection class, the per-batch accounting and the ``%Date%`` clock.  They
+depend on :class:`EventSink`, a narrow view of the process that serves events, never on the
+service class itself, so a worker does not import the REST API, the cluster package or aiohttp.
+
+Invariants:
+- A batch is matched synchronously in ``data_received``: events read are answered before the next
+  read, in order (ReplyBack on the connection, else the detection output).
+- A batch the output cannot take is held and the connection stops reading until the output
+  drains: back-pressure, never a dropped detection.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Protocol
+
+from threatgate.config.node import NodeConfig
+from threatgate.log import RateLimitedLog
+from threatgate.metrics import NodeStats
+from threatgate.net.events import EventListener, EventProtocol
+from threatgate.net.sender import LineSender
+from threatgate.node.matcher import Matcher, MatchStats
+from threatgate.wire.framing import FramedEvent, Framer
+
+BAD_INPUT_REASONS = ("invalid_utf8", "nul", "oversized", "unterminated")
+"""The framer's counters of bad input, moved into ``threatgate_bad_input_total`` after each batch."""
+
+
+def syslog_date(now: float | None = None) -> str:
+    """``%Date%``: the documented ``Mon DD HH:MM:SS`` form, local time."""
+    return time.strftime("%b %d %H:%M:%S", time.localtime(now))
+
+
+class SyslogClock:
+    """``%Date%`` rendered once per second, not once per batch."""
+
+    def __init__(self) -> None:
+        self._cache = (0, "")
+
+    def date(self) -> str:
+        now = int(time.time())
+        if self._cache[0] != now:
+            self._cache = (now, syslog_date(now))
+        return self._cache[1]
+
+
+class EventSink(Protocol):
+    """What an event connection needs of the process serving it (a node, or one of its workers)."""
+
+    config: NodeConfig
+    matcher: Matcher
+    stats: NodeStats
+    listener: EventListener
+    output: LineSender
+
+    def date(self) -> str: ...
+
+    def account(self, m: MatchStats, framer: Framer, finished: bool) -> None: ...
+
+
+def account(stats: NodeStats, m: MatchStats, framer: Framer, finished: bool, warn: RateLimitedLog) -> None:
+    """Fold one batch's counters into the process's (cheap: a handful of additions per batch)."""
+    s = stats
+    s.events += m.events
+    s.detections += m.detections
+    s.suppressed += m.suppressed
+    s.ignored += m.ignored
+    if finished:
+        s.finished_lines += m.events
+    paths = s.engine_events
+    if m.decided:
+        paths["compiled"] = paths.get("compiled", 0) + m.decided
+    if m.confirmed:
+        paths["confirmed"] = paths.get("confirmed", 0) + m.confirmed
+    rest = m.events - m.decided - m.confirmed
+    if rest:
+        paths["reference"] = paths.get("reference", 0) + rest
+    for cat, n in m.per_category.items():
+        s.per_category[cat] = s.per_category.get(cat, 0) + n
+    f = framer.stats
+    for reason in BAD_INPUT_REASONS:
+        n = getattr(f, reason)
+        if n:
+            s.bump(s.bad_input, reason, n)
+            setattr(f, reason, 0)
+            warn(
+                'bad input on the event port: %s (%d event(s)); see threatgate_bad_input_total{reason="%s"}',
+                reason,
+                n,
+                reason,
+            )
+
+
+class EventConnection(EventProtocol):
+    """One client connection on a node's event port: matches each batch as it arrives."""
+
+    def __init__(self, node: EventSink) -> None:
+        super().__init__(node.listener)
+        self.node = node
+
+    def process(self, events: list[FramedEvent]) -> None:
+        node = self.node
+        flags = self.flags
+        finished = flags.send_finished or node.config.output.finished_enabled
+        mstats = MatchStats()
+        lines = node.matcher.match(events, date=node.date(), peer_ip=self.peer, finished=finished, stats=mstats)
+        node.account(mstats, self.framer, finished)
+        if not lines:
+            return
+        payload = "".join(lines).encode("utf-8", "replace")
+        if flags.reply_back:
+            assert self.transport is not None
+            self.transport.write(payload)
+            return
+        if not node.output.send(payload):
+            # The destination is not keeping up: hold this batch and stop reading until it drains.
+            node.stats.bump(node.stats.bad_input, "output_backpressure")
+            self.pause("output")
+
+            def retry() -> None:
+                sender = node.output  # a reload may have replaced the sender meanwhile
+                if not sender.send(payload):
+                    sender.when_drained(retry)
+                    return
+                self.resume("output")
+
+            node.output.when_drained(retry)
