@@ -14,14 +14,18 @@ Invariants:
 
 from __future__ import annotations
 
+import logging
 import time
+import weakref
+from collections.abc import Callable, Iterable
 from typing import Protocol
 
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import NodeStats
-from threatgate.net.events import EventListener, EventProtocol
-from threatgate.net.sender import LineSender
+from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
+from threatgate.net.sender import Dropped, LineSender
+from threatgate.node.feeds import FeedSnapshot
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.wire.framing import FramedEvent, Framer
 
@@ -45,6 +49,69 @@ class SyslogClock:
         if self._cache[0] != now:
             self._cache = (now, syslog_date(now))
         return self._cache[1]
+
+
+def listener_limits(config: NodeConfig) -> ListenerLimits:
+    return ListenerLimits(
+        handshake_timeout=config.service.handshake_timeout,
+        scanners_count=config.service.scanners_count,
+        max_event_size=config.input.max_event_size,
+        delimiter=config.input.event_delimiter,
+        idle_timeout=config.service.idle_timeout,
+    )
+
+
+def detection_sender(config: NodeConfig, on_drop: Callable[[Dropped], None]) -> LineSender:
+    """The sender of detection lines to ``<OutputSettings><ConnectionString>``."""
+    out = config.output
+    return LineSender(
+        out.destination,
+        name="detections",
+        retries=out.retries_count,
+        retry_timeout=out.retries_timeout,
+        on_drop=on_drop,
+    )
+
+
+def next_output(
+    current: LineSender, config: NodeConfig, on_drop: Callable[[Dropped], None]
+) -> tuple[LineSender, LineSender | None]:
+    """After a reload: the sender to use, and the old one to close (None when the destination is the same).
+
+    The same destination keeps its sender (and its queue and connection); a new one gets a new sender,
+    and the old one flushes and hands over what it could not send (``aclose(successor=...)``).
+    """
+    out = config.output
+    if out.destination == current.address:
+        current.retries, current.retry_timeout = out.retries_count, out.retries_timeout
+        return current, None
+    return detection_sender(config, on_drop), current
+
+
+class ReadFailures:
+    """Records of a loaded version whose snapshot bytes did not decode (damaged after the start-up check):
+    their detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
+
+    def __init__(self, stats: NodeStats, log: logging.Logger) -> None:
+        self._stats = stats
+        self._seen: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
+        self._warn = RateLimitedLog(log, logging.ERROR)
+
+    def check(self, snapshots: Iterable[FeedSnapshot]) -> None:
+        counted = self._stats.feed_read_failures
+        for snap in snapshots:
+            total = snap.read_failures
+            before = self._seen.get(snap, 0)
+            if total > before:
+                self._seen[snap] = total
+                counted[snap.name] = counted.get(snap.name, 0) + total - before
+                self._warn(
+                    "feed %s: %d record(s) could not be read from the loaded version's snapshot %s; "
+                    "their detections were lost (threatgate_feed_read_failures_total); check that disk",
+                    snap.name,
+                    total - before,
+                    snap.path or "(in memory)",
+                )
 
 
 class EventSink(Protocol):

@@ -26,7 +26,6 @@ import logging
 import os
 import tempfile
 import time
-import weakref
 from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -40,7 +39,7 @@ from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
-from threatgate.net.events import EventListener, ListenerLimits
+from threatgate.net.events import EventListener
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -48,7 +47,16 @@ from threatgate.node import snapshots
 from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.engine import engine_choice, make_matcher
-from threatgate.node.eventpath import EventConnection, SyslogClock, account, syslog_date
+from threatgate.node.eventpath import (
+    EventConnection,
+    ReadFailures,
+    SyslogClock,
+    account,
+    detection_sender,
+    listener_limits,
+    next_output,
+    syslog_date,
+)
 from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
@@ -128,12 +136,11 @@ class NodeService:
         self.matcher = make_matcher(config, IndicatorStore(), self.engine)
         self.drop_tally = DropTally()
         self._drop_timer: asyncio.TimerHandle | None = None
-        self.output = self._output_sender(config)
+        self.output = detection_sender(config, self._output_dropped)
         self.restart = RestartTracker(config, NODE_FIELDS)
-        self.listener = EventListener(self.stats, _limits(config), log)
+        self.listener = EventListener(self.stats, listener_limits(config), log)
         self.warn_input = RateLimitedLog(log)
-        self.warn_read = RateLimitedLog(log, logging.ERROR)
-        self._read_failures_seen: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
+        self.read_failures = ReadFailures(self.stats, log)
         self._snapshot_dir: SnapshotDir | None = None
         self._build_slots = asyncio.Semaphore(max(1, os.cpu_count() or 1))  # one feed build per core at most
         self._snapshots: dict[int, FeedSnapshot] = {}
@@ -176,16 +183,6 @@ class NodeService:
         account(self.stats, m, framer, finished, self.warn_input)
 
     # -- detection output ---------------------------------------------------------------------
-
-    def _output_sender(self, config: NodeConfig) -> LineSender:
-        out = config.output
-        return LineSender(
-            out.destination,
-            name="detections",
-            retries=out.retries_count,
-            retry_timeout=out.retries_timeout,
-            on_drop=self._output_dropped,
-        )
 
     def _output_dropped(self, dropped: Dropped) -> None:
         """Count detection lines the sender gave up on; KL_ALERT_DetectionsDropped at most once a minute."""
@@ -489,22 +486,7 @@ class NodeService:
             self._account_read_failures()
 
     def _account_read_failures(self) -> None:
-        """Records of a loaded version whose snapshot bytes did not decode (damaged after the start-up
-        check): their detections were lost.  Counted per feed and logged at ERROR, at most once per 10 s."""
-        counted = self.stats.feed_read_failures
-        for snap in self._snapshots.values():
-            total = snap.read_failures
-            before = self._read_failures_seen.get(snap, 0)
-            if total > before:
-                self._read_failures_seen[snap] = total
-                counted[snap.name] = counted.get(snap.name, 0) + total - before
-                self.warn_read(
-                    "feed %s: %d record(s) could not be read from the loaded version's snapshot %s; "
-                    "their detections were lost (threatgate_feed_read_failures_total); check that disk",
-                    snap.name,
-                    total - before,
-                    snap.path or "(in memory)",
-                )
+        self.read_failures.check(self._snapshots.values())
 
     async def _watch_users(self) -> None:
         """<Users> edited in the file apply without a reload (node/auth.py NodeUsers); a loop of its own,
@@ -693,7 +675,7 @@ class NodeService:
         self.restart.reloaded(new, log)
         self.config = new
         self._apply_output(new)
-        self.listener.limits = _limits(new)
+        self.listener.limits = listener_limits(new)
         matcher = make_matcher(new, self.matcher.store, self.engine)
         matcher.use_suppliers(self.matcher.suppliers)
         self.matcher = matcher
@@ -715,14 +697,11 @@ class NodeService:
 
     def _apply_output(self, new: NodeConfig) -> None:
         """A new destination gets a new sender; the old one flushes for 2 s and hands over the rest."""
-        out = new.output
-        if out.destination == self.output.address:
-            self.output.retries, self.output.retry_timeout = out.retries_count, out.retries_timeout
-            return
-        old, self.output = self.output, self._output_sender(new)
-        self.output.start()
-        log.info("detections now go to %s (were %s)", out.destination, old.address)
-        self._spawn(old.aclose(successor=self.output))
+        self.output, old = next_output(self.output, new, self._output_dropped)
+        if old is not None:
+            self.output.start()
+            log.info("detections now go to %s (were %s)", new.output.destination, old.address)
+            self._spawn(old.aclose(successor=self.output))
 
     def _spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -847,16 +826,6 @@ class NodeService:
 
 def _users(config: NodeConfig) -> dict[str, str]:
     return dict(config.http.users) if config.http else {}
-
-
-def _limits(config: NodeConfig) -> ListenerLimits:
-    return ListenerLimits(
-        handshake_timeout=config.service.handshake_timeout,
-        scanners_count=config.service.scanners_count,
-        max_event_size=config.input.max_event_size,
-        delimiter=config.input.event_delimiter,
-        idle_timeout=config.service.idle_timeout,
-    )
 
 
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
