@@ -14,7 +14,17 @@ SANS_IO_FILES = sorted(
         *(SRC / "wire").glob("*.py"),
         *(
             SRC / "node" / f"{name}.py"
-            for name in ("normalize", "render", "store", "feeds", "feedparse", "feedwatch", "matcher")
+            for name in (
+                "normalize",
+                "render",
+                "store",
+                "feeds",
+                "feedparse",
+                "feedwatch",
+                "matcher",
+                "spread",
+                "supervisor",
+            )
         ),
     ]
 )

@@ -44,8 +44,11 @@ class _Formatter(logging.Formatter):
         return super().formatMessage(record)
 
 
-def setup_logging(level: str = "inf") -> None:
+def setup_logging(level: str = "inf", worker: int | None = None) -> None:
     """Log to stderr at ``level``, one of :data:`LEVEL_NAMES` in any case.
+
+    ``worker``: a node's worker process, whose lines say ``w<N>`` after the logger name (one
+    stderr for the whole node, so an operator can tell which process a line comes from).
 
     Raises:
         ValueError: another name (the CLI refuses it before: click.Choice over LEVEL_NAMES).
@@ -54,7 +57,8 @@ def setup_logging(level: str = "inf") -> None:
     if numeric is None:
         raise ValueError(f"unknown log level {level!r}: expected one of {', '.join(LEVEL_NAMES)}")
     handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(_Formatter("%(asctime)s %(level3)s %(name)s: %(message)s"))
+    who = "%(name)s" if worker is None else f"%(name)s w{worker}"
+    handler.setFormatter(_Formatter(f"%(asctime)s %(level3)s {who}: %(message)s"))
     logging.basicConfig(level=numeric, handlers=[handler], force=True)
 
 

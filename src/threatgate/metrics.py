@@ -12,7 +12,7 @@ garbage-collector (``python_gc_*``) collectors, and ``threatgate_build_info{vers
 from __future__ import annotations
 
 import platform
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -98,6 +98,25 @@ class BalancerStats(BoundaryStats):
     readiness_polls: dict[str, int] = field(default_factory=dict)  # its own /readyz polls of nodes, by result
 
 
+def sum_stats(parts: Iterable[NodeStats]) -> NodeStats:
+    """Field by field: numbers add, tables add by key (a node with workers sums its processes).
+
+    Gauge-like tables (feed records, load times) are kept by the master only: the workers' are
+    empty, so the sum is the master's.
+    """
+    total = NodeStats()
+    for part in parts:
+        for name in NodeStats.__dataclass_fields__:
+            value = getattr(part, name)
+            if isinstance(value, dict):
+                table = getattr(total, name)
+                for key, n in value.items():
+                    table[key] = table.get(key, 0) + n
+            else:
+                setattr(total, name, getattr(total, name) + value)
+    return total
+
+
 Counters = list[tuple[str, str, int]]  # (name, help, value)
 Tables = list[tuple[str, str, str, dict[str, int]]]  # (name, help, label, label value -> count)
 
@@ -153,12 +172,17 @@ class _TableCollector(Collector):
 class StatsCollector(_TableCollector):
     """Exports a :class:`NodeStats` plus live gauges supplied as callables."""
 
-    def __init__(self, stats: NodeStats, gauges: Gauges, labelled: LabelledGauges | None = None) -> None:
+    def __init__(
+        self, stats: NodeStats | Callable[[], NodeStats], gauges: Gauges, labelled: LabelledGauges | None = None
+    ) -> None:
+        """``stats``: the counters, or what gives them at each scrape (a node with workers sums its processes)."""
         super().__init__(gauges, labelled)
-        self._stats = stats
-        self._boundary = stats
+        self._source = stats if callable(stats) else None
+        self._stats = self._boundary = stats if isinstance(stats, NodeStats) else NodeStats()
 
     def collect(self) -> Iterator[Metric]:
+        if self._source is not None:
+            self._stats = self._boundary = self._source()
         yield from super().collect()
         for name, doc, labels, values in (
             (
@@ -330,11 +354,21 @@ async def _no_server_header(_: web.Request, response: web.StreamResponse) -> Non
     response.headers["Server"] = SERVER
 
 
-async def start_metrics_server(address: Address, collector: Collector) -> web.AppRunner:
-    """Serve ``collector`` as Prometheus text on ``http://address/metrics``; returns the runner to clean up."""
+async def start_metrics_server(
+    address: Address,
+    collector: Collector,
+    *more: Collector,
+    before: Callable[[], Awaitable[None]] | None = None,
+) -> web.AppRunner:
+    """Serve ``collector`` (and ``more``) as Prometheus text on ``http://address/metrics``; returns the
+    runner to clean up.  ``before`` runs before each scrape (a node with workers asks them for fresh counters)."""
     registry = registry_for(collector)
+    for extra in more:
+        registry.register(extra)
 
     async def metrics(_: web.Request) -> web.Response:
+        if before is not None:
+            await before()
         return web.Response(body=generate_latest(registry), content_type="text/plain", charset="utf-8")
 
     app = web.Application()

@@ -19,6 +19,7 @@ Invariants:
 
 from __future__ import annotations
 
+import array
 import asyncio
 import collections
 import fcntl
@@ -36,6 +37,7 @@ MAX_FDS = 250
 """Descriptors per message (the kernel's SCM_MAX_FD is 253)."""
 _RECV_SIZE = INLINE_MAX + 4096
 _MEMFD = "memfd"
+_INT = array.array("i")
 
 
 class ChannelError(Exception):
@@ -94,6 +96,18 @@ def _from_memfd(fd: int) -> bytes:
         return os.pread(fd, size, 0)
     finally:
         os.close(fd)
+
+
+def _recv(sock: socket.socket) -> tuple[bytes, list[int], int]:
+    """One message and its descriptors, close-on-exec (``socket.recv_fds`` ignores its flags in 3.11)."""
+    data, ancdata, flags, _addr = sock.recvmsg(
+        _RECV_SIZE, socket.CMSG_SPACE(MAX_FDS * _INT.itemsize), socket.MSG_CMSG_CLOEXEC
+    )
+    fds = array.array("i")
+    for level, kind, payload in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(payload[: len(payload) - (len(payload) % fds.itemsize)])
+    return data, list(fds), flags
 
 
 class Channel:
@@ -163,7 +177,7 @@ class Channel:
     def _readable(self) -> None:
         for _ in range(64):  # a burst of messages, then let the loop run
             try:
-                data, fds, flags, _addr = socket.recv_fds(self.sock, _RECV_SIZE, MAX_FDS, socket.MSG_CMSG_CLOEXEC)
+                data, fds, flags = _recv(self.sock)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:

@@ -24,6 +24,7 @@ import contextlib
 import gc
 import logging
 import os
+import socket
 import tempfile
 import time
 from collections.abc import Callable, Collection
@@ -33,7 +34,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from aiohttp import web
 
 from threatgate import runtime
-from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users
+from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
@@ -61,6 +62,7 @@ from threatgate.node.exports import Exports
 from threatgate.node.feeds import FeedSnapshot, feed_identity
 from threatgate.node.feedwatch import FeedWatch, Identity
 from threatgate.node.matcher import MatchStats
+from threatgate.node.pool import WorkerPool
 from threatgate.node.render import FieldFormat, Template
 from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, build_snapshot, source_digest, source_size
 from threatgate.node.store import IndicatorStore
@@ -170,6 +172,8 @@ class NodeService:
         self._supplier_snapshots: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self.cluster: ClusterAgent | None = None  # set by run_node when <Cluster> is configured
+        self.workers = resolve_workers(config.scan.workers, len(os.sched_getaffinity(0)))
+        self.pool: WorkerPool | None = None  # <Workers> >= 2: the processes that serve events
 
     def __repr__(self) -> str:
         return (
@@ -187,10 +191,14 @@ class NodeService:
     def _output_dropped(self, dropped: Dropped) -> None:
         """Count detection lines the sender gave up on; KL_ALERT_DetectionsDropped at most once a minute."""
         self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
+        self._tally_drop(str(dropped.address), dropped.reason, dropped.lines)
+
+    def _tally_drop(self, address: str, reason: str, lines: int) -> None:
+        """KL_ALERT_DetectionsDropped at most once a minute per destination and reason (node-wide)."""
         now = time.monotonic()
-        lines = self.drop_tally.add(str(dropped.address), dropped.reason, dropped.lines, now)
+        lines = self.drop_tally.add(address, reason, lines, now)
         if lines:
-            self._alert_dropped(str(dropped.address), dropped.reason, lines)
+            self._alert_dropped(address, reason, lines)
         self._schedule_drop_alerts(now)
 
     def _alert_dropped(self, address: str, reason: str, lines: int) -> None:
@@ -297,6 +305,8 @@ class NodeService:
             store = await asyncio.to_thread(IndicatorStore, snapshots)
             self._snapshots = snapshots
             self.matcher.use_store(store)
+            if self.pool is not None:
+                await self.pool.publish_store("store", snapshots)
             self.store_version += 1
             for name, records in updated:
                 self.alerts.raise_alert("KL_ALERT_UpdatedFeed", feed=name, records=records)
@@ -546,6 +556,8 @@ class NodeService:
 
             store, self._supplier_snapshots = await asyncio.to_thread(build)
             self.matcher.use_suppliers(store)
+            if self.pool is not None:
+                await self.pool.publish_store("suppliers", store.snapshots)
             self.store_version += 1
             log.debug("supplier store swapped: %r", store)
 
@@ -590,17 +602,22 @@ class NodeService:
         """
         feeds = self.feed_status()
         missing = [name for name, (has, _) in feeds.items() if not has]
-        ready = self.ready and not missing
+        running = self.pool.ready_workers() if self.pool is not None else 1
+        ready = self.ready and not missing and running > 0
         out: dict[str, Any] = {
             "ready": ready,
             "role": "standalone",
             "max_event_size": self.config.input.max_event_size,
+            "event_connections": max(1, min(running, self.config.service.scanners_count)),
+            "workers": {"configured": self.workers, "ready": running if self.ready else 0},
             "feeds": {name: status for name, (_, status) in feeds.items()},
         }
         if not self.ready:
             out["reason"] = "starting: feeds are still loading"
         elif missing:
             out["reason"] = f"no loaded version of feed(s) {', '.join(missing)}"
+        elif not running:
+            out["reason"] = "no worker running (restarting)"
         if self.cluster is not None:
             out.update(self.cluster.readiness())
         return out
@@ -679,6 +696,8 @@ class NodeService:
         matcher = make_matcher(new, self.matcher.store, self.engine)
         matcher.use_suppliers(self.matcher.suppliers)
         self.matcher = matcher
+        if self.pool is not None:
+            self.pool.publish_config(new)
         if _alert_settings(old) != _alert_settings(new):  # else keep the connection and its queue
             old_alerts = self.alerts
             self.alerts = Alerts(new, self.stats)
@@ -719,32 +738,61 @@ class NodeService:
         self.ready = True
         loop = asyncio.get_running_loop()
         listen = self.config.input.listen
-        self._server = await loop.create_server(
-            lambda: EventConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
-        )
-        sock = self._server.sockets[0]
-        self.bound_port = sock.getsockname()[1]
-        self.listener.start_sweeps()
-        self.output.start()
+        if self.workers > 1:
+            await self._start_pool()
+        else:
+            self._server = await loop.create_server(
+                lambda: EventConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
+            )
+            self.bound_port = self._server.sockets[0].getsockname()[1]
+            self.listener.start_sweeps()
+            self.output.start()
         if self.alerts.sender is not None:
             self.alerts.sender.start()
         if self.config.service.metrics is not None:
             await self._start_metrics()
         log.info(
-            "node listening for events on %s:%d (ScannersCount %d, %s matching engine)",
+            "node listening for events on %s:%d (ScannersCount %d, %s matching engine, %s)",
             listen.host,
             self.bound_port,
             self.config.service.scanners_count,
             self.engine,
+            f"{self.workers} worker processes" if self.pool is not None else "one process",
         )
         self.alerts.raise_alert("KL_ALERT_ServiceStarted")
         self._started = True
 
+    async def _start_pool(self) -> None:
+        """``<Workers>`` >= 2: the master listens and hands connections to worker processes (node/pool.py)."""
+        listen = self.config.input.listen
+        sock = socket.create_server((listen.host, listen.port), backlog=1024, reuse_port=False)
+        self.bound_port = sock.getsockname()[1]
+        level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
+        pool = WorkerPool(
+            self.workers,
+            self.config,
+            self.engine,
+            level,
+            on_dropped=self._tally_drop,
+            on_restart=lambda worker, status: self.alerts.raise_alert(
+                "KL_ALERT_WorkerRestarted", worker=worker, status=status
+            ),
+        )
+        self.pool = pool
+        await pool.publish_store("store", self._snapshots)
+        suppliers = self.matcher.suppliers
+        await pool.publish_store("suppliers", suppliers.snapshots if suppliers is not None else {})
+        await pool.start(sock)
+
     async def _start_metrics(self) -> None:
         address = self.config.service.metrics
         assert address is not None
+        pool = self.pool
         gauges: Gauges = {
-            "threatgate_active_connections": ("Event connections holding a scanner", lambda: len(self.listener.active)),
+            "threatgate_active_connections": (
+                "Event connections holding a scanner",
+                lambda: pool.active_connections() if pool is not None else len(self.listener.active),
+            ),
             "threatgate_indicators": ("Indicators in the live store", lambda: len(self.matcher.store)),
             "threatgate_config_restart_required": (
                 "1 while the configuration file differs from the running one in something that needs a restart",
@@ -755,7 +803,23 @@ class NodeService:
         if self.cluster is not None:
             gauges.update(self.cluster.gauges())
         senders = queue_gauges(lambda: (self.output, self.alerts.sender))
-        self._metrics_runner = await start_metrics_server(address, StatsCollector(self.stats, gauges, senders))
+        if pool is None:
+            collector = StatsCollector(self.stats, gauges, senders)
+            self._metrics_runner = await start_metrics_server(address, collector)
+        else:
+            queued = pool.queued
+            senders["threatgate_output_queue_lines"] = (
+                senders["threatgate_output_queue_lines"][0],
+                "destination",
+                lambda: {"detections": float(queued()[1]), **_alert_queue(self.alerts.sender, "lines")},
+            )
+            senders["threatgate_output_queue_bytes"] = (
+                senders["threatgate_output_queue_bytes"][0],
+                "destination",
+                lambda: {"detections": float(queued()[0]), **_alert_queue(self.alerts.sender, "bytes")},
+            )
+            collector = StatsCollector(lambda: pool.total(self.stats), gauges, senders)
+            self._metrics_runner = await start_metrics_server(address, collector, pool.collector(), before=pool.refresh)
         log.info("metrics on http://%s/metrics", address)
 
     async def main_loop(self) -> None:
@@ -801,6 +865,9 @@ class NodeService:
         log.info("node stopping")
         if self.cluster is not None:
             await self.cluster.close()
+        if self.pool is not None:
+            await self.pool.drain(getattr(self.config.service, "drain_timeout", 10.0))
+            await self.pool.close()
         if self._server is not None:
             self._server.close()
         self.listener.close_all()
@@ -826,6 +893,12 @@ class NodeService:
 
 def _users(config: NodeConfig) -> dict[str, str]:
     return dict(config.http.users) if config.http else {}
+
+
+def _alert_queue(sender: LineSender | None, what: str) -> dict[str, float]:
+    if sender is None:
+        return {}
+    return {sender.name: float(sender.queued_lines if what == "lines" else sender.queued_bytes)}
 
 
 def _alert_settings(config: NodeConfig) -> tuple[object, ...]:

@@ -630,6 +630,11 @@ class FeedIndex:
         if fd is not None:  # last: an index refused above leaves the descriptor to its caller
             weakref.finalize(self, os.close, fd)
 
+    @property
+    def file_descriptor(self) -> int | None:
+        """The open snapshot file (a node's master passes it to its workers), None for one in memory."""
+        return self._fd
+
     def _bytes(self, name: str) -> memoryview:
         offset, length = self._sections[name]
         return self._view[offset : offset + length]

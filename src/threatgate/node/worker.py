@@ -1,0 +1,341 @@
+"""A node's worker process: serves the event connections its master passes it (``<Workers>`` >= 2).
+
+Started by the master as ``python -m threatgate.node.worker FD INDEX LOG_LEVEL`` (node/pool.py),
+with FD its end of the control channel (node/ipc.py).  It matches events exactly as a
+single-process node does (node/eventpath.py: same connection class, same matcher, same output), on
+the indicators the master loaded: every snapshot arrives as an open descriptor and is mapped, so
+all workers share one copy of the indicators in the page cache.
+
+What it receives, in order: ``hello`` (config, engine), ``store`` and ``suppliers`` (snapshot
+descriptors), ``go`` (answered with ``ready``), then at any time ``conn`` (an accepted connection),
+``slot`` and ``evict`` (ScannersCount is node-wide: the master holds the count), ``config``,
+``store``, ``suppliers`` (each answered with ``applied``), ``stats?`` and ``drain``.  What it sends:
+``ready``, ``applied``, ``slot?``, ``evicted``, ``closed`` (every connection it was given, when it
+closes), ``stats`` (every second: its counters, which the master sums, and a heartbeat) and
+``dropped`` (detection lines the output gave up on; the master raises the alert, node-wide).
+
+It never parses a feed, opens the REST API or talks to the cluster, and does not import aiohttp
+or pyarrow: a second worker costs an interpreter and buffers, not another copy of the indicators.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import mmap
+import os
+import signal
+import socket
+import sys
+import time
+from typing import Any
+
+from threatgate import runtime
+from threatgate.config.node import NodeConfig
+from threatgate.log import RateLimitedLog, setup_logging
+from threatgate.metrics import NodeStats
+from threatgate.net.events import EventListener, EventProtocol
+from threatgate.net.sender import Dropped, LineSender
+from threatgate.node.engine import make_matcher
+from threatgate.node.eventpath import (
+    EventConnection,
+    ReadFailures,
+    SyslogClock,
+    account,
+    detection_sender,
+    listener_limits,
+    next_output,
+)
+from threatgate.node.feeds import FeedSnapshot
+from threatgate.node.ipc import Channel, Message
+from threatgate.node.matcher import Matcher, MatchStats
+from threatgate.node.snapfile import FeedIndex
+from threatgate.node.store import IndicatorStore
+from threatgate.wire.framing import Framer
+
+log = logging.getLogger("threatgate.node")
+
+HEARTBEAT = 1.0
+"""Seconds between two ``stats`` messages (the master takes a worker silent for 10 s as hung)."""
+
+SnapshotRef = tuple[int, Any, tuple[int, int, int], str | None]
+"""What the master sends per snapshot beside its descriptor: (slot, FeedSettings, identity, path)."""
+
+
+def map_snapshot(ref: SnapshotRef, fd: int) -> tuple[int, FeedSnapshot]:
+    """A snapshot the master loaded, mapped from the descriptor it sent (owned from here on).
+
+    The master checked the file's checksum when it mapped it; re-reading every byte here would
+    make a worker's start cost a full read of every feed, so the header and layout are checked
+    (FeedIndex) and the checksum is not.
+    """
+    slot, settings, identity, path = ref
+    try:
+        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
+        index = FeedIndex(mapped, fd)
+    except BaseException:
+        os.close(fd)
+        raise
+    snap = FeedSnapshot(settings, index, path)
+    snap.identity = identity
+    return slot, snap
+
+
+class WorkerListener(EventListener):
+    """The worker's event port state: scanner slots are granted by the master, node-wide."""
+
+    def __init__(self, worker: Worker, *args: Any) -> None:
+        super().__init__(*args)
+        self.worker = worker
+
+    def admit(self, conn: EventProtocol) -> bool | None:
+        assert isinstance(conn, WorkerConnection)
+        self.worker.send("slot?", conn.conn_id)
+        return None
+
+
+class WorkerConnection(EventConnection):
+    def __init__(self, node: Worker, conn_id: int) -> None:
+        super().__init__(node)
+        self.conn_id = conn_id
+        self.worker = node
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.worker.conns[self.conn_id] = self
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        super().connection_lost(exc)
+        if self.worker.conns.pop(self.conn_id, None) is not None:
+            self.worker.send("closed", self.conn_id)
+
+
+class Worker:
+    """The worker's event path (an EventSink) and what it does with the master's messages."""
+
+    config: NodeConfig
+    engine: str
+    matcher: Matcher
+    listener: EventListener
+    output: LineSender
+
+    def __init__(self, index: int, sock: socket.socket) -> None:
+        self.index = index
+        self._sock = sock
+        self.channel: Channel | None = None
+        self.stats = NodeStats()
+        self.conns: dict[int, WorkerConnection] = {}
+        self._clock = SyslogClock()
+        self.warn_input = RateLimitedLog(log)
+        self.read_failures = ReadFailures(self.stats, log)
+        self._snapshots: dict[int, FeedSnapshot] = {}
+        self._parts: dict[str, dict[int, FeedSnapshot]] = {}
+        self._exit = asyncio.Event()
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._started = False
+
+    # -- EventSink -------------------------------------------------------------------------------
+
+    def date(self) -> str:
+        return self._clock.date()
+
+    def account(self, m: MatchStats, framer: Framer, finished: bool) -> None:
+        account(self.stats, m, framer, finished, self.warn_input)
+
+    # -- control channel -------------------------------------------------------------------------
+
+    def send(self, kind: str, payload: Any = None) -> None:
+        if self.channel is not None:
+            self.channel.send(kind, payload)
+
+    async def run(self) -> None:
+        self.channel = Channel(self._sock, self._on_message, self._on_eof, log)
+        heartbeat = asyncio.get_running_loop().create_task(self._heartbeat())
+        try:
+            await self._exit.wait()
+        finally:
+            heartbeat.cancel()
+            await self._close()
+
+    def _on_eof(self) -> None:
+        if not self._exit.is_set():
+            log.info("worker %d: the master is gone; exiting", self.index)
+        self._exit.set()
+
+    def _on_message(self, message: Message) -> None:
+        handler = getattr(self, "_on_" + message.kind.replace("?", "_query"), None)
+        if handler is None:
+            for fd in message.fds:
+                os.close(fd)
+            log.error("worker %d: unknown control message %r (a defect)", self.index, message.kind)
+            return
+        handler(message)
+
+    def _on_hello(self, message: Message) -> None:
+        config, engine = message.payload
+        self.config = config
+        self.engine = engine
+        self.matcher = make_matcher(config, IndicatorStore(), engine)
+        self.listener = WorkerListener(self, self.stats, listener_limits(config), log)
+        self.output = detection_sender(config, self._dropped)
+        self.output.start()
+        self.listener.start_sweeps()
+        self._started = True
+
+    def _on_go(self, message: Message) -> None:
+        self.send("ready", os.getpid())
+
+    def _on_config(self, message: Message) -> None:
+        generation, config = message.payload
+        self.config = config
+        self.listener.limits = listener_limits(config)
+        matcher = make_matcher(config, self.matcher.store, self.engine)
+        matcher.use_suppliers(self.matcher.suppliers)
+        self.matcher = matcher
+        self.output, old = next_output(self.output, config, self._dropped)
+        if old is not None:
+            self.output.start()
+            self._spawn(old.aclose(successor=self.output))
+        self.send("applied", ("config", generation))
+
+    def _mapped(self, kind: str, message: Message) -> dict[int, FeedSnapshot] | None:
+        """The snapshots of a store message, mapped; None until the last part of a store in several parts."""
+        generation, refs, last = message.payload
+        fds = list(message.fds)
+        parts = self._parts.setdefault(kind, {})
+        try:
+            while refs:
+                slot, snap = map_snapshot(refs.pop(0), fds.pop(0))
+                parts[slot] = snap
+        finally:
+            for fd in fds:
+                os.close(fd)
+        if not last:
+            return None
+        return self._parts.pop(kind)
+
+    def _on_store(self, message: Message) -> None:
+        snaps = self._mapped("store", message)
+        if snaps is not None:
+            self._snapshots = snaps
+            self.matcher.use_store(IndicatorStore(snaps))
+            self.send("applied", ("store", message.payload[0]))
+
+    def _on_suppliers(self, message: Message) -> None:
+        snaps = self._mapped("suppliers", message)
+        if snaps is not None:
+            self.matcher.use_suppliers(IndicatorStore(snaps))
+            self.send("applied", ("suppliers", message.payload[0]))
+
+    def _on_conn(self, message: Message) -> None:
+        conn_id = message.payload
+        (fd,) = message.fds
+        sock = socket.socket(fileno=fd)
+        loop = asyncio.get_running_loop()
+
+        async def serve() -> None:
+            try:
+                await loop.connect_accepted_socket(lambda: WorkerConnection(self, conn_id), sock)
+            except OSError as exc:  # the client left before we took it over
+                log.debug("worker %d: connection %d gone before it was served: %s", self.index, conn_id, exc)
+                sock.close()
+                self.send("closed", conn_id)
+
+        self._spawn(serve())
+
+    def _on_slot(self, message: Message) -> None:
+        conn_id, ok = message.payload
+        conn = self.conns.get(conn_id)
+        if conn is None:
+            if ok:
+                self.send("closed", conn_id)  # gone meanwhile: give the slot back
+            return
+        conn.admitted(ok)
+
+    def _on_evict(self, message: Message) -> None:
+        """The master picked our connection as the idlest: close it if it still is idle."""
+        conn_id, floor = message.payload
+        conn = self.conns.get(conn_id)
+        now = asyncio.get_running_loop().time()
+        ok = conn is not None and conn in self.listener.active and conn.is_idle(now, floor)
+        if ok:
+            assert conn is not None
+            self.stats.bump(self.stats.connections, "evicted_idle")
+            self.listener.active.discard(conn)
+            conn.close_idle()
+        self.send("evicted", (conn_id, ok, conn.peer if conn is not None else ""))
+
+    def _on_stats_query(self, message: Message) -> None:
+        self._send_stats()
+
+    def _on_drain(self, message: Message) -> None:
+        self._spawn(self._drain(float(message.payload)))
+
+    async def _drain(self, seconds: float) -> None:
+        drain = getattr(self.listener, "drain", None)
+        if drain is not None:
+            await drain(seconds)
+        self._send_stats()
+        self.send("drained", None)
+        self._exit.set()
+
+    # -- what the master sums ----------------------------------------------------------------------
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await asyncio.sleep(HEARTBEAT)
+            if self._started:
+                self.read_failures.check([*self._snapshots.values()])
+                self._send_stats()
+
+    def _send_stats(self) -> None:
+        if not self._started:
+            self.send("stats", None)
+            return
+        loop_now = asyncio.get_running_loop().time()
+        wall = time.time()
+        idle = [
+            (c.conn_id, wall - (loop_now - c.last_active))
+            for c in self.listener.active
+            if isinstance(c, WorkerConnection) and c.is_idle(loop_now, 0.0)
+        ]
+        queued = (self.output.queued_bytes, self.output.queued_lines)
+        self.send("stats", (self.stats, len(self.listener.active), idle, queued))
+
+    def _dropped(self, dropped: Dropped) -> None:
+        self.stats.drop_lines(dropped.destination, dropped.reason, dropped.lines)
+        self.send("dropped", (str(dropped.address), dropped.reason, dropped.lines))
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _close(self) -> None:
+        if self._started:
+            self.listener.close_all()
+            with contextlib.suppress(Exception):
+                await self.output.aclose()
+        if self.channel is not None:
+            self.channel.close()
+
+
+async def _serve(fd: int, index: int) -> None:
+    sock = socket.socket(fileno=fd)
+    await Worker(index, sock).run()
+
+
+def main(argv: list[str]) -> int:
+    fd, index, level = int(argv[1]), int(argv[2]), argv[3]
+    # The master decides when workers stop: a SIGTERM or Ctrl-C sent to the whole process group
+    # (systemd's KillMode=control-group, a terminal) must not cut connections the master is draining.
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_IGN)
+    setup_logging(level, worker=index)
+    runtime.run(_serve(fd, index))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv))
