@@ -36,10 +36,13 @@ def example_config(
     output: str = "",
     api_port: int | None = None,
     users: str = "",
+    workers: int | str | None = 1,
 ) -> Path:
     """Copy the example config and feeds into ``tmp`` with ``port`` and optional extra elements.
 
     The REST API listens on ``api_port`` (a free port when None); ``users`` is inserted in ``<Users>``.
+    ``workers``: ``<ScanSettings><Workers>`` (1 by default: one process, as the tests were written
+    for; None leaves the element out, which means ``auto``).
     """
     shutil.copytree(EXAMPLES / "feeds", tmp / "feeds", dirs_exist_ok=True)
     text = (EXAMPLES / "node.conf").read_text()
@@ -52,6 +55,10 @@ def example_config(
     text = text.replace("<Users>", "<Users>" + users)
     if output:
         text = re.sub(r"<ConnectionString>127\.0\.0\.1:9998</ConnectionString>", output, text)
+    if workers is not None:
+        text = text.replace(
+            "</Configuration>", f"<ScanSettings><Workers>{workers}</Workers></ScanSettings></Configuration>"
+        )
     path = tmp / "node.conf"
     path.write_text(text)
     return path

@@ -132,12 +132,16 @@ class Dataset:
         """Events ``start + 1`` to ``stop`` (0-based, half-open, like a slice)."""
         return self.events[self.offsets[start] : self.offsets[stop]]
 
-    def node_config(self, port: int, metrics_port: int | None = None) -> Path:
-        """The generated node.conf (feeds next to it) with event port ``port``, metrics on ``metrics_port``."""
+    def node_config(self, port: int, metrics_port: int | None = None, workers: int = 1) -> Path:
+        """The generated node.conf (feeds next to it) with event port ``port``, metrics on ``metrics_port``,
+        ``workers`` worker processes (1: one process, as these tests were written for)."""
         text = (self.dir / "node.conf").read_text()
         old = "<ConnectionString>127.0.0.1:9999</ConnectionString>"
         assert text.count(old) == 1
         text = text.replace(old, f"<ConnectionString>127.0.0.1:{port}</ConnectionString>")
+        text = text.replace(
+            "</Configuration>", f"<ScanSettings><Workers>{workers}</Workers></ScanSettings></Configuration>"
+        )
         if metrics_port is not None:
             text = text.replace(
                 "</Configuration>",

@@ -182,6 +182,8 @@ def write_config(
     http_extra: str = "",
     export_credentials: bool = False,
     exports_extra: str = "",
+    service_extra: str = "",
+    workers: int = 1,
 ) -> tuple[Path, int, int, int]:
     port, api_port, metrics_port = free_port(), free_port(), free_port()
     config = example_config(
@@ -189,7 +191,8 @@ def write_config(
         port=port,
         api_port=api_port,
         users=f'<User name="{USER}" password_hash="{hashes[USER]}"/>',
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>" + service_extra,
+        workers=workers,
     )
     text = config.read_text()
     replacements = [
