@@ -33,6 +33,7 @@ from threatgate.node.snapfile import SnapshotInvalid, build, map_fd, to_memfd, w
 from threatgate.node.snapshots import SnapshotDir
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.node.suppliers import Supplier, supplier_snapshots
+from threatgate.wire.framing import FramedEvent
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 FEED = bytes(range(32))
@@ -281,7 +282,7 @@ def test_a_store_of_descriptors_finds_what_the_store_of_paths_finds(tmp_path: Pa
     kinds = {c.kind for lookup, value in queries(snapshots) for c, _ in found(by_fd, lookup, value)}
     assert {Kind.CIDR, Kind.MASK, Kind.URL, Kind.HASH, Kind.IP, Kind.DOMAIN} <= kinds
     # The whole event path on both stores: the same lines for the example events, on each engine.
-    events = (EXAMPLES / "events.txt").read_text(encoding="utf-8").splitlines()
+    events: list[FramedEvent] = [*(EXAMPLES / "events.txt").read_text(encoding="utf-8").splitlines()]
     for engine in ("compiled", "reference"):
         answers = []
         for store in (by_path, by_fd):

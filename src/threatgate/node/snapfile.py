@@ -613,7 +613,7 @@ MEMFD_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcn
 """The seals of a snapshot memfd: its bytes and size can never change, nor can the seals be removed."""
 
 
-def to_memfd(chunks: Iterable[Buffer], name: str) -> int:
+def to_memfd(chunks: Iterable[Buffer | bytearray | mmap.mmap], name: str) -> int:
     """Write a snapshot's bytes (the chunks of :func:`build`, or an in-memory index's ``buffer``) into a new
     sealed memfd and return its descriptor (close-on-exec; the caller owns it: :func:`map_fd` takes it).
 
