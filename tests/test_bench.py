@@ -62,3 +62,24 @@ def test_node_e2e_streams_to_a_real_node_on_each_engine_and_gets_the_in_process_
     answers = {name: r["digest"] for name, r in result["in_process"].items()}
     assert answers["compiled"] == answers["reference"]
     assert min(r["detections"] for r in result["in_process"].values()) > 0
+
+
+@pytest.mark.timeout(300)
+def test_node_workers_streams_direct_and_through_a_balancer_and_reads_worker_memory(tmp_path: Path) -> None:
+    # Workers 1 only: the harness (split streams, the balancer path, CPU and memory readings) on any build.
+    done = run_bench(
+        "node_workers.py", *SIZE, "--data-dir", str(tmp_path / "data"), "--warmup", "200", "--workers", "1",
+        "--connections", "2", "--rounds", "1", "--json", str(tmp_path / "out.json"), cwd=tmp_path,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    [node] = result["nodes"]
+    assert node["workers"] == 1
+    runs = {r["path"]: r for r in node["runs"]}
+    assert set(runs) == {"direct", "balancer"}
+    assert runs["direct"]["connections"] == 2 and runs["balancer"]["connections"] == 1
+    for run in runs.values():
+        assert run["valid"] and run["events"] == 3000 and run["wall"] > 0, run
+    [memory] = node["memory"]
+    assert 0 < memory["uss"] <= memory["pss"] <= memory["rss"]
+    assert "2 workers / 1 worker, direct" in done.stdout

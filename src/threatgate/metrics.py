@@ -11,18 +11,21 @@ garbage-collector (``python_gc_*``) collectors, and ``threatgate_build_info{vers
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from collections.abc import Awaitable, Callable, Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
-from aiohttp import web
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from threatgate._version import __version__
 from threatgate.config.common import Address
+
+if TYPE_CHECKING:  # imported where the server starts: a worker process needs NodeStats, never aiohttp
+    from aiohttp import web
 
 K = TypeVar("K", str, tuple[str, str])
 
@@ -79,6 +82,71 @@ class NodeStats(BoundaryStats):
     lookup_detections: int = 0
 
 
+MASTER_GAUGES = frozenset({"feed_records", "feed_malformed", "feed_skipped", "feed_loaded_at"})
+""":class:`NodeStats` fields that describe the node's feeds as loaded now (gauges): the master loads the
+feeds, so its values are the node's, and a worker's copy is not added (every worker maps the same store)."""
+
+SUMMED = frozenset(
+    {
+        # BoundaryStats: bad input, connections and dropped output lines happen wherever a connection is served.
+        "bad_input",
+        "connections",
+        "output_dropped",
+        # The event path: only workers serve events (the master's are 0).
+        "events",
+        "detections",
+        "suppressed",
+        "ignored",
+        "finished_lines",
+        "per_category",
+        "engine_events",
+        # Records that could not be read back at detection time: counted by each process that read them.
+        "feed_read_failures",
+        # Counted by the master alone today (loads, the REST API, alerts it raises); summed all the same, so a
+        # part that counts some of them too (a worker's own alert) is never lost.  A worker that hands an
+        # alert to the master to raise must not count it itself, or it is counted twice.
+        "feed_failures",
+        "snapshot_rebuilds",
+        "snapshot_loads",
+        "reloads",
+        "alerts",
+        "api_requests",
+        "api_probes",
+        "lookups",
+        "lookup_detections",
+    }
+)
+""":class:`NodeStats` fields that are counters: the node's value is the sum over its processes."""
+
+
+def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
+    """The node's :class:`NodeStats` from its master's and its workers' (pure; the parts are not changed).
+
+    Every field is either a counter (:data:`SUMMED`: integers add, tables add key by key) or a gauge the
+    master owns (:data:`MASTER_GAUGES`: the master's value, copied).  ``workers`` holds each running
+    worker's latest cumulative report and, for counters to stay monotonic across restarts, the last
+    report of every worker that has exited.  A field in neither set raises ``TypeError``: a new
+    ``NodeStats`` field must be classified here (tests/test_metrics.py checks every field).
+    """
+    parts = [master, *workers]
+    values: dict[str, Any] = {}
+    for f in dataclasses.fields(NodeStats):
+        name = f.name
+        if name in MASTER_GAUGES:
+            values[name] = dict(getattr(master, name))
+        elif name not in SUMMED:
+            raise TypeError(f"NodeStats.{name} is neither summed nor a master gauge: classify it in metrics.py")
+        elif isinstance(getattr(master, name), dict):
+            table: dict[Any, int] = {}
+            for part in parts:
+                for key, n in getattr(part, name).items():
+                    table[key] = table.get(key, 0) + n
+            values[name] = table
+        else:
+            values[name] = sum(getattr(part, name) for part in parts)
+    return NodeStats(**values)
+
+
 @dataclass(slots=True)
 class BalancerStats(BoundaryStats):
     """Every counter the balancer's event path keeps (names in docs/operations.md)."""
@@ -96,25 +164,6 @@ class BalancerStats(BoundaryStats):
     api_retries: dict[str, int] = field(default_factory=dict)  # instance key / drift / pin_mismatch -> count
     alerts: dict[str, int] = field(default_factory=dict)  # service alerts received, by name
     readiness_polls: dict[str, int] = field(default_factory=dict)  # its own /readyz polls of nodes, by result
-
-
-def sum_stats(parts: Iterable[NodeStats]) -> NodeStats:
-    """Field by field: numbers add, tables add by key (a node with workers sums its processes).
-
-    Gauge-like tables (feed records, load times) are kept by the master only: the workers' are
-    empty, so the sum is the master's.
-    """
-    total = NodeStats()
-    for part in parts:
-        for name in NodeStats.__dataclass_fields__:
-            value = getattr(part, name)
-            if isinstance(value, dict):
-                table = getattr(total, name)
-                for key, n in value.items():
-                    table[key] = table.get(key, 0) + n
-            else:
-                setattr(total, name, getattr(total, name) + value)
-    return total
 
 
 Counters = list[tuple[str, str, int]]  # (name, help, value)
@@ -362,6 +411,8 @@ async def start_metrics_server(
 ) -> web.AppRunner:
     """Serve ``collector`` (and ``more``) as Prometheus text on ``http://address/metrics``; returns the
     runner to clean up.  ``before`` runs before each scrape (a node with workers asks them for fresh counters)."""
+    from aiohttp import web
+
     registry = registry_for(collector)
     for extra in more:
         registry.register(extra)

@@ -326,16 +326,27 @@ class FeedSnapshot:
     version is mapped from the node's snapshot directory, None for one built in memory.
     """
 
-    def __init__(self, settings: FeedSettings, index: FeedIndex, path: str | None = None) -> None:
+    def __init__(
+        self,
+        settings: FeedSettings,
+        index: FeedIndex,
+        path: str | None = None,
+        identity: tuple[int, int, int] = (0, 0, 0),
+    ) -> None:
         self.settings = settings
         self.index = index
         self.path = path
-        self.report: LoadReport = index.report
+        self.report: LoadReport = index.report  # from the snapshot's metadata: the same in every process
         self.header: list[str] = index.header  # CSV: column names, the indicator column under its canonical name
         self.read_failures = 0  # records that could not be decoded at detection time (damaged snapshot bytes)
-        self.identity: tuple[int, int, int] = (0, 0, 0)  # (inode, size, mtime_ns)
+        self.identity = identity  # (inode, size, mtime_ns) of the feed file this version was read from
         with _LIVE_LOCK:
             _LIVE.add(self)
+
+    def ref(self) -> SnapshotRef:
+        """What a worker process needs, besides the descriptor (``self.index.fd``), to rebuild this snapshot."""
+        index = self.index
+        return SnapshotRef(self.settings, self.identity, index.feed_digest, index.settings_digest, self.path)
 
     @staticmethod
     def live() -> list[FeedSnapshot]:
@@ -370,6 +381,34 @@ class FeedSnapshot:
         return record.indicator() if record is not None else None
 
 
+@dataclass(frozen=True, slots=True)
+class SnapshotRef:
+    """A :class:`FeedSnapshot` as the master sends it to a worker, beside its descriptor (SCM_RIGHTS).
+
+    Small and picklable: the settings, the identity of the feed file, the digests the snapshot's header
+    must carry (so a descriptor sent for the wrong slot is refused, not served) and the snapshot file's
+    path, which the worker only shows in log lines (it never removes files; the master does).  The load
+    report and the CSV header are in the snapshot itself.
+    """
+
+    settings: FeedSettings
+    identity: tuple[int, int, int]
+    feed_digest: bytes
+    settings_digest: bytes
+    path: str | None = None
+
+    def open(self, fd: int) -> FeedSnapshot:
+        """The snapshot over ``fd`` (taken: see :func:`~threatgate.node.snapfile.map_fd`), as the master has it.
+
+        Raises:
+            SnapshotInvalid: the descriptor is not the snapshot this ref describes, or not a snapshot at all.
+        """
+        from threatgate.node.snapfile import map_fd
+
+        index = map_fd(fd, self.feed_digest, self.settings_digest)
+        return FeedSnapshot(self.settings, index, self.path, self.identity)
+
+
 class MemorySnapshot:
     """Builds a snapshot from records held as dicts: STIX bundles, MISP feeds, indicators pushed through
     the REST API (one file holds many indicators inside nested objects, or there is no file at all).
@@ -401,13 +440,17 @@ class MemorySnapshot:
         self.records.append(record)
         add_row(self.parsed, indicator, tuple(record_context(record)))
 
-    def finish(self) -> FeedSnapshot:
-        """The snapshot of the records added (an in-memory index)."""
-        from threatgate.node.snapfile import in_memory
+    def finish(self, shared: bool = False) -> FeedSnapshot:
+        """The snapshot of the records added: an in-memory index, or with ``shared`` one over a sealed
+        memfd that worker processes map (one copy for the master and every worker; ``index.fd``).
 
-        snap = FeedSnapshot(self.settings, in_memory(self.parsed))
-        snap.identity = self.identity
-        return snap
+        Raises:
+            OSError: ``shared`` and no memory for the memfd.
+        """
+        from threatgate.node.snapfile import in_memfd, in_memory
+
+        index = in_memfd(self.parsed, f"tg-{self.settings.name}") if shared else in_memory(self.parsed)
+        return FeedSnapshot(self.settings, index, identity=self.identity)
 
 
 def add_row(parsed: ParsedFeed, indicator: Indicator, context: tuple[tuple[str, str], ...]) -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fcntl
 import itertools
 import logging
 import os
@@ -41,11 +40,12 @@ from prometheus_client.registry import Collector
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import NodeStats, sum_stats
-from threatgate.node.feeds import FeedSnapshot
+from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair
 from threatgate.node.procmem import memory
+from threatgate.node.snapfile import to_memfd
 from threatgate.node.spread import ScannerSlots, Spread
-from threatgate.node.supervisor import Supervisor, WorkerState
+from threatgate.node.supervisor import Supervisor
 
 log = logging.getLogger("threatgate.node")
 
@@ -182,7 +182,7 @@ class WorkerPool:
             return
         inc.gone = True
         inc.channel.close()
-        self.retired = sum_stats([self.retired, inc.stats])
+        self.retired = sum_stats(NodeStats(), [self.retired, inc.stats])
         worker = inc.worker
         if self.current[worker] is inc:
             self.current[worker] = None
@@ -350,10 +350,10 @@ class WorkerPool:
     async def publish_store(self, kind: str, snapshots: dict[int, FeedSnapshot]) -> None:
         """Send a new store (``kind`` "store": feeds; "suppliers": API suppliers) and wait, at most
         APPLY_TIMEOUT, until every READY worker has applied it."""
-        refs: list[tuple[int, Any, tuple[int, int, int], str | None]] = []
+        refs: list[tuple[int, SnapshotRef]] = []
         fds: list[int] = []
         for slot, snap in sorted(snapshots.items()):
-            refs.append((slot, snap.settings, snap.identity, snap.path))
+            refs.append((slot, snap.ref()))
             fds.append(self._descriptor(snap))
         generation = next(self._generation)
         self._published[kind] = (generation, refs, fds)
@@ -362,13 +362,13 @@ class WorkerPool:
         await self._wait_applied(kind, generation)
 
     def _descriptor(self, snap: FeedSnapshot) -> int:
-        """The open descriptor of a snapshot's bytes: its file, or (built in memory) a sealed memfd."""
-        fd = snap.index.file_descriptor
+        """The open descriptor of a snapshot's bytes: its file, or (built in memory) a sealed memfd made once."""
+        fd = snap.index.fd
         if fd is not None:
             return fd
         memfd = self._memfds.get(snap)
-        if memfd is None:
-            memfd = _sealed_memfd(snap.index.buffer)
+        if memfd is None:  # a supplier snapshot built without ``shared``: copied into a memfd once
+            memfd = to_memfd([snap.index.buffer], f"tg-{snap.name}")
             self._memfds[snap] = memfd
             weakref.finalize(snap, os.close, memfd)
         return memfd
@@ -414,7 +414,7 @@ class WorkerPool:
 
     def total(self, master: NodeStats) -> NodeStats:
         """The node's counters: the master's, plus every worker's last report, plus those that exited."""
-        return sum_stats([master, self.retired, *(i.stats for i in self._running())])
+        return sum_stats(master, [self.retired, *(i.stats for i in self._running())])
 
     async def refresh(self) -> None:
         """Ask every READY worker for fresh counters; wait at most STATS_TIMEOUT."""
@@ -510,19 +510,6 @@ class PoolCollector(Collector):
         yield from (restarts, events, active, mem)
 
 
-def _sealed_memfd(buffer: Any) -> int:
-    fd = os.memfd_create("threatgate-supplier", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-    try:
-        view = memoryview(buffer).cast("B")
-        while view:
-            view = view[os.write(fd, view) :]
-        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
-
-
 def _status(status: int | None) -> str:
     if status is None:
         return "unknown"
@@ -530,6 +517,3 @@ def _status(status: int | None) -> str:
         with contextlib.suppress(ValueError):
             return f"{-status} ({signal.Signals(-status).name})"
     return str(status)
-
-
-_ = WorkerState

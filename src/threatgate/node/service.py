@@ -539,6 +539,7 @@ class NodeService:
             return
         async with self._suppliers_lock:
             cache = self._supplier_snapshots
+            shared = self.workers > 1  # over sealed memfds: the workers map the same pages
 
             def build() -> tuple[IndicatorStore, dict[int, tuple[Supplier, list[FeedSnapshot]]]]:
                 kept: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
@@ -548,7 +549,7 @@ class NodeService:
                         continue
                     old = cache.get(supplier.id)
                     if old is None or old[0] != supplier or changed is None or supplier.name in changed:
-                        old = (supplier, supplier_snapshots(supplier, db.indicator_rows(supplier.id)))
+                        old = (supplier, supplier_snapshots(supplier, db.indicator_rows(supplier.id), shared))
                     kept[supplier.id] = old
                     for i, snap in enumerate(old[1]):
                         snapshots[SUPPLIER_SLOT_BASE + supplier.id * 2 + i] = snap

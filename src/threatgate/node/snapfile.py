@@ -13,8 +13,15 @@ Invariants:
 4. A detection never reads a feed file: the records section holds per record its kind, flags,
    normalised value, raw indicator text (``%MatchedIndicator%``) and context pairs.
 5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, rename; no fsync: a torn file
-   fails the checksum and is rebuilt) and :func:`read_checked` (header and checksum by reading the
-   file, then ``mmap``); records are read with ``pread``, never through the mapping.
+   fails the checksum and is rebuilt), :func:`read_checked` (header and checksum by reading the
+   file, then ``mmap``), :func:`map_fd` and :func:`to_memfd`; records are read with ``pread``, never
+   through the mapping.
+6. Worker processes share one copy (docs/architecture.md, "Workers").  The master checks a snapshot
+   once (:func:`read_checked`, or it built the bytes itself) and passes the open descriptor; a worker
+   maps it with :func:`map_fd`, which checks the structure but not the checksum.  What the descriptor
+   points at never changes: a snapshot file is only ever renamed into place, never written again, and
+   an in-memory snapshot goes into a sealed memfd (:func:`to_memfd`: no write, no resize).  An index
+   owns its descriptor (``FeedIndex.fd``) and closes it when collected.
 
 Layout (all integers native order, which the byte-order marker pins; sections 8-byte aligned)::
 
@@ -41,11 +48,13 @@ The checksum is xxh3_128 over the file with the 16 checksum bytes left out.
 
 from __future__ import annotations
 
+import fcntl
 import importlib
 import itertools
 import json
 import mmap
 import os
+import stat
 import struct
 import sys
 import tempfile
@@ -53,15 +62,17 @@ import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import numpy as np
 import numpy.typing as npt
 import xxhash
 
 from threatgate.errors import FeedError
-from threatgate.node.feedparse import ParsedFeed
 from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
+
+if TYPE_CHECKING:  # only for annotations: a worker that maps snapshots never imports the parser (orjson)
+    from threatgate.node.feedparse import ParsedFeed
 
 _c_keys_of: Any
 try:  # the compiled engine hashes a whole column at ~12 ns a value; the same numbers as xxhash
@@ -555,6 +566,89 @@ def read_checked(path: str, feed_digest: bytes | None = None, settings_digest: b
         raise
 
 
+def map_fd(fd: int, feed_digest: bytes | None = None, settings_digest: bytes | None = None) -> FeedIndex:
+    """Map the snapshot open on ``fd`` read-only: a descriptor a worker received from the master.
+
+    The header, the machine layout, the expected digests (when given: they tie the descriptor to the
+    snapshot the master meant) and the bounds of every section are checked as :func:`read_checked`
+    checks them, but **not the checksum**: the master checked it when it mapped the file (or built the
+    bytes itself, for a memfd), the descriptor refers to that same inode, and nothing writes a
+    snapshot after it is renamed into place (a memfd is sealed).  Reading the whole file again in
+    every worker would cost seconds per gigabyte at each start and restart of a worker.
+
+    Ownership: ``map_fd`` takes ``fd`` in every case.  On success the index keeps it for ``pread`` of
+    records and closes it when it is collected (:attr:`FeedIndex.fd`); when the snapshot is refused,
+    ``fd`` is closed before the exception is raised.  A caller that must keep its descriptor passes
+    ``os.dup(fd)``.
+
+    Raises:
+        SnapshotInvalid: the reasons of :func:`check_header` and ``corrupt``, or ``unreadable``: not an
+            open descriptor, not a regular file (a memfd is one), not open for reading, or not mappable.
+    """
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotInvalid("unreadable", f"descriptor {fd} is not a regular file")
+        size = st.st_size
+        check_header(os.pread(fd, _HEAD.size, 0), size, feed_digest, settings_digest)
+        mapped = mmap.mmap(fd, size, prot=mmap.PROT_READ)
+        index = FeedIndex(mapped, fd)
+    except OSError as exc:
+        _close_quietly(fd)
+        raise SnapshotInvalid("unreadable", f"descriptor {fd}: {exc.strerror or exc}") from None
+    except BaseException:
+        _close_quietly(fd)
+        raise
+    return index
+
+
+def _close_quietly(fd: int) -> None:
+    try:
+        os.close(fd)
+    except OSError:  # not an open descriptor in the first place
+        pass
+
+
+MEMFD_SEALS = fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_SEAL
+"""The seals of a snapshot memfd: its bytes and size can never change, nor can the seals be removed."""
+
+
+def to_memfd(chunks: Iterable[Buffer | bytearray | mmap.mmap], name: str) -> int:
+    """Write a snapshot's bytes (the chunks of :func:`build`, or an in-memory index's ``buffer``) into a new
+    sealed memfd and return its descriptor (close-on-exec; the caller owns it: :func:`map_fd` takes it).
+
+    The memfd is anonymous shared memory: every process that maps it shares its pages, so the master
+    and its workers hold one copy of an in-memory (API supplier) snapshot, as they do of a file.  It is
+    sealed (:data:`MEMFD_SEALS`) so a worker can trust that the bytes it mapped stay what the master
+    built: a mapping can never be cut short under a reader (no ``SIGBUS``).  ``name`` shows in
+    ``/proc/<pid>/maps`` (``/memfd:<name> (deleted)``) and needs no uniqueness.
+
+    Raises:
+        OSError: no memory for it (``ENOMEM``, ``ENOSPC``), or too many descriptors open.
+    """
+    label = name.encode("utf-8", "replace").replace(b"\0", b"?")[:200]  # the kernel takes up to 249 bytes
+    fd = os.memfd_create(os.fsdecode(label), os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+    try:
+        for chunk in chunks:
+            view = memoryview(chunk).cast("B")
+            while view:
+                view = view[os.write(fd, view) :]
+        fcntl.fcntl(fd, fcntl.F_ADD_SEALS, MEMFD_SEALS)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def in_memfd(
+    parsed: ParsedFeed, name: str, feed_digest: bytes = bytes(32), settings_digest: bytes = bytes(32)
+) -> FeedIndex:
+    """Like :func:`in_memory`, but over a sealed memfd that worker processes can map (the API supplier
+    store of a node with workers).  The sections go straight from :func:`build` into the memfd: one copy
+    of the bytes, where :func:`in_memory` makes a joined ``bytes`` and then a ``bytearray`` of it."""
+    return map_fd(to_memfd(build(parsed, feed_digest, settings_digest), name))
+
+
 # -- the index over a snapshot's bytes ------------------------------------------------------------
 
 
@@ -631,8 +725,12 @@ class FeedIndex:
             weakref.finalize(self, os.close, fd)
 
     @property
-    def file_descriptor(self) -> int | None:
-        """The open snapshot file (a node's master passes it to its workers), None for one in memory."""
+    def fd(self) -> int | None:
+        """The descriptor of the snapshot file or memfd, or None for bytes in memory.
+
+        Owned by the index (closed when it is collected): send it (``socket.send_fds`` duplicates it into
+        the receiver), never close it.
+        """
         return self._fd
 
     def _bytes(self, name: str) -> memoryview:

@@ -701,8 +701,13 @@ def supplier_settings(supplier: Supplier, false_positive: bool = False) -> FeedS
     )
 
 
-def supplier_snapshots(supplier: Supplier, rows: Iterable[tuple[str, str, str, int]]) -> list[FeedSnapshot]:
-    """One snapshot of the supplier's indicators, plus one of those it marked false positive (if any)."""
+def supplier_snapshots(
+    supplier: Supplier, rows: Iterable[tuple[str, str, str, int]], shared: bool = False
+) -> list[FeedSnapshot]:
+    """One snapshot of the supplier's indicators, plus one of those it marked false positive (if any).
+
+    ``shared``: each over a sealed memfd that worker processes map (``MemorySnapshot.finish``).
+    """
     main = MemorySnapshot(supplier_settings(supplier))
     marked = MemorySnapshot(supplier_settings(supplier, false_positive=True))
     for raw, context_json, tags_json, fp in rows:
@@ -716,4 +721,4 @@ def supplier_snapshots(supplier: Supplier, rows: Iterable[tuple[str, str, str, i
             record["tags"] = ",".join(tags)
         record["supplier"] = supplier.name
         (marked if fp else main).add_record(record, indicator)
-    return [s.finish() for s in (main, marked) if len(s) or s is main]
+    return [s.finish(shared) for s in (main, marked) if len(s) or s is main]

@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import mmap
 import os
 import signal
 import socket
@@ -50,7 +49,6 @@ from threatgate.node.eventpath import (
 from threatgate.node.feeds import FeedSnapshot
 from threatgate.node.ipc import Channel, Message
 from threatgate.node.matcher import Matcher, MatchStats
-from threatgate.node.snapfile import FeedIndex
 from threatgate.node.store import IndicatorStore
 from threatgate.wire.framing import Framer
 
@@ -58,28 +56,6 @@ log = logging.getLogger("threatgate.node")
 
 HEARTBEAT = 1.0
 """Seconds between two ``stats`` messages (the master takes a worker silent for 10 s as hung)."""
-
-SnapshotRef = tuple[int, Any, tuple[int, int, int], str | None]
-"""What the master sends per snapshot beside its descriptor: (slot, FeedSettings, identity, path)."""
-
-
-def map_snapshot(ref: SnapshotRef, fd: int) -> tuple[int, FeedSnapshot]:
-    """A snapshot the master loaded, mapped from the descriptor it sent (owned from here on).
-
-    The master checked the file's checksum when it mapped it; re-reading every byte here would
-    make a worker's start cost a full read of every feed, so the header and layout are checked
-    (FeedIndex) and the checksum is not.
-    """
-    slot, settings, identity, path = ref
-    try:
-        mapped = mmap.mmap(fd, 0, prot=mmap.PROT_READ)
-        index = FeedIndex(mapped, fd)
-    except BaseException:
-        os.close(fd)
-        raise
-    snap = FeedSnapshot(settings, index, path)
-    snap.identity = identity
-    return slot, snap
 
 
 class WorkerListener(EventListener):
@@ -206,8 +182,8 @@ class Worker:
         parts = self._parts.setdefault(kind, {})
         try:
             while refs:
-                slot, snap = map_snapshot(refs.pop(0), fds.pop(0))
-                parts[slot] = snap
+                slot, ref = refs.pop(0)
+                parts[slot] = ref.open(fds.pop(0))  # takes the descriptor; checks header, layout and digests
         finally:
             for fd in fds:
                 os.close(fd)
