@@ -33,7 +33,6 @@ from tests.integration.test_node_api import (
     put_indicators,
 )
 
-pytestmark = pytest.mark.slow
 
 
 class Session:
