@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from threatgate import metrics
-from threatgate.metrics import MASTER_GAUGES, SUMMED, NodeStats, sum_stats
+from threatgate.stats import MASTER_GAUGES, SUMMED, NodeStats, sum_stats
 
 FIELDS = {f.name for f in dataclasses.fields(NodeStats)}
 HINTS = typing.get_type_hints(NodeStats)

@@ -11,11 +11,9 @@ garbage-collector (``python_gc_*``) collectors, and ``threatgate_build_info{vers
 
 from __future__ import annotations
 
-import dataclasses
 import platform
-from collections.abc import Awaitable, Callable, Iterable, Iterator
-from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, TypeVar
+from collections.abc import Awaitable, Callable, Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -23,147 +21,13 @@ from prometheus_client.registry import Collector
 
 from threatgate._version import __version__
 from threatgate.config.common import Address
+from threatgate.stats import BalancerStats, BoundaryStats, Gauges, LabelledGauges, NodeStats
 
 if TYPE_CHECKING:  # imported where the server starts: a worker process needs NodeStats, never aiohttp
     from aiohttp import web
 
-K = TypeVar("K", str, tuple[str, str])
-
 SERVER = "threatgate"
 """The ``Server`` header of every HTTP answer threatgate sends: no versions for a scanner to match."""
-
-
-Gauges = dict[str, tuple[str, Callable[[], float]]]
-LabelledGauges = dict[str, tuple[str, str, Callable[[], dict[str, float]]]]
-"""name -> (help, label name, getter of label value -> value), read at scrape time."""
-
-
-@dataclass(slots=True)
-class BoundaryStats:
-    """Counters every service keeps at its edges: bad input by reason, connections by outcome, and
-    output lines dropped by destination and reason (threatgate.net.sender)."""
-
-    bad_input: dict[str, int] = field(default_factory=dict)  # reason -> count
-    connections: dict[str, int] = field(default_factory=dict)  # outcome -> count
-    output_dropped: dict[tuple[str, str], int] = field(default_factory=dict)  # (destination, reason) -> lines
-
-    def bump(self, table: dict[K, int], key: K, n: int = 1) -> None:
-        table[key] = table.get(key, 0) + n
-
-    def drop_lines(self, destination: str, reason: str, lines: int) -> None:
-        key = (destination, reason)
-        self.output_dropped[key] = self.output_dropped.get(key, 0) + lines
-
-
-@dataclass(slots=True)
-class NodeStats(BoundaryStats):
-    """Every counter a node exports (names in docs/operations.md)."""
-
-    events: int = 0
-    detections: int = 0
-    suppressed: int = 0
-    ignored: int = 0
-    finished_lines: int = 0
-    per_category: dict[str, int] = field(default_factory=dict)
-    feed_records: dict[str, int] = field(default_factory=dict)  # feed -> records in the live store
-    feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
-    feed_skipped: dict[str, int] = field(default_factory=dict)  # feed -> unsupported records skipped, last load
-    feed_failures: dict[str, int] = field(default_factory=dict)  # feed -> failed loads
-    feed_read_failures: dict[str, int] = field(default_factory=dict)  # feed -> records not read back (lost hits)
-    feed_loaded_at: dict[str, int] = field(default_factory=dict)  # enabled feed -> last good load (Unix s, 0 never)
-    snapshot_rebuilds: dict[tuple[str, str], int] = field(default_factory=dict)  # (feed, reason) -> refused files
-    snapshot_loads: dict[tuple[str, str], int] = field(default_factory=dict)  # (feed, "mapped"|"built") -> versions
-    reloads: int = 0
-    alerts: dict[str, int] = field(default_factory=dict)
-    api_requests: dict[str, int] = field(default_factory=dict)  # HTTP status -> count (probes not included)
-    api_probes: dict[str, int] = field(default_factory=dict)  # /healthz, /readyz -> requests (load balancers)
-    engine_events: dict[str, int] = field(default_factory=dict)  # compiled / confirmed / reference -> events
-    lookups: int = 0  # objects looked up through the REST API
-    lookup_detections: int = 0
-
-
-MASTER_GAUGES = frozenset({"feed_records", "feed_malformed", "feed_skipped", "feed_loaded_at"})
-""":class:`NodeStats` fields that describe the node's feeds as loaded now (gauges): the master loads the
-feeds, so its values are the node's, and a worker's copy is not added (every worker maps the same store)."""
-
-SUMMED = frozenset(
-    {
-        # BoundaryStats: bad input, connections and dropped output lines happen wherever a connection is served.
-        "bad_input",
-        "connections",
-        "output_dropped",
-        # The event path: only workers serve events (the master's are 0).
-        "events",
-        "detections",
-        "suppressed",
-        "ignored",
-        "finished_lines",
-        "per_category",
-        "engine_events",
-        # Records that could not be read back at detection time: counted by each process that read them.
-        "feed_read_failures",
-        # Counted by the master alone today (loads, the REST API, alerts it raises); summed all the same, so a
-        # part that counts some of them too (a worker's own alert) is never lost.  A worker that hands an
-        # alert to the master to raise must not count it itself, or it is counted twice.
-        "feed_failures",
-        "snapshot_rebuilds",
-        "snapshot_loads",
-        "reloads",
-        "alerts",
-        "api_requests",
-        "api_probes",
-        "lookups",
-        "lookup_detections",
-    }
-)
-""":class:`NodeStats` fields that are counters: the node's value is the sum over its processes."""
-
-
-def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
-    """The node's :class:`NodeStats` from its master's and its workers' (pure; the parts are not changed).
-
-    Every field is either a counter (:data:`SUMMED`: integers add, tables add key by key) or a gauge the
-    master owns (:data:`MASTER_GAUGES`: the master's value, copied).  ``workers`` holds each running
-    worker's latest cumulative report and, for counters to stay monotonic across restarts, the last
-    report of every worker that has exited.  A field in neither set raises ``TypeError``: a new
-    ``NodeStats`` field must be classified here (tests/test_metrics.py checks every field).
-    """
-    parts = [master, *workers]
-    values: dict[str, Any] = {}
-    for f in dataclasses.fields(NodeStats):
-        name = f.name
-        if name in MASTER_GAUGES:
-            values[name] = dict(getattr(master, name))
-        elif name not in SUMMED:
-            raise TypeError(f"NodeStats.{name} is neither summed nor a master gauge: classify it in metrics.py")
-        elif isinstance(getattr(master, name), dict):
-            table: dict[Any, int] = {}
-            for part in parts:
-                for key, n in getattr(part, name).items():
-                    table[key] = table.get(key, 0) + n
-            values[name] = table
-        else:
-            values[name] = sum(getattr(part, name) for part in parts)
-    return NodeStats(**values)
-
-
-@dataclass(slots=True)
-class BalancerStats(BoundaryStats):
-    """Every counter the balancer's event path keeps (names in docs/operations.md)."""
-
-    events_in: int = 0  # events received from clients
-    events_out: int = 0  # events answered (released to their client)
-    detections: int = 0  # detection lines released
-    dispatched: int = 0  # events sent to instances (redispatches included)
-    redispatched: int = 0  # events sent again after their instance failed
-    dropped: dict[str, int] = field(default_factory=dict)  # reason -> events or lines not delivered
-    dropped_lines: dict[str, int] = field(default_factory=dict)  # reason -> instance lines refused
-    unmatched: dict[str, int] = field(default_factory=dict)  # reason -> events answered by an error finished line
-    transitions: dict[str, int] = field(default_factory=dict)  # up / down / reply_timeout
-    api_requests: dict[str, int] = field(default_factory=dict)  # gateway answers by HTTP status
-    api_retries: dict[str, int] = field(default_factory=dict)  # instance key / drift / pin_mismatch -> count
-    alerts: dict[str, int] = field(default_factory=dict)  # service alerts received, by name
-    readiness_polls: dict[str, int] = field(default_factory=dict)  # its own /readyz polls of nodes, by result
 
 
 Counters = list[tuple[str, str, int]]  # (name, help, value)

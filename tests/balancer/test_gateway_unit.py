@@ -35,8 +35,8 @@ from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
 from threatgate.errors import TLSConfigError
-from threatgate.metrics import BalancerStats
 from threatgate.net.tls import fingerprint_sha256
+from threatgate.stats import BalancerStats
 from threatgate.wire.paths import PathError, RoutePattern, normalize_path
 
 

@@ -36,7 +36,7 @@ from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import AllowedRequest, InstanceSettings, balancer_config_from_xml
 from threatgate.config.xml import parse_xml
 from threatgate.errors import ConfigError
-from threatgate.metrics import BalancerStats
+from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern
 
 A, B, C = "a" * 64, "b" * 64, "c" * 64

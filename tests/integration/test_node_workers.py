@@ -34,7 +34,6 @@ from tests.integration.test_node_api import (
 )
 
 
-
 class Session:
     """One event connection with ReplyBack and finished lines: send events, read their answers."""
 

@@ -60,9 +60,10 @@ from threatgate.errors import ConfigError
 from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
 from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BalancerCollector, BalancerStats, Gauges, LabelledGauges, start_metrics_server
+from threatgate.metrics import BalancerCollector, start_metrics_server
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
+from threatgate.stats import BalancerStats, Gauges, LabelledGauges
 from threatgate.wire.flags import SessionFlags
 from threatgate.wire.framing import FramedEvent, Oversized
 

@@ -41,7 +41,7 @@ class _Standalone:
     def __init__(self, config: BalancerConfig) -> None:
         import random
 
-        from threatgate.metrics import BalancerStats
+        from threatgate.stats import BalancerStats
 
         self.config = config
         self.stats = BalancerStats()

@@ -56,11 +56,11 @@ from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ClusterError, ConfigError, SettingsRejected
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import Gauges
 from threatgate.net.describe import body_text
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import RequestError, check_state
+from threatgate.stats import Gauges
 
 if TYPE_CHECKING:
     from threatgate.cluster.etcd_backend import EtcdBackend

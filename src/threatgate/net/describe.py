@@ -22,9 +22,8 @@ import os
 import re
 import socket
 import ssl
+import sys
 from typing import Any
-
-import aiohttp
 
 from threatgate.errors import ThreatgateError
 
@@ -40,6 +39,17 @@ def describe(exc: BaseException) -> str:
     """What ``exc`` means for whoever reads it (rules 1-3)."""
     if isinstance(exc, ThreatgateError):
         return _bounded(str(exc))
+    aiohttp = sys.modules.get("aiohttp")  # an aiohttp error exists only where aiohttp was imported
+    if aiohttp is not None:
+        return _aiohttp_text(aiohttp, exc) or _plain(exc)
+    return _plain(exc)
+
+
+def _aiohttp_text(aiohttp: Any, exc: BaseException) -> str | None:
+    """aiohttp's client errors in words; None for another exception.
+
+    aiohttp is not imported here: a node's worker process serves events without it (node/worker.py).
+    """
     if isinstance(exc, aiohttp.ServerFingerprintMismatch):
         return f"TLS: the certificate presented has SHA-256 {_colon(exc.got)}, not the pinned {_colon(exc.expected)}"
     if isinstance(exc, aiohttp.ClientConnectorCertificateError):
@@ -55,6 +65,10 @@ def describe(exc: BaseException) -> str:
         return f"HTTP {exc.status} {exc.message}".rstrip()
     if isinstance(exc, aiohttp.InvalidURL):
         return f"invalid URL {str(exc.url)[:200]}"
+    return None
+
+
+def _plain(exc: BaseException) -> str:
     if isinstance(exc, TimeoutError):  # asyncio's and aiohttp's timeouts included
         return "timed out"
     if isinstance(exc, UnicodeDecodeError):

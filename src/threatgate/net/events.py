@@ -30,7 +30,7 @@ from dataclasses import dataclass
 from typing import cast
 
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BoundaryStats
+from threatgate.stats import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
 from threatgate.wire.framing import FRAMING_WAIT, OCTET_COUNTED, AutoFramer, FramedEvent, Framer, LineFramer
 

@@ -32,8 +32,8 @@ from dataclasses import dataclass
 
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import LabelledGauges
 from threatgate.net.describe import describe
+from threatgate.stats import LabelledGauges
 
 log = logging.getLogger("threatgate.net")
 

@@ -22,11 +22,11 @@ from typing import Protocol
 
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import NodeStats
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.sender import Dropped, LineSender
 from threatgate.node.feeds import FeedSnapshot
 from threatgate.node.matcher import Matcher, MatchStats
+from threatgate.stats import NodeStats
 from threatgate.wire.framing import FramedEvent, Framer
 
 BAD_INPUT_REASONS = ("invalid_utf8", "nul", "oversized", "unterminated")

@@ -39,13 +39,13 @@ from prometheus_client.registry import Collector
 
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import NodeStats, sum_stats
 from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair
 from threatgate.node.procmem import memory
 from threatgate.node.snapfile import to_memfd
 from threatgate.node.spread import ScannerSlots, Spread
 from threatgate.node.supervisor import Supervisor
+from threatgate.stats import NodeStats, sum_stats
 
 log = logging.getLogger("threatgate.node")
 

@@ -38,7 +38,7 @@ from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, r
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
+from threatgate.metrics import StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
 from threatgate.net.events import EventListener
 from threatgate.net.http import HTTPServer
@@ -67,6 +67,7 @@ from threatgate.node.render import FieldFormat, Template
 from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, build_snapshot, source_digest, source_size
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
+from threatgate.stats import Gauges, NodeStats
 from threatgate.wire.alerts import alert_level
 from threatgate.wire.framing import Framer
 

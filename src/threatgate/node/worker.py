@@ -33,7 +33,6 @@ from typing import Any
 from threatgate import runtime
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog, setup_logging
-from threatgate.metrics import NodeStats
 from threatgate.net.events import EventListener, EventProtocol
 from threatgate.net.sender import Dropped, LineSender
 from threatgate.node.engine import make_matcher
@@ -50,6 +49,7 @@ from threatgate.node.feeds import FeedSnapshot
 from threatgate.node.ipc import Channel, Message
 from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.node.store import IndicatorStore
+from threatgate.stats import NodeStats
 from threatgate.wire.framing import Framer
 
 log = logging.getLogger("threatgate.node")
