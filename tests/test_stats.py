@@ -1,4 +1,4 @@
-"""Tests for threatgate.metrics.sum_stats: a node's stats summed over its master and worker processes."""
+"""Tests for threatgate.stats.sum_stats: a node's stats summed over its master and worker processes."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threatgate import metrics
+from threatgate import stats
 from threatgate.stats import MASTER_GAUGES, SUMMED, NodeStats, sum_stats
 
 FIELDS = {f.name for f in dataclasses.fields(NodeStats)}
@@ -20,8 +20,8 @@ HINTS = typing.get_type_hints(NodeStats)
 
 
 def test_every_field_is_either_summed_or_a_master_gauge() -> None:
-    # Fails when a field is added to NodeStats (or BoundaryStats) and not classified in metrics.py.
-    assert SUMMED | MASTER_GAUGES == FIELDS, "classify the new NodeStats field in metrics.SUMMED or MASTER_GAUGES"
+    # Fails when a field is added to NodeStats (or BoundaryStats) and not classified in stats.py.
+    assert SUMMED | MASTER_GAUGES == FIELDS, "classify the new NodeStats field in stats.SUMMED or MASTER_GAUGES"
     assert not SUMMED & MASTER_GAUGES
 
 
@@ -74,7 +74,7 @@ def test_sum_stats_examples() -> None:
 
 
 def test_an_unclassified_field_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(metrics, "SUMMED", SUMMED - {"events"})
+    monkeypatch.setattr(stats, "SUMMED", SUMMED - {"events"})
     with pytest.raises(TypeError, match=r"NodeStats\.events"):
         sum_stats(NodeStats(), [])
 
