@@ -49,6 +49,7 @@ NODE_FIELDS: Mapping[str, str] = {
     "service.metrics": "ServiceSettings/MetricsConnectionString",
     "service.handshake_timeout": LIVE,  # new connections
     "service.idle_timeout": LIVE,  # the next sweep
+    "service.drain_timeout": LIVE,  # read at SIGTERM
     "http.listen": "HTTPServer/ConnectionString",
     "http.cert_path": "HTTPServer/CertificatePath",
     "http.key_path": "HTTPServer/PrivateKeyPath",
