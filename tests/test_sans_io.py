@@ -16,6 +16,7 @@ SANS_IO_FILES = sorted(
             SRC / "node" / f"{name}.py"
             for name in ("normalize", "render", "store", "feeds", "feedparse", "feedwatch", "matcher")
         ),
+        SRC / "net" / "drain.py",
     ]
 )
 

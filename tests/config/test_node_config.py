@@ -104,8 +104,9 @@ def test_NodeConfig_example_loads_output_feeds_service(example: NodeConfig) -> N
 
 def test_NodeConfig_drain_timeout(example: NodeConfig, tmp_path: Path) -> None:
     assert example.service.drain_timeout == 10.0  # the default: the example does not write it
-    text = replace_once("<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount><DrainTimeout>3</DrainTimeout>")
-    config = load_node_config(str(write_config(tmp_path, text(example_text()))))
+    scanners = "<ScannersCount>9</ScannersCount>"
+    edit = replace_once(scanners, scanners + "<DrainTimeout>3</DrainTimeout>")
+    config = load_node_config(str(write_config(tmp_path, edit(example_text()))))
     assert config.service.drain_timeout == 3.0
 
 
@@ -285,7 +286,9 @@ BAD_CONFIGS: list[tuple[str, Callable[[str], str], str, str, str]] = [
     ),
     (
         "DrainTimeout-0",
-        replace_once("<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount><DrainTimeout>0</DrainTimeout>"),
+        replace_once(
+            "<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount><DrainTimeout>0</DrainTimeout>"
+        ),
         "<DrainTimeout>",
         "DrainTimeout",
         "DrainTimeout=0: expected 1-3600",

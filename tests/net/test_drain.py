@@ -68,9 +68,7 @@ def test_owed_and_remaining() -> None:
     assert remaining(10.0, 4.0) == 6.0 and remaining(10.0, 12.0) == 0.0
 
 
-OWED = st.builds(
-    Owed, st.integers(0, 3), st.integers(0, 3), st.booleans(), st.integers(0, 3)
-)
+OWED = st.builds(Owed, st.integers(0, 3), st.integers(0, 3), st.booleans(), st.integers(0, 3))
 
 
 @given(
@@ -115,33 +113,45 @@ def run(loop: str, main: Callable[[], Coroutine[Any, Any, None]]) -> None:
 
 
 class Replier(EventProtocol):
-    """Answers every event with REPLY bytes at once, as a node answers in ``data_received``."""
+    """Answers every event with REPLY bytes at once, as a node answers in ``data_received``.
 
-    def __init__(self, listener: EventListener, reply: int = REPLY) -> None:
+    Its events (``connected``, ``processed``) let a test wait for what the server did, not sleep.
+    """
+
+    def __init__(self, listener: EventListener) -> None:
         super().__init__(listener)
-        self.reply = reply
         self.answered = 0
+        self.connected = asyncio.Event()
+        self.processed = asyncio.Event()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        self.connected.set()
 
     def process(self, events: list[FramedEvent]) -> None:
+        self.answer(events)
+        self.processed.set()
+
+    def answer(self, events: list[FramedEvent]) -> None:
         assert self.transport is not None
         self.answered += len(events)
-        self.transport.write((b"r" * (self.reply - 1) + b"\n") * len(events))
+        self.transport.write((b"r" * (REPLY - 1) + b"\n") * len(events))
 
 
 class Port:
     """An EventListener on 127.0.0.1 serving ``factory`` connections, and plain sockets as clients."""
 
-    def __init__(self, factory: Callable[[EventListener], EventProtocol] = Replier) -> None:
+    def __init__(self, factory: type[Replier] = Replier) -> None:
         limits = ListenerLimits(handshake_timeout=10, scanners_count=4, max_event_size=1024, delimiter=None)
         self.listener = EventListener(NodeStats(), limits, logging.getLogger("test.drain"))
         self.factory = factory
-        self.made: list[EventProtocol] = []
+        self.made: asyncio.Queue[Replier] = asyncio.Queue()
         self.server: asyncio.Server | None = None
 
     async def __aenter__(self) -> Port:
-        def make() -> EventProtocol:
+        def make() -> Replier:
             conn = self.factory(self.listener)
-            self.made.append(conn)
+            self.made.put_nowait(conn)
             return conn
 
         self.server = await asyncio.get_running_loop().create_server(make, "127.0.0.1", 0)
@@ -152,22 +162,31 @@ class Port:
         self.server.close()
         self.listener.close_all()
 
-    async def client(self, rcvbuf: int = 0) -> socket.socket:
-        """A connected non-blocking client; ``rcvbuf`` shrinks its receive buffer (a slow reader's window)."""
+    async def client(self, first: bytes = b"", rcvbuf: int = 0) -> tuple[socket.socket, Replier]:
+        """A connected non-blocking client that sent ``first``, and its connection in the server.
+
+        ``rcvbuf`` shrinks the client's receive buffer (the window of a client that stops reading).
+        """
         assert self.server is not None
+        loop = asyncio.get_running_loop()
         sock = socket.socket()
         if rcvbuf:
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
         sock.setblocking(False)
-        await asyncio.get_running_loop().sock_connect(sock, self.server.sockets[0].getsockname())
-        return sock
-
-    async def active(self, count: int) -> list[EventProtocol]:
-        """Wait until ``count`` connections are ACTIVE (event: the listener's set; bounded)."""
+        await loop.sock_connect(sock, self.server.sockets[0].getsockname())
+        if first:
+            await loop.sock_sendall(sock, first)
         async with asyncio.timeout(5):
-            while len(self.listener.active) < count:
-                await asyncio.sleep(0.005)
-        return list(self.listener.active)
+            conn = await self.made.get()
+            await conn.connected.wait()
+        return sock, conn
+
+    async def answered(self, first: bytes, rcvbuf: int = 0) -> tuple[socket.socket, Replier]:
+        """A client whose ``first`` events the server has processed."""
+        sock, conn = await self.client(first, rcvbuf)
+        async with asyncio.timeout(5):
+            await conn.processed.wait()
+        return sock, conn
 
 
 async def read_to_end(sock: socket.socket) -> tuple[int, str]:
@@ -182,21 +201,12 @@ async def read_to_end(sock: socket.socket) -> tuple[int, str]:
     return total, "eof"
 
 
-async def wait_buffered(conn: EventProtocol) -> None:
-    """Until the server holds reply bytes for ``conn`` that its client has not taken."""
-    async with asyncio.timeout(5):
-        while not conn.owed().buffered:
-            await asyncio.sleep(0.005)
-
-
 @pytest.mark.parametrize("loop", LOOPS)
 def test_a_client_that_stops_reading_is_waited_for_until_the_deadline_then_cut(loop: str) -> None:
     async def main() -> None:
         async with Port() as port:
-            sock = await port.client(rcvbuf=4096)
-            await asyncio.get_running_loop().sock_sendall(sock, FLAGS + b"event 1\n")
-            [conn] = await port.active(1)
-            await wait_buffered(conn)
+            sock, conn = await port.answered(FLAGS + b"event 1\n", rcvbuf=4096)
+            assert conn.owed().buffered  # REPLY is far more than the kernel takes for a client that does not read
             now = asyncio.get_running_loop().time()
             result = await port.listener.drain(now + 0.3)
             assert (result.connections, result.clean, result.cut, result.gone) == (1, 0, 1, 0)
@@ -213,10 +223,8 @@ def test_a_client_that_stops_reading_is_waited_for_until_the_deadline_then_cut(l
 def test_a_client_that_reads_is_drained_cleanly_with_every_reply(loop: str) -> None:
     async def main() -> None:
         async with Port() as port:
-            sock = await port.client(rcvbuf=4096)
-            await asyncio.get_running_loop().sock_sendall(sock, FLAGS + b"event 1\nevent 2\n")
-            [conn] = await port.active(1)
-            await wait_buffered(conn)
+            sock, conn = await port.answered(FLAGS + b"event 1\nevent 2\n", rcvbuf=4096)
+            assert conn.owed().buffered
             reader = asyncio.ensure_future(read_to_end(sock))  # the client reads its replies (slowly)
             now = asyncio.get_running_loop().time()
             result = await port.listener.drain(now + 10)
@@ -236,10 +244,8 @@ def test_events_sent_after_the_drain_began_are_not_read_and_the_replies_still_ar
     async def main() -> None:
         loop_ = asyncio.get_running_loop()
         async with Port() as port:
-            sock = await port.client(rcvbuf=4096)
-            await loop_.sock_sendall(sock, FLAGS + b"event 1\n")
-            [conn] = await port.active(1)
-            await wait_buffered(conn)
+            sock, conn = await port.answered(FLAGS + b"event 1\n", rcvbuf=4096)
+            assert conn.owed().buffered
             drain = asyncio.ensure_future(port.listener.drain(loop_.time() + 10))
             await asyncio.sleep(0.05)
             await loop_.sock_sendall(sock, b"late 1\nlate 2\n")  # never read: never answered
@@ -248,7 +254,7 @@ def test_events_sent_after_the_drain_began_are_not_read_and_the_replies_still_ar
             received, _ = await read_to_end(sock)  # then a reset: the late events were never read
             result = await drain
             assert (result.clean, result.cut) == (1, 0)
-            assert received == REPLY and isinstance(conn, Replier) and conn.answered == 1
+            assert received == REPLY and conn.answered == 1
             sock.close()
 
     run(loop, main)
@@ -259,16 +265,14 @@ def test_handshake_connections_and_newcomers_are_closed_at_once(loop: str) -> No
     async def main() -> None:
         loop_ = asyncio.get_running_loop()
         async with Port() as port:
-            silent = await port.client()  # connected, no flags yet
-            async with asyncio.timeout(5):
-                while not port.listener.handshaking:
-                    await asyncio.sleep(0.005)
+            silent, conn = await port.client()  # connected, no flags yet
+            assert conn.state is ConnState.HANDSHAKE
             result = await port.listener.drain(loop_.time() + 10)
             assert (result.connections, result.handshaking, result.elapsed < 1) == (0, 1, True)
             assert await read_to_end(silent) == (0, "eof")
-            late = await port.client()  # the listening socket is still open here: closed at once all the same
+            late, conn = await port.client()  # the listening socket is still open here: closed at once all the same
             assert await read_to_end(late) == (0, "eof")
-            assert port.made[-1].state is ConnState.CLOSED and not port.listener.handshaking
+            assert conn.state is ConnState.CLOSED and not port.listener.handshaking
             silent.close()
             late.close()
 
@@ -278,7 +282,7 @@ def test_handshake_connections_and_newcomers_are_closed_at_once(loop: str) -> No
 class Holder(Replier):
     """Holds its batch back (as a node does while the output queue is full) until ``release``."""
 
-    def process(self, events: list[FramedEvent]) -> None:
+    def answer(self, events: list[FramedEvent]) -> None:
         self.pause(HOLDING)
 
     def release(self) -> None:
@@ -289,30 +293,25 @@ class Holder(Replier):
 class Waiter(Replier):
     """Answers later, as the balancer does once a node replied (``outstanding`` meanwhile)."""
 
-    def process(self, events: list[FramedEvent]) -> None:
+    def answer(self, events: list[FramedEvent]) -> None:
         self.outstanding += len(events)
 
-    def answer(self) -> None:
+    def release(self) -> None:
         assert self.transport is not None
         self.outstanding = 0
         self.transport.write(b"answer\n")
 
 
 @pytest.mark.parametrize("factory", [Holder, Waiter])
-def test_the_drain_waits_for_held_batches_and_outstanding_answers(factory: type[Replier]) -> None:
+def test_the_drain_waits_for_held_batches_and_outstanding_answers(factory: type[Holder | Waiter]) -> None:
     async def main() -> None:
-        loop_ = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         async with Port(factory) as port:
-            sock = await port.client()
-            await loop_.sock_sendall(sock, FLAGS + b"event 1\n")
-            [conn] = await port.active(1)
-            async with asyncio.timeout(5):
-                while not conn.owed().owing():
-                    await asyncio.sleep(0.005)
+            sock, conn = await port.answered(FLAGS + b"event 1\n")
+            assert isinstance(conn, Holder | Waiter) and conn.owed().owing()
             reader = asyncio.ensure_future(read_to_end(sock))
-            release = conn.release if isinstance(conn, Holder) else conn.answer  # type: ignore[attr-defined]
-            loop_.call_later(0.2, release)
-            result = await port.listener.drain(loop_.time() + 10)
+            loop.call_later(0.2, conn.release)
+            result = await port.listener.drain(loop.time() + 10)
             assert (result.clean, result.cut) == (1, 0) and 0.19 <= result.elapsed < 5
             assert (await reader)[1] == "eof"
             assert conn.owed() == Owed()
@@ -323,15 +322,11 @@ def test_the_drain_waits_for_held_batches_and_outstanding_answers(factory: type[
 
 def test_a_held_batch_past_the_deadline_is_reported() -> None:
     async def main() -> None:
-        loop_ = asyncio.get_running_loop()
+        loop = asyncio.get_running_loop()
         async with Port(Holder) as port:
-            sock = await port.client()
-            await loop_.sock_sendall(sock, FLAGS + b"event 1\n")
-            [conn] = await port.active(1)
-            async with asyncio.timeout(5):
-                while not conn.owed().held:
-                    await asyncio.sleep(0.005)
-            result = await port.listener.drain(loop_.time() + 0.1)
+            sock, conn = await port.answered(FLAGS + b"event 1\n")
+            assert conn.owed().held
+            result = await port.listener.drain(loop.time() + 0.1)
             assert (result.cut, result.cut_held, result.cut_bytes) == (1, 1, 0)
             assert "1 with detections not queued" in result.summary()
             sock.close()

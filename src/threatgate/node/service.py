@@ -2,8 +2,9 @@
 
 Lifecycle (uvicorn's chain): ``run`` -> ``startup`` (load feeds, then listen: a node that answers
 PING has tried its feeds) -> ``main_loop`` (periodic reloads, and a watch of the feed files that
-reloads a changed file within seconds) -> ``shutdown`` (stop accepting, close connections, flush
-senders).  SIGHUP reloads the configuration and feeds; SIGTERM/SIGINT stop.
+reloads a changed file within seconds) -> ``shutdown`` (stop accepting, drain the event connections
+and flush the senders within DrainTimeout, then stop the rest).  SIGHUP reloads the configuration and
+feeds; SIGTERM/SIGINT stop (a second one forces the exit: runtime.py).
 
 Readiness (``/readyz``): ready once start-up is done *and* every enabled feed has a loaded version.
 A feed that failed to load with no previous version to keep makes the node not ready (it still
@@ -40,6 +41,7 @@ from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
+from threatgate.net.drain import DrainResult, remaining
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
@@ -70,6 +72,10 @@ _SKIPPED = {"stix": "STIX pattern(s) or comparison(s)", "misp": "MISP attribute(
 
 WATCH_INTERVAL = 1.0
 """Seconds between two looks at the feed files' identities (a change applies within about 2 polls)."""
+
+FLUSH_FLOOR = 0.5
+"""Seconds each sender may still flush at shutdown when the drain used all of DrainTimeout (a client
+that never read): KL_ALERT_ServiceStopped and queued detections to a live destination still leave."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -186,6 +192,7 @@ class NodeService:
         self._date_cache = (0, "")
         self.bound_port = 0
         self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
+        self.draining = False  # SIGTERM: no longer accepting; /readyz answers 503 "draining"
         self._started = False
         self.store_version = 0  # bumped at every store swap (export caches key on it)
         # A cluster member's users are cluster settings: only a standalone node follows its file's <Users>.
@@ -680,14 +687,16 @@ class NodeService:
         """
         feeds = self.feed_status()
         missing = [name for name, (has, _) in feeds.items() if not has]
-        ready = self.ready and not missing
+        ready = self.ready and not missing and not self.draining
         out: dict[str, Any] = {
             "ready": ready,
             "role": "standalone",
             "max_event_size": self.config.input.max_event_size,
             "feeds": {name: status for name, (_, status) in feeds.items()},
         }
-        if not self.ready:
+        if self.draining:
+            out["reason"] = "draining"
+        elif not self.ready:
             out["reason"] = "starting: feeds are still loading"
         elif missing:
             out["reason"] = f"no loaded version of feed(s) {', '.join(missing)}"
@@ -891,19 +900,31 @@ class NodeService:
         self._should_exit.set()
 
     async def shutdown(self) -> None:
-        log.info("node stopping")
-        if self.cluster is not None:
-            await self.cluster.close()
+        """Stop accepting, drain the event connections, flush the senders (all within DrainTimeout), stop the rest.
+
+        From the first step ``/readyz`` answers 503 "draining" (the REST API stops last), so a
+        balancer polling readiness sends nothing more here (docs/operations.md, "Stopping").
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = self.config.service.drain_timeout
+        deadline = started + timeout
+        self.draining = True
         if self._server is not None:
-            self._server.close()
-        self.listener.close_all()
+            self._server.close()  # first: new connections are refused from here
+            log.info("node draining: %d event connection(s), up to %g s", len(self.listener.active), timeout)
+        drained = await self.listener.drain(deadline)
         if self._started:
             self.alerts.raise_alert("KL_ALERT_ServiceStopped")
-        await self.output.aclose()
+        await self.output.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
         if self._drop_timer is not None:
             self._drop_timer.cancel()
         if self.alerts.sender is not None:
-            await self.alerts.sender.aclose()
+            await self.alerts.sender.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
+        if self._server is not None:
+            _log_drained(drained, loop.time() - started, timeout)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self.http is not None:
@@ -915,6 +936,14 @@ class NodeService:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
+
+
+def _log_drained(result: DrainResult, elapsed: float, timeout: float) -> None:
+    """The drain's last line: INFO when every connection got what it was owed, WARNING when some were cut."""
+    if result.cut:
+        log.warning("node drained in %.1f s: %s (DrainTimeout %g s)", elapsed, result.summary(), timeout)
+    else:
+        log.info("node drained in %.1f s: %s", elapsed, result.summary())
 
 
 def _users(config: NodeConfig) -> dict[str, str]:
