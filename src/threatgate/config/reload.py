@@ -99,6 +99,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "api_body_timeout": LIVE,
     "api_upstream_timeout": LIVE,
     "handshake_timeout": LIVE,  # new connections
+    "drain_timeout": LIVE,  # read at SIGTERM
     "stats_interval": LIVE,
 }
 """BalancerConfig, by field name."""

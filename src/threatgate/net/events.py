@@ -503,6 +503,17 @@ class EventProtocol(asyncio.Protocol):
             self.transport.resume_reading()
 
 
+def log_drained(log: logging.Logger, who: str, result: DrainResult, elapsed: float, timeout: float) -> None:
+    """A drain's last line: INFO when every connection got what it was owed, WARNING when some were cut.
+
+    ``who`` drained (``node``, ``balancer``); ``elapsed`` counts what came after the drain (the senders' flush).
+    """
+    if result.cut:
+        log.warning("%s drained in %.1f s: %s (DrainTimeout %g s)", who, elapsed, result.summary(), timeout)
+    else:
+        log.info("%s drained in %.1f s: %s", who, elapsed, result.summary())
+
+
 def unacked_bytes(transport: asyncio.BaseTransport) -> int:
     """Bytes in the kernel's send queue of the transport's socket that the peer has not acknowledged.
 

@@ -41,8 +41,8 @@ from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import Gauges, NodeStats, StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
-from threatgate.net.drain import DrainResult, remaining
-from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
+from threatgate.net.drain import remaining
+from threatgate.net.events import EventListener, EventProtocol, ListenerLimits, log_drained
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -922,7 +922,7 @@ class NodeService:
         if self.alerts.sender is not None:
             await self.alerts.sender.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
         if self._server is not None:
-            _log_drained(drained, loop.time() - started, timeout)
+            log_drained(log, "node", drained, loop.time() - started, timeout)
         if self.cluster is not None:
             await self.cluster.close()
         if self._metrics_runner is not None:
@@ -936,14 +936,6 @@ class NodeService:
         if self._server is not None:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._server.wait_closed(), 2.0)
-
-
-def _log_drained(result: DrainResult, elapsed: float, timeout: float) -> None:
-    """The drain's last line: INFO when every connection got what it was owed, WARNING when some were cut."""
-    if result.cut:
-        log.warning("node drained in %.1f s: %s (DrainTimeout %g s)", elapsed, result.summary(), timeout)
-    else:
-        log.info("node drained in %.1f s: %s", elapsed, result.summary())
 
 
 def _users(config: NodeConfig) -> dict[str, str]:

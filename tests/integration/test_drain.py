@@ -1,8 +1,9 @@
-"""SIGTERM drains a real ``threatgate node``: it stops accepting, answers every event it read, then exits.
+"""SIGTERM drains a real ``threatgate node`` (and balancer): it stops accepting, answers every event it read, exits.
 
 The client holds the node's replies back by not reading (a small receive buffer, so most replies
 wait in the node), as a slow SIEM does; the node counts the events it read in
 ``threatgate_events_total``, scraped while it drains (reading stopped, the metrics port still up).
+The balancer's events in flight are those its node has not answered yet: the node is SIGSTOPped.
 """
 
 from __future__ import annotations
@@ -20,7 +21,17 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import HTTPSClient, LineWriter, NodeProcess, example_config, free_port, prometheus_samples
+from tests.helpers import (
+    REPLY_FLAGS,
+    HTTPSClient,
+    LineWriter,
+    NodeProcess,
+    example_config,
+    free_port,
+    prometheus_samples,
+    wait_until,
+)
+from tests.integration.test_balancer import URL_HIT, balancer_for, nodes
 
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 EVENTS = 100_000
@@ -172,3 +183,35 @@ def test_a_draining_node_refuses_new_connections_and_says_so_in_readyz(tmp_path:
         assert n.exit_within(10)[0] == 0
         with pytest.raises(OSError):  # the REST API stopped last
             urllib.request.urlopen(f"http://127.0.0.1:{n.metrics_port}/metrics", timeout=2)
+
+
+def test_a_balancer_answers_every_event_it_read_before_it_exits(tmp_path: Path) -> None:
+    node_port, metrics_port = free_port(), free_port()
+    config = example_config(tmp_path / "node", port=node_port)
+    metrics = f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
+    extra = metrics + "<DrainTimeout>10</DrainTimeout>"
+    with (
+        nodes((config, node_port)) as [node],
+        balancer_for(tmp_path / "kl_balancer.conf", [node_port], extra=extra) as balancer,
+        socket.create_connection(("127.0.0.1", balancer.port), timeout=20) as client,
+    ):
+        node.signal(signal.SIGSTOP)  # its answers wait: the balancer's events are in flight
+        try:
+            client.sendall(REPLY_FLAGS + b"".join(b"%d %s\n" % (i, URL_HIT) for i in range(1, 51)))
+            pending = lambda: prometheus_samples(metrics_port)["threatgate_balancer_pending"]  # noqa: E731
+            wait_until(lambda: pending() == 50, "the balancer to read the 50 events")
+            balancer.signal(signal.SIGTERM)
+            balancer.wait_for_log(r"balancer draining: 1 client connection\(s\), 50 event\(s\) unanswered, up to 10 s")
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection(("127.0.0.1", balancer.port), timeout=5).close()
+            time.sleep(0.3)  # the answers are late: the balancer waits for them
+            assert balancer.proc.poll() is None
+        finally:
+            node.signal(signal.SIGCONT)
+        data = read_until_closed(client)
+        assert data.count(b"LookupFinished\n") == 50 and data.count(b"matchedIndicator=http://fakess123.nu ") == 50
+        assert balancer.proc.wait(10 + 2) == 0
+        log = balancer.log()
+        drained = r"INF threatgate.balancer: balancer drained in [\d.]+ s: 1 connection\(s\) closed cleanly"
+        assert re.search(drained, log), log
+        assert "Traceback" not in log
