@@ -890,7 +890,7 @@ class BalancerService(InstanceOwner):
                 self.correlator.pending,
                 timeout,
             )
-        drained = await self.listener.drain(started + timeout)
+        drained = await self.listener.drain(timeout)
         if self._server is not None:
             log_drained(log, "balancer", drained, loop.time() - started, timeout)
         for task in list(self._checkers.values()):

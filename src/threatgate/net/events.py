@@ -143,13 +143,13 @@ class EventListener:
             self._sweeper.cancel()
             self._sweeper = None
 
-    async def drain(self, deadline: float) -> DrainResult:
-        """Stop reading, let every connection's replies leave, close it; all by ``deadline``.
+    async def drain(self, seconds: float) -> DrainResult:
+        """Stop reading, let every connection's replies leave, close it; all within ``seconds``.
 
-        ``deadline`` is on the running loop's clock (``loop.time()``), so a caller with more to do
-        within the same budget (flushing its senders next) passes the same deadline on; one given a
-        number of seconds passes ``loop.time() + seconds``.  Close the listening socket first: a
-        connection that still arrives is closed at once.
+        A caller with more to do within the same budget (flushing its senders next) takes
+        ``loop.time()`` before the call and flushes with what is left (``net.drain.remaining``);
+        the result's ``elapsed`` says how long the drain took.  Close the listening socket first:
+        a connection that still arrives is closed at once.
 
         * Connections still sending their flags are closed at once: nothing is owed to them.
         * Every ACTIVE connection stops being read (pause reason :data:`DRAINING`: nothing new is
@@ -160,10 +160,12 @@ class EventListener:
           output queue, it waits for no answer (net/drain.py, ``Owed``).  Bytes the client sent
           that were not read go unanswered; the kernel then resets rather than FINs (Linux does
           so for a socket closed with unread input), after the client has every reply.
-        * At the deadline the connections still owed something are cut (RST, what they were owed
-          is lost) and counted in the result.
+        * At the deadline the connections still owed something are cut (``transport.abort()``:
+          the replies still in the transport's buffer are dropped) and counted in the result.
 
         Idle sweeps stop.  Nothing is logged: the caller reports the result in its own words.
+        Cancelled (a second SIGTERM), it leaves the connections paused as they are: the process
+        is exiting.
         Between two looks the drain sleeps :data:`POLL_INTERVAL` (10 ms) rather than waiting for an
         event: "acknowledged by the client" has no event (the kernel's send queue, SIOCOUTQ, must
         be read), while the asyncio events that exist (``resume_writing``, ``connection_lost``) tell
@@ -171,6 +173,7 @@ class EventListener:
         nothing is owed returns at once, without sleeping.
         """
         loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
         self.draining = True
         self._stop_sweeps()
         handshaking = list(self.handshaking)

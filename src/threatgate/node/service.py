@@ -913,7 +913,7 @@ class NodeService:
         if self._server is not None:
             self._server.close()  # first: new connections are refused from here
             log.info("node draining: %d event connection(s), up to %g s", len(self.listener.active), timeout)
-        drained = await self.listener.drain(deadline)
+        drained = await self.listener.drain(timeout)
         if self._started:
             self.alerts.raise_alert("KL_ALERT_ServiceStopped")
         await self.output.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
