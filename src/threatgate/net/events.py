@@ -166,6 +166,7 @@ class EventListener:
         Idle sweeps stop.  Nothing is logged: the caller reports the result in its own words.
         Cancelled (a second SIGTERM), it leaves the connections paused as they are: the process
         is exiting.
+
         Between two looks the drain sleeps :data:`POLL_INTERVAL` (10 ms) rather than waiting for an
         event: "acknowledged by the client" has no event (the kernel's send queue, SIOCOUTQ, must
         be read), while the asyncio events that exist (``resume_writing``, ``connection_lost``) tell
@@ -509,7 +510,8 @@ class EventProtocol(asyncio.Protocol):
 def log_drained(log: logging.Logger, who: str, result: DrainResult, elapsed: float, timeout: float) -> None:
     """A drain's last line: INFO when every connection got what it was owed, WARNING when some were cut.
 
-    ``who`` drained (``node``, ``balancer``); ``elapsed`` counts what came after the drain (the senders' flush).
+    ``who`` drained (``node``, ``balancer``); ``elapsed``: seconds since the drain began, the senders' flush
+    included.
     """
     if result.cut:
         log.warning("%s drained in %.1f s: %s (DrainTimeout %g s)", who, elapsed, result.summary(), timeout)
