@@ -26,6 +26,7 @@ SANS_IO_FILES = sorted(
                 "supervisor",
             )
         ),
+        SRC / "net" / "drain.py",
     ]
 )
 

@@ -2,6 +2,9 @@
 
 Nodes and the balancer share uvicorn's chain: ``startup`` -> ``main_loop`` (until asked to exit)
 -> ``shutdown``, with SIGHUP mapped to ``request_reload`` and SIGTERM/SIGINT to ``request_exit``.
+``shutdown`` is graceful and bounded (a node drains its event connections for up to DrainTimeout);
+a second SIGTERM/SIGINT, at any point after the first, forces the exit at once: whatever the
+process is waiting for is cancelled (logged at WARNING), and it exits 0.
 The loop is uvloop's when it is installed (the ``speed`` extra), else asyncio's.
 
 Under systemd (``Type=notify``, packaging/), :func:`notify` tells the service manager when the
@@ -17,7 +20,7 @@ import os
 import signal
 import socket
 from collections.abc import Coroutine
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 log = logging.getLogger("threatgate")
 
@@ -34,25 +37,58 @@ class Service(Protocol):
     def request_exit(self) -> None: ...
 
 
+class ExitSignals:
+    """What one more SIGTERM/SIGINT means: the first asks for a graceful stop, the second forces the exit."""
+
+    def __init__(self) -> None:
+        self.received = 0
+
+    @property
+    def forced(self) -> bool:
+        return self.received >= 2
+
+    def receive(self) -> Literal["stop", "force", "ignore"]:
+        self.received += 1
+        return "stop" if self.received == 1 else "force" if self.received == 2 else "ignore"
+
+
 async def serve(service: Service) -> None:
-    """Run ``service`` through its lifecycle with the signal handlers installed."""
+    """Run ``service`` through its lifecycle with the signal handlers installed (until it has stopped)."""
     loop = asyncio.get_running_loop()
+    main = asyncio.current_task()
+    assert main is not None
+    signals = ExitSignals()
+
+    def exit_signal(name: str) -> None:
+        what = signals.receive()
+        if what == "stop":
+            service.request_exit()
+        elif what == "force":
+            log.warning("%s again while stopping: exiting now, without waiting for the rest of the drain", name)
+            main.cancel()
+
     handlers = (
-        (signal.SIGHUP, service.request_reload),
-        (signal.SIGTERM, service.request_exit),
-        (signal.SIGINT, service.request_exit),
+        (signal.SIGHUP, service.request_reload, ()),
+        (signal.SIGTERM, exit_signal, ("SIGTERM",)),
+        (signal.SIGINT, exit_signal, ("SIGINT",)),
     )
-    for sig, handler in handlers:
-        loop.add_signal_handler(sig, handler)
+    for sig, handler, args in handlers:
+        loop.add_signal_handler(sig, handler, *args)
     try:
-        await service.startup()
-        notify("READY=1\nSTATUS=serving")
-        await service.main_loop()
+        try:
+            await service.startup()
+            notify("READY=1\nSTATUS=serving")
+            await service.main_loop()
+        finally:
+            notify("STOPPING=1")
+            if not signals.forced:
+                await service.shutdown()
+    except asyncio.CancelledError:
+        if not signals.forced:
+            raise  # cancelled by someone else: not ours to swallow
     finally:
-        for sig, _ in handlers:
+        for sig, _, _ in handlers:
             loop.remove_signal_handler(sig)
-        notify("STOPPING=1")
-        await service.shutdown()
 
 
 def notify(state: str) -> bool:

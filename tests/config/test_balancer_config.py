@@ -79,7 +79,7 @@ def test_extension_elements_are_read(tmp_path: Path) -> None:
     text = edited(
         '<HealthCheck interval="2" timeout="2" rise="2" fall="3"/>',
         '<HealthCheck interval="1" timeout="5" rise="1" fall="4"/>'
-        "<MaxEventSize>1024</MaxEventSize><HandshakeTimeout>3</HandshakeTimeout>"
+        "<MaxEventSize>1024</MaxEventSize><HandshakeTimeout>3</HandshakeTimeout><DrainTimeout>4</DrainTimeout>"
         "<EventDelimiter>&lt;\\d+&gt;</EventDelimiter>",
     )
     text = text.replace(
@@ -90,7 +90,7 @@ def test_extension_elements_are_read(tmp_path: Path) -> None:
     config = load_balancer_config(str(write(tmp_path, text)))
     assert (config.health.interval, config.health.timeout, config.health.rise, config.health.fall) == (1, 5, 1, 4)
     assert (config.reply_timeout, config.max_inflight_events, config.max_pending_events) == (7, 50, 60)
-    assert (config.max_event_size, config.handshake_timeout) == (1024, 3)
+    assert (config.max_event_size, config.handshake_timeout, config.drain_timeout) == (1024, 3, 4)
     assert config.output is not None and (config.output.host, config.output.port) == ("127.0.0.1", 7000)
     assert config.event_delimiter is not None and config.event_delimiter.pattern == r"<\d+>"
 

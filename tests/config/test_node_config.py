@@ -102,6 +102,14 @@ def test_NodeConfig_example_loads_output_feeds_service(example: NodeConfig) -> N
     assert example.service.scanners_count == 9
 
 
+def test_NodeConfig_drain_timeout(example: NodeConfig, tmp_path: Path) -> None:
+    assert example.service.drain_timeout == 10.0  # the default: the example does not write it
+    scanners = "<ScannersCount>9</ScannersCount>"
+    edit = replace_once(scanners, scanners + "<DrainTimeout>3</DrainTimeout>")
+    config = load_node_config(str(write_config(tmp_path, edit(example_text()))))
+    assert config.service.drain_timeout == 3.0
+
+
 def test_NodeConfig_summary_is_one_line(example: NodeConfig) -> None:
     summary = example.summary()
     assert "\n" not in summary
@@ -297,6 +305,24 @@ BAD_CONFIGS: list[tuple[str, Callable[[str], str], str, str, str]] = [
         replace_once("<ScannersCount>9</ScannersCount>", "<ScannersCount>nine</ScannersCount>"),
         "<ScannersCount>",
         "ScannersCount",
+        "expected an integer",
+    ),
+    (
+        "DrainTimeout-0",
+        replace_once(
+            "<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount><DrainTimeout>0</DrainTimeout>"
+        ),
+        "<DrainTimeout>",
+        "DrainTimeout",
+        "DrainTimeout=0: expected 1-3600",
+    ),
+    (
+        "DrainTimeout-fraction",
+        replace_once(
+            "<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount><DrainTimeout>2.5</DrainTimeout>"
+        ),
+        "<DrainTimeout>",
+        "DrainTimeout",
         "expected an integer",
     ),
     (

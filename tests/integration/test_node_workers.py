@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import EXAMPLES, exchange, wait_until
+from tests.helpers import EXAMPLES, exchange, running_node, wait_until
 from tests.integration.test_node_api import (
     FLAGS,
     Node,
@@ -31,6 +31,7 @@ from tests.integration.test_node_api import (
     hashes,  # noqa: F401 - the module-scoped fixture
     metric,
     put_indicators,
+    write_config,
 )
 
 
@@ -152,8 +153,9 @@ def test_a_feed_change_and_sighup_under_load_reach_every_worker_without_a_droppe
         errors: list[BaseException] = []
 
         def load(i: int) -> None:
+            until = time.monotonic() + 60  # bounded: stops by itself if the test fails to stop it
             try:
-                while not stop.is_set() and sent[i] < 20_000:
+                while not stop.is_set() and time.monotonic() < until:
                     batch = "".join(f"{opened[i].next_id + k} url=http://load.example/{k}\n" for k in range(200))
                     first = opened[i].next_id
                     opened[i].next_id += 200
@@ -233,3 +235,29 @@ def test_scanners_count_is_node_wide(tmp_path: Path, hashes: dict[str, str]) -> 
                 assert fourth.ask("url=http://fakess123.nu")[0].startswith("category=Malicious_URL")
                 assert sum(s.closed_by_peer(timeout=5) for s in opened) == 1
             assert metric(node, "threatgate_connections_total", 'outcome="evicted_idle"') == 1
+
+
+def test_sigterm_drains_every_worker_then_exits(tmp_path: Path, hashes: dict[str, str]) -> None:  # noqa: F811
+    config, port, api_port, metrics_port = write_config(
+        tmp_path, hashes, workers=2, service_extra="<DrainTimeout>5</DrainTimeout>"
+    )
+    with running_node(config, port) as proc:
+        node = Node(proc, tmp_path, port, api_port, metrics_port)
+        with sessions(node.event_port, 2) as opened:
+            spread_over_both(node, opened)
+            count = 20_000
+            for s in opened:  # sent, not read yet: the answers wait in the kernel and the workers' buffers
+                first = s.next_id
+                s.sock.sendall("".join(f"{first + k} url=http://fakess123.nu/{k}\n" for k in range(count)).encode())
+            wait_until(lambda: metric(node, "threatgate_events_total") >= 2 + 2 * count, "every event read")
+            started = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            proc.wait_for_log(r"node draining: 2 event connection\(s\) in 2 worker\(s\)")
+            for s in opened:
+                lines = s.read_until(f"{s.next_id + count - 1} LookupFinished")
+                assert sum(line.endswith(" LookupFinished") for line in lines) == count
+                assert s.closed_by_peer()  # FIN once everything owed was delivered
+            assert proc.proc.wait(10) == 0
+            assert time.monotonic() - started < 5 + 2
+        proc.wait_for_log(r"node drained in [\d.]+ s: 2 connection\(s\) closed cleanly")
+        assert "cut at the deadline" not in proc.log()

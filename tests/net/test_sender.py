@@ -206,6 +206,41 @@ async def test_closing_while_the_destination_is_down_drops_with_reason_shutdown(
     assert [(d.reason, d.lines) for d in drops] == [(SHUTDOWN, 7)]
 
 
+@pytest.mark.parametrize("retries", [3, None])
+async def test_closing_while_waiting_to_retry_tries_once_more_at_once_then_gives_up(retries: int | None) -> None:
+    """A node stopping with its destination down does not wait for the whole flush timeout (its DrainTimeout)."""
+    drops: list[Dropped] = []
+    sender = LineSender(
+        Address("127.0.0.1", closed_port()), name="detections", retries=retries, retry_timeout=30, on_drop=drops.append
+    )
+    async with FirstFailure() as failed:
+        sender.start()
+        sender.send(lines(0, 5))
+        await failed.wait()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await sender.aclose(flush_timeout=20)
+    assert loop.time() - started < 2
+    assert [(d.reason, d.lines) for d in drops] == [(SHUTDOWN, 5)]
+
+
+async def test_closing_while_waiting_to_retry_delivers_to_a_destination_that_is_back() -> None:
+    sink = Sink()
+    address = Address("127.0.0.1", closed_port())
+    drops: list[Dropped] = []
+    sender = LineSender(address, name="detections", retries=3, retry_timeout=30, on_drop=drops.append)
+    try:
+        async with FirstFailure() as failed:
+            sender.start()
+            sender.send(lines(0, 5))
+            await failed.wait()
+        await sink.start(address.port)  # back, while the sender waits 30 s to retry
+        await sender.aclose(flush_timeout=20)
+        assert await sink.wait_lines(5) == lines(0, 5).splitlines() and drops == []
+    finally:
+        await sink.close()
+
+
 async def test_a_successor_takes_over_what_a_closing_sender_could_not_deliver() -> None:
     sink = Sink()
     new_address = await sink.start()

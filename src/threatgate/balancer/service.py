@@ -61,7 +61,7 @@ from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
 from threatgate.lb.policy import Candidate, InstanceState, allocate
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, start_metrics_server
-from threatgate.net.events import EventListener, EventProtocol, ListenerLimits
+from threatgate.net.events import EventListener, EventProtocol, ListenerLimits, log_drained
 from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
 from threatgate.stats import BalancerStats, Gauges, LabelledGauges
 from threatgate.wire.flags import SessionFlags
@@ -878,10 +878,22 @@ class BalancerService(InstanceOwner):
         self._spawn(self.reload())
 
     async def shutdown(self) -> None:
-        log.info("balancer stopping (%d event(s) unanswered)", self.correlator.pending)
+        """Stop accepting, drain the client connections within DrainTimeout (answers from the nodes keep
+        arriving meanwhile), then stop the rest."""
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = self.config.drain_timeout
         if self._server is not None:
-            self._server.close()
-        self.listener.close_all()
+            self._server.close()  # first: new client connections are refused from here
+            log.info(
+                "balancer draining: %d client connection(s), %d event(s) unanswered, up to %g s",
+                len(self.listener.active),
+                self.correlator.pending,
+                timeout,
+            )
+        drained = await self.listener.drain(timeout)
+        if self._server is not None:
+            log_drained(log, "balancer", drained, loop.time() - started, timeout)
         for task in list(self._checkers.values()):
             task.cancel()
         if self._tasks:  # a reload's hand-over of an old sender's queue: let it finish (its drops are counted)

@@ -105,6 +105,8 @@ class BalancerConfig(_Frozen):
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
     idle_timeout: float = pydantic.Field(default=DEFAULT_IDLE_TIMEOUT, ge=0, le=86400)
     """``<IdleTimeout>``: a client connection that sends nothing and waits for nothing this long is closed."""
+    drain_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    """``<DrainTimeout>``: at SIGTERM, seconds to answer the events already read before cutting the clients."""
     max_event_wait: float = pydantic.Field(default=0, ge=0, le=86400)
     """``<MaxEventWait>``: seconds an event may wait for an instance before it is answered with an error
     finished line (0: wait for as long as it takes, the default: no event is ever answered unmatched)."""
@@ -281,6 +283,7 @@ def _read_config(root: Node) -> BalancerConfig:
         ("MaxPendingEvents", "max_pending_events", 1, 100_000_000),
         ("HandshakeTimeout", "handshake_timeout", 1, 3600),
         ("IdleTimeout", "idle_timeout", 0, 86400),
+        ("DrainTimeout", "drain_timeout", 1, 3600),
         ("MaxEventWait", "max_event_wait", 0, 86400),
         ("MaxPendingEventsPerClient", "max_client_pending", 0, 100_000_000),
         ("StatisticsInterval", "stats_interval", 1, 86400),

@@ -169,6 +169,9 @@ class ServiceSettings(_Frozen):
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
     idle_timeout: float = pydantic.Field(default=DEFAULT_IDLE_TIMEOUT, ge=0, le=86400)
     """``<IdleTimeout>``: an event connection that sends nothing for this long is closed (0: never)."""
+    drain_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
+    """``<DrainTimeout>``: at SIGTERM, seconds to deliver the replies and detections of events already read
+    before connections are cut and the process exits (docs/operations.md, "Stopping: the drain")."""
 
 
 MAX_WORKERS = 64
@@ -554,6 +557,9 @@ def _read_service(node: Node | None) -> ServiceSettings:
     idle = node.only("IdleTimeout")
     if idle is not None:
         data["idle_timeout"] = parse_int(idle, idle.value, "IdleTimeout", 0, 86400)
+    drain = node.only("DrainTimeout")
+    if drain is not None:
+        data["drain_timeout"] = parse_int(drain, drain.value, "DrainTimeout", 1, 3600)
     return build(node, ServiceSettings, data)
 
 

@@ -50,6 +50,7 @@ NODE_FIELDS: Mapping[str, str] = {
     "service.handshake_timeout": LIVE,  # new connections
     "service.idle_timeout": LIVE,  # the next sweep
     "scan.workers": "ScanSettings/Workers",  # the worker processes are started once
+    "service.drain_timeout": LIVE,  # read at SIGTERM
     "http.listen": "HTTPServer/ConnectionString",
     "http.cert_path": "HTTPServer/CertificatePath",
     "http.key_path": "HTTPServer/PrivateKeyPath",
@@ -99,6 +100,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "api_body_timeout": LIVE,
     "api_upstream_timeout": LIVE,
     "handshake_timeout": LIVE,  # new connections
+    "drain_timeout": LIVE,  # read at SIGTERM
     "stats_interval": LIVE,
 }
 """BalancerConfig, by field name."""

@@ -18,18 +18,25 @@ syslog sender using RFC 6587 octet counting: its framing is detected from its fi
 (wire/framing.py AutoFramer); if the sender pauses before that is decided, the framer is told so
 after FRAMING_WAIT.  Frames with a malformed length are counted and logged here (``bad_frame``), so
 nodes and the balancer report them alike.
+
+At shutdown :meth:`EventListener.drain` stops reading every connection and closes each once the
+replies it is owed have left (net/drain.py decides; this module measures and acts).
 """
 
 from __future__ import annotations
 
 import asyncio
 import enum
+import fcntl
 import logging
 import re
+import struct
+import termios
 from dataclasses import dataclass
 from typing import cast
 
 from threatgate.log import RateLimitedLog
+from threatgate.net.drain import POLL_INTERVAL, Drain, DrainResult, Owed, remaining
 from threatgate.stats import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
 from threatgate.wire.framing import FRAMING_WAIT, OCTET_COUNTED, AutoFramer, FramedEvent, Framer, LineFramer
@@ -41,6 +48,12 @@ HIGH_WATER = 4 * 1024 * 1024
 """Reply bytes buffered for a client that does not read before we stop reading its events."""
 YIELD_AFTER = 64 * 1024
 """A read this large means more is waiting: let the loop run other work before reading again."""
+DRAINING = "drain"
+"""Pause reason of every connection once a drain began: nothing new is read, whatever resumes later."""
+HOLDING = "output"
+"""Pause reason of a connection holding a batch back until the output queue has room (node/service.py):
+its events are matched but their detections not queued yet, so a drain waits for it."""
+_TIOCOUTQ: int | None = getattr(termios, "TIOCOUTQ", None)  # Linux SIOCOUTQ: a socket's unacknowledged bytes
 
 
 class ConnState(enum.Enum):
@@ -73,6 +86,7 @@ class EventListener:
         self.warn_evict = RateLimitedLog(log)
         self.note_idle = RateLimitedLog(log, logging.INFO, 60.0)
         self._sweeper: asyncio.TimerHandle | None = None
+        self.draining = False  # a drain began: new connections are closed at once
 
     def start_sweeps(self, interval: float = 1.0) -> None:
         """Close idle connections every ``interval`` seconds until :meth:`close_all`."""
@@ -136,12 +150,71 @@ class EventListener:
         return len(self.active) < limits.scanners_count
 
     def close_all(self) -> None:
-        if self._sweeper is not None:
-            self._sweeper.cancel()
-            self._sweeper = None
+        """Close every connection now, whatever it is owed (see :meth:`drain` for a graceful stop)."""
+        self._stop_sweeps()
         for conn in [*self.active, *self.handshaking]:
             if conn.transport is not None:
                 conn.transport.close()
+
+    def _stop_sweeps(self) -> None:
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+
+    async def drain(self, seconds: float) -> DrainResult:
+        """Stop reading, let every connection's replies leave, close it; all within ``seconds``.
+
+        A caller with more to do within the same budget (flushing its senders next) takes
+        ``loop.time()`` before the call and flushes with what is left (``net.drain.remaining``);
+        the result's ``elapsed`` says how long the drain took.  Close the listening socket first:
+        a connection that still arrives is closed at once.
+
+        * Connections still sending their flags are closed at once: nothing is owed to them.
+        * Every ACTIVE connection stops being read (pause reason :data:`DRAINING`: nothing new is
+          read, whatever back-pressure resumes later).  Events already read are answered: a node
+          answers synchronously while reading; the balancer's answers keep arriving from its nodes.
+        * A connection is closed gracefully (FIN after its last reply) as soon as it owes nothing:
+          its replies are acknowledged by the client's TCP stack, it holds no batch back for the
+          output queue, it waits for no answer (net/drain.py, ``Owed``).  Bytes the client sent
+          that were not read go unanswered; the kernel then resets rather than FINs (Linux does
+          so for a socket closed with unread input), after the client has every reply.
+        * At the deadline the connections still owed something are cut (``transport.abort()``:
+          the replies still in the transport's buffer are dropped) and counted in the result.
+
+        Idle sweeps stop.  Nothing is logged: the caller reports the result in its own words.
+        Cancelled (a second SIGTERM), it leaves the connections paused as they are: the process
+        is exiting.
+
+        Between two looks the drain sleeps :data:`POLL_INTERVAL` (10 ms) rather than waiting for an
+        event: "acknowledged by the client" has no event (the kernel's send queue, SIOCOUTQ, must
+        be read), while the asyncio events that exist (``resume_writing``, ``connection_lost``) tell
+        only part of it.  A look reads a few numbers per connection still owed; a drain where
+        nothing is owed returns at once, without sleeping.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        self.draining = True
+        self._stop_sweeps()
+        handshaking = list(self.handshaking)
+        self.handshaking.clear()
+        for conn in handshaking:
+            conn.close_owed_nothing()
+        conns = list(self.active)
+        for conn in conns:
+            conn.pause(DRAINING)
+        plan = Drain(conns, now=loop.time(), deadline=deadline, handshaking=len(handshaking))
+        while True:
+            now = loop.time()
+            waiting = plan.waiting
+            gone = [c for c in waiting if c.state is ConnState.CLOSED]
+            step = plan.step(now, {c: c.owed() for c in waiting if c.state is not ConnState.CLOSED}, gone)
+            for conn in step.close:
+                conn.close_owed_nothing()
+            for conn in step.cut:
+                conn.cut()
+            if step.done:
+                return plan.result(loop.time())
+            await asyncio.sleep(min(POLL_INTERVAL, remaining(deadline, now)))
 
 
 class EventProtocol(asyncio.Protocol):
@@ -190,6 +263,10 @@ class EventProtocol(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = str(peer[0]) if peer else ""
         listener = self.listener
+        if listener.draining:  # accepted just before the listening socket closed
+            self.state = ConnState.CLOSED
+            transport.close()
+            return
         if len(listener.handshaking) >= MAX_PENDING_HANDSHAKES:
             # Evict the oldest silent connection, not the newcomer: a flood of idle sockets must not
             # lock out a real client, which sends its flags at once and leaves this set quickly.
@@ -247,6 +324,32 @@ class EventProtocol(asyncio.Protocol):
             and not transport.is_closing()
             and not transport.get_write_buffer_size()
         )
+
+    def owed(self) -> Owed:
+        """What this connection is still owed for the events it has read (what a drain waits for)."""
+        transport = self.transport
+        if transport is None:
+            return Owed()
+        return Owed(
+            buffered=transport.get_write_buffer_size(),
+            unacked=unacked_bytes(transport),
+            held=HOLDING in self._paused_by,
+            outstanding=self.outstanding,
+        )
+
+    def close_owed_nothing(self) -> None:
+        """Close gracefully (FIN once the write buffer is empty): a drain found nothing owed to it."""
+        if self.state is ConnState.HANDSHAKE:
+            self.state = ConnState.CLOSED  # not ACTIVE: connection_lost has no slot to free
+            if self._timer is not None:
+                self._timer.cancel()
+        if self.transport is not None:
+            self.transport.close()
+
+    def cut(self) -> None:
+        """Close at once, dropping unsent replies (a drain's deadline passed); connection_lost follows."""
+        if self.transport is not None:
+            self.transport.abort()
 
     def close_idle(self) -> None:
         """Close a connection that sends nothing (idle timeout or eviction): nothing is owed to it."""
@@ -435,3 +538,32 @@ class EventProtocol(asyncio.Protocol):
         self._paused_by.discard(reason)
         if not self._paused_by and self.transport is not None and not self.transport.is_closing():
             self.transport.resume_reading()
+
+
+def log_drained(log: logging.Logger, who: str, result: DrainResult, elapsed: float, timeout: float) -> None:
+    """A drain's last line: INFO when every connection got what it was owed, WARNING when some were cut.
+
+    ``who`` drained (``node``, ``balancer``); ``elapsed``: seconds since the drain began, the senders' flush
+    included.
+    """
+    if result.cut:
+        log.warning("%s drained in %.1f s: %s (DrainTimeout %g s)", who, elapsed, result.summary(), timeout)
+    else:
+        log.info("%s drained in %.1f s: %s", who, elapsed, result.summary())
+
+
+def unacked_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes in the kernel's send queue of the transport's socket that the peer has not acknowledged.
+
+    Linux ``SIOCOUTQ`` (sent and unacknowledged, plus not sent yet).  0 when it cannot be read
+    (another platform, a transport without a socket, a socket already closed): a drain then waits
+    for the transport's own write buffer only.
+    """
+    sock = transport.get_extra_info("socket")
+    if sock is None or _TIOCOUTQ is None:
+        return 0
+    try:
+        raw = fcntl.ioctl(sock.fileno(), _TIOCOUTQ, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return max(0, int(struct.unpack("i", raw)[0]))

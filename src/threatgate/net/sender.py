@@ -14,6 +14,8 @@ Rules:
    holds what happened during the outage, and only what overflows it is lost (``queue_full``).
 3. ``aclose`` flushes for up to ``flush_timeout`` seconds; what is still queued then is handed to a
    ``successor`` sender (a reload that changed the destination) or dropped with reason ``shutdown``.
+   A sender waiting to retry tries once more at once, and gives up if that fails: a destination
+   that is down ends the flush at once instead of holding the shutdown for the whole timeout.
    A batch that was being written at that moment may have partly reached the old destination too.
 4. Nothing is lost silently: every drop is reported once to ``on_drop`` (a :class:`Dropped`, in
    lines and bytes, for the owner's counters and alerts) and logged at ERROR with the line count and
@@ -160,6 +162,7 @@ class LineSender:
         self._task: asyncio.Task[None] | None = None
         self._drain_waiters: list[Callable[[], None]] = []
         self._closing = False
+        self._closed = asyncio.Event()  # set by aclose: cuts a retry wait short
         self._log_drop = RateLimitedLog(log, logging.ERROR)
 
     def __repr__(self) -> str:
@@ -211,6 +214,7 @@ class LineSender:
         the successor, or stop mattering at shutdown).
         """
         self._closing = True
+        self._closed.set()
         self._wakeup.set()
         if self._task is not None:
             with contextlib.suppress(asyncio.TimeoutError, asyncio.CancelledError):
@@ -349,7 +353,8 @@ class LineSender:
                 self.retries,
                 delay,
             )
-        await asyncio.sleep(delay)
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._closed.wait(), delay)  # closing: one last attempt at once
 
 
 def queue_gauges(senders: Callable[[], Iterable[LineSender | None]]) -> LabelledGauges:

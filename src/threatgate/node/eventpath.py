@@ -29,6 +29,10 @@ from threatgate.node.matcher import Matcher, MatchStats
 from threatgate.stats import NodeStats
 from threatgate.wire.framing import FramedEvent, Framer
 
+FLUSH_FLOOR = 0.5
+"""Seconds each sender may still flush at shutdown when the drain used all of DrainTimeout (a client
+that never read): KL_ALERT_ServiceStopped and queued detections to a live destination still leave."""
+
 BAD_INPUT_REASONS = ("invalid_utf8", "nul", "oversized", "unterminated")
 """The framer's counters of bad input, moved into ``threatgate_bad_input_total`` after each batch."""
 

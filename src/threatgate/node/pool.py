@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import itertools
 import logging
 import os
@@ -30,7 +31,7 @@ import socket
 import sys
 import time
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -39,6 +40,7 @@ from prometheus_client.registry import Collector
 
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog
+from threatgate.net.drain import DrainResult
 from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair
 from threatgate.node.procmem import memory
@@ -73,6 +75,7 @@ class Incarnation:
     applied: dict[str, int] = field(default_factory=dict)
     gone: bool = False
     fresh: asyncio.Event = field(default_factory=asyncio.Event)  # set by each stats report
+    drained: DrainResult | None = None
 
 
 class WorkerPool:
@@ -288,7 +291,7 @@ class WorkerPool:
         elif kind == "dropped":
             self._on_dropped(*payload)
         elif kind == "drained":
-            pass
+            inc.drained = payload
         else:
             log.error("worker %d sent an unknown control message %r (a defect)", inc.worker, kind)
 
@@ -436,8 +439,9 @@ class WorkerPool:
             self._listening.close()
             self._listening = None
 
-    async def drain(self, seconds: float) -> None:
-        """SIGTERM: no new connections, every worker drains its own (bounded), then exits; stragglers are killed."""
+    async def drain(self, seconds: float) -> DrainResult:
+        """SIGTERM: no new connections, every worker drains its own (bounded), then exits; stragglers are
+        killed.  What the workers' drains did, summed (a worker killed counts its connections as cut)."""
         self.supervisor.drain()
         self.stop_accepting()
         running = self._running()
@@ -453,6 +457,7 @@ class WorkerPool:
                         inc.process.kill()
             if pending:
                 await asyncio.wait(pending, timeout=2.0)
+        return _sum_drains(i.drained or DrainResult(i.active, 0, i.active, 0) for i in running)
 
     async def close(self) -> None:
         self.supervisor.drain()
@@ -508,6 +513,15 @@ class PoolCollector(Collector):
                 for kind, value in (("rss", used.rss), ("pss", used.pss), ("uss", used.uss)):
                     mem.add_metric([label, kind], value)
         yield from (restarts, events, active, mem)
+
+
+def _sum_drains(results: Iterable[DrainResult]) -> DrainResult:
+    total = DrainResult(0, 0, 0, 0)
+    for r in results:
+        total = dataclasses.replace(
+            total, **{f.name: getattr(total, f.name) + getattr(r, f.name) for f in dataclasses.fields(DrainResult)}
+        )
+    return total
 
 
 def _status(status: int | None) -> str:

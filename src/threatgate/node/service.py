@@ -2,8 +2,9 @@
 
 Lifecycle (uvicorn's chain): ``run`` -> ``startup`` (load feeds, then listen: a node that answers
 PING has tried its feeds) -> ``main_loop`` (periodic reloads, and a watch of the feed files that
-reloads a changed file within seconds) -> ``shutdown`` (stop accepting, close connections, flush
-senders).  SIGHUP reloads the configuration and feeds; SIGTERM/SIGINT stop.
+reloads a changed file within seconds) -> ``shutdown`` (stop accepting, drain the event connections
+and flush the senders within DrainTimeout, then stop the rest).  SIGHUP reloads the configuration and
+feeds; SIGTERM/SIGINT stop (a second one forces the exit: runtime.py).
 
 Readiness (``/readyz``): ready once start-up is done *and* every enabled feed has a loaded version.
 A feed that failed to load with no previous version to keep makes the node not ready (it still
@@ -40,7 +41,8 @@ from threatgate.errors import ConfigError, FeedError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
-from threatgate.net.events import EventListener
+from threatgate.net.drain import remaining
+from threatgate.net.events import EventListener, log_drained
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -49,6 +51,7 @@ from threatgate.node.api import NodeAPI
 from threatgate.node.auth import NodeUsers
 from threatgate.node.engine import engine_choice, make_matcher
 from threatgate.node.eventpath import (
+    FLUSH_FLOOR,
     EventConnection,
     ReadFailures,
     SyslogClock,
@@ -156,6 +159,7 @@ class NodeService:
         self._clock = SyslogClock()
         self.bound_port = 0
         self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
+        self.draining = False  # SIGTERM: no longer accepting; /readyz answers 503 "draining"
         self._started = False
         self.store_version = 0  # bumped at every store swap (export caches key on it)
         # A cluster member's users are cluster settings: only a standalone node follows its file's <Users>.
@@ -605,7 +609,7 @@ class NodeService:
         feeds = self.feed_status()
         missing = [name for name, (has, _) in feeds.items() if not has]
         running = self.pool.ready_workers() if self.pool is not None else 1
-        ready = self.ready and not missing and running > 0
+        ready = self.ready and not missing and running > 0 and not self.draining
         out: dict[str, Any] = {
             "ready": ready,
             "role": "standalone",
@@ -614,7 +618,9 @@ class NodeService:
             "workers": {"configured": self.workers, "ready": running if self.ready else 0},
             "feeds": {name: status for name, (_, status) in feeds.items()},
         }
-        if not self.ready:
+        if self.draining:
+            out["reason"] = "draining"
+        elif not self.ready:
             out["reason"] = "starting: feeds are still loading"
         elif missing:
             out["reason"] = f"no loaded version of feed(s) {', '.join(missing)}"
@@ -864,22 +870,41 @@ class NodeService:
         self._should_exit.set()
 
     async def shutdown(self) -> None:
-        log.info("node stopping")
-        if self.cluster is not None:
-            await self.cluster.close()
-        if self.pool is not None:
-            await self.pool.drain(getattr(self.config.service, "drain_timeout", 10.0))
+        """Stop accepting, drain the event connections, flush the senders (all within DrainTimeout), stop the rest.
+
+        From the first step ``/readyz`` answers 503 "draining" (the REST API stops last), so a
+        balancer polling readiness sends nothing more here (docs/operations.md, "Stopping").
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        timeout = self.config.service.drain_timeout
+        deadline = started + timeout
+        self.draining = True
+        if self.pool is not None:  # the workers drain their connections; the master waits for them
+            log.info(
+                "node draining: %d event connection(s) in %d worker(s), up to %g s",
+                self.pool.active_connections(),
+                self.pool.ready_workers(),
+                timeout,
+            )
+            drained = await self.pool.drain(timeout)
             await self.pool.close()
-        if self._server is not None:
-            self._server.close()
-        self.listener.close_all()
+        else:
+            if self._server is not None:
+                self._server.close()  # first: new connections are refused from here
+                log.info("node draining: %d event connection(s), up to %g s", len(self.listener.active), timeout)
+            drained = await self.listener.drain(timeout)
         if self._started:
             self.alerts.raise_alert("KL_ALERT_ServiceStopped")
-        await self.output.aclose()
+        await self.output.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
         if self._drop_timer is not None:
             self._drop_timer.cancel()
         if self.alerts.sender is not None:
-            await self.alerts.sender.aclose()
+            await self.alerts.sender.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
+        if self._server is not None or self.pool is not None:
+            log_drained(log, "node", drained, loop.time() - started, timeout)
+        if self.cluster is not None:
+            await self.cluster.close()
         if self._metrics_runner is not None:
             await self._metrics_runner.cleanup()
         if self.http is not None:

@@ -33,10 +33,12 @@ from typing import Any
 from threatgate import runtime
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog, setup_logging
+from threatgate.net.drain import remaining
 from threatgate.net.events import EventListener, EventProtocol
 from threatgate.net.sender import Dropped, LineSender
 from threatgate.node.engine import make_matcher
 from threatgate.node.eventpath import (
+    FLUSH_FLOOR,
     EventConnection,
     ReadFailures,
     SyslogClock,
@@ -249,11 +251,13 @@ class Worker:
         self._spawn(self._drain(float(message.payload)))
 
     async def _drain(self, seconds: float) -> None:
-        drain = getattr(self.listener, "drain", None)
-        if drain is not None:
-            await drain(seconds)
+        """SIGTERM, through the master: answer what was read, flush the output, report, exit."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        result = await self.listener.drain(seconds)
+        await self.output.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
         self._send_stats()
-        self.send("drained", None)
+        self.send("drained", result)
         self._exit.set()
 
     # -- what the master sums ----------------------------------------------------------------------
