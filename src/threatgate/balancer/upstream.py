@@ -202,8 +202,8 @@ class Lane:
             return
         finally:
             self.connecting = False
-        if inst.state is InstanceState.MAINT or self.retiring or self not in inst.lanes:
-            # disabled, removed or no longer wanted while we were connecting
+        if inst.state is not InstanceState.UP or self.retiring or self not in inst.lanes:
+            # DOWN (another lane failed), disabled, removed or no longer wanted while we were connecting
             if protocol.transport is not None:
                 protocol.transport.close()
             return
