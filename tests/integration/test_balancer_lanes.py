@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import signal
 import socket
 import threading
 from collections.abc import Iterator
@@ -200,7 +201,8 @@ def lanes_open(metrics: int, port: int) -> float:
 
 def test_two_lanes_carry_one_clients_events_over_two_node_connections(tmp_path: Path) -> None:
     """``connections="2"``: the node sees two event connections from the balancer; one client's 35,000 events
-    are answered once each, in order, as the node answers them directly."""
+    are answered once each, in order, as the node answers them directly.  SIGHUP with another ``connections``
+    opens or closes lanes while the instance stays UP."""
     with example_node(tmp_path / "node") as node, lanes_balancer(tmp_path, node.port, "2") as (balancer, metrics):
         wait_until(lambda: node.active_connections() == 2, "2 event connections on the node")
         assert lanes_open(metrics, node.port) == 2
@@ -211,6 +213,16 @@ def test_two_lanes_carry_one_clients_events_over_two_node_connections(tmp_path: 
             writer.shutdown()
             lines = reader.join(STREAM_TIMEOUT)
         assert node.active_connections() == 2  # the lanes stay open after the stream
+        for connections in ("3", "1"):
+            mark = balancer.log_offset()
+            path = tmp_path / "kl_balancer.conf"
+            path.write_text(re.sub(r'connections="\d+"', f'connections="{connections}"', path.read_text()))
+            balancer.signal(signal.SIGHUP)
+            balancer.wait_for_log(r"configuration reloaded from ", after=mark)
+            wait_until(lambda n=int(connections): node.active_connections() == n, f"{connections} connections")
+            assert lanes_open(metrics, node.port) == int(connections)
+            assert answers_in_order(stream(balancer.port, REPLY_FLAGS + events)) == node.reference
+        assert "is DOWN" not in balancer.log() and "is UP" not in balancer.log()[mark:]
     assert lines.count(FINISHED_LINE) == 7 * REPEAT
     assert_answers(answers_in_order(lines), node.reference * REPEAT)
 
