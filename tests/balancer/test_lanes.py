@@ -500,3 +500,20 @@ def test_status_shows_lanes_only_when_there_is_more_than_one() -> None:
     assert lines[2].split()[:3] == ["127.0.0.1:2", "-", "3"]
     rows = as_json(workers)["instances"]
     assert [(r["connections"], r["lanes"]) for r in rows] == [("auto", 2), (3, 3)]
+
+
+async def test_retiring_lanes_whose_client_left_are_dropped_and_their_indices_reused(
+    make_rig: Any, tmp_path: Path
+) -> None:
+    rig = make_rig(settings(1, connections=3))
+    inst = rig.up("127.0.0.1:1")
+    rig.client(EVENTS)
+    assert all(rig.sent(lane) for lane in inst.lanes)
+    rig.service.apply_config(config(tmp_path, settings(1, connections=1)))
+    assert [(lane.index, lane.retiring) for lane in inst.lanes] == [(0, False), (1, True), (2, True)]
+    [client] = [c for c in rig.service.listener.active if isinstance(c, ClientConnection)]
+    client.connection_lost(None)  # the client leaves: nothing is owed on any lane any more
+    assert [lane.index for lane in inst.lanes] == [0] and rig.service.correlator.pending == 0
+    rig.service.apply_config(config(tmp_path, settings(1, connections=2)))
+    await asyncio.wait_for(rig.connected.wait(), 5)
+    assert [lane.key for lane in inst.lanes] == ["127.0.0.1:1#0", "127.0.0.1:1#1"] and inst.open_lanes == 2

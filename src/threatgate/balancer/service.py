@@ -707,9 +707,8 @@ class BalancerService(InstanceOwner):
         """The periodic work of the event path (every :data:`TICK` seconds)."""
         for inst in list(self.instances.values()):
             inst.keep_alive(now)
-            for lane in inst.lanes:
-                if lane.retiring and not lane.owned:
-                    self._retired(lane)  # its last events were handed back or their client left
+            for lane in [lane for lane in inst.lanes if lane.retiring and not lane.owned]:
+                self._retired(lane)  # its last events were handed back or their client left
         self._check_overdue(now)
         self._check_timeouts(now)
         self._expire_waiting(now)
