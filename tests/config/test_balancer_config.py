@@ -102,6 +102,25 @@ def test_disabled_instance_and_weight(tmp_path: Path) -> None:
     assert "1/2 instance(s) enabled" in config.summary()
 
 
+def test_instance_connections(tmp_path: Path) -> None:
+    """``connections``: the event connections (lanes) per instance; absent or ``auto``: what the node says."""
+    text = edited('api_port="10444" enabled="true"', 'api_port="10444" enabled="true" connections="4"')
+    config = load_balancer_config(str(write(tmp_path, text)))
+    assert [i.connections for i in config.instances] == ["auto", 4]
+    text = edited('api_port="10444" enabled="true"', 'api_port="10444" enabled="true" connections=" Auto "')
+    assert load_balancer_config(str(write(tmp_path, text))).instances[1].connections == "auto"
+
+
+@pytest.mark.parametrize("value", ["0", "65", "two", "-1", "2.5", ""])
+def test_bad_instance_connections(tmp_path: Path, value: str) -> None:
+    text = edited('api_port="10444" enabled="true"', f'api_port="10444" enabled="true" connections="{value}"')
+    err = load_error(tmp_path, text)
+    assert (err.line, err.element) == (line_of(text, "10444"), "Instance")
+    assert err.problem == (
+        f"connections={value!r}: expected auto (as many as the node's /readyz says) or a number 1-64"
+    )
+
+
 def test_default_allowed_requests_when_absent(tmp_path: Path) -> None:
     text = re.sub(r"\s*<AllowedRequests>.*</AllowedRequests>", "", example_text(), flags=re.S)
     config = load_balancer_config(str(write(tmp_path, text)))

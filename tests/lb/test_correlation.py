@@ -1033,3 +1033,32 @@ def test_Correlator_an_event_taken_for_being_overdue_is_marked_through_redispatc
     c.dispatch_many([slow, lost], "i2", [])
     assert c.was_overdue(slow) and not c.was_overdue(lost)
     assert not c.was_overdue(12345)  # unknown ids: never marked
+
+
+def test_Correlator_a_lane_lost_while_its_sibling_lives_hands_back_only_its_own_events() -> None:
+    """Lanes (several connections to one node) are owners like instances: ``host:port#k``.  A lost lane hands
+    back only its unfinished events; its late lines are refused; the sibling lane's events and answers are
+    untouched; the events handed back and answered by the sibling are released once, complete, in order."""
+    c = Correlator()
+    lane0, lane1 = "127.0.0.1:1#0", "127.0.0.1:1#1"
+    ids = [c.submit("siem", f"ev{i}") for i in range(6)]
+    c.dispatch_many(ids[0::2], lane0, [])
+    c.dispatch_many(ids[1::2], lane1, [])
+    assert feed(c, lane1, [f"{ids[1]} hit1", f"{ids[1]} {FINISHED}"]) == []  # answered, waits for ids[0]
+    assert c.on_line(lane1, f"{ids[3]} partial") == []  # part of an answer, then the lane dies
+    assert c.on_line(lane0, f"{ids[2]} hit2") == []
+    assert c.instance_lost(lane1) == [ids[3], ids[5]]
+    assert c.owned_by(lane0) == 3 and c.owned_by(lane1) == 0
+    assert c.on_line(lane1, f"{ids[3]} {FINISHED}") is Drop.NOT_OWNER  # still in its socket buffer
+    c.dispatch_many([ids[3], ids[5]], lane0, [])
+    released = feed(c, lane0, [f"{rid} {FINISHED}" for rid in (ids[0], ids[2], ids[3], ids[4])])
+    released += feed(c, lane0, [f"{ids[5]} hit5", f"{ids[5]} {FINISHED}"])
+    assert [(r.request_id, r.lines) for r in released] == [
+        (ids[0], ()),
+        (ids[1], ("hit1",)),
+        (ids[2], ("hit2",)),
+        (ids[3], ()),  # lane 1's partial line is gone with it: lane 0's whole answer only
+        (ids[4], ()),
+        (ids[5], ("hit5",)),
+    ]
+    assert c.pending == 0 and c.dropped[Drop.NOT_OWNER] == 1

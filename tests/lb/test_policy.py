@@ -14,7 +14,7 @@ from threatgate.lb.policy import Candidate, allocate, pick
 BIG = 10**9
 
 
-def cand(key: str, weight: int = 1, outstanding: int = 0, capacity: int = BIG) -> Candidate:
+def cand(key: str, weight: float = 1, outstanding: int = 0, capacity: int = BIG) -> Candidate:
     return Candidate(key, weight, outstanding, capacity)
 
 
@@ -290,3 +290,30 @@ def test_allocate_agrees_with_picking_one_by_one_for_two_instances() -> None:
         # equal up to how ties were broken
         for key in ("a", "b"):
             assert abs(batch.get(key, 0) - one_by_one[key]) <= 1, (a, b, count, batch, one_by_one)
+
+
+def test_allocate_lanes_with_a_share_of_their_instances_weight_take_that_instances_share() -> None:
+    """The balancer gives each lane of an instance with n lanes the weight w / n: the instance's lanes together
+    take what one connection of weight w would, per event (pick) and per batch (allocate), and split it evenly."""
+    lanes = [
+        cand("a#0", 0.5),
+        cand("a#1", 0.5),
+        cand("b#0", 1),
+        cand("c#0", 2 / 3),
+        cand("c#1", 2 / 3),
+        cand("c#2", 2 / 3),
+    ]
+    given = {c.key: n for c, n in allocate(lanes, 9_000, random.Random(3))}
+    per_node = Counter({str(key)[0]: 0 for key in given})
+    for key, n in given.items():
+        per_node[str(key)[0]] += n
+    assert abs(per_node["a"] - per_node["b"]) <= 3 and abs(per_node["c"] - 2 * per_node["b"]) <= 6, per_node
+    assert max(given["c#0"], given["c#1"], given["c#2"]) - min(given["c#0"], given["c#1"], given["c#2"]) <= 1
+    rng = random.Random(4)
+    out = {c.key: 0 for c in lanes}
+    for _ in range(6_000):
+        chosen = pick(lanes, rng)
+        assert chosen is not None
+        chosen.outstanding += 1
+        out[chosen.key] += 1
+    assert abs((out["a#0"] + out["a#1"]) - out["b#0"]) < 150 and abs(out["a#0"] - out["a#1"]) < 150, out

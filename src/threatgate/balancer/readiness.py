@@ -9,7 +9,9 @@ missing pin saved on first use exactly as a gateway request would) and keeps the
   cluster a write goes to the one Control, whose agent distributes it; no Control: 503;
 - flag nodes whose settings digest differs from the others' (:func:`compare_digests`): a gauge, a
   WARNING when they start to differ and an INFO when they agree again, never a line per poll;
-- answer ``threatgate balancer status`` (:mod:`threatgate.balancer.status`) with the same rules.
+- answer ``threatgate balancer status`` (:mod:`threatgate.balancer.status`) with the same rules;
+- learn how many event connections ("lanes") the node wants (``event_connections``: one per worker
+  process), for instances with ``connections="auto"`` (balancer/upstream.py).
 
 The decisions are pure functions of :class:`View` values; :class:`ReadinessMonitor` does the I/O.
 An instance without ``api_port`` in the config is never asked (443 by default may be anything).
@@ -24,14 +26,14 @@ import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed
-from threatgate.balancer.upstream import Instance
-from threatgate.config.balancer import InstanceSettings
+from threatgate.balancer.upstream import Instance, lane_count
+from threatgate.config.balancer import MAX_LANES, InstanceSettings
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -64,6 +66,8 @@ class Readiness:
     emergency: str | None = None
     reason: str | None = None  # why it is not ready (e.g. a feed that did not load)
     max_event_size: int | None = None  # its MaxEventSize in bytes
+    event_connections: int = 1  # event connections it wants (one per worker); 1 when it does not say
+    event_connections_said: int | None = None  # what it said when that was above 64 (clamped), for the log
 
     @property
     def in_cluster(self) -> bool:
@@ -95,6 +99,8 @@ def parse_readiness(status: int, body: bytes) -> Readiness:
         raise ValueError(f"{name} is not a {kind.__name__}")
 
     sha256 = opt("sha256", str)
+    said = opt("event_connections", int)
+    lanes = _event_connections(said)
     if sha256 is not None and (len(sha256) != 64 or not all(c in "0123456789abcdef" for c in sha256)):
         raise ValueError("sha256 is not a hex digest")
     return Readiness(
@@ -108,7 +114,15 @@ def parse_readiness(status: int, body: bytes) -> Readiness:
         emergency=opt("emergency", str),
         reason=_reason(data),
         max_event_size=_positive(opt("max_event_size", int)),
+        event_connections=lanes,
+        event_connections_said=said if said is not None and said > MAX_LANES else None,
     )
+
+
+def _event_connections(said: int | None) -> int:
+    """``event_connections``: missing is 1 (a node without workers); below 1 is 1 (no worker ready: the
+    node says not ready anyway); above :data:`MAX_LANES` is clamped (the caller keeps what it said, for the log)."""
+    return 1 if said is None else min(max(said, 1), MAX_LANES)
 
 
 def _reason(data: dict[str, Any]) -> str | None:
@@ -143,6 +157,15 @@ class View:
     answer: Readiness | None = None
     error: str | None = None
     pin_mismatch: bool = False
+    connections: int | Literal["auto"] = "auto"  # the instance's ``connections`` setting
+
+    @property
+    def lanes(self) -> int | None:
+        """Event connections the balancer opens to it (None: ``auto`` and its ``/readyz`` did not answer)."""
+        current = self.current
+        if self.connections == "auto" and self.skip is None and current is None:
+            return None
+        return lane_count(self.connections, current.event_connections if current is not None else None)
 
     @property
     def current(self) -> Readiness | None:
@@ -268,6 +291,7 @@ def short(digest: str | None) -> str:
 def refresh_view(view: View, settings: InstanceSettings) -> View:
     """``view`` brought in line with the instance's settings: asked or not, and why not."""
     view.api = f"{settings.api_port}" if settings.api_port_set else "-"
+    view.connections = settings.connections
     view.skip = "disabled" if not settings.enabled else None if settings.api_port_set else "no api_port"
     if view.skip is not None:
         view.answer = view.error = None
@@ -302,6 +326,7 @@ class ReadinessMonitor:
         self.views: dict[str, View] = {}
         self.mismatch = False
         self._mismatch_polls = 0
+        self._clamped: dict[str, int | None] = {}  # instance key -> the absurd event_connections last logged
         self._timeout: aiohttp.ClientTimeout | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
@@ -334,6 +359,7 @@ class ReadinessMonitor:
             self.views, self.mismatch, self._mismatch_polls = {}, False, 0
             for inst in self.service.instances.values():
                 inst.ready, inst.not_ready_reason = True, ""
+                self._learn_lanes(inst, View(inst.key, skip="readiness checks off"))
 
     async def poll(self, only_unknown: bool = False) -> None:
         """Ask every enabled instance with an API port (``only_unknown``: those never asked yet)."""
@@ -345,6 +371,7 @@ class ReadinessMonitor:
                 asked.append((inst, view))
             elif view.skip is not None:
                 inst.ready, inst.not_ready_reason = True, ""  # not asked: nothing says it is not ready
+                self._learn_lanes(inst, view)  # and nothing says it wants more than one lane
             views[inst.key] = view
         self.views = views
         await asyncio.gather(*(self._poll_one(inst, view) for inst, view in asked))
@@ -355,6 +382,8 @@ class ReadinessMonitor:
         stats = self.service.stats
         stats.bump(stats.readiness_polls, _outcome(view))
         self._apply(inst, view)
+        if self.service.instances.get(inst.key) is inst:  # not removed by a reload while the poll ran
+            self._learn_lanes(inst, view)
         if (view.role, view.error is None) != before:  # a change, never a line per poll
             current = view.current
             if current is None:
@@ -371,6 +400,24 @@ class ReadinessMonitor:
                 )
             else:
                 log.info("instance %s: role %s", inst.key, current.role)
+
+    def _learn_lanes(self, inst: Instance, view: View) -> None:
+        """The node's ``event_connections`` (kept when a poll fails: a node that cannot answer ``/readyz`` for
+        a moment keeps its lanes); lanes opened or retired when the count the instance wants changes."""
+        current = view.current if view.skip is None else None
+        if view.skip is None and current is None:
+            return
+        learned = current.event_connections if current is not None else None
+        said = current.event_connections_said if current is not None else None
+        if said is not None and self._clamped.get(inst.key) != said:
+            log.warning(
+                "instance %s: /readyz asks for %d event connections; opening at most %d", inst.key, said, MAX_LANES
+            )
+        self._clamped[inst.key] = said
+        before = inst.wanted_lanes()
+        inst.event_connections = learned
+        if inst.wanted_lanes() != before:
+            self.service.resize_lanes(inst, f"the node's /readyz event_connections {learned}")
 
     def _apply(self, inst: Instance, view: View) -> None:
         """What the event path takes from the answer: ready or not (and why), and the node's MaxEventSize.

@@ -8,13 +8,18 @@ The flow of one event:
 1. A client connection frames it (:mod:`threatgate.net.events`) and :meth:`BalancerService.submit`
    registers it in the :class:`~threatgate.lb.correlation.Correlator` (a new request id) and
    appends the id to the backlog.
-2. :meth:`BalancerService.dispatch` drains the backlog: per event, the policy picks an UP, connected,
-   writable instance under its in-flight limit; lines are written per instance in one batch.
-3. The instance's reply lines go through the correlator; an event's lines are released to its
-   client, in order, when its ``LookupFinished`` arrives.
-4. When an instance fails (connection lost, reply timeout, health checks, disabled or removed),
-   its unfinished events go back to the front of the backlog and are dispatched again; the
-   correlator drops the stale instance's late lines, so every event is answered exactly once.
+2. :meth:`BalancerService.dispatch` drains the backlog: per event, the policy picks a connected,
+   writable lane of an UP instance under its in-flight limit; lines are written per lane in one batch.
+   An instance has one lane (event connection) per worker of the node (balancer/upstream.py); a
+   lane's weight is its instance's weight divided by the instance's lanes, so the lanes of a node
+   together take the share one connection would.
+3. The lane's reply lines go through the correlator (the lane is the owner); an event's lines are
+   released to its client, in order, when its ``LookupFinished`` arrives.
+4. When an instance fails (its last connection lost, reply timeout, health checks, disabled or
+   removed), its unfinished events go back to the front of the backlog and are dispatched again; the
+   correlator drops the stale lanes' late lines, so every event is answered exactly once.  A lane lost
+   while another lane of its instance is open (a worker of the node died) re-sends only its own
+   events and reconnects; the instance stays UP.
 
 Back-pressure instead of loss, and one client cannot hold the others: a client with more than
 ``MaxPendingEventsPerClient`` unanswered events stops being read until half are answered; when the
@@ -22,13 +27,14 @@ backlog is over ``MaxPendingEvents`` (no instance can take more), the clients ho
 share stop being read until it drains to half; a client that does not read its replies is paused at
 4 MiB.  Nothing is dropped silently: every drop is counted and logged.
 
-A hung instance costs at most about a second: an instance that owes events and has answered none for
+A hung instance costs at most about a second: a lane that owes events and has answered none for
 longer than its overdue deadline (twice its recent reply latency, at least :data:`OVERDUE_FLOOR`) while
-another instance can take them, and whose oldest event was not taken from a slow instance before (an
-event is re-sent for being overdue once; one slow everywhere is left to ReplyTimeout), is *suspect*: its event
+another lane can take them, and whose oldest event was not taken from a slow lane before (an event is
+re-sent for being overdue once; one slow everywhere is left to ReplyTimeout), is *suspect*: its event
 connection is closed (so no late answer can mix with a new one), its events are dispatched again,
-and it gets no new events until a health check passes.  Found overdue ``fall`` times in a row
-without finishing an event, it is DOWN.
+and it gets no new events until a health check of its instance passes.  Found overdue ``fall`` times
+in a row without finishing an event, its instance is DOWN (or, while another lane of the same
+instance answers, that lane alone is closed and reconnected).
 """
 
 from __future__ import annotations
@@ -52,7 +58,7 @@ from threatgate import runtime
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
-from threatgate.balancer.upstream import Instance, InstanceOwner, ping
+from threatgate.balancer.upstream import Instance, InstanceOwner, Lane, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.config.common import Address
 from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
@@ -87,6 +93,10 @@ COMPACT_MIN_PEAK = 10_000
 COMPACT_EVERY = 60.0
 """Seconds between compactions after bursts of the same size (bursty traffic must not run a full GC each
 second); a burst at least twice the last one's peak compacts at once."""
+LANE_RETRY = 0.2
+"""Seconds before a lane lost on its own (its instance UP) reconnects; doubled after each loss in a row
+without an answered event (a node refusing it, e.g. ScannersCount too low), up to :data:`LANE_RETRY_MAX`."""
+LANE_RETRY_MAX = 10.0
 
 
 class ClientConnection(EventProtocol):
@@ -274,11 +284,15 @@ class BalancerService(InstanceOwner):
         self.clients.pop(key, None)
         self._paused_clients.discard(client)
         gone = self.correlator.client_gone(key)
-        for rid, owner in gone:
-            if owner is not None:
-                inst = self.instances.get(str(owner))
-                if inst is not None:
-                    inst.owned.pop(rid, None)
+        if gone:
+            lanes = {lane.key: lane for inst in self.instances.values() for lane in inst.lanes}
+            for rid, owner in gone:
+                if owner is not None:
+                    lane = lanes.get(owner)  # type: ignore[call-overload]
+                    if lane is not None:
+                        lane.owned.pop(rid, None)
+                        if lane.retiring and not lane.owned:
+                            self._retired(lane)
         if gone:
             self.stats.bump(self.stats.dropped, "client_gone", len(gone))
             log.info(
@@ -351,60 +365,80 @@ class BalancerService(InstanceOwner):
     # -- dispatch -----------------------------------------------------------------------------
 
     def dispatch(self) -> None:
-        """Place backlog events on instances, one batched write per instance."""
+        """Place backlog events on lanes, one batched write per lane.
+
+        A lane's weight and in-flight limit are its instance's divided by the instance's lanes: a node
+        takes the same share of events, and holds at most ``MaxInflightEvents``, however many lanes
+        it has.  With one lane per instance this is exactly the per-instance placement.
+        """
         backlog = self.backlog
         if not backlog:
             self._maybe_resume_clients()
             return
         limit = self.config.max_inflight_events
-        usable = [i for i in self._pool() if i.writable and len(i.owned) < limit]
-        if not usable:
+        cands: list[Candidate] = []
+        by_key: dict[str, Lane] = {}
+        for lane in self._pool():
+            inst = lane.instance
+            shares = inst.active_lanes
+            cap = limit if shares <= 1 else max(1, limit // shares)
+            owned = len(lane.owned)
+            if lane.writable and owned < cap:
+                weight = inst.settings.weight if shares <= 1 else inst.settings.weight / shares
+                cands.append(Candidate(lane.key, weight, owned, cap - owned))
+                by_key[lane.key] = lane
+        if not cands:
             return
         corr = self.correlator
         now = asyncio.get_running_loop().time()
-        cands = [Candidate(i.key, i.settings.weight, len(i.owned), limit - len(i.owned)) for i in usable]
-        by_key = {i.key: i for i in usable}
         take = min(len(backlog), DISPATCH_BATCH)
         placed = 0
         for cand, count in allocate(cands, take, self.rng):
             ids = [backlog.popleft() for _ in range(min(count, len(backlog)))]
-            inst = by_key[str(cand.key)]
+            lane = by_key[cand.key]  # type: ignore[index]
             lines: list[str] = []
-            sent = corr.dispatch_many(ids, inst.key, lines)
+            sent = corr.dispatch_many(ids, lane.key, lines)
             if not sent:
                 continue
-            if not inst.owned:
-                inst.last_progress = now
-            inst.owned.update(dict.fromkeys(sent, now))
-            inst.dispatched += len(sent)
+            if not lane.owned:
+                lane.last_progress = now
+            lane.owned.update(dict.fromkeys(sent, now))
+            lane.instance.dispatched += len(sent)
             placed += len(sent)
             lines.append("")
-            inst.write("\n".join(lines).encode("utf-8", "replace"), now)
+            lane.write("\n".join(lines).encode("utf-8", "replace"), now)
         self.stats.dispatched += placed
         if backlog and take >= DISPATCH_BATCH:
             self._schedule_dispatch()
         self._maybe_resume_clients()
 
-    def _pool(self) -> list[Instance]:
-        """The instances events may go to now: UP and connected; among them the ready, not suspect ones
-        while there are any; else none while one's readiness is still being asked for the first time (a
-        node whose feed did not load must not get events before it said so); else those not suspect,
-        else any (an answer beats none)."""
-        up = [i for i in self.instances.values() if i.state is InstanceState.UP and i.connected]
+    def _pool(self) -> list[Lane]:
+        """The lanes events may go to now: connected, not retiring, of UP instances; among them the
+        not suspect lanes of ready instances while there are any; else none while an instance's
+        readiness is still being asked for the first time (a node whose feed did not load must not get
+        events before it said so); else those not suspect, else any (an answer beats none)."""
+        up = [
+            lane
+            for i in self.instances.values()
+            if i.state is InstanceState.UP
+            for lane in i.lanes
+            if lane.protocol is not None and lane.protocol.transport is not None and not lane.retiring
+        ]
         if not up:
             return up
-        good = [i for i in up if i.ready and i.suspect_since is None]
+        good = [lane for lane in up if lane.instance.ready and lane.suspect_since is None]
         if good:
             return good
-        if any(i.ready is None for i in up):
+        if any(lane.instance.ready is None for lane in up):
             return []  # the first /readyz answer is on its way (bounded by the health-check timeout)
-        alive = [i for i in up if i.suspect_since is None]
+        alive = [lane for lane in up if lane.suspect_since is None]
         if alive:
             if self.warn_not_ready.due():
+                named = {lane.instance.key: lane.instance.not_ready_reason for lane in alive}
                 self.warn_not_ready(
                     "no ready instance: events go to instance(s) that are not ready (%s); their detections may "
                     "be incomplete",
-                    "; ".join(f"{i.key}: {i.not_ready_reason}" for i in alive),
+                    "; ".join(f"{key}: {reason}" for key, reason in named.items()),
                 )
             return alive
         return up
@@ -431,26 +465,30 @@ class BalancerService(InstanceOwner):
                 c.resume("backlog")
             self._paused_clients.clear()
 
-    # -- instances (InstanceOwner) -------------------------------------------------------------
+    # -- lanes and instances (InstanceOwner) ---------------------------------------------------
 
-    def instance_lines(self, instance: Instance, lines: list[str]) -> None:
+    def lane_lines(self, lane: Lane, lines: list[str]) -> None:
         finished: list[int] = []
-        releases, drops = self.correlator.on_lines(instance.key, lines, finished)
+        releases, drops = self.correlator.on_lines(lane.key, lines, finished)
         if drops:
             for why in drops:
-                self._dropped_line(instance, why)
+                self._dropped_line(lane.instance, why)
         if finished:
-            owned = instance.owned
+            owned = lane.owned
             pop = owned.pop
             sent = pop(finished[0], None)  # the oldest of this read: what a hang would delay first
             for rid in finished[1:]:
                 pop(rid, None)
             now = asyncio.get_running_loop().time()
             if sent is not None:
-                instance.observe_latency(now - sent)
-            instance.finished += len(finished)
-            instance.last_progress = now
-            instance.overdue_streak = 0
+                lane.observe_latency(now - sent)
+            lane.instance.finished += len(finished)
+            lane.last_progress = now
+            lane.overdue_streak = 0
+            if lane.losses:
+                lane.losses = 0
+            if lane.retiring and not owned:
+                self._retired(lane)
         if releases:
             self._deliver(releases)
         if finished:
@@ -466,6 +504,58 @@ class BalancerService(InstanceOwner):
         else:
             log.debug("instance %s: line dropped (%s)", instance.key, why.value)
 
+    def lane_failed(self, lane: Lane, why: str) -> None:
+        """A lane's connection failed (lost, broken, refused).  While another lane of its UP instance is
+        open, only that lane's events are re-sent and it reconnects (a worker of the node died; the node
+        is fine); otherwise the instance failed, as with one connection."""
+        inst = lane.instance
+        if lane.retiring or lane not in inst.lanes:  # no longer wanted: nothing to reconnect
+            lane.close()
+            self._redispatch(inst, why, [lane])
+            self._retired(lane)
+            return
+        if inst.state is not InstanceState.UP or not any(o is not lane and o.connected for o in inst.lanes):
+            self.instance_failed(inst, why)
+            return
+        lane.close()
+        now = asyncio.get_running_loop().time()
+        lane.losses += 1
+        delay = min(LANE_RETRY * 2 ** (lane.losses - 1), LANE_RETRY_MAX)
+        lane.retry_at = now + delay
+        self.stats.bump(self.stats.transitions, "lane_lost")
+        log.warning(
+            "instance %s: %s; the instance stays UP (%d of %d event connections open), this one reconnects in %.1f s",
+            lane.name,
+            why,
+            inst.open_lanes,
+            inst.active_lanes,
+            delay,
+        )
+        self._redispatch(inst, why, [lane])
+        asyncio.get_running_loop().call_later(delay, self._reconnect_lane, lane)
+
+    def _reconnect_lane(self, lane: Lane) -> None:
+        """A lane lost on its own reconnects, if it is still wanted and its instance still UP and not suspect."""
+        inst = lane.instance
+        if (
+            self.instances.get(inst.key) is inst
+            and inst.state is InstanceState.UP
+            and lane in inst.lanes
+            and not lane.retiring
+            and lane.suspect_since is None
+            and not self._should_exit.is_set()
+        ):
+            self._spawn(lane.connect(self.config.health.timeout))
+
+    def _retired(self, lane: Lane) -> None:
+        """A retiring lane owes nothing any more: closed and forgotten."""
+        inst = lane.instance
+        if lane in inst.lanes:
+            inst.drop_lane(lane)
+            log.info(
+                "instance %s: event connection %d retired (%d lane(s) now)", inst.key, lane.index, inst.active_lanes
+            )
+
     def instance_failed(self, instance: Instance, why: str) -> None:
         was_up = instance.state is InstanceState.UP
         if instance.health.passive_failure(why) or was_up:
@@ -475,14 +565,29 @@ class BalancerService(InstanceOwner):
         instance.close()
         self._redispatch(instance, why)
 
-    def _redispatch(self, instance: Instance, why: str) -> None:
-        lost = self.correlator.instance_lost(instance.key)
-        instance.owned.clear()
+    def _redispatch(self, instance: Instance, why: str, lanes: list[Lane] | None = None) -> None:
+        """Hand the unfinished events of ``lanes`` (default: every lane of ``instance``) back to the backlog,
+        in submission order, ahead of what waits there."""
+        lanes = instance.lanes if lanes is None else lanes
+        lost: list[int] = []
+        for lane in lanes:
+            mine = self.correlator.instance_lost(lane.key)
+            lane.owned.clear()
+            if mine:
+                lost = sorted(lost + mine) if lost else mine  # ids grow in submission order
         if lost:
             self.backlog.extendleft(reversed(lost))
             self.stats.redispatched += len(lost)
             instance.redispatched += len(lost)
-            if any(i.state is InstanceState.UP and i is not instance for i in self.instances.values()):
+            if len(lanes) == 1 and len(instance.lanes) > 1:
+                log.warning(
+                    "instance %s: %d unfinished event(s) of event connection %d sent again (%s)",
+                    instance.key,
+                    len(lost),
+                    lanes[0].index,
+                    why,
+                )
+            elif any(i.state is InstanceState.UP and i is not instance for i in self.instances.values()):
                 log.warning(
                     "instance %s: %d unfinished event(s) sent again to other instances (%s)",
                     instance.key,
@@ -521,10 +626,25 @@ class BalancerService(InstanceOwner):
             )
             self._no_instance_since = None
 
-    def instance_connected(self, instance: Instance) -> None:
+    def lane_connected(self, lane: Lane) -> None:
         self.dispatch()
 
-    def instance_writable(self, instance: Instance) -> None:
+    def lane_writable(self, lane: Lane) -> None:
+        self.dispatch()
+
+    def resize_lanes(self, inst: Instance, why: str) -> None:
+        """Open or retire lanes after ``connections`` or the node's ``event_connections`` changed.
+
+        The instance's state does not change: new lanes connect while it is UP, retired lanes take no new
+        event and close once they owe nothing (their events are answered, not re-sent).
+        """
+        before = inst.active_lanes
+        added, retired = inst.resize()
+        if not added and not retired:
+            return
+        log.info("instance %s: %d event connection(s), was %d (%s)", inst.key, inst.active_lanes, before, why)
+        if added and inst.state is InstanceState.UP and self.instances.get(inst.key) is inst:
+            self._spawn(inst.connect(self.config.health.timeout))
         self.dispatch()
 
     def _add_instance(self, settings: Any) -> Instance:
@@ -553,8 +673,8 @@ class BalancerService(InstanceOwner):
                 elif error is None:
                     inst.check_seconds = time.perf_counter() - started
                     self._check_passed(inst)
-                    if inst.state is InstanceState.UP and not inst.connected:
-                        await inst.connect(h.timeout)
+                    if inst.state is InstanceState.UP:
+                        await inst.connect(h.timeout)  # the lanes not open (all of them after DOWN)
                 else:
                     if inst.health.check_failed(error):
                         self.instance_failed(inst, f"health check: {error}")
@@ -574,18 +694,22 @@ class BalancerService(InstanceOwner):
         if health.up and inst.state is InstanceState.DOWN:
             inst.state = InstanceState.UP
             self._note_availability()
-        if inst.suspect_since is not None:
+        suspect_since = inst.suspect_since
+        if suspect_since is not None:
             log.info(
                 "instance %s answers health checks again after %.1f s: it gets events again",
                 inst.key,
-                asyncio.get_running_loop().time() - inst.suspect_since,
+                asyncio.get_running_loop().time() - suspect_since,
             )
-            inst.suspect_since = None
+            for lane in inst.lanes:
+                lane.suspect_since = None
 
     def tick(self, now: float) -> None:
         """The periodic work of the event path (every :data:`TICK` seconds)."""
         for inst in list(self.instances.values()):
             inst.keep_alive(now)
+            for lane in [lane for lane in inst.lanes if lane.retiring and not lane.owned]:
+                self._retired(lane)  # its last events were handed back or their client left
         self._check_overdue(now)
         self._check_timeouts(now)
         self._expire_waiting(now)
@@ -603,56 +727,76 @@ class BalancerService(InstanceOwner):
             self.alerts.raise_own("KL_ALERT_DetectionsDropped", destination=address, lines=lines, reason=reason)
         self._maybe_compact()
 
-    def overdue_deadline(self, inst: Instance) -> float:
-        """How long ``inst`` may owe events without answering any before it is suspect."""
-        return min(self.config.reply_timeout, max(OVERDUE_FLOOR, OVERDUE_FACTOR * inst.latency))
+    def overdue_deadline(self, lane: Lane) -> float:
+        """How long ``lane`` may owe events without answering any before it is suspect."""
+        return min(self.config.reply_timeout, max(OVERDUE_FLOOR, OVERDUE_FACTOR * lane.latency))
 
     def _check_overdue(self, now: float) -> None:
-        """Instances owing events that answered none for their deadline: suspect, their events go elsewhere."""
-        up = [i for i in self.instances.values() if i.state is InstanceState.UP]
-        for inst in up:
-            if not inst.owned or inst.suspect_since is not None:
+        """Lanes owing events that answered none for their deadline: suspect, their events go elsewhere."""
+        up = [lane for i in self.instances.values() if i.state is InstanceState.UP for lane in i.lanes]
+        for lane in up:
+            if not lane.owned or lane.suspect_since is not None:
                 continue
-            oldest = inst.oldest_dispatch()
+            oldest = lane.oldest_dispatch()
             assert oldest is not None
-            silent = now - max(oldest, inst.last_progress)
-            deadline = self.overdue_deadline(inst)
+            silent = now - max(oldest, lane.last_progress)
+            deadline = self.overdue_deadline(lane)
             if silent <= deadline:
                 continue
-            if not any(o is not inst and o.connected and o.suspect_since is None for o in up):
+            if not any(o is not lane and o.connected and o.suspect_since is None and not o.retiring for o in up):
                 continue  # nowhere else to go: ReplyTimeout decides
-            if self.correlator.was_overdue(next(iter(inst.owned))):
-                # Its oldest event was already taken from a slow instance: maybe that event is slow, not
-                # the instance (a poison pill would otherwise make every instance suspect in turn).
+            if self.correlator.was_overdue(next(iter(lane.owned))):
+                # Its oldest event was already taken from a slow lane: maybe that event is slow, not the
+                # node (a poison pill would otherwise make every instance suspect in turn).
                 continue
-            inst.overdue_streak += 1
+            inst = lane.instance
+            lane.overdue_streak += 1
             self.stats.bump(self.stats.transitions, "suspect")
-            if inst.overdue_streak >= inst.health.fall:
-                self.instance_failed(
-                    inst, f"no answer to events for {silent:.1f} s (overdue {inst.overdue_streak} time(s) in a row)"
-                )
+            if lane.overdue_streak >= inst.health.fall:
+                why = f"no answer to events for {silent:.1f} s (overdue {lane.overdue_streak} time(s) in a row)"
+                if any(self._answering(o, now) for o in inst.lanes if o is not lane):
+                    self.lane_failed(lane, why)  # one worker of the node is stuck, the others answer
+                else:
+                    self.instance_failed(inst, why)
                 continue
-            inst.suspect_since = now
+            lane.suspect_since = now
             log.warning(
                 "instance %s is suspect: no answer for %.1f s (deadline %.1f s, recent latency %.0f ms) while "
                 "owing %d event(s); they are sent again elsewhere and it gets no new events until a health check "
                 "passes",
-                inst.key,
+                lane.name,
                 silent,
                 deadline,
-                inst.latency * 1000,
-                len(inst.owned),
+                lane.latency * 1000,
+                len(lane.owned),
             )
-            inst.close()  # no late answer from this connection can mix with the new owner's
-            self.correlator.mark_overdue(list(inst.owned))
-            self._redispatch(inst, "overdue")
+            lane.close()  # no late answer from this connection can mix with the new owner's
+            self.correlator.mark_overdue(list(lane.owned))
+            self._redispatch(inst, "overdue", [lane])
+
+    def _answering(self, lane: Lane, now: float) -> bool:
+        """Whether ``lane`` is open and keeps answering (owes nothing, or finished an event within its deadline)."""
+        return (
+            lane.connected
+            and lane.suspect_since is None
+            and (not lane.owned or now - lane.last_progress <= self.overdue_deadline(lane))
+        )
 
     def _check_timeouts(self, now: float) -> None:
-        """An instance that holds events and finishes none for ReplyTimeout is treated as hung."""
+        """A lane that holds events and finishes none for ReplyTimeout is treated as hung: its instance
+        fails when no lane of it finishes events (as with one connection), else that lane alone."""
+        timeout = self.config.reply_timeout
         for inst in list(self.instances.values()):
-            if inst.owned and now - inst.last_progress > self.config.reply_timeout:
-                self.stats.bump(self.stats.transitions, "reply_timeout")
-                self.instance_failed(inst, f"no answer for {self.config.reply_timeout:.0f} s")
+            hung = [lane for lane in inst.lanes if lane.owned and now - lane.last_progress > timeout]
+            if not hung:
+                continue
+            self.stats.bump(self.stats.transitions, "reply_timeout")
+            why = f"no answer for {timeout:.0f} s"
+            if len(hung) == sum(1 for lane in inst.lanes if lane.owned):
+                self.instance_failed(inst, why)
+            else:
+                for lane in hung:
+                    self.lane_failed(lane, why)
 
     def _expire_waiting(self, now: float) -> None:
         """MaxEventWait: while no instance is UP, events waiting that long since they were submitted are
@@ -723,7 +867,8 @@ class BalancerService(InstanceOwner):
         self._peak_pending = pending
         self.correlator.compact()
         for inst in self.instances.values():
-            inst.owned = dict(inst.owned)
+            for lane in inst.lanes:
+                lane.owned = dict(lane.owned)
         self.backlog = deque(self.backlog)
         gc.collect()
         _malloc_trim()
@@ -759,12 +904,16 @@ class BalancerService(InstanceOwner):
                 self._start_checks(inst)
                 log.info("instance %s added", key)
                 continue
+            connections = inst.settings.connections
             inst.settings = settings
             inst.health.rise, inst.health.fall = new.health.rise, new.health.fall  # interval/timeout: read per check
+            if settings.connections != connections:
+                self.resize_lanes(inst, f'connections="{settings.connections}"')
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 inst.state = InstanceState.MAINT
                 inst.health.reset()
-                inst.suspect_since = None
+                for lane in inst.lanes:
+                    lane.suspect_since = None
                 inst.close()
                 self._redispatch(inst, "disabled")
                 log.info("instance %s disabled (MAINT)", key)
@@ -927,7 +1076,8 @@ class _Collector(BalancerCollector):
             ("threatgate_balancer_instance_up", "1 when the instance is UP", lambda i: i.state is InstanceState.UP),
             (
                 "threatgate_balancer_instance_suspect",
-                "1 while the instance is suspect (overdue answers; no new events while others can take them)",
+                "1 while the instance (one of its lanes) is suspect (overdue answers; no new events while others "
+                "can take them)",
                 lambda i: i.suspect_since is not None,
             ),
             (
@@ -940,7 +1090,11 @@ class _Collector(BalancerCollector):
                 "1 while the instance is out of REST rotation: its certificate does not match its pin",
                 lambda i: i.key in refused,
             ),
-            ("threatgate_balancer_instance_inflight", "Events the instance owes answers for", lambda i: len(i.owned)),
+            (
+                "threatgate_balancer_instance_inflight",
+                "Events the instance owes answers for (over all its lanes)",
+                lambda i: i.owned_count,
+            ),
         ]
         for name, doc, value in per_instance:
             family = GaugeMetricFamily(name, doc, labels=["instance"])
@@ -964,6 +1118,14 @@ class _Collector(BalancerCollector):
             for inst in instances:
                 counter.add_metric([inst.key], getattr(inst, attribute))
             yield counter
+        lanes = GaugeMetricFamily(
+            "threatgate_balancer_instance_lanes",
+            "Event connections (lanes) open to the instance: one per worker of the node when it says so",
+            labels=["instance"],
+        )
+        for inst in instances:
+            lanes.add_metric([inst.key], inst.open_lanes)
+        yield lanes
         check = GaugeMetricFamily(
             "threatgate_balancer_instance_check_seconds",
             "Round trip of the instance's last passed health check (connect, PING, PONG), in seconds",

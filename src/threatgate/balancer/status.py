@@ -25,6 +25,9 @@ from threatgate.balancer.verify import _Standalone
 from threatgate.config.balancer import BalancerConfig
 
 COLUMNS = ("", "INSTANCE", "API", "STATE", "ROLE", "EPOCH", "REVISION", "DIGEST")
+LANES_COLUMN = 3
+"""Where the LANES column goes (after API) when shown: only when an instance has more than one lane or a
+``connections`` setting, so the table of a deployment without worker nodes reads as before."""
 MAX_STATE = 72
 """An unreachable node's reason is cut here in the table (``--json`` has it whole)."""
 
@@ -77,11 +80,21 @@ def render(views: Sequence[View]) -> str:
                 short(r.sha256 if r else None),
             )
         )
+    if any(v.connections != "auto" or v.lanes not in (1, None) for v in views):
+        cells = ["LANES", *(lanes_text(v) for v in views)]
+        rows = [(*row[:LANES_COLUMN], cell, *row[LANES_COLUMN:]) for row, cell in zip(rows, cells, strict=True)]
     if not comparison.differing:  # no flag to show: no empty column in front
         rows = [row[1:] for row in rows]
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip() for row in rows]
     return "\n".join([*lines, footer(views)])
+
+
+def lanes_text(view: View) -> str:
+    """``2`` for ``connections="2"``; ``2 (auto)`` when the node's ``/readyz`` asks for 2; ``? (auto)`` unknown."""
+    if view.connections != "auto":
+        return str(view.connections)
+    return f"{_text(view.lanes).replace('-', '?')} (auto)"
 
 
 def footer(views: Sequence[View]) -> str:
@@ -112,6 +125,8 @@ def as_json(views: Sequence[View]) -> dict[str, Any]:
             {
                 "instance": v.key,
                 "api_port": int(v.api) if v.api.isdigit() else None,
+                "connections": v.connections,
+                "lanes": v.lanes,
                 "state": v.state,
                 "role": v.role,
                 "ready": r.ready if r else None,

@@ -8,6 +8,7 @@ extension is an optional element in the same style with a default that needs no 
 from __future__ import annotations
 
 import re
+from typing import Annotated, Literal
 
 import pydantic
 
@@ -19,6 +20,9 @@ from threatgate.wire.paths import RoutePattern
 
 MAX_SCANNERS = 100
 """kl_balancer.conf documents scanners_count as 1-100 simultaneous connections."""
+MAX_LANES = 64
+"""Most event connections ("lanes") the balancer opens to one instance: ``connections`` 1-64, and a node's
+``/readyz`` ``event_connections`` above it is clamped to it (as ``<Workers>`` on a node is 1-64)."""
 
 DEFAULT_ALLOWED = (
     ("POST", "/api/{version}/lookup"),
@@ -38,13 +42,16 @@ class _Frozen(pydantic.BaseModel):
 
 
 class InstanceSettings(_Frozen):
-    """One ``<Instance matching_port= api_port= enabled= weight=>host</Instance>``."""
+    """One ``<Instance matching_port= api_port= enabled= weight= connections=>host</Instance>``."""
 
     host: str
     matching_port: int = pydantic.Field(ge=1, le=65535)
     api_port: int = pydantic.Field(default=443, ge=1, le=65535)
     enabled: bool = True
     weight: int = pydantic.Field(default=1, ge=1, le=100)
+    connections: Annotated[int, pydantic.Field(ge=1, le=MAX_LANES)] | Literal["auto"] = "auto"
+    """Event connections ("lanes") to open to the node: a number, or ``auto`` = what the node's ``/readyz``
+    says (``event_connections``: one per worker process), 1 when it says nothing or is not polled."""
     api_port_set: bool = False
     """Whether ``api_port`` was written: readiness is polled only then (443 by default may be anything)."""
     line: int = 0
@@ -157,10 +164,24 @@ def _read_instance(node: Node) -> InstanceSettings:
         "api_port": parse_int(node, node.attrs.get("api_port"), "api_port", 1, 65535, 443),
         "enabled": parse_bool(node, "enabled", True),
         "weight": parse_int(node, node.attrs.get("weight"), "weight", 1, 100, 1),
+        "connections": _read_connections(node),
         "api_port_set": "api_port" in node.attrs,
         "line": node.line,
     }
     return build(node, InstanceSettings, data)
+
+
+def _read_connections(node: Node) -> int | Literal["auto"]:
+    """``connections="auto|1-64"`` (absent: auto)."""
+    raw = node.attrs.get("connections")
+    if raw is None or raw.strip().lower() == "auto":
+        return "auto"
+    text = raw.strip()
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LANES:
+        raise node.error(
+            f"connections={text!r}: expected auto (as many as the node's /readyz says) or a number 1-{MAX_LANES}"
+        )
+    return int(text)
 
 
 def _read_allowed(node: Node | None) -> tuple[AllowedRequest, ...]:

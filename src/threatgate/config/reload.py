@@ -86,7 +86,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "cert_path": "SSLCertificatePath",
     "key_path": "SSLPrivateKeyPath",
     "cert_dir": "CertDirPath",
-    "instances": LIVE,
+    "instances": LIVE,  # added, removed, enabled, disabled, weight, ports; connections: lanes opened or retired
     "allowed": LIVE,
     "health": LIVE,
     "readiness": LIVE,

@@ -33,7 +33,7 @@ class Candidate:
     """What the policy needs to know about one instance."""
 
     key: Hashable
-    weight: int
+    weight: float  # an instance's weight; divided among its lanes when it has several
     outstanding: int
     capacity: int  # how many more events it may take now (in-flight limit minus outstanding)
 
