@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from threatgate.node.spread import ScannerSlots, Spread
+from threatgate.node.spread import ScannerSlots, Spread, shed_from
 
 
 def test_connections_arriving_together_land_on_different_workers() -> None:
@@ -94,3 +94,11 @@ def test_scanner_slots_never_exceed_the_count(ops: list[tuple[str, int, int]]) -
             slots.worker_gone(worker)
             model = {k for k in model if k[0] != worker}
         assert len(slots) == len(model) <= 3
+
+
+def test_the_fullest_worker_sheds_a_connection_until_the_workers_are_even() -> None:
+    assert shed_from({0: 2, 1: 0}) == 0  # both lanes reconnected to worker 0 while worker 1 restarted
+    assert shed_from({0: 1, 1: 0}) is None  # one apart: moving it would only swap the sides
+    assert shed_from({0: 3, 1: 3, 2: 1}) == 0
+    assert shed_from({0: 5}) is None
+    assert shed_from({}) is None

@@ -127,16 +127,17 @@ class Channel:
         self._log = log
         self._out: collections.deque[tuple[bytes, list[int], tuple[int, ...]]] = collections.deque()
         self._closed = False
+        self._closed_by_peer = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
-    def send(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> None:
-        """Queue one message; ``fds`` are duplicated into the peer (the caller keeps its own).
-
-        Sending on a closed channel does nothing: the peer is gone, and EOF has told its owner.
+    def send(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> bool:
+        """Send one message (queued while the socket is full); ``fds`` are duplicated into the peer (the
+        caller keeps its own).  False when the peer is gone (the channel is closed, or the send failed):
+        nothing was delivered, and EOF tells the owner.
         """
         if self._closed:
-            return
+            return False
         data = encode(kind, payload)
         owned: tuple[int, ...] = ()
         if len(data) > INLINE_MAX:
@@ -146,23 +147,25 @@ class Channel:
         if len(fds) > MAX_FDS:
             raise ValueError(f"{len(fds)} descriptors in one control message; at most {MAX_FDS}")
         self._out.append((data, [*fds], owned))
-        self._flush()
+        return self._flush()
 
-    def _flush(self) -> None:
+    def _flush(self) -> bool:
         while self._out:
             data, fds, owned = self._out[0]
             try:
                 socket.send_fds(self.sock, [data], fds)
             except BlockingIOError:
                 self._loop.add_writer(self.sock.fileno(), self._writable)
-                return
+                return True
             except OSError as exc:  # the peer is gone: EOF follows on the reading side
                 self._log.debug("control channel send failed: %s", exc)
                 self._drop_queue()
-                return
+                self._closed_by_peer = True
+                return False
             self._out.popleft()
             for fd in owned:
                 os.close(fd)
+        return not self._closed_by_peer
 
     def _drop_queue(self) -> None:
         for _, _, owned in self._out:

@@ -45,7 +45,7 @@ from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair
 from threatgate.node.procmem import memory
 from threatgate.node.snapfile import to_memfd
-from threatgate.node.spread import ScannerSlots, Spread
+from threatgate.node.spread import ScannerSlots, Spread, shed_from
 from threatgate.node.supervisor import Supervisor
 from threatgate.stats import NodeStats, sum_stats
 
@@ -55,6 +55,8 @@ START_TIMEOUT = 60.0
 """Seconds a worker may take from its start to READY (mapping snapshots of many millions of indicators)."""
 APPLY_TIMEOUT = 1.0
 """Seconds a published store may take to be applied by every READY worker before the master goes on (logged)."""
+SHED_EVERY = 3.0
+"""Seconds between two requests to shed a connection (the workers' reports catch up meanwhile)."""
 STATS_TIMEOUT = 0.2
 """Seconds a scrape waits for fresh counters from the workers (else their last report, at most 1 s old)."""
 
@@ -89,6 +91,7 @@ class WorkerPool:
         log_level: str,
         on_dropped: Callable[[str, str, int], None],
         on_restart: Callable[[int, int | None], None],
+        stats: NodeStats,
     ) -> None:
         self.count = count
         self.config = config
@@ -113,7 +116,8 @@ class WorkerPool:
         self._supervising: asyncio.Task[None] | None = None
         self.warn_refused = RateLimitedLog(log)
         self.warn_evict = RateLimitedLog(log)
-        self.refused_no_worker = 0
+        self.stats = stats  # the master's: connections it closed because no worker could take them
+        self._last_shed = 0.0
 
     # -- start and supervise ---------------------------------------------------------------------
 
@@ -175,7 +179,9 @@ class WorkerPool:
         self._gone(inc, status)
 
     def _on_eof(self, inc: Incarnation) -> None:
-        """The worker's end closed: it is exiting (or gone); its exit status follows."""
+        """The worker's end closed: it is exiting (or gone); its exit status follows.  It gets no new
+        connection from now on (a health check handed to a dead worker would find the node down)."""
+        self.spread.set_ready(inc.worker, False)
         if not inc.gone and inc.process.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 inc.process.kill()  # a worker without its channel cannot be told anything: end it
@@ -212,10 +218,11 @@ class WorkerPool:
         self._on_restart(worker, status)
 
     async def _supervise(self) -> None:
-        """Restart workers whose backoff has passed; kill hung ones."""
+        """Restart workers whose backoff has passed; kill hung ones; even out connections after a restart."""
         while True:
             await asyncio.sleep(0.1)
             now = time.monotonic()
+            self._balance(now)
             for worker in self.supervisor.due(now):
                 await self._spawn(worker)
             for worker in self.supervisor.hung(now):
@@ -231,6 +238,27 @@ class WorkerPool:
                     )
                     inc.process.kill()
                     self.supervisor.heard(worker, now)  # once: its exit follows
+
+    def _balance(self, now: float) -> None:
+        """After a restart, ask the fullest worker to shed a connection (node/spread.py ``shed_from``)."""
+        if self.supervisor.draining or now - self._last_shed < SHED_EVERY:
+            return
+        active = {i.worker: i.active for i in self._running() if i.ready}
+        worker = shed_from(active)
+        inc = self.current[worker] if worker is not None else None
+        if inc is None:
+            return
+        self._last_shed = now
+        log.info(
+            "worker %d holds %d event connection(s), worker %d %d: it closes one once that one is owed nothing, "
+            "and its client reconnects to the emptier worker",
+            inc.worker,
+            inc.active,
+            min(active, key=lambda w: active[w]),
+            min(active.values()),
+        )
+        inc.active -= 1  # until its next report
+        inc.channel.send("shed")
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -248,15 +276,22 @@ class WorkerPool:
                 self._hand_over(conn)
 
     def _hand_over(self, conn: socket.socket) -> None:
-        worker = self.spread.assign(time.monotonic())
-        inc = self.current[worker] if worker is not None else None
-        if inc is None:
-            self.refused_no_worker += 1
-            self.warn_refused("no worker is running; closing an event connection (workers restarting)")
-            return
-        conn_id = next(self._conn_ids)
-        self.spread.opened(inc.worker, conn_id)
-        inc.channel.send("conn", conn_id, [conn.fileno()])
+        """Pass the connection to the READY worker with the fewest; one that just died is skipped."""
+        for _ in range(self.count):
+            worker = self.spread.assign(time.monotonic())
+            inc = self.current[worker] if worker is not None else None
+            if inc is None:
+                break
+            conn_id = next(self._conn_ids)
+            if inc.channel.send("conn", conn_id, [conn.fileno()]):
+                self.spread.opened(inc.worker, conn_id)
+                return
+            self.spread.set_ready(inc.worker, False)  # gone: its exit is handled when the master sees it
+        self.stats.bump(self.stats.connections, "no_worker")
+        self.warn_refused(
+            "no worker can take an event connection (workers restarting): closed; "
+            'see threatgate_connections_total{outcome="no_worker"}'
+        )
 
     # -- messages ------------------------------------------------------------------------------------
 

@@ -785,6 +785,7 @@ class NodeService:
             on_restart=lambda worker, status: self.alerts.raise_alert(
                 "KL_ALERT_WorkerRestarted", worker=worker, status=status
             ),
+            stats=self.stats,
         )
         self.pool = pool
         await pool.publish_store("store", self._snapshots)

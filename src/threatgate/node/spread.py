@@ -13,6 +13,9 @@ Invariants:
   process's listener does.  When every slot is taken, :meth:`ScannerSlots.eviction_candidate`
   names the connection idle the longest (from what the workers last reported), and the worker that
   holds it re-checks before closing it: the report may be a second old.
+- After a worker restart, :func:`shed_from` names a worker holding two connections more than another:
+  it closes one once that connection is owed nothing (no answer lost), and the client reconnects to
+  the emptier worker.
 - Nothing here reads a clock or touches a socket; callers pass ``now``.
 """
 
@@ -62,6 +65,19 @@ class Spread:
 
     def connections(self, worker: int) -> int:
         return len(self._conns[worker])
+
+
+def shed_from(active: Mapping[int, int]) -> int | None:
+    """The READY worker that should close one long-lived connection so its client reconnects elsewhere.
+
+    ``active``: ACTIVE connections per READY worker.  After a worker restarts, the connections that
+    reconnected while it was starting all landed on the others (a balancer's lanes, most often): the
+    fullest sheds one when it holds at least two more than the emptiest, until they are even.
+    """
+    if len(active) < 2:
+        return None
+    fullest = max(active, key=lambda w: (active[w], -w))
+    return fullest if active[fullest] - min(active.values()) >= 2 else None
 
 
 class ScannerSlots:

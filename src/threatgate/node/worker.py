@@ -33,8 +33,8 @@ from typing import Any
 from threatgate import runtime
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog, setup_logging
-from threatgate.net.drain import remaining
-from threatgate.net.events import EventListener, EventProtocol
+from threatgate.net.drain import POLL_INTERVAL, remaining
+from threatgate.net.events import ConnState, EventListener, EventProtocol
 from threatgate.net.sender import Dropped, LineSender
 from threatgate.node.engine import make_matcher
 from threatgate.node.eventpath import (
@@ -55,6 +55,9 @@ from threatgate.stats import NodeStats
 from threatgate.wire.framing import Framer
 
 log = logging.getLogger("threatgate.node")
+
+SHED_WITHIN = 10.0
+"""Seconds a connection the master asked to shed may take to be owed nothing; then it is kept."""
 
 HEARTBEAT = 1.0
 """Seconds between two ``stats`` messages (the master takes a worker silent for 10 s as hung)."""
@@ -243,6 +246,30 @@ class Worker:
             self.listener.active.discard(conn)
             conn.close_idle()
         self.send("evicted", (conn_id, ok, conn.peer if conn is not None else ""))
+
+    def _on_shed(self, message: Message) -> None:
+        """The master balances: close our newest connection once it is owed nothing (its client reconnects)."""
+        conns = [c for c in self.conns.values() if c in self.listener.active]
+        if conns:
+            self._spawn(self._shed(max(conns, key=lambda c: c.conn_id)))
+
+    async def _shed(self, conn: WorkerConnection) -> None:
+        conn.pause("shed")  # read nothing more: what was read is answered, what was not is sent again by the client
+        loop = asyncio.get_running_loop()
+        until = loop.time() + SHED_WITHIN
+        while True:  # polled like a drain: "acknowledged by the client" has no event (net/events.py drain)
+            if conn.state is not ConnState.ACTIVE:
+                return
+            if not conn.owed().owing():
+                break
+            if loop.time() >= until:
+                conn.resume("shed")  # still owed something: keep it rather than lose an answer
+                return
+            await asyncio.sleep(POLL_INTERVAL)
+        log.info(
+            "worker %d: closed the event connection from %s to spread connections over workers", self.index, conn.peer
+        )
+        conn.close_owed_nothing()
 
     def _on_stats_query(self, message: Message) -> None:
         self._send_stats()
