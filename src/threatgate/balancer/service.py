@@ -41,8 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import ctypes
-import ctypes.util
 import gc
 import logging
 import random
@@ -54,7 +52,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from threatgate import runtime
+from threatgate import heap, runtime
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
@@ -871,7 +869,7 @@ class BalancerService(InstanceOwner):
                 lane.owned = dict(lane.owned)
         self.backlog = deque(self.backlog)
         gc.collect()
-        _malloc_trim()
+        heap.give_back()
         log.debug("event tables compacted after a burst (%d pending)", pending)
 
     # -- configuration ------------------------------------------------------------------------
@@ -1152,26 +1150,6 @@ def _limits(config: BalancerConfig) -> ListenerLimits:
         delimiter=config.event_delimiter,
         idle_timeout=config.idle_timeout,
     )
-
-
-def _malloc_trim() -> None:
-    """glibc keeps freed heap pages; ``malloc_trim(0)`` gives them back (no-op elsewhere)."""
-    if _LIBC is not None:
-        _LIBC.malloc_trim(0)
-
-
-def _load_libc() -> ctypes.CDLL | None:
-    name = ctypes.util.find_library("c")
-    if name is None:
-        return None
-    try:
-        libc = ctypes.CDLL(name)
-    except OSError:
-        return None
-    return libc if hasattr(libc, "malloc_trim") else None
-
-
-_LIBC = _load_libc()
 
 
 def run_balancer(config: BalancerConfig) -> None:

@@ -30,7 +30,7 @@ import sys
 import time
 from typing import Any
 
-from threatgate import runtime
+from threatgate import heap, runtime
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog, setup_logging
 from threatgate.net.drain import POLL_INTERVAL, remaining
@@ -55,6 +55,10 @@ from threatgate.stats import NodeStats
 from threatgate.wire.framing import Framer
 
 log = logging.getLogger("threatgate.node")
+
+HEAP_TOP_PAD = 8 * 1024 * 1024
+"""Bytes glibc keeps above the worker's heap: the buffers of a batch are reused, not faulted in again
+(threatgate/heap.py)."""
 
 SHED_WITHIN = 10.0
 """Seconds a connection the master asked to shed may take to be owed nothing; then it is kept."""
@@ -340,6 +344,7 @@ def main(argv: list[str]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(sig, signal.SIG_IGN)
     setup_logging(level, worker=index)
+    heap.keep_top_pad(HEAP_TOP_PAD)
     runtime.run(_serve(fd, index))
     return 0
 
