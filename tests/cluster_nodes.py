@@ -42,15 +42,23 @@ class ClusterNode:
     """One node: its directory, ports, config, the running process (if any) and its CLI."""
 
     def __init__(
-        self, root: Path, name: str, *, users: str = "", heartbeat: float = HEARTBEAT, cluster_extra: str = ""
+        self,
+        root: Path,
+        name: str,
+        *,
+        users: str = "",
+        heartbeat: float = HEARTBEAT,
+        cluster_extra: str = "",
+        workers: int = 1,
     ) -> None:
-        """``users``: ``<User .../>`` elements; ``cluster_extra``: more elements in ``<Cluster>`` (``<Etcd .../>``)."""
+        """``users``: ``<User .../>`` elements; ``cluster_extra``: more elements in ``<Cluster>`` (``<Etcd .../>``);
+        ``workers``: ``<ScanSettings><Workers>`` (a local setting: it never travels with the cluster settings)."""
         self.name = name
         self.dir = root / name
         self.dir.mkdir(parents=True, exist_ok=True)
         self.port, self.api_port, self.cluster_port = free_ports(3, exclude=tuple(_HANDED_OUT))
         _HANDED_OUT.update((self.port, self.api_port, self.cluster_port))
-        config = example_config(self.dir, port=self.port, api_port=self.api_port, users=users)
+        config = example_config(self.dir, port=self.port, api_port=self.api_port, users=users, workers=workers)
         text = config.read_text()
         cluster = (
             "  <Cluster>\n"
@@ -371,16 +379,25 @@ def stop_all(nodes: list[ClusterNode]) -> None:
 
 @contextmanager
 def three_node_cluster(
-    root: Path, *, users: str = "", cluster_extra: str = "", elected: str | None = None
+    root: Path,
+    *,
+    users: str = "",
+    cluster_extra: str = "",
+    elected: str | None = None,
+    workers: tuple[int, ...] = (1, 1, 1),
 ) -> Iterator[list[ClusterNode]]:
     """n1 (Control, ``cluster init`` before its first start), n2 and n3 joined with tokens, all in sync.
 
     ``users`` (``<User .../>`` elements) go into n1's config only: API users are shared settings, so they
     are part of revision 1 and the others receive them when they join.  ``cluster_extra`` goes into every
     node's ``<Cluster>``; ``elected`` is the log line of n1 taking the Control role (default: the embedded
-    cluster's).  Every process is stopped on exit, also when setting up fails.
+    cluster's); ``workers``: each node's worker processes.  Every process is stopped on exit, also when setting
+    up fails.
     """
-    nodes = [ClusterNode(root, f"n{i}", users=users if i == 1 else "", cluster_extra=cluster_extra) for i in (1, 2, 3)]
+    nodes = [
+        ClusterNode(root, f"n{i}", users=users if i == 1 else "", cluster_extra=cluster_extra, workers=w)
+        for i, w in zip((1, 2, 3), workers, strict=True)
+    ]
     n1, n2, n3 = nodes
     with ExitStack() as stack:
         stack.callback(stop_all, nodes)

@@ -68,9 +68,13 @@ def put_indicators(node: ClusterNode, indicators: list[str], if_match: str | Non
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[ClusterNode]]:
-    """n1 (Control), n2, n3: the API user is configured on n1 only and reaches the others as settings."""
+    """n1 (Control), n2, n3: the API user is configured on n1 only and reaches the others as settings.
+
+    n2 runs two worker processes: every settings revision, REST write and user change must reach both
+    (its detections are asked on a new connection each time, which the master gives to either worker).
+    """
     user = f'<User name="{USER}" password_hash="{hash_password(PASSWORD)}"/>'
-    with three_node_cluster(tmp_path_factory.mktemp("cluster"), users=user) as nodes:
+    with three_node_cluster(tmp_path_factory.mktemp("cluster"), users=user, workers=(1, 2, 1)) as nodes:
         yield nodes
 
 
@@ -130,7 +134,7 @@ def test_a_rest_write_on_the_control_reaches_the_secondaries_and_secondaries_ref
     assert reply.status == 200, reply
     assert reply.headers["etag"] == f'"{revision + 1}"'
     wait_applied(cluster, revision + 1)
-    for node in (n2, n3):
+    for node in (n2, n2, n3):  # n2 twice: two connections in a row go to its two workers
         found = node.detections(f"url={indicator}")
         assert any(f"category=InternalTI matchedIndicator={indicator}" in d for d in found), (node, found)
 
