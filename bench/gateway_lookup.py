@@ -85,6 +85,7 @@ from api_lookup import (
     start_node,
     stop_group,
     tail,
+    tcp_table,
     value_pools,
 )
 from balancer_throughput import Service, run_queue_wait, spawn, wait_for_lines
@@ -364,18 +365,7 @@ def upstream_connections(pid: int, ports: set[int]) -> int:
                 inodes.add(target[8:-1])
     except OSError:
         return -1
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as fh:
-                next(fh)
-                for line in fh:
-                    f = line.split()
-                    if f[3] == "01" and f[9] in inodes and int(f[2].rsplit(":", 1)[1], 16) in ports:
-                        count += 1
-        except OSError:
-            continue
-    return count
+    return sum(1 for f in tcp_table() if f[3] == "01" and f[9] in inodes and int(f[2].rsplit(":", 1)[1], 16) in ports)
 
 
 def incidents(log_path: str, offset: int) -> tuple[list[str], int]:

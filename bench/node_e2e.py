@@ -53,6 +53,7 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
@@ -778,30 +779,40 @@ def bench(args: argparse.Namespace) -> int:
     return 0 if ok else 1
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+def add_dataset_arguments(parser: argparse.ArgumentParser) -> None:
+    """The generated data set's options (node_throughput.ensure_data), shared with node_workers.py."""
     parser.add_argument("--indicators", type=int, default=1_000_000)
     parser.add_argument("--events", type=int, default=200_000, help="events of the generated set (and streamed)")
     parser.add_argument("--hit-rate", type=float, default=0.05)
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--sha256-rate", type=float, default=0.01, help="share of events with a listed SHA-256")
     parser.add_argument("--sha256-other", type=float, default=0.3, help="share with an unlisted SHA-256")
-    parser.add_argument("--engines", default="compiled,reference")
-    parser.add_argument("--rounds", type=int, default=1)
-    parser.add_argument("--repeat", type=int, default=1, help="stream the events this many times per run")
-    parser.add_argument("--warmup", type=int, default=20_000, help="events streamed before each measured stream")
-    parser.add_argument("--batch", type=int, default=256, help="events per match call in process")
     parser.add_argument("--data-dir", default=node_throughput.DEFAULT_DATA)
+    parser.add_argument("--repeat", type=int, default=1, help="stream the events this many times per run")
     parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--no-socat", action="store_true", help="skip the wire-only anchor")
     parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
     parser.add_argument("--json", dest="json_out")
+
+
+def run(parser: argparse.ArgumentParser, bench: Callable[[argparse.Namespace], int]) -> int:
+    """Parse the arguments and run ``bench``: its exit status, or 2 when the set-up failed."""
     args = parser.parse_args()
     try:
         return bench(args)
     except SetupError as exc:
         print(f"set-up failed: {exc}", file=sys.stderr)
         return 2
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
+    add_dataset_arguments(parser)
+    parser.add_argument("--engines", default="compiled,reference")
+    parser.add_argument("--rounds", type=int, default=1)
+    parser.add_argument("--warmup", type=int, default=20_000, help="events streamed before each measured stream")
+    parser.add_argument("--batch", type=int, default=256, help="events per match call in process")
+    parser.add_argument("--no-socat", action="store_true", help="skip the wire-only anchor")
+    return run(parser, bench)
 
 
 if __name__ == "__main__":

@@ -64,7 +64,7 @@ from typing import Any
 
 import node_e2e  # bench/ is on sys.path when this file runs as a script
 import node_throughput
-from api_lookup import SetupError, free_port, stop_group, tail
+from api_lookup import SetupError, free_port, stop_group, tail, tcp_table
 from threatgate.node import procmem
 
 TARGET_SPEEDUP = 1.7  # 2 workers / 1 worker, events/s, client direct
@@ -260,18 +260,7 @@ ESTABLISHED, CLOSE_WAIT = "01", "08"  # TCP states in /proc/net/tcp
 
 def server_sockets(port: int, states: tuple[str, ...] = (ESTABLISHED,)) -> int:
     """The node's ends of TCP connections to 127.0.0.1:``port`` in ``states``, from /proc/net/tcp."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            with open(table, encoding="ascii") as fh:
-                next(fh)
-                for line in fh:
-                    fields = line.split()
-                    if fields[1].endswith(f":{port:04X}") and fields[3] in states:
-                        count += 1
-        except OSError:
-            continue
-    return count
+    return sum(1 for f in tcp_table() if f[1].endswith(f":{port:04X}") and f[3] in states)
 
 
 def wait_closed(port: int, timeout: float) -> None:
@@ -703,12 +692,7 @@ def bench(args: argparse.Namespace) -> int:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n", 1)[0])
-    parser.add_argument("--indicators", type=int, default=1_000_000)
-    parser.add_argument("--events", type=int, default=200_000, help="events of the generated set (and streamed)")
-    parser.add_argument("--hit-rate", type=float, default=0.05)
-    parser.add_argument("--seed", type=int, default=1)
-    parser.add_argument("--sha256-rate", type=float, default=0.01, help="share of events with a listed SHA-256")
-    parser.add_argument("--sha256-other", type=float, default=0.3, help="share with an unlisted SHA-256")
+    node_e2e.add_dataset_arguments(parser)
     parser.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2")
     parser.add_argument("--paths", default="direct,balancer", help="direct, balancer or both")
     parser.add_argument(
@@ -716,18 +700,8 @@ def main() -> int:
     )
     parser.add_argument("--engine", default="compiled")
     parser.add_argument("--rounds", type=int, default=3, help="measured streams per path (the best counts)")
-    parser.add_argument("--repeat", type=int, default=1, help="stream the events this many times per run")
     parser.add_argument("--warmup", type=int, default=20_000, help="events streamed on each connection first")
-    parser.add_argument("--data-dir", default=node_throughput.DEFAULT_DATA)
-    parser.add_argument("--timeout", type=float, default=600.0)
-    parser.add_argument("--keep", action="store_true", help="keep the temporary directory (configs, logs)")
-    parser.add_argument("--json", dest="json_out")
-    args = parser.parse_args()
-    try:
-        return bench(args)
-    except SetupError as exc:
-        print(f"set-up failed: {exc}", file=sys.stderr)
-        return 2
+    return node_e2e.run(parser, bench)
 
 
 if __name__ == "__main__":
