@@ -145,7 +145,7 @@ class Worker:
 
     def _on_eof(self) -> None:
         if not self._exit.is_set():
-            log.info("worker %d: the master is gone; exiting", self.index)
+            log.info("the node's master process is gone; this worker exits")
         self._exit.set()
 
     def _on_message(self, message: Message) -> None:
@@ -153,7 +153,7 @@ class Worker:
         if handler is None:
             for fd in message.fds:
                 os.close(fd)
-            log.error("worker %d: unknown control message %r (a defect)", self.index, message.kind)
+            log.error("unknown control message %r from the master (a defect)", message.kind)
             return
         handler(message)
 
@@ -223,7 +223,7 @@ class Worker:
             try:
                 await loop.connect_accepted_socket(lambda: WorkerConnection(self, conn_id), sock)
             except OSError as exc:  # the client left before we took it over
-                log.debug("worker %d: connection %d gone before it was served: %s", self.index, conn_id, exc)
+                log.debug("connection %d gone before it was served: %s", conn_id, exc)
                 sock.close()
                 self.send("closed", conn_id)
 
