@@ -270,9 +270,7 @@ class Worker:
                 conn.resume("shed")  # still owed something: keep it rather than lose an answer
                 return
             await asyncio.sleep(POLL_INTERVAL)
-        log.info(
-            "worker %d: closed the event connection from %s to spread connections over workers", self.index, conn.peer
-        )
+        log.info("closed the event connection from %s to spread connections over workers", conn.peer)
         conn.close_owed_nothing()
 
     def _on_stats_query(self, message: Message) -> None:
