@@ -38,9 +38,9 @@ from tests.integration.test_node_api import (
 class Session:
     """One event connection with ReplyBack and finished lines: send events, read their answers."""
 
-    def __init__(self, port: int) -> None:
+    def __init__(self, port: int, flags: bytes = FLAGS) -> None:
         self.sock = socket.create_connection(("127.0.0.1", port), timeout=10)
-        self.sock.sendall(FLAGS)
+        self.sock.sendall(flags)
         self._buf = b""
         self.next_id = 1
 
@@ -79,8 +79,8 @@ class Session:
 
 
 @contextmanager
-def sessions(port: int, count: int) -> Iterator[list[Session]]:
-    opened = [Session(port) for _ in range(count)]
+def sessions(port: int, count: int, flags: bytes = FLAGS) -> Iterator[list[Session]]:
+    opened = [Session(port, flags) for _ in range(count)]
     try:
         yield opened
     finally:
@@ -261,3 +261,21 @@ def test_sigterm_drains_every_worker_then_exits(tmp_path: Path, hashes: dict[str
             assert time.monotonic() - started < 5 + 2
         proc.wait_for_log(r"node drained in [\d.]+ s: 2 connection\(s\) closed cleanly")
         assert "cut at the deadline" not in proc.log()
+
+
+def test_connections_of_clients_that_do_not_resend_are_never_moved(node2: Node) -> None:
+    """Spreading connections again closes one only if its client re-sends what was not answered (the
+    CyberTrace HA flags); a client with ReplyBack alone keeps its connection however uneven the workers
+    (the example config sends finished lines anyway: FinishedEventFormat enabled)."""
+    node = node2
+    with sessions(node.event_port, 4, flags=b"X-KF-ReplyBack") as opened:
+        for s in opened:  # one after the other: the master alternates, 0 and 2 on worker 0, 1 and 3 on worker 1
+            s.sock.sendall(b"0 url=http://fakess123.nu\n")
+            assert "matchedIndicator=http://fakess123.nu" in s.read_until("0 LookupFinished")[0]
+        wait_until(lambda: active_per_worker(node) == [2.0, 2.0], "two connections on each worker")
+        opened[1].close()
+        opened[3].close()
+        node.proc.wait_for_log(r"worker 0 holds 2 event connection\(s\), another 0: none can move")
+        for s in (opened[0], opened[2]):
+            s.sock.sendall(b"1 url=http://fakess123.nu\n")
+            assert "matchedIndicator=http://fakess123.nu" in s.read_until("1 LookupFinished")[0]

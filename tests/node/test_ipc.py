@@ -55,3 +55,42 @@ async def test_messages_descriptors_and_large_payloads_cross_in_order() -> None:
         os.close(r)
         os.close(w)
         right.close()
+
+
+async def test_a_message_that_waits_for_room_keeps_its_own_descriptors() -> None:
+    """A full socket queues the message: the caller may close its descriptor at once (a hand-over closes
+    the accepted connection right after ``send``), and the peer still gets that very file."""
+    import logging
+
+    log = logging.getLogger("test")
+    a, b = channel_pair()
+    left = Channel(a, lambda m: None, lambda: None, log)
+    sent = 0
+    while not left._out:  # fill the socket: the peer is not reading yet
+        assert left.send("filler", "x" * 1000)
+        sent += 1
+    r, w = os.pipe()
+    assert left.send("fd", None, [w])
+    os.close(w)  # the caller's copy: gone before the message leaves
+    decoy_r, decoy_w = os.pipe()  # may take the number w had
+    got: list[Message] = []
+    done = asyncio.Event()
+
+    def received(message: Message) -> None:
+        got.append(message)
+        if message.kind == "fd":
+            done.set()
+
+    right = Channel(b, received, lambda: None, log)
+    try:
+        await asyncio.wait_for(done.wait(), 5)
+        assert [m.kind for m in got] == ["filler"] * sent + ["fd"]  # in order, nothing lost
+        (fd,) = got[-1].fds
+        os.write(fd, b"ok")
+        os.close(fd)
+        assert os.read(r, 2) == b"ok"
+    finally:
+        for fd in (r, decoy_r, decoy_w):
+            os.close(fd)
+        left.close()
+        right.close()

@@ -75,6 +75,8 @@ def test_eviction_candidate_is_the_idlest_past_the_floor_that_holds_a_slot() -> 
     assert slots.eviction_candidate(idle, now=110.0, floor=10.0) == (1, 2)
     assert slots.eviction_candidate(idle, now=110.0, floor=70.0) is None
     assert slots.eviction_candidate({}, now=110.0, floor=0.0) is None
+    # One already asked to go for another newcomer is not named twice: the next idlest is.
+    assert slots.eviction_candidate(idle, now=110.0, floor=10.0, exclude={(1, 2)}) == (1, 3)
 
 
 @given(st.lists(st.tuples(st.sampled_from(["req", "rel", "gone"]), st.integers(0, 2), st.integers(0, 5))))

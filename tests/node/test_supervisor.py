@@ -55,3 +55,14 @@ def test_draining_starts_nothing_again() -> None:
     assert sup.due(100.0) == [] and sup.next_due() is None
     assert sup.workers[0].state is WorkerState.STOPPED
     assert sup.counts() == {"starting": 1, "ready": 0, "backoff": 0, "stopped": 1}
+
+
+def test_a_worker_not_ready_within_the_start_timeout_is_hung_though_it_reports() -> None:
+    sup = Supervisor(1, hung_after=10.0, start_timeout=30.0)
+    sup.spawned(0, 1, 0.0)
+    for t in range(1, 30):
+        sup.heard(0, float(t))  # it sends its reports, but never "ready" (its stores failed to map)
+        assert sup.hung(float(t)) == []
+    assert sup.hung(30.0) == [0]
+    sup.ready(0, 30.0)
+    assert sup.hung(35.0) == []

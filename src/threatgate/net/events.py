@@ -449,6 +449,10 @@ class EventProtocol(asyncio.Protocol):
                 return  # closed meanwhile (its slot, if granted, is released by on_closed's caller)
         listener = self.listener
         assert self.transport is not None
+        if ok and listener.draining:  # the verdict came after the drain began: nothing was read, close
+            self.transport.close()
+            self.state = ConnState.CLOSED
+            return
         if not ok:
             listener.stats.bump(listener.stats.connections, "rejected_scanners")
             listener.warn_scanners(

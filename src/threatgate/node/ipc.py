@@ -22,6 +22,8 @@ from __future__ import annotations
 import array
 import asyncio
 import collections
+import contextlib
+import errno
 import fcntl
 import logging
 import os
@@ -37,6 +39,7 @@ MAX_FDS = 250
 """Descriptors per message (the kernel's SCM_MAX_FD is 253)."""
 _RECV_SIZE = INLINE_MAX + 4096
 _MEMFD = "memfd"
+_PEER_GONE = frozenset({errno.EPIPE, errno.ECONNRESET, errno.ECONNREFUSED, errno.ENOTCONN})
 _INT = array.array("i")
 
 
@@ -125,56 +128,84 @@ class Channel:
         self._on_message = on_message
         self._on_eof = on_eof
         self._log = log
-        self._out: collections.deque[tuple[bytes, list[int], tuple[int, ...]]] = collections.deque()
+        # (kind, bytes, the descriptors to send, the descriptors this channel owns and closes once sent)
+        self._out: collections.deque[tuple[str, bytes, list[int], tuple[int, ...]]] = collections.deque()
         self._closed = False
-        self._closed_by_peer = False
+        self._peer_gone = False
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(sock.fileno(), self._readable)
 
+    @property
+    def peer_gone(self) -> bool:
+        """The other process is gone (its end closed): nothing sent from now on is delivered."""
+        return self._peer_gone
+
     def send(self, kind: str, payload: Any = None, fds: Sequence[int] = ()) -> bool:
-        """Send one message (queued while the socket is full); ``fds`` are duplicated into the peer (the
-        caller keeps its own).  False when the peer is gone (the channel is closed, or the send failed):
-        nothing was delivered, and EOF tells the owner.
+        """Send one message; ``fds`` are duplicated into the peer (the caller keeps its own, and may close
+        them at once: a message that must wait for room holds duplicates of its own).  False when it was
+        not delivered: the peer is gone (:attr:`peer_gone`; EOF tells the owner) or the send failed
+        (logged).
+
+        Raises:
+            ValueError: more than :data:`MAX_FDS` descriptors (the caller splits its message).
         """
-        if self._closed:
+        if self._closed or self._peer_gone:
             return False
+        if len(fds) + 1 > MAX_FDS:  # one more for a large payload's memfd
+            raise ValueError(f"{len(fds)} descriptors in one control message; at most {MAX_FDS - 1}")
         data = encode(kind, payload)
         owned: tuple[int, ...] = ()
         if len(data) > INLINE_MAX:
             owned = (_to_memfd(data),)
             data = encode(_MEMFD, None)
-            fds = [*owned, *fds]
-        if len(fds) > MAX_FDS:
-            raise ValueError(f"{len(fds)} descriptors in one control message; at most {MAX_FDS}")
-        self._out.append((data, [*fds], owned))
-        return self._flush()
+        if not self._out:
+            try:
+                socket.send_fds(self.sock, [data], [*owned, *fds])
+            except BlockingIOError:
+                pass
+            except OSError as exc:
+                _close_all(owned)
+                return self._failed(kind, exc)
+            else:
+                _close_all(owned)
+                return True
+        # The socket is full: keep the message, with duplicates of the caller's descriptors.
+        held = owned + tuple(os.dup(fd) for fd in fds)
+        self._out.append((kind, data, list(held), held))
+        if len(self._out) == 1:
+            self._loop.add_writer(self.sock.fileno(), self._writable)
+        return True
 
-    def _flush(self) -> bool:
+    def _failed(self, kind: str, exc: OSError) -> bool:
+        if exc.errno in _PEER_GONE:  # EOF follows on the reading side
+            self._peer_gone = True
+            self._drop_queue()
+        else:
+            self._log.error("control message %r not sent: %s", kind, exc.strerror or exc)
+        return False
+
+    def _flush(self) -> None:
         while self._out:
-            data, fds, owned = self._out[0]
+            kind, data, fds, owned = self._out[0]
             try:
                 socket.send_fds(self.sock, [data], fds)
             except BlockingIOError:
-                self._loop.add_writer(self.sock.fileno(), self._writable)
-                return True
-            except OSError as exc:  # the peer is gone: EOF follows on the reading side
-                self._log.debug("control channel send failed: %s", exc)
-                self._drop_queue()
-                self._closed_by_peer = True
-                return False
+                return
+            except OSError as exc:
+                self._out.popleft()
+                _close_all(owned)
+                self._failed(kind, exc)
+                continue
             self._out.popleft()
-            for fd in owned:
-                os.close(fd)
-        return not self._closed_by_peer
+            _close_all(owned)
+        self._loop.remove_writer(self.sock.fileno())
 
     def _drop_queue(self) -> None:
-        for _, _, owned in self._out:
-            for fd in owned:
-                os.close(fd)
+        for *_, owned in self._out:
+            _close_all(owned)
         self._out.clear()
 
     def _writable(self) -> None:
-        self._loop.remove_writer(self.sock.fileno())
         self._flush()
 
     def _readable(self) -> None:
@@ -203,11 +234,27 @@ class Channel:
             if self._closed:
                 return
 
-    def close(self) -> None:
+    def close(self, flush_within: float = 0.0) -> None:
+        """Close; with ``flush_within``, first send what is queued, waiting at most that long (a worker's
+        last report before it exits)."""
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self.sock.fileno())
         self._loop.remove_writer(self.sock.fileno())
+        if self._out and flush_within > 0 and not self._peer_gone:
+            self.sock.settimeout(flush_within)
+            with contextlib.suppress(OSError):
+                while self._out:
+                    _, data, fds, owned = self._out.popleft()
+                    try:
+                        socket.send_fds(self.sock, [data], fds)
+                    finally:
+                        _close_all(owned)
         self._drop_queue()
         self.sock.close()
+
+
+def _close_all(fds: Sequence[int]) -> None:
+    for fd in fds:
+        os.close(fd)

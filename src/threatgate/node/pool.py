@@ -51,6 +51,8 @@ from threatgate.stats import NodeStats, sum_stats
 
 log = logging.getLogger("threatgate.node")
 
+EXIT_GRACE = 2.0
+"""Seconds a worker that closed its control channel has to exit before it is killed."""
 START_TIMEOUT = 60.0
 """Seconds a worker may take from its start to READY (mapping snapshots of many millions of indicators)."""
 APPLY_TIMEOUT = 1.0
@@ -118,28 +120,48 @@ class WorkerPool:
         self.warn_evict = RateLimitedLog(log)
         self.stats = stats  # the master's: connections it closed because no worker could take them
         self._last_shed = 0.0
+        self._nothing_to_shed: dict[int, int] | None = None  # the counts when the fullest had nothing to shed
 
     # -- start and supervise ---------------------------------------------------------------------
 
     async def start(self, listening: socket.socket, ready_within: float = START_TIMEOUT) -> None:
-        """Start every worker, wait (bounded) for them to be READY, then accept on ``listening``."""
+        """Start every worker, then accept on ``listening`` once they are all READY, or once one is and
+        another has failed to start (it is restarted meanwhile), or after ``ready_within`` at most."""
         loop = asyncio.get_running_loop()
+        self._supervising = loop.create_task(self._supervise())
         for worker in self.supervisor.start():
             await self._spawn(worker)
-        deadline = loop.time() + ready_within
+
+        def settled() -> bool:
+            ready = self.ready_workers()
+            return ready == self.count or (ready > 0 and any(self.restarts))
+
         async with self._applied:
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(
-                    self._applied.wait_for(lambda: all(i is not None and i.ready for i in self.current)),
-                    max(0.0, deadline - loop.time()),
-                )
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._applied.wait_for(settled), ready_within)
+        if not self.ready_workers():
+            log.error("no worker became ready within %.0f s; listening anyway (connections wait for one)", ready_within)
         listening.setblocking(False)
         self._listening = listening
-        loop.add_reader(listening.fileno(), self._accept)
-        self._supervising = loop.create_task(self._supervise())
+        self._watch_listening(True)
+
+    def _watch_listening(self, on: bool) -> None:
+        if self._listening is None:
+            return
+        loop = asyncio.get_running_loop()
+        if on:
+            loop.add_reader(self._listening.fileno(), self._accept)
+        else:
+            loop.remove_reader(self._listening.fileno())
 
     async def _spawn(self, worker: int) -> None:
-        ours, theirs = channel_pair()
+        try:
+            ours, theirs = channel_pair()
+        except OSError as exc:
+            log.error("worker %d could not be started: %s", worker, exc.strerror or exc)
+            self.supervisor.spawned(worker, 0, time.monotonic())
+            self._exited(worker, None)
+            return
         try:
             process = await asyncio.create_subprocess_exec(
                 sys.executable,
@@ -182,15 +204,26 @@ class WorkerPool:
         """The worker's end closed: it is exiting (or gone); its exit status follows.  It gets no new
         connection from now on (a health check handed to a dead worker would find the node down)."""
         self.spread.set_ready(inc.worker, False)
+        if not inc.gone and not self.supervisor.draining:
+            # A worker without its channel cannot be told anything: it exits by itself, or is ended.
+            asyncio.get_running_loop().call_later(EXIT_GRACE, self._end, inc)
+
+    def _end(self, inc: Incarnation) -> None:
         if not inc.gone and inc.process.returncode is None:
+            log.error(
+                "worker %d (pid %d) closed its control channel and did not exit; killing it",
+                inc.worker,
+                inc.process.pid,
+            )
             with contextlib.suppress(ProcessLookupError):
-                inc.process.kill()  # a worker without its channel cannot be told anything: end it
+                inc.process.kill()
 
     def _gone(self, inc: Incarnation, status: int | None) -> None:
         if inc.gone:
             return
         inc.gone = True
         inc.channel.close()
+        self._notify()  # a publish or the start-up waiting for this worker goes on without it
         self.retired = sum_stats(NodeStats(), [self.retired, inc.stats])
         worker = inc.worker
         if self.current[worker] is inc:
@@ -200,8 +233,12 @@ class WorkerPool:
     def _exited(self, worker: int, status: int | None) -> None:
         lost = self.spread.worker_gone(worker)
         self.slots.worker_gone(worker)
-        for victim in [v for v in self._evictions if v[0] == worker]:
-            self._answer_slot(self._evictions.pop(victim), False)
+        for victim, waiting in list(self._evictions.items()):
+            if waiting[0] == worker:  # the newcomer's worker is gone: no slot for it
+                del self._evictions[victim]
+            elif victim[0] == worker:  # the victim went with its worker: that freed its slot
+                del self._evictions[victim]
+                self._answer_slot(waiting, self.slots.request(*waiting))
         outcome = self.supervisor.exited(worker, time.monotonic())
         if outcome.restart_in is None:
             log.info("worker %d (pid %d) exited with status %s", worker, outcome.pid, status)
@@ -221,44 +258,70 @@ class WorkerPool:
         """Restart workers whose backoff has passed; kill hung ones; even out connections after a restart."""
         while True:
             await asyncio.sleep(0.1)
-            now = time.monotonic()
-            self._balance(now)
-            for worker in self.supervisor.due(now):
-                await self._spawn(worker)
-            for worker in self.supervisor.hung(now):
-                inc = self.current[worker]
-                if inc is not None and inc.process.returncode is None:
-                    silent = "did not become ready" if not inc.ready else "sent nothing"
-                    log.error(
-                        "worker %d (pid %d) %s for %.0f s; killing it",
-                        worker,
-                        inc.process.pid,
-                        silent,
-                        self.supervisor.hung_after,
-                    )
-                    inc.process.kill()
-                    self.supervisor.heard(worker, now)  # once: its exit follows
+            try:
+                await self._supervise_once(time.monotonic())
+            except Exception:  # a defect here must not end supervision: logged, tried again
+                log.exception("worker supervision failed; trying again")
+
+    async def _supervise_once(self, now: float) -> None:
+        self._balance(now)
+        for worker in self.supervisor.due(now):
+            await self._spawn(worker)
+        for worker in self.supervisor.hung(now):
+            inc = self.current[worker]
+            if inc is None or inc.process.returncode is not None:
+                continue
+            if inc.ready:
+                why = f"sent nothing for {self.supervisor.hung_after:.0f} s"
+            else:
+                why = f"did not become ready within {self.supervisor.start_timeout:.0f} s"
+            log.error("worker %d (pid %d) %s; killing it", worker, inc.process.pid, why)
+            inc.process.kill()
+            self.supervisor.heard(worker, now)  # once: its exit follows
 
     def _balance(self, now: float) -> None:
-        """After a restart, ask the fullest worker to shed a connection (node/spread.py ``shed_from``)."""
+        """Ask the fullest worker to shed a connection when another holds two fewer (node/spread.py
+        ``shed_from``): after a restart, the connections that reconnected meanwhile sit on the others.
+
+        A worker sheds only a connection whose client re-sends what was not answered (the CyberTrace HA
+        flags, as a balancer's lanes use); when it has none it says so, and it is not asked again until
+        the counts change.
+        """
         if self.supervisor.draining or now - self._last_shed < SHED_EVERY:
             return
         active = {i.worker: i.active for i in self._running() if i.ready}
         worker = shed_from(active)
         inc = self.current[worker] if worker is not None else None
-        if inc is None:
+        if inc is None or active == self._nothing_to_shed:
             return
         self._last_shed = now
-        log.info(
-            "worker %d holds %d event connection(s), worker %d %d: it closes one once that one is owed nothing, "
-            "and its client reconnects to the emptier worker",
+        self._nothing_to_shed = None
+        log.debug(
+            "worker %d holds %d event connection(s), another %d: asking it to shed one",
             inc.worker,
             inc.active,
-            min(active, key=lambda w: active[w]),
             min(active.values()),
         )
-        inc.active -= 1  # until its next report
         inc.channel.send("shed")
+
+    def _shed_answer(self, inc: Incarnation, peer: str | None) -> None:
+        if peer is None:
+            self._nothing_to_shed = active = {i.worker: i.active for i in self._running() if i.ready}
+            log.info(
+                "worker %d holds %d event connection(s), another %d: none can move (their clients did not ask "
+                "for X-KF-ReplyBack and X-KF-SendFinishedEvent, so they could not send unanswered events again)",
+                inc.worker,
+                active.get(inc.worker, 0),
+                min(active.values(), default=0),
+            )
+            return
+        inc.active -= 1  # until its next report
+        log.info(
+            "worker %d closes the event connection from %s once it is owed nothing, to spread connections: "
+            "its client sends what was not answered again and reconnects to a worker with fewer",
+            inc.worker,
+            peer,
+        )
 
     # -- connections -------------------------------------------------------------------------------
 
@@ -269,8 +332,10 @@ class WorkerPool:
                 conn, _addr = self._listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
-            except OSError as exc:  # EMFILE and the like: logged, the connection waits in the backlog
-                self.warn_refused("cannot accept an event connection: %s", exc.strerror or exc)
+            except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
+                self.warn_refused("cannot accept an event connection: %s; trying again in 1 s", exc.strerror or exc)
+                self._watch_listening(False)  # the socket stays readable: without a pause this would spin
+                asyncio.get_running_loop().call_later(1.0, self._watch_listening, True)
                 return
             with conn:
                 self._hand_over(conn)
@@ -286,7 +351,8 @@ class WorkerPool:
             if inc.channel.send("conn", conn_id, [conn.fileno()]):
                 self.spread.opened(inc.worker, conn_id)
                 return
-            self.spread.set_ready(inc.worker, False)  # gone: its exit is handled when the master sees it
+            if inc.channel.peer_gone:
+                self.spread.set_ready(inc.worker, False)  # its exit is handled when the master sees it
         self.stats.bump(self.stats.connections, "no_worker")
         self.warn_refused(
             "no worker can take an event connection (workers restarting): closed; "
@@ -325,6 +391,8 @@ class WorkerPool:
             self._notify()
         elif kind == "dropped":
             self._on_dropped(*payload)
+        elif kind == "shed":
+            self._shed_answer(inc, payload)
         elif kind == "drained":
             inc.drained = payload
         else:
@@ -344,9 +412,9 @@ class WorkerPool:
             return
         idle = {i.worker: i.idle for i in self.current if i is not None}
         floor = self.config.service.handshake_timeout
-        victim = self.slots.eviction_candidate(idle, time.time(), floor)
+        victim = self.slots.eviction_candidate(idle, time.time(), floor, exclude=self._evictions)
         holder = self.current[victim[0]] if victim is not None else None
-        if victim is None or holder is None or victim in self._evictions:
+        if victim is None or holder is None:
             inc.channel.send("slot", (conn_id, False))
             return
         self._evictions[victim] = (inc.worker, conn_id)
@@ -361,7 +429,8 @@ class WorkerPool:
                     holder.idle.remove(i)
         if waiting is None:
             return
-        granted = ok and self.slots.request(*waiting)
+        waiter = self.current[waiting[0]]
+        granted = ok and waiter is not None and not waiter.gone and self.slots.request(*waiting)
         if granted:
             self.warn_evict(
                 "all %d scanners busy; closed the connection idle the longest (%s) for a new one",
@@ -415,9 +484,10 @@ class WorkerPool:
         generation, refs, fds = self._published[kind]
         if not refs:
             inc.channel.send(kind, (generation, [], True))
-        for start in range(0, len(refs), MAX_FDS):
-            last = start + MAX_FDS >= len(refs)
-            inc.channel.send(kind, (generation, refs[start : start + MAX_FDS], last), fds[start : start + MAX_FDS])
+        step = MAX_FDS - 1  # one left for the memfd of a large payload
+        for start in range(0, len(refs), step):
+            last = start + step >= len(refs)
+            inc.channel.send(kind, (generation, refs[start : start + step], last), fds[start : start + step])
 
     async def _wait_applied(self, kind: str, generation: int) -> None:
         def done() -> bool:
@@ -436,6 +506,11 @@ class WorkerPool:
                 )
 
     # -- what the node reports ----------------------------------------------------------------------
+
+    @property
+    def accepting(self) -> bool:
+        """Start-up is over: the master accepts event connections (until SIGTERM)."""
+        return self._listening is not None
 
     def _running(self) -> list[Incarnation]:
         return [i for i in self.current if i is not None and not i.gone]
@@ -461,7 +536,10 @@ class WorkerPool:
             inc.fresh.clear()
             inc.channel.send("stats?")
         if running:
-            await asyncio.wait([asyncio.ensure_future(i.fresh.wait()) for i in running], timeout=STATS_TIMEOUT)
+            waits = [asyncio.ensure_future(i.fresh.wait()) for i in running]
+            _, pending = await asyncio.wait(waits, timeout=STATS_TIMEOUT)
+            for task in pending:  # a worker that did not answer in time: its last report counts
+                task.cancel()
 
     def collector(self) -> PoolCollector:
         return PoolCollector(self)

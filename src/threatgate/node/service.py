@@ -608,20 +608,25 @@ class NodeService:
         """
         feeds = self.feed_status()
         missing = [name for name, (has, _) in feeds.items() if not has]
-        running = self.pool.ready_workers() if self.pool is not None else 1
-        ready = self.ready and not missing and running > 0 and not self.draining
+        pool = self.pool
+        starting = self.workers > 1 and (pool is None or not pool.accepting)
+        running = 1 if pool is None else pool.ready_workers()
+        ready = self.ready and not starting and not missing and running > 0 and not self.draining
         out: dict[str, Any] = {
             "ready": ready,
             "role": "standalone",
             "max_event_size": self.config.input.max_event_size,
-            "event_connections": max(1, min(running, self.config.service.scanners_count)),
-            "workers": {"configured": self.workers, "ready": running if self.ready else 0},
+            # Constant while workers restart: a balancer keeps its lanes, and the master spreads them again.
+            "event_connections": min(self.workers, self.config.service.scanners_count),
+            "workers": {"configured": self.workers, "ready": 0 if starting else running},
             "feeds": {name: status for name, (_, status) in feeds.items()},
         }
         if self.draining:
             out["reason"] = "draining"
         elif not self.ready:
             out["reason"] = "starting: feeds are still loading"
+        elif starting:
+            out["reason"] = "starting: worker processes are starting"
         elif missing:
             out["reason"] = f"no loaded version of feed(s) {', '.join(missing)}"
         elif not running:

@@ -21,7 +21,7 @@ Invariants:
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 
 class Spread:
@@ -114,17 +114,22 @@ class ScannerSlots:
         return sum(1 for w, _ in self._active if w == worker)
 
     def eviction_candidate(
-        self, idle: Mapping[int, Iterable[tuple[int, float]]], now: float, floor: float
+        self,
+        idle: Mapping[int, Iterable[tuple[int, float]]],
+        now: float,
+        floor: float,
+        exclude: Collection[tuple[int, int]] = (),
     ) -> tuple[int, int] | None:
         """The ACTIVE connection idle the longest, idle for at least ``floor`` s, or None.
 
         ``idle`` is, per worker, ``(conn, last_active)`` of its connections that owe nothing and are
-        not held back (what each worker last reported), ``last_active`` on the clock of ``now``.
+        not held back (what each worker last reported), ``last_active`` on the clock of ``now``;
+        ``exclude``: connections already asked to go for another newcomer.
         """
         best: tuple[float, int, int] | None = None
         for worker, conns in idle.items():
             for conn, last_active in conns:
-                if (worker, conn) not in self._active or now - last_active < floor:
+                if (worker, conn) not in self._active or (worker, conn) in exclude or now - last_active < floor:
                     continue
                 if best is None or last_active < best[0]:
                     best = (last_active, worker, conn)

@@ -5,8 +5,9 @@ Invariants:
   doubles with each exit in a row (``base``, 2x ... capped at ``cap``), so a crash loop costs at
   most one start per ``cap`` seconds.  A worker READY for ``reset_after`` seconds before it exits
   starts over at ``base``.
-- A worker that sends nothing for ``hung_after`` seconds (it reports every second) is hung: the
-  master kills it, and its exit is handled like any other.
+- A worker that sends nothing for ``hung_after`` seconds (it reports every second), or is not READY
+  ``start_timeout`` seconds after it was started, is hung: the master kills it, and its exit is
+  handled like any other.
 - While draining nothing is started again.
 - Nothing here reads a clock or starts a process; callers pass ``now`` and act on what is returned.
 """
@@ -29,6 +30,7 @@ class WorkerSlot:
     index: int
     state: WorkerState = WorkerState.STARTING
     pid: int = 0
+    started: float = 0.0
     ready_since: float = 0.0
     heard: float = 0.0
     exits_in_a_row: int = 0
@@ -48,10 +50,18 @@ class Exit:
 
 class Supervisor:
     def __init__(
-        self, count: int, *, base: float = 0.5, cap: float = 30.0, reset_after: float = 60.0, hung_after: float = 10.0
+        self,
+        count: int,
+        *,
+        base: float = 0.5,
+        cap: float = 30.0,
+        reset_after: float = 60.0,
+        hung_after: float = 10.0,
+        start_timeout: float = 60.0,
     ) -> None:
         self.workers = [WorkerSlot(i) for i in range(count)]
         self.base, self.cap, self.reset_after, self.hung_after = base, cap, reset_after, hung_after
+        self.start_timeout = start_timeout
         self.draining = False
 
     def start(self) -> list[int]:
@@ -60,7 +70,7 @@ class Supervisor:
 
     def spawned(self, worker: int, pid: int, now: float) -> None:
         slot = self.workers[worker]
-        slot.state, slot.pid, slot.heard = WorkerState.STARTING, pid, now
+        slot.state, slot.pid, slot.heard, slot.started = WorkerState.STARTING, pid, now, now
 
     def heard(self, worker: int, now: float) -> None:
         self.workers[worker].heard = now
@@ -95,11 +105,16 @@ class Supervisor:
         return min(dues) if dues and not self.draining else None
 
     def hung(self, now: float) -> list[int]:
-        """Running workers silent for ``hung_after`` s: to kill."""
+        """Running workers silent for ``hung_after`` s, or STARTING for ``start_timeout`` s: to kill."""
         return [
             w.index
             for w in self.workers
-            if w.state in (WorkerState.STARTING, WorkerState.READY) and w.pid and now - w.heard >= self.hung_after
+            if w.state in (WorkerState.STARTING, WorkerState.READY)
+            and w.pid
+            and (
+                now - w.heard >= self.hung_after
+                or (w.state is WorkerState.STARTING and now - w.started >= self.start_timeout)
+            )
         ]
 
     def drain(self) -> None:

@@ -33,6 +33,7 @@ from typing import Any
 from threatgate import heap, runtime
 from threatgate.config.node import NodeConfig
 from threatgate.log import RateLimitedLog, setup_logging
+from threatgate.net.describe import describe
 from threatgate.net.drain import POLL_INTERVAL, remaining
 from threatgate.net.events import ConnState, EventListener, EventProtocol
 from threatgate.net.sender import Dropped, LineSender
@@ -63,6 +64,9 @@ HEAP_TOP_PAD = 8 * 1024 * 1024
 SHED_WITHIN = 10.0
 """Seconds a connection the master asked to shed may take to be owed nothing; then it is kept."""
 
+MUST_APPLY = frozenset({"hello", "config", "store", "suppliers"})
+"""Messages a worker cannot serve without: failing one, it exits (status 3) and is replaced."""
+
 HEARTBEAT = 1.0
 """Seconds between two ``stats`` messages (the master takes a worker silent for 10 s as hung)."""
 
@@ -85,6 +89,7 @@ class WorkerConnection(EventConnection):
         super().__init__(node)
         self.conn_id = conn_id
         self.worker = node
+        self.shedding = False  # the master asked to close it once it is owed nothing
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -115,10 +120,11 @@ class Worker:
         self.warn_input = RateLimitedLog(log)
         self.read_failures = ReadFailures(self.stats, log)
         self._snapshots: dict[int, FeedSnapshot] = {}
-        self._parts: dict[str, dict[int, FeedSnapshot]] = {}
+        self._parts: dict[str, tuple[int, dict[int, FeedSnapshot]]] = {}  # kind -> (generation, mapped so far)
         self._exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._started = False
+        self.failed = False  # something every worker must hold could not be applied: exit 3
 
     # -- EventSink -------------------------------------------------------------------------------
 
@@ -155,7 +161,20 @@ class Worker:
                 os.close(fd)
             log.error("unknown control message %r from the master (a defect)", message.kind)
             return
-        handler(message)
+        try:
+            handler(message)
+        except Exception as exc:
+            if message.kind not in MUST_APPLY:
+                raise  # the loop's handler logs it; this worker goes on
+            # A worker that could not take what every worker must hold would answer differently from the
+            # others (or not at all): it stops, and the master starts a new one that maps the current state.
+            log.error(
+                "cannot apply the master's %s: %s; this worker exits (the master starts another)",
+                message.kind,
+                describe(exc),
+            )
+            self.failed = True
+            self._exit.set()
 
     def _on_hello(self, message: Message) -> None:
         config, engine = message.payload
@@ -188,7 +207,11 @@ class Worker:
         """The snapshots of a store message, mapped; None until the last part of a store in several parts."""
         generation, refs, last = message.payload
         fds = list(message.fds)
-        parts = self._parts.setdefault(kind, {})
+        parts: dict[int, FeedSnapshot]
+        started, parts = self._parts.get(kind, (generation, {}))
+        if started != generation:  # a store in parts is never interleaved with another: a defect, but safe
+            parts = {}
+        self._parts[kind] = (generation, parts)
         try:
             while refs:
                 slot, ref = refs.pop(0)
@@ -198,7 +221,8 @@ class Worker:
                 os.close(fd)
         if not last:
             return None
-        return self._parts.pop(kind)
+        del self._parts[kind]
+        return parts
 
     def _on_store(self, message: Message) -> None:
         snaps = self._mapped("store", message)
@@ -215,8 +239,16 @@ class Worker:
 
     def _on_conn(self, message: Message) -> None:
         conn_id = message.payload
-        (fd,) = message.fds
-        sock = socket.socket(fileno=fd)
+        try:
+            (fd,) = message.fds
+            sock = socket.socket(fileno=fd)
+        except (ValueError, OSError) as exc:  # not one socket: a defect; the master must not count it
+            for extra in message.fds:
+                with contextlib.suppress(OSError):
+                    os.close(extra)
+            log.error("connection %d handed over without its socket (%s)", conn_id, exc)
+            self.send("closed", conn_id)
+            return
         loop = asyncio.get_running_loop()
 
         async def serve() -> None:
@@ -252,10 +284,22 @@ class Worker:
         self.send("evicted", (conn_id, ok, conn.peer if conn is not None else ""))
 
     def _on_shed(self, message: Message) -> None:
-        """The master balances: close our newest connection once it is owed nothing (its client reconnects)."""
-        conns = [c for c in self.conns.values() if c in self.listener.active]
-        if conns:
-            self._spawn(self._shed(max(conns, key=lambda c: c.conn_id)))
+        """The master spreads connections: close our newest one whose client re-sends what was not answered
+        (``X-KF-ReplyBack`` and ``X-KF-SendFinishedEvent``, the CyberTrace HA recipe a balancer's lanes use),
+        once it is owed nothing.  A client without them could not tell which events were answered: never
+        one of those.  Answers the peer, or None when there is none to shed."""
+        conns = [
+            c
+            for c in self.conns.values()
+            if c in self.listener.active and c.flags.reply_back and c.flags.send_finished and not c.shedding
+        ]
+        if not conns:
+            self.send("shed", None)
+            return
+        conn = max(conns, key=lambda c: c.conn_id)
+        conn.shedding = True
+        self.send("shed", conn.peer)
+        self._spawn(self._shed(conn))
 
     async def _shed(self, conn: WorkerConnection) -> None:
         conn.pause("shed")  # read nothing more: what was read is answered, what was not is sent again by the client
@@ -267,6 +311,7 @@ class Worker:
             if not conn.owed().owing():
                 break
             if loop.time() >= until:
+                conn.shedding = False
                 conn.resume("shed")  # still owed something: keep it rather than lose an answer
                 return
             await asyncio.sleep(POLL_INTERVAL)
@@ -327,12 +372,13 @@ class Worker:
             with contextlib.suppress(Exception):
                 await self.output.aclose()
         if self.channel is not None:
-            self.channel.close()
+            self.channel.close(flush_within=1.0)  # the last report (stats, drained) reaches the master
 
 
-async def _serve(fd: int, index: int) -> None:
-    sock = socket.socket(fileno=fd)
-    await Worker(index, sock).run()
+async def _serve(fd: int, index: int) -> int:
+    worker = Worker(index, socket.socket(fileno=fd))
+    await worker.run()
+    return 3 if worker.failed else 0
 
 
 def main(argv: list[str]) -> int:
@@ -343,8 +389,13 @@ def main(argv: list[str]) -> int:
         signal.signal(sig, signal.SIG_IGN)
     setup_logging(level, worker=index)
     heap.keep_top_pad(HEAP_TOP_PAD)
-    runtime.run(_serve(fd, index))
-    return 0
+    status = [0]
+
+    async def serve() -> None:
+        status[0] = await _serve(fd, index)
+
+    runtime.run(serve())
+    return status[0]
 
 
 if __name__ == "__main__":
