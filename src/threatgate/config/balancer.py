@@ -12,7 +12,16 @@ from typing import Annotated, Literal
 
 import pydantic
 
-from threatgate.config.common import Address, build, compile_regex, parse_address, parse_bool, parse_int, resolve_path
+from threatgate.config.common import (
+    Address,
+    Frozen,
+    build,
+    compile_regex,
+    parse_address,
+    parse_bool,
+    parse_field,
+    resolve_path,
+)
 from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE
 from threatgate.config.xml import Node, read_checked, read_xml
 from threatgate.errors import ConfigError
@@ -37,11 +46,7 @@ _HOST = re.compile(r"[A-Za-z0-9._:-]{1,253}\Z")
 _METHODS = frozenset({"GET", "POST", "PUT", "DELETE", "HEAD", "PATCH"})
 
 
-class _Frozen(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
-
-
-class InstanceSettings(_Frozen):
+class InstanceSettings(Frozen):
     """One ``<Instance matching_port= api_port= enabled= weight= connections=>host</Instance>``."""
 
     host: str
@@ -66,13 +71,13 @@ class InstanceSettings(_Frozen):
         return Address(self.host, self.matching_port)
 
 
-class AllowedRequest(_Frozen):
+class AllowedRequest(Frozen):
     method: str
     pattern: RoutePattern
     text: str
 
 
-class HealthCheckSettings(_Frozen):
+class HealthCheckSettings(Frozen):
     """Active checks (PING -> PONG) in HAProxy's terms: every ``interval`` s, ``rise``/``fall`` in a row."""
 
     interval: float = pydantic.Field(default=2.0, gt=0, le=3600)
@@ -81,17 +86,17 @@ class HealthCheckSettings(_Frozen):
     fall: int = pydantic.Field(default=3, ge=1, le=100)
 
 
-class BalancerConfig(_Frozen):
+class BalancerConfig(Frozen):
     """Everything a balancer needs, validated: produced only by :func:`load_balancer_config`."""
 
     path: str
     listen_host: str
-    matching_port: int
-    api_port: int
-    cybertrace_port: int
-    scanners_count: int
+    matching_port: int = pydantic.Field(ge=1, le=65535)
+    api_port: int = pydantic.Field(ge=1, le=65535)
+    cybertrace_port: int = pydantic.Field(ge=1, le=65535)
+    scanners_count: int = pydantic.Field(ge=1, le=MAX_SCANNERS)
     event_delimiter: re.Pattern[str] | None = None
-    max_event_size: int = DEFAULT_MAX_EVENT_SIZE
+    max_event_size: int = pydantic.Field(default=DEFAULT_MAX_EVENT_SIZE, ge=64, le=64 * 1024 * 1024)
     cert_path: str
     key_path: str
     cert_dir: str
@@ -160,10 +165,12 @@ def _read_instance(node: Node) -> InstanceSettings:
         raise node.error(f"instance address {host[:80]!r}: expected a host name or an IP address")
     data = {
         "host": host.strip("[]"),
-        "matching_port": parse_int(node, node.attrs.get("matching_port"), "matching_port", 1, 65535),
-        "api_port": parse_int(node, node.attrs.get("api_port"), "api_port", 1, 65535, 443),
+        "matching_port": parse_field(
+            node, node.attrs.get("matching_port"), "matching_port", InstanceSettings, "matching_port"
+        ),
+        "api_port": parse_field(node, node.attrs.get("api_port"), "api_port", InstanceSettings, "api_port", 443),
         "enabled": parse_bool(node, "enabled", True),
-        "weight": parse_int(node, node.attrs.get("weight"), "weight", 1, 100, 1),
+        "weight": parse_field(node, node.attrs.get("weight"), "weight", InstanceSettings, "weight", 1),
         "connections": _read_connections(node),
         "api_port_set": "api_port" in node.attrs,
         "line": node.line,
@@ -207,10 +214,10 @@ def _read_health(node: Node | None) -> HealthCheckSettings:
     if node is None:
         return HealthCheckSettings()
     data = {
-        "interval": parse_int(node, node.attrs.get("interval"), "interval", 1, 3600, 2),
-        "timeout": parse_int(node, node.attrs.get("timeout"), "timeout", 1, 3600, 2),
-        "rise": parse_int(node, node.attrs.get("rise"), "rise", 1, 100, 2),
-        "fall": parse_int(node, node.attrs.get("fall"), "fall", 1, 100, 3),
+        "interval": parse_field(node, node.attrs.get("interval"), "interval", HealthCheckSettings, "interval", 2),
+        "timeout": parse_field(node, node.attrs.get("timeout"), "timeout", HealthCheckSettings, "timeout", 2),
+        "rise": parse_field(node, node.attrs.get("rise"), "rise", HealthCheckSettings, "rise", 2),
+        "fall": parse_field(node, node.attrs.get("fall"), "fall", HealthCheckSettings, "fall", 3),
     }
     return build(node, HealthCheckSettings, data)
 
@@ -267,7 +274,7 @@ def _read_config(root: Node) -> BalancerConfig:
     if not host:
         raise balancer.error("empty listen address: the element's text is the address to listen on")
     ports = {
-        name: parse_int(balancer, balancer.attrs.get(name), name, 1, 65535)
+        name: parse_field(balancer, balancer.attrs.get(name), name, BalancerConfig, name)
         for name in ("matching_port", "api_port", "cybertrace_port")
     }
     if len(set(ports.values())) < 3:
@@ -276,7 +283,9 @@ def _read_config(root: Node) -> BalancerConfig:
         "path": root.path,
         "listen_host": host,
         **ports,
-        "scanners_count": parse_int(balancer, balancer.attrs.get("scanners_count"), "scanners_count", 1, MAX_SCANNERS),
+        "scanners_count": parse_field(
+            balancer, balancer.attrs.get("scanners_count"), "scanners_count", BalancerConfig, "scanners_count"
+        ),
     }
     delim = root.only("EventDelimiter")
     if delim is not None and delim.text:
@@ -297,24 +306,24 @@ def _read_config(root: Node) -> BalancerConfig:
     readiness = root.only("ReadinessCheck")
     if readiness is not None:
         data["readiness"] = parse_bool(readiness, "enabled", True)
-    for tag, key, lo, hi in (
-        ("MaxEventSize", "max_event_size", 64, 64 * 1024 * 1024),
-        ("ReplyTimeout", "reply_timeout", 1, 3600),
-        ("MaxInflightEvents", "max_inflight_events", 1, 10_000_000),
-        ("MaxPendingEvents", "max_pending_events", 1, 100_000_000),
-        ("HandshakeTimeout", "handshake_timeout", 1, 3600),
-        ("IdleTimeout", "idle_timeout", 0, 86400),
-        ("DrainTimeout", "drain_timeout", 1, 3600),
-        ("MaxEventWait", "max_event_wait", 0, 86400),
-        ("MaxPendingEventsPerClient", "max_client_pending", 0, 100_000_000),
-        ("StatisticsInterval", "stats_interval", 1, 86400),
-        ("MaxConcurrentRequests", "max_api_requests", 1, 100_000),
-        ("RequestBodyTimeout", "api_body_timeout", 1, 3600),
-        ("UpstreamTimeout", "api_upstream_timeout", 1, 3600),
+    for tag, key in (
+        ("MaxEventSize", "max_event_size"),
+        ("ReplyTimeout", "reply_timeout"),
+        ("MaxInflightEvents", "max_inflight_events"),
+        ("MaxPendingEvents", "max_pending_events"),
+        ("HandshakeTimeout", "handshake_timeout"),
+        ("IdleTimeout", "idle_timeout"),
+        ("DrainTimeout", "drain_timeout"),
+        ("MaxEventWait", "max_event_wait"),
+        ("MaxPendingEventsPerClient", "max_client_pending"),
+        ("StatisticsInterval", "stats_interval"),
+        ("MaxConcurrentRequests", "max_api_requests"),
+        ("RequestBodyTimeout", "api_body_timeout"),
+        ("UpstreamTimeout", "api_upstream_timeout"),
     ):
         opt = root.only(tag)
         if opt is not None:
-            data[key] = parse_int(opt, opt.value, tag, lo, hi)
+            data[key] = parse_field(opt, opt.value, tag, BalancerConfig, key)
     forward = root.only("AlertForwardConnectionString")
     if forward is not None and parse_bool(forward, "enabled", True):
         data["alert_forward"] = parse_address(forward)

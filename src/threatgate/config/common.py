@@ -7,8 +7,10 @@ points at that element.  Loaders stay declarative: read, convert, build a frozen
 from __future__ import annotations
 
 import ipaddress
+import math
 import os
 import re
+import typing
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -19,6 +21,16 @@ from threatgate.config.xml import Node
 from threatgate.errors import ConfigError
 
 T = TypeVar("T", bound=pydantic.BaseModel)
+
+UNBOUNDED = 2**31 - 1
+"""The largest integer a config file may write where the model sets no upper bound."""
+
+
+class Frozen(pydantic.BaseModel):
+    """The base of every configuration model: immutable, no field it does not declare."""
+
+    model_config = pydantic.ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
+
 
 _TRUE = {"true", "1", "yes", "on"}
 _FALSE = {"false", "0", "no", "off"}
@@ -96,6 +108,53 @@ def resolve_path(node: Node, raw: str) -> str:
     if not raw.strip():
         raise node.error("empty path")
     return os.path.normpath(os.path.join(os.path.dirname(os.path.abspath(node.path)), raw.strip()))
+
+
+def field_bounds(model: type[pydantic.BaseModel], name: str) -> tuple[int, int]:  # noqa: C901 - one scan
+    """The integer range a config file may write for ``model.name``: the model's own bounds.
+
+    Bounds are declared once, on the model (``pydantic.Field(ge=, gt=, le=, lt=)``, also inside an
+    ``Annotated`` member of a union such as ``int | Literal["auto"]``); the XML reader asks for them
+    here, so the file and a configuration built in code accept the same values.  A strict lower bound
+    on a float field (``gt=0``) is the first integer above it, since files write whole numbers.
+    """
+    lo, hi = -UNBOUNDED, UNBOUNDED
+    info = model.model_fields[name]
+    metadata = list(info.metadata)
+    for arg in typing.get_args(info.annotation):
+        metadata.extend(getattr(arg, "__metadata__", ()))
+        for inner in getattr(arg, "__metadata__", ()):
+            metadata.extend(getattr(inner, "metadata", ()))
+    for m in metadata:  # pydantic's constraint objects (annotated_types Ge, Gt, Le, Lt)
+        if (ge := getattr(m, "ge", None)) is not None:
+            lo = max(lo, math.ceil(ge))
+        if (gt := getattr(m, "gt", None)) is not None:
+            lo = max(lo, math.floor(gt) + 1)
+        if (le := getattr(m, "le", None)) is not None:
+            hi = min(hi, math.floor(le))
+        if (lt := getattr(m, "lt", None)) is not None:
+            hi = min(hi, math.ceil(lt) - 1)
+    return lo, hi
+
+
+def parse_field(
+    node: Node, raw: str | None, what: str, model: type[pydantic.BaseModel], name: str, default: int | None = None
+) -> int:
+    """:func:`parse_int` within the bounds the model declares for ``name`` (:func:`field_bounds`)."""
+    lo, hi = field_bounds(model, name)
+    return parse_int(node, raw, what, lo, hi, default)
+
+
+def field_range(model: type[pydantic.BaseModel], name: str) -> tuple[float, float]:
+    """The inclusive range of a float field (``ge``/``le``; a model that says ``gt`` is asked for ``ge``)."""
+    info = model.model_fields[name]
+    lo, hi = float("-inf"), float("inf")
+    for m in info.metadata:
+        if (ge := getattr(m, "ge", None)) is not None:
+            lo = max(lo, float(ge))
+        if (le := getattr(m, "le", None)) is not None:
+            hi = min(hi, float(le))
+    return lo, hi
 
 
 def build(node: Node, model: type[T], data: Mapping[str, Any], lines: Mapping[str, Node] | None = None) -> T:

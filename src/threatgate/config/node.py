@@ -10,17 +10,19 @@ from __future__ import annotations
 import enum
 import os
 import re
-from typing import Literal
+from typing import Annotated, Literal
 
 import pydantic
 
 from threatgate.config.common import (
     Address,
+    Frozen,
     build,
     compile_regex,
+    field_range,
     parse_address,
     parse_bool,
-    parse_int,
+    parse_field,
     resolve_path,
 )
 from threatgate.config.xml import Node, read_checked, read_xml
@@ -73,11 +75,7 @@ class RuleType(enum.Enum):
     CONTEXT = "CONTEXT"
 
 
-class _Frozen(pydantic.BaseModel):
-    model_config = pydantic.ConfigDict(frozen=True, arbitrary_types_allowed=True, extra="forbid")
-
-
-class Rule(_Frozen):
+class Rule(Frozen):
     """One typed extraction rule: ``<NAME type="URL" extract="all">regex</NAME>``."""
 
     name: str
@@ -87,7 +85,7 @@ class Rule(_Frozen):
     line: int
 
 
-class ReplaceRule(_Frozen):
+class ReplaceRule(Frozen):
     """A normalizing replace rule: every match of ``pattern`` becomes ``output`` (``\\n`` splits the event)."""
 
     pattern: re.Pattern[str]
@@ -99,7 +97,7 @@ class ReplaceRule(_Frozen):
         return self.output.replace("\\", "\\\\")
 
 
-class Source(_Frozen):
+class Source(Frozen):
     """An event source: rules picked by sender IP or syslog host name, else ``default``."""
 
     id: str
@@ -110,14 +108,14 @@ class Source(_Frozen):
     rules: tuple[Rule, ...] = ()
 
 
-class InputSettings(_Frozen):
+class InputSettings(Frozen):
     listen: Address
     event_delimiter: re.Pattern[str] | None = None
     max_event_size: int = pydantic.Field(default=DEFAULT_MAX_EVENT_SIZE, ge=64, le=64 * 1024 * 1024)
     sources: tuple[Source, ...]
 
 
-class OutputSettings(_Frozen):
+class OutputSettings(Frozen):
     destination: Address
     event_format: str
     record_field_format: str
@@ -134,7 +132,7 @@ FeedFormat = Literal["json", "csv", "stix", "misp"]
 Supplier = Literal["feed", "FalsePositive", "InternalTI"]
 
 
-class FeedSettings(_Frozen):
+class FeedSettings(Frozen):
     """One ``<Feed>``: a file of indicator records with the category and confidence they detect as."""
 
     path: str
@@ -153,9 +151,9 @@ class FeedSettings(_Frozen):
     line: int = 0
 
 
-class FeedsSettings(_Frozen):
+class FeedsSettings(Frozen):
     update_frequency: int = pydantic.Field(default=30, ge=0, le=1440)
-    per_scan_detect_limit: int = pydantic.Field(default=0, ge=0)
+    per_scan_detect_limit: int = pydantic.Field(default=0, ge=0, le=1_000_000)
     feeds: tuple[FeedSettings, ...] = ()
     snapshot_dir: str = ""
     """``<Feeds snapshot_dir>``: where loaded feed versions are kept as snapshot files (node/snapshots.py);
@@ -163,7 +161,7 @@ class FeedsSettings(_Frozen):
     Empty (a configuration built in code): a temporary directory of the process."""
 
 
-class ServiceSettings(_Frozen):
+class ServiceSettings(Frozen):
     scanners_count: int = pydantic.Field(default=9, ge=1, le=MAX_SCANNERS)
     metrics: Address | None = None
     handshake_timeout: float = pydantic.Field(default=10.0, gt=0, le=3600)
@@ -177,11 +175,11 @@ class ServiceSettings(_Frozen):
 MAX_WORKERS = 64
 
 
-class ScanSettings(_Frozen):
+class ScanSettings(Frozen):
     """``<ScanSettings>``: how many processes match events (CyberTrace 5's element of the same name holds
     ScanningThreadsPerScanner; threatgate's parallelism is processes, see docs/architecture.md "Workers")."""
 
-    workers: int | Literal["auto"] = "auto"
+    workers: Annotated[int, pydantic.Field(ge=1, le=MAX_WORKERS)] | Literal["auto"] = "auto"
     """``<Workers>``: worker processes matching events, 1-64, or ``auto``: one per CPU the process may use.
     One worker is today's single process: the node matches in the process that listens."""
 
@@ -206,7 +204,7 @@ EXPORT_FREQUENCIES = (0, 30, 60, 120, 240, 480, 960, 1440)
 MAX_EXPORT_RECORDS = 50_000
 
 
-class HTTPServerSettings(_Frozen):
+class HTTPServerSettings(Frozen):
     """``<HTTPServer>``: the REST API over HTTPS (absent: no API, no API suppliers)."""
 
     listen: Address
@@ -219,13 +217,13 @@ class HTTPServerSettings(_Frozen):
     idle_timeout: float = pydantic.Field(default=75.0, gt=0, le=3600)
 
 
-class IoCExportSettings(_Frozen):
+class IoCExportSettings(Frozen):
     """One ``<IoCExport>`` task: a CSV of indicators served at ``/ioc_exports/<name>``."""
 
     name: str
     enabled: bool = True
     delimiter: str = ","
-    update_frequency: int = 0
+    update_frequency: int = pydantic.Field(default=0, ge=0, le=1440)  # and one of EXPORT_FREQUENCIES
     create_header: bool = True
     records_limit: int = pydantic.Field(default=MAX_EXPORT_RECORDS, ge=1, le=MAX_EXPORT_RECORDS)
     sources: tuple[str, ...] = ()  # feed categories, feed names or supplier names; empty = all
@@ -234,7 +232,7 @@ class IoCExportSettings(_Frozen):
     password_hash: str | None = None
 
 
-class EtcdSettings(_Frozen):
+class EtcdSettings(Frozen):
     """``<Cluster><Etcd>``: keep the settings in etcd and elect the Control through a lease."""
 
     endpoints: tuple[str, ...]
@@ -246,7 +244,7 @@ class EtcdSettings(_Frozen):
     key_path: str | None = None
 
 
-class ClusterSettings(_Frozen):
+class ClusterSettings(Frozen):
     """``<Cluster>``: this node's place in a Control/Secondary cluster (docs/cluster.md).
 
     Only local things live here; role, cluster id and members live in the state directory, written
@@ -258,11 +256,11 @@ class ClusterSettings(_Frozen):
     heartbeat: float = pydantic.Field(default=2.0, ge=0.1, le=60)
     fall: int = pydantic.Field(default=3, ge=1, le=100)
     keep_revisions: int = pydantic.Field(default=20, ge=2, le=10_000)
-    request_timeout: float = pydantic.Field(default=5.0, gt=0, le=300)
+    request_timeout: float = pydantic.Field(default=5.0, ge=0.1, le=300)
     etcd: EtcdSettings | None = None
 
 
-class NodeConfig(_Frozen):
+class NodeConfig(Frozen):
     """Everything a node needs, validated: produced only by :func:`load_node_config`."""
 
     path: str
@@ -367,7 +365,7 @@ def _read_input(node: Node) -> InputSettings:
     size_node = node.only("MaxEventSize")
     max_size = DEFAULT_MAX_EVENT_SIZE
     if size_node is not None:
-        max_size = parse_int(size_node, size_node.value, "MaxEventSize", 64, 64 * 1024 * 1024)
+        max_size = parse_field(size_node, size_node.value, "MaxEventSize", InputSettings, "max_event_size")
     regexps = node.require("RegExps")
     sources: list[Source] = []
     seen: dict[str, int] = {}
@@ -426,10 +424,14 @@ def _read_output(node: Node, rule_names: frozenset[str]) -> OutputSettings:
         data["alert_destination"] = parse_address(alert_to)
     retries = node.only("EventSendingRetriesCount")
     if retries is not None:
-        data["retries_count"] = parse_int(retries, retries.value, "EventSendingRetriesCount", 0, 10)
+        data["retries_count"] = parse_field(
+            retries, retries.value, "EventSendingRetriesCount", OutputSettings, "retries_count"
+        )
     retry_timeout = node.only("EventSendingRetriesTimeout")
     if retry_timeout is not None:
-        data["retries_timeout"] = parse_int(retry_timeout, retry_timeout.value, "EventSendingRetriesTimeout", 0, 60)
+        data["retries_timeout"] = parse_field(
+            retry_timeout, retry_timeout.value, "EventSendingRetriesTimeout", OutputSettings, "retries_timeout"
+        )
     return build(node, OutputSettings, data, lines)
 
 
@@ -472,7 +474,7 @@ def _read_feed(node: Node) -> FeedSettings:
         "path": path,
         "name": os.path.basename(path),
         "enabled": enabled,
-        "confidence": parse_int(node, node.attrs.get("confidence"), "confidence", 0, 100, 100),
+        "confidence": parse_field(node, node.attrs.get("confidence"), "confidence", FeedSettings, "confidence", 100),
         "category": category,
         "format": fmt,
         "supplier": supplier,
@@ -532,9 +534,16 @@ def _read_feeds(node: Node | None, root: Node, http: HTTPServerSettings | None) 
             raise node.unknown_child(child, ("Feed",))
         feeds.append(_read_feed(child))
     return FeedsSettings(
-        update_frequency=parse_int(node, node.attrs.get("update_frequency"), "update_frequency", 0, 1440, 30),
-        per_scan_detect_limit=parse_int(
-            node, node.attrs.get("per_scan_detect_limit"), "per_scan_detect_limit", 0, 1_000_000, 0
+        update_frequency=parse_field(
+            node, node.attrs.get("update_frequency"), "update_frequency", FeedsSettings, "update_frequency", 30
+        ),
+        per_scan_detect_limit=parse_field(
+            node,
+            node.attrs.get("per_scan_detect_limit"),
+            "per_scan_detect_limit",
+            FeedsSettings,
+            "per_scan_detect_limit",
+            0,
         ),
         feeds=tuple(feeds),
         snapshot_dir=snapshot_dir,
@@ -547,19 +556,23 @@ def _read_service(node: Node | None) -> ServiceSettings:
     data: dict[str, object] = {}
     scanners = node.only("ScannersCount")
     if scanners is not None:
-        data["scanners_count"] = parse_int(scanners, scanners.value, "ScannersCount", 1, MAX_SCANNERS)
+        data["scanners_count"] = parse_field(
+            scanners, scanners.value, "ScannersCount", ServiceSettings, "scanners_count"
+        )
     metrics = node.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
         data["metrics"] = parse_address(metrics)
     handshake = node.only("HandshakeTimeout")
     if handshake is not None:
-        data["handshake_timeout"] = parse_int(handshake, handshake.value, "HandshakeTimeout", 1, 3600)
+        data["handshake_timeout"] = parse_field(
+            handshake, handshake.value, "HandshakeTimeout", ServiceSettings, "handshake_timeout"
+        )
     idle = node.only("IdleTimeout")
     if idle is not None:
-        data["idle_timeout"] = parse_int(idle, idle.value, "IdleTimeout", 0, 86400)
+        data["idle_timeout"] = parse_field(idle, idle.value, "IdleTimeout", ServiceSettings, "idle_timeout")
     drain = node.only("DrainTimeout")
     if drain is not None:
-        data["drain_timeout"] = parse_int(drain, drain.value, "DrainTimeout", 1, 3600)
+        data["drain_timeout"] = parse_field(drain, drain.value, "DrainTimeout", ServiceSettings, "drain_timeout")
     return build(node, ServiceSettings, data)
 
 
@@ -573,7 +586,7 @@ def _read_scan(node: Node | None) -> ScanSettings:
         if raw.lower() == "auto":
             data["workers"] = "auto"
         else:
-            data["workers"] = parse_int(workers, raw, "Workers (a number or auto)", 1, MAX_WORKERS)
+            data["workers"] = parse_field(workers, raw, "Workers (a number or auto)", ScanSettings, "workers")
     return build(node, ScanSettings, data)
 
 
@@ -626,7 +639,7 @@ def _read_http(node: Node | None) -> HTTPServerSettings | None:
     ):
         child = node.only(tag)
         if child is not None:
-            data[key] = parse_int(child, child.value, tag, 1, 3600)
+            data[key] = parse_field(child, child.value, tag, HTTPServerSettings, key)
     resources_ip = node.only("ResourcesIP")
     if resources_ip is not None:
         resources_ip.ignore()  # CyberTrace's: accepted for compatibility, unused (docs/configuration.md)
@@ -644,7 +657,9 @@ def _read_export(node: Node) -> IoCExportSettings:
     raw_delim = node.attrs.get("delimiter", ",")
     if raw_delim not in EXPORT_DELIMITERS:
         raise node.error(f"delimiter={raw_delim!r}: expected one of , ; space \\t")
-    freq = parse_int(node, node.attrs.get("update_frequency"), "update_frequency", 0, 1440, 0)
+    freq = parse_field(
+        node, node.attrs.get("update_frequency"), "update_frequency", IoCExportSettings, "update_frequency", 0
+    )
     if freq not in EXPORT_FREQUENCIES:
         raise node.error(f"update_frequency={freq}: expected one of {', '.join(map(str, EXPORT_FREQUENCIES))}")
     user = node.attrs.get("user")
@@ -657,8 +672,13 @@ def _read_export(node: Node) -> IoCExportSettings:
         "delimiter": EXPORT_DELIMITERS[raw_delim],
         "update_frequency": freq,
         "create_header": parse_bool(node, "create_header", True),
-        "records_limit": parse_int(
-            node, node.attrs.get("records_limit"), "records_limit", 1, MAX_EXPORT_RECORDS, MAX_EXPORT_RECORDS
+        "records_limit": parse_field(
+            node,
+            node.attrs.get("records_limit"),
+            "records_limit",
+            IoCExportSettings,
+            "records_limit",
+            MAX_EXPORT_RECORDS,
         ),
         "sources": _split_list(node.attrs.get("sources")),
         "user": user,
@@ -709,7 +729,7 @@ def _read_etcd(node: Node) -> EtcdSettings:
     data: dict[str, object] = {
         "endpoints": endpoints,
         "prefix": prefix.rstrip("/") or "/threatgate",
-        "lease_ttl": parse_int(node, node.attrs.get("lease_ttl"), "lease_ttl", 2, 300, 5),
+        "lease_ttl": parse_field(node, node.attrs.get("lease_ttl"), "lease_ttl", EtcdSettings, "lease_ttl", 5),
         "election": parse_bool(node, "election", True),
     }
     for attr, key in (("ca", "ca_path"), ("cert", "cert_path"), ("key", "key_path")):
@@ -733,19 +753,16 @@ def _read_cluster(node: Node | None, http: HTTPServerSettings | None) -> Cluster
         "listen": parse_address(node.require("ConnectionString")),
         "state_dir": resolve_path(state or node, state.value if state is not None else "state/cluster"),
     }
-    for tag, key, lo, hi in (
-        ("HeartbeatInterval", "heartbeat", 0.1, 60.0),
-        ("RequestTimeout", "request_timeout", 0.1, 300.0),
-    ):
+    for tag, key in (("HeartbeatInterval", "heartbeat"), ("RequestTimeout", "request_timeout")):
         timing = node.only(tag)
         if timing is not None:
-            data[key] = _seconds(timing, tag, lo, hi)
+            data[key] = _seconds(timing, tag, *field_range(ClusterSettings, key))
     fall = node.only("FallCount")
     if fall is not None:
-        data["fall"] = parse_int(fall, fall.value, "FallCount", 1, 100)
+        data["fall"] = parse_field(fall, fall.value, "FallCount", ClusterSettings, "fall")
     keep = node.only("KeepRevisions")
     if keep is not None:
-        data["keep_revisions"] = parse_int(keep, keep.value, "KeepRevisions", 2, 10_000)
+        data["keep_revisions"] = parse_field(keep, keep.value, "KeepRevisions", ClusterSettings, "keep_revisions")
     etcd = node.only("Etcd")
     if etcd is not None:
         data["etcd"] = _read_etcd(etcd)
