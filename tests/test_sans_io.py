@@ -27,6 +27,7 @@ SANS_IO_FILES = sorted(
             )
         ),
         SRC / "net" / "drain.py",
+        SRC / "cluster" / "tokens.py",
     ]
 )
 

@@ -22,8 +22,6 @@ POST   /cluster/v1/admin/<action>     set, import, users, rollback, promote, dem
 from __future__ import annotations
 
 import asyncio
-import hashlib
-import hmac
 import json
 import logging
 import secrets
@@ -50,6 +48,7 @@ from threatgate.cluster.settings import (
 )
 from threatgate.cluster.state import StateDir
 from threatgate.cluster.sync import ClusterCore, Decision, Identity, Member, Role
+from threatgate.cluster.tokens import JoinTokens
 from threatgate.cluster.transport import MAX_BODY, PeerClient, cluster_server_context, request_fingerprint
 from threatgate.config.common import Address, parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
@@ -68,7 +67,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("threatgate.cluster")
 
-MAX_TOKEN_TTL = 24 * 3600
 MAX_JOIN_BODY = 64 * 1024
 """A join request is a token, an address and one certificate: anything bigger is not one."""
 ALERT_EMERGENCY = "KL_ALERT_ClusterEmergencyState"
@@ -140,7 +138,7 @@ class ClusterAgent:
         self._trusted = set(identity.members)
         self._apply_lock = asyncio.Lock()
         self._write_lock = asyncio.Lock()
-        self._tokens: dict[bytes, float] = {}  # sha256(token) -> expiry (monotonic)
+        self._tokens = JoinTokens()  # one-time join tokens (cluster/tokens.py), on the monotonic clock
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -604,24 +602,15 @@ class ClusterAgent:
     def issue_token(self, ttl: float) -> str:
         if self.identity.role is not Role.CONTROL:
             raise ClusterError("only the Control node issues join tokens")
-        if not 1 <= ttl <= MAX_TOKEN_TTL:
-            raise ClusterError(f"token lifetime must be 1-{MAX_TOKEN_TTL} seconds", 400)
         token = secrets.token_urlsafe(32)
-        now = time.monotonic()
-        self._tokens = {h: exp for h, exp in self._tokens.items() if exp > now}
-        self._tokens[hashlib.sha256(token.encode()).digest()] = now + ttl
+        try:
+            self._tokens.issue(token, time.monotonic(), ttl)
+        except ValueError as exc:
+            raise ClusterError(str(exc), 400) from None
         return token
 
     def _redeem(self, token: Any) -> bool:
-        if not isinstance(token, str) or len(token) > 200:
-            return False
-        digest = hashlib.sha256(token.encode()).digest()
-        now = time.monotonic()
-        for known, expiry in list(self._tokens.items()):
-            if hmac.compare_digest(known, digest):
-                del self._tokens[known]  # one-time, whatever happens next
-                return expiry > now
-        return False
+        return self._tokens.redeem(token, time.monotonic())
 
     async def _join(self, body: Any) -> web.Response:
         if self.identity.role is not Role.CONTROL:
