@@ -28,6 +28,7 @@ SANS_IO_FILES = sorted(
         ),
         SRC / "net" / "drain.py",
         SRC / "cluster" / "tokens.py",
+        SRC / "cluster" / "routes.py",
     ]
 )
 

@@ -5,18 +5,9 @@ with sockets, files and the node.  One agent per node, on its own mutually authe
 (``<Cluster><ConnectionString>``), never on the event or API ports, so the balancer and API clients
 never see the control plane.
 
-Routes (JSON bodies; every answer carries this node's status so the caller learns from it):
-
-====== ============================== ===========================================================
-POST   /cluster/v1/heartbeat          a member's status in, ours out
-POST   /cluster/v1/settings           a pushed settings document (Control -> member)
-GET    /cluster/v1/settings?since=N   the applied document if newer than N, else 204 (pull)
-GET    /cluster/v1/status             the node table (self and every member)
-GET    /cluster/v1/history            the kept revisions
-POST   /cluster/v1/join               token + certificate -> membership and settings (no client cert)
-POST   /cluster/v1/admin/<action>     set, import, users, rollback, promote, demote, token, remove:
-                                      only from this node's own certificate (the local CLI)
-====== ============================== ===========================================================
+Routes are data (cluster/routes.py ``ROUTES``: method, path, who may call, what body); JSON bodies,
+and every answer carries this node's status so the caller learns from it.  A join request is the one
+route a non-member may call; the admin routes only this node's own certificate (the local CLI).
 """
 
 from __future__ import annotations
@@ -33,6 +24,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from cryptography import x509
 
+from threatgate.cluster.routes import route_for
 from threatgate.cluster.settings import (
     SettingsDocument,
     import_settings,
@@ -49,7 +41,7 @@ from threatgate.cluster.settings import (
 from threatgate.cluster.state import StateDir
 from threatgate.cluster.sync import ClusterCore, Decision, Identity, Member, Role
 from threatgate.cluster.tokens import JoinTokens
-from threatgate.cluster.transport import MAX_BODY, PeerClient, cluster_server_context, request_fingerprint
+from threatgate.cluster.transport import PeerClient, cluster_server_context, request_fingerprint
 from threatgate.config.common import Address, parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
 from threatgate.config.xml import Node, read_xml
@@ -67,8 +59,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("threatgate.cluster")
 
-MAX_JOIN_BODY = 64 * 1024
-"""A join request is a token, an address and one certificate: anything bigger is not one."""
 ALERT_EMERGENCY = "KL_ALERT_ClusterEmergencyState"
 ALERT_INCONSISTENT = "KL_ALERT_ClusterConsistencyError"
 ALERT_SYNC = "KL_ALERT_SettingsSynchronizationError"
@@ -666,54 +656,67 @@ class ClusterAgent:
 
     async def _handle(self, request: BaseRequest) -> web.StreamResponse:
         path, method = request.path, request.method
-        joining = path == "/cluster/v1/join" and method == "POST"
+        found = route_for(method, path)
+        route, params = found if found is not None else (None, {})
         peer = request_fingerprint(request)
-        if not joining and (peer is None or peer not in self.identity.members):
+        if (route is None or route.who != "anyone") and (peer is None or peer not in self.identity.members):
             self.node.stats.bump(self.node.stats.bad_input, "cluster_not_member")
             self.warn("cluster request %s from %s refused: not a member", path[:100], request.remote)
             return _json(403, {"error": "not a member of this cluster"})
-        body: Any = None
-        if method == "POST":
+        if route is None:
+            return _json(404, {"error": f"no route {method} {path[:100]}"})
+        if route.who == "self" and peer != self.identity.node_id:
+            return _json(403, {"error": "administration only from this node's own certificate (local CLI)"})
+        raw = b""
+        if route.body != "none":
             # members may send whole settings documents; strangers only a join request
-            limit = MAX_JOIN_BODY if joining else MAX_BODY
-            raw = await request.content.read(limit + 1)
-            if len(raw) > limit:
+            raw = await request.content.read(route.limit + 1)
+            if len(raw) > route.limit:
                 self.node.stats.bump(self.node.stats.bad_input, "cluster_body_too_large")
-                return _json(413, {"error": f"body larger than {limit} bytes"})
-            if path == "/cluster/v1/settings":
-                return await self._pushed(request, raw)
+                return _json(413, {"error": f"body larger than {route.limit} bytes"})
+        body: Any = None
+        if route.body == "json":
             try:
                 body = json.loads(raw) if raw else None
             except ValueError:
                 self.node.stats.bump(self.node.stats.bad_input, "cluster_bad_json")
                 return _json(400, {"error": "body is not JSON"})
-        if joining:
-            return await self._join(body)
-        assert peer is not None
-        now = time.monotonic()
-        if path == "/cluster/v1/heartbeat" and method == "POST":
-            if not isinstance(body, dict):
-                return _json(400, {"error": "expected a status object"})
-            await self._observed(peer, body)
-            return _json(200, {"status": self.core.status(now)})
-        if path == "/cluster/v1/settings" and method == "GET":
-            raw_since = request.query.get("since", "0") or "0"
-            if not raw_since.isdigit() or len(raw_since) > 18:
-                return _json(400, {"error": "since must be a revision number"})
-            since = int(raw_since)
-            doc = self.core.applied
-            if doc is None or doc.revision <= since:
-                return web.Response(status=204)
-            return _json(200, {"settings": doc.as_json(), "status": self.core.status(now)})
-        if path == "/cluster/v1/status" and method == "GET":
-            return _json(200, self.table(now))
-        if path == "/cluster/v1/history" and method == "GET":
-            return _json(200, await asyncio.to_thread(self._history))
-        if path.startswith("/cluster/v1/admin/") and method == "POST":
-            if peer != self.identity.node_id:
-                return _json(403, {"error": "administration only from this node's own certificate (local CLI)"})
-            return await self._admin(path.rsplit("/", 1)[1], body if isinstance(body, dict) else {})
-        return _json(404, {"error": f"no route {method} {path[:100]}"})
+        handler: Callable[[BaseRequest, Any, dict[str, str]], Awaitable[web.StreamResponse]]
+        handler = getattr(self, "_route_" + route.name)
+        return await handler(request, raw if route.body == "raw" else body, params)
+
+    async def _route_join(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        return await self._join(body)
+
+    async def _route_heartbeat(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        if not isinstance(body, dict):
+            return _json(400, {"error": "expected a status object"})
+        peer = request_fingerprint(request)
+        assert peer is not None  # a member: checked before the route runs
+        await self._observed(peer, body)
+        return _json(200, {"status": self.core.status(time.monotonic())})
+
+    async def _route_pushed(self, request: BaseRequest, raw: Any, params: dict[str, str]) -> web.StreamResponse:
+        return await self._pushed(request, raw)
+
+    async def _route_settings(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        raw_since = request.query.get("since", "0") or "0"
+        if not raw_since.isdigit() or len(raw_since) > 18:
+            return _json(400, {"error": "since must be a revision number"})
+        since = int(raw_since)
+        doc = self.core.applied
+        if doc is None or doc.revision <= since:
+            return web.Response(status=204)
+        return _json(200, {"settings": doc.as_json(), "status": self.core.status(time.monotonic())})
+
+    async def _route_status(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        return _json(200, self.table(time.monotonic()))
+
+    async def _route_history(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        return _json(200, await asyncio.to_thread(self._history))
+
+    async def _route_admin(self, request: BaseRequest, body: Any, params: dict[str, str]) -> web.StreamResponse:
+        return await self._admin(params["action"], body if isinstance(body, dict) else {})
 
     async def _pushed(self, request: BaseRequest, raw: bytes) -> web.Response:
         peer = request_fingerprint(request)

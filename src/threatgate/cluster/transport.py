@@ -24,9 +24,6 @@ from threatgate.errors import ClusterError
 from threatgate.net.describe import describe
 from threatgate.net.tls import fingerprint_sha256, server_context
 
-MAX_BODY = 256 * 1024 * 1024
-"""The largest cluster message (a settings document with big suppliers)."""
-
 
 def client_context(cert_path: str, key_path: str, peer_cert_pem: str | None) -> ssl.SSLContext:
     """A TLS client context presenting our cluster certificate and trusting only ``peer_cert_pem``.
