@@ -710,3 +710,42 @@ FencingMachine.TestCase.settings = settings(
     suppress_health_check=[HealthCheck.too_slow],
 )
 test_fencing_under_any_interleaving = FencingMachine.TestCase
+
+
+# -- a new Control: promotion and etcd election decisions ------------------------------------------------------
+
+
+def test_a_new_control_publishes_the_newest_settings_as_the_next_revision() -> None:
+    node = core("b", "abc", applied=doc(5, 1))
+    assert node.newest_of([None]) == doc(5, 1)
+    assert node.newest_of([doc(4, 1), None]) == doc(5, 1)  # older than what it applied
+    newer = doc(7, 1)
+    assert node.newest_of([newer]) == newer
+    published = node.next_document(newer, epoch=2, wall=2000.0)
+    assert (published.revision, published.epoch, published.payload) == (8, 2, newer.payload)
+    # Never below a revision this node applied, even when publishing an older document's content.
+    assert node.next_document(doc(3, 1), epoch=2, wall=2000.0).revision == 6
+    assert core("b", "abc").newest_of([None]) is None
+
+
+def test_etcd_naming_another_control_at_a_newer_epoch_is_followed_and_fences_us() -> None:
+    ctl = core("a", "abc", role=Role.CONTROL, epoch=3)
+    assert ctl.etcd_control(None, 9) == Decision()  # an election under way: nothing yet
+    assert ctl.etcd_control(member("a").node_id, 9) == Decision()  # ourselves
+    assert ctl.etcd_control(member("b").node_id, 3) == Decision()  # not newer
+    assert ctl.identity.role is Role.CONTROL
+    decision = ctl.etcd_control(member("b").node_id, 4)
+    assert decision == Decision(step_down=True, persist=True)
+    assert (ctl.identity.role, ctl.identity.epoch, ctl.identity.control_id) == (Role.SECONDARY, 4, member("b").node_id)
+    follower = core("c", "abc", epoch=3)
+    assert follower.etcd_control(member("b").node_id, 4) == Decision(persist=True)
+
+
+def test_an_election_at_an_epoch_already_seen_is_refused_and_the_role_waits_for_the_publish() -> None:
+    node = core("b", "abc", epoch=5)
+    with pytest.raises(ClusterError, match="elected at epoch 5, but epoch 5 was already seen"):
+        node.check_elected(5)
+    node.check_elected(6)
+    assert node.identity.role is Role.SECONDARY  # not before the settings are published
+    node.elected(6)
+    assert (node.identity.role, node.identity.epoch, node.identity.control_id) == (Role.CONTROL, 6, member("b").node_id)

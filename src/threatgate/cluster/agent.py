@@ -486,16 +486,11 @@ class ClusterAgent:
                 raise ClusterError("this node is already the Control node")
             newest = await self._newest_from_members()
             async with self._apply_lock:
-                base = (
-                    newest
-                    if newest is not None and (self.core.applied is None or newest.version > self.core.applied.version)
-                    else self.core.applied
-                )
+                base = self.core.newest_of([newest])
                 if base is None:
                     raise ClusterError("this node never received settings; promote a node that has", 409)
                 epoch = self.core.promote(base)
-                revision = max(base.revision, self.core.applied.revision if self.core.applied else 0)
-                doc = SettingsDocument.create(base.cluster_id, revision + 1, epoch, time.time(), base.payload)
+                doc = self.core.next_document(base, epoch, time.time())
                 await asyncio.to_thread(self.state.save_identity, self.identity)
                 self.core.took(doc, self.identity.node_id, Role.CONTROL.value, time.time())
                 await self._apply(doc)
@@ -538,15 +533,12 @@ class ClusterAgent:
 
     async def etcd_control(self, node_id: str | None, epoch: int) -> None:
         """etcd says who holds the Control key (None: nobody, an election is under way)."""
-        ident = self.identity
-        if node_id is None or node_id == ident.node_id or epoch <= ident.epoch:
-            return
-        if ident.role is Role.CONTROL:
-            self.core.demote()
+        decision = self.core.etcd_control(node_id, epoch)
+        if decision.step_down:
+            assert node_id is not None
             log.warning("etcd elected %s as Control (epoch %d): this node steps down", self._name(node_id), epoch)
-        ident.epoch = epoch
-        ident.control_id = node_id
-        await asyncio.to_thread(self.state.save_identity, ident)
+        if decision.persist:
+            await asyncio.to_thread(self.state.save_identity, self.identity)
 
     def _name(self, node_id: str) -> str:
         member = self.identity.members.get(node_id)
@@ -556,23 +548,18 @@ class ClusterAgent:
         """This node won the etcd election at ``epoch``: republish the newest settings under it."""
         assert self.backend is not None
         async with self._write_lock:
-            if epoch <= self.identity.epoch and self.identity.control_id != self.identity.node_id:
-                raise ClusterError(f"elected at epoch {epoch}, but epoch {self.identity.epoch} was already seen")
+            self.core.check_elected(epoch)
             stored = await self.backend.newest()
             async with self._apply_lock:
-                base = self.core.applied
-                if stored is not None and (base is None or stored.version > base.version):
-                    base = stored
+                base = self.core.newest_of([stored])
                 if base is None:
                     raise ClusterError("no settings to publish: neither this node nor etcd holds any")
-                revision = max(base.revision, self.core.applied.revision if self.core.applied else 0)
-                doc = SettingsDocument.create(base.cluster_id, revision + 1, epoch, time.time(), base.payload)
+                doc = self.core.next_document(base, epoch, time.time())
                 await self.backend.publish(doc, stored)
                 # only now: a failed publish (etcd down, fenced) must not leave this node claiming the role
-                ident = self.identity
-                ident.role, ident.epoch, ident.control_id = Role.CONTROL, epoch, ident.node_id
-                await asyncio.to_thread(self.state.save_identity, ident)
-                self.core.took(doc, ident.node_id, Role.CONTROL.value, time.time())
+                self.core.elected(epoch)
+                await asyncio.to_thread(self.state.save_identity, self.identity)
+                self.core.took(doc, self.identity.node_id, Role.CONTROL.value, time.time())
                 await self._apply(doc)
         log.warning("elected Control through etcd (epoch %d), settings %s", epoch, doc.short())
         self.node.alerts.raise_alert("KL_ALERT_ClusterControlChanged", epoch=epoch, control=self.identity.address)

@@ -19,6 +19,7 @@ Nothing here does I/O or reads a clock; ``now`` is monotonic seconds, ``wall`` i
 from __future__ import annotations
 
 import enum
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -434,6 +435,47 @@ class ClusterCore:
         if base is not None and base != current.revision:
             raise StaleRevision(base, current.revision)
         return current
+
+    def newest_of(self, candidates: Iterable[SettingsDocument | None]) -> SettingsDocument | None:
+        """What a new Control publishes from: the newest (by version) of what this node applied and
+        ``candidates`` (the members' documents on a promotion, etcd's on an election); None when none."""
+        base = self.applied
+        for doc in candidates:
+            if doc is not None and (base is None or doc.version > base.version):
+                base = doc
+        return base
+
+    def next_document(self, base: SettingsDocument, epoch: int, wall: float) -> SettingsDocument:
+        """``base``'s payload as the next revision (above any this node applied), at ``epoch``."""
+        revision = max(base.revision, self.applied.revision if self.applied else 0)
+        return SettingsDocument.create(base.cluster_id, revision + 1, epoch, wall, base.payload)
+
+    def etcd_control(self, node_id: str | None, epoch: int) -> Decision:
+        """etcd says who holds the Control key: follow a newer epoch (stepping down if it was us);
+        ignore nobody (an election under way), ourselves and older or equal epochs."""
+        ident = self.identity
+        if node_id is None or node_id == ident.node_id or epoch <= ident.epoch:
+            return Decision()
+        step_down = ident.role is Role.CONTROL
+        if step_down:
+            self.demote()
+        ident.epoch, ident.control_id = epoch, node_id
+        return Decision(step_down=step_down, persist=True)
+
+    def check_elected(self, epoch: int) -> None:
+        """Won the etcd election at ``epoch``: refuse an epoch this node has already seen from another.
+
+        Raises:
+            ClusterError: ``epoch`` is not newer than the one this node follows.
+        """
+        ident = self.identity
+        if epoch <= ident.epoch and ident.control_id != ident.node_id:
+            raise ClusterError(f"elected at epoch {epoch}, but epoch {ident.epoch} was already seen")
+
+    def elected(self, epoch: int) -> None:
+        """The election's settings are published at ``epoch``: only now is this node the Control."""
+        ident = self.identity
+        ident.role, ident.epoch, ident.control_id = Role.CONTROL, epoch, ident.node_id
 
     def promote(self, newest: SettingsDocument | None) -> int:
         """Become the Control: the new epoch is one above every epoch this node has heard of."""
