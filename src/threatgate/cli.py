@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ClusterError, ConfigError, ThreatgateError, TLSConfigError
+from threatgate.errors import ClusterError, ConfigError, FileWriteError, ThreatgateError, TLSConfigError
 from threatgate.log import LEVEL_NAMES, setup_logging
 
 if TYPE_CHECKING:
@@ -229,7 +229,7 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
         sys.exit(1)
     try:
         path = save_pin(config, shown)
-    except TLSConfigError as exc:  # the pin cannot be written (CertDirPath)
+    except FileWriteError as exc:  # the pin cannot be written (CertDirPath)
         click.echo(f"threatgate: {exc}", err=True)
         sys.exit(1)
     click.echo(f"renewed {path}: {shown.old or '(none)'} -> {shown.new}")

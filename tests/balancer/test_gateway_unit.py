@@ -30,14 +30,14 @@ from multidict import CIMultiDict
 
 from threatgate.balancer import gateway as gateway_module
 from threatgate.balancer.alerts import MAX_LINE, AlertConnection
-from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, UpstreamFailed, _match_canonical, canonical, is_write
+from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
-from threatgate.errors import TLSConfigError
+from threatgate.errors import PathError, TLSConfigError, UpstreamFailed
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
-from threatgate.wire.paths import PathError, RoutePattern, normalize_path
+from threatgate.wire.paths import RoutePattern, normalize_path
 
 
 def make_cert(name: str = "node") -> bytes:
