@@ -5,9 +5,9 @@ Rules:
 2. Every class here is raised somewhere (tests/test_errors.py checks it), and an error that crosses a
    module boundary lives here, not in the module that raises it: whoever catches it imports this
    bottom-layer module only, never the raiser (no import runs back up the layers for an exception).
-3. Foreign exceptions (OSError, ssl, aiohttp) are put into words by one helper,
-   :func:`threatgate.net.describe.describe`; the file writes of :mod:`threatgate.fs` raise
-   :class:`FileWriteError`.
+3. Foreign exceptions are put into words in one place: network, TLS and aiohttp errors by
+   :func:`threatgate.net.describe.describe`, a failed file or system call by
+   :func:`threatgate.fs.os_reason`; :func:`threatgate.fs.write_atomic` raises :class:`FileWriteError`.
 4. Errors carry what an operator needs to fix the problem: file, line, element, address.
 """
 

@@ -14,6 +14,10 @@ snapshots (node/snapfile.py) and the node config that ``threatgate users add|rem
 4. Any failure removes the temporary file and leaves the old file as it was; an OS error becomes
    :class:`~threatgate.errors.FileWriteError`, naming the file and the system's words.
 5. Missing parent directories are created 0700 (``os.makedirs`` would apply the mode to the leaf only).
+
+:func:`os_reason` is the one place a failed file or system call is put into words for a message that
+names the file itself; network errors go through :func:`threatgate.net.describe.describe`.  This
+module imports nothing of threatgate but errors.py: config, net and node all use it.
 """
 
 from __future__ import annotations
@@ -23,7 +27,9 @@ import secrets
 from collections.abc import Callable, Iterable
 
 from threatgate.errors import FileWriteError
-from threatgate.net.describe import os_reason
+
+MAX_REASON = 300
+"""Characters of the system's words kept (as net/describe.py bounds every message)."""
 
 Buffer = bytes | memoryview
 """A piece of the file: bytes, or a view of an array (written without a copy)."""
@@ -74,6 +80,17 @@ def write_atomic(
         raise
     if durable:
         _fsync_dir(directory)
+
+
+def os_reason(exc: OSError) -> str:
+    """The system's words for a failed file or system call (``No such file or directory``), without the
+    file name the caller's message already holds: ``f"cannot read {path}: {os_reason(exc)}"``.
+
+    An OSError raised by hand without them: its message, first line, bounded; else ``failed``.
+    """
+    text = (exc.strerror or str(exc)).strip()
+    first = text.splitlines()[0] if text else "failed"
+    return first if len(first) <= MAX_REASON else first[: MAX_REASON - 1] + "…"
 
 
 def _fill(fd: int, chunks: list[Buffer], mode: int, owner: tuple[int, int] | None, durable: bool) -> None:

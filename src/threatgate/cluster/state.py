@@ -21,8 +21,7 @@ import re
 from threatgate.cluster.settings import SettingsDocument, parse_document
 from threatgate.cluster.sync import Identity
 from threatgate.errors import ClusterError, FileWriteError, SettingsRejected
-from threatgate.fs import write_atomic
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason, write_atomic
 from threatgate.net.tls import PairInfo, ensure_server_pair
 
 _REVISION_FILE = re.compile(r"(\d{10})\.json\Z")

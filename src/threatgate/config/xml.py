@@ -35,7 +35,7 @@ import defusedxml
 import defusedxml.sax
 
 from threatgate.errors import ConfigError
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 """A configuration file larger than this is refused: real ones are a few kilobytes."""

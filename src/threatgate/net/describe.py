@@ -11,7 +11,7 @@ Rules:
    ``timed out``, ``TLS: certificate verify failed: self-signed certificate``.
 2. A threatgate error (:class:`~threatgate.errors.ThreatgateError`) is already written for operators: as is.
 3. Anything unknown: its message, first line, bounded; an exception without one is "failed", never its class.
-4. A message that names the file itself takes only the system's words: :func:`os_reason`.
+4. A message that names the file itself takes only the system's words: :func:`threatgate.fs.os_reason`.
 Pure: no I/O.
 """
 
@@ -44,17 +44,6 @@ def describe(exc: BaseException) -> str:
     if aiohttp is not None:
         return _aiohttp_text(aiohttp, exc) or _plain(exc)
     return _plain(exc)
-
-
-def os_reason(exc: BaseException) -> str:
-    """The system's words for a failed file or system call (``No such file or directory``), without the
-    file name: for messages that name the file themselves (``cannot read {path}: {os_reason(exc)}``).
-
-    An error without them (raised by hand, or not an OSError) is described as by :func:`describe`.
-    """
-    if isinstance(exc, OSError) and exc.strerror:
-        return _bounded(exc.strerror)
-    return describe(exc)
 
 
 def _aiohttp_text(aiohttp: Any, exc: BaseException) -> str | None:

@@ -33,8 +33,8 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from threatgate.errors import FileWriteError, TLSConfigError
-from threatgate.fs import write_atomic
-from threatgate.net.describe import describe, os_reason
+from threatgate.fs import os_reason, write_atomic
+from threatgate.net.describe import describe
 
 log = logging.getLogger("threatgate.tls")
 

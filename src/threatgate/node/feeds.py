@@ -52,7 +52,7 @@ import xxhash
 
 from threatgate.config.node import FeedSettings, NodeConfig
 from threatgate.errors import FeedError
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 from threatgate.node import normalize
 
 if TYPE_CHECKING:

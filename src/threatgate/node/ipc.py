@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 
 INLINE_MAX = 128 * 1024
 """Payloads up to this size ride in the message itself; larger ones in a memfd."""

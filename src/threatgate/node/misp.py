@@ -29,7 +29,7 @@ from typing import Any
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 from threatgate.node.feeds import (
     MemorySnapshot,
     classify,

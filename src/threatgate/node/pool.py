@@ -39,8 +39,8 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from threatgate.config.node import NodeConfig
+from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
-from threatgate.net.describe import os_reason
 from threatgate.net.drain import DrainResult
 from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair

@@ -38,9 +38,10 @@ from threatgate import runtime
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
+from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import StatsCollector, start_metrics_server
-from threatgate.net.describe import describe, os_reason
+from threatgate.net.describe import describe
 from threatgate.net.drain import remaining
 from threatgate.net.events import EventListener, log_drained
 from threatgate.net.http import HTTPServer
@@ -944,8 +945,7 @@ def _build_here(directory: str, settings: FeedSettings) -> snapshots.Built:
     try:
         return build_snapshot(directory, settings)
     except (FileWriteError, OSError) as exc:
-        why = exc.reason if isinstance(exc, FileWriteError) else os_reason(exc)
-        raise FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {why}") from None
+        raise snapshots.write_failure(settings, directory, exc) from None
 
 
 def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:

@@ -69,7 +69,7 @@ import xxhash
 
 from threatgate import fs
 from threatgate.errors import FeedError, SnapshotInvalid
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
 
 if TYPE_CHECKING:  # only for annotations: a worker that maps snapshots never imports the parser (orjson)

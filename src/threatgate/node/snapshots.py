@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from threatgate import __version__
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError, FileWriteError, SnapshotInvalid
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 from threatgate.node import snapfile
 from threatgate.node.feeds import FeedSnapshot, feed_identity
 
@@ -214,9 +214,8 @@ class SnapshotDir:
             return found
         try:
             built = build_snapshot(self.path, settings)
-        except OSError as exc:
-            why = os_reason(exc)
-            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {why}") from None
+        except (FileWriteError, OSError) as exc:
+            raise write_failure(settings, self.path, exc) from None
         return self.map_built(settings, built)
 
     def remove_unused(self, in_use: Iterable[str]) -> list[str]:
@@ -275,6 +274,12 @@ def build_snapshot(directory: str, settings: FeedSettings) -> Built:
     path = os.path.join(directory, snapshot_name(digest, settings_digest(settings)))
     snapfile.write_atomic(path, chunks)
     return Built(path, identity, digest)
+
+
+def write_failure(settings: FeedSettings, directory: str, exc: FileWriteError | OSError) -> FeedError:
+    """The failed load of a snapshot that cannot be written, in the same words wherever it was built."""
+    why = exc.reason if isinstance(exc, FileWriteError) else os_reason(exc)
+    return FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {why}")
 
 
 BUILD_TIMEOUT_FLOOR = 120.0
@@ -349,8 +354,7 @@ def _worker_main(argv: list[str]) -> int:
         print(json.dumps({"error": str(exc)}))
         return 0
     except (FileWriteError, OSError) as exc:
-        why = exc.reason if isinstance(exc, FileWriteError) else os_reason(exc)
-        print(json.dumps({"error": f"{settings.path}: cannot write its snapshot in {directory}: {why}"}))
+        print(json.dumps({"error": str(write_failure(settings, directory, exc))}))
         return 0
     print(json.dumps({"path": built.path, "identity": list(built.identity), "digest": built.feed_digest.hex()}))
     return 0

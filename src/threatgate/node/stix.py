@@ -31,7 +31,7 @@ from typing import Any
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
-from threatgate.net.describe import os_reason
+from threatgate.fs import os_reason
 from threatgate.node.feeds import MemorySnapshot, classify, context_text, parse_document, read_document
 
 log = logging.getLogger("threatgate.node")
