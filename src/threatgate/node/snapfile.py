@@ -69,7 +69,6 @@ import xxhash
 
 from threatgate import fs
 from threatgate.errors import FeedError, SnapshotInvalid
-from threatgate.fs import os_reason
 from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
 
 if TYPE_CHECKING:  # only for annotations: a worker that maps snapshots never imports the parser (orjson)
@@ -579,7 +578,7 @@ def map_fd(fd: int, feed_digest: bytes | None = None, settings_digest: bytes | N
         index = FeedIndex(mapped, fd)
     except OSError as exc:
         _close_quietly(fd)
-        raise SnapshotInvalid("unreadable", f"descriptor {fd}: {os_reason(exc)}") from None
+        raise SnapshotInvalid("unreadable", f"descriptor {fd}: {fs.os_reason(exc)}") from None
     except BaseException:
         _close_quietly(fd)
         raise
