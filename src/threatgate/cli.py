@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ClusterError, ConfigError, ThreatgateError, TLSConfigError
+from threatgate.errors import ClusterError, ConfigError, FileWriteError, ThreatgateError, TLSConfigError
+from threatgate.fs import os_reason
 from threatgate.log import LEVEL_NAMES, setup_logging
 
 if TYPE_CHECKING:
@@ -229,7 +230,7 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
         sys.exit(1)
     try:
         path = save_pin(config, shown)
-    except TLSConfigError as exc:  # the pin cannot be written (CertDirPath)
+    except FileWriteError as exc:  # the pin cannot be written (CertDirPath)
         click.echo(f"threatgate: {exc}", err=True)
         sys.exit(1)
     click.echo(f"renewed {path}: {shown.old or '(none)'} -> {shown.new}")
@@ -392,8 +393,11 @@ def _file_op(config_path: str, edit: Callable[[], T]) -> T:
     except ConfigError as exc:
         click.echo(f"threatgate: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    except OSError as exc:
-        click.echo(f"threatgate: cannot write {config_path}: {exc.strerror or exc}", err=True)
+    except FileWriteError as exc:
+        click.echo(f"threatgate: cannot write {config_path}: {exc.reason}", err=True)
+        sys.exit(1)
+    except OSError as exc:  # the file cannot be read (or stat'ed) to be edited
+        click.echo(f"threatgate: cannot write {config_path}: {os_reason(exc)}", err=True)
         sys.exit(1)
 
 

@@ -2,12 +2,18 @@
 
 Rules:
 1. Every error threatgate raises on purpose derives from :class:`ThreatgateError`.
-2. Errors say whose fault it was: ``Local*`` means we (or the operator's config) got it wrong,
-   ``Remote*`` means a peer misbehaved.  Only ``net/`` converts foreign exceptions.
-3. Errors carry what an operator needs to fix the problem: file, line, element, address.
+2. Every class here is raised somewhere (tests/test_errors.py checks it), and an error that crosses a
+   module boundary lives here, not in the module that raises it: whoever catches it imports this
+   bottom-layer module only, never the raiser (no import runs back up the layers for an exception).
+3. Foreign exceptions are put into words in one place: network, TLS and aiohttp errors by
+   :func:`threatgate.net.describe.describe`, a failed file or system call by
+   :func:`threatgate.fs.os_reason`; :func:`threatgate.fs.write_atomic` raises :class:`FileWriteError`.
+4. Errors carry what an operator needs to fix the problem: file, line, element, address.
 """
 
 from __future__ import annotations
+
+from typing import Generic, Protocol, TypeVar
 
 
 class ThreatgateError(Exception):
@@ -34,33 +40,78 @@ class FeedError(ThreatgateError):
     """A feed file cannot be loaded at all (a malformed *record* is skipped, never raised)."""
 
 
-class ProtocolError(ThreatgateError):
-    """A violation of the event wire protocol.  Abstract: raise a subclass."""
+class SnapshotInvalid(ThreatgateError):
+    """A snapshot file that must not be trusted; ``reason`` is the metric label, the message the detail.
 
-    def __new__(cls, *args: object, **kwargs: object) -> ProtocolError:
-        if cls is ProtocolError:
-            raise TypeError("raise LocalProtocolError or RemoteProtocolError, not ProtocolError")
-        return super().__new__(cls, *args)
+    Raised by node/snapfile.py, caught by node/snapshots.py and node/feeds.py, which rebuild the snapshot.
+    """
 
-
-class LocalProtocolError(ProtocolError):
-    """We tried to do something the protocol does not allow (a bug in threatgate)."""
+    def __init__(self, reason: str, detail: str) -> None:
+        super().__init__(detail)
+        self.reason = reason
 
 
-class RemoteProtocolError(ProtocolError):
-    """The peer sent something the protocol does not allow."""
+class UnsupportedRegex(ThreatgateError, ValueError):
+    """A pattern (or part of one) the compiled engine cannot run with the same answer as Python's re.
+
+    Raised by node/pcre.py and node/engine.py; the engine then runs that rule with Python's re.
+    """
 
 
-class NetworkError(ThreatgateError):
-    """A socket operation failed."""
+class FileWriteError(ThreatgateError):
+    """A file could not be written (:func:`threatgate.fs.write_atomic`); the old file, if any, is intact.
+
+    ``path`` is the file, ``reason`` the system's words (``Permission denied``).
+    """
+
+    def __init__(self, path: str, reason: str) -> None:
+        super().__init__(f"cannot write {path}: {reason}")
+        self.path = path
+        self.reason = reason
 
 
-class ConnectError(NetworkError):
-    """Could not connect to a peer."""
+class PathError(ThreatgateError, ValueError):
+    """The request target cannot be a path we serve (bad escape, not UTF-8, NUL, not origin-form).
+
+    Raised by wire/paths.py; the node API and the balancer's gateway answer 400 with its message.
+    """
 
 
-class WriteError(NetworkError):
-    """Could not write to a peer."""
+class RequestError(ThreatgateError):
+    """Bad input to a supplier or tag operation; ``status`` is the HTTP status it maps to.
+
+    Raised by node/suppliers.py; the node API and the cluster agent answer with it as the JSON error body.
+    """
+
+    def __init__(self, message: str, status: int = 400) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class _Keyed(Protocol):
+    @property
+    def key(self) -> str: ...
+
+
+InstanceT = TypeVar("InstanceT", bound=_Keyed)
+
+
+class PinMismatch(ThreatgateError, Generic[InstanceT]):
+    """A node presented a certificate other than its pinned one: nothing was sent to it (answered 500).
+
+    ``instance`` is the balancer's instance (generic: this module sits below the balancer); ``expected``
+    and ``got`` are the SHA-256 fingerprints, colon-separated.
+    """
+
+    def __init__(self, instance: InstanceT, expected: str, got: str) -> None:
+        super().__init__(f"{instance.key}: certificate {got} does not match the pinned {expected}")
+        self.instance = instance
+        self.expected = expected
+        self.got = got
+
+
+class UpstreamFailed(ThreatgateError):
+    """The node did not answer (connect, TLS, timeout, disconnect): another node may be tried."""
 
 
 class TLSConfigError(ThreatgateError):

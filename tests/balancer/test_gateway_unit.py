@@ -30,14 +30,14 @@ from multidict import CIMultiDict
 
 from threatgate.balancer import gateway as gateway_module
 from threatgate.balancer.alerts import MAX_LINE, AlertConnection
-from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, UpstreamFailed, _match_canonical, canonical, is_write
+from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
-from threatgate.errors import TLSConfigError
+from threatgate.errors import FileWriteError, PathError, UpstreamFailed
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
-from threatgate.wire.paths import PathError, RoutePattern, normalize_path
+from threatgate.wire.paths import RoutePattern, normalize_path
 
 
 def make_cert(name: str = "node") -> bytes:
@@ -319,9 +319,9 @@ def test_all_lists_every_pin_file(tmp_path: Path, certs: tuple[bytes, bytes]) ->
     assert sorted(p.path for p in store.all()) == sorted([a.path, b.path])
 
 
-def test_an_unwritable_pin_directory_raises_tls_config_error(tmp_path: Path, certs: tuple[bytes, bytes]) -> None:
+def test_an_unwritable_pin_directory_raises_file_write_error(tmp_path: Path, certs: tuple[bytes, bytes]) -> None:
     (tmp_path / "file").write_text("a file where the pin directory should be")
-    with pytest.raises(TLSConfigError, match="cannot write"):
+    with pytest.raises(FileWriteError, match="cannot write"):
         PinStore(str(tmp_path / "file" / "pins")).save(settings(), certs[0])
 
 

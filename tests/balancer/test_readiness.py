@@ -19,7 +19,7 @@ from aiohttp.test_utils import make_mocked_request
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.registry import Collector
 
-from threatgate.balancer.gateway import Answer, Gateway, PinMismatch, UpstreamFailed
+from threatgate.balancer.gateway import Answer, Gateway
 from threatgate.balancer.readiness import (
     NO_CONTROL,
     Readiness,
@@ -35,7 +35,7 @@ from threatgate.balancer.status import as_json, exit_code, render
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import AllowedRequest, InstanceSettings, balancer_config_from_xml
 from threatgate.config.xml import parse_xml
-from threatgate.errors import ConfigError
+from threatgate.errors import ConfigError, PinMismatch, UpstreamFailed
 from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern
 

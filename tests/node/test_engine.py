@@ -20,11 +20,12 @@ from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
 from threatgate.config.node import NodeConfig, load_node_config
+from threatgate.errors import UnsupportedRegex
 from threatgate.node import _engine
 from threatgate.node.engine import CompiledMatcher, engine_choice, make_matcher
 from threatgate.node.feeds import load_feed
 from threatgate.node.matcher import Matcher, MatchStats
-from threatgate.node.pcre import Unsupported, to_pcre2
+from threatgate.node.pcre import to_pcre2
 from threatgate.node.snapshots import SnapshotDir
 from threatgate.node.store import IndicatorStore
 from threatgate.wire.framing import FramedEvent, LineFramer, Oversized
@@ -110,7 +111,7 @@ def test_translated_regex_gives_pythons_values(body: str, flags: str, extract_al
         return
     try:
         source, options = to_pcre2(pattern)
-    except Unsupported:
+    except UnsupportedRegex:
         assume(False)
         return
     assume(_engine.compile_error(source, options) is None)
@@ -160,7 +161,7 @@ def test_translation_pitfalls_found_in_review(pattern: str, text: str) -> None:
 
 @pytest.mark.parametrize("pattern", [r"(|1\.2\.3\.4){0,2}", r"(a*)*", r"(?:x?)+", r"(?a:\s)"])
 def test_translation_refuses_what_pcre2_answers_differently(pattern: str) -> None:
-    with pytest.raises(Unsupported):
+    with pytest.raises(UnsupportedRegex):
         to_pcre2(re.compile(pattern))
 
 
@@ -175,7 +176,7 @@ def test_an_empty_finished_format_renders_an_empty_line(tmp_path: Path) -> None:
 
 def test_translation_refuses_unicode_case_folding() -> None:
     # U+212A KELVIN SIGN matches "k" under IGNORECASE in Python; PCRE2 without UTF would not.
-    with pytest.raises(Unsupported, match="IGNORECASE"):
+    with pytest.raises(UnsupportedRegex, match="IGNORECASE"):
         to_pcre2(re.compile("(?i)\u212a"))
 
 

@@ -24,12 +24,13 @@ from typing import Any
 import pytest
 
 from threatgate.config.node import FeedSettings, load_node_config
+from threatgate.errors import SnapshotInvalid
 from threatgate.node import normalize, snapfile
 from threatgate.node.engine import make_matcher
 from threatgate.node.feedparse import ParsedFeed
 from threatgate.node.feeds import FeedSnapshot, Kind, SnapshotRef, add_row, classify
 from threatgate.node.matcher import MatchStats
-from threatgate.node.snapfile import SnapshotInvalid, build, map_fd, to_memfd, write_atomic
+from threatgate.node.snapfile import build, map_fd, to_memfd, write_atomic
 from threatgate.node.snapshots import SnapshotDir
 from threatgate.node.store import Candidate, IndicatorStore
 from threatgate.node.suppliers import Supplier, supplier_snapshots

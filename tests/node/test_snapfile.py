@@ -13,12 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from threatgate.errors import SnapshotInvalid
 from threatgate.node import snapfile
 from threatgate.node._engine import key_of as c_key_of
 from threatgate.node._engine import keys_of as c_keys_of
 from threatgate.node.feedparse import ParsedFeed
 from threatgate.node.feeds import Kind, add_row, classify, key_of
-from threatgate.node.snapfile import FeedIndex, SnapshotInvalid, build, read_checked, segments, write_atomic
+from threatgate.node.snapfile import FeedIndex, build, read_checked, segments, write_atomic
 
 FEED = bytes(range(32))
 SETTINGS = bytes(range(32, 64))

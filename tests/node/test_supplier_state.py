@@ -17,7 +17,8 @@ from typing import Any
 import pytest
 
 from threatgate.cluster.settings import canonical_json
-from threatgate.node.suppliers import BUILTIN, RequestError, SupplierDB, check_state, parse_indicators
+from threatgate.errors import RequestError
+from threatgate.node.suppliers import BUILTIN, SupplierDB, check_state, parse_indicators
 
 
 @pytest.fixture

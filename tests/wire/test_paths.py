@@ -8,7 +8,8 @@ import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from threatgate.wire.paths import PathError, RoutePattern, normalize_path, render_path
+from threatgate.errors import PathError
+from threatgate.wire.paths import RoutePattern, normalize_path, render_path
 
 # -- normalize_path ------------------------------------------------------------------------------
 

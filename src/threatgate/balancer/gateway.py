@@ -40,13 +40,13 @@ from aiohttp.web_request import BaseRequest
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.node import MAX_BODY_SIZE
-from threatgate.errors import TLSConfigError
+from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
 from threatgate.lb.policy import InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
-from threatgate.wire.paths import PathError, normalize_path, render_path
+from threatgate.wire.paths import normalize_path, render_path
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -87,18 +87,6 @@ RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 )
 READ_METHODS = frozenset({"GET", "HEAD"})
-
-
-class PinMismatch(Exception):
-    def __init__(self, instance: Instance, expected: str, got: str) -> None:
-        super().__init__(f"{instance.key}: certificate {got} does not match the pinned {expected}")
-        self.instance = instance
-        self.expected = expected
-        self.got = got
-
-
-class UpstreamFailed(Exception):
-    """The node did not answer (connect, TLS, timeout, disconnect): another node may be tried."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -327,7 +315,7 @@ class Gateway:
         candidates = sorted(
             self._up(), key=lambda i: (i.key in refused, self.inflight.get(i.key, 0), self.service.rng.random())
         )
-        mismatch: PinMismatch | None = None
+        mismatch: PinMismatch[Instance] | None = None
         for inst in candidates:
             try:
                 answer = await self.forward(inst, method, path, headers, body)
@@ -432,7 +420,7 @@ class Gateway:
                 raise UpstreamFailed(f"cannot read its certificate: {describe(exc)}") from None
             try:
                 pin = await asyncio.to_thread(self.pins.save, inst.settings, der)
-            except TLSConfigError as exc:  # CertDirPath not writable: this node cannot be used, the others can
+            except FileWriteError as exc:  # CertDirPath not writable: this node cannot be used, the others can
                 self.warn("instance %s: cannot save its reference certificate: %s", inst.key, exc)
                 raise UpstreamFailed(f"cannot save the reference certificate: {exc}") from None
             log.warning(
@@ -507,7 +495,7 @@ class Gateway:
             fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
         return fingerprint
 
-    def _refuse(self, exc: PinMismatch, pin: Pin, *, count: bool = True) -> None:
+    def _refuse(self, exc: PinMismatch[Instance], pin: Pin, *, count: bool = True) -> None:
         """Take the instance out of REST rotation (logged once per refusal, counted every time but for probes)."""
         inst = exc.instance
         if count:
@@ -562,7 +550,7 @@ class Gateway:
             if pin is not None and hashlib.sha256(der).digest() == pin.sha256:
                 self._readmit(inst, pin)
 
-    def _mismatch(self, exc: PinMismatch) -> web.Response:
+    def _mismatch(self, exc: PinMismatch[Instance]) -> web.Response:
         s = exc.instance.settings
         payload = [{"status": MISMATCH, "instance": s.host, "port": s.api_port, "matching_port": s.matching_port}]
         return web.Response(status=500, body=json.dumps(payload).encode(), content_type="application/json")

@@ -22,7 +22,8 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from threatgate.config.balancer import InstanceSettings
-from threatgate.net.tls import fingerprint_sha256, write_atomic
+from threatgate.fs import write_atomic
+from threatgate.net.tls import fingerprint_sha256
 
 
 @dataclass(frozen=True, slots=True)

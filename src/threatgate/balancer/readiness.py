@@ -31,9 +31,10 @@ from typing import TYPE_CHECKING, Any, Literal
 import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
-from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed
+from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.upstream import Instance, lane_count
 from threatgate.config.balancer import MAX_LANES, InstanceSettings
+from threatgate.errors import PinMismatch, UpstreamFailed
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService

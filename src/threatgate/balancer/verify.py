@@ -16,10 +16,11 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
-from threatgate.balancer.gateway import Gateway, PinMismatch, UpstreamFailed, fetch_certificate
+from threatgate.balancer.gateway import Gateway, fetch_certificate
 from threatgate.balancer.pins import PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
+from threatgate.errors import PinMismatch, UpstreamFailed
 from threatgate.net.describe import body_text, describe
 from threatgate.net.tls import fingerprint_sha256
 
@@ -197,6 +198,6 @@ def save_pin(config: BalancerConfig, shown: Presented) -> str:
     """Make what ``shown`` presented the instance's pin (blocking); its path.
 
     Raises:
-        TLSConfigError: the pin cannot be written (CertDirPath).
+        FileWriteError: the pin cannot be written (CertDirPath).
     """
     return PinStore(config.cert_dir).save(shown.settings, shown.der).path

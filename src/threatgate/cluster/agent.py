@@ -45,12 +45,12 @@ from threatgate.cluster.transport import PeerClient, cluster_server_context, req
 from threatgate.config.common import Address, parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
 from threatgate.config.xml import Node, read_xml
-from threatgate.errors import ClusterError, ConfigError, SettingsRejected
+from threatgate.errors import ClusterError, ConfigError, RequestError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import body_text
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
-from threatgate.node.suppliers import RequestError, check_state
+from threatgate.node.suppliers import check_state
 from threatgate.stats import Gauges
 
 if TYPE_CHECKING:

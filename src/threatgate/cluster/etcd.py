@@ -232,11 +232,6 @@ class _Refused(EtcdError):
         self.code = code
 
 
-def _describe(exc: BaseException) -> str:
-    """A one-line reason for an aiohttp/asyncio failure, in words (never the exception's class or repr)."""
-    return describe(exc)
-
-
 def _load(raw: bytes) -> dict[str, Any]:
     try:
         body = json.loads(raw)
@@ -361,7 +356,7 @@ class EtcdClient:
                 raw = await response.read()
                 status = response.status
         except (aiohttp.ClientError, TimeoutError) as exc:
-            raise _Unavailable(_describe(exc)) from exc
+            raise _Unavailable(describe(exc)) from exc
         body = _load(raw)
         if status >= 500:
             raise _Unavailable(f"HTTP {status}: {body.get('message', raw[:80])}")
@@ -514,7 +509,7 @@ class EtcdClient:
             except (_Unavailable, aiohttp.ClientError, TimeoutError) as exc:
                 if response is not None:
                     response.close()
-                reason = str(exc) if isinstance(exc, _Unavailable) else _describe(exc)
+                reason = str(exc) if isinstance(exc, _Unavailable) else describe(exc)
                 log.debug("etcd watch on %s failed (%s), trying the next endpoint", endpoint, reason)
                 failures.append((endpoint, reason))
                 self._move_on_from(index)
@@ -560,7 +555,7 @@ class EtcdClient:
                         next_revision = kv.mod_revision + 1
                         yield WatchEvent(kind, kv)
             except (_Unavailable, aiohttp.ClientError, TimeoutError) as exc:
-                reason = str(exc) if isinstance(exc, _Unavailable) else _describe(exc)
+                reason = str(exc) if isinstance(exc, _Unavailable) else describe(exc)
                 log.debug(
                     "etcd watch on %s broke (%s); resuming from revision %d",
                     self._endpoints[index],

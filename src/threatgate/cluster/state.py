@@ -20,8 +20,9 @@ import re
 
 from threatgate.cluster.settings import SettingsDocument, parse_document
 from threatgate.cluster.sync import Identity
-from threatgate.errors import ClusterError, SettingsRejected, TLSConfigError
-from threatgate.net.tls import PairInfo, ensure_server_pair, write_atomic
+from threatgate.errors import ClusterError, FileWriteError, SettingsRejected
+from threatgate.fs import os_reason, write_atomic
+from threatgate.net.tls import PairInfo, ensure_server_pair
 
 _REVISION_FILE = re.compile(r"(\d{10})\.json\Z")
 
@@ -55,7 +56,7 @@ class StateDir:
     def _write(self, path: str, data: bytes) -> None:
         try:
             write_atomic(path, data, 0o600)
-        except TLSConfigError as exc:  # write_atomic's error names the file and the reason
+        except FileWriteError as exc:  # write_atomic's error names the file and the reason
             raise ClusterError(f"cluster state: {exc}", 500) from None
 
     # -- identity -----------------------------------------------------------------------------------
@@ -91,7 +92,7 @@ class StateDir:
         except FileNotFoundError:
             return None
         except OSError as exc:
-            raise ClusterError(f"{self.settings_path}: {exc.strerror or exc}", 500) from None
+            raise ClusterError(f"{self.settings_path}: {os_reason(exc)}", 500) from None
         try:
             return parse_document(data)
         except SettingsRejected as exc:

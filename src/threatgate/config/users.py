@@ -4,9 +4,10 @@ Rules:
 1. The file is edited as text, not re-serialised from a tree, so comments, blank lines and
    attribute quoting survive.  Comments, CDATA and processing instructions are blanked out (same
    length) before searching, so a commented-out ``<HTTPServer>`` or ``<User>`` is never edited.
-2. The edit is checked (the new text parses and holds exactly the intended change), then written
-   to a temporary file beside the original, fsynced and renamed over it with the original's mode
-   and owner; a file that changed meanwhile is left alone.  A symlink's target is edited.
+2. The edit is written with :func:`threatgate.fs.write_atomic` (a temporary file beside the original,
+   with the original's mode and owner, fsynced), checked there (the new text parses and holds exactly
+   the intended change) and only then renamed over the original; a file that changed meanwhile is
+   left alone.  A symlink's target is edited.
 3. A cluster member's users are not in its file (they come from the cluster settings), so an edit
    there would never take effect: it is refused before anything is written (:func:`refuse_cluster_member`).
 4. A running node re-reads its users when the file changes (:class:`threatgate.node.auth.NodeUsers`),
@@ -20,13 +21,13 @@ from __future__ import annotations
 
 import os
 import re
-import secrets
 from collections.abc import Callable
 from xml.sax.saxutils import unescape
 
 from threatgate.config.common import parse_bool
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ConfigError
+from threatgate.fs import write_atomic
 
 _ATTRS = r"""(?:[^>"']|"[^"]*"|'[^']*')*?"""
 _MASKED = re.compile(r"<!--.*?-->|<!\[CDATA\[.*?\]\]>|<\?.*?\?>", re.S)
@@ -189,7 +190,7 @@ def store_user(path: str, name: str, password_hash: str, cluster_command: str) -
     Raises:
         ConfigError: the file is not well-formed, configures a cluster member, has no <HTTPServer>,
             or the edit would break it.
-        OSError: the new file cannot be written.
+        FileWriteError: the new file cannot be written (OSError: the old one cannot be read).
     """
     root = read_xml(path)
     refuse_cluster_member(root, path, cluster_command)
@@ -228,7 +229,7 @@ def drop_user(path: str, name: str, cluster_command: str) -> None:
     Raises:
         ConfigError: the file is not well-formed, configures a cluster member, has no such user, or
             the edit would break it.
-        OSError: the new file cannot be written.
+        FileWriteError: the new file cannot be written (OSError: the old one cannot be read).
     """
     root = read_xml(path)
     refuse_cluster_member(root, path, cluster_command)
@@ -262,31 +263,15 @@ def _replace_file(path: str, edit: Callable[[str], str], check: Callable[[Node],
     except ValueError as exc:
         raise ConfigError(path, 0, "HTTPServer", f"{exc}; edit the <Users> element by hand") from None
 
-    directory = os.path.dirname(real)
-    tmp = os.path.join(directory, f".{os.path.basename(real)}.{secrets.token_hex(6)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    try:
+    def before_replace(tmp: str) -> None:
         try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(new_text.encode("utf-8"))
-                fh.flush()
-                os.fsync(fh.fileno())
             check(read_xml(tmp))
-            os.chmod(tmp, before.st_mode & 0o7777)
-            try:
-                os.chown(tmp, before.st_uid, before.st_gid)  # keeps a root-run edit readable by the service
-            except OSError:
-                pass
-            now = os.stat(real)
-            if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
-                raise ConfigError(path, 0, "", "the file changed while it was being edited; run the command again")
-            os.replace(tmp, real)
-        except ConfigError as exc:
-            # read_xml names the temp file; the operator knows only the real one.
+        except ConfigError as exc:  # read_xml names the temp file; the operator knows only the real one
             raise ConfigError(path, exc.line, exc.element, exc.problem) from None
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+        now = os.stat(real)
+        if (now.st_ino, now.st_size, now.st_mtime_ns) != (before.st_ino, before.st_size, before.st_mtime_ns):
+            raise ConfigError(path, 0, "", "the file changed while it was being edited; run the command again")
+
+    # The original's mode and owner: a root-run edit stays readable by the service.
+    owner = (before.st_uid, before.st_gid)
+    write_atomic(real, new_text.encode("utf-8"), before.st_mode & 0o7777, owner=owner, before_replace=before_replace)

@@ -35,6 +35,7 @@ import defusedxml
 import defusedxml.sax
 
 from threatgate.errors import ConfigError
+from threatgate.fs import os_reason
 
 MAX_CONFIG_BYTES = 16 * 1024 * 1024
 """A configuration file larger than this is refused: real ones are a few kilobytes."""
@@ -305,5 +306,5 @@ def read_xml(path: str) -> Node:
         with open(path, "rb") as fh:
             data = fh.read(MAX_CONFIG_BYTES + 1)
     except OSError as exc:
-        raise ConfigError(path, 0, "", f"cannot read file: {exc.strerror or exc}") from None
+        raise ConfigError(path, 0, "", f"cannot read file: {os_reason(exc)}") from None
     return parse_xml(data, path)

@@ -11,6 +11,7 @@ Rules:
    ``timed out``, ``TLS: certificate verify failed: self-signed certificate``.
 2. A threatgate error (:class:`~threatgate.errors.ThreatgateError`) is already written for operators: as is.
 3. Anything unknown: its message, first line, bounded; an exception without one is "failed", never its class.
+4. A message that names the file itself takes only the system's words: :func:`threatgate.fs.os_reason`.
 Pure: no I/O.
 """
 

@@ -6,8 +6,9 @@ Rules:
 2. We never overwrite or "repair" a half-present pair: if only one file exists, something is wrong
    (a lost key, a copy gone astray) and silently minting a new pair would break every client that
    trusts the old one.  The operator decides.
-3. Files are written atomically (temp file + fsync + rename), the key 0600 from its first byte, so a
-   crash or a concurrent reader never sees a partial or briefly world-readable key.
+3. Files are written atomically (:func:`threatgate.fs.write_atomic`: temp file + fsync + rename), the
+   key 0600 from its first byte, so a crash or a concurrent reader never sees a partial or briefly
+   world-readable key.
 4. Only this module (``net/``) turns ``cryptography``/``ssl``/``OSError`` failures into
    :class:`~threatgate.errors.TLSConfigError`, with the path(s) involved and what to do.
 5. No secret ever reaches a log line: we log paths, fingerprints and dates only.
@@ -20,7 +21,6 @@ import hashlib
 import ipaddress
 import logging
 import os
-import secrets
 import ssl
 import stat
 from dataclasses import dataclass, field
@@ -32,7 +32,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from threatgate.errors import TLSConfigError
+from threatgate.errors import FileWriteError, TLSConfigError
+from threatgate.fs import os_reason, write_atomic
 from threatgate.net.describe import describe
 
 log = logging.getLogger("threatgate.tls")
@@ -154,12 +155,15 @@ def _create_pair(
     cert_pem = cert.public_bytes(serialization.Encoding.PEM)
     # Key first: if we die between the two writes the operator finds "certificate missing, key
     # present", which the error message explains; the reverse would leave a cert nobody can use.
-    write_atomic(key_path, key_pem, 0o600)
     try:
-        write_atomic(cert_path, cert_pem, 0o644)
-    except TLSConfigError:
-        _unlink_quietly(key_path)
-        raise
+        write_atomic(key_path, key_pem, 0o600)
+        try:
+            write_atomic(cert_path, cert_pem, 0o644)
+        except FileWriteError:
+            _unlink_quietly(key_path)
+            raise
+    except FileWriteError as exc:  # this module's callers know one error: the pair cannot be used
+        raise TLSConfigError(str(exc)) from None
     fp = _colon_hex(cert.fingerprint(hashes.SHA256()))
     log.info(
         "created self-signed TLS certificate %s (key %s) for %s, SHA-256 fingerprint %s, valid until %s",
@@ -230,54 +234,6 @@ def _self_signed(
     )
 
 
-def write_atomic(path: str, data: bytes, mode: int) -> None:
-    """Write ``data`` to ``path`` so that readers see the old file or the complete new one, never a mix."""
-    directory = os.path.dirname(os.path.abspath(path))
-    tmp = os.path.join(directory, f".{os.path.basename(path)}.{secrets.token_hex(6)}.tmp")
-    try:
-        _make_dirs(directory)
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-        try:
-            os.fchmod(fd, mode)  # exact mode whatever the umask
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, path)
-    except OSError as exc:
-        _unlink_quietly(tmp)
-        raise TLSConfigError(f"cannot write {path}: {exc.strerror or exc}") from None
-    _fsync_dir(directory)
-
-
-def _make_dirs(directory: str) -> None:
-    """Create ``directory`` and any missing parents 0700 (os.makedirs applies the mode to the leaf only)."""
-    if os.path.isdir(directory):
-        return
-    _make_dirs(os.path.dirname(directory))
-    try:
-        os.mkdir(directory, 0o700)
-    except FileExistsError:
-        if not os.path.isdir(directory):
-            raise
-
-
-def _fsync_dir(directory: str) -> None:
-    """Make the rename durable; best effort (some filesystems refuse to fsync a directory)."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
 def _unlink_quietly(path: str) -> None:
     try:
         os.unlink(path)
@@ -316,7 +272,7 @@ def _read_pem(path: str, what: str) -> bytes:
         with open(path, "rb") as fh:
             data = fh.read(MAX_PEM_BYTES + 1)
     except OSError as exc:
-        raise TLSConfigError(f"cannot read TLS {what} {path}: {exc.strerror or exc}") from None
+        raise TLSConfigError(f"cannot read TLS {what} {path}: {os_reason(exc)}") from None
     if len(data) > MAX_PEM_BYTES:
         raise TLSConfigError(f"TLS {what} {path} is larger than {MAX_PEM_BYTES} bytes: not a PEM {what}")
     return data

@@ -30,12 +30,12 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.config.node import MAX_BODY_SIZE
-from threatgate.errors import ClusterError
+from threatgate.errors import ClusterError, PathError, RequestError
 from threatgate.log import RateLimitedLog
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
 from threatgate.node.matcher import Hit
-from threatgate.wire.paths import PathError, RoutePattern, normalize_path
+from threatgate.wire.paths import RoutePattern, normalize_path
 
 if TYPE_CHECKING:
     from threatgate.node.service import NodeService
@@ -230,7 +230,7 @@ class NodeAPI:
             except ClusterError as exc:
                 self.count("cluster_refused")
                 return json_error(exc.status, str(exc))
-            except sup.RequestError as exc:
+            except RequestError as exc:
                 if exc.status == 400:
                     self.count("invalid_body")
                 return json_error(exc.status, str(exc))
@@ -303,12 +303,12 @@ class NodeAPI:
     async def _lookup(self, call: Call) -> Result:
         body = call.body
         if not isinstance(body, list) or not body:
-            raise sup.RequestError('expected a non-empty JSON array of {"object": "..."} items')
+            raise RequestError('expected a non-empty JSON array of {"object": "..."} items')
         objects: list[str] = []
         for i, item in enumerate(body):
             value = item.get("object") if isinstance(item, dict) else None
             if not isinstance(value, str) or len(item) != 1:
-                raise sup.RequestError(f'item {i}: expected {{"object": "<string>"}}')
+                raise RequestError(f'item {i}: expected {{"object": "<string>"}}')
             objects.append(value)
         matcher = self.node.matcher
         out: list[dict[str, Any]] = []

@@ -22,9 +22,10 @@ from collections.abc import Mapping
 from typing import Any
 
 from threatgate.config.node import PATTERN_RE, NodeConfig, Rule, RuleType, Source
+from threatgate.errors import UnsupportedRegex
 from threatgate.node import _engine, normalize
 from threatgate.node.matcher import _SYSLOG_HOST, Hit, Matcher, MatchStats, _Step
-from threatgate.node.pcre import ANCHORED, ENDANCHORED, Unsupported, to_pcre2
+from threatgate.node.pcre import ANCHORED, ENDANCHORED, to_pcre2
 from threatgate.node.render import Fields
 from threatgate.node.snapfile import engine_records_view
 from threatgate.node.store import Candidate, IndicatorStore
@@ -69,7 +70,7 @@ def make_matcher(config: NodeConfig, store: IndicatorStore, engine: str | None =
 
 
 def _pair(pattern: re.Pattern[str], extra: int = 0) -> tuple[str, int]:
-    """PCRE2 text and options for ``pattern``; Unsupported when the compiled engine cannot run it.
+    """PCRE2 text and options for ``pattern``; UnsupportedRegex when the compiled engine cannot run it.
 
     ``extra``: PCRE2_ANCHORED for ``re.match``, with PCRE2_ENDANCHORED for ``re.fullmatch`` (given at
     compile time: PCRE2's JIT does not take them at match time and would fall back to its interpreter).
@@ -78,7 +79,7 @@ def _pair(pattern: re.Pattern[str], extra: int = 0) -> tuple[str, int]:
     options |= extra
     error = _engine.compile_error(text, options)
     if error is not None:
-        raise Unsupported(f"PCRE2 refuses its translation: {error}")
+        raise UnsupportedRegex(f"PCRE2 refuses its translation: {error}")
     return text, options
 
 
@@ -143,11 +144,11 @@ class CompiledMatcher(Matcher):
         try:
             clash = _RESERVED & {r.name for r, _ in pairs}
             if clash:
-                raise Unsupported(f"a rule is named {sorted(clash)[0]}, which is also an output field")
+                raise UnsupportedRegex(f"a rule is named {sorted(clash)[0]}, which is also an output field")
             replace = []
             for rewrite in source.replace:
                 if not rewrite.output.isascii():
-                    raise Unsupported("a replace rule writes characters outside ASCII")
+                    raise UnsupportedRegex("a replace rule writes characters outside ASCII")
                 replace.append((_pair(rewrite.pattern), rewrite.output.encode("ascii")))
             main: list[tuple[Any, ...]] = []
             fallbacks: list[tuple[Any, ...]] = []
@@ -158,7 +159,7 @@ class CompiledMatcher(Matcher):
                     fallbacks.append(step_tuple(fallback, self._field_of[fallback.name], -1))
                 main.append(step_tuple(rule, self._field_of[rule.name], index))
             ignore = [_pair(p) for p in source.ignore]
-        except Unsupported as exc:
+        except UnsupportedRegex as exc:
             self.reference_sources[source.id] = str(exc)
             return sid, True, [], 0, [], []
         return sid, False, main + fallbacks, len(main), ignore, replace

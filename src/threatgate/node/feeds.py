@@ -52,6 +52,7 @@ import xxhash
 
 from threatgate.config.node import FeedSettings, NodeConfig
 from threatgate.errors import FeedError
+from threatgate.fs import os_reason
 from threatgate.node import normalize
 
 if TYPE_CHECKING:
@@ -632,7 +633,7 @@ def _read_feed_file(path: str) -> tuple[bytes, os.stat_result]:
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise FeedError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        raise FeedError(f"{path}: cannot open: {os_reason(exc)}") from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
@@ -640,7 +641,7 @@ def _read_feed_file(path: str) -> tuple[bytes, os.stat_result]:
         with os.fdopen(fd, "rb", closefd=False) as fh:
             return fh.read(), st
     except OSError as exc:
-        raise FeedError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise FeedError(f"{path}: cannot read: {os_reason(exc)}") from None
     finally:
         os.close(fd)
 

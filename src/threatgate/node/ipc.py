@@ -33,6 +33,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from threatgate.fs import os_reason
+
 INLINE_MAX = 128 * 1024
 """Payloads up to this size ride in the message itself; larger ones in a memfd."""
 MAX_FDS = 250
@@ -181,7 +183,7 @@ class Channel:
             self._peer_gone = True
             self._drop_queue()
         else:
-            self._log.error("control message %r not sent: %s", kind, exc.strerror or exc)
+            self._log.error("control message %r not sent: %s", kind, os_reason(exc))
         return False
 
     def _flush(self) -> None:

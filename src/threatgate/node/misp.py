@@ -29,6 +29,7 @@ from typing import Any
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
+from threatgate.fs import os_reason
 from threatgate.node.feeds import (
     MemorySnapshot,
     classify,
@@ -202,7 +203,7 @@ def _load_event(snapshot: MemorySnapshot, directory: str, uuid: str, digest: Any
     try:
         data, _st = read_document(path, MAX_EVENT_FILE_SIZE)
     except OSError as exc:
-        report.bad(where, f"cannot read {uuid}.json: {exc.strerror or exc}")
+        report.bad(where, f"cannot read {uuid}.json: {os_reason(exc)}")
         return
     digest.update(f"\0{uuid}\0{len(data)}\0".encode())
     digest.update(data)
@@ -235,7 +236,7 @@ def load_misp(settings: FeedSettings) -> MemorySnapshot:
     try:
         data, _st = read_document(manifest_path, MAX_EVENT_FILE_SIZE)
     except OSError as exc:
-        raise FeedError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from None
+        raise FeedError(f"{manifest_path}: cannot read: {os_reason(exc)}") from None
     digest = hashlib.sha256(data)  # of every file read, so an unchanged feed maps its snapshot
     manifest = parse_document(manifest_path, data)
     del data
@@ -263,7 +264,7 @@ def misp_digest(settings: FeedSettings) -> bytes:
     try:
         data, _st = read_document(manifest_path, MAX_EVENT_FILE_SIZE)
     except OSError as exc:
-        raise FeedError(f"{manifest_path}: cannot read: {exc.strerror or exc}") from None
+        raise FeedError(f"{manifest_path}: cannot read: {os_reason(exc)}") from None
     digest = hashlib.sha256(data)
     manifest = parse_document(manifest_path, data)
     if not isinstance(manifest, dict):

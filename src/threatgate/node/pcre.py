@@ -7,7 +7,7 @@ Rules:
    bytes and hands every other event to the reference matcher.  Categories become explicit ASCII
    classes (Python's ``\\s`` includes ``\\x1c``-``\\x1f``, PCRE2's does not), ``\\Z`` becomes ``\\z``,
    ``^`` under MULTILINE also matches after a final newline (PCRE2_ALT_CIRCUMFLEX).
-3. Whatever cannot be proved to give the same answer raises :class:`Unsupported` with the reason in
+3. Whatever cannot be proved to give the same answer raises :class:`UnsupportedRegex` with the reason in
    words; the caller then runs that source on the reference path and says so once.  The differential
    tests (tests/node/test_engine_diff.py) compare both engines on random rules and hostile events.
 """
@@ -18,11 +18,13 @@ import importlib
 import re
 from typing import Any
 
+from threatgate.errors import UnsupportedRegex
+
 # Python's own regex parser (typeshed does not describe these private modules, hence Any).
 C: Any = importlib.import_module("re._constants")
 P: Any = importlib.import_module("re._parser")
 
-__all__ = ["ANCHORED", "CASELESS", "DOTALL", "ENDANCHORED", "MULTILINE", "Unsupported", "to_pcre2"]
+__all__ = ["ANCHORED", "CASELESS", "DOTALL", "ENDANCHORED", "MULTILINE", "to_pcre2"]
 
 # PCRE2 option bits (pcre2.h) the engine passes to pcre2_compile.
 ANCHORED = 0x80000000
@@ -36,10 +38,6 @@ _WORD = [(0x30, 0x39), (0x41, 0x5A), (0x5F, 0x5F), (0x61, 0x7A)]
 _SPACE = [(0x09, 0x0D), (0x1C, 0x20)]  # str.isspace() over ASCII
 _SPACE_ASCII = [(0x09, 0x0D), (0x20, 0x20)]  # \s under re.ASCII: [ \t\n\r\f\v]
 NO_START_OPTIMIZE = 0x00010000
-
-
-class Unsupported(ValueError):
-    """A pattern (or part of one) the compiled engine cannot run with the same answer as Python's re."""
 
 
 def _complement(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:
@@ -91,7 +89,7 @@ class _Emitter:
         if code <= 0x7F:
             return True
         if caseless:
-            raise Unsupported("a non-ASCII character under IGNORECASE (Unicode case folding)")
+            raise UnsupportedRegex("a non-ASCII character under IGNORECASE (Unicode case folding)")
         return False
 
     def seq(self, items: Any, caseless: bool) -> str:
@@ -111,7 +109,7 @@ class _Emitter:
         if op is C.SUBPATTERN:
             group, add, remove, sub = av
             if (add | remove) & re.ASCII:
-                raise Unsupported("a scoped ASCII flag (?a:...)")
+                raise UnsupportedRegex("a scoped ASCII flag (?a:...)")
             flags = _flags(add, remove)
             if add & re.IGNORECASE:
                 caseless = True
@@ -125,7 +123,7 @@ class _Emitter:
             lo, hi, sub = av
             if (hi is C.MAXREPEAT or hi > 1) and sub.getwidth()[0] == 0:
                 # Python and PCRE2 iterate a repeated body that can match empty differently (captures, spans).
-                raise Unsupported("a repeated group that can match an empty string")
+                raise UnsupportedRegex("a repeated group that can match an empty string")
             suffix = "?" if op is C.MIN_REPEAT else "+" if op is C.POSSESSIVE_REPEAT else ""
             bound = f"{{{lo},}}" if hi is C.MAXREPEAT else f"{{{lo},{hi}}}"
             return f"(?:{self.seq(sub, caseless)}){bound}{suffix}"
@@ -143,7 +141,7 @@ class _Emitter:
             return f"(?({group}){self.seq(yes, caseless)}|{self.seq(no, caseless) if no is not None else ''})"
         if op is C.ATOMIC_GROUP:
             return f"(?>{self.seq(av, caseless)})"
-        raise Unsupported(f"the regex construct {op} is not supported by the compiled engine")
+        raise UnsupportedRegex(f"the regex construct {op} is not supported by the compiled engine")
 
     def klass(self, items: Any, caseless: bool) -> str:
         negate = False
@@ -157,16 +155,16 @@ class _Emitter:
             elif op is C.RANGE:
                 lo, hi = av
                 if hi > 0x7F and caseless:
-                    raise Unsupported("a non-ASCII range under IGNORECASE (Unicode case folding)")
+                    raise UnsupportedRegex("a non-ASCII range under IGNORECASE (Unicode case folding)")
                 if lo <= 0x7F:
                     ranges.append((lo, min(hi, 0x7F)))
             elif op is C.CATEGORY:
                 table = _CATEGORIES_ASCII if self.ascii else _CATEGORIES
                 if av not in table:
-                    raise Unsupported(f"the class category {av} is not supported by the compiled engine")
+                    raise UnsupportedRegex(f"the class category {av} is not supported by the compiled engine")
                 ranges.extend(table[av])
             else:
-                raise Unsupported(f"the class member {op} is not supported by the compiled engine")
+                raise UnsupportedRegex(f"the class member {op} is not supported by the compiled engine")
         return _klass(_merge(ranges), negate)
 
 
@@ -200,17 +198,17 @@ def to_pcre2(pattern: re.Pattern[str]) -> tuple[str, int]:
     """(PCRE2 pattern text, PCRE2 options) giving ``pattern``'s answers on ASCII subjects.
 
     Raises:
-        Unsupported: a construct without a proven PCRE2 equivalent (the reason, in words).
+        UnsupportedRegex: a construct without a proven PCRE2 equivalent (the reason, in words).
     """
     if not isinstance(pattern.pattern, str):
-        raise Unsupported("a bytes pattern")
+        raise UnsupportedRegex("a bytes pattern")
     flags = pattern.flags
     if flags & re.LOCALE:
-        raise Unsupported("the LOCALE flag")
+        raise UnsupportedRegex("the LOCALE flag")
     try:
         tree = P.parse(pattern.pattern, flags)
     except re.error as exc:  # compiled by Python already; a parse error here would be a Python bug
-        raise Unsupported(f"the pattern did not parse again ({exc})") from None
+        raise UnsupportedRegex(f"the pattern did not parse again ({exc})") from None
     caseless = bool(tree.state.flags & re.IGNORECASE)
     emitter = _Emitter(bool(tree.state.flags & re.ASCII))
     text = emitter.seq(tree.data, caseless)

@@ -39,6 +39,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from prometheus_client.registry import Collector
 
 from threatgate.config.node import NodeConfig
+from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
 from threatgate.net.drain import DrainResult
 from threatgate.node.feeds import FeedSnapshot, SnapshotRef
@@ -158,7 +159,7 @@ class WorkerPool:
         try:
             ours, theirs = channel_pair()
         except OSError as exc:
-            log.error("worker %d could not be started: %s", worker, exc.strerror or exc)
+            log.error("worker %d could not be started: %s", worker, os_reason(exc))
             self.supervisor.spawned(worker, 0, time.monotonic())
             self._exited(worker, None)
             return
@@ -175,7 +176,7 @@ class WorkerPool:
             )
         except OSError as exc:
             ours.close()
-            log.error("worker %d could not be started: %s", worker, exc.strerror or exc)
+            log.error("worker %d could not be started: %s", worker, os_reason(exc))
             self.supervisor.spawned(worker, 0, time.monotonic())
             self._exited(worker, None)
             return
@@ -333,7 +334,7 @@ class WorkerPool:
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
-                self.warn_refused("cannot accept an event connection: %s; trying again in 1 s", exc.strerror or exc)
+                self.warn_refused("cannot accept an event connection: %s; trying again in 1 s", os_reason(exc))
                 self._watch_listening(False)  # the socket stays readable: without a pause this would spin
                 asyncio.get_running_loop().call_later(1.0, self._watch_listening, True)
                 return

@@ -37,7 +37,8 @@ from aiohttp import web
 from threatgate import runtime
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
-from threatgate.errors import ConfigError, FeedError, SettingsRejected
+from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
+from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
@@ -352,7 +353,7 @@ class NodeService:
         try:
             await asyncio.to_thread(directory.prepare)
         except OSError as exc:
-            return FeedError(f"snapshot directory {directory.path}: {exc.strerror or exc}")
+            return FeedError(f"snapshot directory {directory.path}: {os_reason(exc)}")
         return None
 
     async def _load_version(
@@ -940,11 +941,11 @@ def _alert_settings(config: NodeConfig) -> tuple[object, ...]:
 
 
 def _build_here(directory: str, settings: FeedSettings) -> snapshots.Built:
-    """A small feed's snapshot, built in this process (blocking); OSError becomes a failed load."""
+    """A small feed's snapshot, built in this process (blocking); a write error becomes a failed load."""
     try:
         return build_snapshot(directory, settings)
-    except OSError as exc:
-        raise FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {exc.strerror or exc}") from None
+    except (FileWriteError, OSError) as exc:
+        raise snapshots.write_failure(settings, directory, exc) from None
 
 
 def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:

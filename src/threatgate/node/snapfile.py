@@ -12,7 +12,7 @@ Invariants:
    section.  Anything else raises :class:`SnapshotInvalid` with the reason; the caller rebuilds.
 4. A detection never reads a feed file: the records section holds per record its kind, flags,
    normalised value, raw indicator text (``%MatchedIndicator%``) and context pairs.
-5. Sans-IO except :func:`write_atomic` (unique temporary name, 0600, rename; no fsync: a torn file
+5. Sans-IO except :func:`write_atomic` (threatgate.fs, 0600, no fsync: a torn file
    fails the checksum and is rebuilt), :func:`read_checked` (header and checksum by reading the
    file, then ``mmap``), :func:`map_fd` and :func:`to_memfd`; records are read with ``pread``, never
    through the mapping.
@@ -57,7 +57,6 @@ import os
 import stat
 import struct
 import sys
-import tempfile
 import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
@@ -68,7 +67,8 @@ import numpy as np
 import numpy.typing as npt
 import xxhash
 
-from threatgate.errors import FeedError
+from threatgate import fs
+from threatgate.errors import FeedError, SnapshotInvalid
 from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
 
 if TYPE_CHECKING:  # only for annotations: a worker that maps snapshots never imports the parser (orjson)
@@ -127,14 +127,6 @@ SECTIONS: dict[str, str] = {
     "meta": "u1",
 }
 """Every section, in file order, with its numpy dtype."""
-
-
-class SnapshotInvalid(Exception):
-    """A snapshot file that must not be trusted; ``reason`` is the metric label, the message the detail."""
-
-    def __init__(self, reason: str, detail: str) -> None:
-        super().__init__(detail)
-        self.reason = reason
 
 
 @dataclass(frozen=True, slots=True)
@@ -473,26 +465,17 @@ def _aligned(n: int) -> int:
 
 
 def write_atomic(path: str, chunks: Iterable[Buffer]) -> None:
-    """Write ``chunks`` to ``path`` atomically: a unique 0600 temporary file beside it, then rename.
+    """Write ``chunks`` to ``path`` atomically (:func:`threatgate.fs.write_atomic`, 0600).
 
     No ``fsync``: a file that a crash leaves torn (renamed before its blocks reached the disk) fails
     the checksum at the next start and is rebuilt, so durability would only buy a faster restart after
     a power loss, at the price of a flush of hundreds of MB on every feed change.  At worst a crash
     leaves a ``.tmp`` file, which the snapshot directory's clean-up removes.
+
+    Raises:
+        FileWriteError: the file cannot be written.
     """
-    directory = os.path.dirname(path) or "."
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".snap-", suffix=".tmp")  # 0600
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            for chunk in chunks:
-                fh.write(chunk)
-        os.rename(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    fs.write_atomic(path, chunks, 0o600, durable=False)
 
 
 def check_header(head: bytes, size: int, feed_digest: bytes | None, settings_digest: bytes | None) -> None:
@@ -595,7 +578,7 @@ def map_fd(fd: int, feed_digest: bytes | None = None, settings_digest: bytes | N
         index = FeedIndex(mapped, fd)
     except OSError as exc:
         _close_quietly(fd)
-        raise SnapshotInvalid("unreadable", f"descriptor {fd}: {exc.strerror or exc}") from None
+        raise SnapshotInvalid("unreadable", f"descriptor {fd}: {fs.os_reason(exc)}") from None
     except BaseException:
         _close_quietly(fd)
         raise

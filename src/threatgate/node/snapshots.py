@@ -33,7 +33,8 @@ from dataclasses import dataclass
 
 from threatgate import __version__
 from threatgate.config.node import FeedSettings
-from threatgate.errors import FeedError
+from threatgate.errors import FeedError, FileWriteError, SnapshotInvalid
+from threatgate.fs import os_reason
 from threatgate.node import snapfile
 from threatgate.node.feeds import FeedSnapshot, feed_identity
 
@@ -87,7 +88,7 @@ def source_digest(settings: FeedSettings) -> tuple[tuple[int, int, int], bytes]:
     try:  # as feeds._read_feed_file opens it: O_NONBLOCK, so a FIFO put in place of the file never hangs
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NONBLOCK", 0))
     except OSError as exc:
-        raise FeedError(f"{path}: cannot open: {exc.strerror or exc}") from None
+        raise FeedError(f"{path}: cannot open: {os_reason(exc)}") from None
     digest = hashlib.sha256()
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -95,7 +96,7 @@ def source_digest(settings: FeedSettings) -> tuple[tuple[int, int, int], bytes]:
         while chunk := os.read(fd, _READ_CHUNK):
             digest.update(chunk)
     except OSError as exc:
-        raise FeedError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise FeedError(f"{path}: cannot read: {os_reason(exc)}") from None
     finally:
         os.close(fd)
     return identity, digest.digest()
@@ -159,7 +160,7 @@ class SnapshotDir:
         os.chmod(self.path, 0o700)
         _take(self.path)
         for name in os.listdir(self.path):
-            if name.startswith(".snap-") and name.endswith(".tmp"):
+            if name.startswith(".") and name.endswith(".tmp"):  # fs.write_atomic's (and older .snap-*.tmp)
                 _unlink(os.path.join(self.path, name))
 
     def file_for(self, feed_digest: bytes, settings: FeedSettings) -> str:
@@ -175,12 +176,12 @@ class SnapshotDir:
             index = snapfile.read_checked(path, feed_digest, settings_digest(settings))
         except FileNotFoundError:
             return None
-        except snapfile.SnapshotInvalid as exc:
+        except SnapshotInvalid as exc:
             _unlink(path)
             return Refused(path, exc.reason, str(exc))
         except OSError as exc:
             _unlink(path)
-            return Refused(path, "unreadable", exc.strerror or str(exc))
+            return Refused(path, "unreadable", os_reason(exc))
         snapshot = FeedSnapshot(settings, index, path)
         snapshot.identity = identity
         return snapshot
@@ -193,7 +194,7 @@ class SnapshotDir:
         """
         try:
             index = snapfile.read_checked(built.path, built.feed_digest, settings_digest(settings))
-        except (OSError, snapfile.SnapshotInvalid) as exc:
+        except (OSError, SnapshotInvalid) as exc:
             raise FeedError(f"{settings.path}: the snapshot just built cannot be read back: {exc}") from None
         snapshot = FeedSnapshot(settings, index, built.path)
         snapshot.identity = built.identity
@@ -213,9 +214,8 @@ class SnapshotDir:
             return found
         try:
             built = build_snapshot(self.path, settings)
-        except OSError as exc:
-            why = exc.strerror or exc
-            raise FeedError(f"{settings.path}: cannot write its snapshot in {self.path}: {why}") from None
+        except (FileWriteError, OSError) as exc:
+            raise write_failure(settings, self.path, exc) from None
         return self.map_built(settings, built)
 
     def remove_unused(self, in_use: Iterable[str]) -> list[str]:
@@ -239,7 +239,7 @@ def _unlink(path: str) -> bool:
     except FileNotFoundError:
         return False
     except OSError as exc:
-        log.warning("cannot remove %s: %s", path, exc.strerror or exc)
+        log.warning("cannot remove %s: %s", path, os_reason(exc))
         return False
     return True
 
@@ -261,7 +261,7 @@ def build_snapshot(directory: str, settings: FeedSettings) -> Built:
 
     Raises:
         FeedError: the feed is not a feed at all.
-        OSError: the snapshot cannot be written.
+        FileWriteError: the snapshot cannot be written (OSError: the feed cannot be read).
     """
     from threatgate.node.feeds import parse_source
 
@@ -274,6 +274,12 @@ def build_snapshot(directory: str, settings: FeedSettings) -> Built:
     path = os.path.join(directory, snapshot_name(digest, settings_digest(settings)))
     snapfile.write_atomic(path, chunks)
     return Built(path, identity, digest)
+
+
+def write_failure(settings: FeedSettings, directory: str, exc: FileWriteError | OSError) -> FeedError:
+    """The failed load of a snapshot that cannot be written, in the same words wherever it was built."""
+    why = exc.reason if isinstance(exc, FileWriteError) else os_reason(exc)
+    return FeedError(f"{settings.path}: cannot write its snapshot in {directory}: {why}")
 
 
 BUILD_TIMEOUT_FLOOR = 120.0
@@ -304,7 +310,7 @@ async def build_in_worker(directory: str, settings: FeedSettings) -> Built:
             stderr=asyncio.subprocess.PIPE,
         )
     except OSError as exc:  # no memory or processes left to start it
-        raise FeedError(f"{settings.path}: cannot start the snapshot build worker: {exc.strerror or exc}") from None
+        raise FeedError(f"{settings.path}: cannot start the snapshot build worker: {os_reason(exc)}") from None
     timeout = build_timeout(settings)
     try:
         async with asyncio.timeout(timeout):
@@ -347,10 +353,8 @@ def _worker_main(argv: list[str]) -> int:
     except FeedError as exc:
         print(json.dumps({"error": str(exc)}))
         return 0
-    except OSError as exc:
-        print(
-            json.dumps({"error": f"{settings.path}: cannot write its snapshot in {directory}: {exc.strerror or exc}"})
-        )
+    except (FileWriteError, OSError) as exc:
+        print(json.dumps({"error": str(write_failure(settings, directory, exc))}))
         return 0
     print(json.dumps({"path": built.path, "identity": list(built.identity), "digest": built.feed_digest.hex()}))
     return 0

@@ -31,6 +31,7 @@ from typing import Any
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
+from threatgate.fs import os_reason
 from threatgate.node.feeds import MemorySnapshot, classify, context_text, parse_document, read_document
 
 log = logging.getLogger("threatgate.node")
@@ -402,7 +403,7 @@ def load_stix(settings: FeedSettings, data: bytes | str | None = None) -> Memory
         try:
             data, st = read_document(path, MAX_BUNDLE_SIZE)
         except OSError as exc:
-            raise FeedError(f"{path}: cannot read: {exc.strerror or exc}") from None
+            raise FeedError(f"{path}: cannot read: {os_reason(exc)}") from None
         snapshot.identity = (st.st_ino, st.st_size, st.st_mtime_ns)
     snapshot.digest = hashlib.sha256(data.encode("utf-8", "surrogatepass") if isinstance(data, str) else data).digest()
     bundle = parse_document(path, data)

@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from threatgate.config.node import FeedSettings
+from threatgate.errors import RequestError
 from threatgate.node.feeds import FeedSnapshot, Indicator, MemorySnapshot, classify
 
 BUILTIN = ("FalsePositive", "InternalTI")
@@ -77,14 +78,6 @@ CREATE TABLE IF NOT EXISTS tags (
     created REAL NOT NULL
 );
 """
-
-
-class RequestError(Exception):
-    """Bad input to a supplier or tag operation; ``status`` is the HTTP status it maps to."""
-
-    def __init__(self, message: str, status: int = 400) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 @dataclass(frozen=True, slots=True)

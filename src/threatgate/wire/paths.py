@@ -21,9 +21,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
-
-class PathError(ValueError):
-    """The request target cannot be a path we serve (bad escape, not UTF-8, NUL, not origin-form)."""
+from threatgate.errors import PathError
 
 
 def normalize_path(target: str) -> tuple[str, ...]:
