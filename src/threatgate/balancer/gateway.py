@@ -47,7 +47,7 @@ from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
-from threatgate.wire.paths import PathError, normalize_path, render_path
+from threatgate.wire.paths import PathError, canonical_version, normalize_path, render_path
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -107,13 +107,6 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: bytes
-
-
-def canonical(segments: tuple[str, ...]) -> tuple[str, ...]:
-    """``/api/v.1.1/...`` and ``/api/1.1/...`` are one request: the version spelled without ``v.``."""
-    if len(segments) >= 2 and segments[0] == "api" and segments[1].startswith("v."):
-        return ("api", segments[1][2:], *segments[2:])
-    return segments
 
 
 def is_write(method: str, segments: tuple[str, ...]) -> bool:
@@ -217,7 +210,7 @@ class Gateway:
         method = request.method
         target = request.raw_path
         try:
-            segments = canonical(normalize_path(target))
+            segments = canonical_version(normalize_path(target))
         except PathError as exc:
             self.count("bad_path")
             return json_error(400, str(exc))
@@ -549,7 +542,7 @@ class Gateway:
 
 
 def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
-    pattern = canonical(pattern)
+    pattern = canonical_version(pattern)
     if len(pattern) != len(segments):
         return False
     for want, got in zip(pattern, segments, strict=True):
@@ -590,4 +583,4 @@ def _response(answer: Answer) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
-__all__ = ["Gateway", "MISMATCH", "canonical", "fetch_certificate", "fingerprint_sha256", "is_write"]
+__all__ = ["Gateway", "MISMATCH", "fetch_certificate", "fingerprint_sha256", "is_write"]

@@ -35,7 +35,7 @@ from threatgate.net.body import read_body
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
 from threatgate.node.matcher import Hit
-from threatgate.wire.paths import PathError, RoutePattern, normalize_path
+from threatgate.wire.paths import PathError, RoutePattern, api_version, normalize_path
 
 if TYPE_CHECKING:
     from threatgate.node.service import NodeService
@@ -156,8 +156,7 @@ class NodeAPI:
             return await self._openapi_json(request) if await self._authenticated(request) else unauthorized()
         if len(segments) < 2 or segments[0] != "api":
             return json_error(404, f"unsupported request {request.method} {request.path[:200]}")
-        raw_version = segments[1][2:] if segments[1].startswith("v.") else segments[1]
-        version = VERSIONS.get(raw_version)
+        version = VERSIONS.get(api_version(segments[1]))
         if version is None:
             return json_error(404, f"unsupported API version {segments[1][:40]!r}; served: {', '.join(VERSIONS)}")
         if not await self._authenticated(request):
