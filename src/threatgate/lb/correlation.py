@@ -40,7 +40,7 @@ class Drop(enum.Enum):
 class _Entry:
     """One event between submission and release (a plain slotted class: one is made per event)."""
 
-    __slots__ = ("client", "event", "owner", "lines", "finished_line", "dispatches", "overdue")
+    __slots__ = ("client", "event", "owner", "lines", "finished_line", "overdue")
 
     def __init__(self, client: Hashable, event: str) -> None:
         self.client = client
@@ -48,7 +48,6 @@ class _Entry:
         self.owner: Hashable | None = None
         self.lines: list[str] | None = None  # detection lines, made only when there are some
         self.finished_line: str | None = None  # set once the owner sent LookupFinished
-        self.dispatches = 0
         self.overdue = False  # taken from an instance that was too slow to answer it (re-sent once for that)
 
 
@@ -161,7 +160,6 @@ class Correlator:
                 continue
             entry.owner = instance
             entry.lines = None
-            entry.dispatches += 1
             out.append(f"{request_id} {entry.event}")
             done.append(request_id)
         return done
@@ -179,10 +177,6 @@ class Correlator:
         would rather mean the event itself is slow everywhere."""
         entry = self._entries.get(request_id)
         return entry is not None and entry.overdue
-
-    def dispatches(self, request_id: int) -> int:
-        entry = self._entries.get(request_id)
-        return entry.dispatches if entry is not None else 0
 
     def is_pending(self, request_id: int) -> bool:
         return request_id in self._entries
