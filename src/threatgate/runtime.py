@@ -111,10 +111,14 @@ def notify(state: str) -> bool:
 
 
 def run(main: Coroutine[Any, Any, None]) -> None:
-    """Run ``main`` to completion on uvloop when installed."""
+    """Run ``main`` to completion on uvloop when installed.
+
+    The import is decided before ``main`` starts: an ImportError raised *inside* ``main`` is its
+    own failure and propagates, it must not read as "no uvloop" and run the spent coroutine again.
+    """
     try:
         import uvloop
-
-        uvloop.run(main)
     except ImportError:  # pragma: no cover - uvloop is optional
         asyncio.run(main)
+        return
+    uvloop.run(main)

@@ -1,6 +1,6 @@
 """Unit tests of the balancer's REST gateway pieces (no processes, no sockets).
 
-The allow-list decision (canonical / _match_canonical on normalised paths), read versus write, the
+The allow-list decision (_match_canonical on normalised paths), read versus write, the
 headers sent upstream, the pin store and the fingerprint objects the connection pool is keyed on; and
 the framing of service alert lines (balancer/alerts.py).
 """
@@ -30,14 +30,14 @@ from multidict import CIMultiDict
 
 from threatgate.balancer import gateway as gateway_module
 from threatgate.balancer.alerts import MAX_LINE, AlertConnection
-from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, canonical, is_write
+from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
 from threatgate.errors import FileWriteError, PathError, UpstreamFailed
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
-from threatgate.wire.paths import RoutePattern, normalize_path
+from threatgate.wire.paths import RoutePattern, canonical_version, normalize_path
 
 
 def make_cert(name: str = "node") -> bytes:
@@ -76,33 +76,6 @@ def make_gateway(tmp_path: Path, allowed: tuple[AllowedRequest, ...] = ()) -> Ga
     config = SimpleNamespace(cert_dir=str(tmp_path / "pins"), allowed=allowed, api_upstream_timeout=5.0)
     service = SimpleNamespace(config=config, stats=BalancerStats(), instances={}, rng=None)
     return Gateway(service)  # type: ignore[arg-type]
-
-
-# -- canonical: one spelling of the API version ------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("segments", "want"),
-    [
-        (("api", "v.1.1", "lookup"), ("api", "1.1", "lookup")),
-        (("api", "1.1", "lookup"), ("api", "1.1", "lookup")),
-        (("api", "v.1.2", "suppliers", "v.x"), ("api", "1.2", "suppliers", "v.x")),  # the version segment only
-        (("api", "v."), ("api", "")),  # an empty version: no placeholder takes it (below)
-        (("ioc_exports", "v.1.1"), ("ioc_exports", "v.1.1")),  # only under /api
-        (("API", "v.1.1"), ("API", "v.1.1")),
-        (("api",), ("api",)),
-        ((), ()),
-    ],
-)
-def test_canonical(segments: tuple[str, ...], want: tuple[str, ...]) -> None:
-    assert canonical(segments) == want
-
-
-@given(st.lists(st.sampled_from(["api", "v.1.1", "1.1", "v.", "v.v.1", "lookup", "x"]), max_size=5))
-def test_canonical_is_idempotent_except_for_a_doubled_prefix(segments: list[str]) -> None:
-    once = canonical(tuple(segments))
-    if segments[1:2] != ["v.v.1"]:
-        assert canonical(once) == once
 
 
 # -- is_write: fan-out or one node --------------------------------------------------------------------------
@@ -178,7 +151,7 @@ BALANCER_EXAMPLE = rules(("POST", "/api/1.1/lookup"), ("GET", "/api/v.1.1/suppli
 )
 def test_allowed_on_normalised_paths(tmp_path: Path, method: str, target: str, allowed: bool) -> None:
     gateway = make_gateway(tmp_path, BALANCER_EXAMPLE)
-    assert gateway._allowed(method, canonical(normalize_path(target))) is allowed
+    assert gateway._allowed(method, canonical_version(normalize_path(target))) is allowed
 
 
 SEGMENTS = st.sampled_from(
@@ -194,7 +167,7 @@ def test_an_allowed_request_reaches_the_node_as_allowed(parts: list[str], method
     allow-list accepted: no encoding can make the node see another request."""
     gateway = make_gateway(Path("/nonexistent"), rules(*DEFAULT_ALLOWED, ("PUT", "/api/{v}/suppliers/{name}")))
     try:
-        segments = canonical(normalize_path("/" + "/".join(parts)))
+        segments = canonical_version(normalize_path("/" + "/".join(parts)))
     except PathError:
         return
     if not gateway._allowed(method, segments):

@@ -1,8 +1,9 @@
 """Tests for threatgate.lb.correlation: request ids, ownership, exactly-once and in-order release.
 
-The unit tests pin each rule of the Correlator (single-line and batch paths); the state machine at the end
-drives it with simulated CyberTrace nodes through any interleaving, delay, duplication and failure and checks
-that every event's results reach its client exactly once, complete, and in submission order.
+The unit tests pin each rule of the Correlator through the API the balancer calls (runs of one line or id as
+well as batches); the state machine at the end drives it with simulated CyberTrace nodes through any
+interleaving, delay, duplication and failure and checks that every event's results reach its client
+exactly once, complete, and in submission order.
 """
 
 from __future__ import annotations
@@ -11,18 +12,45 @@ import sys
 from collections import deque
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import pytest
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
-from threatgate.lb.correlation import FINISHED, Correlator, Drop, Release, split_id
+from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop, split_id
 
 
-def reply(tagged: str, detections: Sequence[str] = ()) -> list[str]:
+class Release(NamedTuple):
+    """One event's complete answer as its client gets it (one entry of an :class:`Answered` run)."""
+
+    client: Hashable
+    request_id: int
+    lines: tuple[str, ...]
+    finished_line: str
+
+
+def releases(answered: list[Answered]) -> list[Release]:
+    return [Release(run.client, rid, lines, fin) for run in answered for rid, lines, fin in run.answers]
+
+
+def send(c: Correlator, request_id: int, instance: Hashable) -> str:
+    """Dispatch one event the balancer's way (a run of one); returns the tagged line sent."""
+    out: list[str] = []
+    assert c.dispatch_many([request_id], instance, out) == [request_id]
+    return out[0]
+
+
+def on_line(c: Correlator, instance: Hashable, line: str) -> list[Release] | Drop:
+    """One reply line through the batch path: the releases it completes, or why it was dropped."""
+    answered, drops = c.on_lines(instance, [line], [])
+    return drops[0] if drops else releases(answered)
+
+
+def reply(request_id: int, detections: Sequence[str] = ()) -> list[str]:
     """What a CyberTrace node whose EventFormat and FinishedEventFormat start with ``%REQ%`` writes back."""
-    req, _, _event = tagged.partition(" ")
+    req = request_id
     return [f"{req} {d}" for d in detections] + [f"{req} {FINISHED}"]
 
 
@@ -30,7 +58,7 @@ def feed(c: Correlator, instance: Hashable, lines: Sequence[str]) -> list[Releas
     """Deliver lines that must all be accepted; returns every release they complete."""
     out: list[Release] = []
     for line in lines:
-        result = c.on_line(instance, line)
+        result = on_line(c, instance, line)
         assert not isinstance(result, Drop), (line, result)
         out.extend(result)
     return out
@@ -53,29 +81,28 @@ def test_Correlator_ids_are_unique_and_increasing_across_clients() -> None:
 def test_Correlator_first_id_is_configurable_and_ids_are_never_reused_after_release() -> None:
     c = Correlator(first_id=1000)
     first = c.submit("a", "x")
-    c.dispatch(first, "n1")
-    assert [r.request_id for r in feed(c, "n1", reply(c.tagged(first)))] == [first]
+    send(c, first, "n1")
+    assert [r.request_id for r in feed(c, "n1", reply(first))] == [first]
     second = c.submit("a", "y")
     assert (first, second) == (1000, 1001)
 
 
-def test_Correlator_tagged_is_id_space_event() -> None:
+def test_Correlator_sends_id_space_event() -> None:
     c = Correlator()
     event = "CEF:0|Squid|Proxy|3.5|TCP_MISS|GET|3|src=10.1.2.3 url=http://fakess123.nu/"
     rid = c.submit("a", event)
-    assert c.tagged(rid) == f"{rid} {event}"
-    assert split_id(c.tagged(rid)) == (rid, event)
+    tagged = send(c, rid, "n1")
+    assert tagged == f"{rid} {event}"
+    assert split_id(tagged) == (rid, event)
 
 
 def test_Correlator_submit_does_not_dispatch() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
     assert c.is_pending(rid)
-    assert c.dispatches(rid) == 0
     assert c.unowned() == [rid]
     assert c.owned_by("n1") == 0
-    c.dispatch(rid, "n1")
-    assert c.dispatches(rid) == 1
+    send(c, rid, "n1")
     assert c.unowned() == []
     assert c.owned_by("n1") == 1
     assert repr(c) == "<Correlator pending=1 owned=1 clients=1>"
@@ -87,11 +114,11 @@ def test_Correlator_submit_does_not_dispatch() -> None:
 def test_Correlator_detection_lines_are_buffered_until_LookupFinished() -> None:
     c = Correlator()
     rid = c.submit("a", "url=http://evil.example/")
-    c.dispatch(rid, "n1")
-    assert c.on_line("n1", f"{rid} Category=Malicious_URL|MatchedIndicator=evil.example") == []
-    assert c.on_line("n1", f"{rid} Category=Phishing_URL|MatchedIndicator=evil.example") == []
+    send(c, rid, "n1")
+    assert on_line(c, "n1", f"{rid} Category=Malicious_URL|MatchedIndicator=evil.example") == []
+    assert on_line(c, "n1", f"{rid} Category=Phishing_URL|MatchedIndicator=evil.example") == []
     assert c.pending == 1
-    assert c.on_line("n1", f"{rid} {FINISHED}") == [
+    assert on_line(c, "n1", f"{rid} {FINISHED}") == [
         Release(
             "a",
             rid,
@@ -105,45 +132,46 @@ def test_Correlator_detection_lines_are_buffered_until_LookupFinished() -> None:
     assert c.pending == 0
     assert c.owned_by("n1") == 0
     assert not c.is_pending(rid)
-    assert c.dispatches(rid) == 0
     assert no_drops(c)
 
 
 def test_Correlator_event_without_detections_releases_only_the_finished_line() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    assert c.on_line("n1", f"{rid} {FINISHED}") == [Release("a", rid, (), FINISHED)]
+    send(c, rid, "n1")
+    assert on_line(c, "n1", f"{rid} {FINISHED}") == [Release("a", rid, (), FINISHED)]
 
 
 def test_Correlator_finished_line_may_carry_more_fields_but_must_be_the_whole_word() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    assert c.on_line("n1", f"{rid} {FINISHED}X") == []  # a detection that merely starts with the word
-    assert c.on_line("n1", f"{rid} {FINISHED} count=1") == [Release("a", rid, (f"{FINISHED}X",), f"{FINISHED} count=1")]
+    send(c, rid, "n1")
+    assert on_line(c, "n1", f"{rid} {FINISHED}X") == []  # a detection that merely starts with the word
+    assert on_line(c, "n1", f"{rid} {FINISHED} count=1") == [
+        Release("a", rid, (f"{FINISHED}X",), f"{FINISHED} count=1")
+    ]
 
 
 def test_Correlator_detection_line_may_be_empty() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    assert c.on_line("n1", f"{rid} ") == []
-    assert c.on_line("n1", f"{rid} {FINISHED}") == [Release("a", rid, ("",), FINISHED)]
+    send(c, rid, "n1")
+    assert on_line(c, "n1", f"{rid} ") == []
+    assert on_line(c, "n1", f"{rid} {FINISHED}") == [Release("a", rid, ("",), FINISHED)]
 
 
 def test_Correlator_releases_per_client_in_submission_order_when_finishes_arrive_out_of_order() -> None:
     c = Correlator()
     r1, r2, r3 = (c.submit("a", f"ev{i}") for i in range(3))
-    c.dispatch(r1, "n1")
-    c.dispatch(r2, "n2")
-    c.dispatch(r3, "n1")
-    assert feed(c, "n1", reply(c.tagged(r3), ["d3"])) == []  # r3 waits for r1 and r2
+    send(c, r1, "n1")
+    send(c, r2, "n2")
+    send(c, r3, "n1")
+    assert feed(c, "n1", reply(r3, ["d3"])) == []  # r3 waits for r1 and r2
     assert c.pending == 3
     assert c.unowned() == []  # a finished event is not handed out again
     assert c.owned_by("n1") == 1  # r1 only: r3 is answered
-    assert feed(c, "n1", reply(c.tagged(r1), ["d1a", "d1b"])) == [Release("a", r1, ("d1a", "d1b"), FINISHED)]
-    assert feed(c, "n2", reply(c.tagged(r2))) == [
+    assert feed(c, "n1", reply(r1, ["d1a", "d1b"])) == [Release("a", r1, ("d1a", "d1b"), FINISHED)]
+    assert feed(c, "n2", reply(r2)) == [
         Release("a", r2, (), FINISHED),
         Release("a", r3, ("d3",), FINISHED),
     ]
@@ -155,12 +183,12 @@ def test_Correlator_clients_are_independent() -> None:
     c = Correlator()
     slow = c.submit("a", "slow")
     fast = [c.submit("b", f"fast{i}") for i in range(3)]
-    c.dispatch(slow, "n1")
+    send(c, slow, "n1")
     for rid in fast:
-        c.dispatch(rid, "n2")
-    c.on_line("n1", f"{slow} partial")
+        send(c, rid, "n2")
+    on_line(c, "n1", f"{slow} partial")
     for rid in fast:
-        assert feed(c, "n2", reply(c.tagged(rid), [f"d{rid}"])) == [Release("b", rid, (f"d{rid}",), FINISHED)]
+        assert feed(c, "n2", reply(rid, [f"d{rid}"])) == [Release("b", rid, (f"d{rid}",), FINISHED)]
     assert c.pending == 1
     assert feed(c, "n1", [f"{slow} {FINISHED}"]) == [Release("a", slow, ("partial",), FINISHED)]
 
@@ -169,8 +197,8 @@ def test_Correlator_interleaved_lines_of_several_events_of_one_node() -> None:
     c = Correlator()
     r1 = c.submit("a", "x")
     r2 = c.submit("b", "y")
-    c.dispatch(r1, "n1")
-    c.dispatch(r2, "n1")
+    send(c, r1, "n1")
+    send(c, r2, "n1")
     lines = [f"{r2} y0", f"{r1} x0", f"{r2} y1", f"{r2} {FINISHED}", f"{r1} x1", f"{r1} {FINISHED}"]
     assert feed(c, "n1", lines) == [Release("b", r2, ("y0", "y1"), FINISHED), Release("a", r1, ("x0", "x1"), FINISHED)]
 
@@ -182,7 +210,6 @@ def test_Correlator_interleaved_lines_of_several_events_of_one_node() -> None:
     "line",
     [
         pytest.param("abc", id="no-digits"),
-        pytest.param("", id="empty"),
         pytest.param(" 1 x", id="leading-space"),
         pytest.param("-1 x", id="negative"),
         pytest.param("+1 x", id="plus-sign"),
@@ -199,9 +226,9 @@ def test_Correlator_interleaved_lines_of_several_events_of_one_node() -> None:
 def test_Correlator_line_without_an_id_is_dropped_NO_ID(line: str) -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
+    send(c, rid, "n1")
     assert split_id(line) is None
-    assert c.on_line("n1", line) is Drop.NO_ID
+    assert on_line(c, "n1", line) is Drop.NO_ID
     assert c.dropped[Drop.NO_ID] == 1
     assert c.pending == 1
 
@@ -224,30 +251,30 @@ def test_Correlator_line_from_a_non_owner_is_dropped_NOT_OWNER() -> None:
     c = Correlator()
     mine = c.submit("a", "x")
     theirs = c.submit("b", "y")
-    c.dispatch(mine, "n1")
-    c.dispatch(theirs, "n2")
-    assert c.on_line("n1", f"{theirs} injected") is Drop.NOT_OWNER
-    assert c.on_line("n1", f"{theirs} {FINISHED}") is Drop.NOT_OWNER
+    send(c, mine, "n1")
+    send(c, theirs, "n2")
+    assert on_line(c, "n1", f"{theirs} injected") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{theirs} {FINISHED}") is Drop.NOT_OWNER
     assert c.dropped[Drop.NOT_OWNER] == 2
-    assert feed(c, "n2", reply(c.tagged(theirs), ["real"])) == [Release("b", theirs, ("real",), FINISHED)]
+    assert feed(c, "n2", reply(theirs, ["real"])) == [Release("b", theirs, ("real",), FINISHED)]
 
 
 def test_Correlator_line_for_an_undispatched_event_is_dropped_NOT_OWNER() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
     assert c.unowned() == [rid]
 
 
 def test_Correlator_unknown_and_retired_ids_are_dropped_UNKNOWN_ID() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    assert c.on_line("n1", f"{rid + 1} x") is Drop.UNKNOWN_ID  # never issued
-    assert c.on_line("n1", "0 x") is Drop.UNKNOWN_ID
-    feed(c, "n1", reply(c.tagged(rid)))
-    assert c.on_line("n1", f"{rid} late") is Drop.UNKNOWN_ID  # retired
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.UNKNOWN_ID
+    send(c, rid, "n1")
+    assert on_line(c, "n1", f"{rid + 1} x") is Drop.UNKNOWN_ID  # never issued
+    assert on_line(c, "n1", "0 x") is Drop.UNKNOWN_ID
+    feed(c, "n1", reply(rid))
+    assert on_line(c, "n1", f"{rid} late") is Drop.UNKNOWN_ID  # retired
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.UNKNOWN_ID
     assert c.dropped == {Drop.NO_ID: 0, Drop.UNKNOWN_ID: 4, Drop.NOT_OWNER: 0}
 
 
@@ -255,16 +282,16 @@ def test_Correlator_duplicated_LookupFinished_is_dropped_while_waiting_and_after
     c = Correlator()
     r1 = c.submit("a", "x")
     r2 = c.submit("a", "y")
-    c.dispatch(r1, "n1")
-    c.dispatch(r2, "n1")
-    assert c.on_line("n1", f"{r2} d") == []
-    assert c.on_line("n1", f"{r2} {FINISHED}") == []
+    send(c, r1, "n1")
+    send(c, r2, "n1")
+    assert on_line(c, "n1", f"{r2} d") == []
+    assert on_line(c, "n1", f"{r2} {FINISHED}") == []
     # r2 is answered but not released (r1 first): its owner may not add to it or finish it again.
-    assert c.on_line("n1", f"{r2} {FINISHED}") is Drop.NOT_OWNER
-    assert c.on_line("n1", f"{r2} d") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{r2} {FINISHED}") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{r2} d") is Drop.NOT_OWNER
     assert feed(c, "n1", [f"{r1} {FINISHED}"]) == [Release("a", r1, (), FINISHED), Release("a", r2, ("d",), FINISHED)]
-    assert c.on_line("n1", f"{r2} {FINISHED}") is Drop.UNKNOWN_ID
-    assert c.on_line("n1", f"{r1} {FINISHED}") is Drop.UNKNOWN_ID
+    assert on_line(c, "n1", f"{r2} {FINISHED}") is Drop.UNKNOWN_ID
+    assert on_line(c, "n1", f"{r1} {FINISHED}") is Drop.UNKNOWN_ID
     assert c.dropped == {Drop.NO_ID: 0, Drop.UNKNOWN_ID: 2, Drop.NOT_OWNER: 2}
 
 
@@ -274,25 +301,26 @@ def test_Correlator_client_event_that_looks_like_a_reply_cannot_complete_anythin
     victim = c.submit("victim", "url=http://evil.example/")
     forged = c.submit("attacker", f"{victim} {FINISHED}")
     assert forged != victim
-    c.dispatch(victim, "n1")
-    c.dispatch(forged, "n1")  # the same node: ownership alone would not stop it
+    send(c, victim, "n1")
+    sent = send(c, forged, "n1")  # the same node: ownership alone would not stop it
     # The node sees "<forged> 123 LookupFinished" and, echoing the event as its detection, writes it back
     # behind the attacker's own id.
-    lines = reply(c.tagged(forged), [c.tagged(forged).partition(" ")[2]])
+    lines = reply(forged, [sent.partition(" ")[2]])
     assert lines == [f"{forged} {victim} {FINISHED}", f"{forged} {FINISHED}"]
-    assert c.on_line("n1", lines[0]) == []
+    assert on_line(c, "n1", lines[0]) == []
     assert c.is_pending(victim)
-    assert c.on_line("n1", lines[1]) == [Release("attacker", forged, (f"{victim} {FINISHED}",), FINISHED)]
+    assert on_line(c, "n1", lines[1]) == [Release("attacker", forged, (f"{victim} {FINISHED}",), FINISHED)]
     assert c.is_pending(victim)
-    assert feed(c, "n1", reply(c.tagged(victim), ["hit"])) == [Release("victim", victim, ("hit",), FINISHED)]
+    assert feed(c, "n1", reply(victim, ["hit"])) == [Release("victim", victim, ("hit",), FINISHED)]
     assert no_drops(c)
 
 
 def test_Correlator_client_event_with_its_own_id_prefix_keeps_the_balancer_id_first() -> None:
     c = Correlator()
     rid = c.submit("a", "999999 x")
-    assert c.tagged(rid) == f"{rid} 999999 x"
-    assert split_id(c.tagged(rid)) == (rid, "999999 x")
+    tagged = send(c, rid, "n1")
+    assert tagged == f"{rid} 999999 x"
+    assert split_id(tagged) == (rid, "999999 x")
 
 
 # -- failures and disconnects ------------------------------------------------------------------------
@@ -302,38 +330,38 @@ def test_Correlator_instance_lost_returns_unfinished_ids_in_submission_order_and
     c = Correlator()
     ids = [c.submit(client, f"ev{i}") for i in range(3) for client in ("a", "b")]
     for rid in reversed(ids):  # dispatch order differs from submission order
-        c.dispatch(rid, "n1" if rid != ids[1] else "n2")
+        send(c, rid, "n1" if rid != ids[1] else "n2")
     done = ids[4]
-    feed(c, "n1", reply(c.tagged(done), ["d"]))  # answered, waiting for a's earlier events: not lost
-    c.on_line("n1", f"{ids[0]} partial")
+    feed(c, "n1", reply(done, ["d"]))  # answered, waiting for a's earlier events: not lost
+    on_line(c, "n1", f"{ids[0]} partial")
     lost = c.instance_lost("n1")
     assert lost == [ids[0], ids[2], ids[3], ids[5]]
     assert c.unowned() == lost
     assert c.owned_by("n1") == 0
     assert c.owned_by("n2") == 1
     assert c.instance_lost("n1") == []  # idempotent
-    c.dispatch(ids[0], "n2")
+    send(c, ids[0], "n2")
     # The redispatched event is answered from scratch: the partial line from n1 is gone.
-    assert feed(c, "n2", reply(c.tagged(ids[0]), ["full"])) == [Release("a", ids[0], ("full",), FINISHED)]
-    assert c.dispatches(ids[2]) == 1
+    assert feed(c, "n2", reply(ids[0], ["full"])) == [Release("a", ids[0], ("full",), FINISHED)]
+    assert c.unowned() == [ids[2], ids[3], ids[5]]
 
 
 def test_Correlator_late_lines_from_a_lost_instance_are_dropped_before_and_after_redispatch() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    c.on_line("n1", f"{rid} d0")
+    send(c, rid, "n1")
+    on_line(c, "n1", f"{rid} d0")
     assert c.instance_lost("n1") == [rid]
     # still in the network from n1:
-    assert c.on_line("n1", f"{rid} d1") is Drop.NOT_OWNER
-    c.dispatch(rid, "n2")
-    assert c.dispatches(rid) == 2
-    assert c.on_line("n1", f"{rid} d1") is Drop.NOT_OWNER
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
-    assert c.on_line("n2", f"{rid} d0") == []
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER  # interleaved with the new owner
+    assert on_line(c, "n1", f"{rid} d1") is Drop.NOT_OWNER
+    send(c, rid, "n2")
+    assert c.owner(rid) == "n2"
+    assert on_line(c, "n1", f"{rid} d1") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
+    assert on_line(c, "n2", f"{rid} d0") == []
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER  # interleaved with the new owner
     assert feed(c, "n2", [f"{rid} d1", f"{rid} {FINISHED}"]) == [Release("a", rid, ("d0", "d1"), FINISHED)]
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.UNKNOWN_ID
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.UNKNOWN_ID
     assert c.dropped == {Drop.NO_ID: 0, Drop.UNKNOWN_ID: 1, Drop.NOT_OWNER: 4}
 
 
@@ -342,11 +370,11 @@ def test_Correlator_dispatch_to_a_new_owner_discards_the_previous_owners_lines()
     # owned event (e.g. on a reply timeout) released n1's partial answer plus n2's whole answer.
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    c.on_line("n1", f"{rid} det")
-    c.dispatch(rid, "n2")
+    send(c, rid, "n1")
+    on_line(c, "n1", f"{rid} det")
+    send(c, rid, "n2")
     assert c.owned_by("n1") == 0
-    assert c.on_line("n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{rid} {FINISHED}") is Drop.NOT_OWNER
     assert feed(c, "n2", [f"{rid} det", f"{rid} {FINISHED}"]) == [Release("a", rid, ("det",), FINISHED)]
 
 
@@ -355,11 +383,11 @@ def test_Correlator_dispatch_of_an_answered_event_is_refused() -> None:
     c = Correlator()
     r1 = c.submit("a", "x")
     r2 = c.submit("a", "y")
-    c.dispatch(r1, "n1")
-    c.dispatch(r2, "n1")
+    send(c, r1, "n1")
+    send(c, r2, "n1")
     feed(c, "n1", [f"{r2} d", f"{r2} {FINISHED}"])
-    with pytest.raises(ValueError, match="already answered"):
-        c.dispatch(r2, "n2")
+    out: list[str] = []
+    assert c.dispatch_many([r2], "n2", out) == [] and out == []  # answered: not sent again
     assert c.owned_by("n2") == 0
     assert feed(c, "n1", [f"{r1} {FINISHED}"]) == [Release("a", r1, (), FINISHED), Release("a", r2, ("d",), FINISHED)]
 
@@ -370,17 +398,17 @@ def test_Correlator_client_gone_forgets_its_events_and_later_replies_are_UNKNOWN
     b1 = c.submit("b", "y")
     a2 = c.submit("a", "z")
     a3 = c.submit("a", "w")
-    c.dispatch(a1, "n1")
-    c.dispatch(b1, "n1")
-    c.dispatch(a3, "n2")
-    feed(c, "n2", reply(c.tagged(a3)))  # answered, not released
-    c.on_line("n1", f"{a1} partial")
+    send(c, a1, "n1")
+    send(c, b1, "n1")
+    send(c, a3, "n2")
+    feed(c, "n2", reply(a3))  # answered, not released
+    on_line(c, "n1", f"{a1} partial")
     assert c.client_gone("a") == [(a1, "n1"), (a2, None), (a3, None)]
     assert c.pending == 1
     assert c.unowned() == []
     assert c.owned_by("n1") == 1
-    assert c.on_line("n1", f"{a1} more") is Drop.UNKNOWN_ID
-    assert c.on_line("n1", f"{a1} {FINISHED}") is Drop.UNKNOWN_ID
+    assert on_line(c, "n1", f"{a1} more") is Drop.UNKNOWN_ID
+    assert on_line(c, "n1", f"{a1} {FINISHED}") is Drop.UNKNOWN_ID
     assert c.instance_lost("n1") == [b1]
     assert c.client_gone("a") == []
     assert c.client_gone("never-seen") == []
@@ -389,23 +417,23 @@ def test_Correlator_client_gone_forgets_its_events_and_later_replies_are_UNKNOWN
 def test_Correlator_a_reconnecting_client_key_sees_nothing_of_its_previous_session() -> None:
     c = Correlator()
     old = c.submit("a", "x")
-    c.dispatch(old, "n1")
-    c.on_line("n1", f"{old} stale")
+    send(c, old, "n1")
+    on_line(c, "n1", f"{old} stale")
     c.client_gone("a")
     new = c.submit("a", "y")
-    c.dispatch(new, "n1")
-    assert c.on_line("n1", f"{old} {FINISHED}") is Drop.UNKNOWN_ID
-    assert feed(c, "n1", reply(c.tagged(new), ["fresh"])) == [Release("a", new, ("fresh",), FINISHED)]
+    send(c, new, "n1")
+    assert on_line(c, "n1", f"{old} {FINISHED}") is Drop.UNKNOWN_ID
+    assert feed(c, "n1", reply(new, ["fresh"])) == [Release("a", new, ("fresh",), FINISHED)]
 
 
 def test_Correlator_client_gone_releases_nothing_for_the_other_clients() -> None:
     c = Correlator()
     a1 = c.submit("a", "x")
     b1 = c.submit("b", "y")
-    c.dispatch(a1, "n1")
-    c.dispatch(b1, "n1")
+    send(c, a1, "n1")
+    send(c, b1, "n1")
     c.client_gone("a")
-    assert feed(c, "n1", reply(c.tagged(b1))) == [Release("b", b1, (), FINISHED)]
+    assert feed(c, "n1", reply(b1)) == [Release("b", b1, (), FINISHED)]
     assert c.pending == 0
 
 
@@ -413,10 +441,10 @@ def test_Correlator_same_key_again_after_instance_lost_answers_afresh() -> None:
     # The balancer names instances by node: a node that failed and came back has the same key.
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    c.on_line("n1", f"{rid} old")
+    send(c, rid, "n1")
+    on_line(c, "n1", f"{rid} old")
     assert c.instance_lost("n1") == [rid]
-    c.dispatch(rid, "n1")
+    send(c, rid, "n1")
     assert c.owner(rid) == "n1"
     assert feed(c, "n1", [f"{rid} new", f"{rid} {FINISHED}"]) == [Release("a", rid, ("new",), FINISHED)]
 
@@ -426,8 +454,8 @@ def test_Correlator_owner_follows_dispatch_finish_and_loss() -> None:
     r1 = c.submit("a", "x")
     r2 = c.submit("a", "y")
     assert c.owner(r1) is None
-    c.dispatch(r1, "n1")
-    c.dispatch(r2, "n2")
+    send(c, r1, "n1")
+    send(c, r2, "n2")
     assert (c.owner(r1), c.owner(r2)) == ("n1", "n2")
     feed(c, "n2", [f"{r2} {FINISHED}"])
     assert c.owner(r2) is None  # answered, waiting for r1
@@ -447,9 +475,7 @@ def test_Correlator_submit_many_gives_consecutive_ids_in_order_with_submit() -> 
     assert c.submit("a", "y") == 14
     assert list(c.submit_many("a", [])) == []
     assert c.unowned() == [10, 11, 12, 13, 14]
-    assert [c.tagged(rid) for rid in ids] == ["11 p", "12 q", "13 r"]
-    for rid in (13, 12, 11):
-        c.dispatch(rid, "n1")
+    assert [send(c, rid, "n1") for rid in (13, 12, 11)] == ["13 r", "12 q", "11 p"]
     assert feed(c, "n1", [f"13 {FINISHED}", f"11 {FINISHED}"]) == [Release("b", 11, (), FINISHED)]
     assert feed(c, "n1", [f"12 {FINISHED}"]) == [Release("b", 12, (), FINISHED), Release("b", 13, (), FINISHED)]
 
@@ -458,17 +484,16 @@ def test_Correlator_dispatch_many_tags_skips_what_is_gone_or_answered_and_discar
     c = Correlator()
     a1, a2, a3 = (c.submit("a", f"ev{i}") for i in range(3))
     b1 = c.submit("b", "gone")
-    c.dispatch(a1, "n1")
-    c.on_line("n1", f"{a1} partial")
-    c.dispatch(a3, "n1")
+    send(c, a1, "n1")
+    on_line(c, "n1", f"{a1} partial")
+    send(c, a3, "n1")
     feed(c, "n1", [f"{a3} {FINISHED}"])  # answered, waiting for a1 and a2
     c.client_gone("b")
     out = ["already there"]
     assert c.dispatch_many([a1, b1, a2, a3, 999], "n2", out) == [a1, a2]
     assert out == ["already there", f"{a1} ev0", f"{a2} ev1"]
     assert (c.owner(a1), c.owner(a2), c.owner(a3)) == ("n2", "n2", None)
-    assert (c.dispatches(a1), c.dispatches(a2), c.dispatches(a3)) == (2, 1, 1)
-    assert c.on_line("n1", f"{a1} {FINISHED}") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{a1} {FINISHED}") is Drop.NOT_OWNER
     assert feed(c, "n2", [f"{a2} {FINISHED}", f"{a1} full", f"{a1} {FINISHED}"]) == [
         Release("a", a1, ("full",), FINISHED),
         Release("a", a2, (), FINISHED),
@@ -483,7 +508,7 @@ def test_Correlator_on_lines_releases_runs_per_client_and_reports_finished_ids_a
     a2 = c.submit("a", "z")
     b2 = c.submit("b", "w")
     for rid in (a1, b1, a2, b2):
-        c.dispatch(rid, "n1")
+        send(c, rid, "n1")
     finished: list[int] = []
     lines = [
         f"{a2} {FINISHED}",
@@ -526,14 +551,14 @@ def test_Correlator_on_lines_plain_run_has_no_detections_and_plain_finished_line
     ]
 
 
-@pytest.mark.parametrize(
-    "line", ["abc", " 1 x", "-1 x", "1x", "\u0661 x", "1" * 20 + " x", FINISHED], ids=lambda s: repr(s)
-)
-def test_Correlator_on_lines_drops_lines_without_an_id_like_on_line(line: str) -> None:
+def test_Correlator_an_empty_line_is_skipped_not_dropped() -> None:
     c = Correlator()
     rid = c.submit("a", "x")
-    c.dispatch(rid, "n1")
-    assert c.on_lines("n1", [line], []) == ([], [Drop.NO_ID])
+    send(c, rid, "n1")
+    finished: list[int] = []
+    answered, drops = c.on_lines("n1", ["", f"{rid} {FINISHED}", ""], finished)
+    assert (releases(answered), drops, finished) == ([Release("a", rid, (), FINISHED)], [], [rid])
+    assert no_drops(c)
 
 
 def test_Correlator_finish_local_answers_in_order_without_detections_and_disowns_the_event() -> None:
@@ -541,12 +566,12 @@ def test_Correlator_finish_local_answers_in_order_without_detections_and_disowns
     r1 = c.submit("a", "x")
     big = c.submit("a", "too large")
     r3 = c.submit("a", "z")
-    c.dispatch(r1, "n1")
-    c.dispatch(big, "n1")
-    c.on_line("n1", f"{big} partial")
-    assert c.finish_local(big) == []  # r1 first
+    send(c, r1, "n1")
+    send(c, big, "n1")
+    on_line(c, "n1", f"{big} partial")
+    assert c.finish_local_runs(big) == []  # r1 first
     assert c.unowned() == [r3]
-    assert c.on_line("n1", f"{big} late") is Drop.NOT_OWNER
+    assert on_line(c, "n1", f"{big} late") is Drop.NOT_OWNER
     assert feed(c, "n1", [f"{r1} {FINISHED}"]) == [Release("a", r1, (), FINISHED), Release("a", big, (), FINISHED)]
     runs = c.finish_local_runs(r3, f"{FINISHED} oversized")
     assert [(run.client, run.answers, run.detections, run.plain) for run in runs] == [
@@ -579,9 +604,9 @@ def detections(name: str, k: int) -> tuple[str, ...]:
 
 def node_lines(tagged: str) -> list[str]:
     """The simulated node: event ``<name>:<k>`` yields its k detection lines, then LookupFinished."""
-    _req, _, event = tagged.partition(" ")
+    req, _, event = tagged.partition(" ")
     name, _, k = event.rpartition(":")
-    return reply(tagged, detections(name, int(k)))
+    return reply(int(req), detections(name, int(k)))
 
 
 @dataclass(slots=True)
@@ -727,7 +752,7 @@ class CorrelationMachine(RuleBasedStateMachine):
         answered = self.events.get(rid) if rid is not None else None
         was_finished = answered is not None and answered.finished
         verdict = self.verdict(conn, line)
-        result = self.c.on_line(self.key(conn), line)
+        result = on_line(self.c, self.key(conn), line)
         if verdict is not None:
             assert result is verdict, (conn, line, result)
         elif answered is not None and answered.finished and not was_finished:
@@ -778,10 +803,7 @@ class CorrelationMachine(RuleBasedStateMachine):
             out: list[str] = []
             assert self.c.dispatch_many(rids, key, out) == [rid for rid in rids if self.c.is_pending(rid)]
         else:
-            out = []
-            for rid in rids:
-                self.c.dispatch(rid, key)
-                out.append(self.c.tagged(rid))
+            out = [send(self.c, rid, key) for rid in rids]  # one at a time
         for tagged in out:
             ev = self.events[int(tagged.partition(" ")[0])]
             assert tagged == f"{ev.rid} {ev.text}"
@@ -854,7 +876,7 @@ class CorrelationMachine(RuleBasedStateMachine):
         ev = self.events[unowned[pick % len(unowned)]]
         ev.expected = ()
         ev.finished = True
-        assert self.c.finish_local(ev.rid) == self.release(ev.client)
+        assert releases(self.c.finish_local_runs(ev.rid)) == self.release(ev.client)
         self.local += 1
 
     @precondition(lambda self: any(self.network.values()) or any(n.inflight for n in self.nodes))
@@ -1045,11 +1067,11 @@ def test_Correlator_a_lane_lost_while_its_sibling_lives_hands_back_only_its_own_
     c.dispatch_many(ids[0::2], lane0, [])
     c.dispatch_many(ids[1::2], lane1, [])
     assert feed(c, lane1, [f"{ids[1]} hit1", f"{ids[1]} {FINISHED}"]) == []  # answered, waits for ids[0]
-    assert c.on_line(lane1, f"{ids[3]} partial") == []  # part of an answer, then the lane dies
-    assert c.on_line(lane0, f"{ids[2]} hit2") == []
+    assert on_line(c, lane1, f"{ids[3]} partial") == []  # part of an answer, then the lane dies
+    assert on_line(c, lane0, f"{ids[2]} hit2") == []
     assert c.instance_lost(lane1) == [ids[3], ids[5]]
     assert c.owned_by(lane0) == 3 and c.owned_by(lane1) == 0
-    assert c.on_line(lane1, f"{ids[3]} {FINISHED}") is Drop.NOT_OWNER  # still in its socket buffer
+    assert on_line(c, lane1, f"{ids[3]} {FINISHED}") is Drop.NOT_OWNER  # still in its socket buffer
     c.dispatch_many([ids[3], ids[5]], lane0, [])
     released = feed(c, lane0, [f"{rid} {FINISHED}" for rid in (ids[0], ids[2], ids[3], ids[4])])
     released += feed(c, lane0, [f"{ids[5]} hit5", f"{ids[5]} {FINISHED}"])

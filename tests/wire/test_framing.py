@@ -9,7 +9,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from threatgate.wire.flags import NEED_DATA
 from threatgate.wire.framing import AutoFramer, FramedEvent, LineFramer, OctetFramer, Oversized, detect_framing
 
 SEMICOLON = re.compile(";")
@@ -311,43 +310,40 @@ def test_LineFramer_unterminated_final_event_split_by_delimiter() -> None:
     assert events == ["x", ";y"]
 
 
-# -- next_event / NEED_DATA -----------------------------------------------------------------------
+# -- next_events: what is complete so far -----------------------------------------------------------
 
 
-def test_LineFramer_next_event_returns_need_data_when_empty() -> None:
+def test_LineFramer_next_events_is_empty_until_a_line_completes() -> None:
     framer = LineFramer()
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == []
     framer.receive_data(b"partial")
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == []
 
 
-def test_LineFramer_next_event_one_at_a_time_in_order() -> None:
+def test_LineFramer_next_events_in_order_across_reads() -> None:
     framer = LineFramer()
     framer.receive_data(b"one\ntwo\nthr")
-    assert framer.next_event() == "one"
-    assert framer.next_event() == "two"
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == ["one", "two"]
+    assert framer.next_events() == []
     framer.receive_data(b"ee\n")
-    assert framer.next_event() == "three"
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == ["three"]
+    assert framer.next_events() == []
 
 
-def test_LineFramer_next_event_drains_final_event_after_eof() -> None:
+def test_LineFramer_next_events_drains_final_event_after_eof() -> None:
     framer = LineFramer()
     framer.receive_data(b"a\nb")
     framer.receive_data(b"")
-    got = []
-    while (event := framer.next_event()) is not NEED_DATA:
-        got.append(event)
-    assert got == ["a", "b"]
+    assert framer.next_events() == ["a", "b"]
+    assert framer.next_events() == []
 
 
-def test_LineFramer_next_event_yields_oversized_marker() -> None:
+def test_LineFramer_next_events_yields_oversized_marker() -> None:
     framer = LineFramer(max_event_size=64)
     framer.receive_data(b"z" * 300)
-    marker = framer.next_event()
+    [marker] = framer.next_events()
     assert isinstance(marker, Oversized)
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == []
 
 
 def test_LineFramer_next_events_empties_the_queue() -> None:
@@ -614,14 +610,13 @@ def test_OctetFramer_malformed_frame_at_eof_without_lf() -> None:
     assert framer.stats.bad_frame == 1 and framer.stats.unterminated == 1
 
 
-def test_OctetFramer_next_event_one_at_a_time() -> None:
+def test_OctetFramer_next_events_across_reads() -> None:
     framer = OctetFramer()
     framer.receive_data(octet(b"one", b"two") + b"5 thr")
-    assert framer.next_event() == "one"
-    assert framer.next_event() == "two"
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == ["one", "two"]
+    assert framer.next_events() == []
     framer.receive_data(b"ee")
-    assert framer.next_event() == "three"
+    assert framer.next_events() == ["three"]
     assert "buffered=0" in repr(framer)
 
 
@@ -685,13 +680,13 @@ def test_AutoFramer_holds_one_frame_until_the_next_header_or_a_pause() -> None:
     framer.receive_data(octet(b"first"))
     assert framer.next_events() == []
     assert framer.deciding and framer.framing is None
-    assert framer.next_event() is NEED_DATA
+    assert framer.next_events() == []
     assert framer.buffered == len(octet(b"first"))
     framer.sender_paused()
     assert framer.framing == "octet_counted" and not framer.deciding
     assert framer.next_events() == ["first"]
     framer.receive_data(octet(b"second"))
-    assert framer.next_event() == "second"
+    assert framer.next_events() == ["second"]
 
 
 def test_AutoFramer_pause_does_not_decide_on_a_partial_line() -> None:

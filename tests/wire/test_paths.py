@@ -9,7 +9,14 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from threatgate.errors import PathError
-from threatgate.wire.paths import RoutePattern, normalize_path, render_path
+from threatgate.wire.paths import (
+    RoutePattern,
+    api_version,
+    canonical_version,
+    normalize_path,
+    render_path,
+    version_spellings,
+)
 
 # -- normalize_path ------------------------------------------------------------------------------
 
@@ -259,3 +266,42 @@ def test_percent_encoded_segments_decode_back(segments: list[str]) -> None:
     # encoding every byte, dots too, changes nothing
     target = "/" + "/".join("".join(f"%{b:02X}" for b in s.encode()) for s in segments)
     assert normalize_path(target) == tuple(segments)
+
+
+# -- the API version: one spelling ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("segments", "want"),
+    [
+        (("api", "v.1.1", "lookup"), ("api", "1.1", "lookup")),
+        (("api", "1.1", "lookup"), ("api", "1.1", "lookup")),
+        (("api", "v.1.2", "suppliers", "v.x"), ("api", "1.2", "suppliers", "v.x")),  # the version segment only
+        (("api", "v."), ("api", "")),  # an empty version: no placeholder takes it (below)
+        (("ioc_exports", "v.1.1"), ("ioc_exports", "v.1.1")),  # only under /api
+        (("API", "v.1.1"), ("API", "v.1.1")),
+        (("api",), ("api",)),
+        ((), ()),
+    ],
+)
+def test_canonical_version(segments: tuple[str, ...], want: tuple[str, ...]) -> None:
+    assert canonical_version(segments) == want
+
+
+@given(st.lists(st.sampled_from(["api", "v.1.1", "1.1", "v.", "v.v.1", "lookup", "x"]), max_size=5))
+def test_canonical_is_idempotent_except_for_a_doubled_prefix(segments: list[str]) -> None:
+    once = canonical_version(tuple(segments))
+    if segments[1:2] != ["v.v.1"]:
+        assert canonical_version(once) == once
+
+
+@pytest.mark.parametrize(
+    ("segment", "version"), [("v.1.1", "1.1"), ("1.1", "1.1"), ("v.", ""), ("v.v.1", "v.1"), ("V.1.1", "V.1.1")]
+)
+def test_api_version(segment: str, version: str) -> None:
+    assert api_version(segment) == version
+
+
+def test_version_spellings_plain_first_then_prefixed() -> None:
+    assert version_spellings(v for v in ("1.1", "1.2")) == ["1.1", "1.2", "v.1.1", "v.1.2"]
+    assert version_spellings([]) == []

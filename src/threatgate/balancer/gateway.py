@@ -43,10 +43,11 @@ from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
 from threatgate.lb.policy import InstanceState
 from threatgate.log import RateLimitedLog
+from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
-from threatgate.wire.paths import normalize_path, render_path
+from threatgate.wire.paths import canonical_version, normalize_path, render_path
 
 if TYPE_CHECKING:
     from threatgate.balancer.service import BalancerService
@@ -94,13 +95,6 @@ class Answer:
     status: int
     headers: dict[str, str]
     body: bytes
-
-
-def canonical(segments: tuple[str, ...]) -> tuple[str, ...]:
-    """``/api/v.1.1/...`` and ``/api/1.1/...`` are one request: the version spelled without ``v.``."""
-    if len(segments) >= 2 and segments[0] == "api" and segments[1].startswith("v."):
-        return ("api", segments[1][2:], *segments[2:])
-    return segments
 
 
 def is_write(method: str, segments: tuple[str, ...]) -> bool:
@@ -204,7 +198,7 @@ class Gateway:
         method = request.method
         target = request.raw_path
         try:
-            segments = canonical(normalize_path(target))
+            segments = canonical_version(normalize_path(target))
         except PathError as exc:
             self.count("bad_path")
             return json_error(400, str(exc))
@@ -218,7 +212,14 @@ class Gateway:
             return json_error(429, "too many requests in progress at the balancer; retry later", {"Retry-After": "1"})
         self.active += 1
         try:
-            body = await self._read_body(request)
+            body = await read_body(
+                request,
+                limit=MAX_BODY_SIZE,
+                within=self.service.config.api_body_timeout,
+                count=self.count,
+                late="request body not received in time",
+                expect_continue=True,
+            )
             if isinstance(body, web.Response):
                 return body
             path = "/" + "/".join(quote(s, safe="") for s in segments)
@@ -243,34 +244,6 @@ class Gateway:
             rule.method == method and _match_canonical(rule.pattern.segments, segments)
             for rule in self.service.config.allowed
         )
-
-    async def _read_body(self, request: BaseRequest) -> bytes | web.Response:
-        length = request.content_length
-        if length is not None and length > MAX_BODY_SIZE:
-            self.count("body_too_large")
-            return _close(json_error(413, f"request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"))
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(self.service.config.api_body_timeout):
-                if request.version == aiohttp.HttpVersion11 and (
-                    request.headers.get("Expect", "").lower() == "100-continue"
-                ):
-                    await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-                    request.writer.output_size = 0
-                async for chunk in request.content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_BODY_SIZE:
-                        self.count("body_too_large")
-                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit"))
-                    chunks.append(chunk)
-        except TimeoutError:
-            self.count("body_timeout")
-            return _close(json_error(408, "request body not received in time"))
-        except ConnectionError:
-            self.count("body_incomplete")
-            return _close(json_error(400, "connection lost while the request body was being read"))
-        return b"".join(chunks)
 
     @staticmethod
     def _upstream_headers(request: BaseRequest) -> dict[str, str]:
@@ -557,7 +530,7 @@ class Gateway:
 
 
 def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> bool:
-    pattern = canonical(pattern)
+    pattern = canonical_version(pattern)
     if len(pattern) != len(segments):
         return False
     for want, got in zip(pattern, segments, strict=True):
@@ -598,9 +571,4 @@ def _response(answer: Answer) -> web.Response:
     return web.Response(status=answer.status, body=answer.body, headers=answer.headers)
 
 
-def _close(response: web.Response) -> web.Response:
-    response.force_close()
-    return response
-
-
-__all__ = ["Gateway", "MISMATCH", "canonical", "fetch_certificate", "fingerprint_sha256", "is_write"]
+__all__ = ["Gateway", "MISMATCH", "fetch_certificate", "fingerprint_sha256", "is_write"]

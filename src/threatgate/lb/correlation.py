@@ -40,7 +40,7 @@ class Drop(enum.Enum):
 class _Entry:
     """One event between submission and release (a plain slotted class: one is made per event)."""
 
-    __slots__ = ("client", "event", "owner", "lines", "finished_line", "dispatches", "overdue")
+    __slots__ = ("client", "event", "owner", "lines", "finished_line", "overdue")
 
     def __init__(self, client: Hashable, event: str) -> None:
         self.client = client
@@ -48,7 +48,6 @@ class _Entry:
         self.owner: Hashable | None = None
         self.lines: list[str] | None = None  # detection lines, made only when there are some
         self.finished_line: str | None = None  # set once the owner sent LookupFinished
-        self.dispatches = 0
         self.overdue = False  # taken from an instance that was too slow to answer it (re-sent once for that)
 
 
@@ -63,15 +62,6 @@ class Answered(NamedTuple):
     answers: list[tuple[int, tuple[str, ...], str]]  # (request id, detection lines, finished line) per event
     detections: int
     plain: bool
-
-
-class Release(NamedTuple):
-    """An event's complete answer, ready for its client: detection lines, then the finished line."""
-
-    client: Hashable
-    request_id: int
-    lines: tuple[str, ...]
-    finished_line: str
 
 
 def split_id(line: str) -> tuple[int, str] | None:
@@ -154,28 +144,13 @@ class Correlator:
 
     # -- instance side -------------------------------------------------------------------------
 
-    def tagged(self, request_id: int) -> str:
-        """The line to send to a node for ``request_id`` (without the line terminator)."""
-        return f"{request_id} {self._entries[request_id].event}"
-
-    def dispatch(self, request_id: int, instance: Hashable) -> None:
-        """Record that ``instance`` now owns ``request_id`` (it is about to receive the event).
+    def dispatch_many(self, request_ids: list[int], instance: Hashable, out: list[str]) -> list[int]:
+        """Record that ``instance`` now owns these ids (it is about to receive them); appends each
+        tagged line (``<id> <event>``, no line terminator) to ``out``.
 
         The new owner answers the whole event, so lines buffered from a previous owner are discarded.
-        An event already answered (finished, waiting for an earlier one of its client) cannot be
-        dispatched again: ValueError.
-        """
-        entry = self._entries[request_id]
-        if entry.finished_line is not None:
-            raise ValueError(f"request {request_id} is already answered")
-        entry.owner = instance
-        entry.lines = None
-        entry.dispatches += 1
-
-    def dispatch_many(self, request_ids: list[int], instance: Hashable, out: list[str]) -> list[int]:
-        """:meth:`dispatch` for a run of ids; appends each tagged line to ``out``.
-
-        Ids that are no longer pending (their client left) are skipped.  Returns the ids dispatched.
+        Ids that are no longer pending (their client left) or already answered (finished, waiting for
+        an earlier event of their client) are skipped.  Returns the ids dispatched.
         """
         entries = self._entries
         done: list[int] = []
@@ -185,7 +160,6 @@ class Correlator:
                 continue
             entry.owner = instance
             entry.lines = None
-            entry.dispatches += 1
             out.append(f"{request_id} {entry.event}")
             done.append(request_id)
         return done
@@ -204,10 +178,6 @@ class Correlator:
         entry = self._entries.get(request_id)
         return entry is not None and entry.overdue
 
-    def dispatches(self, request_id: int) -> int:
-        entry = self._entries.get(request_id)
-        return entry.dispatches if entry is not None else 0
-
     def is_pending(self, request_id: int) -> bool:
         return request_id in self._entries
 
@@ -216,23 +186,12 @@ class Correlator:
         entry = self._entries.get(request_id)
         return entry.owner if entry is not None else None
 
-    def on_line(self, instance: Hashable, line: str) -> list[Release] | Drop:
-        """A reply line from ``instance`` (no line terminator).
-
-        Returns the releases it completes (possibly none), or why the line was dropped.
-        """
-        if not line:
-            return self._drop(Drop.NO_ID)
-        answered, drops = self.on_lines(instance, [line], [])
-        if drops:
-            return drops[0]
-        return _releases(answered)
-
     def on_lines(self, instance: Hashable, lines: list[str], finished: list[int]) -> tuple[list[Answered], list[Drop]]:
-        """:meth:`on_line` for a batch, the balancer's hot path: one call per read from a node.
+        """Reply lines from ``instance`` (no line terminators), the balancer's hot path: one call per read.
 
-        Appends to ``finished`` the ids whose LookupFinished from ``instance`` was accepted (the
-        caller's count of what the instance still owes).  Returns the releases and the drops.
+        Empty lines are skipped.  Appends to ``finished`` the ids whose LookupFinished from ``instance``
+        was accepted (the caller's count of what the instance still owes).  Returns the releases and
+        the drops.
         """
         entries = self._entries
         drops: list[Drop] = []
@@ -294,10 +253,6 @@ class Correlator:
         run = self._release_run(entry.client)
         return [run] if run is not None else []
 
-    def finish_local(self, request_id: int, finished_line: str = FINISHED) -> list[Release]:
-        """:meth:`finish_local_runs` as releases (one per event)."""
-        return _releases(self.finish_local_runs(request_id, finished_line))
-
     # -- internals -----------------------------------------------------------------------------
 
     def _drop(self, why: Drop) -> Drop:
@@ -305,7 +260,7 @@ class Correlator:
         return why
 
     def _release_run(self, client: Hashable) -> Answered | None:
-        """Release the answered prefix of ``client``'s events (the batch path of :meth:`_release`)."""
+        """Release the answered prefix of ``client``'s events, as one run."""
         order = self._order.get(client)
         entries = self._entries
         answers: list[tuple[int, tuple[str, ...], str]] = []
@@ -330,19 +285,3 @@ class Correlator:
         if not answers:
             return None
         return Answered(client, answers, detections, plain)
-
-    def _release(self, client: Hashable) -> list[Release]:
-        order = self._order.get(client)
-        out: list[Release] = []
-        while order:
-            head = self._entries[order[0]]
-            if head.finished_line is None:
-                break
-            request_id = order.popleft()
-            del self._entries[request_id]
-            out.append(Release(client, request_id, tuple(head.lines) if head.lines else (), head.finished_line))
-        return out
-
-
-def _releases(answered: list[Answered]) -> list[Release]:
-    return [Release(run.client, rid, lines, fin) for run in answered for rid, lines, fin in run.answers]

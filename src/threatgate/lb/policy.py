@@ -1,10 +1,11 @@
-"""Choosing an instance for each event: weighted least outstanding events with two random choices.
+"""Choosing an instance for each event: weighted least outstanding events, placed a batch at a time.
 
 Why per event and not per connection: one SIEM connection carries most of the traffic, so
 connection-level balancing (what an L4 proxy does) puts it all on one node.  Why least outstanding:
 a node that is slower (busy, bigger rules, colder caches) accumulates unanswered events and gets
-fewer new ones, which round robin ignores.  Why two random choices (Envoy's LEAST_REQUEST): O(1)
-per event and no herd behaviour when many events are placed before any answer returns.
+fewer new ones, which round robin ignores.  Why a batch at a time (:func:`allocate`): the events of
+one read are spread in one pass whose cost is per instance, not per event, and give the same
+placement as choosing the least loaded instance for each event in turn.
 
 Weight: the score is ``(outstanding + 1) / weight``, so a weight-2 instance carries about twice
 the events of a weight-1 instance at the same load.  Pure: the caller passes a ``random.Random``.
@@ -38,26 +39,8 @@ class Candidate:
     capacity: int  # how many more events it may take now (in-flight limit minus outstanding)
 
 
-def pick(candidates: Sequence[Candidate], rng: random.Random) -> Candidate | None:
-    """The instance for the next event, or None when none has capacity."""
-    usable = [c for c in candidates if c.capacity > 0 and c.weight > 0]
-    if not usable:
-        return None
-    if len(usable) == 1:
-        return usable[0]
-    if len(usable) == 2:
-        a, b = usable
-    else:
-        a, b = rng.sample(usable, 2)
-    score_a = (a.outstanding + 1) / a.weight
-    score_b = (b.outstanding + 1) / b.weight
-    if score_a == score_b:
-        return a if rng.random() < 0.5 else b
-    return a if score_a < score_b else b
-
-
 def allocate(candidates: Sequence[Candidate], count: int, rng: random.Random) -> list[tuple[Candidate, int]]:
-    """Spread ``count`` events over ``candidates`` as :func:`pick` would one by one, in one pass.
+    """Spread ``count`` events over ``candidates`` as least-outstanding placement would one by one, in one pass.
 
     Each event goes to the instance with the lowest ``(outstanding + 1) / weight`` that still has
     capacity (water-filling; ties broken at random), which is what per-event least-outstanding

@@ -18,7 +18,6 @@ Routes are data (:data:`ROUTES`); the OpenAPI document is generated from the sam
 
 from __future__ import annotations
 
-import asyncio
 import json
 import logging
 from collections.abc import Awaitable, Callable
@@ -32,10 +31,11 @@ from aiohttp.web_request import BaseRequest
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import ClusterError, PathError, RequestError
 from threatgate.log import RateLimitedLog
+from threatgate.net.body import read_body
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
 from threatgate.node.matcher import Hit
-from threatgate.wire.paths import RoutePattern, normalize_path
+from threatgate.wire.paths import RoutePattern, api_version, normalize_path
 
 if TYPE_CHECKING:
     from threatgate.node.service import NodeService
@@ -156,8 +156,7 @@ class NodeAPI:
             return await self._openapi_json(request) if await self._authenticated(request) else unauthorized()
         if len(segments) < 2 or segments[0] != "api":
             return json_error(404, f"unsupported request {request.method} {request.path[:200]}")
-        raw_version = segments[1][2:] if segments[1].startswith("v.") else segments[1]
-        version = VERSIONS.get(raw_version)
+        version = VERSIONS.get(api_version(segments[1]))
         if version is None:
             return json_error(404, f"unsupported API version {segments[1][:40]!r}; served: {', '.join(VERSIONS)}")
         if not await self._authenticated(request):
@@ -242,18 +241,10 @@ class NodeAPI:
         return web.Response(status=status, body=_json_bytes(payload), content_type="application/json", headers=headers)
 
     async def _read_body(self, call: Call) -> web.Response | None:
-        request = call.request
-        length = request.content_length
-        if length is not None and length > MAX_BODY_SIZE:
-            self.count("body_too_large")
-            return _close(json_error(413, f"request body of {length} bytes is over the {MAX_BODY_SIZE} byte limit"))
-        content = request.content
-        if length is not None and content.is_eof():
-            data = content.read_nowait()  # the usual case: the whole body came with the headers
-        else:
-            error, data = await self._receive_body(content)
-            if error is not None:
-                return error
+        timeout = self.node.config.http.body_timeout if self.node.config.http else 60.0
+        data = await read_body(call.request, limit=MAX_BODY_SIZE, within=timeout, count=self.count)
+        if isinstance(data, web.Response):
+            return data
         if not data:
             self.count("invalid_body")
             return json_error(400, "empty request body; expected JSON")
@@ -275,28 +266,6 @@ class NodeAPI:
             self.count("invalid_body")
             return json_error(400, "request body holds a \\u escape of an unpaired UTF-16 surrogate (not valid text)")
         return None
-
-    async def _receive_body(self, content: Any) -> tuple[web.Response | None, bytes]:
-        """Read a body still on its way, within RequestBodyTimeout and the size limit."""
-        timeout = self.node.config.http.body_timeout if self.node.config.http else 60.0
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            async with asyncio.timeout(timeout):
-                async for chunk in content.iter_chunked(1 << 20):
-                    size += len(chunk)
-                    if size > MAX_BODY_SIZE:
-                        self.count("body_too_large")
-                        return _close(json_error(413, f"request body is over the {MAX_BODY_SIZE} byte limit")), b""
-                    chunks.append(chunk)
-        except TimeoutError:
-            self.count("body_timeout")
-            return _close(json_error(408, f"request body not received within {timeout:.0f} s")), b""
-        except ConnectionError:
-            # The client went away mid-body: nothing is stored and nobody reads the answer; no 500.
-            self.count("body_incomplete")
-            return _close(json_error(400, "connection lost while the request body was being read")), b""
-        return None, b"".join(chunks)
 
     # -- lookup -------------------------------------------------------------------------------
 
@@ -472,12 +441,6 @@ def _json_bytes(payload: Any) -> bytes:
         return orjson.dumps(payload)
     except TypeError:
         return json.dumps(payload, separators=(",", ":")).encode()
-
-
-def _close(response: web.Response) -> web.Response:
-    """Answer and close: the rest of an unread body must not be parsed as the next request."""
-    response.force_close()
-    return response
 
 
 def _accepts_json(accept: str | None) -> bool:

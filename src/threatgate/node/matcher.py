@@ -219,10 +219,6 @@ class Matcher:
         steps += [self._step(r) for r in self._default.rules if r.name not in own]
         return tuple(steps)
 
-    def source_for_peer(self, peer_ip: str) -> str | None:
-        """The source id picked by the sender's IP, or None (then host name, then ``default``)."""
-        return self._by_ip.get(peer_ip)
-
     # -- lookups ------------------------------------------------------------------------------
 
     def _lookup_url(self, raw: str, out: list[Candidate]) -> bool:

@@ -12,6 +12,7 @@ from threatgate._version import __version__
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.node.api import ROUTES, VERSIONS
 from threatgate.node.suppliers import MAX_NAME, NAME_PATTERN
+from threatgate.wire.paths import version_spellings
 
 _STR = {"type": "string"}
 _NAME = {
@@ -180,7 +181,7 @@ ERRORS = {
 
 
 def _version_param(since: int) -> dict[str, Any]:
-    versions = [v for v, n in VERSIONS.items() if n >= since] + [f"v.{v}" for v, n in VERSIONS.items() if n >= since]
+    versions = version_spellings(v for v, n in VERSIONS.items() if n >= since)
     return {"name": "version", "in": "path", "required": True, "schema": {"type": "string", "enum": versions}}
 
 

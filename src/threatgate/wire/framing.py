@@ -54,8 +54,8 @@ runs exactly the code it ran before, with no per-event or per-batch test of a mo
 
 Theory of operation: ``receive_data`` only appends (and skips bytes already known to be discarded);
 ``next_events`` cuts every complete event out of the buffer in one go and decodes them together,
-which keeps the per-event Python work to a minimum.  The h11-style ``next_event`` is provided for
-callers that want one at a time.  Pure: no I/O, no clock.
+which keeps the per-event Python work to a minimum (every caller takes them a batch at a time).
+Pure: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -63,8 +63,6 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from typing import Final, Literal, Protocol
-
-from threatgate.wire.flags import NEED_DATA, NeedData
 
 
 @dataclass(frozen=True, slots=True)
@@ -141,14 +139,6 @@ class _TextRules:
 
     def next_events(self) -> list[FramedEvent]:
         raise NotImplementedError
-
-    def next_event(self) -> FramedEvent | NeedData:
-        """One event, or NEED_DATA (h11-style single-step API over :meth:`next_events`)."""
-        if not self._ready:
-            self._ready = self.next_events()
-        if self._ready:
-            return self._ready.pop(0)
-        return NEED_DATA
 
     def _decode_line(self, line: bytes | bytearray) -> str:
         try:
@@ -548,12 +538,6 @@ class AutoFramer:
         if self._inner is None:
             return []
         return self._inner.next_events()
-
-    def next_event(self) -> FramedEvent | NeedData:
-        """One event, or NEED_DATA (h11-style single-step API)."""
-        if self._inner is None:
-            return NEED_DATA
-        return self._inner.next_event()
 
     def _decide(self, paused: bool) -> None:
         framing = detect_framing(self._pending, self.max_event_size, eof=self._eof, paused=paused)

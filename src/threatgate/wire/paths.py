@@ -10,7 +10,10 @@ Rules:
    and WHATWG an empty segment is a segment, so ``/a/b//..`` is ``/a/b`` (never ``/a``), the same
    order as indicator URLs (docs/normalization.md).  ``;parameters`` are not special: ``lookup;x``
    is a different, unknown segment.  The query string is not part of the path.
-4. Routes are data: a :class:`RoutePattern` is a tuple of literal segments and ``{placeholder}``
+4. The API version is the segment after ``api``; ``v.1.1`` (the spelling of CyberTrace's balancer
+   seed texts) and ``1.1`` are one version: :func:`api_version` reads it, :func:`canonical_version`
+   spells a whole path with the plain form, :func:`version_spellings` lists what is accepted.
+5. Routes are data: a :class:`RoutePattern` is a tuple of literal segments and ``{placeholder}``
    segments, each placeholder matching exactly one non-empty segment.
 
 Pure: used by the node's API and the balancer's allow-list alike, tested without sockets.
@@ -18,6 +21,7 @@ Pure: used by the node's API and the balancer's allow-list alike, tested without
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from urllib.parse import unquote_to_bytes
 
@@ -71,6 +75,31 @@ def _check_escapes(raw: str) -> None:
 def render_path(segments: tuple[str, ...]) -> str:
     """The normalised path as text for messages and logs (not re-encoded)."""
     return "/" + "/".join(segments)
+
+
+VERSION_PREFIX = "v."
+"""The optional prefix of an API version segment (``/api/v.1.1/``)."""
+
+
+def api_version(segment: str) -> str:
+    """The API version a path segment names, spelled without ``v.`` (``v.1.1`` -> ``1.1``)."""
+    return segment[len(VERSION_PREFIX) :] if segment.startswith(VERSION_PREFIX) else segment
+
+
+def canonical_version(segments: tuple[str, ...]) -> tuple[str, ...]:
+    """``/api/v.1.1/...`` and ``/api/1.1/...`` are one request: the version spelled without ``v.``.
+
+    Only the segment after a leading ``api`` is a version; everything else is left as it is.
+    """
+    if len(segments) >= 2 and segments[0] == "api" and segments[1].startswith(VERSION_PREFIX):
+        return ("api", api_version(segments[1]), *segments[2:])
+    return segments
+
+
+def version_spellings(versions: Iterable[str]) -> list[str]:
+    """Every accepted spelling of ``versions``: each plain, then each with ``v.`` (in the order given)."""
+    plain = list(versions)
+    return plain + [VERSION_PREFIX + v for v in plain]
 
 
 @dataclass(frozen=True, slots=True)
