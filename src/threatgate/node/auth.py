@@ -32,6 +32,7 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from threatgate.config.passwords import PREFIX, HashParams, check_hash_format, parse_hash, scrypt_memory
 from threatgate.errors import ConfigError
@@ -78,6 +79,12 @@ def verify_password(stored: str, password: str) -> bool:
     """
     params = parse_hash(stored)
     return hmac.compare_digest(_scrypt(params, password.encode("utf-8")), params.digest)
+
+
+class Authenticator(Protocol):
+    """What a request handler asks: who sent this ``Authorization`` header (:class:`BasicAuth`, :class:`NodeUsers`)."""
+
+    async def authenticate(self, header: str | None) -> str | None: ...
 
 
 @dataclass
