@@ -19,8 +19,8 @@ layer or any lower one, never a higher one.
 Every import counts: module-level, inside a function (a lazy import still makes the module depend on
 the other) and under ``if TYPE_CHECKING:`` too. A type-only import of the parent service is exactly
 the coupling a narrow ``typing.Protocol`` port replaces, and mypy resolves it as a real import, so it
-is not exempt. ``_KNOWN`` lists the edges not yet fixed; it may only shrink (a listed edge that is
-gone fails the test until it is removed from the list).
+is not exempt: a component declares what it uses of its parent as a port in its own module instead
+(docs/architecture.md, "Layers").
 """
 
 from __future__ import annotations
@@ -52,17 +52,6 @@ LAYERS: Mapping[str, int] = {
     "threatgate.__main__": TOP,
     "threatgate.demo": TOP,
 }
-
-_KNOWN: frozenset[tuple[str, str]] = frozenset(
-    {
-        # The feed readers share record helpers with node/feeds.py, which dispatches back to them by format.
-        ("threatgate.node.feeds", "threatgate.node.feedparse"),
-        ("threatgate.node.feeds", "threatgate.node.snapfile"),
-        ("threatgate.node.feeds", "threatgate.node.stix"),
-        ("threatgate.node.feeds", "threatgate.node.misp"),
-    }
-)
-"""Edges allowed for now (issue 15): each one closes a circle; remove it here when it is gone."""
 
 
 def modules(root: Path, package: str = "threatgate") -> dict[str, Path]:
@@ -199,10 +188,6 @@ def circles(graph: Mapping[str, set[str]]) -> list[list[str]]:
     return sorted(found)
 
 
-def _without_known(graph: Mapping[str, set[str]]) -> dict[str, set[str]]:
-    return {source: {t for t in targets if (source, t) not in _KNOWN} for source, targets in graph.items()}
-
-
 GRAPH = import_graph(SRC)
 
 
@@ -215,12 +200,7 @@ def test_no_import_runs_up_the_layers() -> None:
 
 
 def test_no_import_circles() -> None:
-    assert circles(_without_known(GRAPH)) == []
-
-
-def test_known_circle_edges_still_exist() -> None:
-    """A fixed edge must leave ``_KNOWN``, so the list only ever says what is still to do."""
-    assert sorted(edge for edge in _KNOWN if edge[1] not in GRAPH.get(edge[0], set())) == []
+    assert circles(GRAPH) == []
 
 
 def test_config_does_not_import_node_auth() -> None:
