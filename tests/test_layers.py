@@ -65,12 +65,6 @@ def modules(root: Path, package: str = "threatgate") -> dict[str, Path]:
     return found
 
 
-def _is_type_checking(test: ast.expr) -> bool:
-    return (isinstance(test, ast.Name) and test.id == "TYPE_CHECKING") or (
-        isinstance(test, ast.Attribute) and test.attr == "TYPE_CHECKING"
-    )
-
-
 def _imported_names(path: Path, name: str) -> Iterable[str]:
     """The dotted names ``path`` imports anywhere (module level, functions, ``if TYPE_CHECKING:``)."""
     tree = ast.parse(path.read_text(encoding="utf-8"), filename=str(path))
