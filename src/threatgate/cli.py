@@ -48,8 +48,8 @@ def main() -> None:
 def node(config_path: str, log_level: str) -> None:
     """Run a matching node (CyberTrace-compatible event input)."""
     from threatgate.config.node import load_node_config
+    from threatgate.node.app import run_node
     from threatgate.node.engine import engine_choice
-    from threatgate.node.service import run_node
 
     try:
         engine_choice()
@@ -69,7 +69,7 @@ def balancer(ctx: click.Context, config_path: str | None, log_level: str) -> Non
         return
     if config_path is None:
         raise click.UsageError("--config is required to run the balancer")
-    from threatgate.balancer.service import run_balancer
+    from threatgate.balancer.app import run_balancer
     from threatgate.config.balancer import load_balancer_config
 
     _run_service("balancer", load_balancer_config, run_balancer, config_path, log_level)

@@ -63,7 +63,7 @@ def api_schema(node: tuple[NodeProcess, str, Path], session: requests.Session) -
 
 
 def test_openapi_document_lists_every_route(session: requests.Session, node: tuple[NodeProcess, str, Path]) -> None:
-    from threatgate.node.api import ROUTES
+    from threatgate.node.routes import ROUTES
 
     _, base, _ = node
     document = session.get(f"{base}/api/openapi.json", timeout=10).json()

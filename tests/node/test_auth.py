@@ -13,9 +13,10 @@ from typing import Any
 
 import pytest
 
+from threatgate.config.passwords import check_hash_format
 from threatgate.errors import ConfigError
 from threatgate.node import auth
-from threatgate.node.auth import BasicAuth, check_hash_format, hash_password, parse_basic, verify_password
+from threatgate.node.auth import BasicAuth, hash_password, parse_basic, verify_password
 
 # One real hash for the whole module: scrypt is deliberately slow.
 STORED = hash_password("correct horse")

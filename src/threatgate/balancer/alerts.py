@@ -16,15 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, cast
+from typing import Protocol, cast
 
+from threatgate.config.balancer import BalancerConfig
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
 from threatgate.net.sender import ALERT_QUEUE, LineSender
+from threatgate.stats import BalancerStats
 from threatgate.wire.alerts import alert_level, alert_name
-
-if TYPE_CHECKING:
-    from threatgate.balancer.service import BalancerService
 
 log = logging.getLogger("threatgate.alerts")
 
@@ -98,8 +97,17 @@ class AlertConnection(asyncio.Protocol):
         self.listener.connections.discard(self)
 
 
+class AlertHost(Protocol):
+    """What :class:`AlertListener` reads of the balancer (``BalancerService`` is one): its config, its counters."""
+
+    @property
+    def config(self) -> BalancerConfig: ...
+    @property
+    def stats(self) -> BalancerStats: ...
+
+
 class AlertListener:
-    def __init__(self, service: BalancerService) -> None:
+    def __init__(self, service: AlertHost) -> None:
         self.service = service
         self.connections: set[AlertConnection] = set()
         self.forward = self._forward_sender(service.config.alert_forward)

@@ -27,10 +27,12 @@ import asyncio
 import hashlib
 import json
 import logging
+import random
 import ssl
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 from urllib.parse import quote
 
 import aiohttp
@@ -39,6 +41,7 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
+from threatgate.config.balancer import BalancerConfig
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
 from threatgate.lb.policy import InstanceState
@@ -47,10 +50,8 @@ from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
+from threatgate.stats import BalancerStats
 from threatgate.wire.paths import canonical_version, normalize_path, render_path
-
-if TYPE_CHECKING:
-    from threatgate.balancer.service import BalancerService
 
 log = logging.getLogger("threatgate.gateway")
 
@@ -121,10 +122,43 @@ async def fetch_certificate(host: str, port: int, connect_timeout: float) -> byt
     return bytes(der)
 
 
+class WriteTarget(Protocol):
+    """Where a write goes (:class:`threatgate.balancer.readiness.WriteRoute`): the Control, every node, or 503."""
+
+    @property
+    def control(self) -> str | None: ...
+    @property
+    def refusal(self) -> str | None: ...
+
+
+class WriteRouter(Protocol):
+    """Decides where a REST write goes (:class:`threatgate.balancer.readiness.ReadinessMonitor`)."""
+
+    async def route_write(self) -> WriteTarget: ...
+
+
+class GatewayHost(Protocol):
+    """What :class:`Gateway` reads of the balancer (``BalancerService`` is one), at every request.
+
+    Properties, read through: a reload replaces the config and the instance table.
+    """
+
+    @property
+    def config(self) -> BalancerConfig: ...
+    @property
+    def stats(self) -> BalancerStats: ...
+    @property
+    def instances(self) -> Mapping[str, Instance]: ...
+    @property
+    def rng(self) -> random.Random: ...
+    @property
+    def readiness(self) -> WriteRouter: ...
+
+
 class Gateway:
     """HTTPS listener on api_port and the pinned client pool toward the nodes."""
 
-    def __init__(self, service: BalancerService) -> None:
+    def __init__(self, service: GatewayHost) -> None:
         self.service = service
         self.pins = PinStore(service.config.cert_dir)
         self.inflight: dict[str, int] = {}  # instance key -> requests in progress

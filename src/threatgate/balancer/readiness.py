@@ -24,20 +24,18 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal, Protocol
 
 import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.upstream import Instance, lane_count
-from threatgate.config.balancer import MAX_LANES, InstanceSettings
+from threatgate.config.balancer import MAX_LANES, BalancerConfig, InstanceSettings
 from threatgate.errors import PinMismatch, UpstreamFailed
-
-if TYPE_CHECKING:
-    from threatgate.balancer.service import BalancerService
+from threatgate.stats import BalancerStats
 
 log = logging.getLogger("threatgate.balancer")
 
@@ -318,10 +316,23 @@ async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: ai
         view.error = f"unexpected /readyz answer: {exc}"
 
 
+class ReadinessHost(Protocol):
+    """What :class:`ReadinessMonitor` reads and calls of the balancer (``BalancerService`` is one)."""
+
+    @property
+    def config(self) -> BalancerConfig: ...
+    @property
+    def stats(self) -> BalancerStats: ...
+    @property
+    def instances(self) -> Mapping[str, Instance]: ...
+    def resize_lanes(self, inst: Instance, why: str) -> None: ...
+    def dispatch(self) -> None: ...
+
+
 class ReadinessMonitor:
     """Polls the enabled instances' ``/readyz`` every health-check interval and keeps the views."""
 
-    def __init__(self, service: BalancerService, gateway: Gateway) -> None:
+    def __init__(self, service: ReadinessHost, gateway: Gateway) -> None:
         self.service = service
         self.gateway = gateway
         self.views: dict[str, View] = {}

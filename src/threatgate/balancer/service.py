@@ -52,7 +52,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from threatgate import heap, runtime
+from threatgate import heap
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
@@ -1150,8 +1150,3 @@ def _limits(config: BalancerConfig) -> ListenerLimits:
         delimiter=config.event_delimiter,
         idle_timeout=config.idle_timeout,
     )
-
-
-def run_balancer(config: BalancerConfig) -> None:
-    """Run until SIGTERM/SIGINT (uvloop when installed)."""
-    runtime.run(runtime.serve(BalancerService(config)))

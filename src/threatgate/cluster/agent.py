@@ -18,7 +18,7 @@ import logging
 import secrets
 import time
 from collections.abc import Awaitable, Callable
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol, TypeVar
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
@@ -50,12 +50,11 @@ from threatgate.log import RateLimitedLog
 from threatgate.net.describe import body_text
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
-from threatgate.node.suppliers import check_state
-from threatgate.stats import Gauges
+from threatgate.node.suppliers import SupplierDB, check_state
+from threatgate.stats import Gauges, NodeStats
 
 if TYPE_CHECKING:
     from threatgate.cluster.etcd_backend import EtcdBackend
-    from threatgate.node.service import NodeService
 
 log = logging.getLogger("threatgate.cluster")
 
@@ -106,12 +105,39 @@ def _json(status: int, body: Any) -> web.Response:
     return web.json_response(body, status=status)
 
 
+T = TypeVar("T")
+
+
+class AlertRaiser(Protocol):
+    """The node's service alerts (``KL_ALERT_Cluster*``)."""
+
+    def raise_alert(self, name: str, **context: object) -> None: ...
+
+
+class ClusterNode(Protocol):
+    """What :class:`ClusterAgent` reads and calls of its node (``NodeService`` is one).
+
+    Read through at every use: applying settings replaces the node's config.
+    """
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def http(self) -> HTTPServer | None: ...
+    @property
+    def alerts(self) -> AlertRaiser: ...
+    async def db_call(self, fn: Callable[[SupplierDB], T]) -> T: ...
+    async def apply_cluster_settings(self, new: NodeConfig, state: dict[str, Any] | None) -> None: ...
+
+
 class ClusterAgent:
     """The control plane of one node."""
 
     def __init__(
         self,
-        node: NodeService,
+        node: ClusterNode,
         settings: ClusterSettings,
         state: StateDir,
         identity: Identity,

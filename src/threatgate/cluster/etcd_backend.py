@@ -27,15 +27,13 @@ import asyncio
 import contextlib
 import logging
 import ssl
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 from threatgate.cluster.etcd import Compare, Election, EtcdClient, Op
 from threatgate.cluster.settings import SettingsDocument, parse_document
-from threatgate.config.node import EtcdSettings
+from threatgate.cluster.sync import Identity
+from threatgate.config.node import ClusterSettings, EtcdSettings
 from threatgate.errors import ClusterError, EtcdError, SettingsRejected, StaleRevision
-
-if TYPE_CHECKING:
-    from threatgate.cluster.agent import ClusterAgent
 
 log = logging.getLogger("threatgate.cluster")
 
@@ -49,10 +47,24 @@ def _ssl_context(settings: EtcdSettings) -> ssl.SSLContext | None:
     return ctx
 
 
+class EtcdAgent(Protocol):
+    """What :class:`EtcdBackend` reads and tells the node's cluster agent (``ClusterAgent`` is one)."""
+
+    @property
+    def identity(self) -> Identity: ...
+    @property
+    def settings(self) -> ClusterSettings: ...
+    def applied_short(self) -> str: ...
+    async def receive(self, doc: SettingsDocument, sender_id: str | None, sender_role: str | None) -> bool: ...
+    async def etcd_control(self, node_id: str | None, epoch: int) -> None: ...
+    async def become_control(self, epoch: int) -> None: ...
+    async def lose_control(self) -> None: ...
+
+
 class EtcdBackend:
     """Keeps one node's cluster agent in step with etcd."""
 
-    def __init__(self, agent: ClusterAgent, settings: EtcdSettings, timeout: float) -> None:
+    def __init__(self, agent: EtcdAgent, settings: EtcdSettings, timeout: float) -> None:
         self.agent = agent
         self.settings = settings
         cluster = agent.identity.cluster_id

@@ -25,6 +25,7 @@ from threatgate.config.common import (
     parse_field,
     resolve_path,
 )
+from threatgate.config.passwords import check_hash_format
 from threatgate.config.xml import Node, read_checked, read_xml
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
@@ -591,8 +592,6 @@ def _read_scan(node: Node | None) -> ScanSettings:
 
 
 def _check_password_hash(node: Node, stored: str) -> str:
-    from threatgate.node.auth import check_hash_format
-
     try:
         check_hash_format(stored)
     except ValueError as exc:

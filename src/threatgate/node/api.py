@@ -12,38 +12,37 @@ the first thing that is wrong and nothing is stored by a request that fails any 
 7. fewer requests in progress than ScannersCount                     429
 8. the body: size (413), read in time (408), JSON (400), shape (400)
 
-Routes are data (:data:`ROUTES`); the OpenAPI document is generated from the same table
-(:mod:`threatgate.node.openapi`), so the two cannot drift apart.
+Routes are data (:data:`threatgate.node.routes.ROUTES`); the OpenAPI document is generated from the
+same table (:mod:`threatgate.node.openapi`), so the two cannot drift apart. What the API needs of its
+node is the narrow :class:`APIHost` port, not the node service itself.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol, TypeVar
 
 import orjson
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from threatgate.config.node import MAX_BODY_SIZE
+from threatgate.config.node import MAX_BODY_SIZE, NodeConfig
 from threatgate.errors import ClusterError, PathError, RequestError
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.http import json_error, unauthorized
 from threatgate.node import suppliers as sup
+from threatgate.node.auth import Authenticator
 from threatgate.node.matcher import Hit
-from threatgate.wire.paths import RoutePattern, api_version, normalize_path
-
-if TYPE_CHECKING:
-    from threatgate.node.service import NodeService
+from threatgate.node.routes import ROUTES, VERSIONS, Route
+from threatgate.stats import NodeStats
+from threatgate.wire.paths import api_version, normalize_path
 
 log = logging.getLogger("threatgate.api")
 
-VERSIONS = {"1.0": 10, "1.1": 11, "1.2": 12}
-"""API versions served; ``v.1.1`` (the spelling of the balancer seed texts) is accepted as ``1.1``."""
 JSON_TYPES = ("application/json", "application/*", "*/*")
 PROBES = (("healthz",), ("readyz",))
 """The unauthenticated liveness and readiness paths (normalised segments), counted apart from user requests."""
@@ -51,40 +50,63 @@ PATH_CACHE_SIZE = 1024
 
 Result = tuple[int, Any]
 RouteHandler = Callable[["Call"], Awaitable[Result]]
+T = TypeVar("T")
 
 
-@dataclass(frozen=True, slots=True)
-class Route:
-    """One request: method, path after ``/api/<version>/``, first version, body or not."""
+class ObjectLookup(Protocol):
+    """The matcher as the lookup route uses it."""
 
-    method: str
-    pattern: RoutePattern
-    name: str
-    since: int
-    summary: str
-    body: str | None = None  # OpenAPI schema name of the request body
-    answer: str = "Status"  # OpenAPI schema name of the 200 answer
+    def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]: ...
 
 
-def _r(method: str, path: str, name: str, since: int, summary: str, body: str | None = None, answer: str = "Status"):  # type: ignore[no-untyped-def]
-    return Route(method, RoutePattern.parse(path), name, since, summary, body, answer)
+class Revision(Protocol):
+    """The settings revision a cluster write produced (its ``ETag``)."""
+
+    @property
+    def revision(self) -> int: ...
 
 
-ROUTES: tuple[Route, ...] = (
-    _r("POST", "lookup", "lookup", 10, "Look up indicators", "LookupRequest", "LookupResponse"),
-    _r("GET", "suppliers", "list_suppliers", 10, "List suppliers", None, "SupplierList"),
-    _r("POST", "suppliers", "add_supplier", 10, "Add a supplier", "Supplier", "SupplierDetails"),
-    _r("GET", "suppliers/{name}", "get_supplier", 10, "Show a supplier", None, "SupplierDetails"),
-    _r("PUT", "suppliers/{name}", "update_supplier", 10, "Update a supplier", "SupplierUpdate", "SupplierDetails"),
-    _r("DELETE", "suppliers/{name}", "delete_supplier", 10, "Delete a supplier and its indicators"),
-    _r("PUT", "suppliers/{name}/indicators", "put_indicators", 10, "Add or update indicators", "IndicatorPush"),
-    _r("DELETE", "suppliers/{name}/indicators", "delete_indicators", 10, "Delete indicators", "IndicatorDelete"),
-    _r("GET", "tags", "list_tags", 11, "List tags", None, "TagList"),
-    _r("POST", "tags", "add_tag", 11, "Add a tag", "Tag", "TagList"),
-    _r("GET", "tags/{tag}", "get_tag", 11, "Show a tag", None, "TagList"),
-    _r("PUT", "tags/{tag}", "put_tag", 11, "Create or update a tag", "TagUpdate", "TagList"),
-    _r("DELETE", "tags/{tag}", "delete_tag", 11, "Delete a tag (removed from every indicator)"),
-)
+class SupplierCommitter(Protocol):
+    """The cluster agent as a REST write sees it: run the write on the Control, publish the result."""
+
+    async def commit_suppliers(
+        self,
+        base: int | None,
+        write: Callable[[], Awaitable[Any]],
+        unchanged: Callable[[Any], bool] | None = None,
+    ) -> tuple[Any, Revision]: ...
+
+
+class ExportHandler(Protocol):
+    """Answers ``/ioc_exports/...`` (:class:`threatgate.node.exports.Exports`)."""
+
+    async def handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse: ...
+
+
+class APIHost(Protocol):
+    """What :class:`NodeAPI` reads and calls of its node (``NodeService`` is one).
+
+    Read through at every request, never copied: a reload replaces the config, the matcher and the
+    export tasks. Properties, so that the node's own attribute types may be narrower.
+    """
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def auth(self) -> Authenticator: ...
+    @property
+    def matcher(self) -> ObjectLookup: ...
+    @property
+    def exports(self) -> ExportHandler: ...
+    @property
+    def cluster(self) -> SupplierCommitter | None: ...
+    def readiness(self) -> dict[str, Any]: ...
+    async def db_call(self, fn: Callable[[sup.SupplierDB], T]) -> T: ...
+    async def apply_suppliers(self, changed: Collection[str] | None) -> None: ...
 
 
 @dataclass(slots=True)
@@ -102,9 +124,9 @@ def _status(message: str) -> list[dict[str, str]]:
 
 
 class NodeAPI:
-    """Answers HTTP requests for one :class:`NodeService`."""
+    """Answers HTTP requests for one node."""
 
-    def __init__(self, node: NodeService) -> None:
+    def __init__(self, node: APIHost) -> None:
         self.node = node
         self.inflight = 0
         self.warn = RateLimitedLog(log)

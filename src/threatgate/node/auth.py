@@ -3,8 +3,9 @@
 Rules:
 1. Passwords are stored as scrypt hashes (``scrypt$<n>$<r>$<p>$<salt b64>$<hash b64>``): scrypt is
    in the standard library and memory-hard, so a stolen config file is expensive to brute-force on
-   GPUs.  A malformed hash is found by :func:`check_hash_format` when the config is loaded, never
-   while serving a request.
+   GPUs.  A malformed hash is found when the config is loaded, never while serving a request: the
+   format and its check live in :mod:`threatgate.config.passwords`, so the config reader needs
+   nothing of this module.
 2. scrypt costs ~50 ms of CPU on purpose, so it never runs on the event loop: it runs in a thread,
    at most ``max_concurrent`` at a time, so a flood of wrong passwords costs at most that many cores
    and cannot stall event matching.
@@ -31,7 +32,9 @@ import os
 import secrets
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
+from threatgate.config.passwords import PREFIX, HashParams, check_hash_format, parse_hash, scrypt_memory
 from threatgate.errors import ConfigError
 
 log = logging.getLogger("threatgate.node")
@@ -43,57 +46,11 @@ SALT_BYTES = 16
 HASH_BYTES = 32
 """Parameters of new hashes: 16 MiB and ~50 ms per check, OWASP's scrypt minimum as of 2024."""
 
-_PREFIX = "scrypt"
-_MAX_N = 2**20
-_MAX_R = 32
-_MAX_P = 16
-_MAX_MEMORY = 256 * 1024 * 1024
-"""Stored hashes may use other (stronger) parameters, but not ones that would eat the host's memory."""
-
 MAX_HEADER_CHARS = 4096
 """An Authorization header longer than this is malformed: real credentials are far shorter."""
 
 
-@dataclass(frozen=True)
-class _Params:
-    n: int
-    r: int
-    p: int
-    salt: bytes
-    digest: bytes
-
-
-def _parse(stored: str) -> _Params:
-    parts = stored.split("$")
-    if len(parts) != 6 or parts[0] != _PREFIX:
-        raise ValueError("expected scrypt$<n>$<r>$<p>$<salt base64>$<hash base64>")
-    if not all(x.isascii() and x.isdecimal() and len(x) <= 10 for x in parts[1:4]):
-        raise ValueError("n, r and p must be decimal integers")
-    n, r, p = (int(x) for x in parts[1:4])
-    if n < 2 or n & (n - 1) or n > _MAX_N:
-        raise ValueError(f"n={n}: expected a power of two between 2 and {_MAX_N}")
-    if not 1 <= r <= _MAX_R or not 1 <= p <= _MAX_P:
-        raise ValueError(f"r={r}, p={p}: expected 1 <= r <= {_MAX_R} and 1 <= p <= {_MAX_P}")
-    if _memory(n, r, p) > _MAX_MEMORY:
-        raise ValueError(f"n={n}, r={r} needs more than {_MAX_MEMORY // 2**20} MiB per check")
-    try:
-        salt = base64.b64decode(parts[4], validate=True)
-        digest = base64.b64decode(parts[5], validate=True)
-    except (binascii.Error, ValueError):
-        raise ValueError("salt and hash must be standard base64") from None
-    if len(salt) < 8:
-        raise ValueError(f"salt is {len(salt)} bytes, expected at least 8")
-    if not 16 <= len(digest) <= 64:
-        raise ValueError(f"hash is {len(digest)} bytes, expected 16 to 64")
-    return _Params(n, r, p, salt, digest)
-
-
-def _memory(n: int, r: int, p: int) -> int:
-    """Bytes OpenSSL's scrypt allocates (its ``maxmem`` check): 128*r*(n+2) for V plus 128*r*p for B."""
-    return 128 * r * (n + 2 + p)
-
-
-def _scrypt(params: _Params, password: bytes) -> bytes:
+def _scrypt(params: HashParams, password: bytes) -> bytes:
     return hashlib.scrypt(
         password,
         salt=params.salt,
@@ -101,35 +58,33 @@ def _scrypt(params: _Params, password: bytes) -> bytes:
         r=params.r,
         p=params.p,
         dklen=len(params.digest),
-        maxmem=_memory(params.n, params.r, params.p) + 1024 * 1024,
+        maxmem=scrypt_memory(params.n, params.r, params.p) + 1024 * 1024,
     )
 
 
 def hash_password(password: str) -> str:
     """A new ``scrypt$...`` hash of ``password`` with a random salt, for the config file."""
     salt = secrets.token_bytes(SALT_BYTES)
-    params = _Params(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt, b"\0" * HASH_BYTES)
+    params = HashParams(SCRYPT_N, SCRYPT_R, SCRYPT_P, salt, b"\0" * HASH_BYTES)
     digest = _scrypt(params, password.encode("utf-8"))
     b64 = base64.b64encode
-    return f"{_PREFIX}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
-
-
-def check_hash_format(stored: str) -> None:
-    """Raise ValueError (with what is wrong, never the hash itself) unless ``stored`` is a usable hash.
-
-    Called when the config is loaded so that a typo is a start-up error, not a 500 on every request.
-    """
-    _parse(stored)
+    return f"{PREFIX}${SCRYPT_N}${SCRYPT_R}${SCRYPT_P}${b64(salt).decode()}${b64(digest).decode()}"
 
 
 def verify_password(stored: str, password: str) -> bool:
     """Whether ``password`` matches ``stored``; the digests are compared in constant time.
 
     Raises:
-        ValueError: ``stored`` is malformed (:func:`check_hash_format` catches that at load time).
+        ValueError: ``stored`` is malformed (the config check catches that at load time).
     """
-    params = _parse(stored)
+    params = parse_hash(stored)
     return hmac.compare_digest(_scrypt(params, password.encode("utf-8")), params.digest)
+
+
+class Authenticator(Protocol):
+    """What a request handler asks: who sent this ``Authorization`` header (:class:`BasicAuth`, :class:`NodeUsers`)."""
+
+    async def authenticate(self, header: str | None) -> str | None: ...
 
 
 @dataclass
@@ -176,11 +131,13 @@ def _dummy_hash(model: str | None) -> str:
     Checked for unknown users so that they take as long as known ones.  Random bytes stand in for
     the digest: running scrypt here would block the event loop at every config reload for nothing.
     """
-    params = _parse(model) if model is not None else _Params(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"", b"\0" * HASH_BYTES)
+    params = (
+        parse_hash(model) if model is not None else HashParams(SCRYPT_N, SCRYPT_R, SCRYPT_P, b"", b"\0" * HASH_BYTES)
+    )
     b64 = base64.b64encode
     salt = b64(secrets.token_bytes(SALT_BYTES)).decode()
     digest = b64(secrets.token_bytes(len(params.digest))).decode()
-    return f"{_PREFIX}${params.n}${params.r}${params.p}${salt}${digest}"
+    return f"{PREFIX}${params.n}${params.r}${params.p}${salt}${digest}"
 
 
 class BasicAuth:

@@ -24,19 +24,18 @@ import csv
 import io
 import logging
 import time
-from typing import TYPE_CHECKING
+from collections.abc import Mapping
+from typing import Protocol
 
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
-from threatgate.config.node import IoCExportSettings
+from threatgate.config.node import IoCExportSettings, NodeConfig
 from threatgate.net.http import json_error, unauthorized
-from threatgate.node.auth import BasicAuth
+from threatgate.node.auth import Authenticator, BasicAuth
 from threatgate.node.feeds import FeedSnapshot, Indicator, Kind, mask_matches, url_host
 from threatgate.node.normalize import parse_ip
-
-if TYPE_CHECKING:
-    from threatgate.node.service import NodeService
+from threatgate.stats import NodeStats
 
 log = logging.getLogger("threatgate.exports")
 
@@ -179,10 +178,34 @@ def render_export(task: IoCExportSettings, snapshots: list[FeedSnapshot]) -> byt
     return buf.getvalue().encode("utf-8")
 
 
+class SnapshotSource(Protocol):
+    """The matcher as an export reads it: the feed and supplier snapshots in use."""
+
+    @property
+    def snapshots(self) -> Mapping[int, FeedSnapshot]: ...
+
+
+class ExportsHost(Protocol):
+    """What :class:`Exports` reads of its node (``NodeService`` is one), at every request."""
+
+    @property
+    def config(self) -> NodeConfig: ...
+    @property
+    def stats(self) -> NodeStats: ...
+    @property
+    def auth(self) -> Authenticator: ...
+    @property
+    def ready(self) -> bool: ...
+    @property
+    def store_version(self) -> int: ...
+    @property
+    def matcher(self) -> SnapshotSource: ...
+
+
 class Exports:
     """Serves the configured export tasks of one node."""
 
-    def __init__(self, node: NodeService) -> None:
+    def __init__(self, node: ExportsHost) -> None:
         self.node = node
         self._cache: dict[str, tuple[float, int, bytes]] = {}  # name -> (made at, store version, body)
         self._locks: dict[str, asyncio.Lock] = {}

@@ -40,7 +40,7 @@ import importlib
 from array import array
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from itertools import chain, repeat
 from operator import itemgetter
 from typing import TYPE_CHECKING, Any
@@ -51,14 +51,15 @@ import orjson
 
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
-from threatgate.node import feeds
-from threatgate.node.feeds import (
+from threatgate.node import feedref
+from threatgate.node.records import (
     _SUBDOMAIN_FIELDS,
     _TRUTHY,
     INDICATOR_FIELDS,
     MAX_CONTEXT_TEXT,
     Kind,
     LoadReport,
+    ParsedFeed,
     classify,
     context_text,
     indicator_of,
@@ -83,25 +84,6 @@ else:
     pc = _Lazy("pyarrow.compute")
 
 __all__ = ["ParsedFeed", "parse_feed"]
-
-
-@dataclass(slots=True)
-class ParsedFeed:
-    """A parsed feed as columns, one row per accepted record (malformed ones are only in ``report``).
-
-    ``values`` are normalised indicators (a CIDR as ``version/prefix length/network``), ``raws`` the
-    indicator text as the feed wrote it (``%MatchedIndicator%``), ``contexts`` the record context as
-    :func:`~threatgate.node.feeds.record_context` gives it (``context_columns`` already applied),
-    ``subdomains`` whether the record covers sub-domains (a ``DOMAIN_SUFFIX``, or a mask ``*.host/...``).
-    """
-
-    kinds: array[int] = field(default_factory=lambda: array("b"))
-    values: list[str] = field(default_factory=list)
-    raws: list[str] = field(default_factory=list)
-    subdomains: list[bool] = field(default_factory=list)
-    contexts: list[tuple[tuple[str, str], ...]] = field(default_factory=list)
-    report: LoadReport = field(default_factory=LoadReport)
-    header: list[str] = field(default_factory=list)
 
 
 _Context = tuple[tuple[str, str], ...]
@@ -710,7 +692,7 @@ def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp],
         indicator = indicator_of(record)
         if indicator is None:
             n = int(numbers[i])
-            out.bad.append((n, f"record {n}", feeds._why_no_indicator(record)))
+            out.bad.append((n, f"record {n}", feedref._why_no_indicator(record)))
             values.append(None)
             raws.append("")
             contexts.append(())
@@ -723,8 +705,8 @@ def _json_one_by_one(group: list[dict[str, Any]], numbers: npt.NDArray[np.intp],
 
 
 def _json_reference(settings: FeedSettings, data: bytes) -> ParsedFeed:
-    """The reference JSON reader (``feeds.parse_columns``) for a file orjson refuses: record by record."""
-    return feeds.parse_columns(settings, data)
+    """The reference JSON reader (``feedref.parse_columns``) for a file orjson refuses: record by record."""
+    return feedref.parse_columns(settings, data)
 
 
 # -- CSV ----------------------------------------------------------------------------------------------
@@ -733,14 +715,14 @@ def _json_reference(settings: FeedSettings, data: bytes) -> ParsedFeed:
 class _Tracked:
     """An iterator of CSV lines that remembers the last line it gave (where the fast reader starts)."""
 
-    def __init__(self, lines: Iterator[feeds._Line]) -> None:
+    def __init__(self, lines: Iterator[feedref._Line]) -> None:
         self._lines = lines
-        self.last: feeds._Line | None = None
+        self.last: feedref._Line | None = None
 
     def __iter__(self) -> _Tracked:
         return self
 
-    def __next__(self) -> feeds._Line:
+    def __next__(self) -> feedref._Line:
         self.last = next(self._lines)
         return self.last
 
@@ -757,16 +739,16 @@ class _CsvLayout:
     context: list[tuple[str, int]]  # (name, column) in the order record_context gives them
 
 
-def _csv_layout(settings: FeedSettings, lines: Iterator[feeds._Line]) -> tuple[_CsvLayout, list[feeds._Line]]:
-    header, header_line, first_row = feeds._find_csv_header(settings, lines)
-    col, field_name, sub_col = feeds._csv_columns(settings, header, header_line)
+def _csv_layout(settings: FeedSettings, lines: Iterator[feedref._Line]) -> tuple[_CsvLayout, list[feedref._Line]]:
+    header, header_line, first_row = feedref._find_csv_header(settings, lines)
+    col, field_name, sub_col = feedref._csv_columns(settings, header, header_line)
     names = list(header)
     names[col] = field_name
     if sub_col >= 0:
         names[sub_col] = header[sub_col].lower()
     keep = None
     if settings.context_columns is not None:
-        keep = feeds._csv_context_columns(settings, header, names, col)
+        keep = feedref._csv_context_columns(settings, header, names, col)
     # A record is read back as dict(zip(names, row)): the last of equal names wins, in the place of the first.
     by_name: dict[str, int] = {}
     for i, name in enumerate(names):
@@ -777,7 +759,7 @@ def _csv_layout(settings: FeedSettings, lines: Iterator[feeds._Line]) -> tuple[_
 
 
 def _parse_csv(settings: FeedSettings, data: bytes, text: str) -> ParsedFeed:
-    lines = _Tracked(feeds._lines(text))
+    lines = _Tracked(feedref._lines(text))
     try:
         layout, first_row = _csv_layout(settings, lines)
     except csv.Error as exc:  # the reference loader stops here with a Python error
@@ -914,7 +896,7 @@ def _csv_cells_regular(tail: bytes, body: str, delimiter: str, width: int) -> li
 def _csv_rows_one_by_one(
     settings: FeedSettings,
     layout: _CsvLayout,
-    lines: Iterator[feeds._Line] | list[feeds._Line],
+    lines: Iterator[feedref._Line] | list[feedref._Line],
     cells: list[list[str]],
     linenos: list[int],
     bad: list[_Bad],
@@ -926,7 +908,7 @@ def _csv_rows_one_by_one(
         if not row_text.strip() or row_text.startswith("#"):
             continue
         try:
-            row = feeds._csv_row(row_text, settings.delimiter)
+            row = feedref._csv_row(row_text, settings.delimiter)
         except csv.Error as exc:  # the reference loader stops here with a Python error
             bad.append((lineno, f"line {lineno}", f"unreadable CSV row: {exc}"))
             continue

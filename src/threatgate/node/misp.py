@@ -30,14 +30,8 @@ from typing import Any
 from threatgate.config.node import FeedSettings
 from threatgate.errors import FeedError
 from threatgate.fs import os_reason
-from threatgate.node.feeds import (
-    MemorySnapshot,
-    classify,
-    context_text,
-    feed_identity,
-    parse_document,
-    read_document,
-)
+from threatgate.node.feedsnapshot import MemorySnapshot
+from threatgate.node.records import classify, context_text, feed_identity, parse_document, read_document
 
 log = logging.getLogger("threatgate.node")
 

@@ -1,4 +1,4 @@
-"""The OpenAPI 3.0 document of the node's REST API, generated from :data:`threatgate.node.api.ROUTES`.
+"""The OpenAPI 3.0 document of the node's REST API, generated from :data:`threatgate.node.routes.ROUTES`.
 
 Served at ``/api/openapi.json`` and checked against the running node by schemathesis in the tests,
 so the document, the route table and the handlers cannot drift apart silently.
@@ -10,7 +10,7 @@ from typing import Any
 
 from threatgate._version import __version__
 from threatgate.config.node import MAX_BODY_SIZE
-from threatgate.node.api import ROUTES, VERSIONS
+from threatgate.node.routes import ROUTES, VERSIONS
 from threatgate.node.suppliers import MAX_NAME, NAME_PATTERN
 from threatgate.wire.paths import version_spellings
 

@@ -28,13 +28,12 @@ import os
 import socket
 import tempfile
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
-from threatgate import runtime
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
@@ -74,9 +73,6 @@ from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, 
 from threatgate.stats import Gauges, NodeStats
 from threatgate.wire.alerts import alert_level
 from threatgate.wire.framing import Framer
-
-if TYPE_CHECKING:
-    from threatgate.cluster.agent import ClusterAgent
 
 log = logging.getLogger("threatgate.node")
 T = TypeVar("T")
@@ -132,6 +128,31 @@ class Alerts:
         self.sender.send_or_drop((self._template.render(fields) + "\n").encode())
 
 
+class SettingsRevision(Protocol):
+    """A cluster settings revision, as the node logs it."""
+
+    @property
+    def revision(self) -> int: ...
+    def short(self) -> str: ...
+
+
+class ControlPlane(Protocol):
+    """The node's cluster agent as the node uses it (``ClusterAgent`` is one; ``node/app.py`` wires it)."""
+
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def may_write(self) -> bool: ...
+    def readiness(self) -> dict[str, Any]: ...
+    def reload_local(self) -> NodeConfig | None: ...
+    def gauges(self) -> Gauges: ...
+    async def commit_suppliers(
+        self,
+        base: int | None,
+        write: Callable[[], Awaitable[Any]],
+        unchanged: Callable[[Any], bool] | None = None,
+    ) -> tuple[Any, SettingsRevision]: ...
+
+
 class NodeService:
     """Owns the listener, the matcher and its store, the senders and the reload schedule."""
 
@@ -177,7 +198,7 @@ class NodeService:
         self._suppliers_lock = asyncio.Lock()
         self._supplier_snapshots: dict[int, tuple[Supplier, list[FeedSnapshot]]] = {}
         self._tasks: set[asyncio.Task[None]] = set()
-        self.cluster: ClusterAgent | None = None  # set by run_node when <Cluster> is configured
+        self.cluster: ControlPlane | None = None  # set by node/app.py when <Cluster> is configured
         self.workers = resolve_workers(config.scan.workers, len(os.sched_getaffinity(0)))
         self.pool: WorkerPool | None = None  # <Workers> >= 2: the processes that serve events
 
@@ -954,27 +975,3 @@ def _identities(feeds: dict[int, FeedSettings]) -> dict[int, Identity]:
 
 def _kept(old: FeedSnapshot | None) -> str:
     return f"keeping the previous version ({old.report.records} records)" if old else "no previous version to keep"
-
-
-def run_node(config: NodeConfig) -> None:
-    """Run until SIGTERM/SIGINT (uvloop when installed).
-
-    Raises:
-        ClusterError: ``<Cluster>`` is configured but this node is not a member (or its state is damaged).
-    """
-    runtime.run(_serve_node(config))
-
-
-async def _serve_node(config: NodeConfig) -> None:
-    cluster = None
-    if config.cluster is not None:
-        from threatgate.cluster.agent import ClusterAgent, prepare
-
-        config, state, identity, doc = await asyncio.to_thread(prepare, config)
-        assert config.cluster is not None
-        node = NodeService(config)
-        cluster = ClusterAgent(node, config.cluster, state, identity, doc)
-        node.cluster = cluster
-    else:
-        node = NodeService(config)
-    await runtime.serve(node)

@@ -1,7 +1,7 @@
 """The snapshot file format: one loaded feed version as one file the node maps instead of parsing.
 
 Invariants:
-1. A snapshot is built once from a parsed feed (:class:`~threatgate.node.feedparse.ParsedFeed`) and never
+1. A snapshot is built once from a parsed feed (:class:`~threatgate.node.records.ParsedFeed`) and never
    changed; a new feed version is a new file (its name comes from the feed and settings digests).
 2. Every store key is the fixed hash of the store (docs/architecture.md, "Store keys"):
    ``xxh3_64(value as UTF-8 with surrogates passed, seed=kind)``, the same in every process, on every
@@ -61,7 +61,7 @@ import weakref
 from bisect import bisect_left, bisect_right
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Literal
+from typing import Any, Literal
 
 import numpy as np
 import numpy.typing as npt
@@ -69,10 +69,7 @@ import xxhash
 
 from threatgate import fs
 from threatgate.errors import FeedError, SnapshotInvalid
-from threatgate.node.feeds import Indicator, Kind, LoadReport, Mask, key_of, mask_from
-
-if TYPE_CHECKING:  # only for annotations: a worker that maps snapshots never imports the parser (orjson)
-    from threatgate.node.feedparse import ParsedFeed
+from threatgate.node.records import Indicator, Kind, LoadReport, Mask, ParsedFeed, key_of, mask_from
 
 _c_keys_of: Any
 try:  # the compiled engine hashes a whole column at ~12 ns a value; the same numbers as xxhash
