@@ -6,7 +6,7 @@ The package is layered so that a newcomer can tell what a module may touch (docs
 =====  ==========  ==============================================================================
 rank   layer       modules
 =====  ==========  ==============================================================================
-0      foundation  ``threatgate`` (the package), ``_version``, ``errors``, ``log``, ``heap``, ``stats``
+0      foundation  ``threatgate`` (the package), ``_version``, ``errors``, ``log``, ``heap``, ``stats``, ``fs``
 1      bottom      ``wire``, ``lb``, ``config``, ``net``, ``metrics``, ``runtime``
 2      middle      ``node``, ``balancer``, ``cluster``
 3      top         ``cli``, ``__main__``, ``demo``
@@ -38,6 +38,7 @@ LAYERS: Mapping[str, int] = {
     "threatgate.errors": FOUNDATION,
     "threatgate.log": FOUNDATION,
     "threatgate.heap": FOUNDATION,
+    "threatgate.fs": FOUNDATION,
     "threatgate.stats": FOUNDATION,
     "threatgate.wire": BOTTOM,
     "threatgate.lb": BOTTOM,
