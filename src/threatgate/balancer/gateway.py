@@ -30,7 +30,6 @@ import logging
 import random
 import ssl
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
@@ -40,8 +39,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
-from threatgate.balancer.upstream import Instance
-from threatgate.config.balancer import BalancerConfig
+from threatgate.balancer.upstream import BalancerView, Instance
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
 from threatgate.lb.policy import InstanceState
@@ -50,7 +48,6 @@ from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
-from threatgate.stats import BalancerStats
 from threatgate.wire.paths import canonical_version, normalize_path, render_path
 
 log = logging.getLogger("threatgate.gateway")
@@ -137,18 +134,9 @@ class WriteRouter(Protocol):
     async def route_write(self) -> WriteTarget: ...
 
 
-class GatewayHost(Protocol):
-    """What :class:`Gateway` reads of the balancer (``BalancerService`` is one), at every request.
+class GatewayHost(BalancerView, Protocol):
+    """What :class:`Gateway` reads of the balancer (``BalancerService`` is one), at every request."""
 
-    Properties, read through: a reload replaces the config and the instance table.
-    """
-
-    @property
-    def config(self) -> BalancerConfig: ...
-    @property
-    def stats(self) -> BalancerStats: ...
-    @property
-    def instances(self) -> Mapping[str, Instance]: ...
     @property
     def rng(self) -> random.Random: ...
     @property

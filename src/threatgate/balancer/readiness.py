@@ -24,7 +24,7 @@ import contextlib
 import json
 import logging
 from collections import Counter
-from collections.abc import Iterable, Iterator, Mapping
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
@@ -32,10 +32,9 @@ import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate.balancer.gateway import Gateway
-from threatgate.balancer.upstream import Instance, lane_count
-from threatgate.config.balancer import MAX_LANES, BalancerConfig, InstanceSettings
+from threatgate.balancer.upstream import BalancerView, Instance, lane_count
+from threatgate.config.balancer import MAX_LANES, InstanceSettings
 from threatgate.errors import PinMismatch, UpstreamFailed
-from threatgate.stats import BalancerStats
 
 log = logging.getLogger("threatgate.balancer")
 
@@ -316,15 +315,9 @@ async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: ai
         view.error = f"unexpected /readyz answer: {exc}"
 
 
-class ReadinessHost(Protocol):
+class ReadinessHost(BalancerView, Protocol):
     """What :class:`ReadinessMonitor` reads and calls of the balancer (``BalancerService`` is one)."""
 
-    @property
-    def config(self) -> BalancerConfig: ...
-    @property
-    def stats(self) -> BalancerStats: ...
-    @property
-    def instances(self) -> Mapping[str, Instance]: ...
     def resize_lanes(self, inst: Instance, why: str) -> None: ...
     def dispatch(self) -> None: ...
 

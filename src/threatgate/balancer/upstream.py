@@ -24,14 +24,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal, cast
+from typing import Literal, Protocol, cast
 
-from threatgate.config.balancer import InstanceSettings
+from threatgate.config.balancer import BalancerConfig, InstanceSettings
 from threatgate.lb.health import Health
 from threatgate.lb.policy import InstanceState
 from threatgate.net.describe import describe, printable
+from threatgate.stats import BalancerStats
 from threatgate.wire.flags import PONG, SessionFlags
 
 log = logging.getLogger("threatgate.balancer")
@@ -382,3 +383,16 @@ async def ping(host: str, port: int, check_timeout: float) -> str | None:
     if not data.startswith(PONG):
         return f"answered {printable(data, 20)} instead of PONG"
     return None
+
+
+class BalancerView(Protocol):
+    """What the balancer's components read of it at every use (``BalancerService`` is one): properties,
+    read through, since a reload replaces the config and the instance table.  Each component's port
+    (gateway.GatewayHost, readiness.ReadinessHost) adds what else it needs."""
+
+    @property
+    def config(self) -> BalancerConfig: ...
+    @property
+    def stats(self) -> BalancerStats: ...
+    @property
+    def instances(self) -> Mapping[str, Instance]: ...
