@@ -73,6 +73,9 @@ from threatgate.wire.framing import FramedEvent, Oversized
 
 log = logging.getLogger("threatgate.balancer")
 
+GC_THRESHOLDS = (50_000, 20, 20)
+"""The cyclic collector's thresholds in the balancer (CPython's defaults: 700, 10, 10)."""
+
 FINISHED_LINE = (FINISHED + "\n").encode()
 DISPATCH_BATCH = 4096
 """Events placed per dispatch pass before yielding the loop (keeps reply handling responsive)."""
@@ -957,6 +960,12 @@ class BalancerService(InstanceOwner):
 
     async def startup(self) -> None:
         loop = asyncio.get_running_loop()
+        # Every event allocates a few small tracked objects (correlator entries, lists): with CPython's
+        # default gen-0 threshold of 700 the cyclic collector ran every few hundred events and took 12 %
+        # of the balancer's CPU while streaming.  What start-up built is frozen out of every collection,
+        # and collections run 70 times less often (docs/performance.md, "Issue 15").
+        gc.freeze()
+        gc.set_threshold(*GC_THRESHOLDS)
         for inst in self.instances.values():
             self._start_checks(inst)
         if self.output is not None:
