@@ -28,3 +28,20 @@ def test_run_runs_main_to_completion() -> None:
 
     runtime.run(main())
     assert done == [True]
+
+
+async def test_ticks_run_every_interval_and_stop_at_once_when_asked() -> None:
+    import asyncio
+
+    from threatgate import runtime
+
+    stop = asyncio.Event()
+    seen = 0
+    started = asyncio.get_running_loop().time()
+    async for _ in runtime.ticks(stop, lambda: 0.01):
+        seen += 1
+        if seen == 3:
+            stop.set()
+    assert seen == 3
+    assert await runtime.pause(stop, 60) is True  # stopping: no wait at all
+    assert asyncio.get_running_loop().time() - started < 5

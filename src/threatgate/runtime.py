@@ -15,11 +15,12 @@ only once events can be sent, and dependent units start after it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
 import socket
-from collections.abc import Coroutine
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal, Protocol
 
 log = logging.getLogger("threatgate")
@@ -122,3 +123,20 @@ def run(main: Coroutine[Any, Any, None]) -> None:
         asyncio.run(main)
         return
     uvloop.run(main)
+
+
+async def pause(stop: asyncio.Event, seconds: float) -> bool:
+    """Wait ``seconds``, or less when ``stop`` is set meanwhile; True when stopping.
+
+    The periodic work of a service (feed watches, health checks, retention sweeps) waits here, so a
+    SIGTERM ends every loop at once instead of after its interval.
+    """
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(stop.wait(), seconds)
+    return stop.is_set()
+
+
+async def ticks(stop: asyncio.Event, seconds: float | Callable[[], float]) -> AsyncIterator[None]:
+    """Every ``seconds`` (a number, or read before each wait: a reload may change it) until ``stop``."""
+    while not await pause(stop, seconds() if callable(seconds) else seconds):
+        yield

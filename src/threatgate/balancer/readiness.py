@@ -31,6 +31,7 @@ from typing import Any, Literal, Protocol
 import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
+from threatgate import runtime
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.upstream import BalancerView, Instance, lane_count
 from threatgate.config.balancer import MAX_LANES, InstanceSettings
@@ -352,8 +353,7 @@ class ReadinessMonitor:
                 await self.round()
             except Exception:  # a bug here must not end the checks for the balancer's whole life
                 log.exception("readiness checks failed; trying again at the next interval")
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._stop.wait(), max(1.0, self.service.config.health.interval))
+            await runtime.pause(self._stop, max(1.0, self.service.config.health.interval))
 
     async def round(self) -> None:
         """One interval's work; the switch is read each time, since SIGHUP may turn the checks on or off."""

@@ -40,7 +40,6 @@ instance answers, that lane alone is closed and reconnected).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gc
 import logging
 import random
@@ -52,7 +51,7 @@ from typing import Any
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
-from threatgate import heap
+from threatgate import heap, runtime
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
@@ -681,8 +680,8 @@ class BalancerService(InstanceOwner):
                         self.instance_failed(inst, f"health check: {error}")
                     elif not inst.health.up:
                         log.debug("instance %s health check failed: %s", inst.key, error)
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), h.interval)
+            if await runtime.pause(self._should_exit, h.interval):
+                return
 
     def _check_passed(self, inst: Instance) -> None:
         health = inst.health
@@ -1010,9 +1009,7 @@ class BalancerService(InstanceOwner):
     async def main_loop(self) -> None:
         last_stats = time.monotonic()
         loop = asyncio.get_running_loop()
-        while not self._should_exit.is_set():
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), TICK)
+        async for _ in runtime.ticks(self._should_exit, TICK):
             self.tick(loop.time())
             if time.monotonic() - last_stats >= self.config.stats_interval:
                 last_stats = time.monotonic()

@@ -24,6 +24,7 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 from cryptography import x509
 
+from threatgate import runtime
 from threatgate.cluster.routes import route_for
 from threatgate.cluster.settings import (
     SettingsDocument,
@@ -276,10 +277,7 @@ class ClusterAgent:
                 await self.heartbeat_round()
             except Exception:  # the control plane must never take matching down
                 log.exception("cluster heartbeat round failed; retrying")
-            try:
-                await asyncio.wait_for(self._stop.wait(), self.settings.heartbeat)
-            except TimeoutError:
-                pass
+            await runtime.pause(self._stop, self.settings.heartbeat)
 
     async def heartbeat_round(self) -> None:
         members = [m for m in self.identity.members.values() if m.node_id != self.identity.node_id]

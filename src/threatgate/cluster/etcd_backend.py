@@ -29,6 +29,7 @@ import logging
 import ssl
 from typing import Protocol
 
+from threatgate import runtime
 from threatgate.cluster.etcd import Compare, Election, EtcdClient, Op
 from threatgate.cluster.settings import SettingsDocument, parse_document
 from threatgate.cluster.sync import Identity
@@ -158,8 +159,7 @@ class EtcdBackend:
             except EtcdError as exc:
                 self.connected = False
                 log.warning("etcd watch interrupted (%s); re-reading and watching again", exc)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                await runtime.pause(self._stop, 1.0)
                 await self._sync()
 
     # -- election -----------------------------------------------------------------------------------
@@ -172,8 +172,7 @@ class EtcdBackend:
                 epoch = await election.campaign()
             except EtcdError as exc:
                 log.warning("etcd election: %s; retrying", exc)
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 1.0)
+                await runtime.pause(self._stop, 1.0)
                 continue
             try:
                 await self.agent.become_control(epoch)
@@ -186,8 +185,7 @@ class EtcdBackend:
             await self.agent.lose_control()
             if self._resigned:  # stepped aside on purpose: let another node win before standing again
                 self._resigned = False
-                with contextlib.suppress(asyncio.TimeoutError):
-                    await asyncio.wait_for(self._stop.wait(), 2.0 * self.settings.lease_ttl)
+                await runtime.pause(self._stop, 2.0 * self.settings.lease_ttl)
 
     async def resign(self) -> None:
         """Give up the Control role: revoke the lease so another node wins at once."""

@@ -34,6 +34,7 @@ from typing import Any, Protocol, TypeVar
 
 from aiohttp import web
 
+from threatgate import runtime
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
@@ -511,11 +512,7 @@ class NodeService:
     async def _watch_feeds(self) -> None:
         """Reload a feed whose file changed within seconds, whatever update_frequency says (node/feedwatch.py)."""
         watch: FeedWatch[int] = FeedWatch(settle=WATCH_INTERVAL / 2)
-        while not self._should_exit.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), WATCH_INTERVAL)
-            if self._should_exit.is_set():
-                return
+        async for _ in runtime.ticks(self._should_exit, WATCH_INTERVAL):
             try:
                 await self._watch_once(watch)
             except Exception:  # a watch bug must never take the node down
@@ -528,11 +525,8 @@ class NodeService:
     async def _watch_users(self) -> None:
         """<Users> edited in the file apply without a reload (node/auth.py NodeUsers); a loop of its own,
         so a long feed reload never delays a removed user's refusal."""
-        while not self._should_exit.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), WATCH_INTERVAL)
-            if not self._should_exit.is_set():
-                await self.auth.check()
+        async for _ in runtime.ticks(self._should_exit, WATCH_INTERVAL):
+            await self.auth.check()
 
     async def _watch_once(self, watch: FeedWatch[int]) -> None:
         feeds = {slot: f for slot, f in enumerate(self.config.feeds.feeds) if f.enabled}
@@ -591,10 +585,8 @@ class NodeService:
 
     async def _expire_loop(self) -> None:
         """Delete API indicators past their supplier's retention, once a minute."""
-        while not self._should_exit.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), 60)
-            if self._should_exit.is_set() or self.db is None:
+        async for _ in runtime.ticks(self._should_exit, 60):
+            if self.db is None:
                 return
             try:
                 await self._expire()
@@ -865,11 +857,9 @@ class NodeService:
         self._spawn(self._watch_users())
         loop = asyncio.get_running_loop()
         armed, due = 0, 0.0  # the UpdateFrequency the schedule runs on, and when its next reload is
-        while not self._should_exit.is_set():
-            with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._should_exit.wait(), 1.0)
+        async for _ in runtime.ticks(self._should_exit, 1.0):
             minutes = self.config.feeds.update_frequency  # a SIGHUP may change it, from or to 0
-            if self._should_exit.is_set() or not minutes:
+            if not minutes:
                 armed = 0
                 continue
             now = loop.time()
