@@ -113,7 +113,7 @@ class WorkerPool:
         self._published: dict[str, tuple[int, Any, list[int]]] = {}
         self._memfds: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
         self._evictions: dict[tuple[int, int], tuple[int, int]] = {}  # victim -> the connection waiting for it
-        self._applied = asyncio.Condition()
+        self._changed = asyncio.Event()  # set whenever a worker became READY, applied a store or exited
         self._listening: socket.socket | None = None
         self._tasks: set[asyncio.Task[Any]] = set()
         self._supervising: asyncio.Task[None] | None = None
@@ -137,9 +137,7 @@ class WorkerPool:
             ready = self.ready_workers()
             return ready == self.count or (ready > 0 and any(self.restarts))
 
-        async with self._applied:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._applied.wait_for(settled), ready_within)
+        await self._wait_until(settled, ready_within)
         if not self.ready_workers():
             log.error("no worker became ready within %.0f s; listening anyway (connections wait for one)", ready_within)
         listening.setblocking(False)
@@ -400,11 +398,19 @@ class WorkerPool:
             log.error("worker %d sent an unknown control message %r (a defect)", inc.worker, kind)
 
     def _notify(self) -> None:
-        async def notify() -> None:
-            async with self._applied:
-                self._applied.notify_all()
+        self._changed.set()
 
-        self._spawn_task(notify())
+    async def _wait_until(self, done: Callable[[], bool], seconds: float) -> bool:
+        """Until ``done()`` holds (re-checked at each change), at most ``seconds``; whether it holds."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + seconds
+        while not done():
+            self._changed.clear()
+            try:
+                await asyncio.wait_for(self._changed.wait(), max(0.0, deadline - loop.time()))
+            except TimeoutError:
+                return done()
+        return True
 
     def _slot_asked(self, inc: Incarnation, conn_id: int) -> None:
         """ScannersCount, node-wide: grant, or evict the idlest connection of any worker, or refuse."""
@@ -494,17 +500,14 @@ class WorkerPool:
         def done() -> bool:
             return all(i.applied.get(kind, 0) >= generation for i in self._running() if i.ready)
 
-        async with self._applied:
-            try:
-                await asyncio.wait_for(self._applied.wait_for(done), APPLY_TIMEOUT)
-            except TimeoutError:
-                lagging = [i.worker for i in self._running() if i.ready and i.applied.get(kind, 0) < generation]
-                log.warning(
-                    "worker(s) %s have not applied the new %s within %.0f s; they will shortly",
-                    ", ".join(map(str, lagging)),
-                    "feed store" if kind == "store" else "supplier store",
-                    APPLY_TIMEOUT,
-                )
+        if not await self._wait_until(done, APPLY_TIMEOUT):
+            lagging = [i.worker for i in self._running() if i.ready and i.applied.get(kind, 0) < generation]
+            log.warning(
+                "worker(s) %s have not applied the new %s within %.0f s; they will shortly",
+                ", ".join(map(str, lagging)),
+                "feed store" if kind == "store" else "supplier store",
+                APPLY_TIMEOUT,
+            )
 
     # -- what the node reports ----------------------------------------------------------------------
 

@@ -103,15 +103,9 @@ class ScannerSlots:
     def release(self, worker: int, conn: int) -> None:
         self._active.pop((worker, conn), None)
 
-    def holds(self, worker: int, conn: int) -> bool:
-        return (worker, conn) in self._active
-
     def worker_gone(self, worker: int) -> None:
         for key in [k for k in self._active if k[0] == worker]:
             del self._active[key]
-
-    def active_of(self, worker: int) -> int:
-        return sum(1 for w, _ in self._active if w == worker)
 
     def eviction_candidate(
         self,

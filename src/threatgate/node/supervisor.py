@@ -100,10 +100,6 @@ class Supervisor:
             return []
         return [w.index for w in self.workers if w.state is WorkerState.BACKOFF and w.due <= now]
 
-    def next_due(self) -> float | None:
-        dues = [w.due for w in self.workers if w.state is WorkerState.BACKOFF]
-        return min(dues) if dues and not self.draining else None
-
     def hung(self, now: float) -> list[int]:
         """Running workers silent for ``hung_after`` s, or STARTING for ``start_timeout`` s: to kill."""
         return [
@@ -119,9 +115,6 @@ class Supervisor:
 
     def drain(self) -> None:
         self.draining = True
-
-    def ready_workers(self) -> list[int]:
-        return [w.index for w in self.workers if w.state is WorkerState.READY]
 
     def counts(self) -> dict[str, int]:
         """Workers per state (``threatgate_workers{state}``)."""
