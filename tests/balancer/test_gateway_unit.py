@@ -32,9 +32,9 @@ from threatgate.balancer import gateway as gateway_module
 from threatgate.balancer.alerts import MAX_LINE, AlertConnection
 from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
-from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
 from threatgate.errors import FileWriteError, PathError, UpstreamFailed
+from threatgate.lb.instances import Instance
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern, canonical_version, normalize_path
@@ -333,7 +333,7 @@ async def test_a_pin_directory_in_a_bad_state_fails_that_node_only(
         return certs[0]
 
     monkeypatch.setattr(gateway_module, "fetch_certificate", presented)
-    inst = Instance(settings(), rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+    inst = Instance(settings(), rise=1, fall=1)
     with pytest.raises(UpstreamFailed, match=error):
         await gateway.pin_of(inst)
 
@@ -350,7 +350,7 @@ async def test_concurrent_first_requests_save_one_pin(
         return certs[0]
 
     monkeypatch.setattr(gateway_module, "fetch_certificate", presented)
-    inst = Instance(settings(), rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+    inst = Instance(settings(), rise=1, fall=1)
     pins = await asyncio.gather(*(gateway.pin_of(inst) for _ in range(5)))
     assert fetched == [10443]  # the node's API port, once
     assert {p.der for p in pins} == {certs[0]}

@@ -29,10 +29,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from threatgate.balancer.readiness import View, parse_readiness
 from threatgate.balancer.service import BalancerService, ClientConnection, _Collector
 from threatgate.balancer.status import as_json, render
-from threatgate.balancer.upstream import Instance, Lane, Resize, UpstreamProtocol, lane_count, plan_resize
+from threatgate.balancer.upstream import UpstreamProtocol
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
 from threatgate.lb.correlation import Drop
-from threatgate.lb.policy import InstanceState
+from threatgate.lb.dispatcher import Connect
+from threatgate.lb.instances import Instance, InstanceState, Lane, Resize, lane_count, plan_resize
 
 REPLY_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 
@@ -106,26 +107,41 @@ class Rig:
     def __init__(self, service: BalancerService) -> None:
         self.service = service
         self.wires: dict[str, StandIn] = {}  # lane key -> its current transport
+        self.protocols: dict[str, UpstreamProtocol] = {}  # lane key -> its current connection
         self.connects: Counter[str] = Counter()
         self.connected = asyncio.Event()
 
+    def now(self) -> float:
+        return asyncio.get_running_loop().time()
+
     def attach(self, lane: Lane) -> StandIn:
-        protocol = UpstreamProtocol(lane)
+        """The lane's connection opens (as the edge does after a Connect)."""
+        protocol = UpstreamProtocol(self.service, lane.key)
         wire = StandIn()
         protocol.connection_made(wire)  # type: ignore[arg-type]
         assert wire.new_lines() == ["X-KF-SendFinishedEventX-KF-ReplyBack"]
-        lane.protocol, lane.writable = protocol, True
+        self.service._upstreams[lane.key] = protocol
         self.wires[lane.key] = wire
+        self.protocols[lane.key] = protocol
+        self.service.apply(self.service.dispatcher.lane_connected(lane.key, self.now()))
         return wire
 
+    def proto(self, lane: Lane) -> UpstreamProtocol:
+        return self.protocols[lane.key]
+
     def up(self, key: str) -> Instance:
-        """The instance UP with every lane connected."""
-        inst = self.service.instances[key]
-        inst.state = InstanceState.UP
+        """The instance UP (its first health check passed) with every lane connected."""
+        service = self.service
+        service.apply(service.dispatcher.check_passed(key, 0.001, self.now()))
+        inst = service.instances[key]
+        assert inst.state is InstanceState.UP
         for lane in inst.lanes:
             if not lane.connected:
                 self.attach(lane)
         return inst
+
+    def check_passed(self, inst: Instance) -> None:
+        self.service.apply(self.service.dispatcher.check_passed(inst.key, 0.001, self.now()))
 
     def client(self, events: list[str]) -> StandIn:
         conn = ClientConnection(self.service)
@@ -147,8 +163,7 @@ class Rig:
                 lines.append(f"{rid} category=x matched={event}")
             if finish:
                 lines.append(f"{rid} LookupFinished")
-        assert lane.protocol is not None
-        lane.protocol.data_received(("\n".join(lines) + "\n").encode())
+        self.proto(lane).data_received(("\n".join(lines) + "\n").encode())
 
 
 @pytest.fixture
@@ -159,13 +174,15 @@ def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
         service = BalancerService(config(tmp_path, *instances, **fields), random.Random(1))
         rig = Rig(service)
 
-        async def connect(lane: Lane, connect_timeout: float) -> None:
+        async def connect(self: BalancerService, action: Connect) -> None:
+            lane = service.dispatcher.lanes.get(action.lane)
+            if lane is None or not lane.connecting:
+                return  # attached by the test already, or dropped meanwhile
             rig.connects[lane.key] += 1
             rig.attach(lane)
-            lane.instance.owner.lane_connected(lane)
             rig.connected.set()
 
-        monkeypatch.setattr(Lane, "connect", connect)
+        monkeypatch.setattr(BalancerService, "_connect", connect)
         rigs.append(rig)
         return rig
 
@@ -213,13 +230,12 @@ async def test_a_lane_lost_while_another_is_open_resends_only_its_events_exactly
     done, partial = on1[:10], [e for e in on1[10:] if e[1].startswith("hit")][:1]
     rig.answer(lane1, done)
     rig.answer(lane1, partial, finish=False)
-    old = lane1.protocol
-    assert old is not None
+    old = rig.proto(lane1)
     caplog.set_level(logging.INFO, "threatgate.balancer")
     old.connection_lost(ConnectionResetError(104, "Connection reset by peer"))
     assert inst.state is InstanceState.UP
     assert not lane1.connected and lane0.connected
-    assert rig.service.stats.transitions == {"lane_lost": 1}
+    assert rig.service.stats.transitions == {"up": 1, "lane_lost": 1}
     # Only lane 1's unfinished events are sent again, each once, all on the live lane; none of lane 0's.
     unfinished = [e for e in on1 if e not in done]
     assert sorted(rig.sent(lane0)) == unfinished
@@ -231,7 +247,7 @@ async def test_a_lane_lost_while_another_is_open_resends_only_its_events_exactly
     )
     # A late line of the dead connection (still in a socket buffer) is refused: the event has a new owner.
     old.data_received(f"{partial[0][0]} LookupFinished\n".encode())
-    assert rig.service.correlator.dropped[Drop.NOT_OWNER] == 1
+    assert rig.service.stats.dropped_lines == {Drop.NOT_OWNER.value: 1}
     # The live lane answers everything it holds: every event is answered once, in order, with its detections.
     rig.answer(lane0, on0 + unfinished)
     assert answers(client) == expected(EVENTS)
@@ -257,18 +273,17 @@ async def test_the_last_lane_lost_is_the_instance_down_as_with_one_connection(
     held = {lane.key: rig.sent(lane) for lane in [*a.lanes, *b.lanes]}
     assert all(held.values())
     caplog.set_level(logging.INFO, "threatgate.balancer")
-    for lane in a.lanes:  # the node is gone: every connection closes
-        assert lane.protocol is not None
-        lane.protocol.connection_lost(None)
+    for lane in list(a.lanes):  # the node is gone: every connection closes
+        rig.proto(lane).connection_lost(None)
     assert a.state is InstanceState.DOWN
     assert "instance 127.0.0.1:1 is DOWN: event connection lost: closed by the node" in caplog.text
-    assert rig.service.stats.transitions == {"lane_lost": 1, "down": 1}
+    assert rig.service.stats.transitions == {"up": 2, "lane_lost": 1, "down": 1}
     [other] = b.lanes
     resent = rig.sent(other)
     assert sorted(resent) == sorted(held["127.0.0.1:1#0"] + held["127.0.0.1:1#1"])
     rig.answer(other, held["127.0.0.1:2#0"] + resent)
     assert answers(client) == expected(EVENTS)
-    rig.service._reconnect_lane(a.lanes[0])  # LANE_RETRY later: the first lane lost does not reconnect
+    rig.service._retry_lane(a.lanes[0].key)  # LANE_RETRY later: the first lane lost does not reconnect
     await asyncio.sleep(0)
     assert not rig.connects
 
@@ -281,8 +296,7 @@ async def test_one_connection_behaves_as_before_lanes(make_rig: Any, caplog: pyt
     rig.client(EVENTS)
     assert rig.sent(a.lanes[0]) and rig.sent(b.lanes[0])
     caplog.set_level(logging.INFO, "threatgate.balancer")
-    assert a.lanes[0].protocol is not None
-    a.lanes[0].protocol.connection_lost(None)
+    rig.proto(a.lanes[0]).connection_lost(None)
     assert a.state is InstanceState.DOWN
     assert re.search(
         r"instance 127\.0\.0\.1:1: \d+ unfinished event\(s\) sent again to other instances \(event connection lost",
@@ -305,7 +319,7 @@ async def test_a_silent_lane_is_suspect_alone_while_its_sibling_answers(
     rig.answer(lane0, on0)  # lane 0 answers, lane 1 (a stuck worker) does not
     caplog.set_level(logging.WARNING, "threatgate.balancer")
     now = asyncio.get_running_loop().time() + 1.5
-    rig.service._check_overdue(now)
+    rig.service.tick(now)
     assert lane1.suspect_since == now and lane0.suspect_since is None and not lane1.connected
     assert inst.state is InstanceState.UP
     assert "instance 127.0.0.1:1 lane 1 is suspect: no answer for " in caplog.text
@@ -313,8 +327,8 @@ async def test_a_silent_lane_is_suspect_alone_while_its_sibling_answers(
     rig.answer(lane0, on1)
     assert answers(client) == expected(EVENTS)
     # A passing health check clears it and reconnects it.
-    rig.service._check_passed(inst)
-    await inst.connect(1.0)
+    rig.check_passed(inst)
+    await asyncio.wait_for(rig.connected.wait(), 5)
     assert lane1.connected and lane1.suspect_since is None
 
 
@@ -327,9 +341,9 @@ async def test_reply_timeout_on_one_lane_closes_that_lane_only(make_rig: Any) ->
     rig.answer(lane0, on0[:-1])  # lane 0 keeps answering (one left), lane 1 never does
     loop = asyncio.get_running_loop()
     lane0.last_progress = loop.time() + 30.5  # lane 0 answered just now, at the test's "now"
-    rig.service._check_timeouts(loop.time() + 31)
+    timeouts(rig, loop.time() + 31)
     assert inst.state is InstanceState.UP and lane0.connected and not lane1.connected
-    assert rig.service.stats.transitions == {"reply_timeout": 1, "lane_lost": 1}
+    assert rig.service.stats.transitions == {"up": 1, "reply_timeout": 1, "lane_lost": 1}
     resent = rig.sent(lane0)
     assert sorted(resent) == on1
     rig.answer(lane0, on0[-1:] + resent)
@@ -338,8 +352,15 @@ async def test_reply_timeout_on_one_lane_closes_that_lane_only(make_rig: Any) ->
     rig.client(EVENTS[:10])
     await asyncio.wait_for(rig.connected.wait(), 5)
     rig.client(EVENTS[:10])
-    rig.service._check_timeouts(loop.time() + 100)
+    timeouts(rig, loop.time() + 100)
     assert rig.service.instances[inst.key].state is InstanceState.DOWN
+
+
+def timeouts(rig: Rig, now: float) -> None:
+    """The dispatcher's ReplyTimeout check alone (a tick would find the silent lane overdue first)."""
+    out: list[Any] = []
+    rig.service.dispatcher._check_timeouts(now, out)
+    rig.service.apply(out)
 
 
 # -- spread, weight and limits ---------------------------------------------------------------------------------------
@@ -371,11 +392,10 @@ async def test_a_lane_that_cannot_write_gets_nothing_while_its_sibling_can(make_
     rig = make_rig(settings(1, connections=2))
     inst = rig.up("127.0.0.1:1")
     lane0, lane1 = inst.lanes
-    assert lane0.protocol is not None
-    lane0.protocol.pause_writing()  # its socket buffer is full
+    rig.proto(lane0).pause_writing()  # its socket buffer is full
     rig.client(EVENTS[:50])
     assert not rig.sent(lane0) and len(rig.sent(lane1)) == 50
-    lane0.protocol.resume_writing()
+    rig.proto(lane0).resume_writing()
     rig.client(EVENTS[:50])
     assert rig.sent(lane0)
 

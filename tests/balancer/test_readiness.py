@@ -32,10 +32,10 @@ from threatgate.balancer.readiness import (
     route_write,
 )
 from threatgate.balancer.status import as_json, exit_code, render
-from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import AllowedRequest, InstanceSettings, balancer_config_from_xml
 from threatgate.config.xml import parse_xml
 from threatgate.errors import ConfigError, PinMismatch, UpstreamFailed
+from threatgate.lb.instances import Instance
 from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern
 
@@ -259,7 +259,7 @@ def make_monitor(*ports: int, readiness: bool = True) -> tuple[ReadinessMonitor,
     instances = {}
     for port in ports:
         s = InstanceSettings(host="127.0.0.1", matching_port=port, api_port=port + 1, api_port_set=True)
-        instances[s.key] = Instance(s, rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+        instances[s.key] = Instance(s, rise=1, fall=1)
     health = SimpleNamespace(interval=1.0, timeout=1.0)
     service = SimpleNamespace(
         config=SimpleNamespace(readiness=readiness, health=health), instances=instances, stats=BalancerStats()
@@ -400,7 +400,7 @@ async def test_the_loop_runs_rounds_until_closed() -> None:
 
 def routed_gateway(tmp_path: Path, route: WriteRoute) -> tuple[Gateway, list[str]]:
     settings = InstanceSettings(host="127.0.0.1", matching_port=1, api_port=2, api_port_set=True)
-    inst = Instance(settings, rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+    inst = Instance(settings, rise=1, fall=1)
     allowed = (AllowedRequest(method="DELETE", pattern=RoutePattern.parse("/api/{v}/tags/{t}"), text="x"),)
     config = SimpleNamespace(
         cert_dir=str(tmp_path), allowed=allowed, api_upstream_timeout=5.0, max_api_requests=10, api_body_timeout=5.0

@@ -288,14 +288,19 @@ class Holder(Replier):
 
 
 class Waiter(Replier):
-    """Answers later, as the balancer does once a node replied (``outstanding`` meanwhile)."""
+    """Answers later, as the balancer does once a node replied (``unanswered`` meanwhile)."""
+
+    waiting = 0
+
+    def unanswered(self) -> int:
+        return self.waiting
 
     def answer(self, events: list[FramedEvent]) -> None:
-        self.outstanding += len(events)
+        self.waiting += len(events)
 
     def release(self) -> None:
         assert self.transport is not None
-        self.outstanding = 0
+        self.waiting = 0
         self.transport.write(b"answer\n")
 
 

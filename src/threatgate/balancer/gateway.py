@@ -39,10 +39,10 @@ from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
-from threatgate.balancer.upstream import BalancerView, Instance
+from threatgate.balancer.upstream import BalancerView
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
-from threatgate.lb.policy import InstanceState
+from threatgate.lb.instances import Instance, InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe

@@ -33,9 +33,10 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate import runtime
 from threatgate.balancer.gateway import Gateway
-from threatgate.balancer.upstream import BalancerView, Instance, lane_count
+from threatgate.balancer.upstream import BalancerView
 from threatgate.config.balancer import MAX_LANES, InstanceSettings
 from threatgate.errors import PinMismatch, UpstreamFailed
+from threatgate.lb.instances import Instance, lane_count
 
 log = logging.getLogger("threatgate.balancer")
 

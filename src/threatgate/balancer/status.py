@@ -20,9 +20,9 @@ import aiohttp
 
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import View, compare_digests, probe, refresh_view, short
-from threatgate.balancer.upstream import Instance
 from threatgate.balancer.verify import _Standalone
 from threatgate.config.balancer import BalancerConfig
+from threatgate.lb.instances import Instance
 
 COLUMNS = ("", "INSTANCE", "API", "STATE", "ROLE", "EPOCH", "REVISION", "DIGEST")
 LANES_COLUMN = 3
@@ -44,7 +44,7 @@ async def collect(config: BalancerConfig) -> list[View]:
             view = refresh_view(View(settings.key), settings)
             views.append(view)
             if view.skip is None:
-                asked.append((Instance(settings, rise=1, fall=1, owner=None), view))  # type: ignore[arg-type]
+                asked.append((Instance(settings, rise=1, fall=1), view))
         await asyncio.gather(*(probe(gateway, inst, view, timeout) for inst, view in asked))
     finally:
         await gateway.close()

@@ -18,9 +18,9 @@ from typing import Any
 
 from threatgate.balancer.gateway import Gateway, fetch_certificate
 from threatgate.balancer.pins import PinStore
-from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
 from threatgate.errors import PinMismatch, UpstreamFailed
+from threatgate.lb.instances import Instance
 from threatgate.net.describe import body_text, describe
 from threatgate.net.tls import fingerprint_sha256
 
@@ -63,7 +63,7 @@ async def verify(config: BalancerConfig, user: str | None, password: str | None)
         for settings in config.instances:
             if not settings.enabled:
                 continue
-            inst = Instance(settings, rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+            inst = Instance(settings, rise=1, fall=1)
             verdict = Verdict(settings.key, ok=False, pin_path=gateway.pins.path(settings))
             try:
                 answer = await gateway.forward(inst, "GET", "/api/1.1/suppliers", headers, b"")

@@ -13,20 +13,10 @@ the events of a weight-1 instance at the same load.  Pure: the caller passes a `
 
 from __future__ import annotations
 
-import enum
 import heapq
 import random
 from collections.abc import Hashable, Sequence
 from dataclasses import dataclass
-
-
-class InstanceState(enum.Enum):
-    """Admin and health state, in HAProxy's words."""
-
-    UP = "UP"  # healthy and enabled: gets events
-    DOWN = "DOWN"  # failed health checks or lost its connection: gets nothing
-    DRAIN = "DRAIN"  # finishing what it has, gets nothing new (being disabled or removed)
-    MAINT = "MAINT"  # enabled="false": gets nothing
 
 
 @dataclass(slots=True)

@@ -236,7 +236,6 @@ class EventProtocol(asyncio.Protocol):
         self._paused_by: set[str] = set()
         self.eof = False
         self.last_active = 0.0  # loop time of the last bytes received
-        self.outstanding = 0  # events received and not yet answered (the balancer answers later)
         self._admitting: int | None = None  # flags parsed, scanner verdict awaited: the bytes they took
 
     def __repr__(self) -> str:
@@ -308,6 +307,11 @@ class EventProtocol(asyncio.Protocol):
         """False: close our side once the replies are written (the node answers synchronously)."""
         return False
 
+    def unanswered(self) -> int:
+        """Events received and not yet answered: 0 where answers are written as events are read (a node);
+        the balancer answers later."""
+        return 0
+
     def is_idle(self, now: float, seconds: float) -> bool:
         """Sent nothing for ``seconds``, waits for no answer, and is not just held back by us.
 
@@ -317,7 +321,7 @@ class EventProtocol(asyncio.Protocol):
         """
         transport = self.transport
         return (
-            self.outstanding == 0
+            self.unanswered() == 0
             and not self._paused_by
             and now - self.last_active >= seconds
             and transport is not None
@@ -334,7 +338,7 @@ class EventProtocol(asyncio.Protocol):
             buffered=transport.get_write_buffer_size(),
             unacked=unacked_bytes(transport),
             held=HOLDING in self._paused_by,
-            outstanding=self.outstanding,
+            outstanding=self.unanswered(),
         )
 
     def close_owed_nothing(self) -> None:
