@@ -672,6 +672,7 @@ class CorrelationMachine(RuleBasedStateMachine):
         self.disconnects = 0
         self.local = 0
         self.expected_dropped = dict.fromkeys(Drop, 0)
+        self.as_bytes = False
 
     @initialize(
         n_clients=st.integers(1, 3),
@@ -679,9 +680,13 @@ class CorrelationMachine(RuleBasedStateMachine):
         per_connection=st.booleans(),
         first_id=st.sampled_from([1, 7, 10**18]),
         initial=st.binary(max_size=8),
+        as_bytes=st.booleans(),
     )
-    def setup(self, n_clients: int, n_nodes: int, per_connection: bool, first_id: int, initial: bytes) -> None:
+    def setup(
+        self, n_clients: int, n_nodes: int, per_connection: bool, first_id: int, initial: bytes, as_bytes: bool
+    ) -> None:
         self.c = Correlator(first_id=first_id)
+        self.as_bytes = as_bytes
         self.per_connection = per_connection
         self.last_id = first_id - 1
         self.nodes = [Node(f"n{i}") for i in range(n_nodes)]
@@ -783,7 +788,12 @@ class CorrelationMachine(RuleBasedStateMachine):
                 answers = [(r.request_id, r.lines, r.finished_line) for r in released]
                 expected.append((client, answers, detected, detected == 0))
         got_finished: list[int] = []
-        answered, got_drops = self.c.on_lines(self.key(conn), lines, got_finished)
+        if self.as_bytes and not any("\r" in line or "\n" in line for line in lines):
+            # The balancer's read: bytes, checked for the plain-finished shape first (on_reply).
+            data = "".join(f"{line}\n" for line in lines).encode("utf-8")
+            answered, got_drops = self.c.on_reply(self.key(conn), data, got_finished) if data else ([], [])
+        else:
+            answered, got_drops = self.c.on_lines(self.key(conn), lines, got_finished)
         assert got_drops == drops
         assert got_finished == finished
         assert [(run.client, run.answers, run.detections, run.plain) for run in answered] == expected
@@ -1084,3 +1094,50 @@ def test_Correlator_a_lane_lost_while_its_sibling_lives_hands_back_only_its_own_
         (ids[5], ("hit5",)),
     ]
     assert c.pending == 0 and c.dropped[Drop.NOT_OWNER] == 1
+
+
+# -- on_reply: the balancer's read, bytes ------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "shape",
+    [
+        pytest.param("{a} LookupFinished\n{b} LookupFinished\n", id="plain"),
+        pytest.param("{a} LookupFinished\r\n{b} LookupFinished\r\n", id="crlf"),
+        pytest.param("{a} category=x\n{a} LookupFinished\n{b} LookupFinished\n", id="detection"),
+        pytest.param("\n{a} LookupFinished\n\n{b} LookupFinished\n", id="empty-lines"),
+        pytest.param("{a} LookupFinished\n{b} LookupFinished error=x\n", id="error-finished"),
+        pytest.param("{a} LookupFinished\n99999 LookupFinished\n{b} LookupFinished\n", id="unknown-id"),
+        pytest.param("{a} LookupFinished\nLookupFinished\n{b} LookupFinished\n", id="no-id"),
+        pytest.param("{a} LookupFinished\n{a} LookupFinished\n{b} LookupFinished\n", id="twice"),
+        pytest.param("0{a} LookupFinished\n{b} LookupFinished\n", id="leading-zero"),
+    ],
+)
+def test_on_reply_gives_what_on_lines_gives_for_the_same_lines(shape: str) -> None:
+    results = []
+    for via_bytes in (True, False):
+        c = Correlator()
+        a, b = c.submit("client", "e1"), c.submit("client", "e2")
+        c.dispatch_many([a, b], "n1", [])
+        text = shape.format(a=a, b=b)
+        finished: list[int] = []
+        if via_bytes:
+            answered, drops = c.on_reply("n1", text.encode(), finished)
+        else:
+            answered, drops = c.on_lines("n1", text[:-1].replace("\r", "").split("\n"), finished)
+        results.append((answered, drops, finished, c.pending, dict(c.dropped)))
+    assert results[0] == results[1]
+
+
+def test_on_reply_plain_read_releases_in_order_and_refuses_foreign_ids() -> None:
+    c = Correlator()
+    ids = [c.submit("client", f"e{n}") for n in range(5)]
+    c.dispatch_many(ids[:3], "n1", [])
+    c.dispatch_many(ids[3:], "n2", [])
+    finished: list[int] = []
+    data = b"".join(b"%d LookupFinished\n" % rid for rid in reversed(ids))
+    answered, drops = c.on_reply("n1", data, finished)
+    assert finished == list(reversed(ids[:3])) and drops == [Drop.NOT_OWNER, Drop.NOT_OWNER]
+    assert [(run.client, [rid for rid, _, _ in run.answers], run.plain) for run in answered] == [
+        ("client", ids[:3], True)
+    ]

@@ -153,7 +153,7 @@ class Harness:
                 lines.append(f"{rid} category=x matched={event}")
             if finish:
                 lines.append(f"{rid} LookupFinished")
-        return self.run(self.d.lane_lines(lane, lines, self.now))
+        return self.run(self.d.lane_lines(lane, "".join(f"{line}\n" for line in lines).encode(), self.now))
 
     def answers(self, client: str) -> list[tuple[str, ...]]:
         """What ``client`` received, event by event (its detection lines; the finished line ends each)."""

@@ -260,10 +260,10 @@ class BalancerService:
 
     # -- lanes (UpstreamProtocol reports here) --------------------------------------------------
 
-    def lane_lines(self, upstream: UpstreamProtocol, lines: list[str]) -> None:
+    def lane_lines(self, upstream: UpstreamProtocol, data: bytes) -> None:
         if self._upstreams.get(upstream.key) is upstream:
-            self.apply(self.dispatcher.lane_lines(upstream.key, lines, self._now()))
-        elif late := sum(1 for line in lines if line):
+            self.apply(self.dispatcher.lane_lines(upstream.key, data, self._now()))
+        elif late := sum(1 for line in data.split(b"\n") if line.strip(b"\r")):
             # Read from a connection already closed (its lane's events have a new owner, maybe a new
             # connection under the same key): nothing of it may count.
             self.stats.bump(self.stats.dropped_lines, Drop.NOT_OWNER.value, late)

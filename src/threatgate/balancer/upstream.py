@@ -32,14 +32,14 @@ MAX_REPLY_LINE = 16 * 1024 * 1024
 class LaneHost(Protocol):
     """What an :class:`UpstreamProtocol` reports to (the balancer's edge)."""
 
-    def lane_lines(self, upstream: UpstreamProtocol, lines: list[str]) -> None: ...
+    def lane_lines(self, upstream: UpstreamProtocol, data: bytes) -> None: ...
     def lane_broken(self, upstream: UpstreamProtocol, why: str) -> None: ...
     def lane_lost(self, upstream: UpstreamProtocol, exc: Exception | None) -> None: ...
     def lane_writable(self, upstream: UpstreamProtocol, writable: bool) -> None: ...
 
 
 class UpstreamProtocol(asyncio.Protocol):
-    """One event connection (one lane, by its key): writes tagged events, splits replies into lines."""
+    """One event connection (one lane, by its key): writes tagged events, hands on replies in whole lines."""
 
     def __init__(self, host: LaneHost, key: str) -> None:
         self.host = host
@@ -64,7 +64,7 @@ class UpstreamProtocol(asyncio.Protocol):
                 self.host.lane_broken(self, f"reply line longer than {MAX_REPLY_LINE} bytes")
             return
         self._buf = buf[end + 1 :]
-        self.host.lane_lines(self, buf[:end].decode("utf-8", "replace").replace("\r", "").split("\n"))
+        self.host.lane_lines(self, buf[: end + 1] if self._buf else buf)
 
     def eof_received(self) -> bool:
         return False

@@ -21,12 +21,16 @@ Invariants:
 from __future__ import annotations
 
 import enum
+import re
 from collections import deque
 from collections.abc import Hashable
 from typing import NamedTuple
 
 FINISHED = "LookupFinished"
 FINISHED_SPACE = FINISHED + " "
+_FINISHED_TAIL = b" " + FINISHED.encode() + b"\n"
+_PLAIN_READ = re.compile(rb"(?:[0-9]{1,19} " + FINISHED.encode() + rb"\n)+")
+"""A read of nothing but ``<id> LookupFinished`` lines: what a node answers for events without detections."""
 
 
 class Drop(enum.Enum):
@@ -185,6 +189,42 @@ class Correlator:
         """The instance answering ``request_id`` now (None once finished, handed back or released)."""
         entry = self._entries.get(request_id)
         return entry.owner if entry is not None else None
+
+    def on_reply(self, instance: Hashable, data: bytes, finished: list[int]) -> tuple[list[Answered], list[Drop]]:
+        """Reply bytes from ``instance``: whole lines, each ending with LF (``\\r`` before it is ignored).
+
+        The common read, nothing but ``<id> LookupFinished`` lines, is checked and split by the regex
+        and bytes methods (C) instead of line by line; anything else goes through :meth:`on_lines`.
+        Same result either way.
+        """
+        if _PLAIN_READ.fullmatch(data):
+            return self._on_finished(instance, list(map(int, data.split(_FINISHED_TAIL)[:-1])), finished)
+        return self.on_lines(instance, data[:-1].decode("utf-8", "replace").replace("\r", "").split("\n"), finished)
+
+    def _on_finished(
+        self, instance: Hashable, request_ids: list[int], finished: list[int]
+    ) -> tuple[list[Answered], list[Drop]]:
+        """:meth:`on_lines` for lines that are all ``<id> LookupFinished``."""
+        entries = self._entries
+        drops: list[Drop] = []
+        touched: dict[Hashable, None] = {}
+        for request_id in request_ids:
+            entry = entries.get(request_id)
+            if entry is None:
+                drops.append(self._drop(Drop.UNKNOWN_ID))
+            elif entry.owner != instance or entry.finished_line is not None:
+                drops.append(self._drop(Drop.NOT_OWNER))
+            else:
+                entry.finished_line = FINISHED
+                entry.owner = None
+                finished.append(request_id)
+                touched[entry.client] = None
+        answered = []
+        for client in touched:
+            run = self._release_run(client)
+            if run is not None:
+                answered.append(run)
+        return answered, drops
 
     def on_lines(self, instance: Hashable, lines: list[str], finished: list[int]) -> tuple[list[Answered], list[Drop]]:
         """Reply lines from ``instance`` (no line terminators), the balancer's hot path: one call per read.

@@ -504,14 +504,14 @@ class Dispatcher:
 
     # -- lanes --------------------------------------------------------------------------------
 
-    def lane_lines(self, key: str, lines: list[str], now: float) -> list[Action]:
-        """Reply lines read from a lane (no line terminators): the balancer's hot path."""
+    def lane_lines(self, key: str, data: bytes, now: float) -> list[Action]:
+        """Reply lines read from a lane (whole lines, each ending with LF): the balancer's hot path."""
         lane = self.lanes.get(key)
         if lane is None:
             return []
         out: list[Action] = []
         finished: list[int] = []
-        releases, drops = self.correlator.on_lines(key, lines, finished)
+        releases, drops = self.correlator.on_reply(key, data, finished)
         if drops:
             for why in drops:
                 self._dropped_line(lane.instance, why, out)
