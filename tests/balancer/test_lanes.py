@@ -41,7 +41,8 @@ REPLY_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 class StandIn:
     """A transport that records writes (a lane's connection to a node, or a client's connection)."""
 
-    def __init__(self) -> None:
+    def __init__(self, service: BalancerService | None = None) -> None:
+        self.service = service
         self.data = bytearray()
         self.read = 0  # how much of ``data`` the test has looked at
         self.closing = False
@@ -72,6 +73,11 @@ class StandIn:
 
     def resume_reading(self) -> None:
         pass
+
+    def flush(self) -> None:
+        """Let the balancer write what it gathered in this loop iteration."""
+        if self.service is not None:
+            self.service._flush()
 
     def new_lines(self) -> list[str]:
         """Lines written since the last call (keep-alive empty lines left out)."""
@@ -145,13 +151,14 @@ class Rig:
 
     def client(self, events: list[str]) -> StandIn:
         conn = ClientConnection(self.service)
-        wire = StandIn()
+        wire = StandIn(self.service)
         conn.connection_made(wire)  # type: ignore[arg-type]
         conn.data_received(REPLY_FLAGS + "".join(f"{e}\n" for e in events).encode())
         return wire
 
     def sent(self, lane: Lane) -> list[tuple[int, str]]:
         """(request id, event) written to ``lane`` since the last look."""
+        self.service._flush()  # what the loop does once this iteration's callbacks ran
         split = (line.partition(" ") for line in self.wires[lane.key].new_lines())
         return [(int(rid), event) for rid, _, event in split]
 
@@ -193,6 +200,7 @@ def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
 def answers(wire: StandIn) -> list[tuple[str, ...]]:
     """A client's answers, event by event: its detection lines (the finished line ends each)."""
+    wire.flush()
     out: list[tuple[str, ...]] = []
     current: list[str] = []
     for line in wire.new_lines():

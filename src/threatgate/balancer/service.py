@@ -81,7 +81,9 @@ class ClientConnection(EventProtocol):
         self.service.submit(self, events)
 
     def unanswered(self) -> int:
-        return self.service.dispatcher.outstanding(self)
+        """Events not answered yet, counting answers gathered and not yet written as one (a drain waits)."""
+        service = self.service
+        return service.dispatcher.outstanding(self) + (self in service._gathered)
 
     def keep_open_after_eof(self) -> bool:
         return self.service.dispatcher.client_eof(self)  # half-closed: the answers are still on their way
@@ -93,6 +95,7 @@ class ClientConnection(EventProtocol):
     def on_closed(self) -> None:
         log.debug("client %s disconnected", self.peer)
         service = self.service
+        service._gathered.pop(self, None)
         service.apply(service.dispatcher.client_gone(self))
 
     def deliver(self, data: bytes) -> None:
@@ -120,6 +123,8 @@ class BalancerService:
         self.warn_drop = RateLimitedLog(log)
         self._limited: dict[str, RateLimitedLog] = {}
         self._upstreams: dict[str, UpstreamProtocol] = {}  # lane key -> its open event connection
+        self._gathered: dict[object, list[bytes]] = {}  # connection -> bytes to write at the end of the iteration
+        self._flush_scheduled = False
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
         self.gateway = Gateway(self)
@@ -152,17 +157,53 @@ class BalancerService:
     # -- carrying out the dispatcher's actions -------------------------------------------------
 
     def apply(self, actions: list[Action]) -> None:
-        """Carry out ``actions`` in order (the hot ones first: a write to a lane, answers to a client)."""
+        """Carry out ``actions`` in order (the hot ones first: a write to a lane, answers to a client).
+
+        Writes are gathered per connection and made once the callbacks of this loop iteration have run
+        (:meth:`_flush`): the reads of one iteration (a client's events, several lanes' answers) each
+        produce writes to the same few sockets, and one ``write`` per socket per iteration instead of
+        one per read and socket halves the balancer's system time.  Order per socket is kept; what is
+        gathered for a connection that closes meanwhile is dropped with it (its events are owned by its
+        lane and sent again by the dispatcher).
+        """
         for action in actions:
             kind = type(action)
             if kind is Send:
                 upstream = self._upstreams.get(action.lane)  # type: ignore[union-attr]
-                if upstream is not None and upstream.transport is not None:
-                    upstream.transport.write(action.data)  # type: ignore[union-attr]
+                if upstream is not None:
+                    self._gather(upstream, action.data)  # type: ignore[union-attr]
             elif kind is Deliver:
-                cast(ClientConnection, action.client).deliver(action.data)  # type: ignore[union-attr]
+                self._gather(action.client, action.data)  # type: ignore[union-attr]
             else:
                 self._apply_other(action)
+
+    def _gather(self, conn: object, data: bytes) -> None:
+        chunks = self._gathered.get(conn)
+        if chunks is not None:
+            chunks.append(data)
+            return
+        self._gathered[conn] = [data]
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """Write what was gathered, one write per connection."""
+        self._flush_scheduled = False
+        gathered, self._gathered = self._gathered, {}
+        for conn, chunks in gathered.items():
+            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
+            if isinstance(conn, UpstreamProtocol):
+                if conn.transport is not None and self._upstreams.get(conn.key) is conn:
+                    conn.transport.write(data)
+            else:
+                cast(ClientConnection, conn).deliver(data)
+
+    def _flush_one(self, conn: object) -> None:
+        """Write what was gathered for ``conn`` now (before it is closed)."""
+        chunks = self._gathered.pop(conn, None)
+        if chunks and isinstance(conn, ClientConnection):
+            conn.deliver(b"".join(chunks))
 
     def _apply_other(self, action: Action) -> None:
         if isinstance(action, Log):
@@ -178,6 +219,7 @@ class BalancerService:
         elif isinstance(action, Resume):
             cast(ClientConnection, action.client).resume(action.reason)
         elif isinstance(action, CloseClient):
+            self._flush_one(action.client)
             cast(ClientConnection, action.client).finish()
         elif isinstance(action, Output):
             self._send_output(action.lines)
@@ -186,8 +228,10 @@ class BalancerService:
                 self._spawn(self._connect(action))
         elif isinstance(action, Disconnect):
             upstream = self._upstreams.pop(action.lane, None)
-            if upstream is not None and upstream.transport is not None:
-                upstream.transport.abort()
+            if upstream is not None:
+                self._gathered.pop(upstream, None)
+                if upstream.transport is not None:
+                    upstream.transport.abort()
         elif isinstance(action, Retry):
             asyncio.get_running_loop().call_later(action.delay, self._retry_lane, action.lane)
         elif isinstance(action, Again):
@@ -273,6 +317,7 @@ class BalancerService:
             self.apply(self.dispatcher.lane_failed(upstream.key, why, self._now()))
 
     def lane_lost(self, upstream: UpstreamProtocol, exc: Exception | None) -> None:
+        self._gathered.pop(upstream, None)
         if self._upstreams.get(upstream.key) is upstream:
             del self._upstreams[upstream.key]
             why = f"event connection lost: {describe(exc) if exc else 'closed by the node'}"

@@ -23,7 +23,8 @@ from __future__ import annotations
 import enum
 import re
 from collections import deque
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
+from itertools import repeat, starmap, takewhile
 from typing import NamedTuple
 
 FINISHED = "LookupFinished"
@@ -31,6 +32,9 @@ FINISHED_SPACE = FINISHED + " "
 _FINISHED_TAIL = b" " + FINISHED.encode() + b"\n"
 _PLAIN_READ = re.compile(rb"(?:[0-9]{1,19} " + FINISHED.encode() + rb"\n)+")
 """A read of nothing but ``<id> LookupFinished`` lines: what a node answers for events without detections."""
+consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
+"""Run an iterator to its end in C (``consume(map(d.__delitem__, keys))``): a batch of dict updates without
+Python code per item."""
 
 
 class Drop(enum.Enum):
@@ -39,20 +43,6 @@ class Drop(enum.Enum):
     NO_ID = "no_id"  # the line does not start with "<digits> "
     UNKNOWN_ID = "unknown_id"  # never issued, already retired, or its client is gone
     NOT_OWNER = "not_owner"  # the id belongs to another instance (or to nobody right now)
-
-
-class _Entry:
-    """One event between submission and release (a plain slotted class: one is made per event)."""
-
-    __slots__ = ("client", "event", "owner", "lines", "finished_line", "overdue")
-
-    def __init__(self, client: Hashable, event: str) -> None:
-        self.client = client
-        self.event = event
-        self.owner: Hashable | None = None
-        self.lines: list[str] | None = None  # detection lines, made only when there are some
-        self.finished_line: str | None = None  # set once the owner sent LookupFinished
-        self.overdue = False  # taken from an instance that was too slow to answer it (re-sent once for that)
 
 
 class Answered(NamedTuple):
@@ -80,22 +70,34 @@ def split_id(line: str) -> tuple[int, str] | None:
 
 
 class Correlator:
-    """Request ids and the state of every event between submission and release."""
+    """Request ids and the state of every event between submission and release.
+
+    The state is kept column by column, one dict per field keyed by request id (the event's client,
+    its text, its owner, its buffered detection lines, its finished line), not as one object per
+    event: the balancer's hot path then works a read at a time with dict and list methods that loop in
+    C (``dict.fromkeys``/``update`` to hand a batch to an owner, ``map`` over a read's ids to check and
+    clear their owners, ``takewhile`` to find the released prefix), instead of Python code per event.
+    Sparse columns (lines, finished, overdue) hold only the events that have one.
+    """
 
     def __init__(self, first_id: int = 1) -> None:
         self._next_id = first_id
-        self._entries: dict[int, _Entry] = {}
+        self._client: dict[int, Hashable] = {}  # every pending id, in submission order -> its client
+        self._event: dict[int, str] = {}  # pending id -> the event text (to send, and to send again)
+        self._owner: dict[int, Hashable] = {}  # id -> the instance answering it now (unfinished, dispatched)
+        self._lines: dict[int, list[str]] = {}  # id -> detection lines of its current owner so far
+        self._finished: dict[int, str] = {}  # id -> its finished line, answered and waiting for an earlier one
+        self._overdue: set[int] = set()  # taken from an instance that was too slow to answer it (re-sent once)
         self._order: dict[Hashable, deque[int]] = {}  # client -> its ids in submission order
         self.dropped: dict[Drop, int] = dict.fromkeys(Drop, 0)
 
     def __repr__(self) -> str:
-        owned = sum(1 for e in self._entries.values() if e.owner is not None)
-        return f"<Correlator pending={len(self._entries)} owned={owned} clients={len(self._order)}>"
+        return f"<Correlator pending={len(self._client)} owned={len(self._owner)} clients={len(self._order)}>"
 
     @property
     def pending(self) -> int:
         """Events submitted and not yet released (or abandoned)."""
-        return len(self._entries)
+        return len(self._client)
 
     @property
     def next_id(self) -> int:
@@ -108,11 +110,16 @@ class Correlator:
         A dict never shrinks when keys are deleted: after a burst of 100,000 pending events its table
         keeps the burst's size; rebuilding gives that memory back.  Same content, same order.
         """
-        self._entries = dict(self._entries)
+        self._client = dict(self._client)
+        self._event = dict(self._event)
+        self._owner = dict(self._owner)
+        self._lines = dict(self._lines)
+        self._finished = dict(self._finished)
+        self._overdue = set(self._overdue)
         self._order = {client: deque(ids) for client, ids in self._order.items()}
 
     def owned_by(self, instance: Hashable) -> int:
-        return sum(1 for e in self._entries.values() if e.owner == instance)
+        return list(self._owner.values()).count(instance)
 
     # -- client side ---------------------------------------------------------------------------
 
@@ -120,7 +127,8 @@ class Correlator:
         """Register an event of ``client``; returns its new request id (not yet dispatched)."""
         request_id = self._next_id
         self._next_id += 1
-        self._entries[request_id] = _Entry(client, event)
+        self._client[request_id] = client
+        self._event[request_id] = event
         self._order.setdefault(client, deque()).append(request_id)
         return request_id
 
@@ -129,7 +137,8 @@ class Correlator:
         first = self._next_id
         self._next_id = first + len(events)
         ids = range(first, self._next_id)
-        self._entries.update(zip(ids, [_Entry(client, e) for e in events], strict=True))
+        self._client.update(dict.fromkeys(ids, client))
+        self._event.update(zip(ids, events, strict=True))
         order = self._order.get(client)
         if order is None:
             order = self._order[client] = deque()
@@ -140,10 +149,16 @@ class Correlator:
         """Forget every event of ``client``; returns (id, owner) of those still out at a node."""
         ids = self._order.pop(client, deque())
         out = []
+        owner = self._owner
         for request_id in ids:
-            entry = self._entries.pop(request_id, None)
-            if entry is not None:
-                out.append((request_id, entry.owner))
+            if request_id not in self._client:
+                continue
+            del self._client[request_id]
+            del self._event[request_id]
+            self._lines.pop(request_id, None)
+            self._finished.pop(request_id, None)
+            self._overdue.discard(request_id)
+            out.append((request_id, owner.pop(request_id, None)))
         return out
 
     # -- instance side -------------------------------------------------------------------------
@@ -156,84 +171,61 @@ class Correlator:
         Ids that are no longer pending (their client left) or already answered (finished, waiting for
         an earlier event of their client) are skipped.  Returns the ids dispatched.
         """
-        entries = self._entries
-        done: list[int] = []
-        for request_id in request_ids:
-            entry = entries.get(request_id)
-            if entry is None or entry.finished_line is not None:
-                continue
-            entry.owner = instance
-            entry.lines = None
-            out.append(f"{request_id} {entry.event}")
-            done.append(request_id)
-        return done
+        event = self._event
+        finished = self._finished
+        if not all(map(event.__contains__, request_ids)) or (finished and not finished.keys().isdisjoint(request_ids)):
+            request_ids = [rid for rid in request_ids if rid in event and rid not in finished]
+        self._owner.update(dict.fromkeys(request_ids, instance))
+        lines = self._lines
+        if lines:
+            for rid in lines.keys() & request_ids:
+                del lines[rid]
+        out.extend([f"{rid} {event[rid]}" for rid in request_ids])
+        return request_ids
 
     def mark_overdue(self, request_ids: list[int]) -> None:
         """These events were taken from an instance for being overdue (see :meth:`was_overdue`)."""
-        entries = self._entries
-        for request_id in request_ids:
-            entry = entries.get(request_id)
-            if entry is not None:
-                entry.overdue = True
+        self._overdue.update(rid for rid in request_ids if rid in self._client)
 
     def was_overdue(self, request_id: int) -> bool:
         """Whether ``request_id`` was already taken from an instance for being overdue: a second time
         would rather mean the event itself is slow everywhere."""
-        entry = self._entries.get(request_id)
-        return entry is not None and entry.overdue
+        return request_id in self._overdue
 
     def is_pending(self, request_id: int) -> bool:
-        return request_id in self._entries
+        return request_id in self._client
 
     def owner(self, request_id: int) -> Hashable | None:
         """The instance answering ``request_id`` now (None once finished, handed back or released)."""
-        entry = self._entries.get(request_id)
-        return entry.owner if entry is not None else None
+        return self._owner.get(request_id)
 
     def on_reply(self, instance: Hashable, data: bytes, finished: list[int]) -> tuple[list[Answered], list[Drop]]:
         """Reply bytes from ``instance``: whole lines, each ending with LF (``\\r`` before it is ignored).
 
-        The common read, nothing but ``<id> LookupFinished`` lines, is checked and split by the regex
-        and bytes methods (C) instead of line by line; anything else goes through :meth:`on_lines`.
-        Same result either way.
+        The common read, nothing but ``<id> LookupFinished`` lines of events this instance owns, is
+        checked and applied with regex, bytes, dict and list methods (C) instead of line by line;
+        anything else goes through :meth:`on_lines`.  Same result either way.
         """
         if _PLAIN_READ.fullmatch(data):
-            return self._on_finished(instance, list(map(int, data.split(_FINISHED_TAIL)[:-1])), finished)
+            ids = list(map(int, data.split(_FINISHED_TAIL)[:-1]))
+            owner = self._owner
+            if list(map(owner.get, ids)).count(instance) == len(ids) and len(set(ids)) == len(ids):
+                consume(map(owner.__delitem__, ids))
+                self._finished.update(dict.fromkeys(ids, FINISHED))
+                finished += ids
+                return self._release(dict.fromkeys(map(self._client.__getitem__, ids))), []
         return self.on_lines(instance, data[:-1].decode("utf-8", "replace").replace("\r", "").split("\n"), finished)
 
-    def _on_finished(
-        self, instance: Hashable, request_ids: list[int], finished: list[int]
-    ) -> tuple[list[Answered], list[Drop]]:
-        """:meth:`on_lines` for lines that are all ``<id> LookupFinished``."""
-        entries = self._entries
-        drops: list[Drop] = []
-        touched: dict[Hashable, None] = {}
-        for request_id in request_ids:
-            entry = entries.get(request_id)
-            if entry is None:
-                drops.append(self._drop(Drop.UNKNOWN_ID))
-            elif entry.owner != instance or entry.finished_line is not None:
-                drops.append(self._drop(Drop.NOT_OWNER))
-            else:
-                entry.finished_line = FINISHED
-                entry.owner = None
-                finished.append(request_id)
-                touched[entry.client] = None
-        answered = []
-        for client in touched:
-            run = self._release_run(client)
-            if run is not None:
-                answered.append(run)
-        return answered, drops
-
     def on_lines(self, instance: Hashable, lines: list[str], finished: list[int]) -> tuple[list[Answered], list[Drop]]:
-        """Reply lines from ``instance`` (no line terminators), the balancer's hot path: one call per read.
+        """Reply lines from ``instance`` (no line terminators), one call per read.
 
         Empty lines are skipped.  Appends to ``finished`` the ids whose LookupFinished from ``instance``
         was accepted (the caller's count of what the instance still owes).  Returns the releases and
         the drops.
         """
-        entries = self._entries
+        owner = self._owner
+        client_of = self._client
+        buffered = self._lines
         drops: list[Drop] = []
         touched: dict[Hashable, None] = {}
         for line in lines:
@@ -244,54 +236,47 @@ class Correlator:
                     drops.append(self._drop(Drop.NO_ID))
                 continue
             request_id = int(head)
-            entry = entries.get(request_id)
-            if entry is None:
+            if request_id not in client_of:
                 drops.append(self._drop(Drop.UNKNOWN_ID))
                 continue
-            if entry.owner != instance or entry.finished_line is not None:
+            if owner.get(request_id) != instance:
                 drops.append(self._drop(Drop.NOT_OWNER))
                 continue
             rest = line[space + 1 :]
             if rest == FINISHED or rest.startswith(FINISHED_SPACE):
-                entry.finished_line = rest
-                entry.owner = None
+                self._finished[request_id] = rest
+                del owner[request_id]
                 finished.append(request_id)
-                touched[entry.client] = None
-            elif entry.lines is None:
-                entry.lines = [rest]
+                touched[client_of[request_id]] = None
+            elif (found := buffered.get(request_id)) is None:
+                buffered[request_id] = [rest]
             else:
-                entry.lines.append(rest)
-        answered = []
-        for client in touched:
-            run = self._release_run(client)
-            if run is not None:
-                answered.append(run)
-        return answered, drops
+                found.append(rest)
+        return self._release(touched), drops
 
     def instance_lost(self, instance: Hashable) -> list[int]:
         """``instance`` failed: its unfinished events, in submission order, to dispatch again.
 
         Their buffered lines are discarded (the next owner answers the whole event again).
         """
-        lost = [rid for rid, e in self._entries.items() if e.owner == instance and e.finished_line is None]
+        owner = self._owner
+        lost = sorted(rid for rid, o in owner.items() if o == instance)
         for request_id in lost:
-            entry = self._entries[request_id]
-            entry.owner = None
-            entry.lines = None
+            del owner[request_id]
+            self._lines.pop(request_id, None)
         return lost
 
     def unowned(self) -> list[int]:
         """Events submitted but owned by nobody (not dispatched, or handed back), oldest first."""
-        return [rid for rid, e in self._entries.items() if e.owner is None and e.finished_line is None]
+        return [rid for rid in self._client if rid not in self._owner and rid not in self._finished]
 
     def finish_local_runs(self, request_id: int, finished_line: str = FINISHED) -> list[Answered]:
         """Complete an event without a node (e.g. too large to forward): no detections, in order."""
-        entry = self._entries[request_id]
-        entry.owner = None
-        entry.lines = None
-        entry.finished_line = finished_line
-        run = self._release_run(entry.client)
-        return [run] if run is not None else []
+        client = self._client[request_id]
+        self._owner.pop(request_id, None)
+        self._lines.pop(request_id, None)
+        self._finished[request_id] = finished_line
+        return self._release({client: None})
 
     # -- internals -----------------------------------------------------------------------------
 
@@ -299,29 +284,40 @@ class Correlator:
         self.dropped[why] += 1
         return why
 
+    def _release(self, clients: dict[Hashable, None]) -> list[Answered]:
+        answered = []
+        for client in clients:
+            run = self._release_run(client)
+            if run is not None:
+                answered.append(run)
+        return answered
+
     def _release_run(self, client: Hashable) -> Answered | None:
         """Release the answered prefix of ``client``'s events, as one run."""
         order = self._order.get(client)
-        entries = self._entries
+        if not order:
+            return None
+        finished = self._finished
+        count = len(list(takewhile(finished.__contains__, order)))
+        if not count:
+            return None
+        ids = list(starmap(order.popleft, repeat((), count)))
+        finished_lines = list(map(finished.pop, ids))
+        consume(map(self._client.__delitem__, ids))
+        consume(map(self._event.__delitem__, ids))
+        overdue = self._overdue
+        if overdue:
+            overdue.difference_update(ids)
+        buffered = self._lines
+        if finished_lines.count(FINISHED) == count and (not buffered or buffered.keys().isdisjoint(ids)):
+            return Answered(client, list(zip(ids, repeat(()), finished_lines)), 0, True)  # noqa: B905 - repeat
         answers: list[tuple[int, tuple[str, ...], str]] = []
         detections = 0
-        plain = True
-        while order:
-            head = entries[order[0]]
-            finished = head.finished_line
-            if finished is None:
-                break
-            request_id = order.popleft()
-            del entries[request_id]
-            lines = head.lines
+        for request_id, finished_line in zip(ids, finished_lines, strict=True):
+            lines = buffered.pop(request_id, None)
             if lines:
                 detections += len(lines)
-                plain = False
-                answers.append((request_id, tuple(lines), finished))
+                answers.append((request_id, tuple(lines), finished_line))
             else:
-                if finished != FINISHED:
-                    plain = False
-                answers.append((request_id, (), finished))
-        if not answers:
-            return None
-        return Answered(client, answers, detections, plain)
+                answers.append((request_id, (), finished_line))
+        return Answered(client, answers, detections, False)

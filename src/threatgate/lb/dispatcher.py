@@ -46,10 +46,11 @@ import logging
 import random
 from collections import deque
 from collections.abc import Hashable, Iterable
+from itertools import repeat
 from typing import NamedTuple
 
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
-from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop
+from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop, consume
 from threatgate.lb.instances import Change, Instance, InstanceState, Lane, next_state
 from threatgate.lb.policy import Candidate, allocate
 from threatgate.stats import BalancerStats
@@ -519,8 +520,7 @@ class Dispatcher:
             owned = lane.owned
             pop = owned.pop
             sent = pop(finished[0], None)  # the oldest of this read: what a hang would delay first
-            for rid in finished[1:]:
-                pop(rid, None)
+            consume(map(pop, finished, repeat(None)))
             if sent is not None:
                 lane.observe_latency(now - sent)
             inst = lane.instance
