@@ -26,7 +26,8 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
-from threatgate.balancer.readiness import View, parse_readiness
+from threatgate.balancer.app import build_balancer
+from threatgate.balancer.readiness import ReadinessMonitor, View, parse_readiness
 from threatgate.balancer.service import BalancerService, ClientConnection, _Collector
 from threatgate.balancer.status import as_json, render
 from threatgate.balancer.upstream import UpstreamProtocol
@@ -178,7 +179,7 @@ def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
     rigs: list[Rig] = []
 
     def make(*instances: InstanceSettings, **fields: Any) -> Rig:
-        service = BalancerService(config(tmp_path, *instances, **fields), random.Random(1))
+        service = build_balancer(config(tmp_path, *instances, **fields), random.Random(1))
         rig = Rig(service)
 
         async def connect(self: BalancerService, action: Connect) -> None:
@@ -421,6 +422,7 @@ async def test_the_lane_count_follows_the_nodes_event_connections_without_losing
     rig = make_rig(settings(1))
     inst = rig.up("127.0.0.1:1")
     monitor = rig.service.readiness
+    assert isinstance(monitor, ReadinessMonitor)
     caplog.set_level(logging.INFO, "threatgate.balancer")
     monitor._learn_lanes(inst, readyz(ready=True, role="standalone"))  # an older node: says nothing
     assert len(inst.lanes) == 1 and not rig.connects

@@ -1,17 +1,32 @@
 """The balancer process's composition root (``threatgate balancer`` starts here).
 
-:class:`~threatgate.balancer.service.BalancerService` still builds its own parts (gateway, readiness
-monitor, alert listener), each of which sees it only through its port; this is where the process
-is assembled and run.
+The one module that knows the concrete classes on both sides of the balancer's ports: it builds the
+edge (:class:`~threatgate.balancer.service.BalancerService`, which holds the sans-IO dispatcher), the
+REST gateway, the readiness monitor and the service-alert listener, hands each the edge as its port
+(``GatewayHost``, ``ReadinessHost``, ``AlertHost``) and the edge its parts (``GatewayPart``,
+``ReadinessPart``, ``AlertPart``), and runs the whole through :func:`threatgate.runtime.serve`.
 """
 
 from __future__ import annotations
 
+import random
+
 from threatgate import runtime
+from threatgate.balancer.alerts import AlertListener
+from threatgate.balancer.gateway import Gateway
+from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.service import BalancerService
 from threatgate.config.balancer import BalancerConfig
 
 
+def build_balancer(config: BalancerConfig, rng: random.Random | None = None) -> BalancerService:
+    """The balancer's parts, built and wired (not started)."""
+    service = BalancerService(config, rng)
+    gateway = Gateway(service)
+    service.wire(gateway=gateway, readiness=ReadinessMonitor(service, gateway), alerts=AlertListener(service))
+    return service
+
+
 def run_balancer(config: BalancerConfig) -> None:
     """Run until SIGTERM/SIGINT (uvloop when installed)."""
-    runtime.run(runtime.serve(BalancerService(config)))
+    runtime.run(runtime.serve(build_balancer(config)))

@@ -20,15 +20,13 @@ import random
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping
-from typing import Any, cast
+from typing import Any, Protocol, cast
 
 from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from threatgate import heap, runtime
-from threatgate.balancer.alerts import AlertListener
-from threatgate.balancer.gateway import Gateway
-from threatgate.balancer.readiness import ReadinessMonitor
+from threatgate.balancer.gateway import WriteRouter
 from threatgate.balancer.upstream import UpstreamProtocol, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.config.common import Address
@@ -70,6 +68,34 @@ TICK = 0.25
 """Seconds between the dispatcher's periodic checks (overdue instances, keep-alives, waiting events)."""
 
 
+class GatewayPart(Protocol):
+    """The REST gateway as the edge sees it (balancer/gateway.py ``Gateway``)."""
+
+    @property
+    def refused(self) -> Mapping[str, str]: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class ReadinessPart(WriteRouter, Protocol):
+    """The readiness monitor as the edge sees it (balancer/readiness.py ``ReadinessMonitor``)."""
+
+    def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def families(self) -> Iterator[Metric]: ...
+
+
+class AlertPart(Protocol):
+    """The service-alert port as the edge sees it (balancer/alerts.py ``AlertListener``)."""
+
+    @property
+    def forward(self) -> LineSender | None: ...
+    def raise_own(self, name: str, **context: object) -> None: ...
+    async def replace_forward(self, address: Address | None) -> None: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
 class ClientConnection(EventProtocol):
     """A SIEM (or lookup script) connection: behaves toward it like one big node."""
 
@@ -109,7 +135,15 @@ class ClientConnection(EventProtocol):
 
 
 class BalancerService:
-    """The edge: listener, lane connections, health checks, timers; decisions are the dispatcher's."""
+    """The edge: listener, lane connections, health checks, timers; decisions are the dispatcher's.
+
+    Its other parts (gateway, readiness monitor, alert listener) are built and handed over by the
+    composition root (balancer/app.py, :meth:`wire`): this module knows them only by their ports.
+    """
+
+    gateway: GatewayPart
+    readiness: ReadinessPart
+    alerts: AlertPart
 
     def __init__(self, config: BalancerConfig, rng: random.Random | None = None) -> None:
         self.config = config
@@ -127,9 +161,6 @@ class BalancerService:
         self._flush_scheduled = False
         self._dispatch_scheduled = False
         self._server: asyncio.Server | None = None
-        self.gateway = Gateway(self)
-        self.readiness = ReadinessMonitor(self, self.gateway)
-        self.alerts = AlertListener(self)
         self._metrics_runner: web.AppRunner | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -139,6 +170,10 @@ class BalancerService:
 
     def __repr__(self) -> str:
         return f"<BalancerService clients={len(self.listener.active)} {self.dispatcher!r}>"
+
+    def wire(self, *, gateway: GatewayPart, readiness: ReadinessPart, alerts: AlertPart) -> None:
+        """Take the parts the composition root built (before :meth:`startup`)."""
+        self.gateway, self.readiness, self.alerts = gateway, readiness, alerts
 
     # -- what the components read (BalancerView) ----------------------------------------------
 
