@@ -265,6 +265,85 @@ def balancer_status(config_path: str, as_json: bool) -> None:
     sys.exit(status.exit_code(views))
 
 
+@balancer.group("instance")
+def balancer_instance() -> None:
+    """Run-time control of a running balancer's instances (its admin socket): list, disable, enable, drain.
+
+    A change holds until the balancer's next SIGHUP (the configuration's enabled= applies again) or restart.
+    """
+
+
+def _admin(config_path: str, command: str, instance: str | None, as_json: bool) -> None:
+    from threatgate.balancer import admin
+
+    config = _balancer_config(config_path)
+    if config.admin_socket is None:
+        click.echo(f'threatgate: {config_path} has <AdminSocket enabled="false">: no run-time control', err=True)
+        sys.exit(EXIT_CONFIG)
+    try:
+        reply = admin.request(config.admin_socket, command, instance)
+    except (OSError, ValueError) as exc:
+        from threatgate.net.describe import describe
+
+        reason = describe(exc) if isinstance(exc, OSError) else str(exc)
+        click.echo(f"threatgate: no answer from the balancer's admin socket {config.admin_socket}: {reason}", err=True)
+        sys.exit(1)
+    if not reply.get("ok"):
+        click.echo(f"threatgate: the balancer refused: {reply.get('error')}", err=True)
+        sys.exit(1)
+    rows = reply.get("instances", [])
+    if as_json:
+        _echo_json(reply)
+    elif instance is None:
+        click.echo(admin.render(rows))
+    else:
+        for row in rows:
+            if row["instance"] == instance:
+                why = f" ({row['why']})" if row["why"] else ""
+                click.echo(f"{instance}: {row['state']}{why}")
+
+
+_ADMIN_CONFIG = click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config."
+)
+_ADMIN_JSON = click.option("--json", "as_json", is_flag=True, help="Print the balancer's answer as JSON.")
+
+
+@balancer_instance.command("list")
+@_ADMIN_CONFIG
+@_ADMIN_JSON
+def balancer_instance_list(config_path: str, as_json: bool) -> None:
+    """Every instance: state (UP, DOWN, DRAIN, MAINT) and why, lanes, events in flight and counts."""
+    _admin(config_path, "list", None, as_json)
+
+
+@balancer_instance.command("disable")
+@click.argument("instance")
+@_ADMIN_CONFIG
+@_ADMIN_JSON
+def balancer_instance_disable(instance: str, config_path: str, as_json: bool) -> None:
+    """MAINT at once: its connections close and the events it owes are sent to the others."""
+    _admin(config_path, "disable", instance, as_json)
+
+
+@balancer_instance.command("drain")
+@click.argument("instance")
+@_ADMIN_CONFIG
+@_ADMIN_JSON
+def balancer_instance_drain(instance: str, config_path: str, as_json: bool) -> None:
+    """DRAIN: no new events; the events in flight are answered there; then MAINT."""
+    _admin(config_path, "drain", instance, as_json)
+
+
+@balancer_instance.command("enable")
+@click.argument("instance")
+@_ADMIN_CONFIG
+@_ADMIN_JSON
+def balancer_instance_enable(instance: str, config_path: str, as_json: bool) -> None:
+    """Out of MAINT (UP after its health checks pass) or out of DRAIN (UP at once)."""
+    _admin(config_path, "enable", instance, as_json)
+
+
 @main.command()
 @click.argument("path", type=click.Path(dir_okay=False))
 def validate(path: str) -> None:

@@ -32,8 +32,8 @@ from threatgate.balancer.service import BalancerService, ClientConnection, _Coll
 from threatgate.balancer.status import as_json, render
 from threatgate.balancer.upstream import UpstreamProtocol
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
+from threatgate.lb.actions import Connect
 from threatgate.lb.correlation import Drop
-from threatgate.lb.dispatcher import Connect
 from threatgate.lb.instances import Instance, InstanceState, Lane, Resize, lane_count, plan_resize
 
 REPLY_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"

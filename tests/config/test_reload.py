@@ -54,6 +54,7 @@ def test_listen_sockets_and_tls_files_need_a_restart_the_rest_applies() -> None:
     assert restart == {"listen_host", "matching_port", "api_port", "cybertrace_port", "cert_path", "key_path"} | {
         "cert_dir",
         "metrics",
+        "admin_socket",
     }
     assert BALANCER_FIELDS["output"] == BALANCER_FIELDS["alert_forward"] == LIVE
     assert NODE_FIELDS["output.destination"] == LIVE

@@ -12,6 +12,7 @@ process is stopped and every socket closed, also when a test fails.
 from __future__ import annotations
 
 import contextlib
+import json
 import re
 import signal
 import socket
@@ -50,6 +51,7 @@ from tests.helpers import (
     socat,
     stream,
     wait_for_log_count,
+    wait_until,
 )
 
 EVENTS = 200_000
@@ -312,6 +314,71 @@ def test_disable_and_enable_an_instance_with_sighup_under_load(dataset: Dataset,
         assert re.search(rf"{instance(b.port)} is DOWN: ", balancer.log())
     assert lines.count(FINISHED_LINE) == cuts[-1]
     assert_answers(answers_in_order(lines), dataset.reference[: cuts[-1]])
+
+
+def instance_cli(config: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    """``threatgate balancer instance ARGS --config CONFIG``, as an operator types it."""
+    return subprocess.run(
+        [sys.executable, "-m", "threatgate", "balancer", "instance", *args, "--config", str(config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+
+@pytest.mark.timeout(300)
+def test_drain_disable_and_enable_at_run_time_under_load(dataset: Dataset, tmp_path: Path) -> None:
+    """The admin socket (``threatgate balancer instance``): a drained instance answers what it holds and gets
+    nothing more, a disabled one's events go elsewhere, enabled it serves again; every event answered once."""
+    picked = free_ports(4)
+    ports, metrics = picked[:2], picked[2:]
+    config = tmp_path / "kl_balancer.conf"
+    cuts = [0, 30_000, 40_000, 70_000, 80_000]
+    with (
+        nodes(*[(dataset.node_config(p, m), p) for p, m in zip(ports, metrics, strict=True)], env=SLOW_NODES) as (a, b),
+        balancer_for(config, ports) as balancer,
+        client(balancer.port) as (_, reader, writer),
+    ):
+        sock = tmp_path / "kl_balancer.sock"
+        assert sock.is_socket() and sock.stat().st_mode & 0o777 == 0o600
+        key = f"127.0.0.1:{a.port}"
+        writer.send(REPLY_FLAGS + dataset.chunk(cuts[0], cuts[1]))
+        reader.wait_finished(3_000, timeout=STREAM_TIMEOUT)
+        # Drain a while both hold events: it finishes them (none is sent again), then it is MAINT.
+        mark = balancer.log_offset()
+        drained = instance_cli(config, "drain", key)
+        assert drained.returncode == 0, drained.stderr
+        assert re.fullmatch(rf"{key}: (DRAIN \(draining \(\d+ event\(s\) in flight\)\)|MAINT.*)\n", drained.stdout)
+        balancer.wait_for_log(rf"{instance(a.port)} drained: MAINT", after=mark)
+        listed = json.loads(instance_cli(config, "list", "--json").stdout)
+        row = next(r for r in listed["instances"] if r["instance"] == key)
+        assert (row["state"], row["why"], row["redispatched"], row["lanes"]) == ("MAINT", "drained at run time", 0, 0)
+        a_matched = metric_events(metrics[0])
+        reader.wait_finished(cuts[1], timeout=STREAM_TIMEOUT)
+        writer.send(dataset.chunk(cuts[1], cuts[2]))
+        reader.wait_finished(cuts[2], timeout=STREAM_TIMEOUT)
+        assert metric_events(metrics[0]) == a_matched  # drained: not one event more
+        # Enabled: UP after its health checks, and it gets events again.
+        mark = balancer.log_offset()
+        assert instance_cli(config, "enable", key).returncode == 0
+        balancer.wait_for_log(rf"{instance(a.port)} is UP", after=mark)
+        writer.send(dataset.chunk(cuts[2], cuts[3]))
+        wait_until(lambda: metric_events(metrics[0]) > a_matched, "the enabled instance gets events")
+        # Disabled while it holds events: they are sent to the other one at once.
+        mark = balancer.log_offset()
+        disabled = instance_cli(config, "disable", key)
+        assert disabled.returncode == 0 and disabled.stdout == f"{key}: MAINT (disabled at run time)\n"
+        balancer.wait_for_log(rf"{instance(a.port)} disabled at run time \(MAINT\)", after=mark)
+        # A command for an instance the balancer does not have is refused, and says which it has.
+        unknown = instance_cli(config, "drain", "127.0.0.1:1")
+        assert unknown.returncode == 1 and "no instance 127.0.0.1:1 (instances: " in unknown.stderr
+        writer.send(dataset.chunk(cuts[3], cuts[4]))
+        writer.shutdown()
+        lines = reader.join(STREAM_TIMEOUT)
+        assert a.proc.poll() is None and b.proc.poll() is None and balancer.proc.poll() is None
+    assert lines.count(FINISHED_LINE) == cuts[-1]
+    assert_answers(answers_in_order(lines), dataset.reference[: cuts[-1]])
+    assert not sock.exists()  # removed at shutdown
 
 
 # -- the example nodes: small, hand-made cases ---------------------------------------------------------------

@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
-from threatgate.lb.dispatcher import (
+from threatgate.lb.actions import (
     Action,
     Again,
     CloseClient,
@@ -27,7 +27,6 @@ from threatgate.lb.dispatcher import (
     Connect,
     Deliver,
     Disconnect,
-    Dispatcher,
     Log,
     Output,
     Pause,
@@ -35,6 +34,7 @@ from threatgate.lb.dispatcher import (
     Retry,
     Send,
 )
+from threatgate.lb.dispatcher import Dispatcher
 from threatgate.lb.instances import TRANSITIONS, Change, InstanceState, next_state
 from threatgate.stats import BalancerStats
 from threatgate.wire.flags import SessionFlags

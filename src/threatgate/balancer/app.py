@@ -2,7 +2,7 @@
 
 The one module that knows the concrete classes on both sides of the balancer's ports: it builds the
 edge (:class:`~threatgate.balancer.service.BalancerService`, which holds the sans-IO dispatcher), the
-REST gateway, the readiness monitor and the service-alert listener, hands each the edge as its port
+REST gateway, the readiness monitor, the service-alert listener and the admin socket, hands each the edge as its port
 (``GatewayHost``, ``ReadinessHost``, ``AlertHost``) and the edge its parts (``GatewayPart``,
 ``ReadinessPart``, ``AlertPart``), and runs the whole through :func:`threatgate.runtime.serve`.
 """
@@ -12,6 +12,7 @@ from __future__ import annotations
 import random
 
 from threatgate import runtime
+from threatgate.balancer.admin import AdminServer
 from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
@@ -23,7 +24,12 @@ def build_balancer(config: BalancerConfig, rng: random.Random | None = None) -> 
     """The balancer's parts, built and wired (not started)."""
     service = BalancerService(config, rng)
     gateway = Gateway(service)
-    service.wire(gateway=gateway, readiness=ReadinessMonitor(service, gateway), alerts=AlertListener(service))
+    service.wire(
+        gateway=gateway,
+        readiness=ReadinessMonitor(service, gateway),
+        alerts=AlertListener(service),
+        admin=AdminServer(service, config.admin_socket) if config.admin_socket else None,
+    )
     return service
 
 

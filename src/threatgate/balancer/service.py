@@ -26,14 +26,14 @@ from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from threatgate import heap, runtime
+from threatgate.balancer.admin import instance_row
 from threatgate.balancer.gateway import WriteRouter
 from threatgate.balancer.upstream import UpstreamProtocol, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.config.common import Address
 from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
 from threatgate.errors import ConfigError
-from threatgate.lb.correlation import Correlator, Drop
-from threatgate.lb.dispatcher import (
+from threatgate.lb.actions import (
     Action,
     Again,
     CloseClient,
@@ -41,7 +41,6 @@ from threatgate.lb.dispatcher import (
     Connect,
     Deliver,
     Disconnect,
-    Dispatcher,
     Log,
     Output,
     Pause,
@@ -49,6 +48,8 @@ from threatgate.lb.dispatcher import (
     Retry,
     Send,
 )
+from threatgate.lb.correlation import Correlator, Drop
+from threatgate.lb.dispatcher import Dispatcher
 from threatgate.lb.instances import Instance, InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, start_metrics_server
@@ -92,6 +93,13 @@ class AlertPart(Protocol):
     def forward(self) -> LineSender | None: ...
     def raise_own(self, name: str, **context: object) -> None: ...
     async def replace_forward(self, address: Address | None) -> None: ...
+    async def start(self) -> None: ...
+    async def close(self) -> None: ...
+
+
+class AdminPart(Protocol):
+    """The admin socket as the edge sees it (balancer/admin.py ``AdminServer``)."""
+
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -144,6 +152,7 @@ class BalancerService:
     gateway: GatewayPart
     readiness: ReadinessPart
     alerts: AlertPart
+    admin: AdminPart | None = None
 
     def __init__(self, config: BalancerConfig, rng: random.Random | None = None) -> None:
         self.config = config
@@ -171,9 +180,22 @@ class BalancerService:
     def __repr__(self) -> str:
         return f"<BalancerService clients={len(self.listener.active)} {self.dispatcher!r}>"
 
-    def wire(self, *, gateway: GatewayPart, readiness: ReadinessPart, alerts: AlertPart) -> None:
+    def wire(
+        self, *, gateway: GatewayPart, readiness: ReadinessPart, alerts: AlertPart, admin: AdminPart | None = None
+    ) -> None:
         """Take the parts the composition root built (before :meth:`startup`)."""
-        self.gateway, self.readiness, self.alerts = gateway, readiness, alerts
+        self.gateway, self.readiness, self.alerts, self.admin = gateway, readiness, alerts, admin
+
+    # -- run-time control (the admin socket's AdminHost) ---------------------------------------
+
+    def operate(self, command: str, key: str) -> None:
+        """An operator's ``disable``/``enable``/``drain`` of instance ``key`` (until SIGHUP or restart)."""
+        self.apply(self.dispatcher.operate(command, key, self._now()))
+
+    def instance_rows(self) -> list[dict[str, Any]]:
+        """Every instance as ``threatgate balancer instance list`` shows it."""
+        d = self.dispatcher
+        return [instance_row(inst, d.why(inst)) for inst in sorted(d.instances.values(), key=lambda i: i.key)]
 
     # -- what the components read (BalancerView) ----------------------------------------------
 
@@ -502,6 +524,8 @@ class BalancerService:
         await self.alerts.start()
         await self.gateway.start()
         self.readiness.start()
+        if self.admin is not None:
+            await self.admin.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
             self.config.listen_host,
@@ -570,6 +594,8 @@ class BalancerService:
             if upstream.transport is not None:
                 upstream.transport.abort()
         self._upstreams.clear()
+        if self.admin is not None:
+            await self.admin.close()
         await self.readiness.close()
         await self.gateway.close()
         await self.alerts.close()

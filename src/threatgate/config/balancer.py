@@ -7,6 +7,7 @@ extension is an optional element in the same style with a default that needs no 
 
 from __future__ import annotations
 
+import os
 import re
 from typing import Annotated, Literal
 
@@ -126,6 +127,10 @@ class BalancerConfig(Frozen):
     """``<MaxPendingEventsPerClient>``: unanswered events of one client before only that client is paused
     (0: MaxPendingEvents)."""
     stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
+    admin_socket: str | None = None
+    """``<AdminSocket>``: the local UNIX socket of run-time control (``threatgate balancer instance``), mode
+    0600; by default next to the configuration file (``kl_balancer.conf`` -> ``kl_balancer.sock``);
+    ``enabled="false"``: none.  None in a configuration built in code."""
 
     def address(self, port: int) -> Address:
         return Address(self.listen_host, port)
@@ -333,7 +338,18 @@ def _read_config(root: Node) -> BalancerConfig:
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
         data["output"] = parse_address(output)
+    admin = root.only("AdminSocket")
+    if admin is None:
+        data["admin_socket"] = default_admin_socket(root.path)
+    elif parse_bool(admin, "enabled", True):
+        data["admin_socket"] = resolve_path(admin, admin.value) if admin.value else default_admin_socket(root.path)
     return build(root, BalancerConfig, data)
+
+
+def default_admin_socket(config_path: str) -> str:
+    """The admin socket next to the configuration file: its name with ``.sock`` for the extension."""
+    stem = os.path.splitext(os.path.abspath(config_path))[0]
+    return stem + ".sock"
 
 
 def load_balancer_config(path: str) -> BalancerConfig:

@@ -86,6 +86,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "cert_path": "SSLCertificatePath",
     "key_path": "SSLPrivateKeyPath",
     "cert_dir": "CertDirPath",
+    "admin_socket": "AdminSocket",
     "instances": LIVE,  # added, removed, enabled, disabled, weight, ports; connections: lanes opened or retired
     "allowed": LIVE,
     "health": LIVE,

@@ -45,11 +45,25 @@ from __future__ import annotations
 import logging
 import random
 from collections import deque
-from collections.abc import Hashable, Iterable
+from collections.abc import Hashable
 from itertools import repeat
-from typing import NamedTuple
 
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
+from threatgate.lb.actions import (
+    AGAIN,
+    Action,
+    CloseClient,
+    Compacted,
+    Connect,
+    Deliver,
+    Disconnect,
+    Log,
+    Output,
+    Pause,
+    Resume,
+    Retry,
+    Send,
+)
 from threatgate.lb.correlation import FINISHED, Answered, Correlator, Drop, consume
 from threatgate.lb.instances import Change, Instance, InstanceState, Lane, next_state
 from threatgate.lb.policy import Candidate, allocate
@@ -83,93 +97,6 @@ but it keeps the connection from being closed as idle (IdleTimeout) or evicted b
 NO_INSTANCE_WARN = 10.0
 """Seconds without an UP instance after which waiting events are reported (then every 10 s at most)."""
 KEEPALIVE_LINE = b"\n"
-
-
-# -- actions: what the edge does ------------------------------------------------------------------
-
-
-class Send(NamedTuple):
-    """Write ``data`` to the lane's event connection."""
-
-    lane: str
-    data: bytes
-
-
-class Deliver(NamedTuple):
-    """Write ``data`` (answers) to the client."""
-
-    client: Hashable
-    data: bytes
-
-
-class Output(NamedTuple):
-    """Detection lines of a client without X-KF-ReplyBack: to the OutputConnectionString (or counted dropped)."""
-
-    lines: tuple[str, ...]
-
-
-class Pause(NamedTuple):
-    """Stop reading the client, for ``reason`` (the edge reads it again after every reason is resumed)."""
-
-    client: Hashable
-    reason: str
-
-
-class Resume(NamedTuple):
-    client: Hashable
-    reason: str
-
-
-class CloseClient(NamedTuple):
-    """The client half-closed and every answer is written: close our side."""
-
-    client: Hashable
-
-
-class Connect(NamedTuple):
-    """Open the lane's event connection; the edge answers with :meth:`Dispatcher.lane_connected` or
-    :meth:`Dispatcher.lane_failed`."""
-
-    lane: str
-    host: str
-    port: int
-
-
-class Disconnect(NamedTuple):
-    """Close (abort) the lane's event connection: no late byte of it may count."""
-
-    lane: str
-
-
-class Retry(NamedTuple):
-    """Call :meth:`Dispatcher.retry_lane` for the lane after ``delay`` seconds."""
-
-    lane: str
-    delay: float
-
-
-class Again(NamedTuple):
-    """Call :meth:`Dispatcher.dispatch` again once other callbacks ran (the backlog is not empty)."""
-
-
-class Compacted(NamedTuple):
-    """The tables were rebuilt after a burst: the edge collects garbage and gives the heap back."""
-
-    pending: int
-
-
-class Log(NamedTuple):
-    """A log line; with ``limit``, at most one per interval per limit name (the rest counted into the next)."""
-
-    level: int
-    message: str
-    args: tuple[object, ...] = ()
-    limit: str = ""
-
-
-Action = Send | Deliver | Output | Pause | Resume | CloseClient | Connect | Disconnect | Retry | Again | Compacted | Log
-
-AGAIN = Again()
 
 
 class Client:
@@ -206,6 +133,7 @@ class Dispatcher:
         self._compacted_at = 0  # pending events at the first compaction after a burst (a second one follows)
         self._compacted_time = -COMPACT_EVERY  # time of the last first-stage compaction
         self._compacted_peak = 0  # the peak it followed: a burst at least twice as large compacts at once
+        self.admin: dict[str, str] = {}  # instance key -> what an operator did at run time (until SIGHUP)
         for settings in config.instances:
             self._add_instance(settings)
 
@@ -845,6 +773,30 @@ class Dispatcher:
         self._note_availability(now, out)
         return out
 
+    def operate(self, command: str, key: str, now: float) -> list[Action]:
+        """An operator's run-time command (the admin socket, HAProxy's ``disable/enable/drain server``):
+        ``disable``, ``enable`` or ``drain`` the instance ``key``.  It holds until the next reload
+        (SIGHUP), which applies the configuration's ``enabled`` again, or restart.
+
+        Raises:
+            KeyError: no instance ``key``.
+            ValueError: an unknown command.
+        """
+        if key not in self.instances:
+            raise KeyError(key)
+        if command == "disable":
+            out = self.disable(key, now, "disabled at run time")
+            self.admin[key] = "disabled at run time"
+        elif command == "drain":
+            out = self.drain(key, now)
+            self.admin[key] = "drained at run time"
+        elif command == "enable":
+            out = self.enable(key, now)
+            self.admin.pop(key, None)
+        else:
+            raise ValueError(command)
+        return out
+
     def _maybe_drained(self, inst: Instance, out: list[Action]) -> None:
         if inst.owned_count or not self._change(inst, Change.DRAINED):
             return
@@ -1100,6 +1052,7 @@ class Dispatcher:
         old = self.config
         self.config = new
         out: list[Action] = []
+        self.admin.clear()
         wanted = {s.key: s for s in new.instances}
         for key in list(self.instances):
             if key not in wanted:
@@ -1125,17 +1078,30 @@ class Dispatcher:
                 self._resize(inst, f'connections="{settings.connections}"', now, out)
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 out += self.disable(key, now)
-            elif settings.enabled and inst.state is InstanceState.MAINT:
-                out += self.enable(key, now)
+            elif settings.enabled and inst.state in (InstanceState.MAINT, InstanceState.DRAIN):
+                out += self.enable(key, now)  # a run-time disable or drain ends with a reload
         if new.max_pending_events != old.max_pending_events or new.client_pending_limit != old.client_pending_limit:
             self._maybe_resume_clients(out)
         return out
 
     # -- views --------------------------------------------------------------------------------
 
+    def why(self, inst: Instance) -> str:
+        """Why the instance is in its state, as an operator reads it."""
+        state = inst.state
+        if state is InstanceState.UP:
+            if inst.suspect_since is not None:
+                return "suspect: overdue answers, no new events until a health check passes"
+            if inst.ready is False:
+                return f"not ready: {inst.not_ready_reason}"
+            return "" if inst.connected else "connecting"
+        if state is InstanceState.DOWN:
+            return inst.health.last_error or "not checked yet"
+        if state is InstanceState.DRAIN:
+            return f"draining ({inst.owned_count} event(s) in flight)"
+        return self.admin.get(inst.key) or (
+            "disabled in the configuration" if not inst.settings.enabled else "disabled"
+        )
+
     def up_count(self) -> int:
         return sum(1 for i in self.instances.values() if i.state is InstanceState.UP)
-
-    def owners(self) -> Iterable[Lane]:
-        """Every lane that owes events (for status views)."""
-        return (lane for lane in self.lanes.values() if lane.owned)
