@@ -89,7 +89,6 @@ EXEMPT: dict[str, Exempt] = {
     "cluster/admin.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
     "cluster/transport.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
     "config/common.py": Exempt("tests/config/test_node.py", "no unit tests of its own yet (issue 15, item 8)"),
-    "config/xml.py": Exempt("tests/config/test_node.py", "no unit tests of its own yet (issue 15, item 8)"),
     "metrics.py": Exempt("tests/test_stats.py", "no unit tests of its own yet (issue 15, item 8)"),
     "net/http.py": Exempt("tests/integration/test_node_api.py", "no unit tests yet (issue 15, item 8)"),
     "node/eventpath.py": Exempt("tests/integration/test_output.py", "no unit tests yet (issue 15, item 8)"),

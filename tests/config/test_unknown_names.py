@@ -464,14 +464,6 @@ def test_no_two_attributes_of_one_element_are_alike(tmp_path: Path, kind: str) -
             assert not close, f"<{node.tag}>: attributes {name!r} and {close} are too alike"
 
 
-def test_serialising_a_tree_does_not_count_as_reading_it() -> None:
-    root = parse_xml(b'<Settings a="1"><Feeds b="2"/></Settings>', "x")
-    assert dict(root.attrs.items()) == {"a": "1"} and list(root.attrs) == ["a"]
-    assert isinstance(root.attrs, Attributes) and root.attrs.asked == set()
-    assert "a" in root.attrs and root.attrs.get("z") is None
-    assert root.attrs.asked == {"a", "z"}
-
-
 # -- threatgate validate -------------------------------------------------------------------------
 
 
