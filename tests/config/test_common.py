@@ -122,6 +122,7 @@ class Model(Frozen):
     strict: Annotated[float, pydantic.Field(gt=0.5, lt=10.0)] = 1.0
     either: Annotated[int, pydantic.Field(ge=2, le=64)] | Literal["auto"] = "auto"
     ratio: Annotated[float, pydantic.Field(ge=0.25, le=0.75)] = 0.5
+    positive: Annotated[int, pydantic.Field(gt=0, lt=8)] = 1
 
 
 def test_field_bounds_are_the_models_own_also_strict_and_inside_a_union() -> None:
@@ -129,6 +130,7 @@ def test_field_bounds_are_the_models_own_also_strict_and_inside_a_union() -> Non
     assert field_bounds(Model, "ranged") == (1, 100)
     assert field_bounds(Model, "strict") == (1, 9)  # whole numbers above 0.5 and below 10
     assert field_bounds(Model, "either") == (2, 64)
+    assert field_bounds(Model, "positive") == (1, 7)
     assert field_range(Model, "ratio") == (0.25, 0.75)
     assert field_range(Model, "plain") == (float("-inf"), float("inf"))
 
