@@ -88,7 +88,6 @@ EXEMPT: dict[str, Exempt] = {
     # -- not yet mirrored: issue 15 item 8 is not done with these ---------------------------------------------
     "cluster/admin.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
     "cluster/transport.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
-    "metrics.py": Exempt("tests/test_stats.py", "no unit tests of its own yet (issue 15, item 8)"),
     "net/http.py": Exempt("tests/integration/test_node_api.py", "no unit tests yet (issue 15, item 8)"),
     "node/eventpath.py": Exempt("tests/integration/test_output.py", "no unit tests yet (issue 15, item 8)"),
     "node/feedref.py": Exempt("tests/integration/test_node_feeds.py", "no unit tests yet (issue 15, item 8)"),
