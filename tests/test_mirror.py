@@ -92,7 +92,6 @@ EXEMPT: dict[str, Exempt] = {
     "node/eventpath.py": Exempt("tests/integration/test_output.py", "no unit tests yet (issue 15, item 8)"),
     "node/feedref.py": Exempt("tests/integration/test_node_feeds.py", "no unit tests yet (issue 15, item 8)"),
     "node/feedsnapshot.py": Exempt("tests/integration/test_node_feeds.py", "no unit tests yet (issue 15, item 8)"),
-    "node/records.py": Exempt("tests/integration/test_node_feeds.py", "no unit tests yet (issue 15, item 8)"),
     "node/routes.py": Exempt("tests/integration/test_openapi.py", "no unit tests yet (issue 15, item 8)"),
 }
 
