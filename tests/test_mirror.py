@@ -89,7 +89,6 @@ EXEMPT: dict[str, Exempt] = {
     "cluster/admin.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
     "cluster/transport.py": Exempt("tests/integration/test_cluster.py", "no unit tests yet (issue 15, item 8)"),
     "net/http.py": Exempt("tests/integration/test_node_api.py", "no unit tests yet (issue 15, item 8)"),
-    "node/routes.py": Exempt("tests/integration/test_openapi.py", "no unit tests yet (issue 15, item 8)"),
 }
 
 
