@@ -86,7 +86,6 @@ EXEMPT: dict[str, Exempt] = {
     ),
     "demo.py": Exempt("tests/test_packaging.py", "runs a node and a balancer for a person to look at"),
     # -- not yet mirrored: issue 15 item 8 is not done with these ---------------------------------------------
-    "net/http.py": Exempt("tests/integration/test_node_api.py", "no unit tests yet (issue 15, item 8)"),
 }
 
 
