@@ -68,9 +68,6 @@ EXEMPT: dict[str, Exempt] = {
         "the node's sockets, reloads and shutdown; its decisions live in the modules it calls",
     ),
     "node/api.py": Exempt("tests/integration/test_node_api.py", "the node's aiohttp REST API, served for real"),
-    "node/openapi.py": Exempt(
-        "tests/integration/test_openapi.py", "the spec is checked against the served API with schemathesis"
-    ),
     "node/pool.py": Exempt(
         "tests/integration/test_node_workers.py", "spawns and supervises worker processes (the plan is node/spread.py)"
     ),
