@@ -78,11 +78,7 @@ EXEMPT: dict[str, Exempt] = {
         "tests/integration/test_cluster.py",
         "the agent's HTTP server and loops (its decisions are in cluster/sync.py); being split in issue 15",
     ),
-    "cluster/etcd_backend.py": Exempt(
-        "tests/integration/test_cluster_etcd.py", "talks to a real etcd (the client's logic is cluster/etcd.py)"
-    ),
     "demo.py": Exempt("tests/test_packaging.py", "runs a node and a balancer for a person to look at"),
-    # -- not yet mirrored: issue 15 item 8 is not done with these ---------------------------------------------
 }
 
 
