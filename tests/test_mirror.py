@@ -67,7 +67,6 @@ EXEMPT: dict[str, Exempt] = {
         "tests/integration/test_node_process.py",
         "the node's sockets, reloads and shutdown; its decisions live in the modules it calls",
     ),
-    "node/api.py": Exempt("tests/integration/test_node_api.py", "the node's aiohttp REST API, served for real"),
     "node/pool.py": Exempt(
         "tests/integration/test_node_workers.py", "spawns and supervises worker processes (the plan is node/spread.py)"
     ),
