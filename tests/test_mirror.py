@@ -7,9 +7,10 @@ whoever reads a test file knows what it is about.  Tests that cut across modules
 sans-IO rule, the examples, the integration tests with real processes) keep their own names beside them.
 
 A module without a mirror file must be in ``EXEMPT`` below, with the test file that covers it instead
-(an integration file when the module only makes sense with real processes) and why.  The list is kept
-short and honest both ways: an exemption for a module that now has its mirror file, or that no longer
-exists, fails too.
+(an integration file when the module only makes sense with real processes) and why.  The other way
+round, a unit test file named after no module must be in ``ACROSS``, saying what it checks across
+modules, so that a test file of a module is never named otherwise.  Both lists are kept short and honest:
+an entry for a module that now has its mirror file, or for a file that no longer exists, fails too.
 """
 
 from __future__ import annotations
@@ -81,6 +82,30 @@ EXEMPT: dict[str, Exempt] = {
 }
 
 
+ACROSS: dict[str, str] = {
+    # -- rules over the whole package ---------------------------------------------------------------------------
+    "test_layers.py": "no import runs back up the layers or forms a circle",
+    "test_sans_io.py": "the protocol and matching cores import no event loop, sockets, TLS or clock",
+    "test_mirror.py": "this file: the tests mirror the modules",
+    "test_packaging.py": "the wheel builds, installs and runs (python -m threatgate, the demo)",
+    "test_readme.py": "the README's commands run as written",
+    "test_bench.py": "the benchmarks in bench/ still run",
+    # -- features that span modules -----------------------------------------------------------------------------
+    "config/test_bounds.py": "config bounds are declared once, on the models, and the XML readers use them",
+    "config/test_examples.py": "the example configs stay one configuration on other ports",
+    "config/test_unknown_names.py": "every misspelt name in node.conf, kl_balancer.conf and <Settings> is refused",
+    "config/test_feed_columns.py": "<Feed indicator_column, context_columns>: read by config/node.py, used by readers",
+    "config/test_feed_formats.py": "<Feed format>: read by config/node.py, loaded by each reader",
+    "node/test_feeds_published.py": "CSV feeds as the world publishes them, through every reader",
+    "node/test_shared_snapshots.py": "snapshots passed to workers by descriptor: snapfile, feedsnapshot, store",
+    "node/test_worker_imports.py": "a worker process imports no server, parser or cluster code",
+    # -- being reworked in issue 15: their tests move to the mirror files with the modules ---------------------
+    "balancer/test_gateway_unit.py": "balancer/gateway.py, pins.py and verify.py; being reworked in issue 15",
+    "balancer/test_lanes.py": "balancer/service.py and upstream.py (lanes); being reworked in issue 15",
+}
+"""Unit test files named after no module (paths under tests/), and what each checks across modules."""
+
+
 def mirror(module: Path) -> Path:
     """Where the unit tests of ``module`` (a path under the package) live."""
     relative = module.relative_to(PACKAGE)
@@ -112,6 +137,27 @@ def test_each_module_has_its_mirror_test_file_or_a_stated_exemption(module: Path
 
 def test_every_exemption_names_a_module_that_exists() -> None:
     assert sorted(set(EXEMPT) - {name(m) for m in modules()}) == []
+
+
+def unit_test_files() -> list[Path]:
+    return [p for p in sorted(TESTS.rglob("test_*.py")) if "integration" not in p.relative_to(TESTS).parts]
+
+
+@pytest.mark.parametrize("test_file", unit_test_files(), ids=lambda p: p.relative_to(TESTS).as_posix())
+def test_each_unit_test_file_is_a_mirror_or_says_what_it_checks_across_modules(test_file: Path) -> None:
+    mirrors = {mirror(m) for m in modules()}
+    key = test_file.relative_to(TESTS).as_posix()
+    if key in ACROSS:
+        assert test_file not in mirrors, f"{key} is the mirror of a module now: drop it from ACROSS"
+    else:
+        assert test_file in mirrors, (
+            f"{key} is named after no module: put its tests in the mirror file of the module they test, "
+            "or add it to ACROSS in tests/test_mirror.py saying what it checks across modules"
+        )
+
+
+def test_every_entry_of_across_names_a_test_file() -> None:
+    assert sorted(k for k in ACROSS if not (TESTS / k).is_file()) == []
 
 
 def test_package_inits_hold_no_logic() -> None:
