@@ -69,7 +69,8 @@ EXEMPT: dict[str, Exempt] = {
         "the node's sockets, reloads and shutdown; its decisions live in the modules it calls",
     ),
     "node/pool.py": Exempt(
-        "tests/integration/test_node_workers.py", "spawns and supervises worker processes (the plan is node/spread.py)"
+        "tests/integration/test_node_workers.py",
+        "spawns and supervises worker processes; its decisions are node/spread.py and node/supervisor.py",
     ),
     "node/worker.py": Exempt(
         "tests/integration/test_node_workers.py", "a worker process's main; tests/node/test_worker_imports.py too"
