@@ -1,8 +1,8 @@
 """Unit tests of the balancer's REST gateway pieces (no processes, no sockets).
 
 The allow-list decision (_match_canonical on normalised paths), read versus write, the
-headers sent upstream, the pin store and the fingerprint objects the connection pool is keyed on; and
-the framing of service alert lines (balancer/alerts.py).
+headers sent upstream, the pin store and the fingerprint objects the connection pool is keyed on.  The
+framing of service alert lines (balancer/alerts.py) is in tests/balancer/test_alerts.py.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from hypothesis import strategies as st
 from multidict import CIMultiDict
 
 from threatgate.balancer import gateway as gateway_module
-from threatgate.balancer.alerts import MAX_LINE, AlertConnection
 from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
@@ -354,62 +353,6 @@ async def test_concurrent_first_requests_save_one_pin(
     pins = await asyncio.gather(*(gateway.pin_of(inst) for _ in range(5)))
     assert fetched == [10443]  # the node's API port, once
     assert {p.der for p in pins} == {certs[0]}
-
-
-# -- service alert framing (balancer/alerts.py) --------------------------------------------------------------------
-
-
-class Listener:
-    def __init__(self) -> None:
-        self.lines: list[bytes] = []
-        self.bad: list[str] = []
-        self.connections: set[Any] = set()
-
-    def on_line(self, peer: str, raw: bytes) -> None:
-        self.lines.append(raw)
-
-    def count_bad(self, reason: str) -> None:
-        self.bad.append(reason)
-
-
-def feed(chunks: list[bytes], close: bool = True) -> Listener:
-    listener = Listener()
-    conn = AlertConnection(listener)  # type: ignore[arg-type]
-    transport = mock.Mock()
-    transport.get_extra_info.return_value = ("192.0.2.1", 5000)
-    conn.connection_made(transport)
-    for chunk in chunks:
-        conn.data_received(chunk)
-    if close:
-        conn.connection_lost(None)
-    return listener
-
-
-def test_lines_are_split_across_reads() -> None:
-    listener = feed([b"one\ntw", b"o\n", b"\nthree"])
-    assert listener.lines == [b"one", b"two", b"", b"three"]  # the last one at the close
-    assert listener.bad == []
-
-
-@pytest.mark.parametrize("chunk", [4096, 65536, 300_000])
-def test_an_over_long_line_is_cut_once_and_the_rest_dropped(chunk: int) -> None:
-    data = b"A" * (1 << 20) + b"\nafter\n"
-    listener = feed([data[i : i + chunk] for i in range(0, len(data), chunk)])
-    assert [len(line) for line in listener.lines] == [MAX_LINE, 5]
-    assert listener.lines[1] == b"after"
-    assert listener.bad == ["alert_line_too_long"]
-
-
-def test_an_over_long_line_never_ended_reports_once() -> None:
-    listener = feed([b"B" * 10_000] * 100)  # 1 MB, no newline, then the connection closes
-    assert [len(line) for line in listener.lines] == [MAX_LINE]
-    assert listener.bad == ["alert_line_too_long"]
-
-
-def test_a_whole_over_long_line_in_one_read_is_cut_too() -> None:
-    listener = feed([b"C" * (MAX_LINE + 10) + b"\nnext\n"])
-    assert [len(line) for line in listener.lines] == [MAX_LINE, 4]
-    assert listener.bad == ["alert_line_too_long"]
 
 
 # -- balancer pins (verify.py) ---------------------------------------------------------------------------------------

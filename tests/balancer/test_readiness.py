@@ -1,8 +1,9 @@
-"""Unit tests of the balancer's readiness view (balancer/readiness.py, balancer/status.py): no sockets.
+"""Unit tests of the balancer's readiness view (balancer/readiness.py): no sockets.
 
 The pure decisions (an answer's validation, the majority digest and who differs from it, where a write
-goes), the ``balancer status`` table and exit code, and the monitor's poll -> views -> gauges and logs
-cycle over a stand-in gateway; the gateway's write branch; the ``<ReadinessCheck>`` and ``api_port`` config.
+goes), the monitor's poll -> views -> gauges and logs cycle over a stand-in gateway, the gateway's write
+branch, and the ``<ReadinessCheck>`` and ``api_port`` config.  The ``balancer status`` table is in
+tests/balancer/test_status.py.
 """
 
 from __future__ import annotations
@@ -31,7 +32,6 @@ from threatgate.balancer.readiness import (
     refresh_view,
     route_write,
 )
-from threatgate.balancer.status import as_json, exit_code, render
 from threatgate.config.balancer import AllowedRequest, InstanceSettings, balancer_config_from_xml
 from threatgate.config.xml import parse_xml
 from threatgate.errors import ConfigError, PinMismatch, UpstreamFailed
@@ -172,62 +172,6 @@ def test_disabled_and_portless_instances_are_not_asked() -> None:
     assert (portless.skip, portless.api, portless.role) == ("no api_port", "-", "unknown")
     asked = refresh_view(View("x"), InstanceSettings(**base, api_port=8443, api_port_set=True))
     assert (asked.skip, asked.api, asked.state) == (None, "8443", "not polled yet")
-
-
-# -- balancer status: table, footer, exit code -------------------------------------------------------------------
-
-
-def test_the_table_flags_the_differing_node_and_names_the_control() -> None:
-    views = [
-        view("127.0.0.1:10001", "control", A, epoch=2, revision=7),
-        view("127.0.0.1:10002", "secondary", B, epoch=2, revision=6),
-        view("127.0.0.1:10003", "secondary", A, epoch=2, revision=7, ready=False),
-    ]
-    assert render(views).splitlines() == [
-        "   INSTANCE         API  STATE    ROLE       EPOCH  REVISION  DIGEST",
-        "   127.0.0.1:10001  443  ready    control    2      7         aaaaaaaaaaaa",
-        "!  127.0.0.1:10002  443  ready    secondary  2      6         bbbbbbbbbbbb",
-        "   127.0.0.1:10003  443  loading  secondary  2      7         aaaaaaaaaaaa",
-        "! = settings digest differs from the majority (aaaaaaaaaaaa); Control: 127.0.0.1:10001",
-    ]
-    assert exit_code(views) == 1
-    assert [i["differs"] for i in as_json(views)["instances"]] == [False, True, False]
-
-
-def test_agreement_exits_0_and_an_unreachable_node_exits_1() -> None:
-    views = [view("n1", "control", A, epoch=1, revision=1), view("n2", "secondary", A, epoch=1, revision=1)]
-    assert render(views).splitlines()[-1] == "all 2 cluster instance(s) hold settings aaaaaaaaaaaa; Control: n1"
-    assert exit_code(views) == 0 and as_json(views)["ok"] is True
-    views.append(down("n3", error="x" * 200))
-    lines = render(views).splitlines()
-    assert lines[3].split()[:3] == ["n3", "443", "unreachable:"] and lines[3].count("x") < 72
-    assert exit_code(views) == 1
-    assert as_json(views)["instances"][2]["state"] == "unreachable: " + "x" * 200  # whole in --json
-
-
-def test_skipped_instances_do_not_fail_the_status_and_standalone_needs_no_digest() -> None:
-    views = [view("n1"), View("n2", skip="disabled"), View("n3", skip="no api_port")]
-    lines = render(views).splitlines()
-    assert lines[0] == "INSTANCE  API  STATE        ROLE        EPOCH  REVISION  DIGEST"  # no flag column in use
-    assert lines[2] == "n2        -    disabled     unknown     -      -         -"
-    assert lines[-1].startswith("no cluster member reachable: standalone nodes keep their own settings")
-    assert exit_code(views) == 0
-
-
-def test_no_control_and_several_controls_are_said_in_the_footer() -> None:
-    frozen = [down("n1", last=answer("control", A)), view("n2", "secondary", A)]
-    assert render(frozen).splitlines()[-1].endswith("; Control: none reachable (settings are frozen)")
-    two = [view("n1", "control", A, epoch=1), view("n2", "control", B, epoch=1)]
-    assert render(two).splitlines()[-1] == (
-        "! = settings digest differs from the majority (none (a tie)); "
-        "Controls: n1, n2 (more than one: demote all but one)"
-    )
-
-
-def test_a_pin_mismatch_is_a_refusal_not_an_outage() -> None:
-    refused = View("n1", api="443", error="certificate mismatch: pinned X, presented Y", pin_mismatch=True)
-    assert refused.state == "refused: certificate mismatch: pinned X, presented Y"
-    assert exit_code([refused]) == 1
 
 
 # -- the monitor: polls through the gateway's forward, views, gauges, logs ------------------------------------------
@@ -465,3 +409,15 @@ def test_an_instance_remembers_whether_its_api_port_was_written() -> None:
     assert load(balancer_xml()).instances[0].api_port_set is True
     portless = load(balancer_xml(instance='matching_port="10001"')).instances[0]
     assert (portless.api_port, portless.api_port_set) == (443, False)
+
+
+def test_readyz_event_connections() -> None:
+    assert parse_readiness(200, b'{"ready": true, "role": "standalone"}').event_connections == 1
+    got = parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": 4}')
+    assert (got.event_connections, got.event_connections_said) == (4, None)
+    got = parse_readiness(503, b'{"ready": false, "role": "standalone", "event_connections": 0}')
+    assert (got.event_connections, got.event_connections_said) == (1, None)  # no worker ready: still one lane
+    got = parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": 99}')
+    assert (got.event_connections, got.event_connections_said) == (64, 99)
+    with pytest.raises(ValueError, match="event_connections is not a int"):
+        parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": "2"}')

@@ -9,7 +9,6 @@ misspelt case below loaded, the misspelt value silently replaced by the default.
 from __future__ import annotations
 
 import difflib
-import logging
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +23,6 @@ from threatgate.config.balancer import balancer_config_from_xml, load_balancer_c
 from threatgate.config.node import load_node_config, node_config_from_xml
 from threatgate.config.xml import TYPO_CUTOFF, Attributes, Node, parse_xml, read_xml
 from threatgate.errors import ConfigError, SettingsRejected
-from threatgate.log import LEVEL_NAMES, setup_logging
 
 ROOT = Path(__file__).resolve().parents[2]
 EXAMPLES = ROOT / "examples"
@@ -466,14 +464,6 @@ def test_no_two_attributes_of_one_element_are_alike(tmp_path: Path, kind: str) -
             assert not close, f"<{node.tag}>: attributes {name!r} and {close} are too alike"
 
 
-def test_serialising_a_tree_does_not_count_as_reading_it() -> None:
-    root = parse_xml(b'<Settings a="1"><Feeds b="2"/></Settings>', "x")
-    assert dict(root.attrs.items()) == {"a": "1"} and list(root.attrs) == ["a"]
-    assert isinstance(root.attrs, Attributes) and root.attrs.asked == set()
-    assert "a" in root.attrs and root.attrs.get("z") is None
-    assert root.attrs.asked == {"a", "z"}
-
-
 # -- threatgate validate -------------------------------------------------------------------------
 
 
@@ -512,39 +502,3 @@ def test_cli_log_level_refuses_an_unknown_name_listing_the_valid_ones(tmp_path: 
     assert f"Invalid value for '--log-level': {level!r} is not one of " in result.stderr
     assert "'err', 'war', 'inf', 'dbg', 'error', 'warning', 'info', 'debug'" in result.stderr
     assert "invalid configuration" not in result.stderr  # refused before anything else
-
-
-LOG_PROBE = """
-import logging, sys
-from threatgate.log import setup_logging
-setup_logging(sys.argv[1])
-log = logging.getLogger("threatgate.probe")
-log.debug("d"); log.info("i"); log.warning("w"); log.error("e")
-"""
-
-
-@pytest.mark.parametrize(
-    ("level", "shown"),
-    [
-        ("err", ["ERR"]),
-        ("ERR", ["ERR"]),
-        ("war", ["WAR", "ERR"]),
-        ("warning", ["WAR", "ERR"]),
-        ("inf", ["INF", "WAR", "ERR"]),
-        ("Info", ["INF", "WAR", "ERR"]),
-        ("dbg", ["DBG", "INF", "WAR", "ERR"]),
-        ("DEBUG", ["DBG", "INF", "WAR", "ERR"]),
-    ],
-)
-def test_each_documented_level_logs_from_that_level_up_with_the_name_it_accepts(level: str, shown: list[str]) -> None:
-    result = subprocess.run(
-        [sys.executable, "-c", LOG_PROBE, level], capture_output=True, text=True, timeout=60, check=True
-    )
-    assert [line.split()[2] for line in result.stderr.splitlines()] == shown
-    assert all(line.split()[2].lower() in LEVEL_NAMES for line in result.stderr.splitlines())
-
-
-def test_setup_logging_refuses_an_unknown_level() -> None:
-    with pytest.raises(ValueError, match=r"unknown log level 'warn': expected one of err, war, inf, dbg, error"):
-        setup_logging("warn")
-    assert logging.getLogger().handlers  # nothing was replaced

@@ -1,4 +1,4 @@
-"""config/users.py: the file side of ``users add|remove`` (the text edits are covered by tests/test_cli_users.py).
+"""config/users.py: the file side of ``users add|remove`` (the text edits are covered by tests/test_cli.py).
 
 The edit goes through fs.write_atomic: checked in the temporary file, renamed only when right, and a
 failure leaves the old file and no temporary file behind.

@@ -73,9 +73,13 @@ class _Protocol(RequestHandler):
         self._header_timer: asyncio.TimerHandle | None = None
 
     def data_received(self, data: bytes) -> None:
-        waiting = self._waiter is not None and not self._waiter.done()
+        # Waiting for a request: the handler waits for one, or none came yet on this connection.  The
+        # second case matters: a TLS 1.3 client can send its first bytes with its handshake's last flight,
+        # so they arrive before the handler task first runs (and a slowloris would never be timed out).
+        requests = self._request_count
+        waiting = requests == 0 or (self._waiter is not None and not self._waiter.done())
         super().data_received(data)
-        if not waiting or (self._waiter is not None and self._waiter.done()):
+        if not waiting or self._request_count != requests:
             self._cancel_header_timer()  # a whole request arrived (or one is being handled)
         elif data and self._header_timer is None:
             self._header_timer = asyncio.get_running_loop().call_later(self.server.header_timeout, self._header_expired)

@@ -1,4 +1,4 @@
-"""Lanes: several event connections per instance (one per worker of the node), in process.
+"""Tests for threatgate.balancer.service (the edge), lanes first: several event connections per instance.
 
 The balancer service runs on the test's event loop with stand-in transports: a lane's transport records
 what the balancer writes, and the test answers as a node would (``<id> <detection>`` lines, then
@@ -29,12 +29,11 @@ from prometheus_client import CollectorRegistry, generate_latest
 from threatgate.balancer.app import build_balancer
 from threatgate.balancer.readiness import ReadinessMonitor, View, parse_readiness
 from threatgate.balancer.service import BalancerService, ClientConnection, _Collector
-from threatgate.balancer.status import as_json, render
 from threatgate.balancer.upstream import UpstreamProtocol
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
 from threatgate.lb.actions import Connect
 from threatgate.lb.correlation import Drop
-from threatgate.lb.instances import Instance, InstanceState, Lane, Resize, lane_count, plan_resize
+from threatgate.lb.instances import Instance, InstanceState, Lane
 
 REPLY_FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 
@@ -478,28 +477,6 @@ async def test_explicit_connections_win_and_a_reload_opens_or_retires_lanes(make
     assert inst.open_lanes == 2
 
 
-def test_lane_count_and_resize_plans() -> None:
-    assert lane_count("auto", None) == 1 and lane_count("auto", 4) == 4 and lane_count(2, 4) == 2
-    assert plan_resize([], [], 2) == Resize(open=(0, 1))
-    assert plan_resize([(0, True)], [1], 3) == Resize(open=(2,), revive=(1,))
-    assert plan_resize([(0, True), (2, True)], [], 3) == Resize(open=(1,))
-    # Shrinking retires a lane without a connection first (the one whose worker died), then the highest.
-    assert plan_resize([(0, False), (1, True), (2, True)], [], 1) == Resize(retire=(0, 2))
-    assert plan_resize([(0, True)], [], 1) == Resize() and not plan_resize([(0, True)], [], 1)
-
-
-def test_readyz_event_connections() -> None:
-    assert parse_readiness(200, b'{"ready": true, "role": "standalone"}').event_connections == 1
-    got = parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": 4}')
-    assert (got.event_connections, got.event_connections_said) == (4, None)
-    got = parse_readiness(503, b'{"ready": false, "role": "standalone", "event_connections": 0}')
-    assert (got.event_connections, got.event_connections_said) == (1, None)  # no worker ready: still one lane
-    got = parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": 99}')
-    assert (got.event_connections, got.event_connections_said) == (64, 99)
-    with pytest.raises(ValueError, match="event_connections is not a int"):
-        parse_readiness(200, b'{"ready": true, "role": "standalone", "event_connections": "2"}')
-
-
 # -- what operators read -------------------------------------------------------------------------------------------
 
 
@@ -517,19 +494,6 @@ async def test_metrics_count_per_instance_over_its_lanes(make_rig: Any) -> None:
     inflight = [float(samples[f'threatgate_balancer_instance_inflight{{instance="127.0.0.1:{p}"}}']) for p in (1, 2)]
     lanes = rig.service.instances["127.0.0.1:1"].lanes
     assert sum(inflight) == 30 and inflight[0] == sum(len(lane.owned) for lane in lanes) > 0
-
-
-def test_status_shows_lanes_only_when_there_is_more_than_one() -> None:
-    plain = [readyz(ready=True, role="standalone")]
-    assert "LANES" not in render(plain)
-    workers = [readyz(ready=True, role="standalone", event_connections=2), View("127.0.0.1:2", skip="no api_port")]
-    workers[1].connections = 3
-    lines = render(workers).splitlines()
-    assert lines[0].split()[:3] == ["INSTANCE", "API", "LANES"]
-    assert lines[1].split()[:4] == ["127.0.0.1:1", "443", "2", "(auto)"]
-    assert lines[2].split()[:3] == ["127.0.0.1:2", "-", "3"]
-    rows = as_json(workers)["instances"]
-    assert [(r["connections"], r["lanes"]) for r in rows] == [("auto", 2), (3, 3)]
 
 
 async def test_retiring_lanes_whose_client_left_are_dropped_and_their_indices_reused(
