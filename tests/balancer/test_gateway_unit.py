@@ -301,17 +301,6 @@ def test_an_unwritable_pin_directory_raises_file_write_error(tmp_path: Path, cer
 # -- the gateway's pinned connections -----------------------------------------------------------------------------
 
 
-def test_one_fingerprint_object_per_pin_so_connections_are_reused(tmp_path: Path, certs: tuple[bytes, bytes]) -> None:
-    """aiohttp keys its pool on the Fingerprint object (identity): a new one per request means no reuse."""
-    gateway = make_gateway(tmp_path)
-    pin = Pin("a.pem", certs[0])
-    same = gateway._fingerprint(pin)
-    assert gateway._fingerprint(Pin("b.pem", certs[0])) is same
-    assert same.fingerprint == pin.sha256
-    other = gateway._fingerprint(Pin("a.pem", certs[1]))  # a renewed pin: its own connections
-    assert other is not same and other.fingerprint == hashlib.sha256(certs[1]).digest()
-
-
 @pytest.mark.parametrize(
     ("spoil", "error"),
     [

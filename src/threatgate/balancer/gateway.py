@@ -17,8 +17,9 @@ Control/Secondary cluster (:mod:`threatgate.balancer.readiness`): then to the Co
 distributes it, and 503 when no Control is reachable.  The upstream path is rebuilt from the
 normalised segments, so a node receives exactly the request that was allowed.
 
-Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): aiohttp checks the SHA-256
-of the node's certificate after the handshake and before sending a byte of the request.
+Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): the pool
+(:mod:`threatgate.net.pinned`) checks the SHA-256 of the node's certificate after the handshake and
+before sending a byte of the request, and reuses a connection only under the pin it was checked against.
 """
 
 from __future__ import annotations
@@ -34,19 +35,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import BalancerView, Instance
 from threatgate.config.node import MAX_BODY_SIZE
-from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
+from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
 from threatgate.lb.policy import InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
+from threatgate.net.pinned import PinnedPool, client_context
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
 from threatgate.wire.paths import canonical_version, normalize_path, render_path
 
@@ -153,25 +154,15 @@ class Gateway:
         self.active = 0
         self.warn = RateLimitedLog(log)
         self.http: HTTPServer | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[tuple[str, int], PinnedPool] = {}  # (host, api_port) -> its pinned connections
+        self._client_tls: ssl.SSLContext | None = None
         self._pin_locks: dict[str, asyncio.Lock] = {}
-        # One Fingerprint object per pinned digest: aiohttp keys its connection pool on the object itself
-        # (it has no value equality), so a new object per request would never reuse a connection.
-        self._fingerprints: dict[bytes, aiohttp.Fingerprint] = {}
-        self._client_timeout: aiohttp.ClientTimeout | None = None
         self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
         self._rechecked = 0.0
         self._rechecks: set[asyncio.Task[None]] = set()
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
-
-    def _timeout(self) -> aiohttp.ClientTimeout:
-        """One ClientTimeout per configured value (it is immutable; the config may change at SIGHUP)."""
-        total = self.service.config.api_upstream_timeout
-        if self._client_timeout is None or self._client_timeout.total != total:
-            self._client_timeout = aiohttp.ClientTimeout(total=total)
-        return self._client_timeout
 
     async def start(self) -> None:
         config = self.service.config
@@ -195,19 +186,24 @@ class Gateway:
         log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
 
     async def open_client(self) -> None:
-        """The keep-alive connection pool toward the nodes (every connection pinned per request)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
-            auto_decompress=False,
-        )
+        """Get ready to open pinned connections to the nodes (one keep-alive pool per node, made on first use)."""
+        self._client_tls = client_context()
+
+    def _pool(self, host: str, port: int) -> PinnedPool:
+        pool = self._pools.get((host, port))
+        if pool is None:
+            assert self._client_tls is not None, "open_client() first"
+            pool = self._pools[(host, port)] = PinnedPool(host, port, self._client_tls)
+        return pool
 
     async def close(self) -> None:
         for task in list(self._rechecks):
             task.cancel()
         if self.http is not None:
             await self.http.close()
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -441,11 +437,11 @@ class Gateway:
         path: str,
         headers: dict[str, str],
         body: bytes,
-        client_timeout: aiohttp.ClientTimeout | None = None,
+        client_timeout: float | None = None,
         *,
         probe: bool = False,
     ) -> Answer:
-        """Send one request to ``inst`` over a pinned connection (``client_timeout``: else UpstreamTimeout).
+        """Send one request to ``inst`` over a pinned connection (``client_timeout`` seconds, else UpstreamTimeout).
 
         ``probe``: the balancer's own ``/readyz`` poll, not a user's request: a pin mismatch it meets
         takes the instance out of REST rotation all the same, but is not counted as a gateway failure.
@@ -454,41 +450,25 @@ class Gateway:
             PinMismatch: the node presented another certificate (nothing was sent).
             UpstreamFailed: no answer (connect, TLS, timeout, disconnect before the answer).
         """
-        assert self._session is not None
         pin = await self.pin_of(inst)
-        url = f"https://{_host(inst.settings.host)}:{inst.settings.api_port}{path}"
-        self.inflight[inst.key] = self.inflight.get(inst.key, 0) + 1
+        settings = inst.settings
+        pool = self._pool(settings.host, settings.api_port)
+        timeout = client_timeout or self.service.config.api_upstream_timeout
+        key = inst.key
+        inflight = self.inflight
+        inflight[key] = inflight.get(key, 0) + 1
         try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body if body or method not in READ_METHODS else None,
-                ssl=self._fingerprint(pin),
-                timeout=client_timeout or self._timeout(),
-                allow_redirects=False,
-            ) as resp:
-                data = await resp.read()
-                kept = {k: v for k, v in resp.headers.items() if k.lower() not in RESPONSE_DROP}
-                self._readmit(inst, pin)
-                return Answer(resp.status, kept, data)
-        except aiohttp.ServerFingerprintMismatch as exc:
+            answer = await pool.request(pin.sha256, method, path, headers, body, timeout)
+        except PeerCertificateMismatch as exc:
             mismatch = PinMismatch(inst, pin.fingerprint, _colon(exc.got))
             self._refuse(mismatch, pin, count=not probe)
             raise mismatch from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # their own texts show Python objects
-            raise UpstreamFailed(describe(exc)) from None
         finally:
-            self.inflight[inst.key] -= 1
-
-    def _fingerprint(self, pin: Pin) -> aiohttp.Fingerprint:
-        digest = pin.sha256
-        fingerprint = self._fingerprints.get(digest)
-        if fingerprint is None:
-            if len(self._fingerprints) >= 1024:  # renewed pins over a long life: bounded all the same
-                self._fingerprints.clear()
-            fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
-        return fingerprint
+            inflight[key] -= 1
+        if self.refused:
+            self._readmit(inst, pin)
+        kept = {k: v for k, v in answer.headers if k.lower() not in RESPONSE_DROP}
+        return Answer(answer.status, kept, answer.body)
 
     def _refuse(self, exc: PinMismatch[Instance], pin: Pin, *, count: bool = True) -> None:
         """Take the instance out of REST rotation (logged once per refusal, counted every time but for probes)."""
@@ -563,10 +543,6 @@ def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> boo
         if want != got:
             return False
     return True
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _colon(digest: bytes) -> str:
