@@ -10,10 +10,7 @@ from threatgate.errors import MalformedAnswer, UpstreamFailed
 from threatgate.net.http1 import Response, ResponseReader, encode_request
 
 LENGTH = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nX-Node: a\r\nContent-Length: 5\r\n\r\n[1,2]"
-CHUNKED = (
-    b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Node: b\r\n\r\n"
-    b"3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n"
-)
+CHUNKED = b"HTTP/1.1 201 Created\r\nTransfer-Encoding: chunked\r\nX-Node: b\r\n\r\n3\r\n[1,\r\n2\r\n2]\r\n0\r\n\r\n"
 
 
 def read(data: bytes | list[bytes], *, head: bool = False, limit: int = 1 << 20) -> Response | None:

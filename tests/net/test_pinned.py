@@ -86,8 +86,9 @@ async def test_requests_share_one_verified_connection(server: tuple[Server, Pinn
         assert (answer.status, answer.body, ("X-Node", "here") in answer.headers) == (200, b"ok", True)
     assert (pool.connects, srv.accepted, pool.idle) == (1, 1, 1)
     assert srv.received[0].count(b"POST /api/1.1/lookup HTTP/1.1\r\n") == 5
-    assert f"Host: 127.0.0.1:{pool.port}\r\nX-Real-IP: 192.0.2.1\r\nContent-Length: 2\r\n\r\n[]".encode() in (
-        srv.received[0]
+    assert (
+        f"Host: 127.0.0.1:{pool.port}\r\nX-Real-IP: 192.0.2.1\r\nContent-Length: 2\r\n\r\n[]".encode()
+        in (srv.received[0])
     )
 
 
