@@ -154,6 +154,30 @@ def test_allowed_on_normalised_paths(tmp_path: Path, method: str, target: str, a
     assert gateway._allowed(method, canonical_version(normalize_path(target))) is allowed
 
 
+def test_route_verdicts_are_remembered_per_allow_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remembered verdict is the one the checks give; a new allow-list (SIGHUP) decides afresh; bounded."""
+    gateway = make_gateway(tmp_path, BALANCER_EXAMPLE)
+    route = gateway._route("POST", "/api/v.1.1/./lookup?x=%201")
+    assert (route.segments, route.allowed, route.upstream, route.write) == (
+        ("api", "1.1", "lookup"),
+        True,
+        "/api/1.1/lookup?x=%201",
+        False,
+    )
+    assert gateway._route("POST", "/api/v.1.1/./lookup?x=%201") is route
+    put = gateway._route("PUT", "/api/1.1/suppliers/a%2Fb")
+    assert (put.allowed, put.upstream, put.write) == (False, "/api/1.1/suppliers/a%2Fb", True)
+    gateway.service.config.allowed = rules(("PUT", "/api/1.1/suppliers/{name}"))  # type: ignore[misc]
+    assert gateway._route("PUT", "/api/1.1/suppliers/a%2Fb").allowed
+    assert not gateway._route("POST", "/api/v.1.1/./lookup?x=%201").allowed
+    with pytest.raises(PathError):
+        gateway._route("GET", "/api/%zz")
+    monkeypatch.setattr(gateway_module, "ROUTES_KEPT", 3)
+    for i in range(10):
+        gateway._route("GET", f"/api/1.1/suppliers?page={i}")
+    assert len(gateway._routes) <= 3
+
+
 SEGMENTS = st.sampled_from(
     ["api", "1.1", "v.1.1", "v.", "lookup", "suppliers", "tags", "x", "a%2Fb", "%2e%2e", "..", ".", "", "%20", "%25"]
 )

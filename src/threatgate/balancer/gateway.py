@@ -87,6 +87,18 @@ RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 )
 READ_METHODS = frozenset({"GET", "HEAD"})
+ROUTES_KEPT = 1024
+"""Distinct (method, target) verdicts remembered (:meth:`Gateway._route`); past that they start over."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The checks' verdict on one (method, request target): normalised segments, allowed, upstream target."""
+
+    segments: tuple[str, ...]
+    allowed: bool
+    upstream: str  # the path rebuilt from the normalised segments, plus the query as sent
+    write: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -157,6 +169,8 @@ class Gateway:
         self._pools: dict[tuple[str, int], PinnedPool] = {}  # (host, api_port) -> its pinned connections
         self._client_tls: ssl.SSLContext | None = None
         self._pin_locks: dict[str, asyncio.Lock] = {}
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._routes_for: object = None  # the allow-list the remembered routes were decided under
         self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
         self._rechecked = 0.0
         self._rechecks: set[asyncio.Task[None]] = set()
@@ -216,11 +230,12 @@ class Gateway:
         method = request.method
         target = request.raw_path
         try:
-            segments = canonical_version(normalize_path(target))
+            route = self._route(method, target)
         except PathError as exc:
             self.count("bad_path")
             return json_error(400, str(exc))
-        if not self._allowed(method, segments):
+        segments = route.segments
+        if not route.allowed:
             self.count("forbidden")
             shown = render_path(segments)[:200]
             self.warn("request %s %s refused by AllowedRequests", method[:20], shown)
@@ -240,22 +255,46 @@ class Gateway:
             )
             if isinstance(body, web.Response):
                 return body
-            path = "/" + "/".join(quote(s, safe="") for s in segments)
-            query = target.partition("?")[2]
-            if query:
-                path += "?" + query
+            path = route.upstream
             headers = self._upstream_headers(request)
-            if is_write(method, segments):
-                route = await self.service.readiness.route_write()
-                if route.refusal is not None:
+            if route.write:
+                to = await self.service.readiness.route_write()
+                if to.refusal is not None:
                     self.service.stats.bump(self.service.stats.api_retries, "no_control")
-                    return json_error(503, f"write refused, no instance was changed: {route.refusal}")
-                if route.control is not None:
-                    return await self._to_control(self.service.instances[route.control], method, path, headers, body)
+                    return json_error(503, f"write refused, no instance was changed: {to.refusal}")
+                if to.control is not None:
+                    return await self._to_control(self.service.instances[to.control], method, path, headers, body)
                 return await self._fan_out(method, path, headers, body)
             return await self._one(method, path, headers, body)
         finally:
             self.active -= 1
+
+    def _route(self, method: str, target: str) -> Route:
+        """What the checks decide about ``method target``, remembered per (method, target) and allow-list.
+
+        Clients repeat the same few requests (``POST /api/1.1/lookup``): normalising, matching the
+        allow-list and re-encoding the path once, not per request.  A new allow-list (SIGHUP) starts over.
+
+        Raises:
+            PathError: the target does not normalise (never remembered: rare, and counted each time).
+        """
+        rules = self.service.config.allowed
+        if rules is not self._routes_for:
+            self._routes.clear()
+            self._routes_for = rules
+        key = (method, target)
+        route = self._routes.get(key)
+        if route is None:
+            segments = canonical_version(normalize_path(target))
+            upstream = "/" + "/".join(quote(s, safe="") for s in segments)
+            query = target.partition("?")[2]
+            if query:
+                upstream += "?" + query
+            route = Route(segments, self._allowed(method, segments), upstream, is_write(method, segments))
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
 
     def _allowed(self, method: str, segments: tuple[str, ...]) -> bool:
         return any(
@@ -301,7 +340,7 @@ class Gateway:
         handshake checks the pin again before any byte is sent.
         """
         tried: list[str] = []
-        await self._recheck_refused()
+        self._recheck_refused()
         refused = self.refused
         candidates = sorted(
             self._up(), key=lambda i: (i.key in refused, self.inflight.get(i.key, 0), self.service.rng.random())
@@ -343,7 +382,7 @@ class Gateway:
 
     async def _fan_out(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
         enabled = [i for i in self.service.instances.values() if i.settings.enabled]
-        await self._recheck_refused()
+        self._recheck_refused()
         down = [i.key for i in enabled if i.state is not InstanceState.UP]
         refused = [i.key for i in enabled if i.key in self.refused]
         if not enabled or down or refused:
@@ -450,7 +489,7 @@ class Gateway:
             PinMismatch: the node presented another certificate (nothing was sent).
             UpstreamFailed: no answer (connect, TLS, timeout, disconnect before the answer).
         """
-        pin = await self.pin_of(inst)
+        pin = self._cached_pin(inst) or await self.pin_of(inst)  # no coroutine when the pin is known
         settings = inst.settings
         pool = self._pool(settings.host, settings.api_port)
         timeout = client_timeout or self.service.config.api_upstream_timeout
@@ -500,7 +539,7 @@ class Gateway:
                 pin.fingerprint,
             )
 
-    async def _recheck_refused(self) -> None:
+    def _recheck_refused(self) -> None:
         """Start a look at refused instances' certificates (at most every 2 s), in the background: a user
         request never waits for it.  A renewed pin or a node that presents the pinned certificate again
         brings them back without a request byte sent."""
