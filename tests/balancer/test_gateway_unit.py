@@ -34,7 +34,8 @@ from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, i
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import Instance
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
-from threatgate.errors import FileWriteError, PathError, UpstreamFailed
+from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
+from threatgate.net import http1
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern, canonical_version, normalize_path
@@ -349,6 +350,35 @@ async def test_a_pin_directory_in_a_bad_state_fails_that_node_only(
     inst = Instance(settings(), rise=1, fall=1, owner=None)  # type: ignore[arg-type]
     with pytest.raises(UpstreamFailed, match=error):
         await gateway.pin_of(inst)
+
+
+async def test_a_pool_refusing_the_certificate_takes_the_instance_out_of_rotation(
+    tmp_path: Path, certs: tuple[bytes, bytes]
+) -> None:
+    """The pool's PeerCertificateMismatch becomes the gateway's PinMismatch (both fingerprints) and a refusal;
+    the next answer under the pin brings the instance back."""
+    gateway = make_gateway(tmp_path)
+    inst = Instance(settings(), rise=1, fall=1, owner=None)  # type: ignore[arg-type]
+    pin = gateway.pins.save(inst.settings, certs[0])
+    presented = hashlib.sha256(certs[1]).digest()
+    asked: list[tuple[bytes, str, str]] = []
+
+    class Pool:
+        async def request(self, digest: bytes, method: str, target: str, *rest: Any) -> Any:
+            asked.append((digest, method, target))
+            if len(asked) == 1:
+                raise PeerCertificateMismatch(digest, presented)
+            return http1.Response(200, [("X-Node", "a"), ("Content-Length", "2"), ("Server", "x")], b"[]", True)
+
+    gateway._pool = lambda host, port: Pool()  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(PinMismatch) as caught:
+        await gateway.forward(inst, "GET", "/api/1.1/suppliers", {}, b"")
+    assert (caught.value.expected, caught.value.got) == (pin.fingerprint, fingerprint_sha256(certs[1]))
+    assert inst.key in gateway.refused and gateway.inflight[inst.key] == 0
+    answer = await gateway.forward(inst, "GET", "/api/1.1/suppliers", {}, b"")
+    assert (answer.status, answer.headers, answer.body) == (200, {"X-Node": "a"}, b"[]")
+    assert inst.key not in gateway.refused
+    assert asked == [(pin.sha256, "GET", "/api/1.1/suppliers")] * 2
 
 
 async def test_concurrent_first_requests_save_one_pin(

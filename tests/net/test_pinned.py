@@ -12,6 +12,7 @@ import pytest
 import trustme
 
 from threatgate.errors import MalformedAnswer, PeerCertificateMismatch, UpstreamFailed
+from threatgate.net import pinned
 from threatgate.net.pinned import PinnedPool, client_context
 
 ANSWER = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Node: here\r\n\r\nok"
@@ -115,6 +116,17 @@ async def test_a_connection_is_reused_only_under_the_pin_it_was_checked_against(
     assert pool.connects == 2
     await pool.request(srv.pin, "GET", "/", {}, b"", 5.0)  # and the old one was closed, not kept aside
     assert pool.connects == 3 and pool.idle == 1
+
+
+async def test_a_connection_idle_too_long_is_not_reused(
+    server: tuple[Server, PinnedPool], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ours expire before the node's (75 s): a kept connection is never one the node is closing."""
+    srv, pool = server
+    await pool.request(srv.pin, "GET", "/", {}, b"", 5.0)
+    monkeypatch.setattr(pinned, "IDLE", -1.0)
+    await pool.request(srv.pin, "GET", "/", {}, b"", 5.0)
+    assert pool.connects == 2 and pool.idle == 1
 
 
 async def test_no_answer_in_time_is_a_timeout_and_the_connection_is_dropped(server: tuple[Server, PinnedPool]) -> None:

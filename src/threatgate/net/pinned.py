@@ -175,7 +175,14 @@ class PinnedPool:
         idle = self._idle
         while idle:
             conn = idle.pop()
-            if conn.closed or conn.pin != pin or now - conn.idle_since > IDLE:
+            transport = conn.transport
+            if (
+                conn.closed
+                or transport is None
+                or transport.is_closing()
+                or conn.pin != pin
+                or now - conn.idle_since > IDLE
+            ):
                 conn.close()
                 self._open -= 1
                 continue
