@@ -30,6 +30,7 @@ SANS_IO_FILES = sorted(
             )
         ),
         SRC / "net" / "drain.py",
+        SRC / "net" / "http1.py",
         SRC / "cluster" / "tokens.py",
         SRC / "cluster" / "routes.py",
     ]

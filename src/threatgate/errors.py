@@ -114,6 +114,23 @@ class UpstreamFailed(ThreatgateError):
     """The node did not answer (connect, TLS, timeout, disconnect): another node may be tried."""
 
 
+class MalformedAnswer(UpstreamFailed):
+    """A node's bytes are not an HTTP/1.1 answer, or too large (:mod:`threatgate.net.http1`): connection dropped."""
+
+
+class PeerCertificateMismatch(ThreatgateError):
+    """A new pinned connection presented another certificate than the pin; it was closed unused.
+
+    Raised by :mod:`threatgate.net.pinned`, which knows digests, not instances: the gateway turns it
+    into :class:`PinMismatch`.  ``expected`` and ``got`` are raw SHA-256 digests (``got`` empty: none).
+    """
+
+    def __init__(self, expected: bytes, got: bytes) -> None:
+        super().__init__(f"certificate SHA-256 {got.hex()} does not match the pinned {expected.hex()}")
+        self.expected = expected
+        self.got = got
+
+
 class TLSConfigError(ThreatgateError):
     """The TLS certificate/key pair cannot be used (one file missing, unreadable, encrypted or mismatched).
 

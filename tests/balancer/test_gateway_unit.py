@@ -32,8 +32,9 @@ from threatgate.balancer import gateway as gateway_module
 from threatgate.balancer.gateway import HOP_BY_HOP, Gateway, _match_canonical, is_write
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.config.balancer import DEFAULT_ALLOWED, AllowedRequest, InstanceSettings
-from threatgate.errors import FileWriteError, PathError, UpstreamFailed
+from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance
+from threatgate.net import http1
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.stats import BalancerStats
 from threatgate.wire.paths import RoutePattern, canonical_version, normalize_path
@@ -151,6 +152,30 @@ BALANCER_EXAMPLE = rules(("POST", "/api/1.1/lookup"), ("GET", "/api/v.1.1/suppli
 def test_allowed_on_normalised_paths(tmp_path: Path, method: str, target: str, allowed: bool) -> None:
     gateway = make_gateway(tmp_path, BALANCER_EXAMPLE)
     assert gateway._allowed(method, canonical_version(normalize_path(target))) is allowed
+
+
+def test_route_verdicts_are_remembered_per_allow_list(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The remembered verdict is the one the checks give; a new allow-list (SIGHUP) decides afresh; bounded."""
+    gateway = make_gateway(tmp_path, BALANCER_EXAMPLE)
+    route = gateway._route("POST", "/api/v.1.1/./lookup?x=%201")
+    assert (route.segments, route.allowed, route.upstream, route.write) == (
+        ("api", "1.1", "lookup"),
+        True,
+        "/api/1.1/lookup?x=%201",
+        False,
+    )
+    assert gateway._route("POST", "/api/v.1.1/./lookup?x=%201") is route
+    put = gateway._route("PUT", "/api/1.1/suppliers/a%2Fb")
+    assert (put.allowed, put.upstream, put.write) == (False, "/api/1.1/suppliers/a%2Fb", True)
+    gateway.service.config.allowed = rules(("PUT", "/api/1.1/suppliers/{name}"))  # type: ignore[misc]
+    assert gateway._route("PUT", "/api/1.1/suppliers/a%2Fb").allowed
+    assert not gateway._route("POST", "/api/v.1.1/./lookup?x=%201").allowed
+    with pytest.raises(PathError):
+        gateway._route("GET", "/api/%zz")
+    monkeypatch.setattr(gateway_module, "ROUTES_KEPT", 3)
+    for i in range(10):
+        gateway._route("GET", f"/api/1.1/suppliers?page={i}")
+    assert len(gateway._routes) <= 3
 
 
 SEGMENTS = st.sampled_from(
@@ -300,17 +325,6 @@ def test_an_unwritable_pin_directory_raises_file_write_error(tmp_path: Path, cer
 # -- the gateway's pinned connections -----------------------------------------------------------------------------
 
 
-def test_one_fingerprint_object_per_pin_so_connections_are_reused(tmp_path: Path, certs: tuple[bytes, bytes]) -> None:
-    """aiohttp keys its pool on the Fingerprint object (identity): a new one per request means no reuse."""
-    gateway = make_gateway(tmp_path)
-    pin = Pin("a.pem", certs[0])
-    same = gateway._fingerprint(pin)
-    assert gateway._fingerprint(Pin("b.pem", certs[0])) is same
-    assert same.fingerprint == pin.sha256
-    other = gateway._fingerprint(Pin("a.pem", certs[1]))  # a renewed pin: its own connections
-    assert other is not same and other.fingerprint == hashlib.sha256(certs[1]).digest()
-
-
 @pytest.mark.parametrize(
     ("spoil", "error"),
     [
@@ -335,6 +349,35 @@ async def test_a_pin_directory_in_a_bad_state_fails_that_node_only(
     inst = Instance(settings(), rise=1, fall=1)
     with pytest.raises(UpstreamFailed, match=error):
         await gateway.pin_of(inst)
+
+
+async def test_a_pool_refusing_the_certificate_takes_the_instance_out_of_rotation(
+    tmp_path: Path, certs: tuple[bytes, bytes]
+) -> None:
+    """The pool's PeerCertificateMismatch becomes the gateway's PinMismatch (both fingerprints) and a refusal;
+    the next answer under the pin brings the instance back."""
+    gateway = make_gateway(tmp_path)
+    inst = Instance(settings(), rise=1, fall=1)
+    pin = gateway.pins.save(inst.settings, certs[0])
+    presented = hashlib.sha256(certs[1]).digest()
+    asked: list[tuple[bytes, str, str]] = []
+
+    class Pool:
+        async def request(self, digest: bytes, method: str, target: str, *rest: Any) -> Any:
+            asked.append((digest, method, target))
+            if len(asked) == 1:
+                raise PeerCertificateMismatch(digest, presented)
+            return http1.Response(200, [("X-Node", "a"), ("Content-Length", "2"), ("Server", "x")], b"[]", True)
+
+    gateway._pool = lambda host, port: Pool()  # type: ignore[method-assign,assignment,return-value]
+    with pytest.raises(PinMismatch) as caught:
+        await gateway.forward(inst, "GET", "/api/1.1/suppliers", {}, b"")
+    assert (caught.value.expected, caught.value.got) == (pin.fingerprint, fingerprint_sha256(certs[1]))
+    assert inst.key in gateway.refused and gateway.inflight[inst.key] == 0
+    answer = await gateway.forward(inst, "GET", "/api/1.1/suppliers", {}, b"")
+    assert (answer.status, answer.headers, answer.body) == (200, {"X-Node": "a"}, b"[]")
+    assert inst.key not in gateway.refused
+    assert asked == [(pin.sha256, "GET", "/api/1.1/suppliers")] * 2
 
 
 async def test_concurrent_first_requests_save_one_pin(

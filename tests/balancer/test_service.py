@@ -30,7 +30,7 @@ from threatgate.balancer.app import build_balancer
 from threatgate.balancer.readiness import ReadinessMonitor, View, parse_readiness
 from threatgate.balancer.service import BalancerService, ClientConnection, _Collector
 from threatgate.balancer.upstream import UpstreamProtocol
-from threatgate.config.balancer import BalancerConfig, InstanceSettings
+from threatgate.config.balancer import BalancerConfig, HealthCheckSettings, InstanceSettings
 from threatgate.lb.actions import Connect
 from threatgate.lb.correlation import Drop
 from threatgate.lb.instances import Instance, InstanceState, Lane
@@ -129,7 +129,9 @@ class Rig:
         self.service._upstreams[lane.key] = protocol
         self.wires[lane.key] = wire
         self.protocols[lane.key] = protocol
-        self.service.apply(self.service.dispatcher.lane_connected(lane.key, self.now()))
+        wanted, actions = self.service.dispatcher.lane_connected(lane.key, lane.attempt, self.now())
+        assert wanted, lane
+        self.service.apply(actions)
         return wire
 
     def proto(self, lane: Lane) -> UpstreamProtocol:
@@ -183,7 +185,7 @@ def make_rig(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Any]:
 
         async def connect(self: BalancerService, action: Connect) -> None:
             lane = service.dispatcher.lanes.get(action.lane)
-            if lane is None or not lane.connecting:
+            if lane is None or not lane.connecting or lane.attempt != action.attempt:
                 return  # attached by the test already, or dropped meanwhile
             rig.connects[lane.key] += 1
             rig.attach(lane)
@@ -511,3 +513,46 @@ async def test_retiring_lanes_whose_client_left_are_dropped_and_their_indices_re
     rig.service.apply_config(config(tmp_path, settings(1, connections=2)))
     await asyncio.wait_for(rig.connected.wait(), 5)
     assert [lane.key for lane in inst.lanes] == ["127.0.0.1:1#0", "127.0.0.1:1#1"] and inst.open_lanes == 2
+
+
+# -- what a review found ------------------------------------------------------------------------------------------
+
+
+async def test_a_client_that_half_closes_gets_the_answer_made_while_it_closed(make_rig: Any) -> None:
+    """The last event (no LF) is answered here at EOF (too large to forward): written before the close."""
+    rig = make_rig(settings(1), max_event_size=100)
+    rig.up("127.0.0.1:1")
+    conn = ClientConnection(rig.service)
+    wire = StandIn(rig.service)
+    conn.connection_made(wire)  # type: ignore[arg-type]
+    conn.data_received(REPLY_FLAGS + ("é" * 60).encode())
+    assert conn.eof_received() is False  # nothing owed any more: asyncio closes the transport on return
+    assert wire.new_lines() == ["LookupFinished"]  # oversized for the balancer itself: answered without detections
+
+
+async def test_an_instance_removed_and_added_again_at_once_is_still_checked(
+    make_rig: Any, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    pings: list[int] = []
+
+    async def ping(host: str, port: int, check_timeout: float) -> str | None:
+        pings.append(port)
+        return None
+
+    monkeypatch.setattr("threatgate.balancer.service.ping", ping)
+    fast = HealthCheckSettings(interval=0.05, timeout=1.0, rise=1, fall=1)
+    rig = make_rig(settings(1), health=fast)
+    rig.service._start_checks()
+    await asyncio.wait_for(rig.connected.wait(), 5)
+    rig.service.apply_config(config(tmp_path, health=fast))  # removed ...
+    rig.service.apply_config(config(tmp_path, settings(1), health=fast))  # ... and back before the next check
+    inst = rig.service.instances["127.0.0.1:1"]
+    assert inst.state is InstanceState.DOWN
+    before = len(pings)
+    for _ in range(100):
+        await asyncio.sleep(0.02)
+        if inst.state is InstanceState.UP:
+            break
+    assert inst.state is InstanceState.UP and len(pings) > before
+    rig.service.request_exit()
+    await asyncio.gather(*rig.service._checkers.values())

@@ -86,20 +86,27 @@ def test_back_pressure_and_loss_are_reported() -> None:
     assert host.writable == [False, True] and host.lost == [None] and upstream.transport is None
 
 
-async def serve(answer: bytes | None) -> tuple[asyncio.Server, int]:
-    """A listener on port 0 that answers ``answer`` to the PING (None: never answers)."""
+async def serve(answer: bytes | None) -> tuple[asyncio.Server, int, list[asyncio.Event]]:
+    """A listener on port 0 that answers ``answer`` to the PING (None: never answers); each connection's
+    event is set once it is closed (the test waits for them: nothing left open)."""
+    done: list[asyncio.Event] = []
 
     async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.read(64)
-        if answer is not None:
-            writer.write(answer)
-            await writer.drain()
+        closed = asyncio.Event()
+        done.append(closed)
+        try:
+            await reader.read(64)
+            if answer is not None:
+                writer.write(answer)
+                await writer.drain()
+            else:
+                await reader.read()  # until the health check gives up and closes
+        finally:
             writer.close()
-        else:
-            await asyncio.sleep(10)
+            closed.set()
 
     server = await asyncio.start_server(handle, "127.0.0.1", 0)
-    return server, server.sockets[0].getsockname()[1]
+    return server, server.sockets[0].getsockname()[1], done
 
 
 @pytest.mark.parametrize(
@@ -111,9 +118,10 @@ async def serve(answer: bytes | None) -> tuple[asyncio.Server, int]:
     ],
 )
 async def test_the_health_check(answer: bytes | None, error: Any) -> None:
-    server, port = await serve(answer)
+    server, port, done = await serve(answer)
     async with server:
         got = await ping("127.0.0.1", port, 0.5 if answer is None else 5.0)
+        await asyncio.wait_for(asyncio.gather(*(closed.wait() for closed in done)), 5)
     if answer is None:
         assert got is not None and got.startswith("no PONG within")
     else:
@@ -121,7 +129,7 @@ async def test_the_health_check(answer: bytes | None, error: Any) -> None:
 
 
 async def test_the_health_check_of_a_port_nobody_listens_on() -> None:
-    server, port = await serve(b"PONG")
+    server, port, _ = await serve(b"PONG")
     server.close()
     await server.wait_closed()
     got = await ping("127.0.0.1", port, 5.0)

@@ -79,6 +79,7 @@ class Harness:
         self.paused: dict[Hashable, set[str]] = {}
         self.closed_clients: list[Hashable] = []
         self.connects: list[str] = []
+        self.attempts: dict[str, int] = {}  # lane key -> its last Connect's attempt
         self.disconnects: list[str] = []
         self.retries: list[Retry] = []
         self.output: list[str] = []
@@ -101,6 +102,7 @@ class Harness:
                 self.closed_clients.append(action.client)
             elif isinstance(action, Connect):
                 self.connects.append(action.lane)
+                self.attempts[action.lane] = action.attempt
             elif isinstance(action, Disconnect):
                 self.disconnects.append(action.lane)
             elif isinstance(action, Retry):
@@ -121,7 +123,10 @@ class Harness:
     def open_lanes(self) -> None:
         """Every lane the dispatcher asked to connect, connected (the edge succeeded)."""
         while self.connects:
-            self.run(self.d.lane_connected(self.connects.pop(0), self.now))
+            key = self.connects.pop(0)
+            wanted, actions = self.d.lane_connected(key, self.attempts[key], self.now)
+            assert wanted, key
+            self.run(actions)
 
     def up(self, *keys: str) -> None:
         """First health check passed, lanes connected."""
@@ -588,3 +593,55 @@ def test_tables_are_compacted_once_a_burst_has_drained(burst: int) -> None:
     h.answer(LANE_A, h.sent(LANE_A))
     h.tick(0.25)
     assert h.compacted == 1
+
+
+# -- what a review found --------------------------------------------------------------------------------
+
+
+def test_an_old_connection_attempt_does_not_touch_the_lane_that_took_its_key() -> None:
+    h = Harness(settings(1, connections=2))
+    h.run(h.d.check_passed(A, 0.001, h.now))
+    first = dict(h.attempts)  # both lanes connecting
+    h.connects.clear()
+    lane0 = f"{A}#0"
+    h.run(h.d.lane_connected(lane0, first[lane0], h.now)[1])
+    # Lane 1, still connecting, is retired (the node now asks for one connection), then wanted again.
+    h.run(h.d.reconfigure(config(settings(1, connections=1)), h.now))
+    h.run(h.d.reconfigure(config(settings(1, connections=2)), h.now))
+    lane1 = f"{A}#1"
+    assert h.attempts[lane1] != first[lane1]
+    wanted, _ = h.d.lane_connected(lane1, h.attempts[lane1], h.now)
+    assert wanted and h.d.lanes[lane1].connected
+    # The first attempt's outcome arrives late: it must neither close the new lane nor be taken for it.
+    assert h.d.connect_failed(lane1, first[lane1], "event connection failed: refused", h.now) == []
+    assert h.d.lane_connected(lane1, first[lane1], h.now)[0] is False
+    assert h.d.lanes[lane1].connected and h.d.instances[A].state is InstanceState.UP
+
+
+def test_a_drain_called_off_makes_the_instance_available_again() -> None:
+    h = Harness(settings(1), max_event_wait=5.0)
+    h.up(A)
+    c = h.client("siem")
+    h.submit(c, ["held"])
+    h.run(h.d.drain(A, h.now))
+    assert h.d.instances[A].state is InstanceState.DRAIN and h.d.no_instance_since == h.now
+    h.run(h.d.enable(A, h.now))
+    assert h.d.instances[A].state is InstanceState.UP and h.d.no_instance_since is None
+    h.answer(LANE_A, h.sent(LANE_A))
+    h.run(h.d.lane_writable(LANE_A, False, h.now))  # it cannot take more for now: events wait
+    h.submit(c, ["x"])
+    for _ in range(30):
+        h.tick(0.25)
+    assert h.stats.unmatched == {}  # not answered "no instance" while one is UP
+
+
+def test_a_draining_instance_that_fails_says_so() -> None:
+    h = Harness()
+    h.up(A, B)
+    c = h.client("siem")
+    h.submit(c, EVENTS[:10])
+    assert h.sent(LANE_A)
+    h.run(h.d.drain(A, h.now))
+    h.run(h.d.lane_failed(LANE_A, "event connection lost: closed by the node", h.now))
+    assert "instance 127.0.0.1:1 failed while draining (event connection lost: closed by the node): MAINT" in h.text()
+    assert h.stats.transitions["down"] == 1

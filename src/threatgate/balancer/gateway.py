@@ -17,8 +17,9 @@ Control/Secondary cluster (:mod:`threatgate.balancer.readiness`): then to the Co
 distributes it, and 503 when no Control is reachable.  The upstream path is rebuilt from the
 normalised segments, so a node receives exactly the request that was allowed.
 
-Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): aiohttp checks the SHA-256
-of the node's certificate after the handshake and before sending a byte of the request.
+Every upstream connection is pinned (:mod:`threatgate.balancer.pins`): the pool
+(:mod:`threatgate.net.pinned`) checks the SHA-256 of the node's certificate after the handshake and
+before sending a byte of the request, and reuses a connection only under the pin it was checked against.
 """
 
 from __future__ import annotations
@@ -34,19 +35,19 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 from urllib.parse import quote
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import BalancerView
 from threatgate.config.node import MAX_BODY_SIZE
-from threatgate.errors import FileWriteError, PathError, PinMismatch, UpstreamFailed
+from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance, InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
 from threatgate.net.http import HTTPServer, json_error
+from threatgate.net.pinned import PinnedPool, client_context
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
 from threatgate.wire.paths import canonical_version, normalize_path, render_path
 
@@ -86,6 +87,18 @@ RESPONSE_DROP = frozenset(
     {"connection", "keep-alive", "transfer-encoding", "content-length", "content-encoding", "server", "date"}
 )
 READ_METHODS = frozenset({"GET", "HEAD"})
+ROUTES_KEPT = 1024
+"""Distinct (method, target) verdicts remembered (:meth:`Gateway._route`); past that they start over."""
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """The checks' verdict on one (method, request target): normalised segments, allowed, upstream target."""
+
+    segments: tuple[str, ...]
+    allowed: bool
+    upstream: str  # the path rebuilt from the normalised segments, plus the query as sent
+    write: bool
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,25 +166,17 @@ class Gateway:
         self.active = 0
         self.warn = RateLimitedLog(log)
         self.http: HTTPServer | None = None
-        self._session: aiohttp.ClientSession | None = None
+        self._pools: dict[tuple[str, int], PinnedPool] = {}  # (host, api_port) -> its pinned connections
+        self._client_tls: ssl.SSLContext | None = None
         self._pin_locks: dict[str, asyncio.Lock] = {}
-        # One Fingerprint object per pinned digest: aiohttp keys its connection pool on the object itself
-        # (it has no value equality), so a new object per request would never reuse a connection.
-        self._fingerprints: dict[bytes, aiohttp.Fingerprint] = {}
-        self._client_timeout: aiohttp.ClientTimeout | None = None
+        self._routes: dict[tuple[str, str], Route] = {}
+        self._routes_for: object = None  # the allow-list the remembered routes were decided under
         self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
         self._rechecked = 0.0
         self._rechecks: set[asyncio.Task[None]] = set()
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
-
-    def _timeout(self) -> aiohttp.ClientTimeout:
-        """One ClientTimeout per configured value (it is immutable; the config may change at SIGHUP)."""
-        total = self.service.config.api_upstream_timeout
-        if self._client_timeout is None or self._client_timeout.total != total:
-            self._client_timeout = aiohttp.ClientTimeout(total=total)
-        return self._client_timeout
 
     async def start(self) -> None:
         config = self.service.config
@@ -195,19 +200,24 @@ class Gateway:
         log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
 
     async def open_client(self) -> None:
-        """The keep-alive connection pool toward the nodes (every connection pinned per request)."""
-        self._session = aiohttp.ClientSession(
-            connector=aiohttp.TCPConnector(limit=0, limit_per_host=64, keepalive_timeout=30),
-            auto_decompress=False,
-        )
+        """Get ready to open pinned connections to the nodes (one keep-alive pool per node, made on first use)."""
+        self._client_tls = client_context()
+
+    def _pool(self, host: str, port: int) -> PinnedPool:
+        pool = self._pools.get((host, port))
+        if pool is None:
+            assert self._client_tls is not None, "open_client() first"
+            pool = self._pools[(host, port)] = PinnedPool(host, port, self._client_tls)
+        return pool
 
     async def close(self) -> None:
         for task in list(self._rechecks):
             task.cancel()
         if self.http is not None:
             await self.http.close()
-        if self._session is not None:
-            await self._session.close()
+        for pool in self._pools.values():
+            pool.close()
+        self._pools.clear()
 
     # -- requests -----------------------------------------------------------------------------
 
@@ -220,11 +230,12 @@ class Gateway:
         method = request.method
         target = request.raw_path
         try:
-            segments = canonical_version(normalize_path(target))
+            route = self._route(method, target)
         except PathError as exc:
             self.count("bad_path")
             return json_error(400, str(exc))
-        if not self._allowed(method, segments):
+        segments = route.segments
+        if not route.allowed:
             self.count("forbidden")
             shown = render_path(segments)[:200]
             self.warn("request %s %s refused by AllowedRequests", method[:20], shown)
@@ -244,22 +255,46 @@ class Gateway:
             )
             if isinstance(body, web.Response):
                 return body
-            path = "/" + "/".join(quote(s, safe="") for s in segments)
-            query = target.partition("?")[2]
-            if query:
-                path += "?" + query
+            path = route.upstream
             headers = self._upstream_headers(request)
-            if is_write(method, segments):
-                route = await self.service.readiness.route_write()
-                if route.refusal is not None:
+            if route.write:
+                to = await self.service.readiness.route_write()
+                if to.refusal is not None:
                     self.service.stats.bump(self.service.stats.api_retries, "no_control")
-                    return json_error(503, f"write refused, no instance was changed: {route.refusal}")
-                if route.control is not None:
-                    return await self._to_control(self.service.instances[route.control], method, path, headers, body)
+                    return json_error(503, f"write refused, no instance was changed: {to.refusal}")
+                if to.control is not None:
+                    return await self._to_control(self.service.instances[to.control], method, path, headers, body)
                 return await self._fan_out(method, path, headers, body)
             return await self._one(method, path, headers, body)
         finally:
             self.active -= 1
+
+    def _route(self, method: str, target: str) -> Route:
+        """What the checks decide about ``method target``, remembered per (method, target) and allow-list.
+
+        Clients repeat the same few requests (``POST /api/1.1/lookup``): normalising, matching the
+        allow-list and re-encoding the path once, not per request.  A new allow-list (SIGHUP) starts over.
+
+        Raises:
+            PathError: the target does not normalise (never remembered: rare, and counted each time).
+        """
+        rules = self.service.config.allowed
+        if rules is not self._routes_for:
+            self._routes.clear()
+            self._routes_for = rules
+        key = (method, target)
+        route = self._routes.get(key)
+        if route is None:
+            segments = canonical_version(normalize_path(target))
+            upstream = "/" + "/".join(quote(s, safe="") for s in segments)
+            query = target.partition("?")[2]
+            if query:
+                upstream += "?" + query
+            route = Route(segments, self._allowed(method, segments), upstream, is_write(method, segments))
+            if len(self._routes) >= ROUTES_KEPT:
+                self._routes.clear()
+            self._routes[key] = route
+        return route
 
     def _allowed(self, method: str, segments: tuple[str, ...]) -> bool:
         return any(
@@ -305,7 +340,7 @@ class Gateway:
         handshake checks the pin again before any byte is sent.
         """
         tried: list[str] = []
-        await self._recheck_refused()
+        self._recheck_refused()
         refused = self.refused
         candidates = sorted(
             self._up(), key=lambda i: (i.key in refused, self.inflight.get(i.key, 0), self.service.rng.random())
@@ -347,7 +382,7 @@ class Gateway:
 
     async def _fan_out(self, method: str, path: str, headers: dict[str, str], body: bytes) -> web.StreamResponse:
         enabled = [i for i in self.service.instances.values() if i.settings.enabled]
-        await self._recheck_refused()
+        self._recheck_refused()
         down = [i.key for i in enabled if i.state is not InstanceState.UP]
         refused = [i.key for i in enabled if i.key in self.refused]
         if not enabled or down or refused:
@@ -441,11 +476,11 @@ class Gateway:
         path: str,
         headers: dict[str, str],
         body: bytes,
-        client_timeout: aiohttp.ClientTimeout | None = None,
+        client_timeout: float | None = None,
         *,
         probe: bool = False,
     ) -> Answer:
-        """Send one request to ``inst`` over a pinned connection (``client_timeout``: else UpstreamTimeout).
+        """Send one request to ``inst`` over a pinned connection (``client_timeout`` seconds, else UpstreamTimeout).
 
         ``probe``: the balancer's own ``/readyz`` poll, not a user's request: a pin mismatch it meets
         takes the instance out of REST rotation all the same, but is not counted as a gateway failure.
@@ -454,41 +489,25 @@ class Gateway:
             PinMismatch: the node presented another certificate (nothing was sent).
             UpstreamFailed: no answer (connect, TLS, timeout, disconnect before the answer).
         """
-        assert self._session is not None
-        pin = await self.pin_of(inst)
-        url = f"https://{_host(inst.settings.host)}:{inst.settings.api_port}{path}"
-        self.inflight[inst.key] = self.inflight.get(inst.key, 0) + 1
+        pin = self._cached_pin(inst) or await self.pin_of(inst)  # no coroutine when the pin is known
+        settings = inst.settings
+        pool = self._pool(settings.host, settings.api_port)
+        timeout = client_timeout or self.service.config.api_upstream_timeout
+        key = inst.key
+        inflight = self.inflight
+        inflight[key] = inflight.get(key, 0) + 1
         try:
-            async with self._session.request(
-                method,
-                url,
-                headers=headers,
-                data=body if body or method not in READ_METHODS else None,
-                ssl=self._fingerprint(pin),
-                timeout=client_timeout or self._timeout(),
-                allow_redirects=False,
-            ) as resp:
-                data = await resp.read()
-                kept = {k: v for k, v in resp.headers.items() if k.lower() not in RESPONSE_DROP}
-                self._readmit(inst, pin)
-                return Answer(resp.status, kept, data)
-        except aiohttp.ServerFingerprintMismatch as exc:
+            answer = await pool.request(pin.sha256, method, path, headers, body, timeout)
+        except PeerCertificateMismatch as exc:
             mismatch = PinMismatch(inst, pin.fingerprint, _colon(exc.got))
             self._refuse(mismatch, pin, count=not probe)
             raise mismatch from None
-        except (aiohttp.ClientError, TimeoutError, OSError) as exc:  # their own texts show Python objects
-            raise UpstreamFailed(describe(exc)) from None
         finally:
-            self.inflight[inst.key] -= 1
-
-    def _fingerprint(self, pin: Pin) -> aiohttp.Fingerprint:
-        digest = pin.sha256
-        fingerprint = self._fingerprints.get(digest)
-        if fingerprint is None:
-            if len(self._fingerprints) >= 1024:  # renewed pins over a long life: bounded all the same
-                self._fingerprints.clear()
-            fingerprint = self._fingerprints[digest] = aiohttp.Fingerprint(digest)
-        return fingerprint
+            inflight[key] -= 1
+        if self.refused:
+            self._readmit(inst, pin)
+        kept = {k: v for k, v in answer.headers if k.lower() not in RESPONSE_DROP}
+        return Answer(answer.status, kept, answer.body)
 
     def _refuse(self, exc: PinMismatch[Instance], pin: Pin, *, count: bool = True) -> None:
         """Take the instance out of REST rotation (logged once per refusal, counted every time but for probes)."""
@@ -520,7 +539,7 @@ class Gateway:
                 pin.fingerprint,
             )
 
-    async def _recheck_refused(self) -> None:
+    def _recheck_refused(self) -> None:
         """Start a look at refused instances' certificates (at most every 2 s), in the background: a user
         request never waits for it.  A renewed pin or a node that presents the pinned certificate again
         brings them back without a request byte sent."""
@@ -563,10 +582,6 @@ def _match_canonical(pattern: tuple[str, ...], segments: tuple[str, ...]) -> boo
         if want != got:
             return False
     return True
-
-
-def _host(host: str) -> str:
-    return f"[{host}]" if ":" in host else host
 
 
 def _colon(digest: bytes) -> str:

@@ -28,7 +28,6 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, Literal, Protocol
 
-import aiohttp
 from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate import runtime
@@ -298,10 +297,10 @@ def refresh_view(view: View, settings: InstanceSettings) -> View:
     return view
 
 
-async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: aiohttp.ClientTimeout) -> None:
+async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: float) -> None:
     """One ``GET /readyz`` through the gateway's pinned path; the answer or the error lands in ``view``.
 
-    A certificate that does not match the pin gets no request byte (aiohttp checks it first), as for
+    A certificate that does not match the pin gets no request byte (the pinned pool checks it first), as for
     every gateway request; ``view.pin_mismatch`` tells it apart from a node that is just unreachable.
     """
     view.pin_mismatch = False
@@ -334,7 +333,6 @@ class ReadinessMonitor:
         self.mismatch = False
         self._mismatch_polls = 0
         self._clamped: dict[str, int | None] = {}  # instance key -> the absurd event_connections last logged
-        self._timeout: aiohttp.ClientTimeout | None = None
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
 
@@ -384,7 +382,7 @@ class ReadinessMonitor:
 
     async def _poll_one(self, inst: Instance, view: View) -> None:
         before = (view.role, view.error is None)
-        await probe(self.gateway, inst, view, self._client_timeout())
+        await probe(self.gateway, inst, view, self.service.config.health.timeout)
         stats = self.service.stats
         stats.bump(stats.readiness_polls, _outcome(view))
         self._apply(inst, view)
@@ -448,12 +446,6 @@ class ReadinessMonitor:
         inst.ready, inst.not_ready_reason = ready, "" if ready else reason
         if changed and ready:
             self.service.dispatch()  # events that waited for its first answer, or for a ready instance
-
-    def _client_timeout(self) -> aiohttp.ClientTimeout:
-        total = self.service.config.health.timeout
-        if self._timeout is None or self._timeout.total != total:
-            self._timeout = aiohttp.ClientTimeout(total=total)
-        return self._timeout
 
     def evaluate(self) -> Comparison:
         """Update the mismatch flag from the views; log when it turns on or off."""

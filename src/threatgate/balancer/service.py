@@ -120,7 +120,13 @@ class ClientConnection(EventProtocol):
         return service.dispatcher.outstanding(self) + (self in service._gathered)
 
     def keep_open_after_eof(self) -> bool:
-        return self.service.dispatcher.client_eof(self)  # half-closed: the answers are still on their way
+        """Half-closed: stay open while answers are on their way; else write what was gathered for it now,
+        before the transport closes (a close flushes what was written, not what is still gathered)."""
+        service = self.service
+        if service.dispatcher.client_eof(self):
+            return True
+        service._flush_one(self)
+        return False
 
     def on_active(self) -> None:
         log.debug("client %s connected (%s)", self.peer, _describe(self.flags))
@@ -386,20 +392,31 @@ class BalancerService:
 
     async def _connect(self, action: Connect) -> None:
         loop = asyncio.get_running_loop()
-        key = action.lane
+        key, attempt = action.lane, action.attempt
         try:
             _, upstream = await asyncio.wait_for(
                 loop.create_connection(lambda: UpstreamProtocol(self, key), action.host, action.port),
                 self.config.health.timeout,
             )
         except (OSError, TimeoutError) as exc:
-            self.apply(self.dispatcher.lane_failed(key, f"event connection failed: {describe(exc)}", self._now()))
+            why = f"event connection failed: {describe(exc)}"
+            self.apply(self.dispatcher.connect_failed(key, attempt, why, self._now()))
             return
         if upstream.transport is None:  # lost before we got here: connection_lost found no lane to report to
-            self.apply(self.dispatcher.lane_failed(key, "event connection lost: closed by the node", self._now()))
+            why = "event connection lost: closed by the node"
+            self.apply(self.dispatcher.connect_failed(key, attempt, why, self._now()))
             return
-        self._upstreams[key] = upstream
-        self.apply(self.dispatcher.lane_connected(key, self._now()))
+        wanted, actions = self.dispatcher.lane_connected(key, attempt, self._now())
+        if not wanted:
+            upstream.transport.abort()
+        else:
+            stale = self._upstreams.get(key)
+            self._upstreams[key] = upstream
+            if stale is not None:  # never two connections under one key (the dispatcher had it closed)
+                self._gathered.pop(stale, None)
+                if stale.transport is not None:
+                    stale.transport.abort()
+        self.apply(actions)
 
     def _retry_lane(self, key: str) -> None:
         if not self._should_exit.is_set():
@@ -412,10 +429,10 @@ class BalancerService:
     # -- health checks ------------------------------------------------------------------------
 
     async def _check_loop(self, key: str) -> None:
-        """Active health checks of one instance until it is removed or the balancer stops."""
+        """Active health checks of the instance ``key`` until it is removed or the balancer stops (an instance
+        removed and added again by two quick reloads keeps this loop: it follows the key)."""
         dispatcher = self.dispatcher
-        first = dispatcher.instances.get(key)
-        while not self._should_exit.is_set() and first is not None and dispatcher.instances.get(key) is first:
+        while not self._should_exit.is_set() and key in dispatcher.instances:
             h = self.config.health
             inst = dispatcher.checked(key)
             if inst is not None:

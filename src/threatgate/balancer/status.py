@@ -16,8 +16,6 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any
 
-import aiohttp
-
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import View, compare_digests, probe, refresh_view, short
 from threatgate.balancer.verify import _Standalone
@@ -36,7 +34,7 @@ async def collect(config: BalancerConfig) -> list[View]:
     """Every configured instance's view, the enabled ones with an API port asked in parallel."""
     gateway = Gateway(_Standalone(config))  # type: ignore[arg-type]
     await gateway.open_client()
-    timeout = aiohttp.ClientTimeout(total=max(5.0, config.health.timeout))
+    timeout = max(5.0, config.health.timeout)
     views: list[View] = []
     asked: list[tuple[Instance, View]] = []
     try:

@@ -49,12 +49,14 @@ class CloseClient(NamedTuple):
 
 
 class Connect(NamedTuple):
-    """Open the lane's event connection; the edge answers with :meth:`Dispatcher.lane_connected` or
-    :meth:`Dispatcher.lane_failed`."""
+    """Open the lane's event connection; the edge answers with ``Dispatcher.lane_connected`` or
+    ``Dispatcher.connect_failed``, naming the attempt (a lane dropped meanwhile may have a successor under
+    the same key: an old attempt's outcome must not touch it)."""
 
     lane: str
     host: str
     port: int
+    attempt: int  # names this attempt: its outcome counts only for the lane that asked for it
 
 
 class Disconnect(NamedTuple):

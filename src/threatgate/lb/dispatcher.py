@@ -134,6 +134,7 @@ class Dispatcher:
         self._compacted_time = -COMPACT_EVERY  # time of the last first-stage compaction
         self._compacted_peak = 0  # the peak it followed: a burst at least twice as large compacts at once
         self.admin: dict[str, str] = {}  # instance key -> what an operator did at run time (until SIGHUP)
+        self._attempts = 0  # connection attempts asked for: each Connect's number
         for settings in config.instances:
             self._add_instance(settings)
 
@@ -482,14 +483,18 @@ class Dispatcher:
         else:
             out.append(Log(logging.DEBUG, "instance %s: line dropped (%s)", (instance.key, why.value)))
 
-    def lane_connected(self, key: str, now: float) -> list[Action]:
-        """The edge opened the lane's connection (after a :class:`Connect`)."""
+    def lane_connected(self, key: str, attempt: int, now: float) -> tuple[bool, list[Action]]:
+        """The edge opened the connection of attempt ``attempt`` for the lane ``key`` (after a :class:`Connect`).
+
+        False: the connection is not wanted (the instance went DOWN, was disabled or removed, the lane was
+        retired, or this is an older attempt than the lane's): the edge closes it.
+        """
         lane = self.lanes.get(key)
-        if lane is not None:
-            lane.connecting = False
-        if lane is None or lane.instance.state is not InstanceState.UP or lane.retiring:
-            # DOWN (another lane failed), disabled, removed or no longer wanted while it was connecting
-            return [Disconnect(key)]
+        if lane is None or not lane.connecting or lane.attempt != attempt:
+            return False, [Log(logging.DEBUG, "lane %s: a connection no longer wanted is closed", (key,))]
+        lane.connecting = False
+        if lane.instance.state is not InstanceState.UP or lane.retiring:
+            return False, []
         lane.connected = True
         lane.writable = True
         lane.last_write = now
@@ -499,7 +504,14 @@ class Dispatcher:
             else Log(logging.INFO, "instance %s: event connection open", (lane.name,))
         ]
         self._dispatch(now, out)
-        return out
+        return True, out
+
+    def connect_failed(self, key: str, attempt: int, why: str, now: float) -> list[Action]:
+        """Attempt ``attempt`` to open the lane ``key`` failed (refused, timed out, lost at once)."""
+        lane = self.lanes.get(key)
+        if lane is None or not lane.connecting or lane.attempt != attempt:
+            return []  # an older attempt, for a lane dropped or connected since: nothing to say about this one
+        return self.lane_failed(key, why, now)
 
     def lane_writable(self, key: str, writable: bool, now: float) -> list[Action]:
         """The lane's write buffer went over its high-water mark (False) or back under it (True)."""
@@ -562,9 +574,15 @@ class Dispatcher:
             and not lane.connected
             and not lane.connecting
         ):
-            lane.connecting = True
-            return [Connect(lane.key, inst.settings.host, inst.settings.matching_port)]
+            return [self._connect(lane)]
         return []
+
+    def _connect(self, lane: Lane) -> Connect:
+        self._attempts += 1
+        lane.attempt = self._attempts
+        lane.connecting = True
+        settings = lane.instance.settings
+        return Connect(lane.key, settings.host, settings.matching_port, lane.attempt)
 
     def _close_lane(self, lane: Lane, out: list[Action]) -> None:
         if lane.connected:
@@ -596,8 +614,7 @@ class Dispatcher:
         """Open every lane of an UP instance that should be open and is not."""
         for lane in inst.lanes:
             if not lane.connected and not lane.connecting and not lane.retiring and lane.retry_at <= now:
-                lane.connecting = True
-                out.append(Connect(lane.key, inst.settings.host, inst.settings.matching_port))
+                out.append(self._connect(lane))
 
     def resize_lanes(self, key: str, why: str, now: float) -> list[Action]:
         """Open or retire lanes after ``connections`` or the node's ``event_connections`` changed.
@@ -713,12 +730,13 @@ class Dispatcher:
 
     def _instance_failed(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
         was = inst.state
-        if inst.health.passive_failure(why) or was is InstanceState.UP:
-            if self._change(inst, Change.FAILED) and was is InstanceState.UP:
+        inst.health.passive_failure(why)
+        if self._change(inst, Change.FAILED):
+            self.stats.bump(self.stats.transitions, "down")
+            if was is InstanceState.DRAIN:
+                out.append(Log(logging.WARNING, "instance %s failed while draining (%s): MAINT", (inst.key, why)))
+            else:
                 out.append(Log(logging.ERROR, "instance %s is DOWN: %s", (inst.key, why)))
-                self.stats.bump(self.stats.transitions, "down")
-        if was is InstanceState.DRAIN and self._change(inst, Change.FAILED):
-            out.append(Log(logging.WARNING, "instance %s failed while draining (%s): MAINT", (inst.key, why)))
         for lane in inst.lanes:
             self._close_lane(lane, out)
         self._redispatch(inst, why, now, out)
@@ -748,6 +766,7 @@ class Dispatcher:
             return out
         if was is InstanceState.DRAIN:
             out.append(Log(logging.INFO, "instance %s: drain called off, it gets events again", (key,)))
+            self._note_availability(now, out)
             self._dispatch(now, out)
         else:
             out.append(Log(logging.INFO, "instance %s enabled; UP after %d health checks", (key, inst.health.rise)))

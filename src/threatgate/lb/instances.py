@@ -134,6 +134,7 @@ class Lane:
         "overdue_streak",
         "losses",
         "retry_at",
+        "attempt",
     )
 
     def __init__(self, instance: Instance, index: int) -> None:
@@ -152,6 +153,7 @@ class Lane:
         self.overdue_streak = 0  # found overdue in a row without finishing an event
         self.losses = 0  # lost on its own (its instance UP) in a row without finishing an event: reconnect backoff
         self.retry_at = 0.0  # time before which it is not reconnected (after losses)
+        self.attempt = 0  # the connection attempt in flight (its Connect's number) while connecting
 
     def __repr__(self) -> str:
         return f"<Lane {self.key} owned={len(self.owned)} connected={self.connected}>"
