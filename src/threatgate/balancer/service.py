@@ -181,6 +181,7 @@ class BalancerService(InstanceOwner):
         self._checkers: dict[str, asyncio.Task[None]] = {}
         self._stats_mark = (time.monotonic(), 0)
         self.bound_port = 0
+        self.listening = runtime.Listening()  # what startup() bound, by name (reported with READY=1)
         for settings in config.instances:
             self._add_instance(settings)
 
@@ -985,9 +986,13 @@ class BalancerService(InstanceOwner):
             }
             senders = queue_gauges(lambda: (self.output, self.alerts.forward))
             self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges, senders))
-            log.info("metrics on http://%s/metrics", self.config.metrics)
+            _, port = self.listening.add("metrics", self._metrics_runner.addresses[0])
+            log.info("metrics on http://%s/metrics", Address(self.config.metrics.host, port))
         await self.alerts.start()
+        self.listening.add("alerts", self.alerts.sockname)
         await self.gateway.start()
+        assert self.gateway.http is not None
+        self.listening.add("api", self.gateway.http.sockname)
         self.readiness.start()
         self._server = await loop.create_server(
             lambda: ClientConnection(self),
@@ -996,7 +1001,7 @@ class BalancerService(InstanceOwner):
             reuse_address=True,
             backlog=1024,
         )
-        self.bound_port = self._server.sockets[0].getsockname()[1]
+        self.bound_port = self.listening.add("events", self._server.sockets[0].getsockname())[1]
         self.listener.start_sweeps()
         log.info(
             "balancer listening for events on %s:%d (scanners_count %d, %d instance(s))",
