@@ -238,11 +238,9 @@ def test_scanners_count_is_node_wide(tmp_path: Path, hashes: dict[str, str]) -> 
 
 
 def test_sigterm_drains_every_worker_then_exits(tmp_path: Path, hashes: dict[str, str]) -> None:  # noqa: F811
-    config, port, api_port, metrics_port = write_config(
-        tmp_path, hashes, workers=2, service_extra="<DrainTimeout>5</DrainTimeout>"
-    )
-    with running_node(config, port) as proc:
-        node = Node(proc, tmp_path, port, api_port, metrics_port)
+    config, _, _, _ = write_config(tmp_path, hashes, workers=2, service_extra="<DrainTimeout>5</DrainTimeout>")
+    with running_node(config) as proc:
+        node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port)
         with sessions(node.event_port, 2) as opened:
             spread_over_both(node, opened)
             count = 20_000
