@@ -211,6 +211,23 @@ def _notify_socket(path: Path) -> tuple[socket.socket, str]:
     return sock, "@" + name
 
 
+def keep_bound_ports(proc: NodeProcess) -> None:
+    """Write the ports a READY node bound for its 0 ports into its config: a restart comes back on them.
+
+    For tests that restart a node where others know it by its ports (a balancer's instance, a pin file).
+    """
+    text = proc.config.read_text()
+    for name, pattern in (
+        ("events", r"(<InputSettings>(?:(?!</InputSettings>).)*?<ConnectionString>[^<]*:)0(?=</ConnectionString>)"),
+        ("api", r"(<HTTPServer\b(?:(?!</HTTPServer>).)*?<ConnectionString>[^<]*:)0(?=</ConnectionString>)"),
+        ("metrics", r"(<MetricsConnectionString[^>]*>[^<]*:)0(?=</MetricsConnectionString>)"),
+    ):
+        if name in proc.bound:
+            port = proc.bound[name][1]
+            text = re.sub(pattern, lambda m, port=port: f"{m[1]}{port}", text, count=1, flags=re.S)
+    proc.config.write_text(text)
+
+
 @contextmanager
 def running_node(config: Path, port: int = 0, env: dict[str, str] | None = None) -> Iterator[NodeProcess]:
     """A started node, READY: ``node.port`` (and ``node.bound``) are what it bound."""
@@ -749,6 +766,15 @@ class GatewayPorts:
     api: int
     alerts: int
 
+    @classmethod
+    def bound_by(cls, balancer: NodeProcess) -> GatewayPorts:
+        """The ports a READY balancer reported (what it bound for the ports written 0)."""
+        return cls(balancer.port, balancer.bound["api"][1], balancer.bound["alerts"][1])
+
+
+BIND_ANY = GatewayPorts(0, 0, 0)
+"""Every port of a balancer 0 in :func:`gateway_config`: it binds them and reports them at READY."""
+
 
 def gateway_config(
     path: Path,
@@ -762,7 +788,7 @@ def gateway_config(
     """Write a balancer config for gateway tests: ``instances`` are (matching_port, api_port) on 127.0.0.1.
 
     ``allowed`` None leaves ``<AllowedRequests>`` out (the read-only defaults); ``extra`` is added as is;
-    ``ports`` (else free ones) are the balancer's own.
+    ``ports`` (else ports free a moment ago; :data:`BIND_ANY` for 0) are the balancer's own.
     """
     ports = ports or GatewayPorts(free_port(), free_port(), free_port())
     rows = "".join(
