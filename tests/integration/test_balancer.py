@@ -375,6 +375,17 @@ def test_events_through_the_balancer_with_socat(example_nodes: Examples, example
     assert any(line.startswith("category=Malicious_URL matchedIndicator=http://fakess123.nu") for line in answers[0])
 
 
+def test_a_balancer_bound_to_port_0_reports_its_ports_at_ready(example_balancer: BalancerProcess) -> None:
+    """Every listening port written 0 is picked at bind, sent with READY=1 and logged as in use."""
+    bound = example_balancer.bound
+    assert set(bound) == {"events", "api", "alerts"} and len({port for _, port in bound.values()}) == 3
+    assert all(host == "127.0.0.1" and port > 0 for host, port in bound.values()), bound
+    log = example_balancer.log()
+    assert f"balancer listening for events on 127.0.0.1:{example_balancer.port} " in log
+    assert f"REST gateway listening on https://127.0.0.1:{bound['api'][1]}\n" in log
+    assert f"listening for service alerts on 127.0.0.1:{bound['alerts'][1]}\n" in log
+
+
 def test_ping_through_the_balancer(example_balancer: BalancerProcess) -> None:
     result = subprocess.run(
         [socat(), "-t", "5", "-", f"TCP:127.0.0.1:{example_balancer.port}"], input=PING, capture_output=True, timeout=20
