@@ -1182,7 +1182,7 @@ def test_425_while_feeds_are_loading(tmp_path: Path, hashes: dict[str, str]) -> 
         assert_error(api.post("/api/8.0/lookup", [{"object": "x"}]), 404)
         assert_error(api.get(LOOKUP), 405)
 
-        proc.wait_for_log(r"node listening for events", timeout=60)
+        proc.wait_ready(timeout=60)
         result = lookup(node, "http://fakess123.nu", "http://h123.big.example/p")
         assert [r["result"] for r in result] == ["detected", "detected"]
         assert api.get("/api/1.1/suppliers/InternalTI").json()[0]["indicators"] == 0  # the 425 stored nothing
