@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from threatgate.runtime import LISTEN_VARIABLE, parse_listening
+from threatgate.runtime import LISTEN_VARIABLE
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_TIMEOUT = 20.0
@@ -184,6 +184,16 @@ class NodeProcess:
         if self._notify is not None:
             self._notify.close()
         return self.proc.returncode
+
+
+def parse_listening(value: str) -> dict[str, tuple[str, int]]:
+    """The addresses in an ``X_THREATGATE_LISTEN`` value (runtime.Listening.variable): name -> (host, port)."""
+    out: dict[str, tuple[str, int]] = {}
+    for item in value.split():
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        out[name] = (host.strip("[]"), int(port))
+    return out
 
 
 def _unused(directory: Path, stem: str, suffix: str) -> Path:

@@ -22,7 +22,7 @@ import logging
 import os
 import signal
 import socket
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine
 from typing import Any, Literal, Protocol
 
 log = logging.getLogger("threatgate")
@@ -47,26 +47,10 @@ class Listening:
         self._bound[name] = (host, port)
         return host, port
 
-    def port(self, name: str) -> int:
-        return self._bound[name][1]
-
-    def __iter__(self) -> Iterator[tuple[str, tuple[str, int]]]:
-        return iter(self._bound.items())
-
     def variable(self) -> str:
         """``X_THREATGATE_LISTEN=events=127.0.0.1:40123 api=[::1]:40124``, in the order they were bound."""
         spelled = (f"{name}=[{h}]:{p}" if ":" in h else f"{name}={h}:{p}" for name, (h, p) in self._bound.items())
         return f"{LISTEN_VARIABLE}={' '.join(spelled)}"
-
-
-def parse_listening(value: str) -> dict[str, tuple[str, int]]:
-    """The addresses in an ``X_THREATGATE_LISTEN`` value (what :meth:`Listening.variable` wrote)."""
-    out: dict[str, tuple[str, int]] = {}
-    for item in value.split():
-        name, _, address = item.partition("=")
-        host, _, port = address.rpartition(":")
-        out[name] = (host.strip("[]"), int(port))
-    return out
 
 
 class Service(Protocol):
