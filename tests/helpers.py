@@ -144,6 +144,19 @@ class NodeProcess:
         self._seen = started.end() if started else 0
         return self.bound
 
+    def notices(self) -> list[str]:
+        """The notices received since :meth:`wait_ready` (or the last call), without waiting."""
+        assert self._notify is not None, "NOTIFY_SOCKET was set by the caller: it receives the notices itself"
+        out = []
+        self._notify.setblocking(False)
+        try:
+            while True:
+                out.append(self._notify.recv(4096).decode())
+        except BlockingIOError:
+            return out
+        finally:
+            self._notify.setblocking(True)
+
     @property
     def api_port(self) -> int:
         return self.bound["api"][1]

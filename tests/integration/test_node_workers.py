@@ -243,6 +243,7 @@ def test_sigterm_drains_every_worker_then_exits(tmp_path: Path, hashes: dict[str
         node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port)
         with sessions(node.event_port, 2) as opened:
             spread_over_both(node, opened)
+            assert proc.notices() == []  # READY=1 came from the master alone: the workers send no notice
             count = 20_000
             for s in opened:  # sent, not read yet: the answers wait in the kernel and the workers' buffers
                 first = s.next_id
