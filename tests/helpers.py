@@ -16,12 +16,20 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from threatgate.runtime import LISTEN_VARIABLE
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 DEFAULT_TIMEOUT = 20.0
 
 
 def free_port() -> int:
-    """A TCP port that was free a moment ago on 127.0.0.1."""
+    """A TCP port that was free a moment ago on 127.0.0.1.
+
+    Only for a port nothing must listen on (a refused connection is the point of the test), or one a
+    config must name before the process starts and keep across restarts: a process under test binds
+    port 0 and reports the port it got (:meth:`NodeProcess.wait_ready`), which no other process can
+    take between the pick and the bind.
+    """
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return int(s.getsockname()[1])
@@ -30,7 +38,7 @@ def free_port() -> int:
 def example_config(
     tmp: Path,
     *,
-    port: int,
+    port: int = 0,
     extra_service: str = "",
     input_extra: str = "",
     output: str = "",
@@ -40,7 +48,9 @@ def example_config(
 ) -> Path:
     """Copy the example config and feeds into ``tmp`` with ``port`` and optional extra elements.
 
-    The REST API listens on ``api_port`` (a free port when None); ``users`` is inserted in ``<Users>``.
+    ``port`` 0 (the default): the node binds the ports the kernel picks and reports them at READY
+    (:meth:`NodeProcess.wait_ready`).  The REST API listens on ``api_port`` (None: 0 as well with
+    ``port`` 0, else a port free a moment ago); ``users`` is inserted in ``<Users>``.
     ``workers``: ``<ScanSettings><Workers>`` (1 by default: one process, as the tests were written
     for; None leaves the element out, which means ``auto``).
     """
@@ -51,7 +61,9 @@ def example_config(
         f"<ConnectionString>127.0.0.1:{port}</ConnectionString>" + input_extra,
     )
     text = text.replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>9</ScannersCount>" + extra_service)
-    text = text.replace("127.0.0.1:8443", f"127.0.0.1:{api_port or free_port()}")
+    if api_port is None:
+        api_port = 0 if port == 0 else free_port()
+    text = text.replace("127.0.0.1:8443", f"127.0.0.1:{api_port}")
     text = text.replace("<Users>", "<Users>" + users)
     if output:
         text = re.sub(r"<ConnectionString>127\.0\.0\.1:9998</ConnectionString>", output, text)
@@ -65,25 +77,93 @@ def example_config(
 
 
 class NodeProcess:
-    """A ``threatgate node`` child process whose stderr is captured in a file we can wait on."""
+    """A ``threatgate node`` child process whose stderr is captured in a file we can wait on.
+
+    The process gets its own ``NOTIFY_SOCKET`` (unless the caller set one: it listens itself), so
+    :meth:`wait_ready` waits for the READY=1 notice systemd would get, and reads from it the ports the
+    process bound (``X_THREATGATE_LISTEN``): a port configured as 0 is known once it is in use.
+    """
 
     command = "node"
 
-    def __init__(self, config: Path, port: int, env: dict[str, str] | None = None) -> None:
+    def __init__(self, config: Path, port: int = 0, env: dict[str, str] | None = None) -> None:
         self.config = config
         self.port = port
-        self.log_path = config.parent / f"{self.command}-{port}.log"
+        """The event port: as configured, then (after :meth:`wait_ready`) as bound."""
+        self.bound: dict[str, tuple[str, int]] = {}
+        """What the process reported binding, by name (``events``, ``api``, ``alerts``, ``metrics``)."""
+        self.log_path = _unused(config.parent, f"{self.command}-{port}" if port else self.command, ".log")
         self._log = open(self.log_path, "wb")  # noqa: SIM115 - closed in stop()
+        env = {**os.environ, **(env or {})}
+        self._notify: socket.socket | None = None
+        if "NOTIFY_SOCKET" not in env:
+            self._notify, env["NOTIFY_SOCKET"] = _notify_socket(self.log_path.with_suffix(".notify"))
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "threatgate", self.command, "--config", str(config), "--log-level", "inf"],
             stdout=self._log,
             stderr=subprocess.STDOUT,
-            env={**os.environ, **env} if env else None,
+            env=env,
         )
         self._seen = 0
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log().splitlines()[-lines:])
+
+    def wait_ready(self, timeout: float = DEFAULT_TIMEOUT) -> dict[str, tuple[str, int]]:
+        """Block until the process sends READY=1 (start-up done, every port bound); the addresses it bound.
+
+        Sets :attr:`port` to the bound event port, and the log cursor of :meth:`wait_for_log` after the
+        start-up's "listening for events" line, where waiting for that line used to leave it.  Fails,
+        with the log's tail, when the process exits or ``timeout`` passes first.
+        """
+        assert self._notify is not None, "NOTIFY_SOCKET was set by the caller: it receives READY itself"
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AssertionError(f"{self.command}: no READY=1 within {timeout} s; log tail:\n{self.log_tail()}")
+            if self.proc.poll() is not None:
+                raise AssertionError(
+                    f"{self.command} exited ({self.proc.returncode}) before READY=1; log tail:\n{self.log_tail()}"
+                )
+            self._notify.settimeout(min(left, 0.1))
+            try:
+                message = self._notify.recv(4096).decode()
+            except TimeoutError:
+                continue
+            fields = dict(line.partition("=")[::2] for line in message.splitlines())
+            if fields.get("READY") == "1":
+                break
+        self.bound = parse_listening(fields.get(LISTEN_VARIABLE, ""))
+        if "events" in self.bound:
+            self.port = self.bound["events"][1]
+        started = re.search(rf"{self.command} listening for events", self.log())
+        self._seen = started.end() if started else 0
+        return self.bound
+
+    def notices(self) -> list[str]:
+        """The notices received since :meth:`wait_ready` (or the last call), without waiting."""
+        assert self._notify is not None, "NOTIFY_SOCKET was set by the caller: it receives the notices itself"
+        out = []
+        self._notify.setblocking(False)
+        try:
+            while True:
+                out.append(self._notify.recv(4096).decode())
+        except BlockingIOError:
+            return out
+        finally:
+            self._notify.setblocking(True)
+
+    @property
+    def api_port(self) -> int:
+        return self.bound["api"][1]
+
+    @property
+    def metrics_port(self) -> int:
+        return self.bound["metrics"][1]
 
     def wait_for_log(self, pattern: str, timeout: float = DEFAULT_TIMEOUT, after: int | None = None) -> re.Match[str]:
         """Block until ``pattern`` appears in the log (after offset ``after``); fail on exit or timeout."""
@@ -114,14 +194,69 @@ class NodeProcess:
                 self.proc.kill()
                 self.proc.wait()
         self._log.close()
+        if self._notify is not None:
+            self._notify.close()
         return self.proc.returncode
 
 
+def parse_listening(value: str) -> dict[str, tuple[str, int]]:
+    """The addresses in an ``X_THREATGATE_LISTEN`` value (runtime.Listening.variable): name -> (host, port)."""
+    out: dict[str, tuple[str, int]] = {}
+    for item in value.split():
+        name, _, address = item.partition("=")
+        host, _, port = address.rpartition(":")
+        out[name] = (host.strip("[]"), int(port))
+    return out
+
+
+def _unused(directory: Path, stem: str, suffix: str) -> Path:
+    """``directory/stem<suffix>``, or ``stem-2``, ``stem-3``... when taken (two port-0 processes share a directory)."""
+    path, n = directory / f"{stem}{suffix}", 1
+    while path.exists():
+        n += 1
+        path = directory / f"{stem}-{n}{suffix}"
+    return path
+
+
+def _notify_socket(path: Path) -> tuple[socket.socket, str]:
+    """A bound SOCK_DGRAM unix socket to pass as ``NOTIFY_SOCKET``, and its address.
+
+    At ``path`` (in the test's directory) when it fits a unix socket name (107 bytes); else in the
+    abstract namespace (``@...``, which runtime.notify knows), named after this test process and the path.
+    """
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+    if len(os.fsencode(path)) < 100:
+        path.unlink(missing_ok=True)
+        sock.bind(str(path))
+        return sock, str(path)
+    name = f"threatgate-test-{os.getpid()}-{abs(hash(str(path)))}"
+    sock.bind("\0" + name)
+    return sock, "@" + name
+
+
+def keep_bound_ports(proc: NodeProcess) -> None:
+    """Write the ports a READY node bound for its 0 ports into its config: a restart comes back on them.
+
+    For tests that restart a node where others know it by its ports (a balancer's instance, a pin file).
+    """
+    text = proc.config.read_text()
+    for name, pattern in (
+        ("events", r"(<InputSettings>(?:(?!</InputSettings>).)*?<ConnectionString>[^<]*:)0(?=</ConnectionString>)"),
+        ("api", r"(<HTTPServer\b(?:(?!</HTTPServer>).)*?<ConnectionString>[^<]*:)0(?=</ConnectionString>)"),
+        ("metrics", r"(<MetricsConnectionString[^>]*>[^<]*:)0(?=</MetricsConnectionString>)"),
+    ):
+        if name in proc.bound:
+            port = proc.bound[name][1]
+            text = re.sub(pattern, lambda m, port=port: f"{m[1]}{port}", text, count=1, flags=re.S)
+    proc.config.write_text(text)
+
+
 @contextmanager
-def running_node(config: Path, port: int, env: dict[str, str] | None = None) -> Iterator[NodeProcess]:
+def running_node(config: Path, port: int = 0, env: dict[str, str] | None = None) -> Iterator[NodeProcess]:
+    """A started node, READY: ``node.port`` (and ``node.bound``) are what it bound."""
     node = NodeProcess(config, port, env)
     try:
-        node.wait_for_log(r"node listening for events")
+        node.wait_ready()
         yield node
     finally:
         node.stop()
@@ -240,10 +375,11 @@ class BalancerProcess(NodeProcess):
 
 
 @contextmanager
-def running_balancer(config: Path, port: int) -> Iterator[BalancerProcess]:
+def running_balancer(config: Path, port: int = 0) -> Iterator[BalancerProcess]:
+    """A started balancer, READY: ``balancer.port`` (and ``balancer.bound``) are what it bound."""
     balancer = BalancerProcess(config, port)
     try:
-        balancer.wait_for_log(r"balancer listening for events")
+        balancer.wait_ready()
         yield balancer
     finally:
         balancer.stop()
@@ -290,7 +426,7 @@ refuses the check at once; the long timeout only keeps a slow PONG on an overloa
 def balancer_config(
     path: Path,
     *,
-    port: int,
+    port: int = 0,
     instances: list[int],
     disabled: tuple[int, ...] = (),
     scanners_count: int = 20,
@@ -301,14 +437,18 @@ def balancer_config(
 
     An element of ``extra`` replaces the example's element of the same name.  The instances are
     ``<Instance matching_port="P" enabled="true|false">127.0.0.1</Instance>`` (``disabled`` ones false).
-    API and alert ports are kept across rewrites of the same file (SIGHUP tests).
+    API and alert ports are kept across rewrites of the same file (SIGHUP tests); with ``port`` 0 (the
+    default) they are 0 as well: the balancer binds what the kernel picks and reports it at READY.
     """
     text = (EXAMPLES / "balancer.conf").read_text()
     for tag in set(re.findall(r"<(\w+)", extra)):
         text = re.sub(rf"\n *<{tag}\b(?:[^>]*/>|.*?</{tag}>)", "", text, flags=re.S)
     old = path.read_text() if path.exists() else ""
     kept = re.search(r'api_port="(\d+)" cybertrace_port="(\d+)"', old)
-    api, alerts = (int(kept[1]), int(kept[2])) if kept else free_ports(2, exclude=(port, *instances))
+    if kept:
+        api, alerts = int(kept[1]), int(kept[2])
+    else:
+        api, alerts = (0, 0) if port == 0 else free_ports(2, exclude=(port, *instances))
     lines = "".join(
         f'    <Instance matching_port="{p}" enabled="{"false" if p in disabled else "true"}">127.0.0.1</Instance>\n'
         for p in instances
@@ -649,6 +789,15 @@ class GatewayPorts:
     api: int
     alerts: int
 
+    @classmethod
+    def bound_by(cls, balancer: NodeProcess) -> GatewayPorts:
+        """The ports a READY balancer reported (what it bound for the ports written 0)."""
+        return cls(balancer.port, balancer.bound["api"][1], balancer.bound["alerts"][1])
+
+
+BIND_ANY = GatewayPorts(0, 0, 0)
+"""Every port of a balancer 0 in :func:`gateway_config`: it binds them and reports them at READY."""
+
 
 def gateway_config(
     path: Path,
@@ -662,7 +811,7 @@ def gateway_config(
     """Write a balancer config for gateway tests: ``instances`` are (matching_port, api_port) on 127.0.0.1.
 
     ``allowed`` None leaves ``<AllowedRequests>`` out (the read-only defaults); ``extra`` is added as is;
-    ``ports`` (else free ones) are the balancer's own.
+    ``ports`` (else ports free a moment ago; :data:`BIND_ANY` for 0) are the balancer's own.
     """
     ports = ports or GatewayPorts(free_port(), free_port(), free_port())
     rows = "".join(

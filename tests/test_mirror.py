@@ -56,9 +56,6 @@ EXEMPT: dict[str, Exempt] = {
         "pin_rows, decide_renewal, fingerprint_text; also tests/integration/test_gateway.py; "
         "being reworked in issue 15",
     ),
-    "net/events.py": Exempt(
-        "tests/integration/test_balancer.py", "tests/net/test_events.py is being written in another slice of issue 15"
-    ),
     # -- only meaningful with real processes, sockets or etcd: the integration tests cover them ----------------
     "node/service.py": Exempt(
         "tests/integration/test_node_process.py",

@@ -9,7 +9,9 @@ The loop is uvloop's when it is installed (the ``speed`` extra), else asyncio's.
 
 Under systemd (``Type=notify``, packaging/), :func:`notify` tells the service manager when the
 process is ready (feeds loaded, listening) and when it is stopping, so ``systemctl start`` returns
-only once events can be sent, and dependent units start after it.
+only once events can be sent, and dependent units start after it.  The READY notice also carries
+what the process bound (:class:`Listening`, as ``X_THREATGATE_LISTEN``): a port configured as 0 is
+picked by the kernel, and whoever started the process (a test, a supervisor) reads it there.
 """
 
 from __future__ import annotations
@@ -25,8 +27,36 @@ from typing import Any, Literal, Protocol
 
 log = logging.getLogger("threatgate")
 
+LISTEN_VARIABLE = "X_THREATGATE_LISTEN"
+"""The READY notice's variable naming the bound addresses (systemd leaves ``X_`` names to applications)."""
+
+
+class Listening:
+    """The addresses a process listens on, by name (``events``, ``api``, ``alerts``, ``metrics``).
+
+    Filled at start-up with what each socket actually bound, so a port configured as 0 (the kernel
+    picks one) is reported as the port in use: in the "listening" log lines and in the READY notice.
+    """
+
+    def __init__(self) -> None:
+        self._bound: dict[str, tuple[str, int]] = {}
+
+    def add(self, name: str, sockname: Any) -> tuple[str, int]:
+        """Record ``name``'s bound address (a ``getsockname()`` result: IPv4 or IPv6); returns (host, port)."""
+        host, port = str(sockname[0]), int(sockname[1])
+        self._bound[name] = (host, port)
+        return host, port
+
+    def variable(self) -> str:
+        """``X_THREATGATE_LISTEN=events=127.0.0.1:40123 api=[::1]:40124``, in the order they were bound."""
+        spelled = (f"{name}=[{h}]:{p}" if ":" in h else f"{name}={h}:{p}" for name, (h, p) in self._bound.items())
+        return f"{LISTEN_VARIABLE}={' '.join(spelled)}"
+
 
 class Service(Protocol):
+    listening: Listening
+    """What :meth:`startup` bound: sent with READY=1."""
+
     async def startup(self) -> None: ...
 
     async def main_loop(self) -> None: ...
@@ -78,7 +108,7 @@ async def serve(service: Service) -> None:
     try:
         try:
             await service.startup()
-            notify("READY=1\nSTATUS=serving")
+            notify(f"READY=1\nSTATUS=serving\n{service.listening.variable()}")
             await service.main_loop()
         finally:
             notify("STOPPING=1")

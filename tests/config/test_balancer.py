@@ -150,9 +150,9 @@ def test_missing_mandatory_balancer_attribute(tmp_path: Path, attr: str) -> None
 @pytest.mark.parametrize(
     ("attr", "value", "problem"),
     [
-        ("matching_port", "0", "matching_port=0: expected 1-65535"),
-        ("api_port", "65536", "api_port=65536: expected 1-65535"),
-        ("cybertrace_port", "0", "cybertrace_port=0: expected 1-65535"),
+        ("matching_port", "65536", "matching_port=65536: expected 0-65535"),
+        ("api_port", "65536", "api_port=65536: expected 0-65535"),
+        ("cybertrace_port", "70000", "cybertrace_port=70000: expected 0-65535"),
         ("scanners_count", str(MAX_SCANNERS + 1), "scanners_count=101: expected 1-100"),
         ("scanners_count", "0", "scanners_count=0: expected 1-100"),
         ("matching_port", "http", "matching_port='http': expected an integer"),

@@ -17,7 +17,8 @@ def test_bounds_come_from_the_model() -> None:
     assert field_bounds(ServiceSettings, "idle_timeout") == (0, 86400)
     assert field_bounds(ScanSettings, "workers") == (1, 64)  # inside Annotated, in a union with "auto"
     assert field_bounds(InstanceSettings, "connections") == (1, 64)
-    assert field_bounds(BalancerConfig, "matching_port") == (1, 65535)
+    assert field_bounds(BalancerConfig, "matching_port") == (0, 65535)  # a listen port: 0 picks one
+    assert field_bounds(InstanceSettings, "matching_port") == (1, 65535)  # an address to connect to
     assert field_bounds(FeedsSettings, "per_scan_detect_limit") == (0, 1_000_000)
     assert field_bounds(BalancerConfig, "path") == (-UNBOUNDED, UNBOUNDED)  # no bounds declared
     assert field_range(ClusterSettings, "heartbeat") == (0.1, 60.0)

@@ -189,8 +189,8 @@ BAD_CONFIGS: list[tuple[str, Callable[[str], str], str, str, str]] = [
         "missing mandatory element <ConnectionString>",
     ),
     (
-        "port-0",
-        replace_once("127.0.0.1:9999", "127.0.0.1:0"),
+        "port-0",  # an address to connect to: a listen address may be 0 (the kernel picks the port)
+        replace_once("127.0.0.1:9998", "127.0.0.1:0"),
         "127.0.0.1:0",
         "ConnectionString",
         "bad port '0'",

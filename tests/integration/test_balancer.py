@@ -43,7 +43,6 @@ from tests.helpers import (
     balancer_config,
     example_config,
     exchange,
-    free_port,
     free_ports,
     read_all,
     read_lines,
@@ -70,13 +69,16 @@ def instance(port: int) -> str:
 
 @contextmanager
 def nodes(*configs: tuple[Path, int], env: dict[str, str] | None = None) -> Iterator[list[NodeProcess]]:
-    """Start nodes in parallel (each loads its feeds), wait until all listen, stop them all at the end."""
+    """Start nodes in parallel (each loads its feeds), wait until all are READY, stop them all at the end.
+
+    A port 0 in a config is bound by its node: ``proc.port`` is the port it got.
+    """
     procs: list[NodeProcess] = []
     try:
         for config, port in configs:
             procs.append(NodeProcess(config, port, env))
         for proc in procs:
-            proc.wait_for_log(r"node listening for events", timeout=STARTUP_TIMEOUT)
+            proc.wait_ready(timeout=STARTUP_TIMEOUT)
         yield procs
     finally:
         for proc in procs:
@@ -85,10 +87,13 @@ def nodes(*configs: tuple[Path, int], env: dict[str, str] | None = None) -> Iter
 
 @contextmanager
 def balancer_for(path: Path, ports: list[int], **options: object) -> Iterator[BalancerProcess]:
-    """A balancer in front of ``ports`` (written with :func:`balancer_config`), once every instance is UP."""
-    port = free_port()
-    balancer_config(path, port=port, instances=ports, **options)
-    with running_balancer(path, port) as balancer:
+    """A balancer in front of ``ports`` (written with :func:`balancer_config`), once every instance is UP.
+
+    Its own ports are 0 (``balancer.port`` is the event port it bound): a SIGHUP rewrite of ``path`` with
+    :func:`balancer_config` keeps them so (its ``port`` left at 0).
+    """
+    balancer_config(path, instances=ports, **options)
+    with running_balancer(path) as balancer:
         wait_for_log_count(balancer, r"instance 127\.0\.0\.1:\d+ is UP", len(ports), timeout=STARTUP_TIMEOUT)
         yield balancer
 
@@ -134,9 +139,10 @@ class Dataset:
         """Events ``start + 1`` to ``stop`` (0-based, half-open, like a slice)."""
         return self.events[self.offsets[start] : self.offsets[stop]]
 
-    def node_config(self, port: int, metrics_port: int | None = None, workers: int = 1) -> Path:
+    def node_config(self, port: int = 0, metrics_port: int | None = None, workers: int = 1) -> Path:
         """The generated node.conf (feeds next to it) with event port ``port``, metrics on ``metrics_port``,
-        ``workers`` worker processes (1: one process, as these tests were written for)."""
+        ``workers`` worker processes (1: one process, as these tests were written for).  Port 0 (the
+        default; metrics too): bound by the node, read from its READY (``NodeProcess.port``, ``metrics_port``)."""
         text = (self.dir / "node.conf").read_text()
         old = "<ConnectionString>127.0.0.1:9999</ConnectionString>"
         assert text.count(old) == 1
@@ -151,6 +157,10 @@ class Dataset:
                 "</ServiceSettings>\n</Configuration>",
             )
         path = self.dir / f"node-{port}.conf"
+        n = 1
+        while port == 0 and path.exists():  # one file per node: several share port 0
+            n += 1
+            path = self.dir / f"node-0-{n}.conf"
         path.write_text(text)
         return path
 
@@ -177,8 +187,8 @@ def dataset(tmp_path_factory: pytest.TempPathFactory) -> Dataset:
     # The reference: the same events straight to one node (numbered 1..EVENTS, so REQ is the event number).
     # Meanwhile, health checks as the balancer sends them: how many events pass before each PONG.
     data = Dataset(out, events, offsets, [], [])
-    port = free_port()
-    with nodes((data.node_config(port), port)), client(port) as (_, reader, writer):
+    with nodes((data.node_config(), 0)) as [node], client(node.port) as (_, reader, writer):
+        port = node.port
         writer.send(REPLY_FLAGS + events)
         writer.shutdown()
         for n in range(5):
@@ -214,10 +224,9 @@ flight when it acts: the compiled engine answers the 27,000 events left of a 30,
 @pytest.mark.timeout(300)
 def test_node_killed_mid_stream_every_detection_exactly_once(dataset: Dataset, tmp_path: Path) -> None:
     """200,000 events through 2 nodes; one is SIGKILLed halfway; each event's answer arrives once, as from one node."""
-    ports = free_ports(2)
     with (
-        nodes(*[(dataset.node_config(p), p) for p in ports], env=SLOW_NODES) as (victim, survivor),
-        balancer_for(tmp_path / "kl_balancer.conf", ports) as balancer,
+        nodes(*[(dataset.node_config(), 0) for _ in range(2)], env=SLOW_NODES) as (victim, survivor),
+        balancer_for(tmp_path / "kl_balancer.conf", [victim.port, survivor.port]) as balancer,
         client(balancer.port) as (_, reader, writer),
     ):
         writer.send(REPLY_FLAGS + dataset.events)
@@ -255,20 +264,19 @@ def test_a_node_busy_with_a_stream_answers_health_checks_at_once(dataset: Datase
 def test_disable_and_enable_an_instance_with_sighup_under_load(dataset: Dataset, tmp_path: Path) -> None:
     """SIGHUP with ``enabled="false"``: the instance gets nothing more, its unfinished events go elsewhere;
     an invalid file is refused and the running configuration kept; enabled again it is UP and serves."""
-    picked = free_ports(4)
-    ports, metrics = picked[:2], picked[2:]
     config = tmp_path / "kl_balancer.conf"
     cuts = [0, 30_000, 40_000, 45_000, 75_000, 80_000]
     with (
-        nodes(*[(dataset.node_config(p, m), p) for p, m in zip(ports, metrics, strict=True)], env=SLOW_NODES) as (a, b),
-        balancer_for(config, ports) as balancer,
+        nodes(*[(dataset.node_config(0, 0), 0) for _ in range(2)], env=SLOW_NODES) as (a, b),
+        balancer_for(config, [a.port, b.port]) as balancer,
         client(balancer.port) as (_, reader, writer),
     ):
+        ports, metrics = [a.port, b.port], [a.metrics_port, b.metrics_port]
         writer.send(REPLY_FLAGS + dataset.chunk(cuts[0], cuts[1]))
         reader.wait_finished(3_000, timeout=STREAM_TIMEOUT)
         # Disable a while both instances hold events.
         mark = balancer.log_offset()
-        balancer_config(config, port=balancer.port, instances=ports, disabled=(a.port,))
+        balancer_config(config, instances=ports, disabled=(a.port,))
         balancer.signal(signal.SIGHUP)
         balancer.wait_for_log(rf"{instance(a.port)} disabled \(MAINT\)", after=mark)
         balancer.wait_for_log(r"configuration reloaded from ", after=mark)
@@ -284,7 +292,7 @@ def test_disable_and_enable_an_instance_with_sighup_under_load(dataset: Dataset,
         assert metric_events(metrics[0]) == a_matched  # disabled: not one event more
         # An invalid file (that would enable it) is refused: the running configuration stays.
         mark = balancer.log_offset()
-        balancer_config(config, port=balancer.port, instances=ports, extra="<Bogus/>")
+        balancer_config(config, instances=ports, extra="<Bogus/>")
         balancer.signal(signal.SIGHUP)
         refused = balancer.wait_for_log(r"configuration not reloaded, keeping the running one: (.*)", after=mark)
         assert refused[1].startswith(f"{config}:") and "<Bogus>: unknown element" in refused[1]
@@ -294,7 +302,7 @@ def test_disable_and_enable_an_instance_with_sighup_under_load(dataset: Dataset,
         assert "configuration reloaded" not in balancer.log()[mark:]
         # Enabled again (and rise="2" now): health checks bring it UP and it gets events again.
         mark = balancer.log_offset()
-        balancer_config(config, port=balancer.port, instances=ports, health=HEALTH_FAST.replace('rise="1"', 'rise="2"'))
+        balancer_config(config, instances=ports, health=HEALTH_FAST.replace('rise="1"', 'rise="2"'))
         balancer.signal(signal.SIGHUP)
         balancer.wait_for_log(rf"{instance(a.port)} enabled; UP after 2 health checks", after=mark)
         balancer.wait_for_log(rf"{instance(a.port)} is UP \(2 checks passed\)", after=mark)
@@ -395,10 +403,10 @@ class Examples:
 @pytest.fixture(scope="module")
 def example_nodes(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Examples]:
     """Two nodes on the example config and feeds, and the answers one of them gives to examples/events.txt."""
-    ports = free_ports(2)
-    configs = [(example_config(tmp_path_factory.mktemp(f"node{i}"), port=p), p) for i, p in enumerate(ports)]
+    configs = [(example_config(tmp_path_factory.mktemp(f"node{i}")), 0) for i in range(2)]
     events = (EXAMPLES / "events.txt").read_bytes()
-    with nodes(*configs):
+    with nodes(*configs) as procs:
+        ports = [proc.port for proc in procs]
         reference = answers_by_request_id(stream(ports[0], REPLY_FLAGS + events), 7)
         assert len(reference[0]) >= 1 and reference[5] == ()  # some detect, some do not
         [url_hit] = answers_by_request_id(stream(ports[0], REPLY_FLAGS + b"1 " + URL_HIT + b"\n"), 1)
@@ -432,6 +440,17 @@ def test_events_through_the_balancer_with_socat(example_nodes: Examples, example
     answers = answers_in_order(result.stdout.decode().splitlines())
     assert_answers(answers, example_nodes.reference * 50)
     assert any(line.startswith("category=Malicious_URL matchedIndicator=http://fakess123.nu") for line in answers[0])
+
+
+def test_a_balancer_bound_to_port_0_reports_its_ports_at_ready(example_balancer: BalancerProcess) -> None:
+    """Every listening port written 0 is picked at bind, sent with READY=1 and logged as in use."""
+    bound = example_balancer.bound
+    assert set(bound) == {"events", "api", "alerts"} and len({port for _, port in bound.values()}) == 3
+    assert all(host == "127.0.0.1" and port > 0 for host, port in bound.values()), bound
+    log = example_balancer.log()
+    assert f"balancer listening for events on 127.0.0.1:{example_balancer.port} " in log
+    assert f"REST gateway listening on https://127.0.0.1:{bound['api'][1]}\n" in log
+    assert f"listening for service alerts on 127.0.0.1:{bound['alerts'][1]}\n" in log
 
 
 def test_ping_through_the_balancer(example_balancer: BalancerProcess) -> None:
@@ -583,12 +602,13 @@ def test_a_client_leaving_mid_stream_does_not_disturb_another(
 def test_events_wait_for_a_node_and_are_answered_when_one_comes_up(example_nodes: Examples, tmp_path: Path) -> None:
     """Balancer first, no node: events wait (the backlog is bounded: past MaxPendingEvents the client is no
     longer read) and PING is answered; the first node that comes UP answers them all, in order."""
-    *ports, port = free_ports(3)  # nothing listens on ports yet
+    ports = free_ports(2)  # nothing listens on them yet (the point): the node started later takes ports[1]
     path = balancer_config(
-        tmp_path / "kl_balancer.conf", port=port, instances=ports, extra="<MaxPendingEvents>5</MaxPendingEvents>"
+        tmp_path / "kl_balancer.conf", instances=ports, extra="<MaxPendingEvents>5</MaxPendingEvents>"
     )
     events = example_nodes.events
-    with running_balancer(path, port) as balancer, client(port, timeout=60) as (_, reader, writer):
+    with running_balancer(path) as balancer, client(balancer.port, timeout=60) as (_, reader, writer):
+        port = balancer.port
         writer.send(REPLY_FLAGS + events)
         balancer.wait_for_log(r"\d+ events wait for an instance \(MaxPendingEvents 5\): pausing clients")
         writer.send(events * 20)  # not read for now: stays in the socket buffers
@@ -684,9 +704,7 @@ def test_a_health_check_answered_after_the_instance_was_disabled_does_not_count(
             fake.hold.set()
             assert fake.held.wait(20), "no health check"
             mark = balancer.log_offset()
-            balancer_config(
-                config, port=balancer.port, instances=[fake.port], disabled=(fake.port,), health=slow_checks
-            )
+            balancer_config(config, instances=[fake.port], disabled=(fake.port,), health=slow_checks)
             balancer.signal(signal.SIGHUP)
             balancer.wait_for_log(rf"{instance(fake.port)} disabled \(MAINT\)", after=mark)
             fake.hold.clear()
@@ -694,9 +712,7 @@ def test_a_health_check_answered_after_the_instance_was_disabled_does_not_count(
             assert fake.held_ping_closed.wait(20)  # the balancer has read the late PONG
             assert "is UP" not in balancer.log()[mark:]
             mark = balancer.log_offset()
-            balancer_config(
-                config, port=balancer.port, instances=[fake.port], health=slow_checks.replace('rise="1"', 'rise="2"')
-            )
+            balancer_config(config, instances=[fake.port], health=slow_checks.replace('rise="1"', 'rise="2"'))
             balancer.signal(signal.SIGHUP)
             balancer.wait_for_log(rf"{instance(fake.port)} enabled; UP after 2 health checks", after=mark)
             balancer.wait_for_log(rf"{instance(fake.port)} is UP \(2 checks passed\)", after=mark)

@@ -28,13 +28,13 @@ import pytest
 
 from tests.cluster_nodes import ClusterNode, join, stop_all
 from tests.helpers import (
+    BIND_ANY,
     BalancerProcess,
     HTTPReply,
     HTTPSClient,
     NodeProcess,
     basic_auth,
     example_config,
-    free_ports,
     gateway_config,
     prometheus_samples,
     wait_for_log_count,
@@ -89,9 +89,11 @@ class Node(Instance):
     proc: NodeProcess | None = None
 
     def start(self, stack: ExitStack) -> None:
+        """Start it and wait for its READY: its ports (0 in its config) are the ones it reported."""
         self.proc = NodeProcess(self.config, self.port)
         stack.callback(self.proc.stop)
-        self.proc.wait_for_log(r"node listening for events", timeout=SYNC_TIMEOUT)
+        self.proc.wait_ready(timeout=SYNC_TIMEOUT)
+        self.port, self.api_port = self.proc.port, self.proc.api_port
 
 
 class Member(Instance, ClusterNode):
@@ -105,9 +107,8 @@ def user(password_hash: str) -> str:
 def make_node(root: Path, name: str, password_hash: str) -> Node:
     directory = root / name
     directory.mkdir()
-    port, api_port = free_ports(2)
-    config = example_config(directory, port=port, api_port=api_port, users=user(password_hash))
-    return Node(directory, config, port, api_port)
+    config = example_config(directory, users=user(password_hash))
+    return Node(directory, config, 0, 0)
 
 
 @dataclass
@@ -143,18 +144,18 @@ class Balancer:
 def start_balancer(directory: Path, nodes: Sequence[Instance], stack: ExitStack) -> Balancer:
     directory.mkdir()
     config = directory / "kl_balancer.conf"
-    metrics_port = free_ports(1)[0]
-    ports = gateway_config(
+    gateway_config(
         config,
         instances=[(n.port, n.api_port) for n in nodes],
         allowed=ALLOWED,
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        extra="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
+        ports=BIND_ANY,
     )
-    proc = BalancerProcess(config, ports.matching)
+    proc = BalancerProcess(config)
     stack.callback(proc.stop)
-    proc.wait_for_log(r"balancer listening for events", timeout=SYNC_TIMEOUT)
+    proc.wait_ready(timeout=SYNC_TIMEOUT)
     wait_for_log_count(proc, r"instance 127\.0\.0\.1:\d+ is UP", len(nodes), timeout=SYNC_TIMEOUT)
-    return Balancer(proc, config, ports.api, metrics_port)
+    return Balancer(proc, config, proc.api_port, proc.metrics_port)
 
 
 COLUMNS = ("INSTANCE", "API", "STATE", "ROLE", "EPOCH", "REVISION", "DIGEST")

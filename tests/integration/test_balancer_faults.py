@@ -89,14 +89,13 @@ def test_a_stopped_node_adds_at_most_two_seconds_to_any_answer(example_nodes: Ex
     events are sent to the other once overdue, so no event waits more than 2 s longer than usual, and
     every event is answered exactly once, in order.  (It used to stall every client until health checks
     declared the node DOWN, 8-11 s.)"""
-    ports = free_ports(2)
-    configs = [(example_config(tmp_path / f"n{i}", port=p), p) for i, p in enumerate(ports)]
+    configs = [(example_config(tmp_path / f"n{i}"), 0) for i in range(2)]
     batch = example_nodes.events * 3  # 21 events
     rounds = 700  # every 20 ms: 14 s
     health = '<HealthCheck interval="1" timeout="1" rise="2" fall="3"/>'
     with (
-        nodes(*configs) as (victim, _survivor),
-        balancer_for(tmp_path / "kl_balancer.conf", ports, health=health) as balancer,
+        nodes(*configs) as (victim, survivor),
+        balancer_for(tmp_path / "kl_balancer.conf", [victim.port, survivor.port], health=health) as balancer,
         socket.create_connection(("127.0.0.1", balancer.port), timeout=STREAM_TIMEOUT) as sock,
     ):
         reader = ReplyReader(sock)
@@ -161,15 +160,14 @@ def test_with_no_instance_events_wait_then_get_an_error_finished_line(tmp_path: 
     """No node UP: the balancer says so at WARNING (and again at a bounded rate), and with MaxEventWait an
     event that waited that long is answered with ``LookupFinished error=no_instance`` (counted) instead of
     silence; PING is still answered."""
-    *nodes_ports, port, metrics_port = free_ports(4)
+    nodes_ports = free_ports(2)  # nothing listens on them: the point of the test
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=port,
         instances=nodes_ports,
-        extra=f"<MaxEventWait>2</MaxEventWait><MetricsConnectionString>127.0.0.1:{metrics_port}"
-        "</MetricsConnectionString>",
+        extra="<MaxEventWait>2</MaxEventWait><MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
-    with running_balancer(path, port) as balancer:
+    with running_balancer(path) as balancer:
+        port, metrics_port = balancer.port, balancer.metrics_port
         balancer.wait_for_log(r"WAR threatgate\.balancer: no instance available \(none UP\): \d+ event\(s\) wait")
         started = time.monotonic()
         lines = stream(port, REPLY_FLAGS + b"1 " + URL_HIT + b"\n2 nothing here\n", timeout=30)
@@ -186,7 +184,7 @@ def test_events_of_a_lost_instance_are_said_to_wait_when_no_other_is_up(
 ) -> None:  # noqa: F811
     """The only node is killed while it holds events: the log says they wait (not "sent again to other
     instances", which there are none of); when a node comes back they are answered."""
-    port = free_ports(1)[0]
+    port = free_ports(1)[0]  # named in the config: the node started again comes back on the same port
     config = example_config(tmp_path / "n", port=port)
     with nodes((config, port)) as (node,), balancer_for(tmp_path / "kl_balancer.conf", [port]) as balancer:
         with client(balancer.port, timeout=60) as (_, reader, writer):
@@ -213,48 +211,37 @@ def test_events_stay_away_from_a_node_that_is_not_ready(example_nodes: Examples,
     """A node started with a truncated feed answers PING but its ``/readyz`` says not ready: the balancer
     logs it once and sends every event to the ready node (every detection present); once the file is
     fixed the node is ready again and gets events."""
-    ports = free_ports(7)
-    event_ports, api_ports, (port, metrics_port, node_metrics) = ports[:2], ports[2:4], ports[4:]
-    configs = [
-        (
-            example_config(
-                tmp_path / f"n{i}",
-                port=p,
-                api_port=a,
-                extra_service=f"<MetricsConnectionString>127.0.0.1:{node_metrics}</MetricsConnectionString>"
-                if i == 0
-                else "",
-            ),
-            p,
-        )
-        for i, (p, a) in enumerate(zip(event_ports, api_ports, strict=True))
-    ]
+    metrics = "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
+    configs = [(example_config(tmp_path / f"n{i}", extra_service=metrics if i == 0 else ""), 0) for i in range(2)]
     feed = tmp_path / "n0" / "feeds" / "malicious_urls.json"
     good = feed.read_bytes()
     feed.write_bytes(good[: len(good) // 2])  # truncated: node 0 loads without this feed
-    path = balancer_config(
-        tmp_path / "kl_balancer.conf",
-        port=port,
-        instances=event_ports,
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
-    )
-    text = path.read_text()
-    for p, a in zip(event_ports, api_ports, strict=True):
-        text = text.replace(f'<Instance matching_port="{p}" ', f'<Instance matching_port="{p}" api_port="{a}" ')
-    path.write_text(text)
-    broken = event_ports[0]
-    with nodes(*configs), running_balancer(path, port) as balancer:
-        wait_for_log_count(balancer, r"is UP", 2)
-        balancer.wait_for_log(rf"WAR threatgate\.balancer: {instance(broken)} is not ready \(.*malicious_urls\.json")
-        assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 0
-        for _ in range(3):
-            lines = stream(port, REPLY_FLAGS + example_nodes.events * 50)
-            assert_answers(answers(lines), example_nodes.reference * 50)
-        assert metric(node_metrics, "threatgate_events_total") == 0  # not one event went to the broken node
-        assert balancer.log().count(f"127.0.0.1:{broken} is not ready") == 1
-        feed.write_bytes(good)
-        balancer.wait_for_log(rf"{instance(broken)} is ready again", timeout=30)
-        assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 1
+    with nodes(*configs) as procs:
+        # The balancer's config names the ports the nodes bound (event and API: readiness is polled).
+        node_metrics = procs[0].metrics_port
+        event_ports = [proc.port for proc in procs]
+        path = balancer_config(tmp_path / "kl_balancer.conf", instances=event_ports, extra=metrics)
+        text = path.read_text()
+        for proc in procs:
+            old = f'<Instance matching_port="{proc.port}" '
+            text = text.replace(old, f'{old}api_port="{proc.api_port}" ')
+        path.write_text(text)
+        broken = event_ports[0]
+        with running_balancer(path) as balancer:
+            port, metrics_port = balancer.port, balancer.metrics_port
+            wait_for_log_count(balancer, r"is UP", 2)
+            balancer.wait_for_log(
+                rf"WAR threatgate\.balancer: {instance(broken)} is not ready \(.*malicious_urls\.json"
+            )
+            assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 0
+            for _ in range(3):
+                lines = stream(port, REPLY_FLAGS + example_nodes.events * 50)
+                assert_answers(answers(lines), example_nodes.reference * 50)
+            assert metric(node_metrics, "threatgate_events_total") == 0  # not one event went to the broken node
+            assert balancer.log().count(f"127.0.0.1:{broken} is not ready") == 1
+            feed.write_bytes(good)
+            balancer.wait_for_log(rf"{instance(broken)} is ready again", timeout=30)
+            assert metric(metrics_port, "threatgate_balancer_instance_ready", f'instance="127.0.0.1:{broken}"') == 1
 
 
 # -- item 7: a balancer started in front of running nodes ---------------------------------------------------
@@ -266,10 +253,10 @@ def test_a_balancer_started_in_front_of_running_nodes_serves_at_the_first_check(
 ) -> None:
     """With the default checks (rise 2, every 2 s) an instance never checked before is UP at its first
     passing check, so a balancer restart does not answer 503 / hold events for rise x interval."""
-    port = free_ports(1)[0]
     health = '<HealthCheck interval="2" timeout="2" rise="2" fall="3"/>'
-    path = balancer_config(tmp_path / "kl_balancer.conf", port=port, instances=example_nodes.ports, health=health)
-    with running_balancer(path, port) as balancer:
+    path = balancer_config(tmp_path / "kl_balancer.conf", instances=example_nodes.ports, health=health)
+    with running_balancer(path) as balancer:
+        port = balancer.port
         wait_for_log_count(balancer, r"instance 127\.0\.0\.1:\d+ is UP \(first health check passed\)", 2, timeout=5)
         lines = stream(port, REPLY_FLAGS + example_nodes.events)
     assert_answers(answers(lines), example_nodes.reference)
@@ -287,7 +274,6 @@ def test_an_event_the_node_would_refuse_after_the_request_id_is_answered_with_an
     ``error=event_too_large`` (counted) instead of forwarding it to be silently unmatched.  An event that
     fits after any id is forwarded and detects."""
     limit = 1024 * 1024
-    port, metrics_port = free_ports(2)
 
     def event(size: int) -> bytes:
         return URL_HIT + b" " + b"x" * (size - len(URL_HIT) - 1)
@@ -297,11 +283,11 @@ def test_an_event_the_node_would_refuse_after_the_request_id_is_answered_with_an
     assert direct == ["1 " + example_nodes.url_hit[0], "1 " + FINISHED_LINE]  # sent straight, it detects
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=port,
         instances=example_nodes.ports,
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        extra="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
-    with running_balancer(path, port) as balancer:
+    with running_balancer(path) as balancer:
+        port, metrics_port = balancer.port, balancer.metrics_port
         wait_for_log_count(balancer, r"is UP", 2)
         stream(port, REPLY_FLAGS + b"warm-up\n" * 20)  # request ids of two digits from now on
         lines = stream(port, REPLY_FLAGS + near + b"\n" + event(limit - 20) + b"\n")
@@ -320,16 +306,15 @@ def test_an_event_the_node_would_refuse_after_the_request_id_is_answered_with_an
 def test_connections_that_only_send_flags_cannot_lock_out_a_newcomer(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
     """scanners_count connections that sent their flags and nothing else: a newcomer evicts the one idle
     the longest (counted, logged) and is served; with IdleTimeout an idle connection is closed by itself."""
-    port, metrics_port = free_ports(2)
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=port,
         instances=example_nodes.ports,
         scanners_count=3,
         extra="<HandshakeTimeout>1</HandshakeTimeout><IdleTimeout>4</IdleTimeout>"
-        f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
-    with running_balancer(path, port) as balancer:
+    with running_balancer(path) as balancer:
+        port, metrics_port = balancer.port, balancer.metrics_port
         wait_for_log_count(balancer, r"is UP", 2)
         holders = [socket.create_connection(("127.0.0.1", port), timeout=20) for _ in range(3)]
         try:
@@ -361,17 +346,19 @@ def test_a_client_that_never_reads_is_paused_alone(example_nodes: Examples, tmp_
     """A client floods events and never reads: past MaxPendingEventsPerClient only that client stops being
     read; another client is served at once and is never paused.  Held back by us (not reading it, its
     answers unread), the flooding client is not "idle": IdleTimeout never closes it."""
-    port, metrics_port = free_ports(2)
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=port,
         instances=example_nodes.ports,
         extra="<MaxPendingEventsPerClient>2000</MaxPendingEventsPerClient><MaxInflightEvents>200</MaxInflightEvents>"
         "<IdleTimeout>2</IdleTimeout>"
-        f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
     flood = REPLY_FLAGS + example_nodes.events * 40_000  # 280,000 events, about 11 MB of answers
-    with running_balancer(path, port) as balancer, socket.create_connection(("127.0.0.1", port), timeout=30) as hog:
+    with (
+        running_balancer(path) as balancer,
+        socket.create_connection(("127.0.0.1", balancer.port), timeout=30) as hog,
+    ):
+        port, metrics_port = balancer.port, balancer.metrics_port
         wait_for_log_count(balancer, r"is UP", 2)
         hog.setblocking(False)
         sent = 0
@@ -399,14 +386,12 @@ def test_a_node_closes_idle_connections_but_never_the_balancers(example_nodes: E
     """A node with IdleTimeout 2 s closes a client that sent its flags and nothing else; the balancer's own
     event connection, silent between events, is kept open by its empty keep-alive lines (no DOWN, no
     redispatch) and still answers after the pause."""
-    port, metrics_port = free_ports(2)
     config = example_config(
         tmp_path / "n",
-        port=port,
-        extra_service="<IdleTimeout>2</IdleTimeout>"
-        f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        extra_service="<IdleTimeout>2</IdleTimeout><MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
-    with nodes((config, port)), balancer_for(tmp_path / "kl_balancer.conf", [port]) as balancer:
+    with nodes((config, 0)) as [node], balancer_for(tmp_path / "kl_balancer.conf", [node.port]) as balancer:
+        port, metrics_port = node.port, node.metrics_port
         with socket.create_connection(("127.0.0.1", port), timeout=20) as idle:
             idle.sendall(REPLY_FLAGS + b"\n")
             started = time.monotonic()
@@ -428,17 +413,14 @@ def test_a_node_closes_idle_connections_but_never_the_balancers(example_nodes: E
 def test_memory_returns_after_a_backlog_drains(example_nodes: Examples, tmp_path: Path) -> None:  # noqa: F811
     """A burst held by a stopped node (150,000 events wait), then answered: once the backlog has drained
     the balancer's RSS returns to within 10 % of what it was before the burst."""
-    port, metrics_port = free_ports(2)
-    config = example_config(tmp_path / "n", port=port)
+    config = example_config(tmp_path / "n")
     events = example_nodes.events * 3000  # 21,000 events
-    extra = (
-        "<MaxPendingEvents>200000</MaxPendingEvents>"
-        f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
-    )
+    extra = "<MaxPendingEvents>200000</MaxPendingEvents><MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
     with (
-        nodes((config, port)) as (node,),
-        balancer_for(tmp_path / "kl_balancer.conf", [port], extra=extra) as balancer,
+        nodes((config, 0)) as (node,),
+        balancer_for(tmp_path / "kl_balancer.conf", [node.port], extra=extra) as balancer,
     ):
+        metrics_port = balancer.metrics_port
         pid = balancer.proc.pid
         for _ in range(3):  # warm up: the allocator and the tables reach their working size
             assert len(answers(stream(balancer.port, REPLY_FLAGS + events, timeout=60))) == 21_000

@@ -36,7 +36,6 @@ from tests.helpers import (
     balancer_config,
     example_config,
     free_port,
-    free_ports,
     prometheus_samples,
     running_balancer,
     stream,
@@ -159,29 +158,28 @@ class Node:
 
 
 @contextmanager
-def example_node(tmp_path: Path, env: dict[str, str] | None = None) -> Iterator[Node]:
-    port, metrics = free_ports(2)
+def example_node(tmp_path: Path, env: dict[str, str] | None = None, port: int = 0) -> Iterator[Node]:
+    """The example node on event port ``port`` (0: the one it binds); its metrics on a port it binds."""
     config = example_config(
-        tmp_path, port=port, extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>"
+        tmp_path, port=port, extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
     )
     assert "<ScannersCount>9</ScannersCount>" in config.read_text()  # room for the lanes
     with nodes((config, port), env=env) as [proc]:
         events = (EXAMPLES / "events.txt").read_bytes()
-        reference = answers_by_request_id(stream(port, REPLY_FLAGS + events), 7)
-        yield Node(proc, port, metrics, config, reference)
+        reference = answers_by_request_id(stream(proc.port, REPLY_FLAGS + events), 7)
+        yield Node(proc, proc.port, proc.metrics_port, config, reference)
 
 
 @contextmanager
 def lanes_balancer(
     tmp_path: Path, port: int, connections: str | None, api_port: int | None = None
 ) -> Iterator[tuple[BalancerProcess, int]]:
-    """A balancer in front of one instance on ``port`` with ``connections`` (None: not written, i.e. auto)."""
-    listen, metrics = free_ports(2, exclude=(port,))
+    """A balancer in front of one instance on ``port`` with ``connections`` (None: not written, i.e. auto);
+    its own ports (the metrics port yielded with it) are the ones it binds."""
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=listen,
         instances=[port],
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        extra="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
     attributes = (f' connections="{connections}"' if connections else "") + (
         f' api_port="{api_port}"' if api_port else ""
@@ -190,9 +188,9 @@ def lanes_balancer(
     tag = f'<Instance matching_port="{port}" enabled="true"'
     assert text.count(tag) == 1
     path.write_text(text.replace(tag, tag + attributes))
-    with running_balancer(path, listen) as balancer:
+    with running_balancer(path) as balancer:
         balancer.wait_for_log(rf"instance 127\.0\.0\.1:{port} is UP", timeout=STARTUP_TIMEOUT, after=0)
-        yield balancer, metrics
+        yield balancer, balancer.metrics_port
 
 
 def lanes_open(metrics: int, port: int) -> float:
@@ -230,15 +228,14 @@ def test_two_lanes_carry_one_clients_events_over_two_node_connections(tmp_path: 
 def test_auto_with_a_node_that_says_nothing_opens_one_connection(tmp_path: Path) -> None:
     """``auto`` (not written) and readiness polled: a node whose ``/readyz`` has no ``event_connections``, or
     says 1 (a node without workers), gets one event connection, as before lanes."""
-    api = free_port()
-    port, metrics_node = free_ports(2, exclude=(api,))
     config = example_config(
-        tmp_path / "node",
-        port=port,
-        api_port=api,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_node}</MetricsConnectionString>",
+        tmp_path / "node", extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
     )
-    with nodes((config, port)) as [proc], lanes_balancer(tmp_path, port, None, api_port=api) as (balancer, metrics):
+    with (
+        nodes((config, 0)) as [proc],
+        lanes_balancer(tmp_path, proc.port, None, api_port=proc.api_port) as (balancer, metrics),
+    ):
+        port, metrics_node = proc.port, proc.metrics_port
         balancer.wait_for_log(rf"instance 127\.0\.0\.1:{port}: role standalone", timeout=STARTUP_TIMEOUT)
         node = Node(proc, port, metrics_node, config, [])
         wait_until(lambda: node.active_connections() == 1, "the event connection on the node")
@@ -297,7 +294,8 @@ def test_a_node_restarted_mid_stream_behind_two_lanes(tmp_path: Path) -> None:
     """SIGKILL of the node while both lanes hold events: the instance is DOWN (its last lane lost), every
     unfinished event waits; the node restarted on the same port gets two lanes again and answers them all,
     each exactly once, in order."""
-    with example_node(tmp_path / "node", env=SLOW_NODES) as node:
+    # A port named in the config: the node restarted comes back on it.
+    with example_node(tmp_path / "node", env=SLOW_NODES, port=free_port()) as node:
         with lanes_balancer(tmp_path, node.port, "2") as (balancer, metrics):
             wait_until(lambda: node.active_connections() == 2, "2 event connections on the node")
             events = (EXAMPLES / "events.txt").read_bytes()
@@ -313,7 +311,8 @@ def test_a_node_restarted_mid_stream_behind_two_lanes(tmp_path: Path) -> None:
                 assert int(waiting[1]) > 0
                 restarted = NodeProcess(node.config, node.port, SLOW_NODES)
                 try:
-                    restarted.wait_for_log(r"node listening for events", timeout=STARTUP_TIMEOUT)
+                    restarted.wait_ready(timeout=STARTUP_TIMEOUT)
+                    node.metrics = restarted.metrics_port  # the metrics port is bound anew (0 in the config)
                     balancer.wait_for_log(rf"instance 127\.0\.0\.1:{node.port} is UP", after=mark)
                     lines = reader.join(STREAM_TIMEOUT)
                     wait_until(lambda: node.active_connections() == 2, "2 event connections on the restarted node")

@@ -27,7 +27,6 @@ from tests.helpers import (
     LineWriter,
     NodeProcess,
     example_config,
-    free_port,
     prometheus_samples,
     wait_until,
 )
@@ -69,18 +68,15 @@ class Node:
 
 @contextmanager
 def node(tmp: Path, drain_timeout: int) -> Iterator[Node]:
-    port, api_port, metrics_port = free_port(), free_port(), free_port()
     config = example_config(
         tmp,
-        port=port,
-        api_port=api_port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
+        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
         f"<DrainTimeout>{drain_timeout}</DrainTimeout>",
     )
-    proc = NodeProcess(config, port)
+    proc = NodeProcess(config)
     try:
-        proc.wait_for_log(r"node listening for events")
-        yield Node(proc, port, api_port, metrics_port, tmp)
+        proc.wait_ready()
+        yield Node(proc, proc.port, proc.api_port, proc.metrics_port, tmp)
     finally:
         proc.stop()
 
@@ -186,15 +182,14 @@ def test_a_draining_node_refuses_new_connections_and_says_so_in_readyz(tmp_path:
 
 
 def test_a_balancer_answers_every_event_it_read_before_it_exits(tmp_path: Path) -> None:
-    node_port, metrics_port = free_port(), free_port()
-    config = example_config(tmp_path / "node", port=node_port)
-    metrics = f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
-    extra = metrics + "<DrainTimeout>10</DrainTimeout>"
+    config = example_config(tmp_path / "node")
+    extra = "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString><DrainTimeout>10</DrainTimeout>"
     with (
-        nodes((config, node_port)) as [node],
-        balancer_for(tmp_path / "kl_balancer.conf", [node_port], extra=extra) as balancer,
+        nodes((config, 0)) as [node],
+        balancer_for(tmp_path / "kl_balancer.conf", [node.port], extra=extra) as balancer,
         socket.create_connection(("127.0.0.1", balancer.port), timeout=20) as client,
     ):
+        metrics_port = balancer.metrics_port
         node.signal(signal.SIGSTOP)  # its answers wait: the balancer's events are in flight
         try:
             client.sendall(REPLY_FLAGS + b"".join(b"%d %s\n" % (i, URL_HIT) for i in range(1, 51)))

@@ -37,6 +37,7 @@ import pytest
 import trustme
 
 from tests.helpers import (
+    BIND_ANY,
     REPLY_FLAGS,
     BalancerProcess,
     GatewayPorts,
@@ -50,6 +51,7 @@ from tests.helpers import (
     exchange,
     free_port,
     gateway_config,
+    keep_bound_ports,
     prometheus_samples,
     prometheus_total,
     raw_request,
@@ -134,8 +136,9 @@ class ApiNode:
         return prometheus_total(self.metrics_port, "threatgate_api_requests_total")
 
     def start(self) -> None:
+        """Start it again, on the ports of its first start (written into its config then)."""
         self.proc = NodeProcess(self.config, self.event_port)
-        self.proc.wait_for_log(r"node listening for events")
+        self.proc.wait_ready()
 
     def suppliers(self) -> list[str]:
         reply = self.api.request("GET", "/api/1.1/suppliers", headers=AUTH)
@@ -151,17 +154,18 @@ class ApiNode:
 
 @contextmanager
 def api_nodes(dirs: list[Path], password_hash: str, *, alert_port: int | None = None) -> Iterator[list[ApiNode]]:
-    """Nodes on the example config and feeds, started in parallel, stopped at the end (restarted ones too)."""
+    """Nodes on the example config and feeds, started in parallel, stopped at the end (restarted ones too).
+
+    Each binds port 0 for its event, API and metrics ports; once READY, the ports it got are written into
+    its config, so that a restart (``ApiNode.start``) comes back on them.
+    """
     nodes: list[ApiNode] = []
     try:
         for directory in dirs:
-            port, api_port, metrics_port = free_port(), free_port(), free_port()
             config = example_config(
                 directory,
-                port=port,
-                api_port=api_port,
                 users=f'<User name="{USER}" password_hash="{password_hash}"/>',
-                extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+                extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
             )
             if alert_port is not None:
                 old = '<AlertConnectionString enabled="false">127.0.0.1:9997</AlertConnectionString>'
@@ -174,9 +178,15 @@ def api_nodes(dirs: list[Path], password_hash: str, *, alert_port: int | None = 
                         "<EventSendingRetriesTimeout>1</EventSendingRetriesTimeout>",
                     )
                 )
-            nodes.append(ApiNode(directory, config, port, api_port, metrics_port, NodeProcess(config, port)))
+            nodes.append(ApiNode(directory, config, 0, 0, 0, NodeProcess(config)))
         for node in nodes:
-            node.proc.wait_for_log(r"node listening for events")
+            node.proc.wait_ready()
+            node.event_port, node.api_port, node.metrics_port = (
+                node.proc.port,
+                node.proc.api_port,
+                node.proc.metrics_port,
+            )
+            keep_bound_ports(node.proc)
         yield nodes
         for node in nodes:
             assert "Traceback" not in node.proc.log(), node.proc.log()
@@ -215,17 +225,17 @@ def running_gateway(
     the polls would add to (they are tested in test_balancer_cluster.py).
     """
     config = directory / "kl_balancer.conf"
-    metrics_port = free_port()
-    extra += f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
+    extra += "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
     extra += '<ReadinessCheck enabled="false"/>'
-    ports = gateway_config(config, instances=instances, extra=extra, **options)
-    proc = BalancerProcess(config, ports.matching)
+    options.setdefault("ports", BIND_ANY)
+    gateway_config(config, instances=instances, extra=extra, **options)
+    proc = BalancerProcess(config)
     try:
-        listening = proc.wait_for_log(r"REST gateway listening on https://127\.0\.0\.1:(\d+)")
-        assert int(listening[1]) == ports.api
-        proc.wait_for_log(r"balancer listening for events")
+        proc.wait_ready()
+        ports = GatewayPorts.bound_by(proc)
+        assert f"REST gateway listening on https://127.0.0.1:{ports.api}\n" in proc.log()
         wait_for_log_count(proc, r"instance 127\.0\.0\.1:\d+ is UP", len(instances), after=0)
-        yield Gateway(proc, config, ports, metrics_port)
+        yield Gateway(proc, config, ports, proc.metrics_port)
         assert proc.proc.poll() is None, "the balancer died"
         assert "Traceback" not in proc.log(), proc.log()
     finally:
@@ -1099,6 +1109,7 @@ def test_service_alerts_are_logged_and_forwarded_and_garbage_is_harmless(
     connections at once crash nothing: the long line is cut once, the connections over the limit are
     refused, events and PING are served, and the next alert still goes on."""
     siem = LineCollector(loop_thread)
+    # Named ports: the node, started first, sends its alerts to the balancer's cybertrace_port.
     ports = GatewayPorts(free_port(), free_port(), free_port())
     try:
         node_dir = tmp_path / "node"

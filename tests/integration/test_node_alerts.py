@@ -12,8 +12,8 @@ from tests.helpers import example_config, exchange, free_port, running_node
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 
 
-def _alert_config(tmp: Path, port: int, alert_port: int) -> Path:
-    config = example_config(tmp, port=port)
+def _alert_config(tmp: Path, alert_port: int) -> Path:
+    config = example_config(tmp)
     text = config.read_text().replace(
         '<AlertConnectionString enabled="false">127.0.0.1:9997</AlertConnectionString>',
         f'<AlertConnectionString enabled="true">127.0.0.1:{alert_port}</AlertConnectionString>'
@@ -35,9 +35,10 @@ def _read_until(conn: socket.socket, needle: bytes, timeout: float = 20.0) -> by
 
 
 def test_alerts_wait_for_an_unreachable_destination_without_blocking_matching(tmp_path: Path) -> None:
-    port, alert_port = free_port(), free_port()
-    config = _alert_config(tmp_path, port, alert_port)
-    with running_node(config, port) as node:
+    alert_port = free_port()  # nothing listens there at first: the point of the test
+    config = _alert_config(tmp_path, alert_port)
+    with running_node(config) as node:
+        port = node.port
         # Nobody listens on the alert port: matching goes on regardless.
         node.wait_for_log(r"alerts: cannot send to 127\.0\.0\.1:\d+ .*queued, retrying")
         reply = exchange(port, FLAGS + b"1 url=http://fakess123.nu\n").decode()
@@ -65,9 +66,9 @@ def test_alerts_wait_for_an_unreachable_destination_without_blocking_matching(tm
 
 
 def test_a_broken_config_on_sighup_keeps_the_running_one(tmp_path: Path) -> None:
-    port = free_port()
-    config = example_config(tmp_path, port=port)
-    with running_node(config, port) as node:
+    config = example_config(tmp_path)
+    with running_node(config) as node:
+        port = node.port
         good = config.read_text()
         config.write_text(good.replace("url=(\\S+)", "url=(\\S+"))
         node.signal(signal.SIGHUP)

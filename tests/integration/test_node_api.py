@@ -184,8 +184,11 @@ def write_config(
     exports_extra: str = "",
     service_extra: str = "",
     workers: int = 1,
+    ports: tuple[int, int, int] = (0, 0, 0),
 ) -> tuple[Path, int, int, int]:
-    port, api_port, metrics_port = free_port(), free_port(), free_port()
+    """The node's config and its (event, API, metrics) ports: 0 (bound by the node, read from its READY)
+    unless ``ports`` names them."""
+    port, api_port, metrics_port = ports
     config = example_config(
         tmp,
         port=port,
@@ -216,9 +219,9 @@ def write_config(
 
 @contextmanager
 def api_node(tmp: Path, hashes: dict[str, str], **kwargs: Any) -> Iterator[Node]:
-    config, port, api_port, metrics_port = write_config(tmp, hashes, **kwargs)
-    with running_node(config, port) as proc:
-        node = Node(proc, tmp, port, api_port, metrics_port)
+    config, _, _, _ = write_config(tmp, hashes, **kwargs)
+    with running_node(config) as proc:
+        node = Node(proc, tmp, proc.port, proc.api_port, proc.metrics_port)
         yield node
         assert proc.proc.poll() is None, "the node died"
         assert "Traceback" not in node.log(), node.log()
@@ -1044,17 +1047,18 @@ def test_ioc_export_leaves_out_false_positive_marks(node: Node) -> None:
 
 
 def test_tls_pair_and_api_state_survive_restarts(tmp_path: Path, hashes: dict[str, str]) -> None:
-    config, port, api_port, metrics_port = write_config(tmp_path, hashes)
+    config, _, _, _ = write_config(tmp_path, hashes)
     cert, key = tmp_path / "certs" / "node.pem", tmp_path / "certs" / "node.key"
     database = tmp_path / "state" / "node.sqlite3"
     assert not cert.exists() and not key.exists()
-    proc = NodeProcess(config, port)
+    proc = NodeProcess(config)
     try:
+        proc.wait_ready()
         created = proc.wait_for_log(
-            rf"created self-signed TLS certificate (\S+) \(key (\S+)\) for .*SHA-256 fingerprint ({FINGERPRINT})"
+            rf"created self-signed TLS certificate (\S+) \(key (\S+)\) for .*SHA-256 fingerprint ({FINGERPRINT})",
+            after=0,
         )
-        proc.wait_for_log(r"node listening for events")
-        node = Node(proc, tmp_path, port, api_port, metrics_port)
+        node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port)
         assert (created.group(1), created.group(2)) == (str(cert), str(key))
         assert stat_mode(key) == 0o600
         assert stat_mode(database) == 0o600
@@ -1089,8 +1093,8 @@ def test_tls_pair_and_api_state_survive_restarts(tmp_path: Path, hashes: dict[st
         proc.stop()
 
     for previous_stop in ("SIGKILL", "SIGTERM"):
-        with running_node(config, port) as proc:
-            node = Node(proc, tmp_path, port, api_port, metrics_port)
+        with running_node(config) as proc:
+            node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port)
             text = proc.log()
             assert "created self-signed" not in text
             loaded = re.search(
@@ -1115,7 +1119,7 @@ def test_tls_pair_and_api_state_survive_restarts(tmp_path: Path, hashes: dict[st
 def _half_pair(tmp_path: Path, missing: str) -> tuple[subprocess.CompletedProcess[str], Path, Path, bytes]:
     from threatgate.net.tls import ensure_server_pair
 
-    config = example_config(tmp_path, port=free_port())
+    config = example_config(tmp_path)
     cert, key = tmp_path / "certs" / "node.pem", tmp_path / "certs" / "node.key"
     ensure_server_pair(str(cert), str(key), common_name="test", hosts=["127.0.0.1"])
     gone, kept = (key, cert) if missing == "key" else (cert, key)
@@ -1152,7 +1156,8 @@ BIG_FEED_RECORDS = 300_000
 
 
 def test_425_while_feeds_are_loading(tmp_path: Path, hashes: dict[str, str]) -> None:
-    config, port, api_port, metrics_port = write_config(tmp_path, hashes)
+    # Ports named in the config: the API is used before READY, and the event port must refuse until then.
+    config, port, api_port, metrics_port = write_config(tmp_path, hashes, ports=(free_port(), free_port(), free_port()))
     (tmp_path / "feeds" / "big.json").write_text(
         "[" + ",".join(f'{{"url":"http://h{i}.big.example/p"}}' for i in range(BIG_FEED_RECORDS)) + "]"
     )
@@ -1177,7 +1182,7 @@ def test_425_while_feeds_are_loading(tmp_path: Path, hashes: dict[str, str]) -> 
         assert_error(api.post("/api/8.0/lookup", [{"object": "x"}]), 404)
         assert_error(api.get(LOOKUP), 405)
 
-        proc.wait_for_log(r"node listening for events", timeout=60)
+        proc.wait_ready(timeout=60)
         result = lookup(node, "http://fakess123.nu", "http://h123.big.example/p")
         assert [r["result"] for r in result] == ["detected", "detected"]
         assert api.get("/api/1.1/suppliers/InternalTI").json()[0]["indicators"] == 0  # the 425 stored nothing

@@ -22,7 +22,6 @@ from tests.helpers import (
     NodeProcess,
     example_config,
     exchange,
-    free_port,
     prometheus_samples,
     running_node,
     wait_for_log_count,
@@ -100,14 +99,9 @@ class Node:
         return self.metric(f'threatgate_feed_load_failures_total{{feed="{feed}"}}')
 
 
-def _config(tmp: Path, alerts: AlertSink) -> tuple[Path, int, int, int]:
-    port, api_port, metrics_port = free_port(), free_port(), free_port()
-    config = example_config(
-        tmp,
-        port=port,
-        api_port=api_port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
-    )
+def _config(tmp: Path, alerts: AlertSink) -> Path:
+    """Every port of the node 0: it binds them and reports them at READY."""
+    config = example_config(tmp, extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>")
     text = config.read_text()
     for old, new in (
         ('<Feeds update_frequency="30"', '<Feeds update_frequency="0"'),  # no schedule: only the watch reloads
@@ -119,16 +113,16 @@ def _config(tmp: Path, alerts: AlertSink) -> tuple[Path, int, int, int]:
         assert text.count(old) == 1, old
         text = text.replace(old, new)
     config.write_text(text)
-    return config, port, api_port, metrics_port
+    return config
 
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[Node]:
     alerts = AlertSink()
-    config, port, api_port, metrics_port = _config(tmp_path, alerts)
+    config = _config(tmp_path, alerts)
     try:
-        with running_node(config, port) as proc:
-            yield Node(proc, tmp_path, port, api_port, metrics_port, alerts)
+        with running_node(config) as proc:
+            yield Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port, alerts)
             assert "Traceback" not in proc.log(), proc.log()
     finally:
         alerts.close()
@@ -262,13 +256,14 @@ def test_a_truncated_renamed_or_deleted_feed_file(node: Node) -> None:
 
 def test_a_node_started_with_a_broken_feed_is_not_ready_until_the_file_is_fixed(tmp_path: Path) -> None:
     alerts = AlertSink()
-    config, port, api_port, metrics_port = _config(tmp_path, alerts)
+    config = _config(tmp_path, alerts)
     feed = tmp_path / "feeds" / URLS
     good = feed.read_bytes()
     feed.write_bytes(good[:-20])
     try:
-        with running_node(config, port) as proc:
-            node = Node(proc, tmp_path, port, api_port, metrics_port, alerts)
+        with running_node(config) as proc:
+            node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port, alerts)
+            port = proc.port
             proc.wait_for_log(
                 rf"ERR threatgate\.node: feed {URLS} not loaded \(.*truncated JSON feed.*\); "
                 r"no previous version to keep",

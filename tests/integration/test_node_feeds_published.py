@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from tests.abusech import FEODO, URLHAUS
-from tests.helpers import NodeProcess, example_config, exchange, free_port, running_node
+from tests.helpers import NodeProcess, example_config, exchange, running_node
 
 FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 FEEDS = (
@@ -25,8 +25,7 @@ FEEDS = (
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[tuple[NodeProcess, int]]:
-    port = free_port()
-    config = example_config(tmp_path, port=port)
+    config = example_config(tmp_path)
     (tmp_path / "feeds" / "urlhaus.csv").write_bytes(URLHAUS.replace("\n", "\r\n").encode())
     (tmp_path / "feeds" / "ipblocklist.csv").write_bytes(FEODO.encode())
     text, n = re.subn(
@@ -34,8 +33,8 @@ def node(tmp_path: Path) -> Iterator[tuple[NodeProcess, int]]:
     )
     assert n == 1
     config.write_text(re.sub(r"<IoCExports>.*?</IoCExports>", "", text, flags=re.S))
-    with running_node(config, port) as proc:
-        yield proc, port
+    with running_node(config) as proc:
+        yield proc, proc.port
         assert "Traceback" not in proc.log(), proc.log()
 
 

@@ -21,7 +21,6 @@ from tests.helpers import (
     NodeProcess,
     example_config,
     exchange,
-    free_port,
     read_all,
     read_lines,
     running_node,
@@ -33,20 +32,17 @@ FLAGS = b"X-KF-SendFinishedEventX-KF-ReplyBack"
 
 @pytest.fixture
 def node(tmp_path: Path) -> Iterator[NodeProcess]:
-    port, metrics = free_port(), free_port()
     config = example_config(
         tmp_path,
-        port=port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
         input_extra="<MaxEventSize>4096</MaxEventSize>",
     )
-    with running_node(config, port) as proc:
-        proc.metrics_port = metrics  # type: ignore[attr-defined]
+    with running_node(config) as proc:
         yield proc
 
 
 def metric(node: NodeProcess, name: str, label: str = "") -> float:
-    body = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()  # type: ignore[attr-defined]
+    body = urllib.request.urlopen(f"http://127.0.0.1:{node.metrics_port}/metrics", timeout=5).read().decode()
     for line in body.splitlines():
         if line.startswith(name + ("{" + label + "}" if label else " ")):
             return float(line.rsplit(" ", 1)[1])
@@ -81,13 +77,25 @@ def test_node_answers_flags_and_events_with_socat(node: NodeProcess) -> None:
     assert events["6"] == ["LookupFinished"]
 
 
+def test_a_node_bound_to_port_0_reports_its_ports_at_ready(node: NodeProcess) -> None:
+    """Every listening port configured as 0 is picked at bind, sent with READY=1 and logged as in use."""
+    assert set(node.bound) == {"events", "api", "metrics"}
+    assert all(host == "127.0.0.1" and port > 0 for host, port in node.bound.values()), node.bound
+    assert len({port for _, port in node.bound.values()}) == 3
+    log = node.log()
+    assert f"node listening for events on 127.0.0.1:{node.port} " in log
+    assert f"REST API listening on https://127.0.0.1:{node.api_port}/api/1.1/" in log
+    assert f"metrics on http://127.0.0.1:{node.metrics_port}/metrics" in log
+    assert exchange(node.port, b"X-KF-ReplyBackPING") == b"PONG"
+
+
 def test_node_ping_is_answered_even_when_every_scanner_is_busy(tmp_path: Path) -> None:
-    port = free_port()
-    config = example_config(tmp_path, port=port)
+    config = example_config(tmp_path)
     config.write_text(
         config.read_text().replace("<ScannersCount>9</ScannersCount>", "<ScannersCount>1</ScannersCount>")
     )
-    with running_node(config, port) as proc:
+    with running_node(config) as proc:
+        port = proc.port
         busy = socket.create_connection(("127.0.0.1", port), timeout=10)
         busy.sendall(FLAGS + b"1 hello\n")
         assert read_lines(busy, 1) == ["1 LookupFinished"]
@@ -145,9 +153,9 @@ def test_node_survives_a_connection_flood(node: NodeProcess) -> None:
 
 
 def test_node_sends_detections_to_output_without_replyback(tmp_path: Path) -> None:
-    port, out_port = free_port(), free_port()
     received: list[bytes] = []
-    listener = socket.create_server(("127.0.0.1", out_port))
+    listener = socket.create_server(("127.0.0.1", 0))
+    out_port = listener.getsockname()[1]
     done = threading.Event()
 
     def collect() -> None:
@@ -163,8 +171,9 @@ def test_node_sends_detections_to_output_without_replyback(tmp_path: Path) -> No
             done.set()
 
     threading.Thread(target=collect, daemon=True).start()
-    config = example_config(tmp_path, port=port, output=f"<ConnectionString>127.0.0.1:{out_port}</ConnectionString>")
-    with running_node(config, port):
+    config = example_config(tmp_path, output=f"<ConnectionString>127.0.0.1:{out_port}</ConnectionString>")
+    with running_node(config) as proc:
+        port = proc.port
         # No flags at all: the reply socket stays silent, detections go to the output address.
         assert exchange(port, b"1 url=http://fakess123.nu\n2 hello\n") == b""
         assert done.wait(20)
@@ -175,9 +184,9 @@ def test_node_sends_detections_to_output_without_replyback(tmp_path: Path) -> No
 
 
 def test_node_reloads_feeds_on_sighup_and_keeps_the_old_version_of_a_broken_feed(tmp_path: Path) -> None:
-    port, alert_port = free_port(), free_port()
-    alerts = socket.create_server(("127.0.0.1", alert_port))
-    config = example_config(tmp_path, port=port)
+    alerts = socket.create_server(("127.0.0.1", 0))
+    alert_port = alerts.getsockname()[1]
+    config = example_config(tmp_path)
     config.write_text(
         config.read_text().replace(
             '<AlertConnectionString enabled="false">127.0.0.1:9997</AlertConnectionString>',
@@ -185,7 +194,8 @@ def test_node_reloads_feeds_on_sighup_and_keeps_the_old_version_of_a_broken_feed
         )
     )
     feed = tmp_path / "feeds" / "malicious_urls.json"
-    with running_node(config, port) as proc:
+    with running_node(config) as proc:
+        port = proc.port
         conn, _ = alerts.accept()
         conn.settimeout(20)
         assert "1 LookupFinished" == exchange(port, FLAGS + b"1 url=http://new-threat.example/x\n").decode().strip()
@@ -217,8 +227,7 @@ def test_node_reloads_feeds_on_sighup_and_keeps_the_old_version_of_a_broken_feed
 
 
 def test_node_refuses_to_start_on_a_bad_config(tmp_path: Path) -> None:
-    port = free_port()
-    config = example_config(tmp_path, port=port)
+    config = example_config(tmp_path)
     config.write_text(config.read_text().replace("url=(\\S+)", "url=(\\S+"))
     result = subprocess.run(
         [sys.executable, "-m", "threatgate", "node", "--config", str(config)],
@@ -241,18 +250,14 @@ def test_both_matching_engines_answer_a_real_client_byte_for_byte(tmp_path: Path
     )
     answers = {}
     for engine in ("compiled", "reference"):
-        port, metrics = free_port(), free_port()
         directory = tmp_path / engine
         directory.mkdir()
         config = example_config(
-            directory,
-            port=port,
-            extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+            directory, extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
         )
-        with running_node(config, port, {"THREATGATE_ENGINE": engine}) as proc:
+        with running_node(config, env={"THREATGATE_ENGINE": engine}) as proc:
             proc.wait_for_log(rf"ScannersCount \d+, {engine} matching engine", after=0)
-            answers[engine] = exchange(port, payload)
-            proc.metrics_port = metrics  # type: ignore[attr-defined]
+            answers[engine] = exchange(proc.port, payload)
             paths = {
                 p: metric(proc, "threatgate_engine_events_total", f'path="{p}"') for p in ("compiled", "reference")
             }
@@ -265,7 +270,7 @@ def test_both_matching_engines_answer_a_real_client_byte_for_byte(tmp_path: Path
 
 
 def test_node_refuses_an_unknown_engine(tmp_path: Path) -> None:
-    config = example_config(tmp_path, port=free_port())
+    config = example_config(tmp_path)
     result = subprocess.run(
         [sys.executable, "-m", "threatgate", "node", "--config", str(config)],
         env={**os.environ, "THREATGATE_ENGINE": "turbo"},

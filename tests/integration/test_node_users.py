@@ -15,7 +15,6 @@ from tests.helpers import (
     HTTPSClient,
     basic_auth,
     example_config,
-    free_ports,
     prometheus_samples,
     running_node,
     wait_until,
@@ -36,15 +35,14 @@ def users_cli(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
 
 
 def test_users_added_and_removed_with_the_cli_apply_without_a_reload(tmp_path: Path) -> None:
-    port, api_port, metrics_port = free_ports(3)
-    metrics = f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>"
-    config = example_config(tmp_path, port=port, api_port=api_port, extra_service=metrics)
+    metrics = "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>"
+    config = example_config(tmp_path, extra_service=metrics)
 
     def status(user: str, password: str = PASSWORD) -> int:
-        api = HTTPSClient(api_port, tmp_path / "certs" / "node.pem")  # the node creates its certificate at start
+        api = HTTPSClient(node.api_port, tmp_path / "certs" / "node.pem")  # the node creates its certificate at start
         return api.request("GET", SUPPLIERS, headers={"Authorization": basic_auth(user, password)}).status
 
-    with running_node(config, port) as node:
+    with running_node(config) as node:
         assert status("bob") == 401
 
         added = users_cli("add", "--config", str(config), "--password-stdin", "bob", stdin=PASSWORD + "\n")
@@ -67,6 +65,6 @@ def test_users_added_and_removed_with_the_cli_apply_without_a_reload(tmp_path: P
         config.write_text(broken)
         node.wait_for_log(r"WAR threatgate.node: API users not re-read: \S+node\.conf:\d+: <User>: password_hash: ")
         assert status("carol", "pw") == 200
-        samples = prometheus_samples(metrics_port)
+        samples = prometheus_samples(node.metrics_port)
         assert samples['threatgate_bad_input_total{reason="users_file_invalid"}'] == 1
         assert "configuration reloaded" not in node.log() and "SIGHUP" not in node.log()

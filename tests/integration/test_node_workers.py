@@ -238,13 +238,12 @@ def test_scanners_count_is_node_wide(tmp_path: Path, hashes: dict[str, str]) -> 
 
 
 def test_sigterm_drains_every_worker_then_exits(tmp_path: Path, hashes: dict[str, str]) -> None:  # noqa: F811
-    config, port, api_port, metrics_port = write_config(
-        tmp_path, hashes, workers=2, service_extra="<DrainTimeout>5</DrainTimeout>"
-    )
-    with running_node(config, port) as proc:
-        node = Node(proc, tmp_path, port, api_port, metrics_port)
+    config, _, _, _ = write_config(tmp_path, hashes, workers=2, service_extra="<DrainTimeout>5</DrainTimeout>")
+    with running_node(config) as proc:
+        node = Node(proc, tmp_path, proc.port, proc.api_port, proc.metrics_port)
         with sessions(node.event_port, 2) as opened:
             spread_over_both(node, opened)
+            assert proc.notices() == []  # READY=1 came from the master alone: the workers send no notice
             count = 20_000
             for s in opened:  # sent, not read yet: the answers wait in the kernel and the workers' buffers
                 first = s.next_id

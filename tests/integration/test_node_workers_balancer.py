@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import FINISHED_LINE, REPLY_FLAGS, answers_in_order, free_ports, prometheus_samples, wait_until
+from tests.helpers import FINISHED_LINE, REPLY_FLAGS, answers_in_order, prometheus_samples, wait_until
 from tests.integration.test_balancer import (
     EVENTS,
     SLOW_NODES,
@@ -33,7 +33,7 @@ def with_api(config: Path, api_port: int) -> Path:
     api = (
         f"<HTTPServer><ConnectionString>127.0.0.1:{api_port}</ConnectionString>"
         "<CertificatePath>certs/node.pem</CertificatePath><PrivateKeyPath>certs/node.key</PrivateKeyPath>"
-        f"<Database>state/node-{api_port}.sqlite3</Database><Users></Users></HTTPServer>"
+        f"<Database>state/{config.stem}.sqlite3</Database><Users></Users></HTTPServer>"
     )
     config.write_text(text.replace("</Configuration>", api + "</Configuration>"))
     return config
@@ -49,12 +49,12 @@ def test_a_worker_killed_mid_stream_behind_the_balancer_every_event_exactly_once
     dataset: Dataset,  # noqa: F811
     tmp_path: Path,
 ) -> None:
-    port, metrics, api = free_ports(3)
-    config = with_api(dataset.node_config(port, metrics, workers=2), api)
+    config = with_api(dataset.node_config(0, 0, workers=2), 0)
     with (
-        nodes((config, port), env=SLOW_NODES) as [node],
-        lanes_balancer(tmp_path, port, None, api_port=api) as (balancer, balancer_metrics),
+        nodes((config, 0), env=SLOW_NODES) as [node],
+        lanes_balancer(tmp_path, node.port, None, api_port=node.api_port) as (balancer, balancer_metrics),
     ):
+        port, metrics = node.port, node.metrics_port
         wait_until(lambda: lanes_open(balancer_metrics, port) == 2, "two lanes, learned from /readyz")
         wait_until(lambda: per_worker(metrics) == [1.0, 1.0], "one lane on each worker")
         pids = dict(re.findall(r"worker (\d+) ready \(pid (\d+)\)", node.log()))

@@ -18,7 +18,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from schemathesis.checks import positive_data_acceptance
 
-from tests.helpers import NodeProcess, example_config, free_port
+from tests.helpers import NodeProcess, example_config
 
 USER, PASSWORD = "schemathesis", "openapi-check"
 
@@ -28,15 +28,14 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[NodeProcess
     from threatgate.node.auth import hash_password
 
     tmp = tmp_path_factory.mktemp("openapi")
-    port, api_port = free_port(), free_port()
     users = f'<User name="{USER}" password_hash="{hash_password(PASSWORD)}"/>'
-    config = example_config(tmp, port=port, api_port=api_port, users=users)
+    config = example_config(tmp, users=users)
     # ScannersCount 20: schemathesis may run requests back to back; 429 is documented but not the point here.
     config.write_text(config.read_text().replace("<ScannersCount>9<", "<ScannersCount>20<"))
-    proc = NodeProcess(config, port)
+    proc = NodeProcess(config)
     try:
-        proc.wait_for_log(r"node listening for events")
-        yield proc, f"https://127.0.0.1:{api_port}", tmp / "certs" / "node.pem"
+        proc.wait_ready()
+        yield proc, f"https://127.0.0.1:{proc.api_port}", tmp / "certs" / "node.pem"
     finally:
         proc.stop()
 

@@ -32,6 +32,7 @@ import pytest
 import trustme
 
 from tests.helpers import (
+    BIND_ANY,
     EXAMPLES,
     REPLY_FLAGS,
     BalancerProcess,
@@ -42,7 +43,6 @@ from tests.helpers import (
     balancer_config,
     example_config,
     exchange,
-    free_port,
     gateway_config,
     prometheus_samples,
     running_balancer,
@@ -95,15 +95,17 @@ class Node:
 
 
 def start_node(directory: Path) -> Node:
+    """A node started on port 0 for its event, API and metrics ports; its ports are known after :func:`ready`."""
     directory.mkdir(parents=True, exist_ok=True)
-    port, api_port, metrics_port = free_port(), free_port(), free_port()
-    config = example_config(
-        directory,
-        port=port,
-        api_port=api_port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
-    )
-    return Node(NodeProcess(config, port), directory, port, api_port, metrics_port)
+    config = example_config(directory, extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>")
+    return Node(NodeProcess(config), directory, 0, 0, 0)
+
+
+def ready(node: Node) -> Node:
+    """Wait for the node's READY; its ports are the ones it reported."""
+    node.proc.wait_ready()
+    node.event_port, node.api_port, node.metrics_port = node.proc.port, node.proc.api_port, node.proc.metrics_port
+    return node
 
 
 @dataclass
@@ -131,18 +133,18 @@ def deployment(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Deployment]
         for i in range(2):
             nodes.append(start_node(tmp_path_factory.mktemp(f"node{i}")))
         for node in nodes:
-            node.proc.wait_for_log(r"node listening for events")
+            ready(node)
         directory = tmp_path_factory.mktemp("balancer")
-        metrics_port = free_port()
-        ports = gateway_config(
+        gateway_config(
             directory / "kl_balancer.conf",
             instances=[(n.event_port, n.api_port) for n in nodes],
-            extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+            extra="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
+            ports=BIND_ANY,
         )
-        balancer = BalancerProcess(directory / "kl_balancer.conf", ports.matching)
-        balancer.wait_for_log(r"balancer listening for events")
+        balancer = BalancerProcess(directory / "kl_balancer.conf")
+        balancer.wait_ready()
         wait_for_log_count(balancer, r"instance 127\.0\.0\.1:\d+ is UP", 2, after=0)
-        yield Deployment(nodes, balancer, ports, metrics_port, directory)
+        yield Deployment(nodes, balancer, GatewayPorts.bound_by(balancer), balancer.metrics_port, directory)
         assert balancer.proc.poll() is None and "Traceback" not in balancer.log(), balancer.log()
         for node in nodes:
             assert "Traceback" not in node.proc.log(), node.proc.log()
@@ -252,21 +254,19 @@ def test_events_an_instance_owed_are_counted_as_its_redispatches(deployment: Dep
     """An instance that takes events and answers none: its events go to the other one once overdue, and
     the per-instance series say so (its dispatched all redispatched, none answered)."""
     node, silent = deployment.nodes[0], SilentInstance()
-    metrics_port, port = free_port(), free_port()
     path = balancer_config(
         tmp_path / "kl_balancer.conf",
-        port=port,
         instances=[silent.port, node.event_port],
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics_port}</MetricsConnectionString>",
+        extra="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
     events = 100
     payload = REPLY_FLAGS + b"".join(b"%d url=%s\n" % (n, URL_HIT.encode()) for n in range(events))
     try:
-        with running_balancer(path, port) as balancer:
+        with running_balancer(path) as balancer:
             wait_for_log_count(balancer, r"instance 127\.0\.0\.1:\d+ is UP", 2, after=0)
-            lines = stream(port, payload)
+            lines = stream(balancer.port, payload)
             assert lines.count("LookupFinished") == events
-            samples = prometheus_samples(metrics_port)
+            samples = prometheus_samples(balancer.metrics_port)
     finally:
         silent.close()
     quiet, real = f'{{instance="127.0.0.1:{silent.port}"}}', f'{{instance="{node.key}"}}'
@@ -284,7 +284,7 @@ def test_per_feed_series_follow_the_enabled_feeds(tmp_path: Path) -> None:
     """Records and last load time per enabled feed; a feed disabled at SIGHUP leaves no stale series."""
     node = start_node(tmp_path)
     try:
-        node.proc.wait_for_log(r"node listening for events")
+        ready(node)
         samples = node.samples()
         for feed in FEEDS:
             assert samples[f'threatgate_feed_records{{feed="{feed}"}}'] > 0, feed

@@ -26,7 +26,6 @@ from tests.helpers import (
     example_config,
     exchange,
     free_port,
-    free_ports,
     line_sink,
     prometheus_samples,
     read_all,
@@ -63,7 +62,7 @@ def restart_required(port: int) -> float:
 
 
 def closed_port() -> int:
-    """A port nobody listens on: connects are refused at once."""
+    """A port nobody listens on: connects are refused at once (free a moment ago: the point of the test)."""
     return free_port()
 
 
@@ -86,12 +85,12 @@ def reference_detections(port: int) -> list[str]:
 # -- the node -----------------------------------------------------------------------------------
 
 
-def node_config(tmp: Path, port: int, metrics: int, output: int, retries: str, alert_port: int | None = None) -> Path:
-    """The example node with detections to ``output`` (no finished lines there: detections only)."""
+def node_config(tmp: Path, output: int, retries: str, alert_port: int | None = None) -> Path:
+    """The example node with detections to ``output`` (no finished lines there: detections only); its own
+    ports 0 (bound by the node, read from its READY)."""
     config = example_config(
         tmp,
-        port=port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
         output=f"<ConnectionString>127.0.0.1:{output}</ConnectionString>{retries}",
     )
     text = config.read_text().replace('<FinishedEventFormat enabled="true">', '<FinishedEventFormat enabled="false">')
@@ -105,10 +104,11 @@ def node_config(tmp: Path, port: int, metrics: int, output: int, retries: str, a
 
 
 def test_node_counts_logs_and_alerts_detections_it_cannot_deliver(tmp_path: Path) -> None:
-    port, metrics, out = free_ports(3)
+    out = closed_port()
     with line_sink() as alerts:
-        config = node_config(tmp_path, port, metrics, out, NO_RETRIES, alert_port=alerts.port)
-        with running_node(config, port) as node:
+        config = node_config(tmp_path, out, NO_RETRIES, alert_port=alerts.port)
+        with running_node(config) as node:
+            port, metrics = node.port, node.metrics_port
             want = len(reference_detections(port))
             assert send_plain(port, EVENTS) == b""
             # Destination down past its one retry: every detection line counted, none more.
@@ -131,10 +131,11 @@ def test_node_counts_logs_and_alerts_detections_it_cannot_deliver(tmp_path: Path
 
 
 def test_node_sighup_moves_detections_to_a_new_destination_and_reports_what_needs_a_restart(tmp_path: Path) -> None:
-    port, metrics, other_metrics = free_ports(3)
     down = closed_port()
-    config = node_config(tmp_path, port, metrics, down, LONG_RETRIES)
-    with running_node(config, port) as node, line_sink() as siem:
+    other_metrics = closed_port()  # only a different address in the file: never bound (it needs a restart)
+    config = node_config(tmp_path, down, LONG_RETRIES)
+    with running_node(config) as node, line_sink() as siem:
+        port, metrics = node.port, node.metrics_port
         want = reference_detections(port)
         assert restart_required(metrics) == 0
         # Queued for a destination that is down (retrying every 30 s) ...
@@ -148,7 +149,7 @@ def test_node_sighup_moves_detections_to_a_new_destination_and_reports_what_need
         good = config.read_text()
         config.write_text(
             good.replace(f"127.0.0.1:{down}<", f"127.0.0.1:{siem.port}<").replace(
-                f"127.0.0.1:{metrics}<", f"127.0.0.1:{other_metrics}<"
+                "127.0.0.1:0</MetricsConnectionString>", f"127.0.0.1:{other_metrics}</MetricsConnectionString>"
             )
         )
         mark = len(node.log())
@@ -181,21 +182,19 @@ def test_node_sighup_moves_detections_to_a_new_destination_and_reports_what_need
 @pytest.fixture(scope="module")
 def instance(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NodeProcess]:
     """One example node behind every balancer of this module (HA settings: ReplyBack, LookupFinished)."""
-    port = free_port()
-    with running_node(example_config(tmp_path_factory.mktemp("node"), port=port), port) as node:
+    with running_node(example_config(tmp_path_factory.mktemp("node"))) as node:
         yield node
 
 
 @contextmanager
-def balancer(path: Path, node: NodeProcess, metrics: int, extra: str = "") -> Iterator[BalancerProcess]:
-    port = free_port()
+def balancer(path: Path, node: NodeProcess, extra: str = "") -> Iterator[BalancerProcess]:
+    """A balancer in front of ``node``, every port of its own 0 (its metrics: ``proc.metrics_port``)."""
     balancer_config(
         path,
-        port=port,
         instances=[node.port],
-        extra=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>{extra}",
+        extra=f"<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>{extra}",
     )
-    with running_balancer(path, port) as proc:
+    with running_balancer(path) as proc:
         wait_for_log_count(proc, r"instance 127\.0\.0\.1:\d+ is UP", 1)
         yield proc
 
@@ -209,10 +208,11 @@ NO_OUTPUT_WARNING = (
 def test_balancer_without_output_warns_per_client_counts_and_takes_a_destination_at_sighup(
     tmp_path: Path, instance: NodeProcess
 ) -> None:
-    metrics, other_metrics = free_ports(2)
+    other_metrics = closed_port()  # only a different address in the file: never bound (it needs a restart)
     path = tmp_path / "kl_balancer.conf"
     want = [line.split(" ", 1)[1] for line in reference_detections(instance.port)]  # without the request id
-    with balancer(path, instance, metrics) as proc, line_sink() as siem:
+    with balancer(path, instance) as proc, line_sink() as siem:
+        metrics = proc.metrics_port
         # The example's <OutputConnectionString> is off: a plain client is warned about, its lines counted.
         assert send_plain(proc.port, EVENTS) == b""
         proc.wait_for_log(NO_OUTPUT_WARNING)
@@ -231,8 +231,7 @@ def test_balancer_without_output_warns_per_client_counts_and_takes_a_destination
         # SIGHUP: a destination (applied at once) and another metrics address (needs a restart).
         mark = proc.log_offset()
         balancer_config(
-            path,
-            port=proc.port,
+            path,  # port 0 (and the API and alert ports 0, kept) as it started: only these two elements change
             instances=[instance.port],
             extra=f"<MetricsConnectionString>127.0.0.1:{other_metrics}</MetricsConnectionString>"
             f'<OutputConnectionString enabled="true">127.0.0.1:{siem.port}</OutputConnectionString>',
@@ -253,10 +252,11 @@ def test_balancer_without_output_warns_per_client_counts_and_takes_a_destination
 def test_balancer_stopping_with_an_unreachable_destination_counts_the_lines_it_drops(
     tmp_path: Path, instance: NodeProcess
 ) -> None:
-    metrics, down = free_ports(2)
+    down = closed_port()
     path = tmp_path / "kl_balancer.conf"
     extra = f'<OutputConnectionString enabled="true">127.0.0.1:{down}</OutputConnectionString>'
-    with balancer(path, instance, metrics, extra) as proc:
+    with balancer(path, instance, extra) as proc:
+        metrics = proc.metrics_port
         send_plain(proc.port, EVENTS)
         proc.wait_for_log(rf"detections: cannot send to 127\.0\.0\.1:{down} .*retry 1/3")
         samples = prometheus_samples(metrics)

@@ -64,7 +64,7 @@ def rsyslog(tmp: Path, target: int, framing: str, template: str) -> Iterator[soc
     """
     work = tmp / "rsyslog"
     work.mkdir()
-    in_port = free_port()
+    in_port = free_port()  # rsyslogd's own input: it does not report a port it picked
     conf = work / "rsyslog.conf"
     conf.write_text(
         f'global(workDirectory="{work}" net.enableDNS="off")\n'
@@ -126,21 +126,19 @@ class Target:
 @pytest.fixture(scope="module")
 def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("node")
-    port, metrics = free_port(), free_port()
     output = LineSink()
     config = example_config(
         tmp,
-        port=port,
-        extra_service=f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
         output=f"<ConnectionString>127.0.0.1:{output.port}</ConnectionString>",
     )
     try:
-        with running_node(config, port) as proc:
+        with running_node(config) as proc:
             # The reference: what the node answers a CyberTrace client that asks for its detections back.
-            expected = exchange(port, REPLY_FLAGS + b"".join(EVENTS)).decode().splitlines()
+            expected = exchange(proc.port, REPLY_FLAGS + b"".join(EVENTS)).decode().splitlines()
             first = expected.index("1 LookupFinished") + 1
             assert first > 1  # the first event detects something
-            yield Target(proc, metrics, output, expected, first)
+            yield Target(proc, proc.metrics_port, output, expected, first)
     finally:
         output.close()
 
@@ -148,21 +146,19 @@ def node(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
 @pytest.fixture(scope="module")
 def balancer(node: Target, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     path = tmp_path_factory.mktemp("balancer") / "kl_balancer.conf"
-    port, metrics = free_port(), free_port()
     output = LineSink()
     balancer_config(
         path,
-        port=port,
         instances=[node.proc.port],
         extra=f"<OutputConnectionString>127.0.0.1:{output.port}</OutputConnectionString>"
-        f"<MetricsConnectionString>127.0.0.1:{metrics}</MetricsConnectionString>",
+        "<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
     )
     try:
-        with running_balancer(path, port) as proc:
+        with running_balancer(path) as proc:
             wait_for_log_count(proc, r"instance 127\.0\.0\.1:\d+ is UP", 1)
             answers = answers_by_request_id(stream(node.proc.port, REPLY_FLAGS + b"".join(EVENTS)), len(EVENTS))
             expected = [line for answer in answers for line in answer]  # the balancer forwards detections only
-            yield Target(proc, metrics, output, expected, len(answers[0]))
+            yield Target(proc, proc.metrics_port, output, expected, len(answers[0]))
     finally:
         output.close()
 

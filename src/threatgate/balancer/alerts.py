@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from threatgate.config.balancer import BalancerConfig
 from threatgate.config.common import Address
@@ -114,6 +114,7 @@ class AlertListener:
         self._buckets: dict[str, _Bucket] = {}
         self._flood = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
+        self.sockname: Any = None  # the bound address once started (a port 0 is the one picked)
 
     def count_bad(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, reason)
@@ -176,9 +177,10 @@ class AlertListener:
         self._server = await loop.create_server(
             lambda: AlertConnection(self), config.listen_host, config.cybertrace_port, reuse_address=True
         )
+        self.sockname = self._server.sockets[0].getsockname()
         if self.forward is not None:
             self.forward.start()
-        log.info("listening for service alerts on %s:%d", config.listen_host, config.cybertrace_port)
+        log.info("listening for service alerts on %s:%d", config.listen_host, self.sockname[1])
 
     async def close(self) -> None:
         if self._server is not None:

@@ -69,11 +69,19 @@ TICK = 0.25
 """Seconds between the dispatcher's periodic checks (overdue instances, keep-alives, waiting events)."""
 
 
+class Bound(Protocol):
+    """A listener that says where it listens once started (``getsockname()``: port 0 is the port picked)."""
+
+    sockname: Any
+
+
 class GatewayPart(Protocol):
     """The REST gateway as the edge sees it (balancer/gateway.py ``Gateway``)."""
 
     @property
     def refused(self) -> Mapping[str, str]: ...
+    @property
+    def http(self) -> Bound | None: ...
     async def start(self) -> None: ...
     async def close(self) -> None: ...
 
@@ -88,6 +96,8 @@ class ReadinessPart(WriteRouter, Protocol):
 
 class AlertPart(Protocol):
     """The service-alert port as the edge sees it (balancer/alerts.py ``AlertListener``)."""
+
+    sockname: Any
 
     @property
     def forward(self) -> LineSender | None: ...
@@ -182,6 +192,7 @@ class BalancerService:
         self._checkers: dict[str, asyncio.Task[None]] = {}
         self._stats_mark = (time.monotonic(), 0)
         self.bound_port = 0
+        self.listening = runtime.Listening()  # what startup() bound, by name (reported with READY=1)
 
     def __repr__(self) -> str:
         return f"<BalancerService clients={len(self.listener.active)} {self.dispatcher!r}>"
@@ -537,9 +548,13 @@ class BalancerService:
             }
             senders = queue_gauges(lambda: (self.output, self.alerts.forward))
             self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges, senders))
-            log.info("metrics on http://%s/metrics", self.config.metrics)
+            _, port = self.listening.add("metrics", self._metrics_runner.addresses[0])
+            log.info("metrics on http://%s/metrics", Address(self.config.metrics.host, port))
         await self.alerts.start()
+        self.listening.add("alerts", self.alerts.sockname)
         await self.gateway.start()
+        assert self.gateway.http is not None
+        self.listening.add("api", self.gateway.http.sockname)
         self.readiness.start()
         if self.admin is not None:
             await self.admin.start()
@@ -550,7 +565,7 @@ class BalancerService:
             reuse_address=True,
             backlog=1024,
         )
-        self.bound_port = self._server.sockets[0].getsockname()[1]
+        self.bound_port = self.listening.add("events", self._server.sockets[0].getsockname())[1]
         self.listener.start_sweeps()
         log.info(
             "balancer listening for events on %s:%d (scanners_count %d, %d instance(s))",

@@ -92,9 +92,10 @@ class BalancerConfig(Frozen):
 
     path: str
     listen_host: str
-    matching_port: int = pydantic.Field(ge=1, le=65535)
-    api_port: int = pydantic.Field(ge=1, le=65535)
-    cybertrace_port: int = pydantic.Field(ge=1, le=65535)
+    # The balancer's own listening ports: 0 asks the kernel for a free one (reported at start-up).
+    matching_port: int = pydantic.Field(ge=0, le=65535)
+    api_port: int = pydantic.Field(ge=0, le=65535)
+    cybertrace_port: int = pydantic.Field(ge=0, le=65535)
     scanners_count: int = pydantic.Field(ge=1, le=MAX_SCANNERS)
     event_delimiter: re.Pattern[str] | None = None
     max_event_size: int = pydantic.Field(default=DEFAULT_MAX_EVENT_SIZE, ge=64, le=64 * 1024 * 1024)
@@ -282,7 +283,8 @@ def _read_config(root: Node) -> BalancerConfig:
         name: parse_field(balancer, balancer.attrs.get(name), name, BalancerConfig, name)
         for name in ("matching_port", "api_port", "cybertrace_port")
     }
-    if len(set(ports.values())) < 3:
+    fixed = [port for port in ports.values() if port != 0]  # each 0 is a different port, picked at bind
+    if len(set(fixed)) < len(fixed):
         raise balancer.error(f"matching_port, api_port and cybertrace_port must differ: {ports}")
     data: dict[str, object] = {
         "path": root.path,
@@ -334,7 +336,7 @@ def _read_config(root: Node) -> BalancerConfig:
         data["alert_forward"] = parse_address(forward)
     metrics = root.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
-        data["metrics"] = parse_address(metrics)
+        data["metrics"] = parse_address(metrics, listen=True)
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
         data["output"] = parse_address(output)

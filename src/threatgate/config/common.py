@@ -47,8 +47,12 @@ class Address:
         return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
 
 
-def parse_address(node: Node, text: str | None = None) -> Address:
-    """Parse ``host:port`` from ``text`` (default: the node's text).  Ports are 1-65535."""
+def parse_address(node: Node, text: str | None = None, *, listen: bool = False) -> Address:
+    """Parse ``host:port`` from ``text`` (default: the node's text).  Ports are 1-65535.
+
+    A ``listen`` address may also have port 0: the kernel picks a free port when the socket is bound
+    (the process reports it: runtime.Listening); an address to connect to never can.
+    """
     raw = (node.value if text is None else text).strip()
     if raw.startswith("["):
         host, sep, port_s = raw[1:].partition("]:")
@@ -61,8 +65,9 @@ def parse_address(node: Node, text: str | None = None) -> Address:
             ipaddress.IPv6Address(host)
         except ValueError:
             raise node.error(f"{host!r} is not an IPv6 address") from None
-    if not port_s.isdigit() or not 1 <= int(port_s) <= 65535:
-        raise node.error(f"bad port {port_s!r} in {raw!r}: expected 1-65535")
+    lowest = 0 if listen else 1
+    if not port_s.isdigit() or not lowest <= int(port_s) <= 65535:
+        raise node.error(f"bad port {port_s!r} in {raw!r}: expected {lowest}-65535")
     return Address(host, int(port_s))
 
 

@@ -356,7 +356,7 @@ def _read_source(node: Node) -> Source:
 
 
 def _read_input(node: Node) -> InputSettings:
-    listen = parse_address(node.require("ConnectionString"))
+    listen = parse_address(node.require("ConnectionString"), listen=True)
     delimiter = None
     delim_node = node.only("EventDelimiter")
     if delim_node is not None and delim_node.text:
@@ -562,7 +562,7 @@ def _read_service(node: Node | None) -> ServiceSettings:
         )
     metrics = node.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
-        data["metrics"] = parse_address(metrics)
+        data["metrics"] = parse_address(metrics, listen=True)
     handshake = node.only("HandshakeTimeout")
     if handshake is not None:
         data["handshake_timeout"] = parse_field(
@@ -606,7 +606,7 @@ def _read_http(node: Node | None) -> HTTPServerSettings | None:
         node.ignore()  # a disabled section is not read, so not checked either
         return None
     listen_node = node.only("ConnectionString")
-    listen = parse_address(listen_node) if listen_node is not None else Address("127.0.0.1", 443)
+    listen = parse_address(listen_node, listen=True) if listen_node is not None else Address("127.0.0.1", 443)
     paths: dict[str, str] = {}
     for tag, key, default in (
         ("CertificatePath", "cert_path", "certs/node.pem"),

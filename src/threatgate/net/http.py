@@ -152,6 +152,8 @@ class HTTPServer:
         }
         self._server: asyncio.Server | None = None
         self.bound_port = 0
+        self.sockname: Any = None
+        """The bound address (``getsockname()`` of the first socket) once started: port 0 is a picked port."""
 
     def _protocol(self) -> _Protocol:
         return _Protocol(self, self._web, **self._kwargs)
@@ -167,7 +169,8 @@ class HTTPServer:
             backlog=1024,
             ssl_handshake_timeout=self.header_timeout,
         )
-        self.bound_port = self._server.sockets[0].getsockname()[1]
+        self.sockname = self._server.sockets[0].getsockname()
+        self.bound_port = self.sockname[1]
 
     async def close(self, grace: float = 2.0) -> None:
         if self._server is None:

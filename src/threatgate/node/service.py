@@ -35,6 +35,7 @@ from typing import Any, Protocol, TypeVar
 from aiohttp import web
 
 from threatgate import runtime
+from threatgate.config.common import Address
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
 from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
@@ -181,6 +182,7 @@ class NodeService:
         self._should_exit = asyncio.Event()
         self._clock = SyslogClock()
         self.bound_port = 0
+        self.listening = runtime.Listening()  # what startup() bound, by name (reported with READY=1)
         self.ready = False  # start-up done, every feed tried: the API answers 425 before (see readiness())
         self.draining = False  # SIGTERM: no longer accepting; /readyz answers 503 "draining"
         self._started = False
@@ -675,6 +677,7 @@ class NodeService:
             count=self.api.count,
         )
         await self.http.start()
+        self.listening.add("api", self.http.sockname)
         log.info("REST API listening on https://%s:%d/api/1.1/", host, self.http.bound_port)
 
     # -- configuration ------------------------------------------------------------------------
@@ -771,7 +774,7 @@ class NodeService:
             self._server = await loop.create_server(
                 lambda: EventConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
             )
-            self.bound_port = self._server.sockets[0].getsockname()[1]
+            self.bound_port = self.listening.add("events", self._server.sockets[0].getsockname())[1]
             self.listener.start_sweeps()
             self.output.start()
         if self.alerts.sender is not None:
@@ -793,7 +796,7 @@ class NodeService:
         """``<Workers>`` >= 2: the master listens and hands connections to worker processes (node/pool.py)."""
         listen = self.config.input.listen
         sock = socket.create_server((listen.host, listen.port), backlog=1024, reuse_port=False)
-        self.bound_port = sock.getsockname()[1]
+        self.bound_port = self.listening.add("events", sock.getsockname())[1]
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         pool = WorkerPool(
             self.workers,
@@ -848,7 +851,8 @@ class NodeService:
             )
             collector = StatsCollector(lambda: pool.total(self.stats), gauges, senders)
             self._metrics_runner = await start_metrics_server(address, collector, pool.collector(), before=pool.refresh)
-        log.info("metrics on http://%s/metrics", address)
+        _, port = self.listening.add("metrics", self._metrics_runner.addresses[0])
+        log.info("metrics on http://%s/metrics", Address(address.host, port))
 
     async def main_loop(self) -> None:
         if self.db is not None:
