@@ -317,31 +317,20 @@ def balancer_instance_list(config_path: str, as_json: bool) -> None:
     _admin(config_path, "list", None, as_json)
 
 
-@balancer_instance.command("disable")
-@click.argument("instance")
-@_ADMIN_CONFIG
-@_ADMIN_JSON
-def balancer_instance_disable(instance: str, config_path: str, as_json: bool) -> None:
-    """MAINT at once: its connections close and the events it owes are sent to the others."""
-    _admin(config_path, "disable", instance, as_json)
+def _instance_change(command: str, help_text: str) -> None:
+    """``threatgate balancer instance COMMAND ADDRESS:PORT``: one of the changes the admin socket takes."""
+
+    @balancer_instance.command(command, help=help_text)
+    @click.argument("instance")
+    @_ADMIN_CONFIG
+    @_ADMIN_JSON
+    def change(instance: str, config_path: str, as_json: bool) -> None:
+        _admin(config_path, command, instance, as_json)
 
 
-@balancer_instance.command("drain")
-@click.argument("instance")
-@_ADMIN_CONFIG
-@_ADMIN_JSON
-def balancer_instance_drain(instance: str, config_path: str, as_json: bool) -> None:
-    """DRAIN: no new events; the events in flight are answered there; then MAINT."""
-    _admin(config_path, "drain", instance, as_json)
-
-
-@balancer_instance.command("enable")
-@click.argument("instance")
-@_ADMIN_CONFIG
-@_ADMIN_JSON
-def balancer_instance_enable(instance: str, config_path: str, as_json: bool) -> None:
-    """Out of MAINT (UP after its health checks pass) or out of DRAIN (UP at once)."""
-    _admin(config_path, "enable", instance, as_json)
+_instance_change("disable", "MAINT at once: its connections close and the events it owes are sent to the others.")
+_instance_change("drain", "DRAIN: no new events; the events in flight are answered there; then MAINT.")
+_instance_change("enable", "Out of MAINT (UP after its health checks pass) or out of DRAIN (UP at once).")
 
 
 @main.command()

@@ -18,33 +18,17 @@ from typing import Any
 
 import pytest
 
+from tests.config.configs import balancer_model, instance
 from tests.net.test_unix import NOBODY, connect_as, open_dir  # noqa: F401 - the fixture
 from threatgate.balancer import admin
 from threatgate.balancer.app import build_balancer
 from threatgate.balancer.service import BalancerService
-from threatgate.config.balancer import BalancerConfig, InstanceSettings, load_balancer_config
+from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.lb.instances import InstanceState
 
 
 def config(tmp_path: Path, socket_path: Path | None) -> BalancerConfig:
-    return BalancerConfig(
-        path=str(tmp_path / "kl_balancer.conf"),
-        listen_host="127.0.0.1",
-        matching_port=9000,
-        api_port=9001,
-        cybertrace_port=9002,
-        scanners_count=10,
-        cert_path="c",
-        key_path="k",
-        cert_dir=str(tmp_path),
-        instances=(
-            InstanceSettings(host="127.0.0.1", matching_port=1),
-            InstanceSettings(host="127.0.0.1", matching_port=2),
-        ),
-        allowed=(),
-        readiness=False,
-        admin_socket=str(socket_path) if socket_path else None,
-    )
+    return balancer_model(tmp_path, instance(1), instance(2), admin_socket=str(socket_path) if socket_path else None)
 
 
 @pytest.mark.parametrize(

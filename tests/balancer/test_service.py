@@ -26,11 +26,12 @@ from typing import Any
 import pytest
 from prometheus_client import CollectorRegistry, generate_latest
 
+from tests.config.configs import balancer_model, instance
 from threatgate.balancer.app import build_balancer
 from threatgate.balancer.readiness import ReadinessMonitor, View, parse_readiness
 from threatgate.balancer.service import BalancerService, ClientConnection, _Collector
 from threatgate.balancer.upstream import UpstreamProtocol
-from threatgate.config.balancer import BalancerConfig, HealthCheckSettings, InstanceSettings
+from threatgate.config.balancer import HealthCheckSettings, InstanceSettings
 from threatgate.lb.actions import Connect
 from threatgate.lb.correlation import Drop
 from threatgate.lb.instances import Instance, InstanceState, Lane
@@ -85,26 +86,8 @@ class StandIn:
         return [line for line in chunk.decode().split("\n") if line]
 
 
-def settings(port: int, **fields: Any) -> InstanceSettings:
-    return InstanceSettings(host="127.0.0.1", matching_port=port, **fields)
-
-
-def config(tmp_path: Path, *instances: InstanceSettings, **fields: Any) -> BalancerConfig:
-    return BalancerConfig(
-        path=str(tmp_path / "kl_balancer.conf"),
-        listen_host="127.0.0.1",
-        matching_port=9000,
-        api_port=9001,
-        cybertrace_port=9002,
-        scanners_count=10,
-        cert_path="c",
-        key_path="k",
-        cert_dir=str(tmp_path),
-        instances=instances,
-        allowed=(),
-        readiness=False,
-        **fields,
-    )
+settings = instance
+config = balancer_model
 
 
 class Rig:

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from typing import Any
+
+from threatgate.config.balancer import BalancerConfig, InstanceSettings
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
@@ -29,3 +32,27 @@ def line_of(text: str, needle: str) -> int:
         if needle in line:
             return number
     raise AssertionError(f"{needle!r} not in config text")
+
+
+def instance(port: int, **fields: Any) -> InstanceSettings:
+    """An instance on 127.0.0.1 (nothing needs to listen there for unit tests)."""
+    return InstanceSettings(host="127.0.0.1", matching_port=port, **fields)
+
+
+def balancer_model(directory: Path, *instances: InstanceSettings, **fields: Any) -> BalancerConfig:
+    """A balancer configuration built in code (no file read): readiness polls off, no admin socket."""
+    return BalancerConfig(
+        path=str(directory / "kl_balancer.conf"),
+        listen_host="127.0.0.1",
+        matching_port=9000,
+        api_port=9001,
+        cybertrace_port=9002,
+        scanners_count=10,
+        cert_path="c",
+        key_path="k",
+        cert_dir=str(directory),
+        instances=instances,
+        allowed=(),
+        readiness=False,
+        **fields,
+    )

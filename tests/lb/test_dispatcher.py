@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from tests.config.configs import balancer_model, instance
 from threatgate.config.balancer import BalancerConfig, InstanceSettings
 from threatgate.lb.actions import (
     Action,
@@ -44,26 +45,11 @@ REPLY = SessionFlags(reply_back=True, send_finished=True)
 A, B = "127.0.0.1:1", "127.0.0.1:2"
 
 
-def settings(port: int, **fields: Any) -> InstanceSettings:
-    return InstanceSettings(host="127.0.0.1", matching_port=port, **fields)
+settings = instance
 
 
 def config(*instances: InstanceSettings, **fields: Any) -> BalancerConfig:
-    return BalancerConfig(
-        path=str(Path("/nonexistent/kl_balancer.conf")),
-        listen_host="127.0.0.1",
-        matching_port=9000,
-        api_port=9001,
-        cybertrace_port=9002,
-        scanners_count=10,
-        cert_path="c",
-        key_path="k",
-        cert_dir="/nonexistent",
-        instances=instances,
-        allowed=(),
-        readiness=False,
-        **fields,
-    )
+    return balancer_model(Path("/nonexistent"), *instances, **fields)
 
 
 class Harness:
