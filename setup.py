@@ -1,4 +1,5 @@
-"""Build of threatgate's compiled matching engine (everything else is in pyproject.toml).
+"""Build of threatgate's compiled parts: the matching engine and the balancer's reply scanner (everything else
+is in pyproject.toml).
 
 The engine (src/threatgate/node/_engine.c) is a plain C extension built by setuptools, as aiohttp's and
 uvloop's are.  It links PCRE2 (Debian: libpcre2-dev; scripts/bootstrap installs it with gcc and the Python
@@ -17,6 +18,12 @@ setup(
             include_dirs=["src/threatgate/node/_native"],
             libraries=["pcre2-8"],
             extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
-        )
+        ),
+        # The balancer's reply scanner (lb/correlation.py keeps the Python reference of the same logic).
+        Extension(
+            "threatgate.lb._scan",
+            sources=["src/threatgate/lb/_scan.c"],
+            extra_compile_args=["-O2", "-std=c11", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+        ),
     ]
 )

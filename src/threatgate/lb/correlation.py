@@ -32,6 +32,24 @@ FINISHED_SPACE = FINISHED + " "
 _FINISHED_TAIL = b" " + FINISHED.encode() + b"\n"
 _PLAIN_READ = re.compile(rb"(?:[0-9]{1,19} " + FINISHED.encode() + rb"\n)+")
 """A read of nothing but ``<id> LookupFinished`` lines: what a node answers for events without detections."""
+
+
+def finished_ids_reference(data: bytes) -> list[int] | None:
+    """The request ids of a read made only of ``<id> LookupFinished`` lines, in order; None for any other read.
+
+    The definition of the compiled scanner (``lb/_scan.c``, used when built): tests/lb/test_scan.py runs both
+    over the same inputs.
+    """
+    if _PLAIN_READ.fullmatch(data):
+        return list(map(int, data.split(_FINISHED_TAIL)[:-1]))
+    return None
+
+
+try:
+    from threatgate.lb._scan import finished_ids
+except ImportError:  # pragma: no cover - not built (an sdist without a compiler): the reference, same results
+    finished_ids = finished_ids_reference
+
 consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 """Run an iterator to its end in C (``consume(map(d.__delitem__, keys))``): a batch of dict updates without
 Python code per item."""
@@ -206,14 +224,17 @@ class Correlator:
         checked and applied with regex, bytes, dict and list methods (C) instead of line by line;
         anything else goes through :meth:`on_lines`.  Same result either way.
         """
-        if _PLAIN_READ.fullmatch(data):
-            ids = list(map(int, data.split(_FINISHED_TAIL)[:-1]))
+        ids = finished_ids(data)
+        if ids is not None:
             owner = self._owner
             if list(map(owner.get, ids)).count(instance) == len(ids) and len(set(ids)) == len(ids):
                 consume(map(owner.__delitem__, ids))
                 self._finished.update(dict.fromkeys(ids, FINISHED))
                 finished += ids
-                return self._release(dict.fromkeys(map(self._client.__getitem__, ids))), []
+                # With one client (one SIEM connection: the common case) it is the one touched.
+                order = self._order
+                touched = dict.fromkeys(order) if len(order) == 1 else dict.fromkeys(map(self._client.__getitem__, ids))
+                return self._release(touched), []
         return self.on_lines(instance, data[:-1].decode("utf-8", "replace").replace("\r", "").split("\n"), finished)
 
     def on_lines(self, instance: Hashable, lines: list[str], finished: list[int]) -> tuple[list[Answered], list[Drop]]:
