@@ -62,3 +62,43 @@ def test_generated_reads(lines: list[bytes]) -> None:
     data = b"".join(lines)
     assert _scan.finished_ids(data) == finished_ids_reference(data)
     assert _scan.finished_ids(bytearray(data)) == finished_ids_reference(data)  # any bytes-like read
+
+
+events_st = st.lists(st.text(max_size=30), min_size=0, max_size=10)
+
+
+@settings(max_examples=300, database=None, derandomize=True)
+@given(events_st, st.integers(1, 10**19 - 1))
+def test_tag_lines_gives_the_reference_bytes_or_none_for_what_cannot_encode(events: list[str], first: int) -> None:
+    ids = list(range(first, first + len(events)))
+    table = dict(zip(ids, events, strict=True))
+    got = _scan.tag_lines(ids, table)
+    want = correlation.tag_lines_reference(ids, table)
+    if got is None:  # a lone surrogate: the reference replaces it, the correlator then uses the reference
+        assert any("\ud800" <= ch <= "\udfff" for event in events for ch in event)
+    else:
+        assert got == want
+
+
+def test_tag_lines_edges() -> None:
+    assert _scan.tag_lines([], {}) == b""
+    assert _scan.tag_lines([1, 10**19 - 1], {1: "é", 10**19 - 1: ""}) == "1 é\n9999999999999999999 \n".encode()
+    assert _scan.tag_lines([3], {3: "bad\udcff"}) is None
+    with pytest.raises(KeyError):
+        _scan.tag_lines([5], {})
+    with pytest.raises(TypeError):
+        _scan.tag_lines((1,), {1: "x"})  # type: ignore[arg-type]
+
+
+def test_the_correlator_encodes_a_batch_for_the_wire_as_the_lines_it_lists() -> None:
+    from threatgate.lb.correlation import Correlator
+
+    c = Correlator()
+    ids = list(c.submit_many("client", ["a", "é", "bad\udcff"]))
+    lines: list[str] = []
+    other = Correlator()
+    other.submit_many("client", ["a", "é", "bad\udcff"])
+    sent, data = c.dispatch_encoded(ids, "n1")
+    assert other.dispatch_many(ids, "n1", lines) == sent == ids
+    assert data == ("\n".join(lines) + "\n").encode("utf-8", "replace")
+    assert c.dispatch_encoded(ids[:1], "n2")[1] == b"1 a\n" and c.owner(ids[0]) == "n2"

@@ -1,4 +1,4 @@
-/* The balancer's reply scanner: one pass over a read of a node's answers.
+/* The balancer's two per-event loops in C: scanning a read of a node's answers, and tagging events.
  *
  * finished_ids(data) -> list[int] | None
  *
@@ -69,7 +69,82 @@ fail:
     return NULL;
 }
 
+/* tag_lines(ids, events) -> bytes | None
+ *
+ * ``b"<id> <event>\n"`` for each id, the event's text taken from ``events`` (a dict id -> str) as UTF-8: what the
+ * balancer writes to a lane.  None when an event cannot be encoded strictly (a lone surrogate): the caller then
+ * encodes with errors="replace", as the reference does for every event.  Why C: the f-string per event, the join
+ * and the encode cost a seventh of the balancer's time per event in Python.
+ */
+static PyObject *tag_lines(PyObject *module, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 2 || !PyList_Check(args[0]) || !PyDict_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "tag_lines(ids: list[int], events: dict[int, str])");
+        return NULL;
+    }
+    PyObject *ids = args[0];
+    PyObject *events = args[1];
+    Py_ssize_t count = PyList_GET_SIZE(ids);
+    Py_ssize_t total = 0;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *event = PyDict_GetItemWithError(events, PyList_GET_ITEM(ids, i));
+        if (event == NULL) {
+            if (!PyErr_Occurred()) {
+                PyErr_SetObject(PyExc_KeyError, PyList_GET_ITEM(ids, i));
+            }
+            return NULL;
+        }
+        Py_ssize_t size;
+        if (!PyUnicode_Check(event)) {
+            PyErr_SetString(PyExc_TypeError, "an event is not a str");
+            return NULL;
+        }
+        if (PyUnicode_AsUTF8AndSize(event, &size) == NULL) {
+            if (PyErr_ExceptionMatches(PyExc_UnicodeEncodeError)) {
+                PyErr_Clear();
+                Py_RETURN_NONE;
+            }
+            return NULL;
+        }
+        total += size + 22; /* at most 20 digits, a space, a LF */
+    }
+    PyObject *out = PyBytes_FromStringAndSize(NULL, total);
+    if (out == NULL) {
+        return NULL;
+    }
+    char *w = PyBytes_AS_STRING(out);
+    char *start = w;
+    for (Py_ssize_t i = 0; i < count; i++) {
+        PyObject *id = PyList_GET_ITEM(ids, i);
+        unsigned long long value = PyLong_AsUnsignedLongLong(id);
+        if (value == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(out);
+            return NULL;
+        }
+        char digits[24];
+        int n = 0;
+        do {
+            digits[n++] = (char)('0' + value % 10);
+            value /= 10;
+        } while (value);
+        while (n) {
+            *w++ = digits[--n];
+        }
+        *w++ = ' ';
+        Py_ssize_t size;
+        const char *utf8 = PyUnicode_AsUTF8AndSize(PyDict_GetItem(events, id), &size);
+        memcpy(w, utf8, (size_t)size);
+        w += size;
+        *w++ = '\n';
+    }
+    if (_PyBytes_Resize(&out, w - start) < 0) {
+        return NULL;
+    }
+    return out;
+}
+
 static PyMethodDef methods[] = {
+    {"tag_lines", (PyCFunction)(void (*)(void))tag_lines, METH_FASTCALL,
+     "tag_lines(ids, events) -> bytes | None: '<id> <event>\\n' for each id, UTF-8; None if one cannot encode."},
     {"finished_ids", finished_ids, METH_O,
      "finished_ids(data) -> list[int] | None: the ids of a read made only of '<id> LookupFinished' lines."},
     {NULL, NULL, 0, NULL},

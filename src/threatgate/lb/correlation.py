@@ -45,10 +45,17 @@ def finished_ids_reference(data: bytes) -> list[int] | None:
     return None
 
 
+def tag_lines_reference(request_ids: list[int], events: dict[int, str]) -> bytes:
+    """``<id> <event>`` LF for each id, as UTF-8 (what cannot be encoded replaced): the definition of the compiled
+    ``tag_lines``, which answers None instead of replacing (then this one is used)."""
+    return "".join([f"{rid} {events[rid]}\n" for rid in request_ids]).encode("utf-8", "replace")
+
+
 try:
-    from threatgate.lb._scan import finished_ids
-except ImportError:  # pragma: no cover - not built (an sdist without a compiler): the reference, same results
+    from threatgate.lb._scan import finished_ids, tag_lines
+except ImportError:  # pragma: no cover - not built (an sdist without a compiler): the references, same results
     finished_ids = finished_ids_reference
+    tag_lines = tag_lines_reference
 
 consume: Callable[[Iterable[object]], None] = deque[object](maxlen=0).extend
 """Run an iterator to its end in C (``consume(map(d.__delitem__, keys))``): a batch of dict updates without
@@ -189,6 +196,22 @@ class Correlator:
         Ids that are no longer pending (their client left) or already answered (finished, waiting for
         an earlier event of their client) are skipped.  Returns the ids dispatched.
         """
+        request_ids = self._take(request_ids, instance)
+        event = self._event
+        out.extend([f"{rid} {event[rid]}" for rid in request_ids])
+        return request_ids
+
+    def dispatch_encoded(self, request_ids: list[int], instance: Hashable) -> tuple[list[int], bytes]:
+        """:meth:`dispatch_many` for the wire: the ids dispatched, and their tagged lines as one UTF-8 buffer
+        (each line ending with LF; what cannot be encoded is replaced, as a node would read it)."""
+        request_ids = self._take(request_ids, instance)
+        if not request_ids:
+            return request_ids, b""
+        data = tag_lines(request_ids, self._event)
+        return request_ids, data if data is not None else tag_lines_reference(request_ids, self._event)
+
+    def _take(self, request_ids: list[int], instance: Hashable) -> list[int]:
+        """The ids of ``request_ids`` that may be dispatched, now owned by ``instance``."""
         event = self._event
         finished = self._finished
         if not all(map(event.__contains__, request_ids)) or (finished and not finished.keys().isdisjoint(request_ids)):
@@ -198,7 +221,6 @@ class Correlator:
         if lines:
             for rid in lines.keys() & request_ids:
                 del lines[rid]
-        out.extend([f"{rid} {event[rid]}" for rid in request_ids])
         return request_ids
 
     def mark_overdue(self, request_ids: list[int]) -> None:

@@ -365,8 +365,7 @@ class Dispatcher:
         for cand, count in allocate(cands, take, self.rng):
             ids = [backlog.popleft() for _ in range(min(count, len(backlog)))]
             lane = by_key[cand.key]  # type: ignore[index]
-            lines: list[str] = []
-            sent = corr.dispatch_many(ids, lane.key, lines)
+            sent, data = corr.dispatch_encoded(ids, lane.key)
             if not sent:
                 continue
             if not lane.owned:
@@ -374,8 +373,7 @@ class Dispatcher:
             lane.owned.update(dict.fromkeys(sent, now))
             lane.instance.dispatched += len(sent)
             placed += len(sent)
-            lines.append("")
-            out.append(Send(lane.key, "\n".join(lines).encode("utf-8", "replace")))
+            out.append(Send(lane.key, data))
             lane.last_write = now
         self.stats.dispatched += placed
         if backlog and take >= DISPATCH_BATCH:
