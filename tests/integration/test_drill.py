@@ -1,0 +1,166 @@
+"""``threatgate drill`` against a real balancer and two real nodes (issue 16, "Failover drill").
+
+The nodes load the example feeds, where ``url=http://fakess123.nu`` is a Malicious_URL hit and
+``url=http://example.org/index.html`` is no hit: the canaries of ``<Drill>`` alternate both, so a lost
+or repeated answer would show as the wrong detections.  Each test starts its own processes on port 0
+and passes the ports they bound to the drill.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import (
+    BIND_ANY,
+    BalancerProcess,
+    GatewayPorts,
+    NodeProcess,
+    example_config,
+    gateway_config,
+    wait_for_log_count,
+)
+from threatgate.node.auth import hash_password
+
+USER, PASSWORD = "drill-user", "a drill test password"
+CANARIES = (
+    "<Drill>"
+    '<Canary expect="Malicious_URL">url=http://fakess123.nu</Canary>'
+    '<Canary expect="">url=http://example.org/index.html</Canary>'
+    "</Drill>"
+)
+THREATGATE = Path(sys.executable).parent / "threatgate"
+CONTROL = '''"""The test's stop/start commands: stop kills the node named by {instance}; start does nothing."""
+import json, os, signal, sys
+pids = json.load(open(sys.argv[3]))
+if sys.argv[1] == "stop":
+    os.kill(pids[sys.argv[2]], signal.SIGKILL)
+'''
+
+
+@dataclass
+class Deployment:
+    config: Path
+    ports: GatewayPorts
+    nodes: list[NodeProcess]
+    balancer: BalancerProcess
+
+    def key(self, node: NodeProcess) -> str:
+        return f"127.0.0.1:{node.port}"
+
+
+@pytest.fixture(scope="module")
+def password_hash() -> str:
+    return hash_password(PASSWORD)  # scrypt: once per module
+
+
+@contextmanager
+def deployment(tmp_path: Path, password_hash: str) -> Iterator[Deployment]:
+    """Two nodes (a REST user each) and a balancer with the canaries, every instance UP."""
+    procs: list[NodeProcess] = []
+    balancer: BalancerProcess | None = None
+    try:
+        for i in range(2):
+            directory = tmp_path / f"node{i}"
+            directory.mkdir()
+            config = example_config(directory, users=f'<User name="{USER}" password_hash="{password_hash}"/>')
+            procs.append(NodeProcess(config))
+        for proc in procs:
+            proc.wait_ready()
+        config = tmp_path / "kl_balancer.conf"
+        gateway_config(config, instances=[(p.port, p.api_port) for p in procs], extra=CANARIES, ports=BIND_ANY)
+        balancer = BalancerProcess(config)
+        balancer.wait_ready()
+        wait_for_log_count(balancer, r"instance 127\.0\.0\.1:\d+ is UP", 2, after=0)
+        yield Deployment(config, GatewayPorts.bound_by(balancer), procs, balancer)
+    finally:
+        if balancer is not None:
+            balancer.stop()
+        for proc in procs:
+            proc.stop()
+
+
+def drill(dep: Deployment, *args: str, timeout: float = 50) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [
+            str(THREATGATE),
+            "drill",
+            "--config",
+            str(dep.config),
+            "--matching-port",
+            str(dep.ports.matching),
+            "--api-port",
+            str(dep.ports.api),
+            "--user",
+            USER,
+            "--password-stdin",
+            "--hold",
+            "1",
+            *args,
+        ],
+        input=PASSWORD + "\n",
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def test_the_drill_passes_with_admin_drain(tmp_path: Path, password_hash: str) -> None:
+    """Each instance drained and enabled in turn: every canary answered once as expected, REST answers."""
+    with deployment(tmp_path, password_hash) as dep:
+        result = drill(dep, "--json")
+        assert result.returncode == 0, result.stdout + result.stderr
+        report = json.loads(result.stdout)
+        assert report["ok"] and report["problems"] == []
+        rows = report["instances"]
+        assert [r["instance"] for r in rows] == [dep.key(n) for n in dep.nodes]
+        for row in rows:
+            assert row["ok"] and row["problems"] == []
+            assert row["rest_ok"] >= 1 and row["rest_failed"] == 0
+            assert row["detect_seconds"] is not None and row["detect_seconds"] < 5
+            assert row["events"] > 10
+        listed = subprocess.run(
+            [str(THREATGATE), "balancer", "instance", "list", "--config", str(dep.config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=30,
+        )
+        assert [r["state"] for r in json.loads(listed.stdout)["instances"]] == ["UP", "UP"]  # both brought back
+        assert dep.balancer.proc.poll() is None
+
+
+def test_a_node_that_never_comes_back_fails_the_drill(tmp_path: Path, password_hash: str) -> None:
+    """The stop command kills the first node, the start command does not bring it back: that step fails,
+    and the second is refused (it is the last UP instance); exit status 1 with a line saying so."""
+    with deployment(tmp_path, password_hash) as dep:
+        pids = tmp_path / "pids.json"
+        pids.write_text(json.dumps({dep.key(n): n.proc.pid for n in dep.nodes}))
+        control = tmp_path / "control.py"
+        control.write_text(CONTROL)
+        command = f"{sys.executable} {control} ACTION {{instance}} {pids}"
+        result = drill(
+            dep,
+            "--stop-command",
+            command.replace("ACTION", "stop"),
+            "--start-command",
+            command.replace("ACTION", "start"),
+            "--up-timeout",
+            "3",
+        )
+        first, second = (dep.key(n) for n in dep.nodes)
+        assert result.returncode == 1, result.stdout + result.stderr
+        assert f"FAIL {first}: did not come back UP within 3 s (the balancer shows it DOWN" in result.stdout
+        assert f"FAIL {second}: refusing to take out {second}: it is the last UP instance" in result.stdout
+        assert dep.nodes[0].proc.wait(5) != 0 and dep.nodes[1].proc.poll() is None
+        table = result.stdout.splitlines()
+        assert table[0].split()[:4] == ["INSTANCE", "DETECT", "RESENT", "STALL"]
+        assert table[1].startswith(first) and table[1].endswith("FAIL")
+        # Every canary sent while the node was killed was still answered exactly once, as expected.
+        assert not [line for line in table if "canary" in line or "event #" in line], result.stdout
