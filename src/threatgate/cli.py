@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ClusterError, ConfigError, FileWriteError, ThreatgateError, TLSConfigError
+from threatgate.errors import ClusterError, ConfigError, DrillError, FileWriteError, ThreatgateError, TLSConfigError
 from threatgate.fs import os_reason
 from threatgate.log import LEVEL_NAMES, setup_logging
 
@@ -409,7 +409,7 @@ def drill(
             step_timeout=step_timeout,
             up_timeout=up_timeout,
         )
-    except edge.DrillUsageError as exc:
+    except DrillError as exc:
         click.echo(f"threatgate: drill: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging("err")

@@ -20,7 +20,6 @@ from threatgate.balancer.admin import AdminServer
 from threatgate.balancer.drill import (
     Drill,
     DrillOptions,
-    DrillUsageError,
     build_options,
     command_for,
     connect_host,
@@ -28,6 +27,7 @@ from threatgate.balancer.drill import (
     run_drill,
 )
 from threatgate.config.balancer import BalancerConfig, CanarySettings, InstanceSettings
+from threatgate.errors import DrillError
 from threatgate.lb.drill import Canary
 from threatgate.lb.instances import Instance
 
@@ -108,9 +108,9 @@ def test_a_canary_file_replaces_the_config_s_canaries(tmp_path: Path) -> None:
     path.write_text('{"event": "url=y", "expect": []}\n')
     assert options(config(tmp_path), canary_file=str(path)).canaries == [Canary("url=y", (), f"{path}:1")]
     path.write_text("{}\n")
-    with pytest.raises(DrillUsageError, match=r"canary file: .*canary.jsonl:1: expected"):
+    with pytest.raises(DrillError, match=r"canary file: .*canary.jsonl:1: expected"):
         options(config(tmp_path), canary_file=str(path))
-    with pytest.raises(DrillUsageError, match="cannot read the canary file"):
+    with pytest.raises(DrillError, match="cannot read the canary file"):
         options(config(tmp_path), canary_file=str(tmp_path / "none"))
 
 
@@ -131,7 +131,7 @@ def test_a_canary_file_replaces_the_config_s_canaries(tmp_path: Path) -> None:
 def test_unusable_options_are_refused_with_what_to_change(
     tmp_path: Path, changes: dict[str, Any], given: dict[str, Any], fragment: str
 ) -> None:
-    with pytest.raises(DrillUsageError) as info:
+    with pytest.raises(DrillError) as info:
         options(config(tmp_path, **changes), **given)
     assert fragment in str(info.value)
 

@@ -7,9 +7,9 @@ import json
 import pytest
 
 from threatgate.config.balancer import CanarySettings
+from threatgate.errors import DrillError
 from threatgate.lb.drill import (
     Canary,
-    CanaryError,
     ReplyChecker,
     StepResult,
     as_json,
@@ -55,13 +55,13 @@ def test_a_canary_file_is_json_lines_with_comments_and_blank_lines() -> None:
     ],
 )
 def test_a_bad_canary_line_is_refused_with_its_place(line: str, fragment: str) -> None:
-    with pytest.raises(CanaryError, match=None) as info:
+    with pytest.raises(DrillError, match=None) as info:
         parse_canaries(line + "\n", "c")
     assert fragment in str(info.value)
 
 
 def test_a_canary_file_without_canaries_is_refused() -> None:
-    with pytest.raises(CanaryError, match="c: no canary in the file"):
+    with pytest.raises(DrillError, match="c: no canary in the file"):
         parse_canaries("# nothing\n\n", "c")
 
 

@@ -25,7 +25,7 @@ from typing import Any
 
 from threatgate.balancer import admin
 from threatgate.config.balancer import BalancerConfig
-from threatgate.errors import PeerCertificateMismatch, UpstreamFailed
+from threatgate.errors import DrillError, PeerCertificateMismatch, ThreatgateError, UpstreamFailed
 from threatgate.lb import drill as core
 from threatgate.net.describe import describe
 from threatgate.net.pinned import PinnedPool, client_context
@@ -65,7 +65,7 @@ class DrillOptions:
     up_timeout: float = 60.0  # waiting for UP once it was brought back
 
 
-class DrillAborted(Exception):
+class DrillAborted(ThreatgateError):
     """The drill cannot go on (no canary connection, no admin socket): the text says why."""
 
 
@@ -434,10 +434,6 @@ async def run_drill(options: DrillOptions, say: Callable[[str], None]) -> tuple[
     return results, drill.problems
 
 
-class DrillUsageError(ValueError):
-    """Options or a configuration the drill cannot run with: the text says what to change."""
-
-
 def connect_host(listen: str) -> str:
     """Where to reach a balancer listening on ``listen`` from this machine (a wildcard: the loopback)."""
     if listen in ("", "0.0.0.0", "*"):
@@ -463,7 +459,7 @@ def build_options(
     """The drill's options from the configuration and the command line (``timing``: rate, hold, timeouts).
 
     Raises:
-        DrillUsageError: no canary, no admin socket, a port the config leaves to the kernel (0) and the
+        DrillError: no canary, no admin socket, a port the config leaves to the kernel (0) and the
             command line does not name, a stop command without a start command, no user for REST.
     """
     if canary_file is not None:
@@ -471,41 +467,39 @@ def build_options(
             with open(canary_file, encoding="utf-8") as fh:
                 canaries = core.parse_canaries(fh.read(), canary_file)
         except OSError as exc:
-            raise DrillUsageError(f"cannot read the canary file {canary_file}: {describe(exc)}") from None
-        except (core.CanaryError, UnicodeDecodeError) as exc:
-            raise DrillUsageError(f"canary file: {exc}") from None
+            raise DrillError(f"cannot read the canary file {canary_file}: {describe(exc)}") from None
+        except (DrillError, UnicodeDecodeError) as exc:
+            raise DrillError(f"canary file: {exc}") from None
     elif config.canaries:
         canaries = core.from_config(config.path, config.canaries)
     else:
-        raise DrillUsageError(
+        raise DrillError(
             'no canary events: give --canary FILE (JSON lines: {"event": "...", "expect": ["Category"]}) '
             f'or add <Drill><Canary expect="Category">event</Canary></Drill> to {config.path} '
             '(docs/operations.md, "Failover drill")'
         )
     if config.event_delimiter is not None:
-        raise DrillUsageError(f"{config.path} sets <EventDelimiter>: the drill sends one event per line only")
+        raise DrillError(f"{config.path} sets <EventDelimiter>: the drill sends one event per line only")
     if config.admin_socket is None:
-        raise DrillUsageError(f'{config.path} has <AdminSocket enabled="false">: the drill needs the admin socket')
+        raise DrillError(f'{config.path} has <AdminSocket enabled="false">: the drill needs the admin socket')
     if (stop_command is None) != (start_command is None):
-        raise DrillUsageError("--stop-command and --start-command go together: what is stopped must be started")
+        raise DrillError("--stop-command and --start-command go together: what is stopped must be started")
     try:
         stop = parse_command(stop_command) if stop_command is not None else None
         start = parse_command(start_command) if start_command is not None else None
     except ValueError as exc:
-        raise DrillUsageError(f"--stop-command/--start-command: {exc}") from None
+        raise DrillError(f"--stop-command/--start-command: {exc}") from None
     events_port = matching_port or config.matching_port
     if not events_port:
-        raise DrillUsageError(f'{config.path} says matching_port="0" (picked at start): give --matching-port')
+        raise DrillError(f'{config.path} says matching_port="0" (picked at start): give --matching-port')
     host = connect_host(config.listen_host)
     api: tuple[str, int] | None = None
     cert = b""
     if rest:
         if user is None:
-            raise DrillUsageError(
-                "REST lookups through the gateway need --user (or THREATGATE_USER); --no-rest skips them"
-            )
+            raise DrillError("REST lookups through the gateway need --user (or THREATGATE_USER); --no-rest skips them")
         if not (api_port or config.api_port):
-            raise DrillUsageError(f'{config.path} says api_port="0" (picked at start): give --api-port')
+            raise DrillError(f'{config.path} says api_port="0" (picked at start): give --api-port')
         api = (host, api_port or config.api_port)
         try:
             with open(config.cert_path, "rb") as fh:
@@ -513,11 +507,11 @@ def build_options(
             _der(cert)
         except (OSError, ValueError) as exc:
             reason = describe(exc) if isinstance(exc, OSError) else str(exc)
-            raise DrillUsageError(f"the balancer's certificate {config.cert_path}: {reason}") from None
+            raise DrillError(f"the balancer's certificate {config.cert_path}: {reason}") from None
     try:
         instances = core.plan([s.key for s in config.instances if s.enabled])
     except ValueError as exc:
-        raise DrillUsageError(str(exc)) from None
+        raise DrillError(str(exc)) from None
     return DrillOptions(
         events=(host, events_port),
         api=api,

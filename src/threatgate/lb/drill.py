@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from threatgate.config.balancer import MAX_CANARIES, MAX_CANARY_EVENT, CanarySettings
+from threatgate.errors import DrillError
 from threatgate.lb.correlation import FINISHED
 
 
@@ -37,10 +38,6 @@ class Canary:
     origin: str  # where it was written: "file:line"
 
 
-class CanaryError(ValueError):
-    """A canary file that cannot be used: the text says where and why."""
-
-
 def parse_canaries(text: str, name: str) -> list[Canary]:
     """A ``--canary`` file: one JSON object per line, ``{"event": "...", "expect": ["Category", ...]}``.
 
@@ -48,7 +45,7 @@ def parse_canaries(text: str, name: str) -> list[Canary]:
     detection line the answer must have (usually the category); ``[]``: no detection.
 
     Raises:
-        CanaryError: with ``name:line``: not JSON, a missing or wrong field, no canary at all.
+        DrillError: with ``name:line``: not JSON, a missing or wrong field, no canary at all.
     """
     out: list[Canary] = []
     for number, raw in enumerate(text.splitlines(), 1):
@@ -59,21 +56,21 @@ def parse_canaries(text: str, name: str) -> list[Canary]:
         try:
             item = json.loads(line)
         except ValueError as exc:
-            raise CanaryError(f"{where}: not a JSON object: {exc}") from None
+            raise DrillError(f"{where}: not a JSON object: {exc}") from None
         if not isinstance(item, dict) or set(item) != {"event", "expect"}:
-            raise CanaryError(f'{where}: expected {{"event": "...", "expect": ["...", ...]}}')
+            raise DrillError(f'{where}: expected {{"event": "...", "expect": ["...", ...]}}')
         event, expect = item["event"], item["expect"]
         if not isinstance(event, str) or not event or "\n" in event or "\r" in event:
-            raise CanaryError(f"{where}: event must be one line of text, not empty")
+            raise DrillError(f"{where}: event must be one line of text, not empty")
         if len(event.encode()) > MAX_CANARY_EVENT:
-            raise CanaryError(f"{where}: event longer than {MAX_CANARY_EVENT} bytes")
+            raise DrillError(f"{where}: event longer than {MAX_CANARY_EVENT} bytes")
         if not isinstance(expect, list) or not all(isinstance(e, str) and e for e in expect):
-            raise CanaryError(f"{where}: expect must be a list of non-empty texts ([] for no detection)")
+            raise DrillError(f"{where}: expect must be a list of non-empty texts ([] for no detection)")
         out.append(Canary(event, tuple(expect), where))
         if len(out) > MAX_CANARIES:
-            raise CanaryError(f"{where}: more than {MAX_CANARIES} canaries")
+            raise DrillError(f"{where}: more than {MAX_CANARIES} canaries")
     if not out:
-        raise CanaryError(f"{name}: no canary in the file")
+        raise DrillError(f"{name}: no canary in the file")
     return out
 
 
