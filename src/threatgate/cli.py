@@ -413,7 +413,11 @@ def drill(
         click.echo(f"threatgate: drill: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     setup_logging("err")
-    results, problems = asyncio.run(edge.run_drill(options, lambda text: click.echo(text, err=True)))
+    try:
+        results, problems = asyncio.run(edge.run_drill(options, lambda text: click.echo(text, err=True)))
+    except KeyboardInterrupt:
+        click.echo("threatgate: drill: interrupted (the instance out, if any, was brought back first)", err=True)
+        sys.exit(1)
     if as_json:
         _echo_json(drill_json(results, problems))
     else:

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import subprocess
+import sys
 from collections.abc import AsyncIterator, Mapping
 from pathlib import Path
 from typing import Any, cast
@@ -282,3 +284,15 @@ async def test_cancelled_mid_step_the_instance_is_brought_back(tmp_path: Path) -
 
 def _fields(opts: DrillOptions) -> dict[str, Any]:
     return {name: getattr(opts, name) for name in DrillOptions.__slots__}
+
+
+def test_the_cli_refuses_a_drill_without_canaries_with_exit_2() -> None:
+    example = Path(__file__).resolve().parents[2] / "examples" / "balancer.conf"
+    result = subprocess.run(
+        [str(Path(sys.executable).parent / "threatgate"), "drill", "--config", str(example), "--no-rest"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2 and result.stdout == ""
+    assert result.stderr.startswith("threatgate: drill: no canary events: give --canary FILE"), result.stderr

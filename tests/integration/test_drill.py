@@ -9,6 +9,7 @@ and passes the ports they bound to the drill.
 from __future__ import annotations
 
 import json
+import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from tests.helpers import (
     example_config,
     gateway_config,
     wait_for_log_count,
+    wait_until,
 )
 from threatgate.node.auth import hash_password
 
@@ -126,13 +128,7 @@ def test_the_drill_passes_with_admin_drain(tmp_path: Path, password_hash: str) -
             assert row["rest_ok"] >= 1 and row["rest_failed"] == 0
             assert row["detect_seconds"] is not None and row["detect_seconds"] < 5
             assert row["events"] > 10
-        listed = subprocess.run(
-            [str(THREATGATE), "balancer", "instance", "list", "--config", str(dep.config), "--json"],
-            capture_output=True,
-            text=True,
-            timeout=30,
-        )
-        assert [r["state"] for r in json.loads(listed.stdout)["instances"]] == ["UP", "UP"]  # both brought back
+        assert set(states(dep).values()) == {"UP"}  # both brought back
         assert dep.balancer.proc.poll() is None
 
 
@@ -164,3 +160,48 @@ def test_a_node_that_never_comes_back_fails_the_drill(tmp_path: Path, password_h
         assert table[1].startswith(first) and table[1].endswith("FAIL")
         # Every canary sent while the node was killed was still answered exactly once, as expected.
         assert not [line for line in table if "canary" in line or "event #" in line], result.stdout
+
+
+def test_ctrl_c_brings_the_instance_out_back(tmp_path: Path, password_hash: str) -> None:
+    """SIGINT while the first instance is drained: it is enabled again before the drill exits (status 1)."""
+    with deployment(tmp_path, password_hash) as dep:
+        proc = subprocess.Popen(
+            [
+                str(THREATGATE),
+                "drill",
+                "--config",
+                str(dep.config),
+                "--matching-port",
+                str(dep.ports.matching),
+                "--no-rest",
+                "--hold",
+                "60",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            assert proc.stderr is not None
+            first = dep.key(dep.nodes[0])
+            assert proc.stderr.readline() == f"drill: {first}: taking it out\n"
+            wait_until(lambda: states(dep)[first] == "MAINT", "the first instance drained")
+            proc.send_signal(signal.SIGINT)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+            proc.communicate()  # reaps it and closes the pipes
+        assert proc.returncode == 1 and "drill: interrupted" in err, err
+        assert set(states(dep).values()) == {"UP"}
+
+
+def states(dep: Deployment) -> dict[str, str]:
+    """Each instance's state, as the admin socket lists it."""
+    listed = subprocess.run(
+        [str(THREATGATE), "balancer", "instance", "list", "--config", str(dep.config), "--json"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    return {r["instance"]: r["state"] for r in json.loads(listed.stdout)["instances"]}
