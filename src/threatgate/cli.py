@@ -357,9 +357,19 @@ def balancer_instance_enable(instance: str, config_path: str, as_json: bool) -> 
 @click.option("--matching-port", type=click.IntRange(1, 65535), help="The balancer's event port (config says 0).")
 @click.option("--api-port", type=click.IntRange(1, 65535), help="The balancer's REST port (config says 0).")
 @click.option("--rate", default=50.0, show_default=True, type=click.FloatRange(1, 10_000), help="Canary events/s.")
-@click.option("--hold", default=3.0, show_default=True, type=click.FloatRange(0, 3600), help="Seconds out.")
-@click.option("--step-timeout", default=30.0, show_default=True, type=click.FloatRange(1, 3600))
-@click.option("--up-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600))
+@click.option(
+    "--hold", default=3.0, show_default=True, type=click.FloatRange(0, 3600), help="Seconds each instance stays out."
+)
+@click.option(
+    "--step-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="Seconds each wait may take: seen out, answers in, a command.",
+)
+@click.option(
+    "--up-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600), help="Seconds to be UP again."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
 def drill(
     config_path: str,
