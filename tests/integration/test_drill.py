@@ -8,7 +8,9 @@ and passes the ports they bound to the drill.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -26,6 +28,7 @@ from tests.helpers import (
     NodeProcess,
     example_config,
     gateway_config,
+    keep_bound_ports,
     wait_for_log_count,
     wait_until,
 )
@@ -39,12 +42,32 @@ CANARIES = (
     "</Drill>"
 )
 THREATGATE = Path(sys.executable).parent / "threatgate"
-CONTROL = '''"""The test's stop/start commands: stop kills the node named by {instance}; start does nothing."""
-import json, os, signal, sys
-pids = json.load(open(sys.argv[3]))
-if sys.argv[1] == "stop":
-    os.kill(pids[sys.argv[2]], signal.SIGKILL)
+CONTROL = '''"""The test's stop/start commands for the node named by {instance}: stop kills it (SIGKILL);
+start does nothing, or with a config in the state file starts it again and records its pid."""
+import json, os, signal, subprocess, sys
+action, key, path = sys.argv[1:4]
+state = json.load(open(path))
+node = state[key]
+if action == "stop":
+    os.kill(node["pid"], signal.SIGKILL)
+elif node.get("config"):
+    log = open(node["config"] + ".restart.log", "ab")
+    proc = subprocess.Popen([sys.executable, "-m", "threatgate", "node", "--config", node["config"]],
+                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    node["pid"] = proc.pid
+    json.dump(state, open(path, "w"))
 '''
+
+
+def control(tmp_path: Path, dep: Deployment, *, restart: bool) -> str:
+    """The stop/start command line (ACTION for stop or start), and the state file it works on."""
+    pids = tmp_path / "pids.json"
+    pids.write_text(
+        json.dumps({dep.key(n): {"pid": n.proc.pid, "config": str(n.config) if restart else ""} for n in dep.nodes})
+    )
+    script = tmp_path / "control.py"
+    script.write_text(CONTROL)
+    return f"{sys.executable} {script} ACTION {{instance}} {pids}"
 
 
 @dataclass
@@ -76,6 +99,7 @@ def deployment(tmp_path: Path, password_hash: str) -> Iterator[Deployment]:
             procs.append(NodeProcess(config))
         for proc in procs:
             proc.wait_ready()
+            keep_bound_ports(proc)  # a node started again comes back on the same ports
         config = tmp_path / "kl_balancer.conf"
         gateway_config(config, instances=[(p.port, p.api_port) for p in procs], extra=CANARIES, ports=BIND_ANY)
         balancer = BalancerProcess(config)
@@ -136,11 +160,7 @@ def test_a_node_that_never_comes_back_fails_the_drill(tmp_path: Path, password_h
     """The stop command kills the first node, the start command does not bring it back: that step fails,
     and the second is refused (it is the last UP instance); exit status 1 with a line saying so."""
     with deployment(tmp_path, password_hash) as dep:
-        pids = tmp_path / "pids.json"
-        pids.write_text(json.dumps({dep.key(n): n.proc.pid for n in dep.nodes}))
-        control = tmp_path / "control.py"
-        control.write_text(CONTROL)
-        command = f"{sys.executable} {control} ACTION {{instance}} {pids}"
+        command = control(tmp_path, dep, restart=False)
         result = drill(
             dep,
             "--stop-command",
@@ -160,6 +180,30 @@ def test_a_node_that_never_comes_back_fails_the_drill(tmp_path: Path, password_h
         assert table[1].startswith(first) and table[1].endswith("FAIL")
         # Every canary sent while the node was killed was still answered exactly once, as expected.
         assert not [line for line in table if "canary" in line or "event #" in line], result.stdout
+
+
+def test_the_drill_passes_when_each_node_is_killed_and_started_again(tmp_path: Path, password_hash: str) -> None:
+    """A real crash (SIGKILL) instead of a drain: the balancer sees it DOWN, re-sends what it held, and every
+    canary is still answered exactly once; started again, each node is UP before the next is killed."""
+    with deployment(tmp_path, password_hash) as dep:
+        command = control(tmp_path, dep, restart=True)
+        try:
+            result = drill(
+                dep,
+                "--json",
+                "--stop-command",
+                command.replace("ACTION", "stop"),
+                "--start-command",
+                command.replace("ACTION", "start"),
+            )
+        finally:
+            for node in json.loads((tmp_path / "pids.json").read_text()).values():
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(node["pid"], signal.SIGTERM)
+        assert result.returncode == 0, result.stdout + result.stderr
+        rows = json.loads(result.stdout)["instances"]
+        assert [r["ok"] for r in rows] == [True, True]
+        assert all(r["detect_seconds"] is not None and r["rest_ok"] >= 1 for r in rows), rows
 
 
 def test_ctrl_c_brings_the_instance_out_back(tmp_path: Path, password_hash: str) -> None:
