@@ -93,6 +93,7 @@ ACROSS: dict[str, str] = {
     "node/test_feeds_published.py": "CSV feeds as the world publishes them, through every reader",
     "node/test_shared_snapshots.py": "snapshots passed to workers by descriptor: snapfile, feedsnapshot, store",
     "node/test_worker_imports.py": "a worker process imports no server, parser or cluster code",
+    "lb/test_scan.py": "the compiled lb/_scan.c against its Python references in lb/correlation.py",
     # -- being reworked in issue 15: their tests move to the mirror files with the modules ---------------------
     "balancer/test_gateway_unit.py": "balancer/gateway.py, pins.py and verify.py; being reworked in issue 15",
 }

@@ -33,6 +33,7 @@ SANS_IO_FILES = sorted(
         SRC / "net" / "http1.py",
         SRC / "cluster" / "tokens.py",
         SRC / "cluster" / "routes.py",
+        SRC / "lb" / "drill.py",
     ]
 )
 

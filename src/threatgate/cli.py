@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import click
 
 from threatgate._version import __version__
-from threatgate.errors import ClusterError, ConfigError, FileWriteError, ThreatgateError, TLSConfigError
+from threatgate.errors import ClusterError, ConfigError, DrillError, FileWriteError, ThreatgateError, TLSConfigError
 from threatgate.fs import os_reason
 from threatgate.log import LEVEL_NAMES, setup_logging
 
@@ -331,6 +331,101 @@ def _instance_change(command: str, help_text: str) -> None:
 _instance_change("disable", "MAINT at once: its connections close and the events it owes are sent to the others.")
 _instance_change("drain", "DRAIN: no new events; the events in flight are answered there; then MAINT.")
 _instance_change("enable", "Out of MAINT (UP after its health checks pass) or out of DRAIN (UP at once).")
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Balancer config.")
+@click.option("--canary", "canary_file", type=click.Path(dir_okay=False), help="Canary events (JSON lines).")
+@click.option("--stop-command", help="Takes an instance out instead of drain ({instance}, {host}, {port}).")
+@click.option("--start-command", help="Brings it back instead of enable (same placeholders).")
+@click.option("--user", help="REST API user for the lookups (else THREATGATE_USER).", envvar="THREATGATE_USER")
+@click.option(
+    "--password-stdin", is_flag=True, help="Read the password from stdin (else THREATGATE_PASSWORD or a prompt)."
+)
+@click.option("--no-rest", is_flag=True, help="No REST lookups through the gateway.")
+@click.option("--matching-port", type=click.IntRange(1, 65535), help="The balancer's event port (config says 0).")
+@click.option("--api-port", type=click.IntRange(1, 65535), help="The balancer's REST port (config says 0).")
+@click.option("--rate", default=50.0, show_default=True, type=click.FloatRange(1, 10_000), help="Canary events/s.")
+@click.option(
+    "--hold", default=3.0, show_default=True, type=click.FloatRange(0, 3600), help="Seconds each instance stays out."
+)
+@click.option(
+    "--step-timeout",
+    default=30.0,
+    show_default=True,
+    type=click.FloatRange(1, 3600),
+    help="Seconds each wait may take: seen out, answers in, a command.",
+)
+@click.option(
+    "--up-timeout", default=60.0, show_default=True, type=click.FloatRange(1, 3600), help="Seconds to be UP again."
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the results as JSON.")
+def drill(
+    config_path: str,
+    canary_file: str | None,
+    stop_command: str | None,
+    start_command: str | None,
+    user: str | None,
+    password_stdin: bool,
+    no_rest: bool,
+    matching_port: int | None,
+    api_port: int | None,
+    rate: float,
+    hold: float,
+    step_timeout: float,
+    up_timeout: float,
+    as_json: bool,
+) -> None:
+    """Failover drill: take each enabled instance out in turn under canary traffic, check nothing is lost.
+
+    Exit status 0 when every step passed, 1 on any failure (one FAIL line says which instance and
+    what), 2 for unusable options or configuration.  Ctrl-C brings the instance out back.
+    """
+    from threatgate.balancer import drill as edge
+    from threatgate.lb.drill import as_json as drill_json
+    from threatgate.lb.drill import render
+
+    config = _balancer_config(config_path)
+    password = None
+    if user is not None and not no_rest:
+        if password_stdin:
+            password = sys.stdin.readline().rstrip("\r\n")
+        else:
+            password = os.environ.get("THREATGATE_PASSWORD") or click.prompt("password", hide_input=True, err=True)
+    try:
+        options = edge.build_options(
+            config,
+            canary_file=canary_file,
+            stop_command=stop_command,
+            start_command=start_command,
+            user=user,
+            password=password,
+            rest=not no_rest,
+            matching_port=matching_port,
+            api_port=api_port,
+            rate=rate,
+            hold=hold,
+            step_timeout=step_timeout,
+            up_timeout=up_timeout,
+        )
+    except DrillError as exc:
+        click.echo(f"threatgate: drill: {exc}", err=True)
+        sys.exit(EXIT_CONFIG)
+    setup_logging("err")
+    try:
+        results, problems = asyncio.run(edge.run_drill(options, lambda text: click.echo(text, err=True)))
+    except KeyboardInterrupt:
+        click.echo("threatgate: drill: interrupted (the instance out, if any, was brought back first)", err=True)
+        sys.exit(1)
+    if as_json:
+        _echo_json(drill_json(results, problems))
+    else:
+        if results:
+            click.echo(render(results))
+        for problem in problems:
+            click.echo(f"FAIL drill: {problem}")
+    ok = bool(results) and all(r.ok for r in results) and not problems
+    sys.exit(0 if ok else 1)
 
 
 @main.command()

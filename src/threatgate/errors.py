@@ -138,6 +138,13 @@ class TLSConfigError(ThreatgateError):
     """
 
 
+class DrillError(ThreatgateError):
+    """``threatgate drill`` cannot run as asked: no canary, a bad canary file, an option or setting missing.
+
+    The text says what to change; the CLI prints it and exits 2.
+    """
+
+
 class ClusterError(ThreatgateError):
     """A cluster operation cannot be carried out now (wrong role, emergency mode, unknown member).
 

@@ -340,3 +340,41 @@ def test_validate_cli_rejects_a_broken_balancer_config(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == f"{path}:{BALANCER_LINE}: <Balancer>: scanners_count=101: expected 1-100"
+
+
+# -- <Drill>: the failover drill's canaries (threatgate drill) ------------------------------------------
+
+
+def test_drill_canaries_are_read_with_their_lines(tmp_path: Path) -> None:
+    assert load_balancer_config(str(EXAMPLE)).canaries == ()
+    drill = (
+        "<Drill>\n"
+        '    <Canary expect="Malicious_URL">url=http://fakess123.nu</Canary>\n'
+        '    <Canary expect=" Malicious_URL , IP_Reputation ">src=1.2.3.4 url=http://fakess123.nu</Canary>\n'
+        '    <Canary expect="">url=http://example.org/</Canary>\n'
+        "  </Drill>\n</Config>"
+    )
+    text = edited("</Config>", drill)
+    config = load_balancer_config(str(write(tmp_path, text)))
+    assert [(c.event, c.expect, c.line) for c in config.canaries] == [
+        ("url=http://fakess123.nu", ("Malicious_URL",), line_of(text, 'expect="Malicious_URL"')),
+        ("src=1.2.3.4 url=http://fakess123.nu", ("Malicious_URL", "IP_Reputation"), line_of(text, "IP_Reputation")),
+        ("url=http://example.org/", (), line_of(text, 'expect=""')),
+    ]
+
+
+@pytest.mark.parametrize(
+    ("drill", "element", "problem"),
+    [
+        ("<Drill/>", "Drill", "<Drill> without <Canary>: add at least one test event"),
+        ("<Drill><Canary>url=x</Canary></Drill>", "Canary", 'missing expect="..."'),
+        ('<Drill><Canary expect="X"> </Canary></Drill>', "Canary", "a canary is one event on one line"),
+        ('<Drill><Canary expect="X">a&#10;b</Canary></Drill>', "Canary", "a canary is one event on one line"),
+        ('<Drill><Canry expect="X">a</Canry></Drill>', "Canry", "unknown element in <Drill>"),
+        ('<Drill><Canary expect="X" expected="Y">a</Canary></Drill>', "Canary", "unknown attribute 'expected'"),
+    ],
+)
+def test_bad_drill_canaries(tmp_path: Path, drill: str, element: str, problem: str) -> None:
+    err = load_error(tmp_path, edited("</Config>", drill + "</Config>"))
+    assert err.element == element
+    assert err.problem.startswith(problem), err.problem

@@ -87,6 +87,21 @@ class HealthCheckSettings(Frozen):
     fall: int = pydantic.Field(default=3, ge=1, le=100)
 
 
+MAX_CANARY_EVENT = 65536
+"""Bytes of one canary event (``<Drill><Canary>``): a test event, far below any MaxEventSize."""
+MAX_CANARIES = 1000
+
+
+class CanarySettings(Frozen):
+    """One ``<Drill><Canary expect="Category,...">event text</Canary>``: a test event for ``threatgate drill``
+    and the detections every answer to it must carry (each a text its detection line contains, usually
+    the category; ``expect=""``: no detection)."""
+
+    event: str = pydantic.Field(min_length=1, max_length=MAX_CANARY_EVENT)
+    expect: tuple[str, ...] = ()
+    line: int = 0
+
+
 class BalancerConfig(Frozen):
     """Everything a balancer needs, validated: produced only by :func:`load_balancer_config`."""
 
@@ -132,6 +147,9 @@ class BalancerConfig(Frozen):
     """``<AdminSocket>``: the local UNIX socket of run-time control (``threatgate balancer instance``), mode
     0600; by default next to the configuration file (``kl_balancer.conf`` -> ``kl_balancer.sock``);
     ``enabled="false"``: none.  None in a configuration built in code."""
+    canaries: tuple[CanarySettings, ...] = ()
+    """``<Drill><Canary>``: the failover drill's test events (``threatgate drill``); the balancer itself does
+    not use them."""
 
     def address(self, port: int) -> Address:
         return Address(self.listen_host, port)
@@ -345,7 +363,33 @@ def _read_config(root: Node) -> BalancerConfig:
         data["admin_socket"] = default_admin_socket(root.path)
     elif parse_bool(admin, "enabled", True):
         data["admin_socket"] = resolve_path(admin, admin.value) if admin.value else default_admin_socket(root.path)
+    data["canaries"] = _read_drill(root.only("Drill"))
     return build(root, BalancerConfig, data)
+
+
+def _read_drill(node: Node | None) -> tuple[CanarySettings, ...]:
+    """``<Drill>`` with one ``<Canary expect="...">event</Canary>`` per test event (at least one)."""
+    if node is None:
+        return ()
+    out: list[CanarySettings] = []
+    for child in node.elements():
+        if child.tag != "Canary":
+            raise node.unknown_child(child, ("Canary",))
+        event = child.value
+        if not event or "\n" in event or "\r" in event:
+            raise child.error("a canary is one event on one line: the element's text, not empty")
+        if len(event.encode()) > MAX_CANARY_EVENT:
+            raise child.error(f"canary event longer than {MAX_CANARY_EVENT} bytes")
+        raw = child.attrs.get("expect")
+        if raw is None:
+            raise child.error('missing expect="...": the detections expected (e.g. the category), "" for none')
+        expect = tuple(part.strip() for part in raw.split(",") if part.strip())
+        out.append(CanarySettings(event=event, expect=expect, line=child.line))
+    if not out:
+        raise node.error("<Drill> without <Canary>: add at least one test event")
+    if len(out) > MAX_CANARIES:
+        raise node.error(f"more than {MAX_CANARIES} canaries")
+    return tuple(out)
 
 
 def default_admin_socket(config_path: str) -> str:

@@ -103,6 +103,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "handshake_timeout": LIVE,  # new connections
     "drain_timeout": LIVE,  # read at SIGTERM
     "stats_interval": LIVE,
+    "canaries": LIVE,  # read by threatgate drill when it starts, never by the balancer
 }
 """BalancerConfig, by field name."""
 
