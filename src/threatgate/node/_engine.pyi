@@ -39,7 +39,7 @@ class Engine:
             [str, int, tuple[str | None, ...], list[tuple[int, str, list[tuple[int, int, int, str]]]]], None
         ],
         /,
-    ) -> tuple[int, int, int, int, int, dict[str, int] | None]: ...
+    ) -> tuple[int, int, int, int, int, dict[str, int] | None, list[tuple[int, str]] | None]: ...
     def use_detection(
         self,
         event_format: tuple[bytes | int, ...] | None,

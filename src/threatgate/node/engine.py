@@ -234,7 +234,7 @@ class CompiledMatcher(Matcher):
                 out.append(self._finished_line(fields, sent, totals, date))
 
         batch = events if type(events) is list else list(events)
-        decided, ignored, confirmed, detections, suppressed, per_category = self._engine.match(
+        decided, ignored, confirmed, detections, suppressed, per_category, hits = self._engine.match(
             batch, plan, date, finished, out, reference, detect
         )
         st.events += decided + confirmed  # after the call: the reference path counts its own events meanwhile
@@ -246,7 +246,19 @@ class CompiledMatcher(Matcher):
         if per_category:
             for category, n in per_category.items():
                 st.per_category[category] = st.per_category.get(category, 0) + n
+        if hits:
+            self._count_hits(hits, st)
         return out
+
+    def _count_hits(self, hits: list[tuple[int, str]], st: MatchStats) -> None:
+        """The engine's detections by source (feed or supplier of the slot) and matched indicator."""
+        snapshots = self._snapshots
+        per_source, per_indicator = st.per_source, st.per_indicator
+        for slot, raw in hits:
+            snap = snapshots.get(slot)
+            source = snap.name if snap is not None else "unknown"
+            per_source[source] = per_source.get(source, 0) + 1
+            per_indicator[raw] = per_indicator.get(raw, 0) + 1
 
     def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
         """As the reference; objects the engine proves absent answer at once, the rest go to lookup_object."""
