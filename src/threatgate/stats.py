@@ -161,7 +161,8 @@ def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
     """The node's :class:`NodeStats` from its master's and its workers' (pure; the parts are not changed).
 
     Every field is either a counter (:data:`SUMMED`: integers add, tables add key by key), a sketch
-    (:data:`SKETCHES`: merged) or a gauge the master owns (:data:`MASTER_GAUGES`: the master's value, copied).  ``workers`` holds each running
+    (:data:`SKETCHES`: merged) or a gauge the master owns (:data:`MASTER_GAUGES`: the master's value,
+    copied).  ``workers`` holds each running
     worker's latest cumulative report and, for counters to stay monotonic across restarts, the last
     report of every worker that has exited.  A field in neither set raises ``TypeError``: a new
     ``NodeStats`` field must be classified here (tests/test_metrics.py checks every field).
@@ -175,7 +176,7 @@ def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
         elif name in SKETCHES:
             values[name] = TopN.merged(getattr(part, name) for part in parts)
         elif name not in SUMMED:
-            raise TypeError(f"NodeStats.{name} is neither summed nor a master gauge: classify it in metrics.py")
+            raise TypeError(f"NodeStats.{name} is neither summed, a sketch nor a master gauge: classify it in stats.py")
         elif isinstance(getattr(master, name), dict):
             table: dict[Any, int] = {}
             for part in parts:
