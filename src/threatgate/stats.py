@@ -188,6 +188,25 @@ def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
     return NodeStats(**values)
 
 
+def detection_statistics(stats: NodeStats, since: float) -> dict[str, Any]:
+    """What a node's ``GET /statz`` answers: its cumulative detection counters since ``since`` (its start,
+    Unix seconds), for the balancer to sum over the deployment (docs/operations.md, "Statistics").
+
+    Counters only go up while the node runs (a worker's restart keeps its last report); a balancer that
+    sees ``since`` change, or a counter go down, takes the node as restarted and counts from zero.
+    """
+    return {
+        "detections": {
+            "total": stats.detections,
+            "by_category": dict(sorted(stats.per_category.items())),
+            "by_source": dict(sorted(stats.per_source.items())),
+            "top_indicators": [[key, n] for key, n in stats.top_indicators.top()],
+        },
+        "events": stats.events,
+        "since": int(since),
+    }
+
+
 @dataclass(slots=True)
 class BalancerStats(BoundaryStats):
     """Every counter the balancer's event path keeps (names in docs/operations.md)."""
