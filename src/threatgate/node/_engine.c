@@ -1977,5 +1977,10 @@ PyMODINIT_FUNC PyInit__engine(void) {
         Py_DECREF(m);
         return NULL;
     }
+    /* Bumped when Python and C must change together (engine.py refuses another value: rebuild the module). */
+    if (PyModule_AddIntConstant(m, "INTERFACE", 2) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -53,6 +53,18 @@ _RESERVED = frozenset(
 )
 
 
+INTERFACE = 2
+"""The version of the C module's interface this module calls (``_engine.INTERFACE``; 2: ``match`` reports
+each detection's slot and indicator).  A module built from older source is refused with a clear message
+rather than failing at the first batch."""
+if getattr(_engine, "INTERFACE", 1) != INTERFACE:
+    raise ImportError(
+        f"threatgate.node._engine ({_engine.__file__}) was built from other source than this threatgate "
+        f"(interface {getattr(_engine, 'INTERFACE', 1)}, expected {INTERFACE}): rebuild it "
+        "(pip install ., or .venv/bin/python setup.py build_ext --inplace)"
+    )
+
+
 def engine_choice(environ: Mapping[str, str] = os.environ) -> str:
     """The engine named by ``THREATGATE_ENGINE`` ("compiled" when unset); ValueError for another name."""
     name = environ.get(ENGINE_ENV, "compiled").strip().lower() or "compiled"
