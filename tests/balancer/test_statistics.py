@@ -84,7 +84,7 @@ def test_too_many_categories_keep_the_largest_and_fold_the_rest() -> None:
 
 
 def test_the_first_answer_is_a_baseline_and_later_ones_count_by_difference() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     assert s.observe("a", T0, report({"C2": 100}, events=1000)).empty  # detected at unknown times: no window
     delta = s.observe("a", T0 + 5, report({"C2": 103, "Phishing": 1}, events=1010))
     assert delta == Counts(10, 4, {"C2": 3, "Phishing": 1}, {"feed": 4})
@@ -95,8 +95,15 @@ def test_the_first_answer_is_a_baseline_and_later_ones_count_by_difference() -> 
     assert s.accumulated().by_category == {"C2": 5, "Phishing": 1}
 
 
+def test_a_node_started_after_the_balancer_began_watching_counts_whole() -> None:
+    s = Statistics(started=T0)
+    assert s.observe("old", T0 + 1, report({"C2": 50}, since=int(T0) - 3600)).empty  # baseline
+    assert s.observe("new", T0 + 1, report({"C2": 5}, since=int(T0) + 1)).detections == 5
+    assert s.window(T0 + 2, 60).detections == 5 and s.tracks["new"].restarts == 0
+
+
 def test_a_restart_counts_from_zero_whether_since_changed_or_a_counter_went_down() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     s.observe("a", T0, report({"C2": 10}))
     s.observe("a", T0 + 1, report({"C2": 12}))
     assert s.observe("a", T0 + 2, report({"C2": 3}, since=200)).detections == 3  # new start: all of it is new
@@ -111,7 +118,7 @@ def test_a_restart_counts_from_zero_whether_since_changed_or_a_counter_went_down
 
 
 def test_hour_and_day_windows_and_the_per_minute_series() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     s.observe("a", T0, report({}))
     total = 0
     # One detection a minute for two days: the hour holds 60, the day 1440, the ring no more than a day.
@@ -132,7 +139,7 @@ def test_hour_and_day_windows_and_the_per_minute_series() -> None:
 
 
 def test_a_gap_in_the_polls_lands_in_the_minute_of_the_next_answer() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     s.observe("a", T0, report({"C2": 1}))
     s.failed("a", "cannot connect")
     assert s.tracks["a"].error == "cannot connect"
@@ -143,7 +150,7 @@ def test_a_gap_in_the_polls_lands_in_the_minute_of_the_next_answer() -> None:
 
 
 def test_a_removed_instance_keeps_its_counts_in_the_counters_but_leaves_the_windows() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     s.observe("a", T0, report({}))
     s.observe("a", T0 + 1, report({"C2": 4}))
     s.keep_only(["b"])
@@ -153,7 +160,7 @@ def test_a_removed_instance_keeps_its_counts_in_the_counters_but_leaves_the_wind
 
 
 def test_the_report_sums_instances_and_merges_their_top_indicators() -> None:
-    s = Statistics()
+    s = Statistics(started=T0)
     for key, top in (("a", {"evil.example": 5, "x.example": 1}), ("b", {"evil.example": 1, "10.0.0.1": 3})):
         s.observe(key, T0, report({}))
         s.observe(key, T0 + 1, report({"C2": 2}, events=4, top=top))

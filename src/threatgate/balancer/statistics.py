@@ -10,8 +10,9 @@ Theory of operation (:class:`Statistics`, sans-IO: every method takes ``now``):
 - A node's counters are cumulative since its start (``since``).  Each poll's answer minus the previous
   one is what the node detected meanwhile; it is added to the instance's bucket of the current minute.
   A node that restarted (``since`` changed, or a counter went down) counts from zero: its whole answer
-  is new.  The first answer of an instance (balancer just started, instance just added) is a baseline:
-  its detections happened at unknown times, so they are in no window.
+  is new.  The first answer of an instance that started before the balancer began watching (balancer
+  just started, instance just added) is a baseline: its detections happened at unknown times, so they
+  are in no window; one that started after (``since`` later than ``started``) counts whole.
 - Buckets are one per minute, a day of them per instance at most (:data:`DAY_MINUTES`): the last hour
   and the last day are sums of buckets, the chart's per-minute series the last hour's buckets.  What a
   node detected while it could not be polled lands in the minute of the next answer.
@@ -191,7 +192,8 @@ class Track:
 class Statistics:
     """The deployment's detection statistics (sans-IO: answers in, figures out)."""
 
-    def __init__(self) -> None:
+    def __init__(self, started: float = 0.0) -> None:
+        self.started = started  # when the balancer began watching (Unix s): a node started later counts whole
         self.tracks: dict[str, Track] = {}
         self.retired = Counts()  # what removed instances added: the counters never go back
 
@@ -200,11 +202,11 @@ class Statistics:
         track = self.tracks.setdefault(key, Track())
         last, track.last = track.last, report
         track.polled_at, track.error = now, None
-        if last is None:
+        if last is None and report.since < self.started:
             return Counts()
-        delta = report.counts.since(last.counts) if report.since == last.since else None
-        if delta is None:  # restarted: everything it counted is new
-            track.restarts += 1
+        delta = report.counts.since(last.counts) if last is not None and report.since == last.since else None
+        if delta is None:  # restarted, or started while watched: everything it counted is new
+            track.restarts += last is not None
             delta = Counts()
             delta.add(report.counts)
         if delta.empty:
@@ -367,8 +369,8 @@ class StatisticsPoller:
     def __init__(self, service: StatisticsHost, client: StatzClient, clock: Callable[[], float] | None = None) -> None:
         self.service = service
         self.client = client
-        self.statistics = Statistics()
         self._clock: Callable[[], float] = clock or time.time
+        self.statistics = Statistics(started=self._clock())
         self._warn = RateLimitedLog(log, logging.INFO, interval=300)
         self._task: asyncio.Task[None] | None = None
         self._stop = asyncio.Event()
