@@ -26,6 +26,7 @@ from tests.helpers import (
     NodeProcess,
     example_config,
     gateway_config,
+    keep_bound_ports,
     prometheus_samples,
     stream,
     wait_for_log_count,
@@ -55,6 +56,7 @@ def two_nodes(tmp_path: Path) -> Iterator[list[NodeProcess]]:
             procs.append(NodeProcess(config))
         for proc in procs:
             proc.wait_ready()
+            keep_bound_ports(proc)  # a restart comes back on the ports the balancer knows
         yield procs
         for proc in procs:
             assert "Traceback" not in proc.log(), proc.log()
@@ -77,7 +79,7 @@ def summed(tables: list[dict[str, int]]) -> dict[str, int]:
     return dict(total)
 
 
-@pytest.mark.timeout(180)
+@pytest.mark.timeout(240)
 def test_detections_counted_on_each_node_and_summed_by_the_balancer(tmp_path: Path) -> None:
     with two_nodes(tmp_path) as nodes:
         config = tmp_path / "balancer.conf"
@@ -131,6 +133,20 @@ def test_detections_counted_on_each_node_and_summed_by_the_balancer(tmp_path: Pa
             assert samples['threatgate_balancer_deployment_source_detections_total{source="malicious_urls.json"}'] == 30
             per_instance = [samples[f'threatgate_balancer_instance_detections_total{{instance="{k}"}}'] for k in keys]
             assert per_instance == [a["detections"]["total"] for a in answers]
+
+            # A node restarts: its counters start again from zero; the balancer's go on counting from there.
+            mark = balancer.log_offset()
+            nodes[1].stop()
+            nodes[1] = NodeProcess(nodes[1].config, nodes[1].port)
+            nodes[1].wait_ready()
+            assert statz(nodes[1])["detections"]["total"] == 0
+            balancer.wait_for_log(rf"instance {re.escape(keys[1])} is UP", after=mark)
+            lines = stream(ports.matching, payload)
+            assert lines.count(FINISHED_LINE) == len(EVENTS)
+            again = dict(Counter(c for c, _ in (m.groups() for m in map(DETECTION.search, lines) if m)))
+            twice = dict(Counter(by_category) + Counter(again))
+            wait_until(lambda: deployment() == twice, f"the balancer's counters at {twice} after the restart")
+            assert prometheus_samples(metrics)["threatgate_balancer_deployment_events_total"] == 2 * len(EVENTS)
             assert "Traceback" not in balancer.log(), balancer.log()
         finally:
             balancer.stop()
