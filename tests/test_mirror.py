@@ -83,6 +83,7 @@ ACROSS: dict[str, str] = {
     "test_mirror.py": "this file: the tests mirror the modules",
     "test_packaging.py": "the wheel builds, installs and runs (python -m threatgate, the demo)",
     "test_readme.py": "the README's commands run as written",
+    "test_examples.py": "examples/monitoring: the dashboard and scrape config name metrics the source exports",
     "test_bench.py": "the benchmarks in bench/ still run",
     # -- features that span modules -----------------------------------------------------------------------------
     "config/test_bounds.py": "config bounds are declared once, on the models, and the XML readers use them",

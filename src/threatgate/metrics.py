@@ -135,6 +135,7 @@ class StatsCollector(_TableCollector):
             ("threatgate_bad_input", "Bad input seen at a boundary, by reason", "reason", s.bad_input),
             ("threatgate_connections", "Event connections, by outcome", "outcome", s.connections),
             ("threatgate_category_detections", "Detections by category", "category", s.per_category),
+            ("threatgate_source_detections", "Detections by feed or API supplier", "source", s.per_source),
             (
                 "threatgate_engine_events",
                 "Events by matching path: compiled (no candidate indicator), confirmed (candidates confirmed against "

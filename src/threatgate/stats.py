@@ -13,6 +13,11 @@ from typing import Any, TypeVar
 
 K = TypeVar("K", str, tuple[str, str])
 
+TOP_INDICATORS = 100
+"""Matched indicators a process keeps counts of (:class:`TopN`): bounded memory whatever the traffic."""
+INDICATOR_CHARS = 256
+"""Characters of an indicator kept as a :class:`TopN` key (a long URL is cut: the key stays small)."""
+
 Gauges = dict[str, tuple[str, Callable[[], float]]]
 LabelledGauges = dict[str, tuple[str, str, Callable[[], dict[str, float]]]]
 """name -> (help, label name, getter of label value -> value), read at scrape time."""
@@ -36,6 +41,53 @@ class BoundaryStats:
 
 
 @dataclass(slots=True)
+class TopN:
+    """The most frequent keys of a stream in bounded memory: the space-saving sketch (Metwally et al.).
+
+    Why a sketch: matched indicators are unbounded (every URL of a feed may match once), so they are not
+    a Prometheus label nor a plain table; the operator wants the heavy hitters.  At most ``capacity``
+    counters are kept; a new key when full takes the place of the smallest, starting from its count.
+    Counts are exact while fewer than ``capacity`` distinct keys were seen; beyond that a kept count may
+    overestimate by at most the smallest count kept, and any key seen more than total/capacity times is
+    kept.  Sketches merge (:meth:`merged`) so a node sums its workers' and a balancer its nodes'.
+    """
+
+    capacity: int = TOP_INDICATORS
+    counts: dict[str, int] = field(default_factory=dict)
+
+    def add(self, key: str, n: int = 1) -> None:
+        key = key[:INDICATOR_CHARS]
+        counts = self.counts
+        if key in counts:
+            counts[key] += n
+        elif len(counts) < self.capacity:
+            counts[key] = n
+        else:
+            smallest = min(counts, key=counts.__getitem__)  # O(capacity), once per batch and new key at most
+            counts[key] = counts.pop(smallest) + n
+
+    def update(self, table: dict[str, int]) -> None:
+        for key, n in table.items():
+            self.add(key, n)
+
+    def top(self, n: int | None = None) -> list[tuple[str, int]]:
+        """The kept keys, most frequent first (ties by key, so the order is stable)."""
+        ranked = sorted(self.counts.items(), key=lambda kv: (-kv[1], kv[0]))
+        return ranked if n is None else ranked[:n]
+
+    @classmethod
+    def merged(cls, parts: Iterable[TopN], capacity: int = TOP_INDICATORS) -> TopN:
+        """The sketch of the union of the parts' streams: counts added key by key, the largest kept
+        (pure; the parts are not changed)."""
+        table: dict[str, int] = {}
+        for part in parts:
+            for key, n in part.counts.items():
+                table[key] = table.get(key, 0) + n
+        kept = sorted(table.items(), key=lambda kv: (-kv[1], kv[0]))[:capacity]
+        return cls(capacity, dict(kept))
+
+
+@dataclass(slots=True)
 class NodeStats(BoundaryStats):
     """Every counter a node exports (names in docs/operations.md)."""
 
@@ -45,6 +97,8 @@ class NodeStats(BoundaryStats):
     ignored: int = 0
     finished_lines: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
+    per_source: dict[str, int] = field(default_factory=dict)  # feed or API supplier -> detections
+    top_indicators: TopN = field(default_factory=TopN)  # matched indicators -> detections (heavy hitters)
     feed_records: dict[str, int] = field(default_factory=dict)  # feed -> records in the live store
     feed_malformed: dict[str, int] = field(default_factory=dict)  # feed -> malformed records, last load
     feed_skipped: dict[str, int] = field(default_factory=dict)  # feed -> unsupported records skipped, last load
@@ -79,6 +133,7 @@ SUMMED = frozenset(
         "ignored",
         "finished_lines",
         "per_category",
+        "per_source",
         "engine_events",
         # Records that could not be read back at detection time: counted by each process that read them.
         "feed_read_failures",
@@ -98,12 +153,16 @@ SUMMED = frozenset(
 )
 """:class:`NodeStats` fields that are counters: the node's value is the sum over its processes."""
 
+SKETCHES = frozenset({"top_indicators"})
+""":class:`NodeStats` fields that are :class:`TopN` sketches: the node's is the merge of its processes'."""
+
 
 def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
     """The node's :class:`NodeStats` from its master's and its workers' (pure; the parts are not changed).
 
-    Every field is either a counter (:data:`SUMMED`: integers add, tables add key by key) or a gauge the
-    master owns (:data:`MASTER_GAUGES`: the master's value, copied).  ``workers`` holds each running
+    Every field is either a counter (:data:`SUMMED`: integers add, tables add key by key), a sketch
+    (:data:`SKETCHES`: merged) or a gauge the master owns (:data:`MASTER_GAUGES`: the master's value,
+    copied).  ``workers`` holds each running
     worker's latest cumulative report and, for counters to stay monotonic across restarts, the last
     report of every worker that has exited.  A field in neither set raises ``TypeError``: a new
     ``NodeStats`` field must be classified here (tests/test_metrics.py checks every field).
@@ -114,8 +173,10 @@ def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
         name = f.name
         if name in MASTER_GAUGES:
             values[name] = dict(getattr(master, name))
+        elif name in SKETCHES:
+            values[name] = TopN.merged(getattr(part, name) for part in parts)
         elif name not in SUMMED:
-            raise TypeError(f"NodeStats.{name} is neither summed nor a master gauge: classify it in metrics.py")
+            raise TypeError(f"NodeStats.{name} is neither summed, a sketch nor a master gauge: classify it in stats.py")
         elif isinstance(getattr(master, name), dict):
             table: dict[Any, int] = {}
             for part in parts:
@@ -125,6 +186,25 @@ def sum_stats(master: NodeStats, workers: Iterable[NodeStats]) -> NodeStats:
         else:
             values[name] = sum(getattr(part, name) for part in parts)
     return NodeStats(**values)
+
+
+def detection_statistics(stats: NodeStats, since: float) -> dict[str, Any]:
+    """What a node's ``GET /statz`` answers: its cumulative detection counters since ``since`` (its start,
+    Unix seconds), for the balancer to sum over the deployment (docs/operations.md, "Statistics").
+
+    Counters only go up while the node runs (a worker's restart keeps its last report); a balancer that
+    sees ``since`` change, or a counter go down, takes the node as restarted and counts from zero.
+    """
+    return {
+        "detections": {
+            "total": stats.detections,
+            "by_category": dict(sorted(stats.per_category.items())),
+            "by_source": dict(sorted(stats.per_source.items())),
+            "top_indicators": [[key, n] for key, n in stats.top_indicators.top()],
+        },
+        "events": stats.events,
+        "since": int(since),
+    }
 
 
 @dataclass(slots=True)

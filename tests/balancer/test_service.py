@@ -539,3 +539,11 @@ async def test_an_instance_removed_and_added_again_at_once_is_still_checked(
     assert inst.state is InstanceState.UP and len(pings) > before
     rig.service.request_exit()
     await asyncio.gather(*rig.service._checkers.values())
+
+
+def test_detection_statistics_are_the_statistics_parts_report(tmp_path: Path) -> None:
+    service = build_balancer(config(tmp_path, settings(1)), random.Random(1))
+    got = service.detection_statistics()  # wired by the composition root; nothing polled yet
+    assert got["last_hour"]["detections"] == 0 and got["instances"] == {} and len(got["per_minute"]) == 60
+    service.statistics = None
+    assert service.detection_statistics() == {}

@@ -27,7 +27,7 @@ from threatgate.config.node import NodeConfig, load_node_config
 from threatgate.errors import ClusterError
 from threatgate.node.api import NodeAPI, _accepts_json, _base_revision
 from threatgate.node.suppliers import SupplierDB
-from threatgate.stats import NodeStats
+from threatgate.stats import NodeStats, detection_statistics
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 GOOD = "Basic good"
@@ -76,6 +76,9 @@ class Host:
 
     def readiness(self) -> dict[str, Any]:
         return {"ready": self.ready, "role": "standalone"}
+
+    async def statistics(self) -> dict[str, Any]:
+        return detection_statistics(self.stats, 1700000000.5)
 
     async def db_call(self, fn: Callable[[SupplierDB], Any]) -> Any:
         return fn(self.db)
@@ -204,6 +207,27 @@ async def test_probes_need_no_credentials_and_are_counted_apart(host: Host) -> N
     assert (await ask(api, "GET", "/readyz", auth=None))[:2] == (503, {"ready": False, "role": "standalone"})
     assert (await ask(api, "POST", "/readyz", auth=None))[0] == 405
     assert host.stats.api_probes == {"/healthz": 1, "/readyz": 2} and host.stats.api_requests == {}
+
+
+async def test_statz_needs_no_credentials_and_answers_the_detection_counters(host: Host) -> None:
+    api = NodeAPI(host)
+    host.stats.events, host.stats.detections = 10, 3
+    host.stats.per_category, host.stats.per_source = {"C2": 2, "Phishing": 1}, {"urls": 3}
+    host.stats.top_indicators.update({"evil.example": 2, "bad.example": 1})
+    status, body, _ = await ask(api, "GET", "/statz", auth=None)
+    assert status == 200
+    assert body == {
+        "detections": {
+            "total": 3,
+            "by_category": {"C2": 2, "Phishing": 1},
+            "by_source": {"urls": 3},
+            "top_indicators": [["evil.example", 2], ["bad.example", 1]],
+        },
+        "events": 10,
+        "since": 1700000000,
+    }
+    assert (await ask(api, "DELETE", "/statz", auth=None))[0] == 405
+    assert host.stats.api_probes == {"/statz": 2} and host.stats.api_requests == {}
 
 
 async def test_a_supplier_is_added_read_and_deleted_and_the_node_told(host: Host) -> None:

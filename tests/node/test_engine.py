@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -490,3 +492,10 @@ def test_detections_are_confirmed_and_rendered_in_c_from_mapped_snapshots(
     monkeypatch.setattr(Matcher, "_detect_candidates", python_path)
     assert compiled.match(events, date=DATE, finished=True) == want
     assert sum("LookupFinished" not in line for line in want) >= 4
+
+
+def test_a_c_module_built_from_other_source_is_refused_with_the_way_out() -> None:
+    code = "import threatgate.node._engine as e; e.INTERFACE = 1; import threatgate.node.engine"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 1
+    assert "was built from other source than this threatgate (interface 1, expected 2): rebuild it" in result.stderr

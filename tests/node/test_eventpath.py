@@ -126,6 +126,17 @@ def test_account_folds_a_batch_into_the_counters_and_moves_bad_input_out_of_the_
     assert (stats.events, stats.finished_lines, stats.engine_events["reference"]) == (15, 10, 5)
 
 
+def test_account_counts_detections_by_source_and_indicator_per_batch() -> None:
+    stats = NodeStats(per_source={"urls": 1})
+    warn = RateLimitedLog(logging.getLogger("threatgate.test"), interval=0)
+    batch = MatchStats(events=3, detections=3, per_category={"c2": 3})
+    batch.per_source, batch.per_indicator = {"urls": 2, "api": 1}, {"evil.example": 2, "10.0.0.1": 1}
+    account(stats, batch, StandInFramer(), False, warn)  # type: ignore[arg-type]
+    account(stats, batch, StandInFramer(), False, warn)  # type: ignore[arg-type]
+    assert stats.per_source == {"urls": 5, "api": 2}
+    assert stats.top_indicators.top() == [("evil.example", 4), ("10.0.0.1", 2)]
+
+
 class StandInSnapshot:
     """What ReadFailures reads of a FeedSnapshot (weakly referenced, as a snapshot is)."""
 

@@ -2,9 +2,10 @@
 
 The one module that knows the concrete classes on both sides of the balancer's ports: it builds the
 edge (:class:`~threatgate.balancer.service.BalancerService`, which holds the sans-IO dispatcher), the
-REST gateway, the readiness monitor, the service-alert listener and the admin socket, hands each the edge as its port
-(``GatewayHost``, ``ReadinessHost``, ``AlertHost``) and the edge its parts (``GatewayPart``,
-``ReadinessPart``, ``AlertPart``), and runs the whole through :func:`threatgate.runtime.serve`.
+REST gateway, the readiness monitor, the detection statistics poller, the service-alert listener and the admin
+socket, hands each the edge as its port (``GatewayHost``, ``ReadinessHost``, ``StatisticsHost``, ``AlertHost``)
+and the edge its parts (``GatewayPart``, ``ReadinessPart``, ``StatisticsPart``, ``AlertPart``), and runs the
+whole through :func:`threatgate.runtime.serve`.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from threatgate.balancer.alerts import AlertListener
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.service import BalancerService
+from threatgate.balancer.statistics import StatisticsPoller
 from threatgate.config.balancer import BalancerConfig
 
 
@@ -29,6 +31,7 @@ def build_balancer(config: BalancerConfig, rng: random.Random | None = None) -> 
         readiness=ReadinessMonitor(service, gateway),
         alerts=AlertListener(service),
         admin=AdminServer(service, config.admin_socket) if config.admin_socket else None,
+        statistics=StatisticsPoller(service, gateway),
     )
     return service
 

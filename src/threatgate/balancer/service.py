@@ -107,6 +107,15 @@ class AlertPart(Protocol):
     async def close(self) -> None: ...
 
 
+class StatisticsPart(Protocol):
+    """The detection statistics poller as the edge sees it (balancer/statistics.py ``StatisticsPoller``)."""
+
+    def start(self) -> None: ...
+    async def close(self) -> None: ...
+    def report(self) -> dict[str, Any]: ...
+    def families(self) -> Iterator[Metric]: ...
+
+
 class AdminPart(Protocol):
     """The admin socket as the edge sees it (balancer/admin.py ``AdminServer``)."""
 
@@ -169,6 +178,7 @@ class BalancerService:
     readiness: ReadinessPart
     alerts: AlertPart
     admin: AdminPart | None = None
+    statistics: StatisticsPart | None = None
 
     def __init__(self, config: BalancerConfig, rng: random.Random | None = None) -> None:
         self.config = config
@@ -198,10 +208,22 @@ class BalancerService:
         return f"<BalancerService clients={len(self.listener.active)} {self.dispatcher!r}>"
 
     def wire(
-        self, *, gateway: GatewayPart, readiness: ReadinessPart, alerts: AlertPart, admin: AdminPart | None = None
+        self,
+        *,
+        gateway: GatewayPart,
+        readiness: ReadinessPart,
+        alerts: AlertPart,
+        admin: AdminPart | None = None,
+        statistics: StatisticsPart | None = None,
     ) -> None:
         """Take the parts the composition root built (before :meth:`startup`)."""
         self.gateway, self.readiness, self.alerts, self.admin = gateway, readiness, alerts, admin
+        self.statistics = statistics
+
+    def detection_statistics(self) -> dict[str, Any]:
+        """The deployment's detection statistics (balancer/statistics.py ``Statistics.report``); {} when
+        not polled."""
+        return self.statistics.report() if self.statistics is not None else {}
 
     # -- run-time control (the admin socket's AdminHost) ---------------------------------------
 
@@ -556,6 +578,8 @@ class BalancerService:
         assert self.gateway.http is not None
         self.listening.add("api", self.gateway.http.sockname)
         self.readiness.start()
+        if self.statistics is not None:
+            self.statistics.start()
         if self.admin is not None:
             await self.admin.start()
         self._server = await loop.create_server(
@@ -629,6 +653,8 @@ class BalancerService:
         if self.admin is not None:
             await self.admin.close()
         await self.readiness.close()
+        if self.statistics is not None:
+            await self.statistics.close()
         await self.gateway.close()
         await self.alerts.close()
         if self.output is not None:
@@ -713,6 +739,8 @@ class _Collector(BalancerCollector):
                 check.add_metric([inst.key], inst.check_seconds)
         yield check
         yield from service.readiness.families()
+        if service.statistics is not None:
+            yield from service.statistics.families()
 
 
 def _describe(flags: SessionFlags) -> str:

@@ -111,6 +111,7 @@ typedef struct {
     char *colbuf[3]; /* the record strings last read, per column */
     size_t colcap[3];
     PyObject *per_category; /* dict category str -> count, this batch */
+    PyObject *per_hit;      /* list of (slot, matched indicator str), one per detection line, this batch */
     Py_ssize_t detections, suppressed, confirmed;
     Py_ssize_t reference_events, detect_events;
     char *rbuf[2]; /* replace results, alternating */
@@ -985,6 +986,8 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
     if (e->event_tmpl == NULL) return 0;
     PyObject *lines = PyList_New(0);
     if (lines == NULL) return -1;
+    PyObject *hitkeys = PyList_New(0); /* (slot, matched indicator) per line: the node's statistics */
+    if (hitkeys == NULL) { Py_DECREF(lines); return -1; }
     Py_ssize_t detections = 0, suppressed = 0;
     HitRef *hits = NULL;
     Done *done = NULL;
@@ -1104,6 +1107,12 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
             int err = PyList_Append(lines, line);
             Py_DECREF(line);
             if (err < 0) goto end;
+            PyObject *hitkey = Py_BuildValue("(iN)", ix->slot,
+                                             PyUnicode_DecodeUTF8(matched.p, (Py_ssize_t)matched.n, "surrogatepass"));
+            if (hitkey == NULL) goto end;
+            err = PyList_Append(hitkeys, hitkey);
+            Py_DECREF(hitkey);
+            if (err < 0) goto end;
             int t = 0;
             while (t < ntotals && PyObject_RichCompareBool(totals[t].category, ix->category, Py_EQ) != 1) t++;
             if (t == ntotals) {
@@ -1170,12 +1179,18 @@ static int detect_c(Engine *e, const Plan *plan, const char *s, PyObject *found,
     for (int t = 0; t < ntotals; t++)
         if (count_category(e, totals[t].category, totals[t].count) < 0) goto end;
     if (PyList_SetSlice(out, PyList_GET_SIZE(out), PyList_GET_SIZE(out), lines) < 0) goto end;
+    if (PyList_GET_SIZE(hitkeys)) {
+        if (e->per_hit == NULL && (e->per_hit = PyList_New(0)) == NULL) goto end;
+        if (PyList_SetSlice(e->per_hit, PyList_GET_SIZE(e->per_hit), PyList_GET_SIZE(e->per_hit), hitkeys) < 0)
+            goto end;
+    }
     e->detections += detections;
     e->suppressed += suppressed;
     e->confirmed++;
     ok = 1;
 end:
     Py_DECREF(lines);
+    Py_DECREF(hitkeys);
     PyMem_Free(hits);
     PyMem_Free(done);
     PyMem_Free(totals);
@@ -1411,6 +1426,7 @@ static void Engine_dealloc(Engine *e) {
     Py_XDECREF(e->action_fmt);
     Py_XDECREF(e->finished_dyn);
     Py_XDECREF(e->per_category);
+    Py_XDECREF(e->per_hit);
     PyMem_Free(e->ctxbuf);
     PyMem_Free(e->actbuf);
     PyMem_Free(e->totbuf);
@@ -1712,6 +1728,7 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
     Py_ssize_t n = PyList_GET_SIZE(events);
     e->detections = e->suppressed = e->confirmed = 0;
     Py_CLEAR(e->per_category);
+    Py_CLEAR(e->per_hit);
     for (Py_ssize_t i = 0; i < n; i++) {
         PyObject *ev = PyList_GET_ITEM(events, i);
         int rc = 0, plan = 0;
@@ -1755,8 +1772,11 @@ static PyObject *Engine_match(Engine *e, PyObject *args) {
         Py_DECREF(r);
     }
     PyObject *cats = e->per_category ? e->per_category : Py_None;
-    PyObject *result = Py_BuildValue("(nnnnnO)", decided, ignored, e->confirmed, e->detections, e->suppressed, cats);
+    PyObject *hitlist = e->per_hit ? e->per_hit : Py_None;
+    PyObject *result =
+        Py_BuildValue("(nnnnnOO)", decided, ignored, e->confirmed, e->detections, e->suppressed, cats, hitlist);
     Py_CLEAR(e->per_category);
+    Py_CLEAR(e->per_hit);
     Py_DECREF(events);
     return result;
 fail:
@@ -1954,6 +1974,11 @@ PyMODINIT_FUNC PyInit__engine(void) {
     Py_INCREF(&EngineType);
     if (PyModule_AddObject(m, "Engine", (PyObject *)&EngineType) < 0) {
         Py_DECREF(&EngineType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    /* Bumped when Python and C must change together (engine.py refuses another value: rebuild the module). */
+    if (PyModule_AddIntConstant(m, "INTERFACE", 2) < 0) {
         Py_DECREF(m);
         return NULL;
     }

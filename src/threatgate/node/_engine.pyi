@@ -5,6 +5,8 @@ from typing import Any
 
 _Candidate = tuple[int, int, int, str]  # (slot, record, kind, probe): store.Candidate's fields
 
+INTERFACE: int
+
 def key_of(kind: int, data: bytes, /) -> int: ...
 def keys_of(kinds: bytes, values: Sequence[str], /) -> bytes: ...
 def compile_error(pattern: str, options: int, /) -> str | None: ...
@@ -39,7 +41,7 @@ class Engine:
             [str, int, tuple[str | None, ...], list[tuple[int, str, list[tuple[int, int, int, str]]]]], None
         ],
         /,
-    ) -> tuple[int, int, int, int, int, dict[str, int] | None]: ...
+    ) -> tuple[int, int, int, int, int, dict[str, int] | None, list[tuple[int, str]] | None]: ...
     def use_detection(
         self,
         event_format: tuple[bytes | int, ...] | None,

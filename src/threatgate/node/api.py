@@ -44,8 +44,9 @@ from threatgate.wire.paths import api_version, normalize_path
 log = logging.getLogger("threatgate.api")
 
 JSON_TYPES = ("application/json", "application/*", "*/*")
-PROBES = (("healthz",), ("readyz",))
-"""The unauthenticated liveness and readiness paths (normalised segments), counted apart from user requests."""
+PROBES = (("healthz",), ("readyz",), ("statz",))
+"""The unauthenticated liveness, readiness and statistics paths (normalised segments), counted apart from
+user requests: what a load balancer polls."""
 PATH_CACHE_SIZE = 1024
 
 Result = tuple[int, Any]
@@ -105,6 +106,7 @@ class APIHost(Protocol):
     @property
     def cluster(self) -> SupplierCommitter | None: ...
     def readiness(self) -> dict[str, Any]: ...
+    async def statistics(self) -> dict[str, Any]: ...
     async def db_call(self, fn: Callable[[sup.SupplierDB], T]) -> T: ...
     async def apply_suppliers(self, changed: Collection[str] | None) -> None: ...
 
@@ -151,7 +153,7 @@ class NodeAPI:
             response: web.StreamResponse = segments
         elif segments in PROBES:
             stats.bump(stats.api_probes, "/" + segments[0])
-            return self._probe(request, segments[0])
+            return await self._probe(request, segments[0])
         else:
             response = await self._handle(request, segments)
         stats.bump(stats.api_requests, str(response.status))
@@ -185,17 +187,22 @@ class NodeAPI:
             return unauthorized()
         return await self._route(request, version, segments[2:])
 
-    def _probe(self, request: BaseRequest, which: str) -> web.Response:
-        """Unauthenticated liveness (``/healthz``) and readiness (``/readyz``) for load balancers.
+    async def _probe(self, request: BaseRequest, which: str) -> web.Response:
+        """Unauthenticated liveness (``/healthz``), readiness (``/readyz``) and statistics (``/statz``)
+        for load balancers.
 
         Readiness carries the cluster role, applied revision and digest (no secret: the digest of
         settings reveals nothing an attacker could use), so ``threatgate balancer status`` can flag
-        a node whose settings differ from the others'.
+        a node whose settings differ from the others'.  Statistics are operational counters and the
+        most matched indicators (threat-intelligence values from the feeds, not users' data), as
+        ``/metrics`` shows them without credentials too; the balancer sums them over its nodes.
         """
         if request.method not in ("GET", "HEAD"):
             return json_error(405, "method not allowed here; allowed: GET", {"Allow": "GET"})
         if which == "healthz":
             return web.json_response({"alive": True})
+        if which == "statz":
+            return web.json_response(await self.node.statistics())
         body = self.node.readiness()
         return web.json_response(body, status=200 if body["ready"] else 503)
 

@@ -53,6 +53,18 @@ _RESERVED = frozenset(
 )
 
 
+INTERFACE = 2
+"""The version of the C module's interface this module calls (``_engine.INTERFACE``; 2: ``match`` reports
+each detection's slot and indicator).  A module built from older source is refused with a clear message
+rather than failing at the first batch."""
+if getattr(_engine, "INTERFACE", 1) != INTERFACE:
+    raise ImportError(
+        f"threatgate.node._engine ({_engine.__file__}) was built from other source than this threatgate "
+        f"(interface {getattr(_engine, 'INTERFACE', 1)}, expected {INTERFACE}): rebuild it "
+        "(pip install ., or .venv/bin/python setup.py build_ext --inplace)"
+    )
+
+
 def engine_choice(environ: Mapping[str, str] = os.environ) -> str:
     """The engine named by ``THREATGATE_ENGINE`` ("compiled" when unset); ValueError for another name."""
     name = environ.get(ENGINE_ENV, "compiled").strip().lower() or "compiled"
@@ -234,7 +246,7 @@ class CompiledMatcher(Matcher):
                 out.append(self._finished_line(fields, sent, totals, date))
 
         batch = events if type(events) is list else list(events)
-        decided, ignored, confirmed, detections, suppressed, per_category = self._engine.match(
+        decided, ignored, confirmed, detections, suppressed, per_category, hits = self._engine.match(
             batch, plan, date, finished, out, reference, detect
         )
         st.events += decided + confirmed  # after the call: the reference path counts its own events meanwhile
@@ -246,7 +258,19 @@ class CompiledMatcher(Matcher):
         if per_category:
             for category, n in per_category.items():
                 st.per_category[category] = st.per_category.get(category, 0) + n
+        if hits:
+            self._count_hits(hits, st)
         return out
+
+    def _count_hits(self, hits: list[tuple[int, str]], st: MatchStats) -> None:
+        """The engine's detections by source (feed or supplier of the slot) and matched indicator."""
+        snapshots = self._snapshots
+        per_source, per_indicator = st.per_source, st.per_indicator
+        for slot, raw in hits:
+            snap = snapshots.get(slot)
+            source = snap.name if snap is not None else "unknown"
+            per_source[source] = per_source.get(source, 0) + 1
+            per_indicator[raw] = per_indicator.get(raw, 0) + 1
 
     def lookup_objects(self, objects: list[str]) -> list[tuple[list[Hit], int]]:
         """As the reference; objects the engine proves absent answer at once, the rest go to lookup_object."""

@@ -149,8 +149,12 @@ def account(stats: NodeStats, m: MatchStats, framer: Framer, finished: bool, war
     rest = m.events - m.decided - m.confirmed
     if rest:
         paths["reference"] = paths.get("reference", 0) + rest
-    for cat, n in m.per_category.items():
-        s.per_category[cat] = s.per_category.get(cat, 0) + n
+    if m.detections:  # per batch: the statistics of issue 16 cost nothing on a batch without detections
+        for cat, n in m.per_category.items():
+            s.per_category[cat] = s.per_category.get(cat, 0) + n
+        for source, n in m.per_source.items():
+            s.per_source[source] = s.per_source.get(source, 0) + n
+        s.top_indicators.update(m.per_indicator)
     f = framer.stats
     for reason in BAD_INPUT_REASONS:
         n = getattr(f, reason)

@@ -52,6 +52,8 @@ class MatchStats:
     ignored: int = 0
     oversized: int = 0
     per_category: dict[str, int] = field(default_factory=dict)
+    per_source: dict[str, int] = field(default_factory=dict)  # feed or API supplier name -> detections
+    per_indicator: dict[str, int] = field(default_factory=dict)  # matched indicator -> detections (this batch)
     decided: int = 0  # events the compiled engine answered alone (node/engine.py)
     confirmed: int = 0  # events it found candidate indicators in (confirmed against the stored records)
 
@@ -507,6 +509,9 @@ class Matcher:
                 out.append(self._event.render(line_fields) + "\n")
                 totals[category] = totals.get(category, 0) + 1
                 st.per_category[category] = st.per_category.get(category, 0) + 1
+                source, raw = hit.snapshot.name, hit.indicator.raw
+                st.per_source[source] = st.per_source.get(source, 0) + 1
+                st.per_indicator[raw] = st.per_indicator.get(raw, 0) + 1
                 st.detections += 1
                 sent += 1
         return sent

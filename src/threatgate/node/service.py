@@ -72,7 +72,7 @@ from threatgate.node.render import FieldFormat, Template
 from threatgate.node.snapshots import Refused, SnapshotDir, build_in_worker, build_snapshot, source_digest, source_size
 from threatgate.node.store import IndicatorStore
 from threatgate.node.suppliers import SUPPLIER_SLOT_BASE, Supplier, SupplierDB, supplier_snapshots
-from threatgate.stats import Gauges, NodeStats
+from threatgate.stats import Gauges, NodeStats, detection_statistics
 from threatgate.wire.alerts import alert_level
 from threatgate.wire.framing import Framer
 
@@ -161,6 +161,7 @@ class NodeService:
     def __init__(self, config: NodeConfig) -> None:
         self.config = config
         self.stats = NodeStats()
+        self.started_at = time.time()  # ``since`` of /statz: a balancer tells a restart by it
         self.alerts = Alerts(config, self.stats)
         self.engine = engine_choice()
         self.matcher = make_matcher(config, IndicatorStore(), self.engine)
@@ -650,6 +651,14 @@ class NodeService:
         if self.cluster is not None:
             out.update(self.cluster.readiness())
         return out
+
+    async def statistics(self) -> dict[str, Any]:
+        """What ``/statz`` answers: the node's detection counters, its workers' fresh reports included."""
+        pool = self.pool
+        if pool is None:
+            return detection_statistics(self.stats, self.started_at)
+        await pool.refresh()
+        return detection_statistics(pool.total(self.stats), self.started_at)
 
     async def _start_http(self) -> None:
         settings = self.config.http
