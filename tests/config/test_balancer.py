@@ -340,3 +340,14 @@ def test_validate_cli_rejects_a_broken_balancer_config(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert result.stdout == ""
     assert result.stderr.strip() == f"{path}:{BALANCER_LINE}: <Balancer>: scanners_count=101: expected 1-100"
+
+
+def test_console_users(tmp_path: Path) -> None:
+    good = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    assert load_balancer_config(str(write(tmp_path, example_text()))).users == ()
+    text = edited("</Config>", f'<Users><User name="ops" password_hash="{good}"/></Users></Config>')
+    assert load_balancer_config(str(write(tmp_path, text))).users == (("ops", good),)
+    bad = load_error(tmp_path, edited("</Config>", '<Users><User name="ops" password="x"/></Users></Config>'))
+    assert "plaintext password attributes are refused" in bad.problem
+    bad = load_error(tmp_path, edited("</Config>", '<Users><User name="ops" password_hash="x"/></Users></Config>'))
+    assert "password_hash" in bad.problem
