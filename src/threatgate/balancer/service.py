@@ -214,6 +214,11 @@ class BalancerService:
         d = self.dispatcher
         return [instance_row(inst, d.why(inst)) for inst in sorted(d.instances.values(), key=lambda i: i.key)]
 
+    def detection_statistics(self) -> dict[str, Any]:
+        """Detections summed over the nodes, for the console (``hour``/``day`` per category, ``per_instance``,
+        ``top_indicators``): empty until the statistics slice of issue 16 fills it in."""
+        return {}
+
     # -- what the components read (BalancerView) ----------------------------------------------
 
     @property
