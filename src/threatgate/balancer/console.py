@@ -53,6 +53,7 @@ from threatgate.balancer.pins import PinStore
 from threatgate.balancer.readiness import View
 from threatgate.config.balancer import BalancerConfig
 from threatgate.lb.instances import Instance
+from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import describe
 from threatgate.net.http import json_error
@@ -77,7 +78,7 @@ SECURITY_HEADERS = {
     "Cache-Control": "no-store",
     "X-Content-Type-Options": "nosniff",
     "X-Frame-Options": "DENY",
-    "Referrer-Policy": "no-referrer",
+    "Referrer-Policy": "same-origin",  # not no-referrer: a browser would send "Origin: null" with the login form
     "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; frame-ancestors 'none'; form-action 'self'",
 }
 """On every console answer: nothing cached, framed, sniffed, or loaded from anywhere but the balancer."""
@@ -157,6 +158,7 @@ class Console:
         self.limiter = LoginLimiter()
         self.meter = RateMeter()
         self.streams = 0
+        self.warn = RateLimitedLog(log)  # refusals of a flood of guesses: not one line each
         self._closing = asyncio.Event()
         self._auth: BasicAuth | None = None
         self._auth_for: object = None  # the users table the authenticator was built from
@@ -186,9 +188,7 @@ class Console:
         now = self.clock()
         wait = self.limiter.retry_after(source, user, now)
         if wait:
-            log.warning(
-                "console: login from %s as %r refused: too many failed logins, retry in %d s", source, user, wait
-            )
+            self.warn("login from %s as %r refused: too many failed logins, retry in %d s", source, user, wait)
             return _with_headers(
                 json_error(429, f"too many failed logins; retry in {wait} s", {"Retry-After": str(wait)})
             )
@@ -196,7 +196,7 @@ class Console:
         if name is None:
             self.limiter.failed(source, user, self.clock())
             self.host.stats.bump(self.host.stats.bad_input, "console_login_failed")
-            log.warning("console: failed login from %s as %r", source, user)
+            log.warning("failed login from %s as %r", source, user)
         return name
 
     async def _user(self, request: BaseRequest) -> str | None | web.Response:
@@ -220,7 +220,7 @@ class Console:
             response.headers["WWW-Authenticate"] = 'Cookie realm="threatgate console", form-action="/console/login"'
             _with_headers(response)
             response.headers["Content-Security-Policy"] = (
-                f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; form-action 'self'; "
+                f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; img-src data:; form-action 'self'; "
                 "frame-ancestors 'none'"
             )
             return response
@@ -234,7 +234,7 @@ class Console:
         try:
             return await self._handle(request, segments)
         except ConnectionResetError as exc:
-            log.debug("console: client went away: %s", describe(exc))
+            log.debug("client went away: %s", describe(exc))
             raise
 
     async def _handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse:
@@ -281,7 +281,7 @@ class Console:
         if user is None:
             return self._unauthorized(request, ("console",), "wrong user name or password")
         token = self.sessions.create(user, self.clock())
-        log.info("console: %s logged in from %s", user, request.remote)
+        log.info("%s logged in from %s", user, request.remote)
         response = web.Response(status=303, headers={"Location": COOKIE_PATH})
         response.headers["Set-Cookie"] = session_cookie(token, self.sessions.ttl)
         return _with_headers(response)
@@ -294,7 +294,8 @@ class Console:
         response.headers["Retry-After"] = wait
         _with_headers(response)
         response.headers["Content-Security-Policy"] = (
-            f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; form-action 'self'"
+            f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; img-src data:; form-action 'self'; "
+            "frame-ancestors 'none'"
         )
         return response
 
@@ -335,7 +336,7 @@ class Console:
                 except TimeoutError:
                     pass
         except (ConnectionResetError, ConnectionError) as exc:
-            log.debug("console: event stream ended: %s", describe(exc))
+            log.debug("event stream ended: %s", describe(exc))
         finally:
             self.streams -= 1
         return response

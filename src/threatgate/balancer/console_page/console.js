@@ -64,7 +64,11 @@
       tr.appendChild(dg);
       const pin = el("td");
       pin.appendChild(el("div", i.pin_state, i.pin_state.startsWith("refused") ? "pin-refused" : "muted"));
-      if (i.pin) pin.appendChild(el("div", i.pin, "pin"));
+      if (i.pin) {
+        const fp = el("div", i.pin.slice(0, 23) + "…", "pin");
+        fp.title = "SHA-256 " + i.pin;
+        pin.appendChild(fp);
+      }
       tr.appendChild(pin);
       tr.appendChild(el("td", num(i.eps), "num"));
       tr.appendChild(el("td", num(i.inflight), "num"));
