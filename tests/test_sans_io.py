@@ -33,6 +33,8 @@ SANS_IO_FILES = sorted(
         SRC / "net" / "http1.py",
         SRC / "cluster" / "tokens.py",
         SRC / "cluster" / "routes.py",
+        SRC / "balancer" / "console_auth.py",
+        SRC / "balancer" / "console_state.py",
     ]
 )
 

@@ -195,7 +195,7 @@ class Console:
         name = await self._authenticator().authenticate(header)
         if name is None:
             self.limiter.failed(source, user, self.clock())
-            self.host.stats.bump(self.host.stats.bad_input, "console_login_failed")
+            self._count("login_failed")
             log.warning("failed login from %s as %r", source, user)
         return name
 
@@ -272,7 +272,7 @@ class Console:
         try:
             name, password = parse_login_form(body)
         except FormError as exc:
-            self._count("console_bad_form")
+            self._count("bad_form")
             return self._unauthorized(request, ("console",), str(exc))
         header = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
         user = await self._check(request, header, name)
@@ -308,7 +308,7 @@ class Console:
         return _with_headers(response)
 
     def _count(self, reason: str) -> None:
-        self.host.stats.bump(self.host.stats.bad_input, reason)
+        self.host.stats.bump(self.host.stats.bad_input, "console_" + reason)
 
     async def _events(self, request: BaseRequest, user: str) -> web.StreamResponse:
         """Server-sent events: the state now, then every :data:`PUSH_INTERVAL` s until the client leaves,
