@@ -235,6 +235,12 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.save_screenshot(str(screenshot))
             print(f"\nconsole screenshot: {screenshot} (node DOWN on the page {took:.1f} s after SIGKILL)")
             assert screenshot.stat().st_size > 10_000
+            chrome.set_window_size(390, 1800)  # a phone: the instances become cards, nothing wider than the screen
+            wide = chrome.execute_script("return document.documentElement.scrollWidth > window.innerWidth")
+            phone = tmp_path / "console-phone.png"
+            chrome.save_screenshot(str(phone))
+            print(f"console screenshot on a phone-sized window: {phone}")
+            assert wide is False
         except Exception:
             chrome.save_screenshot(str(tmp_path / "console-failed.png"))
             print(f"\nconsole screenshot at the failure: {tmp_path / 'console-failed.png'}")

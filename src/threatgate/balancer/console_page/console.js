@@ -75,6 +75,9 @@
       tr.appendChild(el("td", num(i.answered), "num"));
       tr.appendChild(el("td", num(i.redispatched), "num"));
       tr.appendChild(el("td", i.last_error || "", "error"));
+      const labels = ["Instance", "State", "Why", "Role", "Revision", "Digest", "Pin", "Events/s", "In flight",
+        "Answered", "Redispatched", "Last error"];
+      Array.from(tr.cells).forEach((cell, n) => { cell.dataset.label = labels[n]; });
       rows.push(tr);
     });
     body.replaceChildren(...rows);
