@@ -350,10 +350,11 @@ class Console:
             return {**self._state[1], "user": user}
         host = self.host
         stats = host.stats
+        rows = host.instance_rows()
         state = build_state(
             now=now,
             wall=self.wall(),
-            rows=host.instance_rows(),
+            rows=rows,
             views=dict(self.readiness.views),
             pins={key: self._pin(inst) for key, inst in host.instances.items()},
             last_errors={key: inst.health.last_error or "" for key, inst in host.instances.items()},
@@ -365,7 +366,7 @@ class Console:
                 dispatched=stats.dispatched,
                 redispatched=stats.redispatched,
                 backlog=len(host.backlog),
-                pending=sum(row["inflight"] for row in host.instance_rows()),
+                pending=sum(row["inflight"] for row in rows),
                 dropped=stats.dropped,
                 dropped_lines=stats.dropped_lines,
                 unmatched=stats.unmatched,
