@@ -223,3 +223,21 @@ async def test_a_user_removed_from_the_config_loses_the_session(served: tuple[st
     console.host.config = config(users=(("someone", HASH),))  # type: ignore[misc]
     async with session.get(base + "/console/api/state", headers={"Cookie": f"{COOKIE}={token}"}) as r:
         assert r.status == 401
+
+
+def test_the_start_says_where_the_console_is_and_when_nobody_can_log_in(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "threatgate.console")
+    parts = Parts(tmp_path)
+    Console(Host(config()), parts, parts, parts).started("https://127.0.0.1:8443/console/")
+    Console(Host(config(users=())), parts, parts, parts).started("https://127.0.0.1:8443/console/")
+    first, second = caplog.records
+    assert (first.levelno, first.getMessage()) == (
+        logging.INFO,
+        "operator console on https://127.0.0.1:8443/console/ (1 user(s))",
+    )
+    assert second.levelno == logging.WARNING
+    assert "no <Users> in b.conf, so nobody can log in (threatgate users add --config b.conf NAME" in (
+        second.getMessage()
+    )

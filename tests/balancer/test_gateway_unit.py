@@ -482,6 +482,9 @@ class FakeConsole:
         self.seen.append(segments)
         return web.Response(status=299)
 
+    def started(self, url: str) -> None:
+        pass
+
     async def close(self) -> None:
         pass
 

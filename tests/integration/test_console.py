@@ -133,6 +133,8 @@ def test_a_dot_segment_does_not_escape_from_the_console(deployed: Deployment) ->
 
 
 def test_login_reads_the_state_over_tls(deployed: Deployment) -> None:
+    url = f"https://127.0.0.1:{deployed.https.port}/console/"
+    assert f"operator console on {url} (1 user(s))" in deployed.balancer.log()
     token = login(deployed.https)
     reply = deployed.https.request("GET", "/console/api/state", headers={"Cookie": f"{COOKIE}={token}"})
     assert reply.status == 200

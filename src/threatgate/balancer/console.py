@@ -169,6 +169,20 @@ class Console:
         self._login_css_hash = base64.b64encode(hashlib.sha256(css.encode()).digest()).decode()
         self._login_page = login.replace("/*CSS*/", css)
 
+    def started(self, url: str) -> None:
+        """Say where the console is, and when nobody can log in to it (no ``<Users>``), how to change that."""
+        count = len(self.host.config.users)
+        if count:
+            log.info("operator console on %s (%d user(s))", url, count)
+        else:
+            log.warning(
+                "operator console on %s: no <Users> in %s, so nobody can log in "
+                "(threatgate users add --config %s NAME, then reload)",
+                url,
+                self.host.config.path,
+                self.host.config.path,
+            )
+
     async def close(self) -> None:
         """End the event streams (before the gateway's listener closes, so none holds the shutdown)."""
         self._closing.set()

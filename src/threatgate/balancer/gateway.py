@@ -44,6 +44,7 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import BalancerView
+from threatgate.config.common import Address
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance, InstanceState
@@ -155,6 +156,7 @@ class ConsoleRoutes(Protocol):
     """The operator console (balancer/console.py ``Console``): answers ``/console/...`` itself."""
 
     async def handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse: ...
+    def started(self, url: str) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -210,6 +212,8 @@ class Gateway:
         )
         await self.http.start()
         log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
+        if self.console is not None:
+            self.console.started(f"https://{Address(config.listen_host, self.http.bound_port)}/console/")
 
     async def open_client(self) -> None:
         """Get ready to open pinned connections to the nodes (one keep-alive pool per node, made on first use)."""
