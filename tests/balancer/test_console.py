@@ -241,3 +241,23 @@ def test_the_start_says_where_the_console_is_and_when_nobody_can_log_in(
     assert "no <Users> in b.conf, so nobody can log in (threatgate users add --config b.conf NAME" in (
         second.getMessage()
     )
+
+
+async def test_logout_needs_a_post(served: tuple[str, Console, ClientSession]) -> None:
+    base, console, session = served
+    headers = {"Authorization": basic("ops", PASSWORD)}
+    async with session.get(base + "/console/logout", headers=headers) as r:
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+    async with session.put(base + "/console/api/state", headers=headers) as r:
+        assert r.status == 405
+
+
+async def test_closing_the_console_ends_its_event_streams(served: tuple[str, Console, ClientSession]) -> None:
+    base, console, session = served
+    async with session.get(base + "/console/api/events", headers={"Authorization": basic("ops", PASSWORD)}) as r:
+        await r.content.readuntil(b"event: state")
+        assert console.streams == 1
+        await console.close()
+        async with asyncio.timeout(5):
+            await r.content.read()  # to the end: the server finished the answer
+    assert console.streams == 0

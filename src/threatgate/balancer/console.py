@@ -199,6 +199,7 @@ class Console:
     async def _check(self, request: BaseRequest, header: str, user: str | None) -> str | None | web.Response:
         """The user a Basic ``header`` authenticates, None when it does not, or the 429 to send."""
         source = request.remote or "?"
+        user = user[:80] if user is not None else None  # as logged and counted: a name is at most 64 characters
         now = self.clock()
         wait = self.limiter.retry_after(source, user, now)
         if wait:
@@ -264,6 +265,8 @@ class Console:
         if method not in ("GET", "HEAD") and not (rest == ("logout",) and method == "POST"):
             return _with_headers(json_error(405, f"method {method[:20]} not allowed here", {"Allow": "GET, HEAD"}))
         if rest == ("logout",):
+            if method != "POST":  # a link or an image must not log anybody out
+                return _with_headers(json_error(405, "log out with POST", {"Allow": "POST"}))
             return self._logout(request)
         if rest == ("api", "state"):
             return _with_headers(_json(self.state(user)))
