@@ -15,6 +15,8 @@ import json
 import re
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import urllib.parse
 from collections.abc import Iterator
@@ -251,3 +253,28 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             raise
         finally:
             chrome.quit()
+
+
+def test_a_user_added_with_the_cli_logs_in_after_a_reload(deployed: Deployment) -> None:
+    config = deployed.balancer.config
+    added = subprocess.run(
+        [sys.executable, "-m", "threatgate", "users", "add", "--config", str(config), "--password-stdin", "bob"],
+        input="bob's password\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert added.returncode == 0, added.stderr
+    assert "a running balancer's console uses it after a reload" in added.stdout
+    bob = {"Authorization": basic_auth("bob", "bob's password")}
+    assert deployed.https.request("GET", "/console/api/state", headers=bob).status == 401
+    mark = deployed.balancer.log_offset()
+    deployed.balancer.signal(signal.SIGHUP)
+    deployed.balancer.wait_for_log("configuration reloaded", after=mark)
+    assert deployed.https.request("GET", "/console/api/state", headers=bob).status == 200
+    assert (
+        deployed.https.request(
+            "GET", "/console/api/state", headers={"Authorization": basic_auth("ops", PASSWORD)}
+        ).status
+        == 200
+    )
