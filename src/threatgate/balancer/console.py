@@ -230,33 +230,31 @@ class Console:
     def _unauthorized(self, request: BaseRequest, segments: tuple[str, ...], message: str = "") -> web.Response:
         """401: the login form for a page, JSON for the rest (with a Basic challenge when no cookie came)."""
         if _wants_page(segments):
-            body = self._login_page.replace("<!--MESSAGE-->", _escape(message))
-            response = web.Response(status=401, body=body.encode(), content_type="text/html", charset="utf-8")
+            response = self._login_form(401, message)
             response.headers["WWW-Authenticate"] = 'Cookie realm="threatgate console", form-action="/console/login"'
-            _with_headers(response)
-            response.headers["Content-Security-Policy"] = (
-                f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; img-src data:; form-action 'self'; "
-                "frame-ancestors 'none'"
-            )
             return response
         headers = {} if request.headers.get("Cookie") else {"WWW-Authenticate": REALM}
         return _with_headers(json_error(401, message or "console login required", headers))
+
+    def _login_form(self, status: int, message: str) -> web.Response:
+        """The login page (its style inline, allowed by its hash: nothing else loads before a login)."""
+        page = self._login_page.replace("<!--MESSAGE-->", _escape(message))
+        response = _with_headers(web.Response(status=status, body=page.encode(), content_type="text/html"))
+        response.charset = "utf-8"
+        response.headers["Content-Security-Policy"] = (
+            f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; img-src data:; form-action 'self'; "
+            "frame-ancestors 'none'"
+        )
+        return response
 
     # -- requests -------------------------------------------------------------------------------
 
     async def handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse:
         """Answer a request whose normalised path is ``/console/...`` (``segments`` starts with ``console``)."""
-        try:
-            return await self._handle(request, segments)
-        except ConnectionResetError as exc:
-            log.debug("client went away: %s", describe(exc))
-            raise
-
-    async def _handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse:
         rest = segments[1:]
         method = request.method
         if rest == ("login",) and method == "POST":
-            return await self._login(request, segments)
+            return await self._login(request)
         user = await self._user(request)
         if isinstance(user, web.Response):
             return user
@@ -280,7 +278,7 @@ class Console:
             return _with_headers(json_error(404, "no such console page"))
         return _with_headers(web.Response(body=self._assets[name], headers={"Content-Type": kind}))
 
-    async def _login(self, request: BaseRequest, segments: tuple[str, ...]) -> web.Response:
+    async def _login(self, request: BaseRequest) -> web.Response:
         if not _same_origin(request):
             return _with_headers(json_error(403, "login from another site refused (Origin)"))
         body = await read_body(request, limit=4096, within=10.0, count=self._count)
@@ -293,8 +291,11 @@ class Console:
             return self._unauthorized(request, ("console",), str(exc))
         header = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
         user = await self._check(request, header, name)
-        if isinstance(user, web.Response):
-            return self._retry_later(user)
+        if isinstance(user, web.Response):  # too many failures: the form again, saying when to retry
+            wait = user.headers.get("Retry-After", "1")
+            response = self._login_form(429, f"too many failed logins; retry in {wait} s")
+            response.headers["Retry-After"] = wait
+            return response
         if user is None:
             return self._unauthorized(request, ("console",), "wrong user name or password")
         token = self.sessions.create(user, self.clock())
@@ -302,19 +303,6 @@ class Console:
         response = web.Response(status=303, headers={"Location": COOKIE_PATH})
         response.headers["Set-Cookie"] = session_cookie(token, self.sessions.ttl)
         return _with_headers(response)
-
-    def _retry_later(self, refusal: web.Response) -> web.Response:
-        """A 429 for the form: the login page saying when to retry, with the same Retry-After."""
-        wait = refusal.headers.get("Retry-After", "1")
-        page = self._login_page.replace("<!--MESSAGE-->", f"too many failed logins; retry in {wait} s")
-        response = web.Response(status=429, body=page.encode(), content_type="text/html", charset="utf-8")
-        response.headers["Retry-After"] = wait
-        _with_headers(response)
-        response.headers["Content-Security-Policy"] = (
-            f"default-src 'none'; style-src 'sha256-{self._login_css_hash}'; img-src data:; form-action 'self'; "
-            "frame-ancestors 'none'"
-        )
-        return response
 
     def _logout(self, request: BaseRequest) -> web.Response:
         if not _same_origin(request):
