@@ -248,6 +248,9 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.save_screenshot(str(phone))
             print(f"console screenshot on a phone-sized window: {phone}")
             assert wide is False
+            chrome.find_element(By.CSS_SELECTOR, "form.logout button").click()  # logs out: the login form again
+            wait.until(lambda _: chrome.find_elements(By.ID, "login"))
+            assert "/console/" in chrome.current_url and not chrome.get_cookies()
         except Exception:
             chrome.save_screenshot(str(tmp_path / "console-failed.png"))
             print(f"\nconsole screenshot at the failure: {tmp_path / 'console-failed.png'}")

@@ -227,15 +227,35 @@
     live.className = "live stale";
   }
 
-  function start() {
-    fetch("/console/api/state", { credentials: "same-origin" })
-      .then((r) => (r.status === 401 ? location.reload() : r.json()))
-      .then((s) => s && render(s))
-      .catch(() => stale("cannot reach the balancer"));
+  // The state once at once, then the stream.  EventSource reconnects by itself after a network error;
+  // when it gives up (the answer was not a stream: 401 after the session ended, or 503), the state
+  // request says which: 401 shows the login form again, anything else is retried in a few seconds.
+  function load() {
+    return fetch("/console/api/state", { credentials: "same-origin" }).then((r) => {
+      if (r.status === 401) {
+        location.reload();
+        return null;
+      }
+      if (!r.ok) throw new Error("HTTP " + r.status);
+      return r.json();
+    }).then((s) => s && render(s));
+  }
+
+  function listen() {
     const source = new EventSource("/console/api/events");
     source.addEventListener("state", (e) => render(JSON.parse(e.data)));
     source.addEventListener("logout", () => location.reload());
-    source.onerror = () => stale("reconnecting…");
+    source.onerror = () => {
+      stale("reconnecting…");
+      if (source.readyState === EventSource.CLOSED) {
+        load().then(() => setTimeout(listen, 3000)).catch(() => setTimeout(listen, 3000));
+      }
+    };
+  }
+
+  function start() {
+    load().catch(() => stale("cannot reach the balancer"));
+    listen();
   }
 
   document.addEventListener("DOMContentLoaded", start);
