@@ -26,7 +26,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from urllib.parse import parse_qs
 
-COOKIE = "threatgate_console"
+COOKIE = "console_session"
 COOKIE_PATH = "/console/"
 SESSION_TTL = 8 * 3600.0
 """Seconds a session lasts after the login (a working day), whatever it is used for."""
