@@ -40,7 +40,6 @@ from aiohttp.web_request import BaseRequest
 from threatgate.balancer.alerts import AlertRecord
 from threatgate.balancer.console_auth import (
     COOKIE_PATH,
-    FormError,
     LoginLimiter,
     Sessions,
     cleared_cookie,
@@ -286,7 +285,7 @@ class Console:
             return body
         try:
             name, password = parse_login_form(body)
-        except FormError as exc:
+        except ValueError as exc:  # console_auth.FormError: what is wrong with the form, never the password
             self._count("bad_form")
             return self._unauthorized(request, ("console",), str(exc))
         header = "Basic " + base64.b64encode(f"{name}:{password}".encode()).decode()
