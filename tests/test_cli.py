@@ -327,3 +327,49 @@ def test_list(tmp_path: Path) -> None:
     empty = _config(tmp_path / "other", "  <HTTPServer/>\n")
     code, out, err = _cli("users", "list", "--config", str(empty))
     assert (code, out) == (0, "") and "no user in" in err and "every API request gets 401" in err
+
+
+# -- a balancer config: <Users> of its console, directly in <Config> ------------------------------------
+
+
+def _balancer_config(tmp_path: Path, users: str | None = None) -> Path:
+    text = (EXAMPLES / "balancer.conf").read_text()
+    if users is not None:
+        text = text.replace("</Config>", users + "</Config>")
+    path = tmp_path / "balancer.conf"
+    path.write_text(text)
+    return path
+
+
+def _balancer_users(path: Path) -> dict[str, str]:
+    from threatgate.config.balancer import load_balancer_config
+
+    return dict(load_balancer_config(str(path)).users)
+
+
+def test_add_user_to_a_balancer_config_creates_users_in_config(tmp_path: Path) -> None:
+    path = _balancer_config(tmp_path)
+    code, out, err = _add(path, "operator", "console pw")
+    assert code == 0, err
+    assert "after a reload" in out
+    users = _balancer_users(path)
+    assert list(users) == ["operator"]
+    assert verify_password(users["operator"], "console pw")
+    assert '  <Users>\n    <User name="operator"' in path.read_text()
+    assert "<!-- Extensions (optional; these are the defaults). -->" in path.read_text()  # text edit, not re-serialised
+
+
+def test_add_update_list_and_remove_on_a_balancer_config(tmp_path: Path) -> None:
+    path = _balancer_config(tmp_path, f'  <Users>\n    <User name="analyst" password_hash="{OLD_HASH}"/>\n  </Users>\n')
+    assert _add(path, "bob")[0] == 0
+    assert _add(path, "analyst", "new pw")[0] == 0
+    users = _balancer_users(path)
+    assert list(users) == ["analyst", "bob"]
+    assert verify_password(users["analyst"], "new pw")
+    listed = CliRunner().invoke(main, ["users", "list", "--config", str(path)])
+    assert listed.exit_code == 0 and listed.stdout.split() == ["analyst", "bob"]
+    removed = CliRunner().invoke(main, ["users", "remove", "--config", str(path), "bob"])
+    assert removed.exit_code == 0, removed.stderr
+    assert list(_balancer_users(path)) == ["analyst"]
+    gone = CliRunner().invoke(main, ["users", "remove", "--config", str(path), "ghost"])
+    assert gone.exit_code == 2 and "no user 'ghost' in <Users>" in gone.stderr

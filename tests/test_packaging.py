@@ -158,6 +158,8 @@ def test_the_wheel_carries_the_license_and_the_examples(installed: tuple[Path, d
     shipped = ("node.conf", "balancer.conf", "events.txt", "feeds/malicious_urls.json", "feeds/misp/manifest.json")
     for example in shipped:
         assert f"threatgate/examples/{example}" in names, example
+    for page in ("index.html", "login.html", "console.js", "console.css"):
+        assert f"threatgate/balancer/console_page/{page}" in names, page
 
 
 def test_the_installed_examples_validate_from_any_directory(

@@ -34,6 +34,8 @@ SANS_IO_FILES = sorted(
         SRC / "cluster" / "tokens.py",
         SRC / "cluster" / "routes.py",
         SRC / "lb" / "drill.py",
+        SRC / "balancer" / "console_auth.py",
+        SRC / "balancer" / "console_state.py",
     ]
 )
 

@@ -534,7 +534,7 @@ def examples(directory: str, force: bool) -> None:
 
 @main.group()
 def users() -> None:
-    """Users of the node's REST API (HTTP Basic; scrypt hashes in <HTTPServer><Users>).
+    """Users of a node's REST API (<HTTPServer><Users>) or a balancer's console (<Users>): scrypt hashes.
 
     A cluster member's users are cluster settings: use `threatgate cluster users` there.
     """
@@ -565,29 +565,35 @@ def _file_op(config_path: str, edit: Callable[[], T]) -> T:
 
 
 @users.command("add")
-@click.option("--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node config (XML).")
+@click.option(
+    "--config", "config_path", required=True, type=click.Path(dir_okay=False), help="Node or balancer config (XML)."
+)
 @click.option("--password-stdin", is_flag=True, help="Read the password from the first line of stdin, not a prompt.")
 @click.argument("name")
 def users_add(config_path: str, password_stdin: bool, name: str) -> None:
     """Add user NAME to the node config, or set a new password for it.
 
     The file is edited as text so that comments and layout survive, then checked and replaced
-    atomically.  A running node notices the change and uses the new users at once: no reload needed.
+    atomically.  A running node notices the change and uses the new users at once: no reload needed;
+    a running balancer (its console users) after a reload (SIGHUP).
     Refused on a cluster member (its users are cluster settings: threatgate cluster users add).
     """
-    from threatgate.config.users import refuse_cluster_member, store_user
+    from threatgate.config.users import BALANCER_ROOT, refuse_cluster_member, store_user
     from threatgate.config.xml import read_xml
     from threatgate.node.auth import hash_password
 
     _check_user_name(name)
     command = _cluster_users_command("add", config_path, name)
-    _file_op(config_path, lambda: refuse_cluster_member(read_xml(config_path), config_path, command))
+    root = _file_op(config_path, lambda: read_xml(config_path))
+    _file_op(config_path, lambda: refuse_cluster_member(root, config_path, command))
     password = _read_password(from_stdin=password_stdin)  # only once the edit can take effect
     updated = _file_op(config_path, lambda: store_user(config_path, name, hash_password(password), command))
-    click.echo(
-        f"user {name} {'updated in' if updated else 'added to'} {config_path}; "
-        "a running node uses it at once (it re-reads its users when the file changes, no reload needed)"
+    taken = (
+        "a running balancer's console uses it after a reload (systemctl reload, or SIGHUP)"
+        if root.tag == BALANCER_ROOT
+        else "a running node uses it at once (it re-reads its users when the file changes, no reload needed)"
     )
+    click.echo(f"user {name} {'updated in' if updated else 'added to'} {config_path}; {taken}")
 
 
 @users.command("remove")

@@ -65,3 +65,20 @@ def test_a_whole_over_long_line_in_one_read_is_cut_too() -> None:
     listener = feed([b"C" * (MAX_LINE + 10) + b"\nnext\n"])
     assert [len(line) for line in listener.lines] == [MAX_LINE, 4]
     assert listener.bad == ["alert_line_too_long"]
+
+
+def test_the_last_alerts_are_kept_for_the_console() -> None:
+    from threatgate.balancer.alerts import KEPT, AlertListener
+    from threatgate.stats import BalancerStats
+
+    host = mock.Mock(stats=BalancerStats())
+    host.config.alert_forward = None
+    listener = AlertListener(host)
+    for i in range(KEPT + 5):
+        listener.on_line("192.0.2.1:5000", f"Apr 16 09:05:41 alert=KL_ALERT_UpdatedFeed feed=f{i}".encode())
+    listener.raise_own("KL_ALERT_DetectionsDropped", lines=3)
+    assert len(listener.recent) == KEPT
+    assert listener.recent[-1].name == "KL_ALERT_DetectionsDropped" and listener.recent[-1].peer == "balancer"
+    assert listener.recent[-2].line.endswith(f"feed=f{KEPT + 4}")
+    assert listener.recent[0].line.endswith("feed=f6")  # the 6 oldest gave way
+    assert host.stats.alerts == {"KL_ALERT_UpdatedFeed": KEPT + 5, "KL_ALERT_DetectionsDropped": 1}

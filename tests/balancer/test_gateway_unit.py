@@ -467,3 +467,47 @@ def test_fingerprint_text(text: str, canonical_form: str | None) -> None:
     from threatgate.balancer.verify import fingerprint_text
 
     assert fingerprint_text(text) == canonical_form
+
+
+# -- the operator console: answered here, before the allow-list, never forwarded -----------------------------
+
+
+class FakeConsole:
+    def __init__(self) -> None:
+        self.seen: list[tuple[str, ...]] = []
+
+    async def handle(self, request: Any, segments: tuple[str, ...]) -> Any:
+        from aiohttp import web
+
+        self.seen.append(segments)
+        return web.Response(status=299)
+
+    def started(self, url: str) -> None:
+        pass
+
+    async def close(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize(
+    ("allowed", "target", "console"),
+    [
+        ((), "/console/", True),  # no rule for it: still the console's
+        (rules(("GET", "/console/{page}")), "/console/api", True),  # a rule for it: still never forwarded
+        ((), "/api/1.1/../../console/api/state", True),
+        ((), "/console/../api/1.1/tags", False),  # climbs out: an API request, refused by the allow-list
+        ((), "/console/%2e%2e/api/1.1/tags", False),
+        ((), "/consoles/x", False),
+    ],
+)
+async def test_the_console_is_reached_before_the_allow_list(
+    tmp_path: Path, allowed: tuple[AllowedRequest, ...], target: str, console: bool
+) -> None:
+    gateway = make_gateway(tmp_path, allowed)
+    fake = FakeConsole()
+    gateway.console = fake
+    response = await gateway.handle(make_mocked_request("GET", target))
+    assert (response.status == 299) is console, response.status
+    assert bool(fake.seen) is console
+    if not console:
+        assert response.status == 403

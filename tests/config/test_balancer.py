@@ -378,3 +378,14 @@ def test_bad_drill_canaries(tmp_path: Path, drill: str, element: str, problem: s
     err = load_error(tmp_path, edited("</Config>", drill + "</Config>"))
     assert err.element == element
     assert err.problem.startswith(problem), err.problem
+
+
+def test_console_users(tmp_path: Path) -> None:
+    good = "scrypt$16384$8$1$AAAAAAAAAAAAAAAAAAAAAA==$AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA="
+    assert load_balancer_config(str(write(tmp_path, example_text()))).users == ()
+    text = edited("</Config>", f'<Users><User name="ops" password_hash="{good}"/></Users></Config>')
+    assert load_balancer_config(str(write(tmp_path, text))).users == (("ops", good),)
+    bad = load_error(tmp_path, edited("</Config>", '<Users><User name="ops" password="x"/></Users></Config>'))
+    assert "plaintext password attributes are refused" in bad.problem
+    bad = load_error(tmp_path, edited("</Config>", '<Users><User name="ops" password_hash="x"/></Users></Config>'))
+    assert "password_hash" in bad.problem

@@ -77,9 +77,9 @@ def test_a_file_changed_during_the_edit_is_left_alone(tmp_path: Path, monkeypatc
     path = config(tmp_path)
     edit = users.upsert_user
 
-    def edit_and_meddle(text: str, name: str, element: str) -> tuple[str, bool]:
+    def edit_and_meddle(text: str, name: str, element: str, holder: str = "HTTPServer") -> tuple[str, bool]:
         path.write_text(CONFIG + "<!-- someone else -->\n")
-        return edit(text, name, element)
+        return edit(text, name, element, holder)
 
     monkeypatch.setattr(users, "upsert_user", edit_and_meddle)
     with pytest.raises(ConfigError, match="the file changed while it was being edited"):

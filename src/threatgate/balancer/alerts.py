@@ -6,6 +6,9 @@ at itself (:mod:`threatgate.wire.alerts`: a feed update is INFO, a failure or an
 know WARNING), counts it per alert name (``KL_ALERT_*`` found in the line, else ``unknown``) and,
 with ``<AlertForwardConnectionString>``, forwards it to a SIEM through a bounded, retrying queue.
 
+The last :data:`KEPT` alerts are kept (:attr:`AlertListener.recent`, latest last) for the operator
+console (balancer/console.py), which shows them latest first with the counts by name.
+
 Bounded against garbage and floods, and never in the way of the event path: at most 64 connections,
 lines longer than 64 KiB are cut and counted, log lines are rate-limited per node (the count always
 moves), and the forward queue drops (counted) instead of growing.
@@ -16,6 +19,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
+from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from threatgate.config.balancer import BalancerConfig
@@ -29,11 +34,25 @@ log = logging.getLogger("threatgate.alerts")
 
 MAX_CONNECTIONS = 64
 MAX_LINE = 64 * 1024
+KEPT = 100
+"""Alerts kept for the console (the latest); the counts by name cover all of them."""
+KEPT_CHARS = 1000
+"""Characters of an alert line kept for the console."""
 
 
 LOG_BURST = 100
 LOG_RATE = 10
 """Alerts logged per node: a burst of 100 (a node starting up reports every feed), then 10 per second."""
+
+
+@dataclass(frozen=True, slots=True)
+class AlertRecord:
+    """One service alert as received (``time``: wall clock, seconds since the epoch; ``peer``: who sent it)."""
+
+    time: float
+    peer: str
+    name: str
+    line: str
 
 
 class _Bucket:
@@ -114,6 +133,7 @@ class AlertListener:
         self._buckets: dict[str, _Bucket] = {}
         self._flood = RateLimitedLog(log)
         self._server: asyncio.Server | None = None
+        self.recent: deque[AlertRecord] = deque(maxlen=KEPT)
         self.sockname: Any = None  # the bound address once started (a port 0 is the one picked)
 
     def count_bad(self, reason: str) -> None:
@@ -126,6 +146,7 @@ class AlertListener:
         name = alert_name(line)
         stats = self.service.stats
         stats.bump(stats.alerts, name)
+        self.recent.append(AlertRecord(time.time(), peer, name, line[:KEPT_CHARS]))
         host = peer.rsplit(":", 1)[0]
         bucket = self._buckets.get(host)
         if bucket is None:
@@ -145,6 +166,7 @@ class AlertListener:
         detail = " ".join(f"{k}={v}" for k, v in context.items())
         log.log(alert_level(name), "alert %s %s", name, detail)
         self.service.stats.bump(self.service.stats.alerts, name)
+        self.recent.append(AlertRecord(time.time(), "balancer", name, f"alert={name} {detail}"[:KEPT_CHARS]))
         if self.forward is not None:
             date = time.strftime("%b %d %H:%M:%S")
             self.forward.send_or_drop(f"{date} alert={name} source=balancer {detail}\n".encode("utf-8", "replace"))

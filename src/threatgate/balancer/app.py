@@ -6,6 +6,8 @@ REST gateway, the readiness monitor, the detection statistics poller, the servic
 socket, hands each the edge as its port (``GatewayHost``, ``ReadinessHost``, ``StatisticsHost``, ``AlertHost``)
 and the edge its parts (``GatewayPart``, ``ReadinessPart``, ``StatisticsPart``, ``AlertPart``), and runs the
 whole through :func:`threatgate.runtime.serve`.
+The operator console (``Console``) reads the edge (``ConsoleHost``) and the parts through its own
+ports and is handed to the gateway, which answers ``/console/`` with it.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import random
 from threatgate import runtime
 from threatgate.balancer.admin import AdminServer
 from threatgate.balancer.alerts import AlertListener
+from threatgate.balancer.console import Console
 from threatgate.balancer.gateway import Gateway
 from threatgate.balancer.readiness import ReadinessMonitor
 from threatgate.balancer.service import BalancerService
@@ -26,10 +29,13 @@ def build_balancer(config: BalancerConfig, rng: random.Random | None = None) -> 
     """The balancer's parts, built and wired (not started)."""
     service = BalancerService(config, rng)
     gateway = Gateway(service)
+    readiness = ReadinessMonitor(service, gateway)
+    alerts = AlertListener(service)
+    gateway.console = Console(service, readiness, gateway, alerts)
     service.wire(
         gateway=gateway,
-        readiness=ReadinessMonitor(service, gateway),
-        alerts=AlertListener(service),
+        readiness=readiness,
+        alerts=alerts,
         admin=AdminServer(service, config.admin_socket) if config.admin_socket else None,
         statistics=StatisticsPoller(service, gateway),
     )

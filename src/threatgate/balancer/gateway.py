@@ -9,6 +9,10 @@ Checks, in order (each answer is a JSON body ``[{"status": ...}]``):
 4. the body arrives within the timeout and is at most 64 MiB (408 / 413); it is buffered so a
    retry can replay it.
 
+The operator console (:mod:`threatgate.balancer.console`) is answered here, never forwarded: a request
+whose normalised path starts with ``/console`` goes to it after check 1 and before check 2 (so
+``<AllowedRequests>`` neither opens nor closes it, and ``/console/../api/...`` is an API request).
+
 Then a read (GET, HEAD, POST lookup) goes to one UP node, balanced by requests in progress, and is
 retried on another node when the first fails before answering.  A write (anything else) goes to
 every enabled node (503 before any node is touched when one is known to be down; 502 with each
@@ -40,6 +44,7 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.balancer.pins import Pin, PinStore
 from threatgate.balancer.upstream import BalancerView
+from threatgate.config.common import Address
 from threatgate.config.node import MAX_BODY_SIZE
 from threatgate.errors import FileWriteError, PathError, PeerCertificateMismatch, PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance, InstanceState
@@ -147,6 +152,14 @@ class WriteRouter(Protocol):
     async def route_write(self) -> WriteTarget: ...
 
 
+class ConsoleRoutes(Protocol):
+    """The operator console (balancer/console.py ``Console``): answers ``/console/...`` itself."""
+
+    async def handle(self, request: BaseRequest, segments: tuple[str, ...]) -> web.StreamResponse: ...
+    def started(self, url: str) -> None: ...
+    async def close(self) -> None: ...
+
+
 class GatewayHost(BalancerView, Protocol):
     """What :class:`Gateway` reads of the balancer (``BalancerService`` is one), at every request."""
 
@@ -174,6 +187,7 @@ class Gateway:
         self.refused: dict[str, str] = {}  # instance key -> why it is out of REST rotation (its pin)
         self._rechecked = 0.0
         self._rechecks: set[asyncio.Task[None]] = set()
+        self.console: ConsoleRoutes | None = None  # set by the composition root (balancer/app.py)
 
     def count(self, reason: str) -> None:
         self.service.stats.bump(self.service.stats.bad_input, "api_" + reason)
@@ -198,6 +212,8 @@ class Gateway:
         )
         await self.http.start()
         log.info("REST gateway listening on https://%s:%d", config.listen_host, self.http.bound_port)
+        if self.console is not None:
+            self.console.started(f"https://{Address(config.listen_host, self.http.bound_port)}/console/")
 
     async def open_client(self) -> None:
         """Get ready to open pinned connections to the nodes (one keep-alive pool per node, made on first use)."""
@@ -213,6 +229,8 @@ class Gateway:
     async def close(self) -> None:
         for task in list(self._rechecks):
             task.cancel()
+        if self.console is not None:
+            await self.console.close()  # ends its event streams, which would hold the listener's close
         if self.http is not None:
             await self.http.close()
         for pool in self._pools.values():
@@ -235,6 +253,8 @@ class Gateway:
             self.count("bad_path")
             return json_error(400, str(exc))
         segments = route.segments
+        if segments[:1] == ("console",) and self.console is not None:
+            return await self.console.handle(request, segments)
         if not route.allowed:
             self.count("forbidden")
             shown = render_path(segments)[:200]

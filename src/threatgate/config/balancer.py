@@ -23,7 +23,7 @@ from threatgate.config.common import (
     parse_field,
     resolve_path,
 )
-from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE
+from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE, read_user_list
 from threatgate.config.xml import Node, read_checked, read_xml
 from threatgate.errors import ConfigError
 from threatgate.wire.paths import RoutePattern
@@ -143,6 +143,9 @@ class BalancerConfig(Frozen):
     """``<MaxPendingEventsPerClient>``: unanswered events of one client before only that client is paused
     (0: MaxPendingEvents)."""
     stats_interval: float = pydantic.Field(default=3600.0, gt=0, le=86400)
+    users: tuple[tuple[str, str], ...] = ()
+    """``<Users><User name= password_hash=/></Users>``: who may log in to the operator console
+    (balancer/console.py); the hashes are a node's (``threatgate users add --config balancer.conf NAME``)."""
     admin_socket: str | None = None
     """``<AdminSocket>``: the local UNIX socket of run-time control (``threatgate balancer instance``), mode
     0600; by default next to the configuration file (``kl_balancer.conf`` -> ``kl_balancer.sock``);
@@ -358,6 +361,9 @@ def _read_config(root: Node) -> BalancerConfig:
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
         data["output"] = parse_address(output)
+    users = root.only("Users")
+    if users is not None:
+        data["users"] = read_user_list(users)
     admin = root.only("AdminSocket")
     if admin is None:
         data["admin_socket"] = default_admin_socket(root.path)

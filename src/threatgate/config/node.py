@@ -599,6 +599,28 @@ def _check_password_hash(node: Node, stored: str) -> str:
     return stored
 
 
+def read_user_list(users_node: Node) -> tuple[tuple[str, str], ...]:
+    """``<Users><User name= password_hash=/>...</Users>`` as (name, hash) pairs, checked.
+
+    The node's ``<HTTPServer><Users>`` and the balancer's ``<Users>`` (its console) share the format.
+    """
+    users: list[tuple[str, str]] = []
+    seen: dict[str, int] = {}
+    for child in users_node.elements():
+        if child.tag != "User":
+            raise users_node.unknown_child(child, ("User",))
+        name = child.attrs.get("name", "")
+        if not _USER_NAME.match(name):
+            raise child.error(f"user name {name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -")
+        if name in seen:
+            raise child.error(f"user {name!r} defined twice (first at line {seen[name]})")
+        if "password" in child.attrs:
+            raise child.error("plaintext password attributes are refused; store a hash with `threatgate users add`")
+        seen[name] = child.line
+        users.append((name, _check_password_hash(child, child.attrs.get("password_hash", ""))))
+    return tuple(users)
+
+
 def _read_http(node: Node | None) -> HTTPServerSettings | None:
     if node is None:
         return None
@@ -615,22 +637,8 @@ def _read_http(node: Node | None) -> HTTPServerSettings | None:
     ):
         child = node.only(tag)
         paths[key] = resolve_path(child or node, child.value if child is not None else default)
-    users: list[tuple[str, str]] = []
-    users_node = node.only("Users") or Node("Users", {}, node.line, node.path)
-    seen: dict[str, int] = {}
-    for child in users_node.elements():
-        if child.tag != "User":
-            raise users_node.unknown_child(child, ("User",))
-        name = child.attrs.get("name", "")
-        if not _USER_NAME.match(name):
-            raise child.error(f"user name {name!r}: expected 1-64 of A-Z a-z 0-9 _ . @ -")
-        if name in seen:
-            raise child.error(f"user {name!r} defined twice (first at line {seen[name]})")
-        if "password" in child.attrs:
-            raise child.error("plaintext password attributes are refused; store a hash with `threatgate users add`")
-        seen[name] = child.line
-        users.append((name, _check_password_hash(child, child.attrs.get("password_hash", ""))))
-    data: dict[str, object] = {"listen": listen, "users": tuple(users), **paths}
+    users = read_user_list(node.only("Users") or Node("Users", {}, node.line, node.path))
+    data: dict[str, object] = {"listen": listen, "users": users, **paths}
     for tag, key in (
         ("RequestHeaderTimeout", "header_timeout"),
         ("RequestBodyTimeout", "body_timeout"),

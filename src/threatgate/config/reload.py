@@ -87,6 +87,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "key_path": "SSLPrivateKeyPath",
     "cert_dir": "CertDirPath",
     "admin_socket": "AdminSocket",
+    "users": LIVE,  # the console checks logins against the running configuration's users
     "instances": LIVE,  # added, removed, enabled, disabled, weight, ports; connections: lanes opened or retired
     "allowed": LIVE,
     "health": LIVE,

@@ -1,4 +1,7 @@
-"""``threatgate users add|remove|list``: edit ``<HTTPServer><Users>`` of a node config file as text.
+"""``threatgate users add|remove|list``: edit the ``<Users>`` of a node or balancer config file as text.
+
+A node's users are in ``<HTTPServer><Users>`` (its REST API); a balancer's in ``<Config><Users>`` (its
+operator console, balancer/console.py).  The root element tells which (:func:`container`).
 
 Rules:
 1. The file is edited as text, not re-serialised from a tree, so comments, blank lines and
@@ -38,10 +41,23 @@ _USER = re.compile(rf"<User\b({_ATTRS})(?:/>|>.*?</User\s*>)", re.S)
 # -- reading ------------------------------------------------------------------------------------------
 
 
+BALANCER_ROOT = "Config"
+"""The root element of a balancer config (a node's is ``<Configuration>``)."""
+
+
+def container(root: Node) -> str:
+    """The element that holds ``<Users>``: ``<HTTPServer>`` in a node config, the root ``<Config>`` in a balancer's."""
+    return BALANCER_ROOT if root.tag == BALANCER_ROOT else "HTTPServer"
+
+
+def _users_node(root: Node) -> Node | None:
+    holder = root if root.tag == BALANCER_ROOT else root.only("HTTPServer")
+    return holder.only("Users") if holder is not None else None
+
+
 def file_users(root: Node) -> list[str]:
-    """The user names in ``<HTTPServer><Users>`` of a parsed node config, in file order."""
-    http = root.only("HTTPServer")
-    users = http.only("Users") if http is not None else None
+    """The user names in the ``<Users>`` of a parsed node or balancer config, in file order."""
+    users = _users_node(root)
     return [u.attrs.get("name", "") for u in users.findall("User")] if users is not None else []
 
 
@@ -70,22 +86,27 @@ def _masked(text: str) -> str:
     return _MASKED.sub(lambda m: re.sub(r"[^\n]", " ", m.group()), text)
 
 
-def _users_span(masked: str) -> tuple[re.Match[str], re.Match[str] | None, re.Match[str] | None, re.Match[str] | None]:
-    """The ``<HTTPServer>`` start tag, its end tag, and ``<Users>``'s start and end tags (None: absent/self-closed)."""
-    server = re.compile(rf"<HTTPServer\b{_ATTRS}(/?)>").search(masked)
+def _users_span(
+    masked: str, holder: str = "HTTPServer"
+) -> tuple[re.Match[str], re.Match[str] | None, re.Match[str] | None, re.Match[str] | None]:
+    """The ``holder`` start tag, its end tag, and ``<Users>``'s start and end tags (None: absent/self-closed).
+
+    In a balancer config (``holder`` ``Config``) only a ``<Users>`` that is a direct child of the root counts.
+    """
+    server = re.compile(rf"<{holder}\b{_ATTRS}(/?)>").search(masked)
     if server is None:
-        raise ValueError("cannot find the <HTTPServer> start tag")
+        raise ValueError(f"cannot find the <{holder}> start tag")
     if server.group(1):
         return server, None, None, None
-    server_close = re.compile(r"</HTTPServer\s*>").search(masked, server.end())
+    server_close = re.compile(rf"</{holder}\s*>").search(masked, server.end())
     if server_close is None:
-        raise ValueError("cannot find </HTTPServer>")
+        raise ValueError(f"cannot find </{holder}>")
     users = re.compile(rf"<Users\b{_ATTRS}(/?)>").search(masked, server.end(), server_close.start())
     if users is None or users.group(1):
         return server, server_close, users, None
     users_close = re.compile(r"</Users\s*>").search(masked, users.end(), server_close.start())
     if users_close is None:
-        raise ValueError("cannot find </Users> inside <HTTPServer>")
+        raise ValueError(f"cannot find </Users> inside <{holder}>")
     return server, server_close, users, users_close
 
 
@@ -101,7 +122,7 @@ def _user_elements(text: str, masked: str, start: int, end: int) -> list[tuple[r
     return found
 
 
-def upsert_user(text: str, name: str, element: str) -> tuple[str, bool]:
+def upsert_user(text: str, name: str, element: str, holder: str = "HTTPServer") -> tuple[str, bool]:
     """``text`` with ``element`` replacing user ``name``'s element, or added to <Users>; True if replaced.
 
     Raises ValueError when the tags cannot be found in the text (the XML parser found them, so only
@@ -111,12 +132,12 @@ def upsert_user(text: str, name: str, element: str) -> tuple[str, bool]:
     nl = "\r\n" if "\r\n" in text else "\n"
     unit_match = re.search(r"^([ \t]+)<", masked, re.M)
     unit = unit_match.group(1) if unit_match else "  "
-    server, server_close, users, users_close = _users_span(masked)
+    server, server_close, users, users_close = _users_span(masked, holder)
     if server_close is None:
-        return _add_children(text, "HTTPServer", server, None, ["<Users>", unit + element, "</Users>"], nl, unit), False
+        return _add_children(text, holder, server, None, ["<Users>", unit + element, "</Users>"], nl, unit), False
     if users is None:
         lines = ["<Users>", unit + element, "</Users>"]
-        return _add_children(text, "HTTPServer", server, server_close.start(), lines, nl, unit), False
+        return _add_children(text, holder, server, server_close.start(), lines, nl, unit), False
     if users_close is None:
         return _add_children(text, "Users", users, None, [element], nl, unit), False
     child_indent = None
@@ -128,7 +149,7 @@ def upsert_user(text: str, name: str, element: str) -> tuple[str, bool]:
     return _add_children(text, "Users", users, users_close.start(), [element], nl, unit, child_indent), False
 
 
-def delete_user(text: str, name: str) -> str:
+def delete_user(text: str, name: str, holder: str = "HTTPServer") -> str:
     """``text`` without user ``name``'s element (and without its line when it stood alone on one).
 
     Raises:
@@ -136,7 +157,7 @@ def delete_user(text: str, name: str) -> str:
         ValueError: the tags cannot be found in the text (see :func:`upsert_user`).
     """
     masked = _masked(text)
-    _, _, users, users_close = _users_span(masked)
+    _, _, users, users_close = _users_span(masked, holder)
     if users is None or users_close is None:
         raise KeyError(name)
     for user, user_name in _user_elements(text, masked, users.end(), users_close.start()):
@@ -185,7 +206,9 @@ def _add_children(
 
 
 def store_user(path: str, name: str, password_hash: str, cluster_command: str) -> bool:
-    """Put ``<User name=NAME password_hash=.../>`` into the node config at ``path``; True if the user existed.
+    """Put ``<User name=NAME password_hash=.../>`` into the node or balancer config at ``path``.
+
+    Returns True when the user existed (its password was replaced).
 
     Raises:
         ConfigError: the file is not well-formed, configures a cluster member, has no <HTTPServer>,
@@ -194,7 +217,8 @@ def store_user(path: str, name: str, password_hash: str, cluster_command: str) -
     """
     root = read_xml(path)
     refuse_cluster_member(root, path, cluster_command)
-    if root.only("HTTPServer") is None:
+    holder = container(root)
+    if holder == "HTTPServer" and root.only("HTTPServer") is None:
         raise ConfigError(
             path,
             0,
@@ -205,18 +229,17 @@ def store_user(path: str, name: str, password_hash: str, cluster_command: str) -
     updated: list[bool] = []
 
     def edit(text: str) -> str:
-        new_text, existed = upsert_user(text, name, element)
+        new_text, existed = upsert_user(text, name, element, holder)
         updated.append(existed)
         return new_text
 
     def check(new_root: Node) -> None:
-        http = new_root.only("HTTPServer")
-        users_node = http.only("Users") if http is not None else None
+        users_node = _users_node(new_root)
         found = [
             u for u in (users_node.findall("User") if users_node is not None else ()) if u.attrs.get("name") == name
         ]
         if len(found) != 1 or found[0].attrs.get("password_hash") != password_hash:
-            problem = f"user {name!r} appears {len(found)} times in <HTTPServer><Users>" if len(found) > 1 else ""
+            problem = f"user {name!r} appears {len(found)} times in <Users>" if len(found) > 1 else ""
             raise ConfigError(path, 0, "", problem or "could not place the <User> element; add it by hand")
 
     _replace_file(path, edit, check)
@@ -224,7 +247,7 @@ def store_user(path: str, name: str, password_hash: str, cluster_command: str) -
 
 
 def drop_user(path: str, name: str, cluster_command: str) -> None:
-    """Remove user ``name`` from the node config at ``path``.
+    """Remove user ``name`` from the node or balancer config at ``path``.
 
     Raises:
         ConfigError: the file is not well-formed, configures a cluster member, has no such user, or
@@ -233,12 +256,14 @@ def drop_user(path: str, name: str, cluster_command: str) -> None:
     """
     root = read_xml(path)
     refuse_cluster_member(root, path, cluster_command)
+    holder = container(root)
     if name not in file_users(root):
-        raise ConfigError(path, 0, "", f"no user {name!r} in <HTTPServer><Users> (threatgate users list --config ...)")
+        where = "<HTTPServer><Users>" if holder == "HTTPServer" else "<Users>"
+        raise ConfigError(path, 0, "", f"no user {name!r} in {where} (threatgate users list --config ...)")
 
     def edit(text: str) -> str:
         try:
-            return delete_user(text, name)
+            return delete_user(text, name, holder)
         except KeyError:
             raise ValueError(f"cannot find user {name!r} in the text") from None
 
