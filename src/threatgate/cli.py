@@ -242,19 +242,26 @@ def _renew_pin(config: BalancerConfig, instance: str, expect: str | None) -> Non
 def balancer_status(config_path: str, as_json: bool) -> None:
     """Each instance's readiness, cluster role, settings revision and digest; '!' marks a differing digest.
 
-    Exit 0 when every instance answered and the digests agree, 1 otherwise, 2 on a configuration error.
+    With the balancer running, a BALANCER column shows its state of each instance (UP, DOWN, DRAIN, MAINT
+    and why, e.g. a run-time drain). Exit 0 when every instance answered and the digests agree, 1 otherwise, 2 on a configuration error.
     """
     import asyncio
 
-    from threatgate.balancer import status
+    from threatgate.balancer import admin, status
 
     config = _balancer_config(config_path)
     setup_logging("err")
     views = asyncio.run(status.collect(config))
+    running: dict[str, str] | None = None
+    if config.admin_socket is not None:
+        try:  # what the running balancer does with each instance (a run-time drain or disable shows here)
+            running = status.balancer_states(admin.request(config.admin_socket, "list", timeout=3.0)["instances"])
+        except (OSError, ValueError, KeyError):
+            running = None  # no balancer running with this config: the nodes' own answers only
     if as_json:
-        _echo_json(status.as_json(views))
+        _echo_json(status.as_json(views, running))
     else:
-        click.echo(status.render(views))
+        click.echo(status.render(views, running))
     for view in views:
         if view.pin_mismatch:
             click.echo(

@@ -10,7 +10,7 @@ import json
 from typing import Any
 
 from threatgate.balancer.readiness import Readiness, View, parse_readiness
-from threatgate.balancer.status import as_json, exit_code, render
+from threatgate.balancer.status import as_json, balancer_states, exit_code, render
 
 A, B = "a" * 64, "b" * 64
 
@@ -95,3 +95,19 @@ def test_status_shows_lanes_only_when_there_is_more_than_one() -> None:
     assert lines[2].split()[:3] == ["127.0.0.1:2", "-", "3"]
     rows = as_json(workers)["instances"]
     assert [(r["connections"], r["lanes"]) for r in rows] == [("auto", 2), (3, 3)]
+
+
+def test_the_running_balancers_states_show_beside_the_nodes_answers() -> None:
+    rows = [
+        {"instance": "127.0.0.1:1", "state": "MAINT", "why": "drained at run time"},
+        {"instance": "127.0.0.1:2", "state": "UP", "why": ""},
+    ]
+    running = balancer_states(rows)
+    assert running == {"127.0.0.1:1": "MAINT (drained at run time)", "127.0.0.1:2": "UP"}
+    views = [readyz(ready=True, role="standalone"), View("127.0.0.1:2", skip="no api_port")]
+    header, first, second = render(views, running).splitlines()[:3]
+    assert header.split()[:4] == ["INSTANCE", "API", "STATE", "BALANCER"]
+    assert "MAINT (drained at run time)" in first and second.split()[:2] == ["127.0.0.1:2", "-"]
+    assert "BALANCER" not in render(views)  # no balancer answered: the column is left out
+    assert [i["balancer"] for i in as_json(views, running)["instances"]] == ["MAINT (drained at run time)", "UP"]
+    assert [i["balancer"] for i in as_json(views)["instances"]] == [None, None]

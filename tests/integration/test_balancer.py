@@ -361,6 +361,14 @@ def test_drain_disable_and_enable_at_run_time_under_load(dataset: Dataset, tmp_p
         listed = json.loads(instance_cli(config, "list", "--json").stdout)
         row = next(r for r in listed["instances"] if r["instance"] == key)
         assert (row["state"], row["why"], row["redispatched"], row["lanes"]) == ("MAINT", "drained at run time", 0, 0)
+        shown = subprocess.run(
+            [sys.executable, "-m", "threatgate", "balancer", "status", "--config", str(config), "--json"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        states = {i["instance"]: i["balancer"] for i in json.loads(shown.stdout)["instances"]}
+        assert states[key] == "MAINT (drained at run time)", shown.stdout  # balancer status shows it too
         a_matched = metric_events(metrics[0])
         reader.wait_finished(cuts[1], timeout=STREAM_TIMEOUT)
         writer.send(dataset.chunk(cuts[1], cuts[2]))

@@ -13,7 +13,7 @@ Rendering and the exit code are pure functions of the views, so they are tested 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 from threatgate.balancer.gateway import Gateway
@@ -59,8 +59,18 @@ def controls(views: Sequence[View]) -> list[View]:
     return [v for v in views if v.role == "control"]
 
 
-def render(views: Sequence[View]) -> str:
-    """The table and a footer line explaining the ``!`` flags and naming the Control."""
+def balancer_states(rows: Sequence[Mapping[str, Any]]) -> dict[str, str]:
+    """What the running balancer says of each instance (its admin socket's ``list``): ``STATE`` or
+    ``STATE (why)``, e.g. ``MAINT (drained at run time)``."""
+    return {str(r["instance"]): f"{r['state']} ({r['why']})" if r.get("why") else str(r["state"]) for r in rows}
+
+
+def render(views: Sequence[View], balancer: Mapping[str, str] | None = None) -> str:
+    """The table and a footer line explaining the ``!`` flags and naming the Control.
+
+    ``balancer``: each instance's state in the running balancer (:func:`balancer_states`), shown in a
+    BALANCER column after STATE; None when no balancer answered (the column is left out).
+    """
     comparison = compare_digests(views)
     rows: list[tuple[str, ...]] = [COLUMNS]
     for v in views:
@@ -78,6 +88,10 @@ def render(views: Sequence[View]) -> str:
                 short(r.sha256 if r else None),
             )
         )
+    if balancer is not None:
+        cells = ["BALANCER", *(balancer.get(v.key, "-") for v in views)]
+        at = COLUMNS.index("STATE") + 1
+        rows = [(*row[:at], cell, *row[at:]) for row, cell in zip(rows, cells, strict=True)]
     if any(v.connections != "auto" or v.lanes not in (1, None) for v in views):
         cells = ["LANES", *(lanes_text(v) for v in views)]
         rows = [(*row[:LANES_COLUMN], cell, *row[LANES_COLUMN:]) for row, cell in zip(rows, cells, strict=True)]
@@ -113,8 +127,9 @@ def footer(views: Sequence[View]) -> str:
     return f"all {len(comparison.digests)} cluster instance(s) hold settings {short(comparison.majority)}; {control}"
 
 
-def as_json(views: Sequence[View]) -> dict[str, Any]:
-    """What ``--json`` prints: the views in full and the verdict."""
+def as_json(views: Sequence[View], balancer: Mapping[str, str] | None = None) -> dict[str, Any]:
+    """What ``--json`` prints: the views in full, the running balancer's view of each (None: no balancer
+    answered on its admin socket) and the verdict."""
     comparison = compare_digests(views)
     instances = []
     for v in views:
@@ -135,6 +150,7 @@ def as_json(views: Sequence[View]) -> dict[str, Any]:
                 "sha256": r.sha256 if r else None,
                 "emergency": r.emergency if r else None,
                 "differs": v.key in comparison.differing,
+                "balancer": balancer.get(v.key) if balancer is not None else None,
             }
         )
     return {
