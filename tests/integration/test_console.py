@@ -313,6 +313,11 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.save_screenshot(str(phone))
             print(f"console screenshot on a phone-sized window: {phone}")
             assert wide is False
+            inner = chrome.execute_script(  # nor does a statistics table scroll sideways inside its box
+                "return [...document.querySelectorAll('#detections .scroll')]"
+                ".filter((b) => b.scrollWidth > b.clientWidth + 1).map((b) => b.parentElement.textContent.slice(0, 40))"
+            )
+            assert inner == []
             chrome.execute_script("document.getElementById('stat-categories').scrollIntoView()")
             phone_stats = tmp_path / "console-phone-statistics.png"
             chrome.save_screenshot(str(phone_stats))

@@ -300,7 +300,7 @@
   function renderDetections(state) {
     const d = state.detections || {};
     const box = $("detections");
-    if (!Object.keys(d).length) {
+    if (!Object.keys(d).length || !Object.keys(d.instances || {}).length) {  // not polled, or no node asked yet
       box.replaceChildren(el("p", "No detection statistics reported yet (the balancer counted " + num(state.totals.detections) + " detection lines).", "note"));
       return;
     }
