@@ -23,6 +23,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -179,6 +180,34 @@ def test_the_event_stream_delivers_updates(deployed: Deployment) -> None:
 # -- a real browser --------------------------------------------------------------------------------------
 
 
+STATISTICS_JS = """
+const count = (text) => parseInt((text || "").replace(/\\D/g, "") || "-1", 10);
+const out = {instances: {}, hour: {}, day: {}, sources: {}, widths: {}, minutes: null, label: "", indicators: 0};
+document.querySelectorAll("table.stat-instances tbody tr").forEach((r) => {
+  const f = (name) => r.querySelector(`td[data-field="${name}"]`).textContent;
+  out.instances[r.dataset.instance] = {hour: count(f("hour")), day: count(f("day")), total: count(f("total")),
+    restarts: count(f("restarts")), error: f("error")};
+});
+document.querySelectorAll("#stat-categories tbody tr").forEach((r) => {
+  out.hour[r.dataset.key] = count(r.querySelector('td[data-window="hour"] .value').textContent);
+  out.day[r.dataset.key] = count(r.querySelector('td[data-window="day"] .value').textContent);
+  out.widths[r.dataset.key] = parseFloat(r.querySelector('td[data-window="hour"] .bar').style.width);
+});
+document.querySelectorAll("#stat-sources tbody tr").forEach((r) => {
+  const n = count(r.querySelector('td[data-window="hour"] .value').textContent);
+  if (n > 0) out.sources[r.dataset.key] = n;
+});
+const fig = document.querySelector("figure.minutes");
+if (fig) {
+  out.minutes = parseInt(fig.dataset.total, 10);
+  out.label = fig.querySelector("svg").getAttribute("aria-label");
+}
+out.indicators = document.querySelectorAll("#stat-indicators tbody tr").length;
+return out;
+"""
+"""Reads the statistics view off the page in one go (it is rebuilt every second)."""
+
+
 def chromium_paths() -> tuple[str, str]:
     browser, driver = shutil.which("chromium"), shutil.which("chromedriver")
     if browser is None or driver is None:
@@ -204,6 +233,7 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
         chrome = webdriver.Chrome(options=options, service=Service(executable_path=driver_path))
         try:
             wait = WebDriverWait(chrome, 20, poll_frequency=0.1)
+            basic = {"Authorization": basic_auth("ops", PASSWORD)}
             base = f"https://127.0.0.1:{d.https.port}"
             chrome.get(base + "/console/")
             # The login form is styled (its inline style allowed by hash) and works from the keyboard alone:
@@ -229,6 +259,36 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
 
             wait.until(lambda _: shown() == detections)
 
+            # The statistics view: once the poller has asked both nodes again (every health-check
+            # interval), the per-instance table and the category bars show what the nodes detected.
+            def statistics() -> dict[str, Any]:
+                figures: dict[str, Any] = chrome.execute_script(STATISTICS_JS)
+                return figures
+
+            def settled() -> dict[str, Any] | None:
+                s = statistics()
+                totals = [row["total"] for row in s["instances"].values()]
+                hours = [row["hour"] for row in s["instances"].values()]
+                return s if len(totals) == 2 and sum(totals) == detections and sum(hours) == detections else None
+
+            stats = WebDriverWait(chrome, 30, poll_frequency=0.2).until(lambda _: settled())
+            assert stats is not None
+            assert set(stats["instances"]) == {d.key(0), d.key(1)}
+            assert all(row["day"] == row["hour"] and row["error"] == "" for row in stats["instances"].values())
+            report = d.https.request("GET", "/console/api/state", headers=basic).json()["detections"]
+            categories = report["last_hour"]["by_category"]
+            assert categories and sum(categories.values()) > 0
+            assert stats["hour"] == categories and stats["day"] == report["last_day"]["by_category"]
+            assert stats["sources"] == {k: n for k, n in report["last_hour"]["by_source"].items() if n}
+            widest = max(categories, key=categories.__getitem__)
+            assert stats["widths"][widest] == pytest.approx(100.0, abs=0.1)  # one scale: the largest figure
+            for key, n in categories.items():
+                assert stats["widths"][key] == pytest.approx(100 * n / categories[widest], abs=0.1), key
+            assert stats["minutes"] == detections  # the per-minute chart adds up to the last hour
+            peak = max(m["detections"] for m in report["per_minute"])
+            assert f"{detections:,} detections in the last 60 minutes; peak {peak:,} a minute at " in stats["label"]
+            assert stats["indicators"] == len(report["top_indicators"]) > 0
+
             # One node killed: DOWN on the page within 10 s, without a reload.
             d.nodes[1].signal(signal.SIGKILL)
             killed = time.monotonic()
@@ -236,6 +296,11 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             took = time.monotonic() - killed
             assert state_of(d.key(0)) == "UP"
             assert shown() == detections
+            # its statistics poll fails too: the per-instance row says why, in red
+            WebDriverWait(chrome, 15, poll_frequency=0.2).until(lambda _: statistics()["instances"][d.key(1)]["error"])
+            row = f'table.stat-instances tr[data-instance="{d.key(1)}"]'
+            failing = chrome.find_element(By.CSS_SELECTOR, f"{row} td.error")
+            assert failing.value_of_css_property("color") == "rgba(179, 38, 30, 1)"
             badge = chrome.find_element(By.CSS_SELECTOR, f'tr[data-instance="{d.key(1)}"] .badge.DOWN')
             assert badge.is_displayed()
             screenshot = tmp_path / "console.png"
@@ -248,6 +313,20 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.save_screenshot(str(phone))
             print(f"console screenshot on a phone-sized window: {phone}")
             assert wide is False
+            inner = chrome.execute_script(  # nor does a statistics table scroll sideways inside its box
+                "return [...document.querySelectorAll('#detections .scroll')]"
+                ".filter((b) => b.scrollWidth > b.clientWidth + 1).map((b) => b.parentElement.textContent.slice(0, 40))"
+            )
+            assert inner == []
+            chrome.execute_script("document.getElementById('stat-categories').scrollIntoView()")
+            phone_stats = tmp_path / "console-phone-statistics.png"
+            chrome.save_screenshot(str(phone_stats))
+            print(f"the statistics on a phone-sized window: {phone_stats}")
+            chrome.set_window_size(1400, 1500)
+            chrome.execute_script("document.getElementById('detections-title').scrollIntoView()")
+            laptop_stats = tmp_path / "console-statistics.png"
+            chrome.save_screenshot(str(laptop_stats))
+            print(f"the statistics on a laptop-sized window: {laptop_stats}")
             chrome.find_element(By.CSS_SELECTOR, "form.logout button").click()  # logs out: the login form again
             wait.until(lambda _: chrome.find_elements(By.ID, "login"))
             assert "/console/" in chrome.current_url and not chrome.get_cookies()
@@ -255,7 +334,7 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.save_screenshot(str(tmp_path / "console-failed.png"))
             print(f"\nconsole screenshot at the failure: {tmp_path / 'console-failed.png'}")
             print("page text:", chrome.find_element(By.TAG_NAME, "body").text[:3000])
-            print("browser log:", chrome.get_log("browser"))
+            print("browser log:", chrome.get_log("browser"))  # type: ignore[no-untyped-call]
             raise
         finally:
             chrome.quit()

@@ -127,71 +127,209 @@
     }));
   }
 
-  // Detection statistics: rendered generically.  A mapping of numbers is a bar chart; a mapping of
-  // mappings is a table (one row per key); a list of objects is a table of their fields.
-  function bars(obj) {
-    const entries = Object.entries(obj).filter(([, v]) => typeof v === "number").sort((a, b) => b[1] - a[1]);
-    const max = Math.max(1, ...entries.map(([, v]) => v));
-    const box = el("div", null, "bars");
-    entries.forEach(([k, v]) => {
-      const label = el("span", k);
-      const track = el("div");
-      const bar = el("div", null, "bar");
-      bar.style.width = (100 * v / max).toFixed(1) + "%";
-      track.appendChild(bar);
-      const value = el("span", num(v), "num");
-      const item = document.createDocumentFragment();
-      item.append(label, track, value);
-      box.appendChild(item);
+  // Detection statistics (Statistics.report on the balancer): per category and per source, the last hour
+  // beside the last day as bars; the last hour per minute as a small SVG chart; the top indicators; per
+  // instance.  Every figure is also text (the bars and the chart only illustrate it).
+  const SVG = "http://www.w3.org/2000/svg";
+
+  function svg(tag, attrs) {
+    const node = document.createElementNS(SVG, tag);
+    Object.entries(attrs || {}).forEach(([k, v]) => node.setAttribute(k, String(v)));
+    return node;
+  }
+
+  function clock(seconds) {
+    return new Date(seconds * 1000).toLocaleTimeString([], { hour: "2-digit", minute: "2-digit" });
+  }
+
+  function ago(seconds) {
+    if (typeof seconds !== "number") return "never";
+    if (seconds < 90) return Math.round(seconds) + " s ago";
+    if (seconds < 5400) return Math.round(seconds / 60) + " min ago";
+    return Math.round(seconds / 3600) + " h ago";
+  }
+
+  // A name that may break after "_", ".", "/", "-", ":" or "@" (categories, file names, URLs), so a long
+  // one wraps at a natural place before it wraps anywhere.
+  function breakable(text) {
+    const frag = document.createDocumentFragment();
+    String(text).split(/(?<=[_./\-:@])/).forEach((part, i) => {
+      if (i) frag.appendChild(document.createElement("wbr"));
+      frag.appendChild(document.createTextNode(part));
     });
+    return frag;
+  }
+
+  function named(tag, text, cls) {
+    const node = el(tag, null, cls);
+    node.appendChild(breakable(text));
+    return node;
+  }
+
+  function wrapped(node, cls) {
+    const wrap = el("div", null, "scroll " + (cls || ""));
+    wrap.appendChild(node);
+    return wrap;
+  }
+
+  function head(t, headers, numeric) {
+    const row = t.createTHead().insertRow();
+    headers.forEach((h, i) => {
+      const th = el("th", h, numeric[i] ? "num" : "");
+      th.scope = "col";
+      row.appendChild(th);
+    });
+  }
+
+  // One row per key: the key, then a bar and the number for the last hour and for the last day (the
+  // bars share one scale: the largest last-day figure).
+  function compare(what, hour, day) {
+    const keys = [...new Set([...Object.keys(day || {}), ...Object.keys(hour || {})])];
+    if (!keys.length) return el("p", "None in the last day.", "note");
+    keys.sort((a, b) => ((day[b] || 0) - (day[a] || 0)) || ((hour[b] || 0) - (hour[a] || 0)) || a.localeCompare(b));
+    const max = Math.max(1, ...keys.map((k) => Math.max(day[k] || 0, hour[k] || 0)));
+    const t = el("table", null, "compare");
+    head(t, [what, "Last hour", "Last day"], [false, false, false]);
+    const body = t.createTBody();
+    keys.forEach((k) => {
+      const tr = body.insertRow();
+      tr.dataset.key = k;
+      const name = named("th", k);
+      name.scope = "row";
+      tr.appendChild(name);
+      [["hour", hour[k] || 0], ["day", day[k] || 0]].forEach(([w, v]) => {
+        const td = el("td", null, "meter " + w);
+        td.dataset.window = w;
+        const track = el("span", null, "track");
+        track.setAttribute("aria-hidden", "true");
+        const bar = el("span", null, "bar " + w + (v ? "" : " zero"));
+        bar.style.width = (100 * v / max).toFixed(1) + "%";
+        track.appendChild(bar);
+        td.append(track, el("span", num(v), "num value"));
+        tr.appendChild(td);
+      });
+    });
+    return wrapped(t);
+  }
+
+  // Detections per minute over the last hour: one bar a minute, the peak labelled; the text alternative
+  // says the total and the peak.
+  function perMinute(series) {
+    const box = el("figure", null, "minutes");
+    const counts = series.map((m) => m.detections || 0);
+    const total = counts.reduce((a, b) => a + b, 0);
+    const peak = Math.max(0, ...counts);
+    const at = counts.indexOf(peak);
+    const summary = series.length
+      ? num(total) + " detections in the last " + series.length + " minutes" +
+        (peak ? "; peak " + num(peak) + " a minute at " + clock(series[at].minute) : "")
+      : "No per-minute figures.";
+    const w = 600, h = 100, n = Math.max(1, series.length), step = w / n;
+    const chart = svg("svg", { viewBox: "0 0 " + w + " " + h, preserveAspectRatio: "none", role: "img",
+      "aria-label": "Detections per minute: " + summary, class: "spark" });
+    const title = svg("title");
+    title.textContent = "Detections per minute: " + summary;
+    chart.appendChild(title);
+    chart.appendChild(svg("line", { x1: 0, y1: h - 0.5, x2: w, y2: h - 0.5, class: "axis" }));
+    series.forEach((m, i) => {
+      const v = m.detections || 0;
+      if (!v) return;
+      const bh = Math.max(2, (h - 4) * v / Math.max(1, peak));
+      const r = svg("rect", { x: (i * step + step * 0.1).toFixed(2), y: (h - bh).toFixed(2),
+        width: (step * 0.8).toFixed(2), height: bh.toFixed(2), class: i === at ? "peak" : "" });
+      const tip = svg("title");
+      tip.textContent = clock(m.minute) + ": " + num(v);
+      r.appendChild(tip);
+      chart.appendChild(r);
+    });
+    const caption = el("figcaption");
+    caption.append(el("span", series.length ? clock(series[0].minute) : ""), el("span", summary, "summary"),
+      el("span", "now"));
+    box.dataset.total = String(total);
+    box.dataset.peak = String(peak);
+    box.append(chart, caption);
     return box;
   }
 
-  function generic(value) {
-    if (Array.isArray(value)) {
-      if (!value.length) return el("p", "None.", "note");
-      if (typeof value[0] === "object" && value[0] !== null) {
-        const keys = [...new Set(value.flatMap((v) => Object.keys(v)))];
-        return table(keys, value.map((v) => keys.map((k) => fmtCell(v[k]))), keys.map((k) => typeof value[0][k] === "number"));
-      }
-      return el("p", value.join(", "));
-    }
-    if (value && typeof value === "object") {
-      const vals = Object.values(value);
-      if (vals.length && vals.every((v) => typeof v === "number")) return bars(value);
-      if (vals.length && vals.every((v) => v && typeof v === "object" && !Array.isArray(v))) {
-        const keys = [...new Set(vals.flatMap((v) => Object.keys(v)))];
-        const rows = Object.entries(value).map(([k, v]) => [k, ...keys.map((c) => fmtCell(v[c]))]);
-        return table(["", ...keys], rows, [false, ...keys.map((c) => typeof vals[0][c] === "number")]);
-      }
-      const dl = el("dl", null, "pairs");
-      Object.entries(value).forEach(([k, v]) => dl.append(el("dt", k), el("dd", fmtCell(v))));
-      return dl;
-    }
-    return el("p", fmtCell(value));
+  function indicators(top) {
+    if (!top || !top.length) return el("p", "None matched yet.", "note");
+    const t = el("table", null, "indicators");
+    head(t, ["Indicator", "Count"], [false, true]);
+    const body = t.createTBody();
+    top.forEach(([value, count]) => {
+      const tr = body.insertRow();
+      tr.append(named("td", value, "indicator"), el("td", num(count), "num"));
+    });
+    return wrapped(t);
   }
 
-  function fmtCell(v) {
-    if (typeof v === "number") return v;
-    if (v === null || v === undefined) return "–";
-    if (typeof v === "object") return JSON.stringify(v);
-    return String(v);
+  function perInstance(instances) {
+    const keys = Object.keys(instances || {});
+    if (!keys.length) return el("p", "No instance polled yet.", "note");
+    const t = el("table", null, "stat-instances phone-cards");
+    const labels = ["Instance", "Last hour", "Last day", "Since its start", "Restarts", "Last poll", "Error"];
+    head(t, labels, [false, true, true, true, true, false, false]);
+    const body = t.createTBody();
+    keys.forEach((k) => {
+      const i = instances[k];
+      const tr = body.insertRow();
+      tr.dataset.instance = k;
+      if (i.error) tr.className = "failing";
+      const name = el("th", k);
+      name.scope = "row";
+      if (typeof i.since === "number") name.title = "started " + new Date(i.since * 1000).toLocaleString();
+      tr.appendChild(name);
+      const cells = [
+        ["hour", num(i.last_hour ? i.last_hour.detections : null), "num"],
+        ["day", num(i.last_day ? i.last_day.detections : null), "num"],
+        ["total", num(i.total ? i.total.detections : null), "num"],
+        ["restarts", num(i.restarts), "num"],
+        ["age", ago(i.age), ""],
+        ["error", i.error || "", "error"],
+      ];
+      cells.forEach(([field, text, cls]) => {
+        const td = el("td", text, cls);
+        td.dataset.field = field;
+        tr.appendChild(td);
+      });
+      Array.from(tr.cells).forEach((cell, n) => { cell.dataset.label = labels[n]; });
+    });
+    return wrapped(t);
   }
 
   function renderDetections(state) {
     const d = state.detections || {};
     const box = $("detections");
-    const keys = Object.keys(d);
-    if (!keys.length) {
+    if (!Object.keys(d).length || !Object.keys(d.instances || {}).length) {  // not polled, or no node asked yet
       box.replaceChildren(el("p", "No detection statistics reported yet (the balancer counted " + num(state.totals.detections) + " detection lines).", "note"));
       return;
     }
-    const parts = [];
-    keys.forEach((k) => {
-      parts.push(el("h3", k.replace(/_/g, " ")));
-      parts.push(generic(d[k]));
+    const hour = d.last_hour || {}, day = d.last_day || {}, nodes = d.nodes_total || {};
+    const summary = el("dl", null, "pairs stat-summary");
+    [["Last hour", hour], ["Last day", day], ["Since the nodes started", nodes]].forEach(([k, c]) => {
+      summary.append(el("dt", k), el("dd", num(c.detections ?? 0) + " detections in " + num(c.events ?? 0) + " events"));
     });
-    box.replaceChildren(...parts);
+    if (typeof d.at === "number") summary.append(el("dt", "Reported at"), el("dd", new Date(d.at * 1000).toLocaleTimeString()));
+    const section = (title, ...nodes_) => {
+      const div = el("div");
+      div.append(el("h3", title), ...nodes_);
+      return div;
+    };
+    box.replaceChildren(
+      summary,
+      el("div", null, "columns"),
+      section("Detections per minute, last hour", perMinute(d.per_minute || [])),
+      section("Per instance (each node's own figures)", perInstance(d.instances)),
+    );
+    const cols = box.children[1];
+    cols.append(
+      section("By category", compare("Category", hour.by_category || {}, day.by_category || {})),
+      section("By source (feed or supplier)", compare("Source", hour.by_source || {}, day.by_source || {})),
+      section("Top matched indicators (since each node started)", indicators(d.top_indicators)),
+    );
+    cols.children[0].id = "stat-categories";
+    cols.children[1].id = "stat-sources";
+    cols.children[2].id = "stat-indicators";
   }
 
   function renderAlerts(state) {
