@@ -243,7 +243,8 @@ def balancer_status(config_path: str, as_json: bool) -> None:
     """Each instance's readiness, cluster role, settings revision and digest; '!' marks a differing digest.
 
     With the balancer running, a BALANCER column shows its state of each instance (UP, DOWN, DRAIN, MAINT
-    and why, e.g. a run-time drain). Exit 0 when every instance answered and the digests agree, 1 otherwise, 2 on a configuration error.
+    and why, e.g. a run-time drain). Exit 0 when every instance answered and the digests agree, 1 otherwise,
+    2 on a configuration error.
     """
     import asyncio
 
