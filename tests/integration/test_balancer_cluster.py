@@ -158,7 +158,8 @@ def start_balancer(directory: Path, nodes: Sequence[Instance], stack: ExitStack)
     return Balancer(proc, config, proc.api_port, proc.metrics_port)
 
 
-COLUMNS = ("INSTANCE", "API", "STATE", "ROLE", "EPOCH", "REVISION", "DIGEST")
+COLUMNS = ("INSTANCE", "API", "STATE", "BALANCER", "ROLE", "EPOCH", "REVISION", "DIGEST")
+"""``balancer status`` with the balancer running: its own state of each instance (BALANCER) beside the nodes'."""
 
 
 def table(result: subprocess.CompletedProcess[str]) -> dict[str, dict[str, str]]:
@@ -196,7 +197,15 @@ def test_standalone_nodes_are_shown_standalone_and_writes_reach_both(tmp_path: P
 
         result = balancer.status()
         assert result.returncode == 0, result
-        want = {"!": "", "STATE": "ready", "ROLE": "standalone", "EPOCH": "-", "REVISION": "-", "DIGEST": "-"}
+        want = {
+            "!": "",
+            "STATE": "ready",
+            "BALANCER": "UP",
+            "ROLE": "standalone",
+            "EPOCH": "-",
+            "REVISION": "-",
+            "DIGEST": "-",
+        }
         assert table(result) == {n.key: {**want, "API": str(n.api_port)} for n in nodes}
         assert result.stdout.splitlines()[-1].startswith("no cluster member reachable: standalone nodes"), result
         summary = json.loads(balancer.status("--json").stdout)
