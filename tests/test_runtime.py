@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
+
 import pytest
 
 from threatgate import runtime
@@ -45,3 +48,24 @@ async def test_ticks_run_every_interval_and_stop_at_once_when_asked() -> None:
     assert seen == 3
     assert await runtime.pause(stop, 60) is True  # stopping: no wait at all
     assert asyncio.get_running_loop().time() - started < 5
+
+
+async def test_periodic_work_goes_on_after_a_failed_round_and_stops_when_closed(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    rounds: list[int] = []
+    second = asyncio.Event()
+
+    async def work() -> None:
+        rounds.append(len(rounds))
+        if len(rounds) == 1:
+            raise RuntimeError("a bug in one round")
+        second.set()
+
+    periodic = runtime.Periodic("test polls", work, lambda: 0.0, logging.getLogger("threatgate.test"))
+    periodic.start()
+    await asyncio.wait_for(second.wait(), 5)  # the interval is at least a second: the second round came after it
+    await periodic.close()
+    assert rounds == [0, 1]
+    assert "test polls failed; trying again at the next interval" in caplog.text
+    assert "RuntimeError: a bug in one round" in caplog.text

@@ -170,3 +170,44 @@ async def ticks(stop: asyncio.Event, seconds: float | Callable[[], float]) -> As
     """Every ``seconds`` (a number, or read before each wait: a reload may change it) until ``stop``."""
     while not await pause(stop, seconds() if callable(seconds) else seconds):
         yield
+
+
+class Periodic:
+    """Background work repeated every interval until closed: the balancer's readiness and statistics polls.
+
+    A failure of one round (a bug: the work translates what it expects) is logged with its traceback and
+    the next round runs at the next interval, so one bad answer cannot end the polls for the process's
+    whole life.  ``interval`` is read before each wait (a reload may change it); at least a second.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        work: Callable[[], Coroutine[Any, Any, None]],
+        interval: Callable[[], float],
+        logger: logging.Logger,
+    ) -> None:
+        self.name = name
+        self._work = work
+        self._interval = interval
+        self._log = logger
+        self._stop = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+
+    def start(self) -> None:
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=self.name)
+
+    async def close(self) -> None:
+        self._stop.set()
+        if self._task is not None:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+
+    async def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                await self._work()
+            except Exception:  # see the class docstring: logged, and the next round runs
+                self._log.exception("%s failed; trying again at the next interval", self.name)
+            await pause(self._stop, max(1.0, self._interval()))

@@ -336,7 +336,8 @@ async def test_the_loop_runs_rounds_until_closed() -> None:
         await asyncio.wait_for(asked.wait(), 10)
     finally:
         await monitor.close()
-    assert monitor._task is not None and monitor._task.done()
+    task = monitor._periodic._task
+    assert task is not None and task.done()
 
 
 # -- the gateway's write branch -------------------------------------------------------------------------------------

@@ -20,7 +20,6 @@ An instance without ``api_port`` in the config is never asked (443 by default ma
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 from collections import Counter
@@ -333,26 +332,15 @@ class ReadinessMonitor:
         self.mismatch = False
         self._mismatch_polls = 0
         self._clamped: dict[str, int | None] = {}  # instance key -> the absurd event_connections last logged
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._periodic = runtime.Periodic(
+            "readiness checks", self.round, lambda: self.service.config.health.interval, log
+        )
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="readiness")
+        self._periodic.start()
 
     async def close(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.round()
-            except Exception:  # a bug here must not end the checks for the balancer's whole life
-                log.exception("readiness checks failed; trying again at the next interval")
-            await runtime.pause(self._stop, max(1.0, self.service.config.health.interval))
+        await self._periodic.close()
 
     async def round(self) -> None:
         """One interval's work; the switch is read each time, since SIGHUP may turn the checks on or off."""

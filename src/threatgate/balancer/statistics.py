@@ -27,7 +27,6 @@ more than :data:`MAX_KEYS` of them keeps the largest and folds the rest into ``(
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import logging
 import time
@@ -372,26 +371,15 @@ class StatisticsPoller:
         self._clock: Callable[[], float] = clock or time.time
         self.statistics = Statistics(started=self._clock())
         self._warn = RateLimitedLog(log, logging.INFO, interval=300)
-        self._task: asyncio.Task[None] | None = None
-        self._stop = asyncio.Event()
+        self._periodic = runtime.Periodic(
+            "statistics polls", self.poll, lambda: self.service.config.health.interval, log
+        )
 
     def start(self) -> None:
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="statistics")
+        self._periodic.start()
 
     async def close(self) -> None:
-        self._stop.set()
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-
-    async def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                await self.poll()
-            except Exception:  # a bug here must not end the statistics for the balancer's whole life
-                log.exception("statistics polls failed; trying again at the next interval")
-            await runtime.pause(self._stop, max(1.0, self.service.config.health.interval))
+        await self._periodic.close()
 
     async def poll(self) -> None:
         """Ask every polled instance once (concurrently); forget instances a reload removed."""
