@@ -109,6 +109,11 @@ class PinMismatch(ThreatgateError, Generic[InstanceT]):
         self.expected = expected
         self.got = got
 
+    @property
+    def reason(self) -> str:
+        """How a probe or a verdict says it (the instance named elsewhere)."""
+        return f"certificate mismatch: pinned {self.expected}, presented {self.got}"
+
 
 class UpstreamFailed(ThreatgateError):
     """The node did not answer (connect, TLS, timeout, disconnect): another node may be tried."""

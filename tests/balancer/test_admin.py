@@ -134,6 +134,7 @@ def test_the_socket_answers_the_owner_and_refuses_bad_requests(
     assert ask(loop, path, b"x" * 5000 + b"\n") == {"ok": False, "error": "request longer than 4096 bytes"}
     assert ask(loop, path, b"{}\n")["error"].startswith("unknown command None")
     assert service.admin is not None and service.admin.refused == 2  # type: ignore[attr-defined]
+    assert service.stats.bad_input == {"admin_request": 2}  # counted: threatgate_bad_input_total
     # The CLI's client, against the same socket.
     result = loop.run_until_complete(asyncio.to_thread(admin.request, str(path), "list"))
     assert [row["state"] for row in result["instances"]] == ["MAINT", "DOWN"]
@@ -156,6 +157,7 @@ def test_another_user_is_refused_even_when_the_mode_would_let_it_in(
         got = loop.run_until_complete(asyncio.to_thread(connect_as, NOBODY, path))
         assert got in ("ok", "EPIPE", "ECONNRESET")  # connected, then closed without an answer
         assert service.admin.refused == 1  # type: ignore[attr-defined]
+        assert service.stats.bad_input == {"admin_other_user": 1}
         assert all(i.state is not InstanceState.MAINT for i in service.dispatcher.instances.values())
     finally:
         loop.run_until_complete(service.admin.close())

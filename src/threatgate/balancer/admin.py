@@ -28,6 +28,7 @@ from typing import Any, Protocol
 from threatgate.lb.instances import Instance
 from threatgate.net import unix
 from threatgate.net.describe import describe
+from threatgate.stats import BalancerStats
 
 log = logging.getLogger("threatgate.balancer")
 
@@ -107,6 +108,8 @@ class AdminHost(Protocol):
     def operate(self, command: str, key: str) -> None: ...
     def instance_rows(self) -> list[dict[str, Any]]: ...
     @property
+    def stats(self) -> BalancerStats: ...
+    @property
     def instances(self) -> Mapping[str, Instance]: ...
 
 
@@ -128,7 +131,7 @@ class AdminServer:
     def __init__(self, host: AdminHost, path: str) -> None:
         self.host = host
         self.path = path
-        self.refused = 0  # connections from another user, or bad requests
+        self.refused = 0  # connections from another user, or bad requests (also in threatgate_bad_input_total)
         self._server: asyncio.Server | None = None
 
     async def start(self) -> None:
@@ -143,12 +146,17 @@ class AdminServer:
             await self._server.wait_closed()
             unix.remove(self.path)
 
+    def _refuse(self, reason: str) -> None:
+        self.refused += 1
+        stats = self.host.stats
+        stats.bump(stats.bad_input, reason)
+
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             sock: socket.socket = writer.get_extra_info("socket")
             uid = unix.peer_uid(sock)
             if not unix.peer_allowed(uid):
-                self.refused += 1
+                self._refuse("admin_other_user")
                 log.warning("admin socket: connection from uid %d refused (only the balancer's user or root)", uid)
                 return
             try:
@@ -164,7 +172,7 @@ class AdminServer:
                 except AdminRequestError as exc:
                     reply = {"ok": False, "error": str(exc)}
             if not reply["ok"]:
-                self.refused += 1
+                self._refuse("admin_request")
                 log.warning("admin socket: %s", reply["error"])
             writer.write(json.dumps(reply).encode() + b"\n")
             await writer.drain()

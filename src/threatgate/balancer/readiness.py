@@ -20,7 +20,6 @@ An instance without ``api_port`` in the config is never asked (443 by default ma
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 from collections import Counter
 from collections.abc import Iterable, Iterator
@@ -31,7 +30,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 from threatgate import runtime
 from threatgate.balancer.gateway import Gateway
-from threatgate.balancer.upstream import BalancerView
+from threatgate.balancer.upstream import BalancerView, json_answer
 from threatgate.config.balancer import MAX_LANES, InstanceSettings
 from threatgate.errors import PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance, lane_count
@@ -78,12 +77,7 @@ def parse_readiness(status: int, body: bytes) -> Readiness:
     Raises:
         ValueError: anything else (another server on that port, a proxy's error page...).
     """
-    if status not in (200, 503):
-        raise ValueError(f"HTTP {status}")
-    try:
-        data: Any = json.loads(body)
-    except ValueError:
-        raise ValueError("not JSON") from None
+    data = json_answer(status, body, (200, 503))
     if not isinstance(data, dict) or not isinstance(data.get("ready"), bool):
         raise ValueError("no readiness object")
     role = data.get("role")
@@ -307,7 +301,7 @@ async def probe(gateway: Gateway, inst: Instance, view: View, client_timeout: fl
         answer = await gateway.forward(inst, "GET", "/readyz", PROBE_HEADERS, b"", client_timeout, probe=True)
         view.answer, view.error = parse_readiness(answer.status, answer.body), None
     except PinMismatch as exc:
-        view.error = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
+        view.error = exc.reason
         view.pin_mismatch = True
     except UpstreamFailed as exc:
         view.error = str(exc)

@@ -263,13 +263,12 @@ class BalancerService:
         lane and sent again by the dispatcher).
         """
         for action in actions:
-            kind = type(action)
-            if kind is Send:
-                upstream = self._upstreams.get(action.lane)  # type: ignore[union-attr]
+            if isinstance(action, Send):
+                upstream = self._upstreams.get(action.lane)
                 if upstream is not None:
-                    self._gather(upstream, action.data)  # type: ignore[union-attr]
-            elif kind is Deliver:
-                self._gather(action.client, action.data)  # type: ignore[union-attr]
+                    self._gather(upstream, action.data)
+            elif isinstance(action, Deliver):
+                self._gather(action.client, action.data)
             else:
                 self._apply_other(action)
 

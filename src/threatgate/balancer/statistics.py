@@ -27,7 +27,6 @@ more than :data:`MAX_KEYS` of them keeps the largest and folds the rest into ``(
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import time
 from collections import deque
@@ -38,7 +37,7 @@ from typing import Any, Protocol
 from prometheus_client.core import CounterMetricFamily, Metric
 
 from threatgate import runtime
-from threatgate.balancer.upstream import BalancerView
+from threatgate.balancer.upstream import BalancerView, json_answer
 from threatgate.errors import PinMismatch, UpstreamFailed
 from threatgate.lb.instances import Instance
 from threatgate.log import RateLimitedLog
@@ -117,12 +116,7 @@ def parse_statz(status: int, body: bytes) -> Report:
     Raises:
         ValueError: anything but a 200 with the documented object (an older node answers 404).
     """
-    if status != 200:
-        raise ValueError(f"HTTP {status}")
-    try:
-        data: Any = json.loads(body)
-    except ValueError:
-        raise ValueError("not JSON") from None
+    data = json_answer(status, body)
     if not isinstance(data, dict) or not isinstance(data.get("detections"), dict):
         raise ValueError("no statistics object")
     det = data["detections"]
@@ -396,7 +390,7 @@ class StatisticsPoller:
             answer = await self.client.forward(inst, "GET", "/statz", STATZ_HEADERS, b"", timeout, probe=True)
             report = parse_statz(answer.status, answer.body)
         except PinMismatch as exc:
-            why = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
+            why = exc.reason
         except (UpstreamFailed, ValueError) as exc:
             why = str(exc) if isinstance(exc, UpstreamFailed) else f"unexpected /statz answer: {exc}"
         else:

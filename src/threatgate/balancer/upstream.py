@@ -12,8 +12,9 @@ in ``lb/instances.py``; this module is only the I/O.
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Mapping
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 
 from threatgate.config.balancer import BalancerConfig
 from threatgate.lb.instances import Instance
@@ -27,6 +28,20 @@ WRITE_HIGH = 8 * 1024 * 1024
 """Event bytes buffered toward one lane before the balancer stops dispatching to it."""
 MAX_REPLY_LINE = 16 * 1024 * 1024
 """A reply line longer than this is a broken node: the connection is dropped (its events redispatched)."""
+
+
+def json_answer(status: int, body: bytes, accepted: tuple[int, ...] = (200,)) -> Any:
+    """A node's JSON answer to a probe (``/readyz``, ``/statz``), decoded.
+
+    Raises:
+        ValueError: another status (an older node, another server on that port) or not JSON.
+    """
+    if status not in accepted:
+        raise ValueError(f"HTTP {status}")
+    try:
+        return json.loads(body)
+    except ValueError:
+        raise ValueError("not JSON") from None
 
 
 class LaneHost(Protocol):

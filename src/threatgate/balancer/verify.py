@@ -68,7 +68,7 @@ async def verify(config: BalancerConfig, user: str | None, password: str | None)
             try:
                 answer = await gateway.forward(inst, "GET", "/api/1.1/suppliers", headers, b"")
             except PinMismatch as exc:
-                verdict.problem = f"certificate mismatch: pinned {exc.expected}, presented {exc.got}"
+                verdict.problem = exc.reason
                 verdict.pin = exc.expected
                 out.append(verdict)
                 continue

@@ -719,13 +719,6 @@ class Dispatcher:
             out.append(Log(logging.DEBUG, "instance %s health check failed: %s", (inst.key, error)))
         return out
 
-    def instance_failed(self, key: str, why: str, now: float) -> list[Action]:
-        inst = self.instances.get(key)
-        out: list[Action] = []
-        if inst is not None:
-            self._instance_failed(inst, why, now, out)
-        return out
-
     def _instance_failed(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
         was = inst.state
         inst.health.passive_failure(why)
