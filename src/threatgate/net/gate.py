@@ -43,6 +43,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
+from threatgate.config.security import Network, TLSListener
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import describe
 from threatgate.net.sources import SourceList
@@ -62,11 +63,67 @@ Classify = Callable[[BaseException], tuple[str, str]]
 """A failed handshake's exception -> (counter reason, words for the log)."""
 
 
-def classify_plain(exc: BaseException) -> tuple[str, str]:
-    """The fallback classification: every failure is ``tls_handshake``, in :func:`describe`'s words."""
-    if isinstance(exc, TimeoutError):
-        return "tls_timeout", "the TLS handshake did not finish in time"
-    return "tls_handshake", f"TLS handshake failed: {describe(exc)}"
+def gate_for(
+    port: str,
+    *,
+    stats: BoundaryStats,
+    log: logging.Logger,
+    handshake_timeout: float,
+    sources: tuple[Network, ...] | None,
+    tls: TLSListener | ssl.SSLContext | None,
+) -> Gate:
+    """The gate of a port as configured: its ``<AllowedSources>`` networks, and its TLS element or HTTPS context.
+
+    Raises:
+        TLSConfigError: a certificate, key or trusted client certificate cannot be loaded.
+    """
+    # net/tls.py (cryptography) is imported here, not at the top: a node's worker imports this module and
+    # stays lean unless it serves TLS (tests/node/test_worker_imports.py).
+    from threatgate.net.tls import classify_handshake_error, client_vet, listener_context
+
+    context: ssl.SSLContext | None
+    vet: Vet | None = None
+    if tls is None or isinstance(tls, ssl.SSLContext):
+        context = tls
+    else:
+        context = listener_context(tls)
+        vet = client_vet(tls)
+    return Gate(
+        port,
+        stats=stats,
+        log=log,
+        sources=SourceList(sources) if sources is not None else None,
+        tls=context,
+        handshake_timeout=handshake_timeout,
+        vet=vet,
+        classify=classify_handshake_error,
+    )
+
+
+async def start_servers(
+    port: str,
+    inner: ProtocolFactory,
+    host: str,
+    number: int,
+    tls: TLSListener | None,
+    gate: Callable[[TLSListener | None], Gate],
+) -> list[tuple[str, Listening]]:
+    """Listen on a port and, when its TLS element names a second address, on its TLS twin (a migration).
+
+    Returns ``(name, server)`` pairs as the process reports them: ``events`` (TLS when the element has
+    no address of its own), then ``events_tls``.  ``gate(tls)`` makes the gate of each.
+    """
+    own_port = tls is not None and tls.listen is not None
+    main = await gate(None if own_port else tls).start_server(inner, host, number)
+    servers: list[tuple[str, Listening]] = [(port, main)]
+    if tls is not None and tls.listen is not None:
+        try:
+            twin = await gate(tls).start_server(inner, tls.listen.host, tls.listen.port)
+        except BaseException:
+            main.close()
+            raise
+        servers.append((f"{port}_tls", twin))
+    return servers
 
 
 class Gate:
@@ -82,7 +139,7 @@ class Gate:
         tls: ssl.SSLContext | None = None,
         handshake_timeout: float = 10.0,
         vet: Vet | None = None,
-        classify: Classify = classify_plain,
+        classify: Classify | None = None,
         max_handshakes: int = MAX_TLS_HANDSHAKES,
     ) -> None:
         self.port = port
@@ -94,8 +151,8 @@ class Gate:
         self.vet = vet
         self.classify = classify
         self.max_handshakes = max_handshakes
-        self.handshaking: dict[asyncio.Task[None], str] = {}  # handshake -> peer, insertion-ordered: oldest first
-        self.tasks: set[asyncio.Task[None]] = set()
+        self.handshaking: dict[asyncio.Task[Any], str] = {}  # handshake -> peer, insertion-ordered: oldest first
+        self.tasks: set[asyncio.Task[bool]] = set()
         self.warn_source = RateLimitedLog(log)
         self.warn_tls = RateLimitedLog(log)
         self.warn_flood = RateLimitedLog(log)
@@ -123,27 +180,32 @@ class Gate:
         server.start()
         return server
 
-    async def serve(self, sock: socket.socket, inner: ProtocolFactory) -> None:
+    async def serve(self, sock: socket.socket, inner: ProtocolFactory) -> bool:
         """Serve one accepted socket: the source, the TLS handshake, then ``inner``'s protocol.
 
-        Used by :class:`GateServer` and by a node's worker, which receives sockets its master accepted
-        (and already checked against the allow-list: this checks again, it costs nothing).
+        Returns whether the connection was handed to ``inner`` (False: refused, failed, or gone; the
+        socket is closed).  Used by :class:`GateServer` and by a node's worker, which receives sockets
+        its master accepted (and already checked against the allow-list: checked again, it costs nothing).
         """
         try:
             peer = str(sock.getpeername()[0])
         except OSError:  # gone already
             sock.close()
-            return
+            return False
         if not self.admits(peer):
             self.refuse_source(peer)
-            _reset(sock)
-            return
+            reset(sock)
+            return False
         if self.tls is None:
-            await asyncio.get_running_loop().connect_accepted_socket(inner, sock)
-            return
-        await self._handshake(sock, peer, inner, self.tls)
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(inner, sock)
+            except OSError:  # the client left before we took it over
+                sock.close()
+                return False
+            return True
+        return await self._handshake(sock, peer, inner, self.tls)
 
-    async def _handshake(self, sock: socket.socket, peer: str, inner: ProtocolFactory, context: ssl.SSLContext) -> None:
+    async def _handshake(self, sock: socket.socket, peer: str, inner: ProtocolFactory, context: ssl.SSLContext) -> bool:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
@@ -160,7 +222,7 @@ class Gate:
             oldest.cancel()
         self.handshaking[task] = peer
         try:
-            await loop.connect_accepted_socket(
+            _, vetting = await loop.connect_accepted_socket(
                 lambda: _Vetting(self, peer, inner),
                 sock,
                 ssl=context,
@@ -172,8 +234,10 @@ class Gate:
         except (OSError, TimeoutError, RuntimeError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
             self._failed(peer, exc)
             sock.close()
+            return False
         finally:
             self.handshaking.pop(task, None)
+        return vetting.handed_over
 
     def admits(self, host: str) -> bool:
         """The allow-list's verdict on a peer address (True without a list): for ports that accept themselves
@@ -191,6 +255,10 @@ class Gate:
         )
 
     def _failed(self, peer: str, exc: BaseException) -> None:
+        if self.classify is None:
+            from threatgate.net.tls import classify_handshake_error
+
+            self.classify = classify_handshake_error
         reason, text = self.classify(exc)
         self.stats.bump(self.stats.bad_input, reason)
         self.warn_tls(
@@ -314,6 +382,7 @@ class _Vetting(asyncio.Protocol):
         self.gate = gate
         self.peer = peer
         self.inner = inner
+        self.handed_over = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         gate = self.gate
@@ -324,6 +393,7 @@ class _Vetting(asyncio.Protocol):
             gate._refused_client(self.peer, why)
             tls.abort()
             return
+        self.handed_over = True
         _hand_over(self.inner(), tls)
 
 
@@ -333,7 +403,7 @@ def _hand_over(protocol: asyncio.BaseProtocol, transport: asyncio.Transport) -> 
     protocol.connection_made(transport)
 
 
-def _reset(sock: socket.socket) -> None:
+def reset(sock: socket.socket) -> None:
     """Close with a RST (SO_LINGER 0): a refused peer learns at once, and no TIME_WAIT is left here."""
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
