@@ -542,6 +542,21 @@ def test_detections_of_a_client_without_reply_back_go_to_output() -> None:
     assert h.output == ["category=x matched=hit:1"] and c not in h.delivered
 
 
+def test_a_client_gone_without_reply_back_still_gets_its_detections_to_the_output() -> None:
+    """A syslog shipper over TLS sends and closes at once (TLS has no half-close): its detections go on."""
+    h = Harness(settings(1))
+    h.up(A)
+    c = h.client("shipper", SessionFlags())
+    h.submit(c, ["hit:1", "miss:2", "hit:3"])
+    events = h.sent(LANE_A)
+    h.run(h.d.client_gone(c))
+    assert "their detections still go to the output" in h.text(logging.INFO)
+    assert h.stats.dropped == {} and h.d.lanes[LANE_A].owned
+    h.answer(LANE_A, events)
+    assert h.output == ["category=x matched=hit:1", "category=x matched=hit:3"]
+    assert c not in h.d.clients and c not in h.closed_clients  # forgotten once answered, never "closed" again
+
+
 def test_an_event_too_large_for_the_nodes_is_answered_here() -> None:
     h = Harness(settings(1), max_event_size=100)
     h.up(A)
