@@ -209,7 +209,7 @@ def rsyslog(
 ) -> Iterator[socket.socket]:
     """A private rsyslogd forwarding to ``target``; yields a connection to its input (one event a line).
 
-    Its log (``rsyslog/rsyslogd.log``: rsyslog reports TLS failures there) is read by :func:`shipper_log`.
+    Its messages (TLS failures among them) are in ``rsyslog/rsyslogd.log``.
     """
     work = tmp / "rsyslog"
     work.mkdir()
@@ -248,12 +248,6 @@ def syslog_ng_process(
     ]
     with shipper_process(argv, env, in_port, work / "syslog-ng.log") as sock:
         yield sock
-
-
-def shipper_log(tmp: Path) -> str:
-    """What the shipper started in ``tmp`` logged so far."""
-    logs = [tmp / "rsyslog/rsyslogd.log", tmp / "syslog-ng/syslog-ng.log"]
-    return "".join(p.read_text(errors="replace") for p in logs if p.exists())
 
 
 @contextmanager
