@@ -21,6 +21,7 @@ import os
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import time
 import urllib.request
@@ -39,7 +40,6 @@ from tests.helpers import (
     answers_by_request_id,
     balancer_config,
     example_config,
-    exchange,
     free_port,
     running_balancer,
     running_node,
@@ -288,11 +288,45 @@ def metric(port: int, name: str, label: str = "") -> float:
     return 0.0
 
 
+def client_context(ca_file: Path, client: Pair | None = None) -> ssl.SSLContext:
+    """A Python TLS client that verifies the server by ``ca_file`` (and presents ``client`` if given)."""
+    context = ssl.create_default_context(cafile=str(ca_file))
+    if client is not None:
+        context.load_cert_chain(client.cert, client.key)
+    return context
+
+
+@contextmanager
+def connect(port: int, tls: ssl.SSLContext | None = None, server_name: str = "") -> Iterator[socket.socket]:
+    """A connection to 127.0.0.1:``port``, over TLS (verifying ``server_name``) when ``tls`` is given."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=DEFAULT_TIMEOUT)
+    if tls is not None:
+        try:
+            sock = tls.wrap_socket(sock, server_hostname=server_name)
+        except BaseException:
+            sock.close()
+            raise
+    with sock:
+        yield sock
+
+
+def ask(sock: socket.socket, payload: bytes, last: str) -> list[str]:
+    """Send ``payload`` and read reply lines up to and including ``last`` (TLS has no half-close to wait on)."""
+    sock.sendall(payload)
+    data = b""
+    while f"\n{last}\n".encode() not in b"\n" + data:
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before {last!r}: {data!r}"
+        data += chunk
+    return data.decode().splitlines()
+
+
 @dataclass
 class Target:
     """A node (detections and ``<n> LookupFinished`` lines at its output) or a balancer (detections only).
 
-    ``port``: where shippers send (the process's event port, or a TLS port in front of it).
+    ``port``: where shippers send (the process's event port, or a TLS port in front of it); ``tls``
+    and ``server_name``: how a test client reaches ``port`` when it speaks TLS.
     """
 
     proc: NodeProcess
@@ -301,39 +335,44 @@ class Target:
     expected: list[str]  # the output lines for EVENTS, in order
     first: int  # how many of them belong to the first event
     port: int = 0
+    tls: ssl.SSLContext | None = None
+    server_name: str = ""
 
     def __post_init__(self) -> None:
         if not self.port:
             self.port = self.proc.port
 
     def reference(self, events: list[bytes]) -> list[str]:
-        """The output lines for ``events`` (LF-framed) sent over plain TCP with no flags: what a shipper must match."""
+        """The output lines for ``events`` (LF-framed) sent with no flags: what a shipper's delivery must match."""
         mark = self.output.mark()
-        with socket.create_connection(("127.0.0.1", self.proc.port), timeout=DEFAULT_TIMEOUT) as sock:
+        with connect(self.port, self.tls, self.server_name) as sock:
             sock.sendall(b"".join(events))
         return self.output.wait(lines_received(len(self.expected)), mark).splitlines()
 
 
 @contextmanager
-def node_target(tmp: Path, input_extra: str = "", extra_service: str = "") -> Iterator[Target]:
+def node_target(
+    tmp: Path, input_extra: str = "", tls: ssl.SSLContext | None = None, server_name: str = ""
+) -> Iterator[Target]:
     """A node (examples/node.conf, one process) whose OutputSettings destination is a :class:`LineSink`.
 
-    ``expected`` is what the node answers a CyberTrace client that asks for its detections back, on
-    its plain event port: the reference a shipper's delivery is compared with.
+    ``expected`` is what the node answers a CyberTrace client that asks for its detections back: the
+    reference a shipper's delivery is compared with.  ``input_extra``: more ``<InputSettings>``
+    elements; ``tls`` (and ``server_name``): the event port speaks TLS, this is how to reach it.
     """
     output = LineSink()
     config = example_config(
         tmp,
-        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>" + extra_service,
+        extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
         input_extra=input_extra,
         output=f"<ConnectionString>127.0.0.1:{output.port}</ConnectionString>",
     )
     try:
-        with running_node(config) as proc:
-            expected = exchange(proc.port, REPLY_FLAGS + b"".join(EVENTS)).decode().splitlines()
+        with running_node(config) as proc, connect(proc.port, tls, server_name) as sock:
+            expected = ask(sock, REPLY_FLAGS + b"".join(EVENTS), f"{len(EVENTS)} LookupFinished")
             first = expected.index("1 LookupFinished") + 1
             assert first > 1  # the first event detects something
-            yield Target(proc, proc.metrics_port, output, expected, first)
+            yield Target(proc, proc.metrics_port, output, expected, first, tls=tls, server_name=server_name)
     finally:
         output.close()
 

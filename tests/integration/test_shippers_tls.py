@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import re
 import socket
+import ssl
 from collections.abc import Iterator
 from contextlib import AbstractContextManager, ExitStack
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from tests.shippers import (
     ShipperTLS,
     Target,
     balancer_target,
+    client_context,
     forward,
     metric,
     node_target,
@@ -52,6 +54,9 @@ class PKI:
     def shipper(self, client: Pair | None = None) -> ShipperTLS:
         return ShipperTLS(ca_file=self.ca.cert_path, server_name=SERVER_NAME, client=client)
 
+    def test_client(self, client: Pair | None = None) -> ssl.SSLContext:
+        return client_context(self.ca.cert_path, client)
+
 
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
@@ -70,7 +75,7 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
 def node(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
     tmp = tmp_path_factory.mktemp("node")
     with node_target(tmp) as target, tls_terminator(pki.server, target.proc.port, tmp / "socat.log") as port:
-        target.port = port
+        target.port, target.tls, target.server_name = port, pki.test_client(), SERVER_NAME
         yield target
 
 
@@ -82,6 +87,7 @@ def balancer(node: Target, pki: PKI, tmp_path_factory: pytest.TempPathFactory) -
         second = stack.enter_context(node_target(tmp_path_factory.mktemp("node2")))
         target = stack.enter_context(balancer_target(tmp, [node.proc.port, second.proc.port]))
         target.port = stack.enter_context(tls_terminator(pki.server, target.proc.port, tmp / "socat.log"))
+        target.tls, target.server_name = pki.test_client(), SERVER_NAME
         yield target
 
 
@@ -142,7 +148,9 @@ class MutualTLS:
 def mutual_tls(node: Target, pki: PKI, tmp_path: Path) -> Iterator[MutualTLS]:
     log = tmp_path / "socat-mtls.log"
     with tls_terminator(pki.server, node.proc.port, log, client_ca=pki.ca.cert_path) as port:
-        yield MutualTLS(Target(node.proc, node.metrics, node.output, node.expected, node.first, port), log)
+        tls = pki.test_client(pki.client)
+        target = Target(node.proc, node.metrics, node.output, node.expected, node.first, port, tls, SERVER_NAME)
+        yield MutualTLS(target, log)
 
 
 @pytest.mark.parametrize("kind", ["rsyslog", "syslog-ng"])
