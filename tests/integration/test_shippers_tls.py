@@ -132,6 +132,23 @@ def test_a_shipper_to_a_tls_balancer(balancer: Target, pki: PKI, tmp_path: Path,
     ship_and_check(balancer, kind, framing, tmp_path, pki.shipper())
 
 
+def test_rsyslog_pinning_the_server_certificate_by_fingerprint(node: Target, pki: PKI, tmp_path: Path) -> None:
+    """``x509/fingerprint``: how rsyslog trusts a node's self-signed certificate (no CA file)."""
+    pinned = ShipperTLS(fingerprint=pki.server.fingerprint)
+    ship_and_check(node, "rsyslog", "octet-counted", tmp_path, pinned)
+
+
+def test_rsyslog_refuses_a_server_whose_fingerprint_differs(node: Target, pki: PKI, tmp_path: Path) -> None:
+    """A pin that does not match: rsyslog refuses the server, says so, and sends nothing."""
+    wrong = ShipperTLS(fingerprint=pki.client.fingerprint)
+    mark = node.output.mark()
+    with rsyslog(tmp_path, node.port, "traditional", "%rawmsg%", wrong) as syslog_input:
+        syslog_input.sendall(b"".join(EVENTS))
+        log = tmp_path / "rsyslog/rsyslogd.log"
+        wait_until(lambda: "not permitted to talk to it" in log.read_text(errors="replace"), "rsyslog's refusal")
+    assert node.output.mark() == mark
+
+
 @dataclass
 class MutualTLS:
     """A TLS port in front of the node that requires a client certificate signed by the test CA."""
