@@ -91,9 +91,9 @@ async def test_the_server_answers_metrics_after_before_and_names_no_version() ->
         scrapes.append(1)
         stats.events += 1
 
-    runner = await start_metrics_server(Address("127.0.0.1", 0), StatsCollector(stats, {}), before=before)
+    server = await start_metrics_server(Address("127.0.0.1", 0), StatsCollector(stats, {}), before=before)
     try:
-        host, port = runner.addresses[0][:2]
+        host, port = server.address[:2]
         async with aiohttp.ClientSession() as session, session.get(f"http://{host}:{port}/metrics") as reply:
             text = await reply.text()
             assert reply.status == 200 and reply.headers["Server"] == SERVER
@@ -101,7 +101,7 @@ async def test_the_server_answers_metrics_after_before_and_names_no_version() ->
         assert scrapes == [1]
         assert samples(text)[("threatgate_events_total", ())] == 5  # counted after ``before`` ran
     finally:
-        await runner.cleanup()
+        await server.close()
 
 
 def test_metrics_imports_without_aiohttp() -> None:

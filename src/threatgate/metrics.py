@@ -11,9 +11,10 @@ garbage-collector (``python_gc_*``) collectors, and ``threatgate_build_info{vers
 
 from __future__ import annotations
 
+import logging
 import platform
 from collections.abc import Awaitable, Callable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import CollectorRegistry, GCCollector, PlatformCollector, ProcessCollector, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -25,6 +26,8 @@ from threatgate.stats import BalancerStats, BoundaryStats, Gauges, LabelledGauge
 
 if TYPE_CHECKING:  # imported where the server starts: a worker process needs NodeStats, never aiohttp
     from aiohttp import web
+
+    from threatgate.net.gate import Gate, Listening
 
 SERVER = "threatgate"
 """The ``Server`` header of every HTTP answer threatgate sends: no versions for a scanner to match."""
@@ -268,15 +271,38 @@ async def _no_server_header(_: web.Request, response: web.StreamResponse) -> Non
     response.headers["Server"] = SERVER
 
 
+class MetricsServer:
+    """A running ``/metrics`` endpoint: where it listens, and how to stop it."""
+
+    def __init__(self, runner: web.AppRunner, listening: Listening) -> None:
+        self.runner = runner
+        self.listening = listening
+
+    @property
+    def address(self) -> Any:
+        """The bound address (``getsockname()``): port 0 in the configuration is a picked port here."""
+        return self.listening.sockets[0].getsockname()
+
+    async def close(self) -> None:
+        self.listening.close()
+        await self.runner.cleanup()
+
+
 async def start_metrics_server(
     address: Address,
     collector: Collector,
     *more: Collector,
     before: Callable[[], Awaitable[None]] | None = None,
-) -> web.AppRunner:
-    """Serve ``collector`` (and ``more``) as Prometheus text on ``http://address/metrics``; returns the
-    runner to clean up.  ``before`` runs before each scrape (a node with workers asks them for fresh counters)."""
+    gate: Gate | None = None,
+) -> MetricsServer:
+    """Serve ``collector`` (and ``more``) as Prometheus text on ``http://address/metrics``.
+
+    ``before`` runs before each scrape (a node with workers asks them for fresh counters); ``gate`` is the
+    port's door (``<AllowedSources ports="metrics">``, net/gate.py), none: every source.
+    """
     from aiohttp import web
+
+    from threatgate.net.gate import Gate as _Gate
 
     registry = registry_for(collector)
     for extra in more:
@@ -292,5 +318,11 @@ async def start_metrics_server(
     app.router.add_get("/metrics", metrics)
     runner = web.AppRunner(app, access_log=None)
     await runner.setup()
-    await web.TCPSite(runner, address.host, address.port).start()
-    return runner
+    assert runner.server is not None
+    door = gate if gate is not None else _Gate("metrics", stats=BoundaryStats(), log=logging.getLogger(__name__))
+    try:
+        listening = await door.start_server(runner.server, address.host, address.port)
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return MetricsServer(runner, listening)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import ssl
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -21,8 +22,10 @@ from aiohttp.web_request import BaseRequest
 
 from threatgate.config.common import Address
 from threatgate.metrics import SERVER
+from threatgate.net.gate import Gate
 from threatgate.net.http import MAX_LINE, HTTPServer, _parse_error, json_error, unauthorized
 from threatgate.net.tls import ensure_server_pair, server_context
+from threatgate.stats import BoundaryStats
 
 CLIENT = ssl.create_default_context()
 CLIENT.check_hostname, CLIENT.verify_mode = False, ssl.CERT_NONE  # the edge is under test, not the pinning
@@ -56,7 +59,13 @@ async def server(tmp_path: Path) -> AsyncIterator[tuple[HTTPServer, Counted]]:
     served = HTTPServer(
         handler,
         address=Address("127.0.0.1", 0),
-        ssl_context=server_context(pair.cert_path, pair.key_path),
+        gate=Gate(
+            "api",
+            stats=BoundaryStats(),
+            log=logging.getLogger("test"),
+            tls=server_context(pair.cert_path, pair.key_path),
+            handshake_timeout=0.3,
+        ),
         header_timeout=0.3,
         idle_timeout=5.0,
         count=counted,
@@ -179,5 +188,10 @@ def test_a_parser_message_loses_its_quoted_bytes_and_is_one_line() -> None:
 
 async def test_closing_a_server_that_never_started_is_harmless() -> None:
     await HTTPServer(
-        handler, address=Address("127.0.0.1", 0), ssl_context=None, header_timeout=1, idle_timeout=1, count=print
+        handler,
+        address=Address("127.0.0.1", 0),
+        gate=Gate("api", stats=BoundaryStats(), log=logging.getLogger("test")),
+        header_timeout=1,
+        idle_timeout=1,
+        count=print,
     ).close()

@@ -20,12 +20,15 @@ import asyncio
 import logging
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Protocol, cast
 
 from threatgate.config.balancer import BalancerConfig
 from threatgate.config.common import Address
+from threatgate.config.security import TLSListener
 from threatgate.log import RateLimitedLog
+from threatgate.net.gate import Gate, Listening, start_servers
 from threatgate.net.sender import ALERT_QUEUE, LineSender
 from threatgate.stats import BalancerStats
 from threatgate.wire.alerts import alert_level, alert_name
@@ -132,7 +135,8 @@ class AlertListener:
         self.forward = self._forward_sender(service.config.alert_forward)
         self._buckets: dict[str, _Bucket] = {}
         self._flood = RateLimitedLog(log)
-        self._server: asyncio.Server | None = None
+        self._servers: list[Listening] = []
+        self.bound: list[tuple[str, Any]] = []  # (port name, bound address): alerts, and alerts_tls during a migration
         self.recent: deque[AlertRecord] = deque(maxlen=KEPT)
         self.sockname: Any = None  # the bound address once started (a port 0 is the one picked)
 
@@ -193,20 +197,22 @@ class AlertListener:
         if old is not None:
             await old.aclose(successor=self.forward)
 
-    async def start(self) -> None:
+    async def start(self, gate: Callable[[TLSListener | None], Gate]) -> None:
+        """Listen on cybertrace_port (and its TLS twin), each behind ``gate(tls)`` (sources, TLS: net/gate.py)."""
         config = self.service.config
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            lambda: AlertConnection(self), config.listen_host, config.cybertrace_port, reuse_address=True
+        servers = await start_servers(
+            "alerts", lambda: AlertConnection(self), config.listen_host, config.cybertrace_port, config.alert_tls, gate
         )
-        self.sockname = self._server.sockets[0].getsockname()
+        self._servers = [server for _, server in servers]
+        self.bound = [(name, server.sockets[0].getsockname()) for name, server in servers]
+        self.sockname = self.bound[0][1]
         if self.forward is not None:
             self.forward.start()
         log.info("listening for service alerts on %s:%d", config.listen_host, self.sockname[1])
 
     async def close(self) -> None:
-        if self._server is not None:
-            self._server.close()
+        for server in self._servers:
+            server.close()
         for conn in list(self.connections):
             if conn.transport is not None:
                 conn.transport.close()

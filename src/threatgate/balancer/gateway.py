@@ -51,6 +51,7 @@ from threatgate.lb.instances import Instance, InstanceState
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import body_text, describe
+from threatgate.net.gate import gate_for
 from threatgate.net.http import HTTPServer, json_error
 from threatgate.net.pinned import PinnedPool, client_context
 from threatgate.net.tls import ensure_server_pair, fingerprint_sha256, server_context
@@ -205,7 +206,14 @@ class Gateway:
         self.http = HTTPServer(
             self.handle,
             address=config.address(config.api_port),
-            ssl_context=server_context(config.cert_path, config.key_path),
+            gate=gate_for(
+                "api",
+                stats=self.service.stats,
+                log=log,
+                handshake_timeout=10.0,
+                sources=config.allowed_sources.networks("api"),
+                tls=server_context(config.cert_path, config.key_path),
+            ),
             header_timeout=10.0,
             idle_timeout=75.0,
             count=self.count,

@@ -22,7 +22,6 @@ from collections import deque
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any, Protocol, cast
 
-from aiohttp import web
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from threatgate import heap, runtime
@@ -32,6 +31,7 @@ from threatgate.balancer.upstream import UpstreamProtocol, ping
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.config.common import Address
 from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
+from threatgate.config.security import TLSListener
 from threatgate.errors import ConfigError
 from threatgate.lb.actions import (
     Action,
@@ -52,9 +52,10 @@ from threatgate.lb.correlation import Correlator, Drop
 from threatgate.lb.dispatcher import Dispatcher
 from threatgate.lb.instances import Instance, InstanceState
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import BalancerCollector, start_metrics_server
+from threatgate.metrics import BalancerCollector, MetricsServer, start_metrics_server
 from threatgate.net.describe import describe
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits, log_drained
+from threatgate.net.gate import Gate, Listening, gate_for, start_servers
 from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
 from threatgate.stats import BalancerStats, Gauges, LabelledGauges
 from threatgate.wire.flags import SessionFlags
@@ -98,12 +99,13 @@ class AlertPart(Protocol):
     """The service-alert port as the edge sees it (balancer/alerts.py ``AlertListener``)."""
 
     sockname: Any
+    bound: list[tuple[str, Any]]
 
     @property
     def forward(self) -> LineSender | None: ...
     def raise_own(self, name: str, **context: object) -> None: ...
     async def replace_forward(self, address: Address | None) -> None: ...
-    async def start(self) -> None: ...
+    async def start(self, gate: Callable[[TLSListener | None], Gate]) -> None: ...
     async def close(self) -> None: ...
 
 
@@ -195,8 +197,8 @@ class BalancerService:
         self._gathered: dict[object, list[bytes]] = {}  # connection -> bytes to write at the end of the iteration
         self._flush_scheduled = False
         self._dispatch_scheduled = False
-        self._server: asyncio.Server | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
+        self._metrics: MetricsServer | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
         self._checkers: dict[str, asyncio.Task[None]] = {}
@@ -544,8 +546,18 @@ class BalancerService:
 
     # -- lifecycle ----------------------------------------------------------------------------
 
+    def _gate(self, port: str, tls: TLSListener | None = None) -> Gate:
+        """The door of one of the balancer's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py)."""
+        return gate_for(
+            port,
+            stats=self.stats,
+            log=log,
+            handshake_timeout=self.config.handshake_timeout,
+            sources=self.config.allowed_sources.networks(port),
+            tls=tls,
+        )
+
     async def startup(self) -> None:
-        loop = asyncio.get_running_loop()
         # Every event allocates a few small tracked objects (correlator entries, lists): with CPython's
         # default gen-0 threshold of 700 the cyclic collector ran every few hundred events and took 12 %
         # of the balancer's CPU while streaming.  What start-up built is frozen out of every collection,
@@ -568,11 +580,14 @@ class BalancerService:
                 ),
             }
             senders = queue_gauges(lambda: (self.output, self.alerts.forward))
-            self._metrics_runner = await start_metrics_server(self.config.metrics, _Collector(self, gauges, senders))
-            _, port = self.listening.add("metrics", self._metrics_runner.addresses[0])
+            self._metrics = await start_metrics_server(
+                self.config.metrics, _Collector(self, gauges, senders), gate=self._gate("metrics")
+            )
+            _, port = self.listening.add("metrics", self._metrics.address)
             log.info("metrics on http://%s/metrics", Address(self.config.metrics.host, port))
-        await self.alerts.start()
-        self.listening.add("alerts", self.alerts.sockname)
+        await self.alerts.start(lambda tls: self._gate("alerts", tls))
+        for name, sockname in self.alerts.bound:
+            self.listening.add(name, sockname)
         await self.gateway.start()
         assert self.gateway.http is not None
         self.listening.add("api", self.gateway.http.sockname)
@@ -581,14 +596,18 @@ class BalancerService:
             self.statistics.start()
         if self.admin is not None:
             await self.admin.start()
-        self._server = await loop.create_server(
+        servers = await start_servers(
+            "events",
             lambda: ClientConnection(self),
             self.config.listen_host,
             self.config.matching_port,
-            reuse_address=True,
-            backlog=1024,
+            self.config.matching_tls,
+            lambda tls: self._gate("events", tls),
         )
-        self.bound_port = self.listening.add("events", self._server.sockets[0].getsockname())[1]
+        self._servers = [server for _, server in servers]
+        for name, server in servers:
+            self.listening.add(name, server.sockets[0].getsockname())
+        self.bound_port = servers[0][1].sockets[0].getsockname()[1]
         self.listener.start_sweeps()
         log.info(
             "balancer listening for events on %s:%d (scanners_count %d, %d instance(s))",
@@ -628,8 +647,9 @@ class BalancerService:
         loop = asyncio.get_running_loop()
         started = loop.time()
         timeout = self.config.drain_timeout
-        if self._server is not None:
-            self._server.close()  # first: new client connections are refused from here
+        for server in self._servers:
+            server.close()  # first: new client connections are refused from here
+        if self._servers:
             log.info(
                 "balancer draining: %d client connection(s), %d event(s) unanswered, up to %g s",
                 len(self.listener.active),
@@ -637,7 +657,7 @@ class BalancerService:
                 timeout,
             )
         drained = await self.listener.drain(timeout)
-        if self._server is not None:
+        if self._servers:
             log_drained(log, "balancer", drained, loop.time() - started, timeout)
         for task in list(self._checkers.values()):
             task.cancel()
@@ -658,8 +678,8 @@ class BalancerService:
         await self.alerts.close()
         if self.output is not None:
             await self.output.aclose()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self._metrics is not None:
+            await self._metrics.close()
 
 
 class _Collector(BalancerCollector):

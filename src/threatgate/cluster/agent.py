@@ -49,6 +49,7 @@ from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ClusterError, ConfigError, RequestError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import body_text
+from threatgate.net.gate import Gate
 from threatgate.net.http import HTTPServer
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import SupplierDB, check_state
@@ -188,7 +189,7 @@ class ClusterAgent:
         self.server = HTTPServer(
             self.handle,
             address=self.settings.listen,
-            ssl_context=self._ssl,
+            gate=Gate("cluster", stats=self.node.stats, log=log, tls=self._ssl, handshake_timeout=10.0),
             header_timeout=10.0,
             idle_timeout=75.0,
             count=lambda reason: self.node.stats.bump(self.node.stats.bad_input, "cluster_" + reason),

@@ -21,9 +21,11 @@ from threatgate.config.common import (
     parse_address,
     parse_bool,
     parse_field,
+    parse_metrics_address,
     resolve_path,
 )
 from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE, read_user_list
+from threatgate.config.security import AllowedSources, TLSListener, read_allowed_sources, read_tls_listener
 from threatgate.config.xml import Node, read_checked, read_xml
 from threatgate.errors import ConfigError
 from threatgate.wire.paths import RoutePattern
@@ -58,6 +60,9 @@ class InstanceSettings(Frozen):
     connections: Annotated[int, pydantic.Field(ge=1, le=MAX_LANES)] | Literal["auto"] = "auto"
     """Event connections ("lanes") to open to the node: a number, or ``auto`` = what the node's ``/readyz``
     says (``event_connections``: one per worker process), 1 when it says nothing or is not polled."""
+    tls: bool = False
+    """``tls="true"``: events to this node go over TLS, its certificate checked against the instance's pin
+    (the one the REST gateway keeps: ``<CertDirPath>/<INSTANCE>_<matching_port>.pem``)."""
     api_port_set: bool = False
     """Whether ``api_port`` was written: readiness is polled only then (443 by default may be anything)."""
     line: int = 0
@@ -100,6 +105,10 @@ class CanarySettings(Frozen):
     event: str = pydantic.Field(min_length=1, max_length=MAX_CANARY_EVENT)
     expect: tuple[str, ...] = ()
     line: int = 0
+
+
+BALANCER_PORTS = ("events", "api", "alerts", "metrics")
+"""The balancer's listening ports by the names ``<AllowedSources ports=>`` uses (and X_THREATGATE_LISTEN)."""
 
 
 class BalancerConfig(Frozen):
@@ -150,6 +159,16 @@ class BalancerConfig(Frozen):
     """``<AdminSocket>``: the local UNIX socket of run-time control (``threatgate balancer instance``), mode
     0600; by default next to the configuration file (``kl_balancer.conf`` -> ``kl_balancer.sock``);
     ``enabled="false"``: none.  None in a configuration built in code."""
+    matching_tls: TLSListener | None = None
+    """``<MatchingTLS>``: events over TLS on matching_port, or on a second port (``port=``) beside it."""
+    alert_tls: TLSListener | None = None
+    """``<AlertTLS>``: service alerts over TLS on cybertrace_port, or on a second port beside it."""
+    client_cert_path: str = ""
+    client_key_path: str = ""
+    """``<ClientCertificatePath>``/``<ClientPrivateKeyPath>``: what the balancer presents to nodes whose event
+    port asks for a client certificate; by default its own SSLCertificatePath pair ("" in code: none)."""
+    allowed_sources: AllowedSources = AllowedSources()
+    """``<AllowedSources ports=>``: who may connect to each listening port (config/security.py)."""
     canaries: tuple[CanarySettings, ...] = ()
     """``<Drill><Canary>``: the failover drill's test events (``threatgate drill``); the balancer itself does
     not use them."""
@@ -197,6 +216,7 @@ def _read_instance(node: Node) -> InstanceSettings:
         ),
         "api_port": parse_field(node, node.attrs.get("api_port"), "api_port", InstanceSettings, "api_port", 443),
         "enabled": parse_bool(node, "enabled", True),
+        "tls": parse_bool(node, "tls", False),
         "weight": parse_field(node, node.attrs.get("weight"), "weight", InstanceSettings, "weight", 1),
         "connections": _read_connections(node),
         "api_port_set": "api_port" in node.attrs,
@@ -328,6 +348,17 @@ def _read_config(root: Node) -> BalancerConfig:
     ):
         opt = root.only(tag)
         data[key] = resolve_path(opt or root, opt.value if opt is not None else default)
+    for tag, key, same in (
+        ("ClientCertificatePath", "client_cert_path", "cert_path"),
+        ("ClientPrivateKeyPath", "client_key_path", "key_path"),
+    ):
+        opt = root.only(tag)
+        data[key] = resolve_path(opt, opt.value) if opt is not None else data[same]
+    for tag, key in (("MatchingTLS", "matching_tls"), ("AlertTLS", "alert_tls")):
+        data[key] = read_tls_listener(
+            root.only(tag), default_cert=str(data["cert_path"]), default_key=str(data["key_path"]), listen_host=host
+        )
+    data["allowed_sources"] = read_allowed_sources(root, BALANCER_PORTS)
     data["instances"] = _read_instances(root, (host, ports["matching_port"]))
     data["allowed"] = _read_allowed(root.only("AllowedRequests"))
     data["health"] = _read_health(root.only("HealthCheck"))
@@ -357,7 +388,7 @@ def _read_config(root: Node) -> BalancerConfig:
         data["alert_forward"] = parse_address(forward)
     metrics = root.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
-        data["metrics"] = parse_address(metrics, listen=True)
+        data["metrics"] = parse_metrics_address(metrics)
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
         data["output"] = parse_address(output)

@@ -71,6 +71,21 @@ def parse_address(node: Node, text: str | None = None, *, listen: bool = False) 
     return Address(host, int(port_s))
 
 
+LOOPBACK = "127.0.0.1"
+
+
+def parse_metrics_address(node: Node) -> Address:
+    """``<MetricsConnectionString>``: ``host:port``, or a bare port (``9100``), which listens on loopback only.
+
+    Metrics name instances, feeds and counts an outsider should not read: the short form is the safe
+    one, and a wider address is written out on purpose (guard it with ``<AllowedSources ports="metrics">``).
+    """
+    raw = node.value
+    if raw.isdigit():
+        return parse_address(node, f"{LOOPBACK}:{raw}", listen=True)
+    return parse_address(node, listen=True)
+
+
 def parse_bool(node: Node, name: str, default: bool) -> bool:
     """An optional boolean attribute (true/false, 1/0, yes/no, on/off)."""
     raw = node.attrs.get(name)

@@ -23,9 +23,11 @@ from threatgate.config.common import (
     parse_address,
     parse_bool,
     parse_field,
+    parse_metrics_address,
     resolve_path,
 )
 from threatgate.config.passwords import check_hash_format
+from threatgate.config.security import AllowedSources, TLSListener, read_allowed_sources, read_tls_listener
 from threatgate.config.xml import Node, read_checked, read_xml
 
 DEFAULT_MAX_EVENT_SIZE = 1024 * 1024
@@ -111,6 +113,8 @@ class Source(Frozen):
 
 class InputSettings(Frozen):
     listen: Address
+    tls: TLSListener | None = None
+    """``<TLS>``: events over TLS, on the port itself or on a second one (config/security.py)."""
     event_delimiter: re.Pattern[str] | None = None
     max_event_size: int = pydantic.Field(default=DEFAULT_MAX_EVENT_SIZE, ge=64, le=64 * 1024 * 1024)
     sources: tuple[Source, ...]
@@ -261,6 +265,10 @@ class ClusterSettings(Frozen):
     etcd: EtcdSettings | None = None
 
 
+NODE_PORTS = ("events", "api", "metrics")
+"""The node's listening ports by the names ``<AllowedSources ports=>`` uses (and X_THREATGATE_LISTEN)."""
+
+
 class NodeConfig(Frozen):
     """Everything a node needs, validated: produced only by :func:`load_node_config`."""
 
@@ -273,6 +281,8 @@ class NodeConfig(Frozen):
     http: HTTPServerSettings | None = None
     exports: tuple[IoCExportSettings, ...] = ()
     cluster: ClusterSettings | None = None
+    allowed_sources: AllowedSources = AllowedSources()
+    """``<AllowedSources ports=>``: who may connect to each listening port (config/security.py)."""
 
     @property
     def rule_names(self) -> frozenset[str]:
@@ -562,7 +572,7 @@ def _read_service(node: Node | None) -> ServiceSettings:
         )
     metrics = node.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
-        data["metrics"] = parse_address(metrics, listen=True)
+        data["metrics"] = parse_metrics_address(metrics)
     handshake = node.only("HandshakeTimeout")
     if handshake is not None:
         data["handshake_timeout"] = parse_field(
@@ -805,12 +815,19 @@ def node_config_from_xml(root: Node) -> NodeConfig:
 def _read_configuration(root: Node) -> NodeConfig:
     if root.tag != "Configuration":
         raise root.error("root element must be <Configuration> for a node config")
-    input_settings = _read_input(root.require("InputSettings"))
+    inputs = root.require("InputSettings")
+    input_settings = _read_input(inputs)
     rule_names = frozenset(r.name for s in input_settings.sources for r in s.rules)
     http = _read_http(root.only("HTTPServer"))
+    default_cert = http.cert_path if http is not None else resolve_path(root, "certs/node.pem")
+    default_key = http.key_path if http is not None else resolve_path(root, "certs/node.key")
+    tls = read_tls_listener(inputs.only("TLS"), default_cert=default_cert, default_key=default_key)
+    if tls is not None:
+        input_settings = input_settings.model_copy(update={"tls": tls})
     return NodeConfig(
         path=root.path,
         input=input_settings,
+        allowed_sources=read_allowed_sources(root, NODE_PORTS),
         output=_read_output(root.require("OutputSettings"), rule_names),
         feeds=_read_feeds(root.only("Feeds"), root, http),
         service=_read_service(root.only("ServiceSettings")),

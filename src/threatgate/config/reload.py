@@ -31,6 +31,8 @@ NODE_FIELDS: Mapping[str, str] = {
     "input.event_delimiter": LIVE,  # new connections
     "input.max_event_size": LIVE,  # new connections
     "input.sources": LIVE,
+    "input.tls": "InputSettings/TLS",  # the listening sockets and their certificates are set up once
+    "allowed_sources": "AllowedSources",
     "output.destination": LIVE,  # a new sender; the old one's queue is handed over
     "output.event_format": LIVE,
     "output.record_field_format": LIVE,
@@ -78,6 +80,11 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "api_port": "Balancer@api_port",
     "cybertrace_port": "Balancer@cybertrace_port",
     "scanners_count": LIVE,
+    "matching_tls": "MatchingTLS",
+    "alert_tls": "AlertTLS",
+    "client_cert_path": "ClientCertificatePath",
+    "client_key_path": "ClientPrivateKeyPath",
+    "allowed_sources": "AllowedSources",
     "event_delimiter": LIVE,  # new connections
     "max_event_size": LIVE,  # new connections
     "idle_timeout": LIVE,  # the next sweep

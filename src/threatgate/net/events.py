@@ -44,6 +44,8 @@ from threatgate.wire.framing import FRAMING_WAIT, OCTET_COUNTED, AutoFramer, Fra
 MAX_PENDING_HANDSHAKES = 256
 """Connections still sending their flags; more are closed at once (a connection flood stays cheap)."""
 MAX_HANDSHAKE_BYTES = 4096
+TLS_RECORD = b"\x16\x03"
+"""How a TLS ClientHello begins (a handshake record, version 3.x): never the start of a text event."""
 HIGH_WATER = 4 * 1024 * 1024
 """Reply bytes buffered for a client that does not read before we stop reading its events."""
 YIELD_AFTER = 64 * 1024
@@ -84,6 +86,7 @@ class EventListener:
         self.warn_scanners = RateLimitedLog(log)
         self.warn_frames = RateLimitedLog(log)
         self.warn_evict = RateLimitedLog(log)
+        self.warn_tls = RateLimitedLog(log)
         self.note_idle = RateLimitedLog(log, logging.INFO, 60.0)
         self._sweeper: asyncio.TimerHandle | None = None
         self.draining = False  # a drain began: new connections are closed at once
@@ -418,6 +421,9 @@ class EventProtocol(asyncio.Protocol):
 
     def _try_handshake(self, eof: bool) -> None:
         assert self.transport is not None
+        if self._handshake.startswith(TLS_RECORD):
+            self._refuse_tls()
+            return
         if len(self._handshake) > MAX_HANDSHAKE_BYTES:
             eof = True  # cannot be flags any more; decide with what we have
         result = parse_flags(bytes(self._handshake), eof=eof)
@@ -442,6 +448,20 @@ class EventProtocol(asyncio.Protocol):
             self.pause("slot")
             return
         self.admitted(verdict, consumed)
+
+    def _refuse_tls(self) -> None:
+        """A TLS ClientHello on a plain port: the sender was set up for TLS, this port was not (or the other way
+        round on the sender's side).  Nothing it sends can be read, so say so in words and close."""
+        listener = self.listener
+        listener.handshaking.pop(self, None)
+        listener.stats.bump(listener.stats.bad_input, "tls_on_plain_port")
+        listener.warn_tls(
+            "a TLS handshake from %s on a plain event port: closed; the sender uses TLS, so enable TLS on this "
+            "port (<TLS>/<MatchingTLS>) or set the sender to plain TCP "
+            '(threatgate_bad_input_total{reason="tls_on_plain_port"})',
+            self.peer,
+        )
+        self.abort()
 
     def admitted(self, ok: bool, consumed: int | None = None) -> None:
         """The scanner verdict for a connection whose flags are in: take the slot, or be refused."""

@@ -22,7 +22,6 @@ import asyncio
 import json
 import logging
 import re
-import ssl
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -34,6 +33,7 @@ from aiohttp.web_request import BaseRequest
 from threatgate.config.common import Address
 from threatgate.log import RateLimitedLog
 from threatgate.metrics import SERVER
+from threatgate.net.gate import Gate, Listening
 
 log = logging.getLogger("threatgate.http")
 
@@ -124,14 +124,15 @@ class _Protocol(RequestHandler):
 
 
 class HTTPServer:
-    """One HTTPS listener serving ``handler``.  ``count(reason)`` feeds the owner's bad-input metric."""
+    """One HTTPS listener serving ``handler`` behind ``gate`` (its sources and TLS, net/gate.py; the gate's
+    handshake timeout should be ``header_timeout``).  ``count(reason)`` feeds the owner's bad-input metric."""
 
     def __init__(
         self,
         handler: Handler,
         *,
         address: Address,
-        ssl_context: ssl.SSLContext | None,
+        gate: Gate,
         header_timeout: float,
         idle_timeout: float,
         count: Callable[[str], None],
@@ -140,7 +141,7 @@ class HTTPServer:
         self.header_timeout = header_timeout
         self.count = count
         self.warn = RateLimitedLog(log)
-        self._ssl = ssl_context
+        self.gate = gate
         self._web = web.Server(_named(handler), access_log=None)
         self._kwargs: dict[str, Any] = {
             "keepalive_timeout": idle_timeout,
@@ -150,7 +151,7 @@ class HTTPServer:
             "access_log": None,
             "lingering_time": 2.0,
         }
-        self._server: asyncio.Server | None = None
+        self._server: Listening | None = None
         self.bound_port = 0
         self.sockname: Any = None
         """The bound address (``getsockname()`` of the first socket) once started: port 0 is a picked port."""
@@ -159,16 +160,7 @@ class HTTPServer:
         return _Protocol(self, self._web, **self._kwargs)
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            self._protocol,
-            self.address.host,
-            self.address.port,
-            ssl=self._ssl,
-            reuse_address=True,
-            backlog=1024,
-            ssl_handshake_timeout=self.header_timeout,
-        )
+        self._server = await self.gate.start_server(self._protocol, self.address.host, self.address.port)
         self.sockname = self._server.sockets[0].getsockname()
         self.bound_port = self.sockname[1]
 

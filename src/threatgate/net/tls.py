@@ -23,7 +23,9 @@ import logging
 import os
 import ssl
 import stat
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import idna
 from cryptography import x509
@@ -32,6 +34,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from threatgate.config.security import TLSListener
 from threatgate.errors import FileWriteError, TLSConfigError
 from threatgate.fs import os_reason, write_atomic
 from threatgate.net.describe import describe
@@ -329,3 +332,33 @@ def _check_validity(cert: x509.Certificate, path: str) -> tuple[str, ...]:
 
 def _colon_hex(digest: bytes) -> str:
     return ":".join(f"{b:02X}" for b in digest)
+
+
+# -- listening ports (provisional: replaced by the tlsctx slice) -----------------------------------------
+
+
+def listener_context(settings: TLSListener) -> ssl.SSLContext:
+    """The server context of a TLS port: :func:`server_context`, no renegotiation, client certificates as set."""
+    ctx = server_context(settings.cert_path, settings.key_path)
+    ctx.options |= ssl.OP_NO_RENEGOTIATION
+    clients = settings.clients
+    if clients.mode != "none":
+        ctx.verify_mode = ssl.CERT_REQUIRED if clients.mode == "required" else ssl.CERT_OPTIONAL
+        for path in (*clients.ca_files, *clients.certificates):
+            try:
+                ctx.load_verify_locations(cafile=path)
+            except (ssl.SSLError, OSError) as exc:
+                raise TLSConfigError(f"cannot load trusted client certificates {path}: {describe(exc)}") from None
+    return ctx
+
+
+def client_vet(settings: TLSListener) -> Callable[[Any], str | None] | None:
+    """The check after a handshake that pinned client certificates need (None: nothing to check)."""
+    return None
+
+
+def classify_handshake_error(exc: BaseException) -> tuple[str, str]:
+    """A failed handshake -> (counter reason, words for the log)."""
+    if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
+        return "tls_timeout", "the TLS handshake did not finish in time"
+    return "tls_handshake", f"TLS handshake failed: {describe(exc)}"

@@ -42,6 +42,7 @@ from threatgate.config.node import NodeConfig
 from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
 from threatgate.net.drain import DrainResult
+from threatgate.net.gate import Gate, reset
 from threatgate.node.feeds import FeedSnapshot, SnapshotRef
 from threatgate.node.ipc import MAX_FDS, Channel, Message, channel_pair
 from threatgate.node.procmem import memory
@@ -114,7 +115,8 @@ class WorkerPool:
         self._memfds: weakref.WeakKeyDictionary[FeedSnapshot, int] = weakref.WeakKeyDictionary()
         self._evictions: dict[tuple[int, int], tuple[int, int]] = {}  # victim -> the connection waiting for it
         self._changed = asyncio.Event()  # set whenever a worker became READY, applied a store or exited
-        self._listening: socket.socket | None = None
+        self._listening: list[tuple[socket.socket, bool]] = []  # (socket, speaks TLS): the event port and its twin
+        self._door: Gate | None = None  # the events port's allow-list, checked here before a connection is passed
         self._tasks: set[asyncio.Task[Any]] = set()
         self._supervising: asyncio.Task[None] | None = None
         self.warn_refused = RateLimitedLog(log)
@@ -125,9 +127,15 @@ class WorkerPool:
 
     # -- start and supervise ---------------------------------------------------------------------
 
-    async def start(self, listening: socket.socket, ready_within: float = START_TIMEOUT) -> None:
+    async def start(
+        self, listening: list[tuple[socket.socket, bool]], door: Gate, ready_within: float = START_TIMEOUT
+    ) -> None:
         """Start every worker, then accept on ``listening`` once they are all READY, or once one is and
-        another has failed to start (it is restarted meanwhile), or after ``ready_within`` at most."""
+        another has failed to start (it is restarted meanwhile), or after ``ready_within`` at most.
+
+        ``listening`` are the event port and, during a TLS migration, its TLS twin, each with whether it
+        speaks TLS (the worker runs the handshake: net/gate.py).  ``door`` refuses a source outside the
+        port's ``<AllowedSources>`` here, before the connection is passed or a byte read."""
         loop = asyncio.get_running_loop()
         self._supervising = loop.create_task(self._supervise())
         for worker in self.supervisor.start():
@@ -140,18 +148,19 @@ class WorkerPool:
         await self._wait_until(settled, ready_within)
         if not self.ready_workers():
             log.error("no worker became ready within %.0f s; listening anyway (connections wait for one)", ready_within)
-        listening.setblocking(False)
+        for sock, _ in listening:
+            sock.setblocking(False)
         self._listening = listening
+        self._door = door
         self._watch_listening(True)
 
     def _watch_listening(self, on: bool) -> None:
-        if self._listening is None:
-            return
         loop = asyncio.get_running_loop()
-        if on:
-            loop.add_reader(self._listening.fileno(), self._accept)
-        else:
-            loop.remove_reader(self._listening.fileno())
+        for sock, tls in self._listening:
+            if on:
+                loop.add_reader(sock.fileno(), self._accept, sock, tls)
+            else:
+                loop.remove_reader(sock.fileno())
 
     async def _spawn(self, worker: int) -> None:
         try:
@@ -324,11 +333,10 @@ class WorkerPool:
 
     # -- connections -------------------------------------------------------------------------------
 
-    def _accept(self) -> None:
-        assert self._listening is not None
+    def _accept(self, listening: socket.socket, tls: bool) -> None:
         for _ in range(64):
             try:
-                conn, _addr = self._listening.accept()
+                conn, addr = listening.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as exc:  # EMFILE and the like: the connection waits in the backlog
@@ -336,10 +344,15 @@ class WorkerPool:
                 self._watch_listening(False)  # the socket stays readable: without a pause this would spin
                 asyncio.get_running_loop().call_later(1.0, self._watch_listening, True)
                 return
+            door = self._door
+            if door is not None and not door.admits(str(addr[0])):
+                door.refuse_source(str(addr[0]))
+                reset(conn)
+                continue
             with conn:
-                self._hand_over(conn)
+                self._hand_over(conn, tls)
 
-    def _hand_over(self, conn: socket.socket) -> None:
+    def _hand_over(self, conn: socket.socket, tls: bool) -> None:
         """Pass the connection to the READY worker with the fewest; one that just died is skipped."""
         for _ in range(self.count):
             worker = self.spread.assign(time.monotonic())
@@ -347,7 +360,7 @@ class WorkerPool:
             if inc is None:
                 break
             conn_id = next(self._conn_ids)
-            if inc.channel.send("conn", conn_id, [conn.fileno()]):
+            if inc.channel.send("conn", (conn_id, tls), [conn.fileno()]):
                 self.spread.opened(inc.worker, conn_id)
                 return
             if inc.channel.peer_gone:
@@ -514,7 +527,7 @@ class WorkerPool:
     @property
     def accepting(self) -> bool:
         """Start-up is over: the master accepts event connections (until SIGTERM)."""
-        return self._listening is not None
+        return bool(self._listening)
 
     def _running(self) -> list[Incarnation]:
         return [i for i in self.current if i is not None and not i.gone]
@@ -551,10 +564,10 @@ class WorkerPool:
     # -- stop -------------------------------------------------------------------------------------------
 
     def stop_accepting(self) -> None:
-        if self._listening is not None:
-            asyncio.get_running_loop().remove_reader(self._listening.fileno())
-            self._listening.close()
-            self._listening = None
+        for sock, _ in self._listening:
+            asyncio.get_running_loop().remove_reader(sock.fileno())
+            sock.close()
+        self._listening = []
 
     async def drain(self, seconds: float) -> DrainResult:
         """SIGTERM: no new connections, every worker drains its own (bounded), then exits; stragglers are

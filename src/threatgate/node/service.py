@@ -32,19 +32,19 @@ from collections.abc import Awaitable, Callable, Collection
 from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
-from aiohttp import web
-
 from threatgate import runtime
 from threatgate.config.common import Address
 from threatgate.config.node import FeedSettings, NodeConfig, load_node_config, read_users, resolve_workers
 from threatgate.config.reload import NODE_FIELDS, RestartTracker
+from threatgate.config.security import TLSListener
 from threatgate.errors import ConfigError, FeedError, FileWriteError, SettingsRejected
 from threatgate.fs import os_reason
 from threatgate.log import RateLimitedLog
-from threatgate.metrics import StatsCollector, start_metrics_server
+from threatgate.metrics import MetricsServer, StatsCollector, start_metrics_server
 from threatgate.net.describe import describe
 from threatgate.net.drain import remaining
 from threatgate.net.events import EventListener, log_drained
+from threatgate.net.gate import Gate, Listening, gate_for, start_servers
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -177,8 +177,8 @@ class NodeService:
         self._snapshots: dict[int, FeedSnapshot] = {}
         self._feed_states: dict[int, FeedState] = {}
         self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
-        self._server: asyncio.Server | None = None
-        self._metrics_runner: web.AppRunner | None = None
+        self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
+        self._metrics: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._should_exit = asyncio.Event()
         self._clock = SyslogClock()
@@ -660,6 +660,31 @@ class NodeService:
         await pool.refresh()
         return detection_statistics(pool.total(self.stats), self.started_at)
 
+    def _gate(self, port: str, tls: TLSListener | None = None) -> Gate:
+        """The door of one of the node's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py)."""
+        return gate_for(
+            port,
+            stats=self.stats,
+            log=log,
+            handshake_timeout=self.config.service.handshake_timeout,
+            sources=self.config.allowed_sources.networks(port),
+            tls=tls,
+        )
+
+    async def _ensure_event_pair(self) -> None:
+        """An event TLS pair of its own (not the HTTPS one, made by _start_http) is created like it when missing."""
+        tls, http = self.config.input.tls, self.config.http
+        if tls is None or (http is not None and (tls.cert_path, tls.key_path) == (http.cert_path, http.key_path)):
+            return
+        host = (tls.listen or self.config.input.listen).host
+        await asyncio.to_thread(
+            ensure_server_pair,
+            tls.cert_path,
+            tls.key_path,
+            common_name=f"threatgate node {host}",
+            hosts=sorted({host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
+        )
+
     async def _start_http(self) -> None:
         settings = self.config.http
         if settings is None:
@@ -680,7 +705,14 @@ class NodeService:
         self.http = HTTPServer(
             self.api.handle,
             address=settings.listen,
-            ssl_context=server_context(settings.cert_path, settings.key_path),
+            gate=gate_for(
+                "api",
+                stats=self.stats,
+                log=log,
+                handshake_timeout=settings.header_timeout,
+                sources=self.config.allowed_sources.networks("api"),
+                tls=server_context(settings.cert_path, settings.key_path),
+            ),
             header_timeout=settings.header_timeout,
             idle_timeout=settings.idle_timeout,
             count=self.api.count,
@@ -775,15 +807,23 @@ class NodeService:
         await self.reload_feeds("startup")
         await self.apply_suppliers(None)
         self.ready = True
-        loop = asyncio.get_running_loop()
         listen = self.config.input.listen
+        await self._ensure_event_pair()
         if self.workers > 1:
             await self._start_pool()
         else:
-            self._server = await loop.create_server(
-                lambda: EventConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
+            servers = await start_servers(
+                "events",
+                lambda: EventConnection(self),
+                listen.host,
+                listen.port,
+                self.config.input.tls,
+                lambda tls: self._gate("events", tls),
             )
-            self.bound_port = self.listening.add("events", self._server.sockets[0].getsockname())[1]
+            self._servers = [server for _, server in servers]
+            for name, server in servers:
+                self.listening.add(name, server.sockets[0].getsockname())
+            self.bound_port = servers[0][1].sockets[0].getsockname()[1]
             self.listener.start_sweeps()
             self.output.start()
         if self.alerts.sender is not None:
@@ -803,9 +843,14 @@ class NodeService:
 
     async def _start_pool(self) -> None:
         """``<Workers>`` >= 2: the master listens and hands connections to worker processes (node/pool.py)."""
-        listen = self.config.input.listen
+        listen, tls = self.config.input.listen, self.config.input.tls
         sock = socket.create_server((listen.host, listen.port), backlog=1024, reuse_port=False)
         self.bound_port = self.listening.add("events", sock.getsockname())[1]
+        listening = [(sock, tls is not None and tls.listen is None)]
+        if tls is not None and tls.listen is not None:
+            twin = socket.create_server((tls.listen.host, tls.listen.port), backlog=1024, reuse_port=False)
+            self.listening.add("events_tls", twin.getsockname())
+            listening.append((twin, True))
         level = logging.getLevelName(logging.getLogger().getEffectiveLevel()).lower()
         pool = WorkerPool(
             self.workers,
@@ -822,7 +867,7 @@ class NodeService:
         await pool.publish_store("store", self._snapshots)
         suppliers = self.matcher.suppliers
         await pool.publish_store("suppliers", suppliers.snapshots if suppliers is not None else {})
-        await pool.start(sock)
+        await pool.start(listening, self._gate("events"))
 
     async def _start_metrics(self) -> None:
         address = self.config.service.metrics
@@ -845,7 +890,7 @@ class NodeService:
         senders = queue_gauges(lambda: (self.output, self.alerts.sender))
         if pool is None:
             collector = StatsCollector(self.stats, gauges, senders)
-            self._metrics_runner = await start_metrics_server(address, collector)
+            self._metrics = await start_metrics_server(address, collector, gate=self._gate("metrics"))
         else:
             queued = pool.queued
             senders["threatgate_output_queue_lines"] = (
@@ -859,8 +904,10 @@ class NodeService:
                 lambda: {"detections": float(queued()[0]), **_alert_queue(self.alerts.sender, "bytes")},
             )
             collector = StatsCollector(lambda: pool.total(self.stats), gauges, senders)
-            self._metrics_runner = await start_metrics_server(address, collector, pool.collector(), before=pool.refresh)
-        _, port = self.listening.add("metrics", self._metrics_runner.addresses[0])
+            self._metrics = await start_metrics_server(
+                address, collector, pool.collector(), before=pool.refresh, gate=self._gate("metrics")
+            )
+        _, port = self.listening.add("metrics", self._metrics.address)
         log.info("metrics on http://%s/metrics", Address(address.host, port))
 
     async def main_loop(self) -> None:
@@ -921,8 +968,9 @@ class NodeService:
             drained = await self.pool.drain(timeout)
             await self.pool.close()
         else:
-            if self._server is not None:
-                self._server.close()  # first: new connections are refused from here
+            for server in self._servers:
+                server.close()  # first: new connections are refused from here
+            if self._servers:
                 log.info("node draining: %d event connection(s), up to %g s", len(self.listener.active), timeout)
             drained = await self.listener.drain(timeout)
         if self._started:
@@ -932,21 +980,21 @@ class NodeService:
             self._drop_timer.cancel()
         if self.alerts.sender is not None:
             await self.alerts.sender.aclose(max(remaining(deadline, loop.time()), FLUSH_FLOOR))
-        if self._server is not None or self.pool is not None:
+        if self._servers or self.pool is not None:
             log_drained(log, "node", drained, loop.time() - started, timeout)
         if self.cluster is not None:
             await self.cluster.close()
-        if self._metrics_runner is not None:
-            await self._metrics_runner.cleanup()
+        if self._metrics is not None:
+            await self._metrics.close()
         if self.http is not None:
             await self.http.close()
         for task in list(self._tasks):
             task.cancel()
         if self.db is not None:
             self.db.close()
-        if self._server is not None:
+        for server in self._servers:
             with contextlib.suppress(asyncio.TimeoutError):
-                await asyncio.wait_for(self._server.wait_closed(), 2.0)
+                await asyncio.wait_for(server.wait_closed(), 2.0)
 
 
 def _users(config: NodeConfig) -> dict[str, str]:

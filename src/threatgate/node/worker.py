@@ -36,6 +36,7 @@ from threatgate.log import RateLimitedLog, setup_logging
 from threatgate.net.describe import describe
 from threatgate.net.drain import POLL_INTERVAL, remaining
 from threatgate.net.events import ConnState, EventListener, EventProtocol
+from threatgate.net.gate import Gate, gate_for
 from threatgate.net.sender import Dropped, LineSender
 from threatgate.node.engine import make_matcher
 from threatgate.node.eventpath import (
@@ -115,6 +116,8 @@ class Worker:
         self._sock = sock
         self.channel: Channel | None = None
         self.stats = NodeStats()
+        self._plain = Gate("events", stats=self.stats, log=log)
+        self._tls: Gate | None = None
         self.conns: dict[int, WorkerConnection] = {}
         self._clock = SyslogClock()
         self.warn_input = RateLimitedLog(log)
@@ -238,7 +241,7 @@ class Worker:
             self.send("applied", ("suppliers", message.payload[0]))
 
     def _on_conn(self, message: Message) -> None:
-        conn_id = message.payload
+        conn_id, tls = message.payload
         try:
             (fd,) = message.fds
             sock = socket.socket(fileno=fd)
@@ -249,17 +252,30 @@ class Worker:
             log.error("connection %d handed over without its socket (%s)", conn_id, exc)
             self.send("closed", conn_id)
             return
-        loop = asyncio.get_running_loop()
+        gate = self._tls_gate() if tls else self._plain
 
         async def serve() -> None:
-            try:
-                await loop.connect_accepted_socket(lambda: WorkerConnection(self, conn_id), sock)
-            except OSError as exc:  # the client left before we took it over
-                log.debug("connection %d gone before it was served: %s", conn_id, exc)
-                sock.close()
+            # Gone before we took it over, a failed TLS handshake (logged and counted by the gate): the
+            # master gets its slot back.
+            if not await gate.serve(sock, lambda: WorkerConnection(self, conn_id)):
                 self.send("closed", conn_id)
 
         self._spawn(serve())
+
+    def _tls_gate(self) -> Gate:
+        """The TLS port's gate (the handshake runs here, in the worker); made at the first TLS connection."""
+        if self._tls is None:
+            tls = self.config.input.tls
+            assert tls is not None, "the master passes TLS connections only when <TLS> is set"
+            self._tls = gate_for(
+                "events",
+                stats=self.stats,
+                log=log,
+                handshake_timeout=self.config.service.handshake_timeout,
+                sources=None,  # the master checked the source before passing the connection
+                tls=tls,
+            )
+        return self._tls
 
     def _on_slot(self, message: Message) -> None:
         conn_id, ok = message.payload

@@ -1,0 +1,412 @@
+"""The door of a listening port: who may come in, and TLS before anything else is read.
+
+Every listening port of node and balancer (events, REST API, alerts, metrics) can be put behind a
+:class:`Gate`.  A connection is accepted as plain TCP; then, in order:
+
+1. **Source.**  With an allow-list (``<AllowedSources>``), a peer outside it is aborted in
+   ``connection_made``, before a single byte is read, logged (rate-limited) and counted
+   (``threatgate_connections_total{outcome="refused_source"}``).
+2. **TLS.**  A TLS port accepts on its own (:class:`GateServer`: the listening socket's readiness,
+   ``accept()``, the source check on the bare socket) and runs each handshake through
+   ``loop.connect_accepted_socket(ssl=...)`` with a deadline (the port's handshake timeout).  Not
+   ``create_server(ssl=)``: its handshake starts before any protocol code runs, so the source check
+   would come after bytes were read; not ``start_tls`` on an accepted transport: uvloop reads the
+   ClientHello into the old protocol before the switch.
+   At most :data:`MAX_TLS_HANDSHAKES` run at once per port; a newcomer past that evicts the *oldest*
+   one still unfinished (a stalled or slow peer), as the event port does with connections that have
+   not sent their flags: a flood of half-open handshakes then cannot lock a real sender out, which
+   finishes its handshake in milliseconds.
+   A handshake that fails (plain text sent to a TLS port, no or a refused client certificate, no
+   common version, a stall) is logged in words (rate-limited: a scanner must not flood the log),
+   counted under a stable reason (``threatgate_bad_input_total{reason="tls_plaintext"}``, ...;
+   net/tls.py decides which), and the connection closed.  A certificate accepted only because it is
+   pinned is checked once more after the handshake (``vet``, net/tls.py): OpenSSL took it as a trust
+   anchor, the pin is the exact match.
+3. **Handover.**  The port's own protocol (the event protocol, aiohttp's request handler) is then
+   created and connected to the TLS transport, exactly as if the server had accepted a plain
+   connection: it never knows a gate was there.
+
+Without an allow-list and without TLS a port needs no gate: :meth:`Gate.start_server` is then plain
+``create_server`` with the inner factory, so the plain hot path pays nothing.  A plain port with an
+allow-list checks in ``connection_made`` (:class:`_Door`), before the transport reads.
+
+Renegotiation is refused by the context (``OP_NO_RENEGOTIATION``, TLS 1.2; TLS 1.3 has none).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import socket
+import ssl
+from collections.abc import Callable
+from typing import Any, Protocol, cast
+
+from threatgate.config.security import Network, TLSListener
+from threatgate.log import RateLimitedLog
+from threatgate.net.describe import describe
+from threatgate.net.sources import SourceList
+from threatgate.stats import BoundaryStats
+
+MAX_TLS_HANDSHAKES = 64
+"""TLS handshakes in progress on one port; the oldest is evicted for a newcomer past it."""
+ACCEPTS_PER_WAKEUP = 64
+"""Connections accepted per readiness of the listening socket, so a connect flood cannot hold the loop."""
+ACCEPT_PAUSE = 0.5
+"""Seconds accepting pauses when the process is out of file descriptors (asyncio's own choice, 1 s, halved)."""
+
+ProtocolFactory = Callable[[], asyncio.BaseProtocol]
+Vet = Callable[[Any], "str | None"]
+"""Looks at a finished handshake's ``ssl_object``: None to accept, else why the client is refused."""
+Classify = Callable[[BaseException], tuple[str, str]]
+"""A failed handshake's exception -> (counter reason, words for the log)."""
+
+
+def gate_for(
+    port: str,
+    *,
+    stats: BoundaryStats,
+    log: logging.Logger,
+    handshake_timeout: float,
+    sources: tuple[Network, ...] | None,
+    tls: TLSListener | ssl.SSLContext | None,
+) -> Gate:
+    """The gate of a port as configured: its ``<AllowedSources>`` networks, and its TLS element or HTTPS context.
+
+    Raises:
+        TLSConfigError: a certificate, key or trusted client certificate cannot be loaded.
+    """
+    # net/tls.py (cryptography) is imported here, not at the top: a node's worker imports this module and
+    # stays lean unless it serves TLS (tests/node/test_worker_imports.py).
+    from threatgate.net.tls import classify_handshake_error, client_vet, listener_context
+
+    context: ssl.SSLContext | None
+    vet: Vet | None = None
+    if tls is None or isinstance(tls, ssl.SSLContext):
+        context = tls
+    else:
+        context = listener_context(tls)
+        vet = client_vet(tls)
+    return Gate(
+        port,
+        stats=stats,
+        log=log,
+        sources=SourceList(sources) if sources is not None else None,
+        tls=context,
+        handshake_timeout=handshake_timeout,
+        vet=vet,
+        classify=classify_handshake_error,
+    )
+
+
+async def start_servers(
+    port: str,
+    inner: ProtocolFactory,
+    host: str,
+    number: int,
+    tls: TLSListener | None,
+    gate: Callable[[TLSListener | None], Gate],
+) -> list[tuple[str, Listening]]:
+    """Listen on a port and, when its TLS element names a second address, on its TLS twin (a migration).
+
+    Returns ``(name, server)`` pairs as the process reports them: ``events`` (TLS when the element has
+    no address of its own), then ``events_tls``.  ``gate(tls)`` makes the gate of each.
+    """
+    own_port = tls is not None and tls.listen is not None
+    main = await gate(None if own_port else tls).start_server(inner, host, number)
+    servers: list[tuple[str, Listening]] = [(port, main)]
+    if tls is not None and tls.listen is not None:
+        try:
+            twin = await gate(tls).start_server(inner, tls.listen.host, tls.listen.port)
+        except BaseException:
+            main.close()
+            raise
+        servers.append((f"{port}_tls", twin))
+    return servers
+
+
+class Gate:
+    """The door of one listening port (named as the process reports it: ``events``, ``api``, ...)."""
+
+    def __init__(
+        self,
+        port: str,
+        *,
+        stats: BoundaryStats,
+        log: logging.Logger,
+        sources: SourceList | None = None,
+        tls: ssl.SSLContext | None = None,
+        handshake_timeout: float = 10.0,
+        vet: Vet | None = None,
+        classify: Classify | None = None,
+        max_handshakes: int = MAX_TLS_HANDSHAKES,
+    ) -> None:
+        self.port = port
+        self.stats = stats
+        self.log = log
+        self.sources = sources
+        self.tls = tls
+        self.handshake_timeout = handshake_timeout
+        self.vet = vet
+        self.classify = classify
+        self.max_handshakes = max_handshakes
+        self.handshaking: dict[asyncio.Task[Any], str] = {}  # handshake -> peer, insertion-ordered: oldest first
+        self.tasks: set[asyncio.Task[bool]] = set()
+        self.warn_source = RateLimitedLog(log)
+        self.warn_tls = RateLimitedLog(log)
+        self.warn_flood = RateLimitedLog(log)
+
+    async def start_server(self, inner: ProtocolFactory, host: str, port: int, *, backlog: int = 1024) -> Listening:
+        """Listen on ``host:port`` and serve each admitted connection with a protocol from ``inner``."""
+        loop = asyncio.get_running_loop()
+        if self.tls is None:
+            factory = inner if self.sources is None else lambda: _Door(self, inner)
+            return await loop.create_server(factory, host, port, reuse_address=True, backlog=backlog)
+        infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+        family, kind, proto, _, address = infos[0]
+        sock = socket.socket(family, kind, proto)
+        try:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+            sock.bind(address)
+            sock.listen(backlog)
+            sock.setblocking(False)
+        except OSError:
+            sock.close()
+            raise
+        server = GateServer(self, inner, sock)
+        server.start()
+        return server
+
+    async def serve(self, sock: socket.socket, inner: ProtocolFactory) -> bool:
+        """Serve one accepted socket: the source, the TLS handshake, then ``inner``'s protocol.
+
+        Returns whether the connection was handed to ``inner`` (False: refused, failed, or gone; the
+        socket is closed).  Used by :class:`GateServer` and by a node's worker, which receives sockets
+        its master accepted (and already checked against the allow-list: checked again, it costs nothing).
+        """
+        try:
+            peer = str(sock.getpeername()[0])
+        except OSError:  # gone already
+            sock.close()
+            return False
+        if not self.admits(peer):
+            self.refuse_source(peer)
+            reset(sock)
+            return False
+        if self.tls is None:
+            try:
+                await asyncio.get_running_loop().connect_accepted_socket(inner, sock)
+            except OSError:  # the client left before we took it over
+                sock.close()
+                return False
+            return True
+        return await self._handshake(sock, peer, inner, self.tls)
+
+    async def _handshake(self, sock: socket.socket, peer: str, inner: ProtocolFactory, context: ssl.SSLContext) -> bool:
+        loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self.handshaking) >= self.max_handshakes:
+            oldest, oldest_peer = next(iter(self.handshaking.items()))
+            self.stats.bump(self.stats.connections, "evicted_tls_handshake")
+            self.warn_flood(
+                "more than %d TLS handshakes in progress on the %s port; closing the oldest (%s)",
+                self.max_handshakes,
+                self.port,
+                oldest_peer,
+            )
+            del self.handshaking[oldest]
+            oldest.cancel()
+        self.handshaking[task] = peer
+        try:
+            _, vetting = await loop.connect_accepted_socket(
+                lambda: _Vetting(self, peer, inner),
+                sock,
+                ssl=context,
+                ssl_handshake_timeout=self.handshake_timeout,
+            )
+        except asyncio.CancelledError:  # evicted by a newcomer, or the process stops
+            sock.close()
+            raise
+        except (OSError, TimeoutError, RuntimeError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
+            self._failed(peer, exc)
+            sock.close()
+            return False
+        finally:
+            self.handshaking.pop(task, None)
+        return vetting.handed_over
+
+    def admits(self, host: str) -> bool:
+        """The allow-list's verdict on a peer address (True without a list): for ports that accept themselves
+        (a node's master passing connections to workers)."""
+        return self.sources is None or self.sources.allows(host)
+
+    def refuse_source(self, host: str) -> None:
+        """Count and (rate-limited) log a peer outside the allow-list; the caller closes the connection."""
+        self.stats.bump(self.stats.connections, "refused_source")
+        self.warn_source(
+            "refused a connection from %s to the %s port: not in its <AllowedSources> "
+            '(threatgate_connections_total{outcome="refused_source"})',
+            host,
+            self.port,
+        )
+
+    def _failed(self, peer: str, exc: BaseException) -> None:
+        if self.classify is None:
+            from threatgate.net.tls import classify_handshake_error
+
+            self.classify = classify_handshake_error
+        reason, text = self.classify(exc)
+        self.stats.bump(self.stats.bad_input, reason)
+        self.warn_tls(
+            '%s port: TLS connection from %s closed: %s (threatgate_bad_input_total{reason="%s"})',
+            self.port,
+            peer,
+            text,
+            reason,
+        )
+
+    def _refused_client(self, peer: str, why: str) -> None:
+        self.stats.bump(self.stats.bad_input, "tls_client_cert_refused")
+        self.warn_tls(
+            '%s port: TLS connection from %s closed: %s (threatgate_bad_input_total{reason="tls_client_cert_refused"})',
+            self.port,
+            peer,
+            why,
+        )
+
+
+class Listening(Protocol):
+    """What :meth:`Gate.start_server` returns, asyncio's server or a :class:`GateServer`: what the services use."""
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]: ...
+
+    def close(self) -> None: ...
+
+    async def wait_closed(self) -> None: ...
+
+
+class GateServer:
+    """A TLS port's listening socket: accepts by itself so the source is checked before any byte is read."""
+
+    def __init__(self, gate: Gate, inner: ProtocolFactory, sock: socket.socket) -> None:
+        self.gate = gate
+        self.inner = inner
+        self._sock = sock
+        self._serving = False
+        self._closed = asyncio.get_running_loop().create_future()
+
+    @property
+    def sockets(self) -> tuple[socket.socket, ...]:
+        return (self._sock,) if self._sock.fileno() >= 0 else ()
+
+    def start(self) -> None:
+        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+        self._serving = True
+
+    def is_serving(self) -> bool:
+        return self._serving
+
+    def close(self) -> None:
+        """Stop accepting; connections already handed over stay (the services drain them); handshakes stop."""
+        if not self._serving and self._sock.fileno() < 0:
+            return
+        loop = asyncio.get_running_loop()
+        if self._sock.fileno() >= 0:
+            loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+        self._serving = False
+        for task in list(self.gate.tasks):
+            task.cancel()
+        if not self._closed.done():
+            self._closed.set_result(None)
+
+    async def wait_closed(self) -> None:
+        await self._closed
+
+    def _accept(self) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPTS_PER_WAKEUP):
+            try:
+                conn, _ = self._sock.accept()
+            except (BlockingIOError, InterruptedError, ConnectionAbortedError):
+                return
+            except OSError as exc:
+                if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    self.gate.warn_flood(
+                        "%s port: cannot accept a connection: %s; pausing accepts for %.1f s",
+                        self.gate.port,
+                        describe(exc),
+                        ACCEPT_PAUSE,
+                    )
+                    loop.remove_reader(self._sock.fileno())
+                    loop.call_later(ACCEPT_PAUSE, self._resume)
+                    return
+                raise
+            conn.setblocking(False)
+            conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            task = loop.create_task(self.gate.serve(conn, self.inner))
+            self.gate.tasks.add(task)
+            task.add_done_callback(self.gate.tasks.discard)
+
+    def _resume(self) -> None:
+        if self._serving and self._sock.fileno() >= 0:
+            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+
+
+class _Door(asyncio.Protocol):
+    """A plain port with an allow-list: a refused peer is aborted before its transport reads."""
+
+    def __init__(self, gate: Gate, inner: ProtocolFactory) -> None:
+        self.gate = gate
+        self.inner = inner
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        peer = transport.get_extra_info("peername")
+        host = str(peer[0]) if peer else ""
+        if not self.gate.admits(host):
+            self.gate.refuse_source(host)
+            cast(asyncio.Transport, transport).abort()
+            return
+        _hand_over(self.inner(), cast(asyncio.Transport, transport))
+
+
+class _Vetting(asyncio.Protocol):
+    """The protocol of a TLS connection whose handshake just finished: vets the client, then hands over."""
+
+    def __init__(self, gate: Gate, peer: str, inner: ProtocolFactory) -> None:
+        self.gate = gate
+        self.peer = peer
+        self.inner = inner
+        self.handed_over = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        gate = self.gate
+        tls = cast(asyncio.Transport, transport)
+        ssl_object = tls.get_extra_info("ssl_object")
+        why = gate.vet(ssl_object) if gate.vet is not None and ssl_object is not None else None
+        if why is not None:
+            gate._refused_client(self.peer, why)
+            tls.abort()
+            return
+        self.handed_over = True
+        _hand_over(self.inner(), tls)
+
+
+def _hand_over(protocol: asyncio.BaseProtocol, transport: asyncio.Transport) -> None:
+    """Make ``protocol`` the transport's, as if the server had created it for this connection."""
+    transport.set_protocol(protocol)
+    protocol.connection_made(transport)
+
+
+def reset(sock: socket.socket) -> None:
+    """Close with a RST (SO_LINGER 0): a refused peer learns at once, and no TIME_WAIT is left here."""
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+    except OSError:
+        pass
+    sock.close()
