@@ -43,7 +43,6 @@ from tests.helpers import (
     free_port,
     running_balancer,
     running_node,
-    socat,
     stream,
     wait_for_log_count,
 )
@@ -250,31 +249,6 @@ def syslog_ng_process(
         yield sock
 
 
-@contextmanager
-def tls_terminator(server: Pair, target: int, log_path: Path, client_ca: Path | None = None) -> Iterator[int]:
-    """socat terminating TLS in front of the plain port ``target``; yields its TLS port.
-
-    The harness's stand-in for a TLS event port (a migration path operators use too: docs/operations.md):
-    ``client_ca`` set, a client must present a certificate that CA signed.
-    """
-    port = free_port()
-    listen = f"OPENSSL-LISTEN:{port},bind=127.0.0.1,reuseaddr,fork,cert={server.cert},key={server.key}"
-    listen += f",verify=1,cafile={client_ca}" if client_ca is not None else ",verify=0"
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(
-            [socat(), "-d", "-d", listen, f"TCP:127.0.0.1:{target}"], stdout=log, stderr=subprocess.STDOUT
-        )
-        try:
-            deadline = time.monotonic() + DEFAULT_TIMEOUT
-            while b"listening on" not in log_path.read_bytes():  # socat -d -d says so once bound
-                assert proc.poll() is None, f"socat exited ({proc.returncode}): {log_path.read_text()}"
-                assert time.monotonic() < deadline, f"socat not listening: {log_path.read_text()}"
-                time.sleep(0.02)
-            yield port
-        finally:
-            stop(proc)
-
-
 # -- what arrives at the SIEM side -------------------------------------------------------------------------------
 
 
@@ -325,8 +299,8 @@ def ask(sock: socket.socket, payload: bytes, last: str) -> list[str]:
 class Target:
     """A node (detections and ``<n> LookupFinished`` lines at its output) or a balancer (detections only).
 
-    ``port``: where shippers send (the process's event port, or a TLS port in front of it); ``tls``
-    and ``server_name``: how a test client reaches ``port`` when it speaks TLS.
+    ``port``: where shippers send (the process's event port); ``tls`` and ``server_name``: how a
+    test client reaches it when it speaks TLS.
     """
 
     proc: NodeProcess
@@ -347,7 +321,9 @@ class Target:
         mark = self.output.mark()
         with connect(self.port, self.tls, self.server_name) as sock:
             sock.sendall(b"".join(events))
-        return self.output.wait(lines_received(len(self.expected)), mark).splitlines()
+            # Open until the detections are out, as a shipper's connection is: a TLS client cannot
+            # half-close, and a balancer discards the answers of a client that left.
+            return self.output.wait(lines_received(len(self.expected)), mark).splitlines()
 
 
 @contextmanager

@@ -6,16 +6,14 @@ flags and read no replies, so each test asserts on the detections the SIEM side 
 OutputSettings destination, the balancer's OutputConnectionString.  Every certificate comes from a CA
 made here (tests/pki.py); every shipper verifies the server by it and by name, as in production.
 
-STAGE 1 (this file as it stands): TLS is terminated by socat in front of the plain event ports
-(:func:`tests.shippers.tls_terminator`), which proves the harness (certificates, shipper configs,
-framings over TLS) until the node's ``<InputSettings><TLS>`` and the balancer's ``<MatchingTLS>`` land;
-then the fixtures point at those ports instead and the refusal of a certificate is also asserted in
-threatgate's log and counters.
+The node's event port speaks TLS only (``<InputSettings><TLS enabled="true">``), so does the
+balancer's matching port (``<MatchingTLS enabled="true">``, plain nodes behind it); each is given the
+test CA's server certificate.  A port that requires client certificates refuses a shipper without an
+allowed one at the handshake, logs and counts it, and delivers nothing.
 """
 
 from __future__ import annotations
 
-import re
 import socket
 import ssl
 from collections.abc import Iterator
@@ -25,7 +23,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import wait_until
+from tests.helpers import prometheus_samples, wait_for_log_count, wait_until
 from tests.pki import Pair, TestCA
 from tests.shippers import (
     EVENTS,
@@ -38,7 +36,6 @@ from tests.shippers import (
     node_target,
     rsyslog,
     syslog_ng_process,
-    tls_terminator,
 )
 
 SERVER_NAME = "threatgate-node"
@@ -71,22 +68,32 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> PKI:
     )
 
 
+def tls_element(pki: PKI, clients: str = "", tag: str = "TLS") -> str:
+    """The TLS element of an event port (node ``TLS``, balancer ``MatchingTLS``) with the test CA's server pair."""
+    return (
+        f'<{tag} enabled="true"><CertificatePath>{pki.server.cert}</CertificatePath>'
+        f"<PrivateKeyPath>{pki.server.key}</PrivateKeyPath>{clients}</{tag}>"
+    )
+
+
 @pytest.fixture(scope="module")
 def node(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    tmp = tmp_path_factory.mktemp("node")
-    with node_target(tmp) as target, tls_terminator(pki.server, target.proc.port, tmp / "socat.log") as port:
-        target.port, target.tls, target.server_name = port, pki.test_client(), SERVER_NAME
+    """A node whose event port speaks TLS only."""
+    with node_target(
+        tmp_path_factory.mktemp("node"), tls_element(pki), tls=pki.test_client(), server_name=SERVER_NAME
+    ) as target:
         yield target
 
 
 @pytest.fixture(scope="module")
-def balancer(node: Target, pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
-    """A balancer with two nodes behind it (the ``node`` fixture's and one more)."""
-    tmp = tmp_path_factory.mktemp("balancer")
+def balancer(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A balancer whose matching port speaks TLS only, with two nodes behind it."""
     with ExitStack() as stack:
-        second = stack.enter_context(node_target(tmp_path_factory.mktemp("node2")))
-        target = stack.enter_context(balancer_target(tmp, [node.proc.port, second.proc.port]))
-        target.port = stack.enter_context(tls_terminator(pki.server, target.proc.port, tmp / "socat.log"))
+        nodes = [stack.enter_context(node_target(tmp_path_factory.mktemp(f"node{i}"))) for i in (1, 2)]
+        extra = tls_element(pki, tag="MatchingTLS")
+        target = stack.enter_context(
+            balancer_target(tmp_path_factory.mktemp("balancer"), [n.proc.port for n in nodes], extra)
+        )
         target.tls, target.server_name = pki.test_client(), SERVER_NAME
         yield target
 
@@ -149,50 +156,52 @@ def test_rsyslog_refuses_a_server_whose_fingerprint_differs(node: Target, pki: P
     assert node.output.mark() == mark
 
 
-@dataclass
-class MutualTLS:
-    """A TLS port in front of the node that requires a client certificate signed by the test CA."""
-
-    target: Target
-    log: Path  # the TLS server's log, where a refused certificate is reported
-
-    def refusals(self) -> int:
-        return len(re.findall(r"SSL_accept\(\): .*(?:certificate verify failed|did not return a certificate)",
-                              self.log.read_text(errors="replace")))  # fmt: skip
+def tls_refusals(target: Target) -> float:
+    """Failed TLS handshakes the port counted (``threatgate_bad_input_total{reason="tls_..."}``)."""
+    samples = prometheus_samples(target.metrics)
+    return sum(v for k, v in samples.items() if k.startswith('threatgate_bad_input_total{reason="tls_'))
 
 
 @pytest.fixture
-def mutual_tls(node: Target, pki: PKI, tmp_path: Path) -> Iterator[MutualTLS]:
-    log = tmp_path / "socat-mtls.log"
-    with tls_terminator(pki.server, node.proc.port, log, client_ca=pki.ca.cert_path) as port:
-        tls = pki.test_client(pki.client)
-        target = Target(node.proc, node.metrics, node.output, node.expected, node.first, port, tls, SERVER_NAME)
-        yield MutualTLS(target, log)
+def mutual_tls(pki: PKI, tmp_path: Path) -> Iterator[Target]:
+    """A node whose TLS event port requires a client certificate the test CA signed.
+
+    One per test: its warning about a refused handshake is rate-limited per port, and each test expects it.
+    """
+    clients = f'<ClientCertificates mode="required"><CAFile>{pki.ca.cert_path}</CAFile></ClientCertificates>'
+    with node_target(
+        tmp_path / "node", tls_element(pki, clients), tls=pki.test_client(pki.client), server_name=SERVER_NAME
+    ) as target:
+        yield target
 
 
 @pytest.mark.parametrize("kind", ["rsyslog", "syslog-ng"])
 def test_a_shipper_with_an_allowed_client_certificate_delivers(
-    mutual_tls: MutualTLS, pki: PKI, tmp_path: Path, kind: str
+    mutual_tls: Target, pki: PKI, tmp_path: Path, kind: str
 ) -> None:
+    before = tls_refusals(mutual_tls)
     framing = "octet-counted" if kind == "rsyslog" else "network"
-    ship_and_check(mutual_tls.target, kind, framing, tmp_path, pki.shipper(pki.client))
-    assert mutual_tls.refusals() == 0
+    ship_and_check(mutual_tls, kind, framing, tmp_path, pki.shipper(pki.client))
+    assert tls_refusals(mutual_tls) == before
 
 
 @pytest.mark.parametrize("certificate", ["stranger", "none"])
 def test_a_shipper_whose_certificate_is_not_allowed_delivers_nothing(
-    mutual_tls: MutualTLS, pki: PKI, tmp_path: Path, certificate: str
+    mutual_tls: Target, pki: PKI, tmp_path: Path, certificate: str
 ) -> None:
-    """The server refuses the handshake and says so; not one event reaches the node's output.
+    """The node refuses the handshake, logs and counts it; not one event reaches its output.
 
     rsyslog itself may not notice: over TLS 1.3 the server checks the client's certificate after the
     client has finished its side of the handshake, so rsyslog logs nothing and counts the events as
-    sent.  Only the server can report the refusal, which is why the event port must log and count it.
+    sent.  Only the server can report the refusal, which is why the event port logs and counts it.
     """
     client = pki.stranger if certificate == "stranger" else None
-    output = mutual_tls.target.output
-    mark = output.mark()
-    with rsyslog(tmp_path, mutual_tls.target.port, "traditional", "%rawmsg%", pki.shipper(client)) as syslog_input:
+    before = tls_refusals(mutual_tls)
+    log_at = len(mutual_tls.proc.log())
+    mark = mutual_tls.output.mark()
+    with rsyslog(tmp_path, mutual_tls.port, "traditional", "%rawmsg%", pki.shipper(client)) as syslog_input:
         syslog_input.sendall(b"".join(EVENTS))
-        wait_until(lambda: mutual_tls.refusals() >= 1, "the TLS server's refusal of the client certificate")
-    assert output.mark() == mark, output.data[mark:]
+        wait_until(lambda: tls_refusals(mutual_tls) > before, "the node's count of the refused handshake")
+    wait_for_log_count(mutual_tls.proc, r"events port: TLS connection from 127\.0\.0\.1\S* closed", 1, after=log_at)
+    assert mutual_tls.output.mark() == mark, mutual_tls.output.data[mark:]
+    assert mutual_tls.proc.proc.poll() is None
