@@ -176,3 +176,32 @@ async def test_serve_takes_a_socket_accepted_elsewhere(ca: trustme.CA, server_co
     await gate.serve(conn, Upper)
     assert await client == b"EVENT\n"
     listener.close()
+
+
+def test_the_same_on_uvloop(ca: trustme.CA, server_context: ssl.SSLContext) -> None:
+    """uvloop differs where it matters here: its TLS handshake, and what ``connect_accepted_socket`` returns."""
+    uvloop = pytest.importorskip("uvloop")
+
+    async def scenario() -> None:
+        Upper.made = 0
+        gate = Gate("events", stats=BoundaryStats(), log=log, tls=server_context)
+        server = await gate.start_server(Upper, "127.0.0.1", 0)
+        assert await roundtrip(server.sockets[0].getsockname()[1], client_context(ca)) == b"EVENT\n"
+        server.close()
+        listener = socket.create_server(("127.0.0.1", 0))
+        listener.setblocking(False)
+        loop = asyncio.get_running_loop()
+        for vet, served in ((None, True), (lambda _: "not pinned", False)):
+            gate.vet = vet
+            client = asyncio.create_task(roundtrip(listener.getsockname()[1], client_context(ca)))
+            conn, _ = await loop.sock_accept(listener)
+            assert await gate.serve(conn, Upper) is served
+            if served:
+                assert await client == b"EVENT\n"
+            else:
+                with pytest.raises((ConnectionError, asyncio.IncompleteReadError, ssl.SSLError)):
+                    await client
+        listener.close()
+        assert Upper.made == 2
+
+    uvloop.run(scenario())

@@ -30,12 +30,14 @@ import enum
 import fcntl
 import logging
 import re
+import ssl
 import struct
 import termios
 from dataclasses import dataclass
 from typing import cast
 
 from threatgate.log import RateLimitedLog
+from threatgate.net.describe import describe
 from threatgate.net.drain import POLL_INTERVAL, Drain, DrainResult, Owed, remaining
 from threatgate.stats import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
@@ -374,6 +376,14 @@ class EventProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
         listener.handshaking.pop(self, None)
+        if isinstance(exc, ssl.SSLError):  # inside TLS: a renegotiation refused, a corrupt or forged record
+            listener.stats.bump(listener.stats.bad_input, "tls_broken")
+            listener.warn_tls(
+                "TLS connection from %s broken: %s; closed (a renegotiation attempt is refused so; "
+                'threatgate_bad_input_total{reason="tls_broken"})',
+                self.peer,
+                describe(exc),
+            )
         if self.state is ConnState.ACTIVE:
             listener.active.discard(self)
             if self.framer.buffered:

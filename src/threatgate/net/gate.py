@@ -222,8 +222,10 @@ class Gate:
             oldest.cancel()
         self.handshaking[task] = peer
         try:
-            _, vetting = await loop.connect_accepted_socket(
-                lambda: _Vetting(self, peer, inner),
+            # Our own reference: uvloop returns its SSLProtocol here, not the application's protocol.
+            vetting = _Vetting(self, peer, inner)
+            await loop.connect_accepted_socket(
+                lambda: vetting,
                 sock,
                 ssl=context,
                 ssl_handshake_timeout=self.handshake_timeout,
