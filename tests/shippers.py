@@ -328,13 +328,14 @@ class Target:
 
 @contextmanager
 def node_target(
-    tmp: Path, input_extra: str = "", tls: ssl.SSLContext | None = None, server_name: str = ""
+    tmp: Path, input_extra: str = "", tls: ssl.SSLContext | None = None, server_name: str = "", workers: int = 1
 ) -> Iterator[Target]:
-    """A node (examples/node.conf, one process) whose OutputSettings destination is a :class:`LineSink`.
+    """A node (examples/node.conf) whose OutputSettings destination is a :class:`LineSink`.
 
     ``expected`` is what the node answers a CyberTrace client that asks for its detections back: the
     reference a shipper's delivery is compared with.  ``input_extra``: more ``<InputSettings>``
-    elements; ``tls`` (and ``server_name``): the event port speaks TLS, this is how to reach it.
+    elements; ``tls`` (and ``server_name``): the event port speaks TLS, this is how to reach it;
+    ``workers``: ``<ScanSettings><Workers>`` (with 2 or more the master accepts, a worker serves).
     """
     output = LineSink()
     config = example_config(
@@ -342,6 +343,7 @@ def node_target(
         extra_service="<MetricsConnectionString>127.0.0.1:0</MetricsConnectionString>",
         input_extra=input_extra,
         output=f"<ConnectionString>127.0.0.1:{output.port}</ConnectionString>",
+        workers=workers,
     )
     try:
         with running_node(config) as proc, connect(proc.port, tls, server_name) as sock:

@@ -139,6 +139,21 @@ def test_a_shipper_to_a_tls_balancer(balancer: Target, pki: PKI, tmp_path: Path,
     ship_and_check(balancer, kind, framing, tmp_path, pki.shipper())
 
 
+@pytest.fixture(scope="module")
+def node_with_workers(pki: PKI, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Target]:
+    """A TLS node with two worker processes: its master accepts, a worker runs the handshake."""
+    tmp = tmp_path_factory.mktemp("node-workers")
+    with node_target(tmp, tls_element(pki), pki.test_client(), SERVER_NAME, workers=2) as target:
+        yield target
+
+
+@pytest.mark.parametrize(("kind", "framing"), [SHIPPERS[1], SHIPPERS[2]])
+def test_a_shipper_to_a_tls_node_with_workers(
+    node_with_workers: Target, pki: PKI, tmp_path: Path, kind: str, framing: str
+) -> None:
+    ship_and_check(node_with_workers, kind, framing, tmp_path, pki.shipper())
+
+
 def test_rsyslog_pinning_the_server_certificate_by_fingerprint(node: Target, pki: PKI, tmp_path: Path) -> None:
     """``x509/fingerprint``: how rsyslog trusts a node's self-signed certificate (no CA file)."""
     pinned = ShipperTLS(fingerprint=pki.server.fingerprint)
