@@ -121,7 +121,7 @@ def ship_and_check(target: Target, kind: str, framing: str, tmp: Path, tls: Ship
     """Forward EVENTS through the shipper over TLS; the detections match, in the framing the shipper used."""
     octet_counted = framing in ("octet-counted", "syslog")
     expected = target.expected
-    if framing == "syslog":  # the reference: the same messages, header included, on the plain port
+    if framing == "syslog":  # the reference: the same messages, header included, sent by a test client
         expected = target.reference([SYSLOG_HEADER + event for event in EVENTS])
     before = metric(target.metrics, "threatgate_connections_total", 'outcome="octet_counted"')
     forward(target, shipper(kind, framing, tmp, target.port, tls), expected, target.first)
