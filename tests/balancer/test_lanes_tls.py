@@ -15,9 +15,11 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 
 import pytest
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.config.configs import balancer_model, instance
-from threatgate.balancer.lanes_tls import LaneOpener, client_context
+from threatgate.balancer.lanes_tls import LaneOpener, _load_client, client_context
 from threatgate.balancer.upstream import PING_FLAGS, UPSTREAM_FLAGS
 from threatgate.config.balancer import InstanceSettings
 from threatgate.errors import PinMismatch, TLSConfigError
@@ -207,3 +209,22 @@ def test_a_client_pair_that_cannot_be_loaded_names_both_files(tmp_path: Path) ->
         client_context(cert, other_key)
     with pytest.raises(TLSConfigError, match="missing.pem"):
         client_context(str(tmp_path / "missing.pem"), other_key)
+
+
+async def test_a_named_client_pair_that_cannot_be_loaded_stops_the_start(tmp_path: Path) -> None:
+    config = balancer_model(tmp_path).model_copy(
+        update={"client_cert_path": str(tmp_path / "client.pem"), "client_key_path": str(tmp_path / "client.key")}
+    )
+    with pytest.raises(TLSConfigError, match=r"client\.pem with key .*client\.key"):
+        await LaneOpener(str(tmp_path / "pins")).start(config)
+
+
+def test_the_generated_balancer_pair_serves_as_a_client_certificate(tmp_path: Path) -> None:
+    config = balancer_model(tmp_path).model_copy(
+        update={"cert_path": str(tmp_path / "b.pem"), "key_path": str(tmp_path / "b.key")}
+    )
+    config = config.model_copy(update={"client_cert_path": config.cert_path, "client_key_path": config.key_path})
+    _load_client(config)
+    cert = x509.load_pem_x509_certificate((tmp_path / "b.pem").read_bytes())
+    usage = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert ExtendedKeyUsageOID.CLIENT_AUTH in usage and ExtendedKeyUsageOID.SERVER_AUTH in usage

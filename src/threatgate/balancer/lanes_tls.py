@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import logging
+import os
 import ssl
 from collections.abc import Callable
 from typing import Any, TypeVar, cast
@@ -65,6 +66,26 @@ def client_context(cert_path: str, key_path: str) -> ssl.SSLContext:
             f"(<ClientCertificatePath>/<ClientPrivateKeyPath>): {why}"
         ) from None
     return ctx
+
+
+def _load_client(config: BalancerConfig) -> ssl.SSLContext:
+    """The client context of ``config``'s client pair.  The default pair is the balancer's own
+    SSLCertificatePath pair, made here as the gateway would make it when both files are missing (with
+    the clientAuth purpose, so nodes accept it as a client certificate; one file alone is an error the
+    loader reports)."""
+    default = (config.client_cert_path, config.client_key_path) == (config.cert_path, config.key_path)
+    if default and not (os.path.exists(config.cert_path) or os.path.exists(config.key_path)):
+        try:
+            ensure_server_pair(
+                config.cert_path,
+                config.key_path,
+                common_name=f"threatgate balancer {config.listen_host}",
+                hosts=sorted({config.listen_host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
+                client_auth=True,
+            )
+        except FileWriteError as exc:
+            raise TLSConfigError(str(exc)) from None
+    return client_context(config.client_cert_path, config.client_key_path)
 
 
 def colon(digest: bytes) -> str:
@@ -117,27 +138,10 @@ class LaneOpener:
     async def start(self, config: BalancerConfig) -> None:
         """Build the client context once (a pair that cannot be loaded stops the start).
 
-        The default pair is the balancer's own SSLCertificatePath pair, made here as the gateway would
-        make it when both files are missing (with the clientAuth purpose, so nodes accept it as a
-        client certificate).
-
         Raises:
-            TLSConfigError: the client pair cannot be loaded.
+            TLSConfigError: the client pair cannot be loaded (both files named).
         """
-        if (config.client_cert_path, config.client_key_path) == (config.cert_path, config.key_path):
-            hosts = sorted({config.listen_host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"})
-            try:
-                await asyncio.to_thread(
-                    ensure_server_pair,
-                    config.cert_path,
-                    config.key_path,
-                    common_name=f"threatgate balancer {config.listen_host}",
-                    hosts=hosts,
-                    client_auth=True,
-                )
-            except FileWriteError as exc:
-                raise TLSConfigError(str(exc)) from None
-        self.context = await asyncio.to_thread(client_context, config.client_cert_path, config.client_key_path)
+        self.context = await asyncio.to_thread(_load_client, config)
 
     async def open_lane(
         self, settings: InstanceSettings, factory: Callable[[], P], within: float
