@@ -289,3 +289,28 @@ def test_node_killed_mid_stream_over_tls_every_detection_exactly_once(dataset: D
     assert lines.count(FINISHED_LINE) == EVENTS
     assert_answers(answers_in_order(lines), dataset.reference)
     assert sum(map(len, dataset.reference)) == len(lines) - EVENTS
+
+
+def test_tls_switched_on_by_a_sighup_takes_effect_without_a_restart(
+    example_nodes: Examples,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    balancer_pair(tmp_path)
+    cert, key = make_pair(tmp_path / "node", "node")
+    with terminators((example_nodes.ports[0], cert, key, None)) as [front]:
+        path = balancer_config(tmp_path / "kl_balancer.conf", instances=[front.port])
+        with running_balancer(path) as balancer:
+            # Plain TCP to a TLS port: the health checks fail (the terminator closes), no event goes there.
+            rows: list[str] = []
+
+            def failing() -> bool:
+                rows[:] = instance_cli(path, "list").stdout.splitlines()[1:]
+                return bool(rows) and "DOWN" in rows[0] and ("cannot connect: " in rows[0] or "PONG" in rows[0])
+
+            wait_until(failing, "the instance DOWN over plain TCP", timeout=STARTUP_TIMEOUT)
+            mark = balancer.log_offset()
+            path.write_text(path.read_text().replace("<Instance ", '<Instance tls="true" '))
+            balancer.signal(signal.SIGHUP)
+            balancer.wait_for_log(rf"{instance(front.port)} is UP", after=mark, timeout=STARTUP_TIMEOUT)
+            lines = stream(balancer.port, REPLY_FLAGS + example_nodes.events * 10)
+            assert_answers(answers_in_order(lines), example_nodes.reference * 10)
