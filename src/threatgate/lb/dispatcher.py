@@ -740,6 +740,43 @@ class Dispatcher:
             out.append(Log(logging.DEBUG, "instance %s health check failed: %s", (inst.key, error)))
         return out
 
+    def pin_refused(self, key: str, why: str, now: float) -> list[Action]:
+        """The instance ``key`` presented a certificate other than its pin, to a lane or a health check (the
+        edge wrote nothing on that connection): out of rotation at once, whatever its other lanes, as the
+        REST gateway takes it out; back only when health checks pass again (the same pin check).
+
+        ``why`` names both fingerprints (``PinMismatch.reason``); logged at ERROR once per distinct
+        mismatch, counted every time (``threatgate_balancer_transitions{kind="pin_mismatch"}``).
+        """
+        inst = self.checked(key)
+        out: list[Action] = []
+        if inst is None:
+            return out
+        self.stats.bump(self.stats.transitions, "pin_mismatch")
+        if inst.health.last_error != why:
+            out.append(
+                Log(
+                    logging.ERROR,
+                    "instance %s: event port %s; out of rotation until its certificate matches again or the pin "
+                    "is renewed (threatgate balancer pins --renew %s)",
+                    (inst.key, why, inst.key),
+                )
+            )
+        self._instance_failed(inst, why, now, out)
+        return out
+
+    def _reconnect(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
+        """Close every lane of ``inst`` and open them again (its connection settings changed): what they owed
+        is sent again; an attempt in flight is forgotten (its outcome names an attempt no lane waits for)."""
+        for lane in inst.lanes:
+            self._close_lane(lane, out)
+            lane.connecting = False
+        self._redispatch(inst, why, now, out)
+        for lane in [lane for lane in inst.lanes if lane.retiring]:
+            self._retired(lane, out)
+        if inst.state is InstanceState.UP:
+            self._connect_due(inst, now, out)
+
     def _instance_failed(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
         was = inst.state
         inst.health.passive_failure(why)
@@ -1102,11 +1139,15 @@ class Dispatcher:
                 self._add_instance(settings)
                 out.append(Log(logging.INFO, "instance %s added", (key,)))
                 continue
-            connections = inst.settings.connections
+            connections, tls = inst.settings.connections, inst.settings.tls
             inst.settings = settings
             inst.health.rise, inst.health.fall = new.health.rise, new.health.fall  # interval/timeout: read per check
             if settings.connections != connections:
                 self._resize(inst, f'connections="{settings.connections}"', now, out)
+            if settings.tls != tls:
+                said = f'tls="{str(settings.tls).lower()}"'
+                out.append(Log(logging.INFO, "instance %s: %s: its event connections reconnect", (key, said)))
+                self._reconnect(inst, said, now, out)
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 out += self.disable(key, now)
             elif settings.enabled and inst.state in (InstanceState.MAINT, InstanceState.DRAIN):
