@@ -288,6 +288,22 @@ def _load_cert(path: str) -> x509.Certificate:
     return certs[0]
 
 
+def load_certificates(path: str, what: str) -> list[x509.Certificate]:
+    """Every certificate of a PEM file (a CA bundle, a pinned client certificate); ``what`` names it in errors.
+
+    Raises:
+        TLSConfigError: the file is missing, unreadable, too large or holds no PEM certificate.
+    """
+    data = _read_pem(path, what)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(
+            f"TLS {what} {path} is not a PEM certificate file (-----BEGIN CERTIFICATE-----): "
+            "convert it, e.g. openssl x509 -inform DER -in FILE -out FILE.pem"
+        ) from None
+
+
 def _load_key(path: str) -> _PrivateKey:
     data = _read_pem(path, "private key")
     try:
