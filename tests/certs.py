@@ -114,7 +114,7 @@ def self_signed(
     not_before: dt.datetime | None = None,
     not_after: dt.datetime | None = None,
 ) -> Pair:
-    """A self-signed leaf (CA:FALSE), like the pairs threatgate generates; valid from a day ago for 30 days."""
+    """A self-signed leaf (CA:FALSE), like the pairs threatgate generates; valid from a day ago for 90 days."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     builder = (
@@ -124,7 +124,7 @@ def self_signed(
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - DAY)
-        .not_valid_after(not_after or now + 30 * DAY)
+        .not_valid_after(not_after or now + 90 * DAY)
     )
     builder = _leaf(builder, key.public_key(), hosts or [], client, server)
     return Pair(builder.sign(key, hashes.SHA256()), key)
@@ -189,7 +189,7 @@ class Authority:
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
             .not_valid_before(not_before or now - DAY)
-            .not_valid_after(not_after or now + 30 * DAY)
+            .not_valid_after(not_after or now + 90 * DAY)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_public_key(self.pair.key.public_key()), critical=False
             )
