@@ -475,7 +475,8 @@ def test_openssl_without_client_certificate_when_required(world: World, serve_on
     assert served.done.wait(10)
     assert served.failure == (tlsport.NO_CLIENT_CERT, "the client presented no certificate, and this port requires one")
     assert served.received == b""
-    assert result.returncode != 0 or b"alert" in result.stdout + result.stderr
+    if version == "-tls1_2":  # with TLS 1.3 the client's handshake ends first: it may exit before the alert
+        assert result.returncode != 0
 
 
 @pytest.mark.skipif(OPENSSL is None, reason="openssl is not installed")
