@@ -333,3 +333,58 @@ def test_node_report_takes_now(tmp_path: Path, certs: Certs) -> None:
     later = node_report(config, now=dt.datetime.now(dt.UTC) + dt.timedelta(days=365))
     assert any(f"TLS certificate {certs.node[0]} expired on" in e for e in later.errors)
     assert any("CA file" in w and "expired" in w for w in later.warnings)
+
+
+# -- the examples' commented blocks, uncommented -------------------------------------------------------------
+
+
+def _uncomment(text: str, opening: str) -> tuple[str, str]:
+    """``text`` without the comment that starts with ``opening``, and that comment's XML (its prose dropped)."""
+    start = text.index(f"<!-- {opening}")
+    end = text.index("-->", start)
+    lines = text[start:end].splitlines()[1:]
+    first = next(i for i, line in enumerate(lines) if line.strip().startswith("<"))
+    return text[:start] + text[end + len("-->") :], "\n".join(lines[first:])
+
+
+def test_the_node_examples_commented_blocks_are_valid(tmp_path: Path, certs: Certs) -> None:
+    text = re.sub(r"<Feeds .*?</Feeds>", '<Feeds update_frequency="30"/>', NODE, flags=re.S)
+    text, tls = _uncomment(text, "Events over TLS")
+    text, sources = _uncomment(text, "Who may connect")
+    text, metrics = _uncomment(text, "Prometheus /metrics")
+    text = text.replace("<RegExps>", tls.strip() + "\n    <RegExps>", 1)
+    text = text.replace("</ServiceSettings>", metrics.strip() + "</ServiceSettings>", 1)
+    text = text.replace("</Configuration>", sources.strip() + "\n</Configuration>", 1)
+    certs.ca.pair.write_cert(certs.dir, "siem-ca")
+    path = tmp_path / "node.conf"
+    path.write_text(text, encoding="utf-8")
+    run = validate(path)
+    assert (run.code, run.err) == (0, []), run
+    assert [line.split(": ")[0] for line in run.out[1:]] == [
+        "  events 127.0.0.1:9999",
+        "  api 127.0.0.1:8443",
+        "  metrics 127.0.0.1:9100",
+    ]
+    assert "client certificates required" in run.out[1] and run.out[1].endswith("sources 127.0.0.1/32, 10.0.0.0/8")
+
+
+def test_the_balancer_examples_commented_blocks_are_valid(tmp_path: Path, certs: Certs) -> None:
+    text, security = _uncomment(BALANCER, "Transport security")
+    text, metrics = _uncomment(text, "Prometheus /metrics")
+    text = text.replace("</Config>", security.strip() + "\n" + metrics.strip() + "\n</Config>", 1)
+    text = text.replace('enabled="true">127.0.0.1</Instance>', 'enabled="true" tls="true">127.0.0.1</Instance>')
+    certs.ca.pair.write_cert(certs.dir, "siem-ca")
+    certs.ca.issue("balancer client", server=False).write(certs.dir, "balancer-client")
+    path = tmp_path / "balancer.conf"
+    path.write_text(text, encoding="utf-8")
+    run = validate(path)
+    assert run.code == 0 and [e for e in run.err if "<OutputConnectionString>" not in e] == [], run
+    assert [line.split(": ")[0] for line in run.out[1:]] == [
+        "  events 127.0.0.1:9999",
+        "  events 127.0.0.1:6514",
+        "  api 127.0.0.1:8443",
+        "  alerts 127.0.0.1:9997",
+        "  metrics 127.0.0.1:9100",
+        "  to instance 127.0.0.1:10001",
+        "  to instance 127.0.0.1:10002",
+    ]
