@@ -443,7 +443,10 @@ def test_load_certificates(tmp_path: Path) -> None:
     bundle = tmp_path / "bundle.pem"
     bundle.write_bytes(Path(info.cert_path).read_bytes() + trustme.CA().cert_pem.bytes())
     assert len(load_certificates(str(bundle), "CA file")) == 2
-    with pytest.raises(TLSConfigError, match=r"cannot read TLS CA file .*nope\.pem"):
+    with pytest.raises(TLSConfigError, match=r"TLS CA file .*nope\.pem does not exist: check the path"):
         load_certificates(str(tmp_path / "nope.pem"), "CA file")
     with pytest.raises(TLSConfigError, match=r"TLS CA file .*node\.key is not a PEM certificate file"):
         load_certificates(info.key_path, "CA file")
+    os.mkdir(tmp_path / "dir.pem")
+    with pytest.raises(TLSConfigError, match=r"cannot read TLS CA file .*dir\.pem: Is a directory"):
+        load_certificates(str(tmp_path / "dir.pem"), "CA file")

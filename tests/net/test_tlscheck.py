@@ -248,7 +248,8 @@ def test_missing_and_garbage_trust_files_are_errors(tmp_path: Path, certs: Certs
     assert run.code == 2 and run.out == []
     conf = tmp_path / "node.conf"
     assert run.err == [
-        f"{conf}: error: cannot read TLS CA file {certs.dir / 'ca.pem'}: No such file or directory",
+        f"{conf}: error: TLS CA file {certs.dir / 'ca.pem'} does not exist: check the path (a relative one is read "
+        "from the configuration file's directory)",
         f"{conf}: error: TLS pinned client certificate {certs.dir / 'balancer.pem'} is not a PEM certificate file "
         "(-----BEGIN CERTIFICATE-----): convert it, e.g. openssl x509 -inform DER -in FILE -out FILE.pem",
     ]

@@ -96,7 +96,12 @@ def handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> Outcome
                 client_done = True
             except ssl.SSLWantReadError:
                 pass
-            except ssl.SSLError as exc:
+            except ssl.SSLError as exc:  # the client's alert still goes out: what the server makes of it
+                s_in.write(c_out.read())
+                try:
+                    server.do_handshake()
+                except ssl.SSLError as seen:
+                    return Outcome(server, server_error=seen, client_error=exc)
                 return Outcome(server, client_error=exc)
         s_in.write(c_out.read())
         if not server_done:
@@ -162,7 +167,7 @@ def test_missing_ca_file_names_it(world: World, tmp_path: Path) -> None:
     settings = world.listener("required").model_copy(
         update={"clients": ClientCertificates(mode="required", ca_files=(str(tmp_path / "nope.pem"),))}
     )
-    with pytest.raises(TLSConfigError, match=r"cannot read TLS CA file .*nope\.pem: No such file"):
+    with pytest.raises(TLSConfigError, match=r"TLS CA file .*nope\.pem does not exist: check the path"):
         listener_context(settings)
     with pytest.raises(TLSConfigError, match=r"nope\.pem"):
         ClientCheck.load(settings)
@@ -325,6 +330,16 @@ def test_verdict_on_bytes() -> None:
         "and no <CAFile> certificate issued it"
     )
     assert ClientCheck().verdict(None, None) is None
+
+
+def test_client_that_refuses_our_certificate(world: World) -> None:
+    stranger = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)  # trusts nothing: our CA is unknown to it
+    outcome = handshake(stranger, listener_context(world.listener()))
+    assert outcome.client_error is not None and outcome.server_error is not None
+    assert classify_handshake_error(outcome.server_error) == (
+        tlsport.SERVER_CERT_REFUSED,
+        "the client refused this port's certificate (tlsv1 alert unknown ca): give it the CA or pin",
+    )
 
 
 # -- handshake failures in words -----------------------------------------------------------------------------

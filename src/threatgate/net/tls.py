@@ -373,6 +373,11 @@ def load_certificates(path: str, what: str) -> list[x509.Certificate]:
     Raises:
         TLSConfigError: the file is missing, unreadable, too large or holds no PEM certificate.
     """
+    if not os.path.lexists(path):
+        raise TLSConfigError(
+            f"TLS {what} {path} does not exist: check the path (a relative one is read from the configuration "
+            "file's directory)"
+        )
     data = _read_pem(path, what)
     try:
         return x509.load_pem_x509_certificates(data)
