@@ -37,7 +37,6 @@ from dataclasses import dataclass
 from typing import cast
 
 from threatgate.log import RateLimitedLog
-from threatgate.net.describe import describe
 from threatgate.net.drain import POLL_INTERVAL, Drain, DrainResult, Owed, remaining
 from threatgate.stats import BoundaryStats
 from threatgate.wire.flags import PONG, NeedData, SessionFlags, parse_flags
@@ -381,12 +380,12 @@ class EventProtocol(asyncio.Protocol):
         listener = self.listener
         listener.handshaking.pop(self, None)
         if isinstance(exc, ssl.SSLError):  # inside TLS: a renegotiation refused, a corrupt or forged record
-            listener.stats.bump(listener.stats.bad_input, "tls_broken")
+            from threatgate.net.tlsport import classify_handshake_error  # only now: a worker stays lean
+
+            reason, text = classify_handshake_error(exc, established=True)
+            listener.stats.bump(listener.stats.bad_input, reason)
             listener.warn_tls(
-                "TLS connection from %s broken: %s; closed (a renegotiation attempt is refused so; "
-                'threatgate_bad_input_total{reason="tls_broken"})',
-                self.peer,
-                describe(exc),
+                'TLS connection from %s broken: %s (threatgate_bad_input_total{reason="%s"})', self.peer, text, reason
             )
         if self._admitting is not None and self.state is ConnState.HANDSHAKE:
             # Gone while its scanner slot is being asked for (a node's worker asks its master).  Over TLS a
