@@ -18,6 +18,7 @@ import socket
 import ssl
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -314,3 +315,99 @@ def test_tls_switched_on_by_a_sighup_takes_effect_without_a_restart(
             balancer.wait_for_log(rf"{instance(front.port)} is UP", after=mark, timeout=STARTUP_TIMEOUT)
             lines = stream(balancer.port, REPLY_FLAGS + example_nodes.events * 10)
             assert_answers(answers_in_order(lines), example_nodes.reference * 10)
+
+
+def tls_stream(port: int, context: ssl.SSLContext, payload: bytes, count: int, at_half: object = None) -> list[str]:
+    """Send ``payload`` over TLS and read until ``count`` finished lines, in one thread (an SSL socket must not
+    be read and written from two at once); ``at_half()`` is called once half of them are in.  TLS has no
+    half-close: the session stays open until every answer is in, as a SIEM wanting replies does."""
+    import selectors
+
+    raw = socket.create_connection(("127.0.0.1", port), timeout=STREAM_TIMEOUT)
+    sock = context.wrap_socket(raw, server_hostname="127.0.0.1")
+    sock.setblocking(False)
+    view, sent, data, finished, called = memoryview(payload), 0, bytearray(), 0, False
+    with sock, selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ | selectors.EVENT_WRITE)
+        deadline = time.monotonic() + STREAM_TIMEOUT
+        while finished < count:
+            assert time.monotonic() < deadline, f"{finished} of {count} answers within {STREAM_TIMEOUT} s"
+            if sent == len(view):
+                sel.modify(sock, selectors.EVENT_READ)
+            for _ in sel.select(1.0):
+                pass
+            try:
+                while True:
+                    chunk = sock.recv(1 << 20)
+                    assert chunk, f"the balancer closed after {finished} of {count} answers"
+                    data += chunk
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+            finished = data.count(b"LookupFinished")
+            if at_half is not None and not called and finished >= count // 2:
+                called = True
+                at_half()  # type: ignore[operator]
+            try:
+                while sent < len(view):
+                    sent += sock.send(view[sent : sent + (1 << 16)])
+            except (ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                pass
+    return data.decode().splitlines()
+
+
+@pytest.mark.timeout(300)
+def test_siem_to_balancer_to_nodes_all_over_tls_with_client_certificates_and_a_node_killed(
+    dataset: Dataset,  # noqa: F811
+    tmp_path: Path,
+) -> None:
+    """The whole path in TLS with the nodes' own TLS ports: the SIEM presents a certificate its CA issued to the
+    balancer, the balancer its own (pinned) to the nodes; a node SIGKILLed mid-stream, every event answered
+    exactly once, every detection as a node alone gives it."""
+    import trustme
+
+    b_cert, _ = balancer_pair(tmp_path)
+    ca = trustme.CA()
+    ca.cert_pem.write_to_path(str(tmp_path / "siem-ca.pem"))
+    tls = f'<TLS><ClientCertificates mode="required"><Certificate>{b_cert}</Certificate></ClientCertificates></TLS>'
+    configs = []
+    for _ in range(2):
+        path = dataset.node_config()
+        text = path.read_text().replace("127.0.0.1:0</ConnectionString>", "127.0.0.1:0</ConnectionString>" + tls, 1)
+        path.write_text(text)
+        configs.append((path, 0))
+    matching_tls = (
+        '<MatchingTLS><ClientCertificates mode="required"><CAFile>siem-ca.pem</CAFile></ClientCertificates>'
+        "</MatchingTLS>"
+    )
+    siem = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    siem.check_hostname, siem.verify_mode = False, ssl.CERT_NONE  # the SIEM side is not under test here
+    ca.issue_cert("siem.example").configure_cert(siem)
+    with nodes(*configs, env=SLOW_NODES) as (victim, survivor):
+        assert "events" in victim.bound and victim.log().count("TLS") >= 1
+        with tls_balancer(tmp_path / "kl_balancer.conf", [victim.port, survivor.port], extra=matching_tls) as balancer:
+            mark = balancer.log_offset()
+
+            def kill() -> None:
+                victim.proc.kill()
+                assert victim.proc.wait(10) == -9
+
+            lines = tls_stream(balancer.port, siem, REPLY_FLAGS + dataset.events, EVENTS, at_half=kill)
+            balancer.wait_for_log(rf"{instance(victim.port)} is DOWN: ", after=mark)
+            assert survivor.proc.poll() is None and balancer.proc.poll() is None
+            assert refused_without_certificate(balancer.port)
+    assert lines.count(FINISHED_LINE) == EVENTS
+    assert_answers(answers_in_order(lines), dataset.reference)
+
+
+def refused_without_certificate(port: int) -> bool:
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+    try:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=10) as raw,
+            context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
+        ):
+            sock.sendall(REPLY_FLAGS + b"1 x\n")
+            return sock.recv(100) == b""
+    except (OSError, ssl.SSLError):
+        return True
