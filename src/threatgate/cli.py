@@ -86,7 +86,7 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
     try:
         run(config)
     except TLSConfigError as exc:
-        click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
+        click.echo(f"threatgate: cannot start: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except ClusterError as exc:
         click.echo(f"threatgate: cluster: {exc}", err=True)
