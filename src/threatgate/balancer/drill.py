@@ -229,6 +229,22 @@ class Rest:
         self.pool.close()
 
 
+def _read_cert(path: str, what: str) -> bytes:
+    """A PEM certificate file the drill pins a connection to.
+
+    Raises:
+        DrillError: it cannot be read or holds no certificate.
+    """
+    try:
+        with open(path, "rb") as fh:
+            pem = fh.read(1 << 20)
+        _der(pem)
+    except (OSError, ValueError) as exc:
+        reason = describe(exc) if isinstance(exc, OSError) else str(exc)
+        raise DrillError(f"{what} {path}: {reason}") from None
+    return pem
+
+
 def _events_context(options: DrillOptions) -> ssl.SSLContext | None:
     """TLS toward a ``<MatchingTLS>`` event port: its own certificate is the pin (checked before a byte is sent)."""
     if not options.events_cert_pem:
@@ -521,13 +537,7 @@ def build_options(
         if not (api_port or config.api_port):
             raise DrillError(f'{config.path} says api_port="0" (picked at start): give --api-port')
         api = (host, api_port or config.api_port)
-        try:
-            with open(config.cert_path, "rb") as fh:
-                cert = fh.read(1 << 20)
-            _der(cert)
-        except (OSError, ValueError) as exc:
-            reason = describe(exc) if isinstance(exc, OSError) else str(exc)
-            raise DrillError(f"the balancer's certificate {config.cert_path}: {reason}") from None
+        cert = _read_cert(config.cert_path, "the balancer's certificate")
     try:
         instances = core.plan([s.key for s in config.instances if s.enabled])
     except ValueError as exc:
@@ -535,13 +545,7 @@ def build_options(
     events_cert, client_pair = b"", None
     tls = config.matching_tls
     if tls is not None and tls.listen is None:  # the event port itself speaks TLS: the canaries go over TLS
-        try:
-            with open(tls.cert_path, "rb") as fh:
-                events_cert = fh.read(1 << 20)
-            _der(events_cert)
-        except (OSError, ValueError) as exc:
-            reason = describe(exc) if isinstance(exc, OSError) else str(exc)
-            raise DrillError(f"the event port's certificate {tls.cert_path}: {reason}") from None
+        events_cert = _read_cert(tls.cert_path, "the event port's certificate")
         if tls.clients.mode != "none":
             client_pair = (config.client_cert_path, config.client_key_path)
     return DrillOptions(
