@@ -112,7 +112,7 @@ def rsyslog_config(work: Path, in_port: int, target: int, framing: RsyslogFramin
     """
     action = (
         f'action(type="omfwd" target="127.0.0.1" port="{target}" protocol="tcp" TCP_Framing="{framing}"\n'
-        '       template="threatgate_event" action.resumeInterval="1"'
+        '       template="raw_event" action.resumeInterval="1"'
     )
     if tls is not None:
         action += '\n       StreamDriver="gtls" StreamDriverMode="1"'
@@ -127,7 +127,7 @@ def rsyslog_config(work: Path, in_port: int, target: int, framing: RsyslogFramin
     return (
         f'global(workDirectory="{work}" net.enableDNS="off")\n'
         'module(load="imtcp")\n'
-        f'template(name="threatgate_event" type="string" string="{template}")\n'
+        f'template(name="raw_event" type="string" string="{template}")\n'
         f'ruleset(name="forward") {{\n  {action})\n}}\n'
         f'input(type="imtcp" address="127.0.0.1" port="{in_port}" ruleset="forward" '
         'supportOctetCountedFraming="off")\n'

@@ -8,6 +8,7 @@ ClientHello on a plain one in words, and close a peer outside ``<AllowedSources>
 from __future__ import annotations
 
 import re
+import signal
 import socket
 import ssl
 import subprocess
@@ -263,3 +264,31 @@ def test_a_renegotiation_attempt_is_refused_and_counted(tls_node: NodeProcess, c
         proc.kill()
     assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls_renegotiation"}') == 1
     assert detections(tls_exchange(tls_node.port, certs.context("ca"), FLAGS + EVENTS))  # others are served
+
+
+def test_workers_refuse_to_start_with_tls_files_they_could_not_use(tmp_path: Path, certs: Certs) -> None:
+    """The workers run the handshakes, but the master checks the files at start: a missing CA file stops the
+    node (exit 2, the file named), rather than a node READY that resets every TLS client."""
+    bad = TLS_INPUT.format(port="").replace("<CAFile>ca.pem</CAFile>", "<CAFile>gone.pem</CAFile>")
+    config = example_config(tmp_path, input_extra=bad, workers=2)
+    node = NodeProcess(config)
+    try:
+        assert node.proc.wait(60) == 2, node.log_tail()
+        assert "gone.pem" in node.log()
+    finally:
+        node.stop()
+
+
+def test_a_reload_does_not_change_the_tls_of_workers(tmp_path: Path, certs: Certs) -> None:
+    """<TLS> needs a restart, for every worker: one that serves its first TLS client after a SIGHUP removed
+    <ClientCertificates> still asks for a certificate."""
+    config = example_config(tmp_path, input_extra=TLS_INPUT.format(port=""), extra_service=METRICS, workers=2)
+    with running_node(config) as node:
+        mark = len(node.log())
+        text = config.read_text()
+        config.write_text(re.sub(r"<ClientCertificates.*?</ClientCertificates>", "", text, flags=re.S))
+        node.signal(signal.SIGHUP)
+        node.wait_for_log(r"needs a restart: InputSettings/TLS", after=mark)
+        for _ in range(4):  # connections go to both workers
+            assert refused(node.port, certs.context(None))
+        assert detections(tls_exchange(node.port, certs.context("ca"), FLAGS + EVENTS))

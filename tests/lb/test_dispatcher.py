@@ -555,6 +555,28 @@ def test_a_client_gone_without_reply_back_still_gets_its_detections_to_the_outpu
     h.answer(LANE_A, events)
     assert h.output == ["category=x matched=hit:1", "category=x matched=hit:3"]
     assert c not in h.d.clients and c not in h.closed_clients  # forgotten once answered, never "closed" again
+    assert c not in h.d.correlator._order  # nothing of it is kept (a shipper reconnecting all day leaks nothing)
+
+
+def test_a_client_gone_without_reply_back_is_dropped_when_maxpendingevents_wait() -> None:
+    """Kept events of clients that left never grow the backlog past MaxPendingEvents: past it, they are dropped
+    (counted) as before, and they never count in another client's share."""
+    h = Harness(settings(1), max_pending_events=4)
+    shipper = h.client("shipper", SessionFlags())
+    h.submit(shipper, ["hit:1", "hit:2", "hit:3", "hit:4"])  # no instance UP: all wait in the backlog
+    h.run(h.d.client_gone(shipper))
+    assert h.stats.dropped == {"client_gone": 4} and shipper not in h.d.clients and h.d.orphaned() == 0
+
+
+def test_orphaned_counts_the_events_of_clients_that_left() -> None:
+    h = Harness(settings(1))
+    h.up(A)
+    shipper = h.client("shipper", SessionFlags())
+    h.submit(shipper, ["hit:1", "miss:2"])
+    h.run(h.d.client_gone(shipper))
+    assert h.d.orphaned() == 2
+    h.answer(LANE_A, h.sent(LANE_A))
+    assert h.d.orphaned() == 0
 
 
 def test_an_event_too_large_for_the_nodes_is_answered_here() -> None:

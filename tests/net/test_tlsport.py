@@ -14,6 +14,7 @@ import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import pytest
 
@@ -540,3 +541,36 @@ def test_plain_socat_to_a_tls_port(world: World, serve_once: object) -> None:
     subprocess.run([SOCAT, "-", f"TCP:127.0.0.1:{port}"], input=b"X-KF-ReplyBack\n", capture_output=True, timeout=20)  # type: ignore[list-item]
     assert served.done.wait(10)
     assert served.failure is not None and served.failure[0] == tlsport.PLAINTEXT
+
+
+class _Session:
+    """What :meth:`ClientCheck.client_verdict` reads of a finished handshake: the peer's certificate, whether
+    the session was resumed, and (a full handshake) the chain OpenSSL verified."""
+
+    def __init__(self, leaf: bytes, *, reused: bool, chain: list[bytes] | None = None) -> None:
+        self.leaf, self.session_reused, self.chain = leaf, reused, chain
+
+    def getpeercert(self, binary_form: bool = False) -> bytes:
+        return self.leaf
+
+    def get_verified_chain(self) -> list[bytes] | None:
+        return self.chain
+
+
+def test_a_resumed_session_gets_in_only_with_a_certificate_a_full_handshake_accepted() -> None:
+    """Resumption shows no verified chain: a CA-issued client that got in may resume, one refused may not come
+    back resumed, and a pinned one always may."""
+    import hashlib
+
+    sha = lambda b: hashlib.sha256(b).digest()  # noqa: E731
+    check = ClientCheck(mode="required", pinned=frozenset({sha(b"pinned")}), authorities=frozenset({sha(b"ca")}))
+
+    def seen(session: _Session) -> str | None:
+        return check.client_verdict(cast(ssl.SSLObject, session))
+
+    assert seen(_Session(b"siem", reused=True)) is not None  # never seen in full
+    assert seen(_Session(b"siem", reused=False, chain=[b"siem", b"ca"])) is None
+    assert seen(_Session(b"siem", reused=True)) is None  # accepted before: may resume
+    assert seen(_Session(b"child", reused=False, chain=[b"child", b"pinned"])) is not None
+    assert "resumed TLS session" in (seen(_Session(b"child", reused=True)) or "")
+    assert seen(_Session(b"pinned", reused=True)) is None

@@ -96,6 +96,10 @@ class ReadinessPart(WriteRouter, Protocol):
     def families(self) -> Iterator[Metric]: ...
 
 
+ORPHAN_POLL = 0.01
+"""Seconds between two looks at the events of clients that left, at shutdown (as net/drain.py's poll)."""
+
+
 class AlertPart(Protocol):
     """The service-alert port as the edge sees it (balancer/alerts.py ``AlertListener``)."""
 
@@ -652,6 +656,22 @@ class BalancerService:
     def request_reload(self) -> None:
         self._spawn(self.reload())
 
+    async def _drain_orphans(self, deadline: float) -> None:
+        """Within the same DrainTimeout: the events of clients that left (no ReplyBack) get their detections out
+        too; what is still unanswered at the deadline is counted and said, never dropped quietly."""
+        loop = asyncio.get_running_loop()
+        # A poll, as net/drain.py's: the answers come through the sans-IO core, which has no event to wait on.
+        while self.dispatcher.orphaned() and loop.time() < deadline:  # noqa: ASYNC110
+            await asyncio.sleep(ORPHAN_POLL)
+        left = self.dispatcher.orphaned()
+        if left:
+            self.stats.bump(self.stats.dropped, "shutdown", left)
+            log.warning(
+                "%d event(s) of clients that already left were not answered within DrainTimeout: their detections "
+                'are lost (threatgate_balancer_dropped_total{reason="shutdown"})',
+                left,
+            )
+
     async def shutdown(self) -> None:
         """Stop accepting, drain the client connections within DrainTimeout (answers from the nodes keep
         arriving meanwhile), then stop the rest."""
@@ -668,6 +688,7 @@ class BalancerService:
                 timeout,
             )
         drained = await self.listener.drain(timeout)
+        await self._drain_orphans(started + timeout)
         if self._servers:
             log_drained(log, "balancer", drained, loop.time() - started, timeout)
         for task in list(self._checkers.values()):

@@ -251,7 +251,7 @@ class Dispatcher:
 
     def _pause_heavy_clients(self, out: list[Action]) -> None:
         """Backlog full: stop reading the clients that hold more than an equal share of it."""
-        clients = list(self.clients.values())
+        clients = [c for c in self.clients.values() if not c.gone]  # the gone can neither send nor be paused
         share = self.config.max_pending_events // max(1, len(clients))
         heavy = [c for c in clients if c.outstanding >= share and c not in self._backlog_paused and not c.gone]
         if not heavy:
@@ -277,7 +277,8 @@ class Dispatcher:
         session right after sending: TLS has no half-close).  The client is forgotten once answered.
         """
         client = self.clients.get(key)
-        if client is not None and not client.reply_back and client.outstanding and not client.gone:
+        keep = len(self.backlog) < self.config.max_pending_events  # never past MaxPendingEvents for the gone
+        if client is not None and not client.reply_back and client.outstanding and not client.gone and keep:
             client.gone = client.eof = True
             self._backlog_paused.discard(client)
             client.paused.clear()
@@ -312,6 +313,10 @@ class Dispatcher:
         )
         return out
 
+    def orphaned(self) -> int:
+        """Events of clients that left, still matched for the output (their detections go on without them)."""
+        return sum(c.outstanding for c in self.clients.values() if c.gone)
+
     def _deliver(self, answered: list[Answered], out: list[Action]) -> None:
         """Each client's answered run in one :class:`Deliver` (the plain run costs no per-event work)."""
         stats = self.stats
@@ -344,6 +349,7 @@ class Dispatcher:
             if client.eof and not client.outstanding:
                 if client.gone:
                     del self.clients[client.key]
+                    self.correlator.client_gone(client.key)  # nothing pending: forgets its order
                 else:
                     out.append(CloseClient(client.key))
 
@@ -746,7 +752,7 @@ class Dispatcher:
         REST gateway takes it out; back only when health checks pass again (the same pin check).
 
         ``why`` names both fingerprints (``PinMismatch.reason``); logged at ERROR once per distinct
-        mismatch, counted every time (``threatgate_balancer_transitions{kind="pin_mismatch"}``).
+        mismatch, counted every time (``threatgate_balancer_transitions_total{kind="pin_mismatch"}``).
         """
         inst = self.checked(key)
         out: list[Action] = []

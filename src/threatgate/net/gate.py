@@ -50,7 +50,13 @@ from threatgate.net.sources import SourceList
 from threatgate.stats import BoundaryStats
 
 MAX_TLS_HANDSHAKES = 64
-"""TLS handshakes in progress on one port; the oldest is evicted for a newcomer past it."""
+"""TLS handshakes in progress on one port; past it, the oldest is evicted for a newcomer if it has had
+:data:`EVICT_AFTER` seconds, else accepting waits until one ends (a reconnect burst, not a flood)."""
+EVICT_AFTER = 1.0
+"""Seconds a handshake may take before a newcomer can take its slot: a real client finishes in milliseconds."""
+HARD_LIMIT = 4
+"""Handshakes given to a node's worker (which does not accept itself) may exceed the limit up to this factor
+before the youngest-but-oldest is evicted anyway."""
 ACCEPTS_PER_WAKEUP = 64
 """Connections accepted per readiness of the listening socket, so a connect flood cannot hold the loop."""
 ACCEPT_PAUSE = 0.5
@@ -152,7 +158,8 @@ class Gate:
         self.vet = vet
         self.classify = classify
         self.max_handshakes = max_handshakes
-        self.handshaking: dict[asyncio.Task[Any], str] = {}  # handshake -> peer, insertion-ordered: oldest first
+        self.handshaking: dict[asyncio.Task[Any], tuple[str, float]] = {}  # -> (peer, began); oldest first
+        self.on_slot_free: Callable[[], None] | None = None  # a GateServer waiting to accept again
         self.tasks: set[asyncio.Task[bool]] = set()
         self.warn_source = RateLimitedLog(log)
         self.warn_tls = RateLimitedLog(log)
@@ -165,19 +172,22 @@ class Gate:
             factory = inner if self.sources is None else lambda: _Door(self, inner)
             return await loop.create_server(factory, host, port, reuse_address=True, backlog=backlog)
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-        family, kind, proto, _, address = infos[0]
-        sock = socket.socket(family, kind, proto)
+        socks: list[socket.socket] = []
         try:
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-            if family == socket.AF_INET6:
-                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
-            sock.bind(address)
-            sock.listen(backlog)
-            sock.setblocking(False)
+            for family, kind, proto, _, address in dict.fromkeys(infos):  # every address, once (as create_server)
+                sock = socket.socket(family, kind, proto)
+                socks.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                sock.bind(address)
+                sock.listen(backlog)
+                sock.setblocking(False)
         except OSError:
-            sock.close()
+            for sock in socks:
+                sock.close()
             raise
-        server = GateServer(self, inner, sock)
+        server = GateServer(self, inner, socks)
         server.start()
         return server
 
@@ -210,18 +220,10 @@ class Gate:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
-        if len(self.handshaking) >= self.max_handshakes:
-            oldest, oldest_peer = next(iter(self.handshaking.items()))
-            self.stats.bump(self.stats.connections, "evicted_tls_handshake")
-            self.warn_flood(
-                "more than %d TLS handshakes in progress on the %s port; closing the oldest (%s)",
-                self.max_handshakes,
-                self.port,
-                oldest_peer,
-            )
-            del self.handshaking[oldest]
-            oldest.cancel()
-        self.handshaking[task] = peer
+        began = loop.time()
+        if self.full(began):
+            self._evict_oldest()
+        self.handshaking[task] = (peer, began)
         try:
             # Our own reference: uvloop returns its SSLProtocol here, not the application's protocol.
             vetting = _Vetting(self, peer, inner)
@@ -235,12 +237,48 @@ class Gate:
             sock.close()
             raise
         except (OSError, TimeoutError, RuntimeError) as exc:  # ssl.SSLError and ConnectionError are OSErrors
-            self._failed(peer, exc)
+            failure: BaseException = exc
+            if loop.time() - began >= self.handshake_timeout:
+                # Both loops end a stalled handshake with an abort, not a TimeoutError: name it by the clock.
+                failure = TimeoutError(f"no TLS handshake within {self.handshake_timeout:g} s")
+            self._failed(peer, failure)
             sock.close()
             return False
         finally:
             self.handshaking.pop(task, None)
+            if self.on_slot_free is not None:
+                self.on_slot_free()
         return vetting.handed_over
+
+    def full(self, now: float) -> bool:
+        """Every handshake slot is taken by one younger than :data:`EVICT_AFTER`: a burst, not a flood."""
+        if len(self.handshaking) < self.max_handshakes:
+            return False
+        _, began = next(iter(self.handshaking.values()))
+        return now - began >= EVICT_AFTER or len(self.handshaking) >= HARD_LIMIT * self.max_handshakes
+
+    def saturated(self, now: float) -> bool:
+        """All slots taken by recent handshakes (counting those accepted and not started yet): accept nothing
+        more until one ends; the kernel's backlog holds the newcomers meanwhile."""
+        if len(self.tasks) < self.max_handshakes:
+            return False
+        return not self.handshaking or now - self.oldest_began() < EVICT_AFTER
+
+    def oldest_began(self) -> float:
+        """When the oldest handshake in progress began (loop time); call only while one is."""
+        return next(iter(self.handshaking.values()))[1]
+
+    def _evict_oldest(self) -> None:
+        oldest, (oldest_peer, _) = next(iter(self.handshaking.items()))
+        self.stats.bump(self.stats.connections, "evicted_tls_handshake")
+        self.warn_flood(
+            "more than %d TLS handshakes in progress on the %s port; closing the oldest (%s)",
+            self.max_handshakes,
+            self.port,
+            oldest_peer,
+        )
+        del self.handshaking[oldest]
+        oldest.cancel()
 
     def admits(self, host: str) -> bool:
         """The allow-list's verdict on a peer address (True without a list): for ports that accept themselves
@@ -294,35 +332,42 @@ class Listening(Protocol):
 
 
 class GateServer:
-    """A TLS port's listening socket: accepts by itself so the source is checked before any byte is read."""
+    """A TLS port's listening sockets: accepts by itself so the source is checked before any byte is read.
 
-    def __init__(self, gate: Gate, inner: ProtocolFactory, sock: socket.socket) -> None:
+    One socket per address the host resolves to, as ``create_server`` does.  While every handshake slot
+    is taken by a recent handshake it stops accepting (the kernel's backlog holds newcomers) and starts
+    again when one ends: a reconnect burst of real senders waits milliseconds instead of being evicted.
+    """
+
+    def __init__(self, gate: Gate, inner: ProtocolFactory, socks: list[socket.socket]) -> None:
         self.gate = gate
         self.inner = inner
-        self._sock = sock
+        self._socks = socks
         self._serving = False
+        self._watching = False
         self._closed = asyncio.get_running_loop().create_future()
 
     @property
     def sockets(self) -> tuple[socket.socket, ...]:
-        return (self._sock,) if self._sock.fileno() >= 0 else ()
+        return tuple(sock for sock in self._socks if sock.fileno() >= 0)
 
     def start(self) -> None:
-        asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
         self._serving = True
+        self.gate.on_slot_free = self._slot_free
+        self._watch(True)
 
     def is_serving(self) -> bool:
         return self._serving
 
     def close(self) -> None:
         """Stop accepting; connections already handed over stay (the services drain them); handshakes stop."""
-        if not self._serving and self._sock.fileno() < 0:
+        if not self._serving:
             return
-        loop = asyncio.get_running_loop()
-        if self._sock.fileno() >= 0:
-            loop.remove_reader(self._sock.fileno())
-            self._sock.close()
+        self._watch(False)
         self._serving = False
+        self.gate.on_slot_free = None
+        for sock in self._socks:
+            sock.close()
         for task in list(self.gate.tasks):
             task.cancel()
         if not self._closed.done():
@@ -331,34 +376,52 @@ class GateServer:
     async def wait_closed(self) -> None:
         await self._closed
 
-    def _accept(self) -> None:
+    def _watch(self, on: bool) -> None:
+        if on == self._watching:
+            return
         loop = asyncio.get_running_loop()
+        for sock in self.sockets:
+            if on:
+                loop.add_reader(sock.fileno(), self._accept, sock)
+            else:
+                loop.remove_reader(sock.fileno())
+        self._watching = on
+
+    def _slot_free(self) -> None:
+        if self._serving and not self._watching:
+            self._watch(True)
+
+    def _accept(self, listening: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        gate = self.gate
         for _ in range(ACCEPTS_PER_WAKEUP):
+            now = loop.time()
+            if gate.saturated(now):
+                # Until a handshake ends (_slot_free), or the oldest is old enough to be evicted for a newcomer.
+                self._watch(False)
+                age = now - gate.oldest_began() if gate.handshaking else 0.0
+                loop.call_later(EVICT_AFTER - age + 0.01, self._slot_free)
+                return
             try:
-                conn, _ = self._sock.accept()
+                conn, _ = listening.accept()
             except (BlockingIOError, InterruptedError, ConnectionAbortedError):
                 return
             except OSError as exc:
+                gate.warn_flood(
+                    "%s port: cannot accept a connection: %s; pausing accepts for %.1f s",
+                    gate.port,
+                    describe(exc),
+                    ACCEPT_PAUSE,
+                )
                 if exc.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                    self.gate.warn_flood(
-                        "%s port: cannot accept a connection: %s; pausing accepts for %.1f s",
-                        self.gate.port,
-                        describe(exc),
-                        ACCEPT_PAUSE,
-                    )
-                    loop.remove_reader(self._sock.fileno())
-                    loop.call_later(ACCEPT_PAUSE, self._resume)
-                    return
-                raise
+                    self._watch(False)
+                    loop.call_later(ACCEPT_PAUSE, self._slot_free)
+                return
             conn.setblocking(False)
             conn.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            task = loop.create_task(self.gate.serve(conn, self.inner))
-            self.gate.tasks.add(task)
-            task.add_done_callback(self.gate.tasks.discard)
-
-    def _resume(self) -> None:
-        if self._serving and self._sock.fileno() >= 0:
-            asyncio.get_running_loop().add_reader(self._sock.fileno(), self._accept)
+            task = loop.create_task(gate.serve(conn, self.inner))
+            gate.tasks.add(task)
+            task.add_done_callback(gate.tasks.discard)
 
 
 class _Door(asyncio.Protocol):

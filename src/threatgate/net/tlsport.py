@@ -25,7 +25,7 @@ from __future__ import annotations
 import hashlib
 import ssl
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from cryptography.hazmat.primitives import serialization
@@ -112,6 +112,10 @@ def _sha256s(paths: Iterable[str], what: str) -> frozenset[bytes]:
     )
 
 
+MAX_REMEMBERED = 10_000
+"""Accepted client certificates remembered for resumed sessions (then forgotten: clients do full handshakes)."""
+
+
 @dataclass(frozen=True)
 class ClientCheck:
     """Which client certificates a port accepts once OpenSSL has verified the chain.
@@ -124,6 +128,9 @@ class ClientCheck:
     mode: str = "none"
     pinned: frozenset[bytes] = frozenset()
     authorities: frozenset[bytes] = frozenset()
+    accepted: set[bytes] = field(default_factory=set, compare=False)
+    """Digests of certificates a full handshake accepted: a resumed session (no chain to look at) is let in
+    only with one of them or a pinned one, so a session refused here cannot come back resumed."""
 
     @classmethod
     def load(cls, settings: TLSListener) -> ClientCheck:
@@ -146,7 +153,17 @@ class ClientCheck:
         if self.mode == "none":
             return None
         leaf = ssl_object.getpeercert(binary_form=True)
-        return self.verdict(leaf, verified_chain(ssl_object) if leaf else None)
+        if leaf and ssl_object.session_reused:
+            digest = hashlib.sha256(leaf).digest()
+            if digest in self.pinned or digest in self.accepted:
+                return None
+            return "a resumed TLS session whose client certificate this port has not accepted: full handshake needed"
+        why = self.verdict(leaf, verified_chain(ssl_object) if leaf else None)
+        if why is None and leaf:
+            if len(self.accepted) >= MAX_REMEMBERED:
+                self.accepted.clear()  # resumption is an optimisation: a full handshake is always possible
+            self.accepted.add(hashlib.sha256(leaf).digest())
+        return why
 
     def verdict(self, leaf: bytes | None, chain: Sequence[bytes] | None) -> str | None:
         """The decision on DER bytes: the peer's certificate and its verified chain (leaf first; None: unknown)."""

@@ -867,6 +867,8 @@ class NodeService:
         await pool.publish_store("store", self._snapshots)
         suppliers = self.matcher.suppliers
         await pool.publish_store("suppliers", suppliers.snapshots if suppliers is not None else {})
+        if tls is not None:
+            self._gate("events", tls)  # the workers run the handshakes: fail the start here if the files are bad
         await pool.start(listening, self._gate("events"))
 
     async def _start_metrics(self) -> None:

@@ -187,6 +187,17 @@ class Worker:
         config, engine = message.payload
         self.config = config
         self.engine = engine
+        if config.input.tls is not None:
+            # From the configuration the worker starts with, never a reload's: <TLS> needs a restart, as the
+            # master says; the master built the same gate at its start, so the files are known good.
+            self._tls = gate_for(
+                "events",
+                stats=self.stats,
+                log=log,
+                handshake_timeout=config.service.handshake_timeout,
+                sources=None,  # the master checked the source before passing the connection
+                tls=config.input.tls,
+            )
         self.matcher = make_matcher(config, IndicatorStore(), engine)
         self.listener = WorkerListener(self, self.stats, listener_limits(config), log)
         self.output = detection_sender(config, self._dropped)
@@ -256,30 +267,24 @@ class Worker:
             log.error("connection %d handed over without its socket (%s)", conn_id, exc)
             self.send("closed", conn_id)
             return
-        gate = self._tls_gate() if tls else self._plain
+        gate = self._tls if tls else self._plain
+        if gate is None:  # the master passes TLS connections only with <TLS>, and checked it at start
+            log.error("connection %d handed over as TLS but this worker has no TLS port: closed", conn_id)
+            sock.close()
+            self.send("closed", conn_id)
+            return
 
         async def serve() -> None:
-            # Gone before we took it over, a failed TLS handshake (logged and counted by the gate): the
-            # master gets its slot back.
-            if not await gate.serve(sock, lambda: WorkerConnection(self, conn_id)):
-                self.send("closed", conn_id)
+            served = False
+            try:
+                served = await gate.serve(sock, lambda: WorkerConnection(self, conn_id))
+            finally:
+                # Gone before we took it over, a failed or evicted TLS handshake (logged and counted by the
+                # gate): the master gets its slot back.
+                if not served:
+                    self.send("closed", conn_id)
 
         self._spawn(serve())
-
-    def _tls_gate(self) -> Gate:
-        """The TLS port's gate (the handshake runs here, in the worker); made at the first TLS connection."""
-        if self._tls is None:
-            tls = self.config.input.tls
-            assert tls is not None, "the master passes TLS connections only when <TLS> is set"
-            self._tls = gate_for(
-                "events",
-                stats=self.stats,
-                log=log,
-                handshake_timeout=self.config.service.handshake_timeout,
-                sources=None,  # the master checked the source before passing the connection
-                tls=tls,
-            )
-        return self._tls
 
     def _on_slot(self, message: Message) -> None:
         conn_id, ok = message.payload
