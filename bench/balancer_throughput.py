@@ -74,6 +74,7 @@ answers or timed out; 2 when the set-up failed (HAProxy or py-spy missing, a pro
 from __future__ import annotations
 
 import argparse
+import collections
 import ctypes
 import functools
 import json
@@ -977,7 +978,53 @@ def profile_balancer(
             spy.wait()
     if not os.path.exists(raw) or os.path.getsize(raw) == 0:
         raise SetupError(f"py-spy wrote nothing ({spy.returncode}): {out.decode(errors='replace')[-2000:]}")
-    return run, summarize_stacks(raw, args.top)
+    text = summarize_stacks(raw, args.top)
+    return run, (time_by_category(raw) + "\n\n" + text) if args.native else text
+
+
+SYSCALLS = frozenset(
+    {"write", "writev", "read", "readv", "recv", "recvfrom", "send", "sendto", "sendmsg", "epoll_pwait"}
+)
+
+
+def leaf_category(stack: list[str]) -> str:
+    """Where one py-spy sample (``--native``, root first) spent its time, by its leaf frame."""
+    func, _, where = stack[-1].strip().rpartition(" (")
+    where = where.rstrip(")")
+    if "libssl" in where or "libcrypto" in where:
+        return "OpenSSL (libssl, libcrypto)"
+    if where.startswith("libc.so") and func in SYSCALLS:
+        return "system calls (read, write, epoll)"
+    if "threatgate/" in where or where.endswith("_scan.c"):
+        return "threatgate (Python and its C helpers)"
+    if where.endswith(("loop.c", ".pyx", ".pxd")) or "uvloop" in where or "libuv" in where:
+        return "uvloop and libuv (its SSLProtocol included)"
+    return "interpreter, libc (copies, allocation), other"
+
+
+def time_by_category(raw: str) -> str:
+    """Samples of the main thread by :func:`leaf_category`, and how many ran under uvloop's SSLProtocol."""
+    counts: collections.Counter[str] = collections.Counter()
+    under_ssl = samples = 0
+    with open(raw, encoding="utf-8", errors="replace") as fh:
+        for line in fh:
+            stack_s, _, count_s = line.rstrip("\n").rpartition(" ")
+            if not stack_s or not count_s.isdigit():
+                continue
+            stack = stack_s.split(";")
+            if any("Thread._bootstrap" in f for f in stack):
+                continue
+            count = int(count_s)
+            samples += count
+            counts[leaf_category(stack)] += count
+            under_ssl += count if any("SSLProtocol" in f for f in stack) else 0
+    if not samples:
+        return "no samples"
+    rows = [f"| {name} | {100 * n / samples:.1f} |" for name, n in counts.most_common()]
+    return "\n".join(
+        ["| where (leaf frame) | % of samples |", "|---|---:|", *rows, ""]
+        + [f"{100 * under_ssl / samples:.1f} % of samples ran under uvloop's SSLProtocol (TLS reads and writes)"]
+    )
 
 
 # -- report -------------------------------------------------------------------------------------------
