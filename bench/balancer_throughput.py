@@ -1300,7 +1300,7 @@ def print_report(streams: list[StreamRun], latency: list[LatencyRun], rate: floa
                 f"mean round trip {1e6 / reached:,.0f} µs through the balancer)"
             )
         label = f"added p99 latency, {mode} (ms)"
-        print(f"  {label:<45}{added:>9.3f}  target <= {TARGET_ADDED_P99_MS:.1f}  {verdict}{note}")
+        print(f"  {label:<52}{added:>9.3f}  target <= {TARGET_ADDED_P99_MS:.1f}  {verdict}{note}")
     print_tls_targets(by_round_s, by_mode)
 
 
@@ -1321,7 +1321,7 @@ def print_tls_targets(by_round_s: list[dict[str, StreamRun]], by_mode: dict[str,
             else "(anchor)"
         )
         label = f"events/s {path} / {plain}, streaming"
-        print(f"  {label:<45}{ratio:>9.2f}  {verdict}")
+        print(f"  {label:<52}{ratio:>9.2f}  {verdict}")
     for mode, rounds in by_mode.items():
         for path, plain in (("balancer tls", "balancer"), ("balancer tls-in", "balancer"), ("haproxy tls", "haproxy")):
             lat_pairs = _pairs(rounds, path, plain)
@@ -1335,7 +1335,7 @@ def print_tls_targets(by_round_s: list[dict[str, StreamRun]], by_mode: dict[str,
                 else "(anchor)"
             )
             label = f"p99 {path} - {plain}, {mode} (ms)"
-            print(f"  {label:<45}{added:>+9.3f}  {verdict} at {reached:,.0f} events/s")
+            print(f"  {label:<52}{added:>+9.3f}  {verdict} at {reached:,.0f} events/s")
 
 
 # -- main ---------------------------------------------------------------------------------------------
