@@ -36,6 +36,13 @@ PROMISES: dict[str, list[str]] = {
         "wrote 100000 indicators",
     ],
     "Using a balancer": ["config OK", "matchedIndicator=http://fakess123.nu", "LookupFinished"],
+    "Sending events over TLS": [
+        "PONG",
+        "1 category=Malicious_URL matchedIndicator=http://fakess123.nu",
+        "1 LookupFinished",
+        "2 category=Malicious_URL matchedIndicator=http://fakess123.nu",
+        "2 LookupFinished",
+    ],
     "Running a cluster": ["this node is its Control", "joined cluster", "secondary"],
 }
 """Per README section: text its output must contain (what the section says will happen)."""

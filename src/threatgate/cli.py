@@ -86,7 +86,7 @@ def _run_service(what: str, load: Callable[[str], T], run: Callable[[T], None], 
     try:
         run(config)
     except TLSConfigError as exc:
-        click.echo(f"threatgate: cannot start the REST API: {exc}", err=True)
+        click.echo(f"threatgate: cannot start: {exc}", err=True)
         sys.exit(EXIT_CONFIG)
     except ClusterError as exc:
         click.echo(f"threatgate: cluster: {exc}", err=True)
@@ -443,11 +443,14 @@ def validate(path: str) -> None:
 
     A valid file may still draw warnings on stderr (exit status 0): settings that lose data as written.
     For a node, every enabled feed is also loaded: one that does not load is an error, malformed
-    records are a warning.
+    records are a warning.  Every TLS certificate and key in use is checked (readable, PEM, the key
+    matches, valid now; a key readable by others or an expiry within 30 days is a warning), and each
+    listening port is listed with what it speaks, its certificate and the sources it lets in.
     """
     from threatgate.config.balancer import balancer_config_from_xml
     from threatgate.config.node import node_config_from_xml
     from threatgate.config.xml import read_xml
+    from threatgate.net.tlscheck import balancer_report, node_report
     from threatgate.node.feeds import check_feed_files
 
     warnings: list[str] = []
@@ -460,19 +463,25 @@ def validate(path: str) -> None:
             feed_errors, feed_warnings = check_feed_files(node_config)
             for line in feed_warnings + feed_errors:
                 click.echo(line, err=True)
+            tls = node_report(node_config)
         elif root.tag == "Config":
             balancer = balancer_config_from_xml(root)
             summary, warnings = balancer.summary(), balancer.warnings()
+            tls = balancer_report(balancer)
         else:
             raise root.error("unknown root element: expected <Configuration> (node) or <Config> (balancer)")
     except ConfigError as exc:
         click.echo(f"{exc}", err=True)
         sys.exit(EXIT_CONFIG)
-    if feed_errors:
+    for error in tls.errors:
+        click.echo(f"{path}: error: {error}", err=True)
+    if feed_errors or tls.errors:
         sys.exit(EXIT_CONFIG)
-    for warning in warnings:
+    for warning in [*warnings, *tls.warnings]:
         click.echo(f"{path}: warning: {warning}", err=True)
     click.echo(summary)
+    for line in tls.ports:
+        click.echo(f"  {line}")
 
 
 @main.group()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Mapping
@@ -17,10 +18,13 @@ from pathlib import Path
 from typing import Any, cast
 
 import pytest
+import trustme
 
 from threatgate.balancer.admin import AdminServer
 from threatgate.balancer.drill import (
+    CanaryStream,
     Drill,
+    DrillAborted,
     DrillOptions,
     build_options,
     command_for,
@@ -29,8 +33,9 @@ from threatgate.balancer.drill import (
     run_drill,
 )
 from threatgate.config.balancer import BalancerConfig, CanarySettings, InstanceSettings
+from threatgate.config.security import ClientCertificates, TLSListener
 from threatgate.errors import DrillError
-from threatgate.lb.drill import Canary
+from threatgate.lb.drill import Canary, ReplyChecker
 from threatgate.lb.instances import Instance
 
 HIT = Canary("url=http://fakess123.nu", ("Malicious_URL",), "c:1")
@@ -296,3 +301,64 @@ def test_the_cli_refuses_a_drill_without_canaries_with_exit_2() -> None:
     )
     assert result.returncode == 2 and result.stdout == ""
     assert result.stderr.startswith("threatgate: drill: no canary events: give --canary FILE"), result.stderr
+
+
+# -- a TLS event port (<MatchingTLS>) ---------------------------------------------------------------------------
+
+
+def test_a_tls_event_port_gives_the_canaries_its_certificate_as_pin(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    cert = ca.issue_cert("127.0.0.1")
+    cert.cert_chain_pems[0].write_to_path(str(tmp_path / "events.pem"))
+    tls = TLSListener(
+        cert_path=str(tmp_path / "events.pem"),
+        key_path="k",
+        clients=ClientCertificates(mode="required", ca_files=("ca.pem",)),
+    )
+    opts = options(config(tmp_path, matching_tls=tls, client_cert_path="c.pem", client_key_path="c.key"))
+    assert opts.events_cert_pem == (tmp_path / "events.pem").read_bytes()
+    assert opts.client_pair == ("c.pem", "c.key")
+    assert options(config(tmp_path)).events_cert_pem == b""
+
+
+@pytest.mark.parametrize("pinned", [True, False], ids=["its-certificate", "another-certificate"])
+async def test_canaries_go_over_tls_only_to_the_pinned_certificate(tmp_path: Path, pinned: bool) -> None:
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    received: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        received.append(await reader.read(100))
+        writer.close()
+
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_cert.configure_cert(context)
+    server = await asyncio.start_server(serve, "127.0.0.1", 0, ssl=context)
+    shown = server_cert if pinned else ca.issue_cert("127.0.0.1")
+    opts = DrillOptions(
+        events=("127.0.0.1", server.sockets[0].getsockname()[1]),
+        api=None,
+        admin_socket="",
+        cert_pem=b"",
+        canaries=[HIT],
+        instances=KEYS,
+        events_cert_pem=shown.cert_chain_pems[0].bytes(),
+        step_timeout=5.0,
+    )
+    stream = CanaryStream(opts, ReplyChecker())
+    try:
+        if pinned:
+            await stream.open()
+            for _ in range(100):
+                if received:
+                    break
+                await asyncio.sleep(0.02)
+            assert received and received[0].startswith(b"X-KF-SendFinishedEvent")
+        else:
+            with pytest.raises(DrillAborted, match="presented another certificate"):
+                await stream.open()
+            await asyncio.sleep(0.1)
+            assert received in ([], [b""])  # not a byte of the canaries
+    finally:
+        await stream.close()
+        server.close()

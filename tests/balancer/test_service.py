@@ -522,7 +522,7 @@ async def test_an_instance_removed_and_added_again_at_once_is_still_checked(
         pings.append(port)
         return None
 
-    monkeypatch.setattr("threatgate.balancer.service.ping", ping)
+    monkeypatch.setattr("threatgate.balancer.lanes_tls.ping", ping)
     fast = HealthCheckSettings(interval=0.05, timeout=1.0, rise=1, fall=1)
     rig = make_rig(settings(1), health=fast)
     rig.service._start_checks()

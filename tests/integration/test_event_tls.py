@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 import socket
 import ssl
+import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -141,7 +142,11 @@ def test_siem_events_over_tls_with_a_client_certificate_by_ca_or_pin(tls_node: N
     assert refused(tls_node.port, certs.context("stranger"))  # neither issued by the CA nor pinned
     assert refused(tls_node.port, None)  # plain text on a TLS port
     tls_node.wait_for_log(r"events port: TLS connection from 127\.0\.0\.1 closed")
-    assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls') - before >= 3
+    after = metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls')
+    assert after - before == 3
+    assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls_no_client_cert"}') == 1
+    assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls_client_cert_refused"}') == 1
+    assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls_plaintext"}') == 1
 
 
 def test_a_migration_serves_plain_and_tls_side_by_side(tmp_path: Path, certs: Certs) -> None:
@@ -207,3 +212,54 @@ def test_balancer_takes_siem_events_over_tls_with_client_certificates(tmp_path: 
             with certs.context(None).wrap_socket(raw, server_hostname="127.0.0.1") as alert:
                 alert.sendall(b"Dec 04 10:00:00 alert=KL_ALERT_UpdatedFeed name=test\n")
             balancer.wait_for_log(r"service alert from 127\.0\.0\.1.*KL_ALERT_UpdatedFeed")
+
+
+def test_a_flood_of_stalled_handshakes_starves_no_sender(tmp_path: Path, certs: Certs) -> None:
+    """200 connections that never finish their handshake: a SIEM already connected keeps being answered, a new
+    one still gets in (the oldest stalled handshakes make room), and the stalled ones are closed."""
+    config = example_config(tmp_path, input_extra=TLS_INPUT.format(port=""), extra_service=METRICS)
+    with running_node(config) as node:
+        raw = socket.create_connection(("127.0.0.1", node.port), timeout=30)
+        with certs.context("ca").wrap_socket(raw, server_hostname="127.0.0.1") as siem:
+            siem.sendall(FLAGS + EVENTS)
+            stalled = [socket.create_connection(("127.0.0.1", node.port), timeout=30) for _ in range(200)]
+            try:
+                siem.sendall(EVENTS)
+                answered = b""
+                while answered.count(b"LookupFinished") < 2 * EVENT_COUNT:
+                    chunk = siem.recv(65536)
+                    assert chunk, "the connected SIEM was cut"
+                    answered += chunk
+                assert detections(tls_exchange(node.port, certs.context("ca"), FLAGS + EVENTS))
+                closed = 0
+                for s in stalled[:100]:  # the oldest: evicted for the newcomers
+                    s.settimeout(10)
+                    try:
+                        closed += s.recv(1) == b""
+                    except ConnectionResetError:
+                        closed += 1
+                assert closed == 100
+            finally:
+                for s in stalled:
+                    s.close()
+        assert metric_sum(node, 'threatgate_connections_total{outcome="evicted_tls_handshake"}') >= 100
+
+
+def test_a_renegotiation_attempt_is_refused_and_counted(tls_node: NodeProcess, certs: Certs, tmp_path: Path) -> None:
+    """openssl s_client's ``R`` asks for a TLS 1.2 renegotiation: the node refuses it and closes, in words."""
+    client = tmp_path / "client.pem"
+    certs.client.private_key_and_cert_chain_pem.write_to_path(str(client))
+    command = ["openssl", "s_client", "-tls1_2", "-connect", f"127.0.0.1:{tls_node.port}", "-cert", str(client)]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdin is not None and proc.stdout is not None
+        proc.stdin.write(FLAGS + EVENTS.splitlines(keepends=True)[0])
+        proc.stdin.flush()
+        for line in proc.stdout:  # wait for the answer: the session is up and serving
+            if b"LookupFinished" in line:
+                break
+        proc.stdin.write(b"R\n")
+        proc.stdin.flush()
+        tls_node.wait_for_log(r"TLS connection from 127\.0\.0\.1 broken: the client tried to renegotiate")
+        proc.kill()
+    assert metric_sum(tls_node, 'threatgate_bad_input_total{reason="tls_renegotiation"}') == 1
+    assert detections(tls_exchange(tls_node.port, certs.context("ca"), FLAGS + EVENTS))  # others are served

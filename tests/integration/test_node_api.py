@@ -1142,7 +1142,7 @@ def test_half_a_tls_pair_stops_the_node_with_a_clear_message(tmp_path: Path, mis
     assert "Traceback" not in output, output
     what = "private key" if missing == "key" else "certificate"
     last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith(f"threatgate: cannot start the REST API: TLS {what} {gone} is missing"), output
+    assert last.startswith(f"threatgate: cannot start: TLS {what} {gone} is missing"), output
     assert "REST API listening" not in output and "node listening" not in output
     assert not gone.exists()  # never "repaired" behind the operator's back
     assert kept.read_bytes() == kept_bytes

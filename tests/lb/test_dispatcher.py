@@ -542,6 +542,21 @@ def test_detections_of_a_client_without_reply_back_go_to_output() -> None:
     assert h.output == ["category=x matched=hit:1"] and c not in h.delivered
 
 
+def test_a_client_gone_without_reply_back_still_gets_its_detections_to_the_output() -> None:
+    """A syslog shipper over TLS sends and closes at once (TLS has no half-close): its detections go on."""
+    h = Harness(settings(1))
+    h.up(A)
+    c = h.client("shipper", SessionFlags())
+    h.submit(c, ["hit:1", "miss:2", "hit:3"])
+    events = h.sent(LANE_A)
+    h.run(h.d.client_gone(c))
+    assert "their detections still go to the output" in h.text(logging.INFO)
+    assert h.stats.dropped == {} and h.d.lanes[LANE_A].owned
+    h.answer(LANE_A, events)
+    assert h.output == ["category=x matched=hit:1", "category=x matched=hit:3"]
+    assert c not in h.d.clients and c not in h.closed_clients  # forgotten once answered, never "closed" again
+
+
 def test_an_event_too_large_for_the_nodes_is_answered_here() -> None:
     h = Harness(settings(1), max_event_size=100)
     h.up(A)
@@ -631,3 +646,75 @@ def test_a_draining_instance_that_fails_says_so() -> None:
     h.run(h.d.lane_failed(LANE_A, "event connection lost: closed by the node", h.now))
     assert "instance 127.0.0.1:1 failed while draining (event connection lost: closed by the node): MAINT" in h.text()
     assert h.stats.transitions["down"] == 1
+
+
+# -- TLS lanes: a certificate that does not match the pin, tls changed by a reload ----------------------------
+
+MISMATCH = "certificate mismatch: pinned AA:01, presented BB:02"
+
+
+def test_a_pin_mismatch_takes_the_instance_out_at_once_even_with_a_lane_open() -> None:
+    h = Harness(settings(1, connections=2), settings(2))
+    h.up(A, B)
+    c = h.client("siem")
+    h.submit(c, EVENTS)
+    on_a = h.sent(LANE_A) + h.sent(f"{A}#1")
+    assert on_a and h.sent(LANE_B)
+    # Lane 1 of A reconnects and meets another certificate; lane 0 is still open: A goes out all the same.
+    h.run(h.d.lane_failed(f"{A}#1", "event connection lost: closed by the node", h.now))
+    assert h.d.instances[A].state is InstanceState.UP
+    h.run(h.d.pin_refused(A, MISMATCH, h.now))
+    inst = h.d.instances[A]
+    assert inst.state is InstanceState.DOWN and h.d.why(inst) == MISMATCH
+    assert LANE_A in h.disconnects
+    errors = h.text(logging.ERROR)
+    assert errors.count("pinned AA:01, presented BB:02") == 2  # the refusal (with the renew hint) and DOWN
+    assert "threatgate balancer pins --renew 127.0.0.1:1" in errors
+    assert sorted(h.sent(LANE_B)) == sorted(on_a)  # what A owed is answered by B
+    # The health check meets the same certificate again: counted, not logged again.
+    h.logs.clear()
+    h.run(h.d.pin_refused(A, MISMATCH, h.now))
+    assert h.text(logging.ERROR) == "" and h.stats.transitions["pin_mismatch"] == 2
+    # Another certificate again is a new refusal, logged.
+    h.run(h.d.pin_refused(A, MISMATCH.replace("BB", "CC"), h.now))
+    assert "presented CC:02" in h.text(logging.ERROR)
+    # Back once health checks (the same pin check) pass rise times.
+    for _ in range(2):
+        h.run(h.d.check_passed(A, 0.001, h.now))
+    assert inst.state is InstanceState.UP and h.d.why(inst) == "connecting"
+
+
+def test_a_pin_mismatch_of_a_connecting_lane_leaves_no_attempt_waiting() -> None:
+    h = Harness(settings(1), settings(2))
+    h.up(B)
+    h.run(h.d.check_passed(A, 0.001, h.now))  # A is UP, its lane is being opened
+    attempt = h.attempts[LANE_A]
+    h.run(h.d.pin_refused(A, MISMATCH, h.now))
+    h.run(h.d.connect_failed(LANE_A, attempt, MISMATCH, h.now))  # what the edge reports next
+    lane = h.d.lanes[LANE_A]
+    assert not lane.connecting and not lane.connected and h.d.instances[A].state is InstanceState.DOWN
+    assert h.d.retry_lane(LANE_A) == []  # no reconnect while DOWN: health checks decide
+
+
+def test_tls_changed_by_a_reload_reconnects_the_lanes_and_resends_what_they_owed() -> None:
+    h = Harness(settings(1), settings(2))
+    h.up(A, B)
+    c = h.client("siem")
+    h.submit(c, EVENTS[:20])
+    on_a, on_b = h.sent(LANE_A), h.sent(LANE_B)
+    old_attempt = h.attempts[LANE_A]
+    h.connects.clear()
+    h.run(h.d.reconfigure(config(settings(1, tls=True), settings(2)), h.now))
+    assert LANE_A in h.disconnects and h.connects == [LANE_A] and h.attempts[LANE_A] != old_attempt
+    assert h.d.instances[A].state is InstanceState.UP
+    assert 'instance 127.0.0.1:1: tls="true": its event connections reconnect' in h.text()
+    assert sorted(h.sent(LANE_B)) == sorted(on_a)  # sent again (B is open; A's new lane is not yet)
+    late = h.answer(LANE_A, on_a)  # the old plain connection's late answers count for nothing
+    assert not any(isinstance(a, Deliver) for a in late)
+    h.open_lanes()
+    h.answer(LANE_B, on_b + on_a)
+    assert h.answers(c) == expected(EVENTS[:20]) and h.d.correlator.pending == 0
+    # A reload without a change to tls keeps the lanes.
+    h.disconnects.clear()
+    h.run(h.d.reconfigure(config(settings(1, tls=True), settings(2)), h.now))
+    assert h.disconnects == [] and h.connects == []

@@ -231,3 +231,37 @@ async def test_a_client_gone_mid_event_is_counted(clock: FakeClock) -> None:
     await settle()
     assert conn.events == ["1 x"] and conn.state is ConnState.CLOSED and conn.closed_calls == 1
     assert listener.stats.bad_input == {"disconnected_mid_event": 1}
+
+
+class Deferred(Answering):
+    """A connection whose scanner verdict comes later (a node's worker asks its master)."""
+
+    detached_closed = 0
+
+    def _answer(self, events: list[FramedEvent]) -> None:
+        if self.transport is not None:  # detached: nobody to answer
+            super()._answer(events)
+
+    def on_detached_closed(self) -> None:
+        self.detached_closed += 1
+
+
+@pytest.mark.parametrize("ok", [True, False], ids=["granted", "refused"])
+async def test_a_sender_gone_while_its_slot_is_asked_for_is_still_matched(clock: FakeClock, ok: bool) -> None:
+    """A TLS shipper that sends and closes at once (close_notify cannot half-close) loses no event: what it sent
+    is matched when the verdict comes; its replies go nowhere; the connection is then done."""
+    listener = listener_for()
+    listener.admit = lambda conn: None  # type: ignore[method-assign]
+    conn = Deferred(listener)
+    client = Recorder()
+    server_side, _ = transport_pair(conn, client)
+    client.send(b"X-KF-SendFinishedEvent\n1 abc\n2 def\n")
+    await settle()
+    assert conn._admitting is not None and not conn.events
+    server_side.abort()  # the session ends before the verdict
+    await settle()
+    assert conn.detached and conn.transport is None
+    conn.admitted(ok)
+    assert conn.events == (["1 abc", "2 def"] if ok else [])
+    assert conn.state is ConnState.CLOSED and conn.detached_closed == 1
+    assert conn not in listener.active and conn.closed_calls == (1 if ok else 0)

@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import hashlib
 import logging
 import socket
+import ssl
+from pathlib import Path
 
 import pytest
+import trustme
 
 from threatgate.config.common import Address
+from threatgate.config.destinations import Destination, DestinationTLS
 from threatgate.net.sender import (
     QUEUE_FULL,
     RETRIES_EXHAUSTED,
@@ -308,3 +314,89 @@ async def test_a_destination_that_closed_the_connection_gets_the_next_batch_on_a
         server.close()
         await server.wait_closed()
     assert received == [b"one\n", b"two\n"] and connections == 2 and drops == []
+
+
+# -- TLS destinations (tls="true" with fingerprint= or ca=) -------------------------------------------------
+
+
+class TLSSink(Sink):
+    """A TLS destination (a trustme certificate for 127.0.0.1) recording what it decrypts."""
+
+    def __init__(self, ca: trustme.CA) -> None:
+        super().__init__()
+        self.cert = ca.issue_cert("127.0.0.1")
+        self.connections = 0
+
+    @property
+    def sha256(self) -> bytes:
+        pem = self.cert.cert_chain_pems[0].bytes().decode()
+        return hashlib.sha256(ssl.PEM_cert_to_DER_cert(pem)).digest()
+
+    async def start(self, port: int = 0) -> Address:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        self.cert.configure_cert(ctx)
+
+        async def handle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            self.connections += 1
+            with contextlib.suppress(OSError):
+                while chunk := await reader.read(65536):
+                    self.data += chunk
+                    self.got.set()
+            writer.close()
+
+        self.server = await asyncio.start_server(handle, "127.0.0.1", port, ssl=ctx)
+        return Address("127.0.0.1", self.server.sockets[0].getsockname()[1])
+
+
+async def send_over_tls(sink: TLSSink, tls: DestinationTLS, count: int) -> list[Dropped]:
+    plain = await sink.start()
+    drops: list[Dropped] = []
+    done = asyncio.Event()
+
+    def dropped(d: Dropped) -> None:
+        drops.append(d)
+        done.set()
+
+    sender = LineSender(
+        Destination(plain.host, plain.port, tls), name="detections", retries=0, retry_timeout=0.01, on_drop=dropped
+    )
+    sender.start()
+    try:
+        sender.send(lines(0, count))
+        sender.when_drained(done.set)
+        async with asyncio.timeout(10):
+            await done.wait()  # delivered (the queue settled) or dropped
+        if not drops:
+            await sink.wait_lines(count)
+    finally:
+        await sender.aclose()
+        await sink.close()
+    return drops
+
+
+async def test_lines_reach_a_tls_destination_whose_certificate_is_pinned() -> None:
+    sink = TLSSink(trustme.CA())
+    assert await send_over_tls(sink, DestinationTLS(sha256=sink.sha256), 5) == []
+    assert bytes(sink.data) == lines(0, 5)
+
+
+async def test_a_tls_destination_with_another_certificate_gets_no_byte(caplog: pytest.LogCaptureFixture) -> None:
+    sink = TLSSink(trustme.CA())
+    with caplog.at_level(logging.ERROR, logger="threatgate.net"):
+        [dropped] = await send_over_tls(sink, DestinationTLS(sha256=b"\xab" * 32), 5)
+    assert sink.connections >= 1 and bytes(sink.data) == b""  # handshakes, not one line
+    assert dropped.reason == RETRIES_EXHAUSTED and "certificate mismatch: pinned AB:AB:" in dropped.error
+    presented = ":".join(f"{b:02X}" for b in sink.sha256)
+    assert any(f"presented {presented}; nothing sent" in r.getMessage() for r in caplog.records)
+
+
+async def test_a_tls_destination_is_verified_by_its_ca_and_host(tmp_path: Path) -> None:
+    ca = trustme.CA()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    sink = TLSSink(ca)
+    assert await send_over_tls(sink, DestinationTLS(ca_file=str(ca_file)), 3) == []
+    assert bytes(sink.data) == lines(0, 3)
+    stranger = TLSSink(trustme.CA())  # another CA issued its certificate
+    [dropped] = await send_over_tls(stranger, DestinationTLS(ca_file=str(ca_file)), 3)
+    assert bytes(stranger.data) == b"" and "certificate verify failed" in dropped.error

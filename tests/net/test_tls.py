@@ -18,7 +18,15 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519
 
 from threatgate.errors import ThreatgateError, TLSConfigError
-from threatgate.net.tls import PairInfo, ensure_server_pair, fingerprint_sha256, server_context
+from threatgate.net.tls import (
+    PairInfo,
+    allows_client_auth,
+    ensure_server_pair,
+    fingerprint_sha256,
+    inspect_pair,
+    load_certificates,
+    server_context,
+)
 
 HOSTS = ["127.0.0.1", "localhost", "::1"]
 
@@ -358,3 +366,87 @@ def test_server_context_bad_files(tmp_path: Path) -> None:
     with pytest.raises(TLSConfigError, match=a.cert_path) as excinfo:
         server_context(a.cert_path, b.key_path)
     assert str(excinfo.value).endswith(": key values mismatch")  # ssl's words, without "(_ssl.c:...)"
+
+
+# -- inspect_pair: every problem at once, for validate and for the start ------------------------------------
+
+
+def test_inspect_pair_collects_every_problem(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path)
+    Path(cert).parent.mkdir()
+    Path(cert).write_text("not a certificate\n")
+    Path(key).write_text("not a key\n")
+    os.chmod(key, 0o644)
+    found = inspect_pair(cert, key)
+    assert not found.missing and found.fingerprint_sha256 == ""
+    assert found.errors == (
+        f"TLS certificate {cert} is not a PEM certificate (-----BEGIN CERTIFICATE-----)",
+        f"TLS private key {key} is not a PEM private key",
+    )
+    assert found.warnings == (f"TLS private key {key} has mode 0644, readable by group or others: chmod 600 {key}",)
+
+
+def test_inspect_pair_both_missing_is_not_an_error(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path)
+    found = inspect_pair(cert, key)
+    assert found.missing and found.errors == () and found.warnings == ()
+    assert inspect_pair(cert, cert).errors == (f"certificate and private key must be separate files, both are {cert}",)
+
+
+def test_inspect_pair_facts_and_clock(tmp_path: Path) -> None:
+    info = _create(tmp_path)
+    found = inspect_pair(info.cert_path, info.key_path)
+    assert (found.fingerprint_sha256, found.not_after) == (info.fingerprint_sha256, info.not_after)
+    assert found.errors == found.validity == found.warnings == ()
+    assert not found.client_auth  # generated for a server only
+    soon = inspect_pair(info.cert_path, info.key_path, now=info.not_after - dt.timedelta(days=3, hours=1))
+    assert soon.validity == ()
+    assert len(soon.warnings) == 1 and "(in 3 day(s)): renew it" in soon.warnings[0]
+    late = inspect_pair(info.cert_path, info.key_path, now=info.not_after + dt.timedelta(seconds=1))
+    assert len(late.validity) == 1 and "expired on" in late.validity[0]
+
+
+def test_client_auth_purpose(tmp_path: Path) -> None:
+    cert, key = _pair(tmp_path, "member")
+    info = ensure_server_pair(cert, key, common_name="member", hosts=HOSTS, client_auth=True)
+    assert inspect_pair(info.cert_path, info.key_path).client_auth
+    no_eku = x509.load_pem_x509_certificate(trustme.CA().cert_pem.bytes())  # a CA: no ExtendedKeyUsage
+    assert allows_client_auth(no_eku)
+
+
+def test_start_warns_of_a_near_expiry(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(x509.oid.NameOID.COMMON_NAME, "soon")])
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(1)
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=5))
+        .sign(key, hashes.SHA256())
+    )
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
+    cert_path, key_path = _write_key_cert(tmp_path, key_pem, cert.public_bytes(serialization.Encoding.PEM))
+    with caplog.at_level(logging.WARNING, logger="threatgate.tls"):
+        info = ensure_server_pair(cert_path, key_path, common_name="x", hosts=HOSTS)
+    assert len(info.warnings) == 1 and "renew it" in info.warnings[0]
+    assert "renew it" in caplog.text
+
+
+def test_load_certificates(tmp_path: Path) -> None:
+    info = _create(tmp_path)
+    bundle = tmp_path / "bundle.pem"
+    bundle.write_bytes(Path(info.cert_path).read_bytes() + trustme.CA().cert_pem.bytes())
+    assert len(load_certificates(str(bundle), "CA file")) == 2
+    with pytest.raises(TLSConfigError, match=r"TLS CA file .*nope\.pem does not exist: check the path"):
+        load_certificates(str(tmp_path / "nope.pem"), "CA file")
+    with pytest.raises(TLSConfigError, match=r"TLS CA file .*node\.key is not a PEM certificate file"):
+        load_certificates(info.key_path, "CA file")
+    os.mkdir(tmp_path / "dir.pem")
+    with pytest.raises(TLSConfigError, match=r"cannot read TLS CA file .*dir\.pem: Is a directory"):
+        load_certificates(str(tmp_path / "dir.pem"), "CA file")

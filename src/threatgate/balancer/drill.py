@@ -19,6 +19,7 @@ import hashlib
 import json
 import logging
 import shlex
+import ssl
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -54,6 +55,8 @@ class DrillOptions:
     cert_pem: bytes  # the balancer's certificate (the pin of the REST lookups)
     canaries: Sequence[core.Canary]
     instances: Sequence[str]  # the enabled instances, in config order
+    events_cert_pem: bytes = b""  # the event port's certificate when it speaks TLS (<MatchingTLS>): its pin
+    client_pair: tuple[str, str] | None = None  # what the canary connection presents when the port asks
     stop_command: Sequence[str] | None = None
     start_command: Sequence[str] | None = None
     user: str | None = None
@@ -101,11 +104,20 @@ class CanaryStream:
 
     async def open(self) -> None:
         host, port = self.options.events
+        context = _events_context(self.options)
         try:
             async with asyncio.timeout(self.options.step_timeout):
-                reader, self._writer = await asyncio.open_connection(host, port, limit=1 << 20)
+                reader, self._writer = await asyncio.open_connection(host, port, limit=1 << 20, ssl=context)
         except (OSError, TimeoutError) as exc:
             raise DrillAborted(f"cannot connect to the balancer's event port {host}:{port}: {describe(exc)}") from None
+        if context is not None:
+            presented = self._writer.get_extra_info("ssl_object").getpeercert(binary_form=True) or b""
+            if presented != _der(self.options.events_cert_pem):
+                self._writer.transport.abort()
+                raise DrillAborted(
+                    f"the balancer's event port {host}:{port} presented another certificate than its <MatchingTLS> "
+                    "one: nothing sent (someone may be in between)"
+                )
         self._writer.write(SEND_FINISHED + REPLY_BACK)
         self._tasks = [asyncio.create_task(self._read(reader)), asyncio.create_task(self._send())]
 
@@ -217,10 +229,18 @@ class Rest:
         self.pool.close()
 
 
+def _events_context(options: DrillOptions) -> ssl.SSLContext | None:
+    """TLS toward a ``<MatchingTLS>`` event port: its own certificate is the pin (checked before a byte is sent)."""
+    if not options.events_cert_pem:
+        return None
+    context = client_context()
+    if options.client_pair is not None:
+        context.load_cert_chain(*options.client_pair)
+    return context
+
+
 def _der(pem: bytes) -> bytes:
     """The first certificate of a PEM file, as DER."""
-    import ssl
-
     text = pem.decode("ascii", "replace")
     start = text.find("-----BEGIN CERTIFICATE-----")
     end = text.find("-----END CERTIFICATE-----", start)
@@ -512,8 +532,22 @@ def build_options(
         instances = core.plan([s.key for s in config.instances if s.enabled])
     except ValueError as exc:
         raise DrillError(str(exc)) from None
+    events_cert, client_pair = b"", None
+    tls = config.matching_tls
+    if tls is not None and tls.listen is None:  # the event port itself speaks TLS: the canaries go over TLS
+        try:
+            with open(tls.cert_path, "rb") as fh:
+                events_cert = fh.read(1 << 20)
+            _der(events_cert)
+        except (OSError, ValueError) as exc:
+            reason = describe(exc) if isinstance(exc, OSError) else str(exc)
+            raise DrillError(f"the event port's certificate {tls.cert_path}: {reason}") from None
+        if tls.clients.mode != "none":
+            client_pair = (config.client_cert_path, config.client_key_path)
     return DrillOptions(
         events=(host, events_port),
+        events_cert_pem=events_cert,
+        client_pair=client_pair,
         api=api,
         admin_socket=config.admin_socket,
         cert_pem=cert,

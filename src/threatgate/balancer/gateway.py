@@ -201,6 +201,7 @@ class Gateway:
             config.key_path,
             common_name=f"threatgate balancer {config.listen_host}",
             hosts=sorted({config.listen_host, "127.0.0.1", "localhost"} - {"0.0.0.0", "::"}),
+            client_auth=True,  # also the client certificate the balancer presents to nodes (balancer/lanes_tls.py)
         )
         await self.open_client()
         self.http = HTTPServer(

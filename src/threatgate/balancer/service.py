@@ -27,12 +27,13 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metri
 from threatgate import heap, runtime
 from threatgate.balancer.admin import instance_row
 from threatgate.balancer.gateway import WriteRouter
-from threatgate.balancer.upstream import UpstreamProtocol, ping
+from threatgate.balancer.lanes_tls import LaneOpener
+from threatgate.balancer.upstream import UpstreamProtocol
 from threatgate.config.balancer import BalancerConfig, load_balancer_config
 from threatgate.config.common import Address
 from threatgate.config.reload import BALANCER_FIELDS, RestartTracker
 from threatgate.config.security import TLSListener
-from threatgate.errors import ConfigError
+from threatgate.errors import ConfigError, PinMismatch, UpstreamFailed
 from threatgate.lb.actions import (
     Action,
     Again,
@@ -194,6 +195,7 @@ class BalancerService:
         self.warn_drop = RateLimitedLog(log)
         self._limited: dict[str, RateLimitedLog] = {}
         self._upstreams: dict[str, UpstreamProtocol] = {}  # lane key -> its open event connection
+        self.opener = LaneOpener(config.cert_dir)  # lanes and health checks, plain or TLS (pinned)
         self._gathered: dict[object, list[bytes]] = {}  # connection -> bytes to write at the end of the iteration
         self._flush_scheduled = False
         self._dispatch_scheduled = False
@@ -425,14 +427,20 @@ class BalancerService:
             self.apply(self.dispatcher.lane_writable(upstream.key, writable, self._now()))
 
     async def _connect(self, action: Connect) -> None:
-        loop = asyncio.get_running_loop()
         key, attempt = action.lane, action.attempt
+        lane = self.dispatcher.lanes.get(key)
+        if lane is None:  # dropped meanwhile: nothing waits for this attempt
+            return
+        settings = lane.instance.settings
         try:
-            _, upstream = await asyncio.wait_for(
-                loop.create_connection(lambda: UpstreamProtocol(self, key), action.host, action.port),
-                self.config.health.timeout,
+            _, upstream = await self.opener.open_lane(
+                settings, lambda: UpstreamProtocol(self, key), self.config.health.timeout
             )
-        except (OSError, TimeoutError) as exc:
+        except PinMismatch as exc:  # nothing was written on that connection
+            self.apply(self.dispatcher.pin_refused(settings.key, exc.reason, self._now()))
+            self.apply(self.dispatcher.connect_failed(key, attempt, exc.reason, self._now()))
+            return
+        except (OSError, TimeoutError, UpstreamFailed) as exc:
             why = f"event connection failed: {describe(exc)}"
             self.apply(self.dispatcher.connect_failed(key, attempt, why, self._now()))
             return
@@ -471,11 +479,13 @@ class BalancerService:
             inst = dispatcher.checked(key)
             if inst is not None:
                 started = time.perf_counter()  # not loop.time(): uvloop's is cached per loop iteration (1 ms steps)
-                error = await ping(inst.settings.host, inst.settings.matching_port, h.timeout)
+                error = await self.opener.ping(inst.settings, h.timeout)
                 if dispatcher.checked(key) is not inst:
                     pass  # disabled or removed while the check ran: its result must not count
                 elif error is None:
                     self.apply(dispatcher.check_passed(key, time.perf_counter() - started, self._now()))
+                elif isinstance(error, PinMismatch):
+                    self.apply(dispatcher.pin_refused(key, error.reason, self._now()))
                 else:
                     self.apply(dispatcher.check_failed(key, error, self._now()))
             if await runtime.pause(self._should_exit, h.interval):
@@ -564,6 +574,7 @@ class BalancerService:
         # and collections run 70 times less often (docs/performance.md, "Issue 15").
         gc.freeze()
         gc.set_threshold(*GC_THRESHOLDS)
+        await self.opener.start(self.config)  # the client certificate: before the first health check
         self._start_checks()
         if self.output is not None:
             self.output.start()

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol, cast
 
 from threatgate.config.balancer import BalancerConfig
@@ -95,12 +95,20 @@ class UpstreamProtocol(asyncio.Protocol):
         self.host.lane_writable(self, True)
 
 
-async def ping(host: str, port: int, check_timeout: float) -> str | None:
-    """One active health check: ``X-KF-ReplyBackPING`` -> ``PONG``.  None when healthy, else the error."""
+Opened = Callable[[], Awaitable[tuple[asyncio.StreamReader, asyncio.StreamWriter]]]
+"""Opens a checked connection for a health check (balancer/lanes_tls.py: TLS, the pin compared)."""
+
+
+async def ping(host: str, port: int, check_timeout: float, opened: Opened | None = None) -> str | None:
+    """One active health check: ``X-KF-ReplyBackPING`` -> ``PONG``.  None when healthy, else the error.
+
+    ``opened``: how to connect instead of plain TCP (what it raises, other than ``OSError`` and
+    ``TimeoutError``, reaches the caller).
+    """
     writer: asyncio.StreamWriter | None = None
     try:
         async with asyncio.timeout(check_timeout):
-            reader, writer = await asyncio.open_connection(host, port)
+            reader, writer = await (opened() if opened is not None else asyncio.open_connection(host, port))
             writer.write(PING_FLAGS)
             data = await reader.read(64)
     except TimeoutError:

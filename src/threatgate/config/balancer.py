@@ -18,12 +18,12 @@ from threatgate.config.common import (
     Frozen,
     build,
     compile_regex,
-    parse_address,
     parse_bool,
     parse_field,
     parse_metrics_address,
     resolve_path,
 )
+from threatgate.config.destinations import parse_destination
 from threatgate.config.node import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_EVENT_SIZE, read_user_list
 from threatgate.config.security import AllowedSources, TLSListener, read_allowed_sources, read_tls_listener
 from threatgate.config.xml import Node, read_checked, read_xml
@@ -385,13 +385,13 @@ def _read_config(root: Node) -> BalancerConfig:
             data[key] = parse_field(opt, opt.value, tag, BalancerConfig, key)
     forward = root.only("AlertForwardConnectionString")
     if forward is not None and parse_bool(forward, "enabled", True):
-        data["alert_forward"] = parse_address(forward)
+        data["alert_forward"] = parse_destination(forward)
     metrics = root.only("MetricsConnectionString")
     if metrics is not None and parse_bool(metrics, "enabled", True):
         data["metrics"] = parse_metrics_address(metrics)
     output = root.only("OutputConnectionString")
     if output is not None and parse_bool(output, "enabled", True):
-        data["output"] = parse_address(output)
+        data["output"] = parse_destination(output)
     users = root.only("Users")
     if users is not None:
         data["users"] = read_user_list(users)

@@ -26,6 +26,7 @@ from threatgate.config.common import (
     parse_metrics_address,
     resolve_path,
 )
+from threatgate.config.destinations import parse_destination
 from threatgate.config.passwords import check_hash_format
 from threatgate.config.security import AllowedSources, TLSListener, read_allowed_sources, read_tls_listener
 from threatgate.config.xml import Node, read_checked, read_xml
@@ -406,7 +407,7 @@ FIELD_PATTERNS = frozenset({"ParamName", "ParamValue"})
 
 
 def _read_output(node: Node, rule_names: frozenset[str]) -> OutputSettings:
-    destination = parse_address(node.require("ConnectionString"))
+    destination = parse_destination(node.require("ConnectionString"))
     data: dict[str, object] = {"destination": destination}
     lines: dict[str, Node] = {}
     for tag, key, allowed in (
@@ -432,7 +433,7 @@ def _read_output(node: Node, rule_names: frozenset[str]) -> OutputSettings:
         data["alert_format"] = alert.text
     alert_to = node.only("AlertConnectionString")
     if alert_to is not None and parse_bool(alert_to, "enabled", False):
-        data["alert_destination"] = parse_address(alert_to)
+        data["alert_destination"] = parse_destination(alert_to)
     retries = node.only("EventSendingRetriesCount")
     if retries is not None:
         data["retries_count"] = parse_field(

@@ -102,7 +102,7 @@ KEEPALIVE_LINE = b"\n"
 class Client:
     """One client connection as the dispatcher sees it."""
 
-    __slots__ = ("key", "peer", "reply_back", "send_finished", "outstanding", "paused", "eof")
+    __slots__ = ("key", "peer", "reply_back", "send_finished", "outstanding", "paused", "eof", "gone")
 
     def __init__(self, key: Hashable, peer: str, flags: SessionFlags) -> None:
         self.key = key
@@ -112,6 +112,7 @@ class Client:
         self.outstanding = 0  # events submitted and not yet released
         self.paused: set[str] = set()  # why we asked the edge not to read it
         self.eof = False  # it half-closed: closed once it is owed nothing
+        self.gone = False  # its connection closed, its detections still go to the output (no ReplyBack)
 
 
 class Dispatcher:
@@ -252,7 +253,7 @@ class Dispatcher:
         """Backlog full: stop reading the clients that hold more than an equal share of it."""
         clients = list(self.clients.values())
         share = self.config.max_pending_events // max(1, len(clients))
-        heavy = [c for c in clients if c.outstanding >= share and c not in self._backlog_paused]
+        heavy = [c for c in clients if c.outstanding >= share and c not in self._backlog_paused and not c.gone]
         if not heavy:
             return
         out.append(
@@ -269,8 +270,25 @@ class Dispatcher:
             self._backlog_paused.add(c)
 
     def client_gone(self, key: Hashable) -> list[Action]:
-        """The client's connection closed: its events are forgotten (late answers are discarded)."""
-        client = self.clients.pop(key, None)
+        """The client's connection closed: its events are forgotten (late answers are discarded).
+
+        Unless its detections go to the output (no ReplyBack): they do not need the connection, so its
+        events are still matched and their detections sent on (a syslog shipper over TLS closes its
+        session right after sending: TLS has no half-close).  The client is forgotten once answered.
+        """
+        client = self.clients.get(key)
+        if client is not None and not client.reply_back and client.outstanding and not client.gone:
+            client.gone = client.eof = True
+            self._backlog_paused.discard(client)
+            client.paused.clear()
+            return [
+                Log(
+                    logging.INFO,
+                    "client %s left with %d event(s) unanswered; their detections still go to the output",
+                    (client.peer, client.outstanding),
+                )
+            ]
+        self.clients.pop(key, None)
         if client is not None:
             self._backlog_paused.discard(client)
         gone = self.correlator.client_gone(key)
@@ -304,7 +322,7 @@ class Dispatcher:
                 continue
             count = len(run.answers)
             client.outstanding -= count
-            if client.outstanding <= half and "client_limit" in client.paused:
+            if client.outstanding <= half and "client_limit" in client.paused and not client.gone:
                 client.paused.discard("client_limit")
                 out.append(Resume(client.key, "client_limit"))
             stats.events_out += count
@@ -324,7 +342,10 @@ class Dispatcher:
             elif run.detections:
                 out.append(Output(tuple(line for _, found, _ in run.answers for line in found)))
             if client.eof and not client.outstanding:
-                out.append(CloseClient(client.key))
+                if client.gone:
+                    del self.clients[client.key]
+                else:
+                    out.append(CloseClient(client.key))
 
     # -- dispatch -----------------------------------------------------------------------------
 
@@ -719,6 +740,43 @@ class Dispatcher:
             out.append(Log(logging.DEBUG, "instance %s health check failed: %s", (inst.key, error)))
         return out
 
+    def pin_refused(self, key: str, why: str, now: float) -> list[Action]:
+        """The instance ``key`` presented a certificate other than its pin, to a lane or a health check (the
+        edge wrote nothing on that connection): out of rotation at once, whatever its other lanes, as the
+        REST gateway takes it out; back only when health checks pass again (the same pin check).
+
+        ``why`` names both fingerprints (``PinMismatch.reason``); logged at ERROR once per distinct
+        mismatch, counted every time (``threatgate_balancer_transitions{kind="pin_mismatch"}``).
+        """
+        inst = self.checked(key)
+        out: list[Action] = []
+        if inst is None:
+            return out
+        self.stats.bump(self.stats.transitions, "pin_mismatch")
+        if inst.health.last_error != why:
+            out.append(
+                Log(
+                    logging.ERROR,
+                    "instance %s: event port %s; out of rotation until its certificate matches again or the pin "
+                    "is renewed (threatgate balancer pins --renew %s)",
+                    (inst.key, why, inst.key),
+                )
+            )
+        self._instance_failed(inst, why, now, out)
+        return out
+
+    def _reconnect(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
+        """Close every lane of ``inst`` and open them again (its connection settings changed): what they owed
+        is sent again; an attempt in flight is forgotten (its outcome names an attempt no lane waits for)."""
+        for lane in inst.lanes:
+            self._close_lane(lane, out)
+            lane.connecting = False
+        self._redispatch(inst, why, now, out)
+        for lane in [lane for lane in inst.lanes if lane.retiring]:
+            self._retired(lane, out)
+        if inst.state is InstanceState.UP:
+            self._connect_due(inst, now, out)
+
     def _instance_failed(self, inst: Instance, why: str, now: float, out: list[Action]) -> None:
         was = inst.state
         inst.health.passive_failure(why)
@@ -1081,11 +1139,15 @@ class Dispatcher:
                 self._add_instance(settings)
                 out.append(Log(logging.INFO, "instance %s added", (key,)))
                 continue
-            connections = inst.settings.connections
+            connections, tls = inst.settings.connections, inst.settings.tls
             inst.settings = settings
             inst.health.rise, inst.health.fall = new.health.rise, new.health.fall  # interval/timeout: read per check
             if settings.connections != connections:
                 self._resize(inst, f'connections="{settings.connections}"', now, out)
+            if settings.tls != tls:
+                said = f'tls="{str(settings.tls).lower()}"'
+                out.append(Log(logging.INFO, "instance %s: %s: its event connections reconnect", (key, said)))
+                self._reconnect(inst, said, now, out)
             if not settings.enabled and inst.state is not InstanceState.MAINT:
                 out += self.disable(key, now)
             elif settings.enabled and inst.state in (InstanceState.MAINT, InstanceState.DRAIN):

@@ -30,6 +30,7 @@ import enum
 import fcntl
 import logging
 import re
+import ssl
 import struct
 import termios
 from dataclasses import dataclass
@@ -240,6 +241,7 @@ class EventProtocol(asyncio.Protocol):
         self.eof = False
         self.last_active = 0.0  # loop time of the last bytes received
         self._admitting: int | None = None  # flags parsed, scanner verdict awaited: the bytes they took
+        self.detached = False  # lost while its verdict was awaited: matched when it comes, replies dropped
 
     def __repr__(self) -> str:
         return f"<{type(self).__name__} {self.peer} {self.state.value} {self.flags}>"
@@ -255,6 +257,9 @@ class EventProtocol(asyncio.Protocol):
 
     def on_active(self) -> None:
         """The handshake is done and the connection holds a slot (before its first events)."""
+
+    def on_detached_closed(self) -> None:
+        """A connection lost while its slot was asked for is done: its events were matched, or it was refused."""
 
     # -- asyncio callbacks --------------------------------------------------------------------
 
@@ -374,6 +379,25 @@ class EventProtocol(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         listener = self.listener
         listener.handshaking.pop(self, None)
+        if isinstance(exc, ssl.SSLError):  # inside TLS: a renegotiation refused, a corrupt or forged record
+            from threatgate.net.tlsport import classify_handshake_error  # only now: a worker stays lean
+
+            reason, text = classify_handshake_error(exc, established=True)
+            listener.stats.bump(listener.stats.bad_input, reason)
+            listener.warn_tls(
+                'TLS connection from %s broken: %s (threatgate_bad_input_total{reason="%s"})', self.peer, text, reason
+            )
+        if self._admitting is not None and self.state is ConnState.HANDSHAKE:
+            # Gone while its scanner slot is being asked for (a node's worker asks its master).  Over TLS a
+            # sender cannot half-close (close_notify ends the session both ways), so a shipper that sends and
+            # closes at once ends here: what it sent is still matched when the verdict comes (admitted()).
+            self.transport = None
+            self.detached = True
+            self.eof = True
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            return
         if self.state is ConnState.ACTIVE:
             listener.active.discard(self)
             if self.framer.buffered:
@@ -469,21 +493,25 @@ class EventProtocol(asyncio.Protocol):
         if consumed is None:
             consumed, self._admitting = self._admitting, None
             self.resume("slot")
-            if consumed is None or self.state is not ConnState.HANDSHAKE or self.transport is None:
+            if consumed is None or self.state is not ConnState.HANDSHAKE:
+                return
+            if self.transport is None and not self.detached:
                 return  # closed meanwhile (its slot, if granted, is released by on_closed's caller)
         listener = self.listener
-        assert self.transport is not None
-        if ok and listener.draining:  # the verdict came after the drain began: nothing was read, close
-            self.transport.close()
+        if not ok or listener.draining:
+            if not ok:
+                listener.stats.bump(listener.stats.connections, "rejected_scanners")
+                listener.warn_scanners(
+                    "all %d scanners busy; refusing event connection from %s",
+                    listener.limits.scanners_count,
+                    self.peer,
+                )
+            # else: the verdict came after the drain began: nothing was read, close
+            if self.transport is not None:
+                self.transport.close()
             self.state = ConnState.CLOSED
-            return
-        if not ok:
-            listener.stats.bump(listener.stats.connections, "rejected_scanners")
-            listener.warn_scanners(
-                "all %d scanners busy; refusing event connection from %s", listener.limits.scanners_count, self.peer
-            )
-            self.transport.close()
-            self.state = ConnState.CLOSED
+            if self.detached:
+                self.on_detached_closed()
             return
         flags = self.flags
         listener.active.add(self)
@@ -502,6 +530,12 @@ class EventProtocol(asyncio.Protocol):
         if self.eof:
             self.framer.receive_data(b"")
         self._process()
+        if self.detached:  # its events are matched; the connection itself is long gone
+            listener.active.discard(self)
+            self.state = ConnState.CLOSED
+            self.on_closed()
+            self.on_detached_closed()
+            return
         if deferred and self.eof and not self.keep_open_after_eof() and self.transport is not None:
             self.transport.close()
 

@@ -79,7 +79,7 @@ def gate_for(
     """
     # net/tls.py (cryptography) is imported here, not at the top: a node's worker imports this module and
     # stays lean unless it serves TLS (tests/node/test_worker_imports.py).
-    from threatgate.net.tls import classify_handshake_error, client_vet, listener_context
+    from threatgate.net.tlsport import ClientCheck, classify_handshake_error, listener_context
 
     context: ssl.SSLContext | None
     vet: Vet | None = None
@@ -87,7 +87,8 @@ def gate_for(
         context = tls
     else:
         context = listener_context(tls)
-        vet = client_vet(tls)
+        if tls.clients.mode != "none":
+            vet = ClientCheck.load(tls).client_verdict
     return Gate(
         port,
         stats=stats,
@@ -258,7 +259,7 @@ class Gate:
 
     def _failed(self, peer: str, exc: BaseException) -> None:
         if self.classify is None:
-            from threatgate.net.tls import classify_handshake_error
+            from threatgate.net.tlsport import classify_handshake_error
 
             self.classify = classify_handshake_error
         reason, text = self.classify(exc)

@@ -21,6 +21,10 @@ Rules:
    lines and bytes, for the owner's counters and alerts) and logged at ERROR with the line count and
    the destination (rate-limited: at most one line per 10 s per sender, with a count of the rest).
 5. One persistent connection; anything the destination sends back is read and discarded.
+6. A :class:`~threatgate.config.destinations.Destination` (``tls="true"``) is reached over TLS 1.2+,
+   verified before any byte is sent: its certificate's SHA-256 against the pinned ``fingerprint=``,
+   or its chain and host name against ``ca=``.  A mismatch is a failed connect (logged at ERROR
+   with both fingerprints, retried as any other): never an unverified byte.
 """
 
 from __future__ import annotations
@@ -28,11 +32,14 @@ from __future__ import annotations
 import asyncio
 import collections
 import contextlib
+import hashlib
 import logging
+import ssl
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from threatgate.config.common import Address
+from threatgate.config.destinations import Destination
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import describe
 from threatgate.stats import LabelledGauges
@@ -263,9 +270,7 @@ class LineSender:
 
     async def _connect(self) -> asyncio.StreamWriter:
         if self._writer is None:
-            reader, writer = await asyncio.wait_for(
-                asyncio.open_connection(self.address.host, self.address.port), self.connect_timeout
-            )
+            reader, writer = await asyncio.wait_for(self._open(), self.connect_timeout)
             self._writer = writer
             self._reader_task = asyncio.get_running_loop().create_task(self._discard(reader, writer))
             log.info("%s: connected to %s", self.name, self.address)
@@ -273,6 +278,32 @@ class LineSender:
             await self._disconnect()  # the destination closed it: a batch written there would be lost
             return await self._connect()
         return self._writer
+
+    async def _open(self) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A plain connection, or a TLS one verified before it is returned (nothing written on it yet)."""
+        address = self.address
+        if not isinstance(address, Destination):
+            return await asyncio.open_connection(address.host, address.port)
+        tls = address.tls
+        ctx = ssl.create_default_context(cafile=tls.ca_file) if tls.ca_file else ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+        ctx.options |= ssl.OP_NO_RENEGOTIATION
+        if not tls.ca_file:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE  # the pinned SHA-256 is compared below, before any byte is sent
+        reader, writer = await asyncio.open_connection(
+            address.host, address.port, ssl=ctx, server_hostname=address.host if tls.ca_file else None
+        )
+        if tls.sha256:
+            ssl_object = writer.get_extra_info("ssl_object")
+            der = ssl_object.getpeercert(binary_form=True) if ssl_object is not None else None
+            got = hashlib.sha256(der).digest() if der else b""
+            if got != tls.sha256:
+                writer.transport.abort()
+                why = f"certificate mismatch: pinned {_colon(tls.sha256)}, presented {_colon(got)}"
+                log.error("%s: %s %s; nothing sent", self.name, address, why)
+                raise ConnectionRefusedError(why)
+        return reader, writer
 
     async def _discard(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         """Read and drop what the destination sends; when it closes the connection, forget the writer so
@@ -355,6 +386,10 @@ class LineSender:
             )
         with contextlib.suppress(asyncio.TimeoutError):
             await asyncio.wait_for(self._closed.wait(), delay)  # closing: one last attempt at once
+
+
+def _colon(digest: bytes) -> str:
+    return ":".join(f"{b:02X}" for b in digest) if digest else "none"
 
 
 def queue_gauges(senders: Callable[[], Iterable[LineSender | None]]) -> LabelledGauges:

@@ -23,9 +23,7 @@ import logging
 import os
 import ssl
 import stat
-from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import idna
 from cryptography import x509
@@ -34,7 +32,6 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from threatgate.config.security import TLSListener
 from threatgate.errors import FileWriteError, TLSConfigError
 from threatgate.fs import os_reason, write_atomic
 from threatgate.net.describe import describe
@@ -46,6 +43,9 @@ VALIDITY_DAYS = 825
 
 CLOCK_SKEW = dt.timedelta(minutes=5)
 """A generated certificate is back-dated this much so a client whose clock is slightly behind accepts it."""
+
+EXPIRY_WARNING = dt.timedelta(days=30)
+"""A certificate that expires sooner than this draws a warning (at start and from ``threatgate validate``)."""
 
 MAX_PEM_BYTES = 1024 * 1024
 """A PEM file larger than this is refused: a key or a certificate chain is a few kilobytes."""
@@ -72,6 +72,98 @@ class PairInfo:
     warnings: tuple[str, ...] = field(default=())
 
 
+@dataclass(frozen=True)
+class PairFindings:
+    """What :func:`inspect_pair` found in a certificate/key pair: facts and problems, nothing raised or logged.
+
+    ``errors``: the pair cannot be used (the process refuses to start).  ``validity``: the certificate
+    is expired or not yet valid (the process starts, with a warning; clients refuse it, so
+    ``threatgate validate`` reports an error).  ``warnings``: a key readable by others, an expiry near.
+    """
+
+    cert_path: str
+    key_path: str
+    missing: bool = False
+    """Both files are absent: a self-signed pair is generated at first start (:func:`ensure_server_pair`)."""
+    fingerprint_sha256: str = ""
+    not_after: dt.datetime | None = None
+    client_auth: bool = False
+    """The certificate may also authenticate a TLS client (clientAuth purpose, or no purpose restriction)."""
+    errors: tuple[str, ...] = ()
+    validity: tuple[str, ...] = ()
+    warnings: tuple[str, ...] = ()
+
+
+def inspect_pair(cert_path: str, key_path: str, *, now: dt.datetime | None = None) -> PairFindings:
+    """Check a certificate/key pair as :func:`ensure_server_pair` loads it, collecting every problem.
+
+    Reads the two files (and stats the key) but decides nothing: the start-up path raises the first
+    error and logs the rest, ``threatgate validate`` prints them all.
+    """
+    now = now or dt.datetime.now(dt.UTC)
+    if os.path.abspath(cert_path) == os.path.abspath(key_path):
+        return PairFindings(
+            cert_path, key_path, errors=(f"certificate and private key must be separate files, both are {cert_path}",)
+        )
+    cert_present, key_present = os.path.lexists(cert_path), os.path.lexists(key_path)
+    if not cert_present and not key_present:
+        return PairFindings(cert_path, key_path, missing=True)
+    if not cert_present or not key_present:
+        missing, present = (cert_path, key_path) if not cert_present else (key_path, cert_path)
+        missing_what = "certificate" if not cert_present else "private key"
+        present_what = "private key" if not cert_present else "certificate"
+        return PairFindings(
+            cert_path,
+            key_path,
+            errors=(
+                f"TLS {missing_what} {missing} is missing but the {present_what} {present} exists: "
+                f"remove {present} to have a new pair generated, or supply both files",
+            ),
+        )
+    errors: list[str] = []
+    cert: x509.Certificate | None = None
+    key: _PrivateKey | None = None
+    try:
+        cert = _load_cert(cert_path)
+    except TLSConfigError as exc:
+        errors.append(str(exc))
+    try:
+        key = _load_key(key_path)
+    except TLSConfigError as exc:
+        errors.append(str(exc))
+    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    if (
+        cert is not None
+        and key is not None
+        and cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki)
+    ):
+        errors.append(
+            f"TLS private key {key_path} does not belong to certificate {cert_path}: "
+            "supply the matching pair, or remove both to have a new pair generated"
+        )
+    if cert is None:
+        return PairFindings(cert_path, key_path, errors=tuple(errors), warnings=_check_key_mode(key_path))
+    return PairFindings(
+        cert_path,
+        key_path,
+        fingerprint_sha256=_colon_hex(cert.fingerprint(hashes.SHA256())),
+        not_after=cert.not_valid_after_utc,
+        client_auth=allows_client_auth(cert),
+        errors=tuple(errors),
+        validity=_check_validity(cert, cert_path, now),
+        warnings=_check_key_mode(key_path) + _check_expiry(cert, cert_path, now),
+    )
+
+
+def allows_client_auth(cert: x509.Certificate) -> bool:
+    """Whether OpenSSL accepts ``cert`` as a TLS client's: no ExtendedKeyUsage, or one naming clientAuth (or any)."""
+    try:
+        usages = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    except x509.ExtensionNotFound:
+        return True
+    return ExtendedKeyUsageOID.CLIENT_AUTH in usages or ExtendedKeyUsageOID.ANY_EXTENDED_KEY_USAGE in usages
+
+
 def ensure_server_pair(
     cert_path: str, key_path: str, *, common_name: str, hosts: list[str], client_auth: bool = False
 ) -> PairInfo:
@@ -86,20 +178,9 @@ def ensure_server_pair(
             encrypted or of an unsupported type; the key does not belong to the certificate; or the
             pair cannot be written.
     """
-    if os.path.abspath(cert_path) == os.path.abspath(key_path):
-        raise TLSConfigError(f"certificate and private key must be separate files, both are {cert_path}")
-    cert_present = os.path.lexists(cert_path)
-    key_present = os.path.lexists(key_path)
-    if not cert_present and not key_present:
+    separate = os.path.abspath(cert_path) != os.path.abspath(key_path)
+    if separate and not os.path.lexists(cert_path) and not os.path.lexists(key_path):
         return _create_pair(cert_path, key_path, common_name=common_name, hosts=hosts, client_auth=client_auth)
-    if not cert_present or not key_present:
-        missing, present = (cert_path, key_path) if not cert_present else (key_path, cert_path)
-        missing_what = "certificate" if not cert_present else "private key"
-        present_what = "private key" if not cert_present else "certificate"
-        raise TLSConfigError(
-            f"TLS {missing_what} {missing} is missing but the {present_what} {present} exists: "
-            f"remove {present} to have a new pair generated, or supply both files"
-        )
     return _load_pair(cert_path, key_path)
 
 
@@ -248,26 +329,21 @@ def _unlink_quietly(path: str) -> None:
 
 
 def _load_pair(cert_path: str, key_path: str) -> PairInfo:
-    cert = _load_cert(cert_path)
-    key = _load_key(key_path)
-    spki = serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    if cert.public_key().public_bytes(*spki) != key.public_key().public_bytes(*spki):
-        raise TLSConfigError(
-            f"TLS private key {key_path} does not belong to certificate {cert_path}: "
-            "supply the matching pair, or remove both to have a new pair generated"
-        )
-    warnings = _check_key_mode(key_path) + _check_validity(cert, cert_path)
+    found = inspect_pair(cert_path, key_path)
+    if found.errors:
+        raise TLSConfigError(found.errors[0])
+    assert found.not_after is not None  # no error: the certificate was read
+    warnings = found.validity + found.warnings
     for warning in warnings:
         log.warning("%s", warning)
-    fp = _colon_hex(cert.fingerprint(hashes.SHA256()))
     log.info(
         "loaded TLS certificate %s (key %s), SHA-256 fingerprint %s, valid until %s",
         cert_path,
         key_path,
-        fp,
-        cert.not_valid_after_utc.isoformat(),
+        found.fingerprint_sha256,
+        found.not_after.isoformat(),
     )
-    return PairInfo(cert_path, key_path, False, fp, cert.not_valid_after_utc, warnings)
+    return PairInfo(cert_path, key_path, False, found.fingerprint_sha256, found.not_after, warnings)
 
 
 def _read_pem(path: str, what: str) -> bytes:
@@ -289,6 +365,27 @@ def _load_cert(path: str) -> x509.Certificate:
         raise TLSConfigError(f"TLS certificate {path} is not a PEM certificate (-----BEGIN CERTIFICATE-----)") from None
     # A chain file is fine: the server certificate comes first, as load_cert_chain expects.
     return certs[0]
+
+
+def load_certificates(path: str, what: str) -> list[x509.Certificate]:
+    """Every certificate of a PEM file (a CA bundle, a pinned client certificate); ``what`` names it in errors.
+
+    Raises:
+        TLSConfigError: the file is missing, unreadable, too large or holds no PEM certificate.
+    """
+    if not os.path.lexists(path):
+        raise TLSConfigError(
+            f"TLS {what} {path} does not exist: check the path (a relative one is read from the configuration "
+            "file's directory)"
+        )
+    data = _read_pem(path, what)
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError:
+        raise TLSConfigError(
+            f"TLS {what} {path} is not a PEM certificate file (-----BEGIN CERTIFICATE-----): "
+            "convert it, e.g. openssl x509 -inform DER -in FILE -out FILE.pem"
+        ) from None
 
 
 def _load_key(path: str) -> _PrivateKey:
@@ -318,8 +415,7 @@ def _check_key_mode(path: str) -> tuple[str, ...]:
     return ()
 
 
-def _check_validity(cert: x509.Certificate, path: str) -> tuple[str, ...]:
-    now = dt.datetime.now(dt.UTC)
+def _check_validity(cert: x509.Certificate, path: str, now: dt.datetime) -> tuple[str, ...]:
     if now > cert.not_valid_after_utc:
         return (f"TLS certificate {path} expired on {cert.not_valid_after_utc.isoformat()}: clients will refuse it",)
     if now < cert.not_valid_before_utc:
@@ -330,35 +426,15 @@ def _check_validity(cert: x509.Certificate, path: str) -> tuple[str, ...]:
     return ()
 
 
+def _check_expiry(cert: x509.Certificate, path: str, now: dt.datetime) -> tuple[str, ...]:
+    left = cert.not_valid_after_utc - now
+    if dt.timedelta(0) <= left < EXPIRY_WARNING:
+        return (
+            f"TLS certificate {path} expires on {cert.not_valid_after_utc.isoformat()} (in {left.days} day(s)): "
+            "renew it before clients refuse it",
+        )
+    return ()
+
+
 def _colon_hex(digest: bytes) -> str:
     return ":".join(f"{b:02X}" for b in digest)
-
-
-# -- listening ports (provisional: replaced by the tlsctx slice) -----------------------------------------
-
-
-def listener_context(settings: TLSListener) -> ssl.SSLContext:
-    """The server context of a TLS port: :func:`server_context`, no renegotiation, client certificates as set."""
-    ctx = server_context(settings.cert_path, settings.key_path)
-    ctx.options |= ssl.OP_NO_RENEGOTIATION
-    clients = settings.clients
-    if clients.mode != "none":
-        ctx.verify_mode = ssl.CERT_REQUIRED if clients.mode == "required" else ssl.CERT_OPTIONAL
-        for path in (*clients.ca_files, *clients.certificates):
-            try:
-                ctx.load_verify_locations(cafile=path)
-            except (ssl.SSLError, OSError) as exc:
-                raise TLSConfigError(f"cannot load trusted client certificates {path}: {describe(exc)}") from None
-    return ctx
-
-
-def client_vet(settings: TLSListener) -> Callable[[Any], str | None] | None:
-    """The check after a handshake that pinned client certificates need (None: nothing to check)."""
-    return None
-
-
-def classify_handshake_error(exc: BaseException) -> tuple[str, str]:
-    """A failed handshake -> (counter reason, words for the log)."""
-    if isinstance(exc, TimeoutError) or "taking longer than" in str(exc):
-        return "tls_timeout", "the TLS handshake did not finish in time"
-    return "tls_handshake", f"TLS handshake failed: {describe(exc)}"

@@ -187,8 +187,10 @@ class EventConnection(EventProtocol):
             return
         payload = "".join(lines).encode("utf-8", "replace")
         if flags.reply_back:
-            assert self.transport is not None
-            self.transport.write(payload)
+            if self.transport is not None:
+                self.transport.write(payload)
+            else:  # the sender left before its slot came (a TLS session closed at once): nobody to answer
+                node.stats.drop_lines("reply", "client_gone", len(lines))
             return
         if not node.output.send(payload):
             # The destination is not keeping up: hold this batch and stop reading until it drains.

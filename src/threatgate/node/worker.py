@@ -98,6 +98,10 @@ class WorkerConnection(EventConnection):
 
     def connection_lost(self, exc: Exception | None) -> None:
         super().connection_lost(exc)
+        if not self.detached:  # else the master's verdict still finds it: matched, then closed
+            self.on_detached_closed()
+
+    def on_detached_closed(self) -> None:
         if self.worker.conns.pop(self.conn_id, None) is not None:
             self.worker.send("closed", self.conn_id)
 
