@@ -523,6 +523,23 @@ def start_balancer(
     return service
 
 
+def check_pins(pin_dir: str, nodes: list[Pair]) -> None:
+    """The balancer pinned exactly the nodes' certificates (one pin each), so its TLS to them is real."""
+    from threatgate.net.tls import fingerprint_sha256
+
+    def fingerprint(path: str) -> str:
+        with open(path, "rb") as fh:
+            return fingerprint_sha256(fh.read())
+
+    try:
+        pinned = sorted(fingerprint(os.path.join(pin_dir, name)) for name in os.listdir(pin_dir))
+    except OSError as exc:
+        raise SetupError(f"the balancer saved no pins in {pin_dir}: {exc}") from None
+    expected = sorted(fingerprint(pair.cert) for pair in nodes)
+    if pinned != expected:
+        raise SetupError(f"the pins in {pin_dir} ({pinned}) are not the nodes' certificates ({expected})")
+
+
 def find_haproxy(given: str | None) -> str:
     path = (
         given or shutil.which("haproxy") or ("/usr/sbin/haproxy" if os.access("/usr/sbin/haproxy", os.X_OK) else None)
@@ -1442,6 +1459,7 @@ def bench(args: argparse.Namespace) -> int:
                 upstream_tls=True,
             )
             services.append(balancer_tls)
+            check_pins(os.path.join(run_dir, "pins-balancer-tls"), [pairs["node1"], pairs["node2"]])
         hap: Service | None = None
         if haproxy:
             hap_tls = (tls_ports["haproxy"], pairs["haproxy"], [pairs["node1"]], [tls_ports["node1"]])
