@@ -43,7 +43,9 @@ the window; its decryption of the replies stays in (the client CPU column).
 
 The nodes "match nothing": no feeds, and the only rule is the HA request id (``REQ``, a CONTEXT rule),
 with the HA formats (``EventFormat`` and ``FinishedEventFormat`` start with ``%REQ%``), so every event
-is answered by one ``LookupFinished`` line and the balancer is exercised as in production.
+is answered by one ``LookupFinished`` line and the balancer is exercised as in production.  They run
+one process each (``--node-workers 1``): a node with workers may shed the bench client's connection to
+spread a balancer's lanes (``start_node``), and one connection is served by one process either way.
 
 Three modes, all with ``X-KF-SendFinishedEventX-KF-ReplyBack``:
 
@@ -351,6 +353,9 @@ NODE_CONF = """\
   <ServiceSettings>
     <ScannersCount>20</ScannersCount>
   </ServiceSettings>
+  <ScanSettings>
+    <Workers>{workers}</Workers>
+  </ScanSettings>
 </Configuration>
 """
 
@@ -464,12 +469,19 @@ def wait_for_port(service: Service, port: int, timeout: float) -> None:
     raise SetupError(f"{service.name} not listening on port {port} within {timeout:.0f} s:\n{tail(service.log_path)}")
 
 
-def start_node(run_dir: str, name: str, port: int, tls: tuple[int, Pair] | None) -> Service:
-    """A node listening on ``port``; with ``tls`` (port, certificate pair) also on a TLS twin port."""
+def start_node(run_dir: str, name: str, port: int, tls: tuple[int, Pair] | None, workers: str) -> Service:
+    """A node listening on ``port``; with ``tls`` (port, certificate pair) also on a TLS twin port.
+
+    ``workers`` is its ``<Workers>``.  The default here is 1: a node with worker processes sheds an
+    HA client's connection (one sending ``X-KF-ReplyBack`` and ``X-KF-SendFinishedEvent``) once it is
+    owed nothing when its workers' connection counts differ by two (node/pool.py), to spread a
+    balancer's lanes; the health checks of two balancers make that happen, and the bench's client,
+    which does not reconnect, then loses its paced run.
+    """
     config = os.path.join(run_dir, f"{name}.conf")
     twin = NODE_TLS.format(port=tls[0], cert=tls[1].cert, key=tls[1].key) if tls else ""
     with open(config, "w", encoding="utf-8") as fh:
-        fh.write(NODE_CONF.format(port=port, output_port=free_port(), tls=twin))
+        fh.write(NODE_CONF.format(port=port, output_port=free_port(), tls=twin, workers=workers))
     cmd = [sys.executable, "-m", "threatgate", "node", "--config", config, "--log-level", "inf"]
     service = spawn(name, cmd, os.path.join(run_dir, f"{name}.log"))
     wait_for_lines(service, r"node listening for events", 1, 60)
@@ -1386,6 +1398,9 @@ def main() -> int:
         "--no-tls-in", action="store_true", help="skip 'balancer tls-in' (TLS from the client, plain to the nodes)"
     )
     parser.add_argument("--haproxy", help="path of haproxy")
+    parser.add_argument(
+        "--node-workers", default="1", help="the nodes' <Workers> (1: one process each; auto: one per core)"
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="seconds before a run is given up")
     parser.add_argument(
         "--profile", action="store_true", help="py-spy each balancer during one more streaming and request-reply run"
@@ -1437,10 +1452,9 @@ def bench(args: argparse.Namespace) -> int:
         ports = {name: free_port() for name in names}
         tls_ports = {name: free_port() for name in names}  # the TLS twin ports (balancer-tls: unused)
         pairs = make_pairs(run_dir, list(names) if with_tls else ["balancer"])
-        node1 = start_node(run_dir, "node1", ports["node1"], (tls_ports["node1"], pairs["node1"]) if with_tls else None)
-        services.append(node1)
-        node2 = start_node(run_dir, "node2", ports["node2"], (tls_ports["node2"], pairs["node2"]) if with_tls else None)
-        services.append(node2)
+        for name in ("node1", "node2"):
+            twin_port = (tls_ports[name], pairs[name]) if with_tls else None
+            services.append(start_node(run_dir, name, ports[name], twin_port, args.node_workers))
         twin = f'<MatchingTLS enabled="true" port="{tls_ports["balancer"]}"/>' if tls_in else ""
         node_ports = [ports["node1"], ports["node2"]]
         balancer = start_balancer(
