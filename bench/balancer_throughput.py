@@ -1180,7 +1180,7 @@ def rr_cells(run: LatencyRun, rnd: dict[str, LatencyRun]) -> list[str]:
         f"{run.pct(1.0):.3f}",
         f"{run.pct(0.5) - direct.pct(0.5):+.3f}" if added and direct else "-",
         f"{run.pct(0.99) - direct.pct(0.99):+.3f}" if added and direct else "-",
-        f"{run.pct(0.99) - plain.pct(0.99):+.3f}" if plain and plain.valid else "-",
+        f"{run.pct(0.99) - plain.pct(0.99):+.3f}" if plain and plain.valid and run.valid else "-",
         f"{proxy / done * 1e6:.2f}" if proxy is not None else "-",
         f"{nodes:.2f}",
         f"{u.client:.2f}",
