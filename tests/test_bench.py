@@ -10,6 +10,7 @@ answer byte for byte the same, and a real node answers over TCP what the same en
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -83,3 +84,25 @@ def test_node_workers_streams_direct_and_through_a_balancer_and_reads_worker_mem
     [memory] = node["memory"]
     assert 0 < memory["uss"] <= memory["pss"] <= memory["rss"]
     assert "2 workers / 1 worker, direct" in done.stdout
+
+
+@pytest.mark.timeout(300)
+def test_balancer_throughput_runs_every_path_over_plain_tcp_and_tls(tmp_path: Path) -> None:
+    # Tiny: the harness (the TLS twins of each path, the client's sealed records, HAProxy's TLS
+    # frontend and backend, the second balancer with TLS to the nodes), not the figures.
+    args = ["--events", "3000", "--warmup", "0", "--rr-events", "200", "--rr-warmup", "20"]
+    if shutil.which("haproxy") is None and not Path("/usr/sbin/haproxy").exists():
+        args.append("--no-haproxy")
+    done = run_bench("balancer_throughput.py", *args, "--json", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-3000:]
+    result = json.loads((tmp_path / "out.json").read_text())
+    streams = {r["path"]: r for r in result["streams"]}
+    tls_paths = {"direct tls", "balancer tls-in", "balancer tls", "direct x2 tls"}
+    assert tls_paths <= set(streams) and {"direct", "balancer", "direct x2"} <= set(streams)
+    for path, run in streams.items():
+        assert run["lines"] == run["events"] == 3000 and not run["error"], run
+        assert run["cipher"].startswith("TLSv1.3 ") == (path in tls_paths | {"haproxy tls"}), (path, run["cipher"])
+    latency = [r for r in result["latency"] if r["path"] in tls_paths]
+    assert {r["mode"] for r in latency} == {"request-reply", "paced"}
+    assert all(r["cipher"].startswith("TLSv1.3 ") and not r["error"] for r in latency), latency
+    assert "events/s balancer tls / balancer, streaming" in done.stdout
