@@ -189,7 +189,16 @@ class ClusterAgent:
         self.server = HTTPServer(
             self.handle,
             address=self.settings.listen,
-            gate=Gate("cluster", stats=self.node.stats, log=log, tls=self._ssl, handshake_timeout=10.0),
+            # Handshakes refused here are routine while membership changes (a member not yet trusted by
+            # every other one retries); the cluster reports unreachable peers itself: counted, logged at dbg.
+            gate=Gate(
+                "cluster",
+                stats=self.node.stats,
+                log=log,
+                tls=self._ssl,
+                handshake_timeout=10.0,
+                failure_level=logging.DEBUG,
+            ),
             header_timeout=10.0,
             idle_timeout=75.0,
             count=lambda reason: self.node.stats.bump(self.node.stats.bad_input, "cluster_" + reason),

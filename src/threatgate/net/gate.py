@@ -148,6 +148,7 @@ class Gate:
         vet: Vet | None = None,
         classify: Classify | None = None,
         max_handshakes: int = MAX_TLS_HANDSHAKES,
+        failure_level: int = logging.WARNING,
     ) -> None:
         self.port = port
         self.stats = stats
@@ -162,7 +163,7 @@ class Gate:
         self.on_slot_free: Callable[[], None] | None = None  # a GateServer waiting to accept again
         self.tasks: set[asyncio.Task[bool]] = set()
         self.warn_source = RateLimitedLog(log)
-        self.warn_tls = RateLimitedLog(log)
+        self.warn_tls = RateLimitedLog(log, failure_level)  # a failed handshake: counted whatever the level
         self.warn_flood = RateLimitedLog(log)
 
     async def start_server(self, inner: ProtocolFactory, host: str, port: int, *, backlog: int = 1024) -> Listening:
