@@ -115,19 +115,36 @@ def self_signed(
     not_after: dt.datetime | None = None,
 ) -> Pair:
     """A self-signed leaf (CA:FALSE), like the pairs threatgate generates; valid from a day ago for 90 days."""
+    return _signed_leaf(common_name, None, hosts or [], client, server, not_before, not_after)
+
+
+def _signed_leaf(
+    common_name: str,
+    issuer: Pair | None,
+    hosts: list[str],
+    client: bool,
+    server: bool,
+    not_before: dt.datetime | None,
+    not_after: dt.datetime | None,
+) -> Pair:
+    """A new key and its leaf certificate, signed by ``issuer`` (None: by itself)."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
     builder = (
         x509.CertificateBuilder()
         .subject_name(_name(common_name))
-        .issuer_name(_name(common_name))
+        .issuer_name(issuer.cert.subject if issuer is not None else _name(common_name))
         .public_key(key.public_key())
         .serial_number(x509.random_serial_number())
         .not_valid_before(not_before or now - DAY)
         .not_valid_after(not_after or now + 90 * DAY)
     )
-    builder = _leaf(builder, key.public_key(), hosts or [], client, server)
-    return Pair(builder.sign(key, hashes.SHA256()), key)
+    if issuer is not None:
+        builder = builder.add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(issuer.key.public_key()), critical=False
+        )
+    builder = _leaf(builder, key.public_key(), hosts, client, server)
+    return Pair(builder.sign(issuer.key if issuer is not None else key, hashes.SHA256()), key)
 
 
 def expired(common_name: str, **kwargs: object) -> Pair:
@@ -180,19 +197,4 @@ class Authority:
         not_after: dt.datetime | None = None,
     ) -> Pair:
         """A leaf signed by this CA; ``hosts`` go into SubjectAlternativeName (IP addresses or DNS names)."""
-        key = ec.generate_private_key(ec.SECP256R1())
-        now = _now()
-        builder = (
-            x509.CertificateBuilder()
-            .subject_name(_name(common_name))
-            .issuer_name(self.pair.cert.subject)
-            .public_key(key.public_key())
-            .serial_number(x509.random_serial_number())
-            .not_valid_before(not_before or now - DAY)
-            .not_valid_after(not_after or now + 90 * DAY)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(self.pair.key.public_key()), critical=False
-            )
-        )
-        builder = _leaf(builder, key.public_key(), hosts or [], client, server)
-        return Pair(builder.sign(self.pair.key, hashes.SHA256()), key)
+        return _signed_leaf(common_name, self.pair, hosts or [], client, server, not_before, not_after)
