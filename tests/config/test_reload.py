@@ -59,7 +59,6 @@ def test_listen_sockets_and_tls_files_need_a_restart_the_rest_applies() -> None:
         "alert_tls",
         "client_cert_path",
         "client_key_path",
-        "allowed_sources",
     }
     assert BALANCER_FIELDS["output"] == BALANCER_FIELDS["alert_forward"] == LIVE
     assert NODE_FIELDS["output.destination"] == LIVE

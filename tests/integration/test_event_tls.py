@@ -292,3 +292,39 @@ def test_a_reload_does_not_change_the_tls_of_workers(tmp_path: Path, certs: Cert
         for _ in range(4):  # connections go to both workers
             assert refused(node.port, certs.context(None))
         assert detections(tls_exchange(node.port, certs.context("ca"), FLAGS + EVENTS))
+
+
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "workers"])
+def test_allowed_sources_change_at_a_sighup_without_a_restart(tmp_path: Path, workers: int) -> None:
+    """Adding a SIEM forwarder's address needs no restart of the event path: the next connection is judged by
+    the new list (with workers, in the master that passes connections)."""
+    config = example_config(tmp_path, workers=workers)
+    text = config.read_text()
+    config.write_text(
+        text.replace(
+            "</Configuration>",
+            '<AllowedSources ports="events"><Source>127.0.0.2</Source></AllowedSources></Configuration>',
+        )
+    )
+    with running_node(config) as node:
+        assert refused(node.port, None, source="127.0.0.1")
+        mark = len(node.log())
+        config.write_text(config.read_text().replace("<Source>127.0.0.2</Source>", "<Source>127.0.0.0/8</Source>"))
+        node.signal(signal.SIGHUP)
+        node.wait_for_log(r"allowed sources now: events: 127\.0\.0\.0/8", after=mark)
+        assert not refused(node.port, None, source="127.0.0.1")
+        assert "needs a restart" not in node.log()[mark:]
+
+
+def test_balancer_allowed_sources_change_at_a_sighup(tmp_path: Path) -> None:
+    with running_node(example_config(tmp_path)) as node:
+        only = '<AllowedSources ports="events,api"><Source>127.0.0.2</Source></AllowedSources>'
+        path = balancer_config(tmp_path / "kl_balancer.conf", instances=[node.port], extra=only)
+        with running_balancer(path) as balancer:
+            assert refused(balancer.port, None, source="127.0.0.1")
+            mark = balancer.log_offset()
+            path.write_text(path.read_text().replace("<Source>127.0.0.2</Source>", "<Source>127.0.0.1</Source>"))
+            balancer.signal(signal.SIGHUP)
+            balancer.wait_for_log(r"allowed sources now: api: 127\.0\.0\.1/32", after=mark)
+            balancer.wait_for_log(r"allowed sources now: events: 127\.0\.0\.1/32", after=mark)
+            assert not refused(balancer.port, None, source="127.0.0.1")

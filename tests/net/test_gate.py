@@ -13,7 +13,8 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 import pytest
 import trustme
 
-from threatgate.net.gate import Gate, Listening
+from threatgate.config.security import AllowedSources
+from threatgate.net.gate import Gate, Gates, Listening
 from threatgate.net.sources import SourceList
 from threatgate.stats import BoundaryStats
 
@@ -157,10 +158,20 @@ async def test_vet_refuses_a_client_after_the_handshake(
     assert "certificate not pinned" in caplog.text
 
 
-async def test_a_plain_port_without_a_list_is_asyncios_own_server(start: Start) -> None:
+async def test_a_list_given_or_taken_at_run_time_applies_to_the_next_connection(start: Start) -> None:
+    """A reload gives a port a list it had none of, then takes it away (Gates.apply): no restart."""
     gate, port = await start()
-    assert await roundtrip(port, None) == b"EVENT\n"
-    assert gate.stats.connections == {}
+    assert await roundtrip(port, None) == b"EVENT\n" and gate.stats.connections == {}
+    gates = Gates()
+    gates.add(gate)
+    only = AllowedSources(by_port=(("events", (ipaddress.ip_network("127.0.0.2/32"),)),))
+    assert gates.apply(only, lambda port: 5.0) == ["events: 127.0.0.2/32"] and gate.handshake_timeout == 5.0
+    with pytest.raises((ConnectionError, asyncio.IncompleteReadError)):
+        await roundtrip(port, None, source="127.0.0.1")
+    assert await roundtrip(port, None, source="127.0.0.2") == b"EVENT\n"
+    assert gates.apply(AllowedSources(), lambda port: 5.0) == ["events: every source"]
+    assert await roundtrip(port, None, source="127.0.0.1") == b"EVENT\n"
+    assert gate.stats.connections == {"refused_source": 1}
 
 
 async def test_serve_takes_a_socket_accepted_elsewhere(ca: trustme.CA, server_context: ssl.SSLContext) -> None:

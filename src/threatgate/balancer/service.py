@@ -56,7 +56,7 @@ from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, MetricsServer, start_metrics_server
 from threatgate.net.describe import describe
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits, log_drained
-from threatgate.net.gate import Gate, Listening, gate_for, start_servers
+from threatgate.net.gate import Gate, Gates, Listening, gate_for, start_servers
 from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
 from threatgate.stats import BalancerStats, Gauges, LabelledGauges
 from threatgate.wire.flags import SessionFlags
@@ -72,9 +72,11 @@ TICK = 0.25
 
 
 class Bound(Protocol):
-    """A listener that says where it listens once started (``getsockname()``: port 0 is the port picked)."""
+    """A listener that says where it listens once started (``getsockname()``: port 0 is the port picked),
+    and its door (a reload gives it the new <AllowedSources>)."""
 
     sockname: Any
+    gate: Gate
 
 
 class GatewayPart(Protocol):
@@ -94,6 +96,15 @@ class ReadinessPart(WriteRouter, Protocol):
     def start(self) -> None: ...
     async def close(self) -> None: ...
     def families(self) -> Iterator[Metric]: ...
+
+
+API_HANDSHAKE_TIMEOUT = 10.0
+"""Seconds a REST gateway client has for its TLS handshake (the gateway's request-header deadline)."""
+
+
+def _handshake_timeout(config: BalancerConfig, port: str) -> float:
+    """The TLS handshake deadline of a port: the gateway's own for ``api``, else HandshakeTimeout."""
+    return API_HANDSHAKE_TIMEOUT if port == "api" else config.handshake_timeout
 
 
 ORPHAN_POLL = 0.01
@@ -204,6 +215,7 @@ class BalancerService:
         self._flush_scheduled = False
         self._dispatch_scheduled = False
         self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
+        self.gates = Gates()  # every port's door: a reload gives them their new <AllowedSources>
         self._metrics: MetricsServer | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -534,6 +546,8 @@ class BalancerService:
         self.listener.limits = _limits(new)
         self.apply(self.dispatcher.reconfigure(new, self._now()))
         self._start_checks()
+        for change in self.gates.apply(new.allowed_sources, lambda port: _handshake_timeout(new, port)):
+            log.info("allowed sources now: %s", change)
         log.info("configuration reloaded from %s", new.path)
 
     def _replace_output(self, address: Address | None) -> None:
@@ -561,14 +575,17 @@ class BalancerService:
     # -- lifecycle ----------------------------------------------------------------------------
 
     def _gate(self, port: str, tls: TLSListener | None = None) -> Gate:
-        """The door of one of the balancer's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py)."""
-        return gate_for(
-            port,
-            stats=self.stats,
-            log=log,
-            handshake_timeout=self.config.handshake_timeout,
-            sources=self.config.allowed_sources.networks(port),
-            tls=tls,
+        """The door of one of the balancer's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py);
+        kept in :attr:`gates`, so a reload gives it a new list."""
+        return self.gates.add(
+            gate_for(
+                port,
+                stats=self.stats,
+                log=log,
+                handshake_timeout=_handshake_timeout(self.config, port),
+                sources=self.config.allowed_sources.networks(port),
+                tls=tls,
+            )
         )
 
     async def startup(self) -> None:
@@ -605,6 +622,7 @@ class BalancerService:
             self.listening.add(name, sockname)
         await self.gateway.start()
         assert self.gateway.http is not None
+        self.gates.add(self.gateway.http.gate)  # made by the gateway with its own TLS pair: reloads reach it too
         self.listening.add("api", self.gateway.http.sockname)
         self.readiness.start()
         if self.statistics is not None:

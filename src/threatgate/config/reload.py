@@ -32,7 +32,7 @@ NODE_FIELDS: Mapping[str, str] = {
     "input.max_event_size": LIVE,  # new connections
     "input.sources": LIVE,
     "input.tls": "InputSettings/TLS",  # the listening sockets and their certificates are set up once
-    "allowed_sources": "AllowedSources",
+    "allowed_sources": LIVE,  # every port's gate takes the new list (net/gate.py Gates); connections stay
     "output.destination": LIVE,  # a new sender; the old one's queue is handed over
     "output.event_format": LIVE,
     "output.record_field_format": LIVE,
@@ -84,7 +84,7 @@ BALANCER_FIELDS: Mapping[str, str] = {
     "alert_tls": "AlertTLS",
     "client_cert_path": "ClientCertificatePath",
     "client_key_path": "ClientPrivateKeyPath",
-    "allowed_sources": "AllowedSources",
+    "allowed_sources": LIVE,  # every port's gate takes the new list (net/gate.py Gates); connections stay
     "event_delimiter": LIVE,  # new connections
     "max_event_size": LIVE,  # new connections
     "idle_timeout": LIVE,  # the next sweep

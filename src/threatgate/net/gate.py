@@ -26,9 +26,8 @@ Every listening port of node and balancer (events, REST API, alerts, metrics) ca
    created and connected to the TLS transport, exactly as if the server had accepted a plain
    connection: it never knows a gate was there.
 
-Without an allow-list and without TLS a port needs no gate: :meth:`Gate.start_server` is then plain
-``create_server`` with the inner factory, so the plain hot path pays nothing.  A plain port with an
-allow-list checks in ``connection_made`` (:class:`_Door`), before the transport reads.
+A plain port checks in ``connection_made`` (:class:`_Door`), before the transport reads: one check
+per connection, nothing per byte, so a reload can give it a list (:class:`Gates`).
 
 Renegotiation is refused by the context (``OP_NO_RENEGOTIATION``, TLS 1.2; TLS 1.3 has none).
 """
@@ -43,7 +42,7 @@ import ssl
 from collections.abc import Callable
 from typing import Any, Protocol, cast
 
-from threatgate.config.security import Network, TLSListener
+from threatgate.config.security import AllowedSources, Network, TLSListener
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import describe
 from threatgate.net.sources import SourceList
@@ -133,6 +132,36 @@ async def start_servers(
     return servers
 
 
+class Gates:
+    """Every gate of a process, by port name: what a reload reaches to give new allow-lists and deadlines.
+
+    ``<AllowedSources>`` is applied live: adding a SIEM forwarder's address must not need a restart of
+    the event path.  Connections already in are kept (they were admitted under the list of their time).
+    """
+
+    def __init__(self) -> None:
+        self._by_port: dict[str, list[Gate]] = {}
+
+    def add(self, gate: Gate) -> Gate:
+        self._by_port.setdefault(gate.port, []).append(gate)
+        return gate
+
+    def apply(self, allowed: AllowedSources, handshake_timeout: Callable[[str], float]) -> list[str]:
+        """Give every gate its port's networks (None: every source) and handshake deadline; returns, in words,
+        the ports whose list changed (``events: 10.0.0.0/8``, ``api: every source``) for the reload's log."""
+        changed = []
+        for port, gates in self._by_port.items():
+            networks = allowed.networks(port)
+            sources = SourceList(networks) if networks is not None else None
+            for gate in gates:
+                before = gate.sources.networks if gate.sources is not None else None
+                gate.sources = sources
+                gate.handshake_timeout = handshake_timeout(port)
+            if before != networks:
+                changed.append(f"{port}: {', '.join(map(str, networks)) if networks is not None else 'every source'}")
+        return changed
+
+
 class Gate:
     """The door of one listening port (named as the process reports it: ``events``, ``api``, ...)."""
 
@@ -170,8 +199,9 @@ class Gate:
         """Listen on ``host:port`` and serve each admitted connection with a protocol from ``inner``."""
         loop = asyncio.get_running_loop()
         if self.tls is None:
-            factory = inner if self.sources is None else lambda: _Door(self, inner)
-            return await loop.create_server(factory, host, port, reuse_address=True, backlog=backlog)
+            # Always the door, list or not: a reload may give the port a list (Gates.apply); it costs one
+            # check per connection, nothing per byte.
+            return await loop.create_server(lambda: _Door(self, inner), host, port, reuse_address=True, backlog=backlog)
         infos = await loop.getaddrinfo(host or None, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
         socks: list[socket.socket] = []
         try:

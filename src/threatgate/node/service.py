@@ -26,6 +26,7 @@ import gc
 import logging
 import os
 import socket
+import ssl
 import tempfile
 import time
 from collections.abc import Awaitable, Callable, Collection
@@ -44,7 +45,7 @@ from threatgate.metrics import MetricsServer, StatsCollector, start_metrics_serv
 from threatgate.net.describe import describe
 from threatgate.net.drain import remaining
 from threatgate.net.events import EventListener, log_drained
-from threatgate.net.gate import Gate, Listening, gate_for, start_servers
+from threatgate.net.gate import Gate, Gates, Listening, gate_for, start_servers
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -178,6 +179,7 @@ class NodeService:
         self._feed_states: dict[int, FeedState] = {}
         self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
         self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
+        self.gates = Gates()  # every port's door: a reload gives them their new <AllowedSources>
         self._metrics: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._should_exit = asyncio.Event()
@@ -660,16 +662,26 @@ class NodeService:
         await pool.refresh()
         return detection_statistics(pool.total(self.stats), self.started_at)
 
-    def _gate(self, port: str, tls: TLSListener | None = None) -> Gate:
-        """The door of one of the node's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py)."""
-        return gate_for(
-            port,
-            stats=self.stats,
-            log=log,
-            handshake_timeout=self.config.service.handshake_timeout,
-            sources=self.config.allowed_sources.networks(port),
-            tls=tls,
+    def _gate(self, port: str, tls: TLSListener | ssl.SSLContext | None = None) -> Gate:
+        """The door of one of the node's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py);
+        kept in :attr:`gates`, so a reload gives it a new list."""
+        return self.gates.add(
+            gate_for(
+                port,
+                stats=self.stats,
+                log=log,
+                handshake_timeout=self._handshake_timeout(self.config, port),
+                sources=self.config.allowed_sources.networks(port),
+                tls=tls,
+            )
         )
+
+    @staticmethod
+    def _handshake_timeout(config: NodeConfig, port: str) -> float:
+        """The TLS handshake deadline of a port: the API's request-header timeout, else HandshakeTimeout."""
+        if port == "api" and config.http is not None:
+            return config.http.header_timeout
+        return config.service.handshake_timeout
 
     async def _ensure_event_pair(self) -> None:
         """An event TLS pair of its own (not the HTTPS one, made by _start_http) is created like it when missing."""
@@ -705,14 +717,7 @@ class NodeService:
         self.http = HTTPServer(
             self.api.handle,
             address=settings.listen,
-            gate=gate_for(
-                "api",
-                stats=self.stats,
-                log=log,
-                handshake_timeout=settings.header_timeout,
-                sources=self.config.allowed_sources.networks("api"),
-                tls=server_context(settings.cert_path, settings.key_path),
-            ),
+            gate=self._gate("api", server_context(settings.cert_path, settings.key_path)),
             header_timeout=settings.header_timeout,
             idle_timeout=settings.idle_timeout,
             count=self.api.count,
@@ -779,6 +784,8 @@ class NodeService:
         self.auth.replace(_users(new), None if new.cluster else new.path)
         if self.http is not None and new.http is not None:
             self.http.header_timeout = new.http.header_timeout
+        for change in self.gates.apply(new.allowed_sources, lambda port: self._handshake_timeout(new, port)):
+            log.info("allowed sources now: %s", change)
         self.exports = Exports(self)
         self.store_version += 1
         log.info("configuration reloaded from %s", new.path)
