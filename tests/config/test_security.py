@@ -107,7 +107,7 @@ def test_allowed_sources_per_port_and_for_every_port(tmp_path: Path) -> None:
         ("<AllowedSources><Source>10.0.0.1/8</Source></AllowedSources>", "did you mean 10.0.0.0/8"),
         ("<AllowedSources><Source>siem.example</Source></AllowedSources>", "host names are not accepted"),
         ("<AllowedSources/>", "would refuse every peer"),
-        ('<AllowedSources ports="events,cluster"><Source>::1</Source></AllowedSources>', "unknown port 'cluster'"),
+        ('<AllowedSources ports="events,alerts"><Source>::1</Source></AllowedSources>', "unknown port 'alerts'"),
         (
             '<AllowedSources ports="api"><Source>::1</Source></AllowedSources>'
             '<AllowedSources ports="api"><Source>::2</Source></AllowedSources>',

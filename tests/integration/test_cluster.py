@@ -13,6 +13,7 @@ import json
 import re
 import secrets
 import socket
+import ssl
 import subprocess
 import sys
 import time
@@ -583,3 +584,29 @@ def test_control_loss_emergency_promotion_and_the_old_control_steps_down(tmp_pat
         assert (2, promoted) in n3_applied and (2, after) in n3_applied
         assert all(epoch == 2 for epoch, _ in n3_applied[n3_applied.index((2, promoted)) :]), n3_applied
         assert "settings synchronization" not in n1.log()  # it never pushed its epoch-1 settings to be refused
+
+
+def test_the_cluster_port_refuses_a_source_outside_its_allow_list(tmp_path: Path) -> None:
+    """<AllowedSources ports="cluster">: a peer outside is reset before its TLS handshake, its own members in."""
+    node = ClusterNode(tmp_path, "solo")
+    text = node.config.read_text()
+    only = '<AllowedSources ports="cluster"><Source>127.0.0.2</Source></AllowedSources>'
+    node.config.write_text(text.replace("</Configuration>", only + "</Configuration>"))
+    node.cli_ok("init", "--cluster-id", "allow-list")
+    node.start()
+    try:
+        with socket.create_connection(("127.0.0.1", node.cluster_port), timeout=10) as s:
+            with pytest.raises(ConnectionResetError):
+                s.recv(10)  # reset before a byte of TLS
+        node.process.wait_for_log(r"refused a connection from 127\.0\.0\.1 to the cluster port", after=0)
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname, context.verify_mode = False, ssl.CERT_NONE
+        with (
+            socket.create_connection(
+                ("127.0.0.1", node.cluster_port), timeout=10, source_address=("127.0.0.2", 0)
+            ) as raw,
+            context.wrap_socket(raw) as tls,
+        ):
+            assert tls.version() in ("TLSv1.2", "TLSv1.3")  # let in: the handshake is done
+    finally:
+        node.stop()

@@ -45,12 +45,14 @@ from threatgate.cluster.tokens import JoinTokens
 from threatgate.cluster.transport import PeerClient, cluster_server_context, request_fingerprint
 from threatgate.config.common import Address, parse_address
 from threatgate.config.node import ClusterSettings, NodeConfig, node_config_from_xml
+from threatgate.config.security import Network
 from threatgate.config.xml import Node, read_xml
 from threatgate.errors import ClusterError, ConfigError, RequestError, SettingsRejected
 from threatgate.log import RateLimitedLog
 from threatgate.net.describe import body_text
-from threatgate.net.gate import Gate
+from threatgate.net.gate import Gate, Gates
 from threatgate.net.http import HTTPServer
+from threatgate.net.sources import SourceList
 from threatgate.net.tls import fingerprint_sha256
 from threatgate.node.suppliers import SupplierDB, check_state
 from threatgate.stats import Gauges, NodeStats
@@ -116,6 +118,10 @@ class AlertRaiser(Protocol):
     def raise_alert(self, name: str, **context: object) -> None: ...
 
 
+def _sources(networks: tuple[Network, ...] | None) -> SourceList | None:
+    return SourceList(networks) if networks is not None else None
+
+
 class ClusterNode(Protocol):
     """What :class:`ClusterAgent` reads and calls of its node (``NodeService`` is one).
 
@@ -130,6 +136,8 @@ class ClusterNode(Protocol):
     def http(self) -> HTTPServer | None: ...
     @property
     def alerts(self) -> AlertRaiser: ...
+    @property
+    def gates(self) -> Gates: ...
     async def db_call(self, fn: Callable[[SupplierDB], T]) -> T: ...
     async def apply_cluster_settings(self, new: NodeConfig, state: dict[str, Any] | None) -> None: ...
 
@@ -191,13 +199,16 @@ class ClusterAgent:
             address=self.settings.listen,
             # Handshakes refused here are routine while membership changes (a member not yet trusted by
             # every other one retries); the cluster reports unreachable peers itself: counted, logged at dbg.
-            gate=Gate(
-                "cluster",
-                stats=self.node.stats,
-                log=log,
-                tls=self._ssl,
-                handshake_timeout=10.0,
-                failure_level=logging.DEBUG,
+            gate=self.node.gates.add(
+                Gate(
+                    "cluster",
+                    stats=self.node.stats,
+                    log=log,
+                    sources=_sources(self.node.config.allowed_sources.networks("cluster")),
+                    tls=self._ssl,
+                    handshake_timeout=10.0,
+                    failure_level=logging.DEBUG,
+                )
             ),
             header_timeout=10.0,
             idle_timeout=75.0,

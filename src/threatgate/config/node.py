@@ -266,7 +266,7 @@ class ClusterSettings(Frozen):
     etcd: EtcdSettings | None = None
 
 
-NODE_PORTS = ("events", "api", "metrics")
+NODE_PORTS = ("events", "api", "metrics", "cluster")
 """The node's listening ports by the names ``<AllowedSources ports=>`` uses (and X_THREATGATE_LISTEN)."""
 
 
