@@ -162,7 +162,7 @@ async def test_a_list_given_or_taken_at_run_time_applies_to_the_next_connection(
     """A reload gives a port a list it had none of, then takes it away (Gates.apply): no restart."""
     gate, port = await start()
     assert await roundtrip(port, None) == b"EVENT\n" and gate.stats.connections == {}
-    gates = Gates()
+    gates = Gates(gate.stats, log)
     gates.add(gate)
     only = AllowedSources(by_port=(("events", (ipaddress.ip_network("127.0.0.2/32"),)),))
     assert gates.apply(only, lambda port: 5.0) == ["events: 127.0.0.2/32"] and gate.handshake_timeout == 5.0

@@ -50,14 +50,13 @@ from threatgate.balancer.console_auth import (
 from threatgate.balancer.console_state import PinInfo, RateMeter, Totals, build_state
 from threatgate.balancer.pins import PinStore
 from threatgate.balancer.readiness import View
-from threatgate.config.balancer import BalancerConfig
+from threatgate.balancer.upstream import BalancerView
 from threatgate.lb.instances import Instance
 from threatgate.log import RateLimitedLog
 from threatgate.net.body import read_body
 from threatgate.net.describe import describe
 from threatgate.net.http import json_error
 from threatgate.node.auth import BasicAuth, parse_basic
-from threatgate.stats import BalancerStats
 
 log = logging.getLogger("threatgate.console")
 
@@ -94,15 +93,9 @@ class Listening(Protocol):
     def active(self) -> Collection[object]: ...
 
 
-class ConsoleHost(Protocol):
-    """What the console reads of the balancer (``BalancerService`` is one)."""
+class ConsoleHost(BalancerView, Protocol):
+    """What the console reads of the balancer (``BalancerService`` is one): the shared view, and more."""
 
-    @property
-    def config(self) -> BalancerConfig: ...
-    @property
-    def stats(self) -> BalancerStats: ...
-    @property
-    def instances(self) -> Mapping[str, Instance]: ...
     @property
     def backlog(self) -> Collection[int]: ...
     @property

@@ -56,7 +56,7 @@ from threatgate.log import RateLimitedLog
 from threatgate.metrics import BalancerCollector, MetricsServer, start_metrics_server
 from threatgate.net.describe import describe
 from threatgate.net.events import EventListener, EventProtocol, ListenerLimits, log_drained
-from threatgate.net.gate import Gate, Gates, Listening, gate_for, start_servers
+from threatgate.net.gate import Gate, Gates, Listening, start_servers
 from threatgate.net.sender import Dropped, DropTally, LineSender, queue_gauges
 from threatgate.stats import BalancerStats, Gauges, LabelledGauges
 from threatgate.wire.flags import SessionFlags
@@ -215,7 +215,7 @@ class BalancerService:
         self._flush_scheduled = False
         self._dispatch_scheduled = False
         self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
-        self.gates = Gates()  # every port's door: a reload gives them their new <AllowedSources>
+        self.gates = Gates(self.stats, log)  # every port's door: a reload gives them their new <AllowedSources>
         self._metrics: MetricsServer | None = None
         self._should_exit = asyncio.Event()
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -577,16 +577,8 @@ class BalancerService:
     def _gate(self, port: str, tls: TLSListener | None = None) -> Gate:
         """The door of one of the balancer's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py);
         kept in :attr:`gates`, so a reload gives it a new list."""
-        return self.gates.add(
-            gate_for(
-                port,
-                stats=self.stats,
-                log=log,
-                handshake_timeout=_handshake_timeout(self.config, port),
-                sources=self.config.allowed_sources.networks(port),
-                tls=tls,
-            )
-        )
+        config = self.config
+        return self.gates.open(port, config.allowed_sources, _handshake_timeout(config, port), tls)
 
     async def startup(self) -> None:
         # Every event allocates a few small tracked objects (correlator entries, lists): with CPython's

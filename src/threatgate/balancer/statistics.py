@@ -30,7 +30,7 @@ import asyncio
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -299,30 +299,32 @@ class Statistics:
         )
         events.add_metric([], total.events)
         yield events
-        detections = CounterMetricFamily(
+        yield _labelled(
             "threatgate_balancer_deployment_detections",
             "Detections by all nodes, by category (from their /statz)",
-            labels=["category"],
+            "category",
+            total.by_category,
         )
-        for key, n in sorted(total.by_category.items()):
-            detections.add_metric([key], n)
-        yield detections
-        sources = CounterMetricFamily(
+        yield _labelled(
             "threatgate_balancer_deployment_source_detections",
             "Detections by all nodes, by feed or API supplier (from their /statz)",
-            labels=["source"],
+            "source",
+            total.by_source,
         )
-        for key, n in sorted(total.by_source.items()):
-            sources.add_metric([key], n)
-        yield sources
-        per_instance = CounterMetricFamily(
+        yield _labelled(
             "threatgate_balancer_instance_detections",
             "Detections by each node while the balancer watched it (from its /statz)",
-            labels=["instance"],
+            "instance",
+            {key: track.accumulated.detections for key, track in self.tracks.items()},
         )
-        for key, track in sorted(self.tracks.items()):
-            per_instance.add_metric([key], track.accumulated.detections)
-        yield per_instance
+
+
+def _labelled(name: str, documentation: str, label: str, counts: Mapping[str, int]) -> CounterMetricFamily:
+    """One counter family with a sample per key, in key order."""
+    family = CounterMetricFamily(name, documentation, labels=[label])
+    for key, n in sorted(counts.items()):
+        family.add_metric([key], n)
+    return family
 
 
 class Answer(Protocol):

@@ -139,8 +139,24 @@ class Gates:
     the event path.  Connections already in are kept (they were admitted under the list of their time).
     """
 
-    def __init__(self) -> None:
+    def __init__(self, stats: BoundaryStats, log: logging.Logger) -> None:
+        self.stats = stats
+        self.log = log
         self._by_port: dict[str, list[Gate]] = {}
+
+    def open(
+        self, port: str, allowed: AllowedSources, handshake_timeout: float, tls: TLSListener | ssl.SSLContext | None
+    ) -> Gate:
+        """A new gate for ``port`` as configured (:func:`gate_for`), kept for reloads."""
+        gate = gate_for(
+            port,
+            stats=self.stats,
+            log=self.log,
+            handshake_timeout=handshake_timeout,
+            sources=allowed.networks(port),
+            tls=tls,
+        )
+        return self.add(gate)
 
     def add(self, gate: Gate) -> Gate:
         self._by_port.setdefault(gate.port, []).append(gate)

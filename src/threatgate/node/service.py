@@ -45,7 +45,7 @@ from threatgate.metrics import MetricsServer, StatsCollector, start_metrics_serv
 from threatgate.net.describe import describe
 from threatgate.net.drain import remaining
 from threatgate.net.events import EventListener, log_drained
-from threatgate.net.gate import Gate, Gates, Listening, gate_for, start_servers
+from threatgate.net.gate import Gate, Gates, Listening, start_servers
 from threatgate.net.http import HTTPServer
 from threatgate.net.sender import ALERT_QUEUE, Dropped, DropTally, LineSender, queue_gauges
 from threatgate.net.tls import ensure_server_pair, server_context
@@ -179,7 +179,7 @@ class NodeService:
         self._feed_states: dict[int, FeedState] = {}
         self._unready_feeds: tuple[str, ...] = ()  # as last logged (a change of it is logged once)
         self._servers: list[Listening] = []  # the event port, and its TLS twin during a migration
-        self.gates = Gates()  # every port's door: a reload gives them their new <AllowedSources>
+        self.gates = Gates(self.stats, log)  # every port's door: a reload gives them their new <AllowedSources>
         self._metrics: MetricsServer | None = None
         self._reload_lock = asyncio.Lock()
         self._should_exit = asyncio.Event()
@@ -665,16 +665,8 @@ class NodeService:
     def _gate(self, port: str, tls: TLSListener | ssl.SSLContext | None = None) -> Gate:
         """The door of one of the node's ports: its ``<AllowedSources>``, and TLS when given (net/gate.py);
         kept in :attr:`gates`, so a reload gives it a new list."""
-        return self.gates.add(
-            gate_for(
-                port,
-                stats=self.stats,
-                log=log,
-                handshake_timeout=self._handshake_timeout(self.config, port),
-                sources=self.config.allowed_sources.networks(port),
-                tls=tls,
-            )
-        )
+        config = self.config
+        return self.gates.open(port, config.allowed_sources, self._handshake_timeout(config, port), tls)
 
     @staticmethod
     def _handshake_timeout(config: NodeConfig, port: str) -> float:
