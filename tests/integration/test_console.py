@@ -219,6 +219,7 @@ def chromium_paths() -> tuple[str, str]:
 def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
     browser, driver_path = chromium_paths()
     from selenium import webdriver
+    from selenium.common.exceptions import StaleElementReferenceException
     from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
@@ -238,8 +239,15 @@ def test_the_console_in_a_real_browser(tmp_path: Path) -> None:
             chrome.get(base + "/console/")
             # The login form is styled (its inline style allowed by hash) and works from the keyboard alone:
             # the user field has the focus, Tab goes to the password, Enter submits.
-            assert chrome.find_element(By.CSS_SELECTOR, ".login-box").value_of_css_property("border-top-width") == "1px"
-            assert chrome.switch_to.active_element.get_attribute("id") == "user"
+            # Waited for, not read once: the element found right after the navigation may belong to a document
+            # being replaced (a stale reference, seen once in a full run).
+            styled = WebDriverWait(chrome, 20, poll_frequency=0.1, ignored_exceptions=(StaleElementReferenceException,))
+            styled.until(
+                lambda c: (
+                    c.find_element(By.CSS_SELECTOR, ".login-box").value_of_css_property("border-top-width") == "1px"
+                )
+            )
+            assert styled.until(lambda c: c.switch_to.active_element.get_attribute("id") == "user")
             chrome.switch_to.active_element.send_keys("ops", Keys.TAB, PASSWORD, Keys.ENTER)
 
             def state_of(key: str) -> str | None:
