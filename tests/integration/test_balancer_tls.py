@@ -369,6 +369,9 @@ def test_siem_to_balancer_to_nodes_all_over_tls_with_client_certificates_and_a_n
     ca = trustme.CA()
     ca.cert_pem.write_to_path(str(tmp_path / "siem-ca.pem"))
     tls = f'<TLS><ClientCertificates mode="required"><Certificate>{b_cert}</Certificate></ClientCertificates></TLS>'
+    # Both nodes read their default pair from the one dataset directory: made here, once, not by two
+    # processes starting at the same moment (each would create half of it).
+    make_pair(dataset.dir / "certs", "node")
     configs = []
     for _ in range(2):
         path = dataset.node_config()
