@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from threatgate.errors import ConfigError, FileWriteError
-from threatgate.fs import os_reason, write_atomic
+from threatgate.fs import locked_directory, os_reason, write_atomic
 
 
 def mode_of(path: Path) -> int:
@@ -120,3 +120,22 @@ def test_a_failed_fsync_leaves_the_old_file(tmp_path: Path, monkeypatch: pytest.
     assert str(info.value) == f"cannot write {target}: Input/output error"
     assert target.read_bytes() == b"old"
     assert os.listdir(tmp_path) == ["identity.json"]
+
+
+def test_locked_directory_is_created_0700_and_held_exclusively(tmp_path: Path) -> None:
+    import fcntl
+
+    where = tmp_path / "a" / "certs"
+    with locked_directory(str(where)):
+        assert stat.S_IMODE(where.stat().st_mode) == 0o700
+        other = os.open(where, os.O_RDONLY)
+        try:
+            with pytest.raises(BlockingIOError):
+                fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # held by the block above
+        finally:
+            os.close(other)
+    other = os.open(where, os.O_RDONLY)
+    try:
+        fcntl.flock(other, fcntl.LOCK_EX | fcntl.LOCK_NB)  # released with the block
+    finally:
+        os.close(other)

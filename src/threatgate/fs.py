@@ -22,9 +22,11 @@ module imports nothing of threatgate but errors.py: config, net and node all use
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import secrets
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 from threatgate.errors import FileWriteError
 
@@ -80,6 +82,26 @@ def write_atomic(
         raise
     if durable:
         _fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def locked_directory(directory: str) -> Iterator[None]:
+    """Hold an exclusive ``flock`` on ``directory`` (created 0700 if missing) for the ``with`` block.
+
+    For a check-then-create across processes (two nodes starting together on one config directory must
+    not each write half of a generated pair): no lock file is left behind, the kernel drops the lock
+    with the process.
+
+    Raises:
+        OSError: the directory cannot be created or opened.
+    """
+    _make_dirs(directory)
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def os_reason(exc: OSError) -> str:

@@ -10,6 +10,7 @@ import ssl
 import stat
 import warnings
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trustme
@@ -450,3 +451,30 @@ def test_load_certificates(tmp_path: Path) -> None:
     os.mkdir(tmp_path / "dir.pem")
     with pytest.raises(TLSConfigError, match=r"cannot read TLS CA file .*dir\.pem: Is a directory"):
         load_certificates(str(tmp_path / "dir.pem"), "CA file")
+
+
+def _make_at_once(paths: tuple[str, str], start: Any, results: Any) -> None:
+    start.wait()
+    try:
+        results.put(ensure_server_pair(*paths, common_name="n", hosts=["127.0.0.1"]).fingerprint_sha256)
+    except TLSConfigError as exc:
+        results.put(f"error: {exc}")
+
+
+def test_processes_creating_one_pair_at_once_end_with_one_matching_pair(tmp_path: Path) -> None:
+    """Two nodes started together on one configuration directory: one creates the pair, the others load it
+    (without the lock, each wrote half: one's key beside another's certificate)."""
+    import multiprocessing
+
+    context = multiprocessing.get_context("fork")
+    for round_ in range(5):
+        paths = (str(tmp_path / f"r{round_}" / "node.pem"), str(tmp_path / f"r{round_}" / "node.key"))
+        start, results = context.Barrier(6), context.Queue()
+        procs = [context.Process(target=_make_at_once, args=(paths, start, results)) for _ in range(6)]
+        for proc in procs:
+            proc.start()
+        fingerprints = [results.get(timeout=60) for _ in procs]
+        for proc in procs:
+            proc.join(60)
+        assert len(set(fingerprints)) == 1, fingerprints
+        assert ensure_server_pair(*paths, common_name="n", hosts=["127.0.0.1"]).fingerprint_sha256 == fingerprints[0]

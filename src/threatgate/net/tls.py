@@ -33,7 +33,7 @@ from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from threatgate.errors import FileWriteError, TLSConfigError
-from threatgate.fs import os_reason, write_atomic
+from threatgate.fs import locked_directory, os_reason, write_atomic
 from threatgate.net.describe import describe
 
 log = logging.getLogger("threatgate.tls")
@@ -180,7 +180,17 @@ def ensure_server_pair(
     """
     separate = os.path.abspath(cert_path) != os.path.abspath(key_path)
     if separate and not os.path.lexists(cert_path) and not os.path.lexists(key_path):
-        return _create_pair(cert_path, key_path, common_name=common_name, hosts=hosts, client_auth=client_auth)
+        # Under a lock on the key's directory, checked again: two processes starting together on one
+        # configuration directory would otherwise each write half of a pair (one's key, the other's cert).
+        where = os.path.dirname(os.path.abspath(key_path))
+        try:
+            with locked_directory(where):
+                if not os.path.lexists(cert_path) and not os.path.lexists(key_path):
+                    return _create_pair(
+                        cert_path, key_path, common_name=common_name, hosts=hosts, client_auth=client_auth
+                    )
+        except OSError as exc:
+            raise TLSConfigError(f"cannot create the TLS pair in {where}: {os_reason(exc)}") from None
     return _load_pair(cert_path, key_path)
 
 
