@@ -467,7 +467,7 @@ def test_processes_creating_one_pair_at_once_end_with_one_matching_pair(tmp_path
     import multiprocessing
 
     context = multiprocessing.get_context("fork")
-    for round_ in range(5):
+    for round_ in range(20):
         paths = (str(tmp_path / f"r{round_}" / "node.pem"), str(tmp_path / f"r{round_}" / "node.key"))
         start, results = context.Barrier(6), context.Queue()
         procs = [context.Process(target=_make_at_once, args=(paths, start, results)) for _ in range(6)]

@@ -179,9 +179,10 @@ def ensure_server_pair(
             pair cannot be written.
     """
     separate = os.path.abspath(cert_path) != os.path.abspath(key_path)
-    if separate and not os.path.lexists(cert_path) and not os.path.lexists(key_path):
-        # Under a lock on the key's directory, checked again: two processes starting together on one
-        # configuration directory would otherwise each write half of a pair (one's key, the other's cert).
+    if separate and not (os.path.lexists(cert_path) and os.path.lexists(key_path)):
+        # Under a lock on the key's directory, looked at again: two processes starting together on one
+        # configuration directory would otherwise each write half of a pair (one's key, the other's
+        # cert), or one would read the other's pair half written.
         where = os.path.dirname(os.path.abspath(key_path))
         try:
             with locked_directory(where):
@@ -189,6 +190,7 @@ def ensure_server_pair(
                     return _create_pair(
                         cert_path, key_path, common_name=common_name, hosts=hosts, client_auth=client_auth
                     )
+                return _load_pair(cert_path, key_path)
         except OSError as exc:
             raise TLSConfigError(f"cannot create the TLS pair in {where}: {os_reason(exc)}") from None
     return _load_pair(cert_path, key_path)
